@@ -1,0 +1,34 @@
+# Quick start: `make demo` (a simulated 4-replica cluster) and `make test`.
+# Both create .venv and install what they need; `make install` does only that.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test sim bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { \
+	  echo "python3-venv missing: installing it with apt-get"; \
+	  apt-get update -qq && apt-get install -y -qq python3-venv; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/pbft demo
+
+test: install
+	$(PY) -m pytest
+
+sim: install
+	$(VENV)/bin/pbft sim --seeds 1000 --replicas 4 --faults crash,loss,dup,reorder,delay,replay,partition
+
+bench: install
+	$(PY) benchmarks/mac_bench.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

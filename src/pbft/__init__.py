@@ -1,0 +1,1 @@
+"""pbft: Practical Byzantine Fault Tolerance."""

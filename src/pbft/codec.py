@@ -1,0 +1,386 @@
+"""The single boundary where untrusted bytes become typed messages.
+
+Wire frame (msgpack): ``[tag, sender, header, payload, auth]``
+
+* ``header`` (bin): a msgpack list with the message's fields;
+* ``payload`` (bin): bulk data checked by digest rather than by MAC (a
+  pre-prepare's batch, a state-transfer's state), empty otherwise;
+* ``auth`` (bin): an *authenticator* (one 16-byte MAC per replica) for
+  messages to all replicas, or a single MAC for point-to-point messages.
+
+MACs cover ``frame_digest = BLAKE2b("pbft.msg", tag | sender | header)``.  A
+pre-prepare's header holds the batch digest, so its authenticator binds the
+batch without hashing it twice; backups check the batch against that digest
+(the check that the ``skip-digest-check`` injected bug removes).
+
+Anything malformed raises ``DecodeError`` with a short reason; callers drop
+and count.  No other exception escapes ``open_frame``/``parse``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgpack
+
+from .config import ClusterConfig
+from .crypto import DIGEST_SIZE, MAC_SIZE, KeyRing, digest, digest1
+from .messages import (
+    ALL_REPLICAS, Batch, Checkpoint, Commit, Data, Fetch, Message, NewView,
+    PrePrepare, Prepare, Reply, Request, Status, ViewChange, ViewChangeAck,
+)
+
+U63 = (1 << 63) - 1
+
+TAG = {
+    Request: 1, Reply: 2, PrePrepare: 3, Prepare: 4, Commit: 5, Checkpoint: 6,
+    Status: 7, ViewChange: 8, ViewChangeAck: 9, NewView: 10, Fetch: 11, Data: 12,
+}
+TYPE_OF_TAG = {v: k for k, v in TAG.items()}
+# Point-to-point messages carry a single MAC; everything else an authenticator.
+SINGLE_MAC = frozenset({TAG[Reply], TAG[Fetch], TAG[Data]})
+
+
+class DecodeError(Exception):
+    """Untrusted input that is not a well-formed message; ``reason`` is a short metric label."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class Frame:
+    tag: int
+    sender: int
+    header: bytes
+    payload: bytes
+    auth: bytes
+    raw: bytes
+    digest: bytes  # what the MACs cover; also a Request's digest
+
+    @property
+    def multi(self) -> bool:
+        return self.tag not in SINGLE_MAC
+
+
+# ---------------------------------------------------------------------------
+# digests of protocol values
+# ---------------------------------------------------------------------------
+
+def frame_digest(tag: int, sender: int, header: bytes) -> bytes:
+    return digest1(b"pbft.msg", tag.to_bytes(1, "big") + sender.to_bytes(4, "big", signed=True) + header)
+
+
+def batch_digest_from_request_digests(nondet: bytes, request_digests: list[bytes] | tuple[bytes, ...]) -> bytes:
+    return digest(b"pbft.batch", nondet, *request_digests)
+
+
+def result_digest(result: bytes) -> bytes:
+    return digest1(b"pbft.result", result)
+
+
+def state_digest(state: bytes) -> bytes:
+    return digest1(b"pbft.state", state)
+
+
+def checkpoint_digest(seqno: int, sdigest: bytes, *, bind_seqno: bool = True) -> bytes:
+    """Digest of the checkpoint at ``seqno`` whose state has digest ``sdigest``.
+
+    It binds the sequence number (``bind_seqno=False`` exists only for the
+    ``checkpoint-digest-without-seqno`` injected bug).
+    """
+    if bind_seqno:
+        return digest(b"pbft.checkpoint", seqno.to_bytes(8, "big"), sdigest)
+    return digest(b"pbft.checkpoint", sdigest)
+
+
+def view_change_digest(frame: Frame) -> bytes:
+    return frame.digest
+
+
+# ---------------------------------------------------------------------------
+# encoding
+# ---------------------------------------------------------------------------
+
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+def packb(obj) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def encode_batch(b: Batch) -> bytes:
+    return packb([b.nondet, list(b.requests)])
+
+
+def header_of(msg: Message) -> tuple[int, int, bytes, bytes]:
+    """(tag, sender, header, payload) of a message."""
+    t = type(msg)
+    if t is Request:
+        return 1, msg.client, packb([msg.timestamp, msg.op, msg.read_only, msg.replier]), b""
+    if t is Reply:
+        return 2, msg.replica, packb([msg.view, msg.timestamp, msg.client, msg.tentative, msg.read_only,
+                                       msg.result_digest, msg.result]), b""
+    if t is PrePrepare:
+        payload = encode_batch(msg.batch) if msg.batch is not None else b""
+        return 3, msg.replica, packb([msg.view, msg.seqno, msg.digest]), payload
+    if t is Prepare:
+        return 4, msg.replica, packb([msg.view, msg.seqno, msg.digest]), b""
+    if t is Commit:
+        return 5, msg.replica, packb([msg.view, msg.seqno, msg.digest]), b""
+    if t is Checkpoint:
+        return 6, msg.replica, packb([msg.seqno, msg.digest]), b""
+    if t is Status:
+        return 7, msg.replica, packb([msg.view, msg.view_active, msg.stable_seqno, msg.last_executed]), b""
+    if t is ViewChange:
+        return 8, msg.replica, packb([msg.view, msg.stable_seqno, [list(c) for c in msg.checkpoints],
+                                       [list(p) for p in msg.prepared], [list(q) for q in msg.preprepared]]), b""
+    if t is ViewChangeAck:
+        return 9, msg.replica, packb([msg.view, msg.vc_replica, msg.vc_digest]), b""
+    if t is NewView:
+        return 10, msg.replica, packb([msg.view, [list(x) for x in msg.view_changes], msg.checkpoint_seqno,
+                                        msg.checkpoint_digest, [list(x) for x in msg.chosen],
+                                        [encode_batch(b) for b in msg.batches]]), b""
+    if t is Fetch:
+        return 11, msg.replica, packb([msg.seqno, msg.digest]), b""
+    if t is Data:
+        return 12, msg.replica, packb([msg.seqno, msg.digest]), msg.state
+    raise TypeError(f"not a protocol message: {t.__name__}")
+
+
+def seal(msg: Message, keys: KeyRing, to: int | None = None) -> bytes:
+    """Encode and authenticate: an authenticator for all replicas, or one MAC for ``to``."""
+    tag, sender, header, payload = header_of(msg)
+    d = frame_digest(tag, sender, header)
+    if tag in SINGLE_MAC:
+        if to is None:
+            raise ValueError(f"{type(msg).__name__} is point-to-point: give the receiver")
+        auth = keys.mac_for(to, d)
+    else:
+        auth = keys.authenticator(d)
+    return _packb([tag, sender, header, payload, auth])
+
+
+def seal_with_digest(msg: Message, keys: KeyRing, to: int | None = None) -> tuple[bytes, bytes]:
+    """Like ``seal`` but also returns the frame digest (a Request's digest)."""
+    tag, sender, header, payload = header_of(msg)
+    d = frame_digest(tag, sender, header)
+    auth = keys.mac_for(to, d) if tag in SINGLE_MAC else keys.authenticator(d)
+    return _packb([tag, sender, header, payload, auth]), d
+
+
+# ---------------------------------------------------------------------------
+# decoding
+# ---------------------------------------------------------------------------
+
+def _unpack(raw: bytes, limit: int):
+    try:
+        return msgpack.unpackb(
+            raw, use_list=False, raw=False, strict_map_key=True,
+            max_bin_len=limit, max_str_len=0, max_array_len=limit, max_map_len=0, max_ext_len=0,
+        )
+    except (ValueError, msgpack.UnpackException) as e:  # ExtraData, FormatError, StackError, limits
+        raise DecodeError("malformed") from e
+
+
+def _int(x, lo: int, hi: int, what: str) -> int:
+    if type(x) is not int or not lo <= x <= hi:
+        raise DecodeError(f"bad-{what}")
+    return x
+
+
+def _bool(x, what: str) -> bool:
+    if type(x) is not bool:
+        raise DecodeError(f"bad-{what}")
+    return x
+
+
+def _bytes(x, maxlen: int, what: str) -> bytes:
+    if type(x) is not bytes or len(x) > maxlen:
+        raise DecodeError(f"bad-{what}")
+    return x
+
+
+def _digest(x, what: str = "digest") -> bytes:
+    if type(x) is not bytes or len(x) != DIGEST_SIZE:
+        raise DecodeError(f"bad-{what}")
+    return x
+
+
+def _tuple(x, maxlen: int, what: str) -> tuple:
+    if type(x) is not tuple or len(x) > maxlen:
+        raise DecodeError(f"bad-{what}")
+    return x
+
+
+class Codec:
+    """Decoder bound to one cluster's limits (principal ids, sizes, window)."""
+
+    def __init__(self, cfg: ClusterConfig):
+        self.cfg = cfg
+        self.n = cfg.n
+        self.max_principal = cfg.n + cfg.clients_max - 1
+        self.window = cfg.log_window_seqnos
+        self.frame_max = cfg.message_size_bytes_max
+
+    # -- outer frame ----------------------------------------------------------
+    def open_frame(self, raw: bytes) -> Frame:
+        """Split and check the outer frame. Does not verify MACs (see ``KeyRing.verify``)."""
+        if type(raw) is not bytes:
+            raise DecodeError("not-bytes")
+        if len(raw) > self.frame_max:
+            raise DecodeError("oversized")
+        t = _unpack(raw, self.frame_max)
+        if type(t) is not tuple or len(t) != 5:
+            raise DecodeError("bad-frame")
+        tag, sender, header, payload, auth = t
+        if type(tag) is not int or tag not in TYPE_OF_TAG:
+            raise DecodeError("bad-tag")
+        _int(sender, 0, self.max_principal, "sender")
+        if type(header) is not bytes or type(payload) is not bytes or type(auth) is not bytes:
+            raise DecodeError("bad-frame")
+        if tag in SINGLE_MAC:
+            if len(auth) != MAC_SIZE:
+                raise DecodeError("bad-auth-size")
+        elif len(auth) != MAC_SIZE * self.n:
+            raise DecodeError("bad-auth-size")
+        is_client_msg = tag == 1
+        if is_client_msg != (sender >= self.n):
+            raise DecodeError("bad-sender-role")
+        return Frame(tag, sender, header, payload, auth, raw, frame_digest(tag, sender, header))
+
+    # -- fields ---------------------------------------------------------------
+    def parse(self, fr: Frame) -> Message:
+        """Typed message from an (authenticated) frame; every field range-checked."""
+        cfg = self.cfg
+        h = _unpack(fr.header, self.frame_max)
+        if type(h) is not tuple:
+            raise DecodeError("bad-header")
+        tag = fr.tag
+        n = self.n
+        try:
+            if tag == 1:
+                ts, op, ro, replier = h
+                if fr.payload:
+                    raise DecodeError("unexpected-payload")
+                return Request(fr.sender, _int(ts, 1, U63, "timestamp"),
+                               _bytes(op, cfg.request_size_bytes_max, "op"), _bool(ro, "read-only"),
+                               _int(replier, ALL_REPLICAS, n - 1, "replier"))
+            if tag == 2:
+                v, ts, client, tent, ro, rd, res = h
+                if res is not None:
+                    _bytes(res, cfg.reply_size_bytes_max, "result")
+                return Reply(_int(v, 0, U63, "view"), _int(ts, 1, U63, "timestamp"),
+                             _int(client, n, self.max_principal, "client"), fr.sender,
+                             _bool(tent, "tentative"), _bool(ro, "read-only"), _digest(rd), res)
+            if tag in (3, 4, 5):
+                v, s, d = h
+                v = _int(v, 0, U63, "view")
+                s = _int(s, 1, U63, "seqno")
+                d = _digest(d)
+                if tag == 3:
+                    batch = self.decode_batch(fr.payload) if fr.payload else None
+                    return PrePrepare(v, s, d, fr.sender, batch)
+                if fr.payload:
+                    raise DecodeError("unexpected-payload")
+                return (Prepare if tag == 4 else Commit)(v, s, d, fr.sender)
+            if tag == 6:
+                s, d = h
+                return Checkpoint(_int(s, 0, U63, "seqno"), _digest(d), fr.sender)
+            if tag == 7:
+                v, active, stable, last = h
+                return Status(_int(v, 0, U63, "view"), _bool(active, "active"), _int(stable, 0, U63, "seqno"),
+                              _int(last, 0, U63, "seqno"), fr.sender)
+            if tag == 8:
+                return self._view_change(h, fr.sender)
+            if tag == 9:
+                v, j, d = h
+                return ViewChangeAck(_int(v, 1, U63, "view"), fr.sender, _int(j, 0, n - 1, "replica"), _digest(d))
+            if tag == 10:
+                return self._new_view(h, fr.sender)
+            if tag == 11:
+                s, d = h
+                return Fetch(_int(s, 0, U63, "seqno"), _digest(d), fr.sender)
+            if tag == 12:
+                s, d = h
+                if len(fr.payload) > cfg.state_size_bytes_max:
+                    raise DecodeError("oversized-state")
+                return Data(_int(s, 0, U63, "seqno"), _digest(d), fr.sender, fr.payload)
+        except ValueError as e:  # wrong number of fields in the unpacking above
+            raise DecodeError("bad-arity") from e
+        raise DecodeError("bad-tag")
+
+    def _view_change(self, h, sender: int) -> ViewChange:
+        v, stable, ckpts, prepared, preprepared = h
+        v = _int(v, 1, U63, "view")
+        stable = _int(stable, 0, U63, "seqno")
+        W = self.window
+        cs = []
+        for c in _tuple(ckpts, W + 2, "checkpoints"):
+            c = _tuple(c, 2, "checkpoint")
+            if len(c) != 2:
+                raise DecodeError("bad-checkpoint")
+            cs.append((_int(c[0], 0, U63, "seqno"), _digest(c[1])))
+        ps = []
+        for p in _tuple(prepared, W, "prepared"):
+            ps.append(self._ndv(p))
+        qs = []
+        for q in _tuple(preprepared, W * VC_PREPREPARED_PER_SEQNO_MAX, "preprepared"):
+            qs.append(self._ndv(q))
+        return ViewChange(v, sender, stable, tuple(cs), tuple(ps), tuple(qs))
+
+    def _ndv(self, x) -> tuple[int, bytes, int]:
+        x = _tuple(x, 3, "entry")
+        if len(x) != 3:
+            raise DecodeError("bad-entry")
+        return (_int(x[0], 1, U63, "seqno"), _digest(x[1]), _int(x[2], 0, U63, "view"))
+
+    def _new_view(self, h, sender: int) -> NewView:
+        v, vcs, cs, cd, chosen, batches = h
+        v = _int(v, 1, U63, "view")
+        vl = []
+        for x in _tuple(vcs, self.n, "view-changes"):
+            x = _tuple(x, 2, "vc-entry")
+            if len(x) != 2:
+                raise DecodeError("bad-vc-entry")
+            vl.append((_int(x[0], 0, self.n - 1, "replica"), _digest(x[1])))
+        ch = []
+        for x in _tuple(chosen, self.window, "chosen"):
+            x = _tuple(x, 2, "chosen-entry")
+            if len(x) != 2:
+                raise DecodeError("bad-chosen-entry")
+            ch.append((_int(x[0], 1, U63, "seqno"), _digest(x[1])))
+        bl = tuple(self.decode_batch(_bytes(b, self.frame_max, "batch")) for b in _tuple(batches, self.window, "batches"))
+        return NewView(v, sender, tuple(vl), _int(cs, 0, U63, "seqno"), _digest(cd), tuple(ch), bl)
+
+    # -- batches --------------------------------------------------------------
+    def decode_batch(self, raw: bytes) -> Batch:
+        t = _unpack(raw, self.frame_max)
+        if type(t) is not tuple or len(t) != 2:
+            raise DecodeError("bad-batch")
+        nondet, reqs = t
+        _bytes(nondet, NONDET_SIZE_BYTES_MAX, "nondet")
+        reqs = _tuple(reqs, self.cfg.batch_requests_max, "batch-size")
+        for r in reqs:
+            _bytes(r, self.frame_max, "batch-request")
+        return Batch(nondet, reqs)
+
+    def batch_requests(self, b: Batch) -> list[tuple[Frame, Request]]:
+        """Open and parse the request frames of a batch (MACs are checked by the caller)."""
+        out = []
+        for raw in b.requests:
+            fr = self.open_frame(raw)
+            if fr.tag != 1:
+                raise DecodeError("batch-not-request")
+            out.append((fr, self.parse(fr)))
+        return out
+
+    def batch_digest(self, b: Batch) -> bytes:
+        """Digest of a batch. Raises DecodeError if it holds malformed requests."""
+        return batch_digest_from_request_digests(b.nondet, [self.open_frame(r).digest for r in b.requests])
+
+
+NONDET_SIZE_BYTES_MAX = 256
+VC_PREPREPARED_PER_SEQNO_MAX = 4
+NULL_BATCH_DIGEST = batch_digest_from_request_digests(b"", [])

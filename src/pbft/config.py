@@ -1,0 +1,167 @@
+"""Cluster configuration: membership, weights, quorum thresholds, protocol bounds.
+
+Every number that bounds memory or time is named with its unit last
+(``log_window_seqnos``, ``view_change_timeout_ms``).  ``ClusterConfig.validate``
+refuses configurations that would break safety or liveness, with a one-line
+message naming the problem (``ConfigError``).
+
+Weighted quorums follow seed 001: replica ``i`` has weight ``w_i``; with
+``W`` the total weight and ``W_byz`` the largest total weight any ``f``
+replicas can have, a quorum threshold ``Q`` is safe iff
+``(W + W_byz) / 2 < Q`` and live iff ``Q <= W - W_byz``.  A *weak*
+certificate (the classical ``f+1``) needs weight ``> W_byz``: it contains
+at least one correct replica.  With unit weights ``Q = 2f+1`` and the weak
+threshold is ``f+1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Iterable
+
+KNOWN_BUGS = frozenset(
+    {
+        "quorum-2f",
+        "skip-digest-check",
+        "drop-prepared-in-view-change",
+        "no-timestamp-check",
+        "checkpoint-digest-without-seqno",
+    }
+)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message is one line for the user."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    n: int
+    f: int
+    weights: tuple[int, ...] = ()
+    # Principals: replicas are 0..n-1; clients are n..n+clients_max-1.
+    clients_max: int = 64
+    checkpoint_interval_seqnos: int = 16
+    log_window_seqnos: int = 32
+    batch_requests_max: int = 16
+    batches_in_flight_max: int = 4
+    request_size_bytes_max: int = 64 * 1024
+    reply_size_bytes_max: int = 64 * 1024
+    message_size_bytes_max: int = 4 * 1024 * 1024
+    state_size_bytes_max: int = 64 * 1024 * 1024
+    view_change_timeout_ms: float = 400.0
+    view_change_timeout_max_ms: float = 20_000.0
+    status_interval_ms: float = 80.0
+    state_fetch_timeout_ms: float = 150.0
+    client_retry_timeout_ms: float = 60.0
+    client_retry_timeout_max_ms: float = 2_000.0
+    nondet_skew_ms_max: float = 1_000.0
+    tentative_execution: bool = True
+    status_resend_seqnos_max: int = 16
+    pending_requests_max: int = 1024
+    # Testing only: names from KNOWN_BUGS deliberately break the protocol so the
+    # simulator's oracles can prove they would notice.  Never set in production.
+    bugs: frozenset[str] = field(default_factory=frozenset)
+
+    # ---- construction -------------------------------------------------------
+    @classmethod
+    def create(cls, n: int, f: int | None = None, **kw) -> "ClusterConfig":
+        """A validated configuration; ``f`` defaults to the largest ``(n-1)//3``."""
+        if f is None:
+            f = (n - 1) // 3
+        cfg = cls(n=n, f=f, **kw)
+        if not cfg.weights:
+            cfg = replace(cfg, weights=(1,) * n)
+        cfg.validate()
+        return cfg
+
+    def with_bugs(self, bugs: Iterable[str]) -> "ClusterConfig":
+        bugs = frozenset(bugs)
+        unknown = bugs - KNOWN_BUGS
+        if unknown:
+            raise ConfigError(f"unknown injected bug(s): {', '.join(sorted(unknown))}")
+        return replace(self, bugs=bugs)
+
+    # ---- validation ---------------------------------------------------------
+    def validate(self) -> None:
+        n, f = self.n, self.f
+        if not isinstance(n, int) or n < 1:
+            raise ConfigError(f"replicas must be a positive integer, got {n!r}")
+        if not isinstance(f, int) or f < 0:
+            raise ConfigError(f"faults must be a non-negative integer, got {f!r}")
+        if len(self.weights) != n:
+            raise ConfigError(f"need one weight per replica: {n} replicas, {len(self.weights)} weights")
+        if any((not isinstance(w, int)) or w < 1 for w in self.weights):
+            raise ConfigError("every replica weight must be a positive integer")
+        if all(w == 1 for w in self.weights) and n < 3 * f + 1:
+            raise ConfigError(f"{n} replicas cannot tolerate {f} Byzantine faults: need n >= 3f+1 = {3 * f + 1}")
+        W, Wb = self.total_weight, self.byzantine_weight
+        q = self.quorum_weight
+        if not (2 * q > W + Wb):
+            raise ConfigError(
+                f"weights {list(self.weights)} are unsafe for f={f}: no quorum threshold Q with "
+                f"(W+W_byz)/2 < Q <= W-W_byz (W={W}, W_byz={Wb})"
+            )
+        if q > W - Wb:
+            raise ConfigError(
+                f"weights {list(self.weights)} cannot be live for f={f}: the {n - f} lightest-after-faults "
+                f"replicas weigh {W - Wb}, less than the safe quorum threshold {q} (W={W}, W_byz={Wb})"
+            )
+        if self.checkpoint_interval_seqnos < 1:
+            raise ConfigError("checkpoint interval must be at least 1")
+        if self.log_window_seqnos % self.checkpoint_interval_seqnos != 0:
+            raise ConfigError(
+                f"log window ({self.log_window_seqnos}) must be a multiple of the checkpoint interval "
+                f"({self.checkpoint_interval_seqnos})"
+            )
+        if self.log_window_seqnos < 2 * self.checkpoint_interval_seqnos:
+            raise ConfigError("log window must hold at least two checkpoint intervals")
+        if self.batch_requests_max < 1 or self.batches_in_flight_max < 1:
+            raise ConfigError("batch size and batches in flight must be at least 1")
+        if self.clients_max < 0:
+            raise ConfigError("clients_max must be >= 0")
+        if self.view_change_timeout_ms <= 0 or self.client_retry_timeout_ms <= 0:
+            raise ConfigError("timeouts must be positive")
+        unknown = self.bugs - KNOWN_BUGS
+        if unknown:
+            raise ConfigError(f"unknown injected bug(s): {', '.join(sorted(unknown))}")
+
+    # ---- derived quantities -------------------------------------------------
+    @property
+    def total_weight(self) -> int:
+        return sum(self.weights)
+
+    @property
+    def byzantine_weight(self) -> int:
+        """The largest weight that any f replicas together can have."""
+        return sum(sorted(self.weights, reverse=True)[: self.f])
+
+    @property
+    def quorum_weight(self) -> int:
+        """Smallest Q with 2Q > W + W_byz (the 2f+1 rule for unit weights)."""
+        q = (self.total_weight + self.byzantine_weight) // 2 + 1
+        if "quorum-2f" in self.bugs:
+            q -= 1  # injected bug: certificates of 2f
+        return q
+
+    @property
+    def weak_weight(self) -> int:
+        """Smallest weight that surely includes a correct replica (f+1 for unit weights)."""
+        return self.byzantine_weight + 1
+
+    def weight_of(self, replicas: Iterable[int]) -> int:
+        w = self.weights
+        return sum(w[r] for r in replicas)
+
+    def primary(self, view: int) -> int:
+        return view % self.n
+
+    def is_replica(self, pid: int) -> bool:
+        return 0 <= pid < self.n
+
+    def is_client(self, pid: int) -> bool:
+        return self.n <= pid < self.n + self.clients_max
+
+    @property
+    def client_ids(self) -> range:
+        return range(self.n, self.n + self.clients_max)

@@ -1,0 +1,185 @@
+"""The PBFT client as a pure state machine.
+
+One outstanding request at a time; timestamps grow.  The first transmission
+goes to the primary the client believes in (read-only requests go to all
+replicas); on timeout the request is multicast to every replica asking all of
+them for the full result, and the timeout doubles (bounded).
+
+A result is accepted with
+
+* a weak certificate (weight > W_byz, i.e. f+1) of matching *committed* replies, or
+* a quorum (2f+1) of matching replies from one view, tentative or not, or
+* for read-only requests, a quorum of matching read-only replies; when such a
+  quorum can no longer form, or on the first timeout, the client retries the
+  operation as an ordinary read-write request (the fallback that keeps
+  read-only operations live under a faulty primary).
+
+Digest replies are resolved against a full reply whose result hashes to the
+certified digest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ..codec import Codec, DecodeError, result_digest, seal
+from ..config import ClusterConfig
+from ..crypto import KeyRing
+from ..messages import ALL_REPLICAS, Reply, Request
+
+
+@dataclass(slots=True)
+class Outcome:
+    timestamp: int
+    result: bytes
+    read_only_fallback: bool  # a read-only request that completed through ordering
+
+
+class Client:
+    def __init__(self, cfg: ClusterConfig, client_id: int, keys: KeyRing, now: float = 0.0):
+        assert cfg.is_client(client_id)
+        self.cfg = cfg
+        self.id = client_id
+        self.keys = keys
+        self.codec = Codec(cfg)
+        self.now = now
+        self.out: list[tuple[tuple[int, ...], bytes]] = []
+        self.drops: dict[str, int] = {}
+        self.replicas = tuple(range(cfg.n))
+        self.view = 0
+        self.timestamp = 0
+        self.req: Optional[Request] = None
+        self.read_only = False
+        self.fell_back = False
+        self.replies: dict[int, Reply] = {}
+        self.full: dict[bytes, bytes] = {}
+        self.deadline: Optional[float] = None
+        self.timeout = cfg.client_retry_timeout_ms
+        self.retries = 0
+        self.done: list[Outcome] = []
+
+    # ---- driver interface ---------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return self.req is not None
+
+    def take_sends(self) -> list[tuple[tuple[int, ...], bytes]]:
+        out, self.out = self.out, []
+        return out
+
+    def next_deadline(self) -> Optional[float]:
+        return self.deadline
+
+    def invoke(self, op: bytes, read_only: bool, now: float) -> int:
+        """Start a request; returns its timestamp. Requires: no request outstanding."""
+        if self.req is not None:
+            raise RuntimeError("a PBFT client has at most one outstanding request")
+        self.now = now
+        self.read_only = read_only
+        self.fell_back = False
+        self.retries = 0
+        self.timeout = self.cfg.client_retry_timeout_ms
+        self._issue(op, read_only, broadcast=read_only)
+        return self.timestamp
+
+    def take_outcomes(self) -> list[Outcome]:
+        out, self.done = self.done, []
+        return out
+
+    def receive(self, raw: bytes, now: float) -> None:
+        self.now = now
+        try:
+            fr = self.codec.open_frame(raw)
+            if fr.tag != 2:
+                raise DecodeError("client-expects-replies")
+            if not self.keys.verify(fr.sender, fr.digest, fr.auth, fr.multi):
+                raise DecodeError("bad-mac")
+            rep = self.codec.parse(fr)
+        except DecodeError as e:
+            self._drop(e.reason)
+            return
+        self._on_reply(rep)
+
+    def tick(self, now: float) -> None:
+        self.now = now
+        if self.deadline is None or now < self.deadline or self.req is None:
+            return
+        if self.req.read_only:
+            self._fallback()
+            return
+        self.retries += 1
+        self.timeout = min(self.timeout * 2, self.cfg.client_retry_timeout_max_ms)
+        r = self.req
+        # retransmit to everybody, asking all replicas for the full result
+        self.req = Request(r.client, r.timestamp, r.op, r.read_only, ALL_REPLICAS)
+        self._send(broadcast=True)
+
+    # ---- internals ----------------------------------------------------------
+    def _drop(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+
+    def _issue(self, op: bytes, read_only: bool, broadcast: bool) -> None:
+        self.timestamp += 1
+        replier = (self.id + self.timestamp) % self.cfg.n
+        self.req = Request(self.id, self.timestamp, op, read_only, replier)
+        self.replies = {}
+        self.full = {}
+        self._send(broadcast)
+
+    def _send(self, broadcast: bool) -> None:
+        raw = seal(self.req, self.keys)
+        dests = self.replicas if broadcast else (self.view % self.cfg.n,)
+        self.out.append((dests, raw))
+        self.deadline = self.now + self.timeout
+
+    def _fallback(self) -> None:
+        """Read-only attempt failed: order the operation like a write."""
+        op = self.req.op
+        self.fell_back = True
+        self.read_only = False
+        self._issue(op, False, broadcast=False)
+
+    def _on_reply(self, rep: Reply) -> None:
+        req = self.req
+        if req is None or rep.client != self.id or rep.timestamp != req.timestamp:
+            self._drop("reply-stale")
+            return
+        if rep.read_only != req.read_only:
+            self._drop("reply-kind-mismatch")
+            return
+        if rep.result is not None:
+            if result_digest(rep.result) != rep.result_digest:
+                self._drop("reply-result-digest-mismatch")
+                return
+            self.full[rep.result_digest] = rep.result
+        self.replies[rep.replica] = rep
+        w = self.cfg.weight_of
+        groups: dict[tuple, list[int]] = {}
+        committed: dict[bytes, list[int]] = {}
+        for r, x in self.replies.items():
+            key = (0 if req.read_only else x.view, x.result_digest)
+            groups.setdefault(key, []).append(r)
+            if not x.tentative and not req.read_only:
+                committed.setdefault(x.result_digest, []).append(r)
+        certified: Optional[bytes] = None
+        views = [x.view for x in self.replies.values()]
+        for d, rs in committed.items():
+            if w(rs) >= self.cfg.weak_weight:
+                certified = d
+        for (v, d), rs in groups.items():
+            if w(rs) >= self.cfg.quorum_weight:
+                certified = d
+        if certified is not None:
+            if certified not in self.full:
+                return  # wait for a full reply (retransmission asks everyone for one)
+            self.view = max(self.view, max(views))
+            self.done.append(Outcome(req.timestamp, self.full[certified], self.fell_back))
+            self.req = None
+            self.deadline = None
+            return
+        if req.read_only:
+            best = max((w(rs) for rs in groups.values()), default=0)
+            silent = w([r for r in self.replicas if r not in self.replies])
+            if best + silent < self.cfg.quorum_weight:
+                self._fallback()

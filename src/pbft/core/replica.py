@@ -1,0 +1,1089 @@
+"""The PBFT replica as a pure state machine.
+
+No I/O, no clock, no randomness: a driver (the simulator, the asyncio
+runtime, a test) feeds it ``receive(bytes, now)`` and ``tick(now)`` and carries
+out what it returns from ``take_sends()``: ``(destinations, bytes)`` pairs.
+``next_deadline()`` says when ``tick`` must be called next.
+
+Failure discipline (DESIGN.md): anything a peer or client can send is an
+expected outcome, counted in ``self.drops[reason]`` and never raised;
+anything only our own bug can cause is an ``assert``.
+
+Protocol outline (names follow the paper and the thesis):
+
+* normal case: PrePrepare / Prepare / Commit, batching with a bounded number
+  of batches in flight, execution in sequence order, tentative execution of
+  prepared batches (rolled back if a view change intervenes);
+* last-reply table (part of the checkpointed state) for exactly-once;
+* checkpoints every K, stable with a quorum of matching Checkpoint messages,
+  garbage collection and the water marks h < n <= h + L;
+* Status messages, answered with whatever the sender lacks (checkpoints,
+  pre-prepares, prepares, commits, view-change and new-view messages);
+* MAC-only view changes: ViewChange, ViewChangeAck (multicast, see
+  docs/protocol.md), NewView checked by every backup with the same
+  deterministic decision procedure (``view_change.decide``);
+* state transfer of a whole checkpoint, certified by its digest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import msgpack
+
+from ..codec import (
+    NULL_BATCH_DIGEST, TAG, Codec, DecodeError, Frame, batch_digest_from_request_digests,
+    checkpoint_digest, result_digest, seal, state_digest,
+)
+from ..config import ClusterConfig
+from ..crypto import KeyRing
+from ..messages import (
+    ALL_REPLICAS, NULL_BATCH, Batch, Checkpoint, Commit, Data, Fetch, NewView, PrePrepare,
+    Prepare, Reply, Request, Status, ViewChange, ViewChangeAck,
+)
+from ..service import Service
+from .view_change import Decision, decide
+
+VIEW_LOOKAHEAD_MAX = 1 << 20  # view-change messages further ahead than this are dropped
+
+
+@dataclass(slots=True)
+class Slot:
+    """Per-sequence-number agreement state in the current view."""
+
+    view: int
+    digest: Optional[bytes] = None  # digest of the accepted pre-prepare (None until accepted)
+    batch: Optional[Batch] = None
+    pp_raw: Optional[bytes] = None  # the primary's pre-prepare frame (None if from a NewView)
+    prepares: dict[int, bytes] = field(default_factory=dict)
+    commits: dict[int, bytes] = field(default_factory=dict)
+    prepared: bool = False
+    committed: bool = False
+
+
+@dataclass(slots=True)
+class VCInfo:
+    msg: ViewChange
+    digest: bytes
+    raw: bytes
+
+
+@dataclass(slots=True)
+class ReqInfo:
+    req: Request
+    digest: bytes
+    raw: bytes
+
+
+class Replica:
+    def __init__(
+        self,
+        cfg: ClusterConfig,
+        replica_id: int,
+        keys: KeyRing,
+        service: Service,
+        now: float = 0.0,
+        trace: Optional[Callable[[int, tuple], None]] = None,
+    ):
+        assert cfg.is_replica(replica_id)
+        self.cfg = cfg
+        self.id = replica_id
+        self.keys = keys
+        self.codec = Codec(cfg)
+        self.service = service
+        self.now = now
+        self._trace = trace
+        self.out: list[tuple[tuple[int, ...], bytes]] = []
+        self.drops: dict[str, int] = {}
+        self.others = tuple(r for r in range(cfg.n) if r != replica_id)
+        self.Qw = cfg.quorum_weight
+        self.weak = cfg.weak_weight
+        self.K = cfg.checkpoint_interval_seqnos
+        self.L = cfg.log_window_seqnos
+        self.bug_skip_digest = "skip-digest-check" in cfg.bugs
+        self.bug_drop_prepared = "drop-prepared-in-view-change" in cfg.bugs
+        self.bug_no_ts = "no-timestamp-check" in cfg.bugs
+        self.bug_ckpt_noseq = "checkpoint-digest-without-seqno" in cfg.bugs
+
+        # view
+        self.view = 0
+        self.view_active = True
+        self.nv: Optional[NewView] = None  # NewView that installed the current view (None in view 0)
+        self.nv_raw: Optional[bytes] = None
+        self.nv_vc_raws: list[bytes] = []
+        self.pending_nv: Optional[tuple[NewView, bytes]] = None
+        self.vcs: dict[tuple[int, int], VCInfo] = {}
+        self.acks: dict[tuple[int, int, bytes], set[int]] = {}
+        self.my_vc_raw: Optional[bytes] = None
+        self.vc_timeout = cfg.view_change_timeout_ms
+        self.vc_deadline: Optional[float] = None
+
+        # log and execution
+        self.h = 0  # low water mark: last stable checkpoint
+        self.slots: dict[int, Slot] = {}
+        self.P: dict[int, tuple[bytes, int]] = {}
+        self.Qset: dict[int, dict[bytes, int]] = {}
+        self.batches: dict[bytes, tuple[Batch, int]] = {}  # digest -> (batch, highest seqno using it)
+        self.seq_assigned = 0  # primary: last sequence number assigned
+        self.last_exec = 0
+        self.last_committed_exec = 0
+        self.exec_log: dict[int, tuple[bytes, Batch]] = {}  # executed seqnos > h
+        self.last_reply: dict[int, tuple[int, bytes]] = {}  # client -> (timestamp, result)
+
+        # checkpoints
+        self.ckpts: dict[int, tuple[bytes, bytes]] = {0: self._checkpoint_of(0)}  # seqno -> (digest, state)
+        self.tentative_snaps: dict[int, bytes] = {}  # seqno -> state taken at tentative execution
+        self.ckpt_votes: dict[int, dict[int, bytes]] = {}  # replica -> {seqno: digest}
+        self.fetch_target: Optional[tuple[int, bytes]] = None
+        self.fetch_deadline: Optional[float] = None
+        self.fetch_attempt = 0
+
+        # requests
+        self.queue: dict[int, ReqInfo] = {}  # primary: client -> latest request waiting for a batch
+        self.pending: dict[int, ReqInfo] = {}  # backup: client -> request not yet executed (request timer)
+        self.inflight: dict[int, int] = {}  # primary: client -> timestamp ordered but not yet executed
+        self.req_deadline: Optional[float] = None
+        self.ro_queue: dict[int, ReqInfo] = {}
+
+        self.status_deadline = now + cfg.status_interval_ms * (1 + replica_id / (4 * cfg.n))
+
+    # =====================================================================
+    # driver interface
+    # =====================================================================
+    def take_sends(self) -> list[tuple[tuple[int, ...], bytes]]:
+        out, self.out = self.out, []
+        return out
+
+    def next_deadline(self) -> Optional[float]:
+        ds = [d for d in (self.status_deadline, self.req_deadline, self.vc_deadline, self.fetch_deadline) if d is not None]
+        return min(ds) if ds else None
+
+    def receive(self, raw: bytes, now: float) -> None:
+        """Handle one frame from the network. Never raises on bad input."""
+        self.now = now
+        try:
+            fr = self.codec.open_frame(raw)
+        except DecodeError as e:
+            self._drop(e.reason)
+            return
+        if fr.sender == self.id:
+            self._drop("from-self")
+            return
+        if not self.keys.verify(fr.sender, fr.digest, fr.auth, fr.multi):
+            self._drop("bad-mac")
+            return
+        try:
+            msg = self.codec.parse(fr)
+        except DecodeError as e:
+            self._drop(e.reason)
+            return
+        handler = self._handlers.get(type(msg))
+        if handler is None:
+            self._drop("unexpected-type")
+            return
+        handler(self, msg, fr)
+
+    def tick(self, now: float) -> None:
+        self.now = now
+        if self.status_deadline is not None and now >= self.status_deadline:
+            self.status_deadline = now + self.cfg.status_interval_ms
+            self._send_status()
+        if self.req_deadline is not None and now >= self.req_deadline:
+            self.req_deadline = None
+            if self.view_active and self.pending:
+                self._start_view_change(self.view + 1, "request-timer")
+        if self.vc_deadline is not None and now >= self.vc_deadline:
+            self.vc_deadline = None
+            if not self.view_active:
+                self.vc_timeout = min(self.vc_timeout * 2, self.cfg.view_change_timeout_max_ms)
+                self._start_view_change(self.view + 1, "view-change-timer")
+        if self.fetch_deadline is not None and now >= self.fetch_deadline:
+            self.fetch_deadline = None
+            if self.fetch_target is not None:
+                self.fetch_attempt += 1
+                self._send_fetch()
+
+    def restart(self, now: float) -> None:
+        """Resume after a crash: durable protocol state kept, volatile state lost.
+
+        The process lost its queues, its timers and messages in flight; the view,
+        log, checkpoints and service state are assumed to be on stable storage.
+        """
+        self.now = now
+        self.out = []
+        self.queue.clear()
+        self.inflight.clear()
+        self.ro_queue.clear()
+        self.pending.clear()
+        self.req_deadline = None
+        self.status_deadline = now + self.cfg.status_interval_ms / 4
+        if not self.view_active:
+            self.vc_deadline = now + self.vc_timeout
+        if self.fetch_target is not None:
+            self.fetch_deadline = now
+
+    # =====================================================================
+    # helpers
+    # =====================================================================
+    def _drop(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+
+    def _trace_ev(self, *ev) -> None:
+        if self._trace is not None:
+            self._trace(self.id, ev)
+
+    def primary(self, view: Optional[int] = None) -> int:
+        return (self.view if view is None else view) % self.cfg.n
+
+    @property
+    def is_primary(self) -> bool:
+        return self.primary() == self.id
+
+    def _broadcast(self, msg) -> bytes:
+        raw = seal(msg, self.keys)
+        self.out.append((self.others, raw))
+        return raw
+
+    def _send_to(self, dest: int, raw: bytes) -> None:
+        self.out.append(((dest,), raw))
+
+    def _weight(self, replicas) -> int:
+        return self.cfg.weight_of(replicas)
+
+    def _in_window(self, n: int) -> bool:
+        return self.h < n <= self.h + self.L
+
+    def _state_bytes(self) -> bytes:
+        table = [[c, t, r] for c, (t, r) in sorted(self.last_reply.items())]
+        return msgpack.packb([self.service.get_state(), table], use_bin_type=True)
+
+    def _install_state_bytes(self, data: bytes) -> bool:
+        try:
+            svc, table = msgpack.unpackb(data, raw=False, use_list=False)
+            replies = {}
+            for c, t, r in table:
+                if type(c) is not int or type(t) is not int or type(r) is not bytes:
+                    return False
+                replies[c] = (t, r)
+            self.service.set_state(svc)
+        except (ValueError, TypeError, msgpack.UnpackException):
+            return False
+        self.last_reply = replies
+        return True
+
+    def _ckpt_digest(self, seqno: int, state: bytes) -> bytes:
+        return checkpoint_digest(seqno, state_digest(state), bind_seqno=not self.bug_ckpt_noseq)
+
+    def _checkpoint_of(self, seqno: int) -> tuple[bytes, bytes]:
+        st = self._state_bytes()
+        return self._ckpt_digest(seqno, st), st
+
+    def _remember_batch(self, d: bytes, batch: Batch, n: int) -> None:
+        old = self.batches.get(d)
+        if old is None or old[1] < n:
+            self.batches[d] = (batch, n)
+
+    def _batch_for(self, d: bytes) -> Optional[Batch]:
+        if d == NULL_BATCH_DIGEST:
+            return NULL_BATCH
+        b = self.batches.get(d)
+        return b[0] if b else None
+
+    # =====================================================================
+    # requests
+    # =====================================================================
+    def on_request(self, req: Request, fr: Frame) -> None:
+        if req.read_only:
+            self._on_read_only(ReqInfo(req, fr.digest, fr.raw))
+            return
+        c, t = req.client, req.timestamp
+        last = self.last_reply.get(c)
+        if last is not None and t <= last[0] and not self.bug_no_ts:
+            if t == last[0]:
+                self._send_reply(req, last[1], tentative=False)
+                self._drop("request-retransmitted")
+            else:
+                self._drop("request-old-timestamp")
+            return
+        if self.view_active and self.is_primary:
+            if self.inflight.get(c, 0) >= t:
+                self._drop("request-in-flight")
+                return
+            cur = self.queue.get(c)
+            if cur is not None and cur.req.timestamp > t:
+                self._drop("request-older-than-queued")
+                return
+            if cur is None and len(self.queue) >= self.cfg.pending_requests_max:
+                self._drop("queue-full")
+                return
+            self.queue[c] = ReqInfo(req, fr.digest, fr.raw)
+            self._try_send_preprepare()
+            return
+        # backup: remember it for the request timer and make sure the primary has it
+        cur = self.pending.get(c)
+        if cur is None or cur.req.timestamp < t:
+            if cur is None and len(self.pending) >= self.cfg.pending_requests_max:
+                self._drop("pending-full")
+                return
+            self.pending[c] = ReqInfo(req, fr.digest, fr.raw)
+        if self.view_active:
+            self._send_to(self.primary(), fr.raw)
+            if self.req_deadline is None:
+                self.req_deadline = self.now + self.vc_timeout
+
+    def _on_read_only(self, ri: ReqInfo) -> None:
+        if self.last_exec != self.last_committed_exec or self.fetch_target is not None:
+            # wait until tentative executions have committed
+            if ri.req.client not in self.ro_queue and len(self.ro_queue) >= self.cfg.pending_requests_max:
+                self._drop("ro-queue-full")
+                return
+            self.ro_queue[ri.req.client] = ri
+            return
+        result = self.service.execute(ri.req.op, ri.req.client, b"", True)
+        self._send_reply(ri.req, result, tentative=False, read_only=True)
+
+    def _drain_read_only(self) -> None:
+        if self.ro_queue and self.last_exec == self.last_committed_exec and self.fetch_target is None:
+            q, self.ro_queue = self.ro_queue, {}
+            for ri in q.values():
+                self._on_read_only(ri)
+
+    def _send_reply(self, req: Request, result: bytes, tentative: bool, read_only: bool = False) -> None:
+        full = req.replier == ALL_REPLICAS or req.replier == self.id
+        rep = Reply(self.view, req.timestamp, req.client, self.id, tentative, read_only,
+                    result_digest(result), result if full else None)
+        self._send_to(req.client, seal(rep, self.keys, to=req.client))
+
+    # =====================================================================
+    # normal case
+    # =====================================================================
+    def _try_send_preprepare(self) -> None:
+        cfg = self.cfg
+        while (self.view_active and self.is_primary and self.queue
+               and self.seq_assigned + 1 <= self.h + self.L
+               and self.seq_assigned - self.last_exec < cfg.batches_in_flight_max
+               and self.fetch_target is None):
+            reqs: list[ReqInfo] = []
+            for c in list(self.queue):
+                ri = self.queue.pop(c)
+                last = self.last_reply.get(c)
+                if last is not None and ri.req.timestamp <= last[0] and not self.bug_no_ts:
+                    continue
+                reqs.append(ri)
+                self.inflight[c] = ri.req.timestamp
+                if len(reqs) >= cfg.batch_requests_max:
+                    break
+            if not reqs:
+                return
+            nondet = self.service.propose_nondet(self.now)
+            batch = Batch(nondet, tuple(ri.raw for ri in reqs))
+            d = batch_digest_from_request_digests(nondet, [ri.digest for ri in reqs])
+            n = self.seq_assigned + 1
+            self.seq_assigned = n
+            pp = PrePrepare(self.view, n, d, self.id, batch)
+            raw = self._broadcast(pp)
+            slot = self.slots.get(n)
+            if slot is None or slot.view != self.view:
+                slot = self.slots[n] = Slot(self.view)
+            slot.digest, slot.batch, slot.pp_raw = d, batch, raw
+            self._remember_batch(d, batch, n)
+            self._note_preprepared(n, d)
+            self._trace_ev("pre-prepare", self.view, n, d)
+            self._check_prepared(n, slot)
+
+    def _note_preprepared(self, n: int, d: bytes) -> None:
+        q = self.Qset.setdefault(n, {})
+        q[d] = self.view
+        if len(q) > 4:  # bounded: keep the digests of the latest views
+            for old in sorted(q, key=q.get)[: len(q) - 4]:
+                del q[old]
+
+    def _slot(self, n: int) -> Slot:
+        s = self.slots.get(n)
+        if s is None or s.view != self.view:
+            s = self.slots[n] = Slot(self.view)
+        return s
+
+    def _ignore_agreement(self, view: int, n: int) -> Optional[str]:
+        if not self.view_active:
+            return "in-view-change"
+        if view != self.view:
+            return "wrong-view"
+        if not self._in_window(n):
+            return "out-of-window"
+        return None
+
+    def on_preprepare(self, pp: PrePrepare, fr: Frame) -> None:
+        reason = self._ignore_agreement(pp.view, pp.seqno)
+        if reason is None and pp.replica != self.primary():
+            reason = "preprepare-not-from-primary"
+        if reason is None and pp.batch is None:
+            reason = "preprepare-without-batch"
+        if reason:
+            self._drop(reason)
+            return
+        n = pp.seqno
+        slot = self._slot(n)
+        if slot.digest is not None:
+            self._drop("preprepare-duplicate" if slot.digest == pp.digest else "preprepare-conflict")
+            return
+        if n <= self.last_exec and self.exec_log.get(n, (None,))[0] not in (None, pp.digest):
+            self._drop("preprepare-conflicts-executed")
+            return
+        batch = pp.batch
+        reason = self._check_batch(batch, pp.digest)
+        if reason:
+            self._drop(reason)
+            return
+        slot.digest, slot.batch, slot.pp_raw = pp.digest, batch, fr.raw
+        self._remember_batch(pp.digest, batch, n)
+        self._note_preprepared(n, pp.digest)
+        self._trace_ev("pre-prepared", self.view, n, pp.digest)
+        slot.prepares[self.id] = pp.digest
+        self._broadcast(Prepare(self.view, n, pp.digest, self.id))
+        self._check_prepared(n, slot)
+
+    def _check_batch(self, batch: Batch, d: bytes) -> Optional[str]:
+        """Why a pre-prepared batch is unacceptable, or None. Checks MACs, digest, nondet."""
+        try:
+            reqs = self.codec.batch_requests(batch)
+        except DecodeError:
+            return "batch-malformed"
+        seen = set()
+        for rfr, req in reqs:
+            if not self.keys.verify(rfr.sender, rfr.digest, rfr.auth, True):
+                return "batch-request-bad-mac"
+            if req.read_only:
+                return "batch-read-only-request"
+            if req.client in seen:
+                return "batch-duplicate-client"
+            seen.add(req.client)
+        if not self.bug_skip_digest:
+            if batch_digest_from_request_digests(batch.nondet, [r.digest for r, _ in reqs]) != d:
+                return "batch-digest-mismatch"
+        if reqs and not self.service.check_nondet(batch.nondet, self.now):
+            return "batch-nondet-rejected"
+        return None
+
+    def on_prepare(self, p: Prepare, fr: Frame) -> None:
+        reason = self._ignore_agreement(p.view, p.seqno)
+        if reason is None and p.replica == self.primary():
+            reason = "prepare-from-primary"
+        if reason:
+            self._drop(reason)
+            return
+        slot = self._slot(p.seqno)
+        if p.replica in slot.prepares:
+            self._drop("prepare-duplicate")
+            return
+        slot.prepares[p.replica] = p.digest
+        self._check_prepared(p.seqno, slot)
+
+    def _check_prepared(self, n: int, slot: Slot) -> None:
+        if slot.prepared or slot.digest is None:
+            return
+        d = slot.digest
+        voters = [r for r, x in slot.prepares.items() if x == d]
+        primary = self.primary()
+        if primary not in voters:
+            voters.append(primary)
+        if self._weight(voters) < self.Qw:
+            return
+        slot.prepared = True
+        self.P[n] = (d, self.view)
+        self._trace_ev("prepared", self.view, n, d)
+        slot.commits[self.id] = d
+        self._broadcast(Commit(self.view, n, d, self.id))
+        self._check_committed(n, slot)
+        self._try_execute()
+
+    def on_commit(self, c: Commit, fr: Frame) -> None:
+        reason = self._ignore_agreement(c.view, c.seqno)
+        if reason:
+            self._drop(reason)
+            return
+        slot = self._slot(c.seqno)
+        if c.replica in slot.commits:
+            self._drop("commit-duplicate")
+            return
+        slot.commits[c.replica] = c.digest
+        self._check_committed(c.seqno, slot)
+
+    def _check_committed(self, n: int, slot: Slot) -> None:
+        if slot.committed or not slot.prepared:
+            return
+        d = slot.digest
+        if self._weight([r for r, x in slot.commits.items() if x == d]) < self.Qw:
+            return
+        slot.committed = True
+        self._trace_ev("committed", self.view, n, d)
+        self._try_execute()
+
+    # =====================================================================
+    # execution
+    # =====================================================================
+    def _try_execute(self) -> None:
+        if self.fetch_target is not None and self.last_exec < self.fetch_target[0]:
+            return
+        progressed = False
+        while True:
+            # promote tentative executions whose slots have committed
+            while self.last_committed_exec < self.last_exec:
+                k = self.last_committed_exec + 1
+                s = self.slots.get(k)
+                if s is None or s.view != self.view or not s.committed:
+                    break
+                self.last_committed_exec = k
+                self._trace_ev("promote", k)
+                if k % self.K == 0:
+                    self._take_checkpoint(k, self.tentative_snaps.pop(k))
+                progressed = True
+            n = self.last_exec + 1
+            s = self.slots.get(n)
+            if s is None or s.view != self.view or s.digest is None or s.batch is None:
+                break
+            if s.committed and self.last_committed_exec == self.last_exec:
+                self._execute(n, s, tentative=False)
+            elif s.prepared and self.view_active and self.cfg.tentative_execution:
+                self._execute(n, s, tentative=True)
+            else:
+                break
+            progressed = True
+        if progressed:
+            if self.view_active:
+                self.vc_timeout = self.cfg.view_change_timeout_ms
+            self._drain_read_only()
+            if self.is_primary:
+                self._try_send_preprepare()
+
+    def _execute(self, n: int, slot: Slot, tentative: bool) -> None:
+        batch = slot.batch
+        assert batch is not None
+        try:
+            reqs = self.codec.batch_requests(batch)
+        except DecodeError:  # only reachable with the skip-digest-check bug
+            reqs = []
+        executed = []
+        for rfr, req in reqs:
+            c, t = req.client, req.timestamp
+            last = self.last_reply.get(c)
+            if last is not None and t <= last[0] and not self.bug_no_ts:
+                continue  # exactly-once: ordered twice, executed once
+            result = self.service.execute(req.op, c, batch.nondet, False)
+            self.last_reply[c] = (t, result)
+            executed.append((c, t, req.op))
+            self._send_reply(req, result, tentative=tentative)
+            p = self.pending.get(c)
+            if p is not None and p.req.timestamp <= t:
+                del self.pending[c]
+            if self.inflight.get(c, 0) <= t:
+                self.inflight.pop(c, None)
+        self.last_exec = n
+        if not tentative:
+            self.last_committed_exec = n
+        self.exec_log[n] = (slot.digest, batch)
+        self._trace_ev("execute", n, slot.digest, batch, tuple(executed), tentative)
+        if n % self.K == 0:
+            st = self._state_bytes()
+            if tentative:
+                self.tentative_snaps[n] = st
+            else:
+                self._take_checkpoint(n, st)
+        # request timer: restart while some known request is still unexecuted
+        self.req_deadline = (self.now + self.vc_timeout) if (self.pending and self.view_active) else None
+
+    def _take_checkpoint(self, n: int, state: bytes) -> None:
+        d = self._ckpt_digest(n, state)
+        self.ckpts[n] = (d, state)
+        self._trace_ev("checkpoint", n, d, state_digest(state))
+        self._record_ckpt_vote(self.id, n, d)
+        self._broadcast(Checkpoint(n, d, self.id))
+        self._check_stable(n)
+
+    def _rollback(self) -> None:
+        """Undo tentative executions: restore the newest checkpoint at or below the
+        last committed execution and re-execute the committed batches after it."""
+        target = self.last_committed_exec
+        base = max(s for s in self.ckpts if s <= target)
+        d, st = self.ckpts[base]
+        ok = self._install_state_bytes(st)
+        assert ok, "own checkpoint must decode"
+        for k in range(base + 1, target + 1):
+            _, batch = self.exec_log[k]
+            for rfr, req in self.codec.batch_requests(batch):
+                last = self.last_reply.get(req.client)
+                if last is not None and req.timestamp <= last[0] and not self.bug_no_ts:
+                    continue
+                result = self.service.execute(req.op, req.client, batch.nondet, False)
+                self.last_reply[req.client] = (req.timestamp, result)
+        for k in range(target + 1, self.last_exec + 1):
+            self.exec_log.pop(k, None)
+            self.tentative_snaps.pop(k, None)
+        self._trace_ev("rollback", target)
+        self.last_exec = target
+
+    # =====================================================================
+    # checkpoints, garbage collection, state transfer
+    # =====================================================================
+    def _record_ckpt_vote(self, r: int, n: int, d: bytes) -> None:
+        votes = self.ckpt_votes.setdefault(r, {})
+        votes[n] = d
+        limit = self.L // self.K + 2
+        if len(votes) > limit:
+            for old in sorted(votes)[: len(votes) - limit]:
+                del votes[old]
+
+    def on_checkpoint(self, m: Checkpoint, fr: Frame) -> None:
+        if m.seqno <= self.h or m.seqno % self.K != 0:
+            self._drop("checkpoint-old" if m.seqno <= self.h else "checkpoint-off-interval")
+            return
+        self._record_ckpt_vote(m.replica, m.seqno, m.digest)
+        self._check_stable(m.seqno)
+
+    def _votes_for(self, n: int, d: bytes) -> list[int]:
+        return [r for r, v in self.ckpt_votes.items() if v.get(n) == d]
+
+    def _check_stable(self, n: int) -> None:
+        if n <= self.h:
+            return
+        digests = {v[n] for v in self.ckpt_votes.values() if n in v}
+        for d in digests:
+            voters = self._votes_for(n, d)
+            w = self._weight(voters)
+            if w >= self.Qw:
+                self._on_stable_certificate(n, d)
+                return
+            if w >= self.weak and n > self.h + self.L and self.last_committed_exec < n:
+                # a correct replica is past our whole window: we have fallen behind
+                self._start_fetch(n, d)
+                return
+
+    def _on_stable_certificate(self, n: int, d: bytes) -> None:
+        own = self.ckpts.get(n)
+        if own is None and n in self.tentative_snaps and self.last_exec >= n:
+            # the certificate proves everything up to n committed: promote
+            st = self.tentative_snaps[n]
+            if self._ckpt_digest(n, st) == d:
+                self.last_committed_exec = n
+                self._trace_ev("promote", n)
+                del self.tentative_snaps[n]
+                self._take_checkpoint(n, st)
+                return
+        if own is not None and own[0] != d:
+            self._trace_ev("checkpoint-mismatch", n, own[0], d)
+        if own is not None and own[0] == d:
+            self._advance_low_water_mark(n)
+        else:
+            if self.last_exec > self.last_committed_exec:
+                self._rollback()
+            self._advance_low_water_mark(n)
+            self._start_fetch(n, d)
+
+    def _advance_low_water_mark(self, n: int) -> None:
+        if n <= self.h:
+            return
+        self.h = n
+        self._trace_ev("stable", n)
+        for k in [k for k in self.slots if k <= n]:
+            del self.slots[k]
+        for k in [k for k in self.P if k <= n]:
+            del self.P[k]
+        for k in [k for k in self.Qset if k <= n]:
+            del self.Qset[k]
+        for k in [k for k in self.exec_log if k <= n]:
+            del self.exec_log[k]
+        for k in [k for k in self.tentative_snaps if k <= n]:
+            del self.tentative_snaps[k]
+        for k in [k for k in self.ckpts if k < n]:
+            del self.ckpts[k]
+        for d in [d for d, (_, m) in self.batches.items() if m <= n]:
+            del self.batches[d]
+        for votes in self.ckpt_votes.values():
+            for k in [k for k in votes if k <= n]:
+                del votes[k]
+        if self.seq_assigned < n:
+            self.seq_assigned = n
+        if self.is_primary:
+            self._try_send_preprepare()
+
+    def _start_fetch(self, n: int, d: bytes) -> None:
+        if self.fetch_target is not None and self.fetch_target[0] >= n:
+            return
+        if self.last_committed_exec >= n:
+            return
+        if self.last_exec > self.last_committed_exec:
+            self._rollback()
+        self.fetch_target = (n, d)
+        self.fetch_attempt = 0
+        self._trace_ev("fetch", n, d)
+        self._send_fetch()
+
+    def _send_fetch(self) -> None:
+        n, d = self.fetch_target
+        holders = sorted(r for r in self._votes_for(n, d) if r != self.id) or list(self.others)
+        target = holders[self.fetch_attempt % len(holders)]
+        self._send_to(target, seal(Fetch(n, d, self.id), self.keys, to=target))
+        self.fetch_deadline = self.now + self.cfg.state_fetch_timeout_ms
+
+    def on_fetch(self, m: Fetch, fr: Frame) -> None:
+        have = self.ckpts.get(m.seqno)
+        if have is None or have[0] != m.digest:
+            self._drop("fetch-unknown-checkpoint")
+            # tell the requester about our newer stable checkpoint, if any
+            if self.h > m.seqno and self.h in self.ckpts:
+                self._send_to(m.replica, seal(Checkpoint(self.h, self.ckpts[self.h][0], self.id), self.keys))
+            return
+        self._send_to(m.replica, seal(Data(m.seqno, m.digest, self.id, have[1]), self.keys, to=m.replica))
+
+    def on_data(self, m: Data, fr: Frame) -> None:
+        if self.fetch_target != (m.seqno, m.digest) or self.last_committed_exec >= m.seqno:
+            self._drop("data-unrequested")
+            return
+        if self._ckpt_digest(m.seqno, m.state) != m.digest:
+            self._drop("data-digest-mismatch")
+            return
+        if not self._install_state_bytes(m.state):
+            self._drop("data-undecodable")  # certified by a correct replica: cannot happen
+            return
+        n = m.seqno
+        self.fetch_target = None
+        self.fetch_deadline = None
+        self.last_exec = self.last_committed_exec = n
+        for k in [k for k in self.exec_log if k <= n]:
+            del self.exec_log[k]
+        self.tentative_snaps.clear()
+        self.ckpts[n] = (m.digest, m.state)
+        self._trace_ev("state-transfer", n, m.digest, state_digest(m.state))
+        self._record_ckpt_vote(self.id, n, m.digest)
+        self._broadcast(Checkpoint(n, m.digest, self.id))
+        for k in [k for k in self.slots if k <= n]:
+            del self.slots[k]
+        if self.seq_assigned < n:
+            self.seq_assigned = n
+        self._check_stable(n)
+        self._try_execute()
+        self._drain_read_only()
+        if self.is_primary:
+            self._try_send_preprepare()
+
+    # =====================================================================
+    # status: repair of lost messages
+    # =====================================================================
+    def _send_status(self) -> None:
+        self._broadcast(Status(self.view, self.view_active, self.h, self.last_exec, self.id))
+
+    def on_status(self, s: Status, fr: Frame) -> None:
+        r = s.replica
+        if s.view < self.view or (s.view == self.view and not s.view_active):
+            if self.view_active and self.nv_raw is not None:
+                self._send_to(r, self.nv_raw)
+                for raw in self.nv_vc_raws:
+                    self._send_to(r, raw)
+            elif not self.view_active and self.my_vc_raw is not None:
+                self._send_to(r, self.my_vc_raw)
+                if r == self.primary():
+                    for (v, j, d), ackers in self.acks.items():
+                        if v == self.view and self.id in ackers:
+                            self._send_to(r, seal(ViewChangeAck(v, self.id, j, d), self.keys))
+            if s.view < self.view:
+                return
+        if s.stable_seqno < self.h and self.h in self.ckpts:
+            self._send_to(r, seal(Checkpoint(self.h, self.ckpts[self.h][0], self.id), self.keys))
+        if s.view != self.view or not self.view_active or not s.view_active:
+            return
+        budget = self.cfg.status_resend_seqnos_max
+        start = max(s.last_executed, self.h) + 1
+        top = max(self.slots, default=0)
+        for n in range(start, top + 1):
+            if budget <= 0:
+                break
+            slot = self.slots.get(n)
+            if slot is None or slot.view != self.view or slot.digest is None:
+                continue
+            budget -= 1
+            if slot.pp_raw is not None:
+                self._send_to(r, slot.pp_raw)
+            elif self.nv_raw is not None:
+                self._send_to(r, self.nv_raw)
+            if self.id in slot.prepares:
+                self._send_to(r, seal(Prepare(self.view, n, slot.digest, self.id), self.keys))
+            if self.id in slot.commits:
+                self._send_to(r, seal(Commit(self.view, n, slot.digest, self.id), self.keys))
+
+    # =====================================================================
+    # view changes
+    # =====================================================================
+    def _start_view_change(self, v: int, why: str) -> None:
+        if v <= self.view:
+            return
+        if self.last_exec > self.last_committed_exec:
+            self._rollback()
+        self.view = v
+        self.view_active = False
+        self.nv = None
+        self.nv_raw = None
+        self.nv_vc_raws = []
+        self.slots.clear()
+        self.req_deadline = None
+        self.vc_deadline = None
+        self.queue.clear()
+        self.inflight.clear()
+        self._trace_ev("view-change", v, why)
+        prepared = tuple(sorted((n, d, pv) for n, (d, pv) in self.P.items() if n > self.h))
+        preprepared = tuple(sorted((n, d, qv) for n, q in self.Qset.items() if n > self.h for d, qv in q.items()))
+        if self.bug_drop_prepared:
+            prepared, preprepared = (), ()
+        ckpts = tuple(sorted((s, cd) for s, (cd, _) in self.ckpts.items() if s >= self.h))
+        vc = ViewChange(v, self.id, self.h, ckpts, prepared, preprepared)
+        raw = self._broadcast(vc)
+        self.my_vc_raw = raw
+        fr = self.codec.open_frame(raw)
+        self.vcs[(v, self.id)] = VCInfo(vc, fr.digest, raw)
+        self._prune_view_changes()
+        self._after_view_change_input()
+
+    def _prune_view_changes(self) -> None:
+        for k in [k for k in self.vcs if k[0] < self.view]:
+            del self.vcs[k]
+        for k in [k for k in self.acks if k[0] < self.view]:
+            del self.acks[k]
+
+    def _valid_view_change(self, vc: ViewChange) -> bool:
+        lo, hi = vc.stable_seqno, vc.stable_seqno + self.L
+        if not all(lo < n <= hi and v < vc.view for n, _, v in vc.prepared):
+            return False
+        if not all(lo < n <= hi and v < vc.view for n, _, v in vc.preprepared):
+            return False
+        if len({n for n, _, _ in vc.prepared}) != len(vc.prepared):
+            return False
+        return all(lo <= s <= hi for s, _ in vc.checkpoints) and any(s == lo for s, _ in vc.checkpoints)
+
+    def on_view_change(self, vc: ViewChange, fr: Frame) -> None:
+        if vc.view < self.view:
+            self._drop("view-change-old")
+            return
+        if vc.view == self.view and self.view_active:
+            # (a sender that is behind learns the new view from our answer to its Status;
+            # answering here could echo relayed view changes between replicas forever)
+            self._drop("view-change-for-active-view")
+            return
+        if vc.view > self.view + VIEW_LOOKAHEAD_MAX:
+            self._drop("view-change-too-far")
+            return
+        if not self._valid_view_change(vc):
+            self._drop("view-change-invalid")
+            return
+        key = (vc.view, vc.replica)
+        old = self.vcs.get(key)
+        if old is not None:
+            if old.digest != fr.digest:
+                self._drop("view-change-conflict")
+            else:
+                self._drop("view-change-duplicate")
+            return
+        # keep at most two pending views per sender (bounded memory)
+        mine = sorted(k for k in self.vcs if k[1] == vc.replica)
+        while len(mine) >= 2:
+            del self.vcs[mine.pop(0)]
+        self.vcs[key] = VCInfo(vc, fr.digest, fr.raw)
+        ack = ViewChangeAck(vc.view, self.id, vc.replica, fr.digest)
+        self.acks.setdefault((vc.view, vc.replica, fr.digest), set()).add(self.id)
+        self._broadcast(ack)
+        # join rule: a weak certificate of replicas is already in higher views
+        if vc.view > self.view or (vc.view == self.view and self.view_active):
+            higher: dict[int, int] = {}
+            for (v, j) in self.vcs:
+                if v > self.view and j != self.id:
+                    higher[j] = min(v, higher.get(j, v))
+            if self._weight(higher) >= self.weak:
+                self._start_view_change(min(higher.values()), "join")
+                return
+        self._after_view_change_input()
+
+    def on_view_change_ack(self, a: ViewChangeAck, fr: Frame) -> None:
+        if a.view < self.view or a.view > self.view + VIEW_LOOKAHEAD_MAX:
+            self._drop("view-change-ack-out-of-range")
+            return
+        if a.vc_replica == a.replica:
+            self._drop("view-change-ack-self")
+            return
+        ackers = self.acks.setdefault((a.view, a.vc_replica, a.vc_digest), set())
+        if a.replica in ackers:
+            self._drop("view-change-ack-duplicate")
+            return
+        ackers.add(a.replica)
+        if len(self.acks) > 4 * self.cfg.n * self.cfg.n:
+            self._prune_view_changes()
+        self._after_view_change_input()
+
+    def _vouched(self, v: int) -> list[VCInfo]:
+        """ViewChanges for view v that a quorum vouches for (sender, new primary, ackers)."""
+        primary = self.primary(v)
+        out = []
+        for (vv, j), info in self.vcs.items():
+            if vv != v:
+                continue
+            vouchers = set(self.acks.get((v, j, info.digest), ())) | {j, primary}
+            if j == self.id or self._weight(vouchers) >= self.Qw:
+                out.append(info)
+        return out
+
+    def _after_view_change_input(self) -> None:
+        if self.view_active:
+            return
+        v = self.view
+        # start the view-change timer once a quorum is changing to v
+        if self.vc_deadline is None:
+            senders = [j for (vv, j) in self.vcs if vv == v]
+            if self._weight(senders) >= self.Qw:
+                self.vc_deadline = self.now + self.vc_timeout
+        if self.primary(v) == self.id:
+            self._try_new_view()
+        elif self.pending_nv is not None:
+            self._try_accept_new_view()
+
+    def _decide(self, infos: list[VCInfo]) -> Optional[Decision]:
+        return decide([i.msg for i in sorted(infos, key=lambda i: i.msg.replica)],
+                      self._weight, self.Qw, self.weak, self.L)
+
+    def _try_new_view(self) -> None:
+        infos = self._vouched(self.view)
+        if self._weight([i.msg.replica for i in infos]) < self.Qw:
+            return
+        dec = self._decide(infos)
+        if dec is None:
+            return
+        batches = []
+        for n, d in dec.chosen:
+            if d == NULL_BATCH_DIGEST:
+                continue
+            b = self._batch_for(d)
+            if b is None:
+                self._trace_ev("new-view-missing-batch", self.view, n, d)
+                return  # wait: a backup's status answer or a later view will supply it
+            batches.append(b)
+        infos.sort(key=lambda i: i.msg.replica)
+        nv = NewView(self.view, self.id, tuple((i.msg.replica, i.digest) for i in infos),
+                     dec.checkpoint_seqno, dec.checkpoint_digest, dec.chosen, tuple(batches))
+        raw = self._broadcast(nv)
+        for i in infos:
+            if i.msg.replica != self.id:
+                self.out.append((self.others, i.raw))
+        self._install_new_view(nv, raw, [i.raw for i in infos], dec)
+
+    def on_new_view(self, nv: NewView, fr: Frame) -> None:
+        if nv.view < self.view or (nv.view == self.view and self.view_active):
+            self._drop("new-view-old")
+            return
+        if nv.replica != self.primary(nv.view):
+            self._drop("new-view-not-from-primary")
+            return
+        if nv.view > self.view:
+            self._start_view_change(nv.view, "new-view")
+            if nv.view != self.view or self.view_active:
+                return
+        self.pending_nv = (nv, fr.raw)
+        self._try_accept_new_view()
+
+    def _try_accept_new_view(self) -> None:
+        nv, raw = self.pending_nv
+        if nv.view != self.view or self.view_active:
+            self.pending_nv = None
+            return
+        infos = []
+        for j, d in nv.view_changes:
+            info = self.vcs.get((nv.view, j))
+            if info is None or info.digest != d:
+                return  # wait for the view-change message (relayed by the primary or resent)
+            infos.append(info)
+        if len({j for j, _ in nv.view_changes}) != len(nv.view_changes) or \
+                self._weight([j for j, _ in nv.view_changes]) < self.Qw:
+            self._reject_new_view("new-view-too-few-view-changes")
+            return
+        dec = self._decide(infos)
+        if dec is None or (dec.checkpoint_seqno, dec.checkpoint_digest, dec.chosen) != \
+                (nv.checkpoint_seqno, nv.checkpoint_digest, nv.chosen):
+            self._reject_new_view("new-view-wrong-decision")
+            return
+        given = {}
+        for b in nv.batches:
+            try:
+                given[self.codec.batch_digest(b)] = b
+            except DecodeError:
+                self._reject_new_view("new-view-bad-batch")
+                return
+        for n, d in dec.chosen:
+            if d != NULL_BATCH_DIGEST and d not in given and self._batch_for(d) is None:
+                self._reject_new_view("new-view-missing-batch")
+                return
+        for n, d in dec.chosen:
+            if d in given:
+                self._remember_batch(d, given[d], n)
+        self._install_new_view(nv, raw, [i.raw for i in infos], dec)
+
+    def _reject_new_view(self, reason: str) -> None:
+        self._drop(reason)
+        self.pending_nv = None
+        self._start_view_change(self.view + 1, reason)
+
+    def _install_new_view(self, nv: NewView, raw: bytes, vc_raws: list[bytes], dec: Decision) -> None:
+        self.pending_nv = None
+        self.view_active = True
+        self.nv, self.nv_raw, self.nv_vc_raws = nv, raw, vc_raws
+        self.vc_deadline = None
+        self.my_vc_raw = None
+        self._prune_view_changes()
+        self._trace_ev("new-view", self.view, dec)
+        s, d = dec.checkpoint_seqno, dec.checkpoint_digest
+        if s > self.h:
+            if self.ckpts.get(s, (None,))[0] == d:
+                self._advance_low_water_mark(s)
+            else:
+                self._advance_low_water_mark(s)
+                self._start_fetch(s, d)
+        top = max(s, self.h)
+        primary = self.is_primary
+        for n, dg in dec.chosen:
+            top = max(top, n)
+            if n <= self.h:
+                continue
+            slot = self._slot(n)
+            slot.digest = dg
+            slot.batch = self._batch_for(dg)
+            slot.pp_raw = None
+            self._note_preprepared(n, dg)
+            if not primary:
+                slot.prepares[self.id] = dg
+                self._broadcast(Prepare(self.view, n, dg, self.id))
+        self.seq_assigned = max(top, self.last_committed_exec)
+        for n, dg in dec.chosen:
+            slot = self.slots.get(n)
+            if slot is not None:
+                self._check_prepared(n, slot)
+        if primary:
+            # propose what clients asked the backups (our old selves) to order
+            for c, ri in self.pending.items():
+                last = self.last_reply.get(c)
+                if last is None or ri.req.timestamp > last[0]:
+                    self.queue[c] = ri
+            self.pending.clear()
+        elif self.pending:
+            self.req_deadline = self.now + self.vc_timeout
+        self._try_execute()
+        if primary:
+            self._try_send_preprepare()
+
+    _handlers = {
+        Request: on_request,
+        PrePrepare: on_preprepare,
+        Prepare: on_prepare,
+        Commit: on_commit,
+        Checkpoint: on_checkpoint,
+        Status: on_status,
+        ViewChange: on_view_change,
+        ViewChangeAck: on_view_change_ack,
+        NewView: on_new_view,
+        Fetch: on_fetch,
+        Data: on_data,
+    }

@@ -1,0 +1,104 @@
+"""The new-view decision procedure of the MAC-only view change (Castro's thesis, ch. 3).
+
+Given a set S of ViewChange messages for view ``v`` (each vouched for by a
+quorum, see ``Replica``), the new primary, and every backup checking it,
+computes deterministically:
+
+1. the starting checkpoint: the highest ``(s, d)`` such that a weak
+   certificate (weight > W_byz) of messages in S holds ``(s, d)`` among their
+   checkpoints (so a correct replica has it) and a quorum of messages have
+   their stable checkpoint ``<= s``;
+2. for every sequence number ``n`` above ``s``, either a batch digest ``d``:
+   A1. a quorum of messages m with ``m.stable < n`` whose prepared entry for
+       ``n`` is absent, from an earlier view, or ``(d, v')`` itself, and
+   A2. a weak certificate of messages that pre-prepared ``d`` at ``n`` in a
+       view ``>= v'``,
+   where ``(n, d, v')`` is a prepared entry of some message in S; or the null
+   request when a quorum of messages have ``m.stable < n`` and no prepared
+   entry for ``n``.
+
+If some sequence number satisfies neither rule yet, the decision is
+incomplete: the primary waits for more view-change messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+from ..codec import NULL_BATCH_DIGEST
+from ..messages import ViewChange
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    checkpoint_seqno: int
+    checkpoint_digest: bytes
+    chosen: tuple[tuple[int, bytes], ...]  # (seqno, digest); NULL_BATCH_DIGEST for null requests
+
+
+def decide(
+    vcs: Sequence[ViewChange],
+    weight_of: Callable[[list[int]], int],
+    quorum: int,
+    weak: int,
+    window: int,
+) -> Optional[Decision]:
+    """The new-view decision for S = ``vcs``, or None if S does not determine one yet."""
+    # 1. checkpoint
+    cands: dict[tuple[int, bytes], list[int]] = {}
+    for m in vcs:
+        for c in set(m.checkpoints):
+            cands.setdefault(c, []).append(m.replica)
+    best: Optional[tuple[int, bytes]] = None
+    for (s, d), holders in cands.items():
+        if weight_of(holders) < weak:
+            continue
+        if weight_of([m.replica for m in vcs if m.stable_seqno <= s]) < quorum:
+            continue
+        if best is None or s > best[0]:
+            best = (s, d)
+    if best is None:
+        return None
+    s0, d0 = best
+
+    # index prepared (P) and pre-prepared (Q) entries
+    P: list[dict[int, tuple[bytes, int]]] = []
+    Q: list[dict[int, dict[bytes, int]]] = []
+    for m in vcs:
+        p: dict[int, tuple[bytes, int]] = {}
+        for n, d, v in m.prepared:
+            if n not in p or v > p[n][1]:
+                p[n] = (d, v)
+        P.append(p)
+        q: dict[int, dict[bytes, int]] = {}
+        for n, d, v in m.preprepared:
+            qd = q.setdefault(n, {})
+            if v > qd.get(d, -1):
+                qd[d] = v
+        Q.append(q)
+    max_n = max((n for p in P for n in p), default=s0)
+    chosen: list[tuple[int, bytes]] = []
+    for n in range(s0 + 1, min(max_n, s0 + window) + 1):
+        below = [i for i, m in enumerate(vcs) if m.stable_seqno < n]
+        pick: Optional[bytes] = None
+        # candidates from prepared entries, highest view first
+        cand = sorted({P[i][n] for i in range(len(vcs)) if n in P[i]}, key=lambda dv: (-dv[1], dv[0]))
+        for d, v in cand:
+            a1 = [vcs[i].replica for i in below
+                  if n not in P[i] or P[i][n][1] < v or (P[i][n][1] == v and P[i][n][0] == d)]
+            if weight_of(a1) < quorum:
+                continue
+            a2 = [vcs[i].replica for i in range(len(vcs)) if Q[i].get(n, {}).get(d, -1) >= v]
+            if weight_of(a2) < weak:
+                continue
+            pick = d
+            break
+        if pick is None:
+            nulls = [vcs[i].replica for i in below if n not in P[i]]
+            if weight_of(nulls) >= quorum:
+                pick = NULL_BATCH_DIGEST
+        if pick is None:
+            return None
+        chosen.append((n, pick))
+    return Decision(s0, d0, tuple(chosen))

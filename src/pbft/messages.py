@@ -1,0 +1,158 @@
+"""Protocol messages as typed, immutable values, named as in the paper.
+
+These are plain values: no encoding, no authentication.  ``codec`` is the only
+place where bytes become messages (and where every field is range-checked);
+the sender of a message is the authenticated principal of the frame that
+carried it, stored in the ``replica`` / ``client`` field.
+
+Sequence-number sets inside ViewChange are tuples of tuples so that messages
+stay hashable and immutable:
+
+* ``checkpoints``: ``((seqno, digest), ...)`` checkpoints the sender holds
+  (its stable one and any later ones it has taken);
+* ``prepared`` (the thesis' P): ``((seqno, digest, view), ...)``: for each
+  sequence number above the sender's stable checkpoint, the request batch that
+  prepared there in the latest view in which one prepared;
+* ``preprepared`` (the thesis' Q): ``((seqno, digest, view), ...)``: batches
+  that pre-prepared at the sender, each with the latest view in which it did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+ALL_REPLICAS = -1  # a Request's ``replier`` when every replica must send the full result
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    client: int
+    timestamp: int
+    op: bytes
+    read_only: bool
+    replier: int  # designated replier (sends the full result), or ALL_REPLICAS
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    view: int
+    timestamp: int
+    client: int
+    replica: int
+    tentative: bool
+    read_only: bool
+    result_digest: bytes
+    result: Optional[bytes]  # None in a digest reply
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """What the primary orders at one sequence number: requests plus the agreed non-deterministic value.
+
+    ``requests`` holds the requests' authenticated wire frames, so that every
+    backup can check the client's MAC for itself.
+    """
+
+    nondet: bytes
+    requests: tuple[bytes, ...]
+
+
+NULL_BATCH = Batch(b"", ())
+
+
+@dataclass(frozen=True, slots=True)
+class PrePrepare:
+    view: int
+    seqno: int
+    digest: bytes
+    replica: int
+    batch: Optional[Batch]  # None only when the payload was withheld
+
+
+@dataclass(frozen=True, slots=True)
+class Prepare:
+    view: int
+    seqno: int
+    digest: bytes
+    replica: int
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    view: int
+    seqno: int
+    digest: bytes
+    replica: int
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    seqno: int
+    digest: bytes
+    replica: int
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """Periodic summary; peers answer with whatever the sender appears to be missing."""
+
+    view: int
+    view_active: bool  # False while the sender is changing views
+    stable_seqno: int
+    last_executed: int
+    replica: int
+
+
+@dataclass(frozen=True, slots=True)
+class ViewChange:
+    view: int  # the view being moved to
+    replica: int
+    stable_seqno: int
+    checkpoints: tuple[tuple[int, bytes], ...]
+    prepared: tuple[tuple[int, bytes, int], ...]
+    preprepared: tuple[tuple[int, bytes, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ViewChangeAck:
+    """``replica`` vouches that it received ViewChange ``vc_digest`` from ``vc_replica``."""
+
+    view: int
+    replica: int
+    vc_replica: int
+    vc_digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class NewView:
+    view: int
+    replica: int
+    view_changes: tuple[tuple[int, bytes], ...]  # (sender, ViewChange digest) of the set S used
+    checkpoint_seqno: int
+    checkpoint_digest: bytes
+    chosen: tuple[tuple[int, bytes], ...]  # (seqno, batch digest) re-proposed in this view
+    batches: tuple[Batch, ...]  # the non-null batches among ``chosen``
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """Ask for the state of checkpoint (seqno, digest)."""
+
+    seqno: int
+    digest: bytes
+    replica: int
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    seqno: int
+    digest: bytes
+    replica: int
+    state: bytes
+
+
+Message = Union[
+    Request, Reply, PrePrepare, Prepare, Commit, Checkpoint, Status,
+    ViewChange, ViewChangeAck, NewView, Fetch, Data,
+]

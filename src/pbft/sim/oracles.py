@@ -1,0 +1,172 @@
+"""Oracles: what must hold in every simulated run, checked as the run goes.
+
+The simulator feeds every replica's trace events to ``Oracles.on_event`` and
+calls ``after_step`` after every event it processes.  Violations are
+collected as strings (the first few are kept with their simulated time).
+
+Checked (TESTING.md names, and invariants of the correctness proof, seed 002):
+
+* S1 agreement: no two replicas execute different batches (by recomputed
+  content digest) at one sequence number once the execution is committed;
+* S2 validity: every executed request was issued by a client;
+* S3 exactly-once: no replica executes (client, timestamp) twice;
+* S4 checkpoints: equal digests at every checkpoint sequence number, and the
+  digest binds the sequence number and the state (recomputed here);
+* S5/S6 linearizability and no lost acknowledged operation (end of run, see
+  ``final_checks`` and ``linearizability``);
+* R1 bounded log: slots within (h, h+L], bounded queues and tables;
+* P1 (proof: prepared uniqueness) no two replicas prepare different digests
+  for the same (view, seqno);
+* P2 (proof: a correct primary's pre-prepares) one digest per (view, seqno);
+* P3 (proof: committed requests survive view changes) every new view
+  installed after (v, n, d) committed-local re-proposes d at n, unless its
+  checkpoint covers n;
+* P4 (proof: new-view uniqueness) replicas that install view v install the
+  same decision;
+* P5 monotonicity: a replica's view and low water mark never decrease; its
+  last executed sequence number never passes its high water mark.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ..codec import Codec, DecodeError, checkpoint_digest
+
+
+class Oracles:
+    def __init__(self, codec: Codec, n: int, window: int, ckpt_interval: int, pending_max: int):
+        self.codec = codec
+        self.n = n
+        self.L = window
+        self.K = ckpt_interval
+        self.pending_max = pending_max
+        self.violations: list[str] = []
+        self.now = 0.0
+        self.issued: set[tuple[int, int, bytes]] = set()
+        self.prepared: dict[tuple[int, int], bytes] = {}
+        self.preprepared: dict[tuple[int, int], bytes] = {}
+        self.committed_local: dict[int, dict[bytes, int]] = {}  # n -> digest -> lowest view
+        self.new_views: dict[int, object] = {}  # view -> decision
+        self.committed_exec: dict[int, bytes] = {}  # n -> content digest
+        self.ckpt: dict[int, bytes] = {}
+        self.execs: list[dict[int, tuple[bytes, tuple, bool]]] = [dict() for _ in range(n)]
+        self.done: list[set[tuple[int, int]]] = [set() for _ in range(n)]
+        self.view = [0] * n
+        self.h = [0] * n
+        self.views_installed: set[int] = set()
+
+    def violation(self, what: str) -> None:
+        if len(self.violations) < 50:
+            self.violations.append(f"t={self.now:.1f}ms {what}")
+
+    # ---- events -------------------------------------------------------------
+    def on_event(self, r: int, ev: tuple) -> None:
+        kind = ev[0]
+        if kind == "prepared":
+            _, v, n, d = ev
+            old = self.prepared.setdefault((v, n), d)
+            if old != d:
+                self.violation(f"P1 replica {r} prepared a different digest at view {v} seqno {n}")
+        elif kind == "pre-prepare":
+            _, v, n, d = ev
+            old = self.preprepared.setdefault((v, n), d)
+            if old != d:
+                self.violation(f"P2 primary {r} pre-prepared two digests at view {v} seqno {n}")
+        elif kind == "committed":
+            _, v, n, d = ev
+            ds = self.committed_local.setdefault(n, {})
+            ds[d] = min(v, ds.get(d, v))
+            if len(ds) > 1:
+                self.violation(f"P3 different digests committed at seqno {n}: replica {r} view {v}")
+            for nv, dec in self.new_views.items():
+                if nv > v:
+                    self._check_new_view_keeps(nv, dec, n, d, v)
+        elif kind == "execute":
+            _, n, d, batch, executed, tentative = ev
+            try:
+                content = self.codec.batch_digest(batch)
+            except DecodeError:
+                content = b"undecodable"
+            self.execs[r][n] = (content, executed, tentative)
+            for c, t, op in executed:
+                if (c, t, op) not in self.issued:
+                    self.violation(f"S2 replica {r} executed a request never issued: client {c} ts {t}")
+            if not tentative:
+                self._commit_exec(r, n)
+        elif kind == "promote":
+            _, upto = ev
+            for n in sorted(k for k, e in self.execs[r].items() if k <= upto and e[2]):
+                self._commit_exec(r, n)
+        elif kind == "rollback":
+            _, target = ev
+            for n in [k for k in self.execs[r] if k > target]:
+                if not self.execs[r][n][2]:
+                    self.violation(f"rollback of committed execution at replica {r} seqno {n}")
+                del self.execs[r][n]
+        elif kind == "checkpoint" or kind == "state-transfer":
+            _, n, d, sdig = ev
+            if checkpoint_digest(n, sdig) != d:
+                self.violation(f"S4 replica {r} checkpoint digest at {n} does not bind seqno and state")
+            old = self.ckpt.setdefault(n, d)
+            if old != d:
+                self.violation(f"S4 replica {r} checkpoint {n} digest differs from another replica's")
+            if kind == "state-transfer":
+                for k in [k for k in self.execs[r] if k <= n]:
+                    del self.execs[r][k]
+        elif kind == "view-change":
+            _, v, _why = ev
+            if v < self.view[r]:
+                self.violation(f"P5 replica {r} view decreased {self.view[r]} -> {v}")
+            self.view[r] = v
+        elif kind == "new-view":
+            _, v, dec = ev
+            self.views_installed.add(v)
+            old = self.new_views.setdefault(v, dec)
+            if old != dec:
+                self.violation(f"P4 replica {r} installed a different new-view decision for view {v}")
+            for n, ds in self.committed_local.items():
+                for d, cv in ds.items():
+                    if cv < v:
+                        self._check_new_view_keeps(v, dec, n, d, cv)
+        elif kind == "stable":
+            _, n = ev
+            if n < self.h[r]:
+                self.violation(f"P5 replica {r} low water mark decreased")
+            self.h[r] = n
+            for k in [k for k in self.execs[r] if k <= n and not self.execs[r][k][2]]:
+                del self.execs[r][k]
+
+    def _check_new_view_keeps(self, nv: int, dec, n: int, d: bytes, cv: int) -> None:
+        if n <= dec.checkpoint_seqno:
+            return
+        chosen = dict(dec.chosen)
+        if chosen.get(n) != d:
+            self.violation(f"P3 request committed at seqno {n} in view {cv} not kept by new view {nv}")
+
+    def _commit_exec(self, r: int, n: int) -> None:
+        content, executed, _ = self.execs[r][n]
+        self.execs[r][n] = (content, executed, False)
+        old = self.committed_exec.setdefault(n, content)
+        if old != content:
+            self.violation(f"S1 replica {r} executed a different batch at seqno {n}")
+        done = self.done[r]
+        for c, t, _op in executed:
+            if (c, t) in done:
+                self.violation(f"S3 replica {r} executed client {c} timestamp {t} twice")
+            done.add((c, t))
+
+    # ---- after every step ---------------------------------------------------
+    def after_step(self, rep) -> None:
+        r = rep.id
+        h, L = rep.h, self.L
+        if len(rep.slots) > L or any(not (h < k <= h + L) for k in rep.slots):
+            self.violation(f"R1 replica {r} log outside (h, h+L]: h={h} slots={sorted(rep.slots)[:3]}...")
+        if rep.last_committed_exec > h + L:
+            self.violation(f"P5 replica {r} executed past its high water mark")
+        if len(rep.queue) > self.pending_max or len(rep.pending) > self.pending_max or len(rep.ro_queue) > self.pending_max:
+            self.violation(f"R1 replica {r} request queues unbounded")
+        if len(rep.ckpts) > L // self.K + 2 or len(rep.exec_log) > L:
+            self.violation(f"R1 replica {r} checkpoint store or execution log unbounded")
+        if rep.view != self.view[r] and rep.view < self.view[r]:
+            self.violation(f"P5 replica {r} view decreased")

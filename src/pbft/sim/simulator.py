@@ -1,0 +1,479 @@
+"""Deterministic simulation of a whole cluster in one process.
+
+Everything comes from one seed: each subsystem (network, faults, workload,
+clocks) draws from its own ``random.Random`` stream derived from the seed, so
+adding a fault never changes the workload of a seed.  Time is simulated
+(milliseconds); events sit in one heap ordered by (time, sequence).
+
+A run has two phases:
+
+1. the *fault phase*: the chosen faults act (message loss, duplication,
+   reordering, delay spikes, replay of old messages and splicing of old
+   batches into new pre-prepares, symmetric and one-way partitions, crashes
+   and restarts of at most f replicas at a time) while clients run a mixed
+   key-value workload;
+2. the *healed phase*: every fault stops, crashed replicas restart; every
+   client operation must then complete within ``liveness_bound_ms`` and the
+   replicas must converge to one state (liveness, L1).
+
+The oracles (``oracles.py``) watch every step; at the end the client history
+is checked for linearizability and for lost acknowledged writes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from dataclasses import dataclass, field
+from typing import Optional
+
+import msgpack
+
+from ..codec import Codec, state_digest
+from ..config import ClusterConfig
+from ..core.client import Client
+from ..core.replica import Replica
+from ..crypto import keyrings_for
+from ..services.kv import KVService, decode_result, encode_op
+from .linearizability import KvOp, check_kv_history
+from .oracles import Oracles
+
+ALL_FAULTS = ("crash", "loss", "dup", "reorder", "delay", "replay", "partition")
+
+DELIVER, WAKE, INVOKE, FAULT = 0, 1, 2, 3
+
+
+@dataclass
+class SimConfig:
+    seed: int
+    replicas: int = 4
+    faults: frozenset = frozenset()
+    clients: int = 3
+    ops: int = 30  # per client
+    bugs: frozenset = frozenset()
+    keys: int = 4
+    fault_phase_ms: Optional[float] = None  # drawn from the seed when None
+    liveness_bound_ms: float = 60_000.0
+    quiesce_ms: float = 1_500.0
+    cluster: dict = field(default_factory=dict)  # overrides for ClusterConfig
+
+
+@dataclass
+class RunResult:
+    seed: int
+    ops_committed: int
+    view_changes: int
+    violations: list[str]
+    liveness_failure: Optional[str]
+    sim_time_ms: float
+    events: int
+    messages: int
+    log: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations and self.liveness_failure is None
+
+
+class Simulation:
+    def __init__(self, sc: SimConfig, log_events: bool = False):
+        self.sc = sc
+        s = sc.seed
+        self.rng_net = random.Random(f"{s}/net")
+        self.rng_fault = random.Random(f"{s}/fault")
+        self.rng_work = random.Random(f"{s}/work")
+        self.rng_clock = random.Random(f"{s}/clock")
+        n = sc.replicas
+        cfg = ClusterConfig.create(n, clients_max=max(sc.clients, 1), **sc.cluster)
+        if sc.bugs:
+            cfg = cfg.with_bugs(sc.bugs)
+        self.cfg = cfg
+        self.codec = Codec(cfg)
+        master = random.Random(f"{s}/keys").randbytes(32)
+        rings = keyrings_for(master, n, cfg.client_ids)
+        self.oracles = Oracles(self.codec, n, cfg.log_window_seqnos, cfg.checkpoint_interval_seqnos,
+                               cfg.pending_requests_max)
+        skew_max = cfg.nondet_skew_ms_max / 4
+        self.skew = [self.rng_clock.uniform(-skew_max, skew_max) for _ in range(n)]
+        self.replicas = [
+            Replica(cfg, i, rings[i], KVService(skew_ms=cfg.nondet_skew_ms_max), now=self.skew[i],
+                    trace=self.oracles.on_event)
+            for i in range(n)
+        ]
+        self.client_ids = list(cfg.client_ids)[: sc.clients]
+        self.clients = {c: Client(cfg, c, rings[c]) for c in self.client_ids}
+        self.heap: list = []
+        self.seq = 0
+        self.now = 0.0
+        self.crashed: set[int] = set()
+        self.blocked: set[tuple[int, int]] = set()
+        self.healed = False
+        self.wake_at: dict[int, float] = {}
+        self.events = 0
+        self.messages = 0
+        self.log_events = log_events
+        self.max_events = 3_000_000
+        self.log: list[str] = []
+        self.history: list[KvOp] = []
+        self.current: dict[int, KvOp] = {}
+        self.remaining = {c: sc.ops for c in self.client_ids}
+        # after its workload the first client reads every key through ordering (audit)
+        self.audit = {c: ([f"k{i}".encode() for i in range(sc.keys)] if c == self.client_ids[0] else [])
+                      for c in self.client_ids}
+        self.acked_ordered: dict[int, int] = {}
+        self.op_counter = 0
+        self.known_value: dict[tuple[int, bytes], Optional[bytes]] = {}
+        self.recent: list[tuple[int, bytes]] = []  # (dst, raw) for replay
+        self.recent_pp: list[bytes] = []
+        # fault intensities, drawn once per run
+        F = sc.faults
+        rf = self.rng_fault
+        self.p_loss = rf.uniform(0.0, 0.15) if "loss" in F else 0.0
+        self.p_dup = rf.uniform(0.0, 0.1) if "dup" in F else 0.0
+        self.jitter = rf.uniform(0.0, 4.0) if "reorder" in F else 0.0
+        self.p_spike = rf.uniform(0.0, 0.05) if "delay" in F else 0.0
+        self.p_replay = rf.uniform(0.0, 0.04) if "replay" in F else 0.0
+        self.p_splice = rf.uniform(0.0, 0.1) if "replay" in F else 0.0
+        self.fault_end = sc.fault_phase_ms if sc.fault_phase_ms is not None else rf.uniform(300.0, 2500.0)
+        if not F:
+            self.fault_end = 0.0
+
+    # ---- scheduling ---------------------------------------------------------
+    def _push(self, t: float, kind: int, a=None, b=None, c=None) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, kind, a, b, c))
+
+    def _note(self, msg: str) -> None:
+        if self.log_events:
+            self.log.append(f"{self.now:9.1f}ms  {msg}")
+
+    def _schedule_wake(self, node: int) -> None:
+        obj = self._node(node)
+        d = obj.next_deadline()
+        if d is None:
+            return
+        if node < self.sc.replicas:
+            d = d - self.skew[node] + 1e-6  # so the local clock surely reaches d despite rounding
+        d = max(d, self.now)
+        cur = self.wake_at.get(node)
+        if cur is None or d < cur or cur < self.now:
+            self.wake_at[node] = d
+            self._push(d, WAKE, node)
+
+    def _node(self, pid: int):
+        return self.replicas[pid] if pid < self.sc.replicas else self.clients[pid]
+
+    def _local(self, pid: int) -> float:
+        return self.now + (self.skew[pid] if pid < self.sc.replicas else 0.0)
+
+    # ---- network ------------------------------------------------------------
+    def _flush(self, src: int) -> None:
+        for dests, raw in self._node(src).take_sends():
+            for dst in dests:
+                self._send(src, dst, raw)
+
+    def _send(self, src: int, dst: int, raw: bytes) -> None:
+        self.messages += 1
+        rn = self.rng_net
+        faulty = not self.healed
+        if src in self.crashed:
+            return
+        if faulty:
+            if (src, dst) in self.blocked:
+                return
+            if self.p_loss and rn.random() < self.p_loss:
+                return
+        delay = rn.uniform(0.1, 1.0)
+        if faulty:
+            if self.jitter:
+                delay += rn.uniform(0.0, self.jitter)
+            if self.p_spike and rn.random() < self.p_spike:
+                delay += rn.uniform(20.0, 300.0)
+            if self.p_splice and raw[:2] == b"\x95\x03" and self.recent_pp and rn.random() < self.p_splice:
+                raw = self._splice(raw, rn.choice(self.recent_pp))
+        self._push(self.now + delay, DELIVER, dst, raw, src)
+        if faulty and self.p_dup and rn.random() < self.p_dup:
+            self._push(self.now + delay + rn.uniform(0.0, 20.0), DELIVER, dst, raw, src)
+        if self.p_replay:
+            self.recent.append((dst, raw))
+            if len(self.recent) > 4000:
+                del self.recent[:2000]
+            if raw[:2] == b"\x95\x03":
+                self.recent_pp.append(raw)
+                if len(self.recent_pp) > 200:
+                    del self.recent_pp[:100]
+            if faulty and rn.random() < self.p_replay:
+                odst, oraw = rn.choice(self.recent)
+                self._push(self.now + rn.uniform(0.1, 50.0), DELIVER, odst, oraw, -1)
+
+    @staticmethod
+    def _splice(raw: bytes, donor: bytes) -> bytes:
+        """A network attacker's splice: keep a pre-prepare's header and MACs, swap in an old batch."""
+        try:
+            t = list(msgpack.unpackb(raw))
+            d = msgpack.unpackb(donor)
+            t[3] = d[3]
+            return msgpack.packb(t, use_bin_type=True)
+        except Exception:
+            return raw
+
+    # ---- faults -------------------------------------------------------------
+    def _schedule_faults(self) -> None:
+        F = self.sc.faults
+        rf = self.rng_fault
+        end = self.fault_end
+        f = self.cfg.f
+        if "crash" in F and f > 0:
+            t = rf.uniform(20.0, 200.0)
+            while t < end:
+                self._push(t, FAULT, "crash", None)
+                t += rf.uniform(100.0, 900.0)
+        if "partition" in F:
+            t = rf.uniform(20.0, 300.0)
+            while t < end:
+                dur = rf.uniform(50.0, 700.0)
+                self._push(t, FAULT, "partition", dur)
+                t += dur + rf.uniform(50.0, 600.0)
+        self._push(end, FAULT, "heal", None)
+
+    def _fault(self, kind: str, arg) -> None:
+        rf = self.rng_fault
+        n = self.sc.replicas
+        if kind == "crash":
+            if self.healed or len(self.crashed) >= self.cfg.f:
+                return
+            views = sorted(r.view for r in self.replicas)
+            primary = views[len(views) // 2] % n
+            up = [r for r in range(n) if r not in self.crashed]
+            victim = primary if (primary in up and rf.random() < 0.5) else rf.choice(up)
+            self.crashed.add(victim)
+            self._note(f"crash replica {victim}")
+            self._push(self.now + rf.uniform(80.0, 900.0), FAULT, "restart", victim)
+        elif kind == "restart":
+            if arg in self.crashed:
+                self.crashed.discard(arg)
+                self.replicas[arg].restart(self._local(arg))
+                self._note(f"restart replica {arg}")
+                self._schedule_wake(arg)
+        elif kind == "partition":
+            if self.healed:
+                return
+            shape = rf.choice(["isolate", "halves", "one-way", "primary"])
+            nodes = list(range(n))
+            self.blocked = set()
+            if shape in ("isolate", "primary"):
+                if shape == "primary":
+                    views = sorted(r.view for r in self.replicas)
+                    x = views[len(views) // 2] % n
+                else:
+                    x = rf.randrange(n)
+                for y in nodes:
+                    if y != x:
+                        self.blocked |= {(x, y), (y, x)}
+            elif shape == "halves":
+                rf.shuffle(nodes)
+                a = set(nodes[: n // 2])
+                for x in range(n):
+                    for y in range(n):
+                        if (x in a) != (y in a):
+                            self.blocked.add((x, y))
+            else:
+                for _ in range(rf.randint(1, n)):
+                    x, y = rf.sample(nodes, 2)
+                    self.blocked.add((x, y))
+            self._note(f"partition {shape}: {len(self.blocked)} links cut for {arg:.0f}ms")
+            self._push(self.now + arg, FAULT, "unpartition", None)
+        elif kind == "unpartition":
+            self.blocked = set()
+            self._note("partition healed")
+        elif kind == "heal":
+            self.healed = True
+            self.blocked = set()
+            for r in sorted(self.crashed):
+                self.crashed.discard(r)
+                self.replicas[r].restart(self._local(r))
+                self._schedule_wake(r)
+            self._note("network healed; all replicas up")
+
+    # ---- workload -----------------------------------------------------------
+    def _next_op(self, c: int) -> None:
+        if self.remaining[c] <= 0 and not (self.audit[c] and self.healed):
+            return
+        self._push(self.now + self.rng_work.uniform(0.0, 10.0), INVOKE, c)
+
+    def _invoke(self, c: int) -> None:
+        rw = self.rng_work
+        if self.remaining[c] <= 0:
+            key = self.audit[c].pop(0)
+            kop = KvOp(c, "get", key, invoke=self.now)
+            op = encode_op("get", key)
+            t = self.clients[c].invoke(op, False, self.now)
+            self.oracles.issued.add((c, t, op))
+            self.current[c] = kop
+            self.history.append(kop)
+            self._flush(c)
+            self._schedule_wake(c)
+            return
+        self.remaining[c] -= 1
+        self.op_counter += 1
+        key = f"k{rw.randrange(self.sc.keys)}".encode()
+        x = rw.random()
+        ro = False
+        if x < 0.2:
+            kind, op, ro = "get", encode_op("get", key), True
+            kop = KvOp(c, "get", key)
+        elif x < 0.3:
+            kind, op = "get", encode_op("get", key)
+            kop = KvOp(c, "get", key)
+        elif x < 0.65:
+            v = f"v{c}-{self.op_counter}".encode()
+            op = encode_op("put", key, v)
+            kop = KvOp(c, "put", key, value=v)
+        elif x < 0.75:
+            op = encode_op("delete", key)
+            kop = KvOp(c, "delete", key)
+        else:
+            v = f"v{c}-{self.op_counter}".encode()
+            exp = self.known_value.get((c, key))
+            op = encode_op("cas", key, exp, v)
+            kop = KvOp(c, "cas", key, value=v, expected=exp)
+        kop.invoke = self.now
+        cl = self.clients[c]
+        t = cl.invoke(op, ro, self.now)
+        # every timestamp this op may be ordered under (a read-only fallback takes the next one)
+        self.oracles.issued.add((c, t, op))
+        self.oracles.issued.add((c, t + 1, op))
+        self.current[c] = kop
+        self.history.append(kop)
+        self._flush(c)
+        self._schedule_wake(c)
+
+    def _client_outcomes(self, c: int) -> None:
+        cl = self.clients[c]
+        for oc in cl.take_outcomes():
+            kop = self.current.pop(c)
+            kop.ret = self.now
+            try:
+                status, value = decode_result(oc.result)
+            except ValueError:
+                self.oracles.violation(f"client {c} accepted a malformed result")
+                continue
+            if status != "ok":
+                self.oracles.violation(f"client {c} got an error result {value!r} for a valid operation")
+            kop.result = value
+            if not (cl.read_only and not oc.read_only_fallback) or oc.read_only_fallback:
+                self.acked_ordered[c] = oc.timestamp
+            if kop.kind == "get":
+                self.known_value[(c, kop.key)] = value
+            elif kop.kind == "put":
+                self.known_value[(c, kop.key)] = kop.value
+            elif kop.kind == "delete":
+                self.known_value[(c, kop.key)] = None
+            elif kop.kind == "cas" and value:
+                self.known_value[(c, kop.key)] = kop.value
+            self._next_op(c)
+
+    # ---- main loop ----------------------------------------------------------
+    def run(self) -> RunResult:
+        n = self.sc.replicas
+        self._schedule_faults()
+        for r in range(n):
+            self._schedule_wake(r)
+        for c in self.client_ids:
+            self._next_op(c)
+        live_deadline = self.fault_end + self.sc.liveness_bound_ms
+        finish_at: Optional[float] = None
+        liveness: Optional[str] = None
+        oracles = self.oracles
+        while self.heap:
+            t, _, kind, a, b, c = heapq.heappop(self.heap)
+            self.now = t
+            oracles.now = t
+            self.events += 1
+            if kind == DELIVER:
+                if a in self.crashed:
+                    continue
+                node = self._node(a)
+                if a < n:
+                    if not self.healed and (c, a) in self.blocked:
+                        continue
+                    node.receive(b, self._local(a))
+                    oracles.after_step(node)
+                else:
+                    node.receive(b, self.now)
+                    self._client_outcomes(a)
+                self._flush(a)
+                self._schedule_wake(a)
+            elif kind == WAKE:
+                if a in self.crashed or self.wake_at.get(a) != t:
+                    continue
+                del self.wake_at[a]
+                node = self._node(a)
+                node.tick(self._local(a))
+                if a < n:
+                    oracles.after_step(node)
+                else:
+                    self._client_outcomes(a)
+                self._flush(a)
+                self._schedule_wake(a)
+            elif kind == INVOKE:
+                self._invoke(a)
+            elif kind == FAULT:
+                self._fault(a, b)
+                if a == "heal":
+                    for cc in self.client_ids:
+                        if cc not in self.current and self.remaining[cc] <= 0 and self.audit[cc]:
+                            self._next_op(cc)
+            if self.events > self.max_events:
+                liveness = f"event budget of {self.max_events} exhausted at t={self.now:.0f}ms (message storm?)"
+                break
+            if finish_at is None:
+                if all(v == 0 for v in self.remaining.values()) and not self.current and self.healed \
+                        and not any(self.audit.values()):
+                    finish_at = self.now + self.sc.quiesce_ms
+                elif self.now > live_deadline:
+                    busy = sorted(self.current)
+                    liveness = (f"L1 {len(busy)} client operation(s) incomplete "
+                                f"{self.sc.liveness_bound_ms:.0f}ms after healing")
+                    break
+            elif self.now >= finish_at:
+                break
+        if liveness is None:
+            liveness = self._convergence()
+        violations = list(oracles.violations)
+        violations += self._final_checks()
+        ops = sum(1 for k in self.history if k.ret is not None)
+        return RunResult(self.sc.seed, ops, len(oracles.views_installed), violations, liveness,
+                         self.now, self.events, self.messages, self.log)
+
+    def _convergence(self) -> Optional[str]:
+        """After healing and quiescence every replica holds the same state."""
+        last = {r.last_committed_exec for r in self.replicas}
+        if len(last) != 1:
+            return f"L1 replicas did not converge: last executed {sorted(r.last_committed_exec for r in self.replicas)}"
+        states = {state_digest(r._state_bytes()) for r in self.replicas}
+        if len(states) != 1:
+            return None  # a divergence, reported by _final_checks as a violation
+        return None
+
+    def _final_checks(self) -> list[str]:
+        out = []
+        last = {r.last_committed_exec for r in self.replicas}
+        if len(last) == 1:
+            states = {state_digest(r._state_bytes()) for r in self.replicas}
+            if len(states) != 1:
+                out.append("S1 replicas executed to the same sequence number but hold different states")
+        # S6: every acknowledged ordered operation is in every replica's reply table
+        # (the final audit reads, checked for linearizability below, show its effect survived)
+        for r in self.replicas:
+            for c, t in self.acked_ordered.items():
+                got = r.last_reply.get(c, (0,))[0]
+                if got < t:
+                    out.append(f"S6 replica {r.id} lost acknowledged operation of client {c} timestamp {t}")
+                    break
+                if got > self.clients[c].timestamp:
+                    out.append(f"S6 replica {r.id} holds a reply for client {c} timestamp {got} never issued")
+        lin = check_kv_history(self.history)
+        if not lin.ok:
+            out.append(f"S5 history not linearizable for key {lin.key!r}: {lin.detail[:300]}")
+        return out
