@@ -11,9 +11,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import pbft.sim.linearizability as lin
 from pbft.sim.linearizability import KvOp, LinResult, check_kv_history
 
 K = b"k"
+
+
+@pytest.fixture(params=["prechecks", "search-only"])
+def mode(request, monkeypatch):
+    """Run a test both with the cheap pre-checks and with the search alone."""
+    monkeypatch.setattr(lin, "_PRECHECKS", request.param == "prechecks")
+    return request.param
 
 
 def get(c, t0, t1, result, key=K):
@@ -51,7 +59,7 @@ def test_empty_history():
     assert r.ok and r.key is None
 
 
-def test_sequential_valid():
+def test_sequential_valid(mode):
     h = [
         get(0, 0, 1, None),
         put(0, 2, 3, b"a"),
@@ -65,7 +73,7 @@ def test_sequential_valid():
     assert ok(h)
 
 
-def test_sequential_invalid_read():
+def test_sequential_invalid_read(mode):
     h = [put(0, 0, 1, b"a"), put(0, 2, 3, b"b"), get(1, 4, 5, b"a")]
     r = check_kv_history(h)
     assert not r.ok
@@ -73,28 +81,28 @@ def test_sequential_invalid_read():
     assert "not linearizable" in r.detail
 
 
-def test_initial_state_is_absent():
+def test_initial_state_is_absent(mode):
     assert not ok([get(0, 0, 1, b"a")])
     assert ok([get(0, 0, 1, None)])
     assert not ok([delete(0, 0, 1, True)])
     assert ok([delete(0, 0, 1, False)])
 
 
-def test_read_of_deleted_key_rejected():
+def test_read_of_deleted_key_rejected(mode):
     h = [put(0, 0, 1, b"a"), delete(0, 2, 3, True), get(0, 4, 5, b"a")]
     assert not ok(h)
 
 
 # ---------------------------------------------------------------- concurrency
 
-def test_overlapping_put_get_either_order():
+def test_overlapping_put_get_either_order(mode):
     # put [0, 10] overlaps get [1, 2]: the get may see the old or the new value.
     assert ok([put(0, 0, 10, b"a"), get(1, 1, 2, None)])
     assert ok([put(0, 0, 10, b"a"), get(1, 1, 2, b"a")])
     assert not ok([put(0, 0, 10, b"a"), get(1, 1, 2, b"z")])
 
 
-def test_two_concurrent_puts_then_reads():
+def test_two_concurrent_puts_then_reads(mode):
     h = [put(0, 0, 5, b"a"), put(1, 0, 5, b"b")]
     assert ok(h + [get(2, 6, 7, b"a")])
     assert ok(h + [get(2, 6, 7, b"b")])
@@ -103,7 +111,7 @@ def test_two_concurrent_puts_then_reads():
     assert ok(h + [get(2, 6, 7, b"b"), get(2, 8, 9, b"b")])
 
 
-def test_stale_read_after_completed_write_rejected():
+def test_stale_read_after_completed_write_rejected(mode):
     h = [put(0, 0, 1, b"a"), put(0, 2, 3, b"b"), get(1, 4, 5, b"a")]
     assert not ok(h)
     # Overlapping the second write it is fine.
@@ -111,7 +119,7 @@ def test_stale_read_after_completed_write_rejected():
     assert ok(h)
 
 
-def test_reads_cannot_go_back_in_time():
+def test_reads_cannot_go_back_in_time(mode):
     # Concurrent with the write, the first read sees the new value, a later
     # read (which starts after the first one returned) sees the old one.
     h = [put(0, 0, 1, b"a"), put(0, 2, 10, b"b"), get(1, 3, 4, b"b"), get(2, 5, 6, b"a")]
@@ -121,7 +129,7 @@ def test_reads_cannot_go_back_in_time():
     assert ok(h)
 
 
-def test_touching_intervals_are_concurrent():
+def test_touching_intervals_are_concurrent(mode):
     # a.ret == b.invoke: a does not strictly precede b, so either order is fine.
     assert ok([put(0, 0, 1, b"a"), get(1, 1, 2, None)])
     # Strict precedence rejects it.
@@ -130,7 +138,7 @@ def test_touching_intervals_are_concurrent():
 
 # ---------------------------------------------------------------- cas / delete
 
-def test_cas_semantics():
+def test_cas_semantics(mode):
     assert ok([cas(0, 0, 1, None, b"a", True), get(0, 2, 3, b"a")])
     assert not ok([cas(0, 0, 1, None, b"a", False)])          # absent == None: must swap
     assert not ok([cas(0, 0, 1, b"x", b"a", True)])           # absent != b"x": cannot swap
@@ -143,7 +151,7 @@ def test_cas_semantics():
     assert not ok([put(0, 0, 1, b"x"), cas(0, 2, 3, None, b"y", True)])
 
 
-def test_concurrent_cas_only_one_winner():
+def test_concurrent_cas_only_one_winner(mode):
     h = [cas(0, 0, 5, None, b"a", True), cas(1, 0, 5, None, b"b", True)]
     assert not ok(h)
     h = [cas(0, 0, 5, None, b"a", True), cas(1, 0, 5, None, b"b", False), get(2, 6, 7, b"a")]
@@ -155,7 +163,7 @@ def test_concurrent_cas_only_one_winner():
     assert ok(h)
 
 
-def test_delete_result():
+def test_delete_result(mode):
     assert ok([put(0, 0, 1, b"a"), delete(0, 2, 3, True), delete(0, 4, 5, False)])
     assert not ok([put(0, 0, 1, b"a"), delete(0, 2, 3, False)])
     assert not ok([put(0, 0, 1, b"a"), delete(0, 2, 3, True), delete(0, 4, 5, True)])
@@ -168,13 +176,13 @@ def test_delete_result():
     assert not ok([delete(0, 0, 1, None)])
 
 
-def test_put_result_false_rejected():
+def test_put_result_false_rejected(mode):
     assert not ok([put(0, 0, 1, b"a", result=False)])
 
 
 # ---------------------------------------------------------------- pending ops
 
-def test_pending_put_may_or_may_not_be_visible():
+def test_pending_put_may_or_may_not_be_visible(mode):
     visible = [put(0, 0, None, b"a"), get(1, 5, 6, b"a"), get(1, 7, 8, b"a")]
     invisible = [put(0, 0, None, b"a"), get(1, 5, 6, None), get(1, 7, 8, None)]
     late = [put(0, 0, None, b"a"), get(1, 5, 6, None), get(1, 7, 8, b"a")]
@@ -185,7 +193,7 @@ def test_pending_put_may_or_may_not_be_visible():
     assert not ok([put(0, 0, None, b"a"), get(1, 5, 6, b"a"), get(1, 7, 8, None)])
 
 
-def test_pending_effect_before_invocation_rejected():
+def test_pending_effect_before_invocation_rejected(mode):
     # The read returned before the put was even invoked.
     h = [get(1, 0, 1, b"a"), put(0, 2, None, b"a")]
     assert not ok(h)
@@ -194,7 +202,7 @@ def test_pending_effect_before_invocation_rejected():
     assert ok(h)
 
 
-def test_pending_result_is_unconstrained():
+def test_pending_result_is_unconstrained(mode):
     # A pending cas or delete carries a garbage result: ignored.
     h = [put(0, 0, 1, b"a"), KvOp(1, "cas", K, value=b"b", expected=b"a", invoke=2,
                                   ret=None, result=False), get(2, 5, 6, b"b")]
@@ -206,7 +214,7 @@ def test_pending_result_is_unconstrained():
     assert ok([KvOp(1, "get", K, invoke=0, ret=None, result=b"zzz")])
 
 
-def test_pending_cas_effect_depends_on_state():
+def test_pending_cas_effect_depends_on_state(mode):
     # The pending cas(x -> y) can only produce y when the value is x.
     h = [put(0, 0, 1, b"q"), cas(1, 2, None, b"x", b"y", None), get(2, 5, 6, b"y")]
     assert not ok(h)
@@ -214,7 +222,7 @@ def test_pending_cas_effect_depends_on_state():
     assert ok(h)
 
 
-def test_pending_op_takes_effect_at_most_once():
+def test_pending_op_takes_effect_at_most_once(mode):
     h = [put(0, 0, None, b"a"), get(1, 1, 2, b"a"), put(1, 3, 4, b"b"),
          get(1, 5, 6, b"a"), put(1, 7, 8, b"c"), get(1, 9, 10, b"a")]
     assert not ok(h)
@@ -224,9 +232,36 @@ def test_pending_op_takes_effect_at_most_once():
     assert ok(h)
 
 
+def test_pending_cas_chain(mode):
+    # Only pending put(x) followed by pending cas(x -> y) can explain the read.
+    h = [put(0, 0, 1, b"z"), put(1, 2, None, b"x"), cas(2, 2, None, b"x", b"y", None),
+         get(0, 5, 6, b"y")]
+    assert ok(h)
+    # Without the put(x) the cas cannot fire.
+    assert not ok([put(0, 0, 1, b"z"), cas(2, 2, None, b"x", b"y", None), get(0, 5, 6, b"y")])
+
+
+def test_pending_ops_needed_after_alternative_orders(mode):
+    # Found by the brute-force cross-check: valid only if a pending delete is
+    # kept for later, so the search must not prune a configuration that used
+    # fewer pending ops in favour of one that used more.
+    h = [
+        KvOp(0, "cas", K, value=b"v0", expected=None, invoke=8, ret=11, result=True),
+        KvOp(2, "get", K, invoke=1, ret=4, result=b"v0"),
+        KvOp(2, "put", K, value=b"v0", invoke=0, ret=4, result=True),
+        KvOp(3, "put", K, value=b"v0", invoke=2, ret=6, result=True),
+        KvOp(2, "put", K, value=b"v0", invoke=0, ret=None),
+        KvOp(1, "put", K, value=b"v0", invoke=7, ret=None),
+        KvOp(1, "delete", K, invoke=2, ret=None),
+        KvOp(2, "cas", K, value=b"v0", expected=None, invoke=4, ret=7, result=True),
+    ]
+    assert brute_force(h)
+    assert ok(h)
+
+
 # ---------------------------------------------------------------- keys
 
-def test_keys_are_independent():
+def test_keys_are_independent(mode):
     a, b = b"a", b"b"
     h = [put(0, 0, 1, b"1", key=a), get(1, 2, 3, None, key=b), get(1, 4, 5, b"1", key=a)]
     assert ok(h)
@@ -249,7 +284,7 @@ def test_invalid_inputs_raise():
         check_kv_history([KvOp(0, "get", K, invoke=2, ret=1)])
 
 
-def test_budget_exceeded_is_not_ok():
+def test_budget_exceeded_is_not_ok(mode):
     h = [put(c, 0, 100, bytes([65 + c])) for c in range(6)] + [get(9, 101, 102, b"A")]
     assert ok(h)
     r = check_kv_history(h, max_nodes=2)
@@ -314,30 +349,32 @@ def brute_force(ops) -> bool:
 
 
 def random_small_history(rng: random.Random, n: int, keys=(b"a", b"b")):
-    vals = [None, b"x", b"y"]
+    """Small random histories with random results: some valid, many not."""
+    vals = [None] + [b"v%d" % i for i in range(rng.choice([1, 2, 3]))]
+    p_pending = rng.choice([0.0, 0.2, 0.4])
     ops = []
     for _ in range(n):
-        kind = rng.choice(["get", "put", "delete", "cas"])
+        kind = rng.choice(["get", "put", "delete", "cas", "cas"])
         key = rng.choice(keys)
         t0 = rng.randint(0, 8)
-        t1 = None if rng.random() < 0.2 else t0 + rng.randint(0, 4)
-        v = rng.choice([b"x", b"y"])
+        t1 = None if rng.random() < p_pending else t0 + rng.randint(0, 4)
+        c = rng.randint(0, 3)
+        v = rng.choice(vals[1:])
         if kind == "get":
-            ops.append(KvOp(rng.randint(0, 3), kind, key, invoke=t0, ret=t1, result=rng.choice(vals)))
+            ops.append(KvOp(c, kind, key, invoke=t0, ret=t1, result=rng.choice(vals)))
         elif kind == "put":
-            ops.append(KvOp(rng.randint(0, 3), kind, key, value=v, invoke=t0, ret=t1,
+            ops.append(KvOp(c, kind, key, value=v, invoke=t0, ret=t1,
                             result=True if t1 is not None else None))
         elif kind == "delete":
-            ops.append(KvOp(rng.randint(0, 3), kind, key, invoke=t0, ret=t1,
-                            result=rng.random() < 0.5))
+            ops.append(KvOp(c, kind, key, invoke=t0, ret=t1, result=rng.random() < 0.5))
         else:
-            ops.append(KvOp(rng.randint(0, 3), kind, key, value=v, expected=rng.choice(vals),
+            ops.append(KvOp(c, kind, key, value=v, expected=rng.choice(vals),
                             invoke=t0, ret=t1, result=rng.random() < 0.5))
     return ops
 
 
-@pytest.mark.parametrize("seed", range(300))
-def test_agrees_with_brute_force(seed):
+@pytest.mark.parametrize("seed", range(1000))
+def test_agrees_with_brute_force(seed, mode):
     rng = random.Random(seed)
     h = random_small_history(rng, rng.randint(1, 7), keys=(b"a",) if seed % 2 else (b"a", b"b"))
     assert check_kv_history(h).ok == brute_force(h), h
@@ -346,41 +383,50 @@ def test_agrees_with_brute_force(seed):
 def test_brute_force_sample_has_both_outcomes():
     # Guard against the cross-check above being vacuous.
     outcomes = set()
-    for seed in range(300):
+    for seed in range(1000):
         rng = random.Random(seed)
         h = random_small_history(rng, rng.randint(1, 7), keys=(b"a",) if seed % 2 else (b"a", b"b"))
         outcomes.add(brute_force(h))
     assert outcomes == {True, False}
 
 
+
 # ---------------------------------------------------------------- generated histories
 
 def generate_history(rng: random.Random, n_ops: int, n_keys: int, n_clients: int,
-                     n_values: int = 4, p_pending: float = 0.0):
+                     n_values: int = 4, p_pending: float = 0.0, unique: bool = False):
     """A history produced by an actual sequential execution.
 
     Each client issues one operation at a time; every operation gets a
     linearization point inside its [invoke, ret] interval (pending ones at any
     time after invocation, or never) and the results come from executing the
     operations in linearization-point order.  Times are coarse (multiples of
-    0.5) so that equal timestamps occur.
+    0.5) so that equal timestamps occur.  With ``unique`` every write has a
+    fresh value and cas expects a recently written one (like the simulator's
+    workload); otherwise values come from a small pool.
     """
     keys = [b"key%d" % i for i in range(n_keys)]
     values = [b"v%d" % i for i in range(n_values)]
+    written = {k: [] for k in keys}
     clock = [rng.randint(0, 3) * 0.5 for _ in range(n_clients)]
-    planned = []  # (lp or None, op)
+    planned = []  # (linearization point or None, op)
     for _ in range(n_ops):
         c = rng.randrange(n_clients)
         t0 = clock[c]
-        dur = rng.randint(0, 8) * 0.5
-        t1 = t0 + dur
+        t1 = t0 + rng.randint(0, 8) * 0.5
         kind = rng.choices(["get", "put", "delete", "cas"], weights=[4, 3, 1, 2])[0]
         key = rng.choice(keys)
         op = KvOp(c, kind, key, invoke=t0, ret=t1)
         if kind in ("put", "cas"):
-            op.value = rng.choice(values)
-        if kind == "cas":
-            op.expected = rng.choice(values + [None])
+            if unique:
+                op.value = b"u%d" % len(planned)
+                op.expected = rng.choice(written[key][-3:] + [None])
+            else:
+                op.value = rng.choice(values)
+                op.expected = rng.choice(values + [None])
+            written[key].append(op.value)
+            if kind == "put":
+                op.expected = None
         if rng.random() < p_pending:
             op.ret = None
             lp = None if rng.random() < 0.4 else t0 + rng.uniform(0, 20)
@@ -399,6 +445,7 @@ def generate_history(rng: random.Random, n_ops: int, n_keys: int, n_clients: int
 
 
 def mutate_get(rng: random.Random, ops):
+    """Change one completed get's result to a value never written."""
     gets = [i for i, o in enumerate(ops) if o.kind == "get" and o.ret is not None]
     if not gets:
         return None
@@ -409,30 +456,76 @@ def mutate_get(rng: random.Random, ops):
     return ops, o.key
 
 
-@pytest.mark.parametrize("seed", range(40))
-def test_generated_histories_accepted_and_mutations_rejected(seed):
-    rng = random.Random(1000 + seed)
-    n_ops = rng.choice([20, 80, 300])
-    h = generate_history(rng, n_ops, n_keys=rng.randint(1, 4), n_clients=rng.randint(2, 8),
-                         p_pending=0.1 if seed % 3 == 0 else 0.0)
-    r = check_kv_history(h)
-    assert r.ok, r.detail
-    m = mutate_get(rng, h)
-    assert m is not None
-    bad, key = m
-    r = check_kv_history(bad)
+def mutate_stale(rng: random.Random, ops):
+    """With unique values: make a get return the value of a put p1 although a
+    later put p2 (p1.ret < p2.invoke, p2.ret < get.invoke) overwrote it.
+    Invalid whatever else happens, since nothing else writes that value."""
+    gets = [i for i, o in enumerate(ops) if o.kind == "get" and o.ret is not None]
+    puts = sorted((o for o in ops if o.kind == "put" and o.ret is not None),
+                  key=lambda o: o.invoke)
+    rng.shuffle(gets)
+    for i in gets:
+        g = ops[i]
+        for p1 in puts:
+            if p1.key != g.key or p1.value == g.result or p1.ret >= g.invoke:
+                continue
+            if any(p2.key == g.key and p2.invoke > p1.ret and p2.ret < g.invoke for p2 in puts):
+                bad = list(ops)
+                bad[i] = KvOp(g.client, "get", g.key, invoke=g.invoke, ret=g.ret,
+                              result=p1.value)
+                return bad, g.key
+    return None
+
+
+def _rejected(ops, key):
+    r = check_kv_history(ops)
     assert not r.ok
     assert r.key == key
-    assert not r.detail.startswith("search budget exceeded")
+    assert not r.detail.startswith("search budget exceeded"), r.detail
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_generated_histories_accepted_and_mutations_rejected(seed, monkeypatch):
+    rng = random.Random(1000 + seed)
+    n_ops = rng.choice([20, 80, 300])
+    p_pending = 0.1 if seed % 3 == 0 else 0.0
+    h = generate_history(rng, n_ops, n_keys=rng.randint(1, 4), n_clients=rng.randint(2, 8),
+                         p_pending=p_pending)
+    r = check_kv_history(h)
+    assert r.ok, r.detail
+    bad, key = mutate_get(rng, h)
+    _rejected(bad, key)
+    # The search alone (no pre-checks) must agree.
+    monkeypatch.setattr(lin, "_PRECHECKS", False)
+    assert check_kv_history(h).ok
+    if p_pending == 0.0:
+        _rejected(bad, key)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_generated_unique_value_histories_and_stale_reads(seed, monkeypatch):
+    rng = random.Random(2000 + seed)
+    h = generate_history(rng, rng.choice([50, 200, 500]), n_keys=rng.randint(1, 3),
+                         n_clients=rng.randint(2, 6), unique=True,
+                         p_pending=0.05 if seed % 2 else 0.0)
+    assert check_kv_history(h).ok
+    m = mutate_stale(rng, h)
+    assert m is not None
+    bad, key = m
+    _rejected(bad, key)
+    monkeypatch.setattr(lin, "_PRECHECKS", False)
+    assert check_kv_history(h).ok
+    _rejected(bad, key)
 
 
 @settings(max_examples=60, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(rng=st.randoms(use_true_random=False),
        n_ops=st.integers(1, 60), n_keys=st.integers(1, 3), n_clients=st.integers(1, 6),
-       p_pending=st.sampled_from([0.0, 0.2]))
-def test_hypothesis_generated_histories(rng, n_ops, n_keys, n_clients, p_pending):
-    h = generate_history(rng, n_ops, n_keys, n_clients, n_values=3, p_pending=p_pending)
+       p_pending=st.sampled_from([0.0, 0.2]), unique=st.booleans())
+def test_hypothesis_generated_histories(rng, n_ops, n_keys, n_clients, p_pending, unique):
+    h = generate_history(rng, n_ops, n_keys, n_clients, n_values=3, p_pending=p_pending,
+                         unique=unique)
     r = check_kv_history(h)
     assert r.ok, r.detail
     m = mutate_get(rng, h)
@@ -442,20 +535,24 @@ def test_hypothesis_generated_histories(rng, n_ops, n_keys, n_clients, p_pending
         assert not r.ok and r.key == key
 
 
-def test_large_history_is_fast():
-    rng = random.Random(7)
-    h = generate_history(rng, 2000, n_keys=8, n_clients=6)
+def _timed(ops):
     t = time.perf_counter()
-    r = check_kv_history(h)
-    elapsed = time.perf_counter() - t
+    r = check_kv_history(ops)
+    return r, time.perf_counter() - t
+
+
+@pytest.mark.parametrize("unique", [False, True])
+def test_large_history_is_fast(unique):
+    # 2000 ops, 8 keys, 6 clients with one outstanding op each.
+    rng = random.Random(7)
+    h = generate_history(rng, 2000, n_keys=8, n_clients=6, unique=unique)
+    r, elapsed = _timed(h)
     assert r.ok, r.detail
     assert elapsed < 1.0, elapsed
     bad, key = mutate_get(rng, h)
-    t = time.perf_counter()
-    r = check_kv_history(bad)
-    elapsed = time.perf_counter() - t
+    r, elapsed = _timed(bad)
     assert not r.ok and r.key == key
-    assert elapsed < 2.0, elapsed
+    assert elapsed < 1.0, elapsed
 
 
 def test_long_single_key_history_no_recursion_limit():

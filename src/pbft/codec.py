@@ -166,6 +166,8 @@ def seal_with_digest(msg: Message, keys: KeyRing, to: int | None = None) -> tupl
     """Like ``seal`` but also returns the frame digest (a Request's digest)."""
     tag, sender, header, payload = header_of(msg)
     d = frame_digest(tag, sender, header)
+    if tag in SINGLE_MAC and to is None:
+        raise ValueError(f"{type(msg).__name__} is point-to-point: give the receiver")
     auth = keys.mac_for(to, d) if tag in SINGLE_MAC else keys.authenticator(d)
     return _packb([tag, sender, header, payload, auth]), d
 
@@ -378,7 +380,7 @@ class Codec:
 
     def batch_digest(self, b: Batch) -> bytes:
         """Digest of a batch. Raises DecodeError if it holds malformed requests."""
-        return batch_digest_from_request_digests(b.nondet, [self.open_frame(r).digest for r in b.requests])
+        return batch_digest_from_request_digests(b.nondet, [fr.digest for fr, _ in self.batch_requests(b)])
 
 
 NONDET_SIZE_BYTES_MAX = 256

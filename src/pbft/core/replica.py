@@ -757,10 +757,9 @@ class Replica:
         self._trace_ev("state-transfer", n, m.digest, state_digest(m.state))
         self._record_ckpt_vote(self.id, n, m.digest)
         self._broadcast(Checkpoint(n, m.digest, self.id))
-        for k in [k for k in self.slots if k <= n]:
-            del self.slots[k]
-        if self.seq_assigned < n:
-            self.seq_assigned = n
+        # the fetched checkpoint is certified (a correct replica holds it): it becomes our
+        # low water mark, so the window moves to where the rest of the cluster is
+        self._advance_low_water_mark(n)
         self._check_stable(n)
         self._try_execute()
         self._drain_read_only()
@@ -771,7 +770,7 @@ class Replica:
     # status: repair of lost messages
     # =====================================================================
     def _send_status(self) -> None:
-        self._broadcast(Status(self.view, self.view_active, self.h, self.last_exec, self.id))
+        self._broadcast(Status(self.view, self.view_active, self.h, self.last_committed_exec, self.id))
 
     def on_status(self, s: Status, fr: Frame) -> None:
         r = s.replica

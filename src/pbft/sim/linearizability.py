@@ -326,8 +326,14 @@ def _check_key(ops: list[KvOp], kinds: list[int], max_nodes: int):
         else:
             e_call[p] = True
     bit = [0] * n
-    for c, i in enumerate(comp):
-        bit[i] = 1 << c
+    # Completed ops are numbered in call order, so a linearized set is a
+    # prefix of ones plus a few bits near the frontier; the cache stores it
+    # as (bits above the prefix, prefix length) to keep the keys small.
+    c = 0
+    for p in range(1, m + 1):
+        if e_call[p]:
+            bit[e_op[p]] = 1 << c
+            c += 1
 
     # Pending-op bookkeeping.
     pbit = [1 << j for j in range(npend)]
@@ -355,7 +361,7 @@ def _check_key(ops: list[KvOp], kinds: list[int], max_nodes: int):
     # already seen with the same key is dominated (the extra pending ops could
     # equally never have taken effect) and is not explored again.  Without
     # pending ops this is exactly Lowe's (bitset, state) cache.
-    cache: dict[tuple[int, int, int], list[int]] = {}
+    cache: dict[tuple[int, int, int, int], list[int]] = {}
     explored = 0
     best_depth = -1
     best_info = None
@@ -387,7 +393,8 @@ def _check_key(ops: list[KvOp], kinds: list[int], max_nodes: int):
                     new = val[i] if sw else state
                 if ok and (bs == _NB or not matches(i, bs)):
                     nl = lin | bit[i]
-                    ck = (nl, new, _NB)
+                    f = (~nl & (nl + 1)).bit_length() - 1
+                    ck = (nl >> f, f, new, _NB)
                     seen = cache.get(ck)
                     if seen is None:
                         cache[ck] = [plin]
@@ -495,7 +502,8 @@ def _check_key(ops: list[KvOp], kinds: list[int], max_nodes: int):
                     return _BUDGET, explored, None
                 nbs = state if bs == _NB else bs
                 npl = plin | pbit[j]
-                ck = (lin, new, nbs)
+                f = (~lin & (lin + 1)).bit_length() - 1
+                ck = (lin >> f, f, new, nbs)
                 seen = cache.get(ck)
                 if seen is None:
                     cache[ck] = [npl]

@@ -56,6 +56,10 @@ class SimConfig:
     liveness_bound_ms: float = 60_000.0
     quiesce_ms: float = 1_500.0
     cluster: dict = field(default_factory=dict)  # overrides for ClusterConfig
+    # scripted faults, in addition to random ones: (time_ms, kind, arg) with kind
+    # "crash"/"restart" (arg: replica), "block" (arg: list of (src, dst) links), "unpartition"
+    # (they act until fault_phase_ms, when everything heals)
+    script: tuple = ()
 
 
 @dataclass
@@ -76,7 +80,7 @@ class RunResult:
 
 
 class Simulation:
-    def __init__(self, sc: SimConfig, log_events: bool = False):
+    def __init__(self, sc: SimConfig, log_events: bool = False, observer=None):
         self.sc = sc
         s = sc.seed
         self.rng_net = random.Random(f"{s}/net")
@@ -97,7 +101,7 @@ class Simulation:
         self.skew = [self.rng_clock.uniform(-skew_max, skew_max) for _ in range(n)]
         self.replicas = [
             Replica(cfg, i, rings[i], KVService(skew_ms=cfg.nondet_skew_ms_max), now=self.skew[i],
-                    trace=self.oracles.on_event)
+                    trace=self._on_trace)
             for i in range(n)
         ]
         self.client_ids = list(cfg.client_ids)[: sc.clients]
@@ -112,6 +116,7 @@ class Simulation:
         self.events = 0
         self.messages = 0
         self.log_events = log_events
+        self.observer = observer
         self.max_events = 3_000_000
         self.log: list[str] = []
         self.history: list[KvOp] = []
@@ -135,8 +140,13 @@ class Simulation:
         self.p_replay = rf.uniform(0.0, 0.04) if "replay" in F else 0.0
         self.p_splice = rf.uniform(0.0, 0.1) if "replay" in F else 0.0
         self.fault_end = sc.fault_phase_ms if sc.fault_phase_ms is not None else rf.uniform(300.0, 2500.0)
-        if not F:
+        if not F and sc.fault_phase_ms is None:
             self.fault_end = 0.0
+
+    def _on_trace(self, r: int, ev: tuple) -> None:
+        self.oracles.on_event(r, ev)
+        if self.observer is not None:
+            self.observer(self, r, ev)
 
     # ---- scheduling ---------------------------------------------------------
     def _push(self, t: float, kind: int, a=None, b=None, c=None) -> None:
@@ -234,6 +244,8 @@ class Simulation:
                 dur = rf.uniform(50.0, 700.0)
                 self._push(t, FAULT, "partition", dur)
                 t += dur + rf.uniform(50.0, 600.0)
+        for t, kind, arg in self.sc.script:
+            self._push(t, FAULT, "crash-one" if kind == "crash" else kind, arg)
         self._push(end, FAULT, "heal", None)
 
     def _fault(self, kind: str, arg) -> None:
@@ -249,6 +261,12 @@ class Simulation:
             self.crashed.add(victim)
             self._note(f"crash replica {victim}")
             self._push(self.now + rf.uniform(80.0, 900.0), FAULT, "restart", victim)
+        elif kind == "crash-one":
+            self.crashed.add(arg)
+            self._note(f"crash replica {arg}")
+        elif kind == "block":  # scripted partition: arg is a list of (src, dst) links to cut
+            self.blocked = set(map(tuple, arg))
+            self._note(f"partition: {len(self.blocked)} links cut")
         elif kind == "restart":
             if arg in self.crashed:
                 self.crashed.discard(arg)

@@ -1,0 +1,211 @@
+"""Transcript tests of the replica and client cores, messages moved by hand."""
+
+import msgpack
+import pytest
+
+from pbft.codec import TAG, seal
+from pbft.messages import Commit, Prepare, Request
+from pbft.services.kv import encode_op
+
+from cluster import Cluster
+
+
+def tag_of(raw: bytes) -> int:
+    return msgpack.unpackb(raw)[0]
+
+
+def test_normal_case_executes_everywhere_in_order():
+    c = Cluster()
+    assert c.put(0, b"a", b"1") == ("ok", True)
+    assert c.put(1, b"a", b"2") == ("ok", True)
+    assert c.get(0, b"a") == ("ok", b"2")
+    c.advance(50)
+    assert all(r.last_committed_exec == 3 for r in c.replicas)
+    assert len({r._state_bytes() for r in c.replicas}) == 1
+    # every replica executed seqno 1..3 in order, each exactly once, committed
+    for r in range(4):
+        seqs = [ev[1] for ev in c.of_kind("execute", r)]
+        assert seqs == sorted(seqs) and set(seqs) == {1, 2, 3}
+
+
+def test_digest_replies_only_designated_replier_sends_result():
+    c = Cluster()
+    replies = []
+    orig = c.clients[0].receive
+
+    def spy(raw, now):
+        fr = c.codec.open_frame(raw)
+        replies.append(c.codec.parse(fr))
+        orig(raw, now)
+
+    c.clients[0].receive = spy
+    c.put(0, b"k", b"v")
+    full = {r.replica for r in replies if r.result is not None}
+    assert len(full) == 1, "exactly one replica (the designated replier) sends the full result"
+    assert len({r.replica for r in replies}) >= 3
+
+
+def test_exactly_once_retransmitted_request_gets_cached_reply():
+    c = Cluster()
+    cl = c.clients[0]
+    cl.invoke(encode_op("put", b"x", b"1"), False, c.now)
+    first = cl.out[0][1]
+    c.run()
+    c.advance(20)
+    assert not cl.busy
+    executed_before = len(c.of_kind("execute"))
+    # a duplicate of the same (client, timestamp) arrives again at every replica
+    for r in c.replicas:
+        r.receive(first, c.now)
+    c.run()
+    c.advance(50)
+    assert len(c.of_kind("execute")) == executed_before, "a request must not be executed twice"
+    assert all(r.drops.get("request-retransmitted", 0) >= 1 for r in c.replicas)
+
+
+def test_read_only_executes_without_ordering_and_refuses_mutation():
+    c = Cluster()
+    c.put(0, b"k", b"v")
+    c.advance(50)
+    seq = c.replicas[0].last_exec
+    assert c.get(1, b"k", read_only=True) == ("ok", b"v")
+    assert c.replicas[0].last_exec == seq, "read-only operations are not ordered"
+    res, out = c.invoke(1, encode_op("put", b"k", b"w"), read_only=True)
+    assert res[0] == "err"
+    assert c.get(1, b"k") == ("ok", b"v")
+
+
+def test_read_only_falls_back_to_ordering_when_replicas_disagree():
+    c = Cluster()
+    c.put(0, b"k", b"old")
+    c.advance(50)
+    # replica 3 stops hearing anything: it keeps the old value
+    c.drop = lambda src, dst, raw: dst == 3 or src == 3
+    c.put(0, b"k", b"new")
+    c.drop = lambda src, dst, raw: dst == 3 and src < 4  # replica 3 hears only clients
+    res, out = c.invoke(1, encode_op("get", b"k"), read_only=True)
+    assert res == ("ok", b"new")
+
+
+def test_garbage_and_forged_messages_are_dropped_and_counted():
+    c = Cluster()
+    r = c.replicas[1]
+    for junk in [b"", b"\x00" * 10, msgpack.packb([1, 2, 3]), b"\xff" * 1000]:
+        r.receive(junk, 0.0)
+    assert sum(r.drops.values()) == 4
+    # a prepare claiming to come from replica 2 but authenticated with replica 3's keys
+    forged = seal(Prepare(0, 1, b"\x01" * 32, 2), c.rings[3])
+    r.receive(forged, 0.0)
+    assert r.drops.get("bad-mac") == 1
+    # a client request whose MACs are not the client's
+    bad = seal(Request(4, 1, b"op", False, 0), c.rings[5])
+    c.replicas[0].receive(bad, 0.0)
+    assert c.replicas[0].drops.get("bad-mac") == 1
+    assert c.put(0, b"still", b"works") == ("ok", True)
+
+
+def test_primary_crash_causes_view_change_and_progress():
+    c = Cluster()
+    c.put(0, b"a", b"1")
+    c.down.add(0)
+    assert c.put(1, b"a", b"2") == ("ok", True)
+    assert all(r.view >= 1 for r in c.replicas[1:])
+    assert c.of_kind("new-view")
+    assert c.get(0, b"a") == ("ok", b"2")
+
+
+def commit_in_view(raw: bytes, view: int) -> bool:
+    t = msgpack.unpackb(raw)
+    return t[0] == TAG[Commit] and msgpack.unpackb(t[2])[0] == view
+
+
+def test_view_change_keeps_prepared_request():
+    """A request prepared (not committed) before the primary dies is re-proposed in the new view."""
+    c = Cluster(tentative_execution=False)
+    c.put(0, b"a", b"1")
+    # every Commit of view 0 is lost: the next request prepares everywhere, commits nowhere
+    c.drop = lambda src, dst, raw: commit_in_view(raw, 0)
+    cl = c.clients[1]
+    cl.invoke(encode_op("put", b"a", b"2"), False, c.now)
+    c.run()
+    assert all(r.slots[2].prepared for r in c.replicas)
+    assert not any(r.slots[2].committed for r in c.replicas)
+    prepared_digest = c.replicas[1].slots[2].digest
+    c.down.add(0)
+    c.advance(3000)
+    assert not cl.busy
+    cl.take_outcomes()
+    dec = c.of_kind("new-view")[0][2]
+    assert dict(dec.chosen)[2] == prepared_digest, "the prepared batch survives into view 1"
+    assert c.get(0, b"a") == ("ok", b"2")
+
+
+def test_tentative_execution_is_rolled_back_on_view_change():
+    c = Cluster(tentative_execution=True)
+    c.put(0, b"a", b"1")
+    # commits of view 0 are lost: replicas prepare and execute tentatively, nobody commits
+    c.drop = lambda src, dst, raw: commit_in_view(raw, 0)
+    res, out = c.invoke(1, encode_op("put", b"a", b"2"))
+    assert res == ("ok", True), "2f+1 matching tentative replies complete the request"
+    assert all(r.last_exec == 2 and r.last_committed_exec == 1 for r in c.replicas)
+    c.down.add(0)
+    # the next request cannot be ordered: backups time out and change view
+    assert c.get(0, b"a") == ("ok", b"2")
+    assert c.of_kind("rollback", 3), "tentative execution must be undone when the view changes"
+    assert c.replicas[3].last_committed_exec >= 3
+    assert c.get(1, b"a", read_only=True) == ("ok", b"2")
+
+
+def test_checkpoints_become_stable_and_log_is_collected():
+    c = Cluster(checkpoint_interval_seqnos=4, log_window_seqnos=8)
+    for i in range(10):
+        c.put(i % 2, b"k", str(i).encode())
+    c.advance(100)
+    for r in c.replicas:
+        assert r.h >= 8
+        assert all(r.h < n <= r.h + r.L for n in r.slots)
+        assert min(r.ckpts) == r.h
+
+
+def test_lagging_replica_catches_up_by_state_transfer():
+    c = Cluster(checkpoint_interval_seqnos=4, log_window_seqnos=8)
+    c.down.add(3)
+    for i in range(20):
+        c.put(i % 2, b"k", str(i).encode())
+    c.down.discard(3)
+    c.replicas[3].restart(c.now)
+    c.advance(1000)
+    assert c.of_kind("state-transfer", 3)
+    assert c.replicas[3].last_committed_exec == c.replicas[0].last_committed_exec
+    assert c.replicas[3]._state_bytes() == c.replicas[0]._state_bytes()
+
+
+def test_lost_messages_are_repaired_by_status():
+    c = Cluster()
+    c.put(0, b"a", b"1")
+    # replica 2 misses the whole second request's agreement
+    c.drop = lambda src, dst, raw: dst == 2 and src < 4
+    c.put(0, b"a", b"2")
+    assert c.replicas[2].last_exec == 1
+    c.drop = lambda src, dst, raw: False
+    c.advance(500)
+    assert c.replicas[2].last_committed_exec == 2
+
+
+def test_nondeterministic_value_is_agreed_and_checked():
+    c = Cluster()
+    c.now = 123_456.0
+    c.put(0, b"t", b"v")
+    c.advance(20)
+    mt = {msgpack.unpackb(r.service.execute(encode_op("mtime", b"t"), 4, b"", True))[1] for r in c.replicas}
+    assert len(mt) == 1 and abs(mt.pop() - 123_456) < 1000
+    # a backup whose clock is far off refuses the primary's proposal
+    svc = c.replicas[1].service
+    assert not svc.check_nondet((123_456).to_bytes(8, "big"), 10_000_000.0)
+
+
+@pytest.mark.parametrize("n", [4, 7])
+def test_client_needs_matching_replies_from_quorum(n):
+    c = Cluster(n=n)
+    assert c.put(0, b"q", b"1") == ("ok", True)
+    assert c.get(1, b"q", read_only=True) == ("ok", b"1")
