@@ -296,6 +296,17 @@ def test_budget_exceeded_is_not_ok(mode):
     assert not check_kv_history(h).ok
 
 
+def test_budget_overrun_on_one_key_does_not_hide_violation_on_another(mode):
+    hard = [put(c, 0, 100, bytes([65 + c])) for c in range(6)] + [get(9, 101, 102, b"A")]
+    bad = [put(0, 0, 1, b"x", key=b"other"), put(0, 2, 3, b"y", key=b"other"),
+           get(1, 4, 5, b"x", key=b"other")]
+    r = check_kv_history(hard + bad, max_nodes=10)
+    assert not r.ok and r.key == b"other"
+    assert not r.detail.startswith("search budget exceeded")
+    r = check_kv_history(hard + bad[:2], max_nodes=10)
+    assert not r.ok and r.key == K and r.detail.startswith("search budget exceeded")
+
+
 # ---------------------------------------------------------------- brute force cross-check
 
 def _spec(state, op):

@@ -192,7 +192,11 @@ class Replica:
         if self.req_deadline is not None and now >= self.req_deadline:
             self.req_deadline = None
             if self.view_active and self.pending:
-                self._start_view_change(self.view + 1, "request-timer")
+                if self.fetch_target is not None:
+                    # we are behind and fetching state: we cannot judge the primary yet
+                    self.req_deadline = now + self.vc_timeout
+                else:
+                    self._start_view_change(self.view + 1, "request-timer")
         if self.vc_deadline is not None and now >= self.vc_deadline:
             self.vc_deadline = None
             if not self.view_active:
@@ -755,6 +759,10 @@ class Replica:
         self.tentative_snaps.clear()
         self.ckpts[n] = (m.digest, m.state)
         self._trace_ev("state-transfer", n, m.digest, state_digest(m.state))
+        for c in [c for c, ri in self.pending.items() if ri.req.timestamp <= self.last_reply.get(c, (0,))[0]]:
+            del self.pending[c]
+        if not self.pending:
+            self.req_deadline = None
         self._record_ckpt_vote(self.id, n, m.digest)
         self._broadcast(Checkpoint(n, m.digest, self.id))
         # the fetched checkpoint is certified (a correct replica holds it): it becomes our

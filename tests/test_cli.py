@@ -1,0 +1,48 @@
+"""The `pbft sim` command line, as later checks call it."""
+
+import json
+import re
+import subprocess
+import sys
+
+SUMMARY = re.compile(r"^runs=(\d+) ops_committed=(\d+) view_changes=(\d+) violations=(\d+) liveness_failures=(\d+)$")
+
+
+def pbft(*args):
+    return subprocess.run([sys.executable, "-m", "pbft.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_sim_summary_line_and_exit_code():
+    p = pbft("sim", "--seeds", "3", "--replicas", "4", "--faults", "crash,loss,dup,reorder,delay,replay,partition")
+    assert p.returncode == 0, p.stdout + p.stderr
+    m = SUMMARY.match(p.stdout.strip().splitlines()[-1])
+    assert m and m.group(1) == "3" and int(m.group(2)) > 0 and m.group(4) == "0"
+
+
+def test_sim_json():
+    p = pbft("sim", "--seeds", "2", "--first-seed", "7", "--replicas", "7", "--clients", "2", "--ops", "10", "--json")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert {"runs", "ops_committed", "view_changes", "violations", "liveness_failures"} <= out.keys()
+    assert out["runs"] == 2 and out["violations"] == 0
+
+
+def test_injected_bug_fails_with_reproduction_command():
+    p = pbft("sim", "--seeds", "20", "--faults", "all", "--inject-bug", "no-timestamp-check")
+    assert p.returncode == 1
+    assert "FAIL seed" in p.stdout
+    repro = [line for line in p.stdout.splitlines() if "reproduce:" in line][0].split("reproduce: ")[1]
+    assert "--inject-bug no-timestamp-check" in repro and "--first-seed" in repro
+
+
+def test_bad_arguments_are_one_line_errors():
+    p = pbft("sim", "--faults", "meteor")
+    assert p.returncode == 2 and "unknown fault" in p.stderr and "Traceback" not in p.stderr
+    p = pbft("sim", "--seeds", "1", "--replicas", "0")
+    assert p.returncode == 2 and "replicas" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_demo_runs():
+    p = pbft("demo")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "view change" in p.stdout and "replicas agree" in p.stdout
