@@ -18,12 +18,12 @@ from pbft.services.kv import KVService, decode_result, encode_op
 
 
 class Cluster:
-    def __init__(self, n: int = 4, clients: int = 2, **cfg_kw):
+    def __init__(self, n: int = 4, clients: int = 2, service=KVService, **cfg_kw):
         self.cfg = ClusterConfig.create(n, clients_max=clients, **cfg_kw)
         self.rings = keyrings_for(b"test-master-key-0123456789abcdef", n, self.cfg.client_ids)
         self.now = 0.0
         self.events: list[tuple[int, tuple]] = []
-        self.replicas = [Replica(self.cfg, i, self.rings[i], KVService(), trace=self._trace) for i in range(n)]
+        self.replicas = [Replica(self.cfg, i, self.rings[i], service(), trace=self._trace) for i in range(n)]
         self.clients = [Client(self.cfg, c, self.rings[c]) for c in self.cfg.client_ids]
         self.codec = Codec(self.cfg)
         self.net: deque = deque()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import math
 import random
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -546,24 +545,19 @@ def test_hypothesis_generated_histories(rng, n_ops, n_keys, n_clients, p_pending
         assert not r.ok and r.key == key
 
 
-def _timed(ops):
-    t = time.perf_counter()
-    r = check_kv_history(ops)
-    return r, time.perf_counter() - t
-
-
 @pytest.mark.parametrize("unique", [False, True])
-def test_large_history_is_fast(unique):
-    # 2000 ops, 8 keys, 6 clients with one outstanding op each.
+def test_large_history_search_stays_small(unique):
+    # 2000 ops, 8 keys, 6 clients with one outstanding op each. The search effort is counted
+    # in explored nodes (deterministic), not seconds: a few per op, far from the budget.
     rng = random.Random(7)
     h = generate_history(rng, 2000, n_keys=8, n_clients=6, unique=unique)
-    r, elapsed = _timed(h)
+    r = check_kv_history(h)
     assert r.ok, r.detail
-    assert elapsed < 1.0, elapsed
+    assert r.explored < 20_000, r.explored
     bad, key = mutate_get(rng, h)
-    r, elapsed = _timed(bad)
+    r = check_kv_history(bad)
     assert not r.ok and r.key == key
-    assert elapsed < 1.0, elapsed
+    assert r.explored < 20_000, r.explored
 
 
 def test_long_single_key_history_no_recursion_limit():
