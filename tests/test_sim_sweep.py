@@ -31,6 +31,19 @@ def test_sweep_50_seeds_n7_all_faults():
     assert failures == [], f"reproduce with: pbft sim --replicas 7 --seeds 1 --first-seed SEED --faults all: {failures}"
 
 
+def test_sweep_weighted_quorums_all_faults():
+    """Five replicas weighted 2,2,1,1,1 (f=1, W=7, W_byz=2, Q=5): safety and liveness hold."""
+    for seed in range(30):
+        res = Simulation(SimConfig(seed=seed, replicas=5, faults=FAULTS, cluster=dict(weights=(2, 2, 1, 1, 1)))).run()
+        assert res.ok, (seed, res.violations[:3], res.liveness_failure)
+
+
+def test_sweep_n10_all_faults():
+    for seed in range(3):
+        res = Simulation(SimConfig(seed=seed, replicas=10, faults=FAULTS)).run()
+        assert res.ok, (seed, res.violations[:3], res.liveness_failure)
+
+
 @pytest.mark.parametrize("bug", sorted(KNOWN_BUGS))
 def test_injected_bug_is_caught(bug):
     """S-28: each deliberately broken protocol variant must be reported within 50 seeds."""

@@ -837,6 +837,7 @@ class Replica:
         self.queue.clear()
         self.inflight.clear()
         self._trace_ev("view-change", v, why)
+        self._drain_read_only()
         prepared = tuple(sorted((n, d, pv) for n, (d, pv) in self.P.items() if n > self.h))
         preprepared = tuple(sorted((n, d, qv) for n, q in self.Qset.items() if n > self.h for d, qv in q.items()))
         if self.bug_drop_prepared:
@@ -864,7 +865,8 @@ class Replica:
             return False
         if len({n for n, _, _ in vc.prepared}) != len(vc.prepared):
             return False
-        return all(lo <= s <= hi for s, _ in vc.checkpoints) and any(s == lo for s, _ in vc.checkpoints)
+        # (the sender may not hold its stable checkpoint yet: it can be fetching it)
+        return all(lo <= s <= hi for s, _ in vc.checkpoints)
 
     def on_view_change(self, vc: ViewChange, fr: Frame) -> None:
         if vc.view < self.view:
