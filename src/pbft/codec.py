@@ -151,15 +151,7 @@ def header_of(msg: Message) -> tuple[int, int, bytes, bytes]:
 
 def seal(msg: Message, keys: KeyRing, to: int | None = None) -> bytes:
     """Encode and authenticate: an authenticator for all replicas, or one MAC for ``to``."""
-    tag, sender, header, payload = header_of(msg)
-    d = frame_digest(tag, sender, header)
-    if tag in SINGLE_MAC:
-        if to is None:
-            raise ValueError(f"{type(msg).__name__} is point-to-point: give the receiver")
-        auth = keys.mac_for(to, d)
-    else:
-        auth = keys.authenticator(d)
-    return _packb([tag, sender, header, payload, auth])
+    return seal_with_digest(msg, keys, to)[0]
 
 
 def seal_with_digest(msg: Message, keys: KeyRing, to: int | None = None) -> tuple[bytes, bytes]:
