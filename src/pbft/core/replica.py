@@ -113,6 +113,7 @@ class Replica:
         self.nv_raw: Optional[bytes] = None
         self.nv_vc_raws: list[bytes] = []
         self.pending_nv: Optional[tuple[NewView, bytes]] = None
+        self.future_nv: dict[int, tuple[NewView, bytes]] = {}  # NewViews for views we have not reached
         self.vcs: dict[tuple[int, int], VCInfo] = {}
         self.acks: dict[tuple[int, int, bytes], set[int]] = {}
         self.my_vc_raw: Optional[bytes] = None
@@ -849,6 +850,10 @@ class Replica:
         fr = self.codec.open_frame(raw)
         self.vcs[(v, self.id)] = VCInfo(vc, fr.digest, raw)
         self._prune_view_changes()
+        for k in [k for k in self.future_nv if k < v]:
+            del self.future_nv[k]
+        if v in self.future_nv:
+            self.pending_nv = self.future_nv.pop(v)
         self._after_view_change_input()
 
     def _prune_view_changes(self) -> None:
@@ -989,9 +994,13 @@ class Replica:
             self._drop("new-view-not-from-primary")
             return
         if nv.view > self.view:
-            self._start_view_change(nv.view, "new-view")
-            if nv.view != self.view or self.view_active:
-                return
+            # one replica's word cannot move us to a higher view (S-25): keep it until we get
+            # there ourselves (timeouts, or the join rule on view changes from f+1 replicas)
+            self.future_nv[nv.view] = (nv, fr.raw)
+            while len(self.future_nv) > 2:
+                del self.future_nv[min(self.future_nv)]
+            self._drop("new-view-for-future-view")
+            return
         self.pending_nv = (nv, fr.raw)
         self._try_accept_new_view()
 
@@ -1046,11 +1055,9 @@ class Replica:
         self._trace_ev("new-view", self.view, dec)
         s, d = dec.checkpoint_seqno, dec.checkpoint_digest
         if s > self.h:
-            if self.ckpts.get(s, (None,))[0] == d:
-                self._advance_low_water_mark(s)
-            else:
-                self._advance_low_water_mark(s)
+            if self.ckpts.get(s, (None,))[0] != d:
                 self._start_fetch(s, d)
+            self._advance_low_water_mark(s)
         top = max(s, self.h)
         primary = self.is_primary
         for n, dg in dec.chosen:
