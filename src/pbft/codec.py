@@ -26,7 +26,7 @@ import msgpack
 from .config import ClusterConfig
 from .crypto import DIGEST_SIZE, MAC_SIZE, KeyRing, digest, digest1
 from .messages import (
-    ALL_REPLICAS, Batch, Checkpoint, Commit, Data, Fetch, Message, NewView,
+    ALL_REPLICAS, Batch, BatchData, Checkpoint, Commit, Data, Fetch, FetchBatch, Message, NewView,
     PrePrepare, Prepare, Reply, Request, Status, ViewChange, ViewChangeAck,
 )
 
@@ -35,10 +35,11 @@ U63 = (1 << 63) - 1
 TAG = {
     Request: 1, Reply: 2, PrePrepare: 3, Prepare: 4, Commit: 5, Checkpoint: 6,
     Status: 7, ViewChange: 8, ViewChangeAck: 9, NewView: 10, Fetch: 11, Data: 12,
+    FetchBatch: 13, BatchData: 14,
 }
 TYPE_OF_TAG = {v: k for k, v in TAG.items()}
 # Point-to-point messages carry a single MAC; everything else an authenticator.
-SINGLE_MAC = frozenset({TAG[Reply], TAG[Fetch], TAG[Data]})
+SINGLE_MAC = frozenset({TAG[Reply], TAG[Fetch], TAG[Data], TAG[BatchData]})
 
 
 class DecodeError(Exception):
@@ -146,6 +147,10 @@ def header_of(msg: Message) -> tuple[int, int, bytes, bytes]:
         return 11, msg.replica, packb([msg.seqno, msg.digest]), b""
     if t is Data:
         return 12, msg.replica, packb([msg.seqno, msg.digest]), msg.state
+    if t is FetchBatch:
+        return 13, msg.replica, packb([msg.digest]), b""
+    if t is BatchData:
+        return 14, msg.replica, packb([msg.digest]), encode_batch(msg.batch)
     raise TypeError(f"not a protocol message: {t.__name__}")
 
 
@@ -301,6 +306,14 @@ class Codec:
                 if len(fr.payload) > cfg.state_size_bytes_max:
                     raise DecodeError("oversized-state")
                 return Data(_int(s, 0, U63, "seqno"), _digest(d), fr.sender, fr.payload)
+            if tag == 13:
+                (d,) = h
+                if fr.payload:
+                    raise DecodeError("unexpected-payload")
+                return FetchBatch(_digest(d), fr.sender)
+            if tag == 14:
+                (d,) = h
+                return BatchData(_digest(d), fr.sender, self.decode_batch(fr.payload))
         except ValueError as e:  # wrong number of fields in the unpacking above
             raise DecodeError("bad-arity") from e
         raise DecodeError("bad-tag")

@@ -152,7 +152,24 @@ class Data:
     state: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class FetchBatch:
+    """Ask for a request batch by digest (a new primary missing a batch it must re-propose)."""
+
+    digest: bytes
+    replica: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchData:
+    """A batch, self-certified by its digest: anybody may supply it."""
+
+    digest: bytes
+    replica: int
+    batch: Batch
+
+
 Message = Union[
     Request, Reply, PrePrepare, Prepare, Commit, Checkpoint, Status,
-    ViewChange, ViewChangeAck, NewView, Fetch, Data,
+    ViewChange, ViewChangeAck, NewView, Fetch, Data, FetchBatch, BatchData,
 ]

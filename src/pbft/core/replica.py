@@ -39,7 +39,7 @@ from ..codec import (
 from ..config import ClusterConfig
 from ..crypto import KeyRing
 from ..messages import (
-    ALL_REPLICAS, NULL_BATCH, Batch, Checkpoint, Commit, Data, Fetch, NewView, PrePrepare,
+    ALL_REPLICAS, NULL_BATCH, Batch, BatchData, Checkpoint, Commit, Data, Fetch, FetchBatch, NewView, PrePrepare,
     Prepare, Reply, Request, Status, ViewChange, ViewChangeAck,
 )
 from ..service import Service
@@ -113,6 +113,7 @@ class Replica:
         self.nv_raw: Optional[bytes] = None
         self.nv_vc_raws: list[bytes] = []
         self.pending_nv: Optional[tuple[NewView, bytes]] = None
+        self.batches_wanted: dict[bytes, float] = {}  # batch digest -> when first wanted
         self.future_nv: dict[int, tuple[NewView, bytes]] = {}  # NewViews for views we have not reached
         self.vcs: dict[tuple[int, int], VCInfo] = {}
         self.acks: dict[tuple[int, int, bytes], set[int]] = {}
@@ -190,6 +191,8 @@ class Replica:
         if self.status_deadline is not None and now >= self.status_deadline:
             self.status_deadline = now + self.cfg.status_interval_ms
             self._send_status()
+            for d in list(self.batches_wanted)[:8]:  # still missing: ask again
+                self.out.append((self.others, seal(FetchBatch(d, self.id), self.keys)))
         if self.req_deadline is not None and now >= self.req_deadline:
             self.req_deadline = None
             if self.view_active and self.pending:
@@ -974,8 +977,9 @@ class Replica:
                 continue
             b = self._batch_for(d)
             if b is None:
-                self._trace_ev("new-view-missing-batch", self.view, n, d)
-                return  # wait: a backup's status answer or a later view will supply it
+                missing = [d for _, d in dec.chosen if d != NULL_BATCH_DIGEST and self._batch_for(d) is None]
+                self._want_batches(missing)
+                return  # wait for a BatchData from any replica that has them
             batches.append(b)
         infos.sort(key=lambda i: i.msg.replica)
         nv = NewView(self.view, self.id, tuple((i.msg.replica, i.digest) for i in infos),
@@ -985,6 +989,36 @@ class Replica:
             if i.msg.replica != self.id:
                 self.out.append((self.others, i.raw))
         self._install_new_view(nv, raw, [i.raw for i in infos], dec)
+
+    def _want_batches(self, digests: list[bytes]) -> None:
+        new = [d for d in digests if d not in self.batches_wanted]
+        for d in digests:
+            self.batches_wanted[d] = self.now
+        for d in new:
+            self.out.append((self.others, seal(FetchBatch(d, self.id), self.keys)))
+
+    def on_fetch_batch(self, m: FetchBatch, fr: Frame) -> None:
+        b = self.batches.get(m.digest)
+        if b is None:
+            self._drop("fetch-batch-unknown")
+            return
+        self._send_to(m.replica, seal(BatchData(m.digest, self.id, b[0]), self.keys, to=m.replica))
+
+    def on_batch_data(self, m: BatchData, fr: Frame) -> None:
+        if m.digest not in self.batches_wanted:
+            self._drop("batch-data-unrequested")
+            return
+        try:
+            ok = self.codec.batch_digest(m.batch) == m.digest
+        except DecodeError:
+            ok = False
+        if not ok:
+            self._drop("batch-data-digest-mismatch")
+            return
+        del self.batches_wanted[m.digest]
+        self._remember_batch(m.digest, m.batch, self.h + self.L)
+        if not self.view_active and self.primary() == self.id:
+            self._try_new_view()
 
     def on_new_view(self, nv: NewView, fr: Frame) -> None:
         if nv.view < self.view or (nv.view == self.view and self.view_active):
@@ -1047,6 +1081,7 @@ class Replica:
 
     def _install_new_view(self, nv: NewView, raw: bytes, vc_raws: list[bytes], dec: Decision) -> None:
         self.pending_nv = None
+        self.batches_wanted.clear()
         self.view_active = True
         self.nv, self.nv_raw, self.nv_vc_raws = nv, raw, vc_raws
         self.vc_deadline = None
@@ -1102,4 +1137,6 @@ class Replica:
         NewView: on_new_view,
         Fetch: on_fetch,
         Data: on_data,
+        FetchBatch: on_fetch_batch,
+        BatchData: on_batch_data,
     }

@@ -55,6 +55,7 @@ class Oracles:
         self.view = [0] * n
         self.h = [0] * n
         self.views_installed: set[int] = set()
+        self.correct: set[int] = set(range(n))  # Byzantine replicas' traces are not checked
 
     def violation(self, what: str) -> None:
         if len(self.violations) < 50:
@@ -62,6 +63,8 @@ class Oracles:
 
     # ---- events -------------------------------------------------------------
     def on_event(self, r: int, ev: tuple) -> None:
+        if r not in self.correct:
+            return
         kind = ev[0]
         if kind == "prepared":
             _, v, n, d = ev

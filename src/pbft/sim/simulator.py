@@ -60,6 +60,10 @@ class SimConfig:
     # "crash"/"restart" (arg: replica), "block" (arg: list of (src, dst) links), "unpartition"
     # (they act until fault_phase_ms, when everything heals)
     script: tuple = ()
+    # Byzantine replicas: ((replica, behaviour name), ...); see sim/byzantine.py
+    byzantine: tuple = ()
+    # a negative control may exceed f Byzantine replicas on purpose
+    allow_beyond_f: bool = False
 
 
 @dataclass
@@ -95,6 +99,7 @@ class Simulation:
         self.codec = Codec(cfg)
         master = random.Random(f"{s}/keys").randbytes(32)
         rings = keyrings_for(master, n, cfg.client_ids)
+        self.rings = rings
         self.oracles = Oracles(self.codec, n, cfg.log_window_seqnos, cfg.checkpoint_interval_seqnos,
                                cfg.pending_requests_max)
         skew_max = cfg.nondet_skew_ms_max / 4
@@ -104,6 +109,13 @@ class Simulation:
                     trace=self._on_trace)
             for i in range(n)
         ]
+        self.byz: dict[int, object] = {}
+        byz_ids = {r for r, _ in sc.byzantine}
+        if len(byz_ids) > cfg.f and not sc.allow_beyond_f:
+            raise ValueError(f"{len(byz_ids)} Byzantine replicas exceed f={cfg.f}")
+        self.correct = [r for r in range(n) if r not in byz_ids]
+        self.oracles.correct = set(self.correct)
+        self.cur_src = -1
         self.client_ids = list(cfg.client_ids)[: sc.clients]
         self.clients = {c: Client(cfg, c, rings[c]) for c in self.client_ids}
         self.heap: list = []
@@ -142,6 +154,10 @@ class Simulation:
         self.fault_end = sc.fault_phase_ms if sc.fault_phase_ms is not None else rf.uniform(300.0, 2500.0)
         if not F and sc.fault_phase_ms is None:
             self.fault_end = 0.0
+        if sc.byzantine:
+            from .byzantine import make_behaviours
+
+            self.byz = make_behaviours(self, sc.byzantine)
 
     def _on_trace(self, r: int, ev: tuple) -> None:
         self.oracles.on_event(r, ev)
@@ -171,18 +187,21 @@ class Simulation:
             self._push(d, WAKE, node)
 
     def _node(self, pid: int):
-        return self.replicas[pid] if pid < self.sc.replicas else self.clients[pid]
+        if pid < self.sc.replicas:
+            return self.byz.get(pid) or self.replicas[pid]
+        return self.clients[pid]
 
     def _local(self, pid: int) -> float:
         return self.now + (self.skew[pid] if pid < self.sc.replicas else 0.0)
 
     # ---- network ------------------------------------------------------------
     def _flush(self, src: int) -> None:
-        for dests, raw in self._node(src).take_sends():
-            for dst in dests:
-                self._send(src, dst, raw)
+        for item in self._node(src).take_sends():
+            extra = item[2] if len(item) > 2 else 0.0
+            for dst in item[0]:
+                self._send(src, dst, item[1], extra)
 
-    def _send(self, src: int, dst: int, raw: bytes) -> None:
+    def _send(self, src: int, dst: int, raw: bytes, extra_delay: float = 0.0) -> None:
         self.messages += 1
         rn = self.rng_net
         faulty = not self.healed
@@ -193,7 +212,7 @@ class Simulation:
                 return
             if self.p_loss and rn.random() < self.p_loss:
                 return
-        delay = rn.uniform(0.1, 1.0)
+        delay = rn.uniform(0.1, 1.0) + extra_delay
         if faulty:
             if self.jitter:
                 delay += rn.uniform(0.0, self.jitter)
@@ -252,11 +271,11 @@ class Simulation:
         rf = self.rng_fault
         n = self.sc.replicas
         if kind == "crash":
-            if self.healed or len(self.crashed) >= self.cfg.f:
+            if self.healed or len(self.crashed) + len(self.byz) >= self.cfg.f:
                 return
             views = sorted(r.view for r in self.replicas)
             primary = views[len(views) // 2] % n
-            up = [r for r in range(n) if r not in self.crashed]
+            up = [r for r in self.correct if r not in self.crashed]
             victim = primary if (primary in up and rf.random() < 0.5) else rf.choice(up)
             self.crashed.add(victim)
             self._note(f"crash replica {victim}")
@@ -415,8 +434,10 @@ class Simulation:
                 if a < n:
                     if not self.healed and (c, a) in self.blocked:
                         continue
+                    self.cur_src = c
                     node.receive(b, self._local(a))
-                    oracles.after_step(node)
+                    if a not in self.byz:
+                        oracles.after_step(node)
                 else:
                     node.receive(b, self.now)
                     self._client_outcomes(a)
@@ -429,7 +450,8 @@ class Simulation:
                 node = self._node(a)
                 node.tick(self._local(a))
                 if a < n:
-                    oracles.after_step(node)
+                    if a not in self.byz:
+                        oracles.after_step(node)
                 else:
                     self._client_outcomes(a)
                 self._flush(a)
@@ -471,16 +493,22 @@ class Simulation:
         view for the others to join; PBFT lets it lag until the next view change,
         so it is exempt from convergence (at most f replicas may be exempt).
         """
-        views = [r.view for r in self.replicas if r.view_active]
+        good = [self.replicas[i] for i in self.correct]
+        views = [r.view for r in good if r.view_active]
         if not views:
             return []
         v = max(set(views), key=views.count)
-        return [r for r in self.replicas if r.view_active and r.view == v]
+        return [r for r in good if r.view_active and r.view == v]
 
     def _convergence(self) -> Optional[str]:
         """After healing and quiescence a quorum of replicas holds the same state."""
         settled = self._settled()
-        if self.cfg.weight_of(r.id for r in settled) < self.cfg.quorum_weight:
+        # a correct replica may wait alone in a higher view (see _settled); with f Byzantine
+        # replicas that leaves f+1 settled correct ones, which must agree with each other
+        needed = min(self.cfg.quorum_weight, self.cfg.weight_of(self.correct))
+        if self.byz:
+            needed = min(needed, self.cfg.weak_weight)
+        if self.cfg.weight_of(r.id for r in settled) < needed:
             return (f"L1 no quorum settled in one view: views "
                     f"{[(r.view, r.view_active) for r in self.replicas]}")
         last = {r.last_committed_exec for r in settled}

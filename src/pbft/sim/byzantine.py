@@ -1,0 +1,565 @@
+"""Byzantine replicas for the simulator: small named strategies, pluggable per replica.
+
+A Byzantine replica wraps the real ``Replica`` of its identity (so it holds the
+real keys and a plausible state) and deviates in what it sends, what it
+accepts, or both.  The simulator drives a behaviour exactly like a replica
+(``receive``/``tick``/``next_deadline``/``take_sends``); ``take_sends`` may
+return ``(destinations, bytes, extra_delay_ms)``.  Messages a behaviour
+forges are sealed with the Byzantine replica's own keys, so they pass MAC
+checks: the protocol itself must reject them.
+
+Byzantine replicas' traces are not checked by the oracles; the correct
+replicas' are, as always.
+
+Behaviours (``BEHAVIOURS``):
+
+======================  =====================================================
+``silent``              sends nothing (a crash that never restarts)
+``slow``                delays everything it sends to just under the view-change
+                        timeout; as primary, batches of one request
+``equivocate``          as primary, sends pre-prepares with different batches to
+                        different backups
+``mutate``              ByzzFuzz small-scope mutations of single messages: view
+                        +-1, sequence number +-1, altered digest or request,
+                        omission, an earlier message repeated, reply result altered
+``replay``              also re-sends its genuine old messages, across views and
+                        checkpoints
+``forge-view-change``   fabricated and per-receiver inconsistent ViewChange
+                        messages; as new primary, NewView messages whose decision
+                        does not follow from the view changes
+``seq-abuse``           as primary, sequence numbers above the high water mark,
+                        near 2^63, skipped and reused
+``censor``              as primary, ignores every request of one client
+``flood``               sends junk bytes and valid but useless messages to all
+``corrupt-state``       serves corrupt state to replicas fetching a checkpoint and
+                        announces wrong checkpoint digests
+``wrong-results``       replies to clients with altered results
+``view-storm``          pushes view changes for ever higher views
+``hold-and-silent``     sends its commits to one replica only, then goes silent (S-18)
+``twins``               two correct copies under one identity, each talking to a
+                        different part of the cluster, changing every round
+``twins-amnesia``       twins, and one twin restarts with an empty log mid-run
+======================  =====================================================
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from typing import Optional
+
+from ..codec import TAG, U63, DecodeError, checkpoint_digest, encode_batch, result_digest, seal
+from ..core.replica import Replica
+from ..messages import (
+    Batch, Checkpoint, Commit, Data, Fetch, NewView, PrePrepare, Prepare, Reply, Request, Status,
+    ViewChange, ViewChangeAck,
+)
+from ..services.kv import KVService
+
+
+class Behaviour:
+    """An honest replica; subclasses deviate by overriding the hooks."""
+
+    name = "honest"
+
+    def __init__(self, sim, rid: int, rng: random.Random):
+        self.sim = sim
+        self.rid = rid
+        self.rng = rng
+        self.node: Replica = sim.replicas[rid]
+        self.keys = sim.rings[rid]
+        self.codec = sim.codec
+        self.cfg = sim.cfg
+        self.history: list[bytes] = []
+        self.extra: list[tuple] = []
+
+    # -- driver interface -------------------------------------------------
+    def receive(self, raw: bytes, now: float) -> None:
+        if self.accept(raw):
+            self.node.receive(raw, now)
+
+    def tick(self, now: float) -> None:
+        self.node.tick(now)
+        self.on_tick(now)
+
+    def next_deadline(self) -> Optional[float]:
+        return self.node.next_deadline()
+
+    def restart(self, now: float) -> None:
+        self.node.restart(now)
+
+    def take_sends(self) -> list[tuple]:
+        out = []
+        for dests, raw in self.node.take_sends():
+            if len(self.history) < 2000:
+                self.history.append(raw)
+            out.extend(self.transform(dests, raw))
+        out.extend(self.extra)
+        self.extra = []
+        return out
+
+    # -- hooks ------------------------------------------------------------
+    def accept(self, raw: bytes) -> bool:
+        return True
+
+    def transform(self, dests: tuple, raw: bytes) -> list[tuple]:
+        return [(dests, raw)]
+
+    def on_tick(self, now: float) -> None:
+        pass
+
+    # -- helpers ----------------------------------------------------------
+    def parse(self, raw: bytes):
+        try:
+            return self.codec.parse(self.codec.open_frame(raw))
+        except DecodeError:
+            return None
+
+    def seal(self, msg, to: Optional[int] = None) -> bytes:
+        return seal(msg, self.keys, to=to)
+
+    @property
+    def others(self) -> tuple:
+        return self.node.others
+
+    def is_primary(self) -> bool:
+        return self.node.is_primary
+
+
+class Silent(Behaviour):
+    name = "silent"
+
+    def transform(self, dests, raw):
+        return []
+
+
+class Slow(Behaviour):
+    name = "slow"
+
+    def __init__(self, sim, rid, rng):
+        super().__init__(sim, rid, rng)
+        self.node.cfg = replace(self.node.cfg, batch_requests_max=1, batches_in_flight_max=1)
+
+    def transform(self, dests, raw):
+        delay = self.cfg.view_change_timeout_ms * self.rng.uniform(0.6, 0.9)
+        return [(dests, raw, delay)]
+
+
+def _alt_batch(b: Batch, rng: random.Random) -> Batch:
+    """A different batch built from the same genuine requests."""
+    reqs = list(b.requests)
+    if len(reqs) > 1 and rng.random() < 0.5:
+        rng.shuffle(reqs)
+        if tuple(reqs) == b.requests:
+            reqs = reqs[1:]
+    elif reqs:
+        reqs = reqs[:-1]
+    nondet = b.nondet if rng.random() < 0.7 or len(b.nondet) != 8 else \
+        (int.from_bytes(b.nondet, "big") + 1).to_bytes(8, "big")
+    return Batch(nondet, tuple(reqs))
+
+
+class Equivocate(Behaviour):
+    name = "equivocate"
+
+    def transform(self, dests, raw):
+        if raw[:2] != b"\x95\x03":
+            return [(dests, raw)]
+        pp = self.parse(raw)
+        if pp is None or pp.batch is None:
+            return [(dests, raw)]
+        alt = _alt_batch(pp.batch, self.rng)
+        try:
+            d2 = self.codec.batch_digest(alt)
+        except DecodeError:
+            return [(dests, raw)]
+        raw2 = self.seal(replace(pp, digest=d2, batch=alt))
+        ds = list(dests)
+        self.rng.shuffle(ds)
+        half = len(ds) // 2
+        return [(tuple(ds[:half]), raw), (tuple(ds[half:]), raw2)]
+
+
+class Mutate(Behaviour):
+    """Small-scope mutations (ByzzFuzz): one field of one message, per receiver."""
+
+    name = "mutate"
+
+    def __init__(self, sim, rid, rng):
+        super().__init__(sim, rid, rng)
+        self.p = rng.uniform(0.05, 0.4)
+
+    def transform(self, dests, raw):
+        if self.rng.random() >= self.p:
+            return [(dests, raw)]
+        out = []
+        for d in dests:
+            m = self.mutate(raw, d)
+            if m is not None:
+                out.append(((d,), m))
+        return out
+
+    def mutate(self, raw: bytes, dest: int) -> Optional[bytes]:
+        rng = self.rng
+        msg = self.parse(raw)
+        if msg is None:
+            return raw
+        kind = rng.choice(["view", "seqno", "digest", "request", "omit", "repeat", "result"])
+        if kind == "omit":
+            return None
+        if kind == "repeat" and self.history:
+            return rng.choice(self.history)
+        to = dest if type(msg) in (Reply, Fetch, Data) else None
+        delta = rng.choice([-1, 1])
+        try:
+            if kind == "view" and hasattr(msg, "view"):
+                msg = replace(msg, view=max(0, msg.view + delta))
+            elif kind == "seqno" and hasattr(msg, "seqno"):
+                msg = replace(msg, seqno=max(1, msg.seqno + delta))
+            elif kind == "digest" and hasattr(msg, "digest"):
+                msg = replace(msg, digest=rng.randbytes(32))
+            elif kind == "request" and isinstance(msg, PrePrepare) and msg.batch is not None:
+                alt = _alt_batch(msg.batch, rng)
+                msg = replace(msg, batch=alt, digest=self.codec.batch_digest(alt))
+            elif kind == "request" and isinstance(msg, ViewChange):
+                msg = replace(msg, prepared=msg.prepared[1:], preprepared=msg.preprepared[1:])
+            elif kind == "result" and isinstance(msg, Reply):
+                res = (msg.result or b"") + b"\x01"
+                msg = replace(msg, result=res, result_digest=result_digest(res))
+            elif kind == "digest" and isinstance(msg, Reply):
+                msg = replace(msg, result_digest=rng.randbytes(32), result=None)
+            else:
+                return raw
+            return self.seal(msg, to=to)
+        except (DecodeError, ValueError, KeyError):
+            return raw
+
+
+class Replay(Behaviour):
+    name = "replay"
+
+    def on_tick(self, now):
+        if self.history and self.rng.random() < 0.5:
+            raw = self.rng.choice(self.history)
+            self.extra.append((self.others, raw))
+
+    def transform(self, dests, raw):
+        out = [(dests, raw)]
+        if self.history and self.rng.random() < 0.2:
+            out.append((dests, self.rng.choice(self.history), self.rng.uniform(0, 200)))
+        return out
+
+
+class ForgeViewChange(Behaviour):
+    name = "forge-view-change"
+
+    def transform(self, dests, raw):
+        msg = self.parse(raw)
+        rng = self.rng
+        if isinstance(msg, ViewChange):
+            out = []
+            for d in dests:  # a different story for every receiver
+                h = msg.stable_seqno
+                fake = tuple(sorted({(h + rng.randint(1, self.cfg.log_window_seqnos), rng.randbytes(32),
+                                      rng.randrange(max(1, msg.view))) for _ in range(rng.randint(0, 3))},
+                                    key=lambda x: x[0]))
+                seen = set()
+                fake = tuple(x for x in fake if not (x[0] in seen or seen.add(x[0])))
+                vc = replace(msg, prepared=fake, preprepared=fake + msg.preprepared[:2])
+                out.append(((d,), self.seal(vc)))
+            return out
+        if isinstance(msg, NewView):
+            out = []
+            for d in dests:
+                chosen = list(msg.chosen)
+                if chosen and rng.random() < 0.5:
+                    i = rng.randrange(len(chosen))
+                    chosen[i] = (chosen[i][0], rng.randbytes(32))
+                else:
+                    chosen.append((msg.checkpoint_seqno + self.cfg.log_window_seqnos // 2, rng.randbytes(32)))
+                out.append(((d,), self.seal(replace(msg, chosen=tuple(chosen)))))
+            return out
+        return [(dests, raw)]
+
+    def on_tick(self, now):
+        if self.rng.random() < 0.02:
+            self.node._start_view_change(self.node.view + 1, "byzantine")
+
+
+class SeqAbuse(Behaviour):
+    name = "seq-abuse"
+
+    def transform(self, dests, raw):
+        msg = self.parse(raw)
+        if not isinstance(msg, PrePrepare) or msg.batch is None:
+            return [(dests, raw)]
+        rng = self.rng
+        h, L = self.node.h, self.cfg.log_window_seqnos
+        choice = rng.choice(["above-H", "near-2^63", "skip", "reuse", "keep"])
+        if choice == "keep":
+            return [(dests, raw)]
+        if choice == "above-H":
+            n = h + L + rng.randint(1, 10)
+        elif choice == "near-2^63":
+            n = U63 - rng.randint(0, 3)
+        elif choice == "skip":
+            n = msg.seqno + rng.randint(2, 5)
+        else:
+            alt = _alt_batch(msg.batch, rng)
+            return [(dests, raw), (dests, self.seal(replace(msg, seqno=max(1, msg.seqno - 1), batch=alt,
+                                                            digest=self.codec.batch_digest(alt))))]
+        return [(dests, self.seal(replace(msg, seqno=n)))]
+
+
+class Censor(Behaviour):
+    name = "censor"
+
+    def __init__(self, sim, rid, rng):
+        super().__init__(sim, rid, rng)
+        self.victim = sim.client_ids[0]
+
+    def accept(self, raw):
+        try:
+            fr = self.codec.open_frame(raw)
+        except DecodeError:
+            return True
+        return not (fr.tag == TAG[Request] and fr.sender == self.victim)
+
+
+class Flood(Behaviour):
+    name = "flood"
+
+    def next_deadline(self):
+        d = self.node.next_deadline()
+        nxt = self.node.now + 2.0
+        return nxt if d is None else min(d, nxt)
+
+    def on_tick(self, now):
+        rng = self.rng
+        node = self.node
+        for _ in range(3):
+            k = rng.randrange(6)
+            if k == 0:
+                raw = rng.randbytes(rng.randint(1, 300))
+            elif k == 1:
+                raw = self.seal(Status(node.view, rng.random() < 0.5, rng.randrange(100), rng.randrange(100), self.rid))
+            elif k == 2:
+                raw = self.seal(Checkpoint(node.h + self.cfg.checkpoint_interval_seqnos * rng.randint(1, 1000),
+                                           rng.randbytes(32), self.rid))
+            elif k == 3:
+                raw = self.seal(Prepare(node.view, max(1, node.h + rng.randint(-5, 5)), rng.randbytes(32), self.rid))
+            elif k == 4:
+                raw = self.seal(ViewChangeAck(node.view + rng.randint(1, 3), self.rid, rng.randrange(self.cfg.n),
+                                              rng.randbytes(32)))
+            else:
+                raw = rng.choice(self.history) if self.history else rng.randbytes(10)
+            self.extra.append((self.others, raw))
+
+
+class CorruptState(Behaviour):
+    name = "corrupt-state"
+
+    def transform(self, dests, raw):
+        msg = self.parse(raw)
+        if isinstance(msg, Data):
+            state = bytearray(msg.state)
+            if state:
+                state[self.rng.randrange(len(state))] ^= 0xFF
+            return [(dests, self.seal(replace(msg, state=bytes(state)), to=dests[0]))]
+        if isinstance(msg, Checkpoint):
+            return [(dests, self.seal(replace(msg, digest=self.rng.randbytes(32))))]
+        return [(dests, raw)]
+
+    def receive(self, raw, now):
+        msg = self.parse(raw)
+        if isinstance(msg, Fetch):
+            # serve something for any checkpoint asked for: stale or corrupt state
+            have = self.node.ckpts.get(msg.seqno) or next(iter(self.node.ckpts.values()))
+            state = bytearray(have[1] or b"\x00")
+            state[self.rng.randrange(len(state))] ^= 0x55
+            self.extra.append(((msg.replica,), self.seal(Data(msg.seqno, msg.digest, self.rid, bytes(state)),
+                                                         to=msg.replica)))
+            return
+        self.node.receive(raw, now)
+
+
+class WrongResults(Behaviour):
+    name = "wrong-results"
+
+    def transform(self, dests, raw):
+        msg = self.parse(raw)
+        if isinstance(msg, Reply):
+            res = b"\x92\xa2ok\xc4\x05WRONG"
+            return [(dests, self.seal(replace(msg, result=res, result_digest=result_digest(res)), to=dests[0]))]
+        return [(dests, raw)]
+
+
+class ViewStorm(Behaviour):
+    name = "view-storm"
+
+    def __init__(self, sim, rid, rng):
+        super().__init__(sim, rid, rng)
+        self.v = 0
+
+    def on_tick(self, now):
+        if self.rng.random() < 0.3:
+            node = self.node
+            self.v = max(self.v, node.view) + self.rng.randint(1, 1000)
+            vc = ViewChange(self.v, self.rid, node.h, ((node.h, node.ckpts[node.h][0]),) if node.h in node.ckpts else (),
+                            (), ())
+            self.extra.append((self.others, self.seal(vc)))
+
+
+class HoldAndSilent(Behaviour):
+    name = "hold-and-silent"
+
+    def __init__(self, sim, rid, rng):
+        super().__init__(sim, rid, rng)
+        self.silent_at = rng.uniform(100.0, max(150.0, sim.fault_end))
+        self.friend = rng.choice(sim.correct)
+
+    def transform(self, dests, raw):
+        if self.node.now >= self.silent_at:
+            return []
+        if raw[:2] == b"\x95\x05":  # commits go to one replica only
+            return [((self.friend,), raw)]
+        return [(dests, raw)]
+
+
+class TwinsGroup:
+    """Twins: every Byzantine identity runs as two honest replicas, A and B.
+
+    Each round (a random 30-200 ms) every correct replica is put on side A, side
+    B, or both; twin X talks only to replicas on its side, and a client's
+    message reaches one twin chosen at random, so the twins build different
+    batches.  With f twins this is the equivocation of Twins (Diem); with f+1 it
+    is the negative control that must break agreement.
+    """
+
+    def __init__(self, sim, ids: list[int], rng: random.Random, amnesia: bool = False):
+        self.sim = sim
+        self.ids = ids
+        self.rng = rng
+        self.amnesia = amnesia
+        self.twins: dict[int, list[Replica]] = {}
+        for t in ids:
+            b = Replica(sim.cfg, t, sim.rings[t], KVService(skew_ms=sim.cfg.nondet_skew_ms_max), now=0.0)
+            self.twins[t] = [sim.replicas[t], b]
+        self.sides: dict[int, str] = {}
+        self.round_end = 0.0
+        self.amnesia_at = rng.uniform(100.0, max(120.0, sim.fault_end)) if amnesia else None
+        self.side_of_raw: dict[bytes, int] = {}
+        self.nodes = {t: _TwinNode(self, t) for t in ids}
+
+    def _new_round(self, now: float) -> None:
+        rng = self.rng
+        if self.sim.healed:
+            # after healing twin B falls silent: the identity behaves like one (possibly odd) replica
+            self.sides = {r: "A" for r in self.sim.correct}
+            self.round_end = float("inf")
+            return
+        self.sides = {r: rng.choice("AB") if rng.random() < 0.8 else "AB" for r in self.sim.correct}
+        self.round_end = now + rng.uniform(30.0, 200.0)
+
+    def _check_round(self) -> None:
+        now = self.sim.now
+        if now >= self.round_end or (self.sim.healed and self.round_end != float("inf")):
+            self._new_round(now)
+        if self.amnesia_at is not None and now >= self.amnesia_at:
+            self.amnesia_at = None
+            for t in self.ids:  # twin B loses everything it knew
+                self.twins[t][1] = Replica(self.sim.cfg, t, self.sim.rings[t],
+                                           KVService(skew_ms=self.sim.cfg.nondet_skew_ms_max), now=now)
+            self.sim._note("twins: twin B restarts with an empty log")
+
+
+class _TwinNode:
+    """The simulator's view of one twinned identity."""
+
+    def __init__(self, group: TwinsGroup, t: int):
+        self.g = group
+        self.t = t
+
+    def _local(self) -> float:
+        return self.g.sim._local(self.t)
+
+    def receive(self, raw: bytes, now: float) -> None:
+        g = self.g
+        g._check_round()
+        src = g.sim.cur_src
+        a, b = g.twins[self.t]
+        if src >= g.sim.cfg.n:  # a client: one twin at random
+            (a if g.rng.random() < 0.5 else b).receive(raw, now)
+        elif src in g.twins:  # another twinned identity: the twin on the sender's side
+            side = g.side_of_raw.get(raw, 0)
+            (a, b)[side].receive(raw, now)
+        else:
+            side = g.sides.get(src, "A")
+            if "A" in side:
+                a.receive(raw, now)
+            if "B" in side and not g.sim.healed:
+                b.receive(raw, now)
+
+    def tick(self, now: float) -> None:
+        self.g._check_round()
+        for x in self.g.twins[self.t]:
+            d = x.next_deadline()
+            if d is not None and d <= now:
+                x.tick(now)
+
+    def next_deadline(self) -> Optional[float]:
+        ds = [x.next_deadline() for x in self.g.twins[self.t]]
+        ds = [d for d in ds if d is not None]
+        return min(ds) if ds else None
+
+    def restart(self, now: float) -> None:
+        for x in self.g.twins[self.t]:
+            x.restart(now)
+
+    def take_sends(self) -> list[tuple]:
+        g = self.g
+        g._check_round()
+        out = []
+        for side_i, x in enumerate(g.twins[self.t]):
+            side = "AB"[side_i]
+            for dests, raw in x.take_sends():
+                if side == "B" and g.sim.healed:
+                    continue
+                ds = []
+                for d in dests:
+                    if d >= g.sim.cfg.n:
+                        ds.append(d)
+                    elif d in g.twins:
+                        g.side_of_raw[raw] = side_i
+                        ds.append(d)
+                    elif side in g.sides.get(d, "A"):
+                        ds.append(d)
+                if ds:
+                    out.append((tuple(ds), raw))
+        if len(g.side_of_raw) > 5000:
+            g.side_of_raw.clear()
+        return out
+
+
+BEHAVIOURS = {cls.name: cls for cls in (
+    Behaviour, Silent, Slow, Equivocate, Mutate, Replay, ForgeViewChange, SeqAbuse, Censor, Flood,
+    CorruptState, WrongResults, ViewStorm, HoldAndSilent)}
+BEHAVIOUR_NAMES = sorted(set(BEHAVIOURS) | {"twins", "twins-amnesia"})
+
+
+def make_behaviours(sim, specs) -> dict:
+    """Simulator nodes for the Byzantine replicas of ``specs``: ((replica, name), ...)."""
+    nodes: dict[int, object] = {}
+    twins: dict[str, list[int]] = {}
+    for rid, name in specs:
+        rng = random.Random(f"{sim.sc.seed}/byz/{rid}")
+        if name in ("twins", "twins-amnesia"):
+            twins.setdefault(name, []).append(rid)
+        elif name in BEHAVIOURS:
+            nodes[rid] = BEHAVIOURS[name](sim, rid, rng)
+        else:
+            raise ValueError(f"unknown Byzantine behaviour {name!r}; known: {', '.join(BEHAVIOUR_NAMES)}")
+    for name, ids in twins.items():
+        group = TwinsGroup(sim, ids, random.Random(f"{sim.sc.seed}/twins"), amnesia=name == "twins-amnesia")
+        nodes.update(group.nodes)
+    return nodes
