@@ -4,8 +4,8 @@ import msgpack
 import pytest
 
 from pbft.codec import TAG, seal
-from pbft.messages import Commit, Prepare, Request
-from pbft.services.kv import encode_op
+from pbft.messages import Commit, NewView, Prepare, Request
+from pbft.services.kv import decode_result, encode_op
 
 from cluster import Cluster
 
@@ -209,3 +209,30 @@ def test_client_needs_matching_replies_from_quorum(n):
     c = Cluster(n=n)
     assert c.put(0, b"q", b"1") == ("ok", True)
     assert c.get(1, b"q", read_only=True) == ("ok", b"1")
+
+
+def test_read_after_tentative_write_survives_rollback():
+    """Found by scenario S-08: a write acknowledged by 2f+1 tentative replies, rolled back by a view
+    change, must still be visible to a read-only request issued while the view changes."""
+    c = Cluster(tentative_execution=True)
+    c.put(0, b"a", b"1")
+    c.drop = lambda src, dst, raw: commit_in_view(raw, 0)
+    assert c.invoke(1, encode_op("put", b"a", b"2"))[0] == ("ok", True)  # tentative quorum
+    c.down.add(0)
+    # view 0 never commits it, and the new view is held back
+    c.drop = lambda src, dst, raw: commit_in_view(raw, 0) or tag_of(raw) == TAG[NewView]
+    c.clients[0].invoke(encode_op("get", b"x"), False, c.now)  # its timeout starts the view change
+    c.advance(3000)
+    assert all(not r.view_active for r in c.replicas[1:]), "backups are changing view"
+    assert c.of_kind("rollback"), "the tentative write was rolled back"
+    reader = c.clients[1]
+    reader.invoke(encode_op("get", b"a"), True, c.now)
+    c.advance(200)
+    stale = [o for o in reader.take_outcomes() if o.result == b"\x92\xa2ok\xa11"]
+    assert not stale, "a read during the view change returned the rolled-back state"
+    c.drop = lambda src, dst, raw: False
+    c.advance(3000)
+    assert not reader.busy
+    (out,) = reader.take_outcomes()
+    assert decode_result(out.result) == ("ok", b"2")
+    assert c.get(1, b"a", read_only=True) == ("ok", b"2")

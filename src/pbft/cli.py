@@ -25,6 +25,8 @@ def _faults(s: str) -> frozenset:
 
 
 def _repro(args, seed: int) -> str:
+    if args.swarm:
+        return f"pbft sim --swarm --seeds 1 --first-seed {seed} --replicas {args.replicas} --verbose"
     parts = ["pbft sim --seeds 1", f"--first-seed {seed}", f"--replicas {args.replicas}"]
     if args.faults:
         parts.append("--faults " + ",".join(sorted(args.faults)))
@@ -34,16 +36,88 @@ def _repro(args, seed: int) -> str:
     return " ".join(parts) + " --verbose"
 
 
+def cmd_list_scenarios() -> int:
+    from .sim.scenarios import PENDING, SCENARIOS
+
+    for s in SCENARIOS:
+        kind = "negative control" if s.negative else "expect"
+        print(f"{s.id:6} {s.name:32} {s.description}")
+        print(f"{'':6} {'':32} {kind}: {s.expect}")
+    for sid, desc, needs in PENDING:
+        print(f"{sid:6} {'(not yet)':32} {desc} -- needs {needs}")
+    return 0
+
+
+def cmd_scenario(args) -> int:
+    from .sim.scenarios import find, run_scenario
+
+    try:
+        sc = find(args.scenario)
+    except KeyError:
+        print(f"pbft sim: unknown scenario {args.scenario!r} (see pbft sim --list-scenarios)", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+
+    def on_run(seed, sim, res):
+        if args.verbose:
+            for line in res.log:
+                print(line)
+        if not res.ok and not sc.negative and not args.json:
+            print(f"FAIL seed {seed}:")
+            for v in res.violations[:10]:
+                print(f"  violation: {v}")
+            if res.liveness_failure:
+                print(f"  liveness: {res.liveness_failure}")
+            print(f"  reproduce: pbft sim --scenario {sc.name} --replicas {args.replicas} --seeds 1 "
+                  f"--first-seed {seed} --verbose")
+
+    try:
+        r = run_scenario(sc, args.replicas, range(args.first_seed, args.first_seed + args.seeds), on_run)
+    except ValueError as e:
+        print(f"pbft sim: {e}", file=sys.stderr)
+        return 2
+    out = {"scenario": sc.id, "name": sc.name, "runs": r.runs, "ops_committed": r.ops_committed,
+           "view_changes": r.view_changes, "violations": r.violations, "liveness_failures": r.liveness_failures,
+           "expectation_failures": len(r.expectation_failures), "ok": r.ok}
+    if sc.negative:
+        out["detected"] = r.detected
+    if args.json:
+        out["wall_seconds"] = round(time.perf_counter() - t0, 2)
+        out["expectation_details"] = r.expectation_failures[:10]
+        print(json.dumps(out))
+    else:
+        for e in r.expectation_failures[:10]:
+            print(f"  expectation failed: {e}")
+        if sc.negative:
+            print(f"negative control {sc.id}: the oracles detected the break in {r.detected} of {r.runs} runs"
+                  + ("" if r.detected else " -- THE HARNESS IS BLIND TO IT"))
+        print(f"(wall time {time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+        print(f"scenario={sc.id} runs={r.runs} ops_committed={r.ops_committed} view_changes={r.view_changes} "
+              f"violations={r.violations} liveness_failures={r.liveness_failures} "
+              f"expectation_failures={len(r.expectation_failures)}")
+    return 0 if r.ok else 1
+
+
 def cmd_sim(args) -> int:
     from .sim.simulator import SimConfig, Simulation
+
+    if args.list_scenarios:
+        return cmd_list_scenarios()
+    if args.scenario:
+        return cmd_scenario(args)
+    if args.swarm:
+        from .sim.scenarios import swarm_config
 
     bugs = frozenset([args.inject_bug]) if args.inject_bug else frozenset()
     totals = {"runs": 0, "ops_committed": 0, "view_changes": 0, "violations": 0, "liveness_failures": 0}
     failed = []
     t0 = time.perf_counter()
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        sc = SimConfig(seed=seed, replicas=args.replicas, faults=args.faults, clients=args.clients,
-                       ops=args.ops, bugs=bugs)
+        if args.swarm:
+            sc = swarm_config(args.replicas, seed)
+        else:
+            sc = SimConfig(seed=seed, replicas=args.replicas, faults=args.faults, clients=args.clients,
+                           ops=args.ops, bugs=bugs)
         try:
             res = Simulation(sc, log_events=args.verbose).run()
         except ConfigError as e:
@@ -100,6 +174,10 @@ def main(argv=None) -> int:
     s.add_argument("--ops", type=int, default=30, help="operations per client")
     s.add_argument("--inject-bug", choices=sorted(KNOWN_BUGS), default=None,
                    help="deliberately break the protocol to show the oracles catch it")
+    s.add_argument("--scenario", default=None, help="run one catalogue scenario (id or name)")
+    s.add_argument("--list-scenarios", action="store_true", help="list the scenario catalogue")
+    s.add_argument("--swarm", action="store_true",
+                   help="random subsets of network faults and up to f Byzantine replicas per seed")
     s.add_argument("--json", action="store_true")
     s.add_argument("--verbose", action="store_true", help="print the fault timeline of each run")
     s.set_defaults(func=cmd_sim)

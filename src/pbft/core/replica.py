@@ -60,6 +60,7 @@ class Slot:
     commits: dict[int, bytes] = field(default_factory=dict)
     prepared: bool = False
     committed: bool = False
+    held_pp: Optional[tuple] = None  # (PrePrepare, raw) whose agreed value we could not check
 
 
 @dataclass(slots=True)
@@ -147,6 +148,7 @@ class Replica:
         self.inflight: dict[int, int] = {}  # primary: client -> timestamp ordered but not yet executed
         self.req_deadline: Optional[float] = None
         self.ro_queue: dict[int, ReqInfo] = {}
+        self.ro_barrier = 0  # read-only requests wait until we executed this far (set by new views)
 
         self.status_deadline = now + cfg.status_interval_ms * (1 + replica_id / (4 * cfg.n))
 
@@ -340,8 +342,19 @@ class Replica:
             if self.req_deadline is None:
                 self.req_deadline = self.now + self.vc_timeout
 
+    def _read_only_ready(self) -> bool:
+        """Whether our state reflects every operation a client may have seen complete.
+
+        Not while tentative executions are outstanding, while changing view (they were
+        rolled back), or after a view change until we have executed everything the new
+        view re-proposed: a write acknowledged by 2f+1 tentative replies is re-proposed
+        there and must be visible to later reads.
+        """
+        return (self.last_exec == self.last_committed_exec and self.fetch_target is None
+                and self.view_active and self.last_committed_exec >= self.ro_barrier)
+
     def _on_read_only(self, ri: ReqInfo) -> None:
-        if self.last_exec != self.last_committed_exec or self.fetch_target is not None:
+        if not self._read_only_ready():
             # wait until tentative executions have committed
             if ri.req.client not in self.ro_queue and len(self.ro_queue) >= self.cfg.pending_requests_max:
                 self._drop("ro-queue-full")
@@ -352,7 +365,7 @@ class Replica:
         self._send_reply(ri.req, result, tentative=False, read_only=True)
 
     def _drain_read_only(self) -> None:
-        if self.ro_queue and self.last_exec == self.last_committed_exec and self.fetch_target is None:
+        if self.ro_queue and self._read_only_ready():
             q, self.ro_queue = self.ro_queue, {}
             for ri in q.values():
                 self._on_read_only(ri)
@@ -440,11 +453,24 @@ class Replica:
             self._drop("preprepare-conflicts-executed")
             return
         batch = pp.batch
-        reason = self._check_batch(batch, pp.digest)
+        reason = self._check_batch(batch, pp.digest, check_nondet=not self._weakly_prepared(slot, pp.digest))
+        if reason == "batch-nondet-rejected":
+            # the agreed value looks wrong from here: maybe our clock, maybe an old pre-prepare
+            # relayed for catch-up. Accept it once f+1 backups prepared it (one correct replica
+            # checked the value when it was fresh).
+            slot.held_pp = (pp, fr.raw)
         if reason:
             self._drop(reason)
             return
-        slot.digest, slot.batch, slot.pp_raw = pp.digest, batch, fr.raw
+        self._accept_preprepare(pp, fr.raw, slot)
+
+    def _weakly_prepared(self, slot: Slot, d: bytes) -> bool:
+        return self._weight([r for r, x in slot.prepares.items() if x == d and r != self.id]) >= self.weak
+
+    def _accept_preprepare(self, pp: PrePrepare, raw: bytes, slot: Slot) -> None:
+        n, batch = pp.seqno, pp.batch
+        slot.held_pp = None
+        slot.digest, slot.batch, slot.pp_raw = pp.digest, batch, raw
         self._remember_batch(pp.digest, batch, n)
         self._note_preprepared(n, pp.digest)
         self._trace_ev("pre-prepared", self.view, n, pp.digest)
@@ -452,7 +478,7 @@ class Replica:
         self._broadcast(Prepare(self.view, n, pp.digest, self.id))
         self._check_prepared(n, slot)
 
-    def _check_batch(self, batch: Batch, d: bytes) -> Optional[str]:
+    def _check_batch(self, batch: Batch, d: bytes, check_nondet: bool = True) -> Optional[str]:
         """Why a pre-prepared batch is unacceptable, or None. Checks MACs, digest, nondet."""
         try:
             reqs = self.codec.batch_requests(batch)
@@ -470,7 +496,7 @@ class Replica:
         if not self.bug_skip_digest:
             if batch_digest_from_request_digests(batch.nondet, [r.digest for r, _ in reqs]) != d:
                 return "batch-digest-mismatch"
-        if reqs and not self.service.check_nondet(batch.nondet, self.now):
+        if check_nondet and reqs and not self.service.check_nondet(batch.nondet, self.now):
             return "batch-nondet-rejected"
         return None
 
@@ -486,6 +512,9 @@ class Replica:
             self._drop("prepare-duplicate")
             return
         slot.prepares[p.replica] = p.digest
+        if slot.held_pp is not None and slot.digest is None and self._weakly_prepared(slot, slot.held_pp[0].digest):
+            self._accept_preprepare(*slot.held_pp, slot)
+            return
         self._check_prepared(p.seqno, slot)
 
     def _check_prepared(self, n: int, slot: Slot) -> None:
@@ -1108,6 +1137,7 @@ class Replica:
                 slot.prepares[self.id] = dg
                 self._broadcast(Prepare(self.view, n, dg, self.id))
         self.seq_assigned = max(top, self.last_committed_exec)
+        self.ro_barrier = top
         for n, dg in dec.chosen:
             slot = self.slots.get(n)
             if slot is not None:
@@ -1122,6 +1152,7 @@ class Replica:
         elif self.pending:
             self.req_deadline = self.now + self.vc_timeout
         self._try_execute()
+        self._drain_read_only()
         if primary:
             self._try_send_preprepare()
 

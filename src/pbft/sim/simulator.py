@@ -64,6 +64,9 @@ class SimConfig:
     byzantine: tuple = ()
     # a negative control may exceed f Byzantine replicas on purpose
     allow_beyond_f: bool = False
+    # replicas whose clocks are off by far more than the agreed-value bound: ((replica, skew_ms), ...);
+    # they count against f for liveness (they reject honest proposals) but are checked for safety
+    skewed: tuple = ()
 
 
 @dataclass
@@ -104,6 +107,8 @@ class Simulation:
                                cfg.pending_requests_max)
         skew_max = cfg.nondet_skew_ms_max / 4
         self.skew = [self.rng_clock.uniform(-skew_max, skew_max) for _ in range(n)]
+        for r, sk in sc.skewed:
+            self.skew[r] = sk
         self.replicas = [
             Replica(cfg, i, rings[i], KVService(skew_ms=cfg.nondet_skew_ms_max), now=self.skew[i],
                     trace=self._on_trace)
@@ -114,6 +119,10 @@ class Simulation:
         if len(byz_ids) > cfg.f and not sc.allow_beyond_f:
             raise ValueError(f"{len(byz_ids)} Byzantine replicas exceed f={cfg.f}")
         self.correct = [r for r in range(n) if r not in byz_ids]
+        # correct replicas that may lag without failing the run (their clocks are broken)
+        self.exempt = {r for r, _ in sc.skewed}
+        if len(byz_ids | self.exempt) > cfg.f and not sc.allow_beyond_f:
+            raise ValueError(f"{len(byz_ids | self.exempt)} faulty or skewed replicas exceed f={cfg.f}")
         self.oracles.correct = set(self.correct)
         self.cur_src = -1
         self.client_ids = list(cfg.client_ids)[: sc.clients]
@@ -271,11 +280,11 @@ class Simulation:
         rf = self.rng_fault
         n = self.sc.replicas
         if kind == "crash":
-            if self.healed or len(self.crashed) + len(self.byz) >= self.cfg.f:
+            if self.healed or len(self.crashed) + len(self.byz) + len(self.exempt) >= self.cfg.f:
                 return
             views = sorted(r.view for r in self.replicas)
             primary = views[len(views) // 2] % n
-            up = [r for r in self.correct if r not in self.crashed]
+            up = [r for r in self.correct if r not in self.crashed and r not in self.exempt]
             victim = primary if (primary in up and rf.random() < 0.5) else rf.choice(up)
             self.crashed.add(victim)
             self._note(f"crash replica {victim}")
@@ -493,7 +502,7 @@ class Simulation:
         view for the others to join; PBFT lets it lag until the next view change,
         so it is exempt from convergence (at most f replicas may be exempt).
         """
-        good = [self.replicas[i] for i in self.correct]
+        good = [self.replicas[i] for i in self.correct if i not in self.exempt]
         views = [r.view for r in good if r.view_active]
         if not views:
             return []
@@ -506,7 +515,7 @@ class Simulation:
         # a correct replica may wait alone in a higher view (see _settled); with f Byzantine
         # replicas that leaves f+1 settled correct ones, which must agree with each other
         needed = min(self.cfg.quorum_weight, self.cfg.weight_of(self.correct))
-        if self.byz:
+        if self.byz or self.exempt:
             needed = min(needed, self.cfg.weak_weight)
         if self.cfg.weight_of(r.id for r in settled) < needed:
             return (f"L1 no quorum settled in one view: views "

@@ -1,0 +1,306 @@
+"""The scenario catalogue of TESTING.md, as named, runnable simulations with asserted outcomes.
+
+Each scenario builds a ``SimConfig`` for a replica count and a seed, and adds
+its own expectations to the oracles' (which always apply): a bound on view
+changes, that a partitioned minority commits nothing, that a censored client
+is served, and so on.  A *negative control* expects the oracles to find a
+violation: it passes only if they do.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from .simulator import ALL_FAULTS, RunResult, SimConfig, Simulation
+
+NET = frozenset({"loss", "dup", "reorder", "delay", "replay"})
+
+
+@dataclass
+class Scenario:
+    id: str
+    name: str
+    description: str
+    expect: str
+    build: Callable[[int, int], SimConfig]  # (replicas, seed) -> config
+    check: Optional[Callable[[Simulation, RunResult], list[str]]] = None
+    negative: bool = False  # the oracles must detect a violation
+    observer: Optional[Callable] = None
+    needs: str = ""  # why it is not run yet, if empty it runs
+
+
+@dataclass
+class ScenarioResult:
+    scenario: Scenario
+    runs: int = 0
+    ops_committed: int = 0
+    view_changes: int = 0
+    violations: int = 0
+    liveness_failures: int = 0
+    expectation_failures: list[str] = field(default_factory=list)
+    detected: int = 0  # negative controls: runs in which the oracles caught the break
+
+    @property
+    def ok(self) -> bool:
+        if self.scenario.negative:
+            return self.detected > 0 and not self.expectation_failures
+        return self.violations == 0 and self.liveness_failures == 0 and not self.expectation_failures
+
+
+def f_of(n: int) -> int:
+    return (n - 1) // 3
+
+
+def _max_correct_view(sim: Simulation) -> int:
+    return max(sim.replicas[r].view for r in sim.correct)
+
+
+def _views_at_most(bound: Callable[[int], int]):
+    def check(sim: Simulation, res: RunResult) -> list[str]:
+        v = _max_correct_view(sim)
+        b = bound(sim.cfg.f)
+        return [] if v <= b else [f"correct replicas reached view {v}, expected at most {b}"]
+    return check
+
+
+def _isolate(x: int, n: int) -> list[tuple[int, int]]:
+    return [(x, y) for y in range(n) if y != x] + [(y, x) for y in range(n) if y != x]
+
+
+def _halves(n: int) -> list[tuple[int, int]]:
+    a = set(range(n // 2))
+    return [(x, y) for x in range(n) for y in range(n) if (x in a) != (y in a)]
+
+
+def _ring(n: int) -> list[tuple[int, int]]:
+    """Each replica hears only its two ring neighbours."""
+    return [(x, y) for x in range(n) for y in range(n)
+            if x != y and (y - x) % n not in (1, n - 1)]
+
+
+def _byz(n: int, name: str, first: int = 0) -> tuple:
+    return tuple(((first + i) % n, name) for i in range(f_of(n)))
+
+
+def _cfg(**kw):
+    def build(n: int, seed: int) -> SimConfig:
+        d = dict(kw)
+        d.setdefault("fault_phase_ms", 1500.0)
+        byz = d.pop("byz", None)
+        if byz is not None:
+            d["byzantine"] = byz(n, seed) if callable(byz) else byz
+        skewed = d.pop("skewed_fn", None)
+        if skewed is not None:
+            d["skewed"] = skewed(n, seed)
+        script = d.pop("script_fn", None)
+        if script is not None:
+            d["script"] = script(n, seed)
+        return SimConfig(seed=seed, replicas=n, **d)
+    return build
+
+
+class _MinorityWatch:
+    """No sequence number commits while no side of a partition holds a quorum."""
+
+    def __init__(self, start: float, end: float):
+        self.start, self.end = start, end
+        self.bad: list[str] = []
+
+    def __call__(self, sim, r, ev):
+        if ev[0] == "committed" and self.start + 5.0 < sim.now < self.end:
+            self.bad.append(f"replica {r} committed seqno {ev[2]} at t={sim.now:.0f}ms with no quorum connected")
+
+
+def _partition_no_quorum_check(sim: Simulation, res: RunResult) -> list[str]:
+    watch = sim.observer
+    return list(watch.bad[:3]) if watch is not None else []
+
+
+def _censor_check(sim: Simulation, res: RunResult) -> list[str]:
+    victim = sim.client_ids[0]
+    done = [k for k in sim.history if k.client == victim and k.ret is not None]
+    out = []
+    if len(done) < sim.sc.ops:
+        out.append(f"censored client completed {len(done)} of {sim.sc.ops} operations")
+    out += _views_at_most(lambda f: f + 1)(sim, res)
+    return out
+
+
+def _no_wrong_results(sim: Simulation, res: RunResult) -> list[str]:
+    bad = [k for k in sim.history if k.ret is not None and k.result == b"WRONG"]
+    return [f"client accepted a wrong result: {bad[0]}"] if bad else []
+
+
+def _lagging_check(sim: Simulation, res: RunResult) -> list[str]:
+    lag = sim.replicas[sim.correct[-1]]
+    settled = sim._settled()
+    out = []
+    if lag not in settled:
+        out.append("the lagging replica did not rejoin")
+    elif lag.drops.get("data-digest-mismatch", 0) == 0 and lag.drops.get("data-unrequested", 0) == 0:
+        pass  # it may have fetched from a correct replica first
+    return out
+
+
+def _storm_check(sim: Simulation, res: RunResult) -> list[str]:
+    v = _max_correct_view(sim)
+    return [] if v == 0 else [f"a single replica moved correct replicas to view {v}"]
+
+
+def _lag_script(n: int, seed: int):
+    return ((5.0, "crash", n - 1),)
+
+
+SCENARIOS: list[Scenario] = [
+    Scenario("S-01", "no-faults", "no faults, mixed read/write workload, many clients",
+             "oracles hold; every operation completes; no view change",
+             _cfg(clients=8, ops=25), _views_at_most(lambda f: 0)),
+    Scenario("S-02", "primary-crash", "the primary crashes mid-batch",
+             "progress within one view change; nothing acknowledged lost",
+             _cfg(script=((25.0, "crash", 0),)), _views_at_most(lambda f: 1)),
+    Scenario("S-03", "consecutive-primaries-crash", "the primaries of views 0..f-1 crash",
+             "progress within f+1 view changes",
+             _cfg(script_fn=lambda n, s: tuple((25.0, "crash", i) for i in range(f_of(n))), fault_phase_ms=4000.0),
+             _views_at_most(lambda f: f + 1)),
+    Scenario("S-04", "power-loss", "every replica loses power at once and restarts from its stable state",
+             "nothing acknowledged lost; no double vote after restart (durable-state model)",
+             _cfg(script_fn=lambda n, s: tuple((200.0, "crash", i) for i in range(n)) +
+                  tuple((500.0, "restart", i) for i in range(n)))),
+    Scenario("S-05a", "partition-halves", "the cluster splits in halves, then heals",
+             "no side commits anything; progress after heal",
+             _cfg(script_fn=lambda n, s: ((100.0, "block", _halves(n)), (700.0, "unpartition", None)),
+                  fault_phase_ms=800.0),
+             _partition_no_quorum_check, observer=lambda: _MinorityWatch(100.0, 700.0)),
+    Scenario("S-05b", "partition-ring", "each replica hears only its ring neighbours, then heals",
+             "safety; progress after heal",
+             _cfg(script_fn=lambda n, s: ((100.0, "block", _ring(n)), (900.0, "unpartition", None)),
+                  fault_phase_ms=1000.0)),
+    Scenario("S-05c", "partition-primary", "the primary is isolated, then the network heals",
+             "the others change view and progress; progress after heal",
+             _cfg(script_fn=lambda n, s: ((50.0, "block", _isolate(0, n)),), fault_phase_ms=2000.0)),
+    Scenario("S-05d", "partition-random", "random partitions (single node, halves, primary, one-way) repeatedly",
+             "safety; progress after heal", _cfg(faults=frozenset({"partition"}))),
+    Scenario("S-06", "one-way-partition", "the primary can receive but not send",
+             "safety; bounded spurious view changes",
+             _cfg(script_fn=lambda n, s: ((50.0, "block", [(0, y) for y in range(1, n)]),)),
+             _views_at_most(lambda f: 3)),
+    Scenario("S-07", "lossy-network", "loss up to 15%, duplication, reordering, delay spikes, replay",
+             "safety; liveness", _cfg(faults=NET)),
+    Scenario("S-08", "clock-skew", "f replicas' clocks far beyond the agreed-value bound, all network faults",
+             "safety never depends on clocks",
+             _cfg(faults=frozenset(ALL_FAULTS) - {"crash"},
+                  skewed_fn=lambda n, s: tuple((n - 1 - i, 5_000.0 * (-1) ** i) for i in range(f_of(n))))),
+    Scenario("S-09", "twins-equivocating-primary", "Twins: the primary runs as two copies talking to "
+             "different parts of the cluster, changing every round",
+             "safety in every run", _cfg(byz=lambda n, s: _byz(n, "twins"))),
+    Scenario("S-10", "twins-double-voting-backups", "Twins: f backups run as two copies each",
+             "no certificate mixes digests", _cfg(byz=lambda n, s: _byz(n, "twins", first=1))),
+    Scenario("S-11", "twins-amnesia", "Twins where one twin restarts with an empty log mid-run",
+             "prepared requests survive into new views", _cfg(byz=lambda n, s: _byz(n, "twins-amnesia"),
+                                                              faults=frozenset({"crash", "loss"}))),
+    Scenario("S-12", "small-scope-mutations", "f replicas mutate single messages (view/seqno +-1, digest, "
+             "request, omission, repeat, reply result)", "no agreement/validity/integrity violation",
+             _cfg(byz=lambda n, s: _byz(n, "mutate", first=s % n), faults=frozenset({"loss", "reorder"}))),
+    Scenario("S-13", "forged-view-changes", "f replicas send fabricated, per-receiver inconsistent ViewChange "
+             "and wrong NewView messages and start view changes", "bad ones rejected; progress",
+             _cfg(byz=lambda n, s: _byz(n, "forge-view-change", first=s % n), faults=frozenset({"crash"}))),
+    Scenario("S-14", "sequence-number-abuse", "a primary using sequence numbers above H, near 2^63, "
+             "skipped and reused", "rejected; view change; memory bounded",
+             _cfg(byz=lambda n, s: _byz(n, "seq-abuse"))),
+    Scenario("S-15", "replay", "f replicas re-send their genuine old messages across views and checkpoints, "
+             "and the network replays old packets", "ignored; nothing executed twice",
+             _cfg(byz=lambda n, s: _byz(n, "replay", first=s % n), faults=frozenset({"replay", "crash"}))),
+    Scenario("S-17", "lagging-replica-corrupt-state", "a replica misses > 3 checkpoint windows while f "
+             "replicas serve corrupt state and announce wrong checkpoint digests",
+             "only certified state accepted; the replica rejoins",
+             _cfg(byz=lambda n, s: _byz(n, "corrupt-state"), script_fn=_lag_script, ops=40,
+                  cluster=dict(checkpoint_interval_seqnos=4, log_window_seqnos=8), fault_phase_ms=1200.0),
+             _lagging_check),
+    Scenario("S-18", "hold-certificate-then-silent", "f replicas send their commits to one replica only, "
+             "then go silent", "no permanent stall", _cfg(byz=lambda n, s: _byz(n, "hold-and-silent"))),
+    Scenario("S-22", "censoring-primary", "the primary drops every request of one client",
+             "the censored client's requests execute within f+1 view changes",
+             _cfg(byz=lambda n, s: _byz(n, "censor")), _censor_check),
+    Scenario("S-24", "wrong-results", "f replicas reply to clients with wrong results",
+             "clients never accept a wrong result", _cfg(byz=lambda n, s: _byz(n, "wrong-results", first=1)),
+             _no_wrong_results),
+    Scenario("S-25", "view-change-storm", "f replicas push view changes for ever higher views",
+             "one replica cannot move the cluster; no view change",
+             _cfg(byz=lambda n, s: _byz(n, "view-storm", first=1)), _storm_check),
+    Scenario("S-21a", "slow-backups", "f backups delay everything they send to just under the timeout",
+             "safety; liveness", _cfg(byz=lambda n, s: _byz(n, "slow", first=1))),
+    Scenario("S-28a", "twins-beyond-threshold", "negative control: f+1 replicas run as Twins",
+             "the oracles MUST detect broken agreement",
+             _cfg(byz=lambda n, s: tuple((i, "twins") for i in range(f_of(n) + 1)), allow_beyond_f=True),
+             negative=True),
+    Scenario("S-28b", "silent-beyond-threshold", "negative control: f+1 replicas silent",
+             "the oracles MUST report the lost liveness",
+             _cfg(byz=lambda n, s: tuple((i, "silent") for i in range(1, f_of(n) + 2)), allow_beyond_f=True,
+                  liveness_bound_ms=5_000.0),
+             negative=True),
+]
+
+PENDING = [
+    ("S-16", "client timestamp abuse (reuse, reset, maximum, shared id)", "Byzantine clients"),
+    ("S-19", "client with an authenticator valid only at the primary", "Byzantine clients and the cost model"),
+    ("S-20", "client flooding", "Byzantine clients and the cost model"),
+    ("S-21", "slow primary, throughput >= 60%", "the cost model"),
+    ("S-23", "replica flooding, throughput >= 50%", "the cost model"),
+]
+
+BY_NAME = {s.name: s for s in SCENARIOS} | {s.id: s for s in SCENARIOS}
+
+
+def find(name: str) -> Scenario:
+    s = BY_NAME.get(name) or BY_NAME.get(name.upper())
+    if s is None:
+        raise KeyError(name)
+    return s
+
+
+def run_scenario(sc: Scenario, replicas: int, seeds: range, on_run=None) -> ScenarioResult:
+    out = ScenarioResult(sc)
+    for seed in seeds:
+        cfg = sc.build(replicas, seed)
+        sim = Simulation(cfg, observer=sc.observer() if sc.observer else None)
+        res = sim.run()
+        out.runs += 1
+        out.ops_committed += res.ops_committed
+        out.view_changes += res.view_changes
+        out.violations += len(res.violations)
+        out.liveness_failures += res.liveness_failure is not None
+        if sc.negative:
+            out.detected += (not res.ok)
+        elif sc.check is not None and res.ok:
+            for e in sc.check(sim, res):
+                out.expectation_failures.append(f"seed {seed}: {e}")
+        if on_run is not None:
+            on_run(seed, sim, res)
+    return out
+
+
+# ---- swarm --------------------------------------------------------------------------------
+
+SWARM_BEHAVIOURS = ["silent", "slow", "equivocate", "mutate", "replay", "forge-view-change", "seq-abuse",
+                    "censor", "flood", "corrupt-state", "wrong-results", "view-storm", "hold-and-silent",
+                    "twins", "twins-amnesia"]
+
+
+def swarm_config(replicas: int, seed: int) -> SimConfig:
+    """A random subset of network faults and up to f Byzantine replicas, at random intensities."""
+    rng = random.Random(f"{seed}/swarm")
+    f = f_of(replicas)
+    faults = frozenset(x for x in ALL_FAULTS if rng.random() < 0.5)
+    k = rng.randint(0, f)
+    ids = rng.sample(range(replicas), k)
+    twins_kind = rng.choice(["twins", "twins-amnesia"])
+    byz = []
+    for i in ids:
+        b = rng.choice(SWARM_BEHAVIOURS)
+        if b.startswith("twins"):
+            b = twins_kind  # one Twins group per run
+        byz.append((i, b))
+    return SimConfig(seed=seed, replicas=replicas, faults=faults, byzantine=tuple(byz),
+                     clients=rng.randint(1, 5), ops=rng.randint(5, 30))

@@ -1,0 +1,58 @@
+"""The scenario catalogue with Byzantine replicas (issue: adversaries), negative controls, swarm."""
+
+import pytest
+
+from pbft.sim.byzantine import BEHAVIOUR_NAMES
+from pbft.sim.scenarios import SCENARIOS, find, run_scenario, swarm_config
+from pbft.sim.simulator import ALL_FAULTS, SimConfig, Simulation
+
+SEEDS = {4: range(3), 7: range(2)}
+
+
+@pytest.mark.parametrize("n", [4, 7])
+@pytest.mark.parametrize("sc", SCENARIOS, ids=[s.id for s in SCENARIOS])
+def test_scenario(sc, n):
+    r = run_scenario(sc, n, SEEDS[n])
+    if sc.negative:
+        assert r.detected > 0, f"{sc.id}: the oracles did not detect the break (negative control)"
+    else:
+        assert r.violations == 0 and r.liveness_failures == 0, (sc.id, r)
+        assert r.expectation_failures == [], r.expectation_failures
+
+
+@pytest.mark.parametrize("behaviour", [b for b in BEHAVIOUR_NAMES if b != "honest"])
+def test_every_behaviour_keeps_safety_and_liveness_n4(behaviour):
+    for seed in range(4):
+        sc = SimConfig(seed=seed, replicas=4, faults=frozenset(ALL_FAULTS) if seed % 2 else frozenset(),
+                       fault_phase_ms=1500.0, byzantine=((seed % 4, behaviour),))
+        res = Simulation(sc).run()
+        assert res.ok, (behaviour, seed, res.violations[:3], res.liveness_failure)
+
+
+def test_swarm_300_seeds_n4():
+    bad = []
+    for seed in range(300):
+        res = Simulation(swarm_config(4, seed)).run()
+        if not res.ok:
+            bad.append((seed, res.violations[:2], res.liveness_failure))
+    assert bad == [], f"reproduce: pbft sim --swarm --replicas 4 --seeds 1 --first-seed SEED: {bad}"
+
+
+def test_swarm_60_seeds_n7():
+    bad = []
+    for seed in range(60):
+        res = Simulation(swarm_config(7, seed)).run()
+        if not res.ok:
+            bad.append((seed, res.violations[:2], res.liveness_failure))
+    assert bad == [], f"reproduce: pbft sim --swarm --replicas 7 --seeds 1 --first-seed SEED: {bad}"
+
+
+def test_too_many_byzantine_replicas_refused_outside_negative_controls():
+    with pytest.raises(ValueError, match="exceed f"):
+        Simulation(SimConfig(seed=0, byzantine=((0, "silent"), (1, "silent"))))
+
+
+def test_scenario_lookup_by_id_and_name():
+    assert find("S-09") is find("twins-equivocating-primary")
+    with pytest.raises(KeyError):
+        find("no-such-scenario")
