@@ -236,3 +236,21 @@ def test_read_after_tentative_write_survives_rollback():
     (out,) = reader.take_outcomes()
     assert decode_result(out.result) == ("ok", b"2")
     assert c.get(1, b"a", read_only=True) == ("ok", b"2")
+
+
+def test_cached_reply_of_a_tentative_execution_stays_tentative():
+    """Found by the swarm (Twins amnesia): a retransmitted request whose execution is still
+    tentative must not get a committed reply, or f+1 replies (one Byzantine) would convince
+    the client of a result that a view change can undo."""
+    c = Cluster()
+    c.put(0, b"a", b"1")
+    c.drop = lambda src, dst, raw: commit_in_view(raw, 0)
+    cl = c.clients[1]
+    cl.invoke(encode_op("put", b"a", b"2"), False, c.now)
+    raw = cl.out[0][1]
+    c.run()
+    assert all(r.last_exec == 2 and r.last_committed_exec == 1 for r in c.replicas)
+    for r in c.replicas:
+        r.receive(raw, c.now)  # the client retransmits
+    replies = [c.codec.parse(c.codec.open_frame(x)) for r in c.replicas for _, x in r.take_sends()]
+    assert replies and all(rep.tentative for rep in replies)

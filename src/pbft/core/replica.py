@@ -133,6 +133,7 @@ class Replica:
         self.last_committed_exec = 0
         self.exec_log: dict[int, tuple[bytes, Batch]] = {}  # executed seqnos > h
         self.last_reply: dict[int, tuple[int, bytes]] = {}  # client -> (timestamp, result)
+        self.last_exec_seqno: dict[int, int] = {}  # client -> seqno of its last execution here (local)
 
         # checkpoints
         self.ckpts: dict[int, tuple[bytes, bytes]] = {0: self._checkpoint_of(0)}  # seqno -> (digest, state)
@@ -311,7 +312,9 @@ class Replica:
         last = self.last_reply.get(c)
         if last is not None and t <= last[0] and not self.bug_no_ts:
             if t == last[0]:
-                self._send_reply(req, last[1], tentative=False)
+                # the cached reply is only as final as the execution that produced it
+                tentative = self.last_exec_seqno.get(c, 0) > self.last_committed_exec
+                self._send_reply(req, last[1], tentative=tentative)
                 self._drop("request-retransmitted")
             else:
                 self._drop("request-old-timestamp")
@@ -609,6 +612,7 @@ class Replica:
                 continue  # exactly-once: ordered twice, executed once
             result = self.service.execute(req.op, c, batch.nondet, False)
             self.last_reply[c] = (t, result)
+            self.last_exec_seqno[c] = n
             executed.append((c, t, req.op))
             self._send_reply(req, result, tentative=tentative)
             p = self.pending.get(c)
