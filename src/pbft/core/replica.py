@@ -131,7 +131,8 @@ class Replica:
         self.seq_assigned = 0  # primary: last sequence number assigned
         self.last_exec = 0
         self.last_committed_exec = 0
-        self.exec_log: dict[int, tuple[bytes, Batch]] = {}  # executed seqnos > h
+        # executed seqnos > h: (digest, batch, ((client, timestamp), ...) executed)
+        self.exec_log: dict[int, tuple[bytes, Batch, tuple]] = {}
         self.last_reply: dict[int, tuple[int, bytes]] = {}  # client -> (timestamp, result)
         self.last_exec_seqno: dict[int, int] = {}  # client -> seqno of its last execution here (local)
 
@@ -576,6 +577,7 @@ class Replica:
                     break
                 self.last_committed_exec = k
                 self._trace_ev("promote", k)
+                self._committed(k)
                 if k % self.K == 0:
                     self._take_checkpoint(k, self.tentative_snaps.pop(k))
                 progressed = True
@@ -591,8 +593,6 @@ class Replica:
                 break
             progressed = True
         if progressed:
-            if self.view_active:
-                self.vc_timeout = self.cfg.view_change_timeout_ms
             self._drain_read_only()
             if self.is_primary:
                 self._try_send_preprepare()
@@ -615,23 +615,31 @@ class Replica:
             self.last_exec_seqno[c] = n
             executed.append((c, t, req.op))
             self._send_reply(req, result, tentative=tentative)
-            p = self.pending.get(c)
-            if p is not None and p.req.timestamp <= t:
-                del self.pending[c]
             if self.inflight.get(c, 0) <= t:
                 self.inflight.pop(c, None)
         self.last_exec = n
+        self.exec_log[n] = (slot.digest, batch, tuple((c, t) for c, t, _ in executed))
+        self._trace_ev("execute", n, slot.digest, batch, tuple(executed), tentative)
         if not tentative:
             self.last_committed_exec = n
-        self.exec_log[n] = (slot.digest, batch)
-        self._trace_ev("execute", n, slot.digest, batch, tuple(executed), tentative)
+            self._committed(n)
         if n % self.K == 0:
             st = self._state_bytes()
             if tentative:
                 self.tentative_snaps[n] = st
             else:
                 self._take_checkpoint(n, st)
-        # request timer: restart while some known request is still unexecuted
+
+    def _committed(self, n: int) -> None:
+        """Seqno n's execution is final: its requests leave the pending set, and the request
+        timer restarts (only committed progress counts: tentative executions that never commit,
+        e.g. under a primary whose commits are missing, must not keep postponing a view change)."""
+        for c, t in self.exec_log[n][2]:
+            p = self.pending.get(c)
+            if p is not None and p.req.timestamp <= t:
+                del self.pending[c]
+        if self.view_active:
+            self.vc_timeout = self.cfg.view_change_timeout_ms
         self.req_deadline = (self.now + self.vc_timeout) if (self.pending and self.view_active) else None
 
     def _take_checkpoint(self, n: int, state: bytes) -> None:
@@ -651,7 +659,7 @@ class Replica:
         ok = self._install_state_bytes(st)
         assert ok, "own checkpoint must decode"
         for k in range(base + 1, target + 1):
-            _, batch = self.exec_log[k]
+            _, batch, _ = self.exec_log[k]
             for rfr, req in self.codec.batch_requests(batch):
                 last = self.last_reply.get(req.client)
                 if last is not None and req.timestamp <= last[0] and not self.bug_no_ts:
@@ -706,10 +714,13 @@ class Replica:
             # the certificate proves everything up to n committed: promote
             st = self.tentative_snaps[n]
             if self._ckpt_digest(n, st) == d:
+                for k in range(self.last_committed_exec + 1, n + 1):
+                    self._committed(k)
                 self.last_committed_exec = n
                 self._trace_ev("promote", n)
                 del self.tentative_snaps[n]
                 self._take_checkpoint(n, st)
+                self._try_execute()  # later slots may have committed meanwhile: promote them too
                 return
         if own is not None and own[0] != d:
             self._trace_ev("checkpoint-mismatch", n, own[0], d)
@@ -815,7 +826,18 @@ class Replica:
     # status: repair of lost messages
     # =====================================================================
     def _send_status(self) -> None:
-        self._broadcast(Status(self.view, self.view_active, self.h, self.last_committed_exec, self.id))
+        # report the point up to which this view's agreement is complete here: a sequence number
+        # executed in an earlier view but not yet committed in this one still needs our peers'
+        # prepares and commits (and they need ours)
+        upto = self.last_committed_exec
+        for n in sorted(self.slots):
+            if n > upto:
+                break
+            sl = self.slots[n]
+            if sl.view == self.view and not sl.committed:
+                upto = max(n - 1, self.h)
+                break
+        self._broadcast(Status(self.view, self.view_active, self.h, upto, self.id))
 
     def on_status(self, s: Status, fr: Frame) -> None:
         r = s.replica
