@@ -24,7 +24,7 @@ from pbft.config import ClusterConfig
 from pbft.crypto import MAC_SIZE, KeyRing, digest, digest1, keyrings_for, mac
 from pbft.messages import (
     ALL_REPLICAS, NULL_BATCH, Batch, Checkpoint, Commit, Data, Fetch, NewView, PrePrepare, Prepare, Reply,
-    Request, Status, ViewChange, ViewChangeAck, FetchBatch, BatchData,
+    Request, Status, ViewChange, ViewChangeAck, FetchBatch, BatchData, Vouch,
 )
 
 MASTER = b"k" * 32
@@ -101,6 +101,8 @@ def all_messages() -> list[tuple[str, object, int | None]]:
         ("data-empty", Data(0, CKPT_D, 0, b""), 3),
         ("fetch-batch", FetchBatch(BATCH_DIGEST, 2), None),
         ("batch-data", BatchData(BATCH_DIGEST, 1, BATCH), 2),
+        ("vouch", Vouch(3, (BATCH_DIGEST, BATCH2_DIGEST)), None),
+        ("vouch-empty", Vouch(0, ()), None),
     ]
 
 
@@ -362,7 +364,7 @@ def test_sender_out_of_range(sender):
 
 @pytest.mark.parametrize("raw,reason", [
     (packb([0, 1, packb([1, 1, D]), b"", bytes(N * MAC_SIZE)]), "bad-tag"),
-    (packb([15, 1, packb([1, 1, D]), b"", bytes(N * MAC_SIZE)]), "bad-tag"),
+    (packb([16, 1, packb([1, 1, D]), b"", bytes(N * MAC_SIZE)]), "bad-tag"),
     (packb([True, 1, packb([1, 1, D]), b"", bytes(N * MAC_SIZE)]), "bad-tag"),
     (packb([4, 1, packb([1, 1, D]), b"", bytes(N * MAC_SIZE - 1)]), "bad-auth-size"),
     (packb([4, 1, packb([1, 1, D]), b"", bytes(MAC_SIZE)]), "bad-auth-size"),
@@ -625,7 +627,7 @@ def test_fuzz_msgpack_structures_as_headers(tag, who, obj):
     feed(raw)
 
 
-ARITY = {1: 4, 2: 7, 3: 3, 4: 3, 5: 3, 6: 2, 7: 4, 8: 5, 9: 3, 10: 6, 11: 2, 12: 2, 13: 1, 14: 1}
+ARITY = {1: 4, 2: 7, 3: 3, 4: 3, 5: 3, 6: 2, 7: 4, 8: 5, 9: 3, 10: 6, 11: 2, 12: 2, 13: 1, 14: 1, 15: 1}
 
 
 @FUZZ

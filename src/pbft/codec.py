@@ -26,7 +26,7 @@ import msgpack
 from .config import ClusterConfig
 from .crypto import DIGEST_SIZE, MAC_SIZE, KeyRing, digest, digest1
 from .messages import (
-    ALL_REPLICAS, Batch, BatchData, Checkpoint, Commit, Data, Fetch, FetchBatch, Message, NewView,
+    ALL_REPLICAS, Batch, BatchData, Checkpoint, Commit, Data, Fetch, FetchBatch, Message, NewView, Vouch,
     PrePrepare, Prepare, Reply, Request, Status, ViewChange, ViewChangeAck,
 )
 
@@ -35,7 +35,7 @@ U63 = (1 << 63) - 1
 TAG = {
     Request: 1, Reply: 2, PrePrepare: 3, Prepare: 4, Commit: 5, Checkpoint: 6,
     Status: 7, ViewChange: 8, ViewChangeAck: 9, NewView: 10, Fetch: 11, Data: 12,
-    FetchBatch: 13, BatchData: 14,
+    FetchBatch: 13, BatchData: 14, Vouch: 15,
 }
 TYPE_OF_TAG = {v: k for k, v in TAG.items()}
 # Point-to-point messages carry a single MAC; everything else an authenticator.
@@ -79,6 +79,13 @@ def batch_digest_from_request_digests(nondet: bytes, request_digests: list[bytes
 
 def result_digest(result: bytes) -> bytes:
     return digest1(b"pbft.result", result)
+
+
+def vouch_key(req: Request) -> bytes:
+    """Identity of a request for vouching: client, timestamp, operation (not the replier,
+    which a retransmission changes)."""
+    return digest(b"pbft.vouch", req.client.to_bytes(4, "big"), req.timestamp.to_bytes(8, "big"), req.op,
+                  b"\x01" if req.read_only else b"\x00")
 
 
 def state_digest(state: bytes) -> bytes:
@@ -149,6 +156,8 @@ def header_of(msg: Message) -> tuple[int, int, bytes, bytes]:
         return 12, msg.replica, packb([msg.seqno, msg.digest]), msg.state
     if t is FetchBatch:
         return 13, msg.replica, packb([msg.digest]), b""
+    if t is Vouch:
+        return 15, msg.replica, packb([list(msg.keys)]), b""
     if t is BatchData:
         return 14, msg.replica, packb([msg.digest]), encode_batch(msg.batch)
     raise TypeError(f"not a protocol message: {t.__name__}")
@@ -311,6 +320,11 @@ class Codec:
                 if fr.payload:
                     raise DecodeError("unexpected-payload")
                 return FetchBatch(_digest(d), fr.sender)
+            if tag == 15:
+                (ks,) = h
+                if fr.payload:
+                    raise DecodeError("unexpected-payload")
+                return Vouch(fr.sender, tuple(_digest(k) for k in _tuple(ks, VOUCH_KEYS_MAX, "vouch-keys")))
             if tag == 14:
                 (d,) = h
                 return BatchData(_digest(d), fr.sender, self.decode_batch(fr.payload))
@@ -389,5 +403,6 @@ class Codec:
 
 
 NONDET_SIZE_BYTES_MAX = 256
+VOUCH_KEYS_MAX = 4096
 VC_PREPREPARED_PER_SEQNO_MAX = 4
 NULL_BATCH_DIGEST = batch_digest_from_request_digests(b"", [])

@@ -169,7 +169,22 @@ class BatchData:
     batch: Batch
 
 
+@dataclass(frozen=True, slots=True)
+class Vouch:
+    """``replica`` received these requests (by vouch key) from their clients with a valid MAC.
+
+    A request is *certified* at a replica once replicas of weak-certificate weight (f+1)
+    vouch for it: at least one correct replica then saw the client send it.  Primaries
+    order only certified requests, and a backup accepts a request in a pre-prepare if its
+    own MAC verifies or the request is certified, so a client whose authenticator is
+    valid at some replicas only cannot stall a batch (and cause a view change).
+    """
+
+    replica: int
+    keys: tuple[bytes, ...]
+
+
 Message = Union[
     Request, Reply, PrePrepare, Prepare, Commit, Checkpoint, Status,
-    ViewChange, ViewChangeAck, NewView, Fetch, Data, FetchBatch, BatchData,
+    ViewChange, ViewChangeAck, NewView, Fetch, Data, FetchBatch, BatchData, Vouch,
 ]

@@ -80,7 +80,9 @@ class Client:
         self.fell_back = False
         self.retries = 0
         self.timeout = self.cfg.client_retry_timeout_ms
-        self._issue(op, read_only, broadcast=read_only)
+        # every replica gets the request from us: backups vouch for it (see messages.Vouch)
+        # and can watch the primary order it
+        self._issue(op, read_only, broadcast=True)
         return self.timestamp
 
     def take_outcomes(self) -> list[Outcome]:
@@ -138,7 +140,7 @@ class Client:
         op = self.req.op
         self.fell_back = True
         self.read_only = False
-        self._issue(op, False, broadcast=False)
+        self._issue(op, False, broadcast=True)
 
     def _on_reply(self, rep: Reply) -> None:
         req = self.req

@@ -34,18 +34,19 @@ import msgpack
 
 from ..codec import (
     NULL_BATCH_DIGEST, TAG, Codec, DecodeError, Frame, batch_digest_from_request_digests,
-    checkpoint_digest, result_digest, seal, state_digest,
+    checkpoint_digest, result_digest, seal, state_digest, vouch_key,
 )
 from ..config import ClusterConfig
 from ..crypto import KeyRing
 from ..messages import (
     ALL_REPLICAS, NULL_BATCH, Batch, BatchData, Checkpoint, Commit, Data, Fetch, FetchBatch, NewView, PrePrepare,
-    Prepare, Reply, Request, Status, ViewChange, ViewChangeAck,
+    Prepare, Reply, Request, Status, ViewChange, ViewChangeAck, Vouch,
 )
 from ..service import Service
 from .view_change import Decision, decide
 
 VIEW_LOOKAHEAD_MAX = 1 << 20  # view-change messages further ahead than this are dropped
+VOUCH_BATCH_MAX = 1024
 
 
 @dataclass(slots=True)
@@ -75,6 +76,8 @@ class ReqInfo:
     req: Request
     digest: bytes
     raw: bytes
+    key: bytes = b""  # vouch key
+    verified: bool = True  # our own MAC entry verified
 
 
 class Replica:
@@ -151,6 +154,11 @@ class Replica:
         self.req_deadline: Optional[float] = None
         self.ro_queue: dict[int, ReqInfo] = {}
         self.ro_barrier = 0  # read-only requests wait until we executed this far (set by new views)
+        # request dissemination: every replica gets each request from its client, vouches for
+        # those whose MAC verifies here, and treats a request as genuine once f+1 vouch for it
+        self.known: dict[int, ReqInfo] = {}  # client -> latest request not yet executed (committed)
+        self.vouches: dict[bytes, set[int]] = {}  # vouch key -> replicas that vouched
+        self.vouch_out: list[bytes] = []
 
         self.status_deadline = now + cfg.status_interval_ms * (1 + replica_id / (4 * cfg.n))
 
@@ -158,6 +166,10 @@ class Replica:
     # driver interface
     # =====================================================================
     def take_sends(self) -> list[tuple[tuple[int, ...], bytes]]:
+        if self.vouch_out:  # one Vouch per driver step: vouches batch themselves under load
+            keys, self.vouch_out = self.vouch_out, []
+            for i in range(0, len(keys), VOUCH_BATCH_MAX):
+                self._broadcast(Vouch(self.id, tuple(keys[i:i + VOUCH_BATCH_MAX])))
         out, self.out = self.out, []
         return out
 
@@ -178,6 +190,15 @@ class Replica:
             return
         if not self.keys.verify(fr.sender, fr.digest, fr.auth, fr.multi):
             self._drop("bad-mac")
+            if fr.tag == 1 and fr.sender >= self.cfg.n:
+                # a request whose MAC for us is wrong may still be genuine (its client may be
+                # faulty towards us only): keep the body; it is used only if f+1 replicas vouch
+                try:
+                    req = self.codec.parse(fr)
+                except DecodeError:
+                    return
+                if not req.read_only:
+                    self._on_ordered_request(req, fr, verified=False)
             return
         try:
             msg = self.codec.parse(fr)
@@ -228,6 +249,9 @@ class Replica:
         self.inflight.clear()
         self.ro_queue.clear()
         self.pending.clear()
+        self.known.clear()
+        self.vouches.clear()
+        self.vouch_out.clear()
         self.req_deadline = None
         self.status_deadline = now + self.cfg.status_interval_ms / 4
         if not self.view_active:
@@ -309,10 +333,15 @@ class Replica:
         if req.read_only:
             self._on_read_only(ReqInfo(req, fr.digest, fr.raw))
             return
+        self._on_ordered_request(req, fr, verified=True)
+
+    def _on_ordered_request(self, req: Request, fr: Frame, verified: bool) -> None:
         c, t = req.client, req.timestamp
         last = self.last_reply.get(c)
         if last is not None and t <= last[0] and not self.bug_no_ts:
-            if t == last[0]:
+            if not verified:
+                self._drop("request-unverified-old")
+            elif t == last[0]:
                 # the cached reply is only as final as the execution that produced it
                 tentative = self.last_exec_seqno.get(c, 0) > self.last_committed_exec
                 self._send_reply(req, last[1], tentative=tentative)
@@ -320,31 +349,88 @@ class Replica:
             else:
                 self._drop("request-old-timestamp")
             return
+        key = vouch_key(req)
+        cur = self.known.get(c)
+        if cur is not None:
+            if cur.verified and not verified:
+                self._drop("request-unverified")  # never displaces what the client surely sent
+                return
+            if cur.verified == verified:
+                if cur.req.timestamp > t:
+                    self._drop("request-superseded")
+                    return
+                if cur.req.timestamp == t:
+                    if cur.key != key:
+                        self._drop("request-timestamp-reused")
+                    else:
+                        self._drop("request-duplicate")
+                        if verified:
+                            # a retransmission: the client is still waiting. Vouch again (ours may
+                            # have been lost) and make sure the primary has the request
+                            self.vouch_out.append(key)
+                            if self.view_active and not self.is_primary and c in self.pending:
+                                self._send_to(self.primary(), fr.raw)
+                            self._consider(c)
+                    return
+            if cur.key != key:
+                self.vouches.pop(cur.key, None)
+        elif len(self.known) >= self.cfg.pending_requests_max:
+            self._drop("known-requests-full")
+            return
+        ri = ReqInfo(req, fr.digest, fr.raw, key, verified)
+        self.known.pop(c, None)
+        self.known[c] = ri  # (re)inserted last: the primary batches in arrival order
+        if verified:
+            self._add_vouch(key, self.id)
+            self.vouch_out.append(key)
+        self._consider(c)
+
+    def _add_vouch(self, key: bytes, r: int) -> None:
+        vs = self.vouches.get(key)
+        if vs is None:
+            if len(self.vouches) >= 8 * max(self.cfg.clients_max, 16):
+                del self.vouches[next(iter(self.vouches))]  # bounded: forget the oldest
+            vs = self.vouches[key] = set()
+        vs.add(r)
+
+    def _certified(self, key: bytes) -> bool:
+        vs = self.vouches.get(key)
+        return vs is not None and self._weight(vs) >= self.weak
+
+    def _consider(self, c: int) -> None:
+        """A known request became (or may have become) certified: order it, or watch the primary."""
+        ri = self.known.get(c)
+        if ri is None or not self._certified(ri.key):
+            return
+        t = ri.req.timestamp
         if self.view_active and self.is_primary:
             if self.inflight.get(c, 0) >= t:
-                self._drop("request-in-flight")
                 return
             cur = self.queue.get(c)
-            if cur is not None and cur.req.timestamp > t:
-                self._drop("request-older-than-queued")
+            if cur is not None and cur.req.timestamp >= t:
                 return
-            if cur is None and len(self.queue) >= self.cfg.pending_requests_max:
-                self._drop("queue-full")
-                return
-            self.queue[c] = ReqInfo(req, fr.digest, fr.raw)
+            self.queue[c] = ri
             self._try_send_preprepare()
             return
-        # backup: remember it for the request timer and make sure the primary has it
         cur = self.pending.get(c)
         if cur is None or cur.req.timestamp < t:
-            if cur is None and len(self.pending) >= self.cfg.pending_requests_max:
-                self._drop("pending-full")
-                return
-            self.pending[c] = ReqInfo(req, fr.digest, fr.raw)
-        if self.view_active:
-            self._send_to(self.primary(), fr.raw)
-            if self.req_deadline is None:
-                self.req_deadline = self.now + self.vc_timeout
+            self.pending[c] = ri
+        if self.view_active and self.req_deadline is None:
+            self.req_deadline = self.now + self.vc_timeout
+
+    def on_vouch(self, m: Vouch, fr: Frame) -> None:
+        keys = set(m.keys)
+        for k in keys:
+            self._add_vouch(k, m.replica)
+        for c, ri in list(self.known.items()):
+            if ri.key in keys:
+                self._consider(c)
+        # pre-prepares held back for want of vouches may now be acceptable
+        for n, slot in list(self.slots.items()):
+            if slot.held_pp is not None and slot.digest is None and slot.view == self.view:
+                pp, raw = slot.held_pp
+                if self._check_batch(pp.batch, pp.digest, check_nondet=not self._weakly_prepared(slot, pp.digest)) is None:
+                    self._accept_preprepare(pp, raw, slot)
 
     def _read_only_ready(self) -> bool:
         """Whether our state reflects every operation a client may have seen complete.
@@ -458,7 +544,7 @@ class Replica:
             return
         batch = pp.batch
         reason = self._check_batch(batch, pp.digest, check_nondet=not self._weakly_prepared(slot, pp.digest))
-        if reason == "batch-nondet-rejected":
+        if reason in ("batch-nondet-rejected", "batch-request-unvouched"):
             # the agreed value looks wrong from here: maybe our clock, maybe an old pre-prepare
             # relayed for catch-up. Accept it once f+1 backups prepared it (one correct replica
             # checked the value when it was fresh).
@@ -489,9 +575,10 @@ class Replica:
         except DecodeError:
             return "batch-malformed"
         seen = set()
+        unvouched = False
         for rfr, req in reqs:
-            if not self.keys.verify(rfr.sender, rfr.digest, rfr.auth, True):
-                return "batch-request-bad-mac"
+            if not self.keys.verify(rfr.sender, rfr.digest, rfr.auth, True) and not self._certified(vouch_key(req)):
+                unvouched = True
             if req.read_only:
                 return "batch-read-only-request"
             if req.client in seen:
@@ -500,6 +587,8 @@ class Replica:
         if not self.bug_skip_digest:
             if batch_digest_from_request_digests(batch.nondet, [r.digest for r, _ in reqs]) != d:
                 return "batch-digest-mismatch"
+        if unvouched:
+            return "batch-request-unvouched"
         if check_nondet and reqs and not self.service.check_nondet(batch.nondet, self.now):
             return "batch-nondet-rejected"
         return None
@@ -638,6 +727,10 @@ class Replica:
             p = self.pending.get(c)
             if p is not None and p.req.timestamp <= t:
                 del self.pending[c]
+            k = self.known.get(c)
+            if k is not None and k.req.timestamp <= t:
+                del self.known[c]
+                self.vouches.pop(k.key, None)
         if self.view_active:
             self.vc_timeout = self.cfg.view_change_timeout_ms
         self.req_deadline = (self.now + self.vc_timeout) if (self.pending and self.view_active) else None
@@ -1170,11 +1263,9 @@ class Replica:
                 self._check_prepared(n, slot)
         if primary:
             # propose what clients asked the backups (our old selves) to order
-            for c, ri in self.pending.items():
-                last = self.last_reply.get(c)
-                if last is None or ri.req.timestamp > last[0]:
-                    self.queue[c] = ri
             self.pending.clear()
+            for c in list(self.known):
+                self._consider(c)
         elif self.pending:
             self.req_deadline = self.now + self.vc_timeout
         self._try_execute()
@@ -1196,4 +1287,5 @@ class Replica:
         Data: on_data,
         FetchBatch: on_fetch_batch,
         BatchData: on_batch_data,
+        Vouch: on_vouch,
     }

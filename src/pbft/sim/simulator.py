@@ -67,6 +67,8 @@ class SimConfig:
     # replicas whose clocks are off by far more than the agreed-value bound: ((replica, skew_ms), ...);
     # they count against f for liveness (they reject honest proposals) but are checked for safety
     skewed: tuple = ()
+    # Byzantine clients, by behaviour name (see sim/byzantine_clients.py), in addition to `clients`
+    byz_clients: tuple = ()
 
 
 @dataclass
@@ -95,7 +97,7 @@ class Simulation:
         self.rng_work = random.Random(f"{s}/work")
         self.rng_clock = random.Random(f"{s}/clock")
         n = sc.replicas
-        cfg = ClusterConfig.create(n, clients_max=max(sc.clients, 1), **sc.cluster)
+        cfg = ClusterConfig.create(n, clients_max=max(sc.clients + len(sc.byz_clients), 1), **sc.cluster)
         if sc.bugs:
             cfg = cfg.with_bugs(sc.bugs)
         self.cfg = cfg
@@ -167,6 +169,11 @@ class Simulation:
             from .byzantine import make_behaviours
 
             self.byz = make_behaviours(self, sc.byzantine)
+        self.byz_clients: dict[int, object] = {}
+        if sc.byz_clients:
+            from .byzantine_clients import make_byz_clients
+
+            self.byz_clients = make_byz_clients(self, sc.byz_clients, n + sc.clients)
 
     def _on_trace(self, r: int, ev: tuple) -> None:
         self.oracles.on_event(r, ev)
@@ -198,7 +205,7 @@ class Simulation:
     def _node(self, pid: int):
         if pid < self.sc.replicas:
             return self.byz.get(pid) or self.replicas[pid]
-        return self.clients[pid]
+        return self.clients.get(pid) or self.byz_clients[pid]
 
     def _local(self, pid: int) -> float:
         return self.now + (self.skew[pid] if pid < self.sc.replicas else 0.0)
@@ -427,6 +434,8 @@ class Simulation:
             self._schedule_wake(r)
         for c in self.client_ids:
             self._next_op(c)
+        for c in self.byz_clients:
+            self._schedule_wake(c)
         live_deadline = self.fault_end + self.sc.liveness_bound_ms
         finish_at: Optional[float] = None
         liveness: Optional[str] = None
@@ -447,9 +456,11 @@ class Simulation:
                     node.receive(b, self._local(a))
                     if a not in self.byz:
                         oracles.after_step(node)
-                else:
+                elif a in self.clients:
                     node.receive(b, self.now)
                     self._client_outcomes(a)
+                else:
+                    node.receive(b, self.now)
                 self._flush(a)
                 self._schedule_wake(a)
             elif kind == WAKE:
@@ -461,7 +472,7 @@ class Simulation:
                 if a < n:
                     if a not in self.byz:
                         oracles.after_step(node)
-                else:
+                elif a in self.clients:
                     self._client_outcomes(a)
                 self._flush(a)
                 self._schedule_wake(a)
