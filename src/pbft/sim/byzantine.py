@@ -374,7 +374,7 @@ class CorruptState(Behaviour):
         msg = self.parse(raw)
         if isinstance(msg, Fetch):
             # serve something for any checkpoint asked for: stale or corrupt state
-            have = self.node.ckpts.get(msg.seqno) or next(iter(self.node.ckpts.values()))
+            have = self.node.ckpts.get(msg.seqno) or next(iter(self.node.ckpts.values()), (b"", b"\x00"))
             state = bytearray(have[1] or b"\x00")
             state[self.rng.randrange(len(state))] ^= 0x55
             self.extra.append(((msg.replica,), self.seal(Data(msg.seqno, msg.digest, self.rid, bytes(state)),
