@@ -212,6 +212,18 @@ SCENARIOS: list[Scenario] = [
     Scenario("S-15", "replay", "f replicas re-send their genuine old messages across views and checkpoints, "
              "and the network replays old packets", "ignored; nothing executed twice",
              _cfg(byz=lambda n, s: _byz(n, "replay", first=s % n), faults=frozenset({"replay", "crash"}))),
+    Scenario("S-16", "client-timestamp-abuse", "Byzantine clients reuse a timestamp with another operation, "
+             "reset timestamps, use the maximum timestamp, and share one identity between two processes",
+             "exactly-once (the S3 oracle); cached replies on duplicates; no view change",
+             _cfg(byz_clients=("ts-reuse", "ts-reset", "ts-max", "shared-id")), _views_at_most(lambda f: 0)),
+    Scenario("S-19", "bad-authenticator-clients", "a client whose authenticators are valid only at the "
+             "current primary, and one whose authenticators are valid nowhere",
+             "no view change caused; correct clients served",
+             _cfg(byz_clients=("bad-auth-primary", "bad-auth-all")), _views_at_most(lambda f: 0)),
+    Scenario("S-20", "client-flooding", "a client sending ~100x a correct client's rate, requests at the size "
+             "limit, and requests under identities it has no key for",
+             "queues bounded (R1); correct clients served; no view change",
+             _cfg(byz_clients=("flood",)), _views_at_most(lambda f: 0)),
     Scenario("S-17", "lagging-replica-corrupt-state", "a replica misses > 3 checkpoint windows while f "
              "replicas serve corrupt state and announce wrong checkpoint digests",
              "only certified state accepted; the replica rejoins",
@@ -243,11 +255,11 @@ SCENARIOS: list[Scenario] = [
 ]
 
 PENDING = [
-    ("S-16", "client timestamp abuse (reuse, reset, maximum, shared id)", "Byzantine clients"),
-    ("S-19", "client with an authenticator valid only at the primary", "Byzantine clients and the cost model"),
-    ("S-20", "client flooding", "Byzantine clients and the cost model"),
-    ("S-21", "slow primary, throughput >= 60%", "the cost model"),
-    ("S-23", "replica flooding, throughput >= 50%", "the cost model"),
+    ("S-19/20 floors", "throughput >= 90% with bad-authenticator clients, >= 70% under client flooding",
+     "the simulated cost model"),
+    ("S-21", "slow primary detected, throughput >= 60% over a minute", "the cost model and slow-primary detection"),
+    ("S-23 floor", "replica flooding, throughput >= 50%", "the cost model (safety and liveness are checked by "
+     "the flood behaviour in the swarm)"),
 ]
 
 BY_NAME = {s.name: s for s in SCENARIOS} | {s.id: s for s in SCENARIOS}
@@ -283,6 +295,7 @@ def run_scenario(sc: Scenario, replicas: int, seeds: range, on_run=None) -> Scen
 
 # ---- swarm --------------------------------------------------------------------------------
 
+SWARM_CLIENTS = ["bad-auth-primary", "bad-auth-all", "ts-reuse", "ts-reset", "ts-max", "shared-id"]
 SWARM_BEHAVIOURS = ["silent", "slow", "equivocate", "mutate", "replay", "forge-view-change", "seq-abuse",
                     "censor", "flood", "corrupt-state", "wrong-results", "view-storm", "hold-and-silent",
                     "twins", "twins-amnesia"]
@@ -302,5 +315,6 @@ def swarm_config(replicas: int, seed: int) -> SimConfig:
         if b.startswith("twins"):
             b = twins_kind  # one Twins group per run
         byz.append((i, b))
-    return SimConfig(seed=seed, replicas=replicas, faults=faults, byzantine=tuple(byz),
+    byz_clients = tuple(rng.sample(SWARM_CLIENTS, rng.randint(0, 2))) if rng.random() < 0.4 else ()
+    return SimConfig(seed=seed, replicas=replicas, faults=faults, byzantine=tuple(byz), byz_clients=byz_clients,
                      clients=rng.randint(1, 5), ops=rng.randint(5, 30))
