@@ -12,7 +12,11 @@ SEEDS = {4: range(3), 7: range(2)}
 @pytest.mark.parametrize("n", [4, 7])
 @pytest.mark.parametrize("sc", SCENARIOS, ids=[s.id for s in SCENARIOS])
 def test_scenario(sc, n):
-    r = run_scenario(sc, n, range(10) if sc.negative else SEEDS[n])
+    seeds = range(10) if sc.negative else range(1) if sc.floor is not None else SEEDS[n]
+    r = run_scenario(sc, n, seeds)
+    if sc.floor is not None:
+        # throughput under attack, against the fault-free run of the same seed (cost model)
+        assert r.ratio is not None and r.ratio >= sc.floor, (sc.id, r.throughput, r.baseline)
     if sc.negative:
         assert r.detected > 0, f"{sc.id}: the oracles did not detect the break (negative control)"
     else:

@@ -81,6 +81,11 @@ def cmd_scenario(args) -> int:
            "expectation_failures": len(r.expectation_failures), "ok": r.ok}
     if sc.negative:
         out["detected"] = r.detected
+    if sc.floor is not None:
+        out["throughput_ops_per_s"] = round(r.throughput or 0.0, 1)
+        out["baseline_ops_per_s"] = round(r.baseline or 0.0, 1)
+        out["throughput_vs_baseline"] = round(r.ratio or 0.0, 3)
+        out["floor"] = sc.floor
     if args.json:
         out["wall_seconds"] = round(time.perf_counter() - t0, 2)
         out["expectation_details"] = r.expectation_failures[:10]
@@ -94,7 +99,11 @@ def cmd_scenario(args) -> int:
         print(f"(wall time {time.perf_counter() - t0:.1f}s)", file=sys.stderr)
         print(f"scenario={sc.id} runs={r.runs} ops_committed={r.ops_committed} view_changes={r.view_changes} "
               f"violations={r.violations} liveness_failures={r.liveness_failures} "
-              f"expectation_failures={len(r.expectation_failures)}")
+              f"expectation_failures={len(r.expectation_failures)}"
+              + (f" throughput_vs_baseline={r.ratio or 0.0:.3f}" if sc.floor is not None else ""))
+        if sc.floor is not None:
+            print(f"  throughput {r.throughput:.0f} ops/s vs {r.baseline:.0f} ops/s fault-free (simulated CPU cost "
+                  f"model); floor {sc.floor:.0%}", file=sys.stderr)
     return 0 if r.ok else 1
 
 

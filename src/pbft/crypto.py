@@ -55,7 +55,7 @@ class KeyRing:
     ``in_keys[j]`` verifies messages it receives from ``j``.
     """
 
-    __slots__ = ("me", "n_replicas", "out_keys", "in_keys", "_zero")
+    __slots__ = ("me", "n_replicas", "out_keys", "in_keys", "_zero", "mac_ops")
 
     def __init__(self, me: int, n_replicas: int, out_keys: Mapping[int, bytes], in_keys: Mapping[int, bytes]):
         self.me = me
@@ -63,16 +63,19 @@ class KeyRing:
         self.out_keys = dict(out_keys)
         self.in_keys = dict(in_keys)
         self._zero = bytes(MAC_SIZE)
+        self.mac_ops = 0  # MACs computed or checked: what a cost model charges for
 
     def authenticator(self, d: bytes) -> bytes:
         """One MAC per replica (the entry for ourselves is zeros), concatenated."""
         out = self.out_keys
         zero = self._zero
+        self.mac_ops += self.n_replicas
         return b"".join(
             mac(out[r], d) if r in out else zero for r in range(self.n_replicas)
         )
 
     def mac_for(self, receiver: int, d: bytes) -> bytes:
+        self.mac_ops += 1
         key = self.out_keys.get(receiver)
         if key is None:
             raise KeyError(f"no session key from {self.me} to {receiver}")
@@ -80,6 +83,7 @@ class KeyRing:
 
     def verify(self, sender: int, d: bytes, auth: bytes, multi: bool) -> bool:
         """Check the MAC meant for us: the ``me``-th entry of an authenticator, or a single MAC."""
+        self.mac_ops += 1
         key = self.in_keys.get(sender)
         if key is None:
             return False

@@ -100,6 +100,7 @@ class Replica:
         self._trace = trace
         self.out: list[tuple[tuple[int, ...], bytes]] = []
         self.drops: dict[str, int] = {}
+        self.executed_requests = 0  # metric
         self.others = tuple(r for r in range(cfg.n) if r != replica_id)
         self.Qw = cfg.quorum_weight
         self.weak = cfg.weak_weight
@@ -161,6 +162,7 @@ class Replica:
         self.vouch_out: list[bytes] = []
 
         self.status_deadline = now + cfg.status_interval_ms * (1 + replica_id / (4 * cfg.n))
+        self.status_answered: dict[int, float] = {}  # peer -> when we last answered its Status
 
     # =====================================================================
     # driver interface
@@ -707,6 +709,7 @@ class Replica:
             if self.inflight.get(c, 0) <= t:
                 self.inflight.pop(c, None)
         self.last_exec = n
+        self.executed_requests += len(executed)
         self.exec_log[n] = (slot.digest, batch, tuple((c, t) for c, t, _ in executed))
         self._trace_ev("execute", n, slot.digest, batch, tuple(executed), tentative)
         if not tentative:
@@ -934,6 +937,13 @@ class Replica:
 
     def on_status(self, s: Status, fr: Frame) -> None:
         r = s.replica
+        # answers are rate-limited per peer: a flood of Status messages must not turn this
+        # replica into an amplifier
+        last = self.status_answered.get(r)
+        if last is not None and self.now - last < self.cfg.status_interval_ms / 2:
+            self._drop("status-rate-limited")
+            return
+        self.status_answered[r] = self.now
         if s.view < self.view or (s.view == self.view and not s.view_active):
             if self.view_active and self.nv_raw is not None:
                 self._send_to(r, self.nv_raw)

@@ -13,7 +13,9 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from .simulator import ALL_FAULTS, RunResult, SimConfig, Simulation
+from dataclasses import replace as _replace
+
+from .simulator import ALL_FAULTS, CostModel, RunResult, SimConfig, Simulation
 
 NET = frozenset({"loss", "dup", "reorder", "delay", "replay"})
 
@@ -29,6 +31,7 @@ class Scenario:
     negative: bool = False  # the oracles must detect a violation
     observer: Optional[Callable] = None
     needs: str = ""  # why it is not run yet, if empty it runs
+    floor: Optional[float] = None  # throughput vs the fault-free run of the same seed, cost model on
 
 
 @dataclass
@@ -41,9 +44,19 @@ class ScenarioResult:
     liveness_failures: int = 0
     expectation_failures: list[str] = field(default_factory=list)
     detected: int = 0  # negative controls: runs in which the oracles caught the break
+    throughput: Optional[float] = None  # correct clients' ops/s under the scenario (simulated time)
+    baseline: Optional[float] = None  # ... in the fault-free run of the same seeds
+
+    @property
+    def ratio(self) -> Optional[float]:
+        if self.throughput is None or not self.baseline:
+            return None
+        return self.throughput / self.baseline
 
     @property
     def ok(self) -> bool:
+        if self.scenario.floor is not None and (self.ratio is None or self.ratio < self.scenario.floor):
+            return False
         if self.scenario.negative:
             return self.detected > 0 and not self.expectation_failures
         return self.violations == 0 and self.liveness_failures == 0 and not self.expectation_failures
@@ -219,11 +232,15 @@ SCENARIOS: list[Scenario] = [
     Scenario("S-19", "bad-authenticator-clients", "a client whose authenticators are valid only at the "
              "current primary, and one whose authenticators are valid nowhere",
              "no view change caused; correct clients served",
-             _cfg(byz_clients=("bad-auth-primary", "bad-auth-all")), _views_at_most(lambda f: 0)),
+             _cfg(byz_clients=("bad-auth-primary", "bad-auth-all")), _views_at_most(lambda f: 0), floor=0.9),
     Scenario("S-20", "client-flooding", "a client sending ~100x a correct client's rate, requests at the size "
              "limit, and requests under identities it has no key for",
              "queues bounded (R1); correct clients served; no view change",
-             _cfg(byz_clients=("flood",)), _views_at_most(lambda f: 0)),
+             _cfg(byz_clients=("flood",)), _views_at_most(lambda f: 0), floor=0.7),
+    Scenario("S-23", "replica-flooding", "f backups send junk bytes and valid but useless messages "
+             "(status, far-future checkpoints, stray prepares, acks, replays) as fast as they can",
+             "correct clients keep >= 50% of the fault-free throughput (cost model)",
+             _cfg(byz=lambda n, s: _byz(n, "flood", first=1)), floor=0.5),
     Scenario("S-17", "lagging-replica-corrupt-state", "a replica misses > 3 checkpoint windows while f "
              "replicas serve corrupt state and announce wrong checkpoint digests",
              "only certified state accepted; the replica rejoins",
@@ -255,11 +272,7 @@ SCENARIOS: list[Scenario] = [
 ]
 
 PENDING = [
-    ("S-19/20 floors", "throughput >= 90% with bad-authenticator clients, >= 70% under client flooding",
-     "the simulated cost model"),
     ("S-21", "slow primary detected, throughput >= 60% over a minute", "the cost model and slow-primary detection"),
-    ("S-23 floor", "replica flooding, throughput >= 50%", "the cost model (safety and liveness are checked by "
-     "the flood behaviour in the swarm)"),
 ]
 
 BY_NAME = {s.name: s for s in SCENARIOS} | {s.id: s for s in SCENARIOS}
@@ -272,10 +285,39 @@ def find(name: str) -> Scenario:
     return s
 
 
+THROUGHPUT_WINDOW_MS = (300.0, 2000.0)
+THROUGHPUT_CLIENTS = 32
+
+
+def throughput_config(cfg: SimConfig) -> SimConfig:
+    """The same scenario as a saturating benchmark: CPU cost model, 32 closed-loop clients with no
+    think time (enough to saturate the replicas), the attack lasting the whole 2 s measurement, then
+    healing."""
+    return _replace(cfg, cost=CostModel(), clients=THROUGHPUT_CLIENTS, ops=1_000_000, think_ms=(0.0, 0.0), stop_at_heal=True,
+                    fault_phase_ms=THROUGHPUT_WINDOW_MS[1])
+
+
+def baseline_config(cfg: SimConfig) -> SimConfig:
+    return _replace(cfg, faults=frozenset(), byzantine=(), byz_clients=(), script=(), skewed=())
+
+
+def ops_in_window(sim: Simulation) -> int:
+    lo, hi = THROUGHPUT_WINDOW_MS
+    return sum(1 for k in sim.history if k.ret is not None and lo <= k.ret <= hi and k.client in sim.clients)
+
+
 def run_scenario(sc: Scenario, replicas: int, seeds: range, on_run=None) -> ScenarioResult:
     out = ScenarioResult(sc)
+    if sc.floor is not None:
+        out.throughput = out.baseline = 0.0
     for seed in seeds:
         cfg = sc.build(replicas, seed)
+        if sc.floor is not None:
+            cfg = throughput_config(cfg)
+            base = Simulation(baseline_config(cfg))
+            base.run()
+            secs = (THROUGHPUT_WINDOW_MS[1] - THROUGHPUT_WINDOW_MS[0]) / 1000.0
+            out.baseline += ops_in_window(base) / secs / len(seeds)
         sim = Simulation(cfg, observer=sc.observer() if sc.observer else None)
         res = sim.run()
         out.runs += 1
@@ -288,6 +330,8 @@ def run_scenario(sc: Scenario, replicas: int, seeds: range, on_run=None) -> Scen
         elif sc.check is not None and res.ok:
             for e in sc.check(sim, res):
                 out.expectation_failures.append(f"seed {seed}: {e}")
+        if sc.floor is not None:
+            out.throughput += ops_in_window(sim) / secs / len(seeds)
         if on_run is not None:
             on_run(seed, sim, res)
     return out

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import heapq
 import random
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -40,7 +41,27 @@ from .oracles import Oracles
 
 ALL_FAULTS = ("crash", "loss", "dup", "reorder", "delay", "replay", "partition")
 
-DELIVER, WAKE, INVOKE, FAULT = 0, 1, 2, 3
+DELIVER, WAKE, INVOKE, FAULT, CPU = 0, 1, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Simulated CPU time per unit of work at a replica (microseconds).
+
+    Each replica is one CPU: received messages wait in per-sender queues served round-robin
+    (one sender cannot starve the others: Aardvark's defence), each costs its bytes, the MACs it
+    made the replica compute or check, and the requests it made it execute; what it sends leaves
+    when it is done.  Throughput under attack is then a deterministic figure.
+    """
+
+    # calibrated on the development machine (benchmarks/mac_bench.py and codec timings): a small
+    # message's decode + handling ~5-25 us, a 30 KB request ~55 us (1.7 ns/byte, hashing), a
+    # keyed BLAKE2b MAC ~0.5 us plus overhead
+    message_us: float = 15.0
+    byte_us: float = 0.002
+    mac_us: float = 0.7
+    execute_us: float = 10.0
+    queue_per_sender_max: int = 2000
 
 
 @dataclass
@@ -69,6 +90,9 @@ class SimConfig:
     skewed: tuple = ()
     # Byzantine clients, by behaviour name (see sim/byzantine_clients.py), in addition to `clients`
     byz_clients: tuple = ()
+    cost: Optional[CostModel] = None  # simulated CPU cost; None = processing is instantaneous
+    think_ms: Optional[tuple] = None  # (lo, hi) client think time; default (0, 10)
+    stop_at_heal: bool = False  # throughput runs: clients stop starting operations when faults end
 
 
 @dataclass
@@ -141,6 +165,11 @@ class Simulation:
         self.log_events = log_events
         self.observer = observer
         self.max_events = 3_000_000
+        self.inbox: dict[int, dict[int, deque]] = {r: {} for r in range(n)}
+        self.rr: dict[int, deque] = {r: deque() for r in range(n)}
+        self.cpu_busy: set[int] = set()
+        self.cpu_free_at = [0.0] * n
+        self.cpu_dropped = 0
         self.log: list[str] = []
         self.history: list[KvOp] = []
         self.current: dict[int, KvOp] = {}
@@ -211,11 +240,58 @@ class Simulation:
         return self.now + (self.skew[pid] if pid < self.sc.replicas else 0.0)
 
     # ---- network ------------------------------------------------------------
-    def _flush(self, src: int) -> None:
+    def _flush(self, src: int, after: float = 0.0) -> None:
         for item in self._node(src).take_sends():
-            extra = item[2] if len(item) > 2 else 0.0
+            extra = (item[2] if len(item) > 2 else 0.0) + after
             for dst in item[0]:
                 self._send(src, dst, item[1], extra)
+
+    # ---- CPU model ------------------------------------------------------------
+    def _cpu_enqueue(self, r: int, raw: bytes, src: int) -> None:
+        q = self.inbox[r].get(src)
+        if q is None:
+            q = self.inbox[r][src] = deque()
+            self.rr[r].append(src)
+        if len(q) >= self.sc.cost.queue_per_sender_max:
+            self.cpu_dropped += 1
+            return
+        q.append(raw)
+        if r not in self.cpu_busy:
+            self.cpu_busy.add(r)
+            self._push(max(self.now, self.cpu_free_at[r]), CPU, r)
+
+    def _cpu_run(self, r: int) -> None:
+        rr = self.rr[r]
+        if r in self.crashed or not rr:
+            self.inbox[r].clear()
+            rr.clear()
+            self.cpu_busy.discard(r)
+            return
+        src = rr.popleft()
+        q = self.inbox[r][src]
+        raw = q.popleft()
+        if q:
+            rr.append(src)
+        else:
+            del self.inbox[r][src]
+        node = self._node(r)
+        rep = self.replicas[r]
+        keys = self.rings[r]
+        macs0, ex0 = keys.mac_ops, rep.executed_requests
+        self.cur_src = src
+        node.receive(raw, self._local(r))
+        if r not in self.byz:
+            self.oracles.after_step(rep)
+        C = self.sc.cost
+        cost_ms = (C.message_us + C.byte_us * len(raw) + C.mac_us * (keys.mac_ops - macs0)
+                   + C.execute_us * (rep.executed_requests - ex0)) / 1000.0
+        self.cpu_free_at[r] = self.now + cost_ms
+        self._flush(r, cost_ms)
+        self._schedule_wake(r)
+        if rr:
+            self._push(self.cpu_free_at[r], CPU, r)
+        else:
+            self.cpu_busy.discard(r)
 
     def _send(self, src: int, dst: int, raw: bytes, extra_delay: float = 0.0) -> None:
         self.messages += 1
@@ -350,9 +426,12 @@ class Simulation:
 
     # ---- workload -----------------------------------------------------------
     def _next_op(self, c: int) -> None:
+        if self.sc.stop_at_heal and self.healed:
+            self.remaining[c] = 0
         if self.remaining[c] <= 0 and not (self.audit[c] and self.healed):
             return
-        self._push(self.now + self.rng_work.uniform(0.0, 10.0), INVOKE, c)
+        lo, hi = self.sc.think_ms or (0.0, 10.0)
+        self._push(self.now + self.rng_work.uniform(lo, hi), INVOKE, c)
 
     def _invoke(self, c: int) -> None:
         rw = self.rng_work
@@ -452,6 +531,9 @@ class Simulation:
                 if a < n:
                     if not self.healed and (c, a) in self.blocked:
                         continue
+                    if self.sc.cost is not None:
+                        self._cpu_enqueue(a, b, c)
+                        continue
                     self.cur_src = c
                     node.receive(b, self._local(a))
                     if a not in self.byz:
@@ -476,6 +558,8 @@ class Simulation:
                     self._client_outcomes(a)
                 self._flush(a)
                 self._schedule_wake(a)
+            elif kind == CPU:
+                self._cpu_run(a)
             elif kind == INVOKE:
                 self._invoke(a)
             elif kind == FAULT:
@@ -497,7 +581,11 @@ class Simulation:
                                 f"{self.sc.liveness_bound_ms:.0f}ms after healing")
                     break
             elif self.now >= finish_at:
-                break
+                # clients are done; give a view change still in progress time to finish (its
+                # timeout may have grown) before judging convergence
+                if self._convergence() is None or self.now > live_deadline:
+                    break
+                finish_at = self.now + self.sc.quiesce_ms
         if liveness is None:
             liveness = self._convergence()
         violations = list(oracles.violations)
