@@ -33,22 +33,14 @@ def test_every_behaviour_keeps_safety_and_liveness_n4(behaviour):
         assert res.ok, (behaviour, seed, res.violations[:3], res.liveness_failure)
 
 
-def test_swarm_300_seeds_n4():
+@pytest.mark.parametrize("n,seeds", [(4, 300), (7, 60)])
+def test_swarm(n, seeds):
     bad = []
-    for seed in range(300):
-        res = Simulation(swarm_config(4, seed)).run()
+    for seed in range(seeds):
+        res = Simulation(swarm_config(n, seed)).run()
         if not res.ok:
             bad.append((seed, res.violations[:2], res.liveness_failure))
-    assert bad == [], f"reproduce: pbft sim --swarm --replicas 4 --seeds 1 --first-seed SEED: {bad}"
-
-
-def test_swarm_60_seeds_n7():
-    bad = []
-    for seed in range(60):
-        res = Simulation(swarm_config(7, seed)).run()
-        if not res.ok:
-            bad.append((seed, res.violations[:2], res.liveness_failure))
-    assert bad == [], f"reproduce: pbft sim --swarm --replicas 7 --seeds 1 --first-seed SEED: {bad}"
+    assert bad == [], f"reproduce: pbft sim --swarm --replicas {n} --seeds 1 --first-seed SEED: {bad}"
 
 
 def test_too_many_byzantine_replicas_refused_outside_negative_controls():
