@@ -72,7 +72,8 @@ def cmd_scenario(args) -> int:
                   f"--first-seed {seed} --verbose")
 
     try:
-        r = run_scenario(sc, args.replicas, range(args.first_seed, args.first_seed + args.seeds), on_run)
+        window = (300.0, float(args.measure_ms)) if args.measure_ms else (300.0, 2000.0)
+        r = run_scenario(sc, args.replicas, range(args.first_seed, args.first_seed + args.seeds), on_run, window)
     except ValueError as e:
         print(f"pbft sim: {e}", file=sys.stderr)
         return 2
@@ -185,6 +186,9 @@ def main(argv=None) -> int:
                    help="deliberately break the protocol to show the oracles catch it")
     s.add_argument("--scenario", default=None, help="run one catalogue scenario (id or name)")
     s.add_argument("--list-scenarios", action="store_true", help="list the scenario catalogue")
+    s.add_argument("--measure-ms", type=float, default=None,
+                   help="throughput scenarios: measure until this simulated time (default 2000; e.g. 60300 "
+                        "for a minute)")
     s.add_argument("--swarm", action="store_true",
                    help="random subsets of network faults and up to f Byzantine replicas per seed")
     s.add_argument("--json", action="store_true")

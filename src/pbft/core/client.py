@@ -58,6 +58,8 @@ class Client:
         self.timeout = cfg.client_retry_timeout_ms
         self.retries = 0
         self.done: list[Outcome] = []
+        self.responsive: tuple[int, ...] = ()
+        self.asked_full = False
 
     # ---- driver interface ---------------------------------------------------
     @property
@@ -107,6 +109,11 @@ class Client:
         self.now = now
         if self.deadline is None or now < self.deadline or self.req is None:
             return
+        if self.asked_full:
+            r = self.req
+            self.req = Request(r.client, r.timestamp, r.op, r.read_only, ALL_REPLICAS)
+            self._send(broadcast=True)
+            return
         if self.req.read_only:
             self._fallback()
             return
@@ -123,7 +130,11 @@ class Client:
 
     def _issue(self, op: bytes, read_only: bool, broadcast: bool) -> None:
         self.timestamp += 1
-        replier = (self.id + self.timestamp) % self.cfg.n
+        # the designated replier rotates among replicas that answered last time, so a crashed
+        # replica does not keep costing a retransmission
+        live = self.responsive or self.replicas
+        replier = live[(self.id + self.timestamp) % len(live)]
+        self.asked_full = False
         self.req = Request(self.id, self.timestamp, op, read_only, replier)
         self.replies = {}
         self.full = {}
@@ -174,14 +185,23 @@ class Client:
                 certified = d
         if certified is not None:
             if certified not in self.full:
-                return  # wait for a full reply (retransmission asks everyone for one)
+                # the result is certified but the designated replier has not sent it: give it a
+                # short grace, then ask every replica for it (they answer from their reply cache)
+                # instead of waiting out the whole retransmission timeout
+                if not self.asked_full:
+                    self.asked_full = True
+                    self.deadline = min(self.deadline or float("inf"), self.now + self.timeout / 8)
+                return
             self.view = max(self.view, max(views))
+            self.responsive = tuple(sorted(self.replies))
             self.done.append(Outcome(req.timestamp, self.full[certified], self.fell_back))
             self.req = None
             self.deadline = None
             return
         if req.read_only:
             best = max((w(rs) for rs in groups.values()), default=0)
-            silent = w([r for r in self.replicas if r not in self.replies])
+            # replicas that did not answer our last request are not waited for
+            expected = self.responsive or self.replicas
+            silent = w([r for r in expected if r not in self.replies])
             if best + silent < self.cfg.quorum_weight:
                 self._fallback()

@@ -78,6 +78,7 @@ class ReqInfo:
     raw: bytes
     key: bytes = b""  # vouch key
     verified: bool = True  # our own MAC entry verified
+    since: float = 0.0  # backups: when it became certified here (or the current view started)
 
 
 class Replica:
@@ -226,8 +227,10 @@ class Replica:
                 if self.fetch_target is not None:
                     # we are behind and fetching state: we cannot judge the primary yet
                     self.req_deadline = now + self.vc_timeout
-                else:
+                elif now - min(ri.since for ri in self.pending.values()) >= self.vc_timeout:
                     self._start_view_change(self.view + 1, "request-timer")
+                else:
+                    self._arm_request_timer()
         if self.vc_deadline is not None and now >= self.vc_deadline:
             self.vc_deadline = None
             if not self.view_active:
@@ -416,9 +419,19 @@ class Replica:
             return
         cur = self.pending.get(c)
         if cur is None or cur.req.timestamp < t:
+            ri.since = self.now
             self.pending[c] = ri
         if self.view_active and self.req_deadline is None:
-            self.req_deadline = self.now + self.vc_timeout
+            self._arm_request_timer()
+
+    def _arm_request_timer(self) -> None:
+        """Every certified request must commit within the view-change timeout of becoming known
+        here: the timer follows the oldest one, so a primary that commits some requests but
+        starves others (slow or censoring) is still replaced."""
+        if self.pending and self.view_active:
+            self.req_deadline = min(ri.since for ri in self.pending.values()) + self.vc_timeout
+        else:
+            self.req_deadline = None
 
     def on_vouch(self, m: Vouch, fr: Frame) -> None:
         keys = set(m.keys)
@@ -736,7 +749,7 @@ class Replica:
                 self.vouches.pop(k.key, None)
         if self.view_active:
             self.vc_timeout = self.cfg.view_change_timeout_ms
-        self.req_deadline = (self.now + self.vc_timeout) if (self.pending and self.view_active) else None
+        self._arm_request_timer()
 
     def _take_checkpoint(self, n: int, state: bytes) -> None:
         d = self._ckpt_digest(n, state)
@@ -1277,7 +1290,9 @@ class Replica:
             for c in list(self.known):
                 self._consider(c)
         elif self.pending:
-            self.req_deadline = self.now + self.vc_timeout
+            for ri in self.pending.values():  # the new primary gets a full timeout for each
+                ri.since = self.now
+            self._arm_request_timer()
         self._try_execute()
         self._drain_read_only()
         if primary:

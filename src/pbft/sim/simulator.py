@@ -170,6 +170,7 @@ class Simulation:
         self.cpu_busy: set[int] = set()
         self.cpu_free_at = [0.0] * n
         self.cpu_dropped = 0
+        self.cpu_used_ms = [0.0] * n
         self.log: list[str] = []
         self.history: list[KvOp] = []
         self.current: dict[int, KvOp] = {}
@@ -286,6 +287,7 @@ class Simulation:
         cost_ms = (C.message_us + C.byte_us * len(raw) + C.mac_us * (keys.mac_ops - macs0)
                    + C.execute_us * (rep.executed_requests - ex0)) / 1000.0
         self.cpu_free_at[r] = self.now + cost_ms
+        self.cpu_used_ms[r] += cost_ms
         self._flush(r, cost_ms)
         self._schedule_wake(r)
         if rr:
