@@ -52,3 +52,16 @@ def test_scenario_lookup_by_id_and_name():
     assert find("S-09") is find("twins-equivocating-primary")
     with pytest.raises(KeyError):
         find("no-such-scenario")
+
+
+def test_twins_enumerated_exhaustively_n4():
+    """Every twinned replica (primary or backup) x every first-round partition of the correct
+    replicas into sides A, B, both: 4 x 27 = 108 runs."""
+    r = run_scenario(find("S-09b"), 4, range(108))
+    assert r.runs == 108 and r.violations == 0 and r.liveness_failures == 0, r
+
+
+def test_every_single_message_mutation_n4():
+    """Seeds 0..69 enumerate every (message type, mutation) pair of the single-mutation adversary."""
+    r = run_scenario(find("S-12b"), 4, range(70))
+    assert r.violations == 0 and r.liveness_failures == 0, r

@@ -52,7 +52,7 @@ from ..codec import TAG, U63, DecodeError, checkpoint_digest, encode_batch, resu
 from ..core.replica import Replica
 from ..messages import (
     Batch, Checkpoint, Commit, Data, Fetch, NewView, PrePrepare, Prepare, Reply, Request, Status,
-    ViewChange, ViewChangeAck,
+    ViewChange, ViewChangeAck, Vouch,
 )
 from ..services.kv import KVService
 
@@ -199,12 +199,14 @@ class Mutate(Behaviour):
                 out.append(((d,), m))
         return out
 
-    def mutate(self, raw: bytes, dest: int) -> Optional[bytes]:
+    KINDS = ("view", "seqno", "digest", "request", "omit", "repeat", "result")
+
+    def mutate(self, raw: bytes, dest: int, kind: Optional[str] = None) -> Optional[bytes]:
         rng = self.rng
         msg = self.parse(raw)
         if msg is None:
             return raw
-        kind = rng.choice(["view", "seqno", "digest", "request", "omit", "repeat", "result"])
+        kind = kind or rng.choice(self.KINDS)
         if kind == "omit":
             return None
         if kind == "repeat" and self.history:
@@ -233,6 +235,38 @@ class Mutate(Behaviour):
             return self.seal(msg, to=to)
         except (DecodeError, ValueError, KeyError):
             return raw
+
+
+class MutateOne(Mutate):
+    """Exactly one small-scope mutation (ByzzFuzz): the first message of one type sent after a
+    chosen round gets one mutation. Type and mutation are enumerated from the seed, so seeds
+    0..69 cover every (message type, mutation) pair; the round is drawn from the seed."""
+
+    name = "mutate-one"
+    TYPES = (PrePrepare, Prepare, Commit, Checkpoint, ViewChange, ViewChangeAck, NewView, Reply, Status, Vouch)
+
+    def __init__(self, sim, rid, rng):
+        super().__init__(sim, rid, rng)
+        seed = sim.sc.seed
+        self.target = self.TYPES[seed % len(self.TYPES)]
+        self.kind = self.KINDS[(seed // len(self.TYPES)) % len(self.KINDS)]
+        self.at = rng.uniform(5.0, max(10.0, min(sim.fault_end, 800.0)))
+        self.done = False
+
+    def transform(self, dests, raw):
+        if self.done or self.node.now < self.at:
+            return [(dests, raw)]
+        msg = self.parse(raw)
+        if type(msg) is not self.target:
+            return [(dests, raw)]
+        self.done = True
+        self.sim._note(f"replica {self.rid}: one {self.kind} mutation of a {self.target.__name__}")
+        out = []
+        for d in dests:
+            m = self.mutate(raw, d, self.kind)
+            if m is not None:
+                out.append(((d,), m))
+        return out
 
 
 class Replay(Behaviour):
@@ -453,6 +487,17 @@ class TwinsGroup:
 
     def _new_round(self, now: float) -> None:
         rng = self.rng
+        plan = self.sim.sc.twins_plan
+        if plan and not self.sim.healed:
+            # an enumerated schedule: round 1 uses the plan's sides, then every correct replica
+            # hears both twins (maximal equivocation) until the network heals
+            if self.round_end == 0.0:
+                self.sides = dict(zip(self.sim.correct, plan))
+                self.round_end = now + 200.0
+            else:
+                self.sides = {r: "AB" for r in self.sim.correct}
+                self.round_end = float("inf") if not self.sim.healed else self.round_end
+            return
         if self.sim.healed:
             # after healing twin B falls silent: the identity behaves like one (possibly odd) replica
             self.sides = {r: "A" for r in self.sim.correct}
@@ -542,7 +587,7 @@ class _TwinNode:
 
 
 BEHAVIOURS = {cls.name: cls for cls in (
-    Behaviour, Silent, Slow, Equivocate, Mutate, Replay, ForgeViewChange, SeqAbuse, Censor, Flood,
+    Behaviour, Silent, Slow, Equivocate, Mutate, MutateOne, Replay, ForgeViewChange, SeqAbuse, Censor, Flood,
     CorruptState, WrongResults, ViewStorm, HoldAndSilent)}
 BEHAVIOUR_NAMES = sorted(set(BEHAVIOURS) | {"twins", "twins-amnesia"})
 

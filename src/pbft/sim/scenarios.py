@@ -107,6 +107,9 @@ def _cfg(**kw):
         skewed = d.pop("skewed_fn", None)
         if skewed is not None:
             d["skewed"] = skewed(n, seed)
+        plan = d.pop("plan_fn", None)
+        if plan is not None:
+            d["twins_plan"] = plan(n, seed)
         script = d.pop("script_fn", None)
         if script is not None:
             d["script"] = script(n, seed)
@@ -160,6 +163,15 @@ def _lagging_check(sim: Simulation, res: RunResult) -> list[str]:
 def _storm_check(sim: Simulation, res: RunResult) -> list[str]:
     v = _max_correct_view(sim)
     return [] if v == 0 else [f"a single replica moved correct replicas to view {v}"]
+
+
+def _twins_plan(n: int, seed: int) -> tuple:
+    k = seed // n
+    sides = []
+    for _ in range(n - 1):
+        sides.append(("A", "B", "AB")[k % 3])
+        k //= 3
+    return tuple(sides)
 
 
 def _lag_script(n: int, seed: int):
@@ -216,6 +228,14 @@ SCENARIOS: list[Scenario] = [
     Scenario("S-12", "small-scope-mutations", "f replicas mutate single messages (view/seqno +-1, digest, "
              "request, omission, repeat, reply result)", "no agreement/validity/integrity violation",
              _cfg(byz=lambda n, s: _byz(n, "mutate", first=s % n), faults=frozenset({"loss", "reorder"}))),
+    Scenario("S-12b", "single-message-mutation", "one Byzantine replica mutates exactly one message: seeds "
+             "0..69 enumerate every (message type, mutation) pair, the round comes from the seed",
+             "no agreement/validity/integrity violation", _cfg(byz=lambda n, s: (((s // 70) % n, "mutate-one"),))),
+    Scenario("S-09b", "twins-enumerated", "Twins of one replica; seeds enumerate which replica is twinned "
+             "(primary or backup) x the first round's partition of the correct replicas into sides A, B, "
+             "both (3^(n-1) x n: 108 seeds cover n=4 exhaustively), then both twins talk to everyone",
+             "safety in every run",
+             _cfg(byz=lambda n, s: ((s % n, "twins"),), plan_fn=lambda n, s: _twins_plan(n, s))),
     Scenario("S-13", "forged-view-changes", "f replicas send fabricated, per-receiver inconsistent ViewChange "
              "and wrong NewView messages and start view changes", "bad ones rejected; progress",
              _cfg(byz=lambda n, s: _byz(n, "forge-view-change", first=s % n), faults=frozenset({"crash"}))),

@@ -90,6 +90,8 @@ class SimConfig:
     skewed: tuple = ()
     # Byzantine clients, by behaviour name (see sim/byzantine_clients.py), in addition to `clients`
     byz_clients: tuple = ()
+    # Twins: an enumerated side ("A", "B" or "AB") per correct replica for the first round
+    twins_plan: tuple = ()
     cost: Optional[CostModel] = None  # simulated CPU cost; None = processing is instantaneous
     think_ms: Optional[tuple] = None  # (lo, hi) client think time; default (0, 10)
     stop_at_heal: bool = False  # throughput runs: clients stop starting operations when faults end
