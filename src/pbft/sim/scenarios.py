@@ -317,8 +317,10 @@ def throughput_config(cfg: SimConfig, window=THROUGHPUT_WINDOW_MS) -> SimConfig:
     """The same scenario as a saturating benchmark: CPU cost model, 32 closed-loop clients with no
     think time (enough to saturate the replicas), the attack lasting the whole 2 s measurement, then
     healing."""
-    return _replace(cfg, cost=CostModel(), clients=THROUGHPUT_CLIENTS, ops=1_000_000, think_ms=(0.0, 0.0), stop_at_heal=True,
-                    fault_phase_ms=window[1])
+    # many keys keep each key's history small enough for the linearizability search
+    return _replace(cfg, cost=CostModel(), clients=THROUGHPUT_CLIENTS, ops=1_000_000, think_ms=(0.0, 0.0),
+                    stop_at_heal=True, fault_phase_ms=window[1], keys=64,
+                    max_events=max(3_000_000, int(window[1] * 2_000)))
 
 
 def baseline_config(cfg: SimConfig) -> SimConfig:
