@@ -33,7 +33,7 @@ from typing import Callable, Optional
 import msgpack
 
 from ..codec import (
-    NULL_BATCH_DIGEST, TAG, Codec, DecodeError, Frame, batch_digest_from_request_digests,
+    NULL_BATCH_DIGEST, Codec, DecodeError, Frame, batch_digest_from_request_digests,
     checkpoint_digest, result_digest, seal, state_digest, vouch_key,
 )
 from ..config import ClusterConfig

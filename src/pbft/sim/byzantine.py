@@ -48,7 +48,7 @@ import random
 from dataclasses import replace
 from typing import Optional
 
-from ..codec import TAG, U63, DecodeError, checkpoint_digest, encode_batch, result_digest, seal
+from ..codec import TAG, U63, DecodeError, result_digest, seal
 from ..core.replica import Replica
 from ..messages import (
     Batch, Checkpoint, Commit, Data, Fetch, NewView, PrePrepare, Prepare, Reply, Request, Status,

@@ -29,8 +29,6 @@ Checked (TESTING.md names, and invariants of the correctness proof, seed 002):
 
 from __future__ import annotations
 
-from typing import Optional
-
 from ..codec import Codec, DecodeError, checkpoint_digest
 
 

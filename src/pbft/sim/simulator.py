@@ -457,10 +457,10 @@ class Simulation:
         x = rw.random()
         ro = False
         if x < 0.2:
-            kind, op, ro = "get", encode_op("get", key), True
+            op, ro = encode_op("get", key), True
             kop = KvOp(c, "get", key)
         elif x < 0.3:
-            kind, op = "get", encode_op("get", key)
+            op = encode_op("get", key)
             kop = KvOp(c, "get", key)
         elif x < 0.65:
             v = f"v{c}-{self.op_counter}".encode()
