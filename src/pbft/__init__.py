@@ -1,1 +1,23 @@
-"""pbft: Practical Byzantine Fault Tolerance."""
+"""pbft: Practical Byzantine Fault Tolerance (Castro & Liskov) in Python.
+
+Public API:
+
+* ``pbft.Service``: what a replicated application implements (``execute`` ...);
+* ``pbft.Client`` (asyncio) and ``pbft.BlockingClient``: invoke operations on a cluster;
+* ``pbft.NoQuorumError``, ``pbft.PbftError``, ``pbft.ConfigError``.
+
+The networked pieces are imported lazily so that the pure core and the
+simulator do not need the runtime's dependencies.
+"""
+
+from .config import ConfigError
+from .service import Service
+
+__all__ = ["Service", "Client", "BlockingClient", "ClientPool", "NoQuorumError", "PbftError", "ConfigError"]
+
+
+def __getattr__(name):
+    if name in ("Client", "BlockingClient", "ClientPool", "NoQuorumError", "PbftError"):
+        from .runtime import client
+        return getattr(client, name)
+    raise AttributeError(f"module 'pbft' has no attribute {name!r}")

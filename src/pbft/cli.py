@@ -196,10 +196,13 @@ def main(argv=None) -> int:
     s.set_defaults(func=cmd_sim)
     d = sub.add_parser("demo", help="a short narrated simulation of a 4-replica cluster")
     d.set_defaults(func=cmd_demo)
+    from .cli_net import add_commands, run_guarded
+
+    add_commands(sub)
     args = p.parse_args(argv)
-    if getattr(args, "seeds", 1) < 0 or getattr(args, "replicas", 4) < 1:
+    if args.cmd == "sim" and (args.seeds < 0 or args.replicas < 1):
         p.error("seeds must be >= 0 and replicas >= 1")
-    return args.func(args)
+    return run_guarded(args.func, args)
 
 
 if __name__ == "__main__":

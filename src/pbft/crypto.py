@@ -78,7 +78,9 @@ class KeyRing:
         self.mac_ops += 1
         key = self.out_keys.get(receiver)
         if key is None:
-            raise KeyError(f"no session key from {self.me} to {receiver}")
+            # no session key yet (the receiver has not sent us its NewKey): the receiver would
+            # reject any MAC, so send one that it rejects and let retransmission recover
+            return self._zero
         return mac(key, d)
 
     def verify(self, sender: int, d: bytes, auth: bytes, multi: bool) -> bool:

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..codec import Codec, DecodeError, result_digest, seal
+from ..codec import Codec, DecodeError, Frame, result_digest, seal
 from ..config import ClusterConfig
 from ..crypto import KeyRing
 from ..messages import ALL_REPLICAS, Reply, Request
@@ -87,6 +87,16 @@ class Client:
         self._issue(op, read_only, broadcast=True)
         return self.timestamp
 
+    def cancel(self) -> None:
+        """Forget the outstanding request (the caller gave up waiting; its outcome is unknown).
+
+        The next ``invoke`` uses a larger timestamp, so a late execution of the
+        abandoned request can never be mistaken for the new one's."""
+        self.req = None
+        self.deadline = None
+        self.replies = {}
+        self.full = {}
+
     def take_outcomes(self) -> list[Outcome]:
         out, self.done = self.done, []
         return out
@@ -102,6 +112,15 @@ class Client:
             rep = self.codec.parse(fr)
         except DecodeError as e:
             self._drop(e.reason)
+            return
+        self._on_reply(rep)
+
+    def receive_parsed(self, fr: Frame, rep: Reply, now: float) -> None:
+        """Like ``receive`` for a reply frame a demultiplexer already opened and parsed
+        (several clients sharing one connection); the MAC is checked here."""
+        self.now = now
+        if not self.keys.verify(fr.sender, fr.digest, fr.auth, fr.multi):
+            self._drop("bad-mac")
             return
         self._on_reply(rep)
 

@@ -102,6 +102,9 @@ class Replica:
         self.out: list[tuple[tuple[int, ...], bytes]] = []
         self.drops: dict[str, int] = {}
         self.executed_requests = 0  # metric
+        # wall-clock time minus ``now``, set by a driver whose ``now`` is a monotonic clock: services
+        # propose and check non-deterministic values (e.g. timestamps) against now + this offset
+        self.wall_offset_ms = 0.0
         self.others = tuple(r for r in range(cfg.n) if r != replica_id)
         self.Qw = cfg.quorum_weight
         self.weak = cfg.weak_weight
@@ -502,7 +505,7 @@ class Replica:
                     break
             if not reqs:
                 return
-            nondet = self.service.propose_nondet(self.now)
+            nondet = self.service.propose_nondet(self.now + self.wall_offset_ms)
             batch = Batch(nondet, tuple(ri.raw for ri in reqs))
             d = batch_digest_from_request_digests(nondet, [ri.digest for ri in reqs])
             n = self.seq_assigned + 1
@@ -604,7 +607,7 @@ class Replica:
                 return "batch-digest-mismatch"
         if unvouched:
             return "batch-request-unvouched"
-        if check_nondet and reqs and not self.service.check_nondet(batch.nondet, self.now):
+        if check_nondet and reqs and not self.service.check_nondet(batch.nondet, self.now + self.wall_offset_ms):
             return "batch-nondet-rejected"
         return None
 

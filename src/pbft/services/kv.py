@@ -117,3 +117,66 @@ class KVService(Service):
             raise ValueError("not a key-value state") from e
         self.data = new
         self.clock_ms = clock
+
+
+class ServiceError(Exception):
+    """The key-value service refused an operation (its ``["err", reason]`` result)."""
+
+
+class KVClient:
+    """Typed key-value calls over any ``invoke(op, read_only=..., timeout=...) -> bytes``.
+
+    Works with ``pbft.BlockingClient.invoke``; for asyncio use ``AsyncKVClient``.
+    """
+
+    def __init__(self, invoke, timeout: float | None = 10.0):
+        self._invoke = invoke
+        self.timeout = timeout
+
+    def _call(self, op: bytes, read_only: bool = False):
+        return _unwrap(self._invoke(op, read_only=read_only, timeout=self.timeout))
+
+    def get(self, key: bytes, read_only: bool = True) -> bytes | None:
+        return self._call(encode_op("get", key), read_only)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self._call(encode_op("put", key, value))
+
+    def delete(self, key: bytes) -> bool:
+        return self._call(encode_op("delete", key))
+
+    def cas(self, key: bytes, expected: bytes | None, new: bytes) -> bool:
+        return self._call(encode_op("cas", key, expected, new))
+
+
+class AsyncKVClient:
+    """The same calls over ``pbft.Client.invoke`` (asyncio)."""
+
+    def __init__(self, client, timeout: float | None = 10.0):
+        self._client = client
+        self.timeout = timeout
+
+    async def _call(self, op: bytes, read_only: bool = False):
+        return _unwrap(await self._client.invoke(op, read_only=read_only, timeout=self.timeout))
+
+    async def get(self, key: bytes, read_only: bool = True) -> bytes | None:
+        return await self._call(encode_op("get", key), read_only)
+
+    async def put(self, key: bytes, value: bytes) -> None:
+        await self._call(encode_op("put", key, value))
+
+    async def delete(self, key: bytes) -> bool:
+        return await self._call(encode_op("delete", key))
+
+    async def cas(self, key: bytes, expected: bytes | None, new: bytes) -> bool:
+        return await self._call(encode_op("cas", key, expected, new))
+
+
+def _unwrap(result: bytes):
+    try:
+        status, value = decode_result(result)
+    except ValueError as e:
+        raise ServiceError(f"malformed result from the service: {e}") from None
+    if status == "err":
+        raise ServiceError(value)
+    return value

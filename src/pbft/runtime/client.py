@@ -1,0 +1,344 @@
+"""The client library: ``pbft.Client`` (asyncio), ``pbft.BlockingClient``, and ``ClientPool``.
+
+    async with await pbft.Client.connect("cluster-dir") as c:
+        result = await c.invoke(b"operation bytes")
+        result = await c.invoke(b"query", read_only=True)
+
+A client identity (``client_id``, its key file in ``DIR/keys``) has at most
+one request outstanding, as in the protocol; ``invoke`` calls on one client
+are queued.  For concurrency, use several identities: ``ClientPool`` drives
+any number of them over one connection per replica (the benchmark does).
+
+What can go wrong, and what you get:
+
+* ``NoQuorumError`` (a ``TimeoutError``): no certified result within the
+  timeout; the message says how many replicas were connected and which
+  answered.  The operation may or may not have executed: retry it with the
+  same client and it is executed at most once only if it is idempotent at the
+  service level (the protocol deduplicates only the same request).
+* ``ConfigError``: the cluster directory or key file is unusable.
+* Service-level errors are results, not exceptions; ``pbft.services.kv.KVClient``
+  turns the key-value service's errors into ``ServiceError``.
+
+Session keys: on connecting to a replica the client sends it a NewKey with
+fresh keys for both directions; it refreshes them every ``key_refresh_s``
+and when it has to retransmit (a replica may have recovered and discarded its
+client keys).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..codec import Codec, DecodeError
+from ..core.client import Client as CoreClient
+from ..crypto import KeyRing
+from .cluster import Cluster, load_cluster
+from .keys import Identity, fresh_key, make_newkey, now_timestamp_us
+from .transport import Counters, FrameConn, OutLink, frame
+
+DEFAULT_TIMEOUT_S = 30.0
+NEWKEY_ON_RETRY_MIN_INTERVAL_S = 1.0
+
+
+class PbftError(Exception):
+    """Base class of the client library's errors."""
+
+
+class NoQuorumError(PbftError, TimeoutError):
+    """No certified result in time."""
+
+
+class _Principal:
+    __slots__ = ("ident", "ring", "core", "lock", "fut", "timer", "timer_at", "last_newkey", "retries_seen",
+                 "sent_at")
+
+    def __init__(self, ident: Identity, ring: KeyRing, core: CoreClient):
+        self.ident = ident
+        self.ring = ring
+        self.core = core
+        self.lock = asyncio.Lock()
+        self.fut: Optional[asyncio.Future] = None
+        self.timer: Optional[asyncio.TimerHandle] = None
+        self.timer_at: Optional[float] = None
+        self.last_newkey = 0.0
+        self.retries_seen = 0
+        self.sent_at = 0.0
+
+
+def _now_ms() -> float:
+    return time.monotonic() * 1000.0
+
+
+class ClientPool:
+    """Many client identities sharing one TCP connection per replica."""
+
+    def __init__(self, cluster: Cluster, identities: Sequence[Identity]):
+        self.cluster = cluster
+        self.cfg = cluster.cfg
+        self.codec = Codec(self.cfg)
+        self.counters = Counters()
+        self.loop = asyncio.get_event_loop()
+        self.p: dict[int, _Principal] = {}
+        n = self.cfg.n
+        for ident in identities:
+            ring = KeyRing(ident.principal, n, {}, {})
+            core = CoreClient(self.cfg, ident.principal, ring, now=_now_ms())
+            core.timestamp = now_timestamp_us()  # timestamps keep growing across client restarts
+            self.p[ident.principal] = _Principal(ident, ring, core)
+        self.links: dict[int, OutLink] = {}
+        self.dirty: set[int] = set()
+        self.newkeys_out: dict[int, list[bytes]] = {}  # replica -> NewKey frames to send before anything else
+        self.flush_pending = False
+        self.closed = False
+        self.refresh_handle: Optional[asyncio.TimerHandle] = None
+
+    # ---- lifecycle ----------------------------------------------------------
+    async def start(self, wait_s: float = 5.0) -> None:
+        """Connect to every replica; waits until a quorum is connected (or ``wait_s`` passes)."""
+        rt = self.cluster.runtime
+        for r in self.cluster.replicas:
+            link = OutLink(r.host, r.port, self._make_conn, self._on_link_up, rt.reconnect_min_s, rt.reconnect_max_s)
+            self.links[r.id] = link
+            link.start()
+        self.refresh_handle = self.loop.call_later(rt.key_refresh_s, self._periodic_refresh)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if self.cfg.weight_of(self.connected()) >= self.cfg.quorum_weight:
+                return
+            await asyncio.sleep(0.01)
+
+    def connected(self) -> list[int]:
+        return [j for j, lk in self.links.items() if lk.conn is not None]
+
+    async def close(self) -> None:
+        self.closed = True
+        for lk in self.links.values():
+            lk.stop()
+        if self.refresh_handle is not None:
+            self.refresh_handle.cancel()
+        for p in self.p.values():
+            if p.timer is not None:
+                p.timer.cancel()
+            if p.fut is not None and not p.fut.done():
+                p.fut.set_exception(PbftError("client closed"))
+        await asyncio.sleep(0)
+
+    # ---- keys ---------------------------------------------------------------
+    def _make_conn(self) -> FrameConn:
+        return FrameConn(self._on_frame, self.counters, self.cfg.message_size_bytes_max + 1024, 1 << 30, 64 << 20)
+
+    def _on_link_up(self, link: OutLink) -> None:
+        j = next(r for r, lk in self.links.items() if lk is link)
+        # the replica may be new or have restarted: fresh keys for it, for every identity
+        frames = [frame(self._newkey(p, (j,))) for p in self.p.values()]
+        link.conn.send(b"".join(frames))
+
+    def _newkey(self, p: _Principal, replicas: Sequence[int]) -> bytes:
+        keys = {}
+        for j in replicas:
+            k_out, k_in = fresh_key(), fresh_key()
+            p.ring.out_keys[j] = k_out
+            p.ring.in_keys[j] = k_in
+            keys[j] = k_out + k_in
+        p.last_newkey = time.monotonic()
+        return make_newkey(p.ident, self.cluster.public, keys, now_timestamp_us())
+
+    def refresh_keys(self, p: _Principal) -> None:
+        """New session keys with every replica for one identity (sent before its next frames)."""
+        nk = frame(self._newkey(p, range(self.cfg.n)))
+        for j in range(self.cfg.n):
+            self.newkeys_out.setdefault(j, []).append(nk)
+        self._schedule_flush()
+
+    def _periodic_refresh(self) -> None:
+        for p in self.p.values():
+            self.refresh_keys(p)
+        self.refresh_handle = self.loop.call_later(self.cluster.runtime.key_refresh_s, self._periodic_refresh)
+
+    # ---- requests -----------------------------------------------------------
+    async def invoke(self, principal: int, op: bytes, read_only: bool = False,
+                     timeout: Optional[float] = DEFAULT_TIMEOUT_S) -> bytes:
+        p = self.p[principal]
+        async with p.lock:
+            if self.closed:
+                raise PbftError("client closed")
+            fut = self.loop.create_future()
+            p.fut = fut
+            p.retries_seen = 0
+            p.core.invoke(op, read_only, _now_ms())
+            self._after(p)
+            try:
+                if timeout is None:
+                    return await fut
+                return await asyncio.wait_for(fut, timeout)
+            except asyncio.TimeoutError:
+                p.core.cancel()
+                self._after(p)
+                conn = self.connected()
+                answered = sorted(p.core.replies)
+                raise NoQuorumError(
+                    f"no certified result within {timeout:g}s: connected to {len(conn)} of {self.cfg.n} replicas "
+                    f"{conn}, replies from {answered or 'none'} (a result needs {2 * self.cfg.f + 1} matching "
+                    f"replies, or {self.cfg.f + 1} committed ones)") from None
+            finally:
+                p.fut = None
+
+    def _after(self, p: _Principal) -> None:
+        """After the core client of ``p`` handled an event: outcomes, sends, timer."""
+        core = p.core
+        if core.done:
+            for o in core.take_outcomes():
+                if p.fut is not None and not p.fut.done():
+                    p.fut.set_result(o.result)
+        if core.out:
+            self.dirty.add(p.ident.principal)
+            self._schedule_flush()
+        d = core.deadline
+        if d != p.timer_at:
+            if p.timer is not None:
+                p.timer.cancel()
+                p.timer = None
+            p.timer_at = d
+            if d is not None:
+                p.timer = self.loop.call_later(max(0.0, d / 1000.0 - time.monotonic()), self._on_timer, p)
+
+    def _on_timer(self, p: _Principal) -> None:
+        p.timer = None
+        p.timer_at = None
+        core = p.core
+        core.tick(_now_ms())
+        if core.retries > p.retries_seen:
+            p.retries_seen = core.retries
+            if time.monotonic() - p.last_newkey >= NEWKEY_ON_RETRY_MIN_INTERVAL_S:
+                # a replica that recovered (or restarted) no longer knows our keys
+                self.refresh_keys(p)
+        self._after(p)
+
+    def _schedule_flush(self) -> None:
+        if not self.flush_pending:
+            self.flush_pending = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.flush_pending = False
+        per: dict[int, list[bytes]] = self.newkeys_out
+        self.newkeys_out = {}
+        for pid in self.dirty:
+            for dests, raw in self.p[pid].core.take_sends():
+                fr = frame(raw)
+                for d in dests:
+                    per.setdefault(d, []).append(fr)
+        self.dirty.clear()
+        for d, frames in per.items():
+            link = self.links.get(d)
+            if link is not None:
+                link.send(frames[0] if len(frames) == 1 else b"".join(frames), self.counters)
+
+    def _on_frame(self, conn: FrameConn, raw: bytes) -> None:
+        try:
+            fr = self.codec.open_frame(raw)
+            if fr.tag != 2:
+                raise DecodeError("client-expects-replies")
+            rep = self.codec.parse(fr)
+        except DecodeError as e:
+            self.counters.drop(e.reason)
+            return
+        p = self.p.get(rep.client)
+        if p is None:
+            self.counters.drop("reply-for-unknown-client")
+            return
+        p.core.receive_parsed(fr, rep, _now_ms())
+        self._after(p)
+
+
+class Client:
+    """An asyncio client of a cluster (one client identity)."""
+
+    def __init__(self, pool: ClientPool, principal: int):
+        self._pool = pool
+        self.id = principal
+
+    @classmethod
+    async def connect(cls, cluster: "str | Path | Cluster", client_id: Optional[int] = None,
+                      wait_s: float = 5.0) -> "Client":
+        """Connect as ``client_id`` (default: the first client of the cluster file)."""
+        if not isinstance(cluster, Cluster):
+            cluster = load_cluster(cluster)
+        if client_id is None:
+            if not cluster.client_ids:
+                raise PbftError("the cluster file has no [[client]] entries")
+            client_id = cluster.client_ids[0]
+        ident = cluster.identity(client_id)
+        pool = ClientPool(cluster, [ident])
+        await pool.start(wait_s)
+        return cls(pool, client_id)
+
+    async def invoke(self, op: bytes, read_only: bool = False, timeout: Optional[float] = DEFAULT_TIMEOUT_S) -> bytes:
+        """Run ``op`` on the replicated service and return its result."""
+        if not isinstance(op, (bytes, bytearray)):
+            raise TypeError("op must be bytes")
+        if len(op) > self._pool.cfg.request_size_bytes_max:
+            raise ValueError(f"operation of {len(op)} bytes exceeds request_size_bytes_max "
+                             f"({self._pool.cfg.request_size_bytes_max})")
+        return await self._pool.invoke(self.id, bytes(op), read_only, timeout)
+
+    def connected_replicas(self) -> list[int]:
+        return self._pool.connected()
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+class BlockingClient:
+    """The same client for code without asyncio: runs a private event loop in a thread."""
+
+    def __init__(self, cluster: "str | Path | Cluster", client_id: Optional[int] = None, wait_s: float = 5.0):
+        try:
+            import uvloop
+            self._loop = uvloop.new_event_loop()
+        except ImportError:  # pragma: no cover
+            self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="pbft-client", daemon=True)
+        self._thread.start()
+        try:
+            self._client: Client = self._call(Client.connect(cluster, client_id, wait_s))
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.id = self._client.id
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def invoke(self, op: bytes, read_only: bool = False, timeout: Optional[float] = DEFAULT_TIMEOUT_S) -> bytes:
+        return self._call(self._client.invoke(op, read_only, timeout))
+
+    def connected_replicas(self) -> list[int]:
+        return self._client.connected_replicas()
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._call(self._client.close())
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5.0)
+        self._loop.close()
+
+    def __enter__(self) -> "BlockingClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,339 @@
+"""The cluster directory: ``cluster.toml`` plus one private key file per principal.
+
+``pbft init DIR`` writes it; every other command loads it with
+``load_cluster``, which turns every problem into a one-line ``ConfigError``.
+
+Layout::
+
+    DIR/cluster.toml          membership, addresses, public keys, parameters
+    DIR/keys/replica-<i>.key  private key of replica i (hex Ed25519 seed, mode 0600)
+    DIR/keys/client-<c>.key   private key of client c
+
+Replicas are principals ``0..n-1``; clients are ``n..n+clients-1`` (the ids
+the protocol uses).  Copy the whole directory to every machine, or better,
+give each machine only ``cluster.toml`` and its own key file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+from ..config import ClusterConfig, ConfigError
+from .keys import PUBLIC_KEY_SIZE, Identity, PublicKeys
+
+CLUSTER_FILE = "cluster.toml"
+KEY_DIR = "keys"
+
+# protocol parameters a cluster file may set (ClusterConfig fields), with network-friendly defaults
+PROTOCOL_DEFAULTS: dict[str, float | int | bool] = {
+    "checkpoint_interval_seqnos": 128,
+    "log_window_seqnos": 256,
+    "batch_requests_max": 64,
+    "batches_in_flight_max": 4,
+    "view_change_timeout_ms": 1000.0,
+    "view_change_timeout_max_ms": 30_000.0,
+    "status_interval_ms": 100.0,
+    "state_fetch_timeout_ms": 500.0,
+    "client_retry_timeout_ms": 500.0,
+    "client_retry_timeout_max_ms": 4_000.0,
+    "nondet_skew_ms_max": 1_000.0,
+    "tentative_execution": True,
+    "request_size_bytes_max": 64 * 1024,
+    "reply_size_bytes_max": 64 * 1024,
+    "message_size_bytes_max": 4 * 1024 * 1024,
+    "state_size_bytes_max": 64 * 1024 * 1024,
+    "pending_requests_max": 1024,
+    "status_resend_seqnos_max": 16,
+}
+
+
+@dataclass(frozen=True)
+class RuntimeParams:
+    """Knobs of the networked runtime (section ``[runtime]``)."""
+
+    key_refresh_s: float = 120.0  # how often every principal sends fresh session keys
+    send_queue_bytes_max: int = 16 * 1024 * 1024  # per connection; beyond it frames are dropped
+    receive_budget_frames: int = 64  # frames handled per connection before yielding to others
+    connections_max: int = 1024  # inbound connections per replica
+    reconnect_min_s: float = 0.05
+    reconnect_max_s: float = 2.0
+
+
+RUNTIME_FIELDS = {f.name: f.type for f in dataclasses.fields(RuntimeParams)}
+
+
+@dataclass(frozen=True)
+class ReplicaEntry:
+    id: int
+    host: str
+    port: int
+    metrics_port: int
+    public_key: bytes
+
+
+@dataclass
+class Cluster:
+    dir: Path
+    cfg: ClusterConfig
+    replicas: list[ReplicaEntry]
+    client_keys: dict[int, bytes]
+    runtime: RuntimeParams
+    public: PublicKeys = field(repr=False)
+
+    @property
+    def n(self) -> int:
+        return self.cfg.n
+
+    @property
+    def client_ids(self) -> list[int]:
+        return sorted(self.client_keys)
+
+    def key_path(self, principal: int) -> Path:
+        kind = "replica" if principal < self.cfg.n else "client"
+        return self.dir / KEY_DIR / f"{kind}-{principal}.key"
+
+    def identity(self, principal: int) -> Identity:
+        """Load and check the private key of ``principal``."""
+        if principal < 0 or (principal >= self.n and principal not in self.client_keys):
+            raise ConfigError(f"no principal {principal} in {self.dir / CLUSTER_FILE}")
+        path = self.key_path(principal)
+        try:
+            text = path.read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"cannot read key file {path}: {e.strerror or e}") from None
+        try:
+            seed = bytes.fromhex(text)
+        except ValueError:
+            raise ConfigError(f"key file {path} is not a hex key") from None
+        if len(seed) != 32:
+            raise ConfigError(f"key file {path} holds {len(seed)} bytes, expected 32")
+        ident = Identity.from_seed(principal, seed)
+        expected = self.replicas[principal].public_key if principal < self.n else self.client_keys[principal]
+        if ident.public != expected:
+            raise ConfigError(f"key file {path} does not match the public key of principal {principal} in {CLUSTER_FILE}")
+        return ident
+
+
+# ---------------------------------------------------------------------------
+# init
+# ---------------------------------------------------------------------------
+
+def init_cluster(
+    directory: str | os.PathLike,
+    replicas: int,
+    faults: Optional[int] = None,
+    hosts: Optional[list[str]] = None,
+    base_port: int = 7000,
+    clients: int = 4,
+    metrics_base_port: Optional[int] = None,
+    protocol: Optional[dict] = None,
+    runtime: Optional[dict] = None,
+    force: bool = False,
+) -> Cluster:
+    d = Path(directory)
+    if faults is None:
+        faults = (replicas - 1) // 3
+    if replicas < 1:
+        raise ConfigError(f"--replicas must be at least 1, got {replicas}")
+    if faults < 0:
+        raise ConfigError(f"--faults must be >= 0, got {faults}")
+    if replicas < 3 * faults + 1:
+        raise ConfigError(f"{replicas} replicas cannot tolerate {faults} Byzantine faults: need at least 3f+1 = {3 * faults + 1}")
+    if clients < 1:
+        raise ConfigError(f"--clients must be at least 1, got {clients}")
+    hosts = hosts or ["127.0.0.1"]
+    for h in hosts:
+        _check_host(h)
+    if metrics_base_port is None:
+        metrics_base_port = base_port + 100
+    if not (1 <= base_port and base_port + replicas <= 65535 and metrics_base_port + replicas <= 65535):
+        raise ConfigError(f"--base-port {base_port} leaves no room for {replicas} replicas")
+    if (d / CLUSTER_FILE).exists() and not force:
+        raise ConfigError(f"{d / CLUSTER_FILE} already exists (use --force to overwrite)")
+    params = dict(PROTOCOL_DEFAULTS)
+    params.update(protocol or {})
+    (d / KEY_DIR).mkdir(parents=True, exist_ok=True)
+    os.chmod(d / KEY_DIR, 0o700)
+    lines = [
+        "# pbft cluster file, written by `pbft init`.  See docs/deploy.md.",
+        "[cluster]",
+        f"replicas = {replicas}",
+        f"faults = {faults}",
+        "",
+        "[protocol]",
+    ]
+    for k, v in params.items():
+        lines.append(f"{k} = {_toml_value(v)}")
+    lines += ["", "[runtime]"]
+    rt = dataclasses.asdict(RuntimeParams(**(runtime or {})))
+    for k, v in rt.items():
+        lines.append(f"{k} = {_toml_value(v)}")
+    for i in range(replicas):
+        ident = Identity.generate(i)
+        _write_key(d / KEY_DIR / f"replica-{i}.key", ident.seed)
+        host = hosts[i % len(hosts)]
+        lines += ["", "[[replica]]", f"id = {i}", f'host = "{host}"', f"port = {base_port + i}",
+                  f"metrics_port = {metrics_base_port + i}", "weight = 1", f'public_key = "{ident.public.hex()}"']
+    for c in range(replicas, replicas + clients):
+        ident = Identity.generate(c)
+        _write_key(d / KEY_DIR / f"client-{c}.key", ident.seed)
+        lines += ["", "[[client]]", f"id = {c}", f'public_key = "{ident.public.hex()}"']
+    (d / CLUSTER_FILE).write_text("\n".join(lines) + "\n")
+    return load_cluster(d)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return f'"{v}"'
+
+
+def _write_key(path: Path, seed: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(seed.hex() + "\n")
+    os.chmod(path, 0o600)
+
+
+def _check_host(h: str) -> None:
+    if not h or any(c.isspace() for c in h) or '"' in h:
+        raise ConfigError(f"bad host name {h!r}")
+    try:
+        ipaddress.ip_address(h)
+    except ValueError:
+        if not all(part and (part.isalnum() or "-" in part) for part in h.split(".")):
+            raise ConfigError(f"bad host name {h!r}") from None
+
+
+# ---------------------------------------------------------------------------
+# load
+# ---------------------------------------------------------------------------
+
+def load_cluster(directory: str | os.PathLike) -> Cluster:
+    d = Path(directory)
+    path = d / CLUSTER_FILE
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e} (create one with `pbft init {d}`)") from None
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    where = str(path)
+    c = _table(doc.get("cluster"), f"{where}: [cluster]")
+    n = _int_field(c, "replicas", where, lo=1)
+    f = _int_field(c, "faults", where, lo=0)
+    reps = doc.get("replica")
+    if not isinstance(reps, list) or not reps:
+        raise ConfigError(f"{where}: no [[replica]] entries")
+    if len(reps) != n:
+        raise ConfigError(f"{where}: replicas = {n} but {len(reps)} [[replica]] entries")
+    entries: list[Optional[ReplicaEntry]] = [None] * n
+    weights = [1] * n
+    seen_addr: dict[tuple[str, int], int] = {}
+    for r in reps:
+        r = _table(r, f"{where}: [[replica]]")
+        i = _int_field(r, "id", where, lo=0)
+        ctx = f"{where}: replica {i}"
+        if i >= n:
+            raise ConfigError(f"{ctx}: id must be below replicas = {n}")
+        if entries[i] is not None:
+            raise ConfigError(f"{where}: replica id {i} appears twice")
+        host = r.get("host")
+        if not isinstance(host, str):
+            raise ConfigError(f"{ctx}: host must be a string")
+        _check_host(host)
+        port = _int_field(r, "port", ctx, lo=1, hi=65535)
+        mport = _int_field(r, "metrics_port", ctx, lo=1, hi=65535)
+        for a in ((host, port), (host, mport)):
+            if a in seen_addr:
+                raise ConfigError(f"{ctx}: address {a[0]}:{a[1]} is already used by replica {seen_addr[a]}")
+            seen_addr[a] = i
+        weights[i] = _int_field(r, "weight", ctx, lo=1) if "weight" in r else 1
+        entries[i] = ReplicaEntry(i, host, port, mport, _pubkey(r, ctx))
+    clients: dict[int, bytes] = {}
+    for cl in doc.get("client", []) or []:
+        cl = _table(cl, f"{where}: [[client]]")
+        cid = _int_field(cl, "id", where, lo=0)
+        ctx = f"{where}: client {cid}"
+        if cid < n:
+            raise ConfigError(f"{ctx}: client ids start at {n} (after the replicas)")
+        if cid in clients:
+            raise ConfigError(f"{where}: client id {cid} appears twice")
+        clients[cid] = _pubkey(cl, ctx)
+    if clients and sorted(clients) != list(range(n, n + len(clients))):
+        raise ConfigError(f"{where}: client ids must be {n}..{n + len(clients) - 1} without gaps")
+    params = dict(PROTOCOL_DEFAULTS)
+    proto = _table(doc.get("protocol", {}), f"{where}: [protocol]")
+    for k, v in proto.items():
+        if k not in PROTOCOL_DEFAULTS:
+            raise ConfigError(f"{where}: unknown protocol parameter {k!r}")
+        want = type(PROTOCOL_DEFAULTS[k])
+        if want is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if type(v) is not want:
+            raise ConfigError(f"{where}: protocol parameter {k} must be {want.__name__}, got {v!r}")
+        params[k] = v
+    rt_kw = {}
+    rt = _table(doc.get("runtime", {}), f"{where}: [runtime]")
+    defaults = RuntimeParams()
+    for k, v in rt.items():
+        if k not in RUNTIME_FIELDS:
+            raise ConfigError(f"{where}: unknown runtime parameter {k!r}")
+        want = type(getattr(defaults, k))
+        if want is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if type(v) is not want or v <= 0:
+            raise ConfigError(f"{where}: runtime parameter {k} must be a positive {want.__name__}, got {v!r}")
+        rt_kw[k] = v
+    try:
+        cfg = ClusterConfig.create(n, f, weights=tuple(weights), clients_max=len(clients), **params)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+    pubs = {e.id: e.public_key for e in entries}
+    pubs.update(clients)
+    try:
+        public = PublicKeys(pubs)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return Cluster(d, cfg, entries, clients, RuntimeParams(**rt_kw), public)
+
+
+def with_protocol(cluster: Cluster, **kw) -> Cluster:
+    """A copy with some protocol parameters changed (tests, benchmarks)."""
+    return replace(cluster, cfg=replace(cluster.cfg, **kw))
+
+
+def _table(x, what: str) -> dict:
+    if not isinstance(x, dict):
+        raise ConfigError(f"{what} is missing or not a table")
+    return x
+
+
+def _int_field(t: dict, key: str, ctx: str, lo: int = 0, hi: int = (1 << 31)) -> int:
+    v = t.get(key)
+    if type(v) is not int:
+        raise ConfigError(f"{ctx}: {key} must be an integer, got {v!r}")
+    if not lo <= v <= hi:
+        raise ConfigError(f"{ctx}: {key} = {v} is out of range [{lo}, {hi}]")
+    return v
+
+
+def _pubkey(t: dict, ctx: str) -> bytes:
+    v = t.get("public_key")
+    try:
+        k = bytes.fromhex(v) if isinstance(v, str) else None
+    except ValueError:
+        k = None
+    if k is None or len(k) != PUBLIC_KEY_SIZE:
+        raise ConfigError(f"{ctx}: public_key must be {PUBLIC_KEY_SIZE} bytes in hex")
+    return k

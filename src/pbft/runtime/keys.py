@@ -1,0 +1,174 @@
+"""Long-term key pairs and NewKey session-key messages (as in the original).
+
+Every principal (replica or client) has one long-term Ed25519 key pair; its
+X25519 form encrypts session keys to it.  Session keys are symmetric and used
+only for MACs (``pbft.crypto``); public-key operations happen only here, never
+per request.
+
+A NewKey message from principal ``i`` carries, for each receiver ``j`` it is
+meant for, fresh session keys sealed to ``j``'s public key:
+
+* from a replica: ``k(j->i)``, the key ``j`` must use to authenticate what it
+  sends to ``i`` (each replica chooses the keys it *receives* with, so a
+  replica that refreshes its keys immediately stops accepting anything
+  authenticated with keys an attacker may have learnt);
+* from a client: both ``k(c->j)`` and ``k(j->c)``.
+
+The message is signed with ``i``'s long-term key and carries a timestamp
+(microseconds of wall-clock time) that must grow: a receiver rejects a NewKey
+whose timestamp is not larger than the last one it accepted from ``i``, so a
+replayed NewKey cannot bring old keys back.
+
+Wire frame: the codec's ``[tag=16, sender, header, b"", signature]`` with
+``header = msgpack([timestamp, [[receiver, sealed_box], ...]])``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import msgpack
+import nacl.exceptions
+import nacl.public
+import nacl.signing
+
+from ..codec import DecodeError
+from ..crypto import KEY_SIZE
+
+NEWKEY_TAG = 16
+SIGNATURE_SIZE = 64
+PUBLIC_KEY_SIZE = 32
+SEALED_OVERHEAD = 48  # X25519 ephemeral key + Poly1305 tag
+NEWKEY_MAX_BYTES = 64 * 1024
+_SIG_CONTEXT = b"pbft.newkey.v1"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A principal's long-term key pair."""
+
+    principal: int
+    signing_key: nacl.signing.SigningKey
+
+    @classmethod
+    def generate(cls, principal: int) -> "Identity":
+        return cls(principal, nacl.signing.SigningKey.generate())
+
+    @classmethod
+    def from_seed(cls, principal: int, seed: bytes) -> "Identity":
+        return cls(principal, nacl.signing.SigningKey(seed))
+
+    @property
+    def seed(self) -> bytes:
+        return bytes(self.signing_key)
+
+    @property
+    def public(self) -> bytes:
+        return bytes(self.signing_key.verify_key)
+
+    def box(self) -> nacl.public.SealedBox:
+        return nacl.public.SealedBox(self.signing_key.to_curve25519_private_key())
+
+
+class PublicKeys:
+    """The long-term public keys of every principal of a cluster."""
+
+    def __init__(self, keys: dict[int, bytes]):
+        self.verify: dict[int, nacl.signing.VerifyKey] = {}
+        self.seal_to: dict[int, nacl.public.SealedBox] = {}
+        for p, k in keys.items():
+            if len(k) != PUBLIC_KEY_SIZE:
+                raise ValueError(f"public key of principal {p} has {len(k)} bytes, expected {PUBLIC_KEY_SIZE}")
+            vk = nacl.signing.VerifyKey(k)
+            self.verify[p] = vk
+            try:
+                self.seal_to[p] = nacl.public.SealedBox(vk.to_curve25519_public_key())
+            except nacl.exceptions.CryptoError as e:
+                raise ValueError(f"public key of principal {p} is not a valid Ed25519 key") from e
+
+
+def fresh_key() -> bytes:
+    return os.urandom(KEY_SIZE)
+
+
+def now_timestamp_us() -> int:
+    return time.time_ns() // 1000
+
+
+def make_newkey(me: Identity, public: PublicKeys, keys: dict[int, bytes], timestamp: int) -> bytes:
+    """A signed NewKey frame carrying ``keys[j]`` (bytes) sealed to each receiver ``j``."""
+    entries = [[j, public.seal_to[j].encrypt(k)] for j, k in sorted(keys.items())]
+    header = msgpack.packb([timestamp, entries], use_bin_type=True)
+    body = msgpack.packb([NEWKEY_TAG, me.principal, header], use_bin_type=True)
+    sig = me.signing_key.sign(_SIG_CONTEXT + body).signature
+    return msgpack.packb([NEWKEY_TAG, me.principal, header, b"", sig], use_bin_type=True)
+
+
+@dataclass(slots=True)
+class NewKey:
+    sender: int
+    timestamp: int
+    entry: Optional[bytes]  # the sealed keys for us, or None if the message has none for us
+
+
+def open_newkey(raw: bytes, me: int, public: PublicKeys, max_principal: int) -> NewKey:
+    """Check a NewKey frame's shape and signature; return the (still sealed) entry for ``me``.
+
+    Raises ``DecodeError`` with a short reason on anything wrong.
+    """
+    if len(raw) > NEWKEY_MAX_BYTES:
+        raise DecodeError("newkey-oversized")
+    try:
+        t = msgpack.unpackb(raw, use_list=False, raw=False, max_str_len=0, max_map_len=0,
+                            max_ext_len=0, max_bin_len=NEWKEY_MAX_BYTES, max_array_len=1024)
+    except (ValueError, msgpack.UnpackException) as e:
+        raise DecodeError("newkey-malformed") from e
+    if type(t) is not tuple or len(t) != 5:
+        raise DecodeError("newkey-malformed")
+    tag, sender, header, payload, sig = t
+    if tag != NEWKEY_TAG or type(sender) is not int or not 0 <= sender <= max_principal:
+        raise DecodeError("newkey-bad-sender")
+    if type(header) is not bytes or payload != b"" or type(sig) is not bytes or len(sig) != SIGNATURE_SIZE:
+        raise DecodeError("newkey-malformed")
+    vk = public.verify.get(sender)
+    if vk is None:
+        raise DecodeError("newkey-unknown-sender")
+    body = msgpack.packb([NEWKEY_TAG, sender, header], use_bin_type=True)
+    try:
+        vk.verify(_SIG_CONTEXT + body, sig)
+    except nacl.exceptions.BadSignatureError as e:
+        raise DecodeError("newkey-bad-signature") from e
+    try:
+        h = msgpack.unpackb(header, use_list=False, raw=False, max_str_len=0, max_map_len=0,
+                            max_ext_len=0, max_bin_len=NEWKEY_MAX_BYTES, max_array_len=1024)
+    except (ValueError, msgpack.UnpackException) as e:
+        raise DecodeError("newkey-malformed") from e
+    if type(h) is not tuple or len(h) != 2:
+        raise DecodeError("newkey-malformed")
+    ts, entries = h
+    if type(ts) is not int or not 0 < ts < (1 << 63) or type(entries) is not tuple:
+        raise DecodeError("newkey-malformed")
+    mine = None
+    for e in entries:
+        if type(e) is not tuple or len(e) != 2 or type(e[0]) is not int or type(e[1]) is not bytes:
+            raise DecodeError("newkey-malformed")
+        if e[0] == me:
+            mine = e[1]
+    return NewKey(sender, ts, mine)
+
+
+def unseal(me: Identity, sealed: bytes, size: int) -> bytes:
+    try:
+        k = me.box().decrypt(sealed)
+    except nacl.exceptions.CryptoError as e:
+        raise DecodeError("newkey-undecryptable") from e
+    if len(k) != size:
+        raise DecodeError("newkey-bad-key-size")
+    return k
+
+
+def split_keys(k: bytes, parts: int) -> Iterable[bytes]:
+    return (k[i * KEY_SIZE:(i + 1) * KEY_SIZE] for i in range(parts))

@@ -1,0 +1,348 @@
+"""A replica process: the pure core (``pbft.core.replica.Replica``) on real sockets.
+
+The driver does exactly what the simulator does, with a real clock and TCP:
+frames in -> ``replica.receive``; deadlines -> ``replica.tick``; after each
+event-loop turn, ``replica.take_sends`` -> sockets.  Sends are coalesced per
+destination per turn (one write per peer), which is what makes batching and
+vouching cheap under load.
+
+Besides the core it handles what the core does not know about: session keys
+(NewKey, ``runtime.keys``), the mapping from client ids to the connections
+their NewKey came on, metrics, the status endpoint and structured logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import sys
+import time
+from typing import Optional
+
+from ..codec import DecodeError
+from ..core.replica import Replica
+from ..crypto import KEY_SIZE, KeyRing
+from ..service import Service
+from .cluster import Cluster
+from .keys import NEWKEY_TAG, Identity, fresh_key, make_newkey, now_timestamp_us, open_newkey, unseal
+from .metrics import HttpEndpoint, ReplicaMetrics
+from .transport import Counters, FrameConn, OutLink, frame
+
+FIXARRAY5 = 0x95  # msgpack header of a 5-element array: every frame starts with it
+LOGGED_EVENTS = frozenset({"view-change", "new-view", "stable", "state-transfer", "checkpoint-mismatch", "fetch", "rollback"})
+
+
+def log(replica: int, event: str, **fields) -> None:
+    """One structured (JSON) log line on stderr."""
+    rec = {"ts": round(time.time(), 3), "replica": replica, "event": event}
+    rec.update(fields)
+    print(json.dumps(rec, default=str), file=sys.stderr, flush=True)
+
+
+class ReplicaNode:
+    def __init__(self, cluster: Cluster, replica_id: int, identity: Identity, service: Service,
+                 quiet: bool = False):
+        self.cluster = cluster
+        self.cfg = cluster.cfg
+        self.id = replica_id
+        self.identity = identity
+        self.rt = cluster.runtime
+        self.quiet = quiet
+        self.loop = asyncio.get_event_loop()
+        self.counters = Counters()
+        n = self.cfg.n
+        self.ring = KeyRing(replica_id, n, {}, {})
+        self.replica = Replica(self.cfg, replica_id, self.ring, service, now=self._now(), trace=self._on_trace)
+        self._sync_wall_clock()
+        self.links: dict[int, OutLink] = {}
+        self.client_conn: dict[int, FrameConn] = {}
+        self.newkey_ts: dict[int, int] = {}
+        self.my_newkey: Optional[bytes] = None
+        self.inbound: set[FrameConn] = set()
+        self.flush_pending = False
+        self.timer: Optional[asyncio.TimerHandle] = None
+        self.timer_at: Optional[float] = None
+        self.req_arrival: dict[int, float] = {}
+        self.view_changes = 0
+        self.new_views = 0
+        self.started = time.time()
+        self.metrics = ReplicaMetrics(self)
+        self.stopping = asyncio.Event()
+        self.server: Optional[asyncio.AbstractServer] = None
+        self.http: Optional[HttpEndpoint] = None
+        self.global_newkey_tokens = 0.0
+        self.global_newkey_time = 0.0
+
+    # ---- clock and logging --------------------------------------------------
+    def _now(self) -> float:
+        return time.monotonic() * 1000.0
+
+    def _sync_wall_clock(self) -> None:
+        self.replica.wall_offset_ms = time.time() * 1000.0 - self._now()
+
+    def _on_trace(self, rid: int, ev: tuple) -> None:
+        kind = ev[0]
+        if kind not in LOGGED_EVENTS:
+            return
+        if kind == "view-change":
+            self.view_changes += 1
+            self._log("view-change", view=ev[1], reason=ev[2])
+        elif kind == "new-view":
+            self.new_views += 1
+            self._log("new-view", view=ev[1], primary=ev[1] % self.cfg.n)
+        elif kind == "stable":
+            self.metrics.on_stable(ev[1])
+        elif kind == "state-transfer":
+            self._log("state-transfer", seqno=ev[1])
+        elif kind == "checkpoint-mismatch":
+            self._log("checkpoint-mismatch", seqno=ev[1])
+        elif kind == "fetch":
+            self._log("fetch-state", seqno=ev[1])
+        elif kind == "rollback":
+            self._log("rollback", to_seqno=ev[1])
+
+    def _log(self, event: str, **fields) -> None:
+        if not self.quiet:
+            log(self.id, event, **fields)
+
+    # ---- lifecycle ----------------------------------------------------------
+    async def start(self) -> None:
+        me = self.cluster.replicas[self.id]
+        self._refresh_keys(broadcast=False)
+        self.server = await self.loop.create_server(self._accept, me.host, me.port, reuse_address=True, backlog=512)
+        for r in self.cluster.replicas:
+            if r.id == self.id:
+                continue
+            link = OutLink(r.host, r.port, self._make_conn, self._on_link_up,
+                           self.rt.reconnect_min_s, self.rt.reconnect_max_s)
+            self.links[r.id] = link
+            link.start()
+        self.http = HttpEndpoint(self.metrics)
+        await self.http.start(me.host, me.metrics_port)
+        self.loop.call_later(self._refresh_delay(), self._periodic_refresh)
+        self._rearm()
+        self._log("started", host=me.host, port=me.port, metrics_port=me.metrics_port, n=self.cfg.n, f=self.cfg.f)
+
+    async def run(self) -> None:
+        await self.start()
+        await self.stopping.wait()
+        await self.stop()
+
+    async def stop(self) -> None:
+        for link in self.links.values():
+            link.stop()
+        if self.server is not None:
+            self.server.close()
+        for c in list(self.inbound):
+            c.close()
+        if self.http is not None:
+            self.http.close()
+        if self.timer is not None:
+            self.timer.cancel()
+        self._log("stopped")
+
+    # ---- connections --------------------------------------------------------
+    def _make_conn(self) -> FrameConn:
+        return FrameConn(self._on_frame, self.counters, self.cfg.message_size_bytes_max + 1024,
+                         self.rt.receive_budget_frames, self.rt.send_queue_bytes_max, self._on_lost)
+
+    def _accept(self) -> FrameConn:
+        conn = self._make_conn()
+        if len(self.inbound) >= self.rt.connections_max:
+            self.counters.drop("connection-limit")
+            conn.meta["reject"] = True
+            self.loop.call_soon(conn.close)
+        else:
+            self.inbound.add(conn)
+            self.counters.connections_accepted += 1
+        return conn
+
+    def _on_lost(self, conn: FrameConn) -> None:
+        self.inbound.discard(conn)
+        for c in conn.meta.get("clients", ()):
+            if self.client_conn.get(c) is conn:
+                del self.client_conn[c]
+
+    def _on_link_up(self, link: OutLink) -> None:
+        # the peer may have restarted and lost our keys: tell it again which keys to use
+        if self.my_newkey is not None:
+            link.conn.send(frame(self.my_newkey))
+
+    # ---- keys ---------------------------------------------------------------
+    def _refresh_delay(self) -> float:
+        p = self.rt.key_refresh_s
+        return p * (0.9 + 0.2 * random.random())
+
+    def _periodic_refresh(self) -> None:
+        self._refresh_keys(broadcast=True)
+        self.loop.call_later(self._refresh_delay(), self._periodic_refresh)
+
+    def _refresh_keys(self, broadcast: bool) -> None:
+        """Choose fresh keys for every replica to send to us with; old ones stop working now."""
+        keys = {}
+        for j in range(self.cfg.n):
+            if j != self.id:
+                k = fresh_key()
+                keys[j] = k
+                self.ring.in_keys[j] = k
+        self.my_newkey = make_newkey(self.identity, self.cluster.public, keys, now_timestamp_us())
+        if broadcast:
+            data = frame(self.my_newkey)
+            for link in self.links.values():
+                link.send(data, self.counters)
+        self.metrics.key_refreshes += 1
+
+    def _on_newkey(self, conn: FrameConn, raw: bytes) -> None:
+        now = time.monotonic()
+        # signatures cost ~40 us: bound what one connection, and all together, can make us verify
+        if not conn.take_token(rate=200.0, burst=512.0, now=now):
+            self.counters.drop("newkey-rate-limited")
+            return
+        self.global_newkey_tokens = min(2000.0, self.global_newkey_tokens + (now - self.global_newkey_time) * 2000.0) \
+            if self.global_newkey_time else 2000.0
+        self.global_newkey_time = now
+        if self.global_newkey_tokens < 1.0:
+            self.counters.drop("newkey-rate-limited")
+            return
+        self.global_newkey_tokens -= 1.0
+        try:
+            nk = open_newkey(raw, self.id, self.cluster.public, self.cfg.n + self.cfg.clients_max - 1)
+            if nk.sender == self.id:
+                raise DecodeError("newkey-from-self")
+            if nk.timestamp <= self.newkey_ts.get(nk.sender, 0):
+                raise DecodeError("newkey-stale")
+            if nk.entry is None:
+                raise DecodeError("newkey-no-entry")
+            if nk.sender < self.cfg.n:
+                k = unseal(self.identity, nk.entry, KEY_SIZE)
+            else:
+                k = unseal(self.identity, nk.entry, 2 * KEY_SIZE)
+        except DecodeError as e:
+            self.counters.drop(e.reason)
+            return
+        self.newkey_ts[nk.sender] = nk.timestamp
+        self.metrics.newkeys_accepted += 1
+        if nk.sender < self.cfg.n:
+            self.ring.out_keys[nk.sender] = k
+        else:
+            c = nk.sender
+            self.ring.in_keys[c] = k[:KEY_SIZE]
+            self.ring.out_keys[c] = k[KEY_SIZE:]
+            self.client_conn[c] = conn
+            conn.meta.setdefault("clients", set()).add(c)
+
+    # ---- the core -----------------------------------------------------------
+    def _on_frame(self, conn: FrameConn, raw: bytes) -> None:
+        if len(raw) < 2 or raw[0] != FIXARRAY5:
+            self.counters.drop("malformed")
+            return
+        tag = raw[1]
+        if tag == NEWKEY_TAG:
+            self._on_newkey(conn, raw)
+            return
+        now = self._now()
+        if tag == 1 and len(raw) > 3:
+            # arrival of a client's request, for the request-latency metric (sender is a small int)
+            c = raw[2] if raw[2] < 0x80 else None
+            if c is not None and c not in self.req_arrival:
+                self.req_arrival[c] = now
+        self.replica.receive(raw, now)
+        if not self.flush_pending:
+            self.flush_pending = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.flush_pending = False
+        sends = self.replica.take_sends()
+        if sends:
+            n = self.cfg.n
+            links = self.links
+            per: dict[int, list[bytes]] = {}
+            for dests, raw in sends:
+                fr = frame(raw)
+                for d in dests:
+                    lst = per.get(d)
+                    if lst is None:
+                        per[d] = [fr]
+                    else:
+                        lst.append(fr)
+            counters = self.counters
+            for d, frames in per.items():
+                data = frames[0] if len(frames) == 1 else b"".join(frames)
+                counters.frames_out += len(frames)
+                if d < n:
+                    link = links.get(d)
+                    if link is not None:
+                        link.send(data, counters)
+                else:
+                    conn = self.client_conn.get(d)
+                    if conn is None:
+                        counters.drop("client-unreachable", len(frames))
+                        continue
+                    conn.send(data)
+                    t0 = self.req_arrival.pop(d, None)
+                    if t0 is not None:
+                        self.metrics.observe_latency((self._now() - t0) / 1000.0)
+        self._rearm()
+
+    def _rearm(self) -> None:
+        d = self.replica.next_deadline()
+        if d == self.timer_at:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.timer_at = d
+        if d is not None:
+            self.timer = self.loop.call_later(max(0.0, d / 1000.0 - time.monotonic()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        self.timer_at = None
+        self._sync_wall_clock()
+        self.replica.tick(self._now())
+        self._flush()
+
+    # ---- status -------------------------------------------------------------
+    def status(self) -> dict:
+        r = self.replica
+        return {
+            "replica": self.id,
+            "view": r.view,
+            "primary": r.primary(),
+            "view_active": r.view_active,
+            "last_executed": r.last_exec,
+            "last_committed": r.last_committed_exec,
+            "stable_checkpoint": r.h,
+            "executed_requests": r.executed_requests,
+            "view_changes": self.view_changes,
+            "fetching_state": r.fetch_target is not None,
+            "peers_connected": sorted(j for j, l in self.links.items() if l.conn is not None),
+            "clients_connected": len(self.client_conn),
+            "uptime_s": round(time.time() - self.started, 1),
+            "pid": os.getpid(),
+        }
+
+
+def run_replica(cluster: Cluster, replica_id: int, service: Service, quiet: bool = False) -> None:
+    """Run one replica in the foreground until SIGINT/SIGTERM."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
+        uvloop = None
+    identity = cluster.identity(replica_id)
+
+    async def main():
+        node = ReplicaNode(cluster, replica_id, identity, service, quiet=quiet)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, node.stopping.set)
+        await node.run()
+
+    if uvloop is not None:
+        uvloop.run(main())
+    else:
+        asyncio.run(main())

@@ -1,0 +1,128 @@
+"""Helpers for tests that run real replica processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pbft.cli_net import fetch_status
+from pbft.runtime.cluster import init_cluster
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def free_base_port(span: int) -> int:
+    """A base port such that base..base+span-1 are all free right now."""
+    for _ in range(200):
+        base = random.randrange(20000, 60000 - span)
+        socks = []
+        try:
+            for p in range(base, base + span):
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+class LocalCluster:
+    def __init__(self, directory: Path, n: int = 4, clients: int = 4, protocol=None, runtime=None):
+        self.dir = Path(directory)
+        base = free_base_port(200)
+        self.cluster = init_cluster(self.dir, n, None, ["127.0.0.1"], base, clients,
+                                    protocol=protocol, runtime=runtime)
+        self.n = n
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.logs: dict[int, Path] = {}
+
+    def start(self, rid: int) -> None:
+        log = self.dir / f"replica-{rid}.log"
+        self.logs[rid] = log
+        env = dict(os.environ)
+        env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+        fh = open(log, "ab")
+        self.procs[rid] = subprocess.Popen(
+            [sys.executable, "-m", "pbft.cli", "replica", str(self.dir), "--id", str(rid)],
+            stdout=subprocess.DEVNULL, stderr=fh, env=env, start_new_session=True)
+        fh.close()
+
+    def start_all(self, wait: bool = True) -> "LocalCluster":
+        for r in range(self.n):
+            self.start(r)
+        if wait:
+            self.wait_connected()
+        return self
+
+    def status(self, rid: int, timeout: float = 1.0) -> dict:
+        r = self.cluster.replicas[rid]
+        return fetch_status(r.host, r.metrics_port, timeout)
+
+    def wait_connected(self, ids=None, timeout: float = 15.0) -> None:
+        ids = list(range(self.n)) if ids is None else ids
+        deadline = time.time() + timeout
+        while True:
+            try:
+                if all(len(self.status(i)["peers_connected"]) == self.n - 1 for i in ids):
+                    return
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise TimeoutError(f"replicas {ids} not connected; logs in {self.dir}")
+            time.sleep(0.05)
+
+    def wait_for(self, pred, timeout: float = 20.0, what: str = "condition"):
+        deadline = time.time() + timeout
+        last = None
+        while time.time() < deadline:
+            try:
+                last = pred()
+                if last:
+                    return last
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"timed out waiting for {what} (last {last!r}); logs in {self.dir}")
+
+    def signal(self, rid: int, sig: int) -> None:
+        self.procs[rid].send_signal(sig)
+
+    def kill(self, rid: int) -> None:
+        p = self.procs[rid]
+        p.kill()
+        p.wait(5)
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                try:
+                    p.send_signal(signal.SIGCONT)
+                    p.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for p in self.procs.values():
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+    def log_text(self, rid: int) -> str:
+        return self.logs[rid].read_text(errors="replace")
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
