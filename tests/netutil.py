@@ -14,7 +14,8 @@ from pathlib import Path
 from pbft.cli_net import fetch_status
 from pbft.runtime.cluster import init_cluster
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+ROOT = str(Path(__file__).resolve().parents[1])  # the repository root: makes ``examples.*`` importable
+SRC = str(Path(ROOT) / "src")
 
 
 def free_base_port(span: int) -> int:
@@ -38,8 +39,12 @@ def free_base_port(span: int) -> int:
 
 
 class LocalCluster:
-    def __init__(self, directory: Path, n: int = 4, clients: int = 4, protocol=None, runtime=None):
+    def __init__(self, directory: Path, n: int = 4, clients: int = 4, protocol=None, runtime=None,
+                 service: str | None = None):
+        """``service``: a ``--service`` spec for every replica (``kv`` when None), e.g.
+        ``examples.bank:BankService`` (the repository root is on the replicas' PYTHONPATH)."""
         self.dir = Path(directory)
+        self.service = service
         base = free_base_port(200)
         self.cluster = init_cluster(self.dir, n, None, ["127.0.0.1"], base, clients,
                                     protocol=protocol, runtime=runtime)
@@ -47,20 +52,22 @@ class LocalCluster:
         self.procs: dict[int, subprocess.Popen] = {}
         self.logs: dict[int, Path] = {}
 
-    def start(self, rid: int) -> None:
+    def start(self, rid: int, service: str | None = None) -> None:
         log = self.dir / f"replica-{rid}.log"
         self.logs[rid] = log
         env = dict(os.environ)
-        env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = SRC + os.pathsep + ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        cmd = [sys.executable, "-m", "pbft.cli", "replica", str(self.dir), "--id", str(rid)]
+        service = service or self.service
+        if service is not None:
+            cmd += ["--service", service]
         fh = open(log, "ab")
-        self.procs[rid] = subprocess.Popen(
-            [sys.executable, "-m", "pbft.cli", "replica", str(self.dir), "--id", str(rid)],
-            stdout=subprocess.DEVNULL, stderr=fh, env=env, start_new_session=True)
+        self.procs[rid] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=fh, env=env, start_new_session=True)
         fh.close()
 
-    def start_all(self, wait: bool = True) -> "LocalCluster":
+    def start_all(self, wait: bool = True, service: str | None = None) -> "LocalCluster":
         for r in range(self.n):
-            self.start(r)
+            self.start(r, service)
         if wait:
             self.wait_connected()
         return self

@@ -42,7 +42,18 @@ def test_bad_arguments_are_one_line_errors():
     assert p.returncode == 2 and "replicas" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_demo_runs():
-    p = pbft("demo")
+def test_simulated_demo_runs():
+    p = pbft("demo", "--simulated")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "view change" in p.stdout and "replicas agree" in p.stdout
+
+
+def test_live_demo_runs_a_real_cluster_through_a_primary_crash():
+    p = pbft("demo", "--phase-seconds", "1.5")
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = p.stdout
+    assert "killing the primary, replica 0, with SIGKILL" in out
+    assert "view change complete: view 1, new primary replica 1" in out
+    assert "rejoined in view" in out and "caught up" in out
+    assert "all hold their last acknowledged value" in out
+    assert out.rstrip().endswith("result                  : OK")

@@ -254,3 +254,20 @@ def test_cached_reply_of_a_tentative_execution_stays_tentative():
         r.receive(raw, c.now)  # the client retransmits
     replies = [c.codec.parse(c.codec.open_frame(x)) for r in c.replicas for _, x in r.take_sends()]
     assert replies and all(rep.tentative for rep in replies)
+
+
+def test_status_join_rule_moves_a_replica_that_slept_through_view_changes():
+    """A replica with nothing pending (so no timer of its own) learns the current view once
+    f+1 replicas report higher views in their Status messages, and not from one replica."""
+    from pbft.codec import seal
+    from pbft.messages import Status
+
+    c = Cluster()
+    r3 = c.replicas[3]
+    assert r3.view == 0
+    r3.receive(seal(Status(5, True, 0, 0, 1), c.rings[1]), c.now)
+    assert r3.view == 0, "one replica's word must not move us"
+    r3.receive(seal(Status(4, False, 0, 0, 2), c.rings[2]), c.now)
+    # replicas 1 and 2 (weight f+1) are in views >= 4: join the lowest of them
+    assert r3.view == 4 and not r3.view_active
+    assert any(ev[0] == "view-change" and ev[1] == 4 and ev[2] == "status-join" for r, ev in c.events if r == 3)

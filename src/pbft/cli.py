@@ -166,9 +166,13 @@ def cmd_sim(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    if args.simulated:
+        from .demo import run_demo
 
-    return run_demo()
+        return run_demo()
+    from .demo_live import run_live_demo
+
+    return run_live_demo(phase_s=args.phase_seconds, keep=args.keep)
 
 
 def main(argv=None) -> int:
@@ -194,11 +198,15 @@ def main(argv=None) -> int:
     s.add_argument("--json", action="store_true")
     s.add_argument("--verbose", action="store_true", help="print the fault timeline of each run")
     s.set_defaults(func=cmd_sim)
-    d = sub.add_parser("demo", help="a short narrated simulation of a 4-replica cluster")
+    d = sub.add_parser("demo", help="a real 4-replica cluster on loopback: workload, primary killed, view change")
+    d.add_argument("--simulated", action="store_true", help="the narrated simulation instead (no processes)")
+    d.add_argument("--phase-seconds", type=float, default=4.0, help="length of each phase of the live demo")
+    d.add_argument("--keep", action="store_true", help="keep the cluster directory and replica logs")
     d.set_defaults(func=cmd_demo)
     from .cli_net import add_commands, run_guarded
 
     add_commands(sub)
+    from .bench import add_bench_command; add_bench_command(sub)
     args = p.parse_args(argv)
     if args.cmd == "sim" and (args.seeds < 0 or args.replicas < 1):
         p.error("seeds must be >= 0 and replicas >= 1")

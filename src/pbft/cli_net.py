@@ -15,11 +15,11 @@ import urllib.request
 from .config import ConfigError
 
 
-def load_service(spec: str):
+def load_service(spec: str, cfg=None):
     """``kv`` or ``module:Class`` (a ``pbft.Service`` subclass constructed without arguments)."""
     if spec == "kv":
         from .services.kv import KVService
-        return KVService()
+        return KVService(skew_ms=cfg.nondet_skew_ms_max) if cfg is not None else KVService()
     if ":" not in spec:
         raise ConfigError(f"unknown service {spec!r}: use 'kv' or 'module:Class'")
     mod, _, cls = spec.partition(":")
@@ -57,7 +57,7 @@ def cmd_replica(args) -> int:
     cluster = load_cluster(args.dir)
     if not 0 <= args.id < cluster.n:
         raise ConfigError(f"--id must be a replica id 0..{cluster.n - 1}, got {args.id}")
-    service = load_service(args.service)
+    service = load_service(args.service, cluster.cfg)
     run_replica(cluster, args.id, service, quiet=args.quiet)
     return 0
 

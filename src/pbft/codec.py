@@ -140,7 +140,8 @@ def header_of(msg: Message) -> tuple[int, int, bytes, bytes]:
     if t is Checkpoint:
         return 6, msg.replica, packb([msg.seqno, msg.digest]), b""
     if t is Status:
-        return 7, msg.replica, packb([msg.view, msg.view_active, msg.stable_seqno, msg.last_executed]), b""
+        return 7, msg.replica, packb([msg.view, msg.view_active, msg.stable_seqno, msg.last_executed,
+                                       msg.nv_digest]), b""
     if t is ViewChange:
         return 8, msg.replica, packb([msg.view, msg.stable_seqno, [list(c) for c in msg.checkpoints],
                                        [list(p) for p in msg.prepared], [list(q) for q in msg.preprepared]]), b""
@@ -297,9 +298,11 @@ class Codec:
                 s, d = h
                 return Checkpoint(_int(s, 0, U63, "seqno"), _digest(d), fr.sender)
             if tag == 7:
-                v, active, stable, last = h
+                v, active, stable, last, nvd = h
+                if nvd != b"":
+                    _digest(nvd)
                 return Status(_int(v, 0, U63, "view"), _bool(active, "active"), _int(stable, 0, U63, "seqno"),
-                              _int(last, 0, U63, "seqno"), fr.sender)
+                              _int(last, 0, U63, "seqno"), fr.sender, nvd)
             if tag == 8:
                 return self._view_change(h, fr.sender)
             if tag == 9:

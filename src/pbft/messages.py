@@ -102,6 +102,9 @@ class Status:
     stable_seqno: int
     last_executed: int
     replica: int
+    # digest of the NewView frame that installed the sender's (active) view, b"" if none: f+1
+    # matching digests certify a NewView whose MAC the receiver cannot check (keys changed)
+    nv_digest: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)

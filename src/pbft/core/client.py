@@ -1,9 +1,10 @@
 """The PBFT client as a pure state machine.
 
-One outstanding request at a time; timestamps grow.  The first transmission
-goes to the primary the client believes in (read-only requests go to all
-replicas); on timeout the request is multicast to every replica asking all of
-them for the full result, and the timeout doubles (bounded).
+One outstanding request at a time; timestamps grow.  Every transmission goes
+to all replicas (backups vouch for the requests they received, see
+``messages.Vouch``); one designated replier sends the full result, the others
+its digest.  On timeout the request is sent again asking every replica for the
+full result, and the timeout doubles (bounded).
 
 A result is accepted with
 

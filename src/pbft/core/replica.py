@@ -47,6 +47,9 @@ from .view_change import Decision, decide
 
 VIEW_LOOKAHEAD_MAX = 1 << 20  # view-change messages further ahead than this are dropped
 VOUCH_BATCH_MAX = 1024
+# what a client gets when the service raised, or returned something other than bytes within the
+# reply size limit: the same on every correct replica (see ``_run_service``)
+SERVICE_ERROR_RESULT = b"\xffpbft:service-error"
 
 
 @dataclass(slots=True)
@@ -106,6 +109,7 @@ class Replica:
         # propose and check non-deterministic values (e.g. timestamps) against now + this offset
         self.wall_offset_ms = 0.0
         self.others = tuple(r for r in range(cfg.n) if r != replica_id)
+        self.unit_weights = all(w == 1 for w in cfg.weights)
         self.Qw = cfg.quorum_weight
         self.weak = cfg.weak_weight
         self.K = cfg.checkpoint_interval_seqnos
@@ -164,9 +168,19 @@ class Replica:
         self.known: dict[int, ReqInfo] = {}  # client -> latest request not yet executed (committed)
         self.vouches: dict[bytes, set[int]] = {}  # vouch key -> replicas that vouched
         self.vouch_out: list[bytes] = []
+        self.key_client: dict[bytes, int] = {}  # vouch key -> client, for the requests in ``known``
+        # request frames received from their clients, opened, parsed and (MAC) verified here:
+        # a pre-prepare that batches them is then checked without opening them again
+        self.req_seen: dict[bytes, tuple[Frame, Request]] = {}
+        self.req_seen_max = max(1024, 8 * cfg.clients_max)
+        self.held: set[int] = set()  # seqnos whose slot holds a pre-prepare waiting for vouches
 
         self.status_deadline = now + cfg.status_interval_ms * (1 + replica_id / (4 * cfg.n))
         self.status_answered: dict[int, float] = {}  # peer -> when we last answered its Status
+        self.peer_views: dict[int, int] = {}  # replica -> view in its latest Status
+        self.peer_nv: dict[int, tuple[int, bytes]] = {}  # replica -> (active view, its NewView digest)
+        self.nv_digest = b""  # digest of the NewView frame that installed our view
+        self.unverified_nv: Optional[tuple[NewView, bytes, bytes]] = None  # (nv, raw, digest), MAC unchecked
 
     # =====================================================================
     # driver interface
@@ -196,6 +210,17 @@ class Replica:
             return
         if not self.keys.verify(fr.sender, fr.digest, fr.auth, fr.multi):
             self._drop("bad-mac")
+            if fr.tag == 10 and fr.sender < self.cfg.n:
+                # a NewView relayed after our keys changed (we restarted, or refreshed keys):
+                # usable only if f+1 replicas report its digest (``_try_certified_new_view``)
+                try:
+                    nv = self.codec.parse(fr)
+                except DecodeError:
+                    return
+                if nv.view >= self.view and (self.unverified_nv is None or nv.view >= self.unverified_nv[0].view):
+                    self.unverified_nv = (nv, fr.raw, fr.digest)
+                    self._try_certified_new_view()
+                return
             if fr.tag == 1 and fr.sender >= self.cfg.n:
                 # a request whose MAC for us is wrong may still be genuine (its client may be
                 # faulty towards us only): keep the body; it is used only if f+1 replicas vouch
@@ -258,6 +283,9 @@ class Replica:
         self.ro_queue.clear()
         self.pending.clear()
         self.known.clear()
+        self.key_client.clear()
+        self.req_seen.clear()
+        self.held.clear()
         self.vouches.clear()
         self.vouch_out.clear()
         self.req_deadline = None
@@ -292,7 +320,45 @@ class Replica:
     def _send_to(self, dest: int, raw: bytes) -> None:
         self.out.append(((dest,), raw))
 
+    def _run_service(self, op: bytes, client: int, nondet: bytes, read_only: bool) -> bytes:
+        """``service.execute``; an exception (a bug in the service, triggered by some input) becomes
+        the result ``SERVICE_ERROR_RESULT`` on every correct replica alike, so the replicas stay in
+        agreement and the client gets an answer, instead of every replica failing on the same
+        request. Counted as ``service-exception``."""
+        try:
+            result = self.service.execute(op, client, nondet, read_only)
+        except Exception as e:  # noqa: BLE001 - the service is user code
+            self._drop("service-exception")
+            self._trace_ev("service-exception", client, type(e).__name__)
+            return SERVICE_ERROR_RESULT
+        if type(result) is not bytes:
+            self._drop("service-bad-result")
+            return SERVICE_ERROR_RESULT
+        if len(result) > self.cfg.reply_size_bytes_max:
+            self._drop("service-result-too-large")
+            return SERVICE_ERROR_RESULT
+        return result
+
+    def _batch_requests(self, batch: Batch) -> list[tuple[Frame, Request]]:
+        """The (frame, request) pairs of a batch; frames we received from their clients
+        ourselves are not opened again (``req_seen``: their MACs verified here)."""
+        seen = self.req_seen
+        codec = self.codec
+        out = []
+        for raw in batch.requests:
+            hit = seen.get(raw)
+            if hit is None:
+                fr = codec.open_frame(raw)
+                if fr.tag != 1:
+                    raise DecodeError("batch-not-request")
+                hit = (fr, codec.parse(fr))
+            out.append(hit)
+        return out
+
     def _weight(self, replicas) -> int:
+        """Total weight of a collection of distinct replica ids."""
+        if self.unit_weights:
+            return len(replicas)
         return self.cfg.weight_of(replicas)
 
     def _in_window(self, n: int) -> bool:
@@ -338,6 +404,10 @@ class Replica:
     # requests
     # =====================================================================
     def on_request(self, req: Request, fr: Frame) -> None:
+        seen = self.req_seen
+        if len(seen) >= self.req_seen_max:
+            del seen[next(iter(seen))]
+        seen[fr.raw] = (fr, req)
         if req.read_only:
             self._on_read_only(ReqInfo(req, fr.digest, fr.raw))
             return
@@ -386,8 +456,11 @@ class Replica:
             self._drop("known-requests-full")
             return
         ri = ReqInfo(req, fr.digest, fr.raw, key, verified)
-        self.known.pop(c, None)
+        old = self.known.pop(c, None)
+        if old is not None:
+            self.key_client.pop(old.key, None)
         self.known[c] = ri  # (re)inserted last: the primary batches in arrival order
+        self.key_client[key] = c
         if verified:
             self._add_vouch(key, self.id)
             self.vouch_out.append(key)
@@ -437,15 +510,19 @@ class Replica:
             self.req_deadline = None
 
     def on_vouch(self, m: Vouch, fr: Frame) -> None:
-        keys = set(m.keys)
-        for k in keys:
+        key_client = self.key_client
+        for k in m.keys:
             self._add_vouch(k, m.replica)
-        for c, ri in list(self.known.items()):
-            if ri.key in keys:
+            c = key_client.get(k)
+            if c is not None:
                 self._consider(c)
         # pre-prepares held back for want of vouches may now be acceptable
-        for n, slot in list(self.slots.items()):
-            if slot.held_pp is not None and slot.digest is None and slot.view == self.view:
+        for n in sorted(self.held):
+            slot = self.slots.get(n)
+            if slot is None or slot.held_pp is None:
+                self.held.discard(n)
+                continue
+            if slot.digest is None and slot.view == self.view:
                 pp, raw = slot.held_pp
                 if self._check_batch(pp.batch, pp.digest, check_nondet=not self._weakly_prepared(slot, pp.digest)) is None:
                     self._accept_preprepare(pp, raw, slot)
@@ -469,7 +546,7 @@ class Replica:
                 return
             self.ro_queue[ri.req.client] = ri
             return
-        result = self.service.execute(ri.req.op, ri.req.client, b"", True)
+        result = self._run_service(ri.req.op, ri.req.client, b"", True)
         self._send_reply(ri.req, result, tentative=False, read_only=True)
 
     def _drain_read_only(self) -> None:
@@ -567,6 +644,7 @@ class Replica:
             # relayed for catch-up. Accept it once f+1 backups prepared it (one correct replica
             # checked the value when it was fresh).
             slot.held_pp = (pp, fr.raw)
+            self.held.add(pp.seqno)
         if reason:
             self._drop(reason)
             return
@@ -589,13 +667,15 @@ class Replica:
     def _check_batch(self, batch: Batch, d: bytes, check_nondet: bool = True) -> Optional[str]:
         """Why a pre-prepared batch is unacceptable, or None. Checks MACs, digest, nondet."""
         try:
-            reqs = self.codec.batch_requests(batch)
+            reqs = self._batch_requests(batch)
         except DecodeError:
             return "batch-malformed"
         seen = set()
         unvouched = False
+        req_seen = self.req_seen
         for rfr, req in reqs:
-            if not self.keys.verify(rfr.sender, rfr.digest, rfr.auth, True) and not self._certified(vouch_key(req)):
+            if rfr.raw not in req_seen and not self.keys.verify(rfr.sender, rfr.digest, rfr.auth, True) \
+                    and not self._certified(vouch_key(req)):
                 unvouched = True
             if req.read_only:
                 return "batch-read-only-request"
@@ -708,7 +788,7 @@ class Replica:
         batch = slot.batch
         assert batch is not None
         try:
-            reqs = self.codec.batch_requests(batch)
+            reqs = self._batch_requests(batch)
         except DecodeError:  # only reachable with the skip-digest-check bug
             reqs = []
         executed = []
@@ -717,7 +797,7 @@ class Replica:
             last = self.last_reply.get(c)
             if last is not None and t <= last[0] and not self.bug_no_ts:
                 continue  # exactly-once: ordered twice, executed once
-            result = self.service.execute(req.op, c, batch.nondet, False)
+            result = self._run_service(req.op, c, batch.nondet, False)
             self.last_reply[c] = (t, result)
             self.last_exec_seqno[c] = n
             executed.append((c, t, req.op))
@@ -748,7 +828,7 @@ class Replica:
                 del self.pending[c]
             k = self.known.get(c)
             if k is not None and k.req.timestamp <= t:
-                del self.known[c]
+                self.key_client.pop(self.known.pop(c).key, None)
                 self.vouches.pop(k.key, None)
         if self.view_active:
             self.vc_timeout = self.cfg.view_change_timeout_ms
@@ -772,11 +852,11 @@ class Replica:
         assert ok, "own checkpoint must decode"
         for k in range(base + 1, target + 1):
             _, batch, _ = self.exec_log[k]
-            for rfr, req in self.codec.batch_requests(batch):
+            for rfr, req in self._batch_requests(batch):
                 last = self.last_reply.get(req.client)
                 if last is not None and req.timestamp <= last[0] and not self.bug_no_ts:
                     continue
-                result = self.service.execute(req.op, req.client, batch.nondet, False)
+                result = self._run_service(req.op, req.client, batch.nondet, False)
                 self.last_reply[req.client] = (req.timestamp, result)
         for k in range(target + 1, self.last_exec + 1):
             self.exec_log.pop(k, None)
@@ -949,10 +1029,29 @@ class Replica:
             if sl.view == self.view and not sl.committed:
                 upto = max(n - 1, self.h)
                 break
-        self._broadcast(Status(self.view, self.view_active, self.h, upto, self.id))
+        self._broadcast(Status(self.view, self.view_active, self.h, upto, self.id,
+                               self.nv_digest if self.view_active else b""))
 
     def on_status(self, s: Status, fr: Frame) -> None:
         r = s.replica
+        # join rule (thesis 2.3.5, on Status rather than ViewChange messages): when replicas of
+        # weak-certificate weight (f+1) are in views above ours, at least one correct replica
+        # is, so move to the lowest of those views. This is how a replica that slept through
+        # a view change, or restarted without its state, finds the current view even when it
+        # has no request of its own to time out on.
+        self.peer_views[r] = s.view
+        if s.view_active and s.nv_digest:
+            self.peer_nv[r] = (s.view, s.nv_digest)
+            if self.unverified_nv is not None or self.pending_nv is not None or self.future_nv:
+                self._try_certified_new_view()
+        if s.view > self.view:
+            higher = sorted(((v, j) for j, v in self.peer_views.items() if v > self.view), reverse=True)
+            acc = 0
+            for v, j in higher:
+                acc += self.cfg.weights[j]
+                if acc >= self.weak:
+                    self._start_view_change(v, "status-join")
+                    break
         # answers are rate-limited per peer: a flood of Status messages must not turn this
         # replica into an amplifier
         last = self.status_answered.get(r)
@@ -962,11 +1061,14 @@ class Replica:
         self.status_answered[r] = self.now
         if s.view < self.view or (s.view == self.view and not s.view_active):
             if self.view_active and self.nv_raw is not None:
-                self._send_to(r, self.nv_raw)
+                # our own messages are sealed again with the current keys (the receiver may have
+                # restarted or refreshed its keys since); others' are relayed as they came
+                self._send_to(r, seal(self.nv, self.keys) if self.nv.replica == self.id else self.nv_raw)
                 for raw in self.nv_vc_raws:
                     self._send_to(r, raw)
             elif not self.view_active and self.my_vc_raw is not None:
-                self._send_to(r, self.my_vc_raw)
+                mine = self.vcs.get((self.view, self.id))
+                self._send_to(r, seal(mine.msg, self.keys) if mine is not None else self.my_vc_raw)
                 if r == self.primary():
                     for (v, j, d), ackers in self.acks.items():
                         if v == self.view and self.id in ackers:
@@ -988,7 +1090,10 @@ class Replica:
                 continue
             budget -= 1
             if slot.pp_raw is not None:
-                self._send_to(r, slot.pp_raw)
+                if self.is_primary and slot.batch is not None:
+                    self._send_to(r, seal(PrePrepare(self.view, n, slot.digest, self.id, slot.batch), self.keys))
+                else:
+                    self._send_to(r, slot.pp_raw)
             elif self.nv_raw is not None:
                 self._send_to(r, self.nv_raw)
             if self.id in slot.prepares:
@@ -1253,8 +1358,53 @@ class Replica:
         self.pending_nv = None
         self._start_view_change(self.view + 1, reason)
 
+    def _try_certified_new_view(self) -> None:
+        """Install a NewView vouched for by f+1 replicas' Status digests, without its view changes.
+
+        A replica that restarted (or whose keys changed) cannot check the MACs of view-change
+        messages sent before; but f+1 replicas reporting that the NewView with this digest
+        installed their view include a correct one, which checked it."""
+        cands = []
+        if self.unverified_nv is not None:
+            cands.append(self.unverified_nv)
+        if self.pending_nv is not None:
+            nv, raw = self.pending_nv
+            cands.append((nv, raw, self.codec.open_frame(raw).digest))
+        for nv, raw in self.future_nv.values():
+            cands.append((nv, raw, self.codec.open_frame(raw).digest))
+        for nv, raw, d in sorted(cands, key=lambda c: -c[0].view):
+            if nv.view < self.view or (nv.view == self.view and self.view_active):
+                continue
+            if nv.replica != self.primary(nv.view):
+                continue
+            if self._weight([j for j, x in self.peer_nv.items() if x == (nv.view, d)]) < self.weak:
+                continue
+            given = {}
+            for b in nv.batches:
+                try:
+                    given[self.codec.batch_digest(b)] = b
+                except DecodeError:
+                    break
+            else:
+                if any(dg != NULL_BATCH_DIGEST and dg not in given and self._batch_for(dg) is None
+                       for _, dg in nv.chosen):
+                    continue
+                if nv.view > self.view:
+                    self._start_view_change(nv.view, "certified-new-view")
+                    if self.view_active or self.view != nv.view:
+                        return  # (installed through the ordinary path meanwhile)
+                for n, dg in nv.chosen:
+                    if dg in given:
+                        self._remember_batch(dg, given[dg], n)
+                self.unverified_nv = None
+                self._drop("new-view-certified-by-status")  # (counted: how often this path is used)
+                self._install_new_view(nv, raw, [], Decision(nv.checkpoint_seqno, nv.checkpoint_digest, nv.chosen))
+                return
+
     def _install_new_view(self, nv: NewView, raw: bytes, vc_raws: list[bytes], dec: Decision) -> None:
         self.pending_nv = None
+        self.unverified_nv = None
+        self.nv_digest = self.codec.open_frame(raw).digest
         self.batches_wanted.clear()
         self.view_active = True
         self.nv, self.nv_raw, self.nv_vc_raws = nv, raw, vc_raws

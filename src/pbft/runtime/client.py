@@ -37,6 +37,7 @@ from typing import Optional, Sequence
 from ..codec import Codec, DecodeError
 from ..core.client import Client as CoreClient
 from ..crypto import KeyRing
+from ..config import ConfigError
 from .cluster import Cluster, load_cluster
 from .keys import Identity, fresh_key, make_newkey, now_timestamp_us
 from .transport import Counters, FrameConn, OutLink, frame
@@ -54,8 +55,7 @@ class NoQuorumError(PbftError, TimeoutError):
 
 
 class _Principal:
-    __slots__ = ("ident", "ring", "core", "lock", "fut", "timer", "timer_at", "last_newkey", "retries_seen",
-                 "sent_at")
+    __slots__ = ("ident", "ring", "core", "lock", "fut", "timer", "timer_at", "last_newkey")
 
     def __init__(self, ident: Identity, ring: KeyRing, core: CoreClient):
         self.ident = ident
@@ -66,8 +66,6 @@ class _Principal:
         self.timer: Optional[asyncio.TimerHandle] = None
         self.timer_at: Optional[float] = None
         self.last_newkey = 0.0
-        self.retries_seen = 0
-        self.sent_at = 0.0
 
 
 def _now_ms() -> float:
@@ -86,6 +84,8 @@ class ClientPool:
         self.p: dict[int, _Principal] = {}
         n = self.cfg.n
         for ident in identities:
+            if ident.principal not in cluster.client_keys:
+                raise ConfigError(f"{ident.principal} is not a client id of this cluster")
             ring = KeyRing(ident.principal, n, {}, {})
             core = CoreClient(self.cfg, ident.principal, ring, now=_now_ms())
             core.timestamp = now_timestamp_us()  # timestamps keep growing across client restarts
@@ -169,7 +169,6 @@ class ClientPool:
                 raise PbftError("client closed")
             fut = self.loop.create_future()
             p.fut = fut
-            p.retries_seen = 0
             p.core.invoke(op, read_only, _now_ms())
             self._after(p)
             try:
@@ -183,8 +182,8 @@ class ClientPool:
                 answered = sorted(p.core.replies)
                 raise NoQuorumError(
                     f"no certified result within {timeout:g}s: connected to {len(conn)} of {self.cfg.n} replicas "
-                    f"{conn}, replies from {answered or 'none'} (a result needs {2 * self.cfg.f + 1} matching "
-                    f"replies, or {self.cfg.f + 1} committed ones)") from None
+                    f"{conn}, replies from {answered or 'none'} (a result needs matching replies of weight "
+                    f"{self.cfg.quorum_weight}, or committed ones of weight {self.cfg.weak_weight})") from None
             finally:
                 p.fut = None
 
@@ -211,12 +210,14 @@ class ClientPool:
         p.timer = None
         p.timer_at = None
         core = p.core
-        core.tick(_now_ms())
-        if core.retries > p.retries_seen:
-            p.retries_seen = core.retries
-            if time.monotonic() - p.last_newkey >= NEWKEY_ON_RETRY_MIN_INTERVAL_S:
-                # a replica that recovered (or restarted) no longer knows our keys
-                self.refresh_keys(p)
+        now = _now_ms()
+        if core.req is not None and core.deadline is not None and now >= core.deadline and \
+                time.monotonic() - p.last_newkey >= NEWKEY_ON_RETRY_MIN_INTERVAL_S:
+            # about to retransmit: a replica that recovered (or restarted) may no longer know our
+            # keys. Refresh them first, so that the retransmission is sealed with the new keys
+            # (the NewKey goes out before it on every connection)
+            self.refresh_keys(p)
+        core.tick(now)
         self._after(p)
 
     def _schedule_flush(self) -> None:
@@ -273,6 +274,9 @@ class Client:
             if not cluster.client_ids:
                 raise PbftError("the cluster file has no [[client]] entries")
             client_id = cluster.client_ids[0]
+        if client_id not in cluster.client_keys:
+            raise ConfigError(f"{client_id} is not a client id of this cluster "
+                              f"(clients are {cluster.client_ids[0]}..{cluster.client_ids[-1]})")
         ident = cluster.identity(client_id)
         pool = ClientPool(cluster, [ident])
         await pool.start(wait_s)

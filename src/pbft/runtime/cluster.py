@@ -47,7 +47,7 @@ PROTOCOL_DEFAULTS: dict[str, float | int | bool] = {
     "request_size_bytes_max": 64 * 1024,
     "reply_size_bytes_max": 64 * 1024,
     "message_size_bytes_max": 4 * 1024 * 1024,
-    "state_size_bytes_max": 64 * 1024 * 1024,
+    "state_size_bytes_max": 3 * 1024 * 1024,
     "pending_requests_max": 1024,
     "status_resend_seqnos_max": 16,
 }

@@ -23,6 +23,7 @@ import time
 from typing import Optional
 
 from ..codec import DecodeError
+from ..config import ConfigError
 from ..core.replica import Replica
 from ..crypto import KEY_SIZE, KeyRing
 from ..service import Service
@@ -71,6 +72,7 @@ class ReplicaNode:
         self.started = time.time()
         self.metrics = ReplicaMetrics(self)
         self.stopping = asyncio.Event()
+        self.failed = False
         self.server: Optional[asyncio.AbstractServer] = None
         self.http: Optional[HttpEndpoint] = None
         self.global_newkey_tokens = 0.0
@@ -112,7 +114,11 @@ class ReplicaNode:
     async def start(self) -> None:
         me = self.cluster.replicas[self.id]
         self._refresh_keys(broadcast=False)
-        self.server = await self.loop.create_server(self._accept, me.host, me.port, reuse_address=True, backlog=512)
+        try:
+            self.server = await self.loop.create_server(self._accept, me.host, me.port, reuse_address=True,
+                                                        backlog=512)
+        except OSError as e:
+            raise ConfigError(f"replica {self.id} cannot listen on {me.host}:{me.port}: {e.strerror or e}") from None
         for r in self.cluster.replicas:
             if r.id == self.id:
                 continue
@@ -121,7 +127,11 @@ class ReplicaNode:
             self.links[r.id] = link
             link.start()
         self.http = HttpEndpoint(self.metrics)
-        await self.http.start(me.host, me.metrics_port)
+        try:
+            await self.http.start(me.host, me.metrics_port)
+        except OSError as e:
+            raise ConfigError(f"replica {self.id} cannot serve metrics on {me.host}:{me.metrics_port}: "
+                              f"{e.strerror or e}") from None
         self.loop.call_later(self._refresh_delay(), self._periodic_refresh)
         self._rearm()
         self._log("started", host=me.host, port=me.port, metrics_port=me.metrics_port, n=self.cfg.n, f=self.cfg.f)
@@ -244,12 +254,19 @@ class ReplicaNode:
             self._on_newkey(conn, raw)
             return
         now = self._now()
-        if tag == 1 and len(raw) > 3:
-            # arrival of a client's request, for the request-latency metric (sender is a small int)
-            c = raw[2] if raw[2] < 0x80 else None
-            if c is not None and c not in self.req_arrival:
+        if tag == 1 and len(raw) > 5:
+            # arrival of a client's request, for the request-latency metric (the msgpack-encoded
+            # sender id follows the tag: a positive fixint, or uint8/uint16/uint32)
+            b = raw[2]
+            c = b if b < 0x80 else raw[3] if b == 0xCC else int.from_bytes(raw[3:5], "big") if b == 0xCD \
+                else int.from_bytes(raw[3:7], "big") if b == 0xCE else None
+            if c is not None and c not in self.req_arrival and len(self.req_arrival) < 65536:
                 self.req_arrival[c] = now
-        self.replica.receive(raw, now)
+        try:
+            self.replica.receive(raw, now)
+        except Exception as e:  # noqa: BLE001
+            self._fail_stop(e)
+            return
         if not self.flush_pending:
             self.flush_pending = True
             self.loop.call_soon(self._flush)
@@ -259,33 +276,46 @@ class ReplicaNode:
         sends = self.replica.take_sends()
         if sends:
             n = self.cfg.n
-            links = self.links
-            per: dict[int, list[bytes]] = {}
+            # one write per connection per loop turn: replies to the many clients that share a
+            # connection (a client pool) go out together, as do all frames to one replica
+            per: dict[object, list[bytes]] = {}
+            client_conn = self.client_conn
+            arrivals = self.req_arrival
+            counters = self.counters
+            replied = []
             for dests, raw in sends:
                 fr = frame(raw)
                 for d in dests:
-                    lst = per.get(d)
+                    if d < n:
+                        key = d
+                    else:
+                        key = client_conn.get(d)
+                        if key is None:
+                            counters.drop("client-unreachable")
+                            continue
+                        if d in arrivals:
+                            replied.append(d)
+                    lst = per.get(key)
                     if lst is None:
-                        per[d] = [fr]
+                        per[key] = [fr]
                     else:
                         lst.append(fr)
-            counters = self.counters
-            for d, frames in per.items():
+            links = self.links
+            for key, frames in per.items():
                 data = frames[0] if len(frames) == 1 else b"".join(frames)
                 counters.frames_out += len(frames)
-                if d < n:
-                    link = links.get(d)
+                if type(key) is int:
+                    link = links.get(key)
                     if link is not None:
                         link.send(data, counters)
                 else:
-                    conn = self.client_conn.get(d)
-                    if conn is None:
-                        counters.drop("client-unreachable", len(frames))
-                        continue
-                    conn.send(data)
-                    t0 = self.req_arrival.pop(d, None)
+                    key.send(data)
+            if replied:
+                now = self._now()
+                for d in replied:
+                    t0 = arrivals.pop(d, None)
                     if t0 is not None:
-                        self.metrics.observe_latency((self._now() - t0) / 1000.0)
+                        self.metrics.observe_latency((now - t0) / 1000.0)
         self._rearm()
 
     def _rearm(self) -> None:
@@ -303,8 +333,21 @@ class ReplicaNode:
         self.timer = None
         self.timer_at = None
         self._sync_wall_clock()
-        self.replica.tick(self._now())
+        try:
+            self.replica.tick(self._now())
+        except Exception as e:  # noqa: BLE001
+            self._fail_stop(e)
+            return
         self._flush()
+
+    def _fail_stop(self, e: BaseException) -> None:
+        """An internal invariant broke (a bug in the core, not bad input: bad input is dropped
+        and counted). Stop rather than go on in a state nobody has reasoned about; the rest of
+        the cluster tolerates a stopped replica, not a confused one."""
+        import traceback
+        self.failed = True
+        log(self.id, "internal-error", error=repr(e), traceback=traceback.format_exc())
+        self.stopping.set()
 
     # ---- status -------------------------------------------------------------
     def status(self) -> dict:
@@ -320,6 +363,12 @@ class ReplicaNode:
             "executed_requests": r.executed_requests,
             "view_changes": self.view_changes,
             "fetching_state": r.fetch_target is not None,
+            "seq_assigned": r.seq_assigned,
+            "requests_known": len(r.known),
+            "requests_pending": len(r.pending),
+            "requests_queued": len(r.queue),
+            "requests_inflight": len(r.inflight),
+            "drops": dict(sorted(r.drops.items())),
             "peers_connected": sorted(j for j, l in self.links.items() if l.conn is not None),
             "clients_connected": len(self.client_conn),
             "uptime_s": round(time.time() - self.started, 1),
@@ -341,8 +390,19 @@ def run_replica(cluster: Cluster, replica_id: int, service: Service, quiet: bool
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, node.stopping.set)
         await node.run()
+        return node.failed
 
-    if uvloop is not None:
-        uvloop.run(main())
-    else:
-        asyncio.run(main())
+    profile = os.environ.get("PBFT_PROFILE")  # e.g. /tmp/prof: writes /tmp/prof.<id> (cProfile) on exit
+    prof = None
+    if profile:
+        import cProfile
+        prof = cProfile.Profile()
+        prof.enable()
+    try:
+        failed = uvloop.run(main()) if uvloop is not None else asyncio.run(main())
+        if failed:
+            raise SystemExit(70)
+    finally:
+        if prof is not None:
+            prof.disable()
+            prof.dump_stats(f"{profile}.{replica_id}")

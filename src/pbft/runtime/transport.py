@@ -17,7 +17,10 @@ one bad or slow peer from hurting the others:
   ``send_queue_bytes_max`` drops new frames (``send-queue-full``) until the
   peer drains it; frames to a peer that is not connected are dropped
   (``peer-down``) and the protocol's retransmission recovers;
-* outbound links reconnect with exponential backoff.
+* outbound links reconnect with exponential backoff; a connection attempt
+  that gets no answer is abandoned after ``CONNECT_TIMEOUT_S`` and retried
+  (a SYN dropped by a partition is otherwise retransmitted by the kernel at
+  1, 3, 7, 15, 31, 63 s: the link would stay down that long after it heals).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import asyncio
 import socket
 import struct
 from typing import Callable, Optional
+
+CONNECT_TIMEOUT_S = 2.0
 
 _LEN = struct.Struct(">I")
 pack_len = _LEN.pack
@@ -207,7 +212,8 @@ class OutLink:
         while not self.stopped:
             lost = loop.create_future()
             try:
-                _, conn = await loop.create_connection(self._factory(lost), self.host, self.port)
+                _, conn = await asyncio.wait_for(
+                    loop.create_connection(self._factory(lost), self.host, self.port), CONNECT_TIMEOUT_S)
             except (OSError, asyncio.TimeoutError):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_s)

@@ -1,0 +1,1 @@
+"""Example services built on the public ``pbft`` API (see docs/client.md)."""
