@@ -58,6 +58,7 @@ class ClusterConfig:
     nondet_skew_ms_max: float = 1_000.0
     tentative_execution: bool = True
     status_resend_seqnos_max: int = 16
+    vouch_delay_ms: float = 2.0  # how long a vouch may wait for company (another message to the replicas)
     pending_requests_max: int = 1024
     # Testing only: names from KNOWN_BUGS deliberately break the protocol so the
     # simulator's oracles can prove they would notice.  Never set in production.

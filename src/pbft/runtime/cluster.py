@@ -50,6 +50,7 @@ PROTOCOL_DEFAULTS: dict[str, float | int | bool] = {
     "state_size_bytes_max": 3 * 1024 * 1024,
     "pending_requests_max": 1024,
     "status_resend_seqnos_max": 16,
+    "vouch_delay_ms": 2.0,
 }
 
 

@@ -48,8 +48,9 @@ DELIVER, WAKE, INVOKE, FAULT, CPU = 0, 1, 2, 3, 4
 class CostModel:
     """Simulated CPU time per unit of work at a replica (microseconds).
 
-    Each replica is one CPU: received messages wait in per-sender queues served round-robin
-    (one sender cannot starve the others: Aardvark's defence), each costs its bytes, the MACs it
+    Each replica is one CPU: received messages wait in per-sender queues served by deficit round
+    robin on their estimated cost (one sender cannot starve the others, whether it sends many
+    messages or large ones: Aardvark's defence, by cost), each costs its bytes, the MACs it
     made the replica compute or check, and the requests it made it execute; what it sends leaves
     when it is done.  Throughput under attack is then a deterministic figure.
     """
@@ -62,6 +63,7 @@ class CostModel:
     mac_us: float = 0.7
     execute_us: float = 10.0
     queue_per_sender_max: int = 2000
+    quantum_us: float = 18.0  # deficit-round-robin quantum: a small message per turn per sender
 
 
 @dataclass
@@ -170,6 +172,7 @@ class Simulation:
         self.max_events = sc.max_events
         self.inbox: dict[int, dict[int, deque]] = {r: {} for r in range(n)}
         self.rr: dict[int, deque] = {r: deque() for r in range(n)}
+        self.deficit: dict[int, dict[int, float]] = {r: {} for r in range(n)}
         self.cpu_busy: set[int] = set()
         self.cpu_free_at = [0.0] * n
         self.cpu_dropped = 0
@@ -268,16 +271,34 @@ class Simulation:
         rr = self.rr[r]
         if r in self.crashed or not rr:
             self.inbox[r].clear()
+            self.deficit[r].clear()
             rr.clear()
             self.cpu_busy.discard(r)
             return
-        src = rr.popleft()
-        q = self.inbox[r][src]
+        # deficit round robin over senders, by estimated cost rather than by message count: a
+        # sender of 30 KB requests gets no more of the CPU than one of small messages
+        C = self.sc.cost
+        deficit = self.deficit[r]
+        inbox = self.inbox[r]
+        while True:
+            src = rr[0]
+            q = inbox[src]
+            est = C.message_us + C.byte_us * len(q[0])
+            d = deficit.get(src, 0.0)
+            if d >= est:
+                break
+            deficit[src] = d + C.quantum_us
+            if deficit[src] >= est:
+                break
+            rr.rotate(-1)
+        rr.popleft()
         raw = q.popleft()
+        deficit[src] -= est
         if q:
             rr.append(src)
         else:
-            del self.inbox[r][src]
+            del inbox[src]
+            deficit.pop(src, None)
         node = self._node(r)
         rep = self.replicas[r]
         keys = self.rings[r]
@@ -286,7 +307,6 @@ class Simulation:
         node.receive(raw, self._local(r))
         if r not in self.byz:
             self.oracles.after_step(rep)
-        C = self.sc.cost
         cost_ms = (C.message_us + C.byte_us * len(raw) + C.mac_us * (keys.mac_ops - macs0)
                    + C.execute_us * (rep.executed_requests - ex0)) / 1000.0
         self.cpu_free_at[r] = self.now + cost_ms
