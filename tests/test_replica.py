@@ -54,9 +54,20 @@ def test_exactly_once_retransmitted_request_gets_cached_reply():
     c.advance(20)
     assert not cl.busy
     executed_before = len(c.of_kind("execute"))
-    # a duplicate of the same (client, timestamp) arrives again at every replica
+    # a duplicate of the same frame arrives again at every replica (the network duplicated it):
+    # not executed, and not answered either (the client had its answers)
     for r in c.replicas:
         r.receive(first, c.now)
+    c.run()
+    assert all(r.drops.get("request-late-copy", 0) >= 1 for r in c.replicas)
+    # the client's own retransmission (asking every replica for the full result) is answered
+    # from the reply cache, still without executing again
+    from pbft.codec import seal
+    from pbft.messages import ALL_REPLICAS, Request
+    req = c.codec.parse(c.codec.open_frame(first))
+    retx = seal(Request(req.client, req.timestamp, req.op, False, ALL_REPLICAS), c.rings[req.client])
+    for r in c.replicas:
+        r.receive(retx, c.now)
     c.run()
     c.advance(50)
     assert len(c.of_kind("execute")) == executed_before, "a request must not be executed twice"
@@ -250,6 +261,10 @@ def test_cached_reply_of_a_tentative_execution_stays_tentative():
     raw = cl.out[0][1]
     c.run()
     assert all(r.last_exec == 2 and r.last_committed_exec == 1 for r in c.replicas)
+    from pbft.codec import seal
+    from pbft.messages import ALL_REPLICAS, Request
+    req = c.codec.parse(c.codec.open_frame(raw))
+    raw = seal(Request(req.client, req.timestamp, req.op, False, ALL_REPLICAS), c.rings[req.client])
     for r in c.replicas:
         r.receive(raw, c.now)  # the client retransmits
     replies = [c.codec.parse(c.codec.open_frame(x)) for r in c.replicas for _, x in r.take_sends()]

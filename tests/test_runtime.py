@@ -126,7 +126,8 @@ def test_primary_crash_view_change_and_progress(cluster):
                 st = await loop.run_in_executor(None, lambda: [cluster.status(i) for i in range(4)])
             except OSError:  # the restarted replica is not listening yet
                 st = None
-            if st and st[0]["view"] == st[1]["view"] and st[0]["last_executed"] >= st[1]["last_executed"] - 16:
+            if st and st[0]["view"] == st[1]["view"] and st[0]["view_active"] and \
+                    st[0]["last_executed"] >= st[1]["last_executed"] - 16:
                 break
             assert time.monotonic() - t1 < 20.0, f"restarted replica did not catch up: {st}"
             await asyncio.sleep(0.1)

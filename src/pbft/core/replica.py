@@ -147,6 +147,7 @@ class Replica:
         self.exec_log: dict[int, tuple[bytes, Batch, tuple]] = {}
         self.last_reply: dict[int, tuple[int, bytes]] = {}  # client -> (timestamp, result)
         self.last_exec_seqno: dict[int, int] = {}  # client -> seqno of its last execution here (local)
+        self.executed_digest: dict[int, bytes] = {}  # client -> frame digest of its last executed request
 
         # checkpoints
         self.ckpts: dict[int, tuple[bytes, bytes]] = {0: self._checkpoint_of(0)}  # seqno -> (digest, state)
@@ -439,6 +440,10 @@ class Replica:
         if last is not None and t <= last[0] and not self.bug_no_ts:
             if not verified:
                 self._drop("request-unverified-old")
+            elif t == last[0] and self.executed_digest.get(c) == fr.digest and req.replier != ALL_REPLICAS:
+                # the client's own copy of a request we already executed from a pre-prepare that
+                # overtook it (the primary's fast path): not a retransmission, nothing to answer
+                self._drop("request-late-copy")
             elif t == last[0]:
                 # the cached reply is only as final as the execution that produced it
                 tentative = self.last_exec_seqno.get(c, 0) > self.last_committed_exec
@@ -475,7 +480,8 @@ class Replica:
                 self.vouches.pop(cur.key, None)
                 self.vouch_out.pop(cur.key, None)  # superseded before our vouch left: never mind it
             if verified and cur.verified and cur.req.timestamp < t and self.is_primary and \
-                    self.inflight.get(c, 0) < cur.req.timestamp:
+                    self.inflight.get(c, 0) < cur.req.timestamp and \
+                    self.last_reply.get(c, (0,))[0] < cur.req.timestamp:
                 # at the primary, a new request while the previous one is not even ordered: not a
                 # closed-loop client (a correct one waits for its result, which needs the request
                 # ordered). No fast path for it (see ``trusted``)
@@ -519,11 +525,8 @@ class Replica:
             # (and only for a client with nothing in flight: a closed-loop client's previous
             # request has executed before it sends the next; one that floods us waits for vouches,
             # so that its requests supersede each other instead of filling batches)
-            # Under load (batches in flight) it is not used: waiting for vouches costs nothing
-            # then, and lets requests gather into larger batches
             if not (ri.verified and c in self.trusted and c not in self.suspects
-                    and self.view_active and self.is_primary and c not in self.inflight
-                    and self.seq_assigned == self.last_exec):
+                    and self.view_active and self.is_primary and c not in self.inflight):
                 return
         t = ri.req.timestamp
         if self.view_active and self.is_primary:
@@ -848,6 +851,7 @@ class Replica:
             result = self._run_service(req.op, c, batch.nondet, False)
             self.last_reply[c] = (t, result)
             self.last_exec_seqno[c] = n
+            self.executed_digest[c] = rfr.digest
             executed.append((c, t, req.op))
             self._send_reply(req, result, tentative=tentative)
             if self.inflight.get(c, 0) <= t:
