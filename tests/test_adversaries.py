@@ -65,3 +65,13 @@ def test_every_single_message_mutation_n4():
     """Seeds 0..69 enumerate every (message type, mutation) pair of the single-mutation adversary."""
     r = run_scenario(find("S-12b"), 4, range(70))
     assert r.violations == 0 and r.liveness_failures == 0, r
+
+
+@pytest.mark.parametrize("n, seed", [(4, 1224)])
+def test_swarm_regression_seeds(n, seed):
+    """Swarm seeds that once failed. 1224 (n=4): the correct replicas garbage-collected the log
+    past a checkpoint made stable with a Byzantine replica's vote, which then fell silent; the
+    new primary, behind on commits, saw only f+1 votes for that checkpoint and was never resent
+    what it lacked. It now catches up once f+1 replicas report that checkpoint stable."""
+    res = Simulation(swarm_config(n, seed)).run()
+    assert res.ok, (res.violations[:3], res.liveness_failure)

@@ -188,6 +188,7 @@ class Replica:
         self.status_deadline = now + cfg.status_interval_ms * (1 + replica_id / (4 * cfg.n))
         self.status_answered: dict[int, float] = {}  # peer -> when we last answered its Status
         self.peer_views: dict[int, int] = {}  # replica -> view in its latest Status
+        self.peer_stable: dict[int, int] = {}  # replica -> highest stable checkpoint it reported
         self.peer_nv: dict[int, tuple[int, bytes]] = {}  # replica -> (active view, its NewView digest)
         self.nv_digest = b""  # digest of the NewView frame that installed our view
         self.unverified_nv: Optional[tuple[NewView, bytes, bytes]] = None  # (nv, raw, digest), MAC unchecked
@@ -947,8 +948,18 @@ class Replica:
             if w >= self.Qw:
                 self._on_stable_certificate(n, d)
                 return
-            if w >= self.weak and n > self.h + self.L and self.last_committed_exec < n:
-                # a correct replica is past our whole window: we have fallen behind
+            if w >= self.weak and self.last_committed_exec < n and (
+                    n > self.h + self.L
+                    or self._weight([j for j, st in self.peer_stable.items() if st >= n]) >= self.weak):
+                # a correct replica is past our whole window, or replicas of weak weight have
+                # discarded the log up to n (nobody will resend what we lack there): catch up to
+                # checkpoint n, which a correct replica computed from committed requests
+                snap = self.tentative_snaps.get(n)
+                if self.last_exec >= n and snap is not None and self._ckpt_digest(n, snap) == d:
+                    self._promote(n, snap)  # our tentative executions up to n are the committed ones
+                    return
+                if self.last_exec > self.last_committed_exec:
+                    self._rollback()
                 self._start_fetch(n, d)
                 return
 
@@ -958,13 +969,7 @@ class Replica:
             # the certificate proves everything up to n committed: promote
             st = self.tentative_snaps[n]
             if self._ckpt_digest(n, st) == d:
-                for k in range(self.last_committed_exec + 1, n + 1):
-                    self._committed(k)
-                self.last_committed_exec = n
-                self._trace_ev("promote", n)
-                del self.tentative_snaps[n]
-                self._take_checkpoint(n, st)
-                self._try_execute()  # later slots may have committed meanwhile: promote them too
+                self._promote(n, st)
                 return
         if own is not None and own[0] != d:
             self._trace_ev("checkpoint-mismatch", n, own[0], d)
@@ -975,6 +980,17 @@ class Replica:
                 self._rollback()
             self._advance_low_water_mark(n)
             self._start_fetch(n, d)
+
+    def _promote(self, n: int, st: bytes) -> None:
+        """Our tentative executions up to n produced the state a correct replica checkpointed
+        after committed execution: they are the committed ones."""
+        for k in range(self.last_committed_exec + 1, n + 1):
+            self._committed(k)
+        self.last_committed_exec = n
+        self._trace_ev("promote", n)
+        del self.tentative_snaps[n]
+        self._take_checkpoint(n, st)
+        self._try_execute()  # later slots may have committed meanwhile: promote them too
 
     def _advance_low_water_mark(self, n: int) -> None:
         if n <= self.h:
@@ -1092,6 +1108,10 @@ class Replica:
         # a view change, or restarted without its state, finds the current view even when it
         # has no request of its own to time out on.
         self.peer_views[r] = s.view
+        if s.stable_seqno > self.peer_stable.get(r, 0):
+            self.peer_stable[r] = s.stable_seqno
+            if s.stable_seqno > self.last_committed_exec and s.stable_seqno > self.h:
+                self._check_stable(s.stable_seqno)
         if s.view_active and s.nv_digest:
             self.peer_nv[r] = (s.view, s.nv_digest)
             if self.unverified_nv is not None or self.pending_nv is not None or self.future_nv:
