@@ -3,39 +3,21 @@
 from __future__ import annotations
 
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from pbft.cli_net import fetch_status
-from pbft.runtime.cluster import init_cluster
+from pbft.runtime.cluster import free_port_range, init_cluster
 
 ROOT = str(Path(__file__).resolve().parents[1])  # the repository root: makes ``examples.*`` importable
 SRC = str(Path(ROOT) / "src")
 
 
 def free_base_port(span: int) -> int:
-    """A base port such that base..base+span-1 are all free right now."""
-    for _ in range(200):
-        base = random.randrange(20000, 60000 - span)
-        socks = []
-        try:
-            for p in range(base, base + span):
-                s = socket.socket()
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind(("127.0.0.1", p))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
+    return free_port_range(span)
 
 
 class LocalCluster:

@@ -78,7 +78,6 @@ import base64
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import socket
@@ -90,6 +89,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ConfigError
+from .runtime.cluster import free_port_range
 
 SERVICE = "pbft.services.null:NullService"
 KB = 1024
@@ -354,33 +354,6 @@ def _log_tail(log: Optional[Path]) -> str:
     except OSError:
         return ""
     return f" (last log line: {lines[-1][:300]})" if lines else ""
-
-
-def free_port_range(span: int) -> int:
-    """A base port such that base..base+span-1 are all free on 127.0.0.1 right now (below the ephemeral
-    range when possible, so that outgoing connections cannot take them before the servers bind)."""
-    hi = 60000
-    try:
-        lo_eph = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-        if lo_eph - 15000 > 10 * span:
-            hi = lo_eph
-    except (OSError, ValueError, IndexError):
-        pass
-    for _ in range(200):
-        base = random.randrange(15000, hi - span)
-        socks = []
-        try:
-            for p in range(base, base + span):
-                s = socket.socket()
-                s.bind(("127.0.0.1", p))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise ConfigError("found no free range of loopback ports")
 
 
 # ---------------------------------------------------------------------------

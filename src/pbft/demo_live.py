@@ -21,37 +21,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from .runtime.cluster import init_cluster
+from .runtime.cluster import free_port_range, init_cluster
 from .runtime.client import ClientPool, PbftError
 from .services.kv import _unwrap, encode_op
 
 CLIENTS = 8
 KEYS_PER_CLIENT = 16
-
-
-def _free_base_port() -> int:
-    import random
-    for base in [7000] + [random.randrange(20000, 60000) for _ in range(100)]:
-        socks = []
-        try:
-            for p in list(range(base, base + 4)) + list(range(base + 100, base + 104)):
-                s = socket.socket()
-                s.bind(("127.0.0.1", p))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports on 127.0.0.1")
 
 
 class Demo:
@@ -152,7 +133,7 @@ class Demo:
             k += 1
 
     async def main(self) -> int:
-        base = _free_base_port()
+        base = free_port_range(104, prefer=7000)  # replicas at base.., metrics at base+100..
         self.cluster = init_cluster(self.dir, 4, 1, ["127.0.0.1"], base, CLIENTS,
                                     protocol={"checkpoint_interval_seqnos": 64, "log_window_seqnos": 128,
                                               "view_change_timeout_ms": 500.0})

@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import random
+import socket
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -338,3 +340,31 @@ def _pubkey(t: dict, ctx: str) -> bytes:
     if k is None or len(k) != PUBLIC_KEY_SIZE:
         raise ConfigError(f"{ctx}: public_key must be {PUBLIC_KEY_SIZE} bytes in hex")
     return k
+
+
+def free_port_range(span: int, prefer: Optional[int] = None) -> int:
+    """A base port such that base..base+span-1 are all free on 127.0.0.1 right now (``prefer`` if it
+    is; otherwise below the ephemeral range when possible, so that outgoing connections cannot take
+    them before the servers bind)."""
+    hi = 60000
+    try:
+        lo_eph = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        if lo_eph - 15000 > 10 * span:
+            hi = lo_eph
+    except (OSError, ValueError, IndexError):
+        pass
+    for attempt in range(200):
+        base = prefer if (attempt == 0 and prefer is not None) else random.randrange(15000, hi - span)
+        socks = []
+        try:
+            for p in range(base, base + span):
+                s = socket.socket()
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise ConfigError("found no free range of loopback ports")
