@@ -121,11 +121,7 @@ def open_newkey(raw: bytes, me: int, public: PublicKeys, max_principal: int) -> 
     """
     if len(raw) > NEWKEY_MAX_BYTES:
         raise DecodeError("newkey-oversized")
-    try:
-        t = msgpack.unpackb(raw, use_list=False, raw=False, max_str_len=0, max_map_len=0,
-                            max_ext_len=0, max_bin_len=NEWKEY_MAX_BYTES, max_array_len=1024)
-    except (ValueError, msgpack.UnpackException) as e:
-        raise DecodeError("newkey-malformed") from e
+    t = _unpack(raw)
     if type(t) is not tuple or len(t) != 5:
         raise DecodeError("newkey-malformed")
     tag, sender, header, payload, sig = t
@@ -141,11 +137,7 @@ def open_newkey(raw: bytes, me: int, public: PublicKeys, max_principal: int) -> 
         vk.verify(_SIG_CONTEXT + body, sig)
     except nacl.exceptions.BadSignatureError as e:
         raise DecodeError("newkey-bad-signature") from e
-    try:
-        h = msgpack.unpackb(header, use_list=False, raw=False, max_str_len=0, max_map_len=0,
-                            max_ext_len=0, max_bin_len=NEWKEY_MAX_BYTES, max_array_len=1024)
-    except (ValueError, msgpack.UnpackException) as e:
-        raise DecodeError("newkey-malformed") from e
+    h = _unpack(header)
     if type(h) is not tuple or len(h) != 2:
         raise DecodeError("newkey-malformed")
     ts, entries = h
@@ -158,6 +150,31 @@ def open_newkey(raw: bytes, me: int, public: PublicKeys, max_principal: int) -> 
         if e[0] == me:
             mine = e[1]
     return NewKey(sender, ts, mine)
+
+
+def _unpack(data: bytes):
+    try:
+        return msgpack.unpackb(data, use_list=False, raw=False, max_str_len=0, max_map_len=0,
+                               max_ext_len=0, max_bin_len=NEWKEY_MAX_BYTES, max_array_len=1024)
+    except (ValueError, msgpack.UnpackException) as e:
+        raise DecodeError("newkey-malformed") from e
+
+
+def accept_newkey(raw: bytes, me: Identity, public: PublicKeys, n_replicas: int, max_principal: int,
+                  last_ts: dict[int, int]) -> tuple[int, bytes]:
+    """Check a NewKey for ``me`` and return ``(sender, keys)``: 32 bytes ``k(me->sender)`` from a
+    replica, 64 bytes ``k(sender->me) + k(me->sender)`` from a client. Records its timestamp in
+    ``last_ts``; raises ``DecodeError`` (stale, replayed, forged, not for us...)."""
+    nk = open_newkey(raw, me.principal, public, max_principal)
+    if nk.sender == me.principal:
+        raise DecodeError("newkey-from-self")
+    if nk.timestamp <= last_ts.get(nk.sender, 0):
+        raise DecodeError("newkey-stale")
+    if nk.entry is None:
+        raise DecodeError("newkey-no-entry")
+    k = unseal(me, nk.entry, KEY_SIZE if nk.sender < n_replicas else 2 * KEY_SIZE)
+    last_ts[nk.sender] = nk.timestamp
+    return nk.sender, k
 
 
 def unseal(me: Identity, sealed: bytes, size: int) -> bytes:

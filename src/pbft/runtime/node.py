@@ -28,9 +28,9 @@ from ..core.replica import Replica
 from ..crypto import KEY_SIZE, KeyRing
 from ..service import Service
 from .cluster import Cluster
-from .keys import NEWKEY_TAG, Identity, fresh_key, make_newkey, now_timestamp_us, open_newkey, unseal
+from .keys import NEWKEY_TAG, Identity, accept_newkey, fresh_key, make_newkey, now_timestamp_us
 from .metrics import HttpEndpoint, ReplicaMetrics
-from .transport import Counters, FrameConn, OutLink, frame
+from .transport import Counters, FrameConn, OutLink, TokenBucket, frame
 
 FIXARRAY5 = 0x95  # msgpack header of a 5-element array: every frame starts with it
 LOGGED_EVENTS = frozenset({"view-change", "new-view", "stable", "state-transfer", "checkpoint-mismatch", "fetch", "rollback"})
@@ -75,8 +75,7 @@ class ReplicaNode:
         self.failed = False
         self.server: Optional[asyncio.AbstractServer] = None
         self.http: Optional[HttpEndpoint] = None
-        self.global_newkey_tokens = 0.0
-        self.global_newkey_time = 0.0
+        self.newkey_bucket = TokenBucket(rate=2000.0, burst=2000.0)  # NewKeys checked, all connections
 
     # ---- clock and logging --------------------------------------------------
     def _now(self) -> float:
@@ -208,37 +207,23 @@ class ReplicaNode:
     def _on_newkey(self, conn: FrameConn, raw: bytes) -> None:
         now = time.monotonic()
         # signatures cost ~40 us: bound what one connection, and all together, can make us verify
-        if not conn.take_token(rate=200.0, burst=512.0, now=now):
+        bucket = conn.meta.get("newkey-bucket")
+        if bucket is None:
+            bucket = conn.meta["newkey-bucket"] = TokenBucket(rate=200.0, burst=512.0)
+        if not bucket.take(now) or not self.newkey_bucket.take(now):
             self.counters.drop("newkey-rate-limited")
             return
-        self.global_newkey_tokens = min(2000.0, self.global_newkey_tokens + (now - self.global_newkey_time) * 2000.0) \
-            if self.global_newkey_time else 2000.0
-        self.global_newkey_time = now
-        if self.global_newkey_tokens < 1.0:
-            self.counters.drop("newkey-rate-limited")
-            return
-        self.global_newkey_tokens -= 1.0
         try:
-            nk = open_newkey(raw, self.id, self.cluster.public, self.cfg.n + self.cfg.clients_max - 1)
-            if nk.sender == self.id:
-                raise DecodeError("newkey-from-self")
-            if nk.timestamp <= self.newkey_ts.get(nk.sender, 0):
-                raise DecodeError("newkey-stale")
-            if nk.entry is None:
-                raise DecodeError("newkey-no-entry")
-            if nk.sender < self.cfg.n:
-                k = unseal(self.identity, nk.entry, KEY_SIZE)
-            else:
-                k = unseal(self.identity, nk.entry, 2 * KEY_SIZE)
+            sender, k = accept_newkey(raw, self.identity, self.cluster.public, self.cfg.n,
+                                      self.cfg.n + self.cfg.clients_max - 1, self.newkey_ts)
         except DecodeError as e:
             self.counters.drop(e.reason)
             return
-        self.newkey_ts[nk.sender] = nk.timestamp
         self.metrics.newkeys_accepted += 1
-        if nk.sender < self.cfg.n:
-            self.ring.out_keys[nk.sender] = k
+        if sender < self.cfg.n:
+            self.ring.out_keys[sender] = k
         else:
-            c = nk.sender
+            c = sender
             self.ring.in_keys[c] = k[:KEY_SIZE]
             self.ring.out_keys[c] = k[KEY_SIZE:]
             self.client_conn[c] = conn

@@ -55,11 +55,33 @@ class Counters:
         self.drops[reason] = self.drops.get(reason, 0) + k
 
 
+class TokenBucket:
+    """At most ``rate`` events per second on average, ``burst`` at once (for expensive work
+    that untrusted input can ask for, such as checking signatures)."""
+
+    __slots__ = ("rate", "burst", "tokens", "time")
+
+    def __init__(self, rate: float, burst: float):
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.time: Optional[float] = None
+
+    def take(self, now: float) -> bool:
+        if self.time is not None:
+            self.tokens = min(self.burst, self.tokens + (now - self.time) * self.rate)
+        self.time = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
 class FrameConn(asyncio.Protocol):
     """One TCP connection.  ``on_frame(conn, raw)`` is called for every complete frame."""
 
     __slots__ = ("on_frame", "on_lost", "counters", "max_frame", "budget", "send_max", "transport",
-                 "buf", "off", "closed", "paused", "peer", "loop", "meta", "tokens", "token_time")
+                 "buf", "off", "closed", "paused", "peer", "loop", "meta")
 
     def __init__(self, on_frame: Callable, counters: Counters, max_frame: int, budget: int, send_max: int,
                  on_lost: Optional[Callable] = None):
@@ -77,8 +99,6 @@ class FrameConn(asyncio.Protocol):
         self.peer = None
         self.loop = asyncio.get_event_loop()
         self.meta: dict = {}  # owner's per-connection data
-        self.tokens = 0.0
-        self.token_time = 0.0
 
     # ---- asyncio.Protocol ---------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -169,15 +189,6 @@ class FrameConn(asyncio.Protocol):
         t.write(data)
         self.counters.bytes_out += len(data)
         return True
-
-    def take_token(self, rate: float, burst: float, now: float) -> bool:
-        """Token bucket for expensive work a connection can ask for (NewKey signatures)."""
-        self.tokens = min(burst, self.tokens + (now - self.token_time) * rate) if self.token_time else burst
-        self.token_time = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
 
     def close(self) -> None:
         if not self.closed:

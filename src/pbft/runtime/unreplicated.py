@@ -14,7 +14,7 @@ from ..crypto import KEY_SIZE, KeyRing
 from ..messages import Reply, Request
 from ..service import Service
 from .cluster import Cluster
-from .keys import NEWKEY_TAG, Identity, open_newkey, unseal
+from .keys import NEWKEY_TAG, Identity, accept_newkey
 from .transport import Counters, FrameConn, frame
 
 
@@ -53,17 +53,14 @@ class UnreplicatedServer:
     def _on_frame(self, conn: FrameConn, raw: bytes) -> None:
         if len(raw) > 1 and raw[1] == NEWKEY_TAG:
             try:
-                nk = open_newkey(raw, 0, self.cluster.public, self.cfg.clients_max)
-                if nk.sender < 1 or nk.timestamp <= self.newkey_ts.get(nk.sender, 0) or nk.entry is None:
-                    raise DecodeError("newkey-rejected")
-                k = unseal(self.identity, nk.entry, 2 * KEY_SIZE)
+                c, k = accept_newkey(raw, self.identity, self.cluster.public, 1, self.cfg.clients_max,
+                                     self.newkey_ts)
             except DecodeError as e:
                 self.counters.drop(e.reason)
                 return
-            self.newkey_ts[nk.sender] = nk.timestamp
-            self.ring.in_keys[nk.sender] = k[:KEY_SIZE]
-            self.ring.out_keys[nk.sender] = k[KEY_SIZE:]
-            self.client_conn[nk.sender] = conn
+            self.ring.in_keys[c] = k[:KEY_SIZE]
+            self.ring.out_keys[c] = k[KEY_SIZE:]
+            self.client_conn[c] = conn
             return
         try:
             fr = self.codec.open_frame(raw)
