@@ -1409,21 +1409,27 @@ class Replica:
                 (nv.checkpoint_seqno, nv.checkpoint_digest, nv.chosen):
             self._reject_new_view("new-view-wrong-decision")
             return
+        problem = self._take_new_view_batches(nv)
+        if problem:
+            self._reject_new_view(problem)
+            return
+        self._install_new_view(nv, raw, [i.raw for i in infos], dec)
+
+    def _take_new_view_batches(self, nv: NewView) -> Optional[str]:
+        """Remember the batches a NewView carries for its chosen digests; what is wrong, or None
+        (then every non-null chosen batch is known here)."""
         given = {}
         for b in nv.batches:
             try:
                 given[self.codec.batch_digest(b)] = b
             except DecodeError:
-                self._reject_new_view("new-view-bad-batch")
-                return
-        for n, d in dec.chosen:
-            if d != NULL_BATCH_DIGEST and d not in given and self._batch_for(d) is None:
-                self._reject_new_view("new-view-missing-batch")
-                return
-        for n, d in dec.chosen:
+                return "new-view-bad-batch"
+        if any(d != NULL_BATCH_DIGEST and d not in given and self._batch_for(d) is None for _, d in nv.chosen):
+            return "new-view-missing-batch"
+        for n, d in nv.chosen:
             if d in given:
                 self._remember_batch(d, given[d], n)
-        self._install_new_view(nv, raw, [i.raw for i in infos], dec)
+        return None
 
     def _reject_new_view(self, reason: str) -> None:
         self._drop(reason)
@@ -1451,27 +1457,16 @@ class Replica:
                 continue
             if self._weight([j for j, x in self.peer_nv.items() if x == (nv.view, d)]) < self.weak:
                 continue
-            given = {}
-            for b in nv.batches:
-                try:
-                    given[self.codec.batch_digest(b)] = b
-                except DecodeError:
-                    break
-            else:
-                if any(dg != NULL_BATCH_DIGEST and dg not in given and self._batch_for(dg) is None
-                       for _, dg in nv.chosen):
-                    continue
-                if nv.view > self.view:
-                    self._start_view_change(nv.view, "certified-new-view")
-                    if self.view_active or self.view != nv.view:
-                        return  # (installed through the ordinary path meanwhile)
-                for n, dg in nv.chosen:
-                    if dg in given:
-                        self._remember_batch(dg, given[dg], n)
-                self.unverified_nv = None
-                self._drop("new-view-certified-by-status")  # (counted: how often this path is used)
-                self._install_new_view(nv, raw, [], Decision(nv.checkpoint_seqno, nv.checkpoint_digest, nv.chosen))
-                return
+            if self._take_new_view_batches(nv):
+                continue
+            if nv.view > self.view:
+                self._start_view_change(nv.view, "certified-new-view")
+                if self.view_active or self.view != nv.view:
+                    return  # (installed through the ordinary path meanwhile)
+            self.unverified_nv = None
+            self._drop("new-view-certified-by-status")  # (counted: how often this path is used)
+            self._install_new_view(nv, raw, [], Decision(nv.checkpoint_seqno, nv.checkpoint_digest, nv.chosen))
+            return
 
     def _install_new_view(self, nv: NewView, raw: bytes, vc_raws: list[bytes], dec: Decision) -> None:
         self.pending_nv = None
