@@ -1,0 +1,1 @@
+"""Replica state: application objects and durable storage."""
