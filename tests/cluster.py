@@ -15,15 +15,23 @@ from pbft.core.client import Client
 from pbft.core.replica import Replica
 from pbft.crypto import keyrings_for
 from pbft.services.kv import KVService, decode_result, encode_op
+from pbft.state.store import MemStore
 
 
 class Cluster:
-    def __init__(self, n: int = 4, clients: int = 2, service=KVService, **cfg_kw):
+    def __init__(self, n: int = 4, clients: int = 2, service=KVService, durable: bool | None = None, **cfg_kw):
+        """``durable``: None keeps replicas in memory only; True/False gives each a simulated
+        disk (``MemStore``) in the durable or fast mode, written before every send."""
         self.cfg = ClusterConfig.create(n, clients_max=clients, **cfg_kw)
         self.rings = keyrings_for(b"test-master-key-0123456789abcdef", n, self.cfg.client_ids)
         self.now = 0.0
         self.events: list[tuple[int, tuple]] = []
+        self.service = service
         self.replicas = [Replica(self.cfg, i, self.rings[i], service(), trace=self._trace) for i in range(n)]
+        self.stores = [MemStore(durable=durable) for _ in range(n)] if durable is not None else None
+        if self.stores:
+            for r in self.replicas:
+                r.enable_persistence()
         self.clients = [Client(self.cfg, c, self.rings[c]) for c in self.cfg.client_ids]
         self.codec = Codec(self.cfg)
         self.net: deque = deque()
@@ -37,8 +45,30 @@ class Cluster:
     def node(self, pid):
         return self.replicas[pid] if pid < self.cfg.n else self.clients[pid - self.cfg.n]
 
+    def restart(self, i: int, rng=None, power_loss: bool = False, torn: bool = False, recover: bool = False) -> str:
+        """Replica i's process dies and starts again from its store (after losing its
+        unsynced writes if ``power_loss``), and with ``recover`` begins a proactive
+        recovery; returns what ``restore`` said."""
+        store = self.stores[i]
+        if power_loss:
+            store.power_loss(rng, torn=torn)
+        r = Replica(self.cfg, i, self.rings[i], self.service(), now=self.now, trace=self._trace)
+        r.enable_persistence()
+        records, damaged = store.load()
+        outcome = r.restore(records, damaged)
+        self.replicas[i] = r
+        self.net = type(self.net)((s, d, raw) for s, d, raw in self.net if d != i and s != i)
+        if recover or r.recovery_marker:
+            self.recovery_nonce = getattr(self, "recovery_nonce", 1_000_000) + 1
+            r.begin_recovery(self.now, self.recovery_nonce)
+        return outcome
+
     def collect(self):
         for pid in list(range(self.cfg.n)) + [c.id for c in self.clients]:
+            if self.stores and pid < self.cfg.n:
+                puts = self.replicas[pid].take_persist()
+                if puts:
+                    self.stores[pid].write(puts)
             for dests, raw in self.node(pid).take_sends():
                 for d in dests:
                     self.net.append((pid, d, raw))

@@ -60,7 +60,7 @@ def test_bench_sweep_writes_plot(tmp_path):
     assert p.returncode == 0, p.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = p.stdout.splitlines()
-    assert lines[0].startswith("pbft bench: op 4/0 (read-write), 4 replicas (f=1)")
+    assert lines[0].startswith("pbft bench: op 4/0 (read-write), 4 replicas (f=1, durable storage)")
     # one group of three rows (replicated, unreplicated, ratio) per client count 1, 2, 4
     assert [int(x.split()[0]) for x in lines if x.split() and x.split()[0].isdigit()] == [1, 2, 4]
     assert sum("replicated/unreplicated" in x for x in lines) == 3

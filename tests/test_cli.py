@@ -48,12 +48,13 @@ def test_simulated_demo_runs():
     assert "view change" in p.stdout and "replicas agree" in p.stdout
 
 
-def test_live_demo_runs_a_real_cluster_through_a_primary_crash():
+def test_live_demo_runs_a_real_cluster_through_a_primary_crash_and_a_recovery():
     p = pbft("demo", "--phase-seconds", "1.5")
     assert p.returncode == 0, p.stdout + p.stderr
     out = p.stdout
     assert "killing the primary, replica 0, with SIGKILL" in out
     assert "view change complete: view 1, new primary replica 1" in out
     assert "rejoined in view" in out and "caught up" in out
+    assert "proactive recovery of replica 2" in out and "replica 2 recovered in" in out
     assert "all hold their last acknowledged value" in out
     assert out.rstrip().endswith("result                  : OK")

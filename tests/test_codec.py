@@ -23,8 +23,8 @@ from pbft.codec import (
 from pbft.config import ClusterConfig
 from pbft.crypto import MAC_SIZE, KeyRing, digest, digest1, keyrings_for, mac
 from pbft.messages import (
-    ALL_REPLICAS, NULL_BATCH, Batch, Checkpoint, Commit, Data, Fetch, NewView, PrePrepare, Prepare, Reply,
-    Request, Status, ViewChange, ViewChangeAck, FetchBatch, BatchData, Vouch,
+    ALL_REPLICAS, NULL_BATCH, RECOVERY_OP, Batch, Checkpoint, Commit, Data, Fetch, MetaData, NewView, PrePrepare, Prepare, Reply,
+    Request, Status, ViewChange, ViewChangeAck, FetchBatch, BatchData, Vouch, QueryStable, ReplyStable,
 )
 
 MASTER = b"k" * 32
@@ -96,10 +96,14 @@ def all_messages() -> list[tuple[str, object, int | None]]:
             (BATCH, BATCH2),
         ), None),
         ("new-view-empty", NewView(1, 1, ((0, d32("a")), (2, d32("b")), (3, d32("c"))), 0, CKPT_D, (), ()), None),
-        ("fetch", Fetch(32, CKPT_D, 1), 2),
-        ("data", Data(32, CKPT_D, 2, STATE), 1),
-        ("data-empty", Data(0, CKPT_D, 0, b""), 3),
+        ("fetch", Fetch(32, CKPT_D, 0, 0, (), 1), 2),
+        ("fetch-objects", Fetch(32, CKPT_D, 1, 3, (768, 770), 1), 2),
+        ("meta-data", MetaData(32, 1, 3, (CKPT_D, BATCH_DIGEST), 2), 1),
+        ("data", Data(32, 1, 3, ((768, STATE), (770, b"")), 2), 1),
+        ("data-empty", Data(0, 0, 0, (), 0), 3),
         ("fetch-batch", FetchBatch(BATCH_DIGEST, 2), None),
+        ("query-stable", QueryStable(3, 99), None),
+        ("reply-stable", ReplyStable(128, 140, 1, 99), 3),
         ("batch-data", BatchData(BATCH_DIGEST, 1, BATCH), 2),
         ("vouch", Vouch(3, (BATCH_DIGEST, BATCH2_DIGEST)), None),
         ("vouch-empty", Vouch(0, ()), None),
@@ -246,7 +250,7 @@ def test_single_mac_verifies_only_at_intended_receiver(name, msg, to):
 
 def test_point_to_point_seal_requires_receiver():
     with pytest.raises(ValueError):
-        seal(Fetch(1, CKPT_D, 0), RINGS[0])
+        seal(Fetch(1, CKPT_D, 0, 0, (), 0), RINGS[0])
 
 
 def test_mac_is_keyed_blake2b_128():
@@ -285,8 +289,15 @@ D = BATCH_DIGEST
     (Commit(0, -5, D, 2), None, "bad-seqno"),
     (PrePrepare(0, -1, D, 0, BATCH), None, "bad-seqno"),
     (Checkpoint(-1, D, 0), None, "bad-seqno"),
-    (Fetch(-1, D, 0), 1, "bad-seqno"),
-    (Data(-1, D, 0, b"s"), 1, "bad-seqno"),
+    (Fetch(-1, D, 0, 0, (), 0), 1, "bad-seqno"),
+    (Fetch(1, D, -1, 0, (), 0), 1, "bad-level"),
+    (Fetch(1, D, 0, 0, (-3,), 0), 1, "bad-object"),
+    (Fetch(1, D, 0, 0, tuple(range(300)), 0), 1, "bad-want"),
+    (MetaData(-1, 0, 0, (), 0), 1, "bad-seqno"),
+    (MetaData(1, 0, 0, (b"short",), 0), 1, "bad-child"),
+    (MetaData(1, 0, 0, (D,) * 257, 0), 1, "bad-children"),
+    (Data(-1, 0, 0, ((0, b"s"),), 0), 1, "bad-seqno"),
+    (Data(1, 0, -2, ((0, b"s"),), 0), 1, "bad-index"),
     (Status(1, True, -1, 0, 0), None, "bad-seqno"),
     (Status(1, True, 0, -1, 0), None, "bad-seqno"),
     (ViewChange(1, 0, -1, (), (), ()), None, "bad-seqno"),
@@ -309,7 +320,7 @@ D = BATCH_DIGEST
     (Request(C0, 1, b"", False, N), None, "bad-replier"),
     (Request(C0, 1, b"", False, -2), None, "bad-replier"),
     (Request(C0, 1, b"x" * (CFG.request_size_bytes_max + 1), False, 0), None, "bad-op"),
-    (Reply(0, 1, 0, 1, False, False, D, None), C0, "bad-client"),  # a replica id as client
+    (Reply(0, 1, -1, 1, False, False, D, None), C0, "bad-client"),
     (Reply(0, 1, LAST_CLIENT + 1, 1, False, False, D, None), C0, "bad-client"),
     (Reply(0, 1, C0, 1, False, False, D, b"r" * (CFG.reply_size_bytes_max + 1)), C0, "bad-result"),
     (ViewChangeAck(1, 0, N, D), None, "bad-replica"),
@@ -350,9 +361,15 @@ def test_client_sending_replica_message_is_rejected():
         if tag != TAG[Request]:
             with pytest.raises(DecodeError, match="bad-sender-role"):
                 CODEC.open_frame(_frame(tag, C1, [1, 1, D]))
-    # and a replica sending a Request
-    with pytest.raises(DecodeError, match="bad-sender-role"):
-        CODEC.open_frame(seal(Request(1, 1, b"", False, 0), RINGS[1]))
+    # a replica may send one kind of request only: its recovery request
+    fr = CODEC.open_frame(seal(Request(1, 1, b"", False, 0), RINGS[1]))
+    with pytest.raises(DecodeError, match="replica-request-not-recovery"):
+        CODEC.parse(fr)
+    fr = CODEC.open_frame(seal(Request(1, 1, RECOVERY_OP + b"\x05", True, 0), RINGS[1]))
+    with pytest.raises(DecodeError, match="replica-request-not-recovery"):
+        CODEC.parse(fr)
+    ok = Request(1, 7, RECOVERY_OP + b"\x05", False, ALL_REPLICAS)
+    assert CODEC.parse(CODEC.open_frame(seal(ok, RINGS[1]))) == ok
 
 
 @pytest.mark.parametrize("sender", [-1, LAST_CLIENT + 1, 2**31, 2**63, True, None, b"\x00", 1.0])
@@ -420,12 +437,12 @@ def test_malformed_headers(raw, reason):
     assert _reason(raw) == reason
 
 
-def test_oversized_frame_and_state():
+def test_oversized_frame_and_object():
     small = Codec(ClusterConfig.create(4, message_size_bytes_max=1024, state_size_bytes_max=100))
     with pytest.raises(DecodeError, match="oversized"):
-        small.open_frame(_sealed(Data(1, D, 0, b"s" * 2000), 1))
-    assert _reason(_sealed(Data(1, D, 0, b"s" * 101), 1), small) == "oversized-state"
-    assert small.parse(small.open_frame(_sealed(Data(1, D, 0, b"s" * 100), 1))).state == b"s" * 100
+        small.open_frame(_sealed(Data(1, 0, 0, ((0, b"s" * 2000),), 0), 1))
+    assert _reason(_sealed(Data(1, 0, 0, ((0, b"s" * 101),), 0), 1), small) == "oversized-object"
+    assert small.parse(small.open_frame(_sealed(Data(1, 0, 0, ((0, b"s" * 100),), 0), 1))).objs == ((0, b"s" * 100),)
 
 
 @pytest.mark.parametrize("raw", [bytearray(b"\x90"), memoryview(b"\x90"), "text", None, 5])
@@ -549,7 +566,7 @@ def check_reencodes(msg, sender: int) -> None:
 
 
 SAMPLE_FRAMES = [seal(m, RINGS[sender_of(m)], to) for _, m, to in MESSAGES if not isinstance(m, Data)] + [
-    seal(Data(32, CKPT_D, 2, b"small state"), RINGS[2], 1),
+    seal(Data(32, 1, 2, ((512, b"small state"),), 2), RINGS[2], 1),
 ]
 
 
@@ -628,7 +645,7 @@ def test_fuzz_msgpack_structures_as_headers(tag, who, obj):
     feed(raw)
 
 
-ARITY = {1: 4, 2: 7, 3: 3, 4: 3, 5: 3, 6: 2, 7: 4, 8: 5, 9: 3, 10: 6, 11: 2, 12: 2, 13: 1, 14: 1, 15: 1}
+ARITY = {1: 4, 2: 7, 3: 3, 4: 3, 5: 3, 6: 2, 7: 5, 8: 5, 9: 3, 10: 6, 11: 5, 12: 3, 13: 1, 14: 1, 15: 1, 17: 4, 18: 1, 19: 3}
 
 
 @FUZZ

@@ -21,7 +21,7 @@ def test_normal_case_executes_everywhere_in_order():
     assert c.get(0, b"a") == ("ok", b"2")
     c.advance(50)
     assert all(r.last_committed_exec == 3 for r in c.replicas)
-    assert len({r._state_bytes() for r in c.replicas}) == 1
+    assert len({r.state_digest() for r in c.replicas}) == 1
     # every replica executed seqno 1..3 in order, each exactly once, committed
     for r in range(4):
         seqs = [ev[1] for ev in c.of_kind("execute", r)]
@@ -188,7 +188,7 @@ def test_lagging_replica_catches_up_by_state_transfer():
     c.advance(1000)
     assert c.of_kind("state-transfer", 3)
     assert c.replicas[3].last_committed_exec == c.replicas[0].last_committed_exec
-    assert c.replicas[3]._state_bytes() == c.replicas[0]._state_bytes()
+    assert c.replicas[3].state_digest() == c.replicas[0].state_digest()
 
 
 def test_lost_messages_are_repaired_by_status():

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from pbft.codec import U63, seal
 from pbft.messages import (
-    Batch, Checkpoint, Commit, Data, Fetch, NewView, PrePrepare, Prepare, Request, Status, ViewChange,
+    Batch, Checkpoint, Commit, Data, Fetch, MetaData, NewView, PrePrepare, Prepare, Request, Status, ViewChange,
     ViewChangeAck,
 )
 
@@ -45,8 +45,13 @@ def messages(c):
         st.builds(lambda v, vcs, s, d, ch, bs: NewView(v, BYZ, tuple(vcs), s, d, tuple(ch), tuple(bs)),
                   st.sampled_from([3, 7]), st.lists(st.tuples(rid, digest), max_size=4), st.sampled_from([0, 16]),
                   digest, st.lists(st.tuples(st.integers(1, 40), digest), max_size=3), st.lists(batch, max_size=2)),
-        st.builds(Fetch, st.integers(0, 64), digest, st.just(BYZ)),
-        st.builds(Data, st.integers(0, 64), digest, st.just(BYZ), st.binary(max_size=64)),
+        st.builds(Fetch, st.integers(0, 64), digest, st.integers(0, 3), st.integers(0, 300),
+                  st.lists(st.integers(0, 2000), max_size=4).map(tuple), st.just(BYZ)),
+        st.builds(MetaData, st.integers(0, 64), st.integers(0, 3), st.integers(0, 300),
+                  st.lists(digest, max_size=5).map(tuple), st.just(BYZ)),
+        st.builds(Data, st.integers(0, 64), st.integers(0, 3), st.integers(0, 300),
+                  st.lists(st.tuples(st.integers(0, 2000), st.binary(max_size=64)), max_size=3).map(tuple),
+                  st.just(BYZ)),
     )
 
 
@@ -60,7 +65,7 @@ def test_arbitrary_messages_from_a_byzantine_replica(data):
     msgs = data.draw(st.lists(messages(c), min_size=1, max_size=12))
     for m in msgs:
         to = data.draw(rid.filter(lambda r: r != BYZ))
-        raw = seal(m, c.rings[BYZ], to=to if type(m) in (Fetch, Data) else None)
+        raw = seal(m, c.rings[BYZ], to=to if type(m) in (Fetch, MetaData, Data) else None)
         c.replicas[to].receive(raw, c.now)  # must not raise
         c.run()
     c.down.add(BYZ)  # and the correct replicas still make progress without it

@@ -78,7 +78,7 @@ def test_lagging_replica_beyond_three_windows_catches_up():
     assert transfers and transfers[-1] > 3 * 8, "replica 3 fetched a checkpoint more than 3 windows ahead"
     settled = sim._settled()
     assert sim.replicas[3] in settled
-    assert len({r._state_bytes() for r in settled}) == 1
+    assert len({r.state_digest() for r in settled}) == 1
 
 
 @pytest.mark.parametrize("seed", range(5))

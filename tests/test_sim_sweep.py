@@ -3,16 +3,17 @@
 import pytest
 
 from pbft.config import KNOWN_BUGS
-from pbft.sim.simulator import ALL_FAULTS, SimConfig, Simulation
+from pbft.sim.simulator import ALL_FAULTS, DISK_FAULTS, SimConfig, Simulation
 
 FAULTS = frozenset(ALL_FAULTS)
+WITH_DISK = frozenset(ALL_FAULTS + DISK_FAULTS)
 
 
-def sweep(replicas: int, seeds: range):
+def sweep(replicas: int, seeds: range, faults=FAULTS):
     failures = []
     ops = 0
     for seed in seeds:
-        res = Simulation(SimConfig(seed=seed, replicas=replicas, faults=FAULTS)).run()
+        res = Simulation(SimConfig(seed=seed, replicas=replicas, faults=faults)).run()
         ops += res.ops_committed
         assert res.ops_committed > 0
         if not res.ok:
@@ -29,6 +30,19 @@ def test_sweep_200_seeds_n4_all_faults():
 def test_sweep_50_seeds_n7_all_faults():
     failures, ops = sweep(7, range(1000, 1050))
     assert failures == [], f"reproduce with: pbft sim --replicas 7 --seeds 1 --first-seed SEED --faults all: {failures}"
+
+
+def test_sweep_150_seeds_n4_network_and_storage_faults():
+    """Crashes that come back from a simulated disk (power loss, torn writes, corrupted records),
+    whole-cluster power loss, proactive recoveries after corruption in memory or on disk."""
+    failures, ops = sweep(4, range(150), WITH_DISK)
+    assert failures == [], f"reproduce with: pbft sim --seeds 1 --first-seed SEED --faults all+disk: {failures}"
+
+
+def test_sweep_30_seeds_n7_network_and_storage_faults():
+    failures, ops = sweep(7, range(2000, 2030), WITH_DISK)
+    assert failures == [], (f"reproduce with: pbft sim --replicas 7 --seeds 1 --first-seed SEED --faults all+disk: "
+                            f"{failures}")
 
 
 def test_sweep_weighted_quorums_all_faults():

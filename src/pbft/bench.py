@@ -133,6 +133,8 @@ def add_bench_command(sub) -> None:
     b.add_argument("--op", default="0/0",
                    help="a/b: argument of a KB, result of b KB (the paper's 0/0, 0/4, 4/0; default 0/0)")
     b.add_argument("--read-only", action="store_true", help="send read-only requests")
+    b.add_argument("--storage", choices=["durable", "fast", "memory"], default="durable",
+                   help="the replicas' storage mode (default durable, as a cluster file's default)")
     b.add_argument("--replicas", type=int, default=4, help="replicas of the cluster (default 4)")
     b.add_argument("--clients", type=int, default=32, help="closed-loop clients (default 32)")
     b.add_argument("--duration", type=float, default=10.0, help="measured seconds per point (default 10)")
@@ -430,7 +432,7 @@ class Bench:
         d = self.workdir / "replicated"
         base = free_port_range(2 * a.replicas)
         cluster = init_cluster(d, a.replicas, None, ["127.0.0.1"], base, a.clients, metrics_base_port=base + a.replicas,
-                               force=True)
+                               force=True, storage={"mode": a.storage})
         self.progress.note(f"starting {a.replicas} replica{'s' if a.replicas != 1 else ''}...")
         procs = [self.children.spawn(f"replica-{i}", ["-m", "pbft.cli", "replica", str(d), "--id", str(i),
                                                        "--service", SERVICE, "--quiet"])
@@ -556,6 +558,7 @@ class Bench:
         out = {
             "op": a.op,
             "read_only": a.read_only,
+            "storage": a.storage,
             "replicas": a.replicas,
             "faults": (a.replicas - 1) // 3,
             "clients": a.clients,
@@ -694,7 +697,8 @@ def _load_worker(spec_json: str) -> int:
 def print_report(res: dict) -> None:
     a_ro = "read-only" if res["read_only"] else "read-write"
     reps = f"{res['replicas']} replica{'s' if res['replicas'] != 1 else ''}"
-    print(f"pbft bench: op {res['op']} ({a_ro}), {reps} (f={res['faults']}) vs unreplicated, null service, "
+    print(f"pbft bench: op {res['op']} ({a_ro}), {reps} (f={res['faults']}, {res.get('storage', 'memory')} storage) "
+          f"vs unreplicated, null service, "
           f"loopback; {res['duration_s']:g} s measured after {res['warmup_s']:g} s warm-up, "
           f"clients in {res['client_procs']} process(es)")
     cols = ("ops_per_s", "p50_ms", "p90_ms", "p99_ms", "mean_ms")

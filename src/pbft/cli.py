@@ -11,16 +11,20 @@ from .config import KNOWN_BUGS, ConfigError
 
 
 def _faults(s: str) -> frozenset:
-    from .sim.simulator import ALL_FAULTS
+    """``all`` (network faults), ``all+disk`` (and storage faults), or a comma list."""
+    from .sim.simulator import ALL_FAULTS, DISK_FAULTS
 
     if s in ("", "none"):
         return frozenset()
     if s == "all":
         return frozenset(ALL_FAULTS)
+    if s == "all+disk":
+        return frozenset(ALL_FAULTS + DISK_FAULTS)
     fs = frozenset(x.strip() for x in s.split(",") if x.strip())
-    bad = fs - set(ALL_FAULTS)
+    known = ALL_FAULTS + DISK_FAULTS
+    bad = fs - set(known)
     if bad:
-        raise argparse.ArgumentTypeError(f"unknown fault(s) {', '.join(sorted(bad))}; known: {', '.join(ALL_FAULTS)}")
+        raise argparse.ArgumentTypeError(f"unknown fault(s) {', '.join(sorted(bad))}; known: {', '.join(known)}")
     return fs
 
 

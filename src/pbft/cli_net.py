@@ -58,7 +58,7 @@ def cmd_replica(args) -> int:
     if not 0 <= args.id < cluster.n:
         raise ConfigError(f"--id must be a replica id 0..{cluster.n - 1}, got {args.id}")
     service = load_service(args.service, cluster.cfg)
-    run_replica(cluster, args.id, service, quiet=args.quiet)
+    run_replica(cluster, args.id, service, quiet=args.quiet, recover=args.recover)
     return 0
 
 
@@ -109,6 +109,40 @@ def cmd_up(args) -> int:
                 p.kill()
         print("pbft up: stopped", file=sys.stderr)
     return rc
+
+
+# ---- recover -------------------------------------------------------------------
+
+def cmd_recover(args) -> int:
+    """Make replica I start a proactive recovery now (SIGUSR1 to its process, found through
+    the pid file in its data directory, or its /status in the memory mode)."""
+    from .runtime.cluster import load_cluster
+
+    cluster = load_cluster(args.dir)
+    if not 0 <= args.id < cluster.n:
+        raise ConfigError(f"--id must be a replica id 0..{cluster.n - 1}, got {args.id}")
+    pid = None
+    pidfile = cluster.storage.replica_dir(cluster.dir, args.id) / "pid"
+    if cluster.storage.mode != "memory":
+        try:
+            pid = int(pidfile.read_text().strip())
+        except (OSError, ValueError):
+            pid = None
+    if pid is None:
+        r = cluster.replicas[args.id]
+        try:
+            pid = int(fetch_status(r.host, r.metrics_port, 2.0)["pid"])
+        except (OSError, urllib.error.URLError, ValueError, KeyError) as e:
+            raise ConfigError(f"replica {args.id} is not running here ({pidfile}: no pid; /status: "
+                              f"{getattr(e, 'reason', e)})") from None
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except ProcessLookupError:
+        raise ConfigError(f"replica {args.id} is not running (pid {pid} from {pidfile} is gone)") from None
+    except PermissionError:
+        raise ConfigError(f"not allowed to signal replica {args.id} (pid {pid}): run as its user") from None
+    print(f"replica {args.id} (pid {pid}): recovery started; `pbft status {args.dir}` shows its progress")
+    return 0
 
 
 # ---- kv ------------------------------------------------------------------------
@@ -184,6 +218,8 @@ def cmd_status(args) -> int:
             state = "active" if s["view_active"] else "view-change"
             if s.get("fetching_state"):
                 state = "catching-up"
+            if s.get("recovering"):
+                state = "OVERDUE" if s.get("recovery_overdue") else "recovering"
             peers = f"{len(s['peers_connected'])}/{cluster.n - 1}"
             print(f"{s['replica']:>7} {s['address']:21} {state:11} {s['view']:>5} {s['primary']:>7} "
                   f"{s['last_executed']:>9} {s['stable_checkpoint']:>7} {s['executed_requests']:>9} {peers:>7}")
@@ -208,7 +244,14 @@ def add_commands(sub) -> None:
     r.add_argument("--id", type=int, required=True)
     r.add_argument("--service", default="kv", help="'kv' or module:Class")
     r.add_argument("--quiet", action="store_true", help="no log lines")
+    r.add_argument("--recover", action="store_true",
+                   help="start with a proactive recovery (what a reboot by the watchdog or `pbft recover` does)")
     r.set_defaults(func=cmd_replica)
+
+    rc = sub.add_parser("recover", help="make a replica start a proactive recovery now")
+    rc.add_argument("dir")
+    rc.add_argument("--id", type=int, required=True)
+    rc.set_defaults(func=cmd_recover)
 
     u = sub.add_parser("up", help="run every replica of the cluster file on this machine (Ctrl-C stops)")
     u.add_argument("dir")

@@ -26,7 +26,8 @@ import msgpack
 from .config import ClusterConfig
 from .crypto import DIGEST_SIZE, MAC_SIZE, KeyRing, digest, digest1
 from .messages import (
-    ALL_REPLICAS, Batch, BatchData, Checkpoint, Commit, Data, Fetch, FetchBatch, Message, NewView, Vouch,
+    ALL_REPLICAS, RECOVERY_OP, Batch, BatchData, Checkpoint, Commit, Data, Fetch, FetchBatch, Message, MetaData,
+    NewView, QueryStable, ReplyStable, Vouch,
     PrePrepare, Prepare, Reply, Request, Status, ViewChange, ViewChangeAck,
 )
 
@@ -35,11 +36,11 @@ U63 = (1 << 63) - 1
 TAG = {
     Request: 1, Reply: 2, PrePrepare: 3, Prepare: 4, Commit: 5, Checkpoint: 6,
     Status: 7, ViewChange: 8, ViewChangeAck: 9, NewView: 10, Fetch: 11, Data: 12,
-    FetchBatch: 13, BatchData: 14, Vouch: 15,
+    FetchBatch: 13, BatchData: 14, Vouch: 15, MetaData: 17, QueryStable: 18, ReplyStable: 19,
 }
 TYPE_OF_TAG = {v: k for k, v in TAG.items()}
 # Point-to-point messages carry a single MAC; everything else an authenticator.
-SINGLE_MAC = frozenset({TAG[Reply], TAG[Fetch], TAG[Data], TAG[BatchData]})
+SINGLE_MAC = frozenset({TAG[Reply], TAG[Fetch], TAG[MetaData], TAG[Data], TAG[BatchData], TAG[ReplyStable]})
 
 
 class DecodeError(Exception):
@@ -152,15 +153,22 @@ def header_of(msg: Message) -> tuple[int, int, bytes, bytes]:
                                         msg.checkpoint_digest, [list(x) for x in msg.chosen],
                                         [encode_batch(b) for b in msg.batches]]), b""
     if t is Fetch:
-        return 11, msg.replica, packb([msg.seqno, msg.digest]), b""
+        return 11, msg.replica, packb([msg.seqno, msg.digest, msg.level, msg.index, list(msg.want)]), b""
+    if t is MetaData:
+        return 17, msg.replica, packb([msg.seqno, msg.level, msg.index, list(msg.children)]), b""
     if t is Data:
-        return 12, msg.replica, packb([msg.seqno, msg.digest]), msg.state
+        # the objects travel in the payload: they are checked against certified digests
+        return 12, msg.replica, packb([msg.seqno, msg.level, msg.index]), packb([list(o) for o in msg.objs])
     if t is FetchBatch:
         return 13, msg.replica, packb([msg.digest]), b""
     if t is Vouch:
         return 15, msg.replica, packb([list(msg.keys)]), b""
     if t is BatchData:
         return 14, msg.replica, packb([msg.digest]), encode_batch(msg.batch)
+    if t is QueryStable:
+        return 18, msg.replica, packb([msg.nonce]), b""
+    if t is ReplyStable:
+        return 19, msg.replica, packb([msg.checkpoint, msg.prepared, msg.nonce]), b""
     raise TypeError(f"not a protocol message: {t.__name__}")
 
 
@@ -217,6 +225,27 @@ def _digest(x, what: str = "digest") -> bytes:
     return x
 
 
+def _child(x) -> bytes:
+    """A partition-tree child on the wire: a leaf digest (32 bytes) or a node's sum (256)."""
+    if type(x) is not bytes or len(x) not in (DIGEST_SIZE, 256):
+        raise DecodeError("bad-child")
+    return x
+
+
+def _object(x, maxlen: int) -> bytes:
+    if type(x) is not bytes:
+        raise DecodeError("bad-object")
+    if len(x) > maxlen:
+        raise DecodeError("oversized-object")
+    return x
+
+
+def _pair(x) -> tuple:
+    if type(x) is not tuple or len(x) != 2:
+        raise DecodeError("bad-pair")
+    return x
+
+
 def _tuple(x, maxlen: int, what: str) -> tuple:
     if type(x) is not tuple or len(x) > maxlen:
         raise DecodeError(f"bad-{what}")
@@ -254,8 +283,9 @@ class Codec:
                 raise DecodeError("bad-auth-size")
         elif len(auth) != MAC_SIZE * self.n:
             raise DecodeError("bad-auth-size")
-        is_client_msg = tag == 1
-        if is_client_msg != (sender >= self.n):
+        # clients send requests only; replicas send everything, requests included (the
+        # recovery request of a recovering replica, checked in ``parse``)
+        if tag != 1 and sender >= self.n:
             raise DecodeError("bad-sender-role")
         return Frame(tag, sender, header, payload, auth, raw, frame_digest(tag, sender, header))
 
@@ -273,15 +303,18 @@ class Codec:
                 ts, op, ro, replier = h
                 if fr.payload:
                     raise DecodeError("unexpected-payload")
-                return Request(fr.sender, _int(ts, 1, U63, "timestamp"),
-                               _bytes(op, cfg.request_size_bytes_max, "op"), _bool(ro, "read-only"),
-                               _int(replier, ALL_REPLICAS, n - 1, "replier"))
+                req = Request(fr.sender, _int(ts, 1, U63, "timestamp"),
+                              _bytes(op, cfg.request_size_bytes_max, "op"), _bool(ro, "read-only"),
+                              _int(replier, ALL_REPLICAS, n - 1, "replier"))
+                if fr.sender < n and (req.read_only or not req.op.startswith(RECOVERY_OP)):
+                    raise DecodeError("replica-request-not-recovery")
+                return req
             if tag == 2:
                 v, ts, client, tent, ro, rd, res = h
                 if res is not None:
                     _bytes(res, cfg.reply_size_bytes_max, "result")
                 return Reply(_int(v, 0, U63, "view"), _int(ts, 1, U63, "timestamp"),
-                             _int(client, n, self.max_principal, "client"), fr.sender,
+                             _int(client, 0, self.max_principal, "client"), fr.sender,
                              _bool(tent, "tentative"), _bool(ro, "read-only"), _digest(rd), res)
             if tag in (3, 4, 5):
                 v, s, d = h
@@ -311,13 +344,25 @@ class Codec:
             if tag == 10:
                 return self._new_view(h, fr.sender)
             if tag == 11:
-                s, d = h
-                return Fetch(_int(s, 0, U63, "seqno"), _digest(d), fr.sender)
+                s, d, lvl, x, want = h
+                if fr.payload:
+                    raise DecodeError("unexpected-payload")
+                F = cfg.partition_fanout
+                return Fetch(_int(s, 0, U63, "seqno"), _digest(d), _int(lvl, 0, 64, "level"), _int(x, 0, U63, "index"),
+                             tuple(_int(i, 0, U63, "object") for i in _tuple(want, F, "want")), fr.sender)
+            if tag == 17:
+                s, lvl, x, ch = h
+                if fr.payload:
+                    raise DecodeError("unexpected-payload")
+                return MetaData(_int(s, 0, U63, "seqno"), _int(lvl, 0, 64, "level"), _int(x, 0, U63, "index"),
+                                tuple(_child(c) for c in _tuple(ch, cfg.partition_fanout, "children")), fr.sender)
             if tag == 12:
-                s, d = h
-                if len(fr.payload) > cfg.state_size_bytes_max:
-                    raise DecodeError("oversized-state")
-                return Data(_int(s, 0, U63, "seqno"), _digest(d), fr.sender, fr.payload)
+                s, lvl, x = h
+                objs = _unpack(fr.payload, self.frame_max)
+                objs = tuple((_int(i, 0, U63, "object"), _object(v, cfg.state_size_bytes_max))
+                             for i, v in (_pair(o) for o in _tuple(objs, cfg.partition_fanout, "objects")))
+                return Data(_int(s, 0, U63, "seqno"), _int(lvl, 0, 64, "level"), _int(x, 0, U63, "index"), objs,
+                            fr.sender)
             if tag == 13:
                 (d,) = h
                 if fr.payload:
@@ -331,6 +376,15 @@ class Codec:
             if tag == 14:
                 (d,) = h
                 return BatchData(_digest(d), fr.sender, self.decode_batch(fr.payload))
+            if fr.payload:
+                raise DecodeError("unexpected-payload")
+            if tag == 18:
+                (nonce,) = h
+                return QueryStable(fr.sender, _int(nonce, 0, U63, "nonce"))
+            if tag == 19:
+                c, p, nonce = h
+                return ReplyStable(_int(c, 0, U63, "seqno"), _int(p, 0, U63, "seqno"), fr.sender,
+                                   _int(nonce, 0, U63, "nonce"))
         except ValueError as e:  # wrong number of fields in the unpacking above
             raise DecodeError("bad-arity") from e
         raise DecodeError("bad-tag")

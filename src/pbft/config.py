@@ -48,7 +48,8 @@ class ClusterConfig:
     request_size_bytes_max: int = 64 * 1024
     reply_size_bytes_max: int = 64 * 1024
     message_size_bytes_max: int = 4 * 1024 * 1024
-    state_size_bytes_max: int = 3 * 1024 * 1024  # whole-state transfer: must fit in one message
+    state_size_bytes_max: int = 3 * 1024 * 1024  # one object (a whole state in the whole-state form)
+    partition_fanout: int = 256  # children per node of the partition tree of digests
     view_change_timeout_ms: float = 400.0
     view_change_timeout_max_ms: float = 20_000.0
     status_interval_ms: float = 80.0
@@ -120,7 +121,9 @@ class ClusterConfig:
         if self.message_size_bytes_max < self.state_size_bytes_max + 512:
             raise ConfigError(
                 f"state_size_bytes_max ({self.state_size_bytes_max}) must be at least 512 bytes below "
-                f"message_size_bytes_max ({self.message_size_bytes_max}): a whole state travels in one message")
+                f"message_size_bytes_max ({self.message_size_bytes_max}): an object travels in one message")
+        if not 2 <= self.partition_fanout <= 4096:
+            raise ConfigError(f"partition_fanout ({self.partition_fanout}) must be between 2 and 4096")
         if self.batch_requests_max < 1 or self.batches_in_flight_max < 1:
             raise ConfigError("batch size and batches in flight must be at least 1")
         if self.clients_max < 0:

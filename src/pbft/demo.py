@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from .codec import NULL_BATCH_DIGEST, state_digest
+from .codec import NULL_BATCH_DIGEST
 from .sim.simulator import SimConfig, Simulation
 
 CRASH_AT_MS = 60.0
@@ -66,12 +66,12 @@ def run_demo(seed: int = 7, out=sys.stdout) -> int:
     say(sim, "view 0: replica 0 is the primary")
     res = sim.run()
     print(file=out)
-    digests = {state_digest(r._state_bytes()).hex()[:16] for r in sim._settled()}
+    digests = {r.state_digest().hex()[:16] for r in sim._settled()}
     print(f"result: {res.ops_committed} client operations completed, "
           f"{res.view_changes} view change(s), simulated time {res.sim_time_ms:.0f}ms", file=out)
     for r in sim.replicas:
         print(f"  replica {r.id}: view {r.view}, executed up to seqno {r.last_committed_exec}, "
-              f"stable checkpoint {r.h}, state digest {state_digest(r._state_bytes()).hex()[:16]}", file=out)
+              f"stable checkpoint {r.h}, state digest {r.state_digest().hex()[:16]}", file=out)
     ok = res.ok and len(digests) == 1
     print(f"oracles: {len(res.violations)} safety violations, "
           f"{'history linearizable, ' if not res.violations else ''}"

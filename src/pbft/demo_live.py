@@ -9,8 +9,12 @@ What it does, narrated as it happens:
 3. kills the primary with SIGKILL: the backups' request timers expire, they
    change view (no signatures), the new primary takes over and the workload
    continues;
-4. restarts the old primary, which rejoins and catches up by state transfer;
-5. reads back every key the clients wrote and checks it holds the last value
+4. restarts the old primary, which reloads its state from its data directory
+   and fetches from the others only what it missed (state transfer);
+5. makes another replica recover proactively: it reboots, sends new keys,
+   has every object of its state checked against the others' partition tree,
+   while the workload goes on;
+6. reads back every key the clients wrote and checks it holds the last value
    acknowledged, then prints a summary.
 
 ``pbft demo --simulated`` runs the older, fully simulated narration instead.
@@ -170,7 +174,8 @@ class Demo:
                      f"({(new_view_at - t_kill) * 1000:.0f} ms after the kill); the workload continues")
         ops_at_vc = self.ops
         await asyncio.sleep(self.phase_s)
-        self.say(f"restarting replica {primary}; it has lost its memory and catches up by state transfer")
+        self.say(f"restarting replica {primary}: it reloads its state from its data directory and fetches "
+                 f"what it missed")
         self.start_replica(primary)
         t_restart = time.monotonic()
         caught_up = None
@@ -187,6 +192,27 @@ class Demo:
         else:
             self.say(f"replica {primary} rejoined in view {self.status[primary]['view']} and caught up "
                      f"({(caught_up - t_restart) * 1000:.0f} ms)")
+        # a proactive recovery of a backup, under load
+        victim = (primary + 2) % 4
+        self.say(f"proactive recovery of replica {victim}: reboot, new session keys, its state checked "
+                 f"object by object against the others")
+        t_rec = time.monotonic()
+        ops_rec = self.ops
+        self.procs[victim].send_signal(signal.SIGUSR1)
+        recovered = None
+        while time.monotonic() - t_rec < 30:
+            s = self.status.get(victim)
+            if s and s.get("recoveries", 0) >= 1 and s.get("recovering") is None:
+                recovered = time.monotonic()
+                break
+            await asyncio.sleep(0.05)
+        if recovered is None:
+            self.say(f"replica {victim} has not recovered after 30 s")
+        else:
+            st = self.status[victim]["state_transfer"]
+            self.say(f"replica {victim} recovered in {(recovered - t_rec) * 1000:.0f} ms (reboot included); "
+                     f"it fetched {st['objects']} objects that differed; {self.ops - ops_rec} operations "
+                     f"completed meanwhile")
         await asyncio.sleep(min(2.0, self.phase_s))
         self.stop = True
         await asyncio.gather(*workers)
@@ -209,9 +235,12 @@ class Demo:
                   f"(request timer {self.cluster.cfg.view_change_timeout_ms:.0f} ms + ViewChange/NewView)", file=self.out)
             print(f"  ops during the new view : {self.ops - ops_at_vc}", file=self.out)
         print(f"  old primary caught up   : {'yes' if caught_up else 'NO'}", file=self.out)
+        print(f"  proactive recovery      : "
+              f"{f'{(recovered - t_rec) * 1000:.0f} ms' if recovered else 'NOT COMPLETED'}", file=self.out)
         if self.keep:
             print(f"  replica logs            : {self.dir}/replica-*.log", file=self.out)
-        ok = new_view_at is not None and caught_up is not None and mismatches == 0 and self.ops > 0
+        ok = (new_view_at is not None and caught_up is not None and recovered is not None and mismatches == 0
+              and self.ops > 0)
         print(f"  result                  : {'OK' if ok else 'FAILED'}", file=self.out)
         return 0 if ok else 1
 

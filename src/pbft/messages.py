@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 ALL_REPLICAS = -1  # a Request's ``replier`` when every replica must send the full result
+# the operation of a recovery request (a Request whose sender is a replica): the prefix, then
+# msgpack of the recovering replica's estimated recovery point H_M (docs/recovery.md)
+RECOVERY_OP = b"\xffpbft:recover:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,19 +143,41 @@ class NewView:
 
 @dataclass(frozen=True, slots=True)
 class Fetch:
-    """Ask for the state of checkpoint (seqno, digest)."""
+    """State transfer: ask about node (level, index) of checkpoint (seqno, digest)'s partition tree.
+
+    With ``want`` empty: the digests of its children (answered by MetaData).  With
+    ``want`` (object numbers below a node of the last interior level): those objects
+    (answered by Data).
+    """
 
     seqno: int
     digest: bytes
+    level: int
+    index: int
+    want: tuple[int, ...]
+    replica: int
+
+
+@dataclass(frozen=True, slots=True)
+class MetaData:
+    """The children digests of partition-tree node (level, index) at checkpoint ``seqno``."""
+
+    seqno: int
+    level: int
+    index: int
+    children: tuple[bytes, ...]
     replica: int
 
 
 @dataclass(frozen=True, slots=True)
 class Data:
+    """Objects (number, value) below node (level, index) at checkpoint ``seqno``."""
+
     seqno: int
-    digest: bytes
+    level: int
+    index: int
+    objs: tuple[tuple[int, bytes], ...]
     replica: int
-    state: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +212,26 @@ class Vouch:
     keys: tuple[bytes, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class QueryStable:
+    """A recovering replica asks where the others are (estimation of its recovery point)."""
+
+    replica: int
+    nonce: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyStable:
+    """The sender's last stable checkpoint and the highest sequence number it prepared."""
+
+    checkpoint: int
+    prepared: int
+    replica: int
+    nonce: int
+
+
 Message = Union[
     Request, Reply, PrePrepare, Prepare, Commit, Checkpoint, Status,
-    ViewChange, ViewChangeAck, NewView, Fetch, Data, FetchBatch, BatchData, Vouch,
+    ViewChange, ViewChangeAck, NewView, Fetch, MetaData, Data, FetchBatch, BatchData, Vouch,
+    QueryStable, ReplyStable,
 ]

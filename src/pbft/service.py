@@ -11,10 +11,21 @@ A service is a deterministic state machine.  The library calls:
   ``check_nondet(value, now_ms) -> bool`` at the backups: agreement on
   non-deterministic inputs.  A backup that rejects the primary's value does
   not accept its pre-prepare.
-* ``get_state() -> bytes`` / ``set_state(bytes)``: a canonical serialisation
-  of the whole state, used for checkpoints, rollback of tentative execution
-  and state transfer.  Two replicas with the same logical state must produce
-  the same bytes.
+The state comes in one of two forms (``docs/state.md``):
+
+* **object form** (``n_objects > 0``): the state is an array of ``n_objects``
+  objects; ``get_obj(i) -> bytes`` returns object ``i`` canonically (two replicas
+  with the same logical state produce the same bytes), ``put_objs({i: bytes})``
+  replaces objects (raise ``ValueError`` on bytes ``get_obj`` could not have
+  produced), and the service calls ``self.modify(i)`` *before* changing object
+  ``i``.  Checkpoints then cost work in proportion to what changed, and state
+  transfer moves only the objects that differ.  ``ObjectService`` with the helpers
+  of ``pbft.state.objects`` (``ObjectDict``, ``Pages``, ``Cell``) does the
+  bookkeeping.
+* **whole-state form** (``n_objects == 0``): ``get_state() -> bytes`` /
+  ``set_state(bytes)``, a canonical serialisation of the whole state, which is
+  then one object, serialised and hashed again at every checkpoint in which it
+  may have changed.  Simple, and fine for small states.
 
 Services are driven by one thread; they never see the network.
 """
@@ -22,9 +33,15 @@ Services are driven by one thread; they never see the network.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Callable
+
+from .state.objects import ObjectSpace
 
 
 class Service(ABC):
+    #: number of objects in the object form; 0 selects the whole-state form
+    n_objects: int = 0
+
     @abstractmethod
     def execute(self, operation: bytes, client: int, nondet: bytes, read_only: bool) -> bytes:
         """Apply ``operation`` and return its result (bytes)."""
@@ -37,13 +54,56 @@ class Service(ABC):
         """Whether a backup accepts the primary's proposed value."""
         return value == b""
 
-    @abstractmethod
+    # -- whole-state form ----------------------------------------------------------
     def get_state(self) -> bytes:
         """Canonical bytes of the whole state."""
+        raise NotImplementedError(f"{type(self).__name__} has neither get_state nor n_objects")
 
-    @abstractmethod
     def set_state(self, data: bytes) -> None:
         """Replace the state with one produced by ``get_state`` (possibly on another replica).
 
         Raise ``ValueError`` if the bytes are not a valid state.
         """
+        raise NotImplementedError(f"{type(self).__name__} has neither set_state nor n_objects")
+
+    # -- object form ---------------------------------------------------------------
+    def get_obj(self, i: int) -> bytes:
+        """Canonical bytes of object ``i`` (object form)."""
+        raise NotImplementedError
+
+    def put_objs(self, objs: dict[int, bytes]) -> None:
+        """Replace these objects (object form); raise ``ValueError`` if any is invalid,
+        leaving the state unchanged."""
+        raise NotImplementedError
+
+    def modify(self, i: int) -> None:
+        """Call before changing object ``i``; the library replaces this (``bind_state``)."""
+
+    def bind_state(self, modify: Callable[[int], None]) -> None:
+        """Called once by the library with the function ``modify`` must forward to."""
+        self.modify = modify  # type: ignore[method-assign]
+
+
+class ObjectService(Service):
+    """A service in the object form whose state is an ``ObjectSpace`` of helpers.
+
+    Set ``self.space = ObjectSpace(part, ...)`` in ``__init__`` (``ObjectDict``,
+    ``Pages``, ``Cell`` from ``pbft.state.objects``, laid out from object 0); the
+    parts call ``modify`` themselves when they change.
+    """
+
+    space: ObjectSpace
+
+    @property
+    def n_objects(self) -> int:  # type: ignore[override]
+        return self.space.n_objects
+
+    def get_obj(self, i: int) -> bytes:
+        return self.space.get_obj(i)
+
+    def put_objs(self, objs: dict[int, bytes]) -> None:
+        self.space.put_objs(objs)
+
+    def bind_state(self, modify: Callable[[int], None]) -> None:
+        self.modify = modify  # type: ignore[method-assign]
+        self.space.bind(modify)

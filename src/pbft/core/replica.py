@@ -22,7 +22,9 @@ Protocol outline (names follow the paper and the thesis):
 * MAC-only view changes: ViewChange, ViewChangeAck (multicast, see
   docs/protocol.md), NewView checked by every backup with the same
   deterministic decision procedure (``view_change.decide``);
-* state transfer of a whole checkpoint, certified by its digest.
+* checkpointed state as objects with copy-on-write checkpoints and a partition
+  tree of digests (``pbft.state``); state transfer walks the tree of a certified
+  checkpoint and fetches only the objects that differ.
 """
 
 from __future__ import annotations
@@ -30,19 +32,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import msgpack
-
 from ..codec import (
     NULL_BATCH_DIGEST, Codec, DecodeError, Frame, batch_digest_from_request_digests,
-    checkpoint_digest, result_digest, seal, state_digest, vouch_key,
+    result_digest, seal, vouch_key,
 )
 from ..config import ClusterConfig
 from ..crypto import KeyRing
 from ..messages import (
-    ALL_REPLICAS, NULL_BATCH, Batch, BatchData, Checkpoint, Commit, Data, Fetch, FetchBatch, NewView, PrePrepare,
+    ALL_REPLICAS, NULL_BATCH, Batch, BatchData, Checkpoint, Commit, Data, Fetch, FetchBatch, MetaData, NewView,
+    PrePrepare, QueryStable, ReplyStable,
     Prepare, Reply, Request, Status, ViewChange, ViewChangeAck, Vouch,
 )
 from ..service import Service
+from ..state.partition import Fetcher
+from ..state.replica_state import ReplicaState
+from .durability import Durability
+from .recovery import Recovery
 from .view_change import Decision, decide
 
 VIEW_LOOKAHEAD_MAX = 1 << 20  # view-change messages further ahead than this are dropped
@@ -84,7 +89,7 @@ class ReqInfo:
     since: float = 0.0  # backups: when it became certified here (or the current view started)
 
 
-class Replica:
+class Replica(Durability, Recovery):
     def __init__(
         self,
         cfg: ClusterConfig,
@@ -145,17 +150,27 @@ class Replica:
         self.last_committed_exec = 0
         # executed seqnos > h: (digest, batch, ((client, timestamp), ...) executed)
         self.exec_log: dict[int, tuple[bytes, Batch, tuple]] = {}
-        self.last_reply: dict[int, tuple[int, bytes]] = {}  # client -> (timestamp, result)
+        # the checkpointed state: the service's objects and the last-reply table
+        self.rs = ReplicaState(service, fanout=cfg.partition_fanout, bind_seqno=not self.bug_ckpt_noseq)
+        self.state = self.rs.cs
+        self.last_reply = self.rs.last_reply  # client -> (timestamp, result); change through rs.set_reply
         self.last_exec_seqno: dict[int, int] = {}  # client -> seqno of its last execution here (local)
         self.executed_digest: dict[int, bytes] = {}  # client -> frame digest of its last executed request
 
         # checkpoints
-        self.ckpts: dict[int, tuple[bytes, bytes]] = {0: self._checkpoint_of(0)}  # seqno -> (digest, state)
-        self.tentative_snaps: dict[int, bytes] = {}  # seqno -> state taken at tentative execution
+        # seqno -> digest of committed checkpoints (the state keeps a record for each, and
+        # for each tentative one: copy-on-write, see pbft.state.partition)
+        self.ckpts: dict[int, bytes] = {0: self.state.checkpoint(0)}
+        self.tentative_ckpts: dict[int, bytes] = {}  # seqno -> digest of a checkpoint taken tentatively
         self.ckpt_votes: dict[int, dict[int, bytes]] = {}  # replica -> {seqno: digest}
         self.fetch_target: Optional[tuple[int, bytes]] = None
+        self.fetcher: Optional[Fetcher] = None
         self.fetch_deadline: Optional[float] = None
         self.fetch_attempt = 0
+        self.needs_state = False  # restored from a damaged store: execute nothing before a transfer
+        self._installing = False
+        self._init_recovery()
+        self.transfer_stats = {"transfers": 0, "objects": 0, "bytes": 0, "metadata": 0, "rebuilds": 0}
 
         # requests
         self.queue: dict[int, ReqInfo] = {}  # primary: client -> latest request waiting for a batch
@@ -212,8 +227,10 @@ class Replica:
         return out
 
     def next_deadline(self) -> Optional[float]:
+        rec = self.recovering
         ds = [d for d in (self.status_deadline, self.req_deadline, self.vc_deadline, self.fetch_deadline,
-                          self.vouch_deadline) if d is not None]
+                          self.vouch_deadline, rec.next_send if rec is not None and rec.phase != "check" else None)
+              if d is not None]
         return min(ds) if ds else None
 
     def receive(self, raw: bytes, now: float) -> None:
@@ -264,6 +281,8 @@ class Replica:
 
     def tick(self, now: float) -> None:
         self.now = now
+        if self.recovering is not None:
+            self._recovery_tick()
         if self.status_deadline is not None and now >= self.status_deadline:
             self.status_deadline = now + self.cfg.status_interval_ms
             self._send_status()
@@ -342,6 +361,13 @@ class Replica:
     def _send_to(self, dest: int, raw: bytes) -> None:
         self.out.append(((dest,), raw))
 
+    def _apply(self, req: Request, nondet: bytes, n: int) -> bytes:
+        """Execute one ordered request at sequence number n: the service's operation, or (from
+        a replica) a recovery request, which the library handles itself."""
+        if req.client < self.cfg.n:
+            return self._execute_recovery_request(req.client, req.op, n)
+        return self._run_service(req.op, req.client, nondet, False)
+
     def _run_service(self, op: bytes, client: int, nondet: bytes, read_only: bool) -> bytes:
         """``service.execute``; an exception (a bug in the service, triggered by some input) becomes
         the result ``SERVICE_ERROR_RESULT`` on every correct replica alike, so the replicas stay in
@@ -386,35 +412,16 @@ class Replica:
     def _in_window(self, n: int) -> bool:
         return self.h < n <= self.h + self.L
 
-    def _state_bytes(self) -> bytes:
-        table = [[c, t, r] for c, (t, r) in sorted(self.last_reply.items())]
-        return msgpack.packb([self.service.get_state(), table], use_bin_type=True)
-
-    def _install_state_bytes(self, data: bytes) -> bool:
-        try:
-            svc, table = msgpack.unpackb(data, raw=False, use_list=False)
-            replies = {}
-            for c, t, r in table:
-                if type(c) is not int or type(t) is not int or type(r) is not bytes:
-                    return False
-                replies[c] = (t, r)
-            self.service.set_state(svc)
-        except (ValueError, TypeError, msgpack.UnpackException):
-            return False
-        self.last_reply = replies
-        return True
-
-    def _ckpt_digest(self, seqno: int, state: bytes) -> bytes:
-        return checkpoint_digest(seqno, state_digest(state), bind_seqno=not self.bug_ckpt_noseq)
-
-    def _checkpoint_of(self, seqno: int) -> tuple[bytes, bytes]:
-        st = self._state_bytes()
-        return self._ckpt_digest(seqno, st), st
+    def state_digest(self) -> bytes:
+        """Digest of the current state (the partition tree's root)."""
+        return self.state.root
 
     def _remember_batch(self, d: bytes, batch: Batch, n: int) -> None:
         old = self.batches.get(d)
         if old is None or old[1] < n:
             self.batches[d] = (batch, n)
+            if old is None:
+                self._persist_batch(d, batch)
 
     def _batch_for(self, d: bytes) -> Optional[Batch]:
         if d == NULL_BATCH_DIGEST:
@@ -617,10 +624,11 @@ class Replica:
     # =====================================================================
     def _try_send_preprepare(self) -> None:
         cfg = self.cfg
-        while (self.view_active and self.is_primary and self.queue
+        while (self.view_active and self.is_primary and not self._installing
+               and (self.queue or self._null_goal() > self.seq_assigned)
                and self.seq_assigned + 1 <= self.h + self.L
                and self.seq_assigned - self.last_exec < cfg.batches_in_flight_max
-               and self.fetch_target is None):
+               and self.fetch_target is None and self.recovering is None and not self.needs_state):
             reqs: list[ReqInfo] = []
             for c in list(self.queue):
                 ri = self.queue.pop(c)
@@ -631,11 +639,16 @@ class Replica:
                 self.inflight[c] = ri.req.timestamp
                 if len(reqs) >= cfg.batch_requests_max:
                     break
-            if not reqs:
+            if reqs:
+                nondet = self.service.propose_nondet(self.now + self.wall_offset_ms)
+                batch = Batch(nondet, tuple(ri.raw for ri in reqs))
+                d = batch_digest_from_request_digests(nondet, [ri.digest for ri in reqs])
+            elif not self.queue and self._null_goal() > self.seq_assigned:
+                # a replica is recovering and nothing else is ordered: a null request moves the
+                # sequence towards the checkpoint that ends its recovery
+                batch, d = NULL_BATCH, NULL_BATCH_DIGEST
+            else:
                 return
-            nondet = self.service.propose_nondet(self.now + self.wall_offset_ms)
-            batch = Batch(nondet, tuple(ri.raw for ri in reqs))
-            d = batch_digest_from_request_digests(nondet, [ri.digest for ri in reqs])
             n = self.seq_assigned + 1
             self.seq_assigned = n
             pp = PrePrepare(self.view, n, d, self.id, batch)
@@ -655,6 +668,7 @@ class Replica:
         if len(q) > 4:  # bounded: keep the digests of the latest views
             for old in sorted(q, key=q.get)[: len(q) - 4]:
                 del q[old]
+        self._persist_q(n)
 
     def _slot(self, n: int) -> Slot:
         s = self.slots.get(n)
@@ -669,6 +683,8 @@ class Replica:
             return "wrong-view"
         if not self._in_window(n):
             return "out-of-window"
+        if self.recovering is not None and self._recovery_ignores(n):
+            return "recovering"
         return None
 
     def on_preprepare(self, pp: PrePrepare, fr: Frame) -> None:
@@ -772,6 +788,7 @@ class Replica:
             return
         slot.prepared = True
         self.P[n] = (d, self.view)
+        self._persist_p(n)
         self._trace_ev("prepared", self.view, n, d)
         slot.commits[self.id] = d
         self._broadcast(Commit(self.view, n, d, self.id))
@@ -797,6 +814,7 @@ class Replica:
         if self._weight([r for r, x in slot.commits.items() if x == d]) < self.Qw:
             return
         slot.committed = True
+        self._persist_committed(n, d)
         self._trace_ev("committed", self.view, n, d)
         self._try_execute()
 
@@ -804,7 +822,7 @@ class Replica:
     # execution
     # =====================================================================
     def _try_execute(self) -> None:
-        if self.fetch_target is not None and self.last_exec < self.fetch_target[0]:
+        if (self.fetch_target is not None and self.last_exec < self.fetch_target[0]) or self.needs_state:
             return
         progressed = False
         while True:
@@ -818,7 +836,7 @@ class Replica:
                 self._trace_ev("promote", k)
                 self._committed(k)
                 if k % self.K == 0:
-                    self._take_checkpoint(k, self.tentative_snaps.pop(k))
+                    self._take_checkpoint(k, self.tentative_ckpts.pop(k))
                 progressed = True
             n = self.last_exec + 1
             s = self.slots.get(n)
@@ -844,13 +862,15 @@ class Replica:
         except DecodeError:  # only reachable with the skip-digest-check bug
             reqs = []
         executed = []
+        if reqs:
+            self.rs.before_execute()
         for rfr, req in reqs:
             c, t = req.client, req.timestamp
             last = self.last_reply.get(c)
             if last is not None and t <= last[0] and not self.bug_no_ts:
                 continue  # exactly-once: ordered twice, executed once
-            result = self._run_service(req.op, c, batch.nondet, False)
-            self.last_reply[c] = (t, result)
+            result = self._apply(req, batch.nondet, n)
+            self.rs.set_reply(c, t, result)
             self.last_exec_seqno[c] = n
             self.executed_digest[c] = rfr.digest
             executed.append((c, t, req.op))
@@ -865,11 +885,11 @@ class Replica:
             self.last_committed_exec = n
             self._committed(n)
         if n % self.K == 0:
-            st = self._state_bytes()
+            d = self.state.checkpoint(n)
             if tentative:
-                self.tentative_snaps[n] = st
+                self.tentative_ckpts[n] = d
             else:
-                self._take_checkpoint(n, st)
+                self._take_checkpoint(n, d)
 
     def _committed(self, n: int) -> None:
         """Seqno n's execution is final: its requests leave the pending set, and the request
@@ -887,10 +907,11 @@ class Replica:
             self.vc_timeout = self.cfg.view_change_timeout_ms
         self._arm_request_timer()
 
-    def _take_checkpoint(self, n: int, state: bytes) -> None:
-        d = self._ckpt_digest(n, state)
-        self.ckpts[n] = (d, state)
-        self._trace_ev("checkpoint", n, d, state_digest(state))
+    def _take_checkpoint(self, n: int, d: bytes) -> None:
+        """Checkpoint n (whose record the state already holds) is committed: vote for it."""
+        self.ckpts[n] = d
+        self._persist_checkpoint(n, d)
+        self._trace_ev("checkpoint", n, d, self.state.root_at(n))
         self._record_ckpt_vote(self.id, n, d)
         self._broadcast(Checkpoint(n, d, self.id))
         self._check_stable(n)
@@ -899,21 +920,22 @@ class Replica:
         """Undo tentative executions: restore the newest checkpoint at or below the
         last committed execution and re-execute the committed batches after it."""
         target = self.last_committed_exec
-        base = max(s for s in self.ckpts if s <= target)
-        d, st = self.ckpts[base]
-        ok = self._install_state_bytes(st)
-        assert ok, "own checkpoint must decode"
+        base = max(s for s in self.state.seqnos() if s <= target)
+        self.state.rollback(base)
         for k in range(base + 1, target + 1):
             _, batch, _ = self.exec_log[k]
-            for rfr, req in self._batch_requests(batch):
+            reqs = self._batch_requests(batch)
+            if reqs:
+                self.rs.before_execute()
+            for rfr, req in reqs:
                 last = self.last_reply.get(req.client)
                 if last is not None and req.timestamp <= last[0] and not self.bug_no_ts:
                     continue
-                result = self._run_service(req.op, req.client, batch.nondet, False)
-                self.last_reply[req.client] = (req.timestamp, result)
+                result = self._apply(req, batch.nondet, k)
+                self.rs.set_reply(req.client, req.timestamp, result)
         for k in range(target + 1, self.last_exec + 1):
             self.exec_log.pop(k, None)
-            self.tentative_snaps.pop(k, None)
+            self.tentative_ckpts.pop(k, None)
         self._trace_ev("rollback", target)
         self.last_exec = target
 
@@ -954,9 +976,8 @@ class Replica:
                 # a correct replica is past our whole window, or replicas of weak weight have
                 # discarded the log up to n (nobody will resend what we lack there): catch up to
                 # checkpoint n, which a correct replica computed from committed requests
-                snap = self.tentative_snaps.get(n)
-                if self.last_exec >= n and snap is not None and self._ckpt_digest(n, snap) == d:
-                    self._promote(n, snap)  # our tentative executions up to n are the committed ones
+                if self.last_exec >= n and self.tentative_ckpts.get(n) == d:
+                    self._promote(n, d)  # our tentative executions up to n are the committed ones
                     return
                 if self.last_exec > self.last_committed_exec:
                     self._rollback()
@@ -965,36 +986,36 @@ class Replica:
 
     def _on_stable_certificate(self, n: int, d: bytes) -> None:
         own = self.ckpts.get(n)
-        if own is None and n in self.tentative_snaps and self.last_exec >= n:
+        if own is None and self.tentative_ckpts.get(n) == d and self.last_exec >= n:
             # the certificate proves everything up to n committed: promote
-            st = self.tentative_snaps[n]
-            if self._ckpt_digest(n, st) == d:
-                self._promote(n, st)
-                return
-        if own is not None and own[0] != d:
-            self._trace_ev("checkpoint-mismatch", n, own[0], d)
-        if own is not None and own[0] == d:
-            self._advance_low_water_mark(n)
+            self._promote(n, d)
+            return
+        if own is not None and own != d:
+            self._trace_ev("checkpoint-mismatch", n, own, d)
+        if own is not None and own == d:
+            self._advance_low_water_mark(n, d)
         else:
             if self.last_exec > self.last_committed_exec:
                 self._rollback()
-            self._advance_low_water_mark(n)
+            self._advance_low_water_mark(n, d)
             self._start_fetch(n, d)
 
-    def _promote(self, n: int, st: bytes) -> None:
+    def _promote(self, n: int, d: bytes) -> None:
         """Our tentative executions up to n produced the state a correct replica checkpointed
         after committed execution: they are the committed ones."""
         for k in range(self.last_committed_exec + 1, n + 1):
             self._committed(k)
         self.last_committed_exec = n
         self._trace_ev("promote", n)
-        del self.tentative_snaps[n]
-        self._take_checkpoint(n, st)
+        del self.tentative_ckpts[n]
+        self._take_checkpoint(n, d)
         self._try_execute()  # later slots may have committed meanwhile: promote them too
 
-    def _advance_low_water_mark(self, n: int) -> None:
+    def _advance_low_water_mark(self, n: int, d: bytes) -> None:
+        """Checkpoint (n, d) is stable (or certified): discard the log up to it."""
         if n <= self.h:
             return
+        self._persist_gc(self.h, min(n, self.h + self.L), n, d)
         self.h = n
         self._trace_ev("stable", n)
         for k in [k for k in self.slots if k <= n]:
@@ -1005,15 +1026,21 @@ class Replica:
             del self.Qset[k]
         for k in [k for k in self.exec_log if k <= n]:
             del self.exec_log[k]
-        for k in [k for k in self.tentative_snaps if k <= n]:
-            del self.tentative_snaps[k]
+        for k in [k for k in self.tentative_ckpts if k <= n]:
+            del self.tentative_ckpts[k]
         for k in [k for k in self.ckpts if k < n]:
             del self.ckpts[k]
+        self.state.discard_below(n)
         for d in [d for d, (_, m) in self.batches.items() if m <= n]:
             del self.batches[d]
+            self._persist_forget_batch(d)
         for votes in self.ckpt_votes.values():
             for k in [k for k in votes if k <= n]:
                 del votes[k]
+        if self.recovery_points:
+            self._prune_recovery_points()
+        if self.recovering is not None:
+            self._recovery_check_done()
         if self.seq_assigned < n:
             self.seq_assigned = n
         if self.is_primary:
@@ -1027,56 +1054,121 @@ class Replica:
         if self.last_exec > self.last_committed_exec:
             self._rollback()
         self.fetch_target = (n, d)
+        self.fetcher = Fetcher(self.state, n, d, max_objs=self.cfg.partition_fanout)
         self.fetch_attempt = 0
         self._trace_ev("fetch", n, d)
         self._send_fetch()
 
     def _send_fetch(self) -> None:
+        """Ask for the next node of the walk (or finish it)."""
         n, d = self.fetch_target
+        req = self.fetcher.request()
+        if req is None:
+            self._finish_fetch()
+            return
+        lvl, x, want = req
         holders = sorted(r for r in self._votes_for(n, d) if r != self.id) or list(self.others)
         target = holders[self.fetch_attempt % len(holders)]
-        self._send_to(target, seal(Fetch(n, d, self.id), self.keys, to=target))
+        self._send_to(target, seal(Fetch(n, d, lvl, x, want, self.id), self.keys, to=target))
         self.fetch_deadline = self.now + self.cfg.state_fetch_timeout_ms
 
     def on_fetch(self, m: Fetch, fr: Frame) -> None:
-        have = self.ckpts.get(m.seqno)
-        if have is None or have[0] != m.digest:
+        n = m.seqno
+        if self.ckpts.get(n) != m.digest or not self.state.has(n):
             self._drop("fetch-unknown-checkpoint")
             # tell the requester about our newer stable checkpoint, if any
-            if self.h > m.seqno and self.h in self.ckpts:
-                self._send_to(m.replica, seal(Checkpoint(self.h, self.ckpts[self.h][0], self.id), self.keys))
+            if self.h > n and self.h in self.ckpts:
+                self._send_to(m.replica, seal(Checkpoint(self.h, self.ckpts[self.h], self.id), self.keys))
             return
-        self._send_to(m.replica, seal(Data(m.seqno, m.digest, self.id, have[1]), self.keys, to=m.replica))
+        st = self.state
+        if not m.want:
+            children = st.children_at(n, m.level, m.index)
+            if children is None:
+                self._drop("fetch-bad-node")
+                return
+            self._send_to(m.replica, seal(MetaData(n, m.level, m.index, children, self.id), self.keys, to=m.replica))
+            return
+        if m.level != st.depth - 1 or not 0 <= m.index < st.counts[m.level]:
+            self._drop("fetch-bad-node")
+            return
+        lo = m.index * st.F
+        hi = lo + st.children_count(m.level, m.index)
+        budget = self.cfg.message_size_bytes_max - 256  # objects are at most message size - 512
+        objs = []
+        for i in m.want:
+            if not lo <= i < hi:
+                self._drop("fetch-bad-object")
+                return
+            v = st.value_at(n, i)
+            budget -= len(v) + 16
+            if budget < 0:
+                break
+            objs.append((i, v))
+        if not objs:
+            self._drop("fetch-object-too-large")
+            return
+        self._send_to(m.replica, seal(Data(n, m.level, m.index, tuple(objs), self.id), self.keys, to=m.replica))
 
-    def on_data(self, m: Data, fr: Frame) -> None:
-        if self.fetch_target != (m.seqno, m.digest) or self.last_committed_exec >= m.seqno:
+    def _fetch_reply(self, m, err_of) -> None:
+        if self.fetcher is None or self.fetch_target[0] != m.seqno:
             self._drop("data-unrequested")
             return
-        if self._ckpt_digest(m.seqno, m.state) != m.digest:
-            self._drop("data-digest-mismatch")
+        err = err_of(self.fetcher)
+        if err is not None:
+            # a faulty (or outdated) replier: never installed; ask another one
+            self._drop(err)
+            if err.endswith("mismatch") or err.endswith("shape"):
+                self.fetch_attempt += 1
+                self._send_fetch()
             return
-        if not self._install_state_bytes(m.state):
-            self._drop("data-undecodable")  # certified by a correct replica: cannot happen
+        self._send_fetch()
+
+    def on_meta_data(self, m: MetaData, fr: Frame) -> None:
+        self._fetch_reply(m, lambda f: f.on_meta(m.level, m.index, m.children))
+
+    def on_data(self, m: Data, fr: Frame) -> None:
+        self._fetch_reply(m, lambda f: f.on_data(m.level, m.index, m.objs))
+
+    def _finish_fetch(self) -> None:
+        n, d = self.fetch_target
+        f = self.fetcher
+        self.transfer_stats["objects"] += f.fetched_objs
+        self.transfer_stats["bytes"] += f.fetched_bytes
+        self.transfer_stats["metadata"] += f.metas
+        if not f.finish():
+            # an object differs from its leaf digest without our tree knowing (corrupted in
+            # memory, or changed without ``modify``): check every object, then walk again
+            bad = self.state.rebuild()
+            self.transfer_stats["rebuilds"] += 1
+            self._trace_ev("state-rebuild", n, len(bad))
+            self.fetcher = Fetcher(self.state, n, d, max_objs=self.cfg.partition_fanout)
+            self._send_fetch()
             return
-        n = m.seqno
+        self.transfer_stats["transfers"] += 1
         self.fetch_target = None
+        self.fetcher = None
         self.fetch_deadline = None
+        self.state.checkpoint(n)
+        self.needs_state = False
         self.last_exec = self.last_committed_exec = n
         for k in [k for k in self.exec_log if k <= n]:
             del self.exec_log[k]
-        self.tentative_snaps.clear()
-        self.ckpts[n] = (m.digest, m.state)
-        self._trace_ev("state-transfer", n, m.digest, state_digest(m.state))
+        self.tentative_ckpts.clear()
+        self.ckpts[n] = d
+        self._persist_checkpoint(n, d)
+        self._trace_ev("state-transfer", n, d, self.state.root_at(n))
         for c in [c for c, ri in self.pending.items() if ri.req.timestamp <= self.last_reply.get(c, (0,))[0]]:
             del self.pending[c]
         if not self.pending:
             self.req_deadline = None
-        self._record_ckpt_vote(self.id, n, m.digest)
-        self._broadcast(Checkpoint(n, m.digest, self.id))
+        self._record_ckpt_vote(self.id, n, d)
+        self._broadcast(Checkpoint(n, d, self.id))
         # the fetched checkpoint is certified (a correct replica holds it): it becomes our
         # low water mark, so the window moves to where the rest of the cluster is
-        self._advance_low_water_mark(n)
+        self._advance_low_water_mark(n, d)
         self._check_stable(n)
+        if self.recovering is not None:
+            self._recovery_check_done()
         self._try_execute()
         self._drain_read_only()
         if self.is_primary:
@@ -1148,7 +1240,7 @@ class Replica:
             if s.view < self.view:
                 return
         if s.stable_seqno < self.h and self.h in self.ckpts:
-            self._send_to(r, seal(Checkpoint(self.h, self.ckpts[self.h][0], self.id), self.keys))
+            self._send_to(r, seal(Checkpoint(self.h, self.ckpts[self.h], self.id), self.keys))
         if s.view != self.view or not self.view_active or not s.view_active:
             return
         budget = self.cfg.status_resend_seqnos_max
@@ -1183,6 +1275,7 @@ class Replica:
             self._rollback()
         self.view = v
         self.view_active = False
+        self._persist_view()
         self.nv = None
         self.nv_raw = None
         self.nv_vc_raws = []
@@ -1197,7 +1290,7 @@ class Replica:
         preprepared = tuple(sorted((n, d, qv) for n, q in self.Qset.items() if n > self.h for d, qv in q.items()))
         if self.bug_drop_prepared:
             prepared, preprepared = (), ()
-        ckpts = tuple(sorted((s, cd) for s, (cd, _) in self.ckpts.items() if s >= self.h))
+        ckpts = tuple(sorted((s, cd) for s, cd in self.ckpts.items() if s >= self.h))
         vc = ViewChange(v, self.id, self.h, ckpts, prepared, preprepared)
         raw = self._broadcast(vc)
         self.my_vc_raw = raw
@@ -1475,15 +1568,20 @@ class Replica:
         self.batches_wanted.clear()
         self.view_active = True
         self.nv, self.nv_raw, self.nv_vc_raws = nv, raw, vc_raws
+        self._persist_view()
         self.vc_deadline = None
         self.my_vc_raw = None
         self._prune_view_changes()
         self._trace_ev("new-view", self.view, dec)
         s, d = dec.checkpoint_seqno, dec.checkpoint_digest
         if s > self.h:
-            if self.ckpts.get(s, (None,))[0] != d:
+            if self.ckpts.get(s) != d:
                 self._start_fetch(s, d)
-            self._advance_low_water_mark(s)
+            self._installing = True  # no pre-prepare before the re-proposals are in place
+            try:
+                self._advance_low_water_mark(s, d)
+            finally:
+                self._installing = False
         top = max(s, self.h)
         primary = self.is_primary
         for n, dg in dec.chosen:
@@ -1529,7 +1627,11 @@ class Replica:
         ViewChangeAck: on_view_change_ack,
         NewView: on_new_view,
         Fetch: on_fetch,
+        MetaData: on_meta_data,
         Data: on_data,
+        QueryStable: Recovery.on_query_stable,
+        ReplyStable: Recovery.on_reply_stable,
+        Reply: Recovery.on_recovery_reply,
         FetchBatch: on_fetch_batch,
         BatchData: on_batch_data,
         Vouch: on_vouch,

@@ -17,6 +17,8 @@ give each machine only ``cluster.toml`` and its own key file.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import ipaddress
 import os
 import random
@@ -70,6 +72,44 @@ class RuntimeParams:
 
 RUNTIME_FIELDS = {f.name: f.type for f in dataclasses.fields(RuntimeParams)}
 
+STORAGE_MODES = ("durable", "fast", "memory")
+
+
+@dataclass(frozen=True)
+class StorageParams:
+    """Where and how replicas keep their state (section ``[storage]``, docs/storage.md).
+
+    ``mode``: ``durable`` (default: every group commit is fsynced before anything it
+    implies is sent; acknowledged operations survive the loss of power of every
+    replica at once), ``fast`` (written, not fsynced: relies on independent failures,
+    as the original did) or ``memory`` (nothing on disk: a restarted replica comes back
+    empty and catches up by state transfer).  ``data_dir``: relative to the cluster
+    directory unless absolute; replica i uses ``<data_dir>/replica-<i>``.
+    """
+
+    mode: str = "durable"
+    data_dir: str = "data"
+    map_size_mb: int = 16384  # the store's address space (not disk space) ceiling
+
+    def replica_dir(self, cluster_dir: Path, replica_id: int) -> Path:
+        base = Path(self.data_dir)
+        if not base.is_absolute():
+            base = cluster_dir / base
+        return base / f"replica-{replica_id}"
+
+
+@dataclass(frozen=True)
+class RecoveryParams:
+    """Proactive recovery (section ``[recovery]``, docs/recovery.md).
+
+    Every ``period_s`` seconds one replica recovers, in turn (replica i at offsets
+    ``i * period_s / n``): 0 turns the watchdog off (``pbft recover`` still works).
+    A recovery that has not ended after ``alarm_s`` raises an alarm (metric and log).
+    """
+
+    period_s: float = 0.0
+    alarm_s: float = 60.0
+
 
 @dataclass(frozen=True)
 class ReplicaEntry:
@@ -88,6 +128,15 @@ class Cluster:
     client_keys: dict[int, bytes]
     runtime: RuntimeParams
     public: PublicKeys = field(repr=False)
+    storage: StorageParams = StorageParams()
+    recovery: RecoveryParams = RecoveryParams()
+
+    def owner(self, replica_id: int) -> str:
+        """Who a replica's data directory belongs to: this cluster (its keys) and this replica."""
+        h = hashlib.blake2b(digest_size=8)
+        for e in self.replicas:
+            h.update(e.public_key)
+        return f"pbft-{h.hexdigest()}/replica-{replica_id}"
 
     @property
     def n(self) -> int:
@@ -138,6 +187,8 @@ def init_cluster(
     protocol: Optional[dict] = None,
     runtime: Optional[dict] = None,
     force: bool = False,
+    storage: Optional[dict] = None,
+    recovery: Optional[dict] = None,
 ) -> Cluster:
     d = Path(directory)
     if faults is None:
@@ -177,6 +228,12 @@ def init_cluster(
     rt = dataclasses.asdict(RuntimeParams(**(runtime or {})))
     for k, v in rt.items():
         lines.append(f"{k} = {_toml_value(v)}")
+    lines += ["", "# durable | fast | memory: see docs/storage.md", "[storage]"]
+    for k, v in dataclasses.asdict(StorageParams(**(storage or {}))).items():
+        lines.append(f"{k} = {_toml_value(v)}")
+    lines += ["", "# period_s = 0: no watchdog (recoveries only on `pbft recover`); docs/recovery.md", "[recovery]"]
+    for k, v in dataclasses.asdict(RecoveryParams(**(recovery or {}))).items():
+        lines.append(f"{k} = {_toml_value(v)}")
     for i in range(replicas):
         ident = Identity.generate(i)
         _write_key(d / KEY_DIR / f"replica-{i}.key", ident.seed)
@@ -196,7 +253,7 @@ def _toml_value(v) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
-    return f'"{v}"'
+    return json.dumps(str(v))
 
 
 def _write_key(path: Path, seed: bytes) -> None:
@@ -298,6 +355,8 @@ def load_cluster(directory: str | os.PathLike) -> Cluster:
         if type(v) is not want or v <= 0:
             raise ConfigError(f"{where}: runtime parameter {k} must be a positive {want.__name__}, got {v!r}")
         rt_kw[k] = v
+    storage = _storage(_table(doc.get("storage", {}), f"{where}: [storage]"), where)
+    recovery = _recovery(_table(doc.get("recovery", {}), f"{where}: [recovery]"), where)
     try:
         cfg = ClusterConfig.create(n, f, weights=tuple(weights), clients_max=len(clients), **params)
     except (TypeError, ValueError) as e:
@@ -308,7 +367,37 @@ def load_cluster(directory: str | os.PathLike) -> Cluster:
         public = PublicKeys(pubs)
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
-    return Cluster(d, cfg, entries, clients, RuntimeParams(**rt_kw), public)
+    return Cluster(d, cfg, entries, clients, RuntimeParams(**rt_kw), public, storage, recovery)
+
+
+def _storage(t: dict, where: str) -> StorageParams:
+    kw = {}
+    for k, v in t.items():
+        if k == "mode":
+            if v not in STORAGE_MODES:
+                raise ConfigError(f"{where}: storage mode must be one of {', '.join(STORAGE_MODES)}, got {v!r}")
+        elif k == "data_dir":
+            if not isinstance(v, str) or not v:
+                raise ConfigError(f"{where}: storage data_dir must be a non-empty string, got {v!r}")
+        elif k == "map_size_mb":
+            if type(v) is not int or not 16 <= v <= 1 << 24:
+                raise ConfigError(f"{where}: storage map_size_mb must be an integer in [16, {1 << 24}], got {v!r}")
+        else:
+            raise ConfigError(f"{where}: unknown storage parameter {k!r}")
+        kw[k] = v
+    return StorageParams(**kw)
+
+
+def _recovery(t: dict, where: str) -> RecoveryParams:
+    kw = {}
+    for k, v in t.items():
+        if k not in ("period_s", "alarm_s"):
+            raise ConfigError(f"{where}: unknown recovery parameter {k!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (k == "alarm_s" and v <= 0):
+            raise ConfigError(f"{where}: recovery parameter {k} must be a {'positive' if k == 'alarm_s' else 'non-negative'} "
+                              f"number, got {v!r}")
+        kw[k] = float(v)
+    return RecoveryParams(**kw)
 
 
 def with_protocol(cluster: Cluster, **kw) -> Cluster:

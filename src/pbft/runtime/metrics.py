@@ -75,6 +75,24 @@ class ReplicaMetrics:
         yield counter("pbft_new_views", "New views installed", node.new_views)
         yield counter("pbft_key_refreshes", "Session-key refreshes sent (NewKey)", self.key_refreshes)
         yield counter("pbft_newkeys_accepted", "NewKey messages accepted from others", self.newkeys_accepted)
+        ts = r.transfer_stats
+        yield counter("pbft_state_transfers", "State transfers completed", ts["transfers"])
+        yield counter("pbft_state_transfer_objects", "Objects fetched by state transfers", ts["objects"])
+        yield counter("pbft_state_transfer_bytes", "Object bytes fetched by state transfers", ts["bytes"])
+        yield gauge("pbft_state_objects", "Objects in the checkpointed state (service + reply table)", r.state.n)
+        yield gauge("pbft_state_unverified", "1 while the state awaits a check against a certified checkpoint",
+                    1 if r.needs_state else 0)
+        if node.store is not None:
+            yield counter("pbft_store_writes", "Group commits written to the store", node.store.stats["writes"])
+            yield counter("pbft_store_bytes_written", "Bytes written to the store", node.store.stats["bytes_written"])
+            yield counter("pbft_store_sync_seconds", "Time spent writing and syncing the store",
+                          node.store.stats["sync_seconds"])
+        yield gauge("pbft_recovering", "1 while a proactive recovery is under way", 1 if r.recovering else 0)
+        yield counter("pbft_recoveries", "Proactive recoveries completed (since this process started)", r.recoveries)
+        yield gauge("pbft_recovery_overdue", "1 if the recovery under way has taken longer than recovery.alarm_s",
+                    1 if node.recovery_overdue else 0)
+        if r.last_recovery_ms is not None:
+            yield gauge("pbft_last_recovery_seconds", "Duration of the last proactive recovery", r.last_recovery_ms / 1000)
         c = node.counters
         yield counter("pbft_frames_received", "Frames received", c.frames_in)
         yield counter("pbft_frames_sent", "Frames sent", c.frames_out)

@@ -14,6 +14,7 @@ their NewKey came on, metrics, the status endpoint and structured logs.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import random
@@ -27,13 +28,16 @@ from ..config import ConfigError
 from ..core.replica import Replica
 from ..crypto import KEY_SIZE, KeyRing
 from ..service import Service
+from ..state.store import LmdbStore, StoreError
 from .cluster import Cluster
 from .keys import NEWKEY_TAG, Identity, accept_newkey, fresh_key, make_newkey, now_timestamp_us
 from .metrics import HttpEndpoint, ReplicaMetrics
 from .transport import Counters, FrameConn, OutLink, TokenBucket, frame
 
 FIXARRAY5 = 0x95  # msgpack header of a 5-element array: every frame starts with it
-LOGGED_EVENTS = frozenset({"view-change", "new-view", "stable", "state-transfer", "checkpoint-mismatch", "fetch", "rollback"})
+LOGGED_EVENTS = frozenset({"view-change", "new-view", "stable", "state-transfer", "checkpoint-mismatch", "fetch",
+                           "rollback", "state-rebuild", "recovery-start", "recovery-estimate", "recovery-point",
+                           "recovered", "recovery-request"})
 
 
 def log(replica: int, event: str, **fields) -> None:
@@ -45,7 +49,7 @@ def log(replica: int, event: str, **fields) -> None:
 
 class ReplicaNode:
     def __init__(self, cluster: Cluster, replica_id: int, identity: Identity, service: Service,
-                 quiet: bool = False):
+                 quiet: bool = False, recover: bool = False):
         self.cluster = cluster
         self.cfg = cluster.cfg
         self.id = replica_id
@@ -57,6 +61,32 @@ class ReplicaNode:
         n = self.cfg.n
         self.ring = KeyRing(replica_id, n, {}, {})
         self.replica = Replica(self.cfg, replica_id, self.ring, service, now=self._now(), trace=self._on_trace)
+        self.store: Optional[LmdbStore] = None
+        self.restore_outcome = "memory"
+        st = cluster.storage
+        if st.mode != "memory":
+            path = st.replica_dir(cluster.dir, replica_id)
+            try:
+                self.store = LmdbStore(path, cluster.owner(replica_id), durable=st.mode == "durable",
+                                       map_size_bytes=st.map_size_mb << 20)
+                records, damaged = self.store.load()
+            except StoreError as e:
+                raise ConfigError(f"replica {replica_id}: {e}") from None
+            self.replica.enable_persistence()
+            self.restore_outcome = self.replica.restore(records, damaged)
+            if damaged:
+                log(replica_id, "store-damaged", records=len(damaged), outcome=self.restore_outcome)
+            (path / "pid").write_text(f"{os.getpid()}\n")
+        self.recovery_overdue = False
+        self.rebooting = False
+        self.durable_writes = self.store is not None and st.mode == "durable"
+        self.write_queue: list = []
+        self.writing = None
+        self.writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store") \
+            if self.durable_writes else None
+        if recover or self.replica.recovery_marker:
+            # a fresh process, state reloaded from disk: now the protocol part of the recovery
+            self.replica.begin_recovery(self._now(), now_timestamp_us())
         self._sync_wall_clock()
         self.links: dict[int, OutLink] = {}
         self.client_conn: dict[int, FrameConn] = {}
@@ -104,6 +134,25 @@ class ReplicaNode:
             self._log("fetch-state", seqno=ev[1])
         elif kind == "rollback":
             self._log("rollback", to_seqno=ev[1])
+        elif kind == "state-rebuild":
+            self._log("state-rebuild", seqno=ev[1], objects_corrupt=ev[2])
+        elif kind == "recovery-start":
+            self._log("recovery-start", rebooted_at=ev[1] / 1e6)
+        elif kind == "recovery-estimate":
+            self._log("recovery-estimate", H_M=ev[1])
+        elif kind == "recovery-point":
+            self._log("recovery-point", request_seqno=ev[1], recovery_point=ev[2])
+        elif kind == "recovered":
+            self.recovery_overdue = False
+            ts = self.replica.transfer_stats
+            self._log("recovered", recovery_point=ev[1], protocol_s=round(ev[2] / 1000, 3),
+                      fetched_objects=ts["objects"], fetched_bytes=ts["bytes"])
+        elif kind == "recovery-request":
+            # another replica recovers: as in the thesis, refresh our session keys too, so keys
+            # its attacker may have learnt from it are useless
+            self._log("recovery-request", recovering=ev[1], seqno=ev[2], recovery_point=ev[3])
+            if ev[1] != self.id:
+                self.loop.call_soon(self._refresh_keys, True)
 
     def _log(self, event: str, **fields) -> None:
         if not self.quiet:
@@ -132,6 +181,12 @@ class ReplicaNode:
             raise ConfigError(f"replica {self.id} cannot serve metrics on {me.host}:{me.metrics_port}: "
                               f"{e.strerror or e}") from None
         self.loop.call_later(self._refresh_delay(), self._periodic_refresh)
+        if self.cluster.recovery.period_s > 0:
+            self.loop.call_later(self._next_recovery_delay(), self._watchdog)
+        self.loop.call_later(1.0, self._check_recovery_alarm)
+        self.loop.add_signal_handler(signal.SIGUSR1, self.recover_now)
+        if os.environ.get("PBFT_FAULT_INJECTION") == "1":  # tests only: SIGUSR2 corrupts memory
+            self.loop.add_signal_handler(signal.SIGUSR2, self._inject_memory_corruption)
         self._rearm()
         self._log("started", host=me.host, port=me.port, metrics_port=me.metrics_port, n=self.cfg.n, f=self.cfg.f)
 
@@ -151,7 +206,80 @@ class ReplicaNode:
             self.http.close()
         if self.timer is not None:
             self.timer.cancel()
+        if self.store is not None:
+            if self.writer is not None:
+                self.writer.shutdown(wait=True)  # the write in flight, if any, completes
+            try:
+                puts: dict = {}
+                for queued, _ in self.write_queue:  # not written yet: in order, newest last
+                    puts.update(queued)
+                self.write_queue = []
+                puts.update(self.replica.take_persist())
+                if puts:
+                    self.store.write(puts)
+                self.store.flush()
+            except StoreError as e:
+                log(self.id, "store-error", error=str(e))
+            self.store.close()
+            self.store = None
         self._log("stopped")
+
+    # ---- proactive recovery -------------------------------------------------
+    def _next_recovery_delay(self) -> float:
+        """Seconds until this replica's next turn: replica i recovers at offset i*period/n of
+        every period of the wall clock, so replicas recover one at a time."""
+        period = self.cluster.recovery.period_s
+        phase = self.id * period / self.cfg.n
+        now = time.time()
+        t = now - (now - phase) % period + period
+        if t - now < period / 2 and time.time() - self.started < period / 2:
+            t += period  # just (re)started: not again right away
+        return t - now
+
+    def _watchdog(self) -> None:
+        if self.replica.recovering is not None:
+            self.loop.call_later(self._next_recovery_delay(), self._watchdog)
+            return
+        self._log("watchdog", action="recover")
+        self.recover_now()
+
+    def recover_now(self) -> None:
+        """Start a proactive recovery: save, then reboot this process from a clean copy of the
+        code (``exec``), which reloads the state from disk and sends fresh keys."""
+        if self.rebooting:
+            return
+        self.rebooting = True
+        self._log("recovery-reboot")
+        self.stopping.set()
+
+    def _inject_memory_corruption(self) -> None:
+        """Testing only (``PBFT_FAULT_INJECTION=1``, then SIGUSR2): overwrite one value of the
+        service's state in memory, behind the library's back, as a memory error or an attacker
+        would; the bucket is then marked modified, so the damage also reaches the disk at the
+        next checkpoint.  Only a check against the other replicas (a recovery) can find it."""
+        from ..state.objects import ObjectDict
+        svc = self.replica.service
+        for part in getattr(getattr(svc, "space", None), "parts", ()):
+            if isinstance(part, ObjectDict):
+                for b, bucket in enumerate(part.buckets):
+                    if bucket:
+                        key = min(bucket)
+                        old = bucket[key]
+                        bucket[key] = (b"corrupted-in-memory",) + tuple(old[1:]) if isinstance(old, tuple) else b"x"
+                        self.replica.state.modify(self.replica.rs.R + part.base + b)
+                        log(self.id, "fault-injected", kind="memory", object=self.replica.rs.R + part.base + b,
+                            key=key.hex())
+                        return
+
+    def _check_recovery_alarm(self) -> None:
+        rec = self.replica.recovering
+        if rec is not None and not self.recovery_overdue:
+            took = (self._now() - rec.started) / 1000.0
+            if took > self.cluster.recovery.alarm_s:
+                self.recovery_overdue = True
+                log(self.id, "recovery-overdue", seconds=round(took, 1), phase=rec.phase,
+                    alarm_s=self.cluster.recovery.alarm_s)
+        self.loop.call_later(1.0, self._check_recovery_alarm)
 
     # ---- connections --------------------------------------------------------
     def _make_conn(self) -> FrameConn:
@@ -258,7 +386,53 @@ class ReplicaNode:
 
     def _flush(self) -> None:
         self.flush_pending = False
-        sends = self.replica.take_sends()
+        if self.store is not None:
+            # group commit: what this turn's messages imply reaches the disk (fsynced in the
+            # durable mode) before any of them is sent
+            puts = self.replica.take_persist()
+            sends = self.replica.take_sends()
+            if self.durable_writes:
+                # fsync in a writer thread: the loop goes on handling messages meanwhile, and their
+                # sends wait, in order, behind the writes they follow (one fsync covers every turn
+                # that queued up while the previous one ran)
+                if puts or self.write_queue or self.writing:
+                    self.write_queue.append((puts, sends))
+                    if not self.writing:
+                        self._start_write()
+                    self._rearm()
+                    return
+            elif puts:
+                try:
+                    self.store.write(puts)
+                except StoreError as e:
+                    self._fail_stop(e)
+                    return
+        else:
+            sends = self.replica.take_sends()
+        self._send_out(sends)
+        self._rearm()
+
+    def _start_write(self) -> None:
+        batch, self.write_queue = self.write_queue, []
+        merged: dict = {}
+        for puts, _ in batch:
+            merged.update(puts)
+        self.writing = batch
+        fut = self.loop.run_in_executor(self.writer, self.store.write, merged)
+        fut.add_done_callback(self._write_done)
+
+    def _write_done(self, fut) -> None:
+        batch, self.writing = self.writing, None
+        e = fut.exception()
+        if e is not None:
+            self._fail_stop(e)
+            return
+        for _, sends in batch:
+            self._send_out(sends)
+        if self.write_queue:
+            self._start_write()
+
+    def _send_out(self, sends) -> None:
         if sends:
             n = self.cfg.n
             # one write per connection per loop turn: replies to the many clients that share a
@@ -301,7 +475,6 @@ class ReplicaNode:
                     t0 = arrivals.pop(d, None)
                     if t0 is not None:
                         self.metrics.observe_latency((now - t0) / 1000.0)
-        self._rearm()
 
     def _rearm(self) -> None:
         d = self.replica.next_deadline()
@@ -345,9 +518,22 @@ class ReplicaNode:
             "last_executed": r.last_exec,
             "last_committed": r.last_committed_exec,
             "stable_checkpoint": r.h,
+            "stable_digest": r.ckpts[r.h].hex() if r.h in r.ckpts else None,
             "executed_requests": r.executed_requests,
             "view_changes": self.view_changes,
             "fetching_state": r.fetch_target is not None,
+            "recovering": r.recovering.phase if r.recovering is not None else None,
+            "recovery_point": r.recovering.H if r.recovering is not None else None,
+            "recoveries": r.recoveries,
+            "last_recovery_s": round(r.last_recovery_ms / 1000, 3) if r.last_recovery_ms is not None else None,
+            "recovery_overdue": self.recovery_overdue,
+            "storage": self.cluster.storage.mode,
+            "restored": self.restore_outcome,
+            "needs_state": r.needs_state,
+            "state_objects": r.state.n,
+            "state_transfer": dict(r.transfer_stats),
+            "store_writes": self.store.stats["writes"] if self.store else 0,
+            "store_sync_seconds": round(self.store.stats["sync_seconds"], 3) if self.store else 0.0,
             "seq_assigned": r.seq_assigned,
             "requests_known": len(r.known),
             "requests_pending": len(r.pending),
@@ -364,7 +550,8 @@ class ReplicaNode:
         }
 
 
-def run_replica(cluster: Cluster, replica_id: int, service: Service, quiet: bool = False) -> None:
+def run_replica(cluster: Cluster, replica_id: int, service: Service, quiet: bool = False,
+                recover: bool = False) -> None:
     """Run one replica in the foreground until SIGINT/SIGTERM."""
     try:
         import uvloop
@@ -373,12 +560,12 @@ def run_replica(cluster: Cluster, replica_id: int, service: Service, quiet: bool
     identity = cluster.identity(replica_id)
 
     async def main():
-        node = ReplicaNode(cluster, replica_id, identity, service, quiet=quiet)
+        node = ReplicaNode(cluster, replica_id, identity, service, quiet=quiet, recover=recover)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, node.stopping.set)
         await node.run()
-        return node.failed
+        return node.failed, node.rebooting
 
     profile = os.environ.get("PBFT_PROFILE")  # e.g. /tmp/prof: writes /tmp/prof.<id> (cProfile) on exit
     prof = None
@@ -387,10 +574,23 @@ def run_replica(cluster: Cluster, replica_id: int, service: Service, quiet: bool
         prof = cProfile.Profile()
         prof.enable()
     try:
-        failed = uvloop.run(main()) if uvloop is not None else asyncio.run(main())
+        failed, rebooting = uvloop.run(main()) if uvloop is not None else asyncio.run(main())
         if failed:
             raise SystemExit(70)
     finally:
         if prof is not None:
             prof.disable()
             prof.dump_stats(f"{profile}.{replica_id}")
+    if rebooting:
+        reboot()
+
+
+def reboot() -> None:
+    """Replace this process by a fresh one running the same command with ``--recover``: a clean
+    copy of the code, nothing kept in memory (the same pid, so supervisors see no exit)."""
+    argv = list(sys.orig_argv)
+    if "--recover" not in argv:
+        argv.append("--recover")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)

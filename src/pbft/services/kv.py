@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import msgpack
 
-from ..service import Service
+from ..service import ObjectService
+from ..state.objects import BucketFull, Cell, ObjectDict, ObjectSpace
 
 KEY_SIZE_MAX = 1024
 VALUE_SIZE_MAX = 32 * 1024
@@ -53,15 +54,35 @@ def _ok(value) -> bytes:
     return msgpack.packb(["ok", value], use_bin_type=True)
 
 
-class KVService(Service):
-    def __init__(self, skew_ms: float = 1000.0):
-        self.data: dict[bytes, tuple[bytes, int]] = {}
-        self.clock_ms = 0
+def _check_entry(v) -> None:
+    if not (isinstance(v, tuple) and len(v) == 2 and type(v[0]) is bytes and type(v[1]) is int):
+        raise ValueError("bad key-value entry")
+
+
+def _check_clock(v) -> None:
+    if type(v) is not int or v < 0:
+        raise ValueError("bad clock")
+
+
+class KVService(ObjectService):
+    """State in the object form: object 0 is the clock, objects 1.. are ``buckets``
+    buckets of keys (an ``ObjectDict``), so a checkpoint hashes only the buckets
+    written since the last one and state transfer moves only buckets that differ.
+    One bucket holds at most ``bucket_bytes_max`` bytes (it must fit in a message)."""
+
+    def __init__(self, skew_ms: float = 1000.0, buckets: int = 1024, bucket_bytes_max: int = 1 << 20):
+        self.clock = Cell(0, 0, check=_check_clock)
+        self.data = ObjectDict(buckets, base=1, bucket_bytes_max=bucket_bytes_max, check_value=_check_entry)
+        self.space = ObjectSpace(self.clock, self.data)
         self.skew_ms = skew_ms
+
+    @property
+    def clock_ms(self) -> int:
+        return self.clock.value
 
     # -- non-determinism ------------------------------------------------------
     def propose_nondet(self, now_ms: float) -> bytes:
-        return max(int(now_ms), self.clock_ms).to_bytes(8, "big")
+        return max(int(now_ms), self.clock.value).to_bytes(8, "big")
 
     def check_nondet(self, value: bytes, now_ms: float) -> bool:
         if len(value) != 8:
@@ -83,7 +104,7 @@ class KVService(Service):
         if read_only and kind in MUTATING:
             return _err("mutating operation sent as read-only")
         if not read_only and len(nondet) == 8:
-            self.clock_ms = max(self.clock_ms, int.from_bytes(nondet, "big"))
+            self.clock.set(max(self.clock.value, int.from_bytes(nondet, "big")))
         if kind == "get" and len(op) == 2:
             v = self.data.get(key)
             return _ok(v[0] if v else None)
@@ -91,32 +112,22 @@ class KVService(Service):
             v = self.data.get(key)
             return _ok(v[1] if v else None)
         if kind == "put" and len(op) == 3 and isinstance(op[2], bytes):
-            self.data[key] = (op[2], self.clock_ms)
-            return _ok(True)
+            return self._put(key, op[2])
         if kind == "delete" and len(op) == 2:
-            return _ok(self.data.pop(key, None) is not None)
+            return _ok(self.data.delete(key))
         if kind == "cas" and len(op) == 4 and (op[2] is None or isinstance(op[2], bytes)) and isinstance(op[3], bytes):
             cur = self.data.get(key)
             if (cur[0] if cur else None) != op[2]:
                 return _ok(False)
-            self.data[key] = (op[3], self.clock_ms)
-            return _ok(True)
+            return self._put(key, op[3])
         return _err(f"unknown or malformed operation {kind!r}")
 
-    # -- state ----------------------------------------------------------------
-    def get_state(self) -> bytes:
-        items = [[k, v, t] for k, (v, t) in sorted(self.data.items())]
-        return msgpack.packb([self.clock_ms, items], use_bin_type=True)
-
-    def set_state(self, data: bytes) -> None:
+    def _put(self, key: bytes, value: bytes) -> bytes:
         try:
-            clock, items = msgpack.unpackb(data, raw=False, use_list=False)
-            new = {bytes(k): (bytes(v), int(t)) for k, v, t in items}
-            clock = int(clock)
-        except Exception as e:
-            raise ValueError("not a key-value state") from e
-        self.data = new
-        self.clock_ms = clock
+            self.data.set(key, (value, self.clock.value), len(value) + 12)
+        except BucketFull:
+            return _err("store full: the key's bucket is at its size limit")
+        return _ok(True)
 
 
 class ServiceError(Exception):

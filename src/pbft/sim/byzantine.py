@@ -51,7 +51,7 @@ from typing import Optional
 from ..codec import TAG, U63, DecodeError, result_digest, seal
 from ..core.replica import Replica
 from ..messages import (
-    Batch, Checkpoint, Commit, Data, Fetch, NewView, PrePrepare, Prepare, Reply, Request, Status,
+    Batch, Checkpoint, Commit, Data, Fetch, MetaData, NewView, PrePrepare, Prepare, Reply, Request, Status,
     ViewChange, ViewChangeAck, Vouch,
 )
 from ..services.kv import KVService
@@ -211,7 +211,7 @@ class Mutate(Behaviour):
             return None
         if kind == "repeat" and self.history:
             return rng.choice(self.history)
-        to = dest if type(msg) in (Reply, Fetch, Data) else None
+        to = dest if type(msg) in (Reply, Fetch, MetaData, Data) else None
         delta = rng.choice([-1, 1])
         try:
             if kind == "view" and hasattr(msg, "view"):
@@ -395,11 +395,17 @@ class CorruptState(Behaviour):
 
     def transform(self, dests, raw):
         msg = self.parse(raw)
-        if isinstance(msg, Data):
-            state = bytearray(msg.state)
-            if state:
-                state[self.rng.randrange(len(state))] ^= 0xFF
-            return [(dests, self.seal(replace(msg, state=bytes(state)), to=dests[0]))]
+        if isinstance(msg, Data) and msg.objs:
+            k = self.rng.randrange(len(msg.objs))
+            i, v = msg.objs[k]
+            v = bytearray(v or b"\x00")
+            v[self.rng.randrange(len(v))] ^= 0xFF
+            objs = msg.objs[:k] + ((i, bytes(v)),) + msg.objs[k + 1:]
+            return [(dests, self.seal(replace(msg, objs=objs), to=dests[0]))]
+        if isinstance(msg, MetaData) and msg.children:
+            k = self.rng.randrange(len(msg.children))
+            children = msg.children[:k] + (self.rng.randbytes(32),) + msg.children[k + 1:]
+            return [(dests, self.seal(replace(msg, children=children), to=dests[0]))]
         if isinstance(msg, Checkpoint):
             return [(dests, self.seal(replace(msg, digest=self.rng.randbytes(32))))]
         return [(dests, raw)]
@@ -407,12 +413,15 @@ class CorruptState(Behaviour):
     def receive(self, raw, now):
         msg = self.parse(raw)
         if isinstance(msg, Fetch):
-            # serve something for any checkpoint asked for: stale or corrupt state
-            have = self.node.ckpts.get(msg.seqno) or next(iter(self.node.ckpts.values()), (b"", b"\x00"))
-            state = bytearray(have[1] or b"\x00")
-            state[self.rng.randrange(len(state))] ^= 0x55
-            self.extra.append(((msg.replica,), self.seal(Data(msg.seqno, msg.digest, self.rid, bytes(state)),
-                                                         to=msg.replica)))
+            # serve something for any checkpoint asked for: made-up digests or corrupt objects
+            if msg.want:
+                objs = tuple((i, self.rng.randbytes(self.rng.randrange(1, 64))) for i in msg.want)
+                reply = Data(msg.seqno, msg.level, msg.index, objs, self.rid)
+            else:
+                width = self.rng.randrange(1, 8)
+                reply = MetaData(msg.seqno, msg.level, msg.index, tuple(self.rng.randbytes(32) for _ in range(width)),
+                                 self.rid)
+            self.extra.append(((msg.replica,), self.seal(reply, to=msg.replica)))
             return
         self.node.receive(raw, now)
 
@@ -439,7 +448,7 @@ class ViewStorm(Behaviour):
         if self.rng.random() < 0.3:
             node = self.node
             self.v = max(self.v, node.view) + self.rng.randint(1, 1000)
-            vc = ViewChange(self.v, self.rid, node.h, ((node.h, node.ckpts[node.h][0]),) if node.h in node.ckpts else (),
+            vc = ViewChange(self.v, self.rid, node.h, ((node.h, node.ckpts[node.h]),) if node.h in node.ckpts else (),
                             (), ())
             self.extra.append((self.others, self.seal(vc)))
 

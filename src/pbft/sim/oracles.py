@@ -30,6 +30,7 @@ Checked (TESTING.md names, and invariants of the correctness proof, seed 002):
 from __future__ import annotations
 
 from ..codec import Codec, DecodeError, checkpoint_digest
+from ..messages import RECOVERY_OP
 
 
 class Oracles:
@@ -54,6 +55,14 @@ class Oracles:
         self.h = [0] * n
         self.views_installed: set[int] = set()
         self.correct: set[int] = set(range(n))  # Byzantine replicas' traces are not checked
+
+    def rebase(self, r: int, rep) -> None:
+        """Replica r came back from its disk (or was repaired by a recovery): what it executed
+        before is behind the state it restored; check it from here on."""
+        self.execs[r] = {}
+        self.done[r] = set()
+        self.h[r] = rep.h
+        self.view[r] = rep.view
 
     def violation(self, what: str) -> None:
         if len(self.violations) < 50:
@@ -91,6 +100,8 @@ class Oracles:
                 content = b"undecodable"
             self.execs[r][n] = (content, executed, tentative)
             for c, t, op in executed:
+                if c < self.n and op.startswith(RECOVERY_OP):
+                    continue  # a replica's recovery request (the library handles it)
                 if (c, t, op) not in self.issued:
                     self.violation(f"S2 replica {r} executed a request never issued: client {c} ts {t}")
             if not tentative:

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 from dataclasses import replace as _replace
 
-from .simulator import ALL_FAULTS, CostModel, RunResult, SimConfig, Simulation
+from .simulator import ALL_FAULTS, DISK_FAULTS, CostModel, RunResult, SimConfig, Simulation
 
 NET = frozenset({"loss", "dup", "reorder", "delay", "replay"})
 
@@ -117,6 +117,24 @@ def _cfg(**kw):
     return build
 
 
+def _power_loss_happened(sim: Simulation, res: RunResult) -> list[str]:
+    out = []
+    if sim.power_losses < 1:
+        out.append("no power loss happened")
+    if sim.reboots < sim.sc.replicas:
+        out.append(f"only {sim.reboots} reboots from disk")
+    return out
+
+
+def _recoveries_repaired(sim: Simulation, res: RunResult) -> list[str]:
+    out = []
+    if sim.recoveries_done < 1:
+        out.append("no recovery ended")
+    if sim.corrupted:
+        out.append(f"replicas {sorted(sim.corrupted)} still corrupted")
+    return out
+
+
 class _MinorityWatch:
     """No sequence number commits while no side of a partition holds a quorum."""
 
@@ -189,10 +207,14 @@ SCENARIOS: list[Scenario] = [
              "progress within f+1 view changes",
              _cfg(script_fn=lambda n, s: tuple((25.0, "crash", i) for i in range(f_of(n))), fault_phase_ms=4000.0),
              _views_at_most(lambda f: f + 1)),
-    Scenario("S-04", "power-loss", "every replica loses power at once and restarts from its stable state",
-             "nothing acknowledged lost; no double vote after restart (durable-state model)",
-             _cfg(script_fn=lambda n, s: tuple((200.0, "crash", i) for i in range(n)) +
-                  tuple((500.0, "restart", i) for i in range(n)))),
+    Scenario("S-04", "power-loss", "crash/restart from a simulated disk (lost unsynced writes, torn writes, "
+             "corrupted records on <= f replicas) and a power loss of every replica at once, durable mode",
+             "nothing acknowledged lost; no double vote after restart",
+             _cfg(faults=frozenset({"disk", "powerloss", "crash", "loss"})), _power_loss_happened),
+    Scenario("S-27", "proactive-recovery", "replicas recover proactively in turn; before some recoveries the "
+             "replica's state is corrupted in memory (behind the library's back) or on disk",
+             "every recovery ends; corrupted state detected and repaired; oracles hold",
+             _cfg(faults=frozenset({"recovery", "loss", "reorder"}), fault_phase_ms=3000.0), _recoveries_repaired),
     Scenario("S-05a", "partition-halves", "the cluster splits in halves, then heals",
              "no side commits anything; progress after heal",
              _cfg(script_fn=lambda n, s: ((100.0, "block", _halves(n)), (700.0, "unpartition", None)),
@@ -387,5 +409,8 @@ def swarm_config(replicas: int, seed: int) -> SimConfig:
             b = twins_kind  # one Twins group per run
         byz.append((i, b))
     byz_clients = tuple(rng.sample(SWARM_CLIENTS, rng.randint(0, 2))) if rng.random() < 0.4 else ()
+    # storage faults from their own stream, so that the draws above stay what they were
+    disk = random.Random(f"{seed}/swarm-disk")
+    faults |= frozenset(x for x in DISK_FAULTS if disk.random() < 0.3)
     return SimConfig(seed=seed, replicas=replicas, faults=faults, byzantine=tuple(byz), byz_clients=byz_clients,
                      clients=rng.randint(1, 5), ops=rng.randint(5, 30))

@@ -30,16 +30,23 @@ from typing import Optional
 
 import msgpack
 
-from ..codec import Codec, state_digest
+from ..codec import Codec
 from ..config import ClusterConfig
 from ..core.client import Client
 from ..core.replica import Replica
 from ..crypto import keyrings_for
 from ..services.kv import KVService, decode_result, encode_op
 from .linearizability import KvOp, check_kv_history
+from ..state.store import MemStore
 from .oracles import Oracles
 
 ALL_FAULTS = ("crash", "loss", "dup", "reorder", "delay", "replay", "partition")
+# faults of stable storage (replicas then keep their state in a simulated disk, MemStore):
+# "disk": crashed replicas restart from disk, sometimes after a power loss (unsynced writes
+# lost, torn writes) or with corrupted records; "powerloss": every replica loses power at
+# once, once per run; "recovery": proactive recoveries in turn, some after the replica's
+# state was corrupted in memory or on disk
+DISK_FAULTS = ("disk", "powerloss", "recovery")
 
 DELIVER, WAKE, INVOKE, FAULT, CPU = 0, 1, 2, 3, 4
 
@@ -98,6 +105,8 @@ class SimConfig:
     think_ms: Optional[tuple] = None  # (lo, hi) client think time; default (0, 10)
     stop_at_heal: bool = False  # throughput runs: clients stop starting operations when faults end
     max_events: int = 3_000_000  # a run exceeding this is reported (a message storm, or too long a run)
+    # "durable" or "fast": replicas persist to a simulated disk (implied "durable" by DISK_FAULTS)
+    storage: Optional[str] = None
 
 
 @dataclass
@@ -201,6 +210,18 @@ class Simulation:
         self.fault_end = sc.fault_phase_ms if sc.fault_phase_ms is not None else rf.uniform(300.0, 2500.0)
         if not F and sc.fault_phase_ms is None:
             self.fault_end = 0.0
+        self.storage = sc.storage or ("durable" if set(DISK_FAULTS) & set(F) else None)
+        self.stores = {}
+        if self.storage is not None:
+            for r in self.correct:
+                self.stores[r] = MemStore(durable=self.storage == "durable")
+                self.replicas[r].enable_persistence()
+        self.rng_disk = random.Random(f"{s}/disk")
+        self.recovering: set[int] = set()  # replicas rebooted for a recovery that has not ended
+        self.corrupted: set[int] = set()  # replicas whose state was corrupted and not yet repaired
+        self.recoveries_done = 0
+        self.reboots = 0
+        self.power_losses = 0
         if sc.byzantine:
             from .byzantine import make_behaviours
 
@@ -212,6 +233,14 @@ class Simulation:
             self.byz_clients = make_byz_clients(self, sc.byz_clients, n + sc.clients)
 
     def _on_trace(self, r: int, ev: tuple) -> None:
+        if ev[0] == "recovered" and r in self.recovering:
+            self.recovering.discard(r)
+            self.recoveries_done += 1
+            self._note(f"replica {r} recovered (point {ev[1]}, {ev[2]:.0f}ms)")
+            if r in self.corrupted:  # repaired: its traces are checked again from here on
+                self.corrupted.discard(r)
+                self.oracles.rebase(r, self.replicas[r])
+                self.oracles.correct.add(r)
         self.oracles.on_event(r, ev)
         if self.observer is not None:
             self.observer(self, r, ev)
@@ -248,6 +277,11 @@ class Simulation:
 
     # ---- network ------------------------------------------------------------
     def _flush(self, src: int, after: float = 0.0) -> None:
+        store = self.stores.get(src)
+        if store is not None:  # group commit before the sends (the runtime's contract)
+            puts = self.replicas[src].take_persist()
+            if puts:
+                store.write(puts)
         for item in self._node(src).take_sends():
             extra = (item[2] if len(item) > 2 else 0.0) + after
             for dst in item[0]:
@@ -380,19 +414,68 @@ class Simulation:
                 dur = rf.uniform(50.0, 700.0)
                 self._push(t, FAULT, "partition", dur)
                 t += dur + rf.uniform(50.0, 600.0)
+        if "powerloss" in F:
+            self._push(rf.uniform(100.0, max(150.0, end)), FAULT, "powerloss", None)
+        if "recovery" in F:
+            t = rf.uniform(50.0, 300.0)
+            k = rf.randrange(self.sc.replicas)
+            while t < end:
+                r = self.correct[k % len(self.correct)] if self.correct else None
+                k += 1
+                if r is not None:
+                    corrupt = rf.choice([None, "memory", "disk"])
+                    if corrupt is not None:
+                        self._push(max(0.0, t - rf.uniform(20.0, 250.0)), FAULT, "corrupt-" + corrupt, r)
+                    self._push(t, FAULT, "recover", r)
+                t += rf.uniform(300.0, 1200.0)
         for t, kind, arg in self.sc.script:
             self._push(t, FAULT, "crash-one" if kind == "crash" else kind, arg)
         self._push(end, FAULT, "heal", None)
+
+    def _faulty_now(self) -> int:
+        """Replicas that count against f now: crashed, recovering, corrupted, Byzantine, skewed,
+        and those that came back from a damaged disk and have not yet fetched a state."""
+        impaired = {r for r in self.correct if self.replicas[r].needs_state}
+        return len(self.crashed | self.recovering | self.corrupted | set(self.byz) | self.exempt | impaired)
+
+    def _reboot(self, r: int, power_loss: bool = False, recover: bool = False) -> None:
+        """Replica r's process starts again from its disk (after losing what was not synced if
+        ``power_loss``): a new Replica object restores from the store; with ``recover`` it
+        begins a proactive recovery."""
+        store = self.stores[r]
+        rd = self.rng_disk
+        self.reboots += 1
+        if power_loss:
+            store.power_loss(rd, torn=rd.random() < 0.5)
+        rep = Replica(self.cfg, r, self.rings[r], KVService(skew_ms=self.cfg.nondet_skew_ms_max),
+                      now=self._local(r), trace=self._on_trace)
+        rep.enable_persistence()
+        records, damaged = store.load()
+        self.replicas[r] = rep
+        self.inbox[r].clear()
+        self.deficit[r].clear()
+        self.rr[r].clear()
+        self.recovering.discard(r)  # a recovery under way starts again only if its marker is on disk
+        self.oracles.rebase(r, rep)
+        outcome = rep.restore(records, damaged)
+        self.oracles.rebase(r, rep)  # restore re-executed what committed after its checkpoint
+        if recover or rep.recovery_marker:
+            self.recovering.add(r)
+            self.seq += 1
+            rep.begin_recovery(self._local(r), 10_000_000 + self.seq)
+        self._note(f"replica {r} rebooted from disk: {outcome}{', recovering' if recover else ''}")
+        self._schedule_wake(r)
 
     def _fault(self, kind: str, arg) -> None:
         rf = self.rng_fault
         n = self.sc.replicas
         if kind == "crash":
-            if self.healed or len(self.crashed) + len(self.byz) + len(self.exempt) >= self.cfg.f:
+            if self.healed or self._faulty_now() >= self.cfg.f:
                 return
             views = sorted(r.view for r in self.replicas)
             primary = views[len(views) // 2] % n
-            up = [r for r in self.correct if r not in self.crashed and r not in self.exempt]
+            up = [r for r in self.correct
+                  if r not in self.crashed and r not in self.exempt and r not in self.recovering]
             victim = primary if (primary in up and rf.random() < 0.5) else rf.choice(up)
             self.crashed.add(victim)
             self._note(f"crash replica {victim}")
@@ -406,9 +489,62 @@ class Simulation:
         elif kind == "restart":
             if arg in self.crashed:
                 self.crashed.discard(arg)
-                self.replicas[arg].restart(self._local(arg))
-                self._note(f"restart replica {arg}")
-                self._schedule_wake(arg)
+                if "disk" in self.sc.faults and arg in self.stores:
+                    rd = self.rng_disk
+                    if rd.random() < 0.2 and self._faulty_now() < self.cfg.f:
+                        # a damaged object record: detected, repaired by a transfer
+                        keys = [k for k in self.stores[arg].synced if k[:1] == b"o"]
+                        if keys:
+                            self.stores[arg].corrupt(rd.choice(sorted(keys)), rd)
+                    self._reboot(arg, power_loss=rd.random() < 0.4)
+                else:
+                    self.replicas[arg].restart(self._local(arg))
+                    self._note(f"restart replica {arg}")
+                    self._schedule_wake(arg)
+        elif kind == "powerloss":
+            if self.healed or not self.stores or self.sc.storage == "fast":
+                return
+            down = [r for r in self.correct if r not in self.crashed]
+            self.crashed.update(down)
+            self.power_losses += 1
+            self._note(f"power loss: replicas {down} down")
+            self._push(self.now + rf.uniform(50.0, 400.0), FAULT, "power-back", tuple(down))
+        elif kind == "power-back":
+            for r in arg:
+                if r in self.crashed:
+                    self.crashed.discard(r)
+                    self._reboot(r, power_loss=True)
+        elif kind in ("corrupt-memory", "corrupt-disk"):
+            if self.healed or arg in self.crashed or arg in self.recovering or arg in self.corrupted \
+                    or self._faulty_now() >= self.cfg.f:
+                return
+            rep = self.replicas[arg]
+            rd = self.rng_disk
+            if kind == "corrupt-memory":
+                # a value changed behind the library's back, then written through (modify)
+                data = rep.service.data
+                full = [b for b in range(data.n_buckets) if data.buckets[b]]
+                if not full:
+                    return
+                b = rd.choice(full)
+                key = min(data.buckets[b])
+                data.buckets[b][key] = (b"corrupted", 0)
+                rep.state.modify(rep.rs.R + data.base + b)
+            else:
+                keys = sorted(k for k in self.stores[arg].synced if k[:1] == b"o")
+                if not keys:
+                    return
+                self.stores[arg].forge(rd.choice(keys), b"\xc1 forged")
+            # until its recovery has repaired it, the replica is faulty: its traces go unchecked
+            self.corrupted.add(arg)
+            self.oracles.correct.discard(arg)
+            self._note(f"{kind} at replica {arg}")
+        elif kind == "recover":
+            if self.healed or arg in self.crashed or arg in self.recovering:
+                return
+            if arg not in self.corrupted and self._faulty_now() >= self.cfg.f:
+                return  # one replica recovering at a time, within the fault budget
+            self._reboot(arg, recover=True)
         elif kind == "partition":
             if self.healed:
                 return
@@ -445,8 +581,13 @@ class Simulation:
             self.blocked = set()
             for r in sorted(self.crashed):
                 self.crashed.discard(r)
-                self.replicas[r].restart(self._local(r))
-                self._schedule_wake(r)
+                if "disk" in self.sc.faults or "powerloss" in self.sc.faults:
+                    self._reboot(r)
+                else:
+                    self.replicas[r].restart(self._local(r))
+                    self._schedule_wake(r)
+            for r in sorted(self.corrupted - self.recovering):
+                self._reboot(r, recover=True)  # corrupted but not recovered yet: recover now
             self._note("network healed; all replicas up")
 
     # ---- workload -----------------------------------------------------------
@@ -635,6 +776,8 @@ class Simulation:
 
     def _convergence(self) -> Optional[str]:
         """After healing and quiescence a quorum of replicas holds the same state."""
+        if self.recovering:
+            return f"L2 recoveries not ended: replicas {sorted(self.recovering)}"
         settled = self._settled()
         # a correct replica may wait alone in a higher view (see _settled); with f Byzantine
         # replicas that leaves f+1 settled correct ones, which must agree with each other
@@ -656,7 +799,7 @@ class Simulation:
         quiet = [r for r in settled if r.last_exec == r.last_committed_exec]
         last = {r.last_committed_exec for r in quiet}
         if len(last) == 1:
-            states = {state_digest(r._state_bytes()) for r in quiet}
+            states = {r.state_digest() for r in quiet}
             if len(states) != 1:
                 out.append("S1 replicas executed to the same sequence number but hold different states")
         # S6: every acknowledged ordered operation is in the reply table of every settled replica

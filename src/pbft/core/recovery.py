@@ -1,0 +1,211 @@
+"""Proactive recovery (BFT-PR, Castro's thesis ch. 4), the core's part.
+
+The driver reboots the replica (a fresh process, a clean copy of the code, the state
+reloaded from disk, new session keys sent with NewKey so that every key a client or
+attacker knew is dropped) and then calls :meth:`Recovery.begin_recovery`.  From there:
+
+1. **Distrust.**  The log reloaded from disk is dropped (an attacker may have written
+   it); the objects are kept but treated as unverified (``needs_state``): nothing is
+   executed until a state transfer to a certified checkpoint has checked every object
+   against the partition tree, fetching those that differ (corrupt or stale).
+2. **Estimation** (QueryStable / ReplyStable).  Each replica j answers with its last
+   stable checkpoint c_j and the highest sequence number it prepared p_j; keeping the
+   lowest c and highest p per replica, the recovering replica picks L_M, the largest
+   c_j such that replicas other than j of weight 2f reported c <= L_M and replicas
+   other than j of weight f reported p >= L_M; its estimate is H_M = L_M + L.  It
+   takes no part in agreement for sequence numbers up to H_M (it no longer knows what
+   it said about them before the reboot).
+3. **Recovery request**, ordered like any request (so every replica agrees on when
+   the recovery happened).  When a replica executes replica j's recovery request at
+   sequence number n_R, it records j's recovery point H = max(H_M, n_R) and (in the
+   runtime) refreshes its own session keys; the reply tells j the point.
+4. **Null requests.**  While a recovery point is not yet covered by a stable
+   checkpoint and there is nothing else to order, the primary orders null batches, so
+   the checkpoint after H arrives even on an idle system.
+5. **End.**  The recovering replica is recovered once its state has been checked
+   (a transfer completed) and it holds a stable checkpoint at or after H.
+
+A recovering replica must be counted among the f faulty ones until it has recovered
+(docs/recovery.md: the window of vulnerability).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import msgpack
+
+from ..codec import result_digest, seal
+from ..messages import ALL_REPLICAS, RECOVERY_OP, QueryStable, ReplyStable, Reply, Request
+
+
+@dataclass
+class RecoveryRun:
+    nonce: int  # also the recovery request's timestamp: grows across reboots (wall clock)
+    started: float
+    phase: str = "estimate"  # estimate -> request -> check
+    reports: dict[int, tuple[int, int]] = field(default_factory=dict)  # j -> (lowest c, highest p)
+    H_M: Optional[int] = None
+    request_raw: Optional[bytes] = None
+    answers: dict[int, tuple[bytes, bool]] = field(default_factory=dict)  # j -> (result, tentative)
+    n_R: Optional[int] = None
+    H: Optional[int] = None
+    next_send: float = 0.0
+
+
+class Recovery:
+    recovering: Optional[RecoveryRun] = None
+
+    def _init_recovery(self) -> None:
+        self.recovering = None
+        self.recovery_points: dict[int, int] = {}  # replica -> recovery point H (learned by executing)
+        self.recoveries = 0
+        self.last_recovery_ms: Optional[float] = None
+        self.stable_answered: dict[int, float] = {}
+
+    # ------------------------------------------------------------------
+    # at the recovering replica
+    # ------------------------------------------------------------------
+    def begin_recovery(self, now: float, nonce: int) -> None:
+        """Start a recovery (after a reboot and ``restore``).  ``nonce``: a number larger
+        than any this replica used before (the runtime uses the wall clock in µs)."""
+        self.now = now
+        self.recovering = RecoveryRun(nonce=nonce, started=now)
+        # 1. distrust: forget the log, keep the objects unverified
+        self.slots.clear()
+        self.P.clear()
+        self.Qset.clear()
+        self.exec_log.clear()
+        self.tentative_ckpts.clear()
+        self.ckpts = {}
+        self.state.discard_all()
+        self.state.unpersisted = set(range(self.state.n))
+        self.needs_state = True
+        self.fetch_target = None
+        self.fetcher = None
+        self.last_exec = self.last_committed_exec
+        if self._puts is not None:
+            self._puts[b"R"] = msgpack.packb(nonce)
+        self._trace_ev("recovery-start", nonce)
+        self._recovery_send()
+
+    def _recovery_send(self) -> None:
+        rec = self.recovering
+        rec.next_send = self.now + self.cfg.status_interval_ms * 2
+        if rec.phase == "estimate":
+            self._broadcast(QueryStable(self.id, rec.nonce))
+        elif rec.phase == "request" and rec.request_raw is not None:
+            self.out.append((self.others, rec.request_raw))
+
+    def _recovery_tick(self) -> None:
+        rec = self.recovering
+        if rec is not None and rec.phase != "check" and self.now >= rec.next_send:
+            self._recovery_send()
+
+    def on_reply_stable(self, m: ReplyStable, fr) -> None:
+        rec = self.recovering
+        if rec is None or rec.phase != "estimate" or m.nonce != rec.nonce:
+            self._drop("reply-stable-unexpected")
+            return
+        old = rec.reports.get(m.replica)
+        rec.reports[m.replica] = (m.checkpoint, m.prepared) if old is None else \
+            (min(old[0], m.checkpoint), max(old[1], m.prepared))
+        H_M = self._estimate(rec.reports)
+        if H_M is None:
+            return
+        rec.H_M = H_M
+        rec.phase = "request"
+        req = Request(self.id, rec.nonce, RECOVERY_OP + msgpack.packb(H_M), False, ALL_REPLICAS)
+        rec.request_raw = seal(req, self.keys)
+        self._trace_ev("recovery-estimate", H_M)
+        self._recovery_send()
+
+    def _estimate(self, reports: dict[int, tuple[int, int]]) -> Optional[int]:
+        w = self.cfg.weights
+        need_c = self.Qw - 1  # 2f with unit weights
+        need_p = self.weak - 1  # f
+        best = None
+        for j, (cj, _) in reports.items():
+            wc = sum(w[k] for k, (ck, _) in reports.items() if k != j and ck <= cj)
+            wp = sum(w[k] for k, (_, pk) in reports.items() if k != j and pk >= cj)
+            if wc >= need_c and wp >= need_p and (best is None or cj > best):
+                best = cj
+        return None if best is None else best + self.L
+
+    def on_recovery_reply(self, m: Reply, fr) -> None:
+        rec = self.recovering
+        if rec is None or rec.phase != "request" or m.client != self.id or m.timestamp != rec.nonce \
+                or m.result is None or result_digest(m.result) != m.result_digest:
+            self._drop("reply-unexpected")
+            return
+        rec.answers[m.replica] = (m.result, m.tentative)
+        for result in {r for r, _ in rec.answers.values()}:
+            final = [j for j, (r, t) in rec.answers.items() if r == result and not t]
+            anyk = [j for j, (r, _) in rec.answers.items() if r == result]
+            if self._weight(final) >= self.weak or self._weight(anyk) >= self.Qw:
+                try:
+                    tag, n_R, H = msgpack.unpackb(result, raw=False)
+                except (ValueError, TypeError, msgpack.UnpackException):
+                    return  # f+1 replicas cannot all be faulty: unreachable
+                rec.n_R, rec.H, rec.phase = int(n_R), int(H), "check"
+                self._trace_ev("recovery-point", rec.n_R, rec.H)
+                self._recovery_check_done()
+                return
+
+    def _recovery_check_done(self) -> None:
+        """Recovered: the state was checked against a certified checkpoint, and a stable
+        checkpoint covers the recovery point."""
+        rec = self.recovering
+        if rec is None or rec.phase != "check" or self.needs_state or self.h < rec.H:
+            return
+        self.recovering = None
+        self.recoveries += 1
+        self.last_recovery_ms = self.now - rec.started
+        if self._puts is not None:
+            self._puts[b"R"] = None
+        self._trace_ev("recovered", rec.H, self.last_recovery_ms)
+
+    def _recovery_ignores(self, n: int) -> bool:
+        rec = self.recovering
+        return rec is not None and (rec.H_M is None or n <= rec.H_M)
+
+    # ------------------------------------------------------------------
+    # at every replica
+    # ------------------------------------------------------------------
+    def on_query_stable(self, m: QueryStable, fr) -> None:
+        last = self.stable_answered.get(m.replica)
+        if last is not None and self.now - last < self.cfg.status_interval_ms / 2:
+            self._drop("query-stable-rate-limited")
+            return
+        self.stable_answered[m.replica] = self.now
+        prepared = max(max(self.P, default=0), self.last_exec, self.h)
+        self._send_to(m.replica, seal(ReplyStable(self.h, prepared, self.id, m.nonce), self.keys, to=m.replica))
+
+    def _execute_recovery_request(self, j: int, op: bytes, n: int) -> bytes:
+        """Replica j's recovery request executes at sequence number n (every replica alike)."""
+        try:
+            H_M = msgpack.unpackb(op[len(RECOVERY_OP):])
+        except (ValueError, TypeError, msgpack.UnpackException):
+            H_M = None
+        if type(H_M) is not int or H_M < 0 or H_M > n + 2 * self.L:
+            # an honest estimate is a stable checkpoint plus L, so at most about n + L: a larger
+            # one would make the primary order null requests far ahead for nothing
+            return msgpack.packb(["error", "malformed recovery request"])
+        H = max(H_M, n)
+        self.recovery_points[j] = H
+        self._trace_ev("recovery-request", j, n, H)
+        return msgpack.packb(["recovery", n, H])
+
+    def _null_goal(self) -> int:
+        """The sequence number the primary orders null batches up to (0: none needed)."""
+        if not self.recovery_points:
+            return 0
+        K = self.K
+        goal = max(-(-H // K) * K for H in self.recovery_points.values())
+        return goal if goal > self.h else 0
+
+    def _prune_recovery_points(self) -> None:
+        K = self.K
+        for j in [j for j, H in self.recovery_points.items() if self.h >= -(-H // K) * K]:
+            del self.recovery_points[j]
