@@ -154,16 +154,19 @@ def serve(src: CheckpointedState, seqno: int, req):
 
 
 def run_transfer(f: Fetcher, src, seqno, corrupt=None):
+    """Answer the fetcher's requests (a window of them at a time) from ``src``."""
     rounds = 0
-    while (req := f.request()) is not None:
+    while not f.done():
+        reqs = f.requests() or f.in_flight()
         rounds += 1
-        kind, body = serve(src, seqno, req)
-        if corrupt is not None:
-            body = corrupt(kind, body)
-        err = f.on_meta(req[0], req[1], body) if kind == "meta" else f.on_data(req[0], req[1], body)
-        if err is not None:
-            return err, rounds
-        assert len(f.stack) <= src.depth and all(len(fr) <= src.F for _, fr in f.stack)
+        for req in reqs:
+            kind, body = serve(src, seqno, req)
+            if corrupt is not None:
+                body = corrupt(kind, body)
+            err = f.on_meta(req[0], req[1], body) if kind == "meta" else f.on_data(req[0], req[1], body)
+            if err is not None:
+                return err, rounds
+        assert len(f.stack) <= src.depth * f.window * src.F and len(f.outstanding) <= f.window
     return None, rounds
 
 
@@ -206,9 +209,20 @@ def test_transfer_rejects_corrupt_metadata_and_objects():
 def test_transfer_wrong_shape_and_unrequested_replies():
     src, _, dst, _, d, _ = pair()
     f = Fetcher(dst, 10, d)
+    assert f.on_meta(0, 0, src.children_at(10, 0, 0)) == "meta-unrequested"  # not asked yet
+    assert f.requests() == [(0, 0, ())]
     assert f.on_meta(0, 0, (bytes(32),)) == "meta-bad-shape"
     assert f.on_data(0, 0, ((0, b"x"),)) == "data-unrequested"
     assert f.on_meta(1, 0, src.children_at(10, 1, 0)) == "meta-unrequested"
+
+
+def test_transfer_keeps_a_window_of_requests_in_flight():
+    src, _, dst, dst_mem, d, changed = pair(n=4000, fanout=8, changes=300)
+    f = Fetcher(dst, 10, d, window=16)
+    err, rounds = run_transfer(f, src, 10)
+    assert err is None and f.finish()
+    # a node at a time would need one round per node asked for; the window needs far fewer
+    assert rounds * 4 < f.metas + len(changed)
 
 
 def test_transfer_after_memory_corruption_needs_rebuild():

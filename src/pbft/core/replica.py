@@ -307,7 +307,7 @@ class Replica(Durability, Recovery):
             self.fetch_deadline = None
             if self.fetch_target is not None:
                 self.fetch_attempt += 1
-                self._send_fetch()
+                self._send_fetch(resend=True)
 
     def restart(self, now: float) -> None:
         """Resume after a crash: durable protocol state kept, volatile state lost.
@@ -1059,17 +1059,22 @@ class Replica(Durability, Recovery):
         self._trace_ev("fetch", n, d)
         self._send_fetch()
 
-    def _send_fetch(self) -> None:
-        """Ask for the next node of the walk (or finish it)."""
+    def _send_fetch(self, resend: bool = False) -> None:
+        """Ask for the next nodes of the walk (a window of them in flight), or finish it.
+        ``resend``: ask again, of the next replier, for everything in flight."""
         n, d = self.fetch_target
-        req = self.fetcher.request()
-        if req is None:
+        f = self.fetcher
+        reqs = f.in_flight() if resend else []
+        reqs += f.requests()
+        if f.done():
             self._finish_fetch()
             return
-        lvl, x, want = req
+        if not reqs:
+            return
         holders = sorted(r for r in self._votes_for(n, d) if r != self.id) or list(self.others)
         target = holders[self.fetch_attempt % len(holders)]
-        self._send_to(target, seal(Fetch(n, d, lvl, x, want, self.id), self.keys, to=target))
+        for lvl, x, want in reqs:
+            self._send_to(target, seal(Fetch(n, d, lvl, x, want, self.id), self.keys, to=target))
         self.fetch_deadline = self.now + self.cfg.state_fetch_timeout_ms
 
     def on_fetch(self, m: Fetch, fr: Frame) -> None:
@@ -1119,8 +1124,9 @@ class Replica(Durability, Recovery):
             self._drop(err)
             if err.endswith("mismatch") or err.endswith("shape"):
                 self.fetch_attempt += 1
-                self._send_fetch()
+                self._send_fetch(resend=True)
             return
+        self.fetch_deadline = self.now + self.cfg.state_fetch_timeout_ms  # progress
         self._send_fetch()
 
     def on_meta_data(self, m: MetaData, fr: Frame) -> None:

@@ -184,12 +184,17 @@ class CheckpointedState:
         depth = self.depth
         leaves = self.tree[depth]
         get = self.backend.get_obj
+        # copy-on-write of tree nodes into the newest record (inlined: this loop is the cost
+        # of a checkpoint)
+        saved = self.records[-1].nodes if self.records else None
         delta: dict[int, int] = {}  # leaf-parent -> change of its sum
         for i in self.dirty:
             d = leaf_digest(i, get(i))
             old = leaves[i]
             if old != d:
-                self._set_node(depth, i, d)
+                if saved is not None:
+                    saved.setdefault((depth, i), old)
+                leaves[i] = d
                 p = i // F
                 delta[p] = delta.get(p, 0) + expand(d) - expand(old)
         self.stats["leaves_hashed"] += len(self.dirty)
@@ -199,8 +204,11 @@ class CheckpointedState:
             up: dict[int, int] = {}
             for x, dx in delta.items():
                 if dx:
-                    self._set_node(lvl, x, (row[x] + dx) & MASK)
-                    up[x // F] = up.get(x // F, 0) + dx
+                    if saved is not None:
+                        saved.setdefault((lvl, x), row[x])
+                    row[x] = (row[x] + dx) & MASK
+                    y = x // F
+                    up[y] = up.get(y, 0) + dx
             self.stats["nodes_hashed"] += len(delta)
             delta = up
             if not delta:
@@ -330,51 +338,79 @@ class CheckpointedState:
 class Fetcher:
     """The requesting side of a state transfer to checkpoint (seqno, digest).
 
-    Drive it with :meth:`request` (what to ask next: ``(level, index, want)``, where an
-    empty ``want`` asks for the child digests of node (level, index) and a non-empty one
-    asks for those leaves below a node of the last interior level), :meth:`on_meta` and
-    :meth:`on_data`.  Both return ``None`` if the reply was accepted, else a reason to
-    drop it (the caller then asks another replier).  Verified objects are installed at
-    once (through ``modify`` + ``put_objs``); :meth:`finish` checks the whole result.
+    :meth:`requests` says what to ask next: up to ``window`` requests ``(level, index,
+    want)`` in flight at once, where an empty ``want`` asks for the children of node
+    (level, index) and a non-empty one for those leaves below a node of the last interior
+    level.  Replies go to :meth:`on_meta` / :meth:`on_data`, which return ``None`` if the
+    reply was accepted, else a reason to drop it (the caller then asks another replier).
+    Verified objects are installed at once (``modify`` + ``put_objs``); :meth:`finish`
+    checks the whole result.  The walk is depth-first, so what it holds is bounded by
+    ``depth * window * fanout`` entries whatever the size of the state.
     """
 
-    def __init__(self, state: CheckpointedState, seqno: int, digest: bytes, max_objs: int = 64):
+    def __init__(self, state: CheckpointedState, seqno: int, digest: bytes, max_objs: int = 64, window: int = 16):
         self.st = state
         self.seqno = seqno
         self.digest = digest
         self.max_objs = max_objs
+        self.window = window
         state.flush()  # our tree must describe our objects: equal subtrees are skipped
-        # frames of the depth-first walk: (level of the nodes, [(index, certified sum), ...])
-        self.stack: list[tuple[int, list[tuple[int, int]]]] = []
         self.root_pending = True
-        self.want: list[tuple[int, bytes]] = []  # leaves asked for below ``want_parent``
-        self.want_parent = -1
+        # nodes still to ask about, depth-first: (level, index, certified sum)
+        self.stack: list[tuple[int, int, int]] = []
+        # leaf-parent -> [(object, certified leaf digest), ...] still to fetch
+        self.leaves: dict[int, list[tuple[int, bytes]]] = {}
+        # requests in flight: ("m", level, index) -> certified sum; ("d", parent) -> None
+        self.outstanding: dict[tuple, Optional[int]] = {}
         self.fetched_objs = 0
         self.fetched_bytes = 0
         self.metas = 0
 
     # what to ask ---------------------------------------------------------
-    def request(self) -> Optional[tuple[int, int, tuple[int, ...]]]:
+    def requests(self) -> list[tuple[int, int, tuple[int, ...]]]:
+        """New requests to send now (those already in flight are not repeated)."""
         st = self.st
+        out = []
         if self.root_pending:
-            return (0, 0, ())
-        if self.want:
-            return (st.depth - 1, self.want_parent, tuple(i for i, _ in self.want[: self.max_objs]))
-        while self.stack:
-            lvl, frame = self.stack[-1]
-            if not frame:
-                self.stack.pop()
-                continue
-            x, _ = frame[-1]
-            return (lvl, x, ())
-        return None
+            if ("m", 0, 0) not in self.outstanding:
+                self.outstanding[("m", 0, 0)] = None
+                out.append((0, 0, ()))
+            return out
+        room = self.window - len(self.outstanding)
+        for x, want in self.leaves.items():  # objects first: they free memory
+            if room <= 0:
+                break
+            if ("d", x) not in self.outstanding:
+                self.outstanding[("d", x)] = None
+                out.append((st.depth - 1, x, tuple(i for i, _ in want[: self.max_objs])))
+                room -= 1
+        while room > 0 and self.stack:
+            lvl, x, total = self.stack.pop()
+            self.outstanding[("m", lvl, x)] = total
+            out.append((lvl, x, ()))
+            room -= 1
+        return out
+
+    def in_flight(self) -> list[tuple[int, int, tuple[int, ...]]]:
+        """Every request in flight, to send again (to another replier, after a timeout)."""
+        st = self.st
+        out = []
+        for key in self.outstanding:
+            if key[0] == "m":
+                out.append((key[1], key[2], ()))
+            else:
+                out.append((st.depth - 1, key[1], tuple(i for i, _ in self.leaves[key[1]][: self.max_objs])))
+        return out
 
     def done(self) -> bool:
-        return self.request() is None
+        return not (self.root_pending or self.stack or self.leaves or self.outstanding)
 
     # replies ---------------------------------------------------------------
     def on_meta(self, lvl: int, x: int, children: tuple[bytes, ...]) -> Optional[str]:
         st = self.st
+        key = ("m", lvl, x)
+        if key not in self.outstanding:
+            return "meta-unrequested"
         expect = st.children_count(lvl, x) if 0 <= lvl < st.depth and 0 <= x < st.counts[lvl] else -1
         if len(children) != expect:
             return "meta-bad-shape"
@@ -383,18 +419,12 @@ class Fetcher:
         if total is None:
             return "meta-bad-shape"
         if self.root_pending:
-            if (lvl, x) != (0, 0):
-                return "meta-unrequested"
             if checkpoint_digest(self.seqno, sum_digest(total), bind_seqno=st.bind_seqno) != self.digest:
                 return "meta-digest-mismatch"
             self.root_pending = False
-        else:
-            if self.want or not self.stack or not self.stack[-1][1] or self.stack[-1][0] != lvl \
-                    or self.stack[-1][1][-1][0] != x:
-                return "meta-unrequested"
-            if total != self.stack[-1][1][-1][1]:
-                return "meta-digest-mismatch"
-            self.stack[-1][1].pop()
+        elif total != self.outstanding[key]:
+            return "meta-digest-mismatch"
+        del self.outstanding[key]
         self.metas += 1
         base = x * st.F
         mine = st.tree[lvl + 1]
@@ -403,29 +433,33 @@ class Fetcher:
         differ = [(base + k, d) for k, d in enumerate(children) if mine[base + k] != d]
         if not differ:
             return None
-        if lvl + 1 == st.depth:
-            self.want = differ
-            self.want_parent = x
+        if leaves:
+            self.leaves[x] = differ
         else:
-            differ.reverse()  # pop() takes the lowest index first
-            self.stack.append((lvl + 1, differ))
+            for c, d in reversed(differ):  # pop() takes the lowest index first
+                self.stack.append((lvl + 1, c, d))
         return None
 
     def on_data(self, lvl: int, x: int, objs: tuple[tuple[int, bytes], ...]) -> Optional[str]:
         st = self.st
-        if not self.want or lvl != st.depth - 1 or x != self.want_parent or not objs:
+        if ("d", x) not in self.outstanding or lvl != st.depth - 1 or not objs:
             return "data-unrequested"
-        expect = dict(self.want)
+        expect = dict(self.leaves[x])
         for i, v in objs:
             if expect.get(i) != leaf_digest(i, v):
                 return "data-digest-mismatch"
         got = dict(objs)
-        for i, _ in objs:
+        for i in got:
             st.modify(i)
         st.backend.put_objs(got)
         self.fetched_objs += len(got)
         self.fetched_bytes += sum(len(v) for v in got.values())
-        self.want = [(i, d) for i, d in self.want if i not in got]
+        del self.outstanding[("d", x)]
+        rest = [(i, d) for i, d in self.leaves[x] if i not in got]
+        if rest:
+            self.leaves[x] = rest
+        else:
+            del self.leaves[x]
         return None
 
     def finish(self) -> bool:
