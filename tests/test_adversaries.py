@@ -67,16 +67,29 @@ def test_every_single_message_mutation_n4():
     assert r.violations == 0 and r.liveness_failures == 0, r
 
 
-@pytest.mark.parametrize("n, seed", [(4, 1224)])
-def test_swarm_regression_seeds(n, seed):
-    """Swarm seeds that once failed. 1224 (n=4): the correct replicas garbage-collected the log
-    past a checkpoint made stable with a Byzantine replica's vote, which then fell silent; the
-    new primary, behind on commits, saw only f+1 votes for that checkpoint and was never resent
-    what it lacked. It now catches up once f+1 replicas report that checkpoint stable.
-    (Run as it was found: without the storage faults the swarm has drawn since.)"""
+@pytest.mark.parametrize("n, seed, storage", [(4, 1224, False), (4, 934, True), (4, 1845, True), (7, 407, True)])
+def test_swarm_regression_seeds(n, seed, storage):
+    """Swarm seeds that once failed.
+
+    * 1224 (n=4): the correct replicas garbage-collected the log past a checkpoint made stable
+      with a Byzantine replica's vote, which then fell silent; the new primary, behind on
+      commits, saw only f+1 votes for that checkpoint and was never resent what it lacked. It
+      now catches up once f+1 replicas report that checkpoint stable. (Run as it was found:
+      without the storage faults the swarm has drawn since.)
+    * 934 (n=4, storage faults): a primary restored from disk with a stable checkpoint above its
+      state's re-assigned sequence numbers below it (two pre-prepares for one number).
+    * 1845 (n=4, storage faults): after a power loss every replica had re-executed up to a
+      checkpoint and voted for it only in messages dropped at restart; checkpoint votes are now
+      resent in answer to Status.
+    * 407 (n=7, storage faults, a Byzantine primary): after a power loss, a request executed
+      tentatively before the loss was never timed again, so the faulty primary was never
+      replaced; a retransmission of such a request now arms the request timer.
+    """
     from dataclasses import replace
 
     from pbft.sim.simulator import DISK_FAULTS
     cfg = swarm_config(n, seed)
-    res = Simulation(replace(cfg, faults=cfg.faults - set(DISK_FAULTS))).run()
+    if not storage:
+        cfg = replace(cfg, faults=cfg.faults - set(DISK_FAULTS))
+    res = Simulation(cfg).run()
     assert res.ok, (res.violations[:3], res.liveness_failure)

@@ -258,7 +258,7 @@ class Durability:
                     slot.commits[self.id] = d
                 if committed.get(n, (None, None))[1] == d:
                     slot.committed = True
-        self.seq_assigned = max([self.seq_assigned, *q])
+        self.seq_assigned = max([self.seq_assigned, self.h, *q])
         if not self.view_active:
             self.vc_deadline = self.now + self.vc_timeout
         # re-execute what committed after the persisted checkpoint, in order

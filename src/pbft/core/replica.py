@@ -457,6 +457,11 @@ class Replica(Durability, Recovery):
                 tentative = self.last_exec_seqno.get(c, 0) > self.last_committed_exec
                 self._send_reply(req, last[1], tentative=tentative)
                 self._drop("request-retransmitted")
+                if tentative and c not in self.pending and self.view_active and not self.is_primary:
+                    # the client still waits for a commit that has not come: time it, so a primary
+                    # that never completes it is replaced (after a restart, nothing else would)
+                    self.pending[c] = ReqInfo(req, fr.digest, fr.raw, vouch_key(req), True, self.now)
+                    self._arm_request_timer()
             else:
                 self._drop("request-old-timestamp")
             return
@@ -1245,8 +1250,10 @@ class Replica(Durability, Recovery):
                             self._send_to(r, seal(ViewChangeAck(v, self.id, j, d), self.keys))
             if s.view < self.view:
                 return
-        if s.stable_seqno < self.h and self.h in self.ckpts:
-            self._send_to(r, seal(Checkpoint(self.h, self.ckpts[self.h], self.id), self.keys))
+        # our checkpoint votes above the peer's stable one (the stable one that lets it move on,
+        # and votes it may have lost: after a restart they are what makes the next one stable)
+        for n in sorted(k for k in self.ckpts if k > s.stable_seqno):
+            self._send_to(r, seal(Checkpoint(n, self.ckpts[n], self.id), self.keys))
         if s.view != self.view or not self.view_active or not s.view_active:
             return
         budget = self.cfg.status_resend_seqnos_max
