@@ -1,4 +1,4 @@
-# Quick start: `make demo` (a simulated 4-replica cluster) and `make test`.
+# Quick start: `make demo` (a real 4-replica cluster on loopback) and `make test`.
 # Both create .venv and install what they need; `make install` does only that.
 PYTHON ?= python3
 VENV := .venv
