@@ -114,6 +114,16 @@ class Cluster:
         (out,) = cl.take_outcomes()
         return decode_result(out.result), out
 
+    def write_keys(self, prefix: bytes, count: int, keys: int = 7) -> dict[bytes, bytes]:
+        """``count`` puts from two clients in turn over ``keys`` keys; returns the last value
+        acknowledged for each key."""
+        acked = {}
+        for i in range(count):
+            k, v = prefix + b"%d" % (i % keys), b"v%d-%s" % (i, prefix)
+            assert self.put(i % 2, k, v) == ("ok", True)
+            acked[k] = v
+        return acked
+
     def put(self, client, key: bytes, value: bytes):
         return self.invoke(client, encode_op("put", key, value))[0]
 

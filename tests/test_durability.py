@@ -13,12 +13,7 @@ CFG = dict(checkpoint_interval_seqnos=4, log_window_seqnos=8, batch_requests_max
 
 
 def workload(c: Cluster, prefix: bytes, count: int) -> dict[bytes, bytes]:
-    acked = {}
-    for i in range(count):
-        k, v = prefix + b"%d" % (i % 7), b"v%d-%s" % (i, prefix)
-        assert c.put(i % 2, k, v) == ("ok", True)
-        acked[k] = v
-    return acked
+    return c.write_keys(prefix, count, keys=7)
 
 
 def check_all(c: Cluster, acked: dict[bytes, bytes]) -> None:
