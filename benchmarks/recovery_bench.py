@@ -15,6 +15,7 @@ throughput meanwhile.  A backup recovers (a recovering primary adds a view chang
 from __future__ import annotations
 
 import argparse
+import contextlib
 import asyncio
 import json
 import os
@@ -134,17 +135,6 @@ async def _drive(cluster, size_mb: int, clients: int, d: Path, victim: int, env)
     return {"load_s": load_s, "recovery_s": t_end - t_rec, "normal_ops_s": normal, "during_ops_s": during}
 
 
-class _Keep:
-    def __init__(self, d: str):
-        self.d = d
-
-    def __enter__(self) -> str:
-        return self.d
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes-mb", default="10,50,200")
@@ -157,7 +147,8 @@ def main() -> None:
     rows = []
     if args.keep:
         Path(args.keep).mkdir(parents=True, exist_ok=True)
-    with (tempfile.TemporaryDirectory(prefix="pbft-recovery-") if not args.keep else _Keep(args.keep)) as tmp:
+    with (tempfile.TemporaryDirectory(prefix="pbft-recovery-") if not args.keep
+          else contextlib.nullcontext(args.keep)) as tmp:
         for mb in [int(x) for x in args.sizes_mb.split(",")]:
             rows.append(run_size(mb, args.clients, args.storage, args.replica, Path(tmp)))
             if not args.json:

@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import time
 
-import pytest
 import uvloop
 
 from netutil import SRC, LocalCluster

@@ -262,7 +262,7 @@ class Durability:
         if not self.view_active:
             self.vc_deadline = self.now + self.vc_timeout
         # re-execute what committed after the persisted checkpoint, in order
-        if not getattr(self, "needs_state", False):
+        if not self.needs_state:
             n = self.last_committed_exec + 1
             while n in committed:
                 d = committed[n][1]
