@@ -438,9 +438,10 @@ def test_malformed_headers(raw, reason):
 
 
 def test_oversized_frame_and_object():
-    small = Codec(ClusterConfig.create(4, message_size_bytes_max=1024, state_size_bytes_max=100))
+    small = Codec(ClusterConfig.create(4, message_size_bytes_max=128 * 1024, state_size_bytes_max=100,
+                                       request_size_bytes_max=1024, reply_size_bytes_max=1024))
     with pytest.raises(DecodeError, match="oversized"):
-        small.open_frame(_sealed(Data(1, 0, 0, ((0, b"s" * 2000),), 0), 1))
+        small.open_frame(_sealed(Data(1, 0, 0, ((0, b"s" * 200_000),), 0), 1))
     assert _reason(_sealed(Data(1, 0, 0, ((0, b"s" * 101),), 0), 1), small) == "oversized-object"
     assert small.parse(small.open_frame(_sealed(Data(1, 0, 0, ((0, b"s" * 100),), 0), 1))).objs == ((0, b"s" * 100),)
 

@@ -63,3 +63,26 @@ def test_injected_bug_names_checked():
     assert cfg.with_bugs(["quorum-2f"]).quorum_weight == 2
     with pytest.raises(ConfigError, match="unknown injected bug"):
         cfg.with_bugs(["no-such-bug"])
+
+
+@pytest.mark.parametrize("kw,msg", [
+    # 16 requests of 64 KiB no longer all fit, but one must: refused only when one cannot
+    (dict(request_size_bytes_max=1 << 20, message_size_bytes_max=1 << 20, state_size_bytes_max=1 << 19),
+     "request_size_bytes_max"),
+    (dict(reply_size_bytes_max=4 << 20), "reply_size_bytes_max"),
+    (dict(log_window_seqnos=16384, checkpoint_interval_seqnos=16, message_size_bytes_max=1 << 20,
+          state_size_bytes_max=1 << 19), "NewView"),
+    (dict(partition_fanout=4096, message_size_bytes_max=1 << 20, state_size_bytes_max=1 << 19), "MetaData"),
+])
+def test_message_bounds_refused(kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        ClusterConfig.create(4, 1, **kw)
+
+
+def test_every_bounded_message_fits_with_the_defaults():
+    cfg = ClusterConfig.create(4)
+    m = cfg.message_size_bytes_max
+    assert cfg.request_frame_bytes_max <= cfg.batch_bytes_max < m
+    assert cfg.new_view_batch_bytes_max + cfg.new_view_fixed_bytes_max <= m
+    # a batch of 16 full-size requests fits in one PrePrepare with the defaults
+    assert cfg.batch_requests_max * (cfg.request_frame_bytes_max + 5) + 512 <= cfg.batch_bytes_max

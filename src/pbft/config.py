@@ -30,6 +30,11 @@ KNOWN_BUGS = frozenset(
 )
 
 
+# an outer frame's bytes besides header, payload and MACs: array, tag, sender and three bin
+# length prefixes, each in msgpack's widest form (a peer may encode non-minimally)
+FRAME_OVERHEAD_BYTES = 5 + 9 + 9 + 3 * 5
+
+
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message is one line for the user."""
 
@@ -124,6 +129,7 @@ class ClusterConfig:
                 f"message_size_bytes_max ({self.message_size_bytes_max}): an object travels in one message")
         if not 2 <= self.partition_fanout <= 4096:
             raise ConfigError(f"partition_fanout ({self.partition_fanout}) must be between 2 and 4096")
+        self._validate_message_bounds()
         if self.batch_requests_max < 1 or self.batches_in_flight_max < 1:
             raise ConfigError("batch size and batches in flight must be at least 1")
         if self.clients_max < 0:
@@ -134,7 +140,57 @@ class ClusterConfig:
         if unknown:
             raise ConfigError(f"unknown injected bug(s): {', '.join(sorted(unknown))}")
 
+    def _validate_message_bounds(self) -> None:
+        """Every message a correct replica builds fits in ``message_size_bytes_max``, whatever the
+        load: a single request in a batch (PrePrepare, BatchData), a reply, the fixed part of a
+        NewView (its batch bodies are capped by ``new_view_batch_bytes_max``), a ViewChange with a
+        full window, a partition-tree node's children (MetaData)."""
+        m = self.message_size_bytes_max
+        if self.request_size_bytes_max < 1 or self.reply_size_bytes_max < 1:
+            raise ConfigError("request and reply size limits must be positive")
+        if self.request_frame_bytes_max > self.batch_bytes_max:
+            raise ConfigError(
+                f"request_size_bytes_max ({self.request_size_bytes_max}) is too large for "
+                f"message_size_bytes_max ({m}): a request, its authenticator and the batch around it "
+                f"need {self.request_frame_bytes_max + (m - self.batch_bytes_max)} bytes")
+        if self.reply_size_bytes_max + FRAME_OVERHEAD_BYTES + 128 > m:
+            raise ConfigError(f"reply_size_bytes_max ({self.reply_size_bytes_max}) must be at least "
+                              f"{FRAME_OVERHEAD_BYTES + 128} bytes below message_size_bytes_max ({m})")
+        if self.new_view_fixed_bytes_max > m - self.new_view_batch_bytes_max:
+            raise ConfigError(
+                f"message_size_bytes_max ({m}) is too small for a NewView of {self.n} replicas and a "
+                f"log window of {self.log_window_seqnos}: it needs {2 * self.new_view_fixed_bytes_max}")
+        W = self.log_window_seqnos
+        view_change = FRAME_OVERHEAD_BYTES + 16 * self.n + 64 + (W + 2) * 48 + 5 * W * 56
+        meta_data = FRAME_OVERHEAD_BYTES + 16 + 64 + self.partition_fanout * 264
+        if max(view_change, meta_data) > m:
+            raise ConfigError(
+                f"message_size_bytes_max ({m}) is too small: a ViewChange of a full log window needs "
+                f"{view_change} bytes, a partition-tree node (MetaData) {meta_data}")
+
     # ---- derived quantities -------------------------------------------------
+    @property
+    def request_frame_bytes_max(self) -> int:
+        """Largest request frame: the operation, its header and an authenticator (one MAC per
+        replica), with msgpack's widest encodings."""
+        return self.request_size_bytes_max + FRAME_OVERHEAD_BYTES + 64 + 16 * self.n
+
+    @property
+    def batch_bytes_max(self) -> int:
+        """Largest encoded batch (``Batch``: requests + agreed value) a primary proposes, so that
+        its PrePrepare (and a BatchData carrying it) fits in one message."""
+        return self.message_size_bytes_max - FRAME_OVERHEAD_BYTES - 128 - 16 * self.n - 512
+
+    @property
+    def new_view_batch_bytes_max(self) -> int:
+        """Budget for the batch bodies a NewView carries (the rest travel by FetchBatch/BatchData)."""
+        return self.message_size_bytes_max // 2
+
+    @property
+    def new_view_fixed_bytes_max(self) -> int:
+        """A NewView without batch bodies: view changes (n entries), chosen (a window), MACs."""
+        return FRAME_OVERHEAD_BYTES + 128 + self.n * (48 + 16) + self.log_window_seqnos * 48
+
     @property
     def total_weight(self) -> int:
         return sum(self.weights)
