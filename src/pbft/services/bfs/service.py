@@ -1,0 +1,1101 @@
+"""BFSService: a POSIX file system as a deterministic pbft service in the object form.
+
+The state (``docs/bfs.md`` has the whole picture):
+
+* a superblock cell ``(next_ino, time_ns, inodes_used, chunks_used, reclaim)``: inode
+  numbers come from ``next_ino`` and are never reused; ``time_ns`` is the last agreed time;
+  ``reclaim`` is the queue of chunk ranges still to be freed, a bounded number per operation;
+* a usage cell ``((client, inodes, chunks), ...)`` for the per-client quotas and an orphan
+  cell ``((client, ino), ...)``: inodes unlinked while that client had them open;
+* inodes (an ``ObjectDict`` keyed by the 8-byte inode number), directories (``(next_cookie,
+  ((name, ino, cookie), ...))`` sorted by name; cookies never reused), extended attributes
+  (``((name, value), ...)`` sorted), and file data in chunks of ``CHUNK`` bytes keyed by
+  (inode, index): ``(stamp, bytes)``, an absent chunk is a hole.
+
+Every operation runs against per-operation caches and writes through an undo log: an
+operation either happens completely or, when it fails (an errno, a full bucket, a bug), not
+at all.  ``execute`` never raises.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno as E
+import logging
+import stat as S
+
+import msgpack
+
+from ...service import ObjectService
+from ...state.objects import BucketFull, Cell, ObjectDict, ObjectSpace
+from .config import BFSConfig
+from .protocol import (ARITY, GROUPS_MAX, IO_MAX, NAME_MAX, READ_ONLY_OPS, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO,
+                       SYMLINK_MAX, UTIME_NOW, XATTR_CREATE, XATTR_NAME_MAX, XATTR_REPLACE, XATTR_TOTAL_MAX,
+                       XATTR_VALUE_MAX)
+
+log = logging.getLogger("pbft.bfs")
+
+CHUNK = 16 * 1024
+#: work bounds of the lazy reclaim, per executed mutating operation
+RECLAIM_PROBES = 2048
+RECLAIM_FREES = 64
+#: a truncation that drops at most this many chunk slots frees them at once
+EAGER_FREE_SLOTS = 64
+ZERO_RANGES_MAX = 8
+NLINK_MAX = 65000
+U64 = (1 << 64) - 1
+U32 = (1 << 32) - 1
+
+# inode fields
+(I_MODE, I_UID, I_GID, I_NLINK, I_SIZE, I_ATIME, I_MTIME, I_CTIME, I_RDEV, I_NCHUNKS, I_PARENT, I_CHARGE,
+ I_TARGET, I_HOLDER, I_ZR) = range(15)
+N_IFIELDS = 15
+# superblock fields
+SB_NEXT, SB_TIME, SB_INODES, SB_CHUNKS, SB_RECLAIM = range(5)
+
+MKNOD_TYPES = (S.S_IFREG, S.S_IFIFO, S.S_IFCHR, S.S_IFBLK, S.S_IFSOCK)
+
+
+class _Err(Exception):
+    def __init__(self, code: int):
+        self.code = code
+
+
+def _fail(code: int):
+    raise _Err(code)
+
+
+def _k(ino: int) -> bytes:
+    return ino.to_bytes(8, "big")
+
+
+def _ck(ino: int, idx: int) -> bytes:
+    return ino.to_bytes(8, "big") + idx.to_bytes(8, "big")
+
+
+def _ceil_chunks(size: int) -> int:
+    return (size + CHUNK - 1) // CHUNK
+
+
+# ---- validation of decoded objects (put_objs) -------------------------------------------
+
+def _is_int(x, lo=0, hi=U64) -> bool:
+    return type(x) is int and lo <= x <= hi
+
+
+def _check_inode(v) -> None:
+    if not (isinstance(v, tuple) and len(v) == N_IFIELDS and all(_is_int(v[i], -1) for i in range(12))
+            and type(v[I_TARGET]) is bytes and type(v[I_HOLDER]) is int and isinstance(v[I_ZR], tuple)
+            and all(isinstance(z, tuple) and len(z) == 3 and all(_is_int(x) for x in z) for z in v[I_ZR])):
+        raise ValueError("bad inode")
+
+
+def _check_dir(v) -> None:
+    if not (isinstance(v, tuple) and len(v) == 2 and _is_int(v[0]) and isinstance(v[1], tuple)):
+        raise ValueError("bad directory")
+    prev = None
+    for e in v[1]:
+        if not (isinstance(e, tuple) and len(e) == 3 and type(e[0]) is bytes and _is_int(e[1]) and _is_int(e[2])):
+            raise ValueError("bad directory entry")
+        if prev is not None and e[0] <= prev:
+            raise ValueError("directory entries not sorted")
+        prev = e[0]
+
+
+def _check_chunk(v) -> None:
+    if not (isinstance(v, tuple) and len(v) == 2 and _is_int(v[0]) and type(v[1]) is bytes and len(v[1]) <= CHUNK):
+        raise ValueError("bad chunk")
+
+
+def _check_xattrs(v) -> None:
+    if not (isinstance(v, tuple) and all(isinstance(e, tuple) and len(e) == 2 and type(e[0]) is bytes
+                                         and type(e[1]) is bytes for e in v)):
+        raise ValueError("bad xattrs")
+
+
+def _check_sb(v) -> None:
+    if not (isinstance(v, tuple) and len(v) == 5 and all(_is_int(v[i]) for i in range(4)) and isinstance(v[4], tuple)
+            and all(isinstance(e, tuple) and len(e) == 6 and all(_is_int(x, -1) for x in e) for e in v[4])):
+        raise ValueError("bad superblock")
+
+
+def _check_pairs(width):
+    def check(v) -> None:
+        if not (isinstance(v, tuple) and all(isinstance(e, tuple) and len(e) == width and all(_is_int(x) for x in e)
+                                             for e in v)):
+            raise ValueError("bad table")
+    return check
+
+
+class BFSService(ObjectService):
+    """The replicated file system.  ``config``: limits and the client policy (``[bfs]``)."""
+
+    def __init__(self, config: BFSConfig | None = None, inode_buckets: int = 4096, dir_buckets: int = 4096,
+                 data_buckets: int = 16384, xattr_buckets: int = 256):
+        self.cfg = config or BFSConfig()
+        self.sb = Cell(0, (ROOT_INO + 1, 0, 1, 0, ()), check=_check_sb)
+        self.usage = Cell(1, (), check=_check_pairs(3))
+        self.orphans = Cell(2, (), check=_check_pairs(2))
+        base = 3
+        self.inodes = ObjectDict(inode_buckets, base=base, check_value=_check_inode)
+        base += inode_buckets
+        self.dirs = ObjectDict(dir_buckets, base=base, check_value=_check_dir)
+        base += dir_buckets
+        self.xattrs = ObjectDict(xattr_buckets, base=base, check_value=_check_xattrs)
+        base += xattr_buckets
+        self.data = ObjectDict(data_buckets, base=base, check_value=_check_chunk)
+        self.space = ObjectSpace(self.sb, self.usage, self.orphans, self.inodes, self.dirs, self.xattrs, self.data)
+        c = self.cfg
+        root = [S.S_IFDIR | (c.root_mode & 0o7777), c.root_uid, c.root_gid, 2, 0, 0, 0, 0, 0, 0, ROOT_INO, -1, b"",
+                -1, ()]
+        self.inodes.set(_k(ROOT_INO), tuple(root), 128)
+        self.dirs.set(_k(ROOT_INO), (1, ()), 16)
+        self.chunks_max = max(1, c.bytes_max // CHUNK)
+        self._tx: list = []
+        self._reset_caches()
+        self.drops: dict[str, int] = {}
+
+    # ---- non-determinism: the agreed time in nanoseconds ---------------------------------
+    def propose_nondet(self, now_ms: float) -> bytes:
+        ns = max(int(now_ms * 1_000_000), self.sb.value[SB_TIME] + 1)
+        return min(ns, U64).to_bytes(8, "big")
+
+    def check_nondet(self, value: bytes, now_ms: float) -> bool:
+        if type(value) is not bytes or len(value) != 8:
+            return False
+        return abs(int.from_bytes(value, "big") - now_ms * 1_000_000) <= self.cfg.skew_ms * 1_000_000
+
+    # ---- caches and the undo log ---------------------------------------------------------
+    def _reset_caches(self) -> None:
+        self._nodes: dict[int, list | None] = {}
+        self._ndirty: set[int] = set()
+        self._dcache: dict[int, list] = {}   # ino -> [next_cookie, [[name, ino, cookie], ...]]
+        self._ddirty: set[int] = set()
+        self._sbc: list | None = None
+        self._usec: dict | None = None
+        self._orph: list | None = None
+
+    def _tset(self, d: ObjectDict, key: bytes, value, size: int) -> None:
+        old = d.get(key, _MISSING)
+        self._tx.append((d, key, old, d.entry_size.get(key, 0) - len(key) - 8))
+        d.set(key, value, size)
+
+    def _tdel(self, d: ObjectDict, key: bytes) -> None:
+        old = d.get(key, _MISSING)
+        if old is _MISSING:
+            return
+        self._tx.append((d, key, old, d.entry_size.get(key, 0) - len(key) - 8))
+        d.delete(key)
+
+    def _tcell(self, c: Cell, value) -> None:
+        self._tx.append((c, None, c.value, 0))
+        c.set(value)
+
+    def _rollback(self) -> None:
+        for d, key, old, size in reversed(self._tx):
+            if key is None:
+                d.set(old)
+            elif old is _MISSING:
+                d.delete(key)
+            else:
+                d.set(key, old, max(0, size))
+        self._tx = []
+
+    def _flush(self) -> None:
+        for ino in sorted(self._ndirty):
+            n = self._nodes[ino]
+            if n is None:
+                self._tdel(self.inodes, _k(ino))
+            else:
+                n[I_ZR] = tuple(sorted(n[I_ZR]))
+                self._tset(self.inodes, _k(ino), tuple(n), 96 + len(n[I_TARGET]) + 32 * len(n[I_ZR]))
+        for ino in sorted(self._ddirty):
+            d = self._dcache[ino]
+            if d is None:
+                self._tdel(self.dirs, _k(ino))
+            else:
+                v = (d[0], tuple(tuple(e) for e in d[1]))
+                self._tset(self.dirs, _k(ino), v, len(msgpack.packb(v, use_bin_type=True)))
+        if self._sbc is not None:
+            sb = self._sbc
+            v = (sb[0], sb[1], sb[2], sb[3], tuple(tuple(e) for e in sb[4]))
+            if v != self.sb.value:
+                self._tcell(self.sb, v)
+        if self._usec is not None:
+            v = tuple((c, i, ch) for c, (i, ch) in sorted(self._usec.items()) if i or ch)
+            if v != self.usage.value:
+                self._tcell(self.usage, v)
+        if self._orph is not None:
+            v = tuple(sorted(self._orph))
+            if v != self.orphans.value:
+                self._tcell(self.orphans, v)
+
+    # ---- cached accessors ----------------------------------------------------------------
+    def _sbl(self) -> list:
+        if self._sbc is None:
+            v = self.sb.value
+            self._sbc = [v[0], v[1], v[2], v[3], [list(e) for e in v[4]]]
+        return self._sbc
+
+    def _use(self) -> dict:
+        if self._usec is None:
+            self._usec = {c: [i, ch] for c, i, ch in self.usage.value}
+        return self._usec
+
+    def _orphans(self) -> list:
+        if self._orph is None:
+            self._orph = [tuple(e) for e in self.orphans.value]
+        return self._orph
+
+    def _node(self, ino, missing=E.ESTALE) -> list:
+        if type(ino) is not int or not 0 < ino <= U64:
+            _fail(E.EINVAL)
+        if ino in self._nodes:
+            n = self._nodes[ino]
+        else:
+            v = self.inodes.get(_k(ino))
+            n = list(v) if v is not None else None
+            if n is not None:
+                n[I_ZR] = list(n[I_ZR])
+            self._nodes[ino] = n
+        if n is None:
+            _fail(missing)
+        return n
+
+    def _touch(self, ino: int) -> None:
+        self._ndirty.add(ino)
+
+    def _dir(self, ino: int) -> list:
+        d = self._dcache.get(ino)
+        if d is None:
+            v = self.dirs.get(_k(ino))
+            if v is None:
+                _fail(E.ENOTDIR)
+            d = [v[0], [list(e) for e in v[1]]]
+            self._dcache[ino] = d
+        return d
+
+    # ---- execution -----------------------------------------------------------------------
+    def execute(self, operation: bytes, client: int, nondet: bytes, read_only: bool) -> bytes:
+        try:
+            op = msgpack.unpackb(operation, raw=False, use_list=False, max_str_len=64, max_bin_len=IO_MAX + 1024,
+                                 max_array_len=GROUPS_MAX + 8, max_map_len=0, max_ext_len=0)
+        except Exception:  # garbage from a client: an error result
+            return _errb(E.EINVAL)
+        if not isinstance(op, tuple) or not op or type(op[0]) is not str or ARITY.get(op[0]) != len(op) - 2:
+            return _errb(E.EINVAL)
+        kind = op[0]
+        if read_only and kind not in READ_ONLY_OPS:
+            return _errb(E.EROFS)
+        cr = self._creds(op[-1], client)
+        if type(cr) is int:
+            return _errb(cr)
+        handler = getattr(self, "op_" + kind)
+        self._reset_caches()
+        self._tx = []
+        self.client = client
+        try:
+            if not read_only and kind not in READ_ONLY_OPS:
+                sb = self._sbl()
+                t = int.from_bytes(nondet, "big") if type(nondet) is bytes and len(nondet) == 8 else 0
+                sb[SB_TIME] = min(U64, max(t, sb[SB_TIME] + 1))
+                self.now = sb[SB_TIME]
+                value = handler(cr, *op[1:-1])
+                self._reclaim_step()
+                self._flush()
+            else:
+                self.now = self.sb.value[SB_TIME]
+                value = handler(cr, *op[1:-1])
+            out = msgpack.packb((0, value), use_bin_type=True)
+        except _Err as e:
+            self._rollback()
+            out = _errb(e.code)
+        except BucketFull:
+            self._rollback()
+            out = _errb(E.ENOSPC)
+        except Exception:  # a bug must not stop the replica (every replica would stop)
+            log.exception("bfs: %s failed", kind)
+            self._rollback()
+            self.drops["exception"] = self.drops.get("exception", 0) + 1
+            out = _errb(E.EIO)
+        self._tx = []
+        self._reset_caches()
+        return out
+
+    def _creds(self, c, client: int):
+        """The credentials the client claims, checked against its policy; an errno if refused."""
+        if not (isinstance(c, tuple) and len(c) == 3 and _is_int(c[0], 0, U32 - 1) and _is_int(c[1], 0, U32 - 1)
+                and isinstance(c[2], tuple) and all(_is_int(g, 0, U32 - 1) for g in c[2])):
+            return E.EINVAL
+        uid, gid, groups = c
+        p = self.cfg.policy(client)
+        if uid == 0 and not p.root:
+            return (p.squash_uid, p.squash_gid, ())
+        if p.uids is not None and uid not in p.uids:
+            return E.EPERM
+        if p.gids is not None:
+            if gid not in p.gids:
+                return E.EPERM
+            groups = tuple(g for g in groups if g in p.gids)
+        return (uid, gid, tuple(sorted(set(groups))))
+
+    # ---- permission helpers --------------------------------------------------------------
+    @staticmethod
+    def _in_group(cr, gid: int) -> bool:
+        return cr[1] == gid or gid in cr[2]
+
+    def _may(self, n: list, cr, mask: int) -> bool:
+        mode = n[I_MODE]
+        if cr[0] == 0:
+            return not (mask & 1) or bool(mode & 0o111) or S.S_ISDIR(mode)
+        if cr[0] == n[I_UID]:
+            bits = (mode >> 6) & 7
+        elif self._in_group(cr, n[I_GID]):
+            bits = (mode >> 3) & 7
+        else:
+            bits = mode & 7
+        return bits & mask == mask
+
+    def _need(self, n: list, cr, mask: int) -> None:
+        if not self._may(n, cr, mask):
+            _fail(E.EACCES)
+
+    def _search(self, dino: int, cr) -> None:
+        """Search permission on a directory and on each of its ancestors up to the root."""
+        if cr[0] == 0:
+            return
+        seen = 0
+        while True:
+            n = self._node(dino)
+            self._need(n, cr, 1)
+            if dino == ROOT_INO:
+                return
+            dino = n[I_PARENT]
+            seen += 1
+            if seen > 1_000_000:
+                _fail(E.ELOOP)
+
+    def _dirnode(self, dino, cr, mask: int) -> list:
+        n = self._node(dino)
+        if not S.S_ISDIR(n[I_MODE]):
+            _fail(E.ENOTDIR)
+        self._search(dino, cr)
+        if mask:
+            self._need(n, cr, mask)
+        return n
+
+    def _sticky_ok(self, dirn: list, child: list, cr) -> bool:
+        return not (dirn[I_MODE] & S.S_ISVTX) or cr[0] == 0 or cr[0] == child[I_UID] or cr[0] == dirn[I_UID]
+
+    @staticmethod
+    def _name(name, allow_dots: bool = False) -> bytes:
+        if type(name) is not bytes or not name or b"/" in name or b"\0" in name:
+            _fail(E.EINVAL)
+        if len(name) > NAME_MAX:
+            _fail(E.ENAMETOOLONG)
+        if not allow_dots and name in (b".", b".."):
+            _fail(E.EINVAL)
+        return name
+
+    # ---- directory entries ---------------------------------------------------------------
+    @staticmethod
+    def _find(d: list, name: bytes) -> int:
+        ents = d[1]
+        i = bisect.bisect_left(ents, name, key=lambda e: e[0])
+        return i if i < len(ents) and ents[i][0] == name else -1
+
+    def _entry(self, dino: int, name: bytes):
+        d = self._dir(dino)
+        i = self._find(d, name)
+        return d[1][i][1] if i >= 0 else None
+
+    def _insert(self, dino: int, name: bytes, ino: int) -> None:
+        d = self._dir(dino)
+        if len(d[1]) >= self.cfg.dir_entries_max:
+            _fail(E.ENOSPC)
+        i = bisect.bisect_left(d[1], name, key=lambda e: e[0])
+        d[1].insert(i, [name, ino, d[0]])
+        d[0] += 1
+        self._ddirty.add(dino)
+        if len(d[1]) * 24 + sum(len(e[0]) for e in d[1]) > self.cfg.dir_bytes_max:
+            _fail(E.ENOSPC)
+
+    def _remove(self, dino: int, name: bytes) -> None:
+        d = self._dir(dino)
+        i = self._find(d, name)
+        if i >= 0:
+            del d[1][i]
+            self._ddirty.add(dino)
+
+    def _stamp(self, n: list, m: bool = True, c: bool = True) -> None:
+        if m:
+            n[I_MTIME] = self.now
+        if c:
+            n[I_CTIME] = self.now
+
+    # ---- inode life ----------------------------------------------------------------------
+    def _charge(self, client: int, inodes: int, chunks: int) -> None:
+        u = self._use().setdefault(client, [0, 0])
+        p = self.cfg.policy(client)
+        if inodes > 0 and p.inodes_max and u[0] + inodes > p.inodes_max:
+            _fail(E.EDQUOT)
+        if chunks > 0 and p.bytes_max and (u[1] + chunks) * CHUNK > p.bytes_max:
+            _fail(E.EDQUOT)
+        u[0] += inodes
+        u[1] += chunks
+
+    def _new(self, cr, pino, name, mode: int, rdev: int = 0, target: bytes = b"") -> tuple[int, list]:
+        p = self._dirnode(pino, cr, 3)
+        name = self._name(name)
+        if self._entry(pino, name) is not None:
+            _fail(E.EEXIST)
+        sb = self._sbl()
+        if sb[SB_INODES] >= self.cfg.inodes_max:
+            _fail(E.ENOSPC)
+        self._charge(self.client, 1, 0)
+        is_dir = S.S_ISDIR(mode)
+        gid = cr[1]
+        if p[I_MODE] & S.S_ISGID:
+            gid = p[I_GID]
+            if is_dir:
+                mode |= S.S_ISGID
+        if not is_dir and mode & S.S_ISGID and cr[0] != 0 and not self._in_group(cr, gid):
+            mode &= ~S.S_ISGID
+        ino = sb[SB_NEXT]
+        if ino >= U64:
+            _fail(E.ENOSPC)
+        sb[SB_NEXT] = ino + 1
+        sb[SB_INODES] += 1
+        n = [mode, cr[0], gid, 2 if is_dir else 1, len(target), self.now, self.now, self.now, rdev, 0,
+             pino if is_dir else 0, self.client, target, -1, []]
+        self._nodes[ino] = n
+        self._touch(ino)
+        if is_dir:
+            self._dcache[ino] = [1, []]
+            self._ddirty.add(ino)
+            if p[I_NLINK] >= NLINK_MAX:
+                _fail(E.EMLINK)
+            p[I_NLINK] += 1
+        self._insert(pino, name, ino)
+        self._stamp(p)
+        self._touch(pino)
+        return ino, n
+
+    def _unlinked(self, ino: int, n: list, keep) -> int:
+        """``n`` lost a name: drop a link; keep the inode as an orphan of this client if asked."""
+        if S.S_ISDIR(n[I_MODE]):
+            n[I_NLINK] = 0
+        else:
+            n[I_NLINK] -= 1
+        n[I_CTIME] = self.now
+        self._touch(ino)
+        if n[I_NLINK] > 0:
+            return 0
+        orph = self._orphans()
+        if keep is True and not S.S_ISDIR(n[I_MODE]) and len(orph) < self.cfg.orphans_max:
+            n[I_HOLDER] = self.client
+            orph.append((self.client, ino))
+            return ino
+        self._free(ino, n)
+        return 0
+
+    def _free(self, ino: int, n: list) -> None:
+        sb = self._sbl()
+        sb[SB_INODES] -= 1
+        u = self._use().setdefault(n[I_CHARGE], [0, 0])
+        u[0] = max(0, u[0] - 1)
+        self._nodes[ino] = None
+        self._touch(ino)
+        if S.S_ISDIR(n[I_MODE]):
+            self._dcache[ino] = None
+            self._ddirty.add(ino)
+        self._tdel(self.xattrs, _k(ino))
+        # chunks: one reclaim entry for everything this inode still has (merging live ones)
+        hi = _ceil_chunks(n[I_SIZE])
+        q = sb[SB_RECLAIM]
+        keep = []
+        for e in q:
+            if e[0] == ino:
+                hi = max(hi, e[2])
+            else:
+                keep.append(e)
+        sb[SB_RECLAIM] = keep
+        if n[I_NCHUNKS] > 0:
+            keep.append([ino, 0, hi, self.now + 1, n[I_CHARGE], n[I_NCHUNKS]])
+
+    # ---- chunks --------------------------------------------------------------------------
+    def _chunk(self, ino: int, n: list, idx: int):
+        """The effective content of chunk ``idx`` (None: a hole), hiding chunks a pending
+        truncation made stale."""
+        v = self.data.get(_ck(ino, idx))
+        if v is None:
+            return None
+        for lo, hi, cutoff in n[I_ZR]:
+            if lo <= idx < hi and v[0] < cutoff:
+                return None
+        return v[1]
+
+    def _drop_chunk(self, ino: int, n: list, idx: int) -> None:
+        key = _ck(ino, idx)
+        if key in self.data:
+            self._tdel(self.data, key)
+            n[I_NCHUNKS] -= 1
+            self._sbl()[SB_CHUNKS] -= 1
+            u = self._use().setdefault(n[I_CHARGE], [0, 0])
+            u[1] = max(0, u[1] - 1)
+
+    def _put_chunk(self, ino: int, n: list, idx: int, data: bytes) -> None:
+        key = _ck(ino, idx)
+        if key not in self.data:
+            sb = self._sbl()
+            if sb[SB_CHUNKS] + 1 > self.chunks_max:
+                _fail(E.ENOSPC)
+            self._charge(n[I_CHARGE], 0, 1)
+            sb[SB_CHUNKS] += 1
+            n[I_NCHUNKS] += 1
+        self._tset(self.data, key, (self.now, data), len(data) + 16)
+
+    def _truncate(self, ino: int, n: list, size: int) -> None:
+        old = n[I_SIZE]
+        if size > self.cfg.file_size_max:
+            _fail(E.EFBIG)
+        if size < old:
+            if size % CHUNK:
+                idx = size // CHUNK
+                cur = self._chunk(ino, n, idx)
+                if cur is not None and len(cur) > size % CHUNK:
+                    self._put_chunk(ino, n, idx, cur[:size % CHUNK])
+            lo, hi = _ceil_chunks(size), _ceil_chunks(old)
+            if hi - lo <= EAGER_FREE_SLOTS:
+                for idx in range(lo, hi):
+                    self._drop_chunk(ino, n, idx)
+            elif n[I_NCHUNKS] > 0:
+                if len(n[I_ZR]) >= ZERO_RANGES_MAX:
+                    _fail(E.EAGAIN)
+                n[I_ZR].append((lo, hi, self.now))
+                self._sbl()[SB_RECLAIM].append([ino, lo, hi, self.now, n[I_CHARGE], -1])
+        n[I_SIZE] = size
+
+    def _reclaim_step(self) -> None:
+        sb = self._sbl()
+        q = sb[SB_RECLAIM]
+        probes, frees = RECLAIM_PROBES, RECLAIM_FREES
+        while q and probes > 0 and frees > 0:
+            e = q[0]
+            ino, lo, hi, cutoff, charge, remaining = e
+            exists = self._nodes[ino] is not None if ino in self._nodes else _k(ino) in self.inodes
+            n = self._node(ino) if exists else None
+            live = n is not None and remaining < 0
+            while lo < hi and probes > 0 and frees > 0 and remaining != 0:
+                probes -= 1
+                key = _ck(ino, lo)
+                v = self.data.get(key)
+                if v is not None and v[0] < cutoff:
+                    self._tdel(self.data, key)
+                    frees -= 1
+                    sb[SB_CHUNKS] -= 1
+                    u = self._use().setdefault(charge, [0, 0])
+                    u[1] = max(0, u[1] - 1)
+                    if live:
+                        n[I_NCHUNKS] -= 1
+                        self._touch(ino)
+                    else:
+                        remaining -= 1
+                lo += 1
+            if lo >= hi or remaining == 0:
+                q.pop(0)
+                if live:
+                    n[I_ZR] = [z for z in n[I_ZR] if z[2] != cutoff]
+                    self._touch(ino)
+            else:
+                e[1], e[5] = lo, remaining
+
+    # ---- attributes ----------------------------------------------------------------------
+    @staticmethod
+    def _attr(ino: int, n: list) -> tuple:
+        return (ino, n[I_MODE], n[I_NLINK], n[I_UID], n[I_GID], n[I_RDEV], n[I_SIZE], n[I_NCHUNKS] * (CHUNK // 512),
+                n[I_ATIME], n[I_MTIME], n[I_CTIME])
+
+    # ==== read-only operations ============================================================
+    def op_lookup(self, cr, pino, name):
+        self._dirnode(pino, cr, 1)
+        name = self._name(name, allow_dots=True)
+        if name == b".":
+            ino = pino
+        elif name == b"..":
+            ino = self._node(pino)[I_PARENT]
+        else:
+            ino = self._entry(pino, name)
+            if ino is None:
+                _fail(E.ENOENT)
+        return self._attr(ino, self._node(ino))
+
+    def op_getattr(self, cr, ino):
+        return self._attr(ino, self._node(ino))
+
+    def op_readlink(self, cr, ino):
+        n = self._node(ino)
+        if not S.S_ISLNK(n[I_MODE]):
+            _fail(E.EINVAL)
+        return n[I_TARGET]
+
+    def op_read(self, cr, ino, offset, size):
+        n = self._node(ino)
+        if S.S_ISDIR(n[I_MODE]):
+            _fail(E.EISDIR)
+        if not S.S_ISREG(n[I_MODE]):
+            _fail(E.EINVAL)
+        if not (_is_int(offset) and _is_int(size)):
+            _fail(E.EINVAL)
+        if cr[0] != n[I_UID]:
+            self._need(n, cr, 4)
+        size = min(size, IO_MAX)
+        if offset >= n[I_SIZE] or size == 0:
+            return b""
+        end = min(n[I_SIZE], offset + size)
+        out = bytearray()
+        pos = offset
+        while pos < end:
+            idx, off = divmod(pos, CHUNK)
+            take = min(CHUNK - off, end - pos)
+            c = self._chunk(ino, n, idx) or b""
+            piece = c[off:off + take]
+            out += piece
+            if len(piece) < take:
+                out += bytes(take - len(piece))
+            pos += take
+        return bytes(out)
+
+    def op_readdir(self, cr, ino, cookie, max_entries):
+        self._dirnode(ino, cr, 4)
+        if not (_is_int(cookie) and _is_int(max_entries)):
+            _fail(E.EINVAL)
+        d = self._dir(ino)
+        ents = sorted((e for e in d[1] if e[2] > cookie), key=lambda e: e[2])
+        out = []
+        budget = IO_MAX
+        for name, child, ck in ents[:max(1, min(max_entries, 1024))]:
+            budget -= len(name) + 96
+            if budget < 0 and out:
+                break
+            out.append((name, ck, self._attr(child, self._node(child))))
+        return (tuple(out), len(out) == len(ents))
+
+    def op_statfs(self, cr):
+        sb = self.sb.value
+        c = self.cfg
+        blocks = c.bytes_max // 4096
+        return (4096, blocks, max(0, blocks - sb[SB_CHUNKS] * (CHUNK // 4096)), c.inodes_max,
+                max(0, c.inodes_max - sb[SB_INODES]), NAME_MAX)
+
+    def _xattr_name(self, name) -> bytes:
+        if type(name) is not bytes or not name or len(name) > XATTR_NAME_MAX:
+            _fail(E.ERANGE if type(name) is bytes and name else E.EINVAL)
+        if not name.startswith(b"user.") or len(name) == 5:
+            _fail(E.EOPNOTSUPP)
+        return name
+
+    def _xget(self, ino) -> tuple:
+        return self.xattrs.get(_k(ino), ())
+
+    def op_getxattr(self, cr, ino, name):
+        n = self._node(ino)
+        name = self._xattr_name(name)
+        self._need(n, cr, 4)
+        for k, v in self._xget(ino):
+            if k == name:
+                return v
+        _fail(E.ENODATA)
+
+    def op_listxattr(self, cr, ino):
+        n = self._node(ino)
+        self._need(n, cr, 4)
+        return tuple(k for k, _ in self._xget(ino))
+
+    # ==== mutations =======================================================================
+    def op_create(self, cr, pino, name, mode, exclusive):
+        if not _is_int(mode, 0, 0o177777) or type(exclusive) is not bool:
+            _fail(E.EINVAL)
+        if S.S_IFMT(mode) not in (0, S.S_IFREG):
+            _fail(E.EINVAL)
+        self._dirnode(pino, cr, 1)
+        existing = self._entry(pino, self._name(name))
+        if existing is not None:
+            if exclusive:
+                _fail(E.EEXIST)
+            n = self._node(existing)
+            if S.S_ISDIR(n[I_MODE]):
+                _fail(E.EISDIR)
+            return self._attr(existing, n)
+        ino, n = self._new(cr, pino, name, S.S_IFREG | (mode & 0o7777))
+        return self._attr(ino, n)
+
+    def op_mknod(self, cr, pino, name, mode, rdev):
+        if not _is_int(mode, 0, 0o177777) or not _is_int(rdev):
+            _fail(E.EINVAL)
+        t = S.S_IFMT(mode) or S.S_IFREG
+        if t not in MKNOD_TYPES:
+            _fail(E.EINVAL)
+        if t in (S.S_IFCHR, S.S_IFBLK) and cr[0] != 0:
+            _fail(E.EPERM)
+        ino, n = self._new(cr, pino, name, t | (mode & 0o7777), rdev if t in (S.S_IFCHR, S.S_IFBLK) else 0)
+        return self._attr(ino, n)
+
+    def op_mkdir(self, cr, pino, name, mode):
+        if not _is_int(mode, 0, 0o177777):
+            _fail(E.EINVAL)
+        ino, n = self._new(cr, pino, name, S.S_IFDIR | (mode & 0o7777))
+        return self._attr(ino, n)
+
+    def op_symlink(self, cr, pino, name, target):
+        if type(target) is not bytes or not target or b"\0" in target:
+            _fail(E.EINVAL)
+        if len(target) > SYMLINK_MAX:
+            _fail(E.ENAMETOOLONG)
+        ino, n = self._new(cr, pino, name, S.S_IFLNK | 0o777, target=target)
+        return self._attr(ino, n)
+
+    def op_link(self, cr, ino, pino, name):
+        n = self._node(ino)
+        if S.S_ISDIR(n[I_MODE]):
+            _fail(E.EPERM)
+        if n[I_NLINK] == 0:
+            _fail(E.ENOENT)
+        if n[I_NLINK] >= NLINK_MAX:
+            _fail(E.EMLINK)
+        p = self._dirnode(pino, cr, 3)
+        name = self._name(name)
+        if self._entry(pino, name) is not None:
+            _fail(E.EEXIST)
+        self._insert(pino, name, ino)
+        n[I_NLINK] += 1
+        self._stamp(n, m=False)
+        self._stamp(p)
+        self._touch(ino)
+        self._touch(pino)
+        return self._attr(ino, n)
+
+    def op_unlink(self, cr, pino, name, keep):
+        p = self._dirnode(pino, cr, 3)
+        name = self._name(name)
+        ino = self._entry(pino, name)
+        if ino is None:
+            _fail(E.ENOENT)
+        n = self._node(ino)
+        if S.S_ISDIR(n[I_MODE]):
+            _fail(E.EISDIR)
+        if not self._sticky_ok(p, n, cr):
+            _fail(E.EPERM)
+        self._remove(pino, name)
+        self._stamp(p)
+        self._touch(pino)
+        return self._unlinked(ino, n, keep)
+
+    def op_rmdir(self, cr, pino, name):
+        if name == b".":
+            _fail(E.EINVAL)
+        if name == b"..":
+            _fail(E.ENOTEMPTY)
+        p = self._dirnode(pino, cr, 3)
+        name = self._name(name)
+        ino = self._entry(pino, name)
+        if ino is None:
+            _fail(E.ENOENT)
+        n = self._node(ino)
+        if not S.S_ISDIR(n[I_MODE]):
+            _fail(E.ENOTDIR)
+        if self._dir(ino)[1]:
+            _fail(E.ENOTEMPTY)
+        if not self._sticky_ok(p, n, cr):
+            _fail(E.EPERM)
+        self._remove(pino, name)
+        p[I_NLINK] -= 1
+        self._stamp(p)
+        self._touch(pino)
+        self._unlinked(ino, n, False)
+        return 0
+
+    def _is_ancestor(self, a: int, d: int) -> bool:
+        """Whether directory ``a`` is ``d`` or one of its ancestors."""
+        seen = 0
+        while True:
+            if d == a:
+                return True
+            if d == ROOT_INO:
+                return False
+            d = self._node(d)[I_PARENT]
+            seen += 1
+            if seen > 1_000_000:
+                _fail(E.ELOOP)
+
+    def op_rename(self, cr, sp, sname, dp, dname, flags, keep):
+        if not _is_int(flags, 0, 3) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            _fail(E.EINVAL)
+        if sname in (b".", b"..") or dname in (b".", b".."):
+            _fail(E.EINVAL if sname != b".." else E.EBUSY)
+        spn = self._dirnode(sp, cr, 3)
+        dpn = self._dirnode(dp, cr, 3)
+        sname, dname = self._name(sname), self._name(dname)
+        sino = self._entry(sp, sname)
+        if sino is None:
+            _fail(E.ENOENT)
+        dino = self._entry(dp, dname)
+        if flags & RENAME_EXCHANGE and dino is None:
+            _fail(E.ENOENT)
+        if flags & RENAME_NOREPLACE and dino is not None:
+            _fail(E.EEXIST)
+        sn = self._node(sino)
+        dn = self._node(dino) if dino is not None else None
+        sdir = S.S_ISDIR(sn[I_MODE])
+        ddir = dn is not None and S.S_ISDIR(dn[I_MODE])
+        if sino == dino:
+            return 0
+        if not self._sticky_ok(spn, sn, cr) or (dn is not None and not self._sticky_ok(dpn, dn, cr)):
+            _fail(E.EPERM)
+        if sp != dp:
+            if sdir:
+                self._need(sn, cr, 2)
+                if self._is_ancestor(sino, dp):
+                    _fail(E.EINVAL)
+            if flags & RENAME_EXCHANGE and ddir:
+                self._need(dn, cr, 2)
+                if self._is_ancestor(dino, sp):
+                    _fail(E.EINVAL)
+        if flags & RENAME_EXCHANGE:
+            sd, dd = self._dir(sp), self._dir(dp)
+            sd[1][self._find(sd, sname)][1] = dino
+            dd[1][self._find(dd, dname)][1] = sino
+            self._ddirty.update((sp, dp))
+            if sp != dp:
+                if sdir:
+                    sn[I_PARENT] = dp
+                if ddir:
+                    dn[I_PARENT] = sp
+                if sdir != ddir:
+                    moved_to_d = 1 if sdir else -1
+                    dpn[I_NLINK] += moved_to_d
+                    spn[I_NLINK] -= moved_to_d
+            self._stamp(sn, m=False)
+            self._stamp(dn, m=False)
+            self._touch(dino)
+            result = 0
+        else:
+            result = 0
+            if dn is not None:
+                if sdir and not ddir:
+                    _fail(E.ENOTDIR)
+                if ddir and not sdir:
+                    _fail(E.EISDIR)
+                if ddir and self._dir(dino)[1]:
+                    _fail(E.ENOTEMPTY)
+                self._remove(dp, dname)
+                if ddir:
+                    dpn[I_NLINK] -= 1
+                result = self._unlinked(dino, dn, keep)
+            self._remove(sp, sname)
+            self._insert(dp, dname, sino)
+            if sdir and sp != dp:
+                sn[I_PARENT] = dp
+                spn[I_NLINK] -= 1
+                if dpn[I_NLINK] >= NLINK_MAX:
+                    _fail(E.EMLINK)
+                dpn[I_NLINK] += 1
+            self._stamp(sn, m=False)
+        self._stamp(spn)
+        self._stamp(dpn)
+        for i in (sino, sp, dp):
+            self._touch(i)
+        return result
+
+    def op_setattr(self, cr, ino, mode, uid, gid, size, times):
+        n = self._node(ino)
+        root = cr[0] == 0
+        owner = root or cr[0] == n[I_UID]
+        if not (isinstance(times, tuple) and len(times) == 2):
+            _fail(E.EINVAL)
+        for t in times:
+            if not (t is None or t == UTIME_NOW or _is_int(t)) or type(t) is bool:
+                _fail(E.EINVAL)
+        for x in (mode, uid, gid):
+            if x is not None and not _is_int(x, 0, U32 - 1):
+                _fail(E.EINVAL)
+        if size is not None and not _is_int(size):
+            _fail(E.EINVAL)
+        changed = False
+        if uid is not None or gid is not None:
+            new_uid = n[I_UID] if uid is None else uid
+            new_gid = n[I_GID] if gid is None else gid
+            if not root:
+                if new_uid != n[I_UID] or not owner:
+                    _fail(E.EPERM)
+                if new_gid != n[I_GID] and not self._in_group(cr, new_gid):
+                    _fail(E.EPERM)
+            n[I_UID], n[I_GID] = new_uid, new_gid
+            if not root and not S.S_ISDIR(n[I_MODE]):
+                self._clear_suid(n)
+            changed = True
+        if mode is not None:
+            if not owner:
+                _fail(E.EPERM)
+            m = mode & 0o7777
+            if not root and not S.S_ISDIR(n[I_MODE]) and not self._in_group(cr, n[I_GID]):
+                m &= ~S.S_ISGID
+            n[I_MODE] = S.S_IFMT(n[I_MODE]) | m
+            changed = True
+        if size is not None:
+            if S.S_ISDIR(n[I_MODE]):
+                _fail(E.EISDIR)
+            if not S.S_ISREG(n[I_MODE]):
+                _fail(E.EINVAL)
+            if not owner:
+                self._need(n, cr, 2)
+            self._truncate(ino, n, size)
+            if not root:
+                self._clear_suid(n)
+            n[I_MTIME] = self.now
+            changed = True
+        if times != (None, None):
+            explicit = any(t is not None and t != UTIME_NOW for t in times)
+            if not owner and (explicit or not self._may(n, cr, 2)):
+                _fail(E.EPERM if explicit else E.EACCES)
+            for field_, t in zip((I_ATIME, I_MTIME), times):
+                if t is not None:
+                    n[field_] = self.now if t == UTIME_NOW else t
+            changed = True
+        if changed:
+            n[I_CTIME] = self.now
+            self._touch(ino)
+        return self._attr(ino, n)
+
+    @staticmethod
+    def _clear_suid(n: list) -> None:
+        m = n[I_MODE] & ~S.S_ISUID
+        if m & S.S_IXGRP:
+            m &= ~S.S_ISGID
+        n[I_MODE] = m
+
+    def op_write(self, cr, ino, offset, data):
+        n = self._node(ino)
+        if S.S_ISDIR(n[I_MODE]):
+            _fail(E.EISDIR)
+        if not S.S_ISREG(n[I_MODE]):
+            _fail(E.EINVAL)
+        if not _is_int(offset) or type(data) is not bytes or len(data) > IO_MAX:
+            _fail(E.EINVAL)
+        if cr[0] != n[I_UID]:
+            self._need(n, cr, 2)
+        end = offset + len(data)
+        if end > self.cfg.file_size_max:
+            _fail(E.EFBIG)
+        pos = offset
+        while pos < end:
+            idx, off = divmod(pos, CHUNK)
+            take = min(CHUNK - off, end - pos)
+            piece = data[pos - offset:pos - offset + take]
+            cur = self._chunk(ino, n, idx)
+            if cur is None and piece.count(0) == len(piece):
+                pos += take  # zeros into a hole: stays a hole
+                continue
+            buf = bytearray(cur or b"")
+            if len(buf) < off + take:
+                buf += bytes(off + take - len(buf))
+            buf[off:off + take] = piece
+            self._put_chunk(ino, n, idx, bytes(buf))
+            pos += take
+        if end > n[I_SIZE]:
+            n[I_SIZE] = end
+        if data:
+            self._stamp(n)
+            if cr[0] != 0 and n[I_MODE] & (S.S_ISUID | S.S_ISGID):
+                self._clear_suid(n)
+        self._touch(ino)
+        return self._attr(ino, n)
+
+    def op_setxattr(self, cr, ino, name, value, flags):
+        n = self._node(ino)
+        name = self._xattr_name(name)
+        if type(value) is not bytes or not _is_int(flags, 0, 3) or flags == 3:
+            _fail(E.EINVAL)
+        if len(value) > XATTR_VALUE_MAX:
+            _fail(E.E2BIG)
+        if not (S.S_ISREG(n[I_MODE]) or S.S_ISDIR(n[I_MODE])):
+            _fail(E.EPERM)
+        if (n[I_MODE] & S.S_ISVTX) and S.S_ISDIR(n[I_MODE]) and cr[0] not in (0, n[I_UID]):
+            _fail(E.EPERM)
+        self._need(n, cr, 2)
+        cur = dict(self._xget(ino))
+        if flags == XATTR_CREATE and name in cur:
+            _fail(E.EEXIST)
+        if flags == XATTR_REPLACE and name not in cur:
+            _fail(E.ENODATA)
+        cur[name] = value
+        if sum(len(k) + len(v) for k, v in cur.items()) > XATTR_TOTAL_MAX:
+            _fail(E.ENOSPC)
+        v = tuple(sorted(cur.items()))
+        self._tset(self.xattrs, _k(ino), v, sum(len(a) + len(b) + 8 for a, b in v) + 8)
+        n[I_CTIME] = self.now
+        self._touch(ino)
+        return 0
+
+    def op_removexattr(self, cr, ino, name):
+        n = self._node(ino)
+        name = self._xattr_name(name)
+        self._need(n, cr, 2)
+        cur = dict(self._xget(ino))
+        if name not in cur:
+            _fail(E.ENODATA)
+        del cur[name]
+        if cur:
+            v = tuple(sorted(cur.items()))
+            self._tset(self.xattrs, _k(ino), v, sum(len(a) + len(b) + 8 for a, b in v) + 8)
+        else:
+            self._tdel(self.xattrs, _k(ino))
+        n[I_CTIME] = self.now
+        self._touch(ino)
+        return 0
+
+    def op_fsync(self, cr, ino):
+        self._node(ino)
+        return 0
+
+    def _release(self, ino: int) -> None:
+        orph = self._orphans()
+        if (self.client, ino) not in orph:
+            return
+        orph.remove((self.client, ino))
+        n = self._node(ino)
+        if n[I_NLINK] == 0:
+            self._free(ino, n)
+        else:
+            n[I_HOLDER] = -1
+            self._touch(ino)
+
+    def op_release(self, cr, ino):
+        if not _is_int(ino, 1):
+            _fail(E.EINVAL)
+        self._release(ino)
+        return 0
+
+    def op_release_all(self, cr):
+        for c, ino in list(self._orphans()):
+            if c == self.client:
+                self._release(ino)
+        return 0
+
+    # ---- inspection (tests, tools) -------------------------------------------------------
+    def digest(self) -> bytes:
+        """A hash of every object (what the replicas' checkpoints compare, in one value)."""
+        import hashlib
+        h = hashlib.blake2b(digest_size=32)
+        for i in range(self.n_objects):
+            o = self.get_obj(i)
+            if o:
+                h.update(i.to_bytes(8, "big") + len(o).to_bytes(8, "big") + o)
+        return h.digest()
+
+
+_MISSING = object()
+
+
+def _errb(code: int) -> bytes:
+    return msgpack.packb((code,))
