@@ -62,6 +62,10 @@ class ClusterConfig:
     client_retry_timeout_ms: float = 60.0
     client_retry_timeout_max_ms: float = 2_000.0
     nondet_skew_ms_max: float = 1_000.0
+    # how far ahead of a replica's wall clock a request's or a NewKey's timestamp may be (clients
+    # use microseconds of their wall clock): one from further ahead is refused, so that nobody can
+    # push an identity's timestamps out of its own client's reach
+    timestamp_skew_ms_max: float = 600_000.0
     tentative_execution: bool = True
     status_resend_seqnos_max: int = 16
     vouch_delay_ms: float = 2.0  # how long a vouch may wait for company (another message to the replicas)
@@ -136,6 +140,8 @@ class ClusterConfig:
             raise ConfigError("clients_max must be >= 0")
         if self.view_change_timeout_ms <= 0 or self.client_retry_timeout_ms <= 0:
             raise ConfigError("timeouts must be positive")
+        if not self.timestamp_skew_ms_max > 0:
+            raise ConfigError("timestamp_skew_ms_max must be positive")
         unknown = self.bugs - KNOWN_BUGS
         if unknown:
             raise ConfigError(f"unknown injected bug(s): {', '.join(sorted(unknown))}")

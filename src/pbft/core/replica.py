@@ -199,6 +199,9 @@ class Replica(Durability, Recovery):
         # request sat in a pre-prepare we could not accept for want of vouches.
         self.trusted: set[int] = set()
         self.suspects: set[int] = set()
+        # client -> (timestamp, tentative, when) of the last cached reply we sent again (one entry
+        # per principal id: bounded by the codec's range of senders)
+        self.reply_resent: dict[int, tuple[int, bool, float]] = {}
 
         self.status_deadline = now + cfg.status_interval_ms * (1 + replica_id / (4 * cfg.n))
         self.status_answered: dict[int, float] = {}  # peer -> when we last answered its Status
@@ -233,8 +236,11 @@ class Replica(Durability, Recovery):
               if d is not None]
         return min(ds) if ds else None
 
-    def receive(self, raw: bytes, now: float) -> None:
-        """Handle one frame from the network. Never raises on bad input."""
+    def receive(self, raw: bytes, now: float, relayed: bool = False) -> None:
+        """Handle one frame from the network. Never raises on bad input.
+
+        ``relayed``: the driver knows the frame did not come from its sender itself (a replica
+        forwarded a client's request): a MAC that fails on it is no evidence against the sender."""
         self.now = now
         try:
             fr = self.codec.open_frame(raw)
@@ -265,7 +271,10 @@ class Replica(Durability, Recovery):
                 except DecodeError:
                     return
                 if not req.read_only:
-                    self.suspects.add(req.client)
+                    if not relayed:
+                        # its client sent us a bad authenticator entry (in the runtime only a
+                        # frame from the connection its client's NewKey came on gets here)
+                        self.suspects.add(req.client)
                     self._on_ordered_request(req, fr, verified=False)
             return
         try:
@@ -442,8 +451,18 @@ class Replica(Durability, Recovery):
             return
         self._on_ordered_request(req, fr, verified=True)
 
+    def _timestamp_limit(self) -> float:
+        """The largest request timestamp we take now: our wall clock (in µs, as clients'
+        timestamps) plus ``timestamp_skew_ms_max``. A request beyond it would, once executed,
+        make its client's genuine requests look old until our clock caught up (for good at
+        2^63-1): it is neither vouched for, nor ordered, nor accepted in a pre-prepare."""
+        return (self.now + self.wall_offset_ms + self.cfg.timestamp_skew_ms_max) * 1000.0
+
     def _on_ordered_request(self, req: Request, fr: Frame, verified: bool) -> None:
         c, t = req.client, req.timestamp
+        if t > self._timestamp_limit():
+            self._drop("request-future-timestamp")
+            return
         last = self.last_reply.get(c)
         if last is not None and t <= last[0] and not self.bug_no_ts:
             if not verified:
@@ -455,8 +474,17 @@ class Replica(Durability, Recovery):
             elif t == last[0]:
                 # the cached reply is only as final as the execution that produced it
                 tentative = self.last_exec_seqno.get(c, 0) > self.last_committed_exec
-                self._send_reply(req, last[1], tentative=tentative)
                 self._drop("request-retransmitted")
+                sent = self.reply_resent.get(c)
+                if sent is not None and sent[0] == t and sent[1] == tentative and \
+                        self.now - sent[2] < self.cfg.client_retry_timeout_ms / 2:
+                    # at most one cached reply per client per half retry timeout: a correct
+                    # client retransmits less often, so replays (a faulty replica may relay
+                    # captured requests) cannot make us amplify towards the client
+                    self._drop("reply-resend-rate-limited")
+                else:
+                    self.reply_resent[c] = (t, tentative, self.now)
+                    self._send_reply(req, last[1], tentative=tentative)
                 if tentative and c not in self.pending and self.view_active and not self.is_primary:
                     # the client still waits for a commit that has not come: time it, so a primary
                     # that never completes it is replaced (after a restart, nothing else would)
@@ -711,7 +739,7 @@ class Replica(Durability, Recovery):
             return
         batch = pp.batch
         reason = self._check_batch(batch, pp.digest, check_nondet=not self._weakly_prepared(slot, pp.digest))
-        if reason in ("batch-nondet-rejected", "batch-request-unvouched"):
+        if reason in ("batch-nondet-rejected", "batch-request-unvouched", "batch-request-future-timestamp"):
             # the agreed value looks wrong from here: maybe our clock, maybe an old pre-prepare
             # relayed for catch-up. Accept it once f+1 backups prepared it (one correct replica
             # checked the value when it was fresh).
@@ -760,8 +788,13 @@ class Replica(Durability, Recovery):
                 return "batch-digest-mismatch"
         if unvouched:
             return "batch-request-unvouched"
-        if check_nondet and reqs and not self.service.check_nondet(batch.nondet, self.now + self.wall_offset_ms):
-            return "batch-nondet-rejected"
+        if check_nondet and reqs:
+            limit = self._timestamp_limit()
+            for _, req in reqs:
+                if req.timestamp > limit:
+                    return "batch-request-future-timestamp"
+            if not self.service.check_nondet(batch.nondet, self.now + self.wall_offset_ms):
+                return "batch-nondet-rejected"
         return None
 
     def on_prepare(self, p: Prepare, fr: Frame) -> None:

@@ -55,7 +55,7 @@ class NoQuorumError(PbftError, TimeoutError):
 
 
 class _Principal:
-    __slots__ = ("ident", "ring", "core", "lock", "fut", "timer", "timer_at", "last_newkey")
+    __slots__ = ("ident", "ring", "core", "lock", "fut", "timer", "timer_at", "last_newkey", "newkey_ts")
 
     def __init__(self, ident: Identity, ring: KeyRing, core: CoreClient):
         self.ident = ident
@@ -66,6 +66,7 @@ class _Principal:
         self.timer: Optional[asyncio.TimerHandle] = None
         self.timer_at: Optional[float] = None
         self.last_newkey = 0.0
+        self.newkey_ts = 0  # timestamp of our last NewKey: they grow strictly, whatever the clock does
 
 
 def _now_ms() -> float:
@@ -146,7 +147,10 @@ class ClientPool:
             p.ring.in_keys[j] = k_in
             keys[j] = k_out + k_in
         p.last_newkey = time.monotonic()
-        return make_newkey(p.ident, self.cluster.public, keys, now_timestamp_us())
+        # a fresh timestamp on every NewKey, on a reconnection too: a replica binds an identity to
+        # the connection its latest NewKey came on, and refuses one not newer than the last
+        p.newkey_ts = max(now_timestamp_us(), p.newkey_ts + 1)
+        return make_newkey(p.ident, self.cluster.public, keys, p.newkey_ts)
 
     def refresh_keys(self, p: _Principal) -> None:
         """New session keys with every replica for one identity (sent before its next frames)."""

@@ -112,13 +112,16 @@ class NewKey:
     sender: int
     timestamp: int
     entry: Optional[bytes]  # the sealed keys for us, or None if the message has none for us
+    header: bytes = b""
+    signature: bytes = b""
 
 
-def open_newkey(raw: bytes, me: int, public: PublicKeys, max_principal: int) -> NewKey:
-    """Check a NewKey frame's shape and signature; return the (still sealed) entry for ``me``.
+def parse_newkey(raw: bytes, me: int, max_principal: int) -> NewKey:
+    """Check a NewKey frame's shape; return its fields, signature NOT checked (``check_signature``).
 
-    Raises ``DecodeError`` with a short reason on anything wrong.
-    """
+    Cheap (two bounded msgpack unpacks): what a receiver can decide without a signature check
+    (a stale timestamp, a replay, a timestamp from the future, nothing for us) is decided on
+    this. Raises ``DecodeError`` with a short reason on anything wrong."""
     if len(raw) > NEWKEY_MAX_BYTES:
         raise DecodeError("newkey-oversized")
     t = _unpack(raw)
@@ -129,14 +132,6 @@ def open_newkey(raw: bytes, me: int, public: PublicKeys, max_principal: int) -> 
         raise DecodeError("newkey-bad-sender")
     if type(header) is not bytes or payload != b"" or type(sig) is not bytes or len(sig) != SIGNATURE_SIZE:
         raise DecodeError("newkey-malformed")
-    vk = public.verify.get(sender)
-    if vk is None:
-        raise DecodeError("newkey-unknown-sender")
-    body = msgpack.packb([NEWKEY_TAG, sender, header], use_bin_type=True)
-    try:
-        vk.verify(_SIG_CONTEXT + body, sig)
-    except nacl.exceptions.BadSignatureError as e:
-        raise DecodeError("newkey-bad-signature") from e
     h = _unpack(header)
     if type(h) is not tuple or len(h) != 2:
         raise DecodeError("newkey-malformed")
@@ -149,7 +144,29 @@ def open_newkey(raw: bytes, me: int, public: PublicKeys, max_principal: int) -> 
             raise DecodeError("newkey-malformed")
         if e[0] == me:
             mine = e[1]
-    return NewKey(sender, ts, mine)
+    return NewKey(sender, ts, mine, header, sig)
+
+
+def check_signature(nk: NewKey, public: PublicKeys) -> None:
+    """Raises ``DecodeError`` unless ``nk`` is signed by the long-term key of its sender."""
+    vk = public.verify.get(nk.sender)
+    if vk is None:
+        raise DecodeError("newkey-unknown-sender")
+    body = msgpack.packb([NEWKEY_TAG, nk.sender, nk.header], use_bin_type=True)
+    try:
+        vk.verify(_SIG_CONTEXT + body, nk.signature)
+    except nacl.exceptions.BadSignatureError as e:
+        raise DecodeError("newkey-bad-signature") from e
+
+
+def open_newkey(raw: bytes, me: int, public: PublicKeys, max_principal: int) -> NewKey:
+    """Check a NewKey frame's shape and signature; return the (still sealed) entry for ``me``.
+
+    Raises ``DecodeError`` with a short reason on anything wrong.
+    """
+    nk = parse_newkey(raw, me, max_principal)
+    check_signature(nk, public)
+    return nk
 
 
 def _unpack(data: bytes):
@@ -160,21 +177,47 @@ def _unpack(data: bytes):
         raise DecodeError("newkey-malformed") from e
 
 
-def accept_newkey(raw: bytes, me: Identity, public: PublicKeys, n_replicas: int, max_principal: int,
-                  last_ts: dict[int, int]) -> tuple[int, bytes]:
-    """Check a NewKey for ``me`` and return ``(sender, keys)``: 32 bytes ``k(me->sender)`` from a
-    replica, 64 bytes ``k(sender->me) + k(me->sender)`` from a client. Records its timestamp in
-    ``last_ts``; raises ``DecodeError`` (stale, replayed, forged, not for us...)."""
-    nk = open_newkey(raw, me.principal, public, max_principal)
+def precheck_newkey(raw: bytes, me: Identity, public: PublicKeys, max_principal: int, last_ts: dict[int, int],
+                    now_us: Optional[int] = None, skew_us: Optional[int] = None) -> NewKey:
+    """Everything about a NewKey that costs no public-key operation, in this order: its shape,
+    a sender in the cluster other than us, a timestamp newer than the last one accepted from
+    that sender (``newkey-stale``: an exact replay is refused here) and at most ``skew_us`` ahead
+    of ``now_us`` (``newkey-future-timestamp``: a timestamp far in the future, once accepted,
+    would lock the sender's genuine NewKeys out; for good at 2^63-1), an entry for us. Changes
+    nothing; raises ``DecodeError``."""
+    nk = parse_newkey(raw, me.principal, max_principal)
     if nk.sender == me.principal:
         raise DecodeError("newkey-from-self")
+    if nk.sender not in public.verify:
+        raise DecodeError("newkey-unknown-sender")
     if nk.timestamp <= last_ts.get(nk.sender, 0):
         raise DecodeError("newkey-stale")
+    if now_us is not None and skew_us is not None and nk.timestamp > now_us + skew_us:
+        raise DecodeError("newkey-future-timestamp")
     if nk.entry is None:
         raise DecodeError("newkey-no-entry")
+    return nk
+
+
+def finish_newkey(nk: NewKey, me: Identity, public: PublicKeys, n_replicas: int,
+                  last_ts: dict[int, int]) -> bytes:
+    """The public-key part, after ``precheck_newkey``: the signature, then our keys unsealed.
+    Records the timestamp in ``last_ts`` and returns the keys (see ``accept_newkey``)."""
+    check_signature(nk, public)
     k = unseal(me, nk.entry, KEY_SIZE if nk.sender < n_replicas else 2 * KEY_SIZE)
     last_ts[nk.sender] = nk.timestamp
-    return nk.sender, k
+    return k
+
+
+def accept_newkey(raw: bytes, me: Identity, public: PublicKeys, n_replicas: int, max_principal: int,
+                  last_ts: dict[int, int], now_us: Optional[int] = None,
+                  skew_us: Optional[int] = None) -> tuple[int, bytes]:
+    """Check a NewKey for ``me`` and return ``(sender, keys)``: 32 bytes ``k(me->sender)`` from a
+    replica, 64 bytes ``k(sender->me) + k(me->sender)`` from a client. Records its timestamp in
+    ``last_ts``; raises ``DecodeError`` (stale, replayed, from the future, forged, not for us...).
+    The cheap checks come first (``precheck_newkey``), the signature last."""
+    nk = precheck_newkey(raw, me, public, max_principal, last_ts, now_us, skew_us)
+    return nk.sender, finish_newkey(nk, me, public, n_replicas, last_ts)
 
 
 def unseal(me: Identity, sealed: bytes, size: int) -> bytes:
