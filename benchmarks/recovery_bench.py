@@ -41,7 +41,7 @@ PROTOCOL = {"checkpoint_interval_seqnos": 128, "log_window_seqnos": 256}
 
 
 def status(r) -> dict:
-    with urllib.request.urlopen(f"http://{r.host}:{r.metrics_port}/status", timeout=2) as resp:
+    with urllib.request.urlopen(f"http://{r.metrics_addr}:{r.metrics_port}/status", timeout=2) as resp:
         return json.loads(resp.read())
 
 

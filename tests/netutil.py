@@ -56,7 +56,7 @@ class LocalCluster:
 
     def status(self, rid: int, timeout: float = 1.0) -> dict:
         r = self.cluster.replicas[rid]
-        return fetch_status(r.host, r.metrics_port, timeout)
+        return fetch_status(r.metrics_addr, r.metrics_port, timeout)
 
     def wait_connected(self, ids=None, timeout: float = 15.0) -> None:
         ids = list(range(self.n)) if ids is None else ids

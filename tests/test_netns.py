@@ -210,6 +210,8 @@ class Cluster:
     def __init__(self, hosts: Hosts, directory: Path, runtime=None):
         self.h = hosts
         self.dir = directory
+        # the test reaches the replicas' /status from outside their namespaces: listen on every interface
+        runtime = {"metrics_host": "0.0.0.0", **(runtime or {})}
         self.cluster = init_cluster(directory, N, None, hosts.addr[:N], 7000, 4, protocol=PROTOCOL, runtime=runtime)
         self.procs: dict[int, subprocess.Popen] = {}
         self.logs = {i: directory / f"replica-{i}.log" for i in range(N)}
@@ -252,7 +254,7 @@ class Cluster:
         """The replica's /status, or None if it does not answer."""
         r = self.cluster.replicas[i]
         try:
-            return fetch_status(r.host, r.metrics_port, timeout)
+            return fetch_status(r.metrics_addr, r.metrics_port, timeout)
         except (OSError, urllib.error.URLError, ValueError):
             return None
 

@@ -27,7 +27,7 @@ def kv_of(bc: BlockingClient) -> KVClient:
 
 def metrics_text(lc: LocalCluster, rid: int) -> str:
     r = lc.cluster.replicas[rid]
-    with urllib.request.urlopen(f"http://{r.host}:{r.metrics_port}/metrics", timeout=2) as resp:
+    with urllib.request.urlopen(f"http://{r.metrics_addr}:{r.metrics_port}/metrics", timeout=2) as resp:
         return resp.read().decode()
 
 

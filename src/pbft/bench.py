@@ -441,7 +441,7 @@ class Bench:
         while True:
             self.children.check_alive(procs)
             try:
-                if all(len(fetch_status(r.host, r.metrics_port, 1.0)["peers_connected"]) == cluster.n - 1
+                if all(len(fetch_status(r.metrics_addr, r.metrics_port, 1.0)["peers_connected"]) == cluster.n - 1
                        for r in cluster.replicas):
                     break
             except (OSError, ValueError):

@@ -44,7 +44,7 @@ def cmd_init(args) -> int:
     print(f"wrote {c.dir / 'cluster.toml'}: {c.n} replicas (f={c.cfg.f}), {len(c.client_ids)} clients "
           f"(ids {c.client_ids[0]}..{c.client_ids[-1]}); private keys in {c.dir / 'keys'} (mode 0600)")
     for r in c.replicas:
-        print(f"  replica {r.id}: {r.host}:{r.port}  metrics http://{r.host}:{r.metrics_port}/metrics")
+        print(f"  replica {r.id}: {r.host}:{r.port}  metrics http://{r.metrics_addr}:{r.metrics_port}/metrics")
     return 0
 
 
@@ -131,7 +131,7 @@ def cmd_recover(args) -> int:
     if pid is None:
         r = cluster.replicas[args.id]
         try:
-            pid = int(fetch_status(r.host, r.metrics_port, 2.0)["pid"])
+            pid = int(fetch_status(r.metrics_addr, r.metrics_port, 2.0)["pid"])
         except (OSError, urllib.error.URLError, ValueError, KeyError) as e:
             raise ConfigError(f"replica {args.id} is not running here ({pidfile}: no pid; /status: "
                               f"{getattr(e, 'reason', e)})") from None
@@ -200,7 +200,7 @@ def cmd_status(args) -> int:
     rows = []
     for r in cluster.replicas:
         try:
-            s = fetch_status(r.host, r.metrics_port, args.timeout)
+            s = fetch_status(r.metrics_addr, r.metrics_port, args.timeout)
             s["reachable"] = True
         except (OSError, urllib.error.URLError, ValueError) as e:
             s = {"replica": r.id, "reachable": False, "error": str(getattr(e, "reason", e))}

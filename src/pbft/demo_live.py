@@ -112,7 +112,7 @@ class Demo:
         def one(i):
             r = self.cluster.replicas[i]
             try:
-                return fetch_status(r.host, r.metrics_port, 0.3)
+                return fetch_status(r.metrics_addr, r.metrics_port, 0.3)
             except (OSError, ValueError):
                 return None
 

@@ -30,6 +30,7 @@ from typing import Optional
 
 from ..config import ClusterConfig, ConfigError
 from .keys import PUBLIC_KEY_SIZE, Identity, PublicKeys
+from .transport import client_frame_bytes_max
 
 CLUSTER_FILE = "cluster.toml"
 KEY_DIR = "keys"
@@ -68,6 +69,17 @@ class RuntimeParams:
     connections_max: int = 1024  # inbound connections per replica
     reconnect_min_s: float = 0.05
     reconnect_max_s: float = 2.0
+    # inbound connections (runtime.transport.InboundGuard): one that has not authenticated (no valid
+    # NewKey yet) is closed after this long without a byte or with a frame still incomplete
+    unauthenticated_timeout_s: float = 10.0
+    idle_timeout_s: float = 600.0  # authenticated connections without a byte (clients refresh keys every key_refresh_s)
+    frame_timeout_s: float = 30.0  # a frame begun on an authenticated connection must be complete by then
+    partial_frames_bytes_max: int = 64 * 1024 * 1024  # bytes buffered by all inbound connections together
+    # the HTTP endpoint (/metrics, /status; runtime.metrics), served by a thread of its own
+    metrics_host: str = "127.0.0.1"  # address it listens on ("0.0.0.0": every interface); per replica too
+    http_connections_max: int = 32  # open at once; past it the oldest one still sending its request goes
+    http_request_timeout_s: float = 5.0  # to send the whole request
+    http_requests_per_s: float = 50.0  # connections accepted per second (the excess waits in the kernel)
 
 
 RUNTIME_FIELDS = {f.name: f.type for f in dataclasses.fields(RuntimeParams)}
@@ -118,6 +130,12 @@ class ReplicaEntry:
     port: int
     metrics_port: int
     public_key: bytes
+    metrics_host: str = "127.0.0.1"  # where its HTTP endpoint listens
+
+    @property
+    def metrics_addr(self) -> str:
+        """The host to reach its HTTP endpoint at (its own host if it listens on every interface)."""
+        return self.host if self.metrics_host in ("0.0.0.0", "::", "") else self.metrics_host
 
 
 @dataclass
@@ -319,7 +337,12 @@ def load_cluster(directory: str | os.PathLike) -> Cluster:
                 raise ConfigError(f"{ctx}: address {a[0]}:{a[1]} is already used by replica {seen_addr[a]}")
             seen_addr[a] = i
         weights[i] = _int_field(r, "weight", ctx, lo=1) if "weight" in r else 1
-        entries[i] = ReplicaEntry(i, host, port, mport, _pubkey(r, ctx))
+        mhost = r.get("metrics_host", "")
+        if not isinstance(mhost, str):
+            raise ConfigError(f"{ctx}: metrics_host must be a string")
+        if mhost:
+            _check_host(mhost)
+        entries[i] = ReplicaEntry(i, host, port, mport, _pubkey(r, ctx), mhost)
     clients: dict[int, bytes] = {}
     for cl in doc.get("client", []) or []:
         cl = _table(cl, f"{where}: [[client]]")
@@ -350,6 +373,12 @@ def load_cluster(directory: str | os.PathLike) -> Cluster:
         if k not in RUNTIME_FIELDS:
             raise ConfigError(f"{where}: unknown runtime parameter {k!r}")
         want = type(getattr(defaults, k))
+        if want is str:
+            if not isinstance(v, str):
+                raise ConfigError(f"{where}: runtime parameter {k} must be a string, got {v!r}")
+            _check_host(v)
+            rt_kw[k] = v
+            continue
         if want is float and isinstance(v, int) and not isinstance(v, bool):
             v = float(v)
         if type(v) is not want or v <= 0:
@@ -361,13 +390,18 @@ def load_cluster(directory: str | os.PathLike) -> Cluster:
         cfg = ClusterConfig.create(n, f, weights=tuple(weights), clients_max=len(clients), **params)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from None
+    runtime = RuntimeParams(**rt_kw)
+    if runtime.partial_frames_bytes_max < 2 * client_frame_bytes_max(cfg):
+        raise ConfigError(f"{where}: runtime parameter partial_frames_bytes_max ({runtime.partial_frames_bytes_max}) "
+                          f"must hold at least two of the largest client frames ({2 * client_frame_bytes_max(cfg)})")
+    entries = [replace(e, metrics_host=e.metrics_host or runtime.metrics_host) for e in entries]
     pubs = {e.id: e.public_key for e in entries}
     pubs.update(clients)
     try:
         public = PublicKeys(pubs)
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
-    return Cluster(d, cfg, entries, clients, RuntimeParams(**rt_kw), public, storage, recovery)
+    return Cluster(d, cfg, entries, clients, runtime, public, storage, recovery)
 
 
 def _storage(t: dict, where: str) -> StorageParams:

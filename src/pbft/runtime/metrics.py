@@ -2,7 +2,7 @@
 
 Metrics are read from the replica's counters when Prometheus scrapes, so the
 hot path pays nothing for them except the latency histogram (one bisect per
-reply).  The endpoint is a tiny HTTP server inside the replica's event loop:
+reply).  The endpoint is a tiny HTTP server in a thread of its own (``HttpEndpoint``):
 
 * ``GET /metrics``: Prometheus text format (``pbft_*`` metrics, listed in
   docs/operations.md);
@@ -15,7 +15,10 @@ from __future__ import annotations
 import asyncio
 import bisect
 import json
-from typing import TYPE_CHECKING
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING, Optional
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -25,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 LATENCY_BUCKETS_S = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 HTTP_REQUEST_MAX_BYTES = 8192
+SNAPSHOT_MIN_INTERVAL_S = 0.05  # the replica's loop takes at most 20 snapshots a second for the endpoint
 
 
 class ReplicaMetrics:
@@ -35,6 +39,7 @@ class ReplicaMetrics:
         self.key_refreshes = 0
         self.newkeys_accepted = 0
         self.stable_checkpoints = 0
+        self.http_drops: dict[str, int] = {}  # the endpoint's, set by HttpEndpoint
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -108,6 +113,8 @@ class ReplicaMetrics:
             d.add_metric([lab[0], "protocol", reason], k)
         for reason, k in sorted(c.drops.items()):
             d.add_metric([lab[0], "transport", reason], k)
+        for reason, k in sorted(self.http_drops.items()):  # sorted() copies it in one step
+            d.add_metric([lab[0], "http", reason], k)
         yield d
         h = HistogramMetricFamily("pbft_request_latency_seconds",
                                   "Time from a client's request arriving to its reply leaving", labels=["replica"])
@@ -125,43 +132,280 @@ class ReplicaMetrics:
         return generate_latest(self.registry)
 
 
+class _Families:
+    """A registry-like holder of metric families collected earlier (what ``generate_latest`` reads)."""
+
+    def __init__(self, families: list):
+        self.families = families
+
+    def collect(self):
+        return self.families
+
+
+class _Snapshot:
+    __slots__ = ("taken", "families", "status", "metrics_body", "status_body")
+
+    def __init__(self, taken: float, families: list, status: dict):
+        self.taken = taken
+        self.families = families
+        self.status = status
+        self.metrics_body: Optional[bytes] = None
+        self.status_body: Optional[bytes] = None
+
+
 class HttpEndpoint:
-    """GET /metrics and GET /status; anything else is 404; malformed requests are closed."""
+    """GET /metrics and GET /status; anything else is 404; malformed requests are closed.
 
-    def __init__(self, metrics: ReplicaMetrics):
+    The endpoint runs in a thread of its own, with its own event loop, so that what its clients
+    do costs the replica's loop at most one snapshot per ``SNAPSHOT_MIN_INTERVAL_S``: a request
+    asks the replica's loop (``call_soon_threadsafe``) for a snapshot of its metric families and
+    status, taken after the request arrived (answers are as fresh as before), and requests that
+    arrive together share one.  The text is rendered here, in this thread.  Its own limits:
+
+    * ``http_requests_per_s`` connections accepted per second (a token bucket: the excess waits
+      in the kernel's accept queue, costing nothing here);
+    * ``http_connections_max`` open at once: past it, the oldest connection still sending its
+      request is closed (``http-evicted``), so slow clients cannot lock the endpoint;
+    * the whole request (line and headers, at most ``HTTP_REQUEST_MAX_BYTES``) within
+      ``http_request_timeout_s`` (``http-timeout``, ``http-too-large``).
+
+    What it drops is counted under ``layer="http"`` of ``pbft_dropped_messages``.
+    """
+
+    def __init__(self, metrics: ReplicaMetrics, rt=None):
         self.metrics = metrics
-        self.server = None
+        self.node = metrics.node
+        self.max_conns = getattr(rt, "http_connections_max", 32)
+        self.request_timeout_s = getattr(rt, "http_request_timeout_s", 5.0)
+        self.rate = getattr(rt, "http_requests_per_s", 50.0)
+        self.drops: dict[str, int] = {}  # written by the endpoint's thread only
+        metrics.http_drops = self.drops
+        self.sock: Optional[socket.socket] = None
+        self.thread: Optional[threading.Thread] = None
+        self.node_loop: Optional[asyncio.AbstractEventLoop] = None
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.stop_event: Optional[asyncio.Event] = None
+        self.snap: Optional[_Snapshot] = None
+        self.pending: Optional[asyncio.Future] = None
+        self.last_asked = 0.0
+        self.reading: dict[asyncio.Task, None] = {}  # connections still sending their request, oldest first
+        self.active = 0
+        self.tasks: set[asyncio.Task] = set()
+        self.slot_free: Optional[asyncio.Event] = None
 
-    async def start(self, host: str, port: int) -> None:
-        self.server = await asyncio.start_server(self._handle, host, port, reuse_address=True,
-                                                 limit=HTTP_REQUEST_MAX_BYTES)
+    # ---- lifecycle (replica's thread) ----------------------------------------
+    def start(self, host: str, port: int) -> None:
+        """Listen on ``host:port`` (raises ``OSError`` if it cannot) and start serving."""
+        self.node_loop = asyncio.get_event_loop()
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(64)
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        self.sock = sock
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(ready,), name="pbft-http", daemon=True)
+        self.thread.start()
+        ready.wait(5.0)
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        loop = self.loop
+        if loop is not None and self.stop_event is not None:
+            try:
+                loop.call_soon_threadsafe(self.stop_event.set)
+            except RuntimeError:  # its loop has already ended
+                pass
+        if self.thread is not None:
+            self.thread.join(2.0)
+        if self.sock is not None:
+            self.sock.close()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _run(self, ready: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        self.loop = loop
         try:
-            line = await asyncio.wait_for(reader.readline(), 5.0)
-            parts = line.decode("latin-1").split()
-            # drain the headers (bounded by the reader's limit)
-            while True:
-                h = await asyncio.wait_for(reader.readline(), 5.0)
-                if h in (b"\r\n", b"\n", b""):
+            loop.run_until_complete(self._serve(ready))
+        finally:
+            loop.close()
+
+    # ---- the endpoint's thread ------------------------------------------------
+    def _drop(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+
+    async def _serve(self, ready: threading.Event) -> None:
+        loop = asyncio.get_running_loop()
+        self.stop_event = asyncio.Event()
+        self.slot_free = asyncio.Event()
+        ready.set()
+        accept = loop.create_task(self._accept_loop())
+        await self.stop_event.wait()
+        accept.cancel()
+        for t in list(self.tasks):
+            t.cancel()
+        await asyncio.gather(accept, *self.tasks, return_exceptions=True)
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        tokens = burst = max(1.0, self.rate)
+        t_prev = time.monotonic()
+        while True:
+            while self.active >= self.max_conns:
+                # every slot busy: make room by closing the oldest still sending its request
+                if self.reading:
+                    oldest = next(iter(self.reading))
+                    self.reading.pop(oldest)
+                    oldest.cancel()
+                    self._drop("http-evicted")
                     break
+                self.slot_free.clear()
+                await self.slot_free.wait()
+            now = time.monotonic()
+            tokens = min(burst, tokens + (now - t_prev) * self.rate)
+            t_prev = now
+            if tokens < 1.0:
+                await asyncio.sleep((1.0 - tokens) / self.rate)
+                continue
+            try:
+                conn, _ = await loop.sock_accept(self.sock)
+            except OSError:  # out of descriptors, or a connection reset before we took it
+                await asyncio.sleep(0.05)
+                continue
+            tokens -= 1.0
+            self.active += 1
+            streams: list = []
+            task = loop.create_task(self._handle(conn, streams))
+            self.reading[task] = None
+            self.tasks.add(task)
+            task.add_done_callback(lambda t, c=conn, st=streams: self._done(t, c, st))
+
+    def _done(self, task: asyncio.Task, conn: socket.socket, streams: list) -> None:
+        # here, not in the handler: a handler evicted before it ran never runs its own cleanup
+        self.tasks.discard(task)
+        self.reading.pop(task, None)
+        self.active -= 1
+        self.slot_free.set()
+        if streams:
+            streams[0].close()
+        else:
+            conn.close()
+
+    async def _handle(self, conn: socket.socket, streams: list) -> None:
+        task = asyncio.current_task()
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn, limit=HTTP_REQUEST_MAX_BYTES)
+            streams.append(writer)
+            try:
+                async with asyncio.timeout(self.request_timeout_s):
+                    parts = await self._read_request(reader)
+            except TimeoutError:
+                self._drop("http-timeout")
+                return
+            finally:
+                self.reading.pop(task, None)
+            if parts is None:
+                return
+            arrived = time.monotonic()
             if len(parts) < 2 or parts[0] != "GET":
                 status, ctype, body = "405 Method Not Allowed", "text/plain", b"only GET\n"
-            elif parts[1].split("?")[0] == "/metrics":
-                status, ctype, body = "200 OK", "text/plain; version=0.0.4; charset=utf-8", self.metrics.render()
-            elif parts[1].split("?")[0] == "/status":
-                status, ctype = "200 OK", "application/json"
-                body = json.dumps(self.metrics.node.status()).encode() + b"\n"
             else:
-                status, ctype, body = "404 Not Found", "text/plain", b"try /metrics or /status\n"
+                path = parts[1].split("?")[0]
+                if path in ("/metrics", "/status"):
+                    snap = await self._snapshot(arrived)
+                    if snap is None:
+                        status, ctype, body = "503 Service Unavailable", "text/plain", b"replica busy\n"
+                    elif path == "/metrics":
+                        status, ctype = "200 OK", "text/plain; version=0.0.4; charset=utf-8"
+                        if snap.metrics_body is None:
+                            snap.metrics_body = generate_latest(_Families(snap.families))
+                        body = snap.metrics_body
+                    else:
+                        status, ctype = "200 OK", "application/json"
+                        if snap.status_body is None:
+                            snap.status_body = json.dumps(snap.status).encode() + b"\n"
+                        body = snap.status_body
+                else:
+                    status, ctype, body = "404 Not Found", "text/plain", b"try /metrics or /status\n"
             writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
                          f"Connection: close\r\n\r\n".encode() + body)
-            await writer.drain()
-        except (asyncio.TimeoutError, asyncio.LimitOverrunError, ValueError, ConnectionError):
+            async with asyncio.timeout(self.request_timeout_s):
+                await writer.drain()
+        except TimeoutError:
+            self._drop("http-timeout")
+        except (asyncio.LimitOverrunError, ValueError, ConnectionError, OSError):
+            self._drop("http-malformed")
+        except asyncio.CancelledError:
+            pass  # evicted, or the endpoint closes
+
+    async def _read_request(self, reader: asyncio.StreamReader) -> Optional[list[str]]:
+        """The request line's words, once the headers are in; None (counted) if malformed."""
+        total = 0
+        line = await reader.readline()
+        total += len(line)
+        parts = line.decode("latin-1").split()
+        while True:
+            h = await reader.readline()
+            total += len(h)
+            if total > HTTP_REQUEST_MAX_BYTES:
+                self._drop("http-too-large")
+                return None
+            if h in (b"\r\n", b"\n"):
+                return parts
+            if h == b"":
+                self._drop("http-malformed")
+                return None
+
+    async def _snapshot(self, after: float) -> Optional[_Snapshot]:
+        """A snapshot taken by the replica's loop at or after ``after`` (None if it cannot give one
+        within the request timeout)."""
+        loop = asyncio.get_running_loop()
+        deadline = after + self.request_timeout_s
+        while True:
+            snap = self.snap
+            if snap is not None and snap.taken >= after:
+                return snap
+            if time.monotonic() > deadline:
+                return None
+            if self.pending is None:
+                wait = self.last_asked + SNAPSHOT_MIN_INTERVAL_S - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    continue
+                self.pending = fut = loop.create_future()
+                self.last_asked = time.monotonic()
+                try:
+                    self.node_loop.call_soon_threadsafe(self._take, fut)
+                except RuntimeError:  # the replica's loop has ended
+                    self.pending = None
+                    return None
+            fut = self.pending
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await asyncio.shield(fut)
+            except TimeoutError:
+                return None
+
+    def _take(self, fut: asyncio.Future) -> None:
+        """On the replica's loop: read everything the endpoint serves, in one callback."""
+        taken = time.monotonic()
+        try:
+            snap = _Snapshot(taken, list(self.metrics.collect()), self.node.status())
+        except Exception:  # noqa: BLE001 - never let the endpoint hurt the replica
+            snap = None
+        try:
+            self.loop.call_soon_threadsafe(self._taken, fut, snap)
+        except RuntimeError:
             pass
-        finally:
-            writer.close()
+
+    def _taken(self, fut: asyncio.Future, snap: Optional[_Snapshot]) -> None:
+        if snap is not None:
+            self.snap = snap
+        if self.pending is fut:
+            self.pending = None
+        if not fut.done():
+            fut.set_result(snap)

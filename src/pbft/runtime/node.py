@@ -32,7 +32,8 @@ from ..state.store import LmdbStore, StoreError
 from .cluster import Cluster
 from .keys import NEWKEY_TAG, Identity, accept_newkey, fresh_key, make_newkey, now_timestamp_us
 from .metrics import HttpEndpoint, ReplicaMetrics
-from .transport import Counters, FrameConn, OutLink, TokenBucket, frame
+from .transport import (AUTH_CLIENT, AUTH_REPLICA, Counters, FrameConn, InboundGuard, InboundLimits, OutLink,
+                        TokenBucket, client_frame_bytes_max, frame)
 
 FIXARRAY5 = 0x95  # msgpack header of a 5-element array: every frame starts with it
 LOGGED_EVENTS = frozenset({"view-change", "new-view", "stable", "state-transfer", "checkpoint-mismatch", "fetch",
@@ -92,7 +93,15 @@ class ReplicaNode:
         self.client_conn: dict[int, FrameConn] = {}
         self.newkey_ts: dict[int, int] = {}
         self.my_newkey: Optional[bytes] = None
+        self.my_keys: dict[int, bytes] = {}  # the keys my_newkey carries
+        self.my_newkey_ts = 0
         self.inbound: set[FrameConn] = set()
+        self.replica_conn: dict[int, FrameConn] = {}  # the inbound connection each replica authenticated
+        self.client_frame_max = client_frame_bytes_max(self.cfg)
+        rt = self.rt
+        self.guard = InboundGuard(self.counters, InboundLimits(
+            rt.unauthenticated_timeout_s, rt.idle_timeout_s, rt.frame_timeout_s, rt.partial_frames_bytes_max,
+            self.client_frame_max))
         self.flush_pending = False
         self.timer: Optional[asyncio.TimerHandle] = None
         self.timer_at: Optional[float] = None
@@ -174,11 +183,11 @@ class ReplicaNode:
                            self.rt.reconnect_min_s, self.rt.reconnect_max_s)
             self.links[r.id] = link
             link.start()
-        self.http = HttpEndpoint(self.metrics)
+        self.http = HttpEndpoint(self.metrics, self.rt)
         try:
-            await self.http.start(me.host, me.metrics_port)
+            self.http.start(me.metrics_host, me.metrics_port)
         except OSError as e:
-            raise ConfigError(f"replica {self.id} cannot serve metrics on {me.host}:{me.metrics_port}: "
+            raise ConfigError(f"replica {self.id} cannot serve metrics on {me.metrics_host}:{me.metrics_port}: "
                               f"{e.strerror or e}") from None
         self.loop.call_later(self._refresh_delay(), self._periodic_refresh)
         if self.cluster.recovery.period_s > 0:
@@ -188,7 +197,8 @@ class ReplicaNode:
         if os.environ.get("PBFT_FAULT_INJECTION") == "1":  # tests only: SIGUSR2 corrupts memory
             self.loop.add_signal_handler(signal.SIGUSR2, self._inject_memory_corruption)
         self._rearm()
-        self._log("started", host=me.host, port=me.port, metrics_port=me.metrics_port, n=self.cfg.n, f=self.cfg.f)
+        self._log("started", host=me.host, port=me.port, metrics_host=me.metrics_host, metrics_port=me.metrics_port,
+                  n=self.cfg.n, f=self.cfg.f)
 
     async def run(self) -> None:
         await self.start()
@@ -200,6 +210,7 @@ class ReplicaNode:
             link.stop()
         if self.server is not None:
             self.server.close()
+        self.guard.stop()
         for c in list(self.inbound):
             c.close()
         if self.http is not None:
@@ -289,24 +300,39 @@ class ReplicaNode:
     def _accept(self) -> FrameConn:
         conn = self._make_conn()
         if len(self.inbound) >= self.rt.connections_max:
-            self.counters.drop("connection-limit")
-            conn.meta["reject"] = True
-            self.loop.call_soon(conn.close)
-        else:
-            self.inbound.add(conn)
-            self.counters.connections_accepted += 1
+            # a full table makes room by closing its oldest connection that never authenticated
+            # (idle sockets cannot lock correct clients out); authenticated ones are never evicted
+            victim = self.guard.oldest_unauthenticated()
+            if victim is None:
+                self.counters.drop("connection-limit")
+                conn.meta["reject"] = True
+                self.loop.call_soon(conn.close)
+                return conn
+            self.counters.drop("connection-evicted")
+            self.inbound.discard(victim)
+            victim.close()
+        self.inbound.add(conn)
+        self.guard.add(conn)
+        self.counters.connections_accepted += 1
         return conn
 
     def _on_lost(self, conn: FrameConn) -> None:
         self.inbound.discard(conn)
+        for j, c in list(self.replica_conn.items()):
+            if c is conn:
+                del self.replica_conn[j]
         for c in conn.meta.get("clients", ()):
             if self.client_conn.get(c) is conn:
                 del self.client_conn[c]
 
     def _on_link_up(self, link: OutLink) -> None:
-        # the peer may have restarted and lost our keys: tell it again which keys to use
-        if self.my_newkey is not None:
-            link.conn.send(frame(self.my_newkey))
+        # the peer may have restarted and lost our keys: tell it again which keys to use, with a
+        # fresh timestamp (a NewKey it already accepted would be stale: the new connection would
+        # stay unauthenticated on its side)
+        j = next((r for r, lk in self.links.items() if lk is link), None)
+        if j is not None and j in self.my_keys:
+            link.conn.send(frame(make_newkey(self.identity, self.cluster.public, {j: self.my_keys[j]},
+                                             self._newkey_timestamp())))
 
     # ---- keys ---------------------------------------------------------------
     def _refresh_delay(self) -> float:
@@ -325,12 +351,18 @@ class ReplicaNode:
                 k = fresh_key()
                 keys[j] = k
                 self.ring.in_keys[j] = k
-        self.my_newkey = make_newkey(self.identity, self.cluster.public, keys, now_timestamp_us())
+        self.my_keys = keys
+        self.my_newkey = make_newkey(self.identity, self.cluster.public, keys, self._newkey_timestamp())
         if broadcast:
             data = frame(self.my_newkey)
             for link in self.links.values():
                 link.send(data, self.counters)
         self.metrics.key_refreshes += 1
+
+    def _newkey_timestamp(self) -> int:
+        """Timestamps of my NewKeys grow strictly, whatever the wall clock does."""
+        self.my_newkey_ts = max(now_timestamp_us(), self.my_newkey_ts + 1)
+        return self.my_newkey_ts
 
     def _on_newkey(self, conn: FrameConn, raw: bytes) -> None:
         now = time.monotonic()
@@ -350,7 +382,16 @@ class ReplicaNode:
         self.metrics.newkeys_accepted += 1
         if sender < self.cfg.n:
             self.ring.out_keys[sender] = k
+            if conn.guard is not None:
+                # one authenticated connection per replica: its older one (a link it gave up) goes
+                old = self.replica_conn.get(sender)
+                if old is not None and old is not conn:
+                    self.counters.drop("connection-replaced")
+                    old.close()
+                self.replica_conn[sender] = conn
+                conn.authenticate(AUTH_REPLICA)
         else:
+            conn.authenticate(AUTH_CLIENT, self.client_frame_max)
             c = sender
             self.ring.in_keys[c] = k[:KEY_SIZE]
             self.ring.out_keys[c] = k[KEY_SIZE:]

@@ -17,6 +17,21 @@ one bad or slow peer from hurting the others:
   ``send_queue_bytes_max`` drops new frames (``send-queue-full``) until the
   peer drains it; frames to a peer that is not connected are dropped
   (``peer-down``) and the protocol's retransmission recovers;
+* a server guards its inbound connections with an ``InboundGuard``
+  (``InboundLimits``): a connection starts *unauthenticated* and its owner
+  raises it with ``FrameConn.authenticate`` once a valid NewKey arrived on it.
+  Until then it may not announce a frame above the client bound (counted
+  ``unauthenticated-frame-too-large``), and it is closed after
+  ``unauthenticated_timeout_s`` without a byte or with a frame still
+  incomplete (``idle-timeout``, ``slow-frame-timeout``); authenticated
+  connections get ``idle_timeout_s`` and ``frame_timeout_s``.  The bytes
+  that all guarded connections hold in buffers are bounded
+  (``partial_frames_bytes_max``): past it the least-trusted holders are
+  closed first (``partial-frame-memory``); a replica's connection is never
+  closed for it (there is at most one per replica, each bounded by the frame
+  limit).  A full connection table makes room by closing its oldest
+  unauthenticated connection (``connection-evicted``), never an
+  authenticated one;
 * outbound links reconnect with exponential backoff; a connection attempt
   that gets no answer is abandoned after ``CONNECT_TIMEOUT_S`` and retried
   (a SYN dropped by a partition is otherwise retransmitted by the kernel at
@@ -28,9 +43,18 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+from dataclasses import dataclass
 from typing import Callable, Optional
 
+from ..crypto import MAC_SIZE
+from .keys import NEWKEY_MAX_BYTES
+
 CONNECT_TIMEOUT_S = 2.0
+
+# how far a connection is trusted (``FrameConn.auth``)
+UNAUTHENTICATED = 0
+AUTH_CLIENT = 1  # a client's NewKey was accepted on it
+AUTH_REPLICA = 2  # a replica's NewKey was accepted on it
 
 _LEN = struct.Struct(">I")
 pack_len = _LEN.pack
@@ -77,11 +101,143 @@ class TokenBucket:
         return False
 
 
+def client_frame_bytes_max(cfg) -> int:
+    """The largest frame a correct client sends: a NewKey, or a request (its operation, an
+    authenticator of one MAC per replica, and at most 45 bytes of msgpack framing, rounded up)."""
+    return max(NEWKEY_MAX_BYTES, cfg.request_size_bytes_max + MAC_SIZE * cfg.n + 256)
+
+
+@dataclass(frozen=True)
+class InboundLimits:
+    """What a server's inbound connections may hold and for how long (``[runtime]`` keys of the
+    same names; ``unauthenticated_frame_bytes_max`` is ``client_frame_bytes_max``)."""
+
+    unauthenticated_timeout_s: float = 10.0
+    idle_timeout_s: float = 600.0
+    frame_timeout_s: float = 30.0
+    partial_frames_bytes_max: int = 64 << 20
+    unauthenticated_frame_bytes_max: int = 64 << 10
+
+
+class InboundGuard:
+    """Timeouts and memory bounds of a server's inbound connections (see the module notes).
+
+    ``add`` a connection when it is accepted; it leaves the guard when it closes.  A timer
+    sweeps the connections a few times per timeout; a sweep that runs late (the event loop was
+    busy) credits the delay to every connection, so a stall of the process itself closes
+    nothing."""
+
+    def __init__(self, counters: Counters, limits: InboundLimits):
+        self.counters = counters
+        self.limits = limits
+        self.conns: dict["FrameConn", None] = {}  # in order of arrival: the first is the oldest
+        self.held = 0  # bytes buffered by all guarded connections
+        self.loop = asyncio.get_event_loop()
+        self.period = min(1.0, max(0.02, min(limits.unauthenticated_timeout_s, limits.idle_timeout_s,
+                                             limits.frame_timeout_s) / 4))
+        self.last_sweep = self.loop.time()
+        self.timer: Optional[asyncio.TimerHandle] = None
+        self.stopped = False
+
+    def add(self, conn: "FrameConn") -> None:
+        now = self.loop.time()
+        conn.guard = self
+        conn.auth = UNAUTHENTICATED
+        conn.full_max_frame = conn.max_frame
+        conn.max_frame = min(conn.max_frame, self.limits.unauthenticated_frame_bytes_max)
+        conn.rx_at = now
+        self.conns[conn] = None
+        if self.timer is None and not self.stopped:
+            self.last_sweep = now
+            self.timer = self.loop.call_later(self.period, self._sweep)
+
+    def release(self, conn: "FrameConn") -> None:
+        """``conn`` closed: forget it and the bytes it held."""
+        self.held -= conn.held
+        conn.held = 0
+        self.conns.pop(conn, None)
+
+    def oldest_unauthenticated(self) -> Optional["FrameConn"]:
+        for c in self.conns:
+            if c.auth == UNAUTHENTICATED and not c.closed:
+                return c
+        return None
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def account(self, conn: "FrameConn") -> None:
+        """After ``conn`` received or handled bytes: its clock, its partial frame, the memory."""
+        now = self.loop.time()
+        conn.rx_at = now
+        held = len(conn.buf) - conn.off
+        if held == 0:
+            conn.frame_at = None
+        elif conn.frame_at is None or conn.frame_mark != conn.nframes:
+            conn.frame_at = now  # a new frame began
+            conn.frame_mark = conn.nframes
+        delta = held - conn.held
+        conn.held = held
+        self.held += delta
+        if delta > 0 and self.held > self.limits.partial_frames_bytes_max:
+            self._over(conn)
+
+    def _over(self, conn: "FrameConn") -> None:
+        # free memory from the connections less trusted than ``conn`` (unauthenticated ones also
+        # from each other), oldest first: a correct client's frames complete at once and rarely
+        # hold anything, what has been held longest is the likeliest attack.  A replica's connection
+        # is bounded on its own and keeps its bytes; anybody else closes if that was not enough
+        limit = self.limits.partial_frames_bytes_max
+        for level in range(UNAUTHENTICATED, max(conn.auth, UNAUTHENTICATED + 1)):
+            for c in [c for c in self.conns if c.auth == level and c.held > 0 and c is not conn]:
+                self.counters.drop("partial-frame-memory")
+                c.close()
+                if self.held <= limit:
+                    return
+        if conn.auth < AUTH_REPLICA:
+            self.counters.drop("partial-frame-memory")
+            conn.close()
+
+    def _sweep(self) -> None:
+        self.timer = None
+        if self.stopped:
+            return
+        now = self.loop.time()
+        stall = now - self.last_sweep - self.period
+        self.last_sweep = now
+        lim = self.limits
+        victims = []
+        for c in self.conns:
+            if c.closed:
+                continue
+            if stall > 0.1:  # the loop could not run: nobody could send us anything meanwhile
+                c.rx_at += stall
+                if c.frame_at is not None:
+                    c.frame_at += stall
+            if c.auth == UNAUTHENTICATED:
+                idle, slow = lim.unauthenticated_timeout_s, lim.unauthenticated_timeout_s
+            else:
+                idle, slow = lim.idle_timeout_s, lim.frame_timeout_s
+            if now - c.rx_at > idle:
+                victims.append((c, "idle-timeout"))
+            elif c.frame_at is not None and now - c.frame_at > slow:
+                victims.append((c, "slow-frame-timeout"))
+        for c, reason in victims:
+            self.counters.drop(reason)
+            c.close()
+        if self.conns or victims:
+            self.timer = self.loop.call_later(self.period, self._sweep)
+
+
 class FrameConn(asyncio.Protocol):
     """One TCP connection.  ``on_frame(conn, raw)`` is called for every complete frame."""
 
     __slots__ = ("on_frame", "on_lost", "counters", "max_frame", "budget", "send_max", "transport",
-                 "buf", "off", "closed", "paused", "peer", "loop", "meta")
+                 "buf", "off", "closed", "paused", "peer", "loop", "meta",
+                 "guard", "auth", "full_max_frame", "held", "rx_at", "frame_at", "frame_mark", "nframes")
 
     def __init__(self, on_frame: Callable, counters: Counters, max_frame: int, budget: int, send_max: int,
                  on_lost: Optional[Callable] = None):
@@ -99,6 +255,24 @@ class FrameConn(asyncio.Protocol):
         self.peer = None
         self.loop = asyncio.get_event_loop()
         self.meta: dict = {}  # owner's per-connection data
+        self.guard: Optional[InboundGuard] = None
+        self.auth = UNAUTHENTICATED
+        self.full_max_frame = max_frame
+        self.held = 0
+        self.rx_at = 0.0
+        self.frame_at: Optional[float] = None
+        self.frame_mark = 0
+        self.nframes = 0
+
+    def authenticate(self, level: int, max_frame: Optional[int] = None) -> None:
+        """The owner checked a NewKey that came on this connection: trust it at ``level``
+        (``AUTH_CLIENT`` or ``AUTH_REPLICA``; never lowered) and accept frames up to
+        ``max_frame`` (by default the limit the connection was made with)."""
+        if level > self.auth:
+            self.auth = level
+        cap = self.full_max_frame if max_frame is None else min(max_frame, self.full_max_frame)
+        if cap > self.max_frame:
+            self.max_frame = cap
 
     # ---- asyncio.Protocol ---------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -115,6 +289,8 @@ class FrameConn(asyncio.Protocol):
         self.closed = True
         self.buf = bytearray()
         self.off = 0
+        if self.guard is not None:
+            self.guard.release(self)
         if self.on_lost is not None:
             self.on_lost(self)
 
@@ -128,6 +304,8 @@ class FrameConn(asyncio.Protocol):
             self.buf += data
         if not self.paused:
             self._drain()
+        if self.guard is not None and not self.closed:
+            self.guard.account(self)
 
     # ---- frames -------------------------------------------------------------
     def _drain(self) -> None:
@@ -140,13 +318,16 @@ class FrameConn(asyncio.Protocol):
         while end - off >= 4:
             (n,) = _LEN.unpack_from(buf, off)
             if n > self.max_frame:
-                self.counters.drop("oversized-frame")
+                self.counters.drop("oversized-frame" if n > self.full_max_frame else
+                                   "unauthenticated-frame-too-large" if self.auth == UNAUTHENTICATED else
+                                   "client-frame-too-large")
                 self.close()
                 return
             if end - off - 4 < n:
                 break
             if handled >= budget:
                 self.counters.frames_in += handled
+                self.nframes += handled
                 # yield to other connections; resume on the next loop turn
                 self.off = off
                 if not self.paused:
@@ -161,6 +342,7 @@ class FrameConn(asyncio.Protocol):
             if self.closed:
                 return
         self.counters.frames_in += handled
+        self.nframes += handled
         if off == end:
             self.buf = bytearray()
             self.off = 0
@@ -176,6 +358,8 @@ class FrameConn(asyncio.Protocol):
         self.paused = False
         self.transport.resume_reading()
         self._drain()
+        if self.guard is not None and not self.closed:
+            self.guard.account(self)
 
     def send(self, data: bytes) -> bool:
         """Queue already-framed bytes; False (and counted) if dropped."""
@@ -193,6 +377,11 @@ class FrameConn(asyncio.Protocol):
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            if self.guard is not None:
+                # the buffered bytes go now, not when the loop gets round to connection_lost
+                self.buf = bytearray()
+                self.off = 0
+                self.guard.release(self)
             if self.transport is not None:
                 self.transport.close()
 

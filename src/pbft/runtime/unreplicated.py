@@ -15,7 +15,7 @@ from ..messages import Reply, Request
 from ..service import Service
 from .cluster import Cluster
 from .keys import NEWKEY_TAG, Identity, accept_newkey
-from .transport import Counters, FrameConn, frame
+from .transport import AUTH_CLIENT, Counters, FrameConn, InboundGuard, InboundLimits, client_frame_bytes_max, frame
 
 
 class UnreplicatedServer:
@@ -36,6 +36,12 @@ class UnreplicatedServer:
         self.pending: dict[FrameConn, list[bytes]] = {}
         self.flush_pending = False
         self.stopping = asyncio.Event()
+        rt = cluster.runtime
+        self.client_frame_max = client_frame_bytes_max(self.cfg)
+        # the replicas' limits on inbound connections (the server has clients only)
+        self.guard = InboundGuard(self.counters, InboundLimits(
+            rt.unauthenticated_timeout_s, rt.idle_timeout_s, rt.frame_timeout_s, rt.partial_frames_bytes_max,
+            self.client_frame_max))
 
     async def start(self) -> None:
         me = self.cluster.replicas[0]
@@ -43,12 +49,15 @@ class UnreplicatedServer:
                                                                    reuse_address=True, backlog=512)
 
     def close(self) -> None:
+        self.guard.stop()
         if self.server is not None:
             self.server.close()
 
     def _make_conn(self) -> FrameConn:
-        return FrameConn(self._on_frame, self.counters, self.cfg.message_size_bytes_max + 1024,
+        conn = FrameConn(self._on_frame, self.counters, self.client_frame_max,
                          64, self.cluster.runtime.send_queue_bytes_max)
+        self.guard.add(conn)
+        return conn
 
     def _on_frame(self, conn: FrameConn, raw: bytes) -> None:
         if len(raw) > 1 and raw[1] == NEWKEY_TAG:
@@ -61,6 +70,7 @@ class UnreplicatedServer:
             self.ring.in_keys[c] = k[:KEY_SIZE]
             self.ring.out_keys[c] = k[KEY_SIZE:]
             self.client_conn[c] = conn
+            conn.authenticate(AUTH_CLIENT)
             return
         try:
             fr = self.codec.open_frame(raw)
