@@ -445,10 +445,11 @@ class BFSService(ObjectService):
         u[1] += chunks
 
     def _new(self, cr, pino, name, mode: int, rdev: int = 0, target: bytes = b"") -> tuple[int, list]:
-        p = self._dirnode(pino, cr, 3)
+        p = self._dirnode(pino, cr, 1)
         name = self._name(name)
         if self._entry(pino, name) is not None:
             _fail(E.EEXIST)
+        self._need(p, cr, 2)
         sb = self._sbl()
         if sb[SB_INODES] >= self.cfg.inodes_max:
             _fail(E.ENOSPC)
@@ -757,16 +758,17 @@ class BFSService(ObjectService):
 
     def op_link(self, cr, ino, pino, name):
         n = self._node(ino)
+        p = self._dirnode(pino, cr, 0)
+        name = self._name(name)
+        if self._entry(pino, name) is not None:
+            _fail(E.EEXIST)
+        self._need(p, cr, 3)
         if S.S_ISDIR(n[I_MODE]):
             _fail(E.EPERM)
         if n[I_NLINK] == 0:
             _fail(E.ENOENT)
         if n[I_NLINK] >= NLINK_MAX:
             _fail(E.EMLINK)
-        p = self._dirnode(pino, cr, 3)
-        name = self._name(name)
-        if self._entry(pino, name) is not None:
-            _fail(E.EEXIST)
         self._insert(pino, name, ino)
         n[I_NLINK] += 1
         self._stamp(n, m=False)

@@ -1,0 +1,108 @@
+"""`pbft attack`: a short run of a few attack classes against a real local cluster, and its pieces.
+
+The run asserts only what cannot flake on a loaded machine: no replica exits, every acknowledged
+write of the correct workload reads back, every replica stays under the RSS limit, and under each
+attack a drop counter of a relevant reason rose.  Throughput floors are reported by the command,
+never asserted here.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pbft.attack import ATTACKS, FLOORS, RSS_LIMIT_MIB, parse_attacks
+from pbft.attack.run import counter_deltas, parse_metrics
+from pbft.config import ConfigError
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+# attack -> drop reasons (any layer) of which at least one must rise beyond its quiet-window rate.
+# Any one of them will do, so that a defence renaming or refining a reason does not break the test;
+# every reason listed exists in the code.
+EXPECTED_REASONS = {
+    "garbage": {"malformed", "oversized-frame", "bad-frame", "bad-tag", "newkey-malformed",
+                "unauthenticated-frame-too-large", "connection-closed-unauthenticated"},
+    "forged-client-mac": {"bad-mac", "spoofed-client", "newkey-bad-signature"},
+    "replay": {"newkey-stale", "newkey-rate-limited", "request-old-timestamp", "request-duplicate",
+               "request-late-copy", "request-retransmitted", "spoofed-client"},
+    "conn-flood": {"connection-limit", "connection-evicted", "idle-timeout"},
+    "replica-vouch-flood": {"vouch-unknown-dropped", "vouch-duplicate"},
+}
+QUICK = list(EXPECTED_REASONS)
+
+
+def run_attack(*args, timeout=240):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "pbft.cli", "attack", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_short_attack_run():
+    p = run_attack("--attacks", ",".join(QUICK), "--duration-s", "3", "--quiet-s", "1.5", "--json")
+    assert p.stdout.strip(), p.stderr
+    out = json.loads(p.stdout)  # stdout holds exactly one JSON object
+    assert p.returncode == 0, (out.get("replica_exits"), out.get("workload"), p.stderr[-2000:])
+    assert out["ok"] and not out["replica_exits"]
+    assert out["replicas_alive_at_end"] == 4
+    w = out["workload"]
+    assert w["wrong_results"] == 0 and not w["unverified"], w
+    assert w["verified_clients"] == out["clients"]
+    assert w["acknowledged_writes"] > 0
+    assert [a["attack"] for a in out["attacks"]] == [n for n in parse_attacks("all") if n in QUICK]
+    for a in out["attacks"]:
+        name = a["attack"]
+        assert a["error"] is None, (name, a["error"])
+        assert a["replicas_alive"] == a["replicas_expected"], name
+        assert a["replicas_expected"] == (3 if a["class"] == "replica" else 4), name
+        assert a["rss_peak_mib"] is not None and a["rss_peak_mib"] < RSS_LIMIT_MIB, (name, a["memory"])
+        rose = {k.split(":", 1)[1] for k, v in a["drops"].items() if v > 0}
+        assert rose & EXPECTED_REASONS[name], (name, a["drops"], a["drops_raw"])
+        assert a["floor"] == FLOORS[a["class"]]
+        assert a["verdict"] in ("PASS", "FAIL")
+    by = {a["attack"]: a for a in out["attacks"]}
+    assert by["replica-vouch-flood"]["attacker"]["checks"]["keys_exchanged"] is True
+    assert by["conn-flood"]["attacker"]["sent"]["connections"] > 1024  # beyond connections_max
+    assert by["replay"]["attacker"]["checks"]["captured_bytes"] > 0
+
+
+def test_list_and_bad_arguments():
+    p = run_attack("--list", timeout=60)
+    assert p.returncode == 0
+    assert [line.split()[0] for line in p.stdout.splitlines()] == [a[0] for a in ATTACKS]
+    p = run_attack("--attacks", "garbage,no-such-attack", timeout=60)
+    assert p.returncode == 2 and "unknown attack 'no-such-attack'" in p.stderr
+    p = run_attack("--duration-s", "0", timeout=60)
+    assert p.returncode == 2 and "--duration-s" in p.stderr
+
+
+def test_parse_attacks():
+    assert parse_attacks("all") == [a[0] for a in ATTACKS]
+    # canonical order whatever the order given; classes expand
+    assert parse_attacks("replay,garbage") == ["garbage", "replay"]
+    assert parse_attacks("client") == ["client-flood"]
+    assert all(n.startswith("replica-") for n in parse_attacks("replica"))
+    with pytest.raises(ConfigError):
+        parse_attacks("garbage,nope")
+
+
+def test_metrics_parsing_and_deltas():
+    text = "\n".join([
+        "# HELP pbft_dropped_messages_total Messages dropped",
+        'pbft_dropped_messages_total{layer="transport",reason="malformed",replica="0"} 5.0',
+        'pbft_dropped_messages_total{layer="protocol",reason="bad-mac",replica="0"} 2.0',
+        'pbft_frames_received_total{replica="0"} 12.0',
+        'pbft_view{replica="0"} 3.0',  # a gauge: not a counter
+        'pbft_request_latency_seconds_bucket{le="0.001",replica="0"} 7.0',
+    ])
+    m = parse_metrics(text)
+    assert m == {"drop:transport:malformed": 5.0, "drop:protocol:bad-mac": 2.0, "pbft_frames_received": 12.0}
+    s0 = {"t": 0.0, "r": {0: {"metrics": m}, 1: {"metrics": None}}}
+    m1 = dict(m, **{"drop:transport:malformed": 9.0, "drop:transport:idle-timeout": 1.0})
+    s1 = {"t": 1.0, "r": {0: {"metrics": m1}, 1: {"metrics": {"drop:transport:malformed": 100.0}}}}
+    # replica 1 did not answer the first time: it is left out rather than counted from zero
+    assert counter_deltas(s0, s1) == {"drop:transport:malformed": 4.0, "drop:transport:idle-timeout": 1.0}
