@@ -270,8 +270,7 @@ class Supervisor:
         self.workload_lines: Optional[Lines] = None
 
     def note(self, text: str) -> None:
-        if not self.args.json or sys.stderr.isatty():
-            print(f"pbft attack: {text}", file=sys.stderr, flush=True)
+        print(f"pbft attack: {text}", file=sys.stderr, flush=True)
 
     # ---- cluster ------------------------------------------------------------
     def start_replica(self, i: int) -> subprocess.Popen:
@@ -426,6 +425,8 @@ class Supervisor:
             rec["t_end"] = rec["t_end"] or t_exit
         if rec["summary"] and rec["summary"].get("error"):
             rec["error"] = rec["summary"]["error"]
+        self.check_processes()
+        rec["alive"] = [i for i in self.live_ids() if self.procs[i].poll() is None]
         snap1 = self.snapshot()
         rec["t_exit"] = t_exit
         rec["snap"] = (snap0, snap1)
@@ -504,7 +505,7 @@ class Supervisor:
             s0, s1 = rec["snap"]
             snap0, snap1 = s0["r"], s1["r"]
             mem = self.sampler.peaks(rec["t_spawn"], rec["t_exit"] + 1.0)
-            alive = [i for i in snap1 if self.procs[i].poll() is None]
+            alive = rec["alive"]
             answering = [i for i in snap1 if snap1[i]["status"] is not None]
             raw = counter_deltas(s0, s1)
             q0, q1 = rec["before"]["snaps"]
