@@ -13,10 +13,10 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { \
 	  echo "python3-venv missing: installing it with apt-get"; \
 	  apt-get update -qq && apt-get install -y -qq python3-venv; }
+	@bash scripts/ensure-system-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
-	@bash scripts/ensure-system-deps.sh
 	@touch $(STAMP)
 
 demo: install

@@ -1,28 +1,35 @@
 #!/usr/bin/env bash
-# System tools the tests use (tests/test_netns.py builds network namespaces):
-# `ip` (iproute2) and a packet filter (`iptables`, or `nft`).  Installs only
-# what is missing, quietly, with apt-get.  Never fails the build: without
-# these tools (or without root) the tests that need them skip, saying why.
+# System packages the build and the tests need, installed (quietly, with apt-get) only when
+# missing.  Runs BEFORE pip: pyfuse3 is built against libfuse 3.
+#  - fuse3, libfuse3-dev, pkg-config: pyfuse3 (the BFS mount, `pbft mount`) compiles against
+#    libfuse3 and mounts with fusermount3;
+#  - `ip` (iproute2) and a packet filter (`iptables`, or `nft`): tests/test_netns.py.
+# Never fails the build: without these (or without root) the tests that need them skip,
+# saying why; without libfuse3-dev the pip install of pyfuse3 fails and says so.
 set -u
 export PATH="$PATH:/usr/sbin:/sbin"
 
 have() { command -v "$1" >/dev/null 2>&1; }
 
 missing=()
+have pkg-config || missing+=(pkg-config)
+have fusermount3 || missing+=(fuse3)
+{ have pkg-config && pkg-config --exists fuse3; } || missing+=(libfuse3-dev)
 have ip || missing+=(iproute2)
 have iptables || have nft || missing+=(iptables)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" != 0 ] || ! have apt-get; then
-  echo "note: ${missing[*]} missing (not root or no apt-get): the network-namespace tests will skip" >&2
+  echo "note: ${missing[*]} missing (not root or no apt-get): install them (the FUSE mount needs fuse3," \
+       "libfuse3-dev and pkg-config to build pyfuse3; the network-namespace tests skip without iproute2)" >&2
   exit 0
 fi
-echo "installing ${missing[*]} with apt-get (for the network-namespace tests)" >&2
+echo "installing ${missing[*]} with apt-get" >&2
 export DEBIAN_FRONTEND=noninteractive
 out=$(mktemp)
 if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >"$out" 2>&1; then
   cat "$out" >&2
-  echo "warning: could not install ${missing[*]}: the network-namespace tests will skip" >&2
+  echo "warning: could not install ${missing[*]}" >&2
 fi
 rm -f "$out"
 exit 0

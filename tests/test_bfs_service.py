@@ -468,13 +468,17 @@ root = false
 uids = "*"
 root = true
 bytes_max = 1048576
+[bfs.client.8-9]
+root = true
 """)
     cfg = parse_bfs_section(doc["bfs"])
     assert cfg.inodes_max == 100 and cfg.root_mode == 0o1777
     assert cfg.policy(5).root and cfg.policy(5).bytes_max == 1 << 20 and cfg.policy(5).uids is None
     assert cfg.policy(7).uids == frozenset({1000, 1001}) and not cfg.policy(7).root
+    assert cfg.policy(8).root and cfg.policy(9).root and not cfg.policy(10).root
     for bad in ({"inodes_max": 0}, {"nope": 1}, {"client": {"x": {}}}, {"client": {"5": {"root": 1}}},
-                {"client": {"5": {"uids": "some"}}}, {"root_mode": 0o17777}):
+                {"client": {"5": {"uids": "some"}}}, {"root_mode": 0o17777},
+                {"client": {"9-5": {}}}):
         with pytest.raises(ConfigError):
             parse_bfs_section(bad)
     from pbft.services.bfs.config import DEFAULT_SECTION

@@ -15,13 +15,19 @@ import urllib.request
 from .config import ConfigError
 
 
-def load_service(spec: str, cfg=None):
-    """``kv`` or ``module:Class`` (a ``pbft.Service`` subclass constructed without arguments)."""
+def load_service(spec: str, cfg=None, cluster_dir=None):
+    """``kv``, ``bfs`` or ``module:Class`` (a ``pbft.Service`` subclass constructed without arguments).
+
+    ``bfs`` reads its limits and client policy from the ``[bfs]`` section of
+    ``cluster_dir/cluster.toml`` (docs/bfs.md)."""
     if spec == "kv":
         from .services.kv import KVService
         return KVService(skew_ms=cfg.nondet_skew_ms_max) if cfg is not None else KVService()
+    if spec == "bfs":
+        from .services.bfs import BFSConfig, BFSService, load_bfs_config
+        return BFSService(load_bfs_config(cluster_dir) if cluster_dir is not None else BFSConfig())
     if ":" not in spec:
-        raise ConfigError(f"unknown service {spec!r}: use 'kv' or 'module:Class'")
+        raise ConfigError(f"unknown service {spec!r}: use 'kv', 'bfs' or 'module:Class'")
     mod, _, cls = spec.partition(":")
     try:
         m = importlib.import_module(mod)
@@ -40,7 +46,14 @@ def cmd_init(args) -> int:
     from .runtime.cluster import init_cluster
 
     hosts = [h.strip() for h in args.hosts.split(",")] if args.hosts else None
-    c = init_cluster(args.dir, args.replicas, args.faults, hosts, args.base_port, args.clients, force=args.force)
+    service = getattr(args, "service", None)
+    clients = args.clients if args.clients is not None else (8 if service == "bfs" else 4)
+    c = init_cluster(args.dir, args.replicas, args.faults, hosts, args.base_port, clients, force=args.force)
+    if service == "bfs":
+        from .services.bfs.config import DEFAULT_SECTION
+        with open(c.dir / "cluster.toml", "a") as fh:
+            fh.write(DEFAULT_SECTION)
+        print(f"added a [bfs] section (limits, client policy) to {c.dir / 'cluster.toml'}: see docs/bfs.md")
     print(f"wrote {c.dir / 'cluster.toml'}: {c.n} replicas (f={c.cfg.f}), {len(c.client_ids)} clients "
           f"(ids {c.client_ids[0]}..{c.client_ids[-1]}); private keys in {c.dir / 'keys'} (mode 0600)")
     for r in c.replicas:
@@ -57,7 +70,7 @@ def cmd_replica(args) -> int:
     cluster = load_cluster(args.dir)
     if not 0 <= args.id < cluster.n:
         raise ConfigError(f"--id must be a replica id 0..{cluster.n - 1}, got {args.id}")
-    service = load_service(args.service, cluster.cfg)
+    service = load_service(args.service, cluster.cfg, cluster.dir)
     run_replica(cluster, args.id, service, quiet=args.quiet, recover=args.recover)
     return 0
 
@@ -77,7 +90,7 @@ def cmd_up(args) -> int:
     from .runtime.cluster import load_cluster
 
     cluster = load_cluster(args.dir)
-    load_service(args.service)  # fail here, once, rather than in every child
+    load_service(args.service, cluster.cfg, cluster.dir)  # fail here, once, rather than in every child
     procs = {r.id: spawn_replica(args.dir, r.id, args.service, args.quiet) for r in cluster.replicas}
     print(f"pbft up: {len(procs)} replicas running (pids {', '.join(str(p.pid) for p in procs.values())}); "
           f"Ctrl-C stops them", file=sys.stderr)
@@ -235,14 +248,16 @@ def add_commands(sub) -> None:
     i.add_argument("--faults", type=int, default=None, help="f (default: the largest (n-1)//3)")
     i.add_argument("--hosts", default=None, help="comma list of hosts, assigned to replicas in turn (default 127.0.0.1)")
     i.add_argument("--base-port", type=int, default=7000, help="replica i listens on base+i, metrics on base+100+i")
-    i.add_argument("--clients", type=int, default=4, help="client identities to create")
+    i.add_argument("--clients", type=int, default=None, help="client identities to create (default 4; 8 with --service bfs)")
     i.add_argument("--force", action="store_true", help="overwrite an existing cluster.toml")
+    i.add_argument("--service", default=None, choices=["bfs"],
+                   help="bfs: also write the file system's [bfs] section (docs/bfs.md)")
     i.set_defaults(func=cmd_init)
 
     r = sub.add_parser("replica", help="run one replica in the foreground")
     r.add_argument("dir")
     r.add_argument("--id", type=int, required=True)
-    r.add_argument("--service", default="kv", help="'kv' or module:Class")
+    r.add_argument("--service", default="kv", help="'kv', 'bfs' or module:Class")
     r.add_argument("--quiet", action="store_true", help="no log lines")
     r.add_argument("--recover", action="store_true",
                    help="start with a proactive recovery (what a reboot by the watchdog or `pbft recover` does)")
@@ -255,9 +270,12 @@ def add_commands(sub) -> None:
 
     u = sub.add_parser("up", help="run every replica of the cluster file on this machine (Ctrl-C stops)")
     u.add_argument("dir")
-    u.add_argument("--service", default="kv")
+    u.add_argument("--service", default="kv", help="'kv', 'bfs' or module:Class")
     u.add_argument("--quiet", action="store_true")
     u.set_defaults(func=cmd_up)
+
+    from .services.bfs.cli import add_bfs_commands
+    add_bfs_commands(sub)
 
     k = sub.add_parser("kv", help="a client of the key-value service")
     k.add_argument("dir")

@@ -22,6 +22,9 @@
     uids = [1000, 1001]
     root = true
 
+    [bfs.client.6-9]              # client identities 6 to 9 (one mount uses several)
+    uids = "*"
+
 Every replica must read the same section (the file is the same on every machine); a
 replica with a different policy would compute different results and be outvoted.
 """
@@ -130,11 +133,17 @@ def parse_bfs_section(t) -> BFSConfig:
                 if name == "default":
                     kw["default"] = _client(ct, "client.default")
                 else:
+                    lo, _, hi = name.partition("-")
                     try:
-                        cid = int(name)
+                        lo_i = int(lo)
+                        hi_i = int(hi) if hi else lo_i
                     except ValueError:
-                        raise ConfigError(f"[bfs.client.{name}]: a client id or 'default'") from None
-                    clients[cid] = _client(ct, f"client.{name}")
+                        raise ConfigError(f"[bfs.client.{name}]: a client id, a range such as 5-8, or 'default'") from None
+                    if not 0 <= lo_i <= hi_i <= lo_i + 65536:
+                        raise ConfigError(f"[bfs.client.{name}]: a bad range of client ids")
+                    pol = _client(ct, f"client.{name}")
+                    for cid in range(lo_i, hi_i + 1):
+                        clients[cid] = pol
         else:
             raise ConfigError(f"[bfs] unknown parameter {k!r}")
     kw["clients"] = clients

@@ -1,0 +1,464 @@
+"""The BFS mount: a FUSE file system (pyfuse3, low-level API) whose every operation is a
+request to the replicated ``BFSService``.
+
+    kernel VFS -- FUSE -- this process (pyfuse3 in asyncio mode) -- pbft ClientPool -- replicas
+
+* The replicated inode numbers are the kernel's node ids (the root is 1 on both sides), so
+  hard links share one id and nothing is renumbered.
+* One asyncio loop runs both pyfuse3 (``pyfuse3.asyncio.enable()``) and the pbft client
+  pool: no threads.  The mount holds several client identities; each FUSE request takes a
+  free one for each call, so independent requests proceed in parallel (one identity has at
+  most one request outstanding).
+* Every handler is wrapped: the only exception that leaves it is ``FUSEError`` (an errno
+  from the service as it is; no certified reply within ``timeout_s`` is ETIMEDOUT; other
+  library errors EIO; anything unexpected is logged and becomes EIO), so a bug cannot take
+  the mount down.
+* Caching (``docs/bfs.md``): by default attributes and entries are cached for ``cache_s``
+  (1 s) and file data in the page cache until the next open (close-to-open: ``open``
+  fetches fresh attributes and drops cached pages); ``strict``: no kernel caching at all
+  (timeouts 0, direct I/O) and every read is an ordered operation.
+* Credentials: the caller's uid, gid and supplementary groups (from ``/proc/PID/status``)
+  go with every request; reads and writes through an open file use the opener's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno as E
+import logging
+import os
+import time
+from typing import Optional
+
+import pyfuse3
+import pyfuse3.asyncio
+
+from ...runtime.client import ClientPool, NoQuorumError, PbftError
+from .protocol import (A_ATIME, A_BLOCKS, A_CTIME, A_GID, A_INO, A_MODE, A_MTIME, A_NLINK, A_RDEV, A_SIZE, A_UID,
+                       GROUPS_MAX, IO_MAX, UTIME_NOW, BFSError, decode_result, encode_op)
+
+log = logging.getLogger("pbft.bfs.mount")
+
+#: a time within this of the mount's clock in a setattr is taken as "now" (UTIME_NOW)
+NOW_WINDOW_NS = 200_000_000
+EAGAIN_RETRIES = 100
+
+
+def _groups_of(pid: int, gid: int) -> tuple:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"Groups:"):
+                    gs = sorted({int(x) for x in line.split()[1:]} - {gid})
+                    return tuple(gs[:GROUPS_MAX])
+    except (OSError, ValueError):
+        pass
+    return ()
+
+
+class _Handle:
+    __slots__ = ("ino", "cred", "is_dir")
+
+    def __init__(self, ino: int, cred: tuple, is_dir: bool = False):
+        self.ino = ino
+        self.cred = cred
+        self.is_dir = is_dir
+
+
+def _guard(fn):
+    """Only FUSEError may leave a pyfuse3 handler."""
+    async def wrapper(self, *args):
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except BFSError as e:
+            raise pyfuse3.FUSEError(e.errno or E.EIO) from None
+        except NoQuorumError as e:
+            self.errors["timeout"] = self.errors.get("timeout", 0) + 1
+            log.warning("bfs %s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(E.ETIMEDOUT) from None
+        except (PbftError, ValueError) as e:
+            self.errors["library"] = self.errors.get("library", 0) + 1
+            log.warning("bfs %s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(E.EIO) from None
+        except Exception:
+            self.errors["unexpected"] = self.errors.get("unexpected", 0) + 1
+            log.exception("bfs %s failed", fn.__name__)
+            raise pyfuse3.FUSEError(E.EIO) from None
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+class BFSOperations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, pool: ClientPool, identities: list[int], strict: bool = False, timeout_s: float = 60.0,
+                 cache_s: float = 1.0):
+        super().__init__()
+        self.pool = pool
+        self.ids = list(identities)
+        self.free: asyncio.Queue = asyncio.Queue()
+        for i in self.ids:
+            self.free.put_nowait(i)
+        self.strict = strict
+        self.timeout_s = timeout_s
+        self.cache_s = 0.0 if strict else cache_s
+        self.handles: dict[int, _Handle] = {}
+        self.next_fh = 1
+        self.open_count: dict[int, int] = {}
+        self.orphans: dict[int, int] = {}  # inode kept by the service for us -> the identity holding it
+        self.known: dict[int, tuple] = {}  # inode -> (size, mtime) the kernel was last told
+        self.errors: dict[str, int] = {}
+        self.max_io = min(IO_MAX, pool.cfg.request_size_bytes_max - 512)
+
+    # ---- calling the cluster ---------------------------------------------------------------
+    async def call(self, op: str, *args, cred: tuple, read_only: bool = False, ident: Optional[int] = None):
+        raw = encode_op(op, *args, cred)
+        if len(raw) > self.pool.cfg.request_size_bytes_max:
+            raise pyfuse3.FUSEError(E.E2BIG)
+        ro = read_only and not self.strict
+        for attempt in range(EAGAIN_RETRIES):
+            if ident is None:
+                who = await self.free.get()
+                try:
+                    res = await self.pool.invoke(who, raw, ro, self.timeout_s)
+                finally:
+                    self.free.put_nowait(who)
+            else:
+                res = await self.pool.invoke(ident, raw, ro, self.timeout_s)
+            try:
+                return decode_result(res)
+            except BFSError as e:
+                if e.errno != E.EAGAIN or attempt == EAGAIN_RETRIES - 1:
+                    raise
+            await asyncio.sleep(0.01)
+
+    async def call_as(self, op: str, *args, cred: tuple):
+        """An ordered call on an identity of our choice; returns (value, identity)."""
+        who = await self.free.get()
+        try:
+            return await self.call(op, *args, cred=cred, ident=who), who
+        finally:
+            self.free.put_nowait(who)
+
+    @staticmethod
+    def cred(ctx) -> tuple:
+        return (ctx.uid, ctx.gid, _groups_of(ctx.pid, ctx.gid))
+
+    def entry(self, a) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = a[A_INO]
+        e.generation = 0
+        e.entry_timeout = self.cache_s
+        e.attr_timeout = self.cache_s
+        e.st_mode = a[A_MODE]
+        e.st_nlink = a[A_NLINK]
+        e.st_uid = a[A_UID]
+        e.st_gid = a[A_GID]
+        e.st_rdev = a[A_RDEV]
+        e.st_size = a[A_SIZE]
+        e.st_blksize = 4096
+        e.st_blocks = a[A_BLOCKS]
+        e.st_atime_ns = a[A_ATIME]
+        e.st_mtime_ns = a[A_MTIME]
+        e.st_ctime_ns = a[A_CTIME]
+        if len(self.known) > 200_000:
+            self.known.clear()
+        self.known[a[A_INO]] = (a[A_SIZE], a[A_MTIME])
+        return e
+
+    def _fh(self, h: _Handle) -> int:
+        fh = self.next_fh
+        self.next_fh += 1
+        self.handles[fh] = h
+        return fh
+
+    def _handle(self, fh: int) -> _Handle:
+        h = self.handles.get(fh)
+        if h is None:
+            raise pyfuse3.FUSEError(E.EBADF)
+        return h
+
+    async def _kept(self, ino: int, who: int) -> None:
+        """The service kept ``ino`` (unlinked while we had it open) for identity ``who``."""
+        if not ino:
+            return
+        if self.open_count.get(ino):
+            self.orphans[ino] = who
+        else:
+            await self.call("release", ino, cred=(0, 0, ()), ident=who)
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Drop the holds a previous incarnation of this mount (same identities) left."""
+        for i in self.ids:
+            await self.call("release_all", cred=(0, 0, ()), ident=i)
+
+    # ---- metadata ------------------------------------------------------------------------------
+    @_guard
+    async def lookup(self, parent_inode, name, ctx):
+        return self.entry(await self.call("lookup", parent_inode, bytes(name), cred=self.cred(ctx), read_only=True))
+
+    @_guard
+    async def getattr(self, inode, ctx):
+        return self.entry(await self.call("getattr", inode, cred=self.cred(ctx), read_only=True))
+
+    @_guard
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        cred = self.cred(ctx)
+        if fh is not None and fh in self.handles and fields.update_size:
+            cred = self.handles[fh].cred
+        now = time.time_ns()
+
+        def t(update, ns):
+            if not update:
+                return None
+            return UTIME_NOW if abs(ns - now) < NOW_WINDOW_NS else max(0, ns)
+
+        a = await self.call("setattr", inode,
+                            (attr.st_mode & 0o7777) if fields.update_mode else None,
+                            attr.st_uid if fields.update_uid else None,
+                            attr.st_gid if fields.update_gid else None,
+                            attr.st_size if fields.update_size else None,
+                            (t(fields.update_atime, attr.st_atime_ns), t(fields.update_mtime, attr.st_mtime_ns)),
+                            cred=cred)
+        return self.entry(a)
+
+    @_guard
+    async def readlink(self, inode, ctx):
+        return await self.call("readlink", inode, cred=self.cred(ctx), read_only=True)
+
+    @_guard
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        return self.entry(await self.call("mknod", parent_inode, bytes(name), mode, rdev, cred=self.cred(ctx)))
+
+    @_guard
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        return self.entry(await self.call("mkdir", parent_inode, bytes(name), mode, cred=self.cred(ctx)))
+
+    @_guard
+    async def symlink(self, parent_inode, name, target, ctx):
+        return self.entry(await self.call("symlink", parent_inode, bytes(name), bytes(target), cred=self.cred(ctx)))
+
+    @_guard
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        return self.entry(await self.call("link", inode, new_parent_inode, bytes(new_name), cred=self.cred(ctx)))
+
+    @_guard
+    async def unlink(self, parent_inode, name, ctx):
+        kept, who = await self.call_as("unlink", parent_inode, bytes(name), bool(self.open_count),
+                                       cred=self.cred(ctx))
+        await self._kept(kept, who)
+
+    @_guard
+    async def rmdir(self, parent_inode, name, ctx):
+        await self.call("rmdir", parent_inode, bytes(name), cred=self.cred(ctx))
+
+    @_guard
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        kept, who = await self.call_as("rename", parent_inode_old, bytes(name_old), parent_inode_new,
+                                       bytes(name_new), flags, bool(self.open_count), cred=self.cred(ctx))
+        await self._kept(kept, who)
+
+    @_guard
+    async def statfs(self, ctx):
+        bsize, blocks, bfree, files, ffree, namemax = await self.call("statfs", cred=self.cred(ctx), read_only=True)
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = bsize
+        s.f_blocks = blocks
+        s.f_bfree = s.f_bavail = bfree
+        s.f_files = files
+        s.f_ffree = s.f_favail = ffree
+        s.f_namemax = namemax
+        return s
+
+    # ---- xattrs --------------------------------------------------------------------------------
+    @_guard
+    async def getxattr(self, inode, name, ctx):
+        return await self.call("getxattr", inode, bytes(name), cred=self.cred(ctx), read_only=True)
+
+    @_guard
+    async def listxattr(self, inode, ctx):
+        return list(await self.call("listxattr", inode, cred=self.cred(ctx), read_only=True))
+
+    @_guard
+    async def setxattr(self, inode, name, value, ctx):
+        await self.call("setxattr", inode, bytes(name), bytes(value), 0, cred=self.cred(ctx))
+
+    @_guard
+    async def removexattr(self, inode, name, ctx):
+        await self.call("removexattr", inode, bytes(name), cred=self.cred(ctx))
+
+    # ---- files ---------------------------------------------------------------------------------
+    def _file_info(self, fh: int) -> pyfuse3.FileInfo:
+        fi = pyfuse3.FileInfo(fh=fh)
+        fi.direct_io = self.strict
+        fi.keep_cache = False  # close-to-open: an open drops the cached pages
+        return fi
+
+    def _opened(self, ino: int) -> None:
+        self.open_count[ino] = self.open_count.get(ino, 0) + 1
+
+    @_guard
+    async def open(self, inode, flags, ctx):
+        cred = self.cred(ctx)
+        a = await self.call("getattr", inode, cred=cred, read_only=True)
+        if not self.strict and self.known.get(inode) not in (None, (a[A_SIZE], a[A_MTIME])):
+            try:
+                pyfuse3.invalidate_inode(inode, attr_only=True)
+            except OSError:
+                pass
+        self.entry(a)
+        self._opened(inode)
+        return self._file_info(self._fh(_Handle(inode, cred)))
+
+    @_guard
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        cred = self.cred(ctx)
+        a = await self.call("create", parent_inode, bytes(name), mode, bool(flags & os.O_EXCL), cred=cred)
+        self._opened(a[A_INO])
+        return self._file_info(self._fh(_Handle(a[A_INO], cred))), self.entry(a)
+
+    @_guard
+    async def read(self, fh, off, size):
+        h = self._handle(fh)
+        out = []
+        while size > 0:
+            n = min(size, self.max_io)
+            piece = await self.call("read", h.ino, off, n, cred=h.cred, read_only=True)
+            out.append(piece)
+            if len(piece) < n:
+                break
+            off += n
+            size -= n
+        return b"".join(out)
+
+    @_guard
+    async def write(self, fh, off, buf):
+        h = self._handle(fh)
+        buf = bytes(buf)
+        done = 0
+        while done < len(buf):
+            piece = buf[done:done + self.max_io]
+            a = await self.call("write", h.ino, off + done, piece, cred=h.cred)
+            done += len(piece)
+        if buf:
+            self.known[h.ino] = (a[A_SIZE], a[A_MTIME])
+        return done
+
+    @_guard
+    async def flush(self, fh):
+        return None  # every write is already an agreed operation
+
+    @_guard
+    async def fsync(self, fh, datasync):
+        h = self._handle(fh)
+        await self.call("fsync", h.ino, cred=h.cred)
+
+    @_guard
+    async def release(self, fh):
+        h = self.handles.pop(fh, None)
+        if h is None:
+            return
+        c = self.open_count.get(h.ino, 0) - 1
+        if c > 0:
+            self.open_count[h.ino] = c
+            return
+        self.open_count.pop(h.ino, None)
+        who = self.orphans.pop(h.ino, None)
+        if who is not None:
+            await self.call("release", h.ino, cred=h.cred, ident=who)
+
+    # ---- directories ---------------------------------------------------------------------------
+    @_guard
+    async def opendir(self, inode, ctx):
+        cred = self.cred(ctx)
+        a = await self.call("getattr", inode, cred=cred, read_only=True)
+        if not a[A_MODE] & 0o040000:
+            raise pyfuse3.FUSEError(E.ENOTDIR)
+        return self._fh(_Handle(inode, cred, True))
+
+    @_guard
+    async def readdir(self, fh, start_id, token):
+        h = self._handle(fh)
+        # offsets 1 and 2 are "." and ".."; the service's cookies (from 1) follow, shifted by 2
+        if start_id < 2:
+            a = self.entry(await self.call("getattr", h.ino, cred=h.cred, read_only=True))
+            if start_id < 1 and not pyfuse3.readdir_reply(token, b".", a, 1):
+                return
+            if not pyfuse3.readdir_reply(token, b"..", a, 2):
+                return
+            start_id = 2
+        cookie = start_id - 2
+        while True:
+            ents, eof = await self.call("readdir", h.ino, cookie, 256, cred=h.cred, read_only=True)
+            for name, ck, a in ents:
+                if not pyfuse3.readdir_reply(token, name, self.entry(a), ck + 2):
+                    return
+                cookie = ck
+            if eof or not ents:
+                return
+
+    @_guard
+    async def releasedir(self, fh):
+        self.handles.pop(fh, None)
+
+    @_guard
+    async def fsyncdir(self, fh, datasync):
+        h = self._handle(fh)
+        await self.call("fsync", h.ino, cred=h.cred)
+
+    @_guard
+    async def forget(self, inode_list):
+        return None  # inode numbers are never reused: nothing to track
+
+    @_guard
+    async def access(self, inode, mode, ctx):
+        return True  # default_permissions: the kernel checks, and the replicas check again
+
+
+async def run_mount(cluster, identities: list[int], mountpoint: str, strict: bool = False, timeout_s: float = 60.0,
+                    cache_s: float = 1.0, debug: bool = False, ready=None) -> None:
+    """Mount and serve until unmounted (``fusermount3 -u``) or SIGTERM/SIGINT."""
+    import signal
+
+    pool = ClientPool(cluster, [cluster.identity(i) for i in identities])
+    await pool.start(5.0)
+    ops = BFSOperations(pool, identities, strict=strict, timeout_s=timeout_s, cache_s=cache_s)
+    try:
+        await ops.start()
+        opts = set(pyfuse3.default_options)
+        opts |= {"fsname=pbft-bfs", "subtype=bfs", "noatime"}
+        if os.geteuid() == 0:
+            opts.add("allow_other")
+        if debug:
+            opts.add("debug")
+        pyfuse3.init(ops, mountpoint, opts)
+    except BaseException:
+        await pool.close()
+        raise
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, pyfuse3.terminate)
+    if ready is not None:
+        ready()
+    try:
+        await pyfuse3.main()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        try:
+            for ino, who in list(ops.orphans.items()):
+                await ops.call("release", ino, cred=(0, 0, ()), ident=who)
+        except Exception:  # the cluster may be gone: a later mount's release_all drops them
+            pass
+        pyfuse3.close(unmount=True)
+        await pool.close()
+
+
+def mount_main(cluster, identities: list[int], mountpoint: str, **kw) -> None:
+    pyfuse3.asyncio.enable()
+    asyncio.run(run_mount(cluster, identities, mountpoint, **kw))
