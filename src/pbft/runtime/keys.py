@@ -17,7 +17,10 @@ meant for, fresh session keys sealed to ``j``'s public key:
 The message is signed with ``i``'s long-term key and carries a timestamp
 (microseconds of wall-clock time) that must grow: a receiver rejects a NewKey
 whose timestamp is not larger than the last one it accepted from ``i``, so a
-replayed NewKey cannot bring old keys back.
+replayed NewKey cannot bring old keys back, and one more than a skew window
+ahead of its own clock, so that nobody can lock ``i``'s later NewKeys out.
+Both are checked before the signature (``precheck_newkey``): a replay costs a
+parse and a comparison, not a public-key operation.
 
 Wire frame: the codec's ``[tag=16, sender, header, b"", signature]`` with
 ``header = msgpack([timestamp, [[receiver, sealed_box], ...]])``.
