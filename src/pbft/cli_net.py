@@ -217,6 +217,9 @@ def cmd_status(args) -> int:
             s["reachable"] = True
         except (OSError, urllib.error.URLError, ValueError) as e:
             s = {"replica": r.id, "reachable": False, "error": str(getattr(e, "reason", e))}
+            if r.metrics_addr in ("127.0.0.1", "::1", "localhost") and r.host != r.metrics_addr:
+                s["error"] += f"; its endpoint listens on {r.metrics_addr} only: run this on its machine, " \
+                              "or set metrics_host in cluster.toml"
         s["address"] = f"{r.host}:{r.port}"
         rows.append(s)
     if args.json:

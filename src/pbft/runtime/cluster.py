@@ -79,7 +79,7 @@ class RuntimeParams:
     metrics_host: str = "127.0.0.1"  # address it listens on ("0.0.0.0": every interface); per replica too
     http_connections_max: int = 32  # open at once; past it the oldest one still sending its request goes
     http_request_timeout_s: float = 5.0  # to send the whole request
-    http_requests_per_s: float = 50.0  # connections accepted per second (the excess waits in the kernel)
+    http_requests_per_s: float = 20.0  # connections accepted per second (the excess waits in the kernel)
 
 
 RUNTIME_FIELDS = {f.name: f.type for f in dataclasses.fields(RuntimeParams)}

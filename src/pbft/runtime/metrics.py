@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 LATENCY_BUCKETS_S = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 HTTP_REQUEST_MAX_BYTES = 8192
-SNAPSHOT_MIN_INTERVAL_S = 0.05  # the replica's loop takes at most 20 snapshots a second for the endpoint
+SNAPSHOT_MIN_INTERVAL_S = 0.1  # the replica's loop takes at most 10 snapshots a second for the endpoint
 
 
 class ReplicaMetrics:
@@ -177,7 +177,7 @@ class HttpEndpoint:
         self.node = metrics.node
         self.max_conns = getattr(rt, "http_connections_max", 32)
         self.request_timeout_s = getattr(rt, "http_request_timeout_s", 5.0)
-        self.rate = getattr(rt, "http_requests_per_s", 50.0)
+        self.rate = getattr(rt, "http_requests_per_s", 20.0)
         self.drops: dict[str, int] = {}  # written by the endpoint's thread only
         metrics.http_drops = self.drops
         self.sock: Optional[socket.socket] = None
