@@ -119,3 +119,254 @@ def test_simulated_clients_are_never_refused_for_their_timestamps():
     assert sum(r.drops.get("request-future-timestamp", 0) for r in sim.replicas) > 0
     for r in sim.replicas:  # no timestamp from beyond the window was ever executed
         assert all(t < U63 - 2 for t, _ in r.last_reply.values()), r.id
+
+
+# ---------------------------------------------------------------------------
+# a real cluster: principals bound to connections
+# ---------------------------------------------------------------------------
+
+def _frame(b: bytes) -> bytes:
+    return struct.pack(">I", len(b)) + b
+
+
+def _send_on_new_connection(addr, data: bytes) -> None:
+    try:
+        with socket.create_connection(addr, timeout=2) as s:
+            s.sendall(data)
+            time.sleep(0.05)
+    except OSError:
+        pass
+
+
+def _transport_drop(lc, rid: int, reason: str) -> float:
+    import urllib.request
+    r = lc.cluster.replicas[rid]
+    with urllib.request.urlopen(f"http://{getattr(r, 'metrics_addr', r.host)}:{r.metrics_port}/metrics",
+                                timeout=2) as resp:
+        text = resp.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("pbft_dropped_messages_total{") and 'layer="transport"' in line \
+                and f'reason="{reason}"' in line:
+            total += float(line.rpartition(" ")[2])
+    return total
+
+
+@pytest.fixture
+def live(tmp_path):
+    from netutil import LocalCluster
+    lc = LocalCluster(tmp_path / "c", protocol={"view_change_timeout_ms": 500.0})
+    lc.start_all()
+    yield lc
+    lc.stop()
+
+
+def _run(coro):
+    import uvloop
+    return uvloop.run(coro)
+
+
+def test_replayed_captures_and_forged_frames_on_new_connections_are_dropped_as_spoofed(live):
+    from pbft.runtime.client import ClientPool
+    c = live.cluster
+    victim = c.client_ids[0]
+    r1 = c.replicas[1]
+    addr = (r1.host, r1.port)
+    captured: list[bytes] = []  # what the victim's pool wrote to replica 1 (framed)
+    out = {}
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        pool = ClientPool(c, [c.identity(victim)])
+        await pool.start()
+        link = pool.links[1]
+        orig = link.send
+
+        def record(data, counters):
+            captured.append(data)
+            return orig(data, counters)
+        link.send = record
+        pool.refresh_keys(pool.p[victim])  # a NewKey on the recorded path too
+        for i in range(5):
+            await pool.invoke(victim, encode_op("put", b"k%d" % i, b"v%d" % i), timeout=10)
+        await asyncio.sleep(0.3)  # the last replies are in
+        link.send = orig
+        def watched():
+            d = live.status(1)["drops"]
+            return pool.counters.bytes_in, d.get("request-retransmitted", 0), d.get("bad-mac", 0)
+        before = await loop.run_in_executor(None, watched)
+        # the capture replayed: all of it on one new connection, and each write on one of its own
+        await loop.run_in_executor(None, _send_on_new_connection, addr, b"".join(captured))
+        for data in captured:
+            await loop.run_in_executor(None, _send_on_new_connection, addr, data)
+        # requests under the victim's id with MACs from keys nobody agreed to (no keys needed)
+        ring = KeyRing(victim, c.n, {j: os.urandom(32) for j in range(c.n)}, {})
+        forged = b"".join(_frame(seal(Request(victim, now_us() + i, encode_op("put", b"k0", b"evil"), False,
+                                              ALL_REPLICAS), ring)) for i in range(50))
+        await loop.run_in_executor(None, _send_on_new_connection, addr, forged)
+        # protocol messages claiming another replica's id and the receiver's own
+        fake = KeyRing(0, c.n, {j: os.urandom(32) for j in range(c.n)}, {})
+        await loop.run_in_executor(None, _send_on_new_connection, addr, _frame(seal(Prepare(0, 1, bytes(32), 2), fake)))
+        await loop.run_in_executor(None, _send_on_new_connection, addr, _frame(seal(Prepare(0, 1, bytes(32), 1), fake)))
+        await asyncio.sleep(0.5)
+        out["after"] = await loop.run_in_executor(None, watched)
+        out["before"] = before
+        # the genuine client is served as before
+        assert await pool.invoke(victim, encode_op("get", b"k0"), timeout=10) is not None
+        await pool.close()
+
+    _run(main())
+    assert len(captured) >= 5  # five requests, the NewKey travelling with the first
+    # no reply traffic went to the victim, nothing was answered again, no forged frame reached a MAC check
+    assert out["after"] == out["before"]
+    assert _transport_drop(live, 1, "spoofed-client") >= len(captured) + 2
+    assert _transport_drop(live, 1, "newkey-stale") >= 1
+    assert _transport_drop(live, 1, "spoofed-replica") >= 1
+    assert _transport_drop(live, 1, "spoofed-self") >= 1
+    assert _transport_drop(live, 1, "connection-closed-unauthenticated") >= len(captured) + 4
+    st = live.status(1)
+    assert victim not in st["clients_suspected"]
+    assert st["view_changes"] == 0
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def test_timestamps_from_the_future_do_not_make_an_identity_unusable(live):
+    from pbft import NoQuorumError
+    from pbft.runtime.client import ClientPool
+    from pbft.runtime.keys import make_newkey
+    c = live.cluster
+    victim = c.client_ids[1]
+    ident = c.identity(victim)
+    # a NewKey signed with the identity's own key (a stolen key, or a clock gone wild), timestamp 2^63-1
+    nk = make_newkey(ident, c.public, {j: os.urandom(64) for j in range(c.n)}, U63)
+    for r in c.replicas:
+        _send_on_new_connection((r.host, r.port), _frame(nk))
+
+    async def main():
+        pool = ClientPool(c, [ident])
+        await pool.start()
+        await pool.invoke(victim, encode_op("put", b"f", b"before"), timeout=10)
+        pool.p[victim].core.timestamp = U63 - 1  # its next request has timestamp 2^63-1
+        with pytest.raises(NoQuorumError):
+            await pool.invoke(victim, encode_op("put", b"f", b"poison"), timeout=1.5)
+        await pool.close()
+        # the genuine client, started again (timestamps from its clock): served at once
+        pool = ClientPool(c, [ident])
+        await pool.start()
+        await pool.invoke(victim, encode_op("put", b"f", b"after"), timeout=10)
+        got = await pool.invoke(victim, encode_op("get", b"f"), timeout=10)
+        await pool.close()
+        return got
+
+    got = _run(main())
+    from pbft.services.kv import decode_result
+    assert decode_result(got) == ("ok", b"after")
+    for i in range(c.n):
+        assert _transport_drop(live, i, "newkey-future-timestamp") >= 1
+    assert sum(live.status(i)["drops"].get("request-future-timestamp", 0) for i in range(c.n)) >= 3
+
+
+def test_binding_follows_client_reconnects_and_a_replica_restart(live):
+    from pbft.runtime.client import ClientPool
+    c = live.cluster
+    me = c.client_ids[2]
+    replies: set[tuple[int, int]] = set()  # (replica, timestamp) of every reply received
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        pool = ClientPool(c, [c.identity(me)])
+        orig = pool._on_frame
+
+        def spy(conn, raw):
+            try:
+                fr = pool.codec.open_frame(raw)
+                replies.add((fr.sender, pool.codec.parse(fr).timestamp))
+            except Exception:  # noqa: BLE001 - the pool counts it
+                pass
+            orig(conn, raw)
+        pool._on_frame = spy  # the connections are made after this
+        await pool.start()
+
+        async def op_answered_by(j, key):
+            await pool.invoke(me, encode_op("put", key, b"x"), timeout=10)
+            t = pool.p[me].core.timestamp
+            deadline = time.monotonic() + 10
+            while (j, t) not in replies:
+                assert time.monotonic() < deadline, f"no reply from replica {j} for timestamp {t}"
+                await asyncio.sleep(0.02)
+
+        await op_answered_by(1, b"a")
+        # the client's connection to replica 1 breaks and comes back (a fresh NewKey on it)
+        link = pool.links[1]
+        for k in range(3):
+            link.conn.close()
+            deadline = time.monotonic() + 10
+            while link.connects < k + 2 or link.conn is None:
+                assert time.monotonic() < deadline, "no reconnection"
+                await asyncio.sleep(0.02)
+            await op_answered_by(1, b"b%d" % k)
+        # replica 2 restarts (a new process: new keys, new connections both ways)
+        await loop.run_in_executor(None, live.kill, 2)
+        await pool.invoke(me, encode_op("put", b"c", b"y"), timeout=10)
+        await loop.run_in_executor(None, live.start, 2)
+        await loop.run_in_executor(None, live.wait_connected)
+        await op_answered_by(2, b"d")
+        await op_answered_by(2, b"e")
+        await pool.close()
+
+    _run(main())
+    st = [live.status(i) for i in range(c.n)]
+    assert {s["view"] for s in st} == {0}
+    for i in range(c.n):
+        assert _transport_drop(live, i, "spoofed-client") == 0, i
+        assert _transport_drop(live, i, "spoofed-replica") == 0, i
+
+
+def test_unreplicated_server_makes_the_same_front_end_checks(tmp_path):
+    """The baseline of ``pbft bench`` gets the replicas' checks: spoofed frames on a new
+    connection, timestamps from the future, cached replies sent again."""
+    from netutil import free_base_port
+    from pbft import NoQuorumError
+    from pbft.runtime.client import ClientPool
+    from pbft.runtime.cluster import init_cluster
+    from pbft.runtime.unreplicated import UnreplicatedServer
+    from pbft.services.kv import KVService, decode_result
+    cl = init_cluster(tmp_path / "u", 1, 0, ["127.0.0.1"], free_base_port(10), 2)
+    cid = cl.client_ids[0]
+    addr = (cl.replicas[0].host, cl.replicas[0].port)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        srv = UnreplicatedServer(cl, cl.identity(0), KVService())
+        await srv.start()
+        pool = ClientPool(cl, [cl.identity(cid)])
+        await pool.start()
+        await pool.invoke(cid, encode_op("put", b"k", b"v"), timeout=5)
+        p = pool.p[cid]
+        again = seal(Request(cid, p.core.timestamp, encode_op("put", b"k", b"v"), False, ALL_REPLICAS), p.ring)
+        link = pool.links[0]
+        for _ in range(10):  # the client's own retransmission, ten times at once
+            link.send(_frame(again), pool.counters)
+        ring = KeyRing(cid, 1, {0: os.urandom(32)}, {})
+        forged = seal(Request(cid, now_us(), encode_op("put", b"k", b"evil"), False, 0), ring)
+        await loop.run_in_executor(None, _send_on_new_connection, addr, _frame(again) + _frame(forged))
+        p.core.timestamp = U63 - 1
+        with pytest.raises(NoQuorumError):
+            await pool.invoke(cid, encode_op("put", b"k", b"poison"), timeout=0.5)
+        await pool.close()
+        pool = ClientPool(cl, [cl.identity(cid)])
+        await pool.start()
+        got = await pool.invoke(cid, encode_op("get", b"k"), timeout=5)
+        await pool.close()
+        srv.close()
+        return got, dict(srv.counters.drops), srv.executed
+
+    got, drops, executed = _run(main())
+    assert decode_result(got) == ("ok", b"v")
+    assert executed == 2, "the put and the get; nothing spoofed or from the future"
+    assert drops.get("reply-resend-rate-limited", 0) >= 8
+    assert drops.get("spoofed-client", 0) == 1 and drops.get("connection-closed-unauthenticated", 0) == 1
+    assert drops.get("request-future-timestamp", 0) >= 1

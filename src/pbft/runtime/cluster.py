@@ -48,6 +48,7 @@ PROTOCOL_DEFAULTS: dict[str, float | int | bool] = {
     "client_retry_timeout_ms": 500.0,
     "client_retry_timeout_max_ms": 4_000.0,
     "nondet_skew_ms_max": 1_000.0,
+    "timestamp_skew_ms_max": 600_000.0,
     "tentative_execution": True,
     "request_size_bytes_max": 64 * 1024,
     "reply_size_bytes_max": 64 * 1024,

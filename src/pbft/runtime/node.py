@@ -23,17 +23,17 @@ import sys
 import time
 from typing import Optional
 
-from ..codec import DecodeError
 from ..config import ConfigError
 from ..core.replica import Replica
 from ..crypto import KEY_SIZE, KeyRing
 from ..service import Service
 from ..state.store import LmdbStore, StoreError
 from .cluster import Cluster
-from .keys import NEWKEY_TAG, Identity, accept_newkey, fresh_key, make_newkey, now_timestamp_us
+from .keys import NEWKEY_TAG, Identity, fresh_key, make_newkey, now_timestamp_us
 from .metrics import HttpEndpoint, ReplicaMetrics
-from .transport import (AUTH_CLIENT, AUTH_REPLICA, Counters, FrameConn, InboundGuard, InboundLimits, OutLink,
-                        TokenBucket, client_frame_bytes_max, frame)
+from .transport import (AUTH_CLIENT, AUTH_REPLICA, UNAUTHENTICATED, Counters, FrameConn, InboundGuard, InboundLimits,
+                        OutLink, client_frame_bytes_max, frame)
+from .admission import NewKeyGate, frame_sender
 
 FIXARRAY5 = 0x95  # msgpack header of a 5-element array: every frame starts with it
 LOGGED_EVENTS = frozenset({"view-change", "new-view", "stable", "state-transfer", "checkpoint-mismatch", "fetch",
@@ -91,7 +91,6 @@ class ReplicaNode:
         self._sync_wall_clock()
         self.links: dict[int, OutLink] = {}
         self.client_conn: dict[int, FrameConn] = {}
-        self.newkey_ts: dict[int, int] = {}
         self.my_newkey: Optional[bytes] = None
         self.my_keys: dict[int, bytes] = {}  # the keys my_newkey carries
         self.my_newkey_ts = 0
@@ -114,7 +113,8 @@ class ReplicaNode:
         self.failed = False
         self.server: Optional[asyncio.AbstractServer] = None
         self.http: Optional[HttpEndpoint] = None
-        self.newkey_bucket = TokenBucket(rate=2000.0, burst=2000.0)  # NewKeys checked, all connections
+        self.newkey_gate = NewKeyGate(identity, cluster.public, n, n + self.cfg.clients_max - 1,
+                                      self.cfg.timestamp_skew_ms_max, self.counters)
 
     # ---- clock and logging --------------------------------------------------
     def _now(self) -> float:
@@ -365,23 +365,16 @@ class ReplicaNode:
         return self.my_newkey_ts
 
     def _on_newkey(self, conn: FrameConn, raw: bytes) -> None:
-        now = time.monotonic()
-        # signatures cost ~40 us: bound what one connection, and all together, can make us verify
-        bucket = conn.meta.get("newkey-bucket")
-        if bucket is None:
-            bucket = conn.meta["newkey-bucket"] = TokenBucket(rate=200.0, burst=512.0)
-        if not bucket.take(now) or not self.newkey_bucket.take(now):
-            self.counters.drop("newkey-rate-limited")
+        # cheap checks first (a replay or a timestamp from the future costs no signature check),
+        # then the rate limits, then the signature (runtime.admission)
+        got = self.newkey_gate.accept(conn, raw)
+        if got is None:
             return
-        try:
-            sender, k = accept_newkey(raw, self.identity, self.cluster.public, self.cfg.n,
-                                      self.cfg.n + self.cfg.clients_max - 1, self.newkey_ts)
-        except DecodeError as e:
-            self.counters.drop(e.reason)
-            return
+        sender, k = got
         self.metrics.newkeys_accepted += 1
         if sender < self.cfg.n:
             self.ring.out_keys[sender] = k
+            conn.meta["replica"] = sender  # frames it relays are taken on this connection too
             if conn.guard is not None:
                 # one authenticated connection per replica: its older one (a link it gave up) goes
                 old = self.replica_conn.get(sender)
@@ -407,17 +400,30 @@ class ReplicaNode:
         if tag == NEWKEY_TAG:
             self._on_newkey(conn, raw)
             return
+        # the principal binding (runtime.admission): a frame is taken only on the connection its
+        # sender's latest NewKey came on, or on a replica's (replicas relay others' frames)
+        s = frame_sender(raw)
+        relayed = False
+        if (self.replica_conn if s < self.cfg.n else self.client_conn).get(s) is not conn:
+            if s < 0:
+                self.counters.drop("malformed")
+                return
+            if self.replica_conn.get(conn.meta.get("replica", -1)) is not conn:
+                self.counters.drop("spoofed-self" if s == self.id else
+                                   "spoofed-replica" if s < self.cfg.n else "spoofed-client")
+                if conn.auth == UNAUTHENTICATED and conn.guard is not None:
+                    # no NewKey was ever accepted on it: an impostor, or a correct principal whose
+                    # NewKey we dropped; closing makes the latter reconnect with a fresh one
+                    self.counters.drop("connection-closed-unauthenticated")
+                    conn.close()
+                return
+            relayed = True
         now = self._now()
-        if tag == 1 and len(raw) > 5:
-            # arrival of a client's request, for the request-latency metric (the msgpack-encoded
-            # sender id follows the tag: a positive fixint, or uint8/uint16/uint32)
-            b = raw[2]
-            c = b if b < 0x80 else raw[3] if b == 0xCC else int.from_bytes(raw[3:5], "big") if b == 0xCD \
-                else int.from_bytes(raw[3:7], "big") if b == 0xCE else None
-            if c is not None and c not in self.req_arrival and len(self.req_arrival) < 65536:
-                self.req_arrival[c] = now
+        if tag == 1 and not relayed and s not in self.req_arrival and len(self.req_arrival) < 65536:
+            # arrival of a client's request, for the request-latency metric
+            self.req_arrival[s] = now
         try:
-            self.replica.receive(raw, now)
+            self.replica.receive(raw, now, relayed)
         except Exception as e:  # noqa: BLE001
             self._fail_stop(e)
             return

@@ -1,21 +1,27 @@
 """The unreplicated baseline: one server running the same service on the same stack.
 
 Same transport, same frames, same session keys (NewKey) and MACs, same
-exactly-once table, same client library (a cluster of one replica, f=0), so
-that ``pbft bench`` measures what replication costs and nothing else.
+exactly-once table, same client library (a cluster of one replica, f=0), and
+the same front-end checks (``runtime.admission``: principals bound to
+connections, NewKey admission, request timestamps bounded, cached replies sent
+again at most once per half retry timeout), so that ``pbft bench`` measures
+what replication costs and nothing else.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 from ..codec import Codec, DecodeError, result_digest, seal
 from ..crypto import KEY_SIZE, KeyRing
 from ..messages import Reply, Request
 from ..service import Service
 from .cluster import Cluster
-from .keys import NEWKEY_TAG, Identity, accept_newkey
-from .transport import AUTH_CLIENT, Counters, FrameConn, InboundGuard, InboundLimits, client_frame_bytes_max, frame
+from .admission import NewKeyGate, frame_sender
+from .keys import NEWKEY_TAG, Identity
+from .transport import (AUTH_CLIENT, UNAUTHENTICATED, Counters, FrameConn, InboundGuard, InboundLimits,
+                        client_frame_bytes_max, frame)
 
 
 class UnreplicatedServer:
@@ -28,7 +34,10 @@ class UnreplicatedServer:
         self.codec = Codec(self.cfg)
         self.ring = KeyRing(0, 1, {}, {})
         self.counters = Counters()
-        self.newkey_ts: dict[int, int] = {}
+        self.newkey_gate = NewKeyGate(identity, cluster.public, 1, self.cfg.clients_max,
+                                      self.cfg.timestamp_skew_ms_max, self.counters)
+        self.skew_us = int(self.cfg.timestamp_skew_ms_max * 1000)
+        self.reply_resent: dict[int, tuple[int, float]] = {}
         self.client_conn: dict[int, FrameConn] = {}
         self.last_reply: dict[int, tuple[int, bytes]] = {}
         self.executed = 0
@@ -61,16 +70,22 @@ class UnreplicatedServer:
 
     def _on_frame(self, conn: FrameConn, raw: bytes) -> None:
         if len(raw) > 1 and raw[1] == NEWKEY_TAG:
-            try:
-                c, k = accept_newkey(raw, self.identity, self.cluster.public, 1, self.cfg.clients_max,
-                                     self.newkey_ts)
-            except DecodeError as e:
-                self.counters.drop(e.reason)
+            got = self.newkey_gate.accept(conn, raw)
+            if got is None:
                 return
+            c, k = got
             self.ring.in_keys[c] = k[:KEY_SIZE]
             self.ring.out_keys[c] = k[KEY_SIZE:]
             self.client_conn[c] = conn
             conn.authenticate(AUTH_CLIENT)
+            return
+        # the replicas' front-end checks (runtime.admission): the principal binding first
+        s = frame_sender(raw)
+        if self.client_conn.get(s) is not conn:
+            self.counters.drop("malformed" if s < 0 else "spoofed-self" if s == 0 else "spoofed-client")
+            if conn.auth == UNAUTHENTICATED and not conn.closed:
+                self.counters.drop("connection-closed-unauthenticated")
+                conn.close()
             return
         try:
             fr = self.codec.open_frame(raw)
@@ -83,12 +98,24 @@ class UnreplicatedServer:
             self.counters.drop(e.reason)
             return
         assert isinstance(req, Request)
+        if not req.read_only and req.timestamp > time.time_ns() // 1000 + self.skew_us:
+            self.counters.drop("request-future-timestamp")
+            return
         last = self.last_reply.get(req.client)
         if last is not None and req.timestamp < last[0]:
             self.counters.drop("old-timestamp")
             return
         if last is not None and req.timestamp == last[0]:
-            result = last[1]  # retransmission: the cached reply, executed once
+            # retransmission: the cached reply, executed once, and sent again at most once per
+            # half retry timeout (as the replicas do)
+            now = time.monotonic()
+            sent = self.reply_resent.get(req.client)
+            if sent is not None and sent[0] == req.timestamp and \
+                    now - sent[1] < self.cfg.client_retry_timeout_ms / 2000.0:
+                self.counters.drop("reply-resend-rate-limited")
+                return
+            self.reply_resent[req.client] = (req.timestamp, now)
+            result = last[1]
         else:
             result = self.service.execute(req.op, req.client, b"", req.read_only)
             self.executed += 1
