@@ -112,6 +112,7 @@ class BFSOperations(pyfuse3.Operations):
         self.orphans: dict[int, int] = {}  # inode kept by the service for us -> the identity holding it
         self.known: dict[int, tuple] = {}  # inode -> (size, mtime) the kernel was last told
         self.errors: dict[str, int] = {}
+        self.stats: dict[str, list] = {}  # op -> [calls, seconds]
         self.max_io = min(IO_MAX, pool.cfg.request_size_bytes_max - 512)
 
     # ---- calling the cluster ---------------------------------------------------------------
@@ -120,6 +121,15 @@ class BFSOperations(pyfuse3.Operations):
         if len(raw) > self.pool.cfg.request_size_bytes_max:
             raise pyfuse3.FUSEError(E.E2BIG)
         ro = read_only and not self.strict
+        t0 = time.monotonic()
+        try:
+            return await self._call(op, raw, ro, ident)
+        finally:
+            st = self.stats.setdefault(op, [0, 0.0])
+            st[0] += 1
+            st[1] += time.monotonic() - t0
+
+    async def _call(self, op: str, raw: bytes, ro: bool, ident: Optional[int]):
         for attempt in range(EAGAIN_RETRIES):
             if ident is None:
                 who = await self.free.get()
@@ -278,6 +288,8 @@ class BFSOperations(pyfuse3.Operations):
     # ---- xattrs --------------------------------------------------------------------------------
     @_guard
     async def getxattr(self, inode, name, ctx):
+        if not bytes(name).startswith(b"user."):  # e.g. security.capability, asked before every write
+            raise pyfuse3.FUSEError(E.ENODATA)
         return await self.call("getxattr", inode, bytes(name), cred=self.cred(ctx), read_only=True)
 
     @_guard
@@ -286,6 +298,8 @@ class BFSOperations(pyfuse3.Operations):
 
     @_guard
     async def setxattr(self, inode, name, value, ctx):
+        if not bytes(name).startswith(b"user."):  # only user.* is stored (docs/bfs.md)
+            raise pyfuse3.FUSEError(E.EOPNOTSUPP)
         await self.call("setxattr", inode, bytes(name), bytes(value), 0, cred=self.cred(ctx))
 
     @_guard
@@ -457,6 +471,8 @@ async def run_mount(cluster, identities: list[int], mountpoint: str, strict: boo
             pass
         pyfuse3.close(unmount=True)
         await pool.close()
+        log.info("bfs mount: calls %s; errors %s", {k: (v[0], round(v[1] / max(1, v[0]) * 1000, 2))
+                                                   for k, v in sorted(ops.stats.items())}, ops.errors)
 
 
 def mount_main(cluster, identities: list[int], mountpoint: str, **kw) -> None:
