@@ -60,6 +60,7 @@ ATTACKS = [
     ("replica-status-flood", "replica", "replica 3 (attacker, valid keys): Status messages as fast as possible"),
     ("replica-recovery-flood", "replica", "replica 3 (attacker, valid keys): QueryStable and recovery requests"),
     ("replica-viewchange-flood", "replica", "replica 3 (attacker, valid keys): view changes for ever higher views"),
+    ("replica-wrong-replies", "replica", "replica 3 (attacker, valid keys): wrong results to every client request"),
 ]
 NAMES = [a[0] for a in ATTACKS]
 CLASS_OF = {a[0]: a[1] for a in ATTACKS}

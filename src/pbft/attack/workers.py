@@ -739,10 +739,15 @@ async def atk_client_flood(ctx: Ctx) -> None:
 class ByzReplica:
     """Replica ``byz_id``'s identity and keys in an attacker's hands: it listens on that replica's
     port, takes the others' NewKeys (so it knows the keys to MAC with), sends its own, and then
-    sends whatever the attack wants, with valid authenticators."""
+    sends whatever the attack wants, with valid authenticators.  With ``lie``, it also answers the
+    clients' requests with wrong results (``_lie``)."""
 
-    def __init__(self, ctx: Ctx):
+    def __init__(self, ctx: Ctx, lie: bool = False):
+        from ..codec import Codec
         self.ctx = ctx
+        self.lie = lie
+        self.codec = Codec(ctx.cfg)
+        self.view = 0
         c = ctx.cluster
         self.me = ctx.spec["byz_id"]
         self.ident = c.identity(self.me)
@@ -757,10 +762,13 @@ class ByzReplica:
         return FrameConn(self._on_frame, self.counters, self.ctx.max_frame, 1 << 30, 64 << 20)
 
     def _on_frame(self, conn: FrameConn, raw: bytes) -> None:
+        from ..codec import DecodeError
+        if len(raw) >= 2 and raw[1] == 1 and self.lie:
+            self._lie(conn, raw)
+            return
         if len(raw) < 2 or raw[1] != NEWKEY_TAG:
             self.ctx.count("frames-ignored")
             return
-        from ..codec import DecodeError
         try:
             sender, k = accept_newkey(raw, self.ident, self.ctx.cluster.public, self.ctx.n, self.max_principal,
                                       self.newkey_ts)
@@ -770,9 +778,41 @@ class ByzReplica:
         if sender < self.ctx.n:
             self.ring.out_keys[sender] = k
             self.ctx.count("newkeys-from-replicas")
+        else:  # a client: the keys both ways, as a replica keeps them
+            self.ring.in_keys[sender] = k[:KEY_SIZE]
+            self.ring.out_keys[sender] = k[KEY_SIZE:]
+
+    def _lie(self, conn: FrameConn, raw: bytes) -> None:
+        """Answer a client's request with a committed reply, valid MAC, wrong result: a value the
+        client never wrote for a get, a refusal for a put.  The client must not accept it (it
+        needs f+1 matching committed replies), so the workload sees no wrong result."""
+        from ..codec import DecodeError, result_digest
+        from ..messages import Reply
+        try:
+            fr = self.codec.open_frame(raw)
+            req = self.codec.parse(fr)
+        except DecodeError:
+            return
+        if not isinstance(req, Request) or req.client not in self.ring.out_keys or req.client < self.ctx.n:
+            return
+        try:
+            op = msgpack.unpackb(req.op, raw=False)
+            kind, key = op[0], op[1]
+        except (ValueError, TypeError, IndexError, msgpack.UnpackException):
+            return
+        if kind == "get":
+            who = bytes(key).decode(errors="replace").lstrip("c")
+            res = msgpack.packb(["ok", f"{who}:999999999".encode()], use_bin_type=True)
+        else:
+            res = msgpack.packb(["ok", False], use_bin_type=True)
+        view = getattr(self, "view", 0)
+        rep = Reply(view, req.timestamp, req.client, self.me, False, req.read_only, result_digest(res), res)
+        conn.send(frame(seal(rep, self.ring, to=req.client)))
+        self.ctx.count("lying-replies")
 
     async def setup(self, timeout: float = 20.0) -> bool:
         ctx = self.ctx
+        self.view = ctx.current_view()[0]
         loop = asyncio.get_running_loop()
         me = ctx.cluster.replicas[self.me]
         self.server = await loop.create_server(self._conn, me.host, me.port, reuse_address=True, backlog=512)
@@ -906,6 +946,19 @@ async def atk_replica_viewchange_flood(ctx: Ctx) -> None:
     ctx.checks["highest_view_sent"] = view  # the start; the attack went on from there
 
 
+async def atk_replica_wrong_replies(ctx: Ctx) -> None:
+    """Replica 3 takes no part in the protocol but answers every client request it gets with a
+    committed reply, valid MAC, wrong result."""
+    b = ByzReplica(ctx, lie=True)
+    try:
+        if not await b.setup():
+            ctx.count("setup-failed")
+        ctx.start()
+        await asyncio.sleep(ctx.left())
+    finally:
+        b.close()
+
+
 ATTACKERS = {
     "garbage": atk_garbage,
     "forged-client-mac": atk_forged_client_mac,
@@ -921,6 +974,7 @@ ATTACKERS = {
     "replica-status-flood": atk_replica_status_flood,
     "replica-recovery-flood": atk_replica_recovery_flood,
     "replica-viewchange-flood": atk_replica_viewchange_flood,
+    "replica-wrong-replies": atk_replica_wrong_replies,
 }
 
 
