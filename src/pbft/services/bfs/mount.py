@@ -226,7 +226,7 @@ class BFSOperations(pyfuse3.Operations):
         def t(update, ns):
             if not update:
                 return None
-            return UTIME_NOW if abs(ns - now) < NOW_WINDOW_NS else max(0, ns)
+            return UTIME_NOW if abs(ns - now) < NOW_WINDOW_NS else ns  # before 1970: EINVAL from the service
 
         a = await self.call("setattr", inode,
                             (attr.st_mode & 0o7777) if fields.update_mode else None,
