@@ -547,6 +547,8 @@ class Supervisor:
             out_attacks.append({
                 "attack": name, "class": rec["class"], "description": DESCRIPTION[name], "floor": rec["floor"],
                 "throughput_fraction": frac, "during": during, "quiet_before": before, "quiet_after": after,
+                # the quiet window after as a fraction of the one before: below 1, the attack's harm outlasted it
+                "after_vs_before": round(after["ops_per_s"] / before["ops_per_s"], 3) if before["ops_per_s"] else None,
                 "p99_ms": during["p99_ms"], "replicas_alive": len(alive), "replicas_answering": len(answering),
                 "replicas_expected": len(snap1),
                 "memory": {str(i): v for i, v in sorted(mem.items())}, "rss_peak_mib": rss_max,
@@ -623,6 +625,9 @@ def print_report(res: dict, top: int = 3) -> None:
         checks = {k: v for k, v in x["attacker"]["checks"].items() if isinstance(v, bool)}
         if checks:
             notes.append(" ".join(f"{k}={'yes' if v else 'NO'}" for k, v in checks.items()))
+        avb = x.get("after_vs_before")
+        if avb is not None and avb < 0.5:
+            notes.append(f"lasting harm: the quiet window after ran at {avb:.0%} of the one before")
         if x["during"]["timeouts"]:
             notes.append(f"{x['during']['timeouts']} client timeouts")
         if notes:
