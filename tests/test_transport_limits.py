@@ -15,6 +15,7 @@ of resident memory.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 import threading
@@ -27,7 +28,8 @@ from netutil import LocalCluster, free_base_port
 from pbft import BlockingClient
 from pbft.runtime.cluster import init_cluster, load_cluster
 from pbft.runtime.node import ReplicaNode
-from pbft.runtime.transport import AUTH_REPLICA, UNAUTHENTICATED, client_frame_bytes_max
+from pbft.runtime.keys import make_newkey, now_timestamp_us
+from pbft.runtime.transport import AUTH_REPLICA, client_frame_bytes_max, frame
 from pbft.services.kv import KVClient, KVService
 from pbft.config import ConfigError
 
@@ -38,8 +40,8 @@ def transport_drops(node: ReplicaNode, reason: str) -> int:
     return node.counters.drops.get(reason, 0)
 
 
-def make_cluster(tmp_path, runtime=None):
-    return init_cluster(tmp_path / "c", 4, None, ["127.0.0.1"], free_base_port(200), 2, runtime=runtime,
+def make_cluster(tmp_path, runtime=None, clients: int = 2):
+    return init_cluster(tmp_path / "c", 4, None, ["127.0.0.1"], free_base_port(200), clients, runtime=runtime,
                         storage={"mode": "memory"})
 
 
@@ -195,6 +197,54 @@ def test_replica_links_authenticate_and_reauthenticate_after_reconnecting(tmp_pa
                             "idle-timeout", "connection-evicted"} & set(nd.counters.drops)
         finally:
             await stop_nodes(nodes)
+
+    asyncio.run(main())
+
+
+def test_eviction_spares_replicas_and_clients_current_connections(tmp_path):
+    """A full table evicts an unauthenticated connection first, then a client connection that its
+    client has since replaced by a newer one (a second NewKey elsewhere); a client's current
+    connection is never evicted: with nothing else left, the newcomer is refused."""
+    cluster = make_cluster(tmp_path, runtime={"connections_max": 4}, clients=4)
+    c4, c5, c6, c7 = cluster.client_ids
+
+    async def main():
+        (node,) = await start_nodes(cluster, [0])
+        me = cluster.replicas[0]
+
+        async def connect_as(client):
+            r, w = await asyncio.open_connection(me.host, me.port)
+            if client is not None:
+                nk = make_newkey(cluster.identity(client), cluster.public, {0: os.urandom(64)}, now_timestamp_us())
+                w.write(frame(nk))
+                await wait_until(lambda: node.client_conn.get(client) is not None
+                                 and node.client_conn[client] is list(node.guard.conns)[-1], 5.0, "the NewKey")
+            return r, w
+
+        try:
+            a = await connect_as(c4)
+            b = await connect_as(c4)  # c4 moves to b: a is bound to nobody now
+            c = await connect_as(c5)
+            d = await connect_as(c6)
+            e = await connect_as(None)  # the table was full: a goes
+            assert await closed_by_peer(a[0], 2.0)
+            assert transport_drops(node, "connection-evicted") == 1
+            f = await connect_as(None)  # e, unauthenticated, goes
+            assert await closed_by_peer(e[0], 2.0)
+            assert transport_drops(node, "connection-evicted") == 2
+            # f authenticates: every connection is a client's current one, a newcomer is refused
+            nk = make_newkey(cluster.identity(c7), cluster.public, {0: os.urandom(64)}, now_timestamp_us())
+            f[1].write(frame(nk))
+            await wait_until(lambda: c7 in node.client_conn, 5.0, "c7's NewKey")
+            g = await connect_as(None)
+            assert await closed_by_peer(g[0], 2.0)
+            assert transport_drops(node, "connection-limit") == 1
+            for r, _ in (b, c, d, f):
+                assert not await closed_by_peer(r, 0.05)
+            for _, w in (a, b, c, d, e, f, g):
+                w.close()
+        finally:
+            await stop_nodes([node])
 
     asyncio.run(main())
 

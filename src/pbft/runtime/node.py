@@ -301,8 +301,10 @@ class ReplicaNode:
         conn = self._make_conn()
         if len(self.inbound) >= self.rt.connections_max:
             # a full table makes room by closing its oldest connection that never authenticated
-            # (idle sockets cannot lock correct clients out); authenticated ones are never evicted
-            victim = self.guard.oldest_unauthenticated()
+            # (idle sockets cannot lock correct clients out), else its oldest client connection
+            # that no client's latest NewKey is bound to any more (frames on it would be dropped
+            # anyway); a replica's, or a client's current one, is never evicted
+            victim = self.guard.oldest_unauthenticated() or self._oldest_unbound_client_conn()
             if victim is None:
                 self.counters.drop("connection-limit")
                 conn.meta["reject"] = True
@@ -315,6 +317,14 @@ class ReplicaNode:
         self.guard.add(conn)
         self.counters.connections_accepted += 1
         return conn
+
+    def _oldest_unbound_client_conn(self) -> Optional[FrameConn]:
+        client_conn = self.client_conn
+        for c in self.guard.conns:
+            if c.auth == AUTH_CLIENT and not c.closed and \
+                    not any(client_conn.get(x) is c for x in c.meta.get("clients", ())):
+                return c
+        return None
 
     def _on_lost(self, conn: FrameConn) -> None:
         self.inbound.discard(conn)

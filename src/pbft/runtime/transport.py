@@ -284,6 +284,8 @@ class FrameConn(asyncio.Protocol):
             except OSError:
                 pass
         self.peer = transport.get_extra_info("peername")
+        if self.closed:  # closed by its owner before the loop got round to this (a refused connection)
+            transport.close()
 
     def connection_lost(self, exc) -> None:
         self.closed = True
