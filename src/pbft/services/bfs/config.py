@@ -62,6 +62,7 @@ class BFSConfig:
     root_gid: int = 0
     skew_ms: float = 1000.0
     orphans_max: int = 4096
+    data_buckets: int = 16384  # objects holding the file data: at least bytes_max / 256 KiB
     clients: dict = field(default_factory=dict)  # client id -> ClientPolicy
     default: ClientPolicy = ClientPolicy()
 
@@ -70,6 +71,7 @@ class BFSConfig:
 
 
 _LIMITS = ("inodes_max", "bytes_max", "file_size_max", "dir_entries_max", "dir_bytes_max", "orphans_max")
+_LAYOUT = ("data_buckets",)
 _IDS = ("root_uid", "root_gid")
 
 
@@ -118,6 +120,8 @@ def parse_bfs_section(t) -> BFSConfig:
     for k, v in t.items():
         if k in _LIMITS:
             kw[k] = _int(v, k, 1, 1 << 62)
+        elif k in _LAYOUT:
+            kw[k] = _int(v, k, 1, 1 << 24)
         elif k in _IDS:
             kw[k] = _int(v, k, 0, (1 << 32) - 2)
         elif k == "root_mode":
@@ -147,6 +151,8 @@ def parse_bfs_section(t) -> BFSConfig:
         else:
             raise ConfigError(f"[bfs] unknown parameter {k!r}")
     kw["clients"] = clients
+    if kw.get("dir_bytes_max", 0) > 768 * 1024:
+        raise ConfigError("[bfs] dir_bytes_max is at most 786432 (a directory must fit in one object)")
     if kw.get("file_size_max", 1) > 1 << 46:
         raise ConfigError("[bfs] file_size_max is at most 2**46")
     return BFSConfig(**kw)

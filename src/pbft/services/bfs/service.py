@@ -121,7 +121,7 @@ def _check_sb(v) -> None:
 
 def _check_pairs(width):
     def check(v) -> None:
-        if not (isinstance(v, tuple) and all(isinstance(e, tuple) and len(e) == width and all(_is_int(x) for x in e)
+        if not (isinstance(v, tuple) and all(isinstance(e, tuple) and len(e) == width and all(_is_int(x, -1) for x in e)
                                              for e in v)):
             raise ValueError("bad table")
     return check
@@ -131,8 +131,10 @@ class BFSService(ObjectService):
     """The replicated file system.  ``config``: limits and the client policy (``[bfs]``)."""
 
     def __init__(self, config: BFSConfig | None = None, inode_buckets: int = 4096, dir_buckets: int = 4096,
-                 data_buckets: int = 16384, xattr_buckets: int = 256):
+                 data_buckets: int | None = None, xattr_buckets: int = 256):
         self.cfg = config or BFSConfig()
+        if data_buckets is None:
+            data_buckets = self.cfg.data_buckets
         self.sb = Cell(0, (ROOT_INO + 1, 0, 1, 0, ()), check=_check_sb)
         self.usage = Cell(1, (), check=_check_pairs(3))
         self.orphans = Cell(2, (), check=_check_pairs(2))
