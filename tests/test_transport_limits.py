@@ -106,6 +106,9 @@ def test_partial_frames_on_unauthenticated_connections_are_bounded(tmp_path):
                 w.write(struct.pack(">I", near) + b"\x95" * (near - 100))
                 await w.drain()
                 socks.append((r, w))
+                # one at a time: the replica holds all of it before the next one sends
+                await wait_until(lambda: list(node.guard.conns)[-1].held == 4 + near - 100, 5.0, "the bytes")
+                assert node.guard.held <= limit
             await wait_until(lambda: transport_drops(node, "partial-frame-memory") >= 3, 5.0,
                              "connections holding partial frames to be closed")
             assert node.guard.held <= limit
