@@ -20,8 +20,9 @@ accepted is closed on its first such frame: a correct principal sends its NewKey
 connection, so such a connection is either an impostor's or one whose NewKey we dropped (rate
 limit), and closing it makes a correct peer reconnect and send a fresh NewKey.
 
-**NewKeys are admitted cheaply first** (``NewKeyGate``): shape, a known sender, a timestamp
-newer than the last one accepted from it (an exact replay ends here) and not more than
+**NewKeys are admitted cheaply first** (``NewKeyGate``): an exact replay of the latest NewKey
+accepted from its sender is recognised by one hash and a comparison; then shape, a known sender,
+a timestamp newer than the last one accepted from it (older captures end here) and not more than
 ``timestamp_skew_ms_max`` ahead of our wall clock; only then the rate limits (per connection
 and for all connections together) and the signature check (~40 µs) and unsealing.  A
 connection that never presented a valid NewKey may fail the signature check only a few times;
@@ -31,6 +32,7 @@ after that its NewKeys are dropped unchecked (``newkey-unauthenticated-limit``).
 from __future__ import annotations
 
 import time
+from hashlib import blake2b
 from typing import Optional
 
 from ..codec import DecodeError
@@ -75,10 +77,17 @@ class NewKeyGate:
         self.skew_us = int(skew_ms * 1000)
         self.counters = counters
         self.last_ts: dict[int, int] = {}
+        self.last_digest: dict[int, bytes] = {}  # sender -> digest of the latest NewKey accepted from it
         self.bucket = TokenBucket(rate=NEWKEY_RATE_ALL, burst=NEWKEY_RATE_ALL)
 
     def accept(self, conn: FrameConn, raw: bytes) -> Optional[tuple[int, bytes]]:
         meta = conn.meta
+        s = frame_sender(raw)
+        h = blake2b(raw, digest_size=16).digest()
+        if self.last_digest.get(s) == h:
+            # an exact replay of the latest NewKey accepted from s: one hash and a comparison
+            self.counters.drop("newkey-stale")
+            return None
         try:
             nk = precheck_newkey(raw, self.me, self.public, self.max_principal, self.last_ts,
                                  time.time_ns() // 1000, self.skew_us)
@@ -105,4 +114,5 @@ class NewKeyGate:
                 meta["newkey-failures"] = meta.get("newkey-failures", 0) + 1
             return None
         meta["authenticated"] = True
+        self.last_digest[nk.sender] = h
         return nk.sender, k
