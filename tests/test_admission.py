@@ -122,6 +122,90 @@ def test_simulated_clients_are_never_refused_for_their_timestamps():
 
 
 # ---------------------------------------------------------------------------
+# NewKey admission and the frame-sender parse (in-process)
+# ---------------------------------------------------------------------------
+
+class _Conn:
+    def __init__(self):
+        self.meta = {}
+
+
+def _gate(monkeypatch):
+    from pbft.runtime import admission
+    from pbft.runtime.keys import Identity, PublicKeys
+    from pbft.runtime.transport import Counters
+    ids = {p: Identity.generate(p) for p in range(6)}  # replicas 0..3, clients 4, 5
+    pub = PublicKeys({p: i.public for p, i in ids.items()})
+    gate = admission.NewKeyGate(ids[0], pub, 4, 5, 600_000.0, Counters())
+    checked = []
+    real = admission.finish_newkey
+
+    def counting(*a):
+        checked.append(1)
+        return real(*a)
+    monkeypatch.setattr(admission, "finish_newkey", counting)
+    return gate, ids, pub, checked
+
+
+def test_newkey_replays_and_future_timestamps_are_refused_before_the_signature(monkeypatch):
+    from pbft.runtime.keys import make_newkey
+    gate, ids, pub, checked = _gate(monkeypatch)
+    conn = _Conn()
+    keys = {j: os.urandom(64) for j in range(4)}
+    old = make_newkey(ids[4], pub, keys, now_us() - 10)
+    nk = make_newkey(ids[4], pub, keys, now_us())
+    assert gate.accept(conn, nk) is not None and len(checked) == 1
+    assert gate.accept(conn, nk) is None  # exact replay
+    assert gate.accept(_Conn(), old) is None  # an older capture, on another connection
+    far = make_newkey(ids[4], pub, keys, now_us() + 601_000_000)
+    top = make_newkey(ids[5], pub, keys, U63)
+    assert gate.accept(conn, far) is None and gate.accept(conn, top) is None
+    assert len(checked) == 1, "none of them cost a signature check"
+    assert gate.counters.drops == {"newkey-stale": 2, "newkey-future-timestamp": 2}
+    assert gate.last_ts[4] == msgpack.unpackb(msgpack.unpackb(nk)[2])[0]
+    near = make_newkey(ids[5], pub, keys, now_us() + 1_000_000)  # a clock a second ahead: fine
+    assert gate.accept(conn, near) is not None
+
+
+def test_a_connection_that_never_authenticated_may_fail_the_signature_check_only_a_few_times(monkeypatch):
+    from pbft.runtime.admission import UNAUTHENTICATED_NEWKEY_FAILURES_MAX
+    from pbft.runtime.keys import Identity, make_newkey
+    gate, ids, pub, checked = _gate(monkeypatch)
+    impostor = Identity.generate(4)
+    conn = _Conn()
+    for i in range(10):
+        assert gate.accept(conn, make_newkey(impostor, pub, {0: os.urandom(64)}, now_us() + i)) is None
+    assert len(checked) == UNAUTHENTICATED_NEWKEY_FAILURES_MAX
+    assert gate.counters.drops["newkey-bad-signature"] == UNAUTHENTICATED_NEWKEY_FAILURES_MAX
+    assert gate.counters.drops["newkey-unauthenticated-limit"] == 10 - UNAUTHENTICATED_NEWKEY_FAILURES_MAX
+    # a connection that authenticated keeps the ordinary rate limits only
+    good = _Conn()
+    assert gate.accept(good, make_newkey(ids[5], pub, {0: os.urandom(64)}, now_us())) is not None
+    for i in range(6):
+        gate.accept(good, make_newkey(impostor, pub, {0: os.urandom(64)}, now_us() + 100 + i))
+    assert gate.counters.drops["newkey-bad-signature"] == UNAUTHENTICATED_NEWKEY_FAILURES_MAX + 6
+
+
+@pytest.mark.parametrize("sender", [0, 3, 4, 127, 128, 255, 256, 65535, 65536, (1 << 31) - 1])
+def test_frame_sender_reads_the_sender_as_msgpack_does(sender):
+    from pbft.runtime.admission import frame_sender
+    raw = msgpack.packb([1, sender, b"h", b"", bytes(64)])
+    assert frame_sender(raw) == sender == msgpack.unpackb(raw)[1]
+
+
+@pytest.mark.parametrize("raw", [
+    msgpack.packb([1, -1, b"h", b"", bytes(64)]),  # negative
+    b"\x95\x01\xd1\x00\x05" + msgpack.packb(b"h") + msgpack.packb(b"") + msgpack.packb(bytes(64)),  # int16 5
+    b"\x95\x01\xcf" + (5).to_bytes(8, "big") + msgpack.packb(b"h") + msgpack.packb(b"") + msgpack.packb(bytes(64)),
+    b"\x95\xcc\x01\x05" + msgpack.packb(b"h") + msgpack.packb(b"") + msgpack.packb(bytes(64)),  # tag as uint8
+    b"\x95\x01",
+])
+def test_frame_sender_refuses_encodings_no_correct_principal_writes(raw):
+    from pbft.runtime.admission import frame_sender
+    assert frame_sender(raw) == -1
+
+
+# ---------------------------------------------------------------------------
 # a real cluster: principals bound to connections
 # ---------------------------------------------------------------------------
 
