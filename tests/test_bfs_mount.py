@@ -3,6 +3,7 @@ with ``pbft mount``, used with ordinary tools.  Needs root, /dev/fuse and pyfuse
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -231,6 +232,10 @@ def test_second_identity_sees_changes_close_to_open(bfs):
     with open(m1 / "shared.txt", "a") as fh:
         fh.write("three\n")
     assert (m2 / "shared.txt").read_text() == "two, longer\nthree\n"
+    (m2 / "shared.txt").write_text("4\n")  # O_TRUNC: shorter than before
+    assert (m1 / "shared.txt").read_text() == "4\n"
+    (m1 / "shared.txt").write_text("5\n")
+    assert (m2 / "shared.txt").read_text() == "5\n"
     os.rename(m2 / "shared.txt", m2 / "renamed.txt")
     assert (m2 / "renamed.txt").exists() and not (m2 / "shared.txt").exists()
     # exclusive create across mounts: exactly one wins
@@ -283,3 +288,34 @@ def test_a_replica_killed_during_writes(bfs):
     lc.start(victim)
     (m1 / "after").write_text("ok")
     assert (m2 / "after").read_text() == "ok"
+
+
+def test_no_quorum_gives_etimedout_and_the_mount_survives(bfs):
+    lc, m1, m2 = bfs
+    m3 = m1.parent / "m3"
+    m3.mkdir()
+    pbft("mount", lc.dir, m3, "--client-id", 10, "--identities", 2, "--timeout", 2, "--strict")
+    try:
+        (m3 / "before").write_text("x")
+        stopped = [2, 3]
+        for r in stopped:
+            os.kill(lc.procs[r].pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(OSError) as ei:
+                (m3 / "during").write_text("y")
+            assert ei.value.errno == errno.ETIMEDOUT
+        finally:
+            for r in stopped:
+                os.kill(lc.procs[r].pid, signal.SIGCONT)
+        # the same mount works again once a quorum is back
+        deadline = time.time() + 30
+        while True:
+            try:
+                (m3 / "after").write_text("z")
+                break
+            except OSError:
+                assert time.time() < deadline
+                time.sleep(0.5)
+        assert (m1 / "after").read_text() == "z" and (m3 / "before").read_text() == "x"
+    finally:
+        pbft("umount", m3, check=False)

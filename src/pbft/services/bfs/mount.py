@@ -319,7 +319,14 @@ class BFSOperations(pyfuse3.Operations):
     @_guard
     async def open(self, inode, flags, ctx):
         cred = self.cred(ctx)
-        a = await self.call("getattr", inode, cred=cred, read_only=True)
+        if flags & os.O_TRUNC:  # libfuse asks for atomic O_TRUNC: the truncation is ours to do
+            a = await self.call("setattr", inode, None, None, None, 0, (None, None), cred=cred)
+            try:
+                pyfuse3.invalidate_inode(inode, attr_only=True)
+            except OSError:
+                pass
+        else:
+            a = await self.call("getattr", inode, cred=cred, read_only=True)
         if not self.strict and self.known.get(inode) not in (None, (a[A_SIZE], a[A_MTIME])):
             try:
                 pyfuse3.invalidate_inode(inode, attr_only=True)
@@ -333,6 +340,8 @@ class BFSOperations(pyfuse3.Operations):
     async def create(self, parent_inode, name, mode, flags, ctx):
         cred = self.cred(ctx)
         a = await self.call("create", parent_inode, bytes(name), mode, bool(flags & os.O_EXCL), cred=cred)
+        if flags & os.O_TRUNC and a[A_SIZE] > 0:  # it existed after all (another client made it)
+            a = await self.call("setattr", a[A_INO], None, None, None, 0, (None, None), cred=cred)
         self._opened(a[A_INO])
         return self._file_info(self._fh(_Handle(a[A_INO], cred))), self.entry(a)
 
