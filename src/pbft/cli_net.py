@@ -57,7 +57,8 @@ def cmd_init(args) -> int:
     print(f"wrote {c.dir / 'cluster.toml'}: {c.n} replicas (f={c.cfg.f}), {len(c.client_ids)} clients "
           f"(ids {c.client_ids[0]}..{c.client_ids[-1]}); private keys in {c.dir / 'keys'} (mode 0600)")
     for r in c.replicas:
-        print(f"  replica {r.id}: {r.host}:{r.port}  metrics http://{r.metrics_addr}:{r.metrics_port}/metrics")
+        where = " (on its machine)" if r.metrics_addr != r.host and r.metrics_addr == "127.0.0.1" else ""
+        print(f"  replica {r.id}: {r.host}:{r.port}  metrics http://{r.metrics_addr}:{r.metrics_port}/metrics{where}")
     return 0
 
 
