@@ -207,6 +207,33 @@ def fetch_status(host: str, port: int, timeout: float = 1.0) -> dict:
         return json.loads(r.read())
 
 
+def _status_notes(cluster, rows: list[dict]) -> list[str]:
+    """Replicas that are behind or alone in a view change, as lines for ``pbft status``; each
+    reachable row also gets ``behind`` (sequence numbers below the most advanced replica) and
+    ``alone_in_view_change`` (it changes view while replicas of quorum weight are active in a
+    lower view: nothing but the idle rejoin or the next view change brings it back)."""
+    cfg = cluster.cfg
+    up = [s for s in rows if s["reachable"]]
+    if not up:
+        return []
+    top = max(s["last_executed"] for s in up)
+    # (under load replicas differ by the batches in flight; more than twice that is behind)
+    slack = max(2 * cfg.batches_in_flight_max, 8)
+    notes = []
+    for s in up:
+        s["behind"] = top - s["last_executed"]
+        active_below = [o["replica"] for o in up if o["view_active"] and o["view"] < s["view"]]
+        s["alone_in_view_change"] = (not s["view_active"] and cfg.weight_of(active_below) >= cfg.quorum_weight)
+        if s["alone_in_view_change"]:
+            views = sorted({o["view"] for o in up if o["replica"] in active_below})
+            notes.append(f"replica {s['replica']} is alone in a view change to view {s['view']}: replicas "
+                         f"{active_below} are active in view {'/'.join(map(str, views))}")
+        if s["behind"] > slack:
+            notes.append(f"replica {s['replica']} is behind: executed {s['last_executed']}, the most advanced "
+                         f"replica {top} ({s['behind']} sequence numbers)")
+    return notes
+
+
 def cmd_status(args) -> int:
     from .runtime.cluster import load_cluster
 
@@ -223,6 +250,7 @@ def cmd_status(args) -> int:
                               "or set metrics_host in cluster.toml"
         s["address"] = f"{r.host}:{r.port}"
         rows.append(s)
+    notes = _status_notes(cluster, rows)
     if args.json:
         print(json.dumps(rows))
     else:
@@ -240,6 +268,8 @@ def cmd_status(args) -> int:
             peers = f"{len(s['peers_connected'])}/{cluster.n - 1}"
             print(f"{s['replica']:>7} {s['address']:21} {state:11} {s['view']:>5} {s['primary']:>7} "
                   f"{s['last_executed']:>9} {s['stable_checkpoint']:>7} {s['executed_requests']:>9} {peers:>7}")
+        for line in notes:
+            print(line)
     up = sum(1 for s in rows if s["reachable"])
     return 0 if cluster.cfg.weight_of([s["replica"] for s in rows if s["reachable"]]) >= cluster.cfg.quorum_weight \
         or up == cluster.n else 1

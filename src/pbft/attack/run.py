@@ -72,6 +72,7 @@ FLOOD_IDS = 16
 SERVICE = "kv"
 READY_TIMEOUT_S = 30.0
 SAMPLE_PERIOD_S = 0.5
+RECOVERED = 0.5  # a quiet window counts once the workload is back to half its usual quiet rate
 
 
 def parse_attacks(s: str) -> list[str]:
@@ -229,18 +230,23 @@ def http_get(host: str, port: int, path: str, timeout: float) -> bytes:
 class Lines:
     """JSON lines from a child's stdout, read by a thread into a queue (None at EOF)."""
 
-    def __init__(self, proc: subprocess.Popen):
+    def __init__(self, proc: subprocess.Popen, on_progress=None):
         self.proc = proc
         self.q: queue.Queue = queue.Queue()
+        self.on_progress = on_progress  # called (in the reader thread) with each {"progress": ...} message
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
         try:
             for line in self.proc.stdout:
                 try:
-                    self.q.put(json.loads(line))
+                    msg = json.loads(line)
                 except ValueError:
                     continue
+                if self.on_progress is not None and "progress" in msg:
+                    self.on_progress(msg)
+                else:
+                    self.q.put(msg)
         except (OSError, ValueError):  # closed under us when the child is stopped
             pass
         self.q.put(None)
@@ -269,6 +275,8 @@ class Supervisor:
         self.cluster = None
         self.workload = None
         self.workload_lines: Optional[Lines] = None
+        self.progress_t: list[float] = []  # the workload's progress reports: time, operations done
+        self.progress_n: list[int] = []
 
     def note(self, text: str) -> None:
         print(f"pbft attack: {text}", file=sys.stderr, flush=True)
@@ -344,15 +352,48 @@ class Supervisor:
             out[i] = {"status": st, "metrics": mt, "cpu_s": proc_cpu_s(self.procs[i].pid)}
         return {"t": time.monotonic(), "r": out}
 
+    def _on_progress(self, msg: dict) -> None:
+        self.progress_t.append(msg["t"])
+        self.progress_n.append(msg["progress"])
+
+    def rate(self, t0: float, t1: float) -> Optional[float]:
+        """The workload's operations per second between t0 and t1, from its progress reports."""
+        ts, ns = list(self.progress_t), list(self.progress_n)
+        i, j = bisect.bisect_left(ts, t0), bisect.bisect_right(ts, t1) - 1
+        if j <= i:
+            return None
+        return (ns[j] - ns[i]) / (ts[j] - ts[i]) if ts[j] > ts[i] else None
+
     def quiet_window(self, snap_start: Optional[dict] = None) -> dict:
-        """No attacker runs: ``{"w": (t0, t1), "snaps": (at the start, at the end)}``."""
+        """No attacker runs for ``--quiet-s``, and longer, up to ``--settle-max-s``, until the
+        workload is back to at least half the usual quiet rate (the median of this phase's quiet
+        windows so far), so that the next attack starts from a recovered cluster.  The window
+        measured is the last ``--quiet-s`` seconds.  ``{"w": (t0, t1), "settle_s", "recovered",
+        "rate", "snaps": (snapshot at the start, at the end)}``."""
+        a = self.args
         s0 = snap_start or self.snapshot()
         t0 = time.monotonic()
-        end = t0 + self.args.quiet_s
+        end = t0 + a.quiet_s
         while time.monotonic() < end:
             time.sleep(min(0.25, max(0.0, end - time.monotonic())))
             self.check_processes()
-        q = {"w": (t0, time.monotonic()), "snaps": (s0, self.snapshot())}
+        rates = sorted(q["rate"] for q in self.quiet if q["byz"] == self.byz and q["rate"] is not None)
+        ref = rates[len(rates) // 2] if rates else None
+        recovered = True
+        while ref:
+            now = time.monotonic()
+            r = self.rate(now - a.quiet_s, now)
+            if r is not None and r >= RECOVERED * ref:
+                break
+            if now - t0 >= a.quiet_s + a.settle_max_s:
+                recovered = False
+                break
+            time.sleep(0.25)
+            self.check_processes()
+        t1 = time.monotonic()
+        w = (max(t0, t1 - a.quiet_s), t1)
+        q = {"w": w, "settle_s": round(w[0] - t0, 2), "recovered": recovered, "rate": self.rate(*w),
+             "byz": self.byz, "snaps": (s0, self.snapshot())}
         self.quiet.append(q)
         return q
 
@@ -360,7 +401,7 @@ class Supervisor:
     def start_workload(self) -> None:
         spec = {"dir": str(self.cluster.dir), "clients": self.ids()["victims"], "timeout_s": 5.0}
         self.workload = self.children.spawn("workload", ["-m", "pbft.attack", "workload", json.dumps(spec)], pipes=True)
-        self.workload_lines = Lines(self.workload)
+        self.workload_lines = Lines(self.workload, self._on_progress)
         try:
             msg = self.workload_lines.next(READY_TIMEOUT_S)
         except queue.Empty:
@@ -547,8 +588,10 @@ class Supervisor:
             out_attacks.append({
                 "attack": name, "class": rec["class"], "description": DESCRIPTION[name], "floor": rec["floor"],
                 "throughput_fraction": frac, "during": during, "quiet_before": before, "quiet_after": after,
-                # the quiet window after as a fraction of the one before: below 1, the attack's harm outlasted it
+                # the quiet window after as a fraction of the one before
                 "after_vs_before": round(after["ops_per_s"] / before["ops_per_s"], 3) if before["ops_per_s"] else None,
+                # how long after the attack the workload took to get back to half its usual rate
+                "settle_s": rec["after"]["settle_s"], "recovered": rec["after"]["recovered"],
                 "p99_ms": during["p99_ms"], "replicas_alive": len(alive), "replicas_answering": len(answering),
                 "replicas_expected": len(snap1),
                 "memory": {str(i): v for i, v in sorted(mem.items())}, "rss_peak_mib": rss_max,
@@ -625,9 +668,12 @@ def print_report(res: dict, top: int = 3) -> None:
         checks = {k: v for k, v in x["attacker"]["checks"].items() if isinstance(v, bool)}
         if checks:
             notes.append(" ".join(f"{k}={'yes' if v else 'NO'}" for k, v in checks.items()))
-        avb = x.get("after_vs_before")
-        if avb is not None and avb < 0.5:
-            notes.append(f"lasting harm: the quiet window after ran at {avb:.0%} of the one before")
+        if not x["recovered"]:
+            notes.append(f"lasting harm: the workload was not back to half its quiet rate "
+                         f"{x['settle_s'] + res['quiet_s']:g} s after the attack")
+        elif x["settle_s"] > 0:
+            notes.append(f"lasting harm: the workload needed {x['settle_s']:g} s more than the quiet window "
+                         f"to get back to half its quiet rate")
         if x["during"]["timeouts"]:
             notes.append(f"{x['during']['timeouts']} client timeouts")
         if notes:
@@ -667,6 +713,9 @@ def add_attack_command(sub) -> None:
     p.add_argument("--duration-s", type=float, default=10.0, help="seconds per attack (default 10)")
     p.add_argument("--quiet-s", type=float, default=3.0, help="seconds of each quiet window (default 3)")
     p.add_argument("--warmup-s", type=float, default=1.0, help="unmeasured seconds before the first quiet window")
+    p.add_argument("--settle-max-s", type=float, default=30.0,
+                   help="after an attack, wait up to this much longer than --quiet-s for the workload to get back "
+                        "to half its quiet rate (default 30)")
     p.add_argument("--clients", type=int, default=8, help="closed-loop clients of the workload (default 8)")
     p.add_argument("--storage", choices=["durable", "fast", "memory"], default="fast",
                    help="the replicas' storage mode (default fast)")
@@ -689,8 +738,9 @@ def cmd_attack(args) -> int:
     for what, v, lo in (("--duration-s", args.duration_s, 0.0), ("--quiet-s", args.quiet_s, 0.0)):
         if not (v > lo and math.isfinite(v)):
             raise ConfigError(f"{what} must be a positive number of seconds, got {v:g}")
-    if not (args.warmup_s >= 0 and math.isfinite(args.warmup_s)):
-        raise ConfigError(f"--warmup-s must be >= 0, got {args.warmup_s:g}")
+    for what, v in (("--warmup-s", args.warmup_s), ("--settle-max-s", args.settle_max_s)):
+        if not (v >= 0 and math.isfinite(v)):
+            raise ConfigError(f"{what} must be >= 0 seconds, got {v:g}")
     if args.clients < 1:
         raise ConfigError(f"--clients must be at least 1, got {args.clients}")
     workdir = Path(tempfile.mkdtemp(prefix="pbft-attack-"))

@@ -40,6 +40,8 @@ from ..services.kv import decode_result, encode_op
 U63 = (1 << 63) - 1
 CONNECT_TIMEOUT_S = 2.0
 WRITE_BUFFER_HIGH = 1 << 20  # an attacker stops writing to a connection while this much is queued
+# what writing to a connection the replica closed raises (uvloop: RuntimeError on a closed transport)
+WRITE_ERRORS = (OSError, ConnectionError, RuntimeError)
 
 
 def say(msg: dict) -> None:
@@ -145,9 +147,17 @@ def workload_main(spec_json: str) -> int:
 
         tasks = [asyncio.ensure_future(client(c)) for c in ids]
         say({"ready": True, "t": clock()})
+
+        async def progress() -> None:  # for the supervisor, which waits for the cluster to recover
+            while not stop.is_set():
+                say({"progress": len(t_done), "t": clock()})
+                await asyncio.sleep(0.25)
+
+        prog = asyncio.ensure_future(progress())
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, sys.stdin.readline)
         stop.set()
+        prog.cancel()
         await asyncio.wait(tasks, timeout=timeout + 1.0)
         for t in tasks:
             t.cancel()
@@ -274,7 +284,7 @@ async def pump(ctx: Ctx, host: str, port: int, make, frames_per_conn: int, tail=
             if tail is not None and ctx.running() and not reader.done():
                 w.write(tail())
                 await w.drain()
-        except (OSError, ConnectionError):
+        except WRITE_ERRORS:
             ctx.count("connection-reset")
         finally:
             reader.cancel()
@@ -497,7 +507,7 @@ async def atk_conn_flood(ctx: Ctx) -> None:
                     ctx.count("closed-by-replica")
             except asyncio.TimeoutError:
                 pass
-            except (OSError, ConnectionError):
+            except WRITE_ERRORS:
                 ctx.count("closed-by-replica")
             finally:
                 w.close()
@@ -540,7 +550,7 @@ async def atk_slow_frames(ctx: Ctx) -> None:
                     await w.drain()
                 if reader.done():
                     ctx.count("closed-by-replica")
-            except (OSError, ConnectionError):
+            except WRITE_ERRORS:
                 ctx.count("closed-by-replica")
             finally:
                 reader.cancel()
@@ -570,7 +580,7 @@ async def atk_http_flood(ctx: Ctx) -> None:
                 body = await asyncio.wait_for(r.read(), max(0.1, ctx.left() + 1.0))
                 ctx.count("responses" if body.startswith(b"HTTP/1.1 200") else "bad-responses")
                 ctx.count("bytes-received", len(body))
-            except (OSError, ConnectionError, asyncio.TimeoutError):
+            except (*WRITE_ERRORS, asyncio.TimeoutError):
                 ctx.count("connection-reset")
             finally:
                 w.close()
@@ -614,7 +624,7 @@ async def atk_http_slow(ctx: Ctx) -> None:
                         await w.drain()
                 if reader.done():
                     ctx.count("closed-by-replica")
-            except (OSError, ConnectionError):
+            except WRITE_ERRORS:
                 ctx.count("closed-by-replica")
             finally:
                 reader.cancel()
@@ -667,7 +677,11 @@ async def atk_big_timestamp(ctx: Ctx) -> None:
         if rw is None:
             continue
         rd, w = rw
-        w.write(nk + req)
+        try:
+            w.write(nk + req)
+        except WRITE_ERRORS:
+            ctx.count("connection-reset")
+            continue
         ctx.count("frames-sent", 2)
         held.append((asyncio.ensure_future(discard(rd, ctx, "reply-bytes")), w))
     await asyncio.sleep(ctx.left())
@@ -704,7 +718,10 @@ async def atk_client_flood(ctx: Ctx) -> None:
         rw = await connect(ctx, r.host, r.port)
         if rw is not None:
             rd, w = rw
-            w.write(b"".join(newkeys))
+            try:
+                w.write(b"".join(newkeys))
+            except WRITE_ERRORS:
+                continue
             conns.append((asyncio.ensure_future(discard(rd, ctx, "reply-bytes")), w))
     await asyncio.sleep(0.2)
     ts = {cid: now_timestamp_us() for cid in ids}
@@ -719,13 +736,16 @@ async def atk_client_flood(ctx: Ctx) -> None:
         data = b"".join(out)
         ctx.count("requests-sent", len(out))
         for t, w in list(conns):
-            if t.done():
+            if t.done() or w.is_closing():
                 conns.remove((t, w))
                 continue
-            w.write(data)
+            try:
+                w.write(data)
+            except WRITE_ERRORS:
+                conns.remove((t, w))
         try:
             await asyncio.gather(*(w.drain() for _, w in conns))
-        except (OSError, ConnectionError):
+        except WRITE_ERRORS:
             ctx.count("connection-reset")
     for t, w in conns:
         t.cancel()
@@ -844,7 +864,7 @@ class ByzReplica:
             busy = True
             for j, conn in self.out.items():
                 t = conn.transport
-                if conn.closed or t is None:
+                if conn.closed or t is None or t.is_closing():
                     continue
                 if t.get_write_buffer_size() < WRITE_BUFFER_HIGH:
                     t.write(data)

@@ -63,6 +63,7 @@ class Recovery:
         self.recoveries = 0
         self.last_recovery_ms: Optional[float] = None
         self.stable_answered: dict[int, float] = {}
+        self.recovery_admitted: dict[int, tuple[int, float]] = {}  # replica -> (timestamp, when admitted)
 
     # ------------------------------------------------------------------
     # at the recovering replica
@@ -173,6 +174,34 @@ class Recovery:
     # ------------------------------------------------------------------
     # at every replica
     # ------------------------------------------------------------------
+    def _admit_recovery_request(self, req: Request) -> Optional[str]:
+        """Whether to take replica j's recovery request in (vouch for it, order it), or why not.
+
+        A replica's new recovery request is admitted here at most once per half base view-change
+        timeout; its retransmissions (same timestamp) always are. A Byzantine replica flooding
+        recovery requests then gets at most one per interval per correct replica certified (f+1
+        vouches include a correct replica's), a correct primary orders at most one per interval,
+        and every correct replica refreshes its keys (in the runtime) at most once per few
+        seconds whatever gets ordered. This is a local decision, like any decision to vouch: what
+        is executed stays deterministic (an ordered recovery request executes at every replica
+        alike, and its effects are bounded: the recovery point is at most n + 2L, see
+        ``_execute_recovery_request``). Replicas admit at slightly different moments, so a
+        backup may hold a newer request of j than the one the primary orders: when one of j's
+        recovery requests executes, any other of j's waiting here is folded into it (``_committed``),
+        so that it never runs our request timer out (half a timeout: the primary admits a new
+        one before a backup's could time out). A correct replica that reboots during its
+        recovery and sends a new request waits at most one interval more (it retransmits)."""
+        j, t = req.client, req.timestamp
+        last = self.recovery_admitted.get(j)
+        if last is not None and t != last[0]:
+            if t < last[0]:
+                return None  # (older than the admitted one: the ordinary checks drop it)
+            if self.now - last[1] < self.cfg.view_change_timeout_ms / 2:
+                return "recovery-request-rate-limited"
+        if last is None or t != last[0]:
+            self.recovery_admitted[j] = (t, self.now)
+        return None
+
     def on_query_stable(self, m: QueryStable, fr) -> None:
         last = self.stable_answered.get(m.replica)
         if last is not None and self.now - last < self.cfg.status_interval_ms / 2:

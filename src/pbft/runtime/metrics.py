@@ -37,6 +37,7 @@ class ReplicaMetrics:
         self.lat_counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
         self.lat_sum = 0.0
         self.key_refreshes = 0
+        self.key_refreshes_coalesced = 0  # refreshes for others' recoveries folded into another one
         self.newkeys_accepted = 0
         self.stable_checkpoints = 0
         self.http_drops: dict[str, int] = {}  # the endpoint's, set by HttpEndpoint
@@ -79,6 +80,10 @@ class ReplicaMetrics:
         yield counter("pbft_view_changes", "View changes started by this replica", node.view_changes)
         yield counter("pbft_new_views", "New views installed", node.new_views)
         yield counter("pbft_key_refreshes", "Session-key refreshes sent (NewKey)", self.key_refreshes)
+        yield counter("pbft_key_refreshes_coalesced", "Key refreshes for other replicas' recoveries folded into "
+                      "another (at most one per few seconds)", self.key_refreshes_coalesced)
+        yield counter("pbft_idle_rejoins", "View changes started to rejoin a replica left alone in a view change "
+                      "on an idle cluster", r.idle_rejoins)
         yield counter("pbft_newkeys_accepted", "NewKey messages accepted from others", self.newkeys_accepted)
         ts = r.transfer_stats
         yield counter("pbft_state_transfers", "State transfers completed", ts["transfers"])

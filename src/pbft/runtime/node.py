@@ -41,6 +41,10 @@ LOGGED_EVENTS = frozenset({"view-change", "new-view", "stable", "state-transfer"
                            "recovered", "recovery-request"})
 
 
+# session keys are refreshed for other replicas' recoveries at most this often (seconds)
+KEY_REFRESH_MIN_INTERVAL_S = 5.0
+
+
 def log(replica: int, event: str, **fields) -> None:
     """One structured (JSON) log line on stderr."""
     rec = {"ts": round(time.time(), 3), "replica": replica, "event": event}
@@ -107,6 +111,8 @@ class ReplicaNode:
         self.req_arrival: dict[int, float] = {}
         self.view_changes = 0
         self.new_views = 0
+        self.key_refresh_due = False  # a refresh for another replica's recovery is scheduled
+        self.last_recovery_refresh = -KEY_REFRESH_MIN_INTERVAL_S
         self.started = time.time()
         self.metrics = ReplicaMetrics(self)
         self.stopping = asyncio.Event()
@@ -161,7 +167,32 @@ class ReplicaNode:
             # its attacker may have learnt from it are useless
             self._log("recovery-request", recovering=ev[1], seqno=ev[2], recovery_point=ev[3])
             if ev[1] != self.id:
-                self.loop.call_soon(self._refresh_keys, True)
+                self._refresh_keys_coalesced()
+
+    def _refresh_keys_coalesced(self) -> None:
+        """Refresh our session keys for another replica's recovery, at most once per
+        ``KEY_REFRESH_MIN_INTERVAL_S`` whatever gets ordered: a refresh makes every message in
+        flight to us unverifiable (retransmissions, resent keys), so a replica that has recovery
+        requests ordered again and again must not make us refresh each time. A request arriving
+        within the interval of the last refresh is served by one refresh at the interval's end
+        (never skipped: the keys the recovering replica's attacker may know still go); those
+        folded into it are counted (``key_refreshes_coalesced``)."""
+        if self.key_refresh_due:
+            self.metrics.key_refreshes_coalesced += 1
+            return
+        self.key_refresh_due = True
+        wait = self.last_recovery_refresh + KEY_REFRESH_MIN_INTERVAL_S - time.monotonic()
+
+        def refresh() -> None:
+            self.key_refresh_due = False
+            self.last_recovery_refresh = time.monotonic()
+            self._refresh_keys(True)
+
+        if wait > 0:
+            self.metrics.key_refreshes_coalesced += 1  # (deferred: joins the next refresh)
+            self.loop.call_later(wait, refresh)
+        else:
+            self.loop.call_soon(refresh)
 
     def _log(self, event: str, **fields) -> None:
         if not self.quiet:
@@ -578,6 +609,8 @@ class ReplicaNode:
             "stable_digest": r.ckpts[r.h].hex() if r.h in r.ckpts else None,
             "executed_requests": r.executed_requests,
             "view_changes": self.view_changes,
+            "idle_rejoins": r.idle_rejoins,
+            "key_refreshes_coalesced": self.metrics.key_refreshes_coalesced,
             "fetching_state": r.fetch_target is not None,
             "recovering": r.recovering.phase if r.recovering is not None else None,
             "recovery_point": r.recovering.H if r.recovering is not None else None,

@@ -31,6 +31,10 @@ Behaviours (``BEHAVIOURS``):
                         near 2^63, skipped and reused
 ``censor``              as primary, ignores every request of one client
 ``flood``               sends junk bytes and valid but useless messages to all
+``vouch-flood``         Vouch messages full of random keys, and its own repeated
+``recovery-flood``      recovery requests with ever new timestamps, vouched by itself
+``claim-stuck``         claims for ever to be alone in a view change (Status and
+                        ViewChange for the view above the cluster's)
 ``corrupt-state``       serves corrupt state to replicas fetching a checkpoint and
                         announces wrong checkpoint digests
 ``wrong-results``       replies to clients with altered results
@@ -390,6 +394,84 @@ class Flood(Behaviour):
             self.extra.append((self.others, raw))
 
 
+class VouchFlood(Behaviour):
+    """Vouch messages, valid MACs, as fast as it can: each full of random keys (vouches for
+    requests nobody sent), and its genuine vouches repeated. Against a replica whose vouch table
+    is shared by all senders, the random keys evict the correct replicas' vouches (requests are
+    never certified, view changes follow); against one that re-checks every held pre-prepare per
+    Vouch, the work grows with the log."""
+
+    name = "vouch-flood"
+    keys_per_message = 1024
+
+    def next_deadline(self):
+        d = self.node.next_deadline()
+        nxt = self.node.now + 1.0
+        return nxt if d is None else min(d, nxt)
+
+    def on_tick(self, now):
+        rng = self.rng
+        for _ in range(2):
+            keys = tuple(rng.randbytes(32) for _ in range(self.keys_per_message))
+            self.extra.append((self.others, self.seal(Vouch(self.rid, keys))))
+        mine = [raw for raw in self.history[-50:] if raw[:2] == b"\x95\x0f"]
+        if mine:
+            self.extra.append((self.others, rng.choice(mine)))
+
+
+class RecoveryFlood(Behaviour):
+    """Recovery requests (a replica's only request: valid MACs, a plausible recovery point, each
+    with a new timestamp) as fast as it can, with its own vouches for them. Unchecked, each one is
+    ordered and executed, and in the runtime every correct replica refreshes its session keys on
+    each."""
+
+    name = "recovery-flood"
+
+    def __init__(self, sim, rid, rng):
+        super().__init__(sim, rid, rng)
+        self.nonce = 1_000
+        self.sent = 0
+
+    def next_deadline(self):
+        d = self.node.next_deadline()
+        nxt = self.node.now + 2.0
+        return nxt if d is None else min(d, nxt)
+
+    def on_tick(self, now):
+        import msgpack
+
+        from ..codec import vouch_key
+        from ..messages import ALL_REPLICAS, RECOVERY_OP
+
+        node = self.node
+        self.nonce += 1
+        self.sent += 1
+        req = Request(self.rid, self.nonce, RECOVERY_OP + msgpack.packb(node.h + self.cfg.log_window_seqnos),
+                      False, ALL_REPLICAS)
+        self.extra.append((self.others, self.seal(req)))
+        self.extra.append((self.others, self.seal(Vouch(self.rid, (vouch_key(req),)))))
+
+
+class ClaimStuck(Behaviour):
+    """Claims for ever to be alone in a view change: its Status says it is changing to the view
+    above the cluster's, and it sends a genuine-looking ViewChange for that view, again and again
+    (the idle-rejoin rule must bound the view changes this buys it)."""
+
+    name = "claim-stuck"
+
+    def transform(self, dests, raw):
+        if raw[:2] == b"\x95\x07":  # its honest Status is replaced by the claim
+            return []
+        return [(dests, raw)]
+
+    def on_tick(self, now):
+        node = self.node
+        v = max(node.view, max((self.sim.replicas[r].view for r in self.sim.correct), default=0)) + 1
+        self.extra.append((self.others, self.seal(Status(v, False, node.h, node.last_committed_exec, self.rid, b""))))
+        vc = ViewChange(v, self.rid, node.h, ((node.h, node.ckpts[node.h]),) if node.h in node.ckpts else (), (), ())
+        self.extra.append((self.others, self.seal(vc)))
+
+
 class CorruptState(Behaviour):
     name = "corrupt-state"
 
@@ -597,7 +679,7 @@ class _TwinNode:
 
 BEHAVIOURS = {cls.name: cls for cls in (
     Behaviour, Silent, Slow, Equivocate, Mutate, MutateOne, Replay, ForgeViewChange, SeqAbuse, Censor, Flood,
-    CorruptState, WrongResults, ViewStorm, HoldAndSilent)}
+    CorruptState, WrongResults, ViewStorm, HoldAndSilent, VouchFlood, RecoveryFlood, ClaimStuck)}
 BEHAVIOUR_NAMES = sorted(set(BEHAVIOURS) | {"twins", "twins-amnesia"})
 
 

@@ -178,6 +178,51 @@ def _lagging_check(sim: Simulation, res: RunResult) -> list[str]:
     return out
 
 
+def _recovery_flood_check(sim: Simulation, res: RunResult) -> list[str]:
+    """The flooders' recovery requests: each correct replica admits at most one per half base
+    view-change timeout per flooder, so at most about (correct replicas) per interval are ordered."""
+    byz = {r for r, _ in sim.sc.byzantine}
+    count = sim.recovery_requests_executed
+    interval = sim.cfg.view_change_timeout_ms / 2
+    bound = len(byz) * (len(sim.correct) * (sim.now / interval + 1) + 2)
+    out = []
+    if count == 0:
+        out.append("no flooded recovery request was ever executed (the adversary does not reach the protocol)")
+    if count > bound:
+        out.append(f"{count} flooded recovery requests executed in {sim.now:.0f}ms, more than {bound:.0f}")
+    sent = sum(getattr(sim.byz[r], "sent", 0) for r in byz)
+    if sent < 100:
+        out.append(f"the flooders sent only {sent} recovery requests")
+    return out
+
+
+def _vouch_flood_check(sim: Simulation, res: RunResult) -> list[str]:
+    out = _views_at_most(lambda f: 0)(sim, res)
+    dropped = sum(sim.replicas[r].drops.get("vouch-unknown-dropped", 0) for r in sim.correct)
+    if dropped == 0:
+        out.append("no unknown vouch was ever dropped: the flood did not reach the per-replica bound")
+    for r in sim.correct:
+        rep = sim.replicas[r]
+        per = max((len(x) for x in rep.vouch_unknown.values()), default=0)
+        if per > rep.vouch_unknown_max:
+            out.append(f"replica {r} keeps {per} unknown vouches of one replica")
+    return out
+
+
+def _claim_stuck_check(sim: Simulation, res: RunResult) -> list[str]:
+    """Idle rejoins are the only view changes one claimer can buy, and they back off."""
+    v = _max_correct_view(sim)
+    idle = sim.now - min(sim.quiet_since, sim.now)
+    base = sim.cfg.view_change_timeout_ms
+    # a rejoin needs base ms of idleness; the intervals then double: base, 2 base, 4 base, ...
+    k, t = 0, base
+    while t <= idle + base:
+        k += 1
+        t += base * 2 ** k
+    bound = (k + 1) * 2  # (a rejoin may land on a faulty primary's view: one more view change each)
+    return [] if v <= bound else [f"correct replicas reached view {v} in {idle:.0f}ms idle, expected <= {bound}"]
+
+
 def _storm_check(sim: Simulation, res: RunResult) -> list[str]:
     v = _max_correct_view(sim)
     return [] if v == 0 else [f"a single replica moved correct replicas to view {v}"]
@@ -283,6 +328,20 @@ SCENARIOS: list[Scenario] = [
              "(status, far-future checkpoints, stray prepares, acks, replays) as fast as they can",
              "correct clients keep >= 50% of the fault-free throughput (cost model)",
              _cfg(byz=lambda n, s: _byz(n, "flood", first=1)), floor=0.5),
+    Scenario("S-23b", "vouch-flooding", "f backups send Vouch messages full of random keys (and their own "
+             "vouches again) as fast as they can",
+             "unknown vouches bounded per replica; no view change; correct clients keep >= 50% of the fault-free "
+             "throughput (cost model)",
+             _cfg(byz=lambda n, s: _byz(n, "vouch-flood", first=1)), _vouch_flood_check, floor=0.5),
+    Scenario("S-23c", "recovery-request-flooding", "f backups send recovery requests with ever new timestamps, "
+             "vouched by themselves, as fast as they can",
+             "at most one flooded recovery request per half view-change timeout per correct replica is ordered; "
+             "correct clients keep >= 50% of the fault-free throughput (cost model)",
+             _cfg(byz=lambda n, s: _byz(n, "recovery-flood", first=1)), _recovery_flood_check, floor=0.5),
+    Scenario("S-25b", "claims-to-be-stuck", "f replicas claim for ever to be alone in a view change (Status "
+             "and ViewChange for the view above the cluster's)",
+             "no view change while clients are served; on the idle cluster, idle rejoins back off",
+             _cfg(byz=lambda n, s: _byz(n, "claim-stuck", first=1)), _claim_stuck_check),
     Scenario("S-17", "lagging-replica-corrupt-state", "a replica misses > 3 checkpoint windows while f "
              "replicas serve corrupt state and announce wrong checkpoint digests",
              "only certified state accepted; the replica rejoins",
@@ -388,6 +447,7 @@ def run_scenario(sc: Scenario, replicas: int, seeds: range, on_run=None,
 
 # ---- swarm --------------------------------------------------------------------------------
 
+SWARM_FLOODS = ["flood", "vouch-flood", "recovery-flood", "claim-stuck"]
 SWARM_CLIENTS = ["bad-auth-primary", "bad-auth-all", "ts-reuse", "ts-reset", "ts-max", "shared-id"]
 SWARM_BEHAVIOURS = ["silent", "slow", "equivocate", "mutate", "replay", "forge-view-change", "seq-abuse",
                     "censor", "flood", "corrupt-state", "wrong-results", "view-storm", "hold-and-silent",
@@ -403,10 +463,14 @@ def swarm_config(replicas: int, seed: int) -> SimConfig:
     ids = rng.sample(range(replicas), k)
     twins_kind = rng.choice(["twins", "twins-amnesia"])
     byz = []
+    # the flooding kinds from their own stream, so that the draws above stay what they were
+    floods = random.Random(f"{seed}/swarm-flood")
     for i in ids:
         b = rng.choice(SWARM_BEHAVIOURS)
         if b.startswith("twins"):
             b = twins_kind  # one Twins group per run
+        elif b == "flood":
+            b = floods.choice(SWARM_FLOODS)
         byz.append((i, b))
     byz_clients = tuple(rng.sample(SWARM_CLIENTS, rng.randint(0, 2))) if rng.random() < 0.4 else ()
     # storage faults from their own stream, so that the draws above stay what they were

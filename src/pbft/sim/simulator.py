@@ -85,6 +85,10 @@ class SimConfig:
     fault_phase_ms: Optional[float] = None  # drawn from the seed when None
     liveness_bound_ms: float = 60_000.0
     quiesce_ms: float = 1_500.0
+    # idle convergence (L3): once faults have ended and clients are done, the cluster gets no client
+    # requests; within this bound every correct replica must be active in one view, with the same
+    # last committed execution and nothing tentative (None: not checked, only the weaker L1)
+    idle_bound_ms: Optional[float] = 5_000.0
     cluster: dict = field(default_factory=dict)  # overrides for ClusterConfig
     # scripted faults, in addition to random ones: (time_ms, kind, arg) with kind
     # "crash"/"restart" (arg: replica), "block" (arg: list of (src, dst) links), "unpartition"
@@ -173,6 +177,8 @@ class Simulation:
         self.crashed: set[int] = set()
         self.blocked: set[tuple[int, int]] = set()
         self.healed = False
+        self.quiet_since = float("inf")  # when the quiet tail (no client requests) began
+        self.recovery_requests_executed = 0
         self.wake_at: dict[int, float] = {}
         self.events = 0
         self.messages = 0
@@ -233,6 +239,8 @@ class Simulation:
             self.byz_clients = make_byz_clients(self, sc.byz_clients, n + sc.clients)
 
     def _on_trace(self, r: int, ev: tuple) -> None:
+        if ev[0] == "recovery-request" and self.correct and r == self.correct[0] and ev[1] in self.byz:
+            self.recovery_requests_executed += 1  # (a Byzantine replica's, executed at one correct replica)
         if ev[0] == "recovered" and r in self.recovering:
             self.recovering.discard(r)
             self.recoveries_done += 1
@@ -740,6 +748,8 @@ class Simulation:
             if finish_at is None:
                 if all(v == 0 for v in self.remaining.values()) and not self.current and self.healed \
                         and not any(self.audit.values()):
+                    # the quiet tail: no client sends anything from here on
+                    self.quiet_since = self.now
                     finish_at = self.now + self.sc.quiesce_ms
                 elif self.now > live_deadline:
                     busy = sorted(self.current)
@@ -749,9 +759,15 @@ class Simulation:
             elif self.now >= finish_at:
                 # clients are done; give a view change still in progress time to finish (its
                 # timeout may have grown) before judging convergence
-                if self._convergence() is None or self.now > live_deadline:
+                idle = self.sc.idle_bound_ms
+                if self._convergence() is None and (idle is None or self._idle_convergence() is None):
                     break
-                finish_at = self.now + self.sc.quiesce_ms
+                if idle is not None and self.now > self.quiet_since + idle:
+                    liveness = self._idle_convergence()
+                    break
+                if self.now > live_deadline:
+                    break
+                finish_at = self.now + (self.sc.quiesce_ms if idle is None else 100.0)
         if liveness is None:
             liveness = self._convergence()
         violations = list(oracles.violations)
@@ -791,6 +807,22 @@ class Simulation:
         if len(last) != 1:
             return f"L1 replicas did not converge: last executed {sorted(r.last_committed_exec for r in self.replicas)}"
         return None
+
+    def _idle_convergence(self) -> Optional[str]:
+        """L3: on an idle cluster every correct replica is active in one view, has the same last
+        committed execution and holds nothing tentative: none is left alone in a view change or
+        behind (a cluster that stays split until the next client request has lost a replica)."""
+        reps = [self.replicas[i] for i in self.correct]
+        views = sorted({(r.view, r.view_active) for r in reps})
+        last = sorted({(r.last_committed_exec, r.last_exec) for r in reps})
+        busy = [r.id for r in reps if r.fetch_target is not None or r.needs_state or r.recovering is not None]
+        if len(views) == 1 and views[0][1] and len(last) == 1 and last[0][0] == last[0][1] and not busy:
+            return None
+        t = self.now - self.quiet_since
+        return (f"L3 idle cluster not converged {t:.0f}ms into the quiet tail: (view, active) "
+                f"{[(r.view, r.view_active) for r in reps]}, last executed "
+                f"{[(r.last_committed_exec, r.last_exec) for r in reps]} of replicas {[r.id for r in reps]}"
+                f"{f', busy {busy}' if busy else ''}")
 
     def _final_checks(self) -> list[str]:
         out = []
