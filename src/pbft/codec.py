@@ -123,6 +123,14 @@ def encode_batch(b: Batch) -> bytes:
     return packb([b.nondet, list(b.requests)])
 
 
+def batch_wire_bytes(b: Batch) -> int:
+    """Upper bound on what batch ``b`` takes inside a message: its encoding and a bin prefix."""
+    return BATCH_OVERHEAD_BYTES + len(b.nondet) + sum(5 + len(r) for r in b.requests)
+
+
+BATCH_OVERHEAD_BYTES = 5 + 1 + 5 + 5  # bin prefix, array, nondet's and the requests' array prefixes
+
+
 def header_of(msg: Message) -> tuple[int, int, bytes, bytes]:
     """(tag, sender, header, payload) of a message."""
     t = type(msg)

@@ -29,12 +29,12 @@ Protocol outline (names follow the paper and the thesis):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 from ..codec import (
-    NULL_BATCH_DIGEST, Codec, DecodeError, Frame, batch_digest_from_request_digests,
-    result_digest, seal, vouch_key,
+    BATCH_OVERHEAD_BYTES, NONDET_SIZE_BYTES_MAX, NULL_BATCH_DIGEST, Codec, DecodeError, Frame,
+    batch_digest_from_request_digests, batch_wire_bytes, result_digest, seal, vouch_key,
 )
 from ..config import ClusterConfig
 from ..crypto import KeyRing
@@ -131,7 +131,8 @@ class Replica(Durability, Recovery):
         self.nv_raw: Optional[bytes] = None
         self.nv_vc_raws: list[bytes] = []
         self.pending_nv: Optional[tuple[NewView, bytes]] = None
-        self.batches_wanted: dict[bytes, float] = {}  # batch digest -> when first wanted
+        self.batches_wanted: dict[bytes, float] = {}  # batch digest -> when last asked for
+        self.batch_answered: dict[int, dict[bytes, float]] = {}  # peer -> batch digest -> when sent
         self.future_nv: dict[int, tuple[NewView, bytes]] = {}  # NewViews for views we have not reached
         self.vcs: dict[tuple[int, int], VCInfo] = {}
         self.acks: dict[tuple[int, int, bytes], set[int]] = {}
@@ -192,16 +193,6 @@ class Replica(Durability, Recovery):
         self.req_seen: dict[bytes, tuple[Frame, Request]] = {}
         self.req_seen_max = max(1024, 8 * cfg.clients_max)
         self.held: set[int] = set()  # seqnos whose slot holds a pre-prepare waiting for vouches
-        # per-replica budgets for vouches (a Byzantine replica may send Vouch messages full of keys
-        # as fast as it can): a vouch for a key matching no request here (yet: the vouch may have
-        # overtaken the request) is kept only up to ``vouch_unknown_max`` keys per replica, oldest
-        # dropped (``vouch-unknown-dropped``); vouches for known requests are bounded by ``known``.
-        # So one replica can neither grow our memory nor evict the other replicas' vouches.
-        self.vouch_unknown: dict[int, dict[bytes, None]] = {}  # replica -> its unknown keys, oldest first
-        self.vouch_unknown_max = 2 * max(cfg.clients_max, 32)
-        # the held pre-prepares each missing vouch key blocks: a Vouch re-checks only the held
-        # pre-prepares its own keys can unblock (work proportional to its keys, not to the log)
-        self.held_keys: dict[bytes, set[int]] = {}
         # fast path: a primary orders a request from a *trusted* client as soon as its own MAC
         # verifies, without waiting for f+1 vouches (one message delay less). Trusted: some
         # request of the client was vouched for by backups of weight f+1 (its authenticators
@@ -215,19 +206,11 @@ class Replica(Durability, Recovery):
 
         self.status_deadline = now + cfg.status_interval_ms * (1 + replica_id / (4 * cfg.n))
         self.status_answered: dict[int, float] = {}  # peer -> when we last answered its Status
-        self.fetch_served: dict[int, tuple[float, int]] = {}  # peer -> (interval start, bytes answered)
         self.peer_views: dict[int, int] = {}  # replica -> view in its latest Status
         self.peer_stable: dict[int, int] = {}  # replica -> highest stable checkpoint it reported
         self.peer_nv: dict[int, tuple[int, bytes]] = {}  # replica -> (active view, its NewView digest)
         self.nv_digest = b""  # digest of the NewView frame that installed our view
         self.unverified_nv: Optional[tuple[NewView, bytes, bytes]] = None  # (nv, raw, digest), MAC unchecked
-        # idle rejoin (see ``_idle_rejoin_tick``): replicas whose Status says they are changing to a
-        # view above ours, with since when; the backoff between rejoins nobody's request asked for
-        self.peer_stuck: dict[int, tuple[int, float]] = {}
-        self.rejoin_backoff_ms = cfg.view_change_timeout_ms
-        self.rejoin_at = 0.0
-        self.last_client_exec = now
-        self.idle_rejoins = 0  # metric
 
     # =====================================================================
     # driver interface
@@ -313,15 +296,13 @@ class Replica(Durability, Recovery):
         if self.status_deadline is not None and now >= self.status_deadline:
             self.status_deadline = now + self.cfg.status_interval_ms
             self._send_status()
-            for d in list(self.batches_wanted)[:8]:  # still missing: ask again
-                self.out.append((self.others, seal(FetchBatch(d, self.id), self.keys)))
-            if self.unverified_nv is not None or self.pending_nv is not None or self.future_nv:
-                self._try_certified_new_view()
-            if self.held:
-                # the lowest held pre-prepares again (the clock moved on; a request or our own vouch
-                # may have completed a certificate): a few per tick, bounded work
-                self._recheck_held(sorted(self.held)[:4])
-            self._idle_rejoin_tick()
+            if self.batches_wanted:  # still missing: ask everybody again, the longest-waiting first
+                wanted = self.batches_wanted
+                due = [d for d, t in wanted.items() if now - t >= self.cfg.status_interval_ms / 2][:8]
+                for d in due:
+                    del wanted[d]
+                    wanted[d] = now
+                    self.out.append((self.others, seal(FetchBatch(d, self.id), self.keys)))
         if self.req_deadline is not None and now >= self.req_deadline:
             self.req_deadline = None
             if self.view_active and self.pending:
@@ -359,22 +340,14 @@ class Replica(Durability, Recovery):
         self.key_client.clear()
         self.req_seen.clear()
         self.held.clear()
-        self.held_keys.clear()
         self.vouches.clear()
-        self.vouch_unknown.clear()
         self.vouch_out.clear()
         self.vouch_deadline = None
         self.vouch_urgent = False
         self.req_deadline = None
         self.status_deadline = now + self.cfg.status_interval_ms / 4
         if not self.view_active:
-            if self.my_vc_raw is None:
-                self.vc_deadline = now + self.vc_timeout  # (no ViewChange of ours for this view)
-            else:
-                # the view-change timer runs only once a quorum is changing to this view, as
-                # before the crash: a replica alone in a view change does not escalate on restarts
-                self.vc_deadline = None
-                self._after_view_change_input()
+            self.vc_deadline = now + self.vc_timeout
         if self.fetch_target is not None:
             self.fetch_deadline = now
 
@@ -482,11 +455,6 @@ class Replica(Durability, Recovery):
         if req.read_only:
             self._on_read_only(ReqInfo(req, fr.digest, fr.raw))
             return
-        if req.client < self.cfg.n:
-            reason = self._admit_recovery_request(req)  # (a replica's: its recovery request)
-            if reason:
-                self._drop(reason)
-                return
         self._on_ordered_request(req, fr, verified=True)
 
     def _timestamp_limit(self) -> float:
@@ -583,31 +551,13 @@ class Replica(Durability, Recovery):
                 self.vouch_deadline = self.now + self.cfg.vouch_delay_ms
         self._consider(c)
 
-    def _add_vouch(self, key: bytes, r: int) -> bool:
-        """Record r's vouch for ``key``; whether it is new. A vouch for a key we know no request
-        for counts against r's own budget (``vouch_unknown``), never against anybody else's."""
+    def _add_vouch(self, key: bytes, r: int) -> None:
         vs = self.vouches.get(key)
         if vs is None:
+            if len(self.vouches) >= 8 * max(self.cfg.clients_max, 16):
+                del self.vouches[next(iter(self.vouches))]  # bounded: forget the oldest
             vs = self.vouches[key] = set()
-        elif r in vs:
-            return False
         vs.add(r)
-        if r != self.id and key not in self.key_client:
-            fifo = self.vouch_unknown.get(r)
-            if fifo is None:
-                fifo = self.vouch_unknown[r] = {}
-            fifo[key] = None
-            if len(fifo) > self.vouch_unknown_max:
-                old = next(iter(fifo))
-                del fifo[old]
-                self._drop("vouch-unknown-dropped")
-                if old not in self.key_client:  # (a request for it arrived since: keep the vouch)
-                    ovs = self.vouches.get(old)
-                    if ovs is not None:
-                        ovs.discard(r)
-                        if not ovs:
-                            del self.vouches[old]
-        return True
 
     def _certified(self, key: bytes) -> bool:
         vs = self.vouches.get(key)
@@ -652,18 +602,10 @@ class Replica(Durability, Recovery):
             self.req_deadline = None
 
     def on_vouch(self, m: Vouch, fr: Frame) -> None:
-        # work proportional to the message's own keys: a duplicate vouch costs a lookup, an unknown
-        # key its sender's budget, and only the held pre-prepares that wait for one of these keys
-        # are checked again
         key_client = self.key_client
         trusted = self.trusted
-        held_keys = self.held_keys
-        unblocked: set[int] = set()
-        dup = 0
         for k in m.keys:
-            if not self._add_vouch(k, m.replica):
-                dup += 1
-                continue
+            self._add_vouch(k, m.replica)
             c = key_client.get(k)
             if c is not None:
                 if c not in trusted:
@@ -671,33 +613,8 @@ class Replica(Durability, Recovery):
                     if self._weight([r for r in vs if r != self.id]) >= self.weak:
                         trusted.add(c)
                 self._consider(c)
-            if held_keys and k in held_keys and self._certified(k):
-                unblocked |= held_keys.pop(k)
-        if dup:
-            self._drop("vouch-duplicate")
-        if unblocked:
-            # pre-prepares held back for want of these vouches may now be acceptable
-            self._recheck_held(sorted(unblocked))
-
-    def _hold_preprepare(self, pp: PrePrepare, raw: bytes, slot: Slot, missing: list[bytes]) -> None:
-        """Keep a pre-prepare we cannot accept yet (see ``on_preprepare``), indexed by the vouch
-        keys it waits for. Bounded: one per slot, the keys of one batch per slot."""
-        slot.held_pp = (pp, raw)
-        self.held.add(pp.seqno)
-        for k in missing:
-            ns = self.held_keys.get(k)
-            if ns is None:
-                ns = self.held_keys[k] = set()
-            ns.add(pp.seqno)
-        if len(self.held_keys) > 2 * self.L * self.cfg.batch_requests_max:
-            # (entries of pre-prepares accepted or discarded since)
-            live = self.held
-            for k in [k for k, ns in self.held_keys.items() if not ns & live]:
-                del self.held_keys[k]
-
-    def _recheck_held(self, seqnos) -> None:
-        """Check held pre-prepares again (vouches arrived, or the clock moved on)."""
-        for n in seqnos:
+        # pre-prepares held back for want of vouches may now be acceptable
+        for n in sorted(self.held):
             slot = self.slots.get(n)
             if slot is None or slot.held_pp is None:
                 self.held.discard(n)
@@ -705,7 +622,6 @@ class Replica(Durability, Recovery):
             if slot.digest is None and slot.view == self.view:
                 pp, raw = slot.held_pp
                 if self._check_batch(pp.batch, pp.digest, check_nondet=not self._weakly_prepared(slot, pp.digest)) is None:
-                    self.held.discard(n)
                     self._accept_preprepare(pp, raw, slot)
 
     def _read_only_ready(self) -> bool:
@@ -753,11 +669,24 @@ class Replica(Durability, Recovery):
                and self.seq_assigned - self.last_exec < cfg.batches_in_flight_max
                and self.fetch_target is None and self.recovering is None and not self.needs_state):
             reqs: list[ReqInfo] = []
+            # bounded by count and by bytes, so that the PrePrepare (and a BatchData carrying the
+            # batch) fits in a message; the config guarantees that a single request always does
+            room = cfg.batch_bytes_max - BATCH_OVERHEAD_BYTES - NONDET_SIZE_BYTES_MAX
             for c in list(self.queue):
-                ri = self.queue.pop(c)
+                ri = self.queue[c]
                 last = self.last_reply.get(c)
                 if last is not None and ri.req.timestamp <= last[0] and not self.bug_no_ts:
+                    del self.queue[c]
                     continue
+                size = 5 + len(ri.raw)
+                if size > room:
+                    if reqs:
+                        break  # waits for the next batch
+                    del self.queue[c]  # (a frame larger than the config allows: not reachable)
+                    self._drop("request-too-large-for-batch")
+                    continue
+                del self.queue[c]
+                room -= size
                 reqs.append(ri)
                 self.inflight[c] = ri.req.timestamp
                 if len(reqs) >= cfg.batch_requests_max:
@@ -827,26 +756,14 @@ class Replica(Durability, Recovery):
         if n <= self.last_exec and self.exec_log.get(n, (None,))[0] not in (None, pp.digest):
             self._drop("preprepare-conflicts-executed")
             return
-        if slot.held_pp is not None and slot.held_pp[0].digest == pp.digest:
-            # (a resent copy of what we hold: nothing it could change; vouches, prepares and the
-            # status tick re-check the held one)
-            self._drop("preprepare-held-duplicate")
-            return
         batch = pp.batch
-        missing: list[bytes] = []
-        reason = self._check_batch(batch, pp.digest, check_nondet=not self._weakly_prepared(slot, pp.digest),
-                                   missing=missing)
+        reason = self._check_batch(batch, pp.digest, check_nondet=not self._weakly_prepared(slot, pp.digest))
         if reason in ("batch-nondet-rejected", "batch-request-unvouched", "batch-request-future-timestamp"):
             # the agreed value looks wrong from here: maybe our clock, maybe an old pre-prepare
             # relayed for catch-up. Accept it once f+1 backups prepared it (one correct replica
             # checked the value when it was fresh).
-            if self._weakly_prepared(slot, pp.digest):
-                # their prepares came first (a replica catching up gets the prepares and the
-                # pre-prepare in one answer, in any order): accept now; a later prepare from the same
-                # backups would be a duplicate and never look at the held pre-prepare again
-                self._accept_preprepare(pp, fr.raw, slot)
-                return
-            self._hold_preprepare(pp, fr.raw, slot, missing)
+            slot.held_pp = (pp, fr.raw)
+            self.held.add(pp.seqno)
         if reason:
             self._drop(reason)
             return
@@ -866,10 +783,8 @@ class Replica(Durability, Recovery):
         self._broadcast(Prepare(self.view, n, pp.digest, self.id))
         self._check_prepared(n, slot)
 
-    def _check_batch(self, batch: Batch, d: bytes, check_nondet: bool = True,
-                     missing: Optional[list] = None) -> Optional[str]:
-        """Why a pre-prepared batch is unacceptable, or None. Checks MACs, digest, request timestamps, nondet.
-        ``missing`` (if given) receives the vouch keys of the requests that lack vouches."""
+    def _check_batch(self, batch: Batch, d: bytes, check_nondet: bool = True) -> Optional[str]:
+        """Why a pre-prepared batch is unacceptable, or None. Checks MACs, digest, nondet."""
         try:
             reqs = self._batch_requests(batch)
         except DecodeError:
@@ -878,13 +793,10 @@ class Replica(Durability, Recovery):
         unvouched = False
         req_seen = self.req_seen
         for rfr, req in reqs:
-            if rfr.raw not in req_seen and not self.keys.verify(rfr.sender, rfr.digest, rfr.auth, True):
-                vk = vouch_key(req)
-                if not self._certified(vk):
-                    unvouched = True
-                    self.suspects.add(req.client)  # its authenticator is bad for us: no fast path for it
-                    if missing is not None:
-                        missing.append(vk)
+            if rfr.raw not in req_seen and not self.keys.verify(rfr.sender, rfr.digest, rfr.auth, True) \
+                    and not self._certified(vouch_key(req)):
+                unvouched = True
+                self.suspects.add(req.client)  # its authenticator is bad for us: no fast path for it
             if req.read_only:
                 return "batch-read-only-request"
             if req.client in seen:
@@ -1040,19 +952,14 @@ class Replica(Durability, Recovery):
         """Seqno n's execution is final: its requests leave the pending set, and the request
         timer restarts (only committed progress counts: tentative executions that never commit,
         e.g. under a primary whose commits are missing, must not keep postponing a view change)."""
-        replicas = self.cfg.n
         for c, t in self.exec_log[n][2]:
-            # (a replica's newer recovery request, admitted here but not at the primary within the
-            # admission interval, is folded into the one executed: see ``_admit_recovery_request``)
             p = self.pending.get(c)
-            if p is not None and (p.req.timestamp <= t or c < replicas):
+            if p is not None and p.req.timestamp <= t:
                 del self.pending[c]
             k = self.known.get(c)
-            if k is not None and (k.req.timestamp <= t or c < replicas):
+            if k is not None and k.req.timestamp <= t:
                 self.key_client.pop(self.known.pop(c).key, None)
                 self.vouches.pop(k.key, None)
-            if c >= replicas:
-                self.last_client_exec = self.now  # (idle rejoin: when a client's request last executed)
         if self.view_active:
             self.vc_timeout = self.cfg.view_change_timeout_ms
         self._arm_request_timer()
@@ -1241,8 +1148,7 @@ class Replica(Durability, Recovery):
             if children is None:
                 self._drop("fetch-bad-node")
                 return
-            if self._fetch_budget(m.replica, 40 * len(children)):
-                self._send_to(m.replica, seal(MetaData(n, m.level, m.index, children, self.id), self.keys, to=m.replica))
+            self._send_to(m.replica, seal(MetaData(n, m.level, m.index, children, self.id), self.keys, to=m.replica))
             return
         if m.level != st.depth - 1 or not 0 <= m.index < st.counts[m.level]:
             self._drop("fetch-bad-node")
@@ -1263,22 +1169,7 @@ class Replica(Durability, Recovery):
         if not objs:
             self._drop("fetch-object-too-large")
             return
-        if self._fetch_budget(m.replica, sum(len(v) + 16 for _, v in objs)):
-            self._send_to(m.replica, seal(Data(n, m.level, m.index, tuple(objs), self.id), self.keys, to=m.replica))
-
-    def _fetch_budget(self, r: int, size: int) -> bool:
-        """Whether we may answer replica r's Fetch with ``size`` more bytes: at most two messages'
-        worth per status interval per replica. A Fetch is small and its answer may be a whole
-        message, so without a budget a replica could make us send many times what it sends; a
-        fetcher whose request goes unanswered asks again, of the next replier, on its timeout."""
-        start, used = self.fetch_served.get(r, (self.now, 0))
-        if self.now - start >= self.cfg.status_interval_ms:
-            start, used = self.now, 0
-        if used > 0 and used + size > 2 * self.cfg.message_size_bytes_max:
-            self._drop("fetch-rate-limited")
-            return False
-        self.fetch_served[r] = (start, used + size)
-        return True
+        self._send_to(m.replica, seal(Data(n, m.level, m.index, tuple(objs), self.id), self.keys, to=m.replica))
 
     def _fetch_reply(self, m, err_of) -> None:
         if self.fetcher is None or self.fetch_target[0] != m.seqno:
@@ -1376,18 +1267,10 @@ class Replica(Durability, Recovery):
             self.peer_stable[r] = s.stable_seqno
             if s.stable_seqno > self.last_committed_exec and s.stable_seqno > self.h:
                 self._check_stable(s.stable_seqno)
-        if s.view_active and s.nv_digest and self.peer_nv.get(r) != (s.view, s.nv_digest):
-            # (only when it changed: the attempt hashes whole NewView frames, which a flood of
-            # Status messages must not make us do again and again; the status tick retries)
+        if s.view_active and s.nv_digest:
             self.peer_nv[r] = (s.view, s.nv_digest)
             if self.unverified_nv is not None or self.pending_nv is not None or self.future_nv:
                 self._try_certified_new_view()
-        if s.view > self.view and not s.view_active:
-            cur = self.peer_stuck.get(r)
-            if cur is None or cur[0] != s.view:
-                self.peer_stuck[r] = (s.view, self.now)
-        else:
-            self.peer_stuck.pop(r, None)
         if s.view > self.view:
             higher = sorted(((v, j) for j, v in self.peer_views.items() if v > self.view), reverse=True)
             acc = 0
@@ -1425,11 +1308,15 @@ class Replica(Durability, Recovery):
             self._send_to(r, seal(Checkpoint(n, self.ckpts[n], self.id), self.keys))
         if s.view != self.view or not self.view_active or not s.view_active:
             return
+        # bounded by sequence numbers and by bytes (about one message's worth of batches per
+        # answer: the peer's next Status continues from where it then is), the NewView at most once
         budget = self.cfg.status_resend_seqnos_max
+        bytes_left = self.cfg.message_size_bytes_max
+        nv_sent = False
         start = max(s.last_executed, self.h) + 1
         top = max(self.slots, default=0)
         for n in range(start, top + 1):
-            if budget <= 0:
+            if budget <= 0 or bytes_left <= 0:
                 break
             slot = self.slots.get(n)
             if slot is None or slot.view != self.view or slot.digest is None:
@@ -1437,11 +1324,15 @@ class Replica(Durability, Recovery):
             budget -= 1
             if slot.pp_raw is not None:
                 if self.is_primary and slot.batch is not None:
-                    self._send_to(r, seal(PrePrepare(self.view, n, slot.digest, self.id, slot.batch), self.keys))
+                    pp = seal(PrePrepare(self.view, n, slot.digest, self.id, slot.batch), self.keys)
                 else:
-                    self._send_to(r, slot.pp_raw)
-            elif self.nv_raw is not None:
+                    pp = slot.pp_raw
+                self._send_to(r, pp)
+                bytes_left -= len(pp)
+            elif self.nv_raw is not None and not nv_sent:
+                nv_sent = True
                 self._send_to(r, self.nv_raw)
+                bytes_left -= len(self.nv_raw)
             if self.id in slot.prepares:
                 self._send_to(r, seal(Prepare(self.view, n, slot.digest, self.id), self.keys))
             if self.id in slot.commits:
@@ -1450,51 +1341,6 @@ class Replica(Durability, Recovery):
     # =====================================================================
     # view changes
     # =====================================================================
-    def _idle(self) -> bool:
-        """Nothing for clients is under way here: no certified request waiting, nothing queued,
-        ordered or tentative, no state transfer or recovery."""
-        return (self.view_active and not self.pending and not self.queue and not self.inflight
-                and not self.ro_queue and self.last_exec == self.last_committed_exec
-                and self.seq_assigned <= self.last_exec and self.fetch_target is None
-                and self.recovering is None and not self.needs_state)
-
-    def _idle_rejoin_tick(self) -> None:
-        """Idle rejoin: on an idle cluster, follow a replica left alone in a view change.
-
-        A replica that timed out alone (it was partitioned, or slow) sits in view v' > v, not
-        active, while the others carry on in v. It may never come back to v by itself: it sent
-        ViewChange(v'), which a NewView for v' may be built from, so if it prepared or committed
-        anything in v afterwards, that ViewChange would misreport it and break the quorum
-        intersection that carries committed requests into later views. Under load the others
-        join it at their next view change; on an idle cluster nothing ever times out, so it
-        would stay out (and the cluster one fault closer to stalling) until the next request.
-
-        So when this replica has been idle (``_idle``, and no client request executed) for a base
-        view-change timeout, and a replica has reported for as long that it is changing to
-        v' > v, and we hold its ViewChange for v', we start a view change to v' ourselves (the
-        lowest such v'). That is always safe: any replica may start a view change at any time;
-        safety never depends on why (it is exactly what our request timer would do). It needs no
-        trust in the stuck replica for safety, and what it costs, one view change while nobody
-        is waiting, is bounded against a Byzantine replica that claims to be stuck for ever: only
-        an idle replica rejoins, so one replica's claims cannot make a busy cluster change view
-        (the f+1 join rule still guards that), and rejoins back off, the interval doubling up to
-        the view-change timeout maximum (reset after that long without one)."""
-        if not self.peer_stuck or self.now < self.rejoin_at or not self._idle():
-            return
-        base = self.cfg.view_change_timeout_ms
-        if self.now - self.last_client_exec < base:
-            return
-        targets = [v for j, (v, since) in self.peer_stuck.items()
-                   if v > self.view and self.now - since >= base and (v, j) in self.vcs]
-        if not targets:
-            return
-        if self.now - self.rejoin_at >= self.cfg.view_change_timeout_max_ms:
-            self.rejoin_backoff_ms = base
-        self.idle_rejoins += 1
-        self.rejoin_at = self.now + self.rejoin_backoff_ms
-        self.rejoin_backoff_ms = min(2 * self.rejoin_backoff_ms, self.cfg.view_change_timeout_max_ms)
-        self._start_view_change(min(targets), "idle-rejoin")
-
     def _start_view_change(self, v: int, why: str) -> None:
         if v <= self.view:
             return
@@ -1507,8 +1353,6 @@ class Replica(Durability, Recovery):
         self.nv_raw = None
         self.nv_vc_raws = []
         self.slots.clear()
-        self.held.clear()
-        self.held_keys.clear()
         self.req_deadline = None
         self.vc_deadline = None
         self.queue.clear()
@@ -1603,23 +1447,9 @@ class Replica(Durability, Recovery):
             self._drop("view-change-ack-duplicate")
             return
         ackers.add(a.replica)
-        bound = 4 * self.cfg.n * self.cfg.n
-        if len(self.acks) > bound:
+        if len(self.acks) > 4 * self.cfg.n * self.cfg.n:
             self._prune_view_changes()
-            if len(self.acks) > bound:
-                # acks for view changes we do not hold (forged digests, far views): a flooder's,
-                # or ones whose ViewChange has not arrived (then the acker resends them to the new
-                # primary in answer to its Status)
-                for k in [k for k in self.acks
-                          if (info := self.vcs.get(k[:2])) is None or info.digest != k[2]][:len(self.acks) - bound]:
-                    del self.acks[k]
-                    self._drop("view-change-ack-unmatched-dropped")
-        # only an ack of a ViewChange we hold, for the view we are changing to and lead, can
-        # complete anything (``_try_new_view``): others must not re-run the decision (a flood
-        # of acks would make us run it once per ack)
-        info = self.vcs.get((a.view, a.vc_replica))
-        if a.view == self.view and info is not None and info.digest == a.vc_digest:
-            self._after_view_change_input()
+        self._after_view_change_input()
 
     def _vouched(self, v: int) -> list[VCInfo]:
         """ViewChanges for view v that a quorum vouches for (sender, new primary, ackers)."""
@@ -1658,16 +1488,25 @@ class Replica(Durability, Recovery):
         dec = self._decide(infos)
         if dec is None:
             return
+        missing = self._missing_batches(dec.chosen)
+        if missing:
+            self._want_batches(missing)
+            return  # wait for a BatchData from any replica that has them
+        # the NewView carries batch bodies up to a byte budget, lowest sequence numbers first, so
+        # that it stays well within the message size whatever the load; a backup lacking one of
+        # the others fetches it by digest (FetchBatch / BatchData) before installing the view
         batches = []
+        budget = self.cfg.new_view_batch_bytes_max
+        given = set()
         for n, d in dec.chosen:
-            if d == NULL_BATCH_DIGEST:
+            if d == NULL_BATCH_DIGEST or n <= self.h or d in given:
                 continue
             b = self._batch_for(d)
-            if b is None:
-                missing = [d for _, d in dec.chosen if d != NULL_BATCH_DIGEST and self._batch_for(d) is None]
-                self._want_batches(missing)
-                return  # wait for a BatchData from any replica that has them
-            batches.append(b)
+            size = batch_wire_bytes(b)
+            if size <= budget:
+                budget -= size
+                given.add(d)
+                batches.append(b)
         infos.sort(key=lambda i: i.msg.replica)
         nv = NewView(self.view, self.id, tuple((i.msg.replica, i.digest) for i in infos),
                      dec.checkpoint_seqno, dec.checkpoint_digest, dec.chosen, tuple(batches))
@@ -1677,18 +1516,46 @@ class Replica(Durability, Recovery):
                 self.out.append((self.others, i.raw))
         self._install_new_view(nv, raw, [i.raw for i in infos], dec)
 
-    def _want_batches(self, digests: list[bytes]) -> None:
+    def _missing_batches(self, chosen) -> list[bytes]:
+        """Digests of the non-null batches of ``chosen`` above our low water mark that we lack
+        (those at or below it are never installed: their slots are discarded)."""
+        out = []
+        for n, d in chosen:
+            if n > self.h and d != NULL_BATCH_DIGEST and self._batch_for(d) is None and d not in out:
+                out.append(d)
+        return out
+
+    def _want_batches(self, digests: list[bytes], ask: Optional[int] = None) -> None:
+        """Ask for batches by digest: of replica ``ask`` (the primary of a NewView that needs them:
+        it holds them all), else of every other replica; the status tick asks everybody again for
+        those still missing."""
         new = [d for d in digests if d not in self.batches_wanted]
-        for d in digests:
-            self.batches_wanted[d] = self.now
         for d in new:
-            self.out.append((self.others, seal(FetchBatch(d, self.id), self.keys)))
+            self.batches_wanted[d] = self.now
+        dests = (ask,) if ask is not None and ask != self.id else self.others
+        for d in new:
+            self.out.append((dests, seal(FetchBatch(d, self.id), self.keys)))
 
     def on_fetch_batch(self, m: FetchBatch, fr: Frame) -> None:
+        """Answer with a batch we hold (any batch in our log). Each peer gets a given batch at most
+        once per half status interval: a replica asking again and again cannot turn this one into
+        an amplifier; what it can get per interval is bounded by our log (as for Status)."""
         b = self.batches.get(m.digest)
         if b is None:
             self._drop("fetch-batch-unknown")
             return
+        sent = self.batch_answered.setdefault(m.replica, {})
+        last = sent.get(m.digest)
+        if last is not None and self.now - last < self.cfg.status_interval_ms / 2:
+            self._drop("fetch-batch-rate-limited")
+            return
+        if len(sent) >= 2 * self.L:  # bounded: forget answers older than the interval
+            for k in [k for k, t in sent.items() if self.now - t >= self.cfg.status_interval_ms / 2]:
+                del sent[k]
+            if len(sent) >= 2 * self.L:
+                self._drop("fetch-batch-rate-limited")
+                return
+        sent[m.digest] = self.now
         self._send_to(m.replica, seal(BatchData(m.digest, self.id, b[0]), self.keys, to=m.replica))
 
     def on_batch_data(self, m: BatchData, fr: Frame) -> None:
@@ -1704,8 +1571,13 @@ class Replica(Durability, Recovery):
             return
         del self.batches_wanted[m.digest]
         self._remember_batch(m.digest, m.batch, self.h + self.L)
+        # a NewView (to build, or to accept) may have been waiting for this batch
         if not self.view_active and self.primary() == self.id:
             self._try_new_view()
+        elif not self.view_active and self.pending_nv is not None:
+            self._try_accept_new_view()
+        if self.unverified_nv is not None or self.pending_nv is not None or self.future_nv:
+            self._try_certified_new_view()
 
     def on_new_view(self, nv: NewView, fr: Frame) -> None:
         if nv.view < self.view or (nv.view == self.view and self.view_active):
@@ -1749,23 +1621,39 @@ class Replica(Durability, Recovery):
         if problem:
             self._reject_new_view(problem)
             return
+        if nv.batches:
+            self.pending_nv = (nv, raw) = (replace(nv, batches=()), raw)  # taken: not checked again
+        if self._wait_for_new_view_batches(nv):
+            return
         self._install_new_view(nv, raw, [i.raw for i in infos], dec)
 
     def _take_new_view_batches(self, nv: NewView) -> Optional[str]:
-        """Remember the batches a NewView carries for its chosen digests; what is wrong, or None
-        (then every non-null chosen batch is known here)."""
+        """Remember the batches a NewView carries for its chosen digests (each checked against its
+        digest); what is wrong, or None. A NewView need not carry every chosen batch: see
+        ``_wait_for_new_view_batches``."""
         given = {}
         for b in nv.batches:
             try:
                 given[self.codec.batch_digest(b)] = b
             except DecodeError:
                 return "new-view-bad-batch"
-        if any(d != NULL_BATCH_DIGEST and d not in given and self._batch_for(d) is None for _, d in nv.chosen):
-            return "new-view-missing-batch"
         for n, d in nv.chosen:
             if d in given:
                 self._remember_batch(d, given[d], n)
         return None
+
+    def _wait_for_new_view_batches(self, nv: NewView) -> bool:
+        """Whether the NewView must wait for chosen batches we lack (then they are asked for, of its
+        primary first; ``on_batch_data`` tries the NewView again as they arrive, each checked
+        against its digest). The view-change timer still runs meanwhile: batches that never come
+        lead to the next view, as a NewView that never came would."""
+        missing = self._missing_batches(nv.chosen)
+        if not missing:
+            return False
+        if any(d not in self.batches_wanted for d in missing):
+            self._drop("new-view-waiting-for-batches")  # (counted: how often a NewView waits)
+        self._want_batches(missing, ask=nv.replica)
+        return True
 
     def _reject_new_view(self, reason: str) -> None:
         self._drop(reason)
@@ -1795,6 +1683,8 @@ class Replica(Durability, Recovery):
                 continue
             if self._take_new_view_batches(nv):
                 continue
+            if self._wait_for_new_view_batches(nv):
+                return  # (tried again as the batches arrive)
             if nv.view > self.view:
                 self._start_view_change(nv.view, "certified-new-view")
                 if self.view_active or self.view != nv.view:
@@ -1817,6 +1707,9 @@ class Replica(Durability, Recovery):
         self._prune_view_changes()
         self._trace_ev("new-view", self.view, dec)
         s, d = dec.checkpoint_seqno, dec.checkpoint_digest
+        # the chosen batches, taken before the low water mark moves: one fetched by BatchData is
+        # kept only up to the old window's end, which moving to checkpoint s may discard
+        chosen_batches = {dg: self._batch_for(dg) for _, dg in dec.chosen}
         if s > self.h:
             if self.ckpts.get(s) != d:
                 self._start_fetch(s, d)
@@ -1833,7 +1726,9 @@ class Replica(Durability, Recovery):
                 continue
             slot = self._slot(n)
             slot.digest = dg
-            slot.batch = self._batch_for(dg)
+            slot.batch = chosen_batches[dg]
+            if slot.batch is not None and dg != NULL_BATCH_DIGEST:
+                self._remember_batch(dg, slot.batch, n)
             slot.pp_raw = None
             self._note_preprepared(n, dg)
             if not primary:
