@@ -193,6 +193,16 @@ class Replica(Durability, Recovery):
         self.req_seen: dict[bytes, tuple[Frame, Request]] = {}
         self.req_seen_max = max(1024, 8 * cfg.clients_max)
         self.held: set[int] = set()  # seqnos whose slot holds a pre-prepare waiting for vouches
+        # per-replica budgets for vouches (a Byzantine replica may send Vouch messages full of keys
+        # as fast as it can): a vouch for a key matching no request here (yet: the vouch may have
+        # overtaken the request) is kept only up to ``vouch_unknown_max`` keys per replica, oldest
+        # dropped (``vouch-unknown-dropped``); vouches for known requests are bounded by ``known``.
+        # So one replica can neither grow our memory nor evict the other replicas' vouches.
+        self.vouch_unknown: dict[int, dict[bytes, None]] = {}  # replica -> its unknown keys, oldest first
+        self.vouch_unknown_max = 2 * max(cfg.clients_max, 32)
+        # the held pre-prepares each missing vouch key blocks: a Vouch re-checks only the held
+        # pre-prepares its own keys can unblock (work proportional to its keys, not to the log)
+        self.held_keys: dict[bytes, set[int]] = {}
         # fast path: a primary orders a request from a *trusted* client as soon as its own MAC
         # verifies, without waiting for f+1 vouches (one message delay less). Trusted: some
         # request of the client was vouched for by backups of weight f+1 (its authenticators
@@ -206,11 +216,19 @@ class Replica(Durability, Recovery):
 
         self.status_deadline = now + cfg.status_interval_ms * (1 + replica_id / (4 * cfg.n))
         self.status_answered: dict[int, float] = {}  # peer -> when we last answered its Status
+        self.fetch_served: dict[int, tuple[float, int]] = {}  # peer -> (interval start, bytes answered)
         self.peer_views: dict[int, int] = {}  # replica -> view in its latest Status
         self.peer_stable: dict[int, int] = {}  # replica -> highest stable checkpoint it reported
         self.peer_nv: dict[int, tuple[int, bytes]] = {}  # replica -> (active view, its NewView digest)
         self.nv_digest = b""  # digest of the NewView frame that installed our view
         self.unverified_nv: Optional[tuple[NewView, bytes, bytes]] = None  # (nv, raw, digest), MAC unchecked
+        # idle rejoin (see ``_idle_rejoin_tick``): replicas whose Status says they are changing to a
+        # view above ours, with since when; the backoff between rejoins nobody's request asked for
+        self.peer_stuck: dict[int, tuple[int, float]] = {}
+        self.rejoin_backoff_ms = cfg.view_change_timeout_ms
+        self.rejoin_at = 0.0
+        self.last_client_exec = now
+        self.idle_rejoins = 0  # metric
 
     # =====================================================================
     # driver interface
@@ -296,6 +314,13 @@ class Replica(Durability, Recovery):
         if self.status_deadline is not None and now >= self.status_deadline:
             self.status_deadline = now + self.cfg.status_interval_ms
             self._send_status()
+            if self.unverified_nv is not None or self.pending_nv is not None or self.future_nv:
+                self._try_certified_new_view()
+            if self.held:
+                # the lowest held pre-prepares again (the clock moved on; a request or our own vouch
+                # may have completed a certificate): a few per tick, bounded work
+                self._recheck_held(sorted(self.held)[:4])
+            self._idle_rejoin_tick()
             if self.batches_wanted:  # still missing: ask everybody again, the longest-waiting first
                 wanted = self.batches_wanted
                 due = [d for d, t in wanted.items() if now - t >= self.cfg.status_interval_ms / 2][:8]
@@ -340,14 +365,22 @@ class Replica(Durability, Recovery):
         self.key_client.clear()
         self.req_seen.clear()
         self.held.clear()
+        self.held_keys.clear()
         self.vouches.clear()
+        self.vouch_unknown.clear()
         self.vouch_out.clear()
         self.vouch_deadline = None
         self.vouch_urgent = False
         self.req_deadline = None
         self.status_deadline = now + self.cfg.status_interval_ms / 4
         if not self.view_active:
-            self.vc_deadline = now + self.vc_timeout
+            if self.my_vc_raw is None:
+                self.vc_deadline = now + self.vc_timeout  # (no ViewChange of ours for this view)
+            else:
+                # the view-change timer runs only once a quorum is changing to this view, as
+                # before the crash: a replica alone in a view change does not escalate on restarts
+                self.vc_deadline = None
+                self._after_view_change_input()
         if self.fetch_target is not None:
             self.fetch_deadline = now
 
@@ -455,6 +488,11 @@ class Replica(Durability, Recovery):
         if req.read_only:
             self._on_read_only(ReqInfo(req, fr.digest, fr.raw))
             return
+        if req.client < self.cfg.n:
+            reason = self._admit_recovery_request(req)  # (a replica's: its recovery request)
+            if reason:
+                self._drop(reason)
+                return
         self._on_ordered_request(req, fr, verified=True)
 
     def _timestamp_limit(self) -> float:
@@ -551,13 +589,31 @@ class Replica(Durability, Recovery):
                 self.vouch_deadline = self.now + self.cfg.vouch_delay_ms
         self._consider(c)
 
-    def _add_vouch(self, key: bytes, r: int) -> None:
+    def _add_vouch(self, key: bytes, r: int) -> bool:
+        """Record r's vouch for ``key``; whether it is new. A vouch for a key we know no request
+        for counts against r's own budget (``vouch_unknown``), never against anybody else's."""
         vs = self.vouches.get(key)
         if vs is None:
-            if len(self.vouches) >= 8 * max(self.cfg.clients_max, 16):
-                del self.vouches[next(iter(self.vouches))]  # bounded: forget the oldest
             vs = self.vouches[key] = set()
+        elif r in vs:
+            return False
         vs.add(r)
+        if r != self.id and key not in self.key_client:
+            fifo = self.vouch_unknown.get(r)
+            if fifo is None:
+                fifo = self.vouch_unknown[r] = {}
+            fifo[key] = None
+            if len(fifo) > self.vouch_unknown_max:
+                old = next(iter(fifo))
+                del fifo[old]
+                self._drop("vouch-unknown-dropped")
+                if old not in self.key_client:  # (a request for it arrived since: keep the vouch)
+                    ovs = self.vouches.get(old)
+                    if ovs is not None:
+                        ovs.discard(r)
+                        if not ovs:
+                            del self.vouches[old]
+        return True
 
     def _certified(self, key: bytes) -> bool:
         vs = self.vouches.get(key)
@@ -602,10 +658,18 @@ class Replica(Durability, Recovery):
             self.req_deadline = None
 
     def on_vouch(self, m: Vouch, fr: Frame) -> None:
+        # work proportional to the message's own keys: a duplicate vouch costs a lookup, an unknown
+        # key its sender's budget, and only the held pre-prepares that wait for one of these keys
+        # are checked again
         key_client = self.key_client
         trusted = self.trusted
+        held_keys = self.held_keys
+        unblocked: set[int] = set()
+        dup = 0
         for k in m.keys:
-            self._add_vouch(k, m.replica)
+            if not self._add_vouch(k, m.replica):
+                dup += 1
+                continue
             c = key_client.get(k)
             if c is not None:
                 if c not in trusted:
@@ -613,8 +677,33 @@ class Replica(Durability, Recovery):
                     if self._weight([r for r in vs if r != self.id]) >= self.weak:
                         trusted.add(c)
                 self._consider(c)
-        # pre-prepares held back for want of vouches may now be acceptable
-        for n in sorted(self.held):
+            if held_keys and k in held_keys and self._certified(k):
+                unblocked |= held_keys.pop(k)
+        if dup:
+            self._drop("vouch-duplicate")
+        if unblocked:
+            # pre-prepares held back for want of these vouches may now be acceptable
+            self._recheck_held(sorted(unblocked))
+
+    def _hold_preprepare(self, pp: PrePrepare, raw: bytes, slot: Slot, missing: list[bytes]) -> None:
+        """Keep a pre-prepare we cannot accept yet (see ``on_preprepare``), indexed by the vouch
+        keys it waits for. Bounded: one per slot, the keys of one batch per slot."""
+        slot.held_pp = (pp, raw)
+        self.held.add(pp.seqno)
+        for k in missing:
+            ns = self.held_keys.get(k)
+            if ns is None:
+                ns = self.held_keys[k] = set()
+            ns.add(pp.seqno)
+        if len(self.held_keys) > 2 * self.L * self.cfg.batch_requests_max:
+            # (entries of pre-prepares accepted or discarded since)
+            live = self.held
+            for k in [k for k, ns in self.held_keys.items() if not ns & live]:
+                del self.held_keys[k]
+
+    def _recheck_held(self, seqnos) -> None:
+        """Check held pre-prepares again (vouches arrived, or the clock moved on)."""
+        for n in seqnos:
             slot = self.slots.get(n)
             if slot is None or slot.held_pp is None:
                 self.held.discard(n)
@@ -622,6 +711,7 @@ class Replica(Durability, Recovery):
             if slot.digest is None and slot.view == self.view:
                 pp, raw = slot.held_pp
                 if self._check_batch(pp.batch, pp.digest, check_nondet=not self._weakly_prepared(slot, pp.digest)) is None:
+                    self.held.discard(n)
                     self._accept_preprepare(pp, raw, slot)
 
     def _read_only_ready(self) -> bool:
@@ -756,14 +846,26 @@ class Replica(Durability, Recovery):
         if n <= self.last_exec and self.exec_log.get(n, (None,))[0] not in (None, pp.digest):
             self._drop("preprepare-conflicts-executed")
             return
+        if slot.held_pp is not None and slot.held_pp[0].digest == pp.digest:
+            # (a resent copy of what we hold: nothing it could change; vouches, prepares and the
+            # status tick re-check the held one)
+            self._drop("preprepare-held-duplicate")
+            return
         batch = pp.batch
-        reason = self._check_batch(batch, pp.digest, check_nondet=not self._weakly_prepared(slot, pp.digest))
+        missing: list[bytes] = []
+        reason = self._check_batch(batch, pp.digest, check_nondet=not self._weakly_prepared(slot, pp.digest),
+                                   missing=missing)
         if reason in ("batch-nondet-rejected", "batch-request-unvouched", "batch-request-future-timestamp"):
             # the agreed value looks wrong from here: maybe our clock, maybe an old pre-prepare
             # relayed for catch-up. Accept it once f+1 backups prepared it (one correct replica
             # checked the value when it was fresh).
-            slot.held_pp = (pp, fr.raw)
-            self.held.add(pp.seqno)
+            if self._weakly_prepared(slot, pp.digest):
+                # their prepares came first (a replica catching up gets the prepares and the
+                # pre-prepare in one answer, in any order): accept now; a later prepare from the same
+                # backups would be a duplicate and never look at the held pre-prepare again
+                self._accept_preprepare(pp, fr.raw, slot)
+                return
+            self._hold_preprepare(pp, fr.raw, slot, missing)
         if reason:
             self._drop(reason)
             return
@@ -783,8 +885,10 @@ class Replica(Durability, Recovery):
         self._broadcast(Prepare(self.view, n, pp.digest, self.id))
         self._check_prepared(n, slot)
 
-    def _check_batch(self, batch: Batch, d: bytes, check_nondet: bool = True) -> Optional[str]:
-        """Why a pre-prepared batch is unacceptable, or None. Checks MACs, digest, nondet."""
+    def _check_batch(self, batch: Batch, d: bytes, check_nondet: bool = True,
+                     missing: Optional[list] = None) -> Optional[str]:
+        """Why a pre-prepared batch is unacceptable, or None. Checks MACs, digest, request timestamps, nondet.
+        ``missing`` (if given) receives the vouch keys of the requests that lack vouches."""
         try:
             reqs = self._batch_requests(batch)
         except DecodeError:
@@ -793,10 +897,13 @@ class Replica(Durability, Recovery):
         unvouched = False
         req_seen = self.req_seen
         for rfr, req in reqs:
-            if rfr.raw not in req_seen and not self.keys.verify(rfr.sender, rfr.digest, rfr.auth, True) \
-                    and not self._certified(vouch_key(req)):
-                unvouched = True
-                self.suspects.add(req.client)  # its authenticator is bad for us: no fast path for it
+            if rfr.raw not in req_seen and not self.keys.verify(rfr.sender, rfr.digest, rfr.auth, True):
+                vk = vouch_key(req)
+                if not self._certified(vk):
+                    unvouched = True
+                    self.suspects.add(req.client)  # its authenticator is bad for us: no fast path for it
+                    if missing is not None:
+                        missing.append(vk)
             if req.read_only:
                 return "batch-read-only-request"
             if req.client in seen:
@@ -952,14 +1059,19 @@ class Replica(Durability, Recovery):
         """Seqno n's execution is final: its requests leave the pending set, and the request
         timer restarts (only committed progress counts: tentative executions that never commit,
         e.g. under a primary whose commits are missing, must not keep postponing a view change)."""
+        replicas = self.cfg.n
         for c, t in self.exec_log[n][2]:
+            # (a replica's newer recovery request, admitted here but not at the primary within the
+            # admission interval, is folded into the one executed: see ``_admit_recovery_request``)
             p = self.pending.get(c)
-            if p is not None and p.req.timestamp <= t:
+            if p is not None and (p.req.timestamp <= t or c < replicas):
                 del self.pending[c]
             k = self.known.get(c)
-            if k is not None and k.req.timestamp <= t:
+            if k is not None and (k.req.timestamp <= t or c < replicas):
                 self.key_client.pop(self.known.pop(c).key, None)
                 self.vouches.pop(k.key, None)
+            if c >= replicas:
+                self.last_client_exec = self.now  # (idle rejoin: when a client's request last executed)
         if self.view_active:
             self.vc_timeout = self.cfg.view_change_timeout_ms
         self._arm_request_timer()
@@ -1148,7 +1260,8 @@ class Replica(Durability, Recovery):
             if children is None:
                 self._drop("fetch-bad-node")
                 return
-            self._send_to(m.replica, seal(MetaData(n, m.level, m.index, children, self.id), self.keys, to=m.replica))
+            if self._fetch_budget(m.replica, 40 * len(children)):
+                self._send_to(m.replica, seal(MetaData(n, m.level, m.index, children, self.id), self.keys, to=m.replica))
             return
         if m.level != st.depth - 1 or not 0 <= m.index < st.counts[m.level]:
             self._drop("fetch-bad-node")
@@ -1169,7 +1282,22 @@ class Replica(Durability, Recovery):
         if not objs:
             self._drop("fetch-object-too-large")
             return
-        self._send_to(m.replica, seal(Data(n, m.level, m.index, tuple(objs), self.id), self.keys, to=m.replica))
+        if self._fetch_budget(m.replica, sum(len(v) + 16 for _, v in objs)):
+            self._send_to(m.replica, seal(Data(n, m.level, m.index, tuple(objs), self.id), self.keys, to=m.replica))
+
+    def _fetch_budget(self, r: int, size: int) -> bool:
+        """Whether we may answer replica r's Fetch with ``size`` more bytes: at most two messages'
+        worth per status interval per replica. A Fetch is small and its answer may be a whole
+        message, so without a budget a replica could make us send many times what it sends; a
+        fetcher whose request goes unanswered asks again, of the next replier, on its timeout."""
+        start, used = self.fetch_served.get(r, (self.now, 0))
+        if self.now - start >= self.cfg.status_interval_ms:
+            start, used = self.now, 0
+        if used > 0 and used + size > 2 * self.cfg.message_size_bytes_max:
+            self._drop("fetch-rate-limited")
+            return False
+        self.fetch_served[r] = (start, used + size)
+        return True
 
     def _fetch_reply(self, m, err_of) -> None:
         if self.fetcher is None or self.fetch_target[0] != m.seqno:
@@ -1267,10 +1395,18 @@ class Replica(Durability, Recovery):
             self.peer_stable[r] = s.stable_seqno
             if s.stable_seqno > self.last_committed_exec and s.stable_seqno > self.h:
                 self._check_stable(s.stable_seqno)
-        if s.view_active and s.nv_digest:
+        if s.view_active and s.nv_digest and self.peer_nv.get(r) != (s.view, s.nv_digest):
+            # (only when it changed: the attempt hashes whole NewView frames, which a flood of
+            # Status messages must not make us do again and again; the status tick retries)
             self.peer_nv[r] = (s.view, s.nv_digest)
             if self.unverified_nv is not None or self.pending_nv is not None or self.future_nv:
                 self._try_certified_new_view()
+        if s.view > self.view and not s.view_active:
+            cur = self.peer_stuck.get(r)
+            if cur is None or cur[0] != s.view:
+                self.peer_stuck[r] = (s.view, self.now)
+        else:
+            self.peer_stuck.pop(r, None)
         if s.view > self.view:
             higher = sorted(((v, j) for j, v in self.peer_views.items() if v > self.view), reverse=True)
             acc = 0
@@ -1341,6 +1477,51 @@ class Replica(Durability, Recovery):
     # =====================================================================
     # view changes
     # =====================================================================
+    def _idle(self) -> bool:
+        """Nothing for clients is under way here: no certified request waiting, nothing queued,
+        ordered or tentative, no state transfer or recovery."""
+        return (self.view_active and not self.pending and not self.queue and not self.inflight
+                and not self.ro_queue and self.last_exec == self.last_committed_exec
+                and self.seq_assigned <= self.last_exec and self.fetch_target is None
+                and self.recovering is None and not self.needs_state)
+
+    def _idle_rejoin_tick(self) -> None:
+        """Idle rejoin: on an idle cluster, follow a replica left alone in a view change.
+
+        A replica that timed out alone (it was partitioned, or slow) sits in view v' > v, not
+        active, while the others carry on in v. It may never come back to v by itself: it sent
+        ViewChange(v'), which a NewView for v' may be built from, so if it prepared or committed
+        anything in v afterwards, that ViewChange would misreport it and break the quorum
+        intersection that carries committed requests into later views. Under load the others
+        join it at their next view change; on an idle cluster nothing ever times out, so it
+        would stay out (and the cluster one fault closer to stalling) until the next request.
+
+        So when this replica has been idle (``_idle``, and no client request executed) for a base
+        view-change timeout, and a replica has reported for as long that it is changing to
+        v' > v, and we hold its ViewChange for v', we start a view change to v' ourselves (the
+        lowest such v'). That is always safe: any replica may start a view change at any time;
+        safety never depends on why (it is exactly what our request timer would do). It needs no
+        trust in the stuck replica for safety, and what it costs, one view change while nobody
+        is waiting, is bounded against a Byzantine replica that claims to be stuck for ever: only
+        an idle replica rejoins, so one replica's claims cannot make a busy cluster change view
+        (the f+1 join rule still guards that), and rejoins back off, the interval doubling up to
+        the view-change timeout maximum (reset after that long without one)."""
+        if not self.peer_stuck or self.now < self.rejoin_at or not self._idle():
+            return
+        base = self.cfg.view_change_timeout_ms
+        if self.now - self.last_client_exec < base:
+            return
+        targets = [v for j, (v, since) in self.peer_stuck.items()
+                   if v > self.view and self.now - since >= base and (v, j) in self.vcs]
+        if not targets:
+            return
+        if self.now - self.rejoin_at >= self.cfg.view_change_timeout_max_ms:
+            self.rejoin_backoff_ms = base
+        self.idle_rejoins += 1
+        self.rejoin_at = self.now + self.rejoin_backoff_ms
+        self.rejoin_backoff_ms = min(2 * self.rejoin_backoff_ms, self.cfg.view_change_timeout_max_ms)
+        self._start_view_change(min(targets), "idle-rejoin")
+
     def _start_view_change(self, v: int, why: str) -> None:
         if v <= self.view:
             return
@@ -1353,6 +1534,8 @@ class Replica(Durability, Recovery):
         self.nv_raw = None
         self.nv_vc_raws = []
         self.slots.clear()
+        self.held.clear()
+        self.held_keys.clear()
         self.req_deadline = None
         self.vc_deadline = None
         self.queue.clear()
@@ -1447,9 +1630,23 @@ class Replica(Durability, Recovery):
             self._drop("view-change-ack-duplicate")
             return
         ackers.add(a.replica)
-        if len(self.acks) > 4 * self.cfg.n * self.cfg.n:
+        bound = 4 * self.cfg.n * self.cfg.n
+        if len(self.acks) > bound:
             self._prune_view_changes()
-        self._after_view_change_input()
+            if len(self.acks) > bound:
+                # acks for view changes we do not hold (forged digests, far views): a flooder's,
+                # or ones whose ViewChange has not arrived (then the acker resends them to the new
+                # primary in answer to its Status)
+                for k in [k for k in self.acks
+                          if (info := self.vcs.get(k[:2])) is None or info.digest != k[2]][:len(self.acks) - bound]:
+                    del self.acks[k]
+                    self._drop("view-change-ack-unmatched-dropped")
+        # only an ack of a ViewChange we hold, for the view we are changing to and lead, can
+        # complete anything (``_try_new_view``): others must not re-run the decision (a flood
+        # of acks would make us run it once per ack)
+        info = self.vcs.get((a.view, a.vc_replica))
+        if a.view == self.view and info is not None and info.digest == a.vc_digest:
+            self._after_view_change_input()
 
     def _vouched(self, v: int) -> list[VCInfo]:
         """ViewChanges for view v that a quorum vouches for (sender, new primary, ackers)."""
