@@ -241,6 +241,22 @@ def _lag_script(n: int, seed: int):
     return ((5.0, "crash", n - 1),)
 
 
+def _large_requests_script(n: int, seed: int):
+    # the last replica is cut off just before the primary crashes, and back once the others are
+    # changing views: it lacks the batches of the last few sequence numbers the NewView re-proposes
+    return ((8.0, "block", _isolate(n - 1, n)), (15.0, "crash", 0), (600.0, "unpartition", None))
+
+
+def _large_requests_check(sim: Simulation, res: RunResult) -> list[str]:
+    out = _views_at_most(lambda f: 1)(sim, res)
+    late = sim.replicas[sim.sc.replicas - 1]
+    if not late.drops.get("new-view-waiting-for-batches"):
+        out.append("the replica cut off never waited for a batch: the NewView carried every batch")
+    if any(r.drops.get("new-view-missing-batch") for r in sim.replicas):
+        out.append("a NewView was rejected for a missing batch")
+    return out
+
+
 SCENARIOS: list[Scenario] = [
     Scenario("S-01", "no-faults", "no faults, mixed read/write workload, many clients",
              "oracles hold; every operation completes; no view change",
@@ -248,6 +264,16 @@ SCENARIOS: list[Scenario] = [
     Scenario("S-02", "primary-crash", "the primary crashes mid-batch",
              "progress within one view change; nothing acknowledged lost",
              _cfg(script=((25.0, "crash", 0),)), _views_at_most(lambda f: 1)),
+    Scenario("S-02b", "large-requests-primary-crash", "operations of ~64,000 bytes (within request_size_bytes_max) "
+             "from 32 clients with no think time, a checkpoint interval of 64, a 2 MiB message size: a "
+             "window of prepared batches several times the message size; the primary crashes while a "
+             "backup is cut off",
+             "progress within one view change; every message within message_size_bytes_max (R2); the "
+             "NewView carries batch bodies up to its budget and the backup fetches the others",
+             _cfg(clients=32, ops=8, value_bytes=31_900, keys=8, think_ms=(0.0, 0.0), script_fn=_large_requests_script,
+                  cluster=dict(checkpoint_interval_seqnos=64, log_window_seqnos=128,
+                               message_size_bytes_max=2 << 20, state_size_bytes_max=1 << 20)),
+             _large_requests_check),
     Scenario("S-03", "consecutive-primaries-crash", "the primaries of views 0..f-1 crash",
              "progress within f+1 view changes",
              _cfg(script_fn=lambda n, s: tuple((25.0, "crash", i) for i in range(f_of(n))), fault_phase_ms=4000.0),

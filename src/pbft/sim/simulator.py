@@ -82,6 +82,7 @@ class SimConfig:
     ops: int = 30  # per client
     bugs: frozenset = frozenset()
     keys: int = 4
+    value_bytes: int = 0  # writes' values padded to this size (a cas carries two: ~2x the operation)
     fault_phase_ms: Optional[float] = None  # drawn from the seed when None
     liveness_bound_ms: float = 60_000.0
     quiesce_ms: float = 1_500.0
@@ -290,7 +291,12 @@ class Simulation:
             puts = self.replicas[src].take_persist()
             if puts:
                 store.write(puts)
+        limit = self.cfg.message_size_bytes_max
         for item in self._node(src).take_sends():
+            if len(item[1]) > limit and src in self.oracles.correct:
+                # (bounded messages: every receiver would drop it unread, so whatever it carried is lost)
+                self.oracles.violation(f"R2 replica {src} sent a message of {len(item[1])} bytes, over "
+                                       f"message_size_bytes_max ({limit})")
             extra = (item[2] if len(item) > 2 else 0.0) + after
             for dst in item[0]:
                 self._send(src, dst, item[1], extra)
@@ -632,14 +638,14 @@ class Simulation:
             op = encode_op("get", key)
             kop = KvOp(c, "get", key)
         elif x < 0.65:
-            v = f"v{c}-{self.op_counter}".encode()
+            v = f"v{c}-{self.op_counter}".encode().ljust(self.sc.value_bytes, b".")
             op = encode_op("put", key, v)
             kop = KvOp(c, "put", key, value=v)
         elif x < 0.75:
             op = encode_op("delete", key)
             kop = KvOp(c, "delete", key)
         else:
-            v = f"v{c}-{self.op_counter}".encode()
+            v = f"v{c}-{self.op_counter}".encode().ljust(self.sc.value_bytes, b".")
             exp = self.known_value.get((c, key))
             op = encode_op("cas", key, exp, v)
             kop = KvOp(c, "cas", key, value=v, expected=exp)
