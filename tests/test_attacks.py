@@ -45,7 +45,8 @@ def run_attack(*args, timeout=240):
 
 
 def test_short_attack_run():
-    p = run_attack("--attacks", ",".join(QUICK), "--duration-s", "3", "--quiet-s", "1.5", "--json")
+    p = run_attack("--attacks", ",".join(QUICK), "--duration-s", "3", "--quiet-s", "1.5", "--settle-max-s", "5",
+                   "--json")
     assert p.stdout.strip(), p.stderr
     out = json.loads(p.stdout)  # stdout holds exactly one JSON object
     assert p.returncode == 0, (out.get("replica_exits"), out.get("workload"), p.stderr[-2000:])
