@@ -319,3 +319,93 @@ def test_no_quorum_gives_etimedout_and_the_mount_survives(bfs):
         assert (m1 / "after").read_text() == "z" and (m3 / "before").read_text() == "x"
     finally:
         pbft("umount", m3, check=False)
+
+
+def test_random_posix_calls_agree_with_the_local_file_system(bfs, tmp_path):
+    """The same random sequence of POSIX calls through the mount and on a local directory:
+    the same results, the same errnos, the same tree in the end."""
+    import random
+
+    lc, m1, m2 = bfs
+    roots = [m1 / "cmp", tmp_path / "cmp"]
+    for r in roots:
+        r.mkdir()
+    paths = ["a", "b", "c", "a/x", "a/y", "b/x", "a/x/z"]
+    rng = random.Random(11)
+
+    def do(root: Path, k: int, p: str, q: str, n: int, data: bytes):
+        P, Q = root / p, root / q
+        if k == 0:
+            fd = os.open(P, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.close(fd)
+        elif k == 1:
+            os.mkdir(P, 0o755)
+        elif k == 2:
+            fd = os.open(P, os.O_WRONLY | os.O_APPEND)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+        elif k == 3:
+            fd = os.open(P, os.O_RDWR | os.O_TRUNC)
+            try:
+                os.write(fd, data[: n % 50])
+            finally:
+                os.close(fd)
+        elif k == 4:
+            fd = os.open(P, os.O_WRONLY)
+            try:
+                os.pwrite(fd, data, n)
+            finally:
+                os.close(fd)
+        elif k == 5:
+            os.truncate(P, n)
+        elif k == 6:
+            os.rename(P, Q)
+        elif k == 7:
+            os.link(P, Q)
+        elif k == 8:
+            os.unlink(P)
+        elif k == 9:
+            os.rmdir(P)
+        elif k == 10:
+            os.symlink("target", P)
+        elif k == 11:
+            os.chmod(P, 0o600 if n % 2 else 0o755)
+        elif k == 12:
+            with open(P, "rb") as fh:
+                fh.seek(n)
+                return fh.read(300)
+        else:
+            return sorted(os.listdir(P))
+
+    for step in range(250):
+        k = rng.randrange(14)
+        p, q = rng.choice(paths), rng.choice(paths)
+        n = rng.randrange(40000)
+        data = bytes([rng.randrange(256)]) * rng.randrange(1, 70000)
+        out = []
+        for r in roots:
+            try:
+                out.append(("ok", do(r, k, p, q, n, data)))
+            except OSError as e:
+                out.append(("err", e.errno))
+        assert out[0] == out[1], (step, k, p, q, n, out)
+
+    def snapshot(root: Path):
+        snap = {}
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in sorted(dirnames + filenames):
+                full = Path(dirpath) / name
+                st = os.lstat(full)
+                body = None
+                if stat.S_ISREG(st.st_mode):
+                    body = hashlib.sha256(full.read_bytes()).hexdigest()
+                elif stat.S_ISLNK(st.st_mode):
+                    body = os.readlink(full)
+                size = None if stat.S_ISDIR(st.st_mode) else st.st_size
+                snap[str(full.relative_to(root))] = (st.st_mode, st.st_nlink, size, body)
+        return snap
+
+    assert snapshot(roots[0]) == snapshot(roots[1])
+    assert snapshot(m2 / "cmp") == snapshot(roots[1])
