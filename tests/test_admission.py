@@ -454,3 +454,26 @@ def test_unreplicated_server_makes_the_same_front_end_checks(tmp_path):
     assert drops.get("reply-resend-rate-limited", 0) >= 8
     assert drops.get("spoofed-client", 0) == 1 and drops.get("connection-closed-unauthenticated", 0) == 1
     assert drops.get("request-future-timestamp", 0) >= 1
+
+
+def test_a_client_pool_refreshes_its_identities_keys_in_chunks(tmp_path):
+    """Each identity once per key_refresh_s, at most 64 at a time (a replica checks a bounded
+    number of NewKeys per connection at once)."""
+    from netutil import free_base_port
+    from pbft.runtime.client import REFRESH_CHUNK, ClientPool
+    from pbft.runtime.cluster import init_cluster
+    cl = init_cluster(tmp_path / "p", 4, None, ["127.0.0.1"], free_base_port(20), 150)
+
+    async def main():
+        pool = ClientPool(cl, [cl.identity(c) for c in cl.client_ids])
+        done = []
+        pool.refresh_keys = lambda p: done.append(p.ident.principal)
+        for _ in range(3):
+            pool._periodic_refresh()
+        when = pool.refresh_handle.when() - asyncio.get_running_loop().time()
+        pool.refresh_handle.cancel()
+        return done, when
+
+    done, when = _run(main())
+    assert len(done) == 150 and sorted(done) == cl.client_ids  # one full round, nobody twice
+    assert REFRESH_CHUNK == 64 and when <= cl.runtime.key_refresh_s / 3 + 0.1

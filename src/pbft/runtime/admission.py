@@ -41,7 +41,7 @@ from .transport import Counters, FrameConn, TokenBucket
 
 FIXARRAY5 = 0x95  # msgpack header of a 5-element array: every frame starts with it
 UNAUTHENTICATED_NEWKEY_FAILURES_MAX = 4  # signature checks a never-authenticated connection may fail
-NEWKEY_RATE_PER_CONN = 200.0  # NewKeys checked per second and connection (burst 512)
+NEWKEY_RATE_PER_CONN = 200.0  # NewKeys checked per second and connection (burst: 512, or the principals)
 NEWKEY_RATE_ALL = 2000.0  # NewKeys checked per second, all connections together (burst as much)
 
 
@@ -79,6 +79,7 @@ class NewKeyGate:
         self.last_ts: dict[int, int] = {}
         self.last_digest: dict[int, bytes] = {}  # sender -> digest of the latest NewKey accepted from it
         self.bucket = TokenBucket(rate=NEWKEY_RATE_ALL, burst=NEWKEY_RATE_ALL)
+        self.conn_burst = float(min(NEWKEY_RATE_ALL, max(512, max_principal + 1)))
 
     def accept(self, conn: FrameConn, raw: bytes) -> Optional[tuple[int, bytes]]:
         meta = conn.meta
@@ -102,7 +103,8 @@ class NewKeyGate:
         # signatures cost ~40 us: bound what one connection, and all together, can make us verify
         bucket = meta.get("newkey-bucket")
         if bucket is None:
-            bucket = meta["newkey-bucket"] = TokenBucket(rate=NEWKEY_RATE_PER_CONN, burst=512.0)
+            # (a burst that covers a client pool's NewKeys for all its identities when it connects)
+            bucket = meta["newkey-bucket"] = TokenBucket(rate=NEWKEY_RATE_PER_CONN, burst=self.conn_burst)
         if not bucket.take(now) or not self.bucket.take(now):
             self.counters.drop("newkey-rate-limited")
             return None

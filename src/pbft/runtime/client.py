@@ -44,6 +44,7 @@ from .transport import Counters, FrameConn, OutLink, frame
 
 DEFAULT_TIMEOUT_S = 30.0
 NEWKEY_ON_RETRY_MIN_INTERVAL_S = 1.0
+REFRESH_CHUNK = 64  # identities of a pool whose keys are refreshed together
 
 
 class PbftError(Exception):
@@ -97,6 +98,7 @@ class ClientPool:
         self.flush_pending = False
         self.closed = False
         self.refresh_handle: Optional[asyncio.TimerHandle] = None
+        self.refresh_next = 0  # index of the identity the next periodic refresh starts at
 
     # ---- lifecycle ----------------------------------------------------------
     async def start(self, wait_s: float = 5.0) -> None:
@@ -106,7 +108,8 @@ class ClientPool:
             link = OutLink(r.host, r.port, self._make_conn, self._on_link_up, rt.reconnect_min_s, rt.reconnect_max_s)
             self.links[r.id] = link
             link.start()
-        self.refresh_handle = self.loop.call_later(rt.key_refresh_s, self._periodic_refresh)
+        self.refresh_handle = self.loop.call_later(rt.key_refresh_s / (-(-len(self.p) // REFRESH_CHUNK) or 1),
+                                                   self._periodic_refresh)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             if self.cfg.weight_of(self.connected()) >= self.cfg.quorum_weight:
@@ -160,9 +163,16 @@ class ClientPool:
         self._schedule_flush()
 
     def _periodic_refresh(self) -> None:
-        for p in self.p.values():
+        # every identity once per key_refresh_s, at most REFRESH_CHUNK at a time: a replica checks
+        # a bounded number of NewKeys per connection at once (runtime.admission); one it drops
+        # would leave that identity's requests failing their MAC there until it retransmits
+        ps = list(self.p.values())
+        steps = -(-len(ps) // REFRESH_CHUNK) or 1
+        start = self.refresh_next % len(ps) if ps else 0
+        for p in ps[start:start + REFRESH_CHUNK]:
             self.refresh_keys(p)
-        self.refresh_handle = self.loop.call_later(self.cluster.runtime.key_refresh_s, self._periodic_refresh)
+        self.refresh_next = start + REFRESH_CHUNK
+        self.refresh_handle = self.loop.call_later(self.cluster.runtime.key_refresh_s / steps, self._periodic_refresh)
 
     # ---- requests -----------------------------------------------------------
     async def invoke(self, principal: int, op: bytes, read_only: bool = False,
