@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pbft.attack import ATTACKS, FLOORS, RSS_LIMIT_MIB, parse_attacks
-from pbft.attack.run import counter_deltas, parse_metrics
+from pbft.attack.run import counter_deltas, exit_status, parse_metrics, print_report
 from pbft.config import ConfigError
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -44,7 +44,7 @@ def run_attack(*args, timeout=240):
                           timeout=timeout, env=env)
 
 
-def test_short_attack_run():
+def test_short_attack_run(capsys):
     p = run_attack("--attacks", ",".join(QUICK), "--duration-s", "3", "--quiet-s", "1.5", "--settle-max-s", "5",
                    "--json")
     assert p.stdout.strip(), p.stderr
@@ -75,6 +75,14 @@ def test_short_attack_run():
     assert by["replay"]["attacker"]["checks"]["captured_bytes"] > 0
     # the lying replica did answer the workload's requests, and no lie was accepted (wrong_results 0)
     assert by["replica-wrong-replies"]["attacker"]["sent"]["lying-replies"] > 0
+    # exit status: floors count only when enforced
+    assert exit_status(out, False) == 0
+    assert exit_status(out, True) == (0 if all(a["verdict"] == "PASS" for a in out["attacks"]) else 1)
+    assert exit_status(dict(out, ok=False), False) == 1
+    # the table prints every attack
+    print_report(out)
+    text = capsys.readouterr().out
+    assert all(a["attack"] in text for a in out["attacks"]) and "share the machine's" in text
 
 
 def test_list_and_bad_arguments():

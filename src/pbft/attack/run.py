@@ -769,8 +769,13 @@ def cmd_attack(args) -> int:
         print_report(res)
         if keep:
             print(f"logs in {workdir}")
+    return exit_status(res, args.enforce_floors)
+
+
+def exit_status(res: dict, enforce_floors: bool) -> int:
+    """1 if a replica died or a result was wrong; with ``enforce_floors`` also if an attack is not PASS."""
     if not res["ok"]:
         return 1
-    if args.enforce_floors and not res["all_pass"]:
+    if enforce_floors and not res["all_pass"]:
         return 1
     return 0
