@@ -271,12 +271,11 @@ class Supervisor:
         self.byz = False  # replica 3 is the attacker's (or down between attacks) from now on
         self.byz_id = REPLICAS - 1
         self.died: list[str] = []
-        self.quiet: list[tuple[float, float]] = []
+        self.quiet: list[dict] = []  # the quiet windows so far (``quiet_window``)
         self.cluster = None
         self.workload = None
         self.workload_lines: Optional[Lines] = None
-        self.progress_t: list[float] = []  # the workload's progress reports: time, operations done
-        self.progress_n: list[int] = []
+        self.progress: list[tuple[float, int]] = []  # the workload's progress reports: (time, operations done)
 
     def note(self, text: str) -> None:
         print(f"pbft attack: {text}", file=sys.stderr, flush=True)
@@ -305,7 +304,7 @@ class Supervisor:
                 while True:
                     self.children.check_alive(list(self.procs.values()))
                     try:
-                        if all(len(fetch_status(r.host, r.metrics_port, 1.0)["peers_connected"]) == REPLICAS - 1
+                        if all(len(fetch_status(metrics_addr(r), r.metrics_port, 1.0)["peers_connected"]) == REPLICAS - 1
                                for r in self.cluster.replicas):
                             return
                     except (OSError, ValueError):
@@ -353,16 +352,16 @@ class Supervisor:
         return {"t": time.monotonic(), "r": out}
 
     def _on_progress(self, msg: dict) -> None:
-        self.progress_t.append(msg["t"])
-        self.progress_n.append(msg["progress"])
+        self.progress.append((msg["t"], msg["progress"]))
 
     def rate(self, t0: float, t1: float) -> Optional[float]:
         """The workload's operations per second between t0 and t1, from its progress reports."""
-        ts, ns = list(self.progress_t), list(self.progress_n)
+        pr = list(self.progress)
+        ts = [t for t, _ in pr]
         i, j = bisect.bisect_left(ts, t0), bisect.bisect_right(ts, t1) - 1
-        if j <= i:
+        if j <= i or ts[j] <= ts[i]:
             return None
-        return (ns[j] - ns[i]) / (ts[j] - ts[i]) if ts[j] > ts[i] else None
+        return (pr[j][1] - pr[i][1]) / (ts[j] - ts[i])
 
     def quiet_window(self, snap_start: Optional[dict] = None) -> dict:
         """No attacker runs for ``--quiet-s``, and longer, up to ``--settle-max-s``, until the
@@ -623,6 +622,8 @@ class Supervisor:
                          "unverified": wl["unverified"], "wrong_results": wl["wrong_count"], "wrong": wl["wrong"],
                          "timeouts": len(err_t)},
             "replicas_alive_at_end": len(final_alive), "replicas_answering_at_end": len(final_answering),
+            # every sample of the whole run, quiet windows and restarts included
+            "memory_overall": {str(i): v for i, v in sorted(self.sampler.peaks(0.0, float("inf")).items())},
             "replica_exits": self.died,
             "ok": ok,
             "all_pass": all(x["verdict"] == "PASS" for x in out_attacks),
@@ -689,6 +690,11 @@ def print_report(res: dict, top: int = 3) -> None:
         print(f"  UNVERIFIED: {x}")
     for x in res["replica_exits"]:
         print(f"  REPLICA EXITED: {x}")
+    peaks = res.get("memory_overall") or {}
+    if peaks:
+        print("peak RSS over the whole run (MiB, per replica): "
+              + ", ".join(f"{i}: {v['rss_peak_mib']:.0f} (VmHWM {v['hwm_mib']:.0f})" for i, v in peaks.items())
+              + f"; limit {res['rss_limit_mib']}")
     print(f"replicas alive at the end: {res['replicas_alive_at_end']}/{res['replicas']}; "
           f"{'no replica died and every result was right' if res['ok'] else 'FAILED'}; "
           f"{sum(x['verdict'] == 'PASS' for x in res['attacks'])}/{len(res['attacks'])} attacks PASS")
