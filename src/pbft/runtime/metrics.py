@@ -79,6 +79,8 @@ class ReplicaMetrics:
         yield gauge("pbft_view_active", "1 if the view is active (not in a view change)", 1 if r.view_active else 0)
         yield counter("pbft_view_changes", "View changes started by this replica", node.view_changes)
         yield counter("pbft_new_views", "New views installed", node.new_views)
+        yield counter("pbft_internal_errors", "Internal errors (exceptions out of the core), each followed by a "
+                      "reboot into a proactive recovery; kept across those reboots", node.internal_errors)
         yield counter("pbft_key_refreshes", "Session-key refreshes sent (NewKey)", self.key_refreshes)
         yield counter("pbft_key_refreshes_coalesced", "Key refreshes for other replicas' recoveries folded into "
                       "another (at most one per few seconds)", self.key_refreshes_coalesced)

@@ -36,6 +36,12 @@ from .transport import (AUTH_CLIENT, AUTH_REPLICA, UNAUTHENTICATED, Counters, Fr
 from .admission import NewKeyGate, frame_sender
 
 FIXARRAY5 = 0x95  # msgpack header of a 5-element array: every frame starts with it
+# internal errors (``ReplicaNode._fail_stop``): carried across the reboot (exec) in the environment
+INTERNAL_ERRORS_ENV = "PBFT_INTERNAL_ERRORS"  # errors since the first start (the metric)
+INTERNAL_ERROR_STREAK_ENV = "PBFT_INTERNAL_ERROR_STREAK"  # consecutive ones soon after a start
+CRASH_LOOP_WINDOW_S = 10.0  # an error this soon after the process started continues a streak
+REBOOT_BACKOFF_MAX_S = 60.0  # the wait before rebooting doubles along a streak, up to this
+EX_IOERR = 74  # exit status after a failed store write
 LOGGED_EVENTS = frozenset({"view-change", "new-view", "stable", "state-transfer", "checkpoint-mismatch", "fetch",
                            "rollback", "state-rebuild", "recovery-start", "recovery-estimate", "recovery-point",
                            "recovered", "recovery-request"})
@@ -117,6 +123,9 @@ class ReplicaNode:
         self.metrics = ReplicaMetrics(self)
         self.stopping = asyncio.Event()
         self.failed = False
+        self.internal_errors = _env_count(INTERNAL_ERRORS_ENV)  # metric, kept across reboots
+        self.halted = False  # after an internal error: the core is not used any more
+        self.reboot_delay_s = 0.0
         self.server: Optional[asyncio.AbstractServer] = None
         self.http: Optional[HttpEndpoint] = None
         self.newkey_gate = NewKeyGate(identity, cluster.public, n, n + self.cfg.clients_max - 1,
@@ -587,13 +596,51 @@ class ReplicaNode:
         self._flush()
 
     def _fail_stop(self, e: BaseException) -> None:
-        """An internal invariant broke (a bug in the core, not bad input: bad input is dropped
-        and counted). Stop rather than go on in a state nobody has reasoned about; the rest of
-        the cluster tolerates a stopped replica, not a confused one."""
+        """An exception out of the core (a bug, not bad input: bad input is dropped and counted),
+        or a failed store write.
+
+        The core's state is then one nobody has reasoned about, so it is thrown away, not used:
+        what the failing step had produced is neither sent nor written, the core gets nothing more,
+        and the replica reboots into a proactive recovery (``recover_now``: the process is replaced
+        by ``exec`` with ``--recover``, reloads its state from the data directory and has it
+        checked against the others, as after any crash). The cluster keeps its replica instead of
+        losing it for good. Logged as ``internal-error`` with the traceback, counted in
+        ``internal_errors`` (kept across the reboot). If the error comes again within
+        ``CRASH_LOOP_WINDOW_S`` of the process's start, the reboot waits first, 1 s, then twice as
+        long each time along the streak (up to ``REBOOT_BACKOFF_MAX_S``): a bug that strikes at
+        every start cannot spin the CPU.
+
+        A failed store write (``StoreError``) stops the process instead, with status 74
+        (``EX_IOERR``): a disk that refuses writes is not repaired in-process, and a reboot would
+        reload from it. A supervisor (systemd ``Restart=on-failure``) starts it again, which fails
+        cleanly at start while the store stays unusable."""
         import traceback
-        self.failed = True
-        log(self.id, "internal-error", error=repr(e), traceback=traceback.format_exc())
-        self.stopping.set()
+        if self.halted:
+            return  # (a later error of a replica already going down)
+        self.halted = True
+        tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+        self.internal_errors += 1
+        # the failing step's effects, and those of this turn, reach neither the network nor the disk
+        # (as if the process had crashed before its group commit); the core is not fed again
+        r = self.replica
+        r.take_sends()
+        r.take_persist()
+        r.receive = r.tick = _ignore
+        r.next_deadline = _none
+        if isinstance(e, StoreError):
+            self.failed = True
+            log(self.id, "internal-error", kind="store", error=repr(e), traceback=tb, action="stop",
+                internal_errors=self.internal_errors)
+            self.stopping.set()
+            return
+        soon = time.time() - self.started < CRASH_LOOP_WINDOW_S
+        streak = _env_count(INTERNAL_ERROR_STREAK_ENV) + 1 if soon else 1
+        self.reboot_delay_s = 0.0 if streak == 1 else min(REBOOT_BACKOFF_MAX_S, 2.0 ** (streak - 2))
+        os.environ[INTERNAL_ERRORS_ENV] = str(self.internal_errors)
+        os.environ[INTERNAL_ERROR_STREAK_ENV] = str(streak)
+        log(self.id, "internal-error", kind="core", error=repr(e), traceback=tb, action="recover",
+            internal_errors=self.internal_errors, streak=streak, reboot_delay_s=self.reboot_delay_s)
+        self.recover_now()  # (if a reboot is already under way, it is this one, with the delay)
 
     # ---- status -------------------------------------------------------------
     def status(self) -> dict:
@@ -609,6 +656,7 @@ class ReplicaNode:
             "stable_digest": r.ckpts[r.h].hex() if r.h in r.ckpts else None,
             "executed_requests": r.executed_requests,
             "view_changes": self.view_changes,
+            "internal_errors": self.internal_errors,
             "idle_rejoins": r.idle_rejoins,
             "key_refreshes_coalesced": self.metrics.key_refreshes_coalesced,
             "fetching_state": r.fetch_target is not None,
@@ -655,7 +703,7 @@ def run_replica(cluster: Cluster, replica_id: int, service: Service, quiet: bool
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, node.stopping.set)
         await node.run()
-        return node.failed, node.rebooting
+        return node.failed, node.rebooting, node.reboot_delay_s
 
     profile = os.environ.get("PBFT_PROFILE")  # e.g. /tmp/prof: writes /tmp/prof.<id> (cProfile) on exit
     prof = None
@@ -664,15 +712,32 @@ def run_replica(cluster: Cluster, replica_id: int, service: Service, quiet: bool
         prof = cProfile.Profile()
         prof.enable()
     try:
-        failed, rebooting = uvloop.run(main()) if uvloop is not None else asyncio.run(main())
+        failed, rebooting, delay = uvloop.run(main()) if uvloop is not None else asyncio.run(main())
         if failed:
-            raise SystemExit(70)
+            raise SystemExit(EX_IOERR)  # a failed store write (``ReplicaNode._fail_stop``)
     finally:
         if prof is not None:
             prof.disable()
             prof.dump_stats(f"{profile}.{replica_id}")
     if rebooting:
+        if delay > 0:
+            time.sleep(delay)  # internal errors soon after each start: back off (``_fail_stop``)
         reboot()
+
+
+def _env_count(name: str) -> int:
+    try:
+        return max(0, int(os.environ.get(name, "0")))
+    except ValueError:
+        return 0
+
+
+def _ignore(*args, **kwargs) -> None:
+    return None
+
+
+def _none() -> None:
+    return None
 
 
 def reboot() -> None:
