@@ -1818,8 +1818,9 @@ class Replica(Durability, Recovery):
         if problem:
             self._reject_new_view(problem)
             return
-        if nv.batches:
-            self.pending_nv = (nv, raw) = (replace(nv, batches=()), raw)  # taken: not checked again
+        if nv.batches:  # taken: not hashed again when it is tried again (as batches arrive)
+            nv = replace(nv, batches=())
+            self.pending_nv = (nv, raw)
         if self._wait_for_new_view_batches(nv):
             return
         self._install_new_view(nv, raw, [i.raw for i in infos], dec)
