@@ -15,7 +15,11 @@ What it does, narrated as it happens:
    has every object of its state checked against the others' partition tree,
    while the workload goes on;
 6. reads back every key the clients wrote and checks it holds the last value
-   acknowledged, then prints a summary.
+   acknowledged, then prints a summary;
+7. where FUSE can be mounted (root, /dev/fuse, pyfuse3), starts a second cluster running
+   the BFS file system, mounts it with ``pbft mount``, copies a source tree in, checks it,
+   and kills that cluster's primary while a process writes files
+   (``pbft.services.bfs.demo``).
 
 ``pbft demo --simulated`` runs the older, fully simulated narration instead.
 """
@@ -252,7 +256,10 @@ def run_live_demo(out=sys.stdout, phase_s: float = 4.0, keep: bool = False) -> i
     demo = Demo(Path(tmp), out, phase_s)
     demo.keep = keep
     try:
-        return uvloop.run(demo.main())
+        rc = uvloop.run(demo.main())
+        demo.kill_all()
+        from .services.bfs.demo import run_bfs_demo
+        return rc or (run_bfs_demo(out) or 0)
     except KeyboardInterrupt:
         return 130
     finally:
