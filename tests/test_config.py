@@ -73,6 +73,8 @@ def test_injected_bug_names_checked():
     (dict(log_window_seqnos=16384, checkpoint_interval_seqnos=16, message_size_bytes_max=1 << 20,
           state_size_bytes_max=1 << 19), "NewView"),
     (dict(partition_fanout=4096, message_size_bytes_max=1 << 20, state_size_bytes_max=1 << 19), "MetaData"),
+    (dict(partition_fanout=16, message_size_bytes_max=24 << 10, state_size_bytes_max=8 << 10,
+          request_size_bytes_max=1024, reply_size_bytes_max=1024), "Vouch"),
 ])
 def test_message_bounds_refused(kw, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -86,3 +88,10 @@ def test_every_bounded_message_fits_with_the_defaults():
     assert cfg.new_view_batch_bytes_max + cfg.new_view_fixed_bytes_max <= m
     # a batch of 16 full-size requests fits in one PrePrepare with the defaults
     assert cfg.batch_requests_max * (cfg.request_frame_bytes_max + 5) + 512 <= cfg.batch_bytes_max
+
+
+def test_vouch_bound_matches_the_replica():
+    from pbft.config import VOUCH_KEYS_PER_MESSAGE
+    from pbft.core.replica import VOUCH_BATCH_MAX
+
+    assert VOUCH_KEYS_PER_MESSAGE == VOUCH_BATCH_MAX

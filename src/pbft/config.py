@@ -33,6 +33,7 @@ KNOWN_BUGS = frozenset(
 # an outer frame's bytes besides header, payload and MACs: array, tag, sender and three bin
 # length prefixes, each in msgpack's widest form (a peer may encode non-minimally)
 FRAME_OVERHEAD_BYTES = 5 + 9 + 9 + 3 * 5
+VOUCH_KEYS_PER_MESSAGE = 1024  # the keys a replica puts in one Vouch (``core.replica.VOUCH_BATCH_MAX``)
 
 
 class ConfigError(ValueError):
@@ -169,10 +170,11 @@ class ClusterConfig:
         W = self.log_window_seqnos
         view_change = FRAME_OVERHEAD_BYTES + 16 * self.n + 64 + (W + 2) * 48 + 5 * W * 56
         meta_data = FRAME_OVERHEAD_BYTES + 16 + 64 + self.partition_fanout * 264
-        if max(view_change, meta_data) > m:
+        vouch = FRAME_OVERHEAD_BYTES + 16 * self.n + 16 + VOUCH_KEYS_PER_MESSAGE * 35
+        if max(view_change, meta_data, vouch) > m:
             raise ConfigError(
                 f"message_size_bytes_max ({m}) is too small: a ViewChange of a full log window needs "
-                f"{view_change} bytes, a partition-tree node (MetaData) {meta_data}")
+                f"{view_change} bytes, a partition-tree node (MetaData) {meta_data}, a full Vouch {vouch}")
 
     # ---- derived quantities -------------------------------------------------
     @property
