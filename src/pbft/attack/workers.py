@@ -668,7 +668,12 @@ async def atk_big_timestamp(ctx: Ctx) -> None:
         ring.out_keys[r.id] = k_out
         ring.in_keys[r.id] = k_in
         keys[r.id] = k_out + k_in
-    nk = frame(make_newkey(ident, ctx.cluster.public, keys, U63))
+    # a NewKey at the largest timestamp (which, accepted, would lock the identity's key changes
+    # out), and a valid NewKey now carrying the same keys, so that the request at the largest
+    # timestamp (which, executed, would make every later request of the identity "old") carries
+    # a valid MAC either way
+    nk = frame(make_newkey(ident, ctx.cluster.public, keys, U63)) + \
+        frame(make_newkey(ident, ctx.cluster.public, keys, now_timestamp_us()))
     req = frame(seal(Request(cid, U63, encode_op("put", b"big-timestamp", b"1"), False, ALL_REPLICAS), ring))
     ctx.start()
     held = []
@@ -682,7 +687,7 @@ async def atk_big_timestamp(ctx: Ctx) -> None:
         except WRITE_ERRORS:
             ctx.count("connection-reset")
             continue
-        ctx.count("frames-sent", 2)
+        ctx.count("frames-sent", 3)
         held.append((asyncio.ensure_future(discard(rd, ctx, "reply-bytes")), w))
     await asyncio.sleep(ctx.left())
     for t, w in held:
