@@ -58,9 +58,17 @@ def cmd_mount(args) -> int:
         import logging
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        from ...runtime.client import PbftError
         from .mount import mount_main
-        mount_main(cluster, ids, str(mp), strict=args.strict, timeout_s=args.timeout, cache_s=args.cache,
-                   debug=args.debug)
+        try:
+            mount_main(cluster, ids, str(mp), strict=args.strict, timeout_s=args.timeout, cache_s=args.cache,
+                       debug=args.debug)
+        except PbftError as e:
+            print(f"pbft mount: the cluster does not answer: {e}", file=sys.stderr)
+            return 1
+        except RuntimeError as e:  # pyfuse3.init: e.g. the mount point is busy or FUSE refused
+            print(f"pbft mount: {e}", file=sys.stderr)
+            return 1
         return 0
     # background: the same command in the foreground in a new session, logging to a file
     log = Path(args.log) if args.log else Path(args.dir) / f"mount-{ids[0]}.log"

@@ -204,8 +204,12 @@ class BFSOperations(pyfuse3.Operations):
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         """Drop the holds a previous incarnation of this mount (same identities) left."""
-        for i in self.ids:
-            await self.call("release_all", cred=(0, 0, ()), ident=i)
+        saved, self.timeout_s = self.timeout_s, min(self.timeout_s, 15.0)
+        try:
+            for i in self.ids:
+                await self.call("release_all", cred=(0, 0, ()), ident=i)
+        finally:
+            self.timeout_s = saved
 
     # ---- metadata ------------------------------------------------------------------------------
     @_guard

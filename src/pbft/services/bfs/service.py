@@ -210,7 +210,8 @@ class BFSService(ObjectService):
                 self._tdel(self.inodes, _k(ino))
             else:
                 n[I_ZR] = tuple(sorted(n[I_ZR]))
-                self._tset(self.inodes, _k(ino), tuple(n), 96 + len(n[I_TARGET]) + 32 * len(n[I_ZR]))
+                v = tuple(n)
+                self._tset(self.inodes, _k(ino), v, len(msgpack.packb(v, use_bin_type=True)))
         for ino in sorted(self._ddirty):
             d = self._dcache[ino]
             if d is None:
