@@ -409,3 +409,15 @@ def test_random_posix_calls_agree_with_the_local_file_system(bfs, tmp_path):
 
     assert snapshot(roots[0]) == snapshot(roots[1])
     assert snapshot(m2 / "cmp") == snapshot(roots[1])
+
+
+def test_mount_command_errors_are_one_line(bfs, tmp_path):
+    lc, m1, m2 = bfs
+    for args, text in [((lc.dir, tmp_path / "missing"), "not a directory"),
+                       ((lc.dir, m1), "already a mount point"),
+                       ((lc.dir, tmp_path, "--client-id", 99), "not a client"),
+                       ((tmp_path / "nocluster", tmp_path), "cannot read")]:
+        p = pbft("mount", *args, check=False)
+        assert p.returncode == 2 and text in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
+    p = pbft("umount", tmp_path, check=False)
+    assert p.returncode == 2 and "not mounted" in p.stderr

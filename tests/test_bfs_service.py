@@ -884,3 +884,32 @@ class AgainstLocalFS(RuleBasedStateMachine):
 AgainstLocalFS.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
                                             suppress_health_check=list(HealthCheck))
 TestAgainstLocalFS = AgainstLocalFS.TestCase
+
+
+def test_init_with_service_bfs_writes_a_bfs_section_and_load_service_reads_it(tmp_path):
+    import subprocess
+    import sys
+
+    from pbft.cli_net import load_service
+    from pbft.runtime.cluster import load_cluster
+    from pbft.services.bfs import load_bfs_config
+
+    d = tmp_path / "fs"
+    p = subprocess.run([sys.executable, "-m", "pbft.cli", "init", str(d), "--replicas", "4", "--service", "bfs",
+                        "--base-port", "23000"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    c = load_cluster(d)
+    assert len(c.client_ids) == 8
+    cfg = load_bfs_config(d)
+    assert cfg.root_mode == 0o1777 and not cfg.policy(4).root
+    with open(d / "cluster.toml", "a") as fh:
+        fh.write("\n[bfs.client.4-5]\nroot = true\ninodes_max = 7\n")
+    s = load_service("bfs", c.cfg, d)
+    assert isinstance(s, BFSService) and s.cfg.policy(5).inodes_max == 7 and s.cfg.policy(6).inodes_max == 0
+    with open(d / "cluster.toml", "a") as fh:
+        fh.write("\n[bfs.client.9]\nnonsense = 1\n")
+    with pytest.raises(ConfigError):
+        load_service("bfs", c.cfg, d)
+    p = subprocess.run([sys.executable, "-m", "pbft.cli", "up", str(d), "--service", "bfs"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2 and "nonsense" in p.stderr and "Traceback" not in p.stderr
