@@ -110,6 +110,9 @@ class Replica(Durability, Recovery):
         self.out: list[tuple[tuple[int, ...], bytes]] = []
         self.drops: dict[str, int] = {}
         self.executed_requests = 0  # metric
+        # handler work a peer's messages caused, in items (vouch keys, requests checked): the
+        # simulator's CPU model charges it, so that work one message makes us do is measured
+        self.work_units = 0
         # wall-clock time minus ``now``, set by a driver whose ``now`` is a monotonic clock: services
         # propose and check non-deterministic values (e.g. timestamps) against now + this offset
         self.wall_offset_ms = 0.0
@@ -665,8 +668,16 @@ class Replica(Durability, Recovery):
         trusted = self.trusted
         held_keys = self.held_keys
         unblocked: set[int] = set()
-        dup = 0
+        dup = skipped = unknown = 0
+        cap = self.vouch_unknown_max
         for k in m.keys:
+            if k not in key_client:
+                # (beyond its budget in one message, an unknown key costs a lookup: inserting it
+                # would only evict another of the same sender's)
+                if unknown >= cap:
+                    skipped += 1
+                    continue
+                unknown += 1
             if not self._add_vouch(k, m.replica):
                 dup += 1
                 continue
@@ -681,6 +692,9 @@ class Replica(Durability, Recovery):
                 unblocked |= held_keys.pop(k)
         if dup:
             self._drop("vouch-duplicate")
+        if skipped:
+            self.drops["vouch-unknown-dropped"] = self.drops.get("vouch-unknown-dropped", 0) + skipped
+        self.work_units += len(m.keys) - skipped + skipped // 16
         if unblocked:
             # pre-prepares held back for want of these vouches may now be acceptable
             self._recheck_held(sorted(unblocked))
@@ -893,6 +907,7 @@ class Replica(Durability, Recovery):
             reqs = self._batch_requests(batch)
         except DecodeError:
             return "batch-malformed"
+        self.work_units += len(reqs)
         seen = set()
         unvouched = False
         req_seen = self.req_seen

@@ -69,6 +69,7 @@ class CostModel:
     byte_us: float = 0.002
     mac_us: float = 0.7
     execute_us: float = 10.0
+    work_us: float = 1.0  # per item of handler work (a vouch key, a request checked in a batch)
     queue_per_sender_max: int = 2000
     quantum_us: float = 18.0  # deficit-round-robin quantum: a small message per turn per sender
 
@@ -350,13 +351,13 @@ class Simulation:
         node = self._node(r)
         rep = self.replicas[r]
         keys = self.rings[r]
-        macs0, ex0 = keys.mac_ops, rep.executed_requests
+        macs0, ex0, w0 = keys.mac_ops, rep.executed_requests, rep.work_units
         self.cur_src = src
         node.receive(raw, self._local(r))
         if r not in self.byz:
             self.oracles.after_step(rep)
         cost_ms = (C.message_us + C.byte_us * len(raw) + C.mac_us * (keys.mac_ops - macs0)
-                   + C.execute_us * (rep.executed_requests - ex0)) / 1000.0
+                   + C.execute_us * (rep.executed_requests - ex0) + C.work_us * (rep.work_units - w0)) / 1000.0
         self.cpu_free_at[r] = self.now + cost_ms
         self.cpu_used_ms[r] += cost_ms
         self._flush(r, cost_ms)
