@@ -3,6 +3,7 @@ determinism, hostile input, and a stateful comparison against the local file sys
 
 from __future__ import annotations
 
+import ctypes
 import errno as E
 import os
 import random
@@ -691,6 +692,15 @@ def test_put_objs_refuses_invalid_objects_and_keeps_the_state():
 
 # ---- a stateful comparison against the local file system -------------------------------------
 
+_LIBC = []
+
+
+def _libc():
+    if not _LIBC:
+        _LIBC.append(ctypes.CDLL(None, use_errno=True))
+    return _LIBC[0]
+
+
 PATHS = ["a", "b", "c", "a/a", "a/b", "b/a", "b/b", "a/a/a", "a/b/c"]
 
 
@@ -826,6 +836,32 @@ class AgainstLocalFS(RuleBasedStateMachine):
             dp, dn = self._parent(q)
             self.fs("rename", sp, sn, dp, dn, 0, False)
         self._both(lambda: os.rename(self._real(p), self._real(q)), remote)
+
+    @rule(p=st.sampled_from(PATHS), q=st.sampled_from(PATHS), flags=st.sampled_from([RENAME_NOREPLACE,
+                                                                                      RENAME_EXCHANGE]))
+    def rename2(self, p, q, flags):
+        if self._crosses_symlink(p) or self._crosses_symlink(q):
+            return
+        def local():
+            if _libc().renameat2(-100, self._real(p).encode(), -100, self._real(q).encode(), flags) != 0:
+                e = ctypes.get_errno()
+                raise OSError(e, os.strerror(e))
+        def remote():
+            sp, sn = self._parent(p)
+            dp, dn = self._parent(q)
+            self.fs("rename", sp, sn, dp, dn, flags, False)
+        self._both(local, remote)
+
+    @rule(p=st.sampled_from(PATHS), at=st.integers(0, 2 ** 40), mt=st.integers(0, 2 ** 62))
+    def utime(self, p, at, mt):
+        if self._crosses_symlink(p) or os.path.islink(self._real(p)):
+            return
+        self._both(lambda: os.utime(self._real(p), ns=(at, mt)),
+                   lambda: self.fs.setattr(self._ino(p), times=(at, mt)))
+        if os.path.exists(self._real(p)):
+            st_ = os.lstat(self._real(p))
+            a = self.fs.stat(self._ino(p))
+            assert (a[A_ATIME], a[A_MTIME]) == (st_.st_atime_ns, st_.st_mtime_ns)
 
     @rule(p=st.sampled_from(PATHS), q=st.sampled_from(PATHS))
     def link(self, p, q):

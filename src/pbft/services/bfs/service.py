@@ -834,12 +834,13 @@ class BFSService(ObjectService):
                 _fail(E.ELOOP)
 
     def op_rename(self, cr, sp, sname, dp, dname, flags, keep):
+        # the checks in the order Linux makes them, so that the errno is the same
         if not _is_int(flags, 0, 3) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
             _fail(E.EINVAL)
         if sname in (b".", b"..") or dname in (b".", b".."):
             _fail(E.EINVAL if sname != b".." else E.EBUSY)
-        spn = self._dirnode(sp, cr, 3)
-        dpn = self._dirnode(dp, cr, 3)
+        spn = self._dirnode(sp, cr, 0)
+        dpn = self._dirnode(dp, cr, 0)
         sname, dname = self._name(sname), self._name(dname)
         sino = self._entry(sp, sname)
         if sino is None:
@@ -853,19 +854,30 @@ class BFSService(ObjectService):
         dn = self._node(dino) if dino is not None else None
         sdir = S.S_ISDIR(sn[I_MODE])
         ddir = dn is not None and S.S_ISDIR(dn[I_MODE])
+        if sp != dp:
+            if sdir and self._is_ancestor(sino, dp):  # into its own subtree
+                _fail(E.EINVAL)
+            if ddir and self._is_ancestor(dino, sp):  # onto one of its own ancestors
+                _fail(E.EINVAL if flags & RENAME_EXCHANGE else E.ENOTEMPTY)
         if sino == dino:
             return 0
-        if not self._sticky_ok(spn, sn, cr) or (dn is not None and not self._sticky_ok(dpn, dn, cr)):
+        self._need(spn, cr, 3)
+        if not self._sticky_ok(spn, sn, cr):
             _fail(E.EPERM)
+        self._need(dpn, cr, 3)
+        if dn is not None:
+            if not self._sticky_ok(dpn, dn, cr):
+                _fail(E.EPERM)
+            if not flags & RENAME_EXCHANGE:
+                if sdir and not ddir:
+                    _fail(E.ENOTDIR)
+                if ddir and not sdir:
+                    _fail(E.EISDIR)
         if sp != dp:
             if sdir:
-                self._need(sn, cr, 2)
-                if self._is_ancestor(sino, dp):
-                    _fail(E.EINVAL)
+                self._need(sn, cr, 2)  # its '..' changes
             if flags & RENAME_EXCHANGE and ddir:
                 self._need(dn, cr, 2)
-                if self._is_ancestor(dino, sp):
-                    _fail(E.EINVAL)
         if flags & RENAME_EXCHANGE:
             sd, dd = self._dir(sp), self._dir(dp)
             sd[1][self._find(sd, sname)][1] = dino
@@ -887,10 +899,6 @@ class BFSService(ObjectService):
         else:
             result = 0
             if dn is not None:
-                if sdir and not ddir:
-                    _fail(E.ENOTDIR)
-                if ddir and not sdir:
-                    _fail(E.EISDIR)
                 if ddir and self._dir(dino)[1]:
                     _fail(E.ENOTEMPTY)
                 self._remove(dp, dname)
