@@ -16,7 +16,11 @@ A result is accepted with
   read-only operations live under a faulty primary).
 
 Digest replies are resolved against a full reply whose result hashes to the
-certified digest.
+certified digest, whichever replica sent it.  When the designated replier's full
+result is not the certified one (a lying replica), every replica is asked for the
+full result at once; and the designated replier of the next requests is chosen
+among the replicas whose replies matched the last certified result, so one lying
+(or crashed) replica costs a client one retransmission, not one per request.
 """
 
 from __future__ import annotations
@@ -59,8 +63,9 @@ class Client:
         self.timeout = cfg.client_retry_timeout_ms
         self.retries = 0
         self.done: list[Outcome] = []
-        self.responsive: tuple[int, ...] = ()
+        self.responsive: tuple[int, ...] = ()  # replicas whose reply matched the last result
         self.asked_full = False
+        self.retransmissions = 0  # metric: every transmission of a request after its first
 
     # ---- driver interface ---------------------------------------------------
     @property
@@ -131,6 +136,7 @@ class Client:
             return
         if self.asked_full:
             r = self.req
+            self.retransmissions += 1
             self.req = Request(r.client, r.timestamp, r.op, r.read_only, ALL_REPLICAS)
             self._send(broadcast=True)
             return
@@ -138,6 +144,7 @@ class Client:
             self._fallback()
             return
         self.retries += 1
+        self.retransmissions += 1
         self.timeout = min(self.timeout * 2, self.cfg.client_retry_timeout_max_ms)
         r = self.req
         # retransmit to everybody, asking all replicas for the full result
@@ -205,15 +212,31 @@ class Client:
                 certified = d
         if certified is not None:
             if certified not in self.full:
-                # the result is certified but the designated replier has not sent it: give it a
-                # short grace, then ask every replica for it (they answer from their reply cache)
-                # instead of waiting out the whole retransmission timeout
+                if req.replier == ALL_REPLICAS:
+                    return  # every replica was asked for the full result already
+                lied = self.replies.get(req.replier)
+                if lied is not None and lied.result is not None and lied.result_digest != certified:
+                    # the designated replier sent its full result, and it is not the certified
+                    # one: it will send no other. Ask every replica for the result now (they
+                    # answer from their reply cache); no grace to wait out
+                    self.asked_full = True
+                    self.retransmissions += 1
+                    self.req = Request(req.client, req.timestamp, req.op, req.read_only, ALL_REPLICAS)
+                    self._send(broadcast=True)
+                    return
                 if not self.asked_full:
+                    # the designated replier has not sent it (yet): give it a short grace, then
+                    # ask every replica for it instead of waiting out the whole retransmission
+                    # timeout
                     self.asked_full = True
                     self.deadline = min(self.deadline or float("inf"), self.now + self.timeout / 8)
                 return
             self.view = max(self.view, max(views))
-            self.responsive = tuple(sorted(self.replies))
+            # the next designated replier is one of the replicas whose reply matched the result:
+            # a replica that answered with another one (a lying replica, whose full result cost
+            # this request a retransmission) or not at all (a crashed one) is not chosen again
+            # until a request's certified result matches its reply
+            self.responsive = tuple(sorted(r for r, x in self.replies.items() if x.result_digest == certified))
             self.done.append(Outcome(req.timestamp, self.full[certified], self.fell_back))
             self.req = None
             self.deadline = None

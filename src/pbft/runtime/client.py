@@ -226,10 +226,12 @@ class ClientPool:
         core = p.core
         now = _now_ms()
         if core.req is not None and core.deadline is not None and now >= core.deadline and \
-                time.monotonic() - p.last_newkey >= NEWKEY_ON_RETRY_MIN_INTERVAL_S:
+                not core.asked_full and time.monotonic() - p.last_newkey >= NEWKEY_ON_RETRY_MIN_INTERVAL_S:
             # about to retransmit: a replica that recovered (or restarted) may no longer know our
             # keys. Refresh them first, so that the retransmission is sealed with the new keys
-            # (the NewKey goes out before it on every connection)
+            # (the NewKey goes out before it on every connection). Not when the result is
+            # certified and only its full copy is missing (``asked_full``): the replicas that
+            # answered know our keys, and new ones would void the replies still in flight
             self.refresh_keys(p)
         core.tick(now)
         self._after(p)
