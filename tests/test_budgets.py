@@ -35,15 +35,17 @@ def test_unknown_vouches_are_bounded_per_replica_and_never_evict_others():
     genuine = os.urandom(32)
     r0.receive(seal(Vouch(2, (genuine,)), c.rings[2]), 0.0)
     # replica 1 floods: Vouch messages full of random keys
-    for _ in range(20):
-        r0.receive(seal(Vouch(1, tuple(os.urandom(32) for _ in range(1000))), c.rings[1]), 0.0)
+    t = 0.0
+    for _ in range(20):  # (one per status interval: within its budget, see the test below)
+        t += c.cfg.status_interval_ms
+        r0.receive(seal(Vouch(1, tuple(os.urandom(32) for _ in range(1000))), c.rings[1]), t)
     assert len(r0.vouch_unknown[1]) == r0.vouch_unknown_max
     assert r0.drops["vouch-unknown-dropped"] == 20 * 1000 - r0.vouch_unknown_max
     assert len(r0.vouches) <= 2 + r0.vouch_unknown_max
     assert r0.vouches[genuine] == {2}  # replica 1's flood did not evict replica 2's vouch
     # the same keys again cost a lookup each and are counted
     keys = tuple(r0.vouch_unknown[1])[:100]
-    r0.receive(seal(Vouch(1, keys), c.rings[1]), 0.0)
+    r0.receive(seal(Vouch(1, keys), c.rings[1]), t + c.cfg.status_interval_ms)
     assert r0.drops["vouch-duplicate"] == 1
 
 
@@ -225,3 +227,30 @@ def test_idle_convergence_oracle_reports_a_replica_left_alone():
     res = sim.run()
     assert res.liveness_failure is not None and res.liveness_failure.startswith("L3"), res.liveness_failure
     assert Simulation(sc).run().ok
+
+
+def test_vouch_status_and_query_stable_budgets_per_sender_before_parsing():
+    from pbft.core.replica import SENDER_BUDGETS, VOUCH_BATCH_MAX
+    from pbft.messages import QueryStable
+    c = Cluster()
+    r0 = c.replicas[0]
+    big = [seal(Vouch(1, tuple(os.urandom(32) for _ in range(4096))), c.rings[1]) for _ in range(20)]
+    for m in big:
+        r0.receive(m, 0.0)
+    limit = SENDER_BUDGETS[15][2] * max(VOUCH_BATCH_MAX, 16 * c.cfg.clients_max)
+    assert r0.drops["vouch-over-budget"] == 20 - limit // len(big[0])
+    # another replica's vouches are not affected, and the next interval has a new budget
+    genuine = os.urandom(32)
+    r0.receive(seal(Vouch(2, (genuine,)), c.rings[2]), 0.0)
+    assert r0.vouches[genuine] == {2}
+    r0.receive(big[0], c.cfg.status_interval_ms)
+    assert r0.drops["vouch-over-budget"] == 20 - limit // len(big[0])
+    for i in range(20):
+        r0.receive(seal(Status(0, True, 0, 0, 3, b""), c.rings[3]), 0.0)
+        r0.receive(seal(QueryStable(3, i), c.rings[3]), 0.0)
+    assert r0.drops["status-over-budget"] == 20 - SENDER_BUDGETS[7][2]
+    assert r0.drops["query-stable-over-budget"] == 20 - SENDER_BUDGETS[18][2]
+    # a relayed Vouch (correct replicas never relay one: another replica replaying its author's
+    # frames) is dropped and spends nothing of the author's budget
+    r0.receive(seal(Vouch(2, (os.urandom(32),)), c.rings[2]), 0.0, relayed=True)
+    assert r0.drops["vouch-relayed"] == 1

@@ -52,6 +52,12 @@ from .view_change import Decision, decide
 
 VIEW_LOOKAHEAD_MAX = 1 << 20  # view-change messages further ahead than this are dropped
 VOUCH_BATCH_MAX = 1024
+# what one replica may make us parse and handle per status interval, per kind of message that a
+# correct replica sends a few of per interval (checked before parsing; ``Replica._within_budget``):
+# tag -> (name, unit, limit). Vouch: 8 x 34 bytes per key of max(VOUCH_BATCH_MAX, 16 clients_max)
+# keys, far above what a correct replica vouches for in an interval (one key per request it
+# receives); Status: one per interval from a correct replica; QueryStable: one per two intervals
+SENDER_BUDGETS = {15: ("vouch", "bytes", 8 * 34), 7: ("status", "count", 8), 18: ("query-stable", "count", 4)}
 # what a client gets when the service raised, or returned something other than bytes within the
 # reply size limit: the same on every correct replica (see ``_run_service``)
 SERVICE_ERROR_RESULT = b"\xffpbft:service-error"
@@ -220,6 +226,7 @@ class Replica(Durability, Recovery):
         self.status_deadline = now + cfg.status_interval_ms * (1 + replica_id / (4 * cfg.n))
         self.status_answered: dict[int, float] = {}  # peer -> when we last answered its Status
         self.fetch_served: dict[int, tuple[float, int]] = {}  # peer -> (interval start, bytes answered)
+        self.sender_budget: dict[tuple[int, int], tuple[float, int]] = {}  # (replica, tag) -> (start, used)
         self.peer_views: dict[int, int] = {}  # replica -> view in its latest Status
         self.peer_stable: dict[int, int] = {}  # replica -> highest stable checkpoint it reported
         self.peer_nv: dict[int, tuple[int, bytes]] = {}  # replica -> (active view, its NewView digest)
@@ -298,6 +305,8 @@ class Replica(Durability, Recovery):
                         # frame from the connection its client's NewKey came on gets here)
                         self.suspects.add(req.client)
                     self._on_ordered_request(req, fr, verified=False)
+            return
+        if fr.tag in SENDER_BUDGETS and fr.sender < self.cfg.n and not self._within_budget(fr, relayed):
             return
         try:
             msg = self.codec.parse(fr)
@@ -386,6 +395,30 @@ class Replica(Durability, Recovery):
                 self._after_view_change_input()
         if self.fetch_target is not None:
             self.fetch_deadline = now
+
+    def _within_budget(self, fr: Frame, relayed: bool) -> bool:
+        """Before parsing: whether replica ``fr.sender`` (its MAC verified) is within its budget
+        for this kind of message this status interval (``SENDER_BUDGETS``); if not, the frame is
+        dropped at the cost of its MAC check. Vouch, Status and QueryStable are never relayed by
+        correct replicas, so a relayed one is dropped too (another replica cannot spend the
+        author's budget by replaying its frames)."""
+        kind, unit, limit = SENDER_BUDGETS[fr.tag]
+        if relayed:
+            self._drop(kind + "-relayed")
+            return False
+        if unit == "bytes":
+            cost, limit = len(fr.raw), limit * max(VOUCH_BATCH_MAX, 16 * self.cfg.clients_max)
+        else:
+            cost = 1
+        k = (fr.sender, fr.tag)
+        start, used = self.sender_budget.get(k, (self.now, 0))
+        if self.now - start >= self.cfg.status_interval_ms:
+            start, used = self.now, 0
+        if used > 0 and used + cost > limit:
+            self._drop(kind + "-over-budget")
+            return False
+        self.sender_budget[k] = (start, used + cost)
+        return True
 
     # =====================================================================
     # helpers
