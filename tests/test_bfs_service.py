@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import errno as E
 import os
+import pickle
 import random
 import stat as S
 import tempfile
@@ -36,37 +37,39 @@ class FS:
         self.s = BFSService(cfg, inode_buckets=64, dir_buckets=64, data_buckets=256, xattr_buckets=16, **kw)
         self.t = 1_000_000_000
         self.client = client
+        self.default_cr = ROOT
 
-    def raw(self, op: str, *args, cr=ROOT, ro: bool = False, client=None) -> bytes:
+    def raw(self, op: str, *args, cr=None, ro: bool = False, client=None) -> bytes:
+        cr = self.default_cr if cr is None else cr
         self.t += 1_000_000
         return self.s.execute(encode_op(op, *args, cr), self.client if client is None else client,
                               self.t.to_bytes(8, "big"), ro)
 
-    def __call__(self, op: str, *args, cr=ROOT, ro: bool = False, client=None):
+    def __call__(self, op: str, *args, cr=None, ro: bool = False, client=None):
         return decode_result(self.raw(op, *args, cr=cr, ro=ro, client=client))
 
-    def err(self, op: str, *args, cr=ROOT, client=None) -> int:
+    def err(self, op: str, *args, cr=None, client=None) -> int:
         with pytest.raises(BFSError) as ei:
             self(op, *args, cr=cr, client=client)
         return ei.value.errno
 
     # conveniences
-    def create(self, parent, name, mode=0o644, cr=ROOT):
+    def create(self, parent, name, mode=0o644, cr=None):
         return self("create", parent, name, mode, True, cr=cr)[A_INO]
 
-    def mkdir(self, parent, name, mode=0o755, cr=ROOT):
+    def mkdir(self, parent, name, mode=0o755, cr=None):
         return self("mkdir", parent, name, mode, cr=cr)[A_INO]
 
-    def write(self, ino, off, data, cr=ROOT):
+    def write(self, ino, off, data, cr=None):
         return self("write", ino, off, data, cr=cr)
 
-    def read(self, ino, off=0, n=IO_MAX, cr=ROOT):
+    def read(self, ino, off=0, n=IO_MAX, cr=None):
         return self("read", ino, off, n, cr=cr, ro=True)
 
     def stat(self, ino):
         return self("getattr", ino, ro=True)
 
-    def lookup(self, parent, name, cr=ROOT):
+    def lookup(self, parent, name, cr=None):
         return self("lookup", parent, name, cr=cr, ro=True)
 
     def names(self, ino):
@@ -79,10 +82,10 @@ class FS:
             if eof:
                 return out
 
-    def setattr(self, ino, mode=None, uid=None, gid=None, size=None, times=(None, None), cr=ROOT):
+    def setattr(self, ino, mode=None, uid=None, gid=None, size=None, times=(None, None), cr=None):
         return self("setattr", ino, mode, uid, gid, size, times, cr=cr)
 
-    def truncate(self, ino, size, cr=ROOT):
+    def truncate(self, ino, size, cr=None):
         return self.setattr(ino, size=size, cr=cr)
 
 
@@ -739,10 +742,16 @@ class AgainstLocalFS(RuleBasedStateMachine):
             ino = a[A_INO]
         return ino, parts[-1].encode()
 
-    def _both(self, local, remote):
-        """Run both; they must succeed together or fail with the same errno."""
+    def _local(self, fn):
+        return fn()
+
+    def _both(self, local, remote, override=None):
+        """Run both; they must succeed together or fail with the same errno.  ``override``: a
+        path whose owner the service lets read or write without the permission bits (the
+        owner could chmod anyway), where the kernel refuses: then the local call is redone
+        as root."""
         try:
-            lv = local()
+            lv = self._local(local)
             lerr = None
         except OSError as e:
             lv, lerr = None, e.errno
@@ -751,6 +760,9 @@ class AgainstLocalFS(RuleBasedStateMachine):
             rerr = None
         except BFSError as e:
             rv, rerr = None, e.errno
+        if (override is not None and lerr == E.EACCES and rerr is None
+                and os.lstat(self._real(override)).st_uid == self.fs.default_cr[0]):
+            lv, lerr = local(), None
         assert lerr == rerr, (lerr, rerr)
         return lv, rv, lerr
 
@@ -788,7 +800,7 @@ class AgainstLocalFS(RuleBasedStateMachine):
                 os.pwrite(fd, data, off)
             finally:
                 os.close(fd)
-        self._both(local, lambda: self.fs.write(self._ino(p), off, data))
+        self._both(local, lambda: self.fs.write(self._ino(p), off, data), override=p)
 
     @rule(p=st.sampled_from(PATHS), off=st.integers(0, 3 * CHUNK), n=st.integers(0, 5000))
     def read(self, p, off, n):
@@ -800,14 +812,15 @@ class AgainstLocalFS(RuleBasedStateMachine):
                 return os.pread(fd, n, off)
             finally:
                 os.close(fd)
-        lv, rv, err = self._both(local, lambda: self.fs.read(self._ino(p), off, n))
+        lv, rv, err = self._both(local, lambda: self.fs.read(self._ino(p), off, n), override=p)
         assert lv == rv
 
     @rule(p=st.sampled_from(PATHS), size=st.integers(0, 4 * CHUNK))
     def truncate(self, p, size):
         if self._crosses_symlink(p) or os.path.islink(self._real(p)) or os.path.isdir(self._real(p)):
             return
-        self._both(lambda: os.truncate(self._real(p), size), lambda: self.fs.truncate(self._ino(p), size))
+        self._both(lambda: os.truncate(self._real(p), size), lambda: self.fs.truncate(self._ino(p), size),
+                   override=p)
 
     @rule(p=st.sampled_from(PATHS))
     def unlink(self, p):
@@ -856,9 +869,9 @@ class AgainstLocalFS(RuleBasedStateMachine):
     def utime(self, p, at, mt):
         if self._crosses_symlink(p) or os.path.islink(self._real(p)):
             return
-        self._both(lambda: os.utime(self._real(p), ns=(at, mt)),
-                   lambda: self.fs.setattr(self._ino(p), times=(at, mt)))
-        if os.path.exists(self._real(p)):
+        _, _, err = self._both(lambda: os.utime(self._real(p), ns=(at, mt)),
+                               lambda: self.fs.setattr(self._ino(p), times=(at, mt)))
+        if err is None:
             st_ = os.lstat(self._real(p))
             a = self.fs.stat(self._ino(p))
             assert (a[A_ATIME], a[A_MTIME]) == (st_.st_atime_ns, st_.st_mtime_ns)
@@ -882,7 +895,7 @@ class AgainstLocalFS(RuleBasedStateMachine):
             self.fs("symlink", par, name, tgt.encode())
         self._both(lambda: os.symlink(tgt, self._real(p)), remote)
 
-    @rule(p=st.sampled_from(PATHS), mode=st.sampled_from([0o700, 0o644, 0o4755, 0o1777, 0o000]))
+    @rule(p=st.sampled_from(PATHS), mode=st.sampled_from([0o700, 0o644, 0o4755, 0o2755, 0o1777, 0o000, 0o777]))
     def chmod(self, p, mode):
         if self._crosses_symlink(p) or os.path.islink(self._real(p)):
             return
@@ -900,6 +913,13 @@ class AgainstLocalFS(RuleBasedStateMachine):
     def stats_agree(self):
         if not hasattr(self, "fs"):
             return
+        saved, self.fs.default_cr = self.fs.default_cr, ROOT
+        try:
+            self._stats_agree()
+        finally:
+            self.fs.default_cr = saved
+
+    def _stats_agree(self):
         for p in PATHS:
             if self._crosses_symlink(p):
                 continue
@@ -913,6 +933,7 @@ class AgainstLocalFS(RuleBasedStateMachine):
             a = self.fs.stat(self._ino(p))
             assert a[A_MODE] == st_.st_mode, p
             assert a[A_NLINK] == st_.st_nlink, p
+            assert (a[A_UID], a[A_GID]) == (st_.st_uid, st_.st_gid), p
             if not S.S_ISDIR(st_.st_mode):
                 assert a[A_SIZE] == st_.st_size, p
 
@@ -920,6 +941,68 @@ class AgainstLocalFS(RuleBasedStateMachine):
 AgainstLocalFS.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
                                             suppress_health_check=list(HealthCheck))
 TestAgainstLocalFS = AgainstLocalFS.TestCase
+
+USERS = [ROOT, creds(1000, 1000, (1000,)), creds(1001, 1001, (1001, 1000))]
+
+
+class AgainstLocalFSAsUsers(AgainstLocalFS):
+    """The same comparison with calls made by root and two ordinary users (the local calls
+    in a child process with those credentials): permission checks, the sticky bit, setgid
+    directories, SUID/SGID clearing and protected hard links, errno for errno."""
+
+    @initialize()
+    def setup(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.root = self.tmp.name
+        os.chmod(self.root, 0o777)
+        self.fs = FS(BFSConfig(default=ClientPolicy(root=True), root_mode=0o777))
+        self.umask = os.umask(0)
+        os.umask(self.umask)
+
+    @rule(u=st.sampled_from(range(len(USERS))))
+    def become(self, u):
+        self.fs.default_cr = USERS[u]
+
+    def _local(self, fn):
+        uid, gid, groups = self.fs.default_cr
+        if uid == 0:
+            return fn()
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: drop to the user, make the call, report
+            res = ("crash", None)
+            try:
+                os.close(r)
+                os.setgroups(list(groups))
+                os.setresgid(gid, gid, gid)
+                os.setresuid(uid, uid, uid)
+                try:
+                    res = ("ok", fn())
+                except OSError as e:
+                    res = ("err", e.errno)
+            finally:
+                os.write(w, pickle.dumps(res))
+                os._exit(0)
+        os.close(w)
+        chunks = []
+        while True:
+            b = os.read(r, 1 << 16)
+            if not b:
+                break
+            chunks.append(b)
+        os.close(r)
+        os.waitpid(pid, 0)
+        kind, value = pickle.loads(b"".join(chunks))
+        assert kind != "crash"
+        if kind == "err":
+            raise OSError(value, os.strerror(value))
+        return value
+
+
+AgainstLocalFSAsUsers.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
+                                                   suppress_health_check=list(HealthCheck))
+TestAgainstLocalFSAsUsers = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")(
+    AgainstLocalFSAsUsers.TestCase)
 
 
 def test_init_with_service_bfs_writes_a_bfs_section_and_load_service_reads_it(tmp_path):

@@ -765,6 +765,12 @@ class BFSService(ObjectService):
         name = self._name(name)
         if self._entry(pino, name) is not None:
             _fail(E.EEXIST)
+        # as Linux with fs.protected_hardlinks: only the owner, root, or someone who may read and
+        # write an ordinary file (not setuid, not setgid-executable) may link to it
+        m = n[I_MODE]
+        safe = S.S_ISREG(m) and not m & S.S_ISUID and not (m & S.S_ISGID and m & S.S_IXGRP) and self._may(n, cr, 6)
+        if not (safe or cr[0] == 0 or cr[0] == n[I_UID]):
+            _fail(E.EPERM)
         self._need(p, cr, 3)
         if S.S_ISDIR(n[I_MODE]):
             _fail(E.EPERM)
@@ -781,16 +787,17 @@ class BFSService(ObjectService):
         return self._attr(ino, n)
 
     def op_unlink(self, cr, pino, name, keep):
-        p = self._dirnode(pino, cr, 3)
+        p = self._dirnode(pino, cr, 1)
         name = self._name(name)
         ino = self._entry(pino, name)
         if ino is None:
             _fail(E.ENOENT)
         n = self._node(ino)
-        if S.S_ISDIR(n[I_MODE]):
-            _fail(E.EISDIR)
+        self._need(p, cr, 3)
         if not self._sticky_ok(p, n, cr):
             _fail(E.EPERM)
+        if S.S_ISDIR(n[I_MODE]):
+            _fail(E.EISDIR)
         self._remove(pino, name)
         self._stamp(p)
         self._touch(pino)
@@ -801,18 +808,19 @@ class BFSService(ObjectService):
             _fail(E.EINVAL)
         if name == b"..":
             _fail(E.ENOTEMPTY)
-        p = self._dirnode(pino, cr, 3)
+        p = self._dirnode(pino, cr, 1)
         name = self._name(name)
         ino = self._entry(pino, name)
         if ino is None:
             _fail(E.ENOENT)
         n = self._node(ino)
+        self._need(p, cr, 3)
+        if not self._sticky_ok(p, n, cr):
+            _fail(E.EPERM)
         if not S.S_ISDIR(n[I_MODE]):
             _fail(E.ENOTDIR)
         if self._dir(ino)[1]:
             _fail(E.ENOTEMPTY)
-        if not self._sticky_ok(p, n, cr):
-            _fail(E.EPERM)
         self._remove(pino, name)
         p[I_NLINK] -= 1
         self._stamp(p)
