@@ -254,3 +254,23 @@ def test_vouch_status_and_query_stable_budgets_per_sender_before_parsing():
     # frames) is dropped and spends nothing of the author's budget
     r0.receive(seal(Vouch(2, (os.urandom(32),)), c.rings[2]), 0.0, relayed=True)
     assert r0.drops["vouch-relayed"] == 1
+
+
+def test_pbft_status_notes_replicas_behind_or_alone_in_a_view_change(tmp_path):
+    from pbft.cli_net import _status_notes
+    from pbft.runtime.cluster import init_cluster
+    cluster = init_cluster(tmp_path / "c", 4, None, ["127.0.0.1"], 29000, 2)
+
+    def row(i, view, active, executed):
+        return {"replica": i, "reachable": True, "view": view, "view_active": active, "last_executed": executed}
+
+    rows = [row(0, 2, True, 94), row(1, 2, True, 94), row(2, 3, False, 64), row(3, 2, True, 93),
+            {"replica": 4, "reachable": False}]
+    notes = _status_notes(cluster, rows[:4])
+    assert notes == ["replica 2 is alone in a view change to view 3: replicas [0, 1, 3] are active in view 2",
+                     "replica 2 is behind: executed 64, the most advanced replica 94 (30 sequence numbers)"]
+    assert rows[2]["alone_in_view_change"] and rows[2]["behind"] == 30
+    assert not rows[3]["alone_in_view_change"] and rows[3]["behind"] == 1
+    # a view change that a quorum is part of is not "alone"
+    rows = [row(0, 3, False, 94), row(1, 3, False, 94), row(2, 3, False, 94), row(3, 2, True, 94)]
+    assert _status_notes(cluster, rows) == []
