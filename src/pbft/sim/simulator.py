@@ -57,21 +57,54 @@ class CostModel:
 
     Each replica is one CPU: received messages wait in per-sender queues served by deficit round
     robin on their estimated cost (one sender cannot starve the others, whether it sends many
-    messages or large ones: Aardvark's defence, by cost), each costs its bytes, the MACs it
-    made the replica compute or check, and the requests it made it execute; what it sends leaves
-    when it is done.  Throughput under attack is then a deterministic figure.
+    messages or large ones: Aardvark's defence, by cost). A received frame costs what the runtime
+    spends on it outside the core (``frame_recv_us``: the event loop's read, framing, the
+    principal binding check), the core's decode and dispatch (``message_us``, more for a request:
+    ``request_us``), its bytes, the MACs it made the replica compute or check, the requests it made
+    it execute, the handler work it caused (``Replica.work_units``), the sequence numbers a
+    checkpoint it made stable collected, and a write per frame sent per destination
+    (``frame_send_us``); what it sends leaves when the handling is done.  Throughput under attack
+    is then a deterministic figure.
     """
 
-    # calibrated on the development machine (benchmarks/mac_bench.py and codec timings): a small
-    # message's decode + handling ~5-25 us, a 30 KB request ~55 us (1.7 ns/byte, hashing), a
-    # keyed BLAKE2b MAC ~0.5 us plus overhead
-    message_us: float = 15.0
-    byte_us: float = 0.002
+    # measured with benchmarks/cost_model_check.py on the 2-core development machine (minimum of
+    # repetitions; see docs/simulation.md, "The cost model"): the core handles a small protocol
+    # message in ~6 us (one MAC included), a garbage frame in ~3 us, a 0 B request in ~16 us and a
+    # 30 KB one in ~130 us (~4 ns/byte: decode, frame digest, parse, vouch key; other messages
+    # ~1.5 ns/byte: decode and frame digest); executing a request (service, reply table, building
+    # the reply) ~28 us besides its MAC; checking a request in a pre-prepare's batch ~6 us; a keyed
+    # BLAKE2b MAC ~0.7 us; the runtime adds 3.6-14 us per frame received (pipelined .. one frame
+    # per read) and 5-8 us per frame sent (a write each)
+    message_us: float = 6.0  # a frame that got as far as its MAC check: decode, dispatch
+    malformed_us: float = 2.5  # instead, for one dropped before any MAC (malformed, from ourselves)
+    request_us: float = 6.0  # in addition, for a request frame (parse, vouch key, bookkeeping)
+    byte_us: float = 0.0015
+    request_byte_us: float = 0.0025  # in addition, per byte of a request frame
     mac_us: float = 0.7
-    execute_us: float = 10.0
-    work_us: float = 1.0  # per item of handler work (a vouch key, a request checked in a batch)
+    execute_us: float = 28.0
+    work_us: float = 1.5  # per vouch key handled (Replica.work_units of a Vouch)
+    batch_request_us: float = 6.0  # per request checked in a batch (Replica.work_units of anything else)
+    collect_us: float = 4.0  # per sequence number a stable checkpoint garbage-collected
+    frame_recv_us: float = 7.3  # runtime, per frame received (between the pipelined and one-per-read figures)
+    frame_send_us: float = 6.0  # runtime, per frame sent, per destination
     queue_per_sender_max: int = 2000
-    quantum_us: float = 18.0  # deficit-round-robin quantum: a small message per turn per sender
+    quantum_us: float = 14.0  # deficit-round-robin quantum: a small message per turn per sender
+
+    def estimate_us(self, tag: int, nbytes: int) -> float:
+        """What a queued frame is expected to cost, before handling it (deficit round robin)."""
+        if tag == 1:
+            return (self.frame_recv_us + self.message_us + self.request_us
+                    + (self.byte_us + self.request_byte_us) * nbytes)
+        return self.frame_recv_us + self.message_us + self.byte_us * nbytes
+
+    def charge_us(self, nbytes: int, macs: float, executed: float, work: float, sent: float, tag: int,
+                  collected: int = 0) -> float:
+        """The CPU time charged for one received frame, from the counters its handling moved."""
+        if not macs:  # dropped before its MAC check (nor did it make us seal anything)
+            return self.frame_recv_us + self.malformed_us + self.byte_us * nbytes + self.frame_send_us * sent
+        return (self.estimate_us(tag, nbytes) + self.mac_us * macs + self.execute_us * executed
+                + (self.work_us if tag == 15 else self.batch_request_us) * work + self.collect_us * collected
+                + self.frame_send_us * sent)
 
 
 @dataclass
@@ -332,7 +365,8 @@ class Simulation:
         while True:
             src = rr[0]
             q = inbox[src]
-            est = C.message_us + C.byte_us * len(q[0])
+            head = q[0]
+            est = C.estimate_us(head[1] if len(head) > 1 else -1, len(head))
             d = deficit.get(src, 0.0)
             if d >= est:
                 break
@@ -351,16 +385,21 @@ class Simulation:
         node = self._node(r)
         rep = self.replicas[r]
         keys = self.rings[r]
-        macs0, ex0, w0 = keys.mac_ops, rep.executed_requests, rep.work_units
+        macs0, ex0, w0, h0 = keys.mac_ops, rep.executed_requests, rep.work_units, rep.h
         self.cur_src = src
         node.receive(raw, self._local(r))
         if r not in self.byz:
             self.oracles.after_step(rep)
-        cost_ms = (C.message_us + C.byte_us * len(raw) + C.mac_us * (keys.mac_ops - macs0)
-                   + C.execute_us * (rep.executed_requests - ex0) + C.work_us * (rep.work_units - w0)) / 1000.0
+        cost_ms = C.charge_us(len(raw), keys.mac_ops - macs0, rep.executed_requests - ex0, rep.work_units - w0, 0,
+                              raw[1] if len(raw) > 1 else -1, max(0, rep.h - h0)) / 1000.0
+        # (the vouches sealed when the sends are taken count with the next frame's MACs)
+        sent0 = self.messages
+        self._flush(r, cost_ms)
+        # a write per frame sent, per destination: the CPU is busy that much longer (the frames
+        # themselves left when the handling was done)
+        cost_ms += C.frame_send_us * (self.messages - sent0) / 1000.0
         self.cpu_free_at[r] = self.now + cost_ms
         self.cpu_used_ms[r] += cost_ms
-        self._flush(r, cost_ms)
         self._schedule_wake(r)
         if rr:
             self._push(self.cpu_free_at[r], CPU, r)
