@@ -1032,3 +1032,14 @@ def test_init_with_service_bfs_writes_a_bfs_section_and_load_service_reads_it(tm
     p = subprocess.run([sys.executable, "-m", "pbft.cli", "up", str(d), "--service", "bfs"], capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 2 and "nonsense" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_ancestor_walks_are_bounded():
+    from pbft.services.bfs.service import DEPTH_MAX
+    fs = FS()
+    d = ROOT_INO
+    for i in range(DEPTH_MAX + 2):  # root makes the chain (root needs no walk)
+        d = fs.mkdir(d, b"d")
+    # an ordinary user's search-permission walk from that deep stops with ELOOP, bounded
+    assert fs.err("lookup", d, b"x", cr=ALICE) == E.ELOOP
+    assert fs.err("lookup", d, b"x") == E.ENOENT  # root needs no walk

@@ -43,6 +43,9 @@ RECLAIM_FREES = 64
 EAGER_FREE_SLOTS = 64
 ZERO_RANGES_MAX = 8
 NLINK_MAX = 65000
+#: ancestor walks (search permission, rename into a subtree) stop here with ELOOP: a path of
+#: PATH_MAX (4096) bytes has at most 2048 components, so no reachable directory is deeper
+DEPTH_MAX = 4096
 U64 = (1 << 64) - 1
 U32 = (1 << 32) - 1
 
@@ -375,7 +378,7 @@ class BFSService(ObjectService):
                 return
             dino = n[I_PARENT]
             seen += 1
-            if seen > 1_000_000:
+            if seen > DEPTH_MAX:
                 _fail(E.ELOOP)
 
     def _dirnode(self, dino, cr, mask: int) -> list:
@@ -838,7 +841,7 @@ class BFSService(ObjectService):
                 return False
             d = self._node(d)[I_PARENT]
             seen += 1
-            if seen > 1_000_000:
+            if seen > DEPTH_MAX:
                 _fail(E.ELOOP)
 
     def op_rename(self, cr, sp, sname, dp, dname, flags, keep):
