@@ -2,9 +2,10 @@
 
 The state (``docs/bfs.md`` has the whole picture):
 
-* a superblock cell ``(next_ino, time_ns, inodes_used, chunks_used, reclaim)``: inode
-  numbers come from ``next_ino`` and are never reused; ``time_ns`` is the last agreed time;
-  ``reclaim`` is the queue of chunk ranges still to be freed, a bounded number per operation;
+* a superblock cell ``(next_ino, time_ns, inodes_used, chunks_used, queue_head, queue_tail)``:
+  inode numbers come from ``next_ino`` and are never reused; ``time_ns`` is the last agreed
+  time; the reclaim queue (an ``ObjectDict`` keyed by position) holds the chunk ranges still to
+  be freed, a bounded number per operation;
 * a usage cell ``((client, inodes, chunks), ...)`` for the per-client quotas and an orphan
   cell ``((client, ino), ...)``: inodes unlinked while that client had them open;
 * inodes (an ``ObjectDict`` keyed by the 8-byte inode number), directories (``(next_cookie,
@@ -54,7 +55,9 @@ U32 = (1 << 32) - 1
  I_TARGET, I_HOLDER, I_ZR) = range(15)
 N_IFIELDS = 15
 # superblock fields
-SB_NEXT, SB_TIME, SB_INODES, SB_CHUNKS, SB_RECLAIM = range(5)
+SB_NEXT, SB_TIME, SB_INODES, SB_CHUNKS, SB_QHEAD, SB_QTAIL = range(6)
+#: chunk slots a deletion frees at once, per operation, before it queues the rest
+EAGER_FREE_BUDGET = 256
 
 MKNOD_TYPES = (S.S_IFREG, S.S_IFIFO, S.S_IFCHR, S.S_IFBLK, S.S_IFSOCK)
 
@@ -117,9 +120,13 @@ def _check_xattrs(v) -> None:
 
 
 def _check_sb(v) -> None:
-    if not (isinstance(v, tuple) and len(v) == 5 and all(_is_int(v[i]) for i in range(4)) and isinstance(v[4], tuple)
-            and all(isinstance(e, tuple) and len(e) == 6 and all(_is_int(x, -1) for x in e) for e in v[4])):
+    if not (isinstance(v, tuple) and len(v) == 6 and all(_is_int(x) for x in v) and v[SB_QHEAD] <= v[SB_QTAIL]):
         raise ValueError("bad superblock")
+
+
+def _check_qentry(v) -> None:
+    if not (isinstance(v, tuple) and len(v) == 6 and all(_is_int(x, -1) for x in v)):
+        raise ValueError("bad reclaim entry")
 
 
 def _check_pairs(width):
@@ -138,7 +145,7 @@ class BFSService(ObjectService):
         self.cfg = config or BFSConfig()
         if data_buckets is None:
             data_buckets = self.cfg.data_buckets
-        self.sb = Cell(0, (ROOT_INO + 1, 0, 1, 0, ()), check=_check_sb)
+        self.sb = Cell(0, (ROOT_INO + 1, 0, 1, 0, 0, 0), check=_check_sb)
         self.usage = Cell(1, (), check=_check_pairs(3))
         self.orphans = Cell(2, (), check=_check_pairs(2))
         base = 3
@@ -148,8 +155,13 @@ class BFSService(ObjectService):
         base += dir_buckets
         self.xattrs = ObjectDict(xattr_buckets, base=base, check_value=_check_xattrs)
         base += xattr_buckets
+        # the reclaim queue: entries (ino, next index, end index, cutoff time, charged client,
+        # chunks left or -1) keyed by their position, from the superblock's head to its tail
+        self.reclaim = ObjectDict(256, base=base, check_value=_check_qentry)
+        base += 256
         self.data = ObjectDict(data_buckets, base=base, check_value=_check_chunk)
-        self.space = ObjectSpace(self.sb, self.usage, self.orphans, self.inodes, self.dirs, self.xattrs, self.data)
+        self.space = ObjectSpace(self.sb, self.usage, self.orphans, self.inodes, self.dirs, self.xattrs, self.reclaim,
+                                 self.data)
         c = self.cfg
         root = [S.S_IFDIR | (c.root_mode & 0o7777), c.root_uid, c.root_gid, 2, 0, 0, 0, 0, 0, 0, ROOT_INO, -1, b"",
                 -1, ()]
@@ -179,6 +191,7 @@ class BFSService(ObjectService):
         self._sbc: list | None = None
         self._usec: dict | None = None
         self._orph: list | None = None
+        self._eager = EAGER_FREE_BUDGET
 
     def _tset(self, d: ObjectDict, key: bytes, value, size: int) -> None:
         old = d.get(key, _MISSING)
@@ -224,7 +237,7 @@ class BFSService(ObjectService):
                 self._tset(self.dirs, _k(ino), v, len(msgpack.packb(v, use_bin_type=True)))
         if self._sbc is not None:
             sb = self._sbc
-            v = (sb[0], sb[1], sb[2], sb[3], tuple(tuple(e) for e in sb[4]))
+            v = tuple(sb)
             if v != self.sb.value:
                 self._tcell(self.sb, v)
         if self._usec is not None:
@@ -240,7 +253,7 @@ class BFSService(ObjectService):
     def _sbl(self) -> list:
         if self._sbc is None:
             v = self.sb.value
-            self._sbc = [v[0], v[1], v[2], v[3], [list(e) for e in v[4]]]
+            self._sbc = list(v)
         return self._sbc
 
     def _use(self) -> dict:
@@ -517,18 +530,22 @@ class BFSService(ObjectService):
             self._dcache[ino] = None
             self._ddirty.add(ino)
         self._tdel(self.xattrs, _k(ino))
-        # chunks: one reclaim entry for everything this inode still has (merging live ones)
-        hi = _ceil_chunks(n[I_SIZE])
-        q = sb[SB_RECLAIM]
-        keep = []
-        for e in q:
-            if e[0] == ino:
-                hi = max(hi, e[2])
-            else:
-                keep.append(e)
-        sb[SB_RECLAIM] = keep
-        if n[I_NCHUNKS] > 0:
-            keep.append([ino, 0, hi, self.now + 1, n[I_CHARGE], n[I_NCHUNKS]])
+        if n[I_NCHUNKS] <= 0:
+            return
+        # chunks: small files at once (within this operation's budget), the rest in one queue
+        # entry covering the file and its pending truncations
+        hi = max([_ceil_chunks(n[I_SIZE])] + [z[1] for z in n[I_ZR]])
+        if hi <= self._eager and not n[I_ZR]:
+            self._eager -= hi
+            for idx in range(hi):
+                self._drop_chunk(ino, n, idx)
+            return
+        self._enqueue((ino, 0, hi, self.now + 1, n[I_CHARGE], n[I_NCHUNKS]))
+
+    def _enqueue(self, entry: tuple) -> None:
+        sb = self._sbl()
+        self._tset(self.reclaim, _k(sb[SB_QTAIL]), entry, 64)
+        sb[SB_QTAIL] += 1
 
     # ---- chunks --------------------------------------------------------------------------
     def _chunk(self, ino: int, n: list, idx: int):
@@ -580,19 +597,19 @@ class BFSService(ObjectService):
                 if len(n[I_ZR]) >= ZERO_RANGES_MAX:
                     _fail(E.EAGAIN)
                 n[I_ZR].append((lo, hi, self.now))
-                self._sbl()[SB_RECLAIM].append([ino, lo, hi, self.now, n[I_CHARGE], -1])
+                self._enqueue((ino, lo, hi, self.now, n[I_CHARGE], -1))
         n[I_SIZE] = size
 
     def _reclaim_step(self) -> None:
+        """Free queued chunks: at most RECLAIM_FREES deletions and RECLAIM_PROBES probes."""
         sb = self._sbl()
-        q = sb[SB_RECLAIM]
         probes, frees = RECLAIM_PROBES, RECLAIM_FREES
-        while q and probes > 0 and frees > 0:
-            e = q[0]
-            ino, lo, hi, cutoff, charge, remaining = e
+        while sb[SB_QHEAD] < sb[SB_QTAIL] and probes > 0 and frees > 0:
+            qkey = _k(sb[SB_QHEAD])
+            ino, lo, hi, cutoff, charge, remaining = self.reclaim.get(qkey)
             exists = self._nodes[ino] is not None if ino in self._nodes else _k(ino) in self.inodes
             n = self._node(ino) if exists else None
-            live = n is not None and remaining < 0
+            live = n is not None  # a truncation of a file still there (remaining is then -1)
             while lo < hi and probes > 0 and frees > 0 and remaining != 0:
                 probes -= 1
                 key = _ck(ino, lo)
@@ -606,16 +623,17 @@ class BFSService(ObjectService):
                     if live:
                         n[I_NCHUNKS] -= 1
                         self._touch(ino)
-                    else:
+                    elif remaining > 0:
                         remaining -= 1
                 lo += 1
             if lo >= hi or remaining == 0:
-                q.pop(0)
+                self._tdel(self.reclaim, qkey)
+                sb[SB_QHEAD] += 1
                 if live:
                     n[I_ZR] = [z for z in n[I_ZR] if z[2] != cutoff]
                     self._touch(ino)
             else:
-                e[1], e[5] = lo, remaining
+                self._tset(self.reclaim, qkey, (ino, lo, hi, cutoff, charge, remaining), 64)
 
     # ---- attributes ----------------------------------------------------------------------
     @staticmethod
