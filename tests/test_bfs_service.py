@@ -14,7 +14,7 @@ import tempfile
 import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from pbft.config import ConfigError
 from pbft.services.bfs import BFSConfig, BFSService, ClientPolicy, parse_bfs_section
