@@ -50,15 +50,11 @@ def _cfg(clients: int = 8) -> ClusterConfig:
 def _predict(C: CostModel, nbytes: float, macs: float, executed: float, work: float, sent: float, tag: int,
              collected: float = 0) -> float:
     """What the simulator charges (µs) in the core for one received frame with these counters (the
-    runtime's per-frame terms, ``frame_recv_us`` and ``frame_send_us``, excluded: see ``_runtime_us``)."""
+    runtime's per-frame terms, ``frame_recv_us`` and ``frame_send_us``, excluded)."""
     if hasattr(C, "charge_us"):
-        return C.charge_us(nbytes, macs, executed, work, 0, tag, collected) - C.frame_recv_us
+        return C.charge_us(nbytes, macs, executed, work, 0, tag, collected, 0.0) - C.frame_recv_us
     # (the model before it had per-frame terms)
     return C.message_us + C.byte_us * nbytes + C.mac_us * macs + C.execute_us * executed + C.work_us * work
-
-
-def _runtime_us(C: CostModel, sent: float) -> float:
-    return getattr(C, "frame_recv_us", 0.0) + getattr(C, "frame_send_us", 0.0) * sent
 
 
 class Probe:
@@ -409,7 +405,7 @@ def runtime_overhead(reps: int, frames: int = 20000):
                     pass
             best_r = min(best_r, recv_us)
             best_s = min(best_s, send_us)
-        rows.append({"class": f"runtime per frame received, {label}", "measured_us": best_r})
+        rows.append({"class": f"runtime per frame received, {label}", "measured_us": best_r, "per_read": window})
         rows.append({"class": f"runtime per frame sent, {label}", "measured_us": best_s})
     return rows
 
@@ -435,8 +431,14 @@ def main():
                  "predicted_us": None, "ratio": None})
     rows += workload(C, max(2, a.reps // 2))
     rt = [] if a.no_runtime else runtime_overhead(max(2, a.reps // 2))
+    recv_us = getattr(C, "frame_recv_us", None)
+    read_us = getattr(C, "read_us", 0.0)
     for r in rt:
-        r["predicted_us"] = getattr(C, "frame_recv_us" if "received" in r["class"] else "frame_send_us", None)
+        if "received" in r["class"]:
+            per_read = r["per_read"]
+            r["predicted_us"] = None if recv_us is None else recv_us + read_us / per_read
+        else:
+            r["predicted_us"] = getattr(C, "frame_send_us", None)
         r["ratio"] = r["measured_us"] / r["predicted_us"] if r["predicted_us"] else None
     # a frame's whole cost on a live replica: the core's, plus the runtime's for the frame and the
     # frames it made the replica send (pipelined and one-frame-per-read figures: the range)
@@ -447,16 +449,19 @@ def main():
             fin = r.get("frames_in", 1.0)
             lo = r["measured_us"] + fin * min(rt_in) + r["sent"] * min(rt_out)
             hi = r["measured_us"] + fin * max(rt_in) + r["sent"] * max(rt_out)
-            pred = r["predicted_us"] + fin * getattr(C, "frame_recv_us", 0.0) + r["sent"] * getattr(C, "frame_send_us", 0.0)
+            send = r["sent"] * getattr(C, "frame_send_us", 0.0)
+            plo = r["predicted_us"] + fin * (getattr(C, "frame_recv_us", 0.0) + read_us / 32) + send
+            phi = r["predicted_us"] + fin * (getattr(C, "frame_recv_us", 0.0) + read_us) + send
             r["live_us"] = (lo, hi)
-            r["live_predicted_us"] = pred
-            r["live_ratio"] = (lo / pred, hi / pred)
+            r["live_predicted_us"] = (plo, phi)
+            r["live_ratio"] = (lo / plo, hi / phi)
     if a.json:
         print(json.dumps({"cost_model": C.__dict__, "rows": rows + rt}, indent=1))
         return
     print(f"cost model: {C}")
     print("\ncore (Replica.receive + take_sends, no runtime), µs per frame; min over repetitions")
-    print(f"{'class':58s} {'measured':>10s} {'model':>10s} {'ratio':>6s}   {'with runtime: measured':>24s} {'model':>7s} {'ratio':>11s}")
+    print(f"{'class':58s} {'measured':>10s} {'model':>10s} {'ratio':>6s}   {'with runtime: measured':>16s}"
+          f" {'model':>16s} {'ratio':>12s}")
     for r in rows:
         ratio = r.get("ratio")
         flag = "" if ratio is None or 0.5 <= ratio <= 2.0 else "  <-- core off by more than 2x"
@@ -464,8 +469,9 @@ def main():
         if "live_us" in r:
             lo, hi = r["live_us"]
             rl, rh = r["live_ratio"]
-            live = f"   {lo:10.1f} .. {hi:9.1f} {r['live_predicted_us']:7.1f} {rl:5.2f}..{rh:4.2f}"
-            if rl > 2.0 or rh < 0.5:
+            plo, phi = r["live_predicted_us"]
+            live = f"   {lo:6.1f} .. {hi:6.1f}  {plo:6.1f} .. {phi:6.1f}  {rl:4.2f} .. {rh:4.2f}"
+            if not (0.5 <= rl <= 2.0 and 0.5 <= rh <= 2.0):
                 flag += "  <-- off by more than 2x with the runtime"
         print(f"{r['class']:58s} {_fmt(r['measured_us'])} {_fmt(r.get('predicted_us'))} "
               f"{ratio if ratio is not None else float('nan'):6.2f}{live}{flag}")
@@ -477,7 +483,7 @@ def main():
             print(f"{r['class']:58s} {_fmt(r['measured_us'])} {_fmt(r.get('predicted_us'))} "
                   f"{ratio if ratio is not None else float('nan'):6.2f}{flag}")
     print("\n(with runtime: the core's measured time plus the runtime's per frame received and per frame sent,"
-          "\n pipelined .. one frame per read, against the model's total charge)")
+          "\n pipelined (32 frames per read) .. one frame per read, against the model's total charge for each)")
 
 
 if __name__ == "__main__":

@@ -73,8 +73,9 @@ class CostModel:
     # 30 KB one in ~130 us (~4 ns/byte: decode, frame digest, parse, vouch key; other messages
     # ~1.5 ns/byte: decode and frame digest); executing a request (service, reply table, building
     # the reply) ~28 us besides its MAC; checking a request in a pre-prepare's batch ~6 us; a keyed
-    # BLAKE2b MAC ~0.7 us; the runtime adds 3.6-14 us per frame received (pipelined .. one frame
-    # per read) and 5-8 us per frame sent (a write each)
+    # BLAKE2b MAC ~0.7 us; the runtime adds 2.4-3.7 us per frame received when frames come many
+    # per read, 13-14 us for a frame read alone (the event loop's wake-up and a read each), and
+    # 5-8 us per frame sent (a write each)
     message_us: float = 6.0  # a frame that got as far as its MAC check: decode, dispatch
     malformed_us: float = 2.5  # instead, for one dropped before any MAC (malformed, from ourselves)
     request_us: float = 6.0  # in addition, for a request frame (parse, vouch key, bookkeeping)
@@ -85,7 +86,8 @@ class CostModel:
     work_us: float = 1.5  # per vouch key handled (Replica.work_units of a Vouch)
     batch_request_us: float = 6.0  # per request checked in a batch (Replica.work_units of anything else)
     collect_us: float = 4.0  # per sequence number a stable checkpoint garbage-collected
-    frame_recv_us: float = 7.3  # runtime, per frame received (between the pipelined and one-per-read figures)
+    frame_recv_us: float = 2.5  # runtime, per frame received (framing, the principal binding check)
+    read_us: float = 10.0  # runtime, per read: charged to the frame that empties its sender's queue
     frame_send_us: float = 6.0  # runtime, per frame sent, per destination
     queue_per_sender_max: int = 2000
     quantum_us: float = 14.0  # deficit-round-robin quantum: a small message per turn per sender
@@ -98,11 +100,13 @@ class CostModel:
         return self.frame_recv_us + self.message_us + self.byte_us * nbytes
 
     def charge_us(self, nbytes: int, macs: float, executed: float, work: float, sent: float, tag: int,
-                  collected: int = 0) -> float:
-        """The CPU time charged for one received frame, from the counters its handling moved."""
+                  collected: int = 0, reads: float = 1.0) -> float:
+        """The CPU time charged for one received frame, from the counters its handling moved;
+        ``reads``: the reads it is charged (1: it came alone, 0: with others from its sender)."""
         if not macs:  # dropped before its MAC check (nor did it make us seal anything)
-            return self.frame_recv_us + self.malformed_us + self.byte_us * nbytes + self.frame_send_us * sent
-        return (self.estimate_us(tag, nbytes) + self.mac_us * macs + self.execute_us * executed
+            return (self.frame_recv_us + self.read_us * reads + self.malformed_us + self.byte_us * nbytes
+                    + self.frame_send_us * sent)
+        return (self.estimate_us(tag, nbytes) + self.read_us * reads + self.mac_us * macs + self.execute_us * executed
                 + (self.work_us if tag == 15 else self.batch_request_us) * work + self.collect_us * collected
                 + self.frame_send_us * sent)
 
@@ -377,6 +381,9 @@ class Simulation:
         rr.popleft()
         raw = q.popleft()
         deficit[src] -= est
+        # the runtime reads what a connection holds at once: frames queued behind each other share
+        # a read, charged to the one that empties the sender's queue
+        reads = 0.0 if q else 1.0
         if q:
             rr.append(src)
         else:
@@ -391,7 +398,7 @@ class Simulation:
         if r not in self.byz:
             self.oracles.after_step(rep)
         cost_ms = C.charge_us(len(raw), keys.mac_ops - macs0, rep.executed_requests - ex0, rep.work_units - w0, 0,
-                              raw[1] if len(raw) > 1 else -1, max(0, rep.h - h0)) / 1000.0
+                              raw[1] if len(raw) > 1 else -1, max(0, rep.h - h0), reads) / 1000.0
         # (the vouches sealed when the sends are taken count with the next frame's MACs)
         sent0 = self.messages
         self._flush(r, cost_ms)
