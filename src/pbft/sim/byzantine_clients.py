@@ -14,6 +14,12 @@ exactly-once execution, liveness, the view, memory bounds.
 ``shared-id``                 two processes share one client id and its keys
 ``flood``                     100x the request rate, oversized requests, and
                               requests under ids with no valid key
+``spoof-correct-ids``         as fast as it can, requests under the correct
+                              clients' own ids, timestamps just ahead of theirs
+                              (and far ahead), authenticators under keys nobody has
+``replay-correct-frames``     as fast as it can, replays of the correct
+                              clients' genuine request frames (valid MACs),
+                              those still waiting to execute above all
 ============================  ==================================================
 
 They act during the fault phase only; after healing they fall silent so that
@@ -174,7 +180,68 @@ class Flood(ByzClient):
             self.send_all(_packb([tag, sender, header, payload, rng.randbytes(MAC_SIZE * self.n)]))
 
 
-CLIENT_BEHAVIOURS = {c.name: c for c in (BadAuthPrimary, BadAuthAll, TsReuse, TsReset, TsMax, SharedId, Flood)}
+class SpoofCorrectIds(ByzClient):
+    """What a keyless attacker on the network does to the clients it sees: requests under a
+    *correct* client's id, with a timestamp just ahead of the one it uses (so they look new) or far
+    ahead, and random authenticators. The simulator has no connections, so nothing binds a
+    principal to where its frames come from (the runtime's defence): the core's own rules must
+    keep them from costing more than their handling."""
+
+    name = "spoof-correct-ids"
+    interval_ms = 0.25
+    burst = 2
+
+    def act(self, now):
+        rng = self.rng
+        ids = list(self.sim.clients)
+        if not ids:
+            return
+        for _ in range(self.burst):
+            c = rng.choice(ids)
+            ts = self.sim.clients[c].timestamp
+            t = ts + (rng.randint(1, 3) if rng.random() < 0.8 else rng.randint(1_000, 1_000_000))
+            op = encode_op("put", f"x{self.id}-spoof".encode(), rng.randbytes(8))
+            tag, sender, header, payload = header_of(Request(c, t, op, False, rng.randrange(self.n)))
+            self.send_all(_packb([tag, sender, header, payload, rng.randbytes(MAC_SIZE * self.n)]))
+
+
+class ReplayCorrectFrames(ByzClient):
+    """Replays what it captured of the correct clients' traffic: their genuine request frames
+    (valid MACs), most of them requests still waiting to be executed (a replica holds them in
+    ``known``, as a sniffer would have them), the rest older ones. Nothing it sends was not sent
+    by a correct client first, so the oracles' validity check holds whatever is executed."""
+
+    name = "replay-correct-frames"
+    interval_ms = 0.25
+    burst = 2
+
+    def __init__(self, sim, cid, rng):
+        super().__init__(sim, cid, rng)
+        self.captured: list[bytes] = []
+
+    def act(self, now):
+        rng = self.rng
+        sim = self.sim
+        src = sim.replicas[sim.correct[0]] if sim.correct else None
+        if src is None:
+            return
+        pending = [ri.raw for c, ri in src.known.items() if c in sim.clients and ri.verified]
+        if pending and rng.random() < 0.1:
+            self.captured.append(rng.choice(pending))
+            if len(self.captured) > 512:
+                del self.captured[:256]
+        for _ in range(self.burst):
+            if pending and (rng.random() < 0.7 or not self.captured):
+                raw = rng.choice(pending)
+            elif self.captured:
+                raw = rng.choice(self.captured)
+            else:
+                return
+            self.send_all(raw)
+
+
+CLIENT_BEHAVIOURS = {c.name: c for c in (BadAuthPrimary, BadAuthAll, TsReuse, TsReset, TsMax, SharedId, Flood,
+                                         SpoofCorrectIds, ReplayCorrectFrames)}
 
 
 def make_byz_clients(sim, specs, first_id: int) -> dict:
