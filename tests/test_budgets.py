@@ -14,7 +14,6 @@ from pbft.crypto import MAC_SIZE
 from pbft.messages import (ALL_REPLICAS, RECOVERY_OP, Fetch, Request, Status, ViewChange, ViewChangeAck,
                            Vouch)
 from pbft.services.kv import encode_op
-from pbft.sim.scenarios import find, run_scenario
 from pbft.sim.simulator import SimConfig, Simulation
 
 
@@ -209,11 +208,6 @@ def test_restarted_replica_alone_in_a_view_change_does_not_escalate():
         r.restart(c.now)
         c.advance(3 * c.cfg.view_change_timeout_ms)
     assert r.view == 1
-
-
-def test_scenario_claims_to_be_stuck_n4():
-    r = run_scenario(find("S-25b"), 4, range(2))
-    assert r.violations == 0 and r.liveness_failures == 0 and r.expectation_failures == [], r
 
 
 def test_idle_convergence_oracle_reports_a_replica_left_alone():
