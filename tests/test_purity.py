@@ -1,4 +1,4 @@
-"""The core does no I/O and reads no clock or randomness (DESIGN.md): checked on the source."""
+"""The core does no I/O and reads no clock or randomness: checked on the source."""
 
 import ast
 import pathlib

@@ -1,4 +1,4 @@
-"""Named scenarios in the deterministic simulator (TESTING.md's catalogue, crash and network parts)."""
+"""Named scenarios in the deterministic simulator (the catalogue's crash and network parts, docs/adversaries.md)."""
 
 import pytest
 

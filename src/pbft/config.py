@@ -5,7 +5,7 @@ Every number that bounds memory or time is named with its unit last
 refuses configurations that would break safety or liveness, with a one-line
 message naming the problem (``ConfigError``).
 
-Weighted quorums follow seed 001: replica ``i`` has weight ``w_i``; with
+Weighted quorums (Castro's weighted-voting extension of PBFT): replica ``i`` has weight ``w_i``; with
 ``W`` the total weight and ``W_byz`` the largest total weight any ``f``
 replicas can have, a quorum threshold ``Q`` is safe iff
 ``(W + W_byz) / 2 < Q`` and live iff ``Q <= W - W_byz``.  A *weak*

@@ -5,7 +5,7 @@ runtime, a test) feeds it ``receive(bytes, now)`` and ``tick(now)`` and carries
 out what it returns from ``take_sends()``: ``(destinations, bytes)`` pairs.
 ``next_deadline()`` says when ``tick`` must be called next.
 
-Failure discipline (DESIGN.md): anything a peer or client can send is an
+Failure discipline: anything a peer or client can send is an
 expected outcome, counted in ``self.drops[reason]`` and never raised;
 anything only our own bug can cause is an ``assert``.
 

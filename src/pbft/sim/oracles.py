@@ -4,7 +4,7 @@ The simulator feeds every replica's trace events to ``Oracles.on_event`` and
 calls ``after_step`` after every event it processes.  Violations are
 collected as strings (the first few are kept with their simulated time).
 
-Checked (TESTING.md names, and invariants of the correctness proof, seed 002):
+Checked (the safety properties of docs/simulation.md, and invariants of PBFT's correctness proof):
 
 * S1 agreement: no two replicas execute different batches (by recomputed
   content digest) at one sequence number once the execution is committed;

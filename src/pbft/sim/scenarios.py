@@ -1,4 +1,4 @@
-"""The scenario catalogue of TESTING.md, as named, runnable simulations with asserted outcomes.
+"""The scenario catalogue (docs/adversaries.md), as named, runnable simulations with asserted outcomes.
 
 Each scenario builds a ``SimConfig`` for a replica count and a seed, and adds
 its own expectations to the oracles' (which always apply): a bound on view
