@@ -112,7 +112,7 @@ def alive(lc) -> None:
 
 # ---- 1. the whole cluster restarted under a mount ---------------------------------------
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_whole_cluster_restart_under_the_mount(tmp_path, mdir, sig):
     lc = bfs_cluster(tmp_path / "c", protocol=PROTOCOL)
     try:
@@ -126,6 +126,9 @@ def test_whole_cluster_restart_under_the_mount(tmp_path, mdir, sig):
                 write_synced(m / "d" / f"f{i}", data)
                 expect[f"d/f{i}"] = sha(data)
             os.symlink("f0", m / "d" / "link")
+            (m / "w").mkdir()
+            w = FileWriter(m / "w", 9, retry_s=60)  # writing when the cluster goes down, and after
+            time.sleep(1.0)
             for r in range(lc.n):
                 os.kill(lc.procs[r].pid, sig)
             for r in range(lc.n):
@@ -148,6 +151,11 @@ def test_whole_cluster_restart_under_the_mount(tmp_path, mdir, sig):
             lc.start_all()
             t.join(70)
             assert not t.is_alive() and "result" in got
+            time.sleep(1.0)
+            written = w.finish()
+            assert w.errors == [] and w.retried, (w.errors, w.retried)
+            assert set(w.retried) <= {errno.ETIMEDOUT, errno.EIO}, w.retried
+            expect.update({f"w/{k}": v for k, v in written.items()})
             assert all(lc.status(r)["restored"] == "restored" for r in range(lc.n)), \
                 [lc.status(r)["restored"] for r in range(lc.n)]
             # every file written and fsynced before the restart, through this mount and a new one
@@ -156,6 +164,7 @@ def test_whole_cluster_restart_under_the_mount(tmp_path, mdir, sig):
             with mounted(lc, mdir / "m2", 8, strict=True) as m2:
                 check_files(m2, expect)
                 assert (m2 / "d" / "after").read_bytes() == b"after the restart"
+                assert sorted(os.listdir(m2 / "w")) == sorted(written)
                 assert sorted(os.listdir(m2 / "d")) == sorted([f"f{i}" for i in range(12)] + ["after", "link"]
                                                               + (["during"] if (m2 / "d" / "during").exists() else []))
                 (m / "d" / "again").write_bytes(b"and again")
@@ -170,11 +179,15 @@ def test_whole_cluster_restart_under_the_mount(tmp_path, mdir, sig):
 class FileWriter:
     """Copies files into the mount in the background, remembering each one's checksum."""
 
-    def __init__(self, root: Path, seed: int):
+    def __init__(self, root: Path, seed: int, retry_s: float = 0.0):
+        """``retry_s``: a failed file is written again, whole, for that long before giving up
+        (the errnos seen are in ``.retried``)."""
         self.root = root
         self.rng = random.Random(seed)
+        self.retry_s = retry_s
         self.expect: dict[str, str] = {}
         self.errors: list[str] = []
+        self.retried: list[int] = []
         self.stop = threading.Event()
         self.t = threading.Thread(target=self.run, daemon=True)
         self.t.start()
@@ -185,17 +198,32 @@ class FileWriter:
             name = f"w{i}"
             data = payload(i, self.rng)
             try:
-                write_synced(self.root / name, data)
+                self._do(lambda: write_synced(self.root / name, data))
                 if i % 5 == 4:  # renames and deletions too
-                    os.rename(self.root / name, self.root / f"r{i}")
+                    self._do(lambda: os.rename(self.root / name, self.root / f"r{i}"))
                     name = f"r{i}"
-                    os.unlink(self.root / f"w{i - 1}")
+                    self._do(lambda: os.unlink(self.root / f"w{i - 1}"))
                     del self.expect[f"w{i - 1}"]
-            except OSError as e:
+            except (OSError, AssertionError) as e:
                 self.errors.append(f"{name}: {e!r}")
                 return
             self.expect[name] = sha(data)
             i += 1
+
+    def _do(self, fn) -> None:
+        deadline = time.time() + self.retry_s
+        failed = False
+        while True:
+            try:
+                return fn()
+            except OSError as e:
+                if not self.retry_s or time.time() > deadline:
+                    raise
+                if e.errno == errno.ENOENT and failed:
+                    return  # a rename or unlink that timed out had been executed
+                failed = True
+                self.retried.append(e.errno)
+                time.sleep(0.3)
 
     def finish(self) -> dict:
         self.stop.set()
@@ -319,6 +347,7 @@ def test_replica_with_state_corrupted_in_memory_is_repaired(tmp_path, mdir, monk
                 k += 1
             for _ in range(3):
                 check_files(m2, expect)
+                assert sorted(os.listdir(m2 / "w")) == sorted(written)
                 assert sorted(os.listdir(m2 / "d")) == sorted(p.split("/")[1] for p in expect)
             recover(lc, 1)
             st = wait_recovered(lc, 1)

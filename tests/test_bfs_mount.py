@@ -10,7 +10,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -18,59 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from netutil import SRC, LocalCluster
+from bfsutil import BFS_SECTION, pbft, tree_digest, why_not
+from netutil import LocalCluster
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def _why_not() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (FUSE mounts with allow_other, and the tests switch users)"
-    if not os.path.exists("/dev/fuse"):
-        return "/dev/fuse is missing"
-    if shutil.which("fusermount3") is None:
-        return "fusermount3 is missing (apt-get install fuse3)"
-    try:
-        import pyfuse3  # noqa: F401
-    except ImportError as e:
-        return f"pyfuse3 is not installed: {e}"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_why_not() is not None, reason=_why_not() or "")
-
-BFS_SECTION = """
-[bfs]
-root_mode = 0o755
-
-[bfs.client.default]
-root = true
-"""
-
-
-def pbft(*args, timeout=60, check=True):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-m", "pbft.cli", *map(str, args)], capture_output=True, text=True,
-                       timeout=timeout, env=env)
-    if check:
-        assert p.returncode == 0, p.stderr + p.stdout
-    return p
-
-
-def tree_digest(root: Path) -> dict:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for f in sorted(filenames):
-            p = Path(dirpath) / f
-            rel = str(p.relative_to(root))
-            st = os.lstat(p)
-            if stat.S_ISLNK(st.st_mode):
-                out[rel] = ("link", os.readlink(p))
-            else:
-                out[rel] = (stat.S_IMODE(st.st_mode), hashlib.sha256(p.read_bytes()).hexdigest())
-    return out
+pytestmark = pytest.mark.skipif(why_not() is not None, reason=why_not() or "")
 
 
 @pytest.fixture(scope="module")
