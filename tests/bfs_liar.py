@@ -1,7 +1,7 @@
 """A Byzantine BFS replica for tests/test_bfs_faults.py: ``pbft replica DIR --id I --service
 tests.bfs_liar:LyingBFS``.  It executes every operation as a correct replica does (so its state,
 and its checkpoints, stay right), and lies in its replies: data read is altered, directory
-listings lose an entry, every other attribute reply has a wrong size.  Its lookups and the
+listings lose an entry, every third attribute reply has a wrong size.  Its lookups and the
 other attribute replies are true, so clients keep choosing it as designated replier."""
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ class LyingBFS(BFSService):
             value = [value[0][1:], value[1]]
         elif kind == "getattr":
             self.getattrs += 1
-            if self.getattrs % 2:
-                return out
+            if self.getattrs % 3:  # two true attribute replies, then a lie: the liar is soon
+                return out         # designated again, whatever the client's rotation
             value = list(value)
             value[A_SIZE] += 4096
         else:
