@@ -477,3 +477,174 @@ def test_a_client_pool_refreshes_its_identities_keys_in_chunks(tmp_path):
     done, when = _run(main())
     assert len(done) == 150 and sorted(done) == cl.client_ids  # one full round, nobody twice
     assert REFRESH_CHUNK == 64 and when <= cl.runtime.key_refresh_s / 3 + 0.1
+
+
+# ---------------------------------------------------------------------------
+# request credits (runtime.admission.RequestBudget) and paced connections (FrameConn.defer)
+# ---------------------------------------------------------------------------
+
+def test_request_credits_never_run_out_for_a_closed_loop_client_and_pace_a_flooder():
+    from pbft.runtime.admission import RequestBudget
+    b = RequestBudget(burst=16, rate=20.0)
+    # a correct client: a request, our reply (at a replica that lags, up to 12 requests late),
+    # the next request; now and then a retransmission (a retry timeout later) nobody answers
+    t, owed = 0.0, 0
+    for i in range(10_000):
+        assert b.take(4, t) == 0.0
+        if i % 50 == 0:
+            t += 0.06
+            assert b.take(4, t) == 0.0  # its retransmission
+        owed += 1
+        if owed > (i // 1000) % 13:
+            b.replied(4)
+            owed -= 1
+        t += 0.0001
+    # a flooder, never answered: the burst, then one request per 1/rate seconds
+    taken, t = 0, 0.0
+    while t < 1.0:
+        w = b.take(5, t)
+        if w == 0.0:
+            taken += 1
+        else:
+            assert 0.0 < w <= 1.0 / 20.0 + 1e-9
+            t += w  # a connection deferred for w is read again then
+            continue
+        t += 0.0001
+    assert 16 + 18 <= taken <= 16 + 21
+    # replies give credits back, up to the burst: the flooder gets one request per reply more
+    for _ in range(100):
+        b.replied(5)
+    assert sum(b.take(5, t) == 0.0 for _ in range(40)) == 16
+
+
+def test_a_deferred_frame_is_handed_again_later_in_order_and_nothing_is_lost():
+    from pbft.runtime.transport import Counters, FrameConn, frame
+
+    class FakeTransport:
+        def __init__(self):
+            self.reading = True
+            self.pauses = 0
+
+        def pause_reading(self):
+            self.reading = False
+            self.pauses += 1
+
+        def resume_reading(self):
+            self.reading = True
+
+        def get_extra_info(self, name):
+            return None
+
+        def is_closing(self):
+            return False
+
+        def close(self):
+            pass
+
+    async def main():
+        got, tries = [], {}
+        loop = asyncio.get_running_loop()
+
+        def on_frame(conn, raw):
+            tries[raw] = tries.get(raw, 0) + 1
+            if raw.startswith(b"slow") and tries[raw] < 3:
+                conn.defer(0.01)  # not now: again in 10 ms, and nothing after it meanwhile
+                return
+            got.append((raw, loop.time()))
+
+        conn = FrameConn(on_frame, Counters(), 1 << 16, 64, 1 << 20)
+        tr = FakeTransport()
+        conn.connection_made(tr)
+        frames = [b"a", b"b", b"slow1", b"c", b"slow2", b"d"]
+        t0 = loop.time()
+        conn.data_received(b"".join(frame(f) for f in frames))
+        assert [r for r, _ in got] == [b"a", b"b"] and not tr.reading
+        conn.data_received(frame(b"e"))  # (arrives while held: buffered, not handled)
+        assert len(got) == 2
+        for _ in range(200):
+            await asyncio.sleep(0.005)
+            if len(got) == 7:
+                break
+        assert [r for r, _ in got] == frames + [b"e"]
+        assert tries[b"slow1"] == 3 and tries[b"slow2"] == 3 and tries[b"a"] == 1
+        assert got[2][1] - t0 >= 0.02 - 1e-3  # slow1 waited two deferrals
+        assert tr.reading and conn.counters.frames_in == 7
+
+    _run(main())
+
+
+def test_a_client_flooding_valid_requests_is_paced_and_a_correct_client_still_completes(live):
+    """An identity with valid keys sends valid requests with growing timestamps, never waiting:
+    the replicas defer its requests (its connection waits for credits) instead of handling them
+    all, and a correct client on its own connection keeps completing requests meanwhile."""
+    from pbft.runtime.client import ClientPool
+    from pbft.runtime.keys import fresh_key, make_newkey, now_timestamp_us
+    from pbft.runtime.transport import frame
+    from pbft.services.kv import decode_result
+    c = live.cluster
+    good, bad = c.client_ids[0], c.client_ids[1]
+    n = c.n
+
+    async def main():
+        ring = KeyRing(bad, n, {}, {})
+        keys = {}
+        for j in range(n):
+            k_out, k_in = fresh_key(), fresh_key()
+            ring.out_keys[j], ring.in_keys[j] = k_out, k_in
+            keys[j] = k_out + k_in
+        nk = frame(make_newkey(c.identity(bad), c.public, keys, now_timestamp_us()))
+        writers = []
+        for r in c.replicas:
+            rd, w = await asyncio.open_connection(r.host, r.port)
+            w.write(nk)
+            writers.append((rd, w))
+        await asyncio.sleep(0.2)
+        stop = asyncio.Event()
+        sent = [0]
+
+        async def flood():
+            ts = now_timestamp_us()
+            op = encode_op("put", b"flood", b"v" * 16)
+            while not stop.is_set():
+                out = []
+                for _ in range(32):
+                    ts += 1
+                    out.append(frame(seal(Request(bad, ts, op, False, 0), ring)))
+                data = b"".join(out)
+                for _, w in writers:
+                    w.write(data)
+                sent[0] += len(out)
+                try:
+                    await asyncio.wait_for(asyncio.gather(*(w.drain() for _, w in writers)), 0.2)
+                except asyncio.TimeoutError:
+                    pass
+
+        async def drain_replies(rd):
+            while not stop.is_set():
+                if not await rd.read(1 << 16):
+                    return
+
+        tasks = [asyncio.ensure_future(flood())] + [asyncio.ensure_future(drain_replies(rd)) for rd, _ in writers]
+        pool = ClientPool(c, [c.identity(good)])
+        await pool.start()
+        done = 0
+        try:
+            for i in range(30):
+                res = await pool.invoke(good, encode_op("put", b"k", b"%d" % i), timeout=10)
+                assert decode_result(res)[0] == "ok"
+                done += 1
+        finally:
+            stop.set()
+            await pool.close()
+            for t in tasks:
+                t.cancel()
+            for _, w in writers:
+                w.transport.abort()
+        return done, sent[0]
+
+    done, sent = _run(main())
+    assert done == 30
+    deferred = [_transport_drop(live, i, "client-request-deferred") for i in range(c.n)]
+    assert sum(deferred) > 0, deferred
+    for i in range(c.n):
+        assert live.status(i)["executed_requests"] >= 30

@@ -749,12 +749,16 @@ async def atk_client_flood(ctx: Ctx) -> None:
             except WRITE_ERRORS:
                 conns.remove((t, w))
         try:
-            await asyncio.gather(*(w.drain() for _, w in conns))
+            # (a replica that paces our requests stops reading: TCP then makes us wait, up to the end)
+            await asyncio.wait_for(asyncio.gather(*(w.drain() for _, w in conns)), max(0.05, ctx.left()))
+        except asyncio.TimeoutError:
+            ctx.count("drain-timeout")
+            break
         except WRITE_ERRORS:
             ctx.count("connection-reset")
     for t, w in conns:
         t.cancel()
-        w.close()
+        w.transport.abort()  # what was not sent yet is discarded
 
 
 # ---------------------------------------------------------------------------

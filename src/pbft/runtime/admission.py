@@ -27,6 +27,19 @@ a timestamp newer than the last one accepted from it (older captures end here) a
 and for all connections together) and the signature check (~40 µs) and unsealing.  A
 connection that never presented a valid NewKey may fail the signature check only a few times;
 after that its NewKeys are dropped unchecked (``newkey-unauthenticated-limit``).
+
+**Client requests are paced by per-client credits** (``RequestBudget``), before any parse or
+MAC check: each request frame from a client's own connection costs one credit, each reply we
+send it gives one back, and credits also come back with time (``rate`` per second), up to
+``burst``.  A request that finds its client without a credit is not dropped: its connection is
+not read until the credit is there (``FrameConn.defer``; counted ``client-request-deferred``),
+so TCP's flow control makes the sender wait, and every replica still gets every request (a
+request known to the backups but refused by the primary would let a client start view changes).
+A correct client has one request outstanding: it sends a request, gets our reply (or, when we
+lag behind, the others'), sends the next; its retransmissions come a retry timeout apart.  So
+its credits do not run out at a replica that keeps up.  A client that sends ever newer requests
+without waiting for them gets about one request per reply plus ``rate`` per second handled
+(parsed, MAC-checked, vouched for), whatever it sends.
 """
 
 from __future__ import annotations
@@ -43,6 +56,8 @@ FIXARRAY5 = 0x95  # msgpack header of a 5-element array: every frame starts with
 UNAUTHENTICATED_NEWKEY_FAILURES_MAX = 4  # signature checks a never-authenticated connection may fail
 NEWKEY_RATE_PER_CONN = 200.0  # NewKeys checked per second and connection (burst: 512, or the principals)
 NEWKEY_RATE_ALL = 2000.0  # NewKeys checked per second, all connections together (burst as much)
+REQUEST_CREDITS_BURST = 16  # a client's request credits (``RequestBudget``) ...
+REQUEST_CREDITS_PER_RETRY_TIMEOUT = 2  # ... and how many come back per client retry timeout
 
 
 def frame_sender(raw: bytes) -> int:
@@ -118,3 +133,38 @@ class NewKeyGate:
         meta["authenticated"] = True
         self.last_digest[nk.sender] = h
         return nk.sender, k
+
+
+class RequestBudget:
+    """Per-client request credits (see the module notes): ``take`` before a client's request
+    frame reaches the core (0: go ahead; else the seconds until its next credit), ``replied``
+    for every reply frame sent to it. One entry per client id that sent a request (bounded by
+    the cluster's client ids)."""
+
+    __slots__ = ("burst", "rate", "credit")
+
+    def __init__(self, burst: float, rate: float):
+        self.burst = float(burst)
+        self.rate = float(rate)
+        self.credit: dict[int, list] = {}  # client -> [credits, when last updated (s)]
+
+    def take(self, client: int, now: float) -> float:
+        e = self.credit.get(client)
+        if e is None:
+            self.credit[client] = [self.burst - 1.0, now]
+            return 0.0
+        tok = e[0] + (now - e[1]) * self.rate
+        if tok > self.burst:
+            tok = self.burst
+        e[1] = now
+        if tok > 0.999999:  # (not 1.0: a wait computed below must always be enough)
+            e[0] = tok - 1.0 if tok > 1.0 else 0.0
+            return 0.0
+        e[0] = tok
+        return (1.0 - tok) / self.rate
+
+    def replied(self, client: int) -> None:
+        e = self.credit.get(client)
+        if e is not None:
+            tok = e[0] + 1.0
+            e[0] = tok if tok < self.burst else self.burst

@@ -33,7 +33,7 @@ from .keys import NEWKEY_TAG, Identity, fresh_key, make_newkey, now_timestamp_us
 from .metrics import HttpEndpoint, ReplicaMetrics
 from .transport import (AUTH_CLIENT, AUTH_REPLICA, UNAUTHENTICATED, Counters, FrameConn, InboundGuard, InboundLimits,
                         OutLink, client_frame_bytes_max, frame)
-from .admission import NewKeyGate, frame_sender
+from .admission import REQUEST_CREDITS_BURST, REQUEST_CREDITS_PER_RETRY_TIMEOUT, NewKeyGate, RequestBudget, frame_sender
 
 FIXARRAY5 = 0x95  # msgpack header of a 5-element array: every frame starts with it
 # internal errors (``ReplicaNode._fail_stop``): carried across the reboot (exec) in the environment
@@ -130,6 +130,9 @@ class ReplicaNode:
         self.http: Optional[HttpEndpoint] = None
         self.newkey_gate = NewKeyGate(identity, cluster.public, n, n + self.cfg.clients_max - 1,
                                       self.cfg.timestamp_skew_ms_max, self.counters)
+        # clients' requests against per-client credits, before the core (runtime.admission)
+        self.request_budget = RequestBudget(
+            REQUEST_CREDITS_BURST, REQUEST_CREDITS_PER_RETRY_TIMEOUT * 1000.0 / self.cfg.client_retry_timeout_ms)
 
     # ---- clock and logging --------------------------------------------------
     def _now(self) -> float:
@@ -469,9 +472,17 @@ class ReplicaNode:
                 return
             relayed = True
         now = self._now()
-        if tag == 1 and not relayed and s not in self.req_arrival and len(self.req_arrival) < 65536:
-            # arrival of a client's request, for the request-latency metric
-            self.req_arrival[s] = now
+        if tag == 1 and not relayed and s >= self.cfg.n:
+            wait = self.request_budget.take(s, now / 1000.0)
+            if wait:
+                # a client sending requests faster than we answer them (runtime.admission): this
+                # request, and its connection, wait for its next credit
+                self.counters.drop("client-request-deferred")
+                conn.defer(wait)
+                return
+            if s not in self.req_arrival and len(self.req_arrival) < 65536:
+                # arrival of a client's request, for the request-latency metric
+                self.req_arrival[s] = now
         try:
             self.replica.receive(raw, now, relayed)
         except Exception as e:  # noqa: BLE001
@@ -538,6 +549,7 @@ class ReplicaNode:
             client_conn = self.client_conn
             arrivals = self.req_arrival
             counters = self.counters
+            credit = self.request_budget.replied
             replied = []
             for dests, raw in sends:
                 fr = frame(raw)
@@ -549,6 +561,7 @@ class ReplicaNode:
                         if key is None:
                             counters.drop("client-unreachable")
                             continue
+                        credit(d)
                         if d in arrivals:
                             replied.append(d)
                     lst = per.get(key)

@@ -12,7 +12,10 @@ one bad or slow peer from hurting the others:
   resynchronise a byte stream), counted as ``oversized-frame``;
 * each connection handles at most ``budget`` frames per event-loop turn, then
   pauses reading and yields, so a flooding connection gets its turn like
-  everybody else but no more (per-peer receive budget);
+  everybody else but no more (per-peer receive budget); its owner can also
+  stop reading a connection for a while (``hold``), or hand a frame again
+  later (``defer``: a replica does for a client out of request credits, see
+  ``runtime.admission``);
 * sends never block: a connection whose write buffer exceeds
   ``send_queue_bytes_max`` drops new frames (``send-queue-full``) until the
   peer drains it; frames to a peer that is not connected are dropped
@@ -236,7 +239,7 @@ class FrameConn(asyncio.Protocol):
     """One TCP connection.  ``on_frame(conn, raw)`` is called for every complete frame."""
 
     __slots__ = ("on_frame", "on_lost", "counters", "max_frame", "budget", "send_max", "transport",
-                 "buf", "off", "closed", "paused", "peer", "loop", "meta",
+                 "buf", "off", "closed", "paused", "holding", "deferred", "peer", "loop", "meta",
                  "guard", "auth", "full_max_frame", "held", "rx_at", "frame_at", "frame_mark", "nframes")
 
     def __init__(self, on_frame: Callable, counters: Counters, max_frame: int, budget: int, send_max: int,
@@ -252,6 +255,8 @@ class FrameConn(asyncio.Protocol):
         self.off = 0
         self.closed = False
         self.paused = False
+        self.holding = False  # reading stopped for a while by the owner (``hold``)
+        self.deferred = False  # the frame being handled is to be handed again (``defer``)
         self.peer = None
         self.loop = asyncio.get_event_loop()
         self.meta: dict = {}  # owner's per-connection data
@@ -343,6 +348,15 @@ class FrameConn(asyncio.Protocol):
             on_frame(self, raw)
             if self.closed:
                 return
+            if self.holding:  # the owner stopped reading (``hold``): the rest waits in the buffer
+                if self.deferred:  # (``defer``: this frame too)
+                    self.deferred = False
+                    off -= 4 + n
+                    handled -= 1
+                self.counters.frames_in += handled
+                self.nframes += handled
+                self.off = off
+                return
         self.counters.frames_in += handled
         self.nframes += handled
         if off == end:
@@ -355,13 +369,35 @@ class FrameConn(asyncio.Protocol):
                 self.off = 0
 
     def _resume(self) -> None:
-        if self.closed:
+        if self.closed or self.holding:
             return
         self.paused = False
         self.transport.resume_reading()
         self._drain()
         if self.guard is not None and not self.closed:
             self.guard.account(self)
+
+    def hold(self, seconds: float) -> None:
+        """Stop reading from the peer for ``seconds``, frames already buffered included (the
+        owner throttles a peer whose frames it keeps refusing; TCP's flow control then makes
+        the peer wait too, instead of us reading and refusing). Sends are not affected."""
+        if self.closed or self.holding or self.transport is None:
+            return
+        self.holding = True
+        if not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+        self.loop.call_later(seconds, self._unhold)
+
+    def defer(self, seconds: float) -> None:
+        """From ``on_frame``: the frame it handles is not taken now; it is handed to ``on_frame``
+        again after ``seconds``, and nothing after it is read meanwhile (``hold``)."""
+        self.deferred = True
+        self.hold(seconds)
+
+    def _unhold(self) -> None:
+        self.holding = False
+        self._resume()
 
     def send(self, data: bytes) -> bool:
         """Queue already-framed bytes; False (and counted) if dropped."""

@@ -3,8 +3,8 @@
 Same transport, same frames, same session keys (NewKey) and MACs, same
 exactly-once table, same client library (a cluster of one replica, f=0), and
 the same front-end checks (``runtime.admission``: principals bound to
-connections, NewKey admission, request timestamps bounded, cached replies sent
-again at most once per half retry timeout), so that ``pbft bench`` measures
+connections, NewKey admission, request credits, request timestamps bounded,
+cached replies sent again at most once per half retry timeout), so that ``pbft bench`` measures
 what replication costs and nothing else.
 """
 
@@ -18,7 +18,7 @@ from ..crypto import KEY_SIZE, KeyRing
 from ..messages import Reply, Request
 from ..service import Service
 from .cluster import Cluster
-from .admission import NewKeyGate, frame_sender
+from .admission import REQUEST_CREDITS_BURST, REQUEST_CREDITS_PER_RETRY_TIMEOUT, NewKeyGate, RequestBudget, frame_sender
 from .keys import NEWKEY_TAG, Identity
 from .transport import (AUTH_CLIENT, UNAUTHENTICATED, Counters, FrameConn, InboundGuard, InboundLimits,
                         client_frame_bytes_max, frame)
@@ -37,6 +37,8 @@ class UnreplicatedServer:
         self.newkey_gate = NewKeyGate(identity, cluster.public, 1, self.cfg.clients_max,
                                       self.cfg.timestamp_skew_ms_max, self.counters)
         self.skew_us = int(self.cfg.timestamp_skew_ms_max * 1000)
+        self.request_budget = RequestBudget(
+            REQUEST_CREDITS_BURST, REQUEST_CREDITS_PER_RETRY_TIMEOUT * 1000.0 / self.cfg.client_retry_timeout_ms)
         self.reply_resent: dict[int, tuple[int, float]] = {}
         self.client_conn: dict[int, FrameConn] = {}
         self.last_reply: dict[int, tuple[int, bytes]] = {}
@@ -87,6 +89,11 @@ class UnreplicatedServer:
                 self.counters.drop("connection-closed-unauthenticated")
                 conn.close()
             return
+        wait = self.request_budget.take(s, time.monotonic())
+        if wait:  # (paced as the replicas pace a client's requests)
+            self.counters.drop("client-request-deferred")
+            conn.defer(wait)
+            return
         try:
             fr = self.codec.open_frame(raw)
             if fr.tag != 1:
@@ -132,6 +139,7 @@ class UnreplicatedServer:
                     self.flush_pending = True
                     asyncio.get_event_loop().call_soon(self._flush)
             out.append(frame(seal(rep, self.ring, to=req.client)))
+            self.request_budget.replied(req.client)
 
     def _flush(self) -> None:
         self.flush_pending = False
