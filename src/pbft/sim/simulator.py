@@ -39,6 +39,7 @@ from ..services.kv import KVService, decode_result, encode_op
 from .linearizability import KvOp, check_kv_history
 from ..state.store import MemStore
 from .oracles import Oracles
+from ..runtime.admission import frame_sender
 
 ALL_FAULTS = ("crash", "loss", "dup", "reorder", "delay", "replay", "partition")
 # faults of stable storage (replicas then keep their state in a simulated disk, MemStore):
@@ -147,6 +148,12 @@ class SimConfig:
     cost: Optional[CostModel] = None  # simulated CPU cost; None = processing is instantaneous
     think_ms: Optional[tuple] = None  # (lo, hi) client think time; default (0, 10)
     stop_at_heal: bool = False  # throughput runs: clients stop starting operations when faults end
+    # model the runtime's principal binding (a frame is taken only on the connection of its claimed
+    # sender, or of a replica, which may relay): a frame from a client's source that claims another
+    # sender is dropped before the core, as ``spoofed-client``. Off by default, so that Byzantine
+    # clients test the core's own rules; network replays (source -1) model an on-path attacker
+    # who can inject into a genuine stream, and are never dropped by it
+    bind_principals: bool = False
     max_events: int = 3_000_000  # a run exceeding this is reported (a message storm, or too long a run)
     # "durable" or "fast": replicas persist to a simulated disk (implied "durable" by DISK_FAULTS)
     storage: Optional[str] = None
@@ -394,7 +401,10 @@ class Simulation:
         keys = self.rings[r]
         macs0, ex0, w0, h0 = keys.mac_ops, rep.executed_requests, rep.work_units, rep.h
         self.cur_src = src
-        node.receive(raw, self._local(r))
+        if self._spoofed(r, raw, src):
+            rep._drop("spoofed-client")
+        else:
+            node.receive(raw, self._local(r))
         if r not in self.byz:
             self.oracles.after_step(rep)
         cost_ms = C.charge_us(len(raw), keys.mac_ops - macs0, rep.executed_requests - ex0, rep.work_units - w0, 0,
@@ -412,6 +422,10 @@ class Simulation:
             self._push(self.cpu_free_at[r], CPU, r)
         else:
             self.cpu_busy.discard(r)
+
+    def _spoofed(self, r: int, raw: bytes, src: int) -> bool:
+        """Whether the runtime's principal binding would drop ``raw`` from ``src`` at replica r."""
+        return self.sc.bind_principals and src >= self.sc.replicas and frame_sender(raw) != src
 
     def _send(self, src: int, dst: int, raw: bytes, extra_delay: float = 0.0) -> None:
         self.messages += 1
@@ -762,7 +776,10 @@ class Simulation:
                         self._cpu_enqueue(a, b, c)
                         continue
                     self.cur_src = c
-                    node.receive(b, self._local(a))
+                    if self._spoofed(a, b, c):
+                        node._drop("spoofed-client")
+                    else:
+                        node.receive(b, self._local(a))
                     if a not in self.byz:
                         oracles.after_step(node)
                 elif a in self.clients:
