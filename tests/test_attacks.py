@@ -31,6 +31,7 @@ EXPECTED_REASONS = {
                "request-late-copy", "request-retransmitted", "spoofed-client"},
     "conn-flood": {"connection-limit", "connection-evicted", "idle-timeout"},
     "replica-vouch-flood": {"vouch-unknown-dropped", "vouch-duplicate"},
+    "replica-viewchange-flood": {"view-change-rate-limited", "replica-flood-held"},
     # lies go to clients, which must reject them: nothing to drop at the replicas
     "replica-wrong-replies": None,
 }

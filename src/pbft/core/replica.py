@@ -115,6 +115,8 @@ class Replica(Durability, Recovery):
         self._trace = trace
         self.out: list[tuple[tuple[int, ...], bytes]] = []
         self.drops: dict[str, int] = {}
+        self.dropped_total = 0
+        self.vc_ahead_at: dict[int, float] = {}  # replica -> when we took its last view change > view+1
         self.executed_requests = 0  # metric
         # handler work a peer's messages caused, in items (vouch keys, requests checked): the
         # simulator's CPU model charges it, so that work one message makes us do is measured
@@ -425,6 +427,7 @@ class Replica(Durability, Recovery):
     # =====================================================================
     def _drop(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
+        self.dropped_total += 1  # (a driver compares it around ``receive``: was the frame wasted?)
 
     def _trace_ev(self, *ev) -> None:
         if self._trace is not None:
@@ -1647,6 +1650,17 @@ class Replica(Durability, Recovery):
             else:
                 self._drop("view-change-duplicate")
             return
+        if vc.view > self.view + 1:
+            # a correct replica moves to a higher view at most once per view-change timeout (they
+            # double), so a new view change more than one view ahead of ours comes from each sender
+            # at most about that often; a replica sending them faster (each would cost us an ack
+            # to everybody, and them the handling of it) floods: the extra ones are dropped, and
+            # the sender's latest is resent with its Status anyway
+            last = self.vc_ahead_at.get(vc.replica)
+            if last is not None and self.now - last < self.cfg.view_change_timeout_ms / 2:
+                self._drop("view-change-rate-limited")
+                return
+            self.vc_ahead_at[vc.replica] = self.now
         # keep at most two pending views per sender (bounded memory)
         mine = sorted(k for k in self.vcs if k[1] == vc.replica)
         while len(mine) >= 2:

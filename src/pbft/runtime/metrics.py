@@ -38,6 +38,7 @@ class ReplicaMetrics:
         self.lat_sum = 0.0
         self.key_refreshes = 0
         self.key_refreshes_coalesced = 0  # refreshes for others' recoveries folded into another one
+        self.replica_flood_holds = 0  # replica connections held for flooding (node._count_waste)
         self.newkeys_accepted = 0
         self.stable_checkpoints = 0
         self.http_drops: dict[str, int] = {}  # the endpoint's, set by HttpEndpoint
@@ -82,6 +83,8 @@ class ReplicaMetrics:
         yield counter("pbft_internal_errors", "Internal errors (exceptions out of the core), each followed by a "
                       "reboot into a proactive recovery; kept across those reboots", node.internal_errors)
         yield counter("pbft_key_refreshes", "Session-key refreshes sent (NewKey)", self.key_refreshes)
+        yield counter("pbft_replica_flood_holds", "Times a replica's connection was held because the core dropped "
+                      "its frames faster than a correct replica's are", self.replica_flood_holds)
         yield counter("pbft_key_refreshes_coalesced", "Key refreshes for other replicas' recoveries folded into "
                       "another (at most one per few seconds)", self.key_refreshes_coalesced)
         yield counter("pbft_idle_rejoins", "View changes started to rejoin a replica left alone in a view change "

@@ -35,6 +35,10 @@ from .transport import (AUTH_CLIENT, AUTH_REPLICA, UNAUTHENTICATED, Counters, Fr
                         OutLink, client_frame_bytes_max, frame)
 from .admission import REQUEST_CREDITS_BURST, REQUEST_CREDITS_PER_RETRY_TIMEOUT, NewKeyGate, RequestBudget, frame_sender
 
+# a replica connection whose frames the core drops faster than this is held (``_count_waste``)
+REPLICA_WASTE_FRAMES_PER_S_MAX = 5000
+REPLICA_HOLD_S_MIN = 0.05
+REPLICA_HOLD_S_MAX = 2.0
 FIXARRAY5 = 0x95  # msgpack header of a 5-element array: every frame starts with it
 # internal errors (``ReplicaNode._fail_stop``): carried across the reboot (exec) in the environment
 INTERNAL_ERRORS_ENV = "PBFT_INTERNAL_ERRORS"  # errors since the first start (the metric)
@@ -483,14 +487,41 @@ class ReplicaNode:
             if s not in self.req_arrival and len(self.req_arrival) < 65536:
                 # arrival of a client's request, for the request-latency metric
                 self.req_arrival[s] = now
+        r = self.replica
+        d0 = r.dropped_total
         try:
-            self.replica.receive(raw, now, relayed)
+            r.receive(raw, now, relayed)
         except Exception as e:  # noqa: BLE001
             self._fail_stop(e)
             return
+        if r.dropped_total != d0 and "replica" in conn.meta:
+            self._count_waste(conn, now / 1000.0)
         if not self.flush_pending:
             self.flush_pending = True
             self.loop.call_soon(self._flush)
+
+    def _count_waste(self, conn: FrameConn, now_s: float) -> None:
+        """A frame on a replica's connection was dropped by the core. A correct replica's frames
+        are dropped now and then (retransmissions, relays after a restart), a few hundred a
+        second at worst; one that floods us with messages its keys make valid (Vouch, Status,
+        QueryStable, view changes, acks...) has thousands dropped a second, each after a MAC
+        check. Past ``REPLICA_WASTE_FRAMES_PER_S_MAX`` in a second its connection is held
+        (nothing read from it, so TCP makes it wait), for 50 ms doubling up to 2 s while it goes
+        on, as Aardvark closes a flooding replica's network interface for a while."""
+        w = conn.meta.get("waste")
+        if w is None:
+            w = conn.meta["waste"] = [now_s, 0, 0.0]
+        if now_s - w[0] >= 1.0:
+            if w[1] < REPLICA_WASTE_FRAMES_PER_S_MAX // 4:
+                w[2] = 0.0  # behaved for a second: the next hold starts short again
+            w[0], w[1] = now_s, 0
+        w[1] += 1
+        if w[1] > REPLICA_WASTE_FRAMES_PER_S_MAX:
+            w[2] = min(REPLICA_HOLD_S_MAX, max(REPLICA_HOLD_S_MIN, 2 * w[2]))
+            self.counters.drop("replica-flood-held")
+            self.metrics.replica_flood_holds += 1
+            conn.hold(w[2])
+            w[0], w[1] = now_s + w[2], 0
 
     def _flush(self) -> None:
         self.flush_pending = False
