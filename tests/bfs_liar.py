@@ -6,21 +6,19 @@ other attribute replies are true, so clients keep choosing it as designated repl
 
 from __future__ import annotations
 
-import os
 import sys
 
 import msgpack
 
-from pbft.services.bfs import BFSService, load_bfs_config
+from pbft.services.bfs import BFSService
 from pbft.services.bfs.protocol import A_SIZE
 
 
 class LyingBFS(BFSService):
-    def __init__(self):
-        # a ``module:Class`` service is constructed without arguments: the cluster directory
-        # comes from the command line (``pbft replica DIR ...``) or BFS_LIAR_DIR
-        d = os.environ.get("BFS_LIAR_DIR") or (sys.argv[2] if len(sys.argv) > 2 else None)
-        super().__init__(load_bfs_config(d))
+    # built like every BFS service, by ``BFSService.from_cluster``: ``config`` is the [bfs]
+    # section of the cluster's cluster.toml
+    def __init__(self, config):
+        super().__init__(config)
         self.lies = 0
         self.getattrs = 0
 

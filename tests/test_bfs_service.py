@@ -1023,12 +1023,12 @@ def test_init_with_service_bfs_writes_a_bfs_section_and_load_service_reads_it(tm
     assert cfg.root_mode == 0o1777 and not cfg.policy(4).root
     with open(d / "cluster.toml", "a") as fh:
         fh.write("\n[bfs.client.4-5]\nroot = true\ninodes_max = 7\n")
-    s = load_service("bfs", c.cfg, d)
+    s = load_service("bfs", load_cluster(d))  # the cluster as a replica loads it when it starts
     assert isinstance(s, BFSService) and s.cfg.policy(5).inodes_max == 7 and s.cfg.policy(6).inodes_max == 0
     with open(d / "cluster.toml", "a") as fh:
         fh.write("\n[bfs.client.9]\nnonsense = 1\n")
     with pytest.raises(ConfigError):
-        load_service("bfs", c.cfg, d)
+        load_service("bfs", load_cluster(d))
     p = subprocess.run([sys.executable, "-m", "pbft.cli", "up", str(d), "--service", "bfs"], capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 2 and "nonsense" in p.stderr and "Traceback" not in p.stderr

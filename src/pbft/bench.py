@@ -840,7 +840,7 @@ def _serve_unreplicated(argv: list[str]) -> int:
     cluster = load_cluster(a.dir)
     if cluster.n != 1:
         raise ConfigError(f"{a.dir} has {cluster.n} replicas; the unreplicated server needs a cluster of one")
-    run_unreplicated(cluster, load_service(a.service))
+    run_unreplicated(cluster, load_service(a.service, cluster))
     return 0
 
 

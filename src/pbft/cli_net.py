@@ -15,26 +15,36 @@ import urllib.request
 from .config import ConfigError
 
 
-def load_service(spec: str, cfg=None, cluster_dir=None):
-    """``kv``, ``bfs`` or ``module:Class`` (a ``pbft.Service`` subclass constructed without arguments).
+def load_service(spec: str, cluster=None):
+    """The service of ``--service SPEC`` for ``cluster`` (a loaded ``Cluster``, or ``None``):
+    ``kv``, ``bfs`` or ``module:Class``, a ``pbft.Service`` subclass built with
+    ``Class.from_cluster(ServiceCluster.of(cluster))`` (by default ``Class()``), which reads
+    its section ``[service.NAME]`` of ``cluster.toml`` and the client ids if it needs them
+    (docs/client.md, *Per-client policy*).  BFS reads ``[bfs]`` (docs/bfs.md)."""
+    from .service import Service, ServiceCluster
 
-    ``bfs`` reads its limits and client policy from the ``[bfs]`` section of
-    ``cluster_dir/cluster.toml`` (docs/bfs.md)."""
+    view = ServiceCluster.of(cluster) if cluster is not None else ServiceCluster()
     if spec == "kv":
         from .services.kv import KVService
-        return KVService(skew_ms=cfg.nondet_skew_ms_max) if cfg is not None else KVService()
+        return KVService(skew_ms=cluster.cfg.nondet_skew_ms_max) if cluster is not None else KVService()
     if spec == "bfs":
-        from .services.bfs import BFSConfig, BFSService, load_bfs_config
-        return BFSService(load_bfs_config(cluster_dir) if cluster_dir is not None else BFSConfig())
-    if ":" not in spec:
+        from .services.bfs import BFSService
+        obj = BFSService
+    elif ":" not in spec:
         raise ConfigError(f"unknown service {spec!r}: use 'kv', 'bfs' or 'module:Class'")
-    mod, _, cls = spec.partition(":")
+    else:
+        mod, _, name = spec.partition(":")
+        try:
+            obj = getattr(importlib.import_module(mod), name)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"cannot load service {spec!r}: {e}") from None
+    build = obj.from_cluster if isinstance(obj, type) and hasattr(obj, "from_cluster") else obj
     try:
-        m = importlib.import_module(mod)
-        service = getattr(m, cls)()
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"cannot load service {spec!r}: {e}") from None
-    from .service import Service
+        service = build(view) if build is not obj else obj()
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"cannot build service {spec!r} from {view.path}: {type(e).__name__}: {e}") from None
     if not isinstance(service, Service):
         raise ConfigError(f"{spec} is not a pbft.Service")
     return service
@@ -71,7 +81,7 @@ def cmd_replica(args) -> int:
     cluster = load_cluster(args.dir)
     if not 0 <= args.id < cluster.n:
         raise ConfigError(f"--id must be a replica id 0..{cluster.n - 1}, got {args.id}")
-    service = load_service(args.service, cluster.cfg, cluster.dir)
+    service = load_service(args.service, cluster)
     run_replica(cluster, args.id, service, quiet=args.quiet, recover=args.recover)
     return 0
 
@@ -91,7 +101,7 @@ def cmd_up(args) -> int:
     from .runtime.cluster import load_cluster
 
     cluster = load_cluster(args.dir)
-    load_service(args.service, cluster.cfg, cluster.dir)  # fail here, once, rather than in every child
+    load_service(args.service, cluster)  # fail here, once, rather than in every child
     procs = {r.id: spawn_replica(args.dir, r.id, args.service, args.quiet) for r in cluster.replicas}
     print(f"pbft up: {len(procs)} replicas running (pids {', '.join(str(p.pid) for p in procs.values())}); "
           f"Ctrl-C stops them", file=sys.stderr)

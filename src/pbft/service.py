@@ -28,19 +28,78 @@ The state comes in one of two forms (``docs/state.md``):
   may have changed.  Simple, and fine for small states.
 
 Services are driven by one thread; they never see the network.
+
+**Per-client policy** (``docs/client.md``): a service that needs configuration, typically what
+each client id may do, defines the classmethod ``from_cluster(cluster)``; ``pbft replica``
+(``pbft.cli_net.load_service``) builds it with ``cls.from_cluster(ServiceCluster)`` instead of
+``cls()``.  The ``ServiceCluster`` gives the client ids and the service's own section of
+``cluster.toml`` (``[service.NAME]``), the same file on every replica, so every replica builds
+the same service.
 """
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
-from typing import Callable
+from typing import Any, Callable, Mapping, Optional
 
 from .state.objects import ObjectSpace
+
+
+class ServiceCluster:
+    """What a service may read of the validated cluster configuration (``Service.from_cluster``).
+
+    * ``n``, ``f``: replicas and tolerated faults; ``client_ids``: the client identities of the
+      ``[[client]]`` entries, ascending (the ids ``execute`` receives as ``client``);
+    * ``section(name)``: the service's table ``[service.NAME]`` of ``cluster.toml`` (a fresh
+      copy of plain dicts, lists, numbers and strings), or ``None`` if there is none;
+    * ``cfg``: the protocol configuration (``pbft.config.ClusterConfig``), ``None`` when the
+      service is built without a cluster (``ServiceCluster()``: no clients, no sections);
+    * ``where(name)``: how to name the section in an error message.
+
+    The sections come from ``cluster.toml`` alone (not the environment or the command line):
+    with the same file on every machine, every replica builds the same service.
+    """
+
+    def __init__(self, n: int = 0, f: int = 0, client_ids=(), sections: Optional[Mapping[str, dict]] = None,
+                 cfg: Any = None, path: str = "cluster.toml"):
+        self.n = n
+        self.f = f
+        self.client_ids: tuple[int, ...] = tuple(sorted(client_ids))
+        self.cfg = cfg
+        self.path = path
+        self._sections = dict(sections or {})
+
+    def section(self, name: str) -> Optional[dict]:
+        """The table ``[service.NAME]`` (a copy), or ``None``."""
+        t = self._sections.get(name)
+        return copy.deepcopy(t) if t is not None else None
+
+    def where(self, name: str) -> str:
+        """``"<path> [service.NAME]"``, for one-line error messages."""
+        return f"{self.path} [service.{name}]"
+
+    @classmethod
+    def of(cls, cluster) -> "ServiceCluster":
+        """The view of a loaded cluster directory (``pbft.runtime.cluster.Cluster``)."""
+        return cls(cluster.n, cluster.cfg.f, cluster.client_ids, cluster.service_sections, cluster.cfg,
+                   str(cluster.dir / "cluster.toml"))
 
 
 class Service(ABC):
     #: number of objects in the object form; 0 selects the whole-state form
     n_objects: int = 0
+
+    @classmethod
+    def from_cluster(cls, cluster: ServiceCluster) -> "Service":
+        """Build the service for a cluster (what ``pbft replica --service module:Class`` calls).
+
+        Override to read configuration, e.g. a per-client policy, from
+        ``cluster.section(NAME)`` and ``cluster.client_ids``; raise ``pbft.ConfigError`` (one
+        line) on a bad section.  The result must depend only on ``cluster``, so that every
+        replica builds the same service.  The default: ``cls()``.
+        """
+        return cls()
 
     @abstractmethod
     def execute(self, operation: bytes, client: int, nondet: bytes, read_only: bool) -> bytes:
@@ -89,7 +148,7 @@ class ObjectService(Service):
 
     Set ``self.space = ObjectSpace(part, ...)`` in ``__init__`` (``ObjectDict``,
     ``Pages``, ``Cell`` from ``pbft.state.objects``, laid out from object 0); the
-    parts call ``modify`` themselves when they change.
+    parts call ``modify`` themselves when they change.  ``from_cluster`` is ``Service``'s.
     """
 
     space: ObjectSpace

@@ -149,6 +149,8 @@ class Cluster:
     public: PublicKeys = field(repr=False)
     storage: StorageParams = StorageParams()
     recovery: RecoveryParams = RecoveryParams()
+    # the services' own tables, [service.NAME] (and BFS's [bfs]): pbft.service.ServiceCluster
+    service_sections: dict = field(default_factory=dict, repr=False)
 
     def owner(self, replica_id: int) -> str:
         """Who a replica's data directory belongs to: this cluster (its keys) and this replica."""
@@ -387,6 +389,7 @@ def load_cluster(directory: str | os.PathLike) -> Cluster:
         rt_kw[k] = v
     storage = _storage(_table(doc.get("storage", {}), f"{where}: [storage]"), where)
     recovery = _recovery(_table(doc.get("recovery", {}), f"{where}: [recovery]"), where)
+    sections = _service_sections(doc, where)
     try:
         cfg = ClusterConfig.create(n, f, weights=tuple(weights), clients_max=len(clients), **params)
     except (TypeError, ValueError) as e:
@@ -402,7 +405,25 @@ def load_cluster(directory: str | os.PathLike) -> Cluster:
         public = PublicKeys(pubs)
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
-    return Cluster(d, cfg, entries, clients, runtime, public, storage, recovery)
+    return Cluster(d, cfg, entries, clients, runtime, public, storage, recovery, sections)
+
+
+def _service_sections(doc: dict, where: str) -> dict:
+    """The tables ``[service.NAME]``, which the services interpret (``Service.from_cluster``);
+    ``[bfs]``, what ``pbft init --service bfs`` writes, is another spelling of ``[service.bfs]``."""
+    svc = doc.get("service", {})
+    if not isinstance(svc, dict):
+        raise ConfigError(f"{where}: [service] must hold tables [service.NAME], got {svc!r}")
+    out = {}
+    for name, t in svc.items():
+        if not isinstance(t, dict):
+            raise ConfigError(f"{where}: [service.{name}] must be a table, got {t!r}")
+        out[name] = t
+    if "bfs" in doc:
+        if "bfs" in out:
+            raise ConfigError(f"{where}: both [bfs] and [service.bfs]: keep one")
+        out["bfs"] = doc["bfs"]  # BFS itself checks that it is a table
+    return out
 
 
 def _storage(t: dict, where: str) -> StorageParams:

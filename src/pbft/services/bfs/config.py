@@ -25,6 +25,8 @@
     [bfs.client.6-9]              # client identities 6 to 9 (one mount uses several)
     uids = "*"
 
+``[service.bfs]`` is another spelling of ``[bfs]``.  ``BFSService.from_cluster`` (the hook of
+``pbft.Service``) reads it, so ``--service bfs`` and ``--service module:BFSSubclass`` get it.
 Every replica must read the same section (the file is the same on every machine); a
 replica with a different policy would compute different results and be outvoted.
 """
@@ -159,7 +161,7 @@ def parse_bfs_section(t) -> BFSConfig:
 
 
 def load_bfs_config(cluster_dir) -> BFSConfig:
-    """Read the ``[bfs]`` section of ``cluster_dir/cluster.toml``."""
+    """Read the ``[bfs]`` (or ``[service.bfs]``) section of ``cluster_dir/cluster.toml``."""
     import tomllib
     from pathlib import Path
 
@@ -168,7 +170,10 @@ def load_bfs_config(cluster_dir) -> BFSConfig:
         doc = tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"cannot read {path}: {e}") from None
-    return parse_bfs_section(doc.get("bfs"))
+    t = doc.get("bfs")
+    if t is None and isinstance(doc.get("service"), dict):
+        t = doc["service"].get("bfs")
+    return parse_bfs_section(t)
 
 
 DEFAULT_SECTION = """

@@ -29,7 +29,7 @@ import msgpack
 
 from ...service import ObjectService
 from ...state.objects import BucketFull, Cell, ObjectDict, ObjectSpace
-from .config import BFSConfig
+from .config import BFSConfig, parse_bfs_section
 from .protocol import (ARITY, GROUPS_MAX, IO_MAX, NAME_MAX, READ_ONLY_OPS, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO,
                        SYMLINK_MAX, UTIME_NOW, XATTR_CREATE, XATTR_NAME_MAX, XATTR_REPLACE, XATTR_TOTAL_MAX,
                        XATTR_VALUE_MAX)
@@ -139,6 +139,12 @@ def _check_pairs(width):
 
 class BFSService(ObjectService):
     """The replicated file system.  ``config``: limits and the client policy (``[bfs]``)."""
+
+    @classmethod
+    def from_cluster(cls, cluster) -> "BFSService":
+        """``cls(config)`` with the ``[bfs]`` section (or ``[service.bfs]``) of ``cluster.toml``:
+        what ``--service bfs`` and ``--service module:Subclass`` build."""
+        return cls(parse_bfs_section(cluster.section("bfs")))
 
     def __init__(self, config: BFSConfig | None = None, inode_buckets: int = 4096, dir_buckets: int = 4096,
                  data_buckets: int | None = None, xattr_buckets: int = 256):
