@@ -4,7 +4,7 @@ import msgpack
 import pytest
 
 from pbft.codec import TAG, seal
-from pbft.messages import Commit, NewView, Prepare, Request
+from pbft.messages import Commit, NewView, Prepare, Request, Vouch
 from pbft.services.kv import decode_result, encode_op
 
 from cluster import Cluster
@@ -286,3 +286,34 @@ def test_status_join_rule_moves_a_replica_that_slept_through_view_changes():
     # replicas 1 and 2 (weight f+1) are in views >= 4: join the lowest of them
     assert r3.view == 4 and not r3.view_active
     assert any(ev[0] == "view-change" and ev[1] == 4 and ev[2] == "status-join" for r, ev in c.events if r == 3)
+
+
+@pytest.mark.parametrize("supersede", [False, True])
+def test_request_timer_watches_a_clients_newest_request(supersede):
+    """The primary never hears from a client. With the client's request outstanding, the backups
+    (which certified it) replace the primary. A client that supersedes its own request (no correct
+    client does before it completes, unless it gave up waiting) makes the backups drop the older
+    one: no primary could order it any more. Its newer request, never certified here (its vouches
+    lost), is not timed, so nothing is blamed on the primary."""
+    c = Cluster(clients=1)
+    cid = c.cfg.client_ids[0]
+    vouches = [True]
+    c.drop = lambda src, dst, raw: dst == 0 and src >= c.cfg.n or (not vouches[0] and tag_of(raw) == TAG[Vouch])
+    first = seal(Request(cid, 1, encode_op("put", b"a", b"1"), False, 0), c.rings[cid])
+    for r in c.replicas[1:]:
+        r.receive(first, c.now)
+    c.run()
+    assert all(cid in r.pending for r in c.replicas[1:])
+    if supersede:
+        vouches[0] = False
+        newer = seal(Request(cid, 2, encode_op("put", b"a", b"2"), False, 0), c.rings[cid])
+        for r in c.replicas[1:]:
+            r.receive(newer, c.now)
+        c.run()
+        assert not any(cid in r.pending for r in c.replicas[1:])
+    c.advance(3 * c.cfg.view_change_timeout_ms)
+    timed_out = [r for r, ev in c.events if ev[0] == "view-change" and ev[2] == "request-timer"]
+    if supersede:
+        assert timed_out == [] and all(r.view == 0 for r in c.replicas)
+    else:
+        assert set(timed_out) >= {1, 2, 3} and all(r.view >= 1 for r in c.replicas)

@@ -626,6 +626,14 @@ class Replica(Durability, Recovery):
                 self.vouch_urgent = True  # a newcomer: its first requests wait for our vouch
             elif self.vouch_deadline is None:
                 self.vouch_deadline = self.now + self.cfg.vouch_delay_ms
+            p = self.pending.get(c)
+            if p is not None and p.req.timestamp < t:
+                # the client itself superseded the request we watch (its vouches are gone, here and
+                # wherever the newer one arrived: no primary can order it any more). A correct
+                # client never does before its request completes, or it gave up waiting: the
+                # primary is judged on the newer one, from when it is certified here
+                del self.pending[c]
+                self._arm_request_timer()
         self._consider(c)
 
     def _add_vouch(self, key: bytes, r: int) -> bool:
