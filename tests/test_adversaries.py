@@ -9,8 +9,13 @@ from pbft.sim.simulator import ALL_FAULTS, SimConfig, Simulation
 SEEDS = {4: range(3), 7: range(2)}
 
 
-@pytest.mark.parametrize("n", [4, 7])
-@pytest.mark.parametrize("sc", SCENARIOS, ids=[s.id for s in SCENARIOS])
+# the runtime-model spoofing scenarios are held to their floors at n=4 here (about a minute each
+# at n=7: `pbft sim --scenario S-19b --replicas 7` measures them there, docs/adversaries.md)
+N4_ONLY = {"S-19b", "S-19c"}
+CASES = [(sc, n) for sc in SCENARIOS for n in (4, 7) if n == 4 or sc.id not in N4_ONLY]
+
+
+@pytest.mark.parametrize("sc,n", CASES, ids=[f"{sc.id}-{n}" for sc, n in CASES])
 def test_scenario(sc, n):
     seeds = range(10) if sc.negative else range(1) if sc.floor is not None else SEEDS[n]
     r = run_scenario(sc, n, seeds)
