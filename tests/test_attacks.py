@@ -94,6 +94,8 @@ def test_list_and_bad_arguments():
     assert p.returncode == 2 and "unknown attack 'no-such-attack'" in p.stderr
     p = run_attack("--duration-s", "0", timeout=60)
     assert p.returncode == 2 and "--duration-s" in p.stderr
+    p = run_attack("--attacker-nice", "20", timeout=60)
+    assert p.returncode == 2 and "--attacker-nice" in p.stderr
 
 
 def test_parse_attacks():

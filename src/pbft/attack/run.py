@@ -430,7 +430,8 @@ class Supervisor:
     def run_attack(self, name: str, index: int) -> dict:
         a = self.args
         spec = dict(self.ids())
-        spec.update({"dir": str(self.cluster.dir), "duration": a.duration_s, "seed": 1000 + index})
+        spec.update({"dir": str(self.cluster.dir), "duration": a.duration_s, "seed": 1000 + index,
+                     "nice": a.attacker_nice})
         if CLASS_OF[name] == "replica":
             spec["byz_id"] = self.byz_id
         snap0 = self.quiet[-1]["snaps"][1]
@@ -616,7 +617,9 @@ class Supervisor:
             "cpu_note": (f"the replicas, the workload's clients, the attacker process and this supervisor share "
                          f"the machine's {os.cpu_count()} cores (with anything else running): attackers and "
                          f"clients take CPU from the replicas, so fractions are lower bounds for replicas "
-                         f"with cores of their own"),
+                         f"with cores of their own" + (f"; attackers run at nice {a.attacker_nice}" if a.attacker_nice
+                                                       else "")),
+            "attacker_nice": a.attacker_nice,
             "attacks": out_attacks,
             "workload": {"ops": len(ts), "acknowledged_writes": wl["acked_writes"], "verified_clients": wl["verified"],
                          "unverified": wl["unverified"], "wrong_results": wl["wrong_count"], "wrong": wl["wrong"],
@@ -725,6 +728,10 @@ def add_attack_command(sub) -> None:
     p.add_argument("--clients", type=int, default=8, help="closed-loop clients of the workload (default 8)")
     p.add_argument("--storage", choices=["durable", "fast", "memory"], default="fast",
                    help="the replicas' storage mode (default fast)")
+    p.add_argument("--attacker-nice", type=int, default=0, choices=range(0, 20), metavar="0-19",
+                   help="run each attacker process at this nice level (default 0). On a machine the attacker "
+                        "shares with the cluster, 19 gives it only the CPU the cluster leaves idle: what "
+                        "remains of the loss is the replicas' own, as with an attacker on a machine of its own")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--enforce-floors", action="store_true",
                    help="also exit non-zero if an attack misses its floor, the memory limit or a check")

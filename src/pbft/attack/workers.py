@@ -1009,6 +1009,8 @@ ATTACKERS = {
 
 def worker_main(name: str, spec_json: str) -> int:
     spec = json.loads(spec_json)
+    if spec.get("nice"):
+        os.nice(int(spec["nice"]))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
