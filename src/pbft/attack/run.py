@@ -75,6 +75,46 @@ SAMPLE_PERIOD_S = 0.5
 RECOVERED = 0.5  # a quiet window counts once the workload is back to half its usual quiet rate
 
 
+def cpu_placement(spec: str) -> Optional[tuple[list[int], list[int]]]:
+    """``(cluster CPUs, attacker CPUs)`` for ``--attacker-cpus``, or None to share every CPU.
+
+    ``auto``: with at least two usable CPUs, the last one is the attacker's (and this
+    supervisor's), the rest the cluster's (replicas and the correct workload), as if the attacker
+    ran on a machine of its own; with one CPU, shared.  ``shared``: no placement.  A comma list
+    (``1`` or ``2,3``): those CPUs are the attacker's, the others the cluster's."""
+    try:
+        usable = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = list(range(os.cpu_count() or 1))
+    if spec == "shared":
+        return None
+    if spec == "auto":
+        if len(usable) < 2:
+            return None
+        return usable[:-1], usable[-1:]
+    try:
+        atk = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        raise ConfigError(f"--attacker-cpus must be auto, shared or a comma list of CPU numbers, got {spec!r}") from None
+    bad = [c for c in atk if c not in usable]
+    if bad or not atk:
+        raise ConfigError(f"--attacker-cpus {spec!r}: CPUs {bad or atk} are not among the usable CPUs {usable}")
+    rest = [c for c in usable if c not in atk]
+    if not rest:
+        raise ConfigError(f"--attacker-cpus {spec!r} leaves no CPU for the cluster (usable: {usable})")
+    return rest, atk
+
+
+def pin(pid: int, cpus: Optional[list[int]]) -> None:
+    """Restrict a process (started a moment ago, so still single-threaded: its threads inherit
+    the mask) to ``cpus``; nothing when ``cpus`` is None."""
+    if cpus is not None:
+        try:
+            os.sched_setaffinity(pid, cpus)
+        except (ProcessLookupError, OSError):
+            pass
+
+
 def parse_attacks(s: str) -> list[str]:
     """``all``, or a comma list of attack names and class names (keyless, client, replica); the
     attacks run in the canonical order whatever the order given."""
@@ -276,6 +316,8 @@ class Supervisor:
         self.workload = None
         self.workload_lines: Optional[Lines] = None
         self.progress: list[tuple[float, int]] = []  # the workload's progress reports: (time, operations done)
+        placement = cpu_placement(args.attacker_cpus)
+        self.cluster_cpus, self.attacker_cpus = placement if placement else (None, None)
 
     def note(self, text: str) -> None:
         print(f"pbft attack: {text}", file=sys.stderr, flush=True)
@@ -284,6 +326,7 @@ class Supervisor:
     def start_replica(self, i: int) -> subprocess.Popen:
         p = self.children.spawn(f"replica-{i}", ["-m", "pbft.cli", "replica", str(self.cluster.dir), "--id", str(i),
                                                  "--service", SERVICE, "--quiet"])
+        pin(p.pid, self.cluster_cpus)
         self.procs[i] = p
         self.sampler.watch(i, p.pid)
         return p
@@ -400,6 +443,7 @@ class Supervisor:
     def start_workload(self) -> None:
         spec = {"dir": str(self.cluster.dir), "clients": self.ids()["victims"], "timeout_s": 5.0}
         self.workload = self.children.spawn("workload", ["-m", "pbft.attack", "workload", json.dumps(spec)], pipes=True)
+        pin(self.workload.pid, self.cluster_cpus)
         self.workload_lines = Lines(self.workload, self._on_progress)
         try:
             msg = self.workload_lines.next(READY_TIMEOUT_S)
@@ -437,6 +481,7 @@ class Supervisor:
         snap0 = self.quiet[-1]["snaps"][1]
         t_spawn = time.monotonic()
         p = self.children.spawn(f"attack-{name}", ["-m", "pbft.attack", "worker", name, json.dumps(spec)], pipes=True)
+        pin(p.pid, self.attacker_cpus)
         lines = Lines(p)
         rec: dict = {"attack": name, "class": CLASS_OF[name], "floor": FLOORS[CLASS_OF[name]], "t_spawn": t_spawn,
                      "t_start": None, "t_end": None, "summary": None, "error": None}
@@ -478,6 +523,10 @@ class Supervisor:
     def run(self) -> dict:
         a = self.args
         self.note(f"starting {REPLICAS} replicas ({a.storage} storage) in {self.workdir}")
+        if self.attacker_cpus is not None:
+            self.note(f"CPUs {self.cluster_cpus} for the replicas and the workload, {self.attacker_cpus} for the "
+                      f"attackers and this supervisor")
+            pin(0, self.attacker_cpus)
         self.start_cluster()
         self.sampler.start()
         self.start_workload()
@@ -506,6 +555,18 @@ class Supervisor:
         self.check_processes()
         self.sampler.stop()
         return self.report(records, result, final)
+
+    def cpu_note(self) -> str:
+        a = self.args
+        nice = f"; attackers run at nice {a.attacker_nice}" if a.attacker_nice else ""
+        if self.attacker_cpus is not None:
+            return (f"the replicas and the workload's clients run on CPUs {self.cluster_cpus}, the attackers and "
+                    f"this supervisor on CPUs {self.attacker_cpus}, as if the attacker had a machine of its own "
+                    f"(the kernel's loopback work for a sender's frames mostly runs on the sender's CPU){nice}")
+        return (f"the replicas, the workload's clients, the attacker process and this supervisor share "
+                f"the machine's {os.cpu_count()} cores (with anything else running): attackers and "
+                f"clients take CPU from the replicas, so fractions are lower bounds for replicas "
+                f"with cores of their own{nice}")
 
     def wait_answering(self, rid: int, timeout: float) -> bool:
         r = self.cluster.replicas[rid]
@@ -614,11 +675,9 @@ class Supervisor:
             "replicas": REPLICAS, "faults": (REPLICAS - 1) // 3, "storage": a.storage, "service": SERVICE,
             "clients": a.clients, "duration_s": a.duration_s, "quiet_s": a.quiet_s, "cpus": os.cpu_count(),
             "rss_limit_mib": RSS_LIMIT_MIB, "floors": FLOORS,
-            "cpu_note": (f"the replicas, the workload's clients, the attacker process and this supervisor share "
-                         f"the machine's {os.cpu_count()} cores (with anything else running): attackers and "
-                         f"clients take CPU from the replicas, so fractions are lower bounds for replicas "
-                         f"with cores of their own" + (f"; attackers run at nice {a.attacker_nice}" if a.attacker_nice
-                                                       else "")),
+            "cpu_note": self.cpu_note(),
+            "cpu_placement": None if self.attacker_cpus is None else
+            {"cluster": self.cluster_cpus, "attacker": self.attacker_cpus},
             "attacker_nice": a.attacker_nice,
             "attacks": out_attacks,
             "workload": {"ops": len(ts), "acknowledged_writes": wl["acked_writes"], "verified_clients": wl["verified"],
@@ -732,6 +791,11 @@ def add_attack_command(sub) -> None:
                    help="run each attacker process at this nice level (default 0). On a machine the attacker "
                         "shares with the cluster, 19 gives it only the CPU the cluster leaves idle: what "
                         "remains of the loss is the replicas' own, as with an attacker on a machine of its own")
+    p.add_argument("--attacker-cpus", default="auto", metavar="auto|shared|LIST",
+                   help="where the attackers run: auto (default) gives them (and this supervisor) the last CPU "
+                        "and the cluster the others when there are at least two, as if the attacker had a "
+                        "machine of its own; shared puts everything on every CPU; a comma list names the "
+                        "attackers' CPUs")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--enforce-floors", action="store_true",
                    help="also exit non-zero if an attack misses its floor, the memory limit or a check")
@@ -746,6 +810,7 @@ def cmd_attack(args) -> int:
             print(f"{name:26} {klass:8} floor {FLOORS[klass]:.0%}  {desc}")
         return 0
     names = parse_attacks(args.attacks)
+    cpu_placement(args.attacker_cpus)  # a bad --attacker-cpus fails here, before any process starts
     if not names:
         raise ConfigError("--attacks selects no attack")
     for what, v, lo in (("--duration-s", args.duration_s, 0.0), ("--quiet-s", args.quiet_s, 0.0)):
