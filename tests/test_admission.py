@@ -82,10 +82,10 @@ def test_cached_reply_is_sent_again_at_most_once_per_half_retry_timeout():
     assert not cl.busy
     again = seal(Request(req.client, req.timestamp, req.op, False, ALL_REPLICAS), c.rings[req.client])
     r = c.replicas[1]
-    r.take_sends()
+    r.take_ready().sends
 
     def replies_out():
-        return sum(1 for dests, raw in r.take_sends() if dests == (req.client,))
+        return sum(1 for dests, raw in r.take_ready().sends if dests == (req.client,))
 
     for _ in range(20):  # a replay storm of the same retransmission
         r.receive(again, c.now)
@@ -237,12 +237,8 @@ def _transport_drop(lc, rid: int, reason: str) -> float:
 
 
 @pytest.fixture
-def live(tmp_path):
-    from netutil import LocalCluster
-    lc = LocalCluster(tmp_path / "c", protocol={"view_change_timeout_ms": 500.0})
-    lc.start_all()
-    yield lc
-    lc.stop()
+def live(local_cluster):
+    return local_cluster(protocol={"view_change_timeout_ms": 500.0})
 
 
 def _run(coro):

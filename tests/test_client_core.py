@@ -10,20 +10,18 @@ costs a client one retransmission, not one per request.
 
 from __future__ import annotations
 
+from helpers.keys import cluster_keys
 from pbft.codec import Codec, result_digest, seal
-from pbft.config import ClusterConfig
 from pbft.core.client import Client
-from pbft.crypto import keyrings_for
 from pbft.messages import ALL_REPLICAS, Reply
 
 N = 4
 
 
 def setup():
-    cfg = ClusterConfig.create(N, clients_max=2)
-    rings = keyrings_for(b"test-master-key-0123456789abcdef", N, cfg.client_ids)
-    cid = cfg.client_ids[0]
-    return cfg, rings, Client(cfg, cid, rings[cid])
+    k = cluster_keys(N, clients=2)
+    cid = k.cfg.client_ids[0]
+    return k.cfg, k.rings, Client(k.cfg, cid, k.rings[cid])
 
 
 def sent_requests(cfg, client):

@@ -10,11 +10,11 @@ import struct
 import subprocess
 import sys
 import time
-import urllib.request
 
 import msgpack
 import pytest
 
+from helpers.metrics import metric, metrics_text  # noqa: F401 - also imported from here by other tests
 from netutil import SRC, LocalCluster
 from pbft import BlockingClient, NoQuorumError
 from pbft.runtime.keys import Identity, make_newkey, now_timestamp_us
@@ -25,35 +25,10 @@ def kv_of(bc: BlockingClient) -> KVClient:
     return KVClient(bc.invoke, timeout=20.0)
 
 
-def metrics_text(lc: LocalCluster, rid: int) -> str:
-    r = lc.cluster.replicas[rid]
-    with urllib.request.urlopen(f"http://{r.metrics_addr}:{r.metrics_port}/metrics", timeout=2) as resp:
-        return resp.read().decode()
-
-
-def metric(text: str, name: str, **labels) -> float:
-    total = 0.0
-    found = False
-    for line in text.splitlines():
-        if not line.startswith(name) or line.startswith("#"):
-            continue
-        head, _, val = line.rpartition(" ")
-        if not (head == name or head.startswith(name + "{")):
-            continue
-        if all(f'{k}="{v}"' in head for k, v in labels.items()):
-            total += float(val)
-            found = True
-    assert found, f"metric {name} {labels} not exported"
-    return total
-
-
 @pytest.fixture
-def cluster(tmp_path):
-    lc = LocalCluster(tmp_path / "c", protocol={"checkpoint_interval_seqnos": 16, "log_window_seqnos": 32,
-                                                 "view_change_timeout_ms": 500.0})
-    lc.start_all()
-    yield lc
-    lc.stop()
+def cluster(local_cluster):
+    return local_cluster(protocol={"checkpoint_interval_seqnos": 16, "log_window_seqnos": 32,
+                                   "view_change_timeout_ms": 500.0})
 
 
 def test_put_get_read_only_and_status(cluster):

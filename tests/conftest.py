@@ -1,0 +1,80 @@
+"""Fixtures shared by the tests, and the ``--rewrite`` option of the transcript tests.
+
+* ``hand_cluster(**kw)``: a hand-driven cluster (``tests/cluster.py``), pure and in memory;
+* ``keys``: the configuration, key rings and codec of a 4-replica, 2-client test cluster
+  (``helpers.keys.cluster_keys`` for other sizes);
+* ``local_cluster(name="c", start=True, **kw)``: real replica processes on loopback
+  (``netutil.LocalCluster``) in the test's temporary directory, always stopped at the end, even
+  when starting them failed;
+* ``store``: one empty store of every ``Store`` implementation in turn (``helpers.impls.STORES``),
+  closed at the end; ``store_impl`` is its entry, to reopen it;
+* ``rewrite``: whether ``--rewrite`` was given (regenerate transcript files instead of
+  comparing them).
+
+Helpers go in ``tests/helpers/``; ``tests/`` is on ``sys.path`` (pytest's rootdir-relative
+imports), so ``from helpers.keys import cluster_keys`` works in every test file.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers.impls import STORES
+from helpers.keys import cluster_keys
+
+
+def pytest_addoption(parser):
+    parser.addoption("--rewrite", action="store_true", default=False,
+                     help="transcript tests: write the actual output into the transcript files "
+                          "instead of comparing (review the diff with git diff)")
+
+
+@pytest.fixture
+def rewrite(request) -> bool:
+    return bool(request.config.getoption("--rewrite"))
+
+
+@pytest.fixture
+def keys():
+    """``ClusterKeys`` (cfg, rings, codec, client_ids) of 4 replicas and 2 clients."""
+    return cluster_keys(4, clients=2)
+
+
+@pytest.fixture
+def hand_cluster():
+    """A factory of hand-driven clusters: ``hand_cluster(n=4, clients=2, **cfg)``."""
+    from cluster import Cluster
+
+    def make(*args, **kw):
+        return Cluster(*args, **kw)
+    return make
+
+
+@pytest.fixture
+def local_cluster(tmp_path):
+    """A factory of real clusters on loopback: ``local_cluster(name="c", start=True,
+    **LocalCluster kwargs)``; every cluster made is stopped when the test ends."""
+    from netutil import LocalCluster
+    made = []
+
+    def make(name: str = "c", start: bool = True, **kw):
+        lc = LocalCluster(tmp_path / name, **kw)
+        made.append(lc)
+        if start:
+            lc.start_all()
+        return lc
+    yield make
+    for lc in reversed(made):
+        lc.stop()
+
+
+@pytest.fixture(params=STORES, ids=[s.name for s in STORES])
+def store_impl(request):
+    return request.param
+
+
+@pytest.fixture
+def store(store_impl, tmp_path):
+    s = store_impl.open(tmp_path)
+    yield s
+    s.close()
