@@ -52,9 +52,9 @@ def say(msg: dict) -> None:
 def run_loop(coro):
     try:
         import uvloop
-        return uvloop.run(coro)
     except ImportError:  # pragma: no cover
         return asyncio.run(coro)
+    return uvloop.run(coro)  # an ImportError from inside the attack is the attack's error, not a fallback
 
 
 # ---------------------------------------------------------------------------
