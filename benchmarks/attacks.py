@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from pbft.cli import main  # noqa: E402
+from pbft.tools.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["attack", *sys.argv[1:]]))

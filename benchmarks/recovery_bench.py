@@ -64,7 +64,7 @@ def run_size(size_mb: int, clients: int, storage: str, victim: int, workdir: Pat
     cluster = init_cluster(d, 4, None, ["127.0.0.1"], base, clients + 1, protocol=PROTOCOL,
                            storage={"mode": storage}, force=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    procs = [subprocess.Popen([sys.executable, "-m", "pbft.cli", "replica", str(d), "--id", str(i)],
+    procs = [subprocess.Popen([sys.executable, "-m", "pbft.tools.cli", "replica", str(d), "--id", str(i)],
                               stdout=subprocess.DEVNULL, stderr=open(d / f"replica-{i}.log", "ab"), env=env,
                               start_new_session=True) for i in range(4)]
     try:
@@ -118,7 +118,7 @@ async def _drive(cluster, size_mb: int, clients: int, d: Path, victim: int, env)
     r = cluster.replicas[victim]
     before = status(r)["recoveries"]
     t_rec = time.time()
-    subprocess.run([sys.executable, "-m", "pbft.cli", "recover", str(d), "--id", str(victim)], env=env,
+    subprocess.run([sys.executable, "-m", "pbft.tools.cli", "recover", str(d), "--id", str(victim)], env=env,
                    check=True, capture_output=True)
     loop = asyncio.get_running_loop()
 

@@ -41,7 +41,7 @@ QUICK = list(EXPECTED_REASONS)
 def run_attack(*args, timeout=240):
     env = dict(os.environ)
     env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "pbft.cli", "attack", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pbft.tools.cli", "attack", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 

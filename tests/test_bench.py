@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pbft.bench import parse_op, percentile, ratios, summarize, sweep_counts
+from pbft.tools.bench import parse_op, percentile, ratios, summarize, sweep_counts
 from pbft.config import ConfigError
 from pbft.services.null import NullService, make_op
 
@@ -19,7 +19,7 @@ ENTRY_KEYS = {"ops_per_s", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "ops", "erro
 def bench(*args, timeout=120):
     env = dict(os.environ)
     env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "pbft.cli", "bench", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pbft.tools.cli", "bench", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 

@@ -9,7 +9,7 @@ SUMMARY = re.compile(r"^runs=(\d+) ops_committed=(\d+) view_changes=(\d+) violat
 
 
 def pbft(*args):
-    return subprocess.run([sys.executable, "-m", "pbft.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "pbft.tools.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_sim_summary_line_and_exit_code():

@@ -106,7 +106,7 @@ def test_data_directory_of_another_cluster_is_refused(tmp_path):
         a.wait_for(lambda: a.status(0), what="replica 0 up")
     b = LocalCluster(tmp_path / "b", protocol=PROTOCOL)
     (tmp_path / "b" / "data").symlink_to(tmp_path / "a" / "data")
-    out = subprocess.run([sys.executable, "-m", "pbft.cli", "replica", str(tmp_path / "b"), "--id", "0"],
+    out = subprocess.run([sys.executable, "-m", "pbft.tools.cli", "replica", str(tmp_path / "b"), "--id", "0"],
                          capture_output=True, text=True, env={"PYTHONPATH": SRC}, timeout=30)
     assert out.returncode == 2
     assert "belongs to" in out.stderr or "owner" in out.stderr, out.stderr

@@ -31,7 +31,7 @@ Services are driven by one thread; they never see the network.
 
 **Per-client policy** (``docs/client.md``): a service that needs configuration, typically what
 each client id may do, defines the classmethod ``from_cluster(cluster)``; ``pbft replica``
-(``pbft.cli_net.load_service``) builds it with ``cls.from_cluster(ServiceCluster)`` instead of
+(``pbft.tools.net.load_service``) builds it with ``cls.from_cluster(ServiceCluster)`` instead of
 ``cls()``.  The ``ServiceCluster`` gives the client ids and the service's own section of
 ``cluster.toml`` (``[service.NAME]``), the same file on every replica, so every replica builds
 the same service.

@@ -35,9 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from .runtime.cluster import free_port_range, init_cluster
-from .runtime.client import ClientPool, PbftError
-from .services.kv import _unwrap, encode_op
+from ...runtime.cluster import free_port_range, init_cluster
+from ...runtime.client import ClientPool, PbftError
+from ...services.kv import _unwrap, encode_op
 
 CLIENTS = 8
 KEYS_PER_CLIENT = 16
@@ -91,11 +91,11 @@ class Demo:
     # ---- processes ----------------------------------------------------------
     def start_replica(self, i: int) -> None:
         env = dict(os.environ)
-        src = str(Path(__file__).resolve().parents[1])
+        src = str(Path(__file__).resolve().parents[3])
         env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
         log = open(self.dir / f"replica-{i}.log", "ab")
         self.procs[i] = subprocess.Popen(
-            [sys.executable, "-m", "pbft.cli", "replica", str(self.dir), "--id", str(i)],
+            [sys.executable, "-m", "pbft.tools.cli", "replica", str(self.dir), "--id", str(i)],
             stdout=subprocess.DEVNULL, stderr=log, env=env, start_new_session=True)
         log.close()
 
@@ -111,7 +111,7 @@ class Demo:
 
     async def poll_status(self) -> None:
         loop = asyncio.get_running_loop()
-        from .cli_net import fetch_status
+        from ..net import fetch_status
 
         def one(i):
             r = self.cluster.replicas[i]
@@ -258,7 +258,7 @@ def run_live_demo(out=sys.stdout, phase_s: float = 4.0, keep: bool = False) -> i
     try:
         rc = uvloop.run(demo.main())
         demo.kill_all()
-        from .services.bfs.demo import run_bfs_demo
+        from ...services.bfs.demo import run_bfs_demo
         return rc or (run_bfs_demo(out) or 0)
     except KeyboardInterrupt:
         return 130

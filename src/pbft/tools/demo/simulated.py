@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import sys
 
-from .codec import NULL_BATCH_DIGEST
-from .sim.simulator import SimConfig, Simulation
+from ...codec import NULL_BATCH_DIGEST
+from ...sim.simulator import SimConfig, Simulation
 
 CRASH_AT_MS = 60.0
 RESTART_AT_MS = 1500.0

@@ -1,0 +1,353 @@
+"""The networked commands of ``pbft``: init, replica, up, recover, kv, status; and what other
+tools share with them: ``load_service`` (the ``--service`` spec), ``fetch_status`` (a replica's
+``/status``) and ``run_guarded`` (configuration errors as one line)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from ..config import ConfigError
+
+
+def load_service(spec: str, cluster=None):
+    """The service of ``--service SPEC`` for ``cluster`` (a loaded ``Cluster``, or ``None``):
+    ``kv``, ``bfs`` or ``module:Class``, a ``pbft.Service`` subclass built with
+    ``Class.from_cluster(ServiceCluster.of(cluster))`` (by default ``Class()``), which reads
+    its section ``[service.NAME]`` of ``cluster.toml`` and the client ids if it needs them
+    (docs/client.md, *Per-client policy*).  BFS reads ``[bfs]`` (docs/bfs.md)."""
+    from ..service import Service, ServiceCluster
+
+    view = ServiceCluster.of(cluster) if cluster is not None else ServiceCluster()
+    if spec == "kv":
+        from ..services.kv import KVService
+        return KVService(skew_ms=cluster.cfg.nondet_skew_ms_max) if cluster is not None else KVService()
+    if spec == "bfs":
+        from ..services.bfs import BFSService
+        obj = BFSService
+    elif ":" not in spec:
+        raise ConfigError(f"unknown service {spec!r}: use 'kv', 'bfs' or 'module:Class'")
+    else:
+        mod, _, name = spec.partition(":")
+        try:
+            obj = getattr(importlib.import_module(mod), name)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"cannot load service {spec!r}: {e}") from None
+    build = obj.from_cluster if isinstance(obj, type) and hasattr(obj, "from_cluster") else obj
+    try:
+        service = build(view) if build is not obj else obj()
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"cannot build service {spec!r} from {view.path}: {type(e).__name__}: {e}") from None
+    if not isinstance(service, Service):
+        raise ConfigError(f"{spec} is not a pbft.Service")
+    return service
+
+
+# ---- init -------------------------------------------------------------------
+
+def cmd_init(args) -> int:
+    from ..runtime.cluster import init_cluster
+
+    hosts = [h.strip() for h in args.hosts.split(",")] if args.hosts else None
+    service = getattr(args, "service", None)
+    clients = args.clients if args.clients is not None else (8 if service == "bfs" else 4)
+    c = init_cluster(args.dir, args.replicas, args.faults, hosts, args.base_port, clients, force=args.force)
+    if service == "bfs":
+        from ..services.bfs.config import DEFAULT_SECTION
+        with open(c.dir / "cluster.toml", "a") as fh:
+            fh.write(DEFAULT_SECTION)
+        print(f"added a [bfs] section (limits, client policy) to {c.dir / 'cluster.toml'}: see docs/bfs.md")
+    print(f"wrote {c.dir / 'cluster.toml'}: {c.n} replicas (f={c.cfg.f}), {len(c.client_ids)} clients "
+          f"(ids {c.client_ids[0]}..{c.client_ids[-1]}); private keys in {c.dir / 'keys'} (mode 0600)")
+    for r in c.replicas:
+        where = " (on its machine)" if r.metrics_addr != r.host and r.metrics_addr == "127.0.0.1" else ""
+        print(f"  replica {r.id}: {r.host}:{r.port}  metrics http://{r.metrics_addr}:{r.metrics_port}/metrics{where}")
+    return 0
+
+
+# ---- replica / up -------------------------------------------------------------
+
+def cmd_replica(args) -> int:
+    from ..runtime.cluster import load_cluster
+    from ..runtime.node import run_replica
+
+    cluster = load_cluster(args.dir)
+    if not 0 <= args.id < cluster.n:
+        raise ConfigError(f"--id must be a replica id 0..{cluster.n - 1}, got {args.id}")
+    service = load_service(args.service, cluster)
+    run_replica(cluster, args.id, service, quiet=args.quiet, recover=args.recover)
+    return 0
+
+
+def spawn_replica(cluster_dir, rid: int, service: str = "kv", quiet: bool = False, stderr=None,
+                  extra_env=None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "pbft.tools.cli", "replica", str(cluster_dir), "--id", str(rid), "--service", service]
+    if quiet:
+        cmd.append("--quiet")
+    env = dict(os.environ)
+    if extra_env:
+        env.update(extra_env)
+    return subprocess.Popen(cmd, stderr=stderr, stdout=subprocess.DEVNULL, env=env, start_new_session=True)
+
+
+def cmd_up(args) -> int:
+    from ..runtime.cluster import load_cluster
+
+    cluster = load_cluster(args.dir)
+    load_service(args.service, cluster)  # fail here, once, rather than in every child
+    procs = {r.id: spawn_replica(args.dir, r.id, args.service, args.quiet) for r in cluster.replicas}
+    print(f"pbft up: {len(procs)} replicas running (pids {', '.join(str(p.pid) for p in procs.values())}); "
+          f"Ctrl-C stops them", file=sys.stderr)
+    stop = {"flag": False}
+
+    def on_signal(signum, frame):
+        stop["flag"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    rc = 0
+    try:
+        while not stop["flag"]:
+            for rid, p in procs.items():
+                if p.poll() is not None:
+                    print(f"pbft up: replica {rid} exited with status {p.returncode}", file=sys.stderr)
+                    stop["flag"] = True
+                    rc = 1
+            time.sleep(0.2)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.time() + 5
+        for p in procs.values():
+            try:
+                p.wait(max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+        print("pbft up: stopped", file=sys.stderr)
+    return rc
+
+
+# ---- recover -------------------------------------------------------------------
+
+def cmd_recover(args) -> int:
+    """Make replica I start a proactive recovery now (SIGUSR1 to its process, found through
+    the pid file in its data directory, or its /status in the memory mode)."""
+    from ..runtime.cluster import load_cluster
+
+    cluster = load_cluster(args.dir)
+    if not 0 <= args.id < cluster.n:
+        raise ConfigError(f"--id must be a replica id 0..{cluster.n - 1}, got {args.id}")
+    pid = None
+    pidfile = cluster.storage.replica_dir(cluster.dir, args.id) / "pid"
+    if cluster.storage.mode != "memory":
+        try:
+            pid = int(pidfile.read_text().strip())
+        except (OSError, ValueError):
+            pid = None
+    if pid is None:
+        r = cluster.replicas[args.id]
+        try:
+            pid = int(fetch_status(r.metrics_addr, r.metrics_port, 2.0)["pid"])
+        except (OSError, urllib.error.URLError, ValueError, KeyError) as e:
+            raise ConfigError(f"replica {args.id} is not running here ({pidfile}: no pid; /status: "
+                              f"{getattr(e, 'reason', e)})") from None
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except ProcessLookupError:
+        raise ConfigError(f"replica {args.id} is not running (pid {pid} from {pidfile} is gone)") from None
+    except PermissionError:
+        raise ConfigError(f"not allowed to signal replica {args.id} (pid {pid}): run as its user") from None
+    print(f"replica {args.id} (pid {pid}): recovery started; `pbft status {args.dir}` shows its progress")
+    return 0
+
+
+# ---- kv ------------------------------------------------------------------------
+
+def cmd_kv(args) -> int:
+    from ..runtime.client import BlockingClient, PbftError
+    from ..services.kv import KVClient, ServiceError
+
+    def b(s: str) -> bytes:
+        return s.encode("utf-8")
+
+    try:
+        with BlockingClient(args.dir, args.client) as bc:
+            kv = KVClient(bc.invoke, timeout=args.timeout)
+            if args.op == "get":
+                v = kv.get(b(args.key), read_only=not args.ordered)
+                if v is None:
+                    print("(absent)", file=sys.stderr)
+                    return 1
+                sys.stdout.write(v.decode("utf-8", "backslashreplace") + "\n")
+            elif args.op == "put":
+                if args.value is None:
+                    raise ConfigError("put needs KEY VALUE")
+                kv.put(b(args.key), b(args.value))
+                print("ok")
+            elif args.op == "delete":
+                print("deleted" if kv.delete(b(args.key)) else "(absent)")
+            elif args.op == "cas":
+                if args.value is None or args.new is None:
+                    raise ConfigError("cas needs KEY EXPECTED NEW (EXPECTED '-' means absent)")
+                exp = None if args.value == "-" else b(args.value)
+                ok = kv.cas(b(args.key), exp, b(args.new))
+                print("swapped" if ok else "not swapped (value differs)")
+                return 0 if ok else 1
+    except ServiceError as e:
+        print(f"pbft kv: the service refused: {e}", file=sys.stderr)
+        return 1
+    except PbftError as e:
+        print(f"pbft kv: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---- status --------------------------------------------------------------------
+
+def fetch_status(host: str, port: int, timeout: float = 1.0) -> dict:
+    with urllib.request.urlopen(f"http://{host}:{port}/status", timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _status_notes(cluster, rows: list[dict]) -> list[str]:
+    """Replicas that are behind or alone in a view change, as lines for ``pbft status``; each
+    reachable row also gets ``behind`` (sequence numbers below the most advanced replica) and
+    ``alone_in_view_change`` (it changes view while replicas of quorum weight are active in a
+    lower view: nothing but the idle rejoin or the next view change brings it back)."""
+    cfg = cluster.cfg
+    up = [s for s in rows if s["reachable"]]
+    if not up:
+        return []
+    top = max(s["last_executed"] for s in up)
+    # (under load replicas differ by the batches in flight; more than twice that is behind)
+    slack = max(2 * cfg.batches_in_flight_max, 8)
+    notes = []
+    for s in up:
+        s["behind"] = top - s["last_executed"]
+        active_below = [o["replica"] for o in up if o["view_active"] and o["view"] < s["view"]]
+        s["alone_in_view_change"] = (not s["view_active"] and cfg.weight_of(active_below) >= cfg.quorum_weight)
+        if s["alone_in_view_change"]:
+            views = sorted({o["view"] for o in up if o["replica"] in active_below})
+            notes.append(f"replica {s['replica']} is alone in a view change to view {s['view']}: replicas "
+                         f"{active_below} are active in view {'/'.join(map(str, views))}")
+        if s["behind"] > slack:
+            notes.append(f"replica {s['replica']} is behind: executed {s['last_executed']}, the most advanced "
+                         f"replica {top} ({s['behind']} sequence numbers)")
+    return notes
+
+
+def cmd_status(args) -> int:
+    from ..runtime.cluster import load_cluster
+
+    cluster = load_cluster(args.dir)
+    rows = []
+    for r in cluster.replicas:
+        try:
+            s = fetch_status(r.metrics_addr, r.metrics_port, args.timeout)
+            s["reachable"] = True
+        except (OSError, urllib.error.URLError, ValueError) as e:
+            s = {"replica": r.id, "reachable": False, "error": str(getattr(e, "reason", e))}
+            if r.metrics_addr in ("127.0.0.1", "::1", "localhost") and r.host != r.metrics_addr:
+                s["error"] += f"; its endpoint listens on {r.metrics_addr} only: run this on its machine, " \
+                              "or set metrics_host in cluster.toml"
+        s["address"] = f"{r.host}:{r.port}"
+        rows.append(s)
+    notes = _status_notes(cluster, rows)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(f"{'replica':>7} {'address':21} {'state':11} {'view':>5} {'primary':>7} {'executed':>9} "
+              f"{'stable':>7} {'requests':>9} {'peers':>7}")
+        for s in rows:
+            if not s["reachable"]:
+                print(f"{s['replica']:>7} {s['address']:21} {'UNREACHABLE':11} ({s['error']})")
+                continue
+            state = "active" if s["view_active"] else "view-change"
+            if s.get("fetching_state"):
+                state = "catching-up"
+            if s.get("recovering"):
+                state = "OVERDUE" if s.get("recovery_overdue") else "recovering"
+            peers = f"{len(s['peers_connected'])}/{cluster.n - 1}"
+            print(f"{s['replica']:>7} {s['address']:21} {state:11} {s['view']:>5} {s['primary']:>7} "
+                  f"{s['last_executed']:>9} {s['stable_checkpoint']:>7} {s['executed_requests']:>9} {peers:>7}")
+        for line in notes:
+            print(line)
+    up = sum(1 for s in rows if s["reachable"])
+    return 0 if cluster.cfg.weight_of([s["replica"] for s in rows if s["reachable"]]) >= cluster.cfg.quorum_weight \
+        or up == cluster.n else 1
+
+
+def add_commands(sub) -> None:
+    i = sub.add_parser("init", help="write a cluster directory: cluster.toml and key files")
+    i.add_argument("dir")
+    i.add_argument("--replicas", type=int, required=True)
+    i.add_argument("--faults", type=int, default=None, help="f (default: the largest (n-1)//3)")
+    i.add_argument("--hosts", default=None, help="comma list of hosts, assigned to replicas in turn (default 127.0.0.1)")
+    i.add_argument("--base-port", type=int, default=7000, help="replica i listens on base+i, metrics on base+100+i")
+    i.add_argument("--clients", type=int, default=None, help="client identities to create (default 4; 8 with --service bfs)")
+    i.add_argument("--force", action="store_true", help="overwrite an existing cluster.toml")
+    i.add_argument("--service", default=None, choices=["bfs"],
+                   help="bfs: also write the file system's [bfs] section (docs/bfs.md)")
+    i.set_defaults(func=cmd_init)
+
+    r = sub.add_parser("replica", help="run one replica in the foreground")
+    r.add_argument("dir")
+    r.add_argument("--id", type=int, required=True)
+    r.add_argument("--service", default="kv", help="'kv', 'bfs' or module:Class")
+    r.add_argument("--quiet", action="store_true", help="no log lines")
+    r.add_argument("--recover", action="store_true",
+                   help="start with a proactive recovery (what a reboot by the watchdog or `pbft recover` does)")
+    r.set_defaults(func=cmd_replica)
+
+    rc = sub.add_parser("recover", help="make a replica start a proactive recovery now")
+    rc.add_argument("dir")
+    rc.add_argument("--id", type=int, required=True)
+    rc.set_defaults(func=cmd_recover)
+
+    u = sub.add_parser("up", help="run every replica of the cluster file on this machine (Ctrl-C stops)")
+    u.add_argument("dir")
+    u.add_argument("--service", default="kv", help="'kv', 'bfs' or module:Class")
+    u.add_argument("--quiet", action="store_true")
+    u.set_defaults(func=cmd_up)
+
+    from ..services.bfs.cli import add_bfs_commands
+    add_bfs_commands(sub)
+
+    k = sub.add_parser("kv", help="a client of the key-value service")
+    k.add_argument("dir")
+    k.add_argument("op", choices=["get", "put", "delete", "cas"])
+    k.add_argument("key")
+    k.add_argument("value", nargs="?", default=None, help="put: the value; cas: the expected value ('-' = absent)")
+    k.add_argument("new", nargs="?", default=None, help="cas: the new value")
+    k.add_argument("--client", type=int, default=None, help="client id (default: the first in the cluster file)")
+    k.add_argument("--timeout", type=float, default=10.0)
+    k.add_argument("--ordered", action="store_true", help="get: order the read instead of the read-only path")
+    k.set_defaults(func=cmd_kv)
+
+    s = sub.add_parser("status", help="view, primary, progress and reachability of every replica")
+    s.add_argument("dir")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--timeout", type=float, default=1.0)
+    s.set_defaults(func=cmd_status)
+
+
+def run_guarded(func, args) -> int:
+    """Run a command; configuration errors are one line, not a traceback."""
+    try:
+        return func(args)
+    except ConfigError as e:
+        print(f"pbft: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
