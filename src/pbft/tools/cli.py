@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     add_commands(sub)
     from .bench import add_bench_command
     add_bench_command(sub)
-    from ..attack import add_attack_command
+    from .attack import add_attack_command
     add_attack_command(sub)
     args = p.parse_args(argv)
     if args.cmd == "sim" and (args.seeds < 0 or args.replicas < 1):

@@ -40,9 +40,10 @@ from array import array
 from pathlib import Path
 from typing import Optional
 
-from ..bench import Children, ChildExited, _log_tail, _on_sigterm, percentile
-from ..config import ConfigError
-from ..runtime.cluster import free_port_range, init_cluster
+from ..bench.stats import percentile
+from ..procs import ChildExited, Procs, log_tail, sigterm_as_interrupt
+from ...config import ConfigError
+from ...runtime.cluster import free_port_range, init_cluster
 
 # name, class, what it does
 ATTACKS = [
@@ -305,7 +306,7 @@ class Supervisor:
         self.args = args
         self.names = names
         self.workdir = workdir
-        self.children = Children(workdir)
+        self.children = Procs(workdir)
         self.sampler = Sampler()
         self.procs: dict[int, subprocess.Popen] = {}
         self.byz = False  # replica 3 is the attacker's (or down between attacks) from now on
@@ -324,15 +325,14 @@ class Supervisor:
 
     # ---- cluster ------------------------------------------------------------
     def start_replica(self, i: int) -> subprocess.Popen:
-        p = self.children.spawn(f"replica-{i}", ["-m", "pbft.cli", "replica", str(self.cluster.dir), "--id", str(i),
-                                                 "--service", SERVICE, "--quiet"])
+        p = self.children.start_replica(self.cluster.dir, i, SERVICE, quiet=True)
         pin(p.pid, self.cluster_cpus)
         self.procs[i] = p
         self.sampler.watch(i, p.pid)
         return p
 
     def start_cluster(self) -> None:
-        from ..cli_net import fetch_status
+        from ..net import fetch_status
 
         a = self.args
         clients = a.clients + 2 + FLOOD_IDS
@@ -372,7 +372,7 @@ class Supervisor:
         for i in self.live_ids():
             p = self.procs[i]
             if p.poll() is not None:
-                msg = f"replica {i} exited with status {p.returncode}{_log_tail(self.workdir / f'replica-{i}.log')}"
+                msg = f"replica {i} exited with status {p.returncode}{log_tail(self.workdir / f'replica-{i}.log')}"
                 if msg not in self.died:
                     self.died.append(msg)
                     self.note(msg)
@@ -442,7 +442,7 @@ class Supervisor:
     # ---- the workload -------------------------------------------------------
     def start_workload(self) -> None:
         spec = {"dir": str(self.cluster.dir), "clients": self.ids()["victims"], "timeout_s": 5.0}
-        self.workload = self.children.spawn("workload", ["-m", "pbft.attack", "workload", json.dumps(spec)], pipes=True)
+        self.workload = self.children.start("workload", ["-m", "pbft.tools.attack", "workload", json.dumps(spec)], pipes=True)
         pin(self.workload.pid, self.cluster_cpus)
         self.workload_lines = Lines(self.workload, self._on_progress)
         try:
@@ -450,7 +450,7 @@ class Supervisor:
         except queue.Empty:
             raise ConfigError(f"the workload did not start within {READY_TIMEOUT_S:g}s") from None
         if not msg or not msg.get("ready"):
-            raise ConfigError(f"the workload failed to start{_log_tail(self.workdir / 'workload.log')}")
+            raise ConfigError(f"the workload failed to start{log_tail(self.workdir / 'workload.log')}")
 
     def stop_workload(self) -> dict:
         try:
@@ -468,7 +468,7 @@ class Supervisor:
                 break
             if "result" in msg:
                 return msg["result"]
-        raise ConfigError(f"the workload gave no result{_log_tail(self.workdir / 'workload.log')}")
+        raise ConfigError(f"the workload gave no result{log_tail(self.workdir / 'workload.log')}")
 
     # ---- one attack ---------------------------------------------------------
     def run_attack(self, name: str, index: int) -> dict:
@@ -480,7 +480,7 @@ class Supervisor:
             spec["byz_id"] = self.byz_id
         snap0 = self.quiet[-1]["snaps"][1]
         t_spawn = time.monotonic()
-        p = self.children.spawn(f"attack-{name}", ["-m", "pbft.attack", "worker", name, json.dumps(spec)], pipes=True)
+        p = self.children.start(f"attack-{name}", ["-m", "pbft.tools.attack", "worker", name, json.dumps(spec)], pipes=True)
         pin(p.pid, self.attacker_cpus)
         lines = Lines(p)
         rec: dict = {"attack": name, "class": CLASS_OF[name], "floor": FLOORS[CLASS_OF[name]], "t_spawn": t_spawn,
@@ -507,7 +507,7 @@ class Supervisor:
         t_exit = time.monotonic()
         if rec["t_start"] is None or rec["t_end"] is None:
             rec["error"] = rec["error"] or f"attacker exited early (status {p.returncode})" \
-                f"{_log_tail(self.workdir / f'attack-{name}.log')}"
+                f"{log_tail(self.workdir / f'attack-{name}.log')}"
             rec["t_start"] = rec["t_start"] or t_spawn
             rec["t_end"] = rec["t_end"] or t_exit
         if rec["summary"] and rec["summary"].get("error"):
@@ -822,7 +822,7 @@ def cmd_attack(args) -> int:
     if args.clients < 1:
         raise ConfigError(f"--clients must be at least 1, got {args.clients}")
     workdir = Path(tempfile.mkdtemp(prefix="pbft-attack-"))
-    old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    old_term = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     sup = Supervisor(args, names, workdir)
     keep = True
     try:

@@ -1,4 +1,4 @@
-"""``python -m pbft.attack workload SPEC`` / ``worker NAME SPEC``: processes of ``pbft attack``."""
+"""``python -m pbft.tools.attack workload SPEC`` / ``worker NAME SPEC``: processes of ``pbft attack``."""
 
 import sys
 
@@ -10,7 +10,7 @@ def main(argv: list[str]) -> int:
         return workload_main(argv[1])
     if len(argv) == 3 and argv[0] == "worker" and argv[1] in ATTACKERS:
         return worker_main(argv[1], argv[2])
-    print("usage: python -m pbft.attack workload SPEC | worker NAME SPEC (internal commands of pbft attack; "
+    print("usage: python -m pbft.tools.attack workload SPEC | worker NAME SPEC (internal commands of pbft attack; "
           f"attacks: {', '.join(ATTACKERS)})", file=sys.stderr)
     return 2
 

@@ -1,7 +1,7 @@
 """The processes ``pbft attack`` starts besides the replicas: the correct workload and the attackers.
 
-    python -m pbft.attack workload SPEC     the closed-loop kv clients whose throughput is measured
-    python -m pbft.attack worker NAME SPEC  one attack, for SPEC["duration"] seconds, then exits
+    python -m pbft.tools.attack workload SPEC     the closed-loop kv clients whose throughput is measured
+    python -m pbft.tools.attack worker NAME SPEC  one attack, for SPEC["duration"] seconds, then exits
 
 Both talk to the supervisor with JSON lines on stdout.  A worker says
 ``{"started": t}`` when its attack begins (after any setup, such as a key
@@ -28,14 +28,14 @@ from array import array
 
 import msgpack
 
-from ..codec import seal
-from ..crypto import KEY_SIZE, KeyRing
-from ..messages import (ALL_REPLICAS, RECOVERY_OP, Batch, Checkpoint, Commit, PrePrepare, Prepare, QueryStable,
+from ...codec import seal
+from ...crypto import KEY_SIZE, KeyRing
+from ...messages import (ALL_REPLICAS, RECOVERY_OP, Batch, Checkpoint, Commit, PrePrepare, Prepare, QueryStable,
                         Request, Status, ViewChange, Vouch)
-from ..runtime.cluster import load_cluster
-from ..runtime.keys import NEWKEY_TAG, Identity, accept_newkey, fresh_key, make_newkey, now_timestamp_us
-from ..runtime.transport import Counters, FrameConn, frame, pack_len
-from ..services.kv import decode_result, encode_op
+from ...runtime.cluster import load_cluster
+from ...runtime.keys import NEWKEY_TAG, Identity, accept_newkey, fresh_key, make_newkey, now_timestamp_us
+from ...runtime.transport import Counters, FrameConn, frame, pack_len
+from ...services.kv import decode_result, encode_op
 
 U63 = (1 << 63) - 1
 CONNECT_TIMEOUT_S = 2.0
@@ -66,7 +66,7 @@ def workload_main(spec_json: str) -> int:
     fourth operation reads it back (read-only); a read must return a value written at or after the
     last acknowledged put (and not after the last attempted one).  Runs until a line arrives on
     stdin, then checks every client's key with an ordered get and reports everything."""
-    from ..runtime.client import ClientPool, PbftError
+    from ...runtime.client import ClientPool, PbftError
 
     spec = json.loads(spec_json)
     cluster = load_cluster(spec["dir"])
@@ -232,7 +232,7 @@ class Ctx:
 
     def current_view(self) -> tuple[int, int]:
         """(view, last executed) as some replica reports it, (0, 0) if none answers."""
-        from ..cli_net import fetch_status
+        from ..net import fetch_status
         for r in self.targets:
             try:
                 s = fetch_status(getattr(r, "metrics_addr", r.host), r.metrics_port, 1.0)
@@ -417,7 +417,7 @@ class _RecordingConn(FrameConn):
 async def atk_replay(ctx: Ctx) -> None:
     """A legitimate client (spare id) whose sends are recorded -- NewKeys included; the recording is
     then replayed at high rate on new connections while the client goes on working."""
-    from ..runtime.client import ClientPool, PbftError
+    from ...runtime.client import ClientPool, PbftError
 
     cid = ctx.spec["replay_id"]
     pool = ClientPool(ctx.cluster, [ctx.cluster.identity(cid)])
@@ -637,7 +637,7 @@ async def atk_http_slow(ctx: Ctx) -> None:
 
 async def check_identity(ctx: Ctx, cid: int, what: str) -> None:
     """A genuine client with identity ``cid`` completes a request (records ``ctx.checks[what]``)."""
-    from ..runtime.client import ClientPool, PbftError
+    from ...runtime.client import ClientPool, PbftError
 
     pool = ClientPool(ctx.cluster, [ctx.cluster.identity(cid)])
     await pool.start(wait_s=10.0)
@@ -772,7 +772,7 @@ class ByzReplica:
     clients' requests with wrong results (``_lie``)."""
 
     def __init__(self, ctx: Ctx, lie: bool = False):
-        from ..codec import Codec
+        from ...codec import Codec
         self.ctx = ctx
         self.lie = lie
         self.codec = Codec(ctx.cfg)
@@ -791,7 +791,7 @@ class ByzReplica:
         return FrameConn(self._on_frame, self.counters, self.ctx.max_frame, 1 << 30, 64 << 20)
 
     def _on_frame(self, conn: FrameConn, raw: bytes) -> None:
-        from ..codec import DecodeError
+        from ...codec import DecodeError
         if len(raw) >= 2 and raw[1] == 1 and self.lie:
             self._lie(conn, raw)
             return
@@ -815,8 +815,8 @@ class ByzReplica:
         """Answer a client's request with a committed reply, valid MAC, wrong result: a value the
         client never wrote for a get, a refusal for a put.  The client must not accept it (it
         needs f+1 matching committed replies), so the workload sees no wrong result."""
-        from ..codec import DecodeError, result_digest
-        from ..messages import Reply
+        from ...codec import DecodeError, result_digest
+        from ...messages import Reply
         try:
             fr = self.codec.open_frame(raw)
             req = self.codec.parse(fr)

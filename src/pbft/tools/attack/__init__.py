@@ -2,7 +2,7 @@
 
 ``run`` is the supervisor (cluster, measurements, report); ``workers`` holds the
 correct workload and the attackers, each run as a process of its own
-(``python -m pbft.attack workload|worker ...``) so that what is measured is the
+(``python -m pbft.tools.attack workload|worker ...``) so that what is measured is the
 replicas, not a shared event loop.
 """
 
