@@ -391,3 +391,45 @@ def _closed(s: socket.socket, timeout: float) -> bool:
         return False
     except OSError:
         return True
+
+
+def test_unauthenticated_accepts_are_budgeted_and_authenticated_ones_free(tmp_path):
+    """Connections that never authenticate are accepted at most ``unauthenticated_accepts_per_s``
+    a second (past the burst, the rest wait in the kernel's queue and the pause is counted); a
+    connection that authenticates gives its credit back, so any number of correct clients connect
+    one after the other without a pause."""
+    cluster = make_cluster(tmp_path, runtime={"unauthenticated_accepts_per_s": 5.0}, clients=1)
+
+    async def main():
+        node, = await start_nodes(cluster, [0])
+        me = cluster.replicas[0]
+        c = cluster.client_ids[0]
+        try:
+            # 40 correct connections in turn, each authenticating before the next: more than the
+            # burst (16), none paused
+            for _ in range(40):
+                r, w = await asyncio.open_connection(me.host, me.port)
+                nk = make_newkey(cluster.identity(c), cluster.public, {0: os.urandom(64)}, now_timestamp_us())
+                w.write(frame(nk))
+                await wait_until(lambda: node.client_conn.get(c) is not None
+                                 and node.client_conn[c] is list(node.guard.conns)[-1], 5.0, "the NewKey")
+                w.close()
+            assert transport_drops(node, "accept-paused") == 0
+            accepted0 = node.counters.connections_accepted
+            t0 = time.monotonic()
+            # 60 that never authenticate: the kernel completes their handshakes (listen queue),
+            # the replica takes the burst and then about 5 a second
+            flood = []
+            for _ in range(60):
+                flood.append(await asyncio.open_connection(me.host, me.port))
+            await asyncio.sleep(1.0)
+            took = node.counters.connections_accepted - accepted0
+            elapsed = time.monotonic() - t0
+            assert 16 <= took <= 16 + 5 * elapsed + 2, (took, elapsed)
+            assert transport_drops(node, "accept-paused") >= 1
+            for _, w in flood:
+                w.close()
+        finally:
+            await stop_nodes([node])
+
+    asyncio.run(main())

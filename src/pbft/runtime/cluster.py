@@ -17,6 +17,7 @@ give each machine only ``cluster.toml`` and its own key file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import hashlib
 import json
 import ipaddress
@@ -68,6 +69,9 @@ class RuntimeParams:
     send_queue_bytes_max: int = 16 * 1024 * 1024  # per connection; beyond it frames are dropped
     receive_budget_frames: int = 64  # frames handled per connection before yielding to others
     connections_max: int = 1024  # inbound connections per replica
+    # inbound connections accepted per second that do not authenticate (runtime.transport.Listener:
+    # a connection's credit comes back when it authenticates; the excess waits in the kernel)
+    unauthenticated_accepts_per_s: float = 200.0
     reconnect_min_s: float = 0.05
     reconnect_max_s: float = 2.0
     # inbound connections (runtime.transport.InboundGuard): one that has not authenticated (no valid
@@ -384,7 +388,7 @@ def load_cluster(directory: str | os.PathLike) -> Cluster:
             continue
         if want is float and isinstance(v, int) and not isinstance(v, bool):
             v = float(v)
-        if type(v) is not want or v <= 0:
+        if type(v) is not want or not v > 0 or (want is float and not math.isfinite(v)):
             raise ConfigError(f"{where}: runtime parameter {k} must be a positive {want.__name__}, got {v!r}")
         rt_kw[k] = v
     storage = _storage(_table(doc.get("storage", {}), f"{where}: [storage]"), where)

@@ -32,7 +32,7 @@ from .cluster import Cluster
 from .keys import NEWKEY_TAG, Identity, fresh_key, make_newkey, now_timestamp_us
 from .metrics import HttpEndpoint, ReplicaMetrics
 from .transport import (AUTH_CLIENT, AUTH_REPLICA, UNAUTHENTICATED, Counters, FrameConn, InboundGuard, InboundLimits,
-                        OutLink, client_frame_bytes_max, frame)
+                        Listener, OutLink, client_frame_bytes_max, frame, listen_socket)
 from .admission import REQUEST_CREDITS_BURST, REQUEST_CREDITS_PER_RETRY_TIMEOUT, NewKeyGate, RequestBudget, frame_sender
 
 # a replica connection whose frames the core drops faster than this is held (``_count_waste``)
@@ -130,7 +130,7 @@ class ReplicaNode:
         self.internal_errors = _env_count(INTERNAL_ERRORS_ENV)  # metric, kept across reboots
         self.halted = False  # after an internal error: the core is not used any more
         self.reboot_delay_s = 0.0
-        self.server: Optional[asyncio.AbstractServer] = None
+        self.server: Optional[Listener] = None
         self.http: Optional[HttpEndpoint] = None
         self.newkey_gate = NewKeyGate(identity, cluster.public, n, n + self.cfg.clients_max - 1,
                                       self.cfg.timestamp_skew_ms_max, self.counters)
@@ -219,10 +219,12 @@ class ReplicaNode:
         me = self.cluster.replicas[self.id]
         self._refresh_keys(broadcast=False)
         try:
-            self.server = await self.loop.create_server(self._accept, me.host, me.port, reuse_address=True,
-                                                        backlog=512)
+            sock = listen_socket(me.host, me.port, backlog=512)
         except OSError as e:
             raise ConfigError(f"replica {self.id} cannot listen on {me.host}:{me.port}: {e.strerror or e}") from None
+        rate = self.rt.unauthenticated_accepts_per_s
+        self.server = Listener(sock, self._accept, self.counters, rate, max(16.0, rate))
+        self.server.start()
         for r in self.cluster.replicas:
             if r.id == self.id:
                 continue

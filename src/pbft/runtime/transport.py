@@ -103,6 +103,115 @@ class TokenBucket:
             return True
         return False
 
+    def give_back(self) -> None:
+        """Return a token taken for work that turned out to be legitimate."""
+        self.tokens = min(self.burst, self.tokens + 1.0)
+
+    def wait_s(self) -> float:
+        """Seconds until the next token (0 if one is there; after a refused ``take``)."""
+        return max(0.0, (1.0 - self.tokens) / self.rate) if self.rate > 0 else 1.0
+
+
+def listen_socket(host: str, port: int, backlog: int = 512) -> socket.socket:
+    """A bound, listening TCP socket (address reuse on), for a ``Listener``."""
+    fam, typ, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                  flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(fam, typ, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class Listener:
+    """A listening socket whose connections are accepted under a budget (``[runtime]``
+    ``unauthenticated_accepts_per_s``): each accepted connection takes a token, which comes back
+    when it authenticates (``FrameConn.on_auth``), so correct clients and replicas connect
+    freely while connections that never authenticate -- garbage, replays, idle sockets, each
+    closed or evicted at once -- are accepted at most ``rate`` per second (``burst`` at once).
+    Past the budget nothing is accepted: connections wait in the kernel's listen queue (and past
+    that, the kernel refuses them), costing this process nothing; the listener looks again when
+    the next token is due (``accept-paused``, once per pause)."""
+
+    ACCEPTS_PER_WAKEUP = 64  # then yield to the loop's other work
+
+    def __init__(self, sock: socket.socket, factory, counters: Counters, rate: float, burst: float):
+        self.sock = sock
+        self.factory = factory  # () -> FrameConn; the new connection's on_auth is set to give its token back
+        self.counters = counters
+        self.budget = TokenBucket(rate, burst)
+        self.loop = asyncio.get_event_loop()
+        self.reading = False
+        self.resume: Optional[asyncio.TimerHandle] = None
+        self.closed = False
+
+    def start(self) -> None:
+        self.sock.setblocking(False)
+        self._read(True)
+
+    def _read(self, on: bool) -> None:
+        if on and not self.reading and not self.closed:
+            self.loop.add_reader(self.sock.fileno(), self._readable)
+            self.reading = True
+        elif not on and self.reading:
+            self.loop.remove_reader(self.sock.fileno())
+            self.reading = False
+
+    def _readable(self) -> None:
+        for _ in range(self.ACCEPTS_PER_WAKEUP):
+            if self.closed:
+                return
+            if not self.budget.take(self.loop.time()):
+                self.counters.drop("accept-paused")
+                self._pause(self.budget.wait_s())
+                return
+            try:
+                s, _addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                self.budget.give_back()
+                return
+            except OSError:  # out of descriptors, or a connection reset before we took it
+                self.budget.give_back()
+                self.counters.drop("accept-failed")
+                self._pause(0.05)
+                return
+            s.setblocking(False)
+            self.loop.create_task(self._connect(s))
+
+    def _pause(self, wait: float) -> None:
+        self._read(False)
+        if self.resume is None and not self.closed:
+            self.resume = self.loop.call_later(max(0.001, wait), self._resume)
+
+    def _resume(self) -> None:
+        self.resume = None
+        self._read(True)
+
+    async def _connect(self, s: socket.socket) -> None:
+        conn = None
+
+        def make():
+            nonlocal conn
+            conn = self.factory()
+            conn.on_auth = self.budget.give_back
+            return conn
+        try:
+            await self.loop.connect_accepted_socket(make, s)
+        except OSError:
+            s.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self._read(False)
+        if self.resume is not None:
+            self.resume.cancel()
+            self.resume = None
+        self.sock.close()
+
 
 def client_frame_bytes_max(cfg) -> int:
     """The largest frame a correct client sends: a NewKey, or a request (its operation, an
@@ -240,7 +349,8 @@ class FrameConn(asyncio.Protocol):
 
     __slots__ = ("on_frame", "on_lost", "counters", "max_frame", "budget", "send_max", "transport",
                  "buf", "off", "closed", "paused", "holding", "deferred", "peer", "loop", "meta",
-                 "guard", "auth", "full_max_frame", "held", "rx_at", "frame_at", "frame_mark", "nframes")
+                 "guard", "auth", "full_max_frame", "held", "rx_at", "frame_at", "frame_mark", "nframes",
+                 "on_auth")
 
     def __init__(self, on_frame: Callable, counters: Counters, max_frame: int, budget: int, send_max: int,
                  on_lost: Optional[Callable] = None):
@@ -268,12 +378,16 @@ class FrameConn(asyncio.Protocol):
         self.frame_at: Optional[float] = None
         self.frame_mark = 0
         self.nframes = 0
+        self.on_auth: Optional[Callable[[], None]] = None  # called once, when it first authenticates
 
     def authenticate(self, level: int, max_frame: Optional[int] = None) -> None:
         """The owner checked a NewKey that came on this connection: trust it at ``level``
         (``AUTH_CLIENT`` or ``AUTH_REPLICA``; never lowered) and accept frames up to
         ``max_frame`` (by default the limit the connection was made with)."""
         if level > self.auth:
+            if self.auth == UNAUTHENTICATED and self.on_auth is not None:
+                self.on_auth()
+                self.on_auth = None
             self.auth = level
         cap = self.full_max_frame if max_frame is None else min(max_frame, self.full_max_frame)
         if cap > self.max_frame:
