@@ -147,7 +147,7 @@ class KVClient:
         self.timeout = timeout
 
     def _call(self, op: bytes, read_only: bool = False):
-        return _unwrap(self._invoke(op, read_only=read_only, timeout=self.timeout))
+        return unwrap_result(self._invoke(op, read_only=read_only, timeout=self.timeout))
 
     def get(self, key: bytes, read_only: bool = True) -> bytes | None:
         return self._call(encode_op("get", key), read_only)
@@ -170,7 +170,7 @@ class AsyncKVClient:
         self.timeout = timeout
 
     async def _call(self, op: bytes, read_only: bool = False):
-        return _unwrap(await self._client.invoke(op, read_only=read_only, timeout=self.timeout))
+        return unwrap_result(await self._client.invoke(op, read_only=read_only, timeout=self.timeout))
 
     async def get(self, key: bytes, read_only: bool = True) -> bytes | None:
         return await self._call(encode_op("get", key), read_only)
@@ -185,7 +185,8 @@ class AsyncKVClient:
         return await self._call(encode_op("cas", key, expected, new))
 
 
-def _unwrap(result: bytes):
+def unwrap_result(result: bytes):
+    """The value of an ``("ok", value)`` result; ``ServiceError`` for an error or a malformed one."""
     try:
         status, value = decode_result(result)
     except ValueError as e:

@@ -8,7 +8,6 @@ import importlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 import urllib.error
@@ -88,25 +87,13 @@ def cmd_replica(args) -> int:
     return 0
 
 
-def spawn_replica(cluster_dir, rid: int, service: str = "kv", quiet: bool = False, stderr=None,
-                  extra_env=None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "pbft.tools.cli", "replica", str(cluster_dir), "--id", str(rid), "--service", service]
-    if quiet:
-        cmd.append("--quiet")
-    env = dict(os.environ)
-    if extra_env:
-        env.update(extra_env)
-    return subprocess.Popen(cmd, stderr=stderr, stdout=subprocess.DEVNULL, env=env, start_new_session=True)
-
-
 def cmd_up(args) -> int:
     from ..runtime.cluster import load_cluster
+    from .procs import Procs
 
     cluster = load_cluster(args.dir)
     load_service(args.service, cluster)  # fail here, once, rather than in every child
-    procs = {r.id: spawn_replica(args.dir, r.id, args.service, args.quiet) for r in cluster.replicas}
-    print(f"pbft up: {len(procs)} replicas running (pids {', '.join(str(p.pid) for p in procs.values())}); "
-          f"Ctrl-C stops them", file=sys.stderr)
+    children = Procs()  # the replicas' stderr is ours
     stop = {"flag": False}
 
     def on_signal(signum, frame):
@@ -116,23 +103,17 @@ def cmd_up(args) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     rc = 0
     try:
+        procs = {r.id: children.start_replica(args.dir, r.id, args.service, args.quiet) for r in cluster.replicas}
+        print(f"pbft up: {len(procs)} replicas running (pids {', '.join(str(p.pid) for p in procs.values())}); "
+              f"Ctrl-C stops them", file=sys.stderr)
         while not stop["flag"]:
-            for rid, p in procs.items():
-                if p.poll() is not None:
-                    print(f"pbft up: replica {rid} exited with status {p.returncode}", file=sys.stderr)
-                    stop["flag"] = True
-                    rc = 1
+            for name, p in children.exited():
+                print(f"pbft up: {name.replace('-', ' ')} exited with status {p.returncode}", file=sys.stderr)
+                stop["flag"] = True
+                rc = 1
             time.sleep(0.2)
     finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.time() + 5
-        for p in procs.values():
-            try:
-                p.wait(max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                p.kill()
+        children.stop_all(grace=5.0)
         print("pbft up: stopped", file=sys.stderr)
     return rc
 

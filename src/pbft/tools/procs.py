@@ -127,13 +127,14 @@ class Procs:
     def start_replica(self, cluster_dir, rid: int, service: Optional[str] = None, quiet: bool = False,
                       name: Optional[str] = None, extra: Iterable[str] = (),
                       env: Optional[Mapping[str, str]] = None) -> subprocess.Popen:
-        """``pbft replica CLUSTER_DIR --id RID [--service S] [--quiet]`` as child ``replica-RID``."""
+        """``pbft replica CLUSTER_DIR --id RID [--service S] [--quiet]`` as child ``replica-RID``
+        (``--quiet``: no log lines; errors still reach its stderr)."""
         argv = ["-m", "pbft.tools.cli", "replica", str(cluster_dir), "--id", str(rid)]
         if service is not None:
             argv += ["--service", service]
         if quiet:
             argv.append("--quiet")
-        return self.start(name or f"replica-{rid}", argv + list(extra), env=env, quiet=quiet)
+        return self.start(name or f"replica-{rid}", argv + list(extra), env=env)
 
     # ---- watch ------------------------------------------------------------------
     def name_of(self, p: subprocess.Popen) -> str:

@@ -27,7 +27,6 @@ What it does, narrated as it happens:
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -37,7 +36,8 @@ from pathlib import Path
 
 from ...runtime.cluster import free_port_range, init_cluster
 from ...runtime.client import ClientPool, PbftError
-from ...services.kv import _unwrap, encode_op
+from ...services.kv import encode_op, unwrap_result
+from ..procs import Procs
 
 CLIENTS = 8
 KEYS_PER_CLIENT = 16
@@ -48,6 +48,7 @@ class Demo:
         self.dir = workdir
         self.out = out
         self.phase_s = phase_s
+        self.children = Procs(workdir)  # replica logs in the cluster directory
         self.procs: dict[int, subprocess.Popen] = {}
         self.tty = hasattr(out, "isatty") and out.isatty()
         self.t0 = time.monotonic()
@@ -90,24 +91,10 @@ class Demo:
 
     # ---- processes ----------------------------------------------------------
     def start_replica(self, i: int) -> None:
-        env = dict(os.environ)
-        src = str(Path(__file__).resolve().parents[3])
-        env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-        log = open(self.dir / f"replica-{i}.log", "ab")
-        self.procs[i] = subprocess.Popen(
-            [sys.executable, "-m", "pbft.tools.cli", "replica", str(self.dir), "--id", str(i)],
-            stdout=subprocess.DEVNULL, stderr=log, env=env, start_new_session=True)
-        log.close()
+        self.procs[i] = self.children.start_replica(self.dir, i)
 
     def kill_all(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs.values():
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        self.children.stop_all(grace=5.0)
 
     async def poll_status(self) -> None:
         loop = asyncio.get_running_loop()
@@ -133,7 +120,7 @@ class Demo:
             key = f"c{pid}-k{k % KEYS_PER_CLIENT}".encode()
             val = f"v{k}".encode()
             try:
-                _unwrap(await pool.invoke(pid, encode_op("put", key, val), timeout=10.0))
+                unwrap_result(await pool.invoke(pid, encode_op("put", key, val), timeout=10.0))
                 self.written[key] = val
                 self.ops += 1
             except PbftError:
@@ -161,8 +148,7 @@ class Demo:
         primary = next((s["primary"] for s in self.status.values() if s), 0)
         self.say(f"killing the primary, replica {primary}, with SIGKILL")
         t_kill = time.monotonic()
-        self.procs[primary].kill()
-        self.procs[primary].wait()
+        self.children.kill(self.procs[primary])
         new_view_at = None
         while time.monotonic() - t_kill < 20:
             live = [s for i, s in self.status.items() if s and i != primary]
@@ -226,7 +212,7 @@ class Demo:
         # read back what was acknowledged
         mismatches = 0
         for key, val in sorted(self.written.items()):
-            got = _unwrap(await pool.invoke(self.cluster.client_ids[0], encode_op("get", key), read_only=True))
+            got = unwrap_result(await pool.invoke(self.cluster.client_ids[0], encode_op("get", key), read_only=True))
             mismatches += got != val
         await pool.close()
         self.say(f"read back {len(self.written)} keys with read-only requests: "
