@@ -15,7 +15,7 @@ from pbft.core.client import Client
 from pbft.core.replica import Replica
 from pbft.crypto import keyrings_for
 from pbft.services.kv import KVService, decode_result, encode_op
-from pbft.state.store import MemStore
+from pbft.storage.memory import MemStore
 
 
 class Cluster:

@@ -231,7 +231,7 @@ def test_store_error_stops_the_process(tmp_path):
     from pbft.runtime import node as node_mod
     from pbft.runtime.cluster import init_cluster
     from pbft.services.kv import KVService
-    from pbft.state.store import StoreError
+    from pbft.storage import StoreError
 
     cluster = init_cluster(tmp_path / "c", 4, None, ["127.0.0.1"], 42100, 1)
     loop = asyncio.new_event_loop()

@@ -11,7 +11,7 @@ import msgpack
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pbft.state.store import META_KEY, CorruptRecord, LmdbStore, MemStore, StoreError, frame
+from pbft.storage import META_KEY, CorruptRecord, LmdbStore, MemStore, StoreError, frame
 
 OWNER = "cluster-a/replica-0"
 

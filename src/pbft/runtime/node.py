@@ -27,7 +27,7 @@ from ..config import ConfigError
 from ..core.replica import Replica
 from ..crypto import KEY_SIZE, KeyRing
 from ..service import Service
-from ..state.store import LmdbStore, StoreError
+from ..storage import LmdbStore, StoreError
 from .cluster import Cluster
 from .keys import NEWKEY_TAG, Identity, fresh_key, make_newkey, now_timestamp_us
 from .metrics import HttpEndpoint, ReplicaMetrics

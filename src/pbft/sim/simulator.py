@@ -37,7 +37,7 @@ from ..core.replica import Replica
 from ..crypto import keyrings_for
 from ..services.kv import KVService, decode_result, encode_op
 from .linearizability import KvOp, check_kv_history
-from ..state.store import MemStore
+from ..storage.memory import MemStore
 from .oracles import Oracles
 from ..runtime.admission import frame_sender
 
