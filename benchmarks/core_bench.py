@@ -36,7 +36,7 @@ def run(n_clients: int, ops: int, read_only: bool = False) -> dict:
     pc = time.process_time
 
     def collect(pid):
-        for dests, raw in nodes[pid].take_sends():
+        for dests, raw in nodes[pid].take_ready().sends:
             for d in dests:
                 net.append((d, raw))
 

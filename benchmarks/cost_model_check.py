@@ -3,7 +3,7 @@
 ``python benchmarks/cost_model_check.py [--reps R] [--json] [--no-runtime]``
 
 For each message class the cost model prices, the real CPU time the pure core spends in
-``Replica.receive`` (plus the ``take_sends`` that follows, where vouches are sealed) is measured
+``Replica.receive`` (plus the ``take_ready`` that follows, where vouches are sealed) is measured
 single-process, without a network, over many frames, and compared with what the model charges for
 the same frames (it is given the same counters the simulator reads: bytes, MACs, executed requests,
 handler work, frames sent).  Then:
@@ -70,10 +70,10 @@ class Probe:
         return self.keys.mac_ops, r.executed_requests, r.work_units
 
     def step(self, raw: bytes, dt_ms: float = 0.0) -> int:
-        """receive + take_sends; the number of frames sent (per destination)."""
+        """receive + take_ready; the number of frames sent (per destination)."""
         self.now += dt_ms
         self.rep.receive(raw, self.now)
-        return sum(len(d) for d, _ in self.rep.take_sends())
+        return sum(len(d) for d, _ in self.rep.take_ready().sends)
 
 
 def measure_class(name, make_frames, C: CostModel, rep_i: int, setup=None, iters: int = 400, dt_ms: float = 0.0):
@@ -224,7 +224,7 @@ def workload(C: CostModel, reps: int, ops: int = 6000, clients: int = 32, value:
                     m0, e0, w0, h0 = k.mac_ops, r.executed_requests, r.work_units, r.h
                     t0 = pc()
                     r.receive(raw, now)
-                    sends = r.take_sends()
+                    sends = r.take_ready().sends
                     dt = max(0.0, (pc() - t0) * 1e6 - clock_us)
                     ex = r.executed_requests - e0
                     sent = sum(len(ds) for ds, _ in sends)
@@ -459,7 +459,7 @@ def main():
         print(json.dumps({"cost_model": C.__dict__, "rows": rows + rt}, indent=1))
         return
     print(f"cost model: {C}")
-    print("\ncore (Replica.receive + take_sends, no runtime), µs per frame; min over repetitions")
+    print("\ncore (Replica.receive + take_ready, no runtime), µs per frame; min over repetitions")
     print(f"{'class':58s} {'measured':>10s} {'model':>10s} {'ratio':>6s}   {'with runtime: measured':>16s}"
           f" {'model':>16s} {'ratio':>12s}")
     for r in rows:

@@ -27,7 +27,7 @@ class Cluster:
         self.now = 0.0
         self.events: list[tuple[int, tuple]] = []
         self.service = service
-        self.replicas = [Replica(self.cfg, i, self.rings[i], service(), trace=self._trace) for i in range(n)]
+        self.replicas = [Replica(self.cfg, i, self.rings[i], service()) for i in range(n)]
         self.stores = [MemStore(durable=durable) for _ in range(n)] if durable is not None else None
         if self.stores:
             for r in self.replicas:
@@ -39,9 +39,6 @@ class Cluster:
         self.drop = lambda src, dst, raw: False
         self.delivered = 0
 
-    def _trace(self, r, ev):
-        self.events.append((r, ev))
-
     def node(self, pid):
         return self.replicas[pid] if pid < self.cfg.n else self.clients[pid - self.cfg.n]
 
@@ -52,7 +49,7 @@ class Cluster:
         store = self.stores[i]
         if power_loss:
             store.power_loss(rng, torn=torn)
-        r = Replica(self.cfg, i, self.rings[i], self.service(), now=self.now, trace=self._trace)
+        r = Replica(self.cfg, i, self.rings[i], self.service(), now=self.now)
         r.enable_persistence()
         records, damaged = store.load()
         outcome = r.restore(records, damaged)
@@ -64,12 +61,17 @@ class Cluster:
         return outcome
 
     def collect(self):
-        for pid in list(range(self.cfg.n)) + [c.id for c in self.clients]:
-            if self.stores and pid < self.cfg.n:
-                puts = self.replicas[pid].take_persist()
-                if puts:
-                    self.stores[pid].write(puts)
-            for dests, raw in self.node(pid).take_sends():
+        n = self.cfg.n
+        for pid in list(range(n)) + [c.id for c in self.clients]:
+            if pid < n:
+                ready = self.replicas[pid].take_ready()
+                if self.stores and ready.persist:
+                    self.stores[pid].write(ready.persist)  # (before any of the step's sends)
+                sends = ready.sends
+                self.events.extend((pid, ev) for ev in ready.events)
+            else:
+                sends = self.node(pid).take_sends()
+            for dests, raw in sends:
                 for d in dests:
                     self.net.append((pid, d, raw))
 

@@ -115,12 +115,12 @@ def test_fetch_answers_are_bounded_per_replica_and_interval():
     answered = 0
     for _ in range(5000):
         r0.receive(seal(Fetch(n, d, 0, 0, (), 1), c.rings[1], to=0), c.now)
-        answered += len(r0.take_sends())
+        answered += len(r0.take_ready().sends)
     assert 0 < answered < 5000
     assert r0.drops["fetch-rate-limited"] == 5000 - answered
     c.now += c.cfg.status_interval_ms
     r0.receive(seal(Fetch(n, d, 0, 0, (), 1), c.rings[1], to=0), c.now)
-    assert len(r0.take_sends()) == 1  # a new interval, a new budget
+    assert len(r0.take_ready().sends) == 1  # a new interval, a new budget
 
 
 def recovery_request(c: Cluster, j: int, nonce: int) -> bytes:

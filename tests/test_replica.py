@@ -267,7 +267,7 @@ def test_cached_reply_of_a_tentative_execution_stays_tentative():
     raw = seal(Request(req.client, req.timestamp, req.op, False, ALL_REPLICAS), c.rings[req.client])
     for r in c.replicas:
         r.receive(raw, c.now)  # the client retransmits
-    replies = [c.codec.parse(c.codec.open_frame(x)) for r in c.replicas for _, x in r.take_sends()]
+    replies = [c.codec.parse(c.codec.open_frame(x)) for r in c.replicas for _, x in r.take_ready().sends]
     assert replies and all(rep.tentative for rep in replies)
 
 
@@ -285,6 +285,7 @@ def test_status_join_rule_moves_a_replica_that_slept_through_view_changes():
     r3.receive(seal(Status(4, False, 0, 0, 2), c.rings[2]), c.now)
     # replicas 1 and 2 (weight f+1) are in views >= 4: join the lowest of them
     assert r3.view == 4 and not r3.view_active
+    c.collect()
     assert any(ev[0] == "view-change" and ev[1] == 4 and ev[2] == "status-join" for r, ev in c.events if r == 3)
 
 

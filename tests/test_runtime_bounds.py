@@ -217,7 +217,7 @@ def test_internal_error_backoff(tmp_path, monkeypatch, started_ago, streak_befor
         assert nd.internal_errors == 8 and os.environ[node_mod.INTERNAL_ERRORS_ENV] == "8"
         # the core is not fed any more
         nd.replica.receive(b"\x95", 0.0, False)
-        assert nd.replica.next_deadline() is None and nd.replica.take_sends() == []
+        assert nd.replica.next_deadline() is None and not nd.replica.take_ready().sends
         nd._fail_stop(RuntimeError("a second one while going down"))
         assert nd.internal_errors == 8
         if nd.store is not None:

@@ -32,6 +32,7 @@ from ..codec import Codec, DecodeError, Frame, result_digest, seal
 from ..config import ClusterConfig
 from ..crypto import KeyRing
 from ..messages import ALL_REPLICAS, Reply, Request
+from .ready import Ready
 
 
 @dataclass(slots=True)
@@ -75,6 +76,11 @@ class Client:
     def take_sends(self) -> list[tuple[tuple[int, ...], bytes]]:
         out, self.out = self.out, []
         return out
+
+    def take_ready(self) -> Ready:
+        """The sends of the steps since the last call, as a ``Ready`` (a client writes nothing and
+        reports no events): drivers may treat replicas and clients alike."""
+        return Ready(sends=self.take_sends())
 
     def next_deadline(self) -> Optional[float]:
         return self.deadline

@@ -1,9 +1,9 @@
 """What a replica writes to stable storage, and how it comes back from it.
 
 The core stays pure: it does no I/O itself.  With persistence on, it collects the
-records to write in ``self._puts`` and the driver takes them with
-``take_persist()`` and writes them in **one transaction before it sends anything
-the core produced in the same step** (group commit: one write, and in the durable
+records to write in ``self._puts`` and the driver takes them with the step's
+``Ready`` (``take_ready().persist``) and writes them in **one transaction before it
+sends anything the core produced in the same step** (group commit: one write, and in the durable
 mode one fsync, per event-loop turn whatever the number of messages handled).  So
 nothing leaves a replica before what it implies is on disk:
 
@@ -64,13 +64,6 @@ class Durability:
         """Start collecting records to write (call before ``restore`` and any message)."""
         self._puts = {}
         self.persisted_ckpt = -1
-
-    def take_persist(self) -> dict[bytes, Optional[bytes]]:
-        """The records to write, in one transaction, before the sends of this step go out."""
-        if not self._puts:
-            return {}
-        puts, self._puts = self._puts, {}
-        return puts
 
     # -- hooks called by the replica -------------------------------------------------
     def _persist_view(self) -> None:

@@ -17,8 +17,8 @@ attacker knew is dropped) and then calls :meth:`Recovery.begin_recovery`.  From 
    it said about them before the reboot).
 3. **Recovery request**, ordered like any request (so every replica agrees on when
    the recovery happened).  When a replica executes replica j's recovery request at
-   sequence number n_R, it records j's recovery point H = max(H_M, n_R) and (in the
-   runtime) refreshes its own session keys; the reply tells j the point.
+   sequence number n_R, it records j's recovery point H = max(H_M, n_R) and asks its
+   driver to refresh its own session keys (``Ready.refresh_keys``); the reply tells j the point.
 4. **Null requests.**  While a recovery point is not yet covered by a stable
    checkpoint and there is nothing else to order, the primary orders null batches, so
    the checkpoint after H arrives even on an idle system.
@@ -224,6 +224,8 @@ class Recovery:
         H = max(H_M, n)
         self.recovery_points[j] = H
         self._trace_ev("recovery-request", j, n, H)
+        if j != self.id:
+            self.refresh_keys = True  # (in the runtime: our session keys too, see ``Ready``)
         return msgpack.packb(["recovery", n, H])
 
     def _null_goal(self) -> int:

@@ -1,8 +1,9 @@
 """The PBFT replica as a pure state machine.
 
 No I/O, no clock, no randomness: a driver (the simulator, the asyncio
-runtime, a test) feeds it ``receive(bytes, now)`` and ``tick(now)`` and carries
-out what it returns from ``take_sends()``: ``(destinations, bytes)`` pairs.
+runtime, a test) feeds it ``receive(bytes, now)`` and ``tick(now)`` and, after each
+step, carries out the one ``Ready`` that ``take_ready()`` returns (records to write,
+then messages to send, events, a key refresh: the contract is ``Ready``'s docstring).
 ``next_deadline()`` says when ``tick`` must be called next.
 
 Failure discipline: anything a peer or client can send is an
@@ -30,7 +31,7 @@ Protocol outline (names follow the paper and the thesis):
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional
+from typing import Optional
 
 from ..codec import (
     BATCH_OVERHEAD_BYTES, NONDET_SIZE_BYTES_MAX, NULL_BATCH_DIGEST, Codec, DecodeError, Frame,
@@ -47,6 +48,7 @@ from ..service import Service
 from ..state.partition import Fetcher
 from ..state.replica_state import ReplicaState
 from .durability import Durability
+from .ready import Ready
 from .recovery import Recovery
 from .view_change import Decision, decide
 
@@ -103,7 +105,6 @@ class Replica(Durability, Recovery):
         keys: KeyRing,
         service: Service,
         now: float = 0.0,
-        trace: Optional[Callable[[int, tuple], None]] = None,
     ):
         assert cfg.is_replica(replica_id)
         self.cfg = cfg
@@ -112,8 +113,9 @@ class Replica(Durability, Recovery):
         self.codec = Codec(cfg)
         self.service = service
         self.now = now
-        self._trace = trace
-        self.out: list[tuple[tuple[int, ...], bytes]] = []
+        self.out: list[tuple[tuple[int, ...], bytes]] = []  # this step's sends (``take_ready``)
+        self.events: list = []  # this step's events (``take_ready``)
+        self.refresh_keys = False  # this step executed another replica's recovery request
         self.drops: dict[str, int] = {}
         self.dropped_total = 0
         self.vc_ahead_at: dict[int, float] = {}  # replica -> when we took its last view change > view+1
@@ -245,7 +247,25 @@ class Replica(Durability, Recovery):
     # =====================================================================
     # driver interface
     # =====================================================================
-    def take_sends(self) -> list[tuple[tuple[int, ...], bytes]]:
+    def take_ready(self) -> Ready:
+        """Everything the steps since the last call produced, for the driver to carry out: the
+        records to write, THEN the messages to send (see ``Ready`` for the whole contract).
+        Call it once after every step (``receive``, ``tick``, ``restore``, ``begin_recovery``,
+        ``restart``)."""
+        sends = self._take_sends()
+        puts = self._puts
+        if puts:
+            self._puts = {}
+        else:
+            puts = {}
+        events, refresh = self.events, self.refresh_keys
+        if events:
+            self.events = []
+        if refresh:
+            self.refresh_keys = False
+        return Ready(puts, sends, events, refresh)
+
+    def _take_sends(self) -> list[tuple[tuple[int, ...], bytes]]:
         # one Vouch per driver step: vouches batch themselves under load. They wait up to
         # ``vouch_delay_ms`` for another message to the replicas to travel with (one write per
         # peer instead of two; under load there always is one), and a request superseded
@@ -430,8 +450,7 @@ class Replica(Durability, Recovery):
         self.dropped_total += 1  # (a driver compares it around ``receive``: was the frame wasted?)
 
     def _trace_ev(self, *ev) -> None:
-        if self._trace is not None:
-            self._trace(self.id, ev)
+        self.events.append(ev)
 
     def primary(self, view: Optional[int] = None) -> int:
         return (self.view if view is None else view) % self.cfg.n

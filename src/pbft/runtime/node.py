@@ -2,7 +2,8 @@
 
 The driver does exactly what the simulator does, with a real clock and TCP:
 frames in -> ``replica.receive``; deadlines -> ``replica.tick``; after each
-event-loop turn, ``replica.take_sends`` -> sockets.  Sends are coalesced per
+event-loop turn, ``replica.take_ready()``: its records -> the store, then its sends
+-> sockets, its events -> logs and metrics.  Sends are coalesced per
 destination per turn (one write per peer), which is what makes batching and
 vouching cheap under load.
 
@@ -75,7 +76,7 @@ class ReplicaNode:
         self.counters = Counters()
         n = self.cfg.n
         self.ring = KeyRing(replica_id, n, {}, {})
-        self.replica = Replica(self.cfg, replica_id, self.ring, service, now=self._now(), trace=self._on_trace)
+        self.replica = Replica(self.cfg, replica_id, self.ring, service, now=self._now())
         self.store: Optional[LmdbStore] = None
         self.restore_outcome = "memory"
         st = cluster.storage
@@ -145,7 +146,17 @@ class ReplicaNode:
     def _sync_wall_clock(self) -> None:
         self.replica.wall_offset_ms = time.time() * 1000.0 - self._now()
 
-    def _on_trace(self, rid: int, ev: tuple) -> None:
+    def _on_events(self, ready) -> None:
+        """A step's events (logs, metrics) and its request for a key refresh."""
+        for ev in ready.events:
+            if ev[0] in LOGGED_EVENTS:
+                self._on_event(ev)
+        if ready.refresh_keys:
+            # another replica recovers: as in the thesis, refresh our session keys too, so keys
+            # its attacker may have learnt from it are useless
+            self._refresh_keys_coalesced()
+
+    def _on_event(self, ev: tuple) -> None:
         kind = ev[0]
         if kind not in LOGGED_EVENTS:
             return
@@ -179,11 +190,7 @@ class ReplicaNode:
             self._log("recovered", recovery_point=ev[1], protocol_s=round(ev[2] / 1000, 3),
                       fetched_objects=ts["objects"], fetched_bytes=ts["bytes"])
         elif kind == "recovery-request":
-            # another replica recovers: as in the thesis, refresh our session keys too, so keys
-            # its attacker may have learnt from it are useless
             self._log("recovery-request", recovering=ev[1], seqno=ev[2], recovery_point=ev[3])
-            if ev[1] != self.id:
-                self._refresh_keys_coalesced()
 
     def _refresh_keys_coalesced(self) -> None:
         """Refresh our session keys for another replica's recovery, at most once per
@@ -274,7 +281,7 @@ class ReplicaNode:
                 for queued, _ in self.write_queue:  # not written yet: in order, newest last
                     puts.update(queued)
                 self.write_queue = []
-                puts.update(self.replica.take_persist())
+                puts.update(self.replica.take_ready().persist)
                 if puts:
                     self.store.write(puts)
                 self.store.flush()
@@ -527,11 +534,14 @@ class ReplicaNode:
 
     def _flush(self) -> None:
         self.flush_pending = False
+        ready = self.replica.take_ready()
+        if ready.events or ready.refresh_keys:
+            self._on_events(ready)
+        sends = ready.sends
         if self.store is not None:
             # group commit: what this turn's messages imply reaches the disk (fsynced in the
             # durable mode) before any of them is sent
-            puts = self.replica.take_persist()
-            sends = self.replica.take_sends()
+            puts = ready.persist
             if self.durable_writes:
                 # fsync in a writer thread: the loop goes on handling messages meanwhile, and their
                 # sends wait, in order, behind the writes they follow (one fsync covers every turn
@@ -548,8 +558,6 @@ class ReplicaNode:
                 except StoreError as e:
                     self._fail_stop(e)
                     return
-        else:
-            sends = self.replica.take_sends()
         self._send_out(sends)
         self._rearm()
 
@@ -669,8 +677,7 @@ class ReplicaNode:
         # the failing step's effects, and those of this turn, reach neither the network nor the disk
         # (as if the process had crashed before its group commit); the core is not fed again
         r = self.replica
-        r.take_sends()
-        r.take_persist()
+        r.take_ready()
         r.receive = r.tick = _ignore
         r.next_deadline = _none
         if isinstance(e, StoreError):

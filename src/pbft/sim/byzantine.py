@@ -3,8 +3,8 @@
 A Byzantine replica wraps the real ``Replica`` of its identity (so it holds the
 real keys and a plausible state) and deviates in what it sends, what it
 accepts, or both.  The simulator drives a behaviour exactly like a replica
-(``receive``/``tick``/``next_deadline``/``take_sends``); ``take_sends`` may
-return ``(destinations, bytes, extra_delay_ms)``.  Messages a behaviour
+(``receive``/``tick``/``next_deadline``/``take_ready``); the sends of its
+``Ready`` may be ``(destinations, bytes, extra_delay_ms)``.  Messages a behaviour
 forges are sealed with the Byzantine replica's own keys, so they pass MAC
 checks: the protocol itself must reject them.
 
@@ -53,6 +53,7 @@ from dataclasses import replace
 from typing import Optional
 
 from ..codec import TAG, U63, DecodeError, result_digest, seal
+from ..core.ready import Ready
 from ..core.replica import Replica
 from ..messages import (
     Batch, Checkpoint, Commit, Data, Fetch, MetaData, NewView, PrePrepare, Prepare, Reply, Request, Status,
@@ -92,15 +93,16 @@ class Behaviour:
     def restart(self, now: float) -> None:
         self.node.restart(now)
 
-    def take_sends(self) -> list[tuple]:
+    def take_ready(self) -> Ready:
+        ready = self.node.take_ready()
         out = []
-        for dests, raw in self.node.take_sends():
+        for dests, raw in ready.sends:
             if len(self.history) < 2000:
                 self.history.append(raw)
             out.extend(self.transform(dests, raw))
         out.extend(self.extra)
         self.extra = []
-        return out
+        return Ready(ready.persist, out, ready.events, ready.refresh_keys)
 
     # -- hooks ------------------------------------------------------------
     def accept(self, raw: bytes) -> bool:
@@ -652,13 +654,17 @@ class _TwinNode:
         for x in self.g.twins[self.t]:
             x.restart(now)
 
-    def take_sends(self) -> list[tuple]:
+    def take_ready(self) -> Ready:
         g = self.g
         g._check_round()
         out = []
+        events: list = []
         for side_i, x in enumerate(g.twins[self.t]):
             side = "AB"[side_i]
-            for dests, raw in x.take_sends():
+            ready = x.take_ready()
+            if side_i == 0:
+                events = ready.events  # (twin A is the simulator's replica: its events, as before)
+            for dests, raw in ready.sends:
                 if side == "B" and g.sim.healed:
                     continue
                 ds = []
@@ -674,7 +680,7 @@ class _TwinNode:
                     out.append((tuple(ds), raw))
         if len(g.side_of_raw) > 5000:
             g.side_of_raw.clear()
-        return out
+        return Ready(sends=out, events=events)
 
 
 BEHAVIOURS = {cls.name: cls for cls in (

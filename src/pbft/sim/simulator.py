@@ -33,6 +33,7 @@ import msgpack
 from ..codec import Codec
 from ..config import ClusterConfig
 from ..core.client import Client
+from ..core.ready import Ready
 from ..core.replica import Replica
 from ..crypto import keyrings_for
 from ..services.kv import KVService, decode_result, encode_op
@@ -200,8 +201,7 @@ class Simulation:
         for r, sk in sc.skewed:
             self.skew[r] = sk
         self.replicas = [
-            Replica(cfg, i, rings[i], KVService(skew_ms=cfg.nondet_skew_ms_max), now=self.skew[i],
-                    trace=self._on_trace)
+            Replica(cfg, i, rings[i], KVService(skew_ms=cfg.nondet_skew_ms_max), now=self.skew[i])
             for i in range(n)
         ]
         self.byz: dict[int, object] = {}
@@ -226,6 +226,7 @@ class Simulation:
         self.quiet_since = float("inf")  # when the quiet tail (no client requests) began
         self.recovery_requests_executed = 0
         self.wake_at: dict[int, float] = {}
+        self.carried: dict[int, Ready] = {}  # replica -> the Ready of its restore, sent with its next step
         self.events = 0
         self.messages = 0
         self.log_events = log_events
@@ -284,7 +285,11 @@ class Simulation:
 
             self.byz_clients = make_byz_clients(self, sc.byz_clients, n + sc.clients)
 
-    def _on_trace(self, r: int, ev: tuple) -> None:
+    def _on_events(self, r: int, events: list) -> None:
+        for ev in events:
+            self._on_event(r, ev)
+
+    def _on_event(self, r: int, ev) -> None:
         if ev[0] == "recovery-request" and self.correct and r == self.correct[0] and ev[1] in self.byz:
             self.recovery_requests_executed += 1  # (a Byzantine replica's, executed at one correct replica)
         if ev[0] == "recovered" and r in self.recovering:
@@ -331,13 +336,23 @@ class Simulation:
 
     # ---- network ------------------------------------------------------------
     def _flush(self, src: int, after: float = 0.0) -> None:
-        store = self.stores.get(src)
-        if store is not None:  # group commit before the sends (the runtime's contract)
-            puts = self.replicas[src].take_persist()
-            if puts:
-                store.write(puts)
+        if src < self.sc.replicas:
+            ready = self._node(src).take_ready()
+            carried = self.carried.pop(src, None)
+            if carried is not None:  # (what a reboot produced: with the replica's first step)
+                carried.persist.update(ready.persist)
+                carried.sends.extend(ready.sends)
+                ready = carried
+            store = self.stores.get(src)
+            if store is not None and ready.persist:  # group commit before the sends (``Ready``)
+                store.write(ready.persist)
+            sends = ready.sends
+            if ready.events:
+                self._on_events(src, ready.events)
+        else:
+            sends = self._node(src).take_sends()
         limit = self.cfg.message_size_bytes_max
-        for item in self._node(src).take_sends():
+        for item in sends:
             if len(item[1]) > limit and src in self.oracles.correct:
                 # (bounded messages: every receiver would drop it unread, so whatever it carried is lost)
                 self.oracles.violation(f"R2 replica {src} sent a message of {len(item[1])} bytes, over "
@@ -523,7 +538,7 @@ class Simulation:
         if power_loss:
             store.power_loss(rd, torn=rd.random() < 0.5)
         rep = Replica(self.cfg, r, self.rings[r], KVService(skew_ms=self.cfg.nondet_skew_ms_max),
-                      now=self._local(r), trace=self._on_trace)
+                      now=self._local(r))
         rep.enable_persistence()
         records, damaged = store.load()
         self.replicas[r] = rep
@@ -533,6 +548,11 @@ class Simulation:
         self.recovering.discard(r)  # a recovery under way starts again only if its marker is on disk
         self.oracles.rebase(r, rep)
         outcome = rep.restore(records, damaged)
+        # the oracles see what restore re-executed now; its records and messages go with the
+        # replica's first step (as the runtime's first event-loop turn after a start)
+        ready = rep.take_ready()
+        self.carried[r] = Ready(ready.persist, ready.sends)
+        self._on_events(r, ready.events)
         self.oracles.rebase(r, rep)  # restore re-executed what committed after its checkpoint
         if recover or rep.recovery_marker:
             self.recovering.add(r)
