@@ -14,7 +14,8 @@ batch without hashing it twice; backups check the batch against that digest
 (the check that the ``skip-digest-check`` injected bug removes).
 
 Anything malformed raises ``DecodeError`` with a short reason; callers drop
-and count.  No other exception escapes ``open_frame``/``parse``.
+and count.  No other exception escapes ``open_frame``/``parse``/``open_authenticated``
+(the one call that opens, authenticates and parses a frame).
 """
 
 from __future__ import annotations
@@ -24,19 +25,44 @@ from dataclasses import dataclass
 import msgpack
 
 from .config import ClusterConfig
-from .crypto import DIGEST_SIZE, MAC_SIZE, KeyRing, digest, digest1
+from .crypto import DIGEST_SIZE, MAC_SIZE, KeyRing
+from .digests import (  # noqa: F401  (re-exported: the codec's callers read them here too)
+    NULL_BATCH_DIGEST, batch_digest_from_request_digests, checkpoint_digest, frame_digest, result_digest,
+    state_digest, vouch_key,
+)
 from .messages import (
     ALL_REPLICAS, RECOVERY_OP, Batch, BatchData, Checkpoint, Commit, Data, Fetch, FetchBatch, Message, MetaData,
     NewView, QueryStable, ReplyStable, Vouch,
-    PrePrepare, Prepare, Reply, Request, Status, ViewChange, ViewChangeAck,
+    PrePrepare, Prepare, Reply, Request, Status, Tag, ViewChange, ViewChangeAck,
 )
 
 U63 = (1 << 63) - 1
 
+# The tags as module constants: on the decode path a global costs a fraction of an enum attribute.
+T_REQUEST = Tag.REQUEST
+T_REPLY = Tag.REPLY
+T_PRE_PREPARE = Tag.PRE_PREPARE
+T_PREPARE = Tag.PREPARE
+T_COMMIT = Tag.COMMIT
+T_CHECKPOINT = Tag.CHECKPOINT
+T_STATUS = Tag.STATUS
+T_VIEW_CHANGE = Tag.VIEW_CHANGE
+T_VIEW_CHANGE_ACK = Tag.VIEW_CHANGE_ACK
+T_NEW_VIEW = Tag.NEW_VIEW
+T_FETCH = Tag.FETCH
+T_DATA = Tag.DATA
+T_FETCH_BATCH = Tag.FETCH_BATCH
+T_BATCH_DATA = Tag.BATCH_DATA
+T_VOUCH = Tag.VOUCH
+T_META_DATA = Tag.META_DATA
+T_QUERY_STABLE = Tag.QUERY_STABLE
+T_REPLY_STABLE = Tag.REPLY_STABLE
+
 TAG = {
-    Request: 1, Reply: 2, PrePrepare: 3, Prepare: 4, Commit: 5, Checkpoint: 6,
-    Status: 7, ViewChange: 8, ViewChangeAck: 9, NewView: 10, Fetch: 11, Data: 12,
-    FetchBatch: 13, BatchData: 14, Vouch: 15, MetaData: 17, QueryStable: 18, ReplyStable: 19,
+    Request: T_REQUEST, Reply: T_REPLY, PrePrepare: T_PRE_PREPARE, Prepare: T_PREPARE, Commit: T_COMMIT,
+    Checkpoint: T_CHECKPOINT, Status: T_STATUS, ViewChange: T_VIEW_CHANGE, ViewChangeAck: T_VIEW_CHANGE_ACK,
+    NewView: T_NEW_VIEW, Fetch: T_FETCH, Data: T_DATA, FetchBatch: T_FETCH_BATCH, BatchData: T_BATCH_DATA,
+    Vouch: T_VOUCH, MetaData: T_META_DATA, QueryStable: T_QUERY_STABLE, ReplyStable: T_REPLY_STABLE,
 }
 TYPE_OF_TAG = {v: k for k, v in TAG.items()}
 # Point-to-point messages carry a single MAC; everything else an authenticator.
@@ -64,44 +90,6 @@ class Frame:
     @property
     def multi(self) -> bool:
         return self.tag not in SINGLE_MAC
-
-
-# ---------------------------------------------------------------------------
-# digests of protocol values
-# ---------------------------------------------------------------------------
-
-def frame_digest(tag: int, sender: int, header: bytes) -> bytes:
-    return digest1(b"pbft.msg", tag.to_bytes(1, "big") + sender.to_bytes(4, "big", signed=True) + header)
-
-
-def batch_digest_from_request_digests(nondet: bytes, request_digests: list[bytes] | tuple[bytes, ...]) -> bytes:
-    return digest(b"pbft.batch", nondet, *request_digests)
-
-
-def result_digest(result: bytes) -> bytes:
-    return digest1(b"pbft.result", result)
-
-
-def vouch_key(req: Request) -> bytes:
-    """Identity of a request for vouching: client, timestamp, operation (not the replier,
-    which a retransmission changes)."""
-    return digest(b"pbft.vouch", req.client.to_bytes(4, "big"), req.timestamp.to_bytes(8, "big"), req.op,
-                  b"\x01" if req.read_only else b"\x00")
-
-
-def state_digest(state: bytes) -> bytes:
-    return digest1(b"pbft.state", state)
-
-
-def checkpoint_digest(seqno: int, sdigest: bytes, *, bind_seqno: bool = True) -> bytes:
-    """Digest of the checkpoint at ``seqno`` whose state has digest ``sdigest``.
-
-    It binds the sequence number (``bind_seqno=False`` exists only for the
-    ``checkpoint-digest-without-seqno`` injected bug).
-    """
-    if bind_seqno:
-        return digest(b"pbft.checkpoint", seqno.to_bytes(8, "big"), sdigest)
-    return digest(b"pbft.checkpoint", sdigest)
 
 
 def view_change_digest(frame: Frame) -> bytes:
@@ -135,48 +123,48 @@ def header_of(msg: Message) -> tuple[int, int, bytes, bytes]:
     """(tag, sender, header, payload) of a message."""
     t = type(msg)
     if t is Request:
-        return 1, msg.client, packb([msg.timestamp, msg.op, msg.read_only, msg.replier]), b""
+        return T_REQUEST, msg.client, packb([msg.timestamp, msg.op, msg.read_only, msg.replier]), b""
     if t is Reply:
-        return 2, msg.replica, packb([msg.view, msg.timestamp, msg.client, msg.tentative, msg.read_only,
+        return T_REPLY, msg.replica, packb([msg.view, msg.timestamp, msg.client, msg.tentative, msg.read_only,
                                        msg.result_digest, msg.result]), b""
     if t is PrePrepare:
         payload = encode_batch(msg.batch) if msg.batch is not None else b""
-        return 3, msg.replica, packb([msg.view, msg.seqno, msg.digest]), payload
+        return T_PRE_PREPARE, msg.replica, packb([msg.view, msg.seqno, msg.digest]), payload
     if t is Prepare:
-        return 4, msg.replica, packb([msg.view, msg.seqno, msg.digest]), b""
+        return T_PREPARE, msg.replica, packb([msg.view, msg.seqno, msg.digest]), b""
     if t is Commit:
-        return 5, msg.replica, packb([msg.view, msg.seqno, msg.digest]), b""
+        return T_COMMIT, msg.replica, packb([msg.view, msg.seqno, msg.digest]), b""
     if t is Checkpoint:
-        return 6, msg.replica, packb([msg.seqno, msg.digest]), b""
+        return T_CHECKPOINT, msg.replica, packb([msg.seqno, msg.digest]), b""
     if t is Status:
-        return 7, msg.replica, packb([msg.view, msg.view_active, msg.stable_seqno, msg.last_executed,
+        return T_STATUS, msg.replica, packb([msg.view, msg.view_active, msg.stable_seqno, msg.last_executed,
                                        msg.nv_digest]), b""
     if t is ViewChange:
-        return 8, msg.replica, packb([msg.view, msg.stable_seqno, [list(c) for c in msg.checkpoints],
+        return T_VIEW_CHANGE, msg.replica, packb([msg.view, msg.stable_seqno, [list(c) for c in msg.checkpoints],
                                        [list(p) for p in msg.prepared], [list(q) for q in msg.preprepared]]), b""
     if t is ViewChangeAck:
-        return 9, msg.replica, packb([msg.view, msg.vc_replica, msg.vc_digest]), b""
+        return T_VIEW_CHANGE_ACK, msg.replica, packb([msg.view, msg.vc_replica, msg.vc_digest]), b""
     if t is NewView:
-        return 10, msg.replica, packb([msg.view, [list(x) for x in msg.view_changes], msg.checkpoint_seqno,
+        return T_NEW_VIEW, msg.replica, packb([msg.view, [list(x) for x in msg.view_changes], msg.checkpoint_seqno,
                                         msg.checkpoint_digest, [list(x) for x in msg.chosen],
                                         [encode_batch(b) for b in msg.batches]]), b""
     if t is Fetch:
-        return 11, msg.replica, packb([msg.seqno, msg.digest, msg.level, msg.index, list(msg.want)]), b""
+        return T_FETCH, msg.replica, packb([msg.seqno, msg.digest, msg.level, msg.index, list(msg.want)]), b""
     if t is MetaData:
-        return 17, msg.replica, packb([msg.seqno, msg.level, msg.index, list(msg.children)]), b""
+        return T_META_DATA, msg.replica, packb([msg.seqno, msg.level, msg.index, list(msg.children)]), b""
     if t is Data:
         # the objects travel in the payload: they are checked against certified digests
-        return 12, msg.replica, packb([msg.seqno, msg.level, msg.index]), packb([list(o) for o in msg.objs])
+        return T_DATA, msg.replica, packb([msg.seqno, msg.level, msg.index]), packb([list(o) for o in msg.objs])
     if t is FetchBatch:
-        return 13, msg.replica, packb([msg.digest]), b""
+        return T_FETCH_BATCH, msg.replica, packb([msg.digest]), b""
     if t is Vouch:
-        return 15, msg.replica, packb([list(msg.keys)]), b""
+        return T_VOUCH, msg.replica, packb([list(msg.keys)]), b""
     if t is BatchData:
-        return 14, msg.replica, packb([msg.digest]), encode_batch(msg.batch)
+        return T_BATCH_DATA, msg.replica, packb([msg.digest]), encode_batch(msg.batch)
     if t is QueryStable:
-        return 18, msg.replica, packb([msg.nonce]), b""
+        return T_QUERY_STABLE, msg.replica, packb([msg.nonce]), b""
     if t is ReplyStable:
-        return 19, msg.replica, packb([msg.checkpoint, msg.prepared, msg.nonce]), b""
+        return T_REPLY_STABLE, msg.replica, packb([msg.checkpoint, msg.prepared, msg.nonce]), b""
     raise TypeError(f"not a protocol message: {t.__name__}")
 
 
@@ -293,9 +281,26 @@ class Codec:
             raise DecodeError("bad-auth-size")
         # clients send requests only; replicas send everything, requests included (the
         # recovery request of a recovering replica, checked in ``parse``)
-        if tag != 1 and sender >= self.n:
+        if tag != T_REQUEST and sender >= self.n:
             raise DecodeError("bad-sender-role")
         return Frame(tag, sender, header, payload, auth, raw, frame_digest(tag, sender, header))
+
+    def open_authenticated(self, raw: bytes, keys: KeyRing | None,
+                           expect: int | frozenset[int] | tuple[int, ...] | None = None,
+                           unexpected: str = "unexpected-type") -> tuple[Frame, Message]:
+        """Open, check and parse one untrusted frame: ``(frame, message)``.
+
+        The outer frame (``open_frame``); its tag, which must be ``expect`` (a ``Tag``, or a
+        collection of them; ``None``: any), else ``DecodeError(unexpected)``; its MAC, checked
+        with ``keys`` (``DecodeError("bad-mac")``); then every field (``parse``).  ``keys=None``
+        is for a demultiplexer that learns whose keys check the MAC only from the parsed message
+        (replies to several clients over one connection): it must verify it before acting."""
+        fr = self.open_frame(raw)
+        if expect is not None and (fr.tag != expect if isinstance(expect, int) else fr.tag not in expect):
+            raise DecodeError(unexpected)
+        if keys is not None and not keys.verify(fr.sender, fr.digest, fr.auth, fr.multi):
+            raise DecodeError("bad-mac")
+        return fr, self.parse(fr)
 
     # -- fields ---------------------------------------------------------------
     def parse(self, fr: Frame) -> Message:
@@ -307,7 +312,7 @@ class Codec:
         tag = fr.tag
         n = self.n
         try:
-            if tag == 1:
+            if tag == T_REQUEST:
                 ts, op, ro, replier = h
                 if fr.payload:
                     raise DecodeError("unexpected-payload")
@@ -317,79 +322,79 @@ class Codec:
                 if fr.sender < n and (req.read_only or not req.op.startswith(RECOVERY_OP)):
                     raise DecodeError("replica-request-not-recovery")
                 return req
-            if tag == 2:
+            if tag == T_REPLY:
                 v, ts, client, tent, ro, rd, res = h
                 if res is not None:
                     _bytes(res, cfg.reply_size_bytes_max, "result")
                 return Reply(_int(v, 0, U63, "view"), _int(ts, 1, U63, "timestamp"),
                              _int(client, 0, self.max_principal, "client"), fr.sender,
                              _bool(tent, "tentative"), _bool(ro, "read-only"), _digest(rd), res)
-            if tag in (3, 4, 5):
+            if tag in (T_PRE_PREPARE, T_PREPARE, T_COMMIT):
                 v, s, d = h
                 v = _int(v, 0, U63, "view")
                 s = _int(s, 1, U63, "seqno")
                 d = _digest(d)
-                if tag == 3:
+                if tag == T_PRE_PREPARE:
                     batch = self.decode_batch(fr.payload) if fr.payload else None
                     return PrePrepare(v, s, d, fr.sender, batch)
                 if fr.payload:
                     raise DecodeError("unexpected-payload")
-                return (Prepare if tag == 4 else Commit)(v, s, d, fr.sender)
-            if tag == 6:
+                return (Prepare if tag == T_PREPARE else Commit)(v, s, d, fr.sender)
+            if tag == T_CHECKPOINT:
                 s, d = h
                 return Checkpoint(_int(s, 0, U63, "seqno"), _digest(d), fr.sender)
-            if tag == 7:
+            if tag == T_STATUS:
                 v, active, stable, last, nvd = h
                 if nvd != b"":
                     _digest(nvd)
                 return Status(_int(v, 0, U63, "view"), _bool(active, "active"), _int(stable, 0, U63, "seqno"),
                               _int(last, 0, U63, "seqno"), fr.sender, nvd)
-            if tag == 8:
+            if tag == T_VIEW_CHANGE:
                 return self._view_change(h, fr.sender)
-            if tag == 9:
+            if tag == T_VIEW_CHANGE_ACK:
                 v, j, d = h
                 return ViewChangeAck(_int(v, 1, U63, "view"), fr.sender, _int(j, 0, n - 1, "replica"), _digest(d))
-            if tag == 10:
+            if tag == T_NEW_VIEW:
                 return self._new_view(h, fr.sender)
-            if tag == 11:
+            if tag == T_FETCH:
                 s, d, lvl, x, want = h
                 if fr.payload:
                     raise DecodeError("unexpected-payload")
                 F = cfg.partition_fanout
                 return Fetch(_int(s, 0, U63, "seqno"), _digest(d), _int(lvl, 0, 64, "level"), _int(x, 0, U63, "index"),
                              tuple(_int(i, 0, U63, "object") for i in _tuple(want, F, "want")), fr.sender)
-            if tag == 17:
+            if tag == T_META_DATA:
                 s, lvl, x, ch = h
                 if fr.payload:
                     raise DecodeError("unexpected-payload")
                 return MetaData(_int(s, 0, U63, "seqno"), _int(lvl, 0, 64, "level"), _int(x, 0, U63, "index"),
                                 tuple(_child(c) for c in _tuple(ch, cfg.partition_fanout, "children")), fr.sender)
-            if tag == 12:
+            if tag == T_DATA:
                 s, lvl, x = h
                 objs = _unpack(fr.payload, self.frame_max)
                 objs = tuple((_int(i, 0, U63, "object"), _object(v, cfg.state_size_bytes_max))
                              for i, v in (_pair(o) for o in _tuple(objs, cfg.partition_fanout, "objects")))
                 return Data(_int(s, 0, U63, "seqno"), _int(lvl, 0, 64, "level"), _int(x, 0, U63, "index"), objs,
                             fr.sender)
-            if tag == 13:
+            if tag == T_FETCH_BATCH:
                 (d,) = h
                 if fr.payload:
                     raise DecodeError("unexpected-payload")
                 return FetchBatch(_digest(d), fr.sender)
-            if tag == 15:
+            if tag == T_VOUCH:
                 (ks,) = h
                 if fr.payload:
                     raise DecodeError("unexpected-payload")
                 return Vouch(fr.sender, tuple(_digest(k) for k in _tuple(ks, VOUCH_KEYS_MAX, "vouch-keys")))
-            if tag == 14:
+            if tag == T_BATCH_DATA:
                 (d,) = h
                 return BatchData(_digest(d), fr.sender, self.decode_batch(fr.payload))
             if fr.payload:
                 raise DecodeError("unexpected-payload")
-            if tag == 18:
+            if tag == T_QUERY_STABLE:
                 (nonce,) = h
                 return QueryStable(fr.sender, _int(nonce, 0, U63, "nonce"))
-            if tag == 19:
+            if tag == T_REPLY_STABLE:
                 c, p, nonce = h
                 return ReplyStable(_int(c, 0, U63, "seqno"), _int(p, 0, U63, "seqno"), fr.sender,
                                    _int(nonce, 0, U63, "nonce"))
@@ -457,7 +462,7 @@ class Codec:
         out = []
         for raw in b.requests:
             fr = self.open_frame(raw)
-            if fr.tag != 1:
+            if fr.tag != T_REQUEST:
                 raise DecodeError("batch-not-request")
             out.append((fr, self.parse(fr)))
         return out
@@ -470,4 +475,3 @@ class Codec:
 NONDET_SIZE_BYTES_MAX = 256
 VOUCH_KEYS_MAX = 4096
 VC_PREPREPARED_PER_SEQNO_MAX = 4
-NULL_BATCH_DIGEST = batch_digest_from_request_digests(b"", [])

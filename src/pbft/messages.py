@@ -20,7 +20,34 @@ stay hashable and immutable:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Optional, Union
+
+
+class Tag(IntEnum):
+    """The wire tag of each message type (the first field of a frame): the only place the
+    numbers are written; ``codec.TAG`` maps each message class to its tag."""
+
+    REQUEST = 1
+    REPLY = 2
+    PRE_PREPARE = 3
+    PREPARE = 4
+    COMMIT = 5
+    CHECKPOINT = 6
+    STATUS = 7
+    VIEW_CHANGE = 8
+    VIEW_CHANGE_ACK = 9
+    NEW_VIEW = 10
+    FETCH = 11
+    DATA = 12
+    FETCH_BATCH = 13
+    BATCH_DATA = 14
+    VOUCH = 15
+    NEW_KEY = 16  # the runtime's signed session-key frame (``pbft.runtime.keys``), not a codec message
+    META_DATA = 17
+    QUERY_STABLE = 18
+    REPLY_STABLE = 19
+
 
 ALL_REPLICAS = -1  # a Request's ``replier`` when every replica must send the full result
 # the operation of a recovery request (a Request whose sender is a replica): the prefix, then

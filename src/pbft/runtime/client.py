@@ -38,6 +38,7 @@ from ..codec import Codec, DecodeError
 from ..core.client import Client as CoreClient
 from ..crypto import KeyRing
 from ..config import ConfigError
+from ..messages import Tag
 from .cluster import Cluster, load_cluster
 from .keys import Identity, fresh_key, make_newkey, now_timestamp_us
 from .transport import Counters, FrameConn, OutLink, frame
@@ -258,10 +259,8 @@ class ClientPool:
 
     def _on_frame(self, conn: FrameConn, raw: bytes) -> None:
         try:
-            fr = self.codec.open_frame(raw)
-            if fr.tag != 2:
-                raise DecodeError("client-expects-replies")
-            rep = self.codec.parse(fr)
+            # the MAC is checked by the client the reply is for (``receive_parsed``)
+            fr, rep = self.codec.open_authenticated(raw, None, expect=Tag.REPLY, unexpected="client-expects-replies")
         except DecodeError as e:
             self.counters.drop(e.reason)
             return

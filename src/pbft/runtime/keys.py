@@ -40,8 +40,9 @@ import nacl.signing
 
 from ..codec import DecodeError
 from ..crypto import KEY_SIZE
+from ..messages import Tag
 
-NEWKEY_TAG = 16
+NEWKEY_TAG = Tag.NEW_KEY
 SIGNATURE_SIZE = 64
 PUBLIC_KEY_SIZE = 32
 SEALED_OVERHEAD = 48  # X25519 ephemeral key + Poly1305 tag

@@ -27,6 +27,7 @@ from typing import Optional
 from ..config import ConfigError
 from ..core.replica import Replica
 from ..crypto import KEY_SIZE, KeyRing
+from ..messages import Tag
 from ..service import Service
 from ..storage import LmdbStore, StoreError
 from .cluster import Cluster
@@ -485,7 +486,7 @@ class ReplicaNode:
                 return
             relayed = True
         now = self._now()
-        if tag == 1 and not relayed and s >= self.cfg.n:
+        if tag == Tag.REQUEST and not relayed and s >= self.cfg.n:
             wait = self.request_budget.take(s, now / 1000.0)
             if wait:
                 # a client sending requests faster than we answer them (runtime.admission): this

@@ -15,7 +15,7 @@ import time
 
 from ..codec import Codec, DecodeError, result_digest, seal
 from ..crypto import KEY_SIZE, KeyRing
-from ..messages import Reply, Request
+from ..messages import Reply, Request, Tag
 from ..service import Service
 from .cluster import Cluster
 from .admission import REQUEST_CREDITS_BURST, REQUEST_CREDITS_PER_RETRY_TIMEOUT, NewKeyGate, RequestBudget, frame_sender
@@ -95,12 +95,7 @@ class UnreplicatedServer:
             conn.defer(wait)
             return
         try:
-            fr = self.codec.open_frame(raw)
-            if fr.tag != 1:
-                raise DecodeError("unexpected-type")
-            if not self.ring.verify(fr.sender, fr.digest, fr.auth, fr.multi):
-                raise DecodeError("bad-mac")
-            req = self.codec.parse(fr)
+            _, req = self.codec.open_authenticated(raw, self.ring, expect=Tag.REQUEST)
         except DecodeError as e:
             self.counters.drop(e.reason)
             return

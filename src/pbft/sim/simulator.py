@@ -32,6 +32,7 @@ import msgpack
 
 from ..codec import Codec
 from ..config import ClusterConfig
+from ..messages import Tag
 from ..core.client import Client
 from ..core.ready import Ready
 from ..core.replica import Replica

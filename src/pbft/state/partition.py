@@ -51,7 +51,7 @@ from __future__ import annotations
 from hashlib import blake2b, shake_256
 from typing import Optional, Protocol, Union
 
-from ..codec import checkpoint_digest
+from ..digests import checkpoint_digest
 
 EMPTY_LEAF = bytes(32)
 SUM_BYTES = 256  # an interior node on the wire: its AdHash sum, big-endian

@@ -1,0 +1,48 @@
+"""The digests of protocol values: a frame's (what MACs cover), a batch's, a result's, a
+request's vouching key, a state's and a checkpoint's, and the digest of the empty batch.
+
+Pure functions of bytes and messages, so ``state`` (checkpoint digests) and the drivers can
+compute them without the codec.
+"""
+
+from __future__ import annotations
+
+from .crypto import digest, digest1
+from .messages import Request
+
+
+def frame_digest(tag: int, sender: int, header: bytes) -> bytes:
+    return digest1(b"pbft.msg", tag.to_bytes(1, "big") + sender.to_bytes(4, "big", signed=True) + header)
+
+
+def batch_digest_from_request_digests(nondet: bytes, request_digests: list[bytes] | tuple[bytes, ...]) -> bytes:
+    return digest(b"pbft.batch", nondet, *request_digests)
+
+
+def result_digest(result: bytes) -> bytes:
+    return digest1(b"pbft.result", result)
+
+
+def vouch_key(req: Request) -> bytes:
+    """Identity of a request for vouching: client, timestamp, operation (not the replier,
+    which a retransmission changes)."""
+    return digest(b"pbft.vouch", req.client.to_bytes(4, "big"), req.timestamp.to_bytes(8, "big"), req.op,
+                  b"\x01" if req.read_only else b"\x00")
+
+
+def state_digest(state: bytes) -> bytes:
+    return digest1(b"pbft.state", state)
+
+
+def checkpoint_digest(seqno: int, sdigest: bytes, *, bind_seqno: bool = True) -> bytes:
+    """Digest of the checkpoint at ``seqno`` whose state has digest ``sdigest``.
+
+    It binds the sequence number (``bind_seqno=False`` exists only for the
+    ``checkpoint-digest-without-seqno`` injected bug).
+    """
+    if bind_seqno:
+        return digest(b"pbft.checkpoint", seqno.to_bytes(8, "big"), sdigest)
+    return digest(b"pbft.checkpoint", sdigest)
+
+
+NULL_BATCH_DIGEST = batch_digest_from_request_digests(b"", [])
