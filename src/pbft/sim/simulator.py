@@ -97,7 +97,7 @@ class CostModel:
 
     def estimate_us(self, tag: int, nbytes: int) -> float:
         """What a queued frame is expected to cost, before handling it (deficit round robin)."""
-        if tag == 1:
+        if tag == Tag.REQUEST:
             return (self.frame_recv_us + self.message_us + self.request_us
                     + (self.byte_us + self.request_byte_us) * nbytes)
         return self.frame_recv_us + self.message_us + self.byte_us * nbytes
@@ -110,7 +110,7 @@ class CostModel:
             return (self.frame_recv_us + self.read_us * reads + self.malformed_us + self.byte_us * nbytes
                     + self.frame_send_us * sent)
         return (self.estimate_us(tag, nbytes) + self.read_us * reads + self.mac_us * macs + self.execute_us * executed
-                + (self.work_us if tag == 15 else self.batch_request_us) * work + self.collect_us * collected
+                + (self.work_us if tag == Tag.VOUCH else self.batch_request_us) * work + self.collect_us * collected
                 + self.frame_send_us * sent)
 
 
