@@ -1,5 +1,7 @@
 """Kept for callers of the old path: the networked commands are ``pbft.tools.net``."""
 
-from .tools.net import _status_notes, fetch_status, load_service, run_guarded
+from .tools.net import fetch_status, load_service, run_guarded, status_notes
 
-__all__ = ["_status_notes", "fetch_status", "load_service", "run_guarded"]
+_status_notes = status_notes  # its old name
+
+__all__ = ["fetch_status", "load_service", "run_guarded", "status_notes"]

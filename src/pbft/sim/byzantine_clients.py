@@ -31,7 +31,7 @@ from __future__ import annotations
 import random
 from typing import Optional
 
-from ..codec import U63, header_of, frame_digest, _packb
+from ..codec import U63, frame_digest, header_of, packb
 from ..crypto import MAC_SIZE
 from ..messages import ALL_REPLICAS, Request
 from ..services.kv import encode_op
@@ -85,7 +85,7 @@ class ByzClient:
         d = frame_digest(tag, sender, header)
         auth = b"".join(self.keys.mac_for(r, d) if auth_ok(r) else bytes(MAC_SIZE) for r in range(self.n))
         self.sim.oracles.issued.add((req.client, req.timestamp, req.op))
-        return _packb([tag, sender, header, payload, auth])
+        return packb([tag, sender, header, payload, auth])
 
     def send_all(self, raw: bytes) -> None:
         self.out.append((tuple(range(self.n)), raw))
@@ -177,7 +177,7 @@ class Flood(ByzClient):
             fake = rng.choice(list(self.sim.cfg.client_ids))
             req = Request(fake, rng.randint(1, 1000), self.op(), False, 0)
             tag, sender, header, payload = header_of(req)
-            self.send_all(_packb([tag, sender, header, payload, rng.randbytes(MAC_SIZE * self.n)]))
+            self.send_all(packb([tag, sender, header, payload, rng.randbytes(MAC_SIZE * self.n)]))
 
 
 class SpoofCorrectIds(ByzClient):
@@ -202,7 +202,7 @@ class SpoofCorrectIds(ByzClient):
             t = ts + (rng.randint(1, 3) if rng.random() < 0.8 else rng.randint(1_000, 1_000_000))
             op = encode_op("put", f"x{self.id}-spoof".encode(), rng.randbytes(8))
             tag, sender, header, payload = header_of(Request(c, t, op, False, rng.randrange(self.n)))
-            self.send_all(_packb([tag, sender, header, payload, rng.randbytes(MAC_SIZE * self.n)]))
+            self.send_all(packb([tag, sender, header, payload, rng.randbytes(MAC_SIZE * self.n)]))
 
 
 class ReplayCorrectFrames(ByzClient):

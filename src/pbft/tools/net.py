@@ -200,7 +200,7 @@ def fetch_status(host: str, port: int, timeout: float = 1.0) -> dict:
         return json.loads(r.read())
 
 
-def _status_notes(cluster, rows: list[dict]) -> list[str]:
+def status_notes(cluster, rows: list[dict]) -> list[str]:
     """Replicas that are behind or alone in a view change, as lines for ``pbft status``; each
     reachable row also gets ``behind`` (sequence numbers below the most advanced replica) and
     ``alone_in_view_change`` (it changes view while replicas of quorum weight are active in a
@@ -243,7 +243,7 @@ def cmd_status(args) -> int:
                               "or set metrics_host in cluster.toml"
         s["address"] = f"{r.host}:{r.port}"
         rows.append(s)
-    notes = _status_notes(cluster, rows)
+    notes = status_notes(cluster, rows)
     if args.json:
         print(json.dumps(rows))
     else:
