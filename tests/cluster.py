@@ -12,6 +12,7 @@ from collections import deque
 from pbft.codec import Codec
 from pbft.config import ClusterConfig
 from pbft.core.client import Client
+from pbft.core.events import Event
 from pbft.core.replica import Replica
 from pbft.crypto import keyrings_for
 from pbft.services.kv import KVService, decode_result, encode_op
@@ -25,7 +26,7 @@ class Cluster:
         self.cfg = ClusterConfig.create(n, clients_max=clients, **cfg_kw)
         self.rings = keyrings_for(b"test-master-key-0123456789abcdef", n, self.cfg.client_ids)
         self.now = 0.0
-        self.events: list[tuple[int, tuple]] = []
+        self.events: list[tuple[int, Event]] = []  # (replica, event) from every Ready
         self.service = service
         self.replicas = [Replica(self.cfg, i, self.rings[i], service()) for i in range(n)]
         self.stores = [MemStore(durable=durable) for _ in range(n)] if durable is not None else None
@@ -133,4 +134,4 @@ class Cluster:
         return self.invoke(client, encode_op("get", key), read_only)[0]
 
     def of_kind(self, kind, replica=None):
-        return [ev for r, ev in self.events if ev[0] == kind and (replica is None or r == replica)]
+        return [ev for r, ev in self.events if ev.kind == kind and (replica is None or r == replica)]

@@ -15,6 +15,7 @@ from pbft.messages import (ALL_REPLICAS, RECOVERY_OP, Fetch, Request, Status, Vi
                            Vouch)
 from pbft.services.kv import encode_op
 from pbft.sim.simulator import SimConfig, Simulation
+from pbft.core.events import ViewChangeStarted
 
 
 def request_frame(c: Cluster, client: int, t: int, op: bytes, bad_for=()) -> tuple[Request, bytes]:
@@ -153,8 +154,8 @@ def test_a_newer_recovery_request_waiting_at_a_backup_is_folded_into_the_one_exe
     c.replicas[2].receive(recovery_request(c, 3, 1001), c.now + c.cfg.view_change_timeout_ms)  # only here
     c.now += c.cfg.view_change_timeout_ms
     c.advance(50.0)
-    executed = [ev for r, ev in c.events if ev[0] == "recovery-request" and r == 2]
-    assert executed and executed[0][1] == 3
+    executed = [ev for ev in c.of_kind("recovery-request", 2)]
+    assert executed and executed[0].replica == 3
     assert 3 not in c.replicas[2].pending and 3 not in c.replicas[2].known
     c.advance(3 * c.cfg.view_change_timeout_ms)
     assert all(r.view == 0 and r.view_active for r in c.replicas)
@@ -178,7 +179,7 @@ def test_replica_alone_in_a_view_change_is_rejoined_on_an_idle_cluster():
     assert len(views) == 1 and views.pop()[1], [(r.view, r.view_active) for r in c.replicas]
     assert len({r.last_committed_exec for r in c.replicas}) == 1
     assert sum(r.idle_rejoins for r in c.replicas) >= 1
-    assert any(ev == ("view-change", 1, "idle-rejoin") for _, ev in c.events)
+    assert any(ev == ViewChangeStarted(1, "idle-rejoin") for _, ev in c.events)
 
 
 def test_busy_cluster_does_not_follow_one_replica_claiming_to_be_stuck():

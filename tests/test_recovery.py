@@ -15,7 +15,7 @@ def workload(c: Cluster, prefix: bytes, count: int) -> dict[bytes, bytes]:
 
 
 def recovered(c: Cluster, i: int) -> bool:
-    return any(ev[0] == "recovered" for r, ev in c.events if r == i)
+    return bool(c.of_kind("recovered", i))
 
 
 def wait_recovered(c: Cluster, i: int, ms: float = 10_000) -> None:
@@ -40,8 +40,8 @@ def test_recovery_on_an_idle_system_ends_thanks_to_null_requests():
     r = c.replicas[2]
     assert r.recovering is not None and r.needs_state
     wait_recovered(c, 2)
-    (start,) = [ev for rr, ev in c.events if rr == 2 and ev[0] == "recovery-point"]
-    n_R, H = start[1], start[2]
+    (start,) = c.of_kind("recovery-point", 2)
+    n_R, H = start.request_seqno, start.recovery_point
     assert n_R > before and H >= n_R
     assert H >= r.L  # the estimate H_M = L_M + L
     assert c.replicas[0].h >= H  # the null requests carried the sequence to a checkpoint past H
@@ -85,7 +85,7 @@ def test_recovery_repairs_state_corrupted_in_memory():
     kv.data.buckets[b][key] = (b"corrupt", 0)  # behind the library's back
     r.state.modify(r.rs.R + 1 + b)  # ... and then legitimately rewritten: now it is on disk too
     acked.update(workload(c, b"n", 8))
-    assert any(ev[0] == "checkpoint-mismatch" for rr, ev in c.events if rr == 3) or \
+    assert c.of_kind("checkpoint-mismatch", 3) or \
         r.state_digest() != c.replicas[0].state_digest()
     c.restart(3, recover=True)
     wait_recovered(c, 3)

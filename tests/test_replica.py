@@ -8,6 +8,7 @@ from pbft.messages import Commit, NewView, Prepare, Request, Vouch
 from pbft.services.kv import decode_result, encode_op
 
 from cluster import Cluster
+from pbft.core.events import ViewChangeStarted
 
 
 def tag_of(raw: bytes) -> int:
@@ -24,7 +25,7 @@ def test_normal_case_executes_everywhere_in_order():
     assert len({r.state_digest() for r in c.replicas}) == 1
     # every replica executed seqno 1..3 in order, each exactly once, committed
     for r in range(4):
-        seqs = [ev[1] for ev in c.of_kind("execute", r)]
+        seqs = [ev.seqno for ev in c.of_kind("execute", r)]
         assert seqs == sorted(seqs) and set(seqs) == {1, 2, 3}
 
 
@@ -146,7 +147,7 @@ def test_view_change_keeps_prepared_request():
     c.advance(3000)
     assert not cl.busy
     cl.take_outcomes()
-    dec = c.of_kind("new-view")[0][2]
+    dec = c.of_kind("new-view")[0].decision
     assert dict(dec.chosen)[2] == prepared_digest, "the prepared batch survives into view 1"
     assert c.get(0, b"a") == ("ok", b"2")
 
@@ -286,7 +287,7 @@ def test_status_join_rule_moves_a_replica_that_slept_through_view_changes():
     # replicas 1 and 2 (weight f+1) are in views >= 4: join the lowest of them
     assert r3.view == 4 and not r3.view_active
     c.collect()
-    assert any(ev[0] == "view-change" and ev[1] == 4 and ev[2] == "status-join" for r, ev in c.events if r == 3)
+    assert ViewChangeStarted(4, "status-join") in c.of_kind("view-change", 3)
 
 
 @pytest.mark.parametrize("supersede", [False, True])
@@ -313,7 +314,7 @@ def test_request_timer_watches_a_clients_newest_request(supersede):
         c.run()
         assert not any(cid in r.pending for r in c.replicas[1:])
     c.advance(3 * c.cfg.view_change_timeout_ms)
-    timed_out = [r for r, ev in c.events if ev[0] == "view-change" and ev[2] == "request-timer"]
+    timed_out = [r for r, ev in c.events if ev.kind == "view-change" and ev.reason == "request-timer"]
     if supersede:
         assert timed_out == [] and all(r.view == 0 for r in c.replicas)
     else:

@@ -37,7 +37,7 @@ def test_partition_in_halves_commits_nothing_then_heals():
     committed_during = []
 
     def watch(sim, r, ev):
-        if ev[0] == "committed" and 100.0 < sim.now < 700.0:
+        if ev.kind == "committed" and 100.0 < sim.now < 700.0:
             committed_during.append((sim.now, r, ev))
 
     sim, res = run(seed=5, script=((100.0, "block", HALVES), (700.0, "unpartition", None)),
@@ -52,8 +52,8 @@ def test_isolated_primary_is_replaced_while_partitioned():
     progress = []
 
     def watch(sim, r, ev):
-        if ev[0] == "new-view" and sim.now < 2000.0:
-            progress.append(ev[1])
+        if ev.kind == "new-view" and sim.now < 2000.0:
+            progress.append(ev.view)
 
     sim, res = run(seed=8, script=((50.0, "block", isolate(0)),), fault_phase_ms=2000.0, observer=watch)
     assert progress, "the three connected replicas change view while the old primary is cut off"
@@ -69,8 +69,8 @@ def test_lagging_replica_beyond_three_windows_catches_up():
     transfers = []
 
     def watch(sim, r, ev):
-        if ev[0] == "state-transfer" and r == 3:
-            transfers.append(ev[1])
+        if ev.kind == "state-transfer" and r == 3:
+            transfers.append(ev.seqno)
 
     cluster = dict(checkpoint_interval_seqnos=4, log_window_seqnos=8)
     sim, res = run(seed=2, ops=40, cluster=cluster, script=((5.0, "crash", 3),), fault_phase_ms=1200.0,

@@ -43,6 +43,7 @@ import msgpack
 
 from ..codec import DecodeError, encode_batch
 from ..messages import Batch
+from .events import Restored
 
 
 def _n(prefix: bytes, n: int) -> bytes:
@@ -192,7 +193,7 @@ class Durability:
             st.unpersisted = set(range(st.n))
             outcome = "state-repair"
         if log_damaged:
-            self._trace_ev("restore", "log-lost")
+            self._emit(Restored("log-lost"))
             return "log-lost" if outcome == "restored" else outcome
         # -- the log
         try:
@@ -218,7 +219,7 @@ class Durability:
                 else:
                     committed[n] = (int(x[0]), bytes(x[1]))
         except (ValueError, TypeError, KeyError, DecodeError, msgpack.UnpackException):
-            self._trace_ev("restore", "log-lost")
+            self._emit(Restored("log-lost"))
             return "log-lost" if outcome == "restored" else outcome
         self.view = int(view)
         self.view_active = bool(active) or self.view == 0
@@ -274,5 +275,5 @@ class Durability:
             self.out = []  # replies to clients gone since, checkpoints to be voted again
         if stable is not None and stable[0] > self.last_committed_exec:
             self._start_fetch(*stable)  # the stable checkpoint we were fetching when we stopped
-        self._trace_ev("restore", outcome)
+        self._emit(Restored(outcome))
         return outcome

@@ -38,6 +38,7 @@ import msgpack
 
 from ..codec import result_digest, seal
 from ..messages import ALL_REPLICAS, RECOVERY_OP, QueryStable, ReplyStable, Reply, Request
+from .events import Recovered, RecoveryEstimated, RecoveryPointLearned, RecoveryRequestExecuted, RecoveryStarted
 
 
 @dataclass
@@ -88,7 +89,7 @@ class Recovery:
         self.last_exec = self.last_committed_exec
         if self._puts is not None:
             self._puts[b"R"] = msgpack.packb(nonce)
-        self._trace_ev("recovery-start", nonce)
+        self._emit(RecoveryStarted(nonce))
         self._recovery_send()
 
     def _recovery_send(self) -> None:
@@ -119,7 +120,7 @@ class Recovery:
         rec.phase = "request"
         req = Request(self.id, rec.nonce, RECOVERY_OP + msgpack.packb(H_M), False, ALL_REPLICAS)
         rec.request_raw = seal(req, self.keys)
-        self._trace_ev("recovery-estimate", H_M)
+        self._emit(RecoveryEstimated(H_M))
         self._recovery_send()
 
     def _estimate(self, reports: dict[int, tuple[int, int]]) -> Optional[int]:
@@ -150,7 +151,7 @@ class Recovery:
                 except (ValueError, TypeError, msgpack.UnpackException):
                     return  # f+1 replicas cannot all be faulty: unreachable
                 rec.n_R, rec.H, rec.phase = int(n_R), int(H), "check"
-                self._trace_ev("recovery-point", rec.n_R, rec.H)
+                self._emit(RecoveryPointLearned(rec.n_R, rec.H))
                 self._recovery_check_done()
                 return
 
@@ -165,7 +166,7 @@ class Recovery:
         self.last_recovery_ms = self.now - rec.started
         if self._puts is not None:
             self._puts[b"R"] = None
-        self._trace_ev("recovered", rec.H, self.last_recovery_ms)
+        self._emit(Recovered(rec.H, self.last_recovery_ms))
 
     def _recovery_ignores(self, n: int) -> bool:
         rec = self.recovering
@@ -223,7 +224,7 @@ class Recovery:
             return msgpack.packb(["error", "malformed recovery request"])
         H = max(H_M, n)
         self.recovery_points[j] = H
-        self._trace_ev("recovery-request", j, n, H)
+        self._emit(RecoveryRequestExecuted(j, n, H))
         if j != self.id:
             self.refresh_keys = True  # (in the runtime: our session keys too, see ``Ready``)
         return msgpack.packb(["recovery", n, H])

@@ -51,6 +51,7 @@ from .durability import Durability
 from .ready import Ready
 from .recovery import Recovery
 from .view_change import Decision, decide
+from .events import CheckpointMismatch, CheckpointTaken, Committed, Event, Executed, FetchStarted, NewViewInstalled, PrePrepareSent, PrePrepared, Prepared, Promoted, RolledBack, ServiceException, Stable, StateRebuilt, StateTransferred, ViewChangeStarted
 
 VIEW_LOOKAHEAD_MAX = 1 << 20  # view-change messages further ahead than this are dropped
 VOUCH_BATCH_MAX = 1024
@@ -449,7 +450,7 @@ class Replica(Durability, Recovery):
         self.drops[reason] = self.drops.get(reason, 0) + 1
         self.dropped_total += 1  # (a driver compares it around ``receive``: was the frame wasted?)
 
-    def _trace_ev(self, *ev) -> None:
+    def _emit(self, ev: Event) -> None:
         self.events.append(ev)
 
     def primary(self, view: Optional[int] = None) -> int:
@@ -483,7 +484,7 @@ class Replica(Durability, Recovery):
             result = self.service.execute(op, client, nondet, read_only)
         except Exception as e:  # noqa: BLE001 - the service is user code
             self._drop("service-exception")
-            self._trace_ev("service-exception", client, type(e).__name__)
+            self._emit(ServiceException(client, type(e).__name__))
             return SERVICE_ERROR_RESULT
         if type(result) is not bytes:
             self._drop("service-bad-result")
@@ -878,7 +879,7 @@ class Replica(Durability, Recovery):
             slot.digest, slot.batch, slot.pp_raw = d, batch, raw
             self._remember_batch(d, batch, n)
             self._note_preprepared(n, d)
-            self._trace_ev("pre-prepare", self.view, n, d)
+            self._emit(PrePrepareSent(self.view, n, d))
             self._check_prepared(n, slot)
 
     def _note_preprepared(self, n: int, d: bytes) -> None:
@@ -957,7 +958,7 @@ class Replica(Durability, Recovery):
         slot.digest, slot.batch, slot.pp_raw = pp.digest, batch, raw
         self._remember_batch(pp.digest, batch, n)
         self._note_preprepared(n, pp.digest)
-        self._trace_ev("pre-prepared", self.view, n, pp.digest)
+        self._emit(PrePrepared(self.view, n, pp.digest))
         slot.prepares[self.id] = pp.digest
         self._broadcast(Prepare(self.view, n, pp.digest, self.id))
         self._check_prepared(n, slot)
@@ -1031,7 +1032,7 @@ class Replica(Durability, Recovery):
         slot.prepared = True
         self.P[n] = (d, self.view)
         self._persist_p(n)
-        self._trace_ev("prepared", self.view, n, d)
+        self._emit(Prepared(self.view, n, d))
         slot.commits[self.id] = d
         self._broadcast(Commit(self.view, n, d, self.id))
         self._check_committed(n, slot)
@@ -1057,7 +1058,7 @@ class Replica(Durability, Recovery):
             return
         slot.committed = True
         self._persist_committed(n, d)
-        self._trace_ev("committed", self.view, n, d)
+        self._emit(Committed(self.view, n, d))
         self._try_execute()
 
     # =====================================================================
@@ -1075,7 +1076,7 @@ class Replica(Durability, Recovery):
                 if s is None or s.view != self.view or not s.committed:
                     break
                 self.last_committed_exec = k
-                self._trace_ev("promote", k)
+                self._emit(Promoted(k))
                 self._committed(k)
                 if k % self.K == 0:
                     self._take_checkpoint(k, self.tentative_ckpts.pop(k))
@@ -1122,7 +1123,7 @@ class Replica(Durability, Recovery):
         self.last_exec = n
         self.executed_requests += len(executed)
         self.exec_log[n] = (slot.digest, batch, tuple((c, t) for c, t, _ in executed))
-        self._trace_ev("execute", n, slot.digest, batch, tuple(executed), tentative)
+        self._emit(Executed(n, slot.digest, batch, tuple(executed), tentative))
         if not tentative:
             self.last_committed_exec = n
             self._committed(n)
@@ -1158,7 +1159,7 @@ class Replica(Durability, Recovery):
         """Checkpoint n (whose record the state already holds) is committed: vote for it."""
         self.ckpts[n] = d
         self._persist_checkpoint(n, d)
-        self._trace_ev("checkpoint", n, d, self.state.root_at(n))
+        self._emit(CheckpointTaken(n, d, self.state.root_at(n)))
         self._record_ckpt_vote(self.id, n, d)
         self._broadcast(Checkpoint(n, d, self.id))
         self._check_stable(n)
@@ -1183,7 +1184,7 @@ class Replica(Durability, Recovery):
         for k in range(target + 1, self.last_exec + 1):
             self.exec_log.pop(k, None)
             self.tentative_ckpts.pop(k, None)
-        self._trace_ev("rollback", target)
+        self._emit(RolledBack(target))
         self.last_exec = target
 
     # =====================================================================
@@ -1238,7 +1239,7 @@ class Replica(Durability, Recovery):
             self._promote(n, d)
             return
         if own is not None and own != d:
-            self._trace_ev("checkpoint-mismatch", n, own, d)
+            self._emit(CheckpointMismatch(n, own, d))
         if own is not None and own == d:
             self._advance_low_water_mark(n, d)
         else:
@@ -1253,7 +1254,7 @@ class Replica(Durability, Recovery):
         for k in range(self.last_committed_exec + 1, n + 1):
             self._committed(k)
         self.last_committed_exec = n
-        self._trace_ev("promote", n)
+        self._emit(Promoted(n))
         del self.tentative_ckpts[n]
         self._take_checkpoint(n, d)
         self._try_execute()  # later slots may have committed meanwhile: promote them too
@@ -1264,7 +1265,7 @@ class Replica(Durability, Recovery):
             return
         self._persist_gc(self.h, min(n, self.h + self.L), n, d)
         self.h = n
-        self._trace_ev("stable", n)
+        self._emit(Stable(n))
         for k in [k for k in self.slots if k <= n]:
             del self.slots[k]
         for k in [k for k in self.P if k <= n]:
@@ -1303,7 +1304,7 @@ class Replica(Durability, Recovery):
         self.fetch_target = (n, d)
         self.fetcher = Fetcher(self.state, n, d, max_objs=self.cfg.partition_fanout)
         self.fetch_attempt = 0
-        self._trace_ev("fetch", n, d)
+        self._emit(FetchStarted(n, d))
         self._send_fetch()
 
     def _send_fetch(self, resend: bool = False) -> None:
@@ -1409,7 +1410,7 @@ class Replica(Durability, Recovery):
             # memory, or changed without ``modify``): check every object, then walk again
             bad = self.state.rebuild()
             self.transfer_stats["rebuilds"] += 1
-            self._trace_ev("state-rebuild", n, len(bad))
+            self._emit(StateRebuilt(n, len(bad)))
             self.fetcher = Fetcher(self.state, n, d, max_objs=self.cfg.partition_fanout)
             self._send_fetch()
             return
@@ -1425,7 +1426,7 @@ class Replica(Durability, Recovery):
         self.tentative_ckpts.clear()
         self.ckpts[n] = d
         self._persist_checkpoint(n, d)
-        self._trace_ev("state-transfer", n, d, self.state.root_at(n))
+        self._emit(StateTransferred(n, d, self.state.root_at(n)))
         for c in [c for c, ri in self.pending.items() if ri.req.timestamp <= self.last_reply.get(c, (0,))[0]]:
             del self.pending[c]
         if not self.pending:
@@ -1618,7 +1619,7 @@ class Replica(Durability, Recovery):
         self.vc_deadline = None
         self.queue.clear()
         self.inflight.clear()
-        self._trace_ev("view-change", v, why)
+        self._emit(ViewChangeStarted(v, why))
         self._drain_read_only()
         prepared = tuple(sorted((n, d, pv) for n, (d, pv) in self.P.items() if n > self.h))
         preprepared = tuple(sorted((n, d, qv) for n, q in self.Qset.items() if n > self.h for d, qv in q.items()))
@@ -1992,7 +1993,7 @@ class Replica(Durability, Recovery):
         self.vc_deadline = None
         self.my_vc_raw = None
         self._prune_view_changes()
-        self._trace_ev("new-view", self.view, dec)
+        self._emit(NewViewInstalled(self.view, dec))
         s, d = dec.checkpoint_seqno, dec.checkpoint_digest
         # the chosen batches, taken before the low water mark moves: one fetched by BatchData is
         # kept only up to the old window's end, which moving to checkpoint s may discard

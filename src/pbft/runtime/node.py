@@ -150,48 +150,46 @@ class ReplicaNode:
     def _on_events(self, ready) -> None:
         """A step's events (logs, metrics) and its request for a key refresh."""
         for ev in ready.events:
-            if ev[0] in LOGGED_EVENTS:
+            if ev.kind in LOGGED_EVENTS:
                 self._on_event(ev)
         if ready.refresh_keys:
             # another replica recovers: as in the thesis, refresh our session keys too, so keys
             # its attacker may have learnt from it are useless
             self._refresh_keys_coalesced()
 
-    def _on_event(self, ev: tuple) -> None:
-        kind = ev[0]
-        if kind not in LOGGED_EVENTS:
-            return
+    def _on_event(self, ev) -> None:
+        kind = ev.kind
         if kind == "view-change":
             self.view_changes += 1
-            self._log("view-change", view=ev[1], reason=ev[2])
+            self._log("view-change", view=ev.view, reason=ev.reason)
         elif kind == "new-view":
             self.new_views += 1
-            self._log("new-view", view=ev[1], primary=ev[1] % self.cfg.n)
+            self._log("new-view", view=ev.view, primary=ev.view % self.cfg.n)
         elif kind == "stable":
-            self.metrics.on_stable(ev[1])
+            self.metrics.on_stable(ev.seqno)
         elif kind == "state-transfer":
-            self._log("state-transfer", seqno=ev[1])
+            self._log("state-transfer", seqno=ev.seqno)
         elif kind == "checkpoint-mismatch":
-            self._log("checkpoint-mismatch", seqno=ev[1])
+            self._log("checkpoint-mismatch", seqno=ev.seqno)
         elif kind == "fetch":
-            self._log("fetch-state", seqno=ev[1])
+            self._log("fetch-state", seqno=ev.seqno)
         elif kind == "rollback":
-            self._log("rollback", to_seqno=ev[1])
+            self._log("rollback", to_seqno=ev.to_seqno)
         elif kind == "state-rebuild":
-            self._log("state-rebuild", seqno=ev[1], objects_corrupt=ev[2])
+            self._log("state-rebuild", seqno=ev.seqno, objects_corrupt=ev.objects_corrupt)
         elif kind == "recovery-start":
-            self._log("recovery-start", rebooted_at=ev[1] / 1e6)
+            self._log("recovery-start", rebooted_at=ev.nonce / 1e6)
         elif kind == "recovery-estimate":
-            self._log("recovery-estimate", H_M=ev[1])
+            self._log("recovery-estimate", H_M=ev.estimate)
         elif kind == "recovery-point":
-            self._log("recovery-point", request_seqno=ev[1], recovery_point=ev[2])
+            self._log("recovery-point", request_seqno=ev.request_seqno, recovery_point=ev.recovery_point)
         elif kind == "recovered":
             self.recovery_overdue = False
             ts = self.replica.transfer_stats
-            self._log("recovered", recovery_point=ev[1], protocol_s=round(ev[2] / 1000, 3),
+            self._log("recovered", recovery_point=ev.recovery_point, protocol_s=round(ev.duration_ms / 1000, 3),
                       fetched_objects=ts["objects"], fetched_bytes=ts["bytes"])
         elif kind == "recovery-request":
-            self._log("recovery-request", recovering=ev[1], seqno=ev[2], recovery_point=ev[3])
+            self._log("recovery-request", recovering=ev.replica, seqno=ev.seqno, recovery_point=ev.recovery_point)
 
     def _refresh_keys_coalesced(self) -> None:
         """Refresh our session keys for another replica's recovery, at most once per

@@ -1,6 +1,6 @@
 """Oracles: what must hold in every simulated run, checked as the run goes.
 
-The simulator feeds every replica's trace events to ``Oracles.on_event`` and
+The simulator feeds every replica's events (``pbft.core.events``, from each step's ``Ready``) to ``Oracles.on_event`` and
 calls ``after_step`` after every event it processes.  Violations are
 collected as strings (the first few are kept with their simulated time).
 
@@ -30,6 +30,7 @@ Checked (the safety properties of docs/simulation.md, and invariants of PBFT's c
 from __future__ import annotations
 
 from ..codec import Codec, DecodeError, checkpoint_digest
+from ..core.events import Event
 from ..messages import RECOVERY_OP
 
 
@@ -69,22 +70,22 @@ class Oracles:
             self.violations.append(f"t={self.now:.1f}ms {what}")
 
     # ---- events -------------------------------------------------------------
-    def on_event(self, r: int, ev: tuple) -> None:
+    def on_event(self, r: int, ev: Event) -> None:
         if r not in self.correct:
             return
-        kind = ev[0]
+        kind = ev.kind
         if kind == "prepared":
-            _, v, n, d = ev
+            v, n, d = ev.view, ev.seqno, ev.digest
             old = self.prepared.setdefault((v, n), d)
             if old != d:
                 self.violation(f"P1 replica {r} prepared a different digest at view {v} seqno {n}")
         elif kind == "pre-prepare":
-            _, v, n, d = ev
+            v, n, d = ev.view, ev.seqno, ev.digest
             old = self.preprepared.setdefault((v, n), d)
             if old != d:
                 self.violation(f"P2 primary {r} pre-prepared two digests at view {v} seqno {n}")
         elif kind == "committed":
-            _, v, n, d = ev
+            v, n, d = ev.view, ev.seqno, ev.digest
             ds = self.committed_local.setdefault(n, {})
             ds[d] = min(v, ds.get(d, v))
             if len(ds) > 1:
@@ -93,7 +94,7 @@ class Oracles:
                 if nv > v:
                     self._check_new_view_keeps(nv, dec, n, d, v)
         elif kind == "execute":
-            _, n, d, batch, executed, tentative = ev
+            n, batch, executed, tentative = ev.seqno, ev.batch, ev.requests, ev.tentative
             try:
                 content = self.codec.batch_digest(batch)
             except DecodeError:
@@ -107,17 +108,17 @@ class Oracles:
             if not tentative:
                 self._commit_exec(r, n)
         elif kind == "promote":
-            _, upto = ev
+            upto = ev.upto
             for n in sorted(k for k, e in self.execs[r].items() if k <= upto and e[2]):
                 self._commit_exec(r, n)
         elif kind == "rollback":
-            _, target = ev
+            target = ev.to_seqno
             for n in [k for k in self.execs[r] if k > target]:
                 if not self.execs[r][n][2]:
                     self.violation(f"rollback of committed execution at replica {r} seqno {n}")
                 del self.execs[r][n]
         elif kind == "checkpoint" or kind == "state-transfer":
-            _, n, d, sdig = ev
+            n, d, sdig = ev.seqno, ev.digest, ev.state_root
             if checkpoint_digest(n, sdig) != d:
                 self.violation(f"S4 replica {r} checkpoint digest at {n} does not bind seqno and state")
             old = self.ckpt.setdefault(n, d)
@@ -127,12 +128,12 @@ class Oracles:
                 for k in [k for k in self.execs[r] if k <= n]:
                     del self.execs[r][k]
         elif kind == "view-change":
-            _, v, _why = ev
+            v = ev.view
             if v < self.view[r]:
                 self.violation(f"P5 replica {r} view decreased {self.view[r]} -> {v}")
             self.view[r] = v
         elif kind == "new-view":
-            _, v, dec = ev
+            v, dec = ev.view, ev.decision
             self.views_installed.add(v)
             old = self.new_views.setdefault(v, dec)
             # (a Byzantine primary may send different, each self-consistent, new views)
@@ -143,7 +144,7 @@ class Oracles:
                     if cv < v:
                         self._check_new_view_keeps(v, dec, n, d, cv)
         elif kind == "stable":
-            _, n = ev
+            n = ev.seqno
             if n < self.h[r]:
                 self.violation(f"P5 replica {r} low water mark decreased")
             self.h[r] = n

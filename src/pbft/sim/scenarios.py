@@ -143,8 +143,8 @@ class _MinorityWatch:
         self.bad: list[str] = []
 
     def __call__(self, sim, r, ev):
-        if ev[0] == "committed" and self.start + 5.0 < sim.now < self.end:
-            self.bad.append(f"replica {r} committed seqno {ev[2]} at t={sim.now:.0f}ms with no quorum connected")
+        if ev.kind == "committed" and self.start + 5.0 < sim.now < self.end:
+            self.bad.append(f"replica {r} committed seqno {ev.seqno} at t={sim.now:.0f}ms with no quorum connected")
 
 
 def _partition_no_quorum_check(sim: Simulation, res: RunResult) -> list[str]:

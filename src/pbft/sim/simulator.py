@@ -291,12 +291,13 @@ class Simulation:
             self._on_event(r, ev)
 
     def _on_event(self, r: int, ev) -> None:
-        if ev[0] == "recovery-request" and self.correct and r == self.correct[0] and ev[1] in self.byz:
+        kind = ev.kind
+        if kind == "recovery-request" and self.correct and r == self.correct[0] and ev.replica in self.byz:
             self.recovery_requests_executed += 1  # (a Byzantine replica's, executed at one correct replica)
-        if ev[0] == "recovered" and r in self.recovering:
+        if kind == "recovered" and r in self.recovering:
             self.recovering.discard(r)
             self.recoveries_done += 1
-            self._note(f"replica {r} recovered (point {ev[1]}, {ev[2]:.0f}ms)")
+            self._note(f"replica {r} recovered (point {ev.recovery_point}, {ev.duration_ms:.0f}ms)")
             if r in self.corrupted:  # repaired: its traces are checked again from here on
                 self.corrupted.discard(r)
                 self.oracles.rebase(r, self.replicas[r])

@@ -25,27 +25,27 @@ def run_demo(seed: int = 7, out=sys.stdout) -> int:
     state = {"requests": 0, "last_report": 0.0, "views": set(), "vc_started": set()}
 
     def observer(sim, r, ev):
-        kind = ev[0]
+        kind = ev.kind
         if kind == "execute" and r == 1:
-            state["requests"] += len(ev[4])
+            state["requests"] += len(ev.requests)
             if sim.now - state["last_report"] >= 100.0 or state["last_report"] == 0.0:
                 state["last_report"] = sim.now
-                say(sim, f"replica 1 has executed {ev[1]} batches, {state['requests']} requests "
+                say(sim, f"replica 1 has executed {ev.seqno} batches, {state['requests']} requests "
                          f"(each prepared and committed by a quorum of 3)")
-        elif kind == "view-change" and ev[1] not in state["vc_started"]:
-            state["vc_started"].add(ev[1])
-            say(sim, f"replica {r} starts a view change to view {ev[1]} ({ev[2]}); "
+        elif kind == "view-change" and ev.view not in state["vc_started"]:
+            state["vc_started"].add(ev.view)
+            say(sim, f"replica {r} starts a view change to view {ev.view} ({ev.reason}); "
                      f"it sends ViewChange, the others answer with ViewChangeAcks")
-        elif kind == "new-view" and ev[1] not in state["views"]:
-            state["views"].add(ev[1])
-            dec = ev[2]
+        elif kind == "new-view" and ev.view not in state["views"]:
+            state["views"].add(ev.view)
+            dec = ev.decision
             real = sum(1 for _, d in dec.chosen if d != NULL_BATCH_DIGEST)
-            say(sim, f"replica {r} is the primary of view {ev[1]}: NewView from checkpoint "
+            say(sim, f"replica {r} is the primary of view {ev.view}: NewView from checkpoint "
                      f"{dec.checkpoint_seqno}, re-proposing {real} sequence number(s)")
         elif kind == "state-transfer":
-            say(sim, f"replica {r} fetched the checkpoint at seqno {ev[1]} from its peers (state transfer)")
-        elif kind == "stable" and r == 1 and ev[1] % 32 == 0:
-            say(sim, f"checkpoint {ev[1]} is stable (2f+1 matching digests): log garbage-collected")
+            say(sim, f"replica {r} fetched the checkpoint at seqno {ev.seqno} from its peers (state transfer)")
+        elif kind == "stable" and r == 1 and ev.seqno % 32 == 0:
+            say(sim, f"checkpoint {ev.seqno} is stable (2f+1 matching digests): log garbage-collected")
 
     sc = SimConfig(seed=seed, replicas=4, clients=3, ops=40, faults=frozenset(),
                    fault_phase_ms=RESTART_AT_MS, script=((CRASH_AT_MS, "crash", 0),))
