@@ -2,6 +2,7 @@
 
 from pbft.codec import NULL_BATCH_DIGEST
 from pbft.config import ClusterConfig
+from pbft.core.quorum import Quorums
 from pbft.core.view_change import decide
 from pbft.messages import ViewChange
 
@@ -16,7 +17,7 @@ def vc(r, prepared=(), preprepared=(), stable=0, ckpts=((0, D0),), view=5):
 
 
 def run(vcs):
-    return decide(vcs, CFG.weight_of, CFG.quorum_weight, CFG.weak_weight, CFG.log_window_seqnos)
+    return decide(vcs, Quorums.of(CFG), CFG.log_window_seqnos)
 
 
 def test_nothing_prepared_gives_empty_new_view():

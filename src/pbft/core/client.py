@@ -32,6 +32,7 @@ from ..codec import Codec, DecodeError, Frame, result_digest, seal
 from ..config import ClusterConfig
 from ..crypto import KeyRing
 from ..messages import ALL_REPLICAS, Reply, Request
+from .quorum import Quorums
 from .ready import Ready
 
 
@@ -46,6 +47,7 @@ class Client:
     def __init__(self, cfg: ClusterConfig, client_id: int, keys: KeyRing, now: float = 0.0):
         assert cfg.is_client(client_id)
         self.cfg = cfg
+        self.quorums = Quorums.of(cfg)
         self.id = client_id
         self.keys = keys
         self.codec = Codec(cfg)
@@ -200,7 +202,7 @@ class Client:
                 return
             self.full[rep.result_digest] = rep.result
         self.replies[rep.replica] = rep
-        w = self.cfg.weight_of
+        q = self.quorums
         groups: dict[tuple, list[int]] = {}
         committed: dict[bytes, list[int]] = {}
         for r, x in self.replies.items():
@@ -211,10 +213,10 @@ class Client:
         certified: Optional[bytes] = None
         views = [x.view for x in self.replies.values()]
         for d, rs in committed.items():
-            if w(rs) >= self.cfg.weak_weight:
+            if q.is_weak(rs):
                 certified = d
         for (v, d), rs in groups.items():
-            if w(rs) >= self.cfg.quorum_weight:
+            if q.is_quorum(rs):
                 certified = d
         if certified is not None:
             if certified not in self.full:
@@ -248,9 +250,9 @@ class Client:
             self.deadline = None
             return
         if req.read_only:
-            best = max((w(rs) for rs in groups.values()), default=0)
+            best = max((q.weight(rs) for rs in groups.values()), default=0)
             # replicas that did not answer our last request are not waited for
             expected = self.responsive or self.replicas
-            silent = w([r for r in expected if r not in self.replies])
-            if best + silent < self.cfg.quorum_weight:
+            silent = q.weight([r for r in expected if r not in self.replies])
+            if best + silent < q.quorum:  # (no quorum can form any more)
                 self._fallback()

@@ -38,7 +38,10 @@ import msgpack
 
 from ..codec import result_digest, seal
 from ..messages import ALL_REPLICAS, RECOVERY_OP, QueryStable, ReplyStable, Reply, Request
-from .events import Recovered, RecoveryEstimated, RecoveryPointLearned, RecoveryRequestExecuted, RecoveryStarted
+from .quorum import Certificate
+from .events import (
+    Recovered, RecoveryEstimated, RecoveryPointLearned, RecoveryRequestExecuted, RecoveryStarted,
+)
 
 
 @dataclass
@@ -49,7 +52,8 @@ class RecoveryRun:
     reports: dict[int, tuple[int, int]] = field(default_factory=dict)  # j -> (lowest c, highest p)
     H_M: Optional[int] = None
     request_raw: Optional[bytes] = None
-    answers: dict[int, tuple[bytes, bool]] = field(default_factory=dict)  # j -> (result, tentative)
+    final: Optional[Certificate[bytes]] = None  # final replies' results to the recovery request
+    any: Optional[Certificate[bytes]] = None  # all replies' results (final or tentative)
     n_R: Optional[int] = None
     H: Optional[int] = None
     next_send: float = 0.0
@@ -124,14 +128,13 @@ class Recovery:
         self._recovery_send()
 
     def _estimate(self, reports: dict[int, tuple[int, int]]) -> Optional[int]:
-        w = self.cfg.weights
-        need_c = self.Qw - 1  # 2f with unit weights
-        need_p = self.weak - 1  # f
+        q = self.quorums
         best = None
         for j, (cj, _) in reports.items():
-            wc = sum(w[k] for k, (ck, _) in reports.items() if k != j and ck <= cj)
-            wp = sum(w[k] for k, (_, pk) in reports.items() if k != j and pk >= cj)
-            if wc >= need_c and wp >= need_p and (best is None or cj > best):
+            # replicas other than j of weight 2f (with unit weights) report c <= cj, of weight f p >= cj
+            if q.is_quorum_but_one([k for k, (ck, _) in reports.items() if k != j and ck <= cj]) and \
+                    q.is_weak_but_one([k for k, (_, pk) in reports.items() if k != j and pk >= cj]) and \
+                    (best is None or cj > best):
                 best = cj
         return None if best is None else best + self.L
 
@@ -141,19 +144,25 @@ class Recovery:
                 or m.result is None or result_digest(m.result) != m.result_digest:
             self._drop("reply-unexpected")
             return
-        rec.answers[m.replica] = (m.result, m.tentative)
-        for result in {r for r, _ in rec.answers.values()}:
-            final = [j for j, (r, t) in rec.answers.items() if r == result and not t]
-            anyk = [j for j, (r, _) in rec.answers.items() if r == result]
-            if self._weight(final) >= self.weak or self._weight(anyk) >= self.Qw:
-                try:
-                    tag, n_R, H = msgpack.unpackb(result, raw=False)
-                except (ValueError, TypeError, msgpack.UnpackException):
-                    return  # f+1 replicas cannot all be faulty: unreachable
-                rec.n_R, rec.H, rec.phase = int(n_R), int(H), "check"
-                self._emit(RecoveryPointLearned(rec.n_R, rec.H))
-                self._recovery_check_done()
-                return
+        # the result is certified by a weak certificate of final replies or a quorum of any replies
+        if rec.final is None or rec.any is None:
+            rec.final = Certificate(self.quorums, self.quorums.weak)
+            rec.any = Certificate(self.quorums, self.quorums.quorum)
+        if m.tentative:
+            rec.final.discard(m.replica)
+            certified = None
+        else:
+            certified = rec.final.add(m.replica, m.result)
+        certified = rec.any.add(m.replica, m.result) or certified
+        if certified is None:
+            return
+        try:
+            tag, n_R, H = msgpack.unpackb(certified, raw=False)
+        except (ValueError, TypeError, msgpack.UnpackException):
+            return  # f+1 replicas cannot all be faulty: unreachable
+        rec.n_R, rec.H, rec.phase = int(n_R), int(H), "check"
+        self._emit(RecoveryPointLearned(rec.n_R, rec.H))
+        self._recovery_check_done()
 
     def _recovery_check_done(self) -> None:
         """Recovered: the state was checked against a certified checkpoint, and a stable

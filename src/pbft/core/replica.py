@@ -48,10 +48,15 @@ from ..service import Service
 from ..state.partition import Fetcher
 from ..state.replica_state import ReplicaState
 from .durability import Durability
+from .quorum import Reached, Quorums
 from .ready import Ready
 from .recovery import Recovery
 from .view_change import Decision, decide
-from .events import CheckpointMismatch, CheckpointTaken, Committed, Event, Executed, FetchStarted, NewViewInstalled, PrePrepareSent, PrePrepared, Prepared, Promoted, RolledBack, ServiceException, Stable, StateRebuilt, StateTransferred, ViewChangeStarted
+from .events import (
+    CheckpointMismatch, CheckpointTaken, Committed, Event, Executed, FetchStarted, NewViewInstalled, PrePrepared,
+    PrePrepareSent, Prepared, Promoted, RolledBack, ServiceException, Stable, StateRebuilt, StateTransferred,
+    ViewChangeStarted,
+)
 
 VIEW_LOOKAHEAD_MAX = 1 << 20  # view-change messages further ahead than this are dropped
 VOUCH_BATCH_MAX = 1024
@@ -128,9 +133,7 @@ class Replica(Durability, Recovery):
         # propose and check non-deterministic values (e.g. timestamps) against now + this offset
         self.wall_offset_ms = 0.0
         self.others = tuple(r for r in range(cfg.n) if r != replica_id)
-        self.unit_weights = all(w == 1 for w in cfg.weights)
-        self.Qw = cfg.quorum_weight
-        self.weak = cfg.weak_weight
+        self.quorums = Quorums.of(cfg)  # every threshold goes through it
         self.K = cfg.checkpoint_interval_seqnos
         self.L = cfg.log_window_seqnos
         self.bug_skip_digest = "skip-digest-check" in cfg.bugs
@@ -510,12 +513,6 @@ class Replica(Durability, Recovery):
             out.append(hit)
         return out
 
-    def _weight(self, replicas) -> int:
-        """Total weight of a collection of distinct replica ids."""
-        if self.unit_weights:
-            return len(replicas)
-        return self.cfg.weight_of(replicas)
-
     def _in_window(self, n: int) -> bool:
         return self.h < n <= self.h + self.L
 
@@ -684,7 +681,7 @@ class Replica(Durability, Recovery):
 
     def _certified(self, key: bytes) -> bool:
         vs = self.vouches.get(key)
-        return vs is not None and self._weight(vs) >= self.weak
+        return vs is not None and self.quorums.is_weak(vs)
 
     def _consider(self, c: int) -> None:
         """A known request became (or may have become) certified: order it, or watch the primary."""
@@ -749,7 +746,7 @@ class Replica(Durability, Recovery):
             if c is not None:
                 if c not in trusted:
                     vs = self.vouches.get(k, ())
-                    if self._weight([r for r in vs if r != self.id]) >= self.weak:
+                    if self.quorums.is_weak([r for r in vs if r != self.id]):
                         trusted.add(c)
                 self._consider(c)
             if held_keys and k in held_keys and self._certified(k):
@@ -950,7 +947,7 @@ class Replica(Durability, Recovery):
         self._accept_preprepare(pp, fr.raw, slot)
 
     def _weakly_prepared(self, slot: Slot, d: bytes) -> bool:
-        return self._weight([r for r, x in slot.prepares.items() if x == d and r != self.id]) >= self.weak
+        return self.quorums.is_weak([r for r, x in slot.prepares.items() if x == d and r != self.id])
 
     def _accept_preprepare(self, pp: PrePrepare, raw: bytes, slot: Slot) -> None:
         n, batch = pp.seqno, pp.batch
@@ -1027,7 +1024,7 @@ class Replica(Durability, Recovery):
         primary = self.primary()
         if primary not in voters:
             voters.append(primary)
-        if self._weight(voters) < self.Qw:
+        if not self.quorums.is_quorum(voters):
             return
         slot.prepared = True
         self.P[n] = (d, self.view)
@@ -1054,7 +1051,7 @@ class Replica(Durability, Recovery):
         if slot.committed or not slot.prepared:
             return
         d = slot.digest
-        if self._weight([r for r, x in slot.commits.items() if x == d]) < self.Qw:
+        if not self.quorums.is_quorum([r for r, x in slot.commits.items() if x == d]):
             return
         slot.committed = True
         self._persist_committed(n, d)
@@ -1214,13 +1211,13 @@ class Replica(Durability, Recovery):
         digests = {v[n] for v in self.ckpt_votes.values() if n in v}
         for d in digests:
             voters = self._votes_for(n, d)
-            w = self._weight(voters)
-            if w >= self.Qw:
+            reached = self.quorums.reached(voters)
+            if reached is Reached.QUORUM:
                 self._on_stable_certificate(n, d)
                 return
-            if w >= self.weak and self.last_committed_exec < n and (
+            if reached is Reached.WEAK and self.last_committed_exec < n and (
                     n > self.h + self.L
-                    or self._weight([j for j, st in self.peer_stable.items() if st >= n]) >= self.weak):
+                    or self.quorums.is_weak([j for j, st in self.peer_stable.items() if st >= n])):
                 # a correct replica is past our whole window, or replicas of weak weight have
                 # discarded the log up to n (nobody will resend what we lack there): catch up to
                 # checkpoint n, which a correct replica computed from committed requests
@@ -1487,13 +1484,9 @@ class Replica(Durability, Recovery):
         else:
             self.peer_stuck.pop(r, None)
         if s.view > self.view:
-            higher = sorted(((v, j) for j, v in self.peer_views.items() if v > self.view), reverse=True)
-            acc = 0
-            for v, j in higher:
-                acc += self.cfg.weights[j]
-                if acc >= self.weak:
-                    self._start_view_change(v, "status-join")
-                    break
+            target = self.quorums.join_view(self.peer_views, self.view)
+            if target is not None:
+                self._start_view_change(target, "status-join")
         # answers are rate-limited per peer: a flood of Status messages must not turn this
         # replica into an amplifier
         last = self.status_answered.get(r)
@@ -1703,8 +1696,9 @@ class Replica(Durability, Recovery):
             for (v, j) in self.vcs:
                 if v > self.view and j != self.id:
                     higher[j] = min(v, higher.get(j, v))
-            if self._weight(higher) >= self.weak:
-                self._start_view_change(min(higher.values()), "join")
+            target = self.quorums.join_view(higher, self.view)
+            if target is not None:
+                self._start_view_change(target, "join")
                 return
         self._after_view_change_input()
 
@@ -1746,7 +1740,7 @@ class Replica(Durability, Recovery):
             if vv != v:
                 continue
             vouchers = set(self.acks.get((v, j, info.digest), ())) | {j, primary}
-            if j == self.id or self._weight(vouchers) >= self.Qw:
+            if j == self.id or self.quorums.is_quorum(vouchers):
                 out.append(info)
         return out
 
@@ -1757,7 +1751,7 @@ class Replica(Durability, Recovery):
         # start the view-change timer once a quorum is changing to v
         if self.vc_deadline is None:
             senders = [j for (vv, j) in self.vcs if vv == v]
-            if self._weight(senders) >= self.Qw:
+            if self.quorums.is_quorum(senders):
                 self.vc_deadline = self.now + self.vc_timeout
         if self.primary(v) == self.id:
             self._try_new_view()
@@ -1766,11 +1760,11 @@ class Replica(Durability, Recovery):
 
     def _decide(self, infos: list[VCInfo]) -> Optional[Decision]:
         return decide([i.msg for i in sorted(infos, key=lambda i: i.msg.replica)],
-                      self._weight, self.Qw, self.weak, self.L)
+                      self.quorums, self.L)
 
     def _try_new_view(self) -> None:
         infos = self._vouched(self.view)
-        if self._weight([i.msg.replica for i in infos]) < self.Qw:
+        if not self.quorums.is_quorum([i.msg.replica for i in infos]):
             return
         dec = self._decide(infos)
         if dec is None:
@@ -1896,7 +1890,7 @@ class Replica(Durability, Recovery):
                 return  # wait for the view-change message (relayed by the primary or resent)
             infos.append(info)
         if len({j for j, _ in nv.view_changes}) != len(nv.view_changes) or \
-                self._weight([j for j, _ in nv.view_changes]) < self.Qw:
+                not self.quorums.is_quorum([j for j, _ in nv.view_changes]):
             self._reject_new_view("new-view-too-few-view-changes")
             return
         dec = self._decide(infos)
@@ -1967,7 +1961,7 @@ class Replica(Durability, Recovery):
                 continue
             if nv.replica != self.primary(nv.view):
                 continue
-            if self._weight([j for j, x in self.peer_nv.items() if x == (nv.view, d)]) < self.weak:
+            if not self.quorums.is_weak([j for j, x in self.peer_nv.items() if x == (nv.view, d)]):
                 continue
             if self._take_new_view_batches(nv):
                 continue

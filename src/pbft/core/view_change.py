@@ -24,10 +24,11 @@ incomplete: the primary waits for more view-change messages.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from ..codec import NULL_BATCH_DIGEST
 from ..messages import ViewChange
+from .quorum import Quorums
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,12 +40,11 @@ class Decision:
 
 def decide(
     vcs: Sequence[ViewChange],
-    weight_of: Callable[[list[int]], int],
-    quorum: int,
-    weak: int,
+    quorums: Quorums,
     window: int,
 ) -> Optional[Decision]:
     """The new-view decision for S = ``vcs``, or None if S does not determine one yet."""
+    is_quorum, is_weak = quorums.is_quorum, quorums.is_weak
     # 1. checkpoint
     cands: dict[tuple[int, bytes], list[int]] = {}
     for m in vcs:
@@ -52,9 +52,9 @@ def decide(
             cands.setdefault(c, []).append(m.replica)
     best: Optional[tuple[int, bytes]] = None
     for (s, d), holders in cands.items():
-        if weight_of(holders) < weak:
+        if not is_weak(holders):
             continue
-        if weight_of([m.replica for m in vcs if m.stable_seqno <= s]) < quorum:
+        if not is_quorum([m.replica for m in vcs if m.stable_seqno <= s]):
             continue
         if best is None or s > best[0]:
             best = (s, d)
@@ -87,16 +87,16 @@ def decide(
         for d, v in cand:
             a1 = [vcs[i].replica for i in below
                   if n not in P[i] or P[i][n][1] < v or (P[i][n][1] == v and P[i][n][0] == d)]
-            if weight_of(a1) < quorum:
+            if not is_quorum(a1):
                 continue
             a2 = [vcs[i].replica for i in range(len(vcs)) if Q[i].get(n, {}).get(d, -1) >= v]
-            if weight_of(a2) < weak:
+            if not is_weak(a2):
                 continue
             pick = d
             break
         if pick is None:
             nulls = [vcs[i].replica for i in below if n not in P[i]]
-            if weight_of(nulls) >= quorum:
+            if is_quorum(nulls):
                 pick = NULL_BATCH_DIGEST
         if pick is None:
             return None
