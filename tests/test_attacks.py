@@ -25,11 +25,12 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 # every reason listed exists in the code.
 EXPECTED_REASONS = {
     "garbage": {"malformed", "oversized-frame", "bad-frame", "bad-tag", "newkey-malformed",
-                "unauthenticated-frame-too-large", "connection-closed-unauthenticated"},
+                "unauthenticated-frame-too-large", "connection-closed-unauthenticated", "accept-paused"},
     "forged-client-mac": {"bad-mac", "spoofed-client", "newkey-bad-signature"},
     "replay": {"newkey-stale", "newkey-rate-limited", "request-old-timestamp", "request-duplicate",
                "request-late-copy", "request-retransmitted", "spoofed-client"},
-    "conn-flood": {"connection-limit", "connection-evicted", "idle-timeout"},
+    # (connections beyond the listener's accept budget wait in the kernel's queue: accept-paused)
+    "conn-flood": {"connection-limit", "connection-evicted", "idle-timeout", "accept-paused"},
     "replica-vouch-flood": {"vouch-unknown-dropped", "vouch-duplicate"},
     "replica-viewchange-flood": {"view-change-rate-limited", "replica-flood-held"},
     # lies go to clients, which must reject them: nothing to drop at the replicas
