@@ -3,7 +3,9 @@
 # missing.  Runs BEFORE pip: pyfuse3 is built against libfuse 3.
 #  - fuse3, libfuse3-dev, pkg-config: pyfuse3 (the BFS mount, `pbft mount`) compiles against
 #    libfuse3 and mounts with fusermount3;
-#  - `ip` (iproute2) and a packet filter (`iptables`, or `nft`): tests/test_netns.py.
+#  - `ip` (iproute2) and a packet filter (`iptables`, or `nft`): tests/test_netns.py;
+#  - sshfs and sshd (openssh-server): `pbft bench-fs` compares BFS with sshfs over loopback
+#    (it starts its own sshd; the package's own service is not started here).
 # Never fails the build: without these (or without root) the tests that need them skip,
 # saying why; without libfuse3-dev the pip install of pyfuse3 fails and says so.
 set -u
@@ -17,6 +19,8 @@ have fusermount3 || missing+=(fuse3)
 { have pkg-config && pkg-config --exists fuse3; } || missing+=(libfuse3-dev)
 have ip || missing+=(iproute2)
 have iptables || have nft || missing+=(iptables)
+have sshfs || missing+=(sshfs)
+have sshd || [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" != 0 ] || ! have apt-get; then

@@ -12,6 +12,19 @@ from pathlib import Path
 from ...config import ConfigError
 
 
+def cli_module() -> str:
+    """The module of the ``pbft`` command (``python -m MODULE``)."""
+    import importlib.util
+
+    for m in ("pbft.tools.cli", "pbft.cli"):
+        try:
+            if importlib.util.find_spec(m) is not None:
+                return m
+        except ImportError:
+            pass
+    return "pbft.cli"
+
+
 def is_mounted(mountpoint) -> bool:
     mp = os.path.realpath(mountpoint)
     try:
@@ -62,7 +75,8 @@ def cmd_mount(args) -> int:
         from .mount import mount_main
         try:
             mount_main(cluster, ids, str(mp), strict=args.strict, timeout_s=args.timeout, cache_s=args.cache,
-                       debug=args.debug)
+                       debug=args.debug, writeback=args.writeback_cache, keep_cache=not args.no_keep_cache,
+                       negative_cache=not args.no_negative_cache, write_behind=not args.no_write_behind)
         except PbftError as e:
             print(f"pbft mount: the cluster does not answer: {e}", file=sys.stderr)
             return 1
@@ -72,11 +86,12 @@ def cmd_mount(args) -> int:
         return 0
     # background: the same command in the foreground in a new session, logging to a file
     log = Path(args.log) if args.log else Path(args.dir) / f"mount-{ids[0]}.log"
-    cmd = [sys.executable, "-m", "pbft.cli", "mount", str(args.dir), str(mp), "--foreground",
+    cmd = [sys.executable, "-m", cli_module(), "mount", str(args.dir), str(mp), "--foreground",
            "--client-id", str(ids[0]), "--identities", str(len(ids)), "--timeout", str(args.timeout),
            "--cache", str(args.cache)]
-    if args.strict:
-        cmd.append("--strict")
+    for flag in ("strict", "writeback_cache", "no_write_behind", "no_keep_cache", "no_negative_cache"):
+        if getattr(args, flag):
+            cmd.append("--" + flag.replace("_", "-"))
     if args.verbose:
         cmd.append("--verbose")
     with open(log, "ab") as fh:
@@ -120,6 +135,15 @@ def add_bfs_commands(sub) -> None:
                    help="client identities from --client-id on, for concurrent requests (default 4)")
     m.add_argument("--strict", action="store_true", help="no kernel caching; reads ordered (docs/bfs.md)")
     m.add_argument("--cache", type=float, default=1.0, help="attribute and entry cache seconds (default 1)")
+    m.add_argument("--no-write-behind", action="store_true",
+                   help="send every application write and wait for its agreement (default: writes gather "
+                        "in the mount and are agreed at the latest when the file is closed or fsynced)")
+    m.add_argument("--writeback-cache", action="store_true",
+                   help="the kernel's writeback cache instead of write-behind: only for a file system "
+                        "no other client writes (the kernel then keeps its own file sizes)")
+    m.add_argument("--no-keep-cache", action="store_true",
+                   help="drop a file's cached pages at every open, even when it did not change")
+    m.add_argument("--no-negative-cache", action="store_true", help="do not cache absent names in the kernel")
     m.add_argument("--timeout", type=float, default=60.0,
                    help="seconds to wait for a certified reply before an operation fails with ETIMEDOUT")
     m.add_argument("--foreground", action="store_true", help="serve in this process until unmounted")

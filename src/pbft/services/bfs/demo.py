@@ -63,8 +63,12 @@ def run_bfs_demo(out=sys.stdout) -> int | None:
     if reason:
         print(f"\nBFS file system demo skipped: {reason}", file=out)
         return None
-    from ...cli_net import fetch_status
+    try:
+        from ...tools.net import fetch_status
+    except ImportError:
+        from ...cli_net import fetch_status
     from ...runtime.cluster import free_port_range, init_cluster
+    from .cli import cli_module
 
     print("\nBFS: the replicated file system", file=out)
     tmp = Path(tempfile.mkdtemp(prefix="pbft-bfs-demo-"))
@@ -83,10 +87,10 @@ def run_bfs_demo(out=sys.stdout) -> int | None:
     try:
         for i in range(4):
             with open(cdir / f"replica-{i}.log", "ab") as log:
-                procs[i] = subprocess.Popen([sys.executable, "-m", "pbft.cli", "replica", str(cdir), "--id", str(i),
+                procs[i] = subprocess.Popen([sys.executable, "-m", cli_module(), "replica", str(cdir), "--id", str(i),
                                              "--service", "bfs"], stdout=subprocess.DEVNULL, stderr=log, env=env,
                                             start_new_session=True)
-        r = subprocess.run([sys.executable, "-m", "pbft.cli", "mount", str(cdir), str(mnt), "--wait", "30"],
+        r = subprocess.run([sys.executable, "-m", cli_module(), "mount", str(cdir), str(mnt), "--wait", "30"],
                            capture_output=True, text=True, env=env)
         if r.returncode != 0:
             say(f"pbft mount failed: {r.stderr.strip()}")
@@ -135,7 +139,7 @@ def run_bfs_demo(out=sys.stdout) -> int | None:
         return 1
     finally:
         if mounted:
-            subprocess.run([sys.executable, "-m", "pbft.cli", "umount", str(mnt)], capture_output=True, env=env)
+            subprocess.run([sys.executable, "-m", cli_module(), "umount", str(mnt)], capture_output=True, env=env)
         for p in procs.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)

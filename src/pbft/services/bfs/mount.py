@@ -42,6 +42,8 @@ log = logging.getLogger("pbft.bfs.mount")
 #: a time within this of the mount's clock in a setattr is taken as "now" (UTIME_NOW)
 NOW_WINDOW_NS = 200_000_000
 EAGAIN_RETRIES = 100
+#: writes gathered per inode before they are sent (write-behind)
+WRITE_BEHIND_MAX = 1 << 20
 
 
 def _groups_of(pid: int, gid: int) -> tuple:
@@ -57,12 +59,35 @@ def _groups_of(pid: int, gid: int) -> tuple:
 
 
 class _Handle:
-    __slots__ = ("ino", "cred", "is_dir")
+    __slots__ = ("ino", "cred", "is_dir", "opened_ns")
 
     def __init__(self, ino: int, cred: tuple, is_dir: bool = False):
         self.ino = ino
         self.cred = cred
         self.is_dir = is_dir
+        self.opened_ns = time.time_ns()
+
+
+def _merge(ext: list, off: int, data, cred) -> list:
+    """Extents ``[(offset, bytearray, cred)]`` (sorted, disjoint, not touching) with ``data``
+    written at ``off`` over them: overlapping and adjacent ones become one."""
+    end = off + len(data)
+    keep, joined = [], []
+    for e in ext:
+        (joined if e[0] <= end and e[0] + len(e[1]) >= off else keep).append(e)
+    if joined:
+        lo = min(off, joined[0][0])
+        hi = max(end, max(e[0] + len(e[1]) for e in joined))
+        buf = bytearray(hi - lo)
+        for o, b, _ in joined:
+            buf[o - lo:o - lo + len(b)] = b
+        buf[off - lo:end - lo] = data
+        off = lo
+    else:
+        buf = bytearray(data)
+    keep.append((off, buf, cred))
+    keep.sort(key=lambda e: e[0])
+    return keep
 
 
 def _guard(fn):
@@ -96,7 +121,8 @@ class BFSOperations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, pool: ClientPool, identities: list[int], strict: bool = False, timeout_s: float = 60.0,
-                 cache_s: float = 1.0):
+                 cache_s: float = 1.0, writeback: bool = False, keep_cache: bool = True,
+                 negative_cache: bool = True, write_behind: bool = True):
         super().__init__()
         self.pool = pool
         self.ids = list(identities)
@@ -106,11 +132,24 @@ class BFSOperations(pyfuse3.Operations):
         self.strict = strict
         self.timeout_s = timeout_s
         self.cache_s = 0.0 if strict else cache_s
+        # kernel caching within the documented consistency (docs/bfs.md), none in strict mode:
+        # the writeback cache (writes gathered in the page cache, sent at the latest on close or
+        # fsync), the page cache kept at an open when the file did not change, negative entries
+        self.enable_writeback_cache = writeback and not strict
+        self.keep_cache = keep_cache and not strict
+        self.negative_cache = negative_cache and not strict
         self.handles: dict[int, _Handle] = {}
         self.next_fh = 1
         self.open_count: dict[int, int] = {}
         self.orphans: dict[int, int] = {}  # inode kept by the service for us -> the identity holding it
         self.known: dict[int, tuple] = {}  # inode -> (size, mtime) the kernel was last told
+        self.pages: dict[int, tuple] = {}  # inode -> (size, mtime) its cached pages reflect
+        self.wrote: dict[int, int] = {}  # inode written through the writeback cache -> when it was opened (ns)
+        self.kernel_mtime: dict[int, int] = {}  # inode -> the mtime the kernel last handed back after writes
+        self.write_behind = write_behind and not strict and not self.enable_writeback_cache
+        self.dirty: dict[int, list] = {}  # inode -> [(offset, bytearray, cred)] written, not yet sent
+        self.flushing: dict[int, asyncio.Lock] = {}
+        self.write_errors: dict[int, int] = {}  # inode -> errno of a gathered write the replicas refused
         self.errors: dict[str, int] = {}
         self.stats: dict[str, list] = {}  # op -> [calls, seconds]
         self.max_io = min(IO_MAX, pool.cfg.request_size_bytes_max - 512)
@@ -214,15 +253,54 @@ class BFSOperations(pyfuse3.Operations):
     # ---- metadata ------------------------------------------------------------------------------
     @_guard
     async def lookup(self, parent_inode, name, ctx):
-        return self.entry(await self.call("lookup", parent_inode, bytes(name), cred=self.cred(ctx), read_only=True))
+        try:
+            a = await self.call("lookup", parent_inode, bytes(name), cred=self.cred(ctx), read_only=True)
+        except BFSError as e:
+            if e.errno != E.ENOENT or not self.negative_cache:
+                raise
+            # a negative entry: the kernel remembers the name is absent for cache_s (a create
+            # through this mount replaces it at once; another client's within cache_s)
+            neg = pyfuse3.EntryAttributes()
+            neg.st_ino = 0
+            neg.entry_timeout = self.cache_s
+            return neg
+        return self.entry(self._with_dirty(a))
 
     @_guard
     async def getattr(self, inode, ctx):
-        return self.entry(await self.call("getattr", inode, cred=self.cred(ctx), read_only=True))
+        return self.entry(self._with_dirty(await self.call("getattr", inode, cred=self.cred(ctx), read_only=True)))
+
+    def _with_dirty(self, a):
+        """The attributes ``a`` with the size our gathered writes give the file (sent at close)."""
+        ext = self.dirty.get(a[A_INO])
+        if not ext:
+            return a
+        end = max(o + len(b) for o, b, _ in ext)
+        if end <= a[A_SIZE]:
+            return a
+        a = list(a)
+        a[A_SIZE] = end
+        return tuple(a)
 
     @_guard
     async def setattr(self, inode, attr, fields, fh, ctx):
         cred = self.cred(ctx)
+        if inode in self.dirty:
+            await self._flush_writes(inode)
+        opened = self.wrote.pop(inode, None)
+        if (fields.update_mtime and fields.update_ctime
+                and not (fields.update_atime or fields.update_mode or fields.update_uid or fields.update_gid
+                         or fields.update_size)
+                and ((opened is not None and opened - NOW_WINDOW_NS <= attr.st_mtime_ns <= time.time_ns() + NOW_WINDOW_NS)
+                     or self.kernel_mtime.get(inode) == attr.st_mtime_ns)):
+            # the writeback cache handing back the mtime the kernel kept for writes it sent since
+            # the file was opened (or the same value again): each of those writes set the agreed
+            # mtime in the replicas already, so nothing is ordered
+            if len(self.kernel_mtime) > 100_000:
+                self.kernel_mtime.clear()
+            self.kernel_mtime[inode] = attr.st_mtime_ns
+            return self.entry(await self.call("getattr", inode, cred=cred, read_only=True))
+        self.kernel_mtime.pop(inode, None)
         if fh is not None and fh in self.handles and fields.update_size:
             cred = self.handles[fh].cred
         now = time.time_ns()
@@ -239,6 +317,8 @@ class BFSOperations(pyfuse3.Operations):
                             attr.st_size if fields.update_size else None,
                             (t(fields.update_atime, attr.st_atime_ns), t(fields.update_mtime, attr.st_mtime_ns)),
                             cred=cred)
+        if inode in self.pages:  # our own change: the cached pages (truncated by the kernel) stay right
+            self._pages(inode, (a[A_SIZE], a[A_MTIME]))
         return self.entry(a)
 
     @_guard
@@ -259,10 +339,13 @@ class BFSOperations(pyfuse3.Operations):
 
     @_guard
     async def link(self, inode, new_parent_inode, new_name, ctx):
+        if inode in self.dirty:
+            await self._flush_writes(inode)
         return self.entry(await self.call("link", inode, new_parent_inode, bytes(new_name), cred=self.cred(ctx)))
 
     @_guard
     async def unlink(self, parent_inode, name, ctx):
+        await self._flush_all()
         kept, who = await self.call_as("unlink", parent_inode, bytes(name), bool(self.open_count),
                                        cred=self.cred(ctx))
         await self._kept(kept, who)
@@ -273,6 +356,7 @@ class BFSOperations(pyfuse3.Operations):
 
     @_guard
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        await self._flush_all()
         kept, who = await self.call_as("rename", parent_inode_old, bytes(name_old), parent_inode_new,
                                        bytes(name_new), flags, bool(self.open_count), cred=self.cred(ctx))
         await self._kept(kept, who)
@@ -311,11 +395,19 @@ class BFSOperations(pyfuse3.Operations):
         await self.call("removexattr", inode, bytes(name), cred=self.cred(ctx))
 
     # ---- files ---------------------------------------------------------------------------------
-    def _file_info(self, fh: int) -> pyfuse3.FileInfo:
+    def _file_info(self, fh: int, keep: bool = False) -> pyfuse3.FileInfo:
         fi = pyfuse3.FileInfo(fh=fh)
         fi.direct_io = self.strict
-        fi.keep_cache = False  # close-to-open: an open drops the cached pages
+        # close-to-open: an open drops the cached pages unless the file is unchanged since
+        # the kernel last saw it (same size and mtime from the replicas)
+        fi.keep_cache = keep
         return fi
+
+    def _pages(self, ino: int, version: tuple) -> None:
+        if self.keep_cache:
+            if len(self.pages) > 200_000:
+                self.pages.clear()
+            self.pages[ino] = version
 
     def _opened(self, ino: int) -> None:
         self.open_count[ino] = self.open_count.get(ino, 0) + 1
@@ -323,6 +415,8 @@ class BFSOperations(pyfuse3.Operations):
     @_guard
     async def open(self, inode, flags, ctx):
         cred = self.cred(ctx)
+        if inode in self.dirty:
+            await self._flush_writes(inode)
         if flags & os.O_TRUNC:  # libfuse asks for atomic O_TRUNC: the truncation is ours to do
             a = await self.call("setattr", inode, None, None, None, 0, (None, None), cred=cred)
             try:
@@ -331,14 +425,18 @@ class BFSOperations(pyfuse3.Operations):
                 pass
         else:
             a = await self.call("getattr", inode, cred=cred, read_only=True)
-        if not self.strict and self.known.get(inode) not in (None, (a[A_SIZE], a[A_MTIME])):
+        seen = self.known.get(inode)
+        now_is = (a[A_SIZE], a[A_MTIME])
+        if not self.strict and seen is not None and seen != now_is:
             try:
                 pyfuse3.invalidate_inode(inode, attr_only=True)
             except OSError:
                 pass
         self.entry(a)
         self._opened(inode)
-        return self._file_info(self._fh(_Handle(inode, cred)))
+        keep = self.keep_cache and self.pages.get(inode) == now_is and not flags & os.O_TRUNC
+        self._pages(inode, now_is)
+        return self._file_info(self._fh(_Handle(inode, cred)), keep)
 
     @_guard
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -347,11 +445,29 @@ class BFSOperations(pyfuse3.Operations):
         if flags & os.O_TRUNC and a[A_SIZE] > 0:  # it existed after all (another client made it)
             a = await self.call("setattr", a[A_INO], None, None, None, 0, (None, None), cred=cred)
         self._opened(a[A_INO])
+        self._pages(a[A_INO], (a[A_SIZE], a[A_MTIME]))
         return self._file_info(self._fh(_Handle(a[A_INO], cred))), self.entry(a)
 
     @_guard
     async def read(self, fh, off, size):
         h = self._handle(fh)
+        return self._overlay(h.ino, off, size, await self._read(h, off, size))
+
+    def _overlay(self, ino: int, off: int, size: int, data: bytes) -> bytes:
+        """``data`` read from the replicas at ``off`` with our gathered writes laid over it, in order."""
+        ext = self.dirty.get(ino)
+        if not ext:
+            return data
+        end = max(off + len(data), min(off + size, max(o + len(b) for o, b, _ in ext)))
+        buf = bytearray(data)
+        buf.extend(bytes(end - off - len(data)))  # past the replicas' end of file: a hole until ours
+        for o, b, _ in ext:
+            lo, hi = max(o, off), min(o + len(b), end)
+            if lo < hi:
+                buf[lo - off:hi - off] = b[lo - o:hi - o]
+        return bytes(buf)
+
+    async def _read(self, h: _Handle, off: int, size: int) -> bytes:
         spans = [(o, min(self.max_io, off + size - o)) for o in range(off, off + size, self.max_io)]
         # the pieces of one large read go out together, on different identities
         pieces = await asyncio.gather(*(self.call("read", h.ino, o, n, cred=h.cred, read_only=True)
@@ -366,23 +482,69 @@ class BFSOperations(pyfuse3.Operations):
     @_guard
     async def write(self, fh, off, buf):
         h = self._handle(fh)
-        buf = bytes(buf)
-        if not buf:
+        if not len(buf):
             return 0
-        # a write larger than one request: its pieces are independent operations, sent together
-        attrs = await asyncio.gather(*(self.call("write", h.ino, off + d, buf[d:d + self.max_io], cred=h.cred)
-                                       for d in range(0, len(buf), self.max_io)))
-        a = max(attrs, key=lambda x: (x[A_CTIME], x[A_SIZE]))
-        self.known[h.ino] = (a[A_SIZE], a[A_MTIME])
+        if self.write_behind:
+            # write-behind: contiguous writes through one descriptor gather here and are sent
+            # at the latest at close (flush) or fsync, or before anything that looks at the
+            # inode (getattr, read, setattr, lookup, readdir, open, link, unlink, rename)
+            ext = self.dirty.get(h.ino)
+            if ext and (ext[0][2] != h.cred or sum(len(e[1]) for e in ext) + len(buf) > WRITE_BEHIND_MAX):
+                await self._flush_writes(h.ino)
+            self.dirty[h.ino] = _merge(self.dirty.get(h.ino, []), off, buf, h.cred)
+            return len(buf)
+        await self._send_writes(h.ino, [(off, bytes(buf), h.cred)], h.opened_ns)
         return len(buf)
+
+    async def _flush_writes(self, ino: int) -> None:
+        """Send the writes gathered for ``ino`` (in order); an error is raised here and again at
+        the next flush or fsync of the file."""
+        lock = self.flushing.get(ino)
+        if ino in self.dirty or lock is not None:
+            if lock is None:
+                lock = self.flushing[ino] = asyncio.Lock()
+            async with lock:  # one flush of an inode at a time, so that writes land in order
+                ext = self.dirty.pop(ino, None)
+                if ext:
+                    try:
+                        await self._send_writes(ino, [(o, bytes(b), c) for o, b, c in ext], None)
+                    except BFSError as e:
+                        self.write_errors[ino] = e.errno or E.EIO
+                        raise
+                    except (PbftError, ValueError):
+                        self.write_errors[ino] = E.EIO
+                        raise
+        err = self.write_errors.pop(ino, None)
+        if err:
+            raise BFSError(err, os.strerror(err))
+
+    async def _flush_all(self) -> None:
+        for ino in list(self.dirty):
+            await self._flush_writes(ino)
+
+    async def _send_writes(self, ino: int, extents, opened_ns) -> None:
+        # a write larger than one request: its pieces are independent operations, sent together
+        parts = [(o + d, b[d:d + self.max_io], c) for o, b, c in extents for d in range(0, len(b), self.max_io)]
+        attrs = await asyncio.gather(*(self.call("write", ino, o, piece, cred=c) for o, piece, c in parts))
+        a = max(attrs, key=lambda x: (x[A_CTIME], x[A_SIZE]))
+        self.known[ino] = (a[A_SIZE], a[A_MTIME])
+        if self.enable_writeback_cache and opened_ns is not None:
+            if len(self.wrote) > 100_000:
+                self.wrote.clear()
+            self.wrote.setdefault(ino, opened_ns)
+        if ino in self.pages:  # the pages hold what we wrote (a concurrent writer elsewhere: docs/bfs.md)
+            self._pages(ino, self.known[ino])
 
     @_guard
     async def flush(self, fh):
-        return None  # every write is already an agreed operation
+        h = self.handles.get(fh)
+        if h is not None:  # close: the gathered writes are sent and agreed before close returns
+            await self._flush_writes(h.ino)
 
     @_guard
     async def fsync(self, fh, datasync):
         h = self._handle(fh)
+        await self._flush_writes(h.ino)
         await self.call("fsync", h.ino, cred=h.cred)
 
     @_guard
@@ -395,6 +557,13 @@ class BFSOperations(pyfuse3.Operations):
             self.open_count[h.ino] = c
             return
         self.open_count.pop(h.ino, None)
+        try:
+            await self._flush_writes(h.ino)  # (flush came first; in case it did not)
+        except (BFSError, PbftError, ValueError):
+            pass
+        lock = self.flushing.get(h.ino)
+        if lock is not None and not lock.locked() and h.ino not in self.dirty:
+            del self.flushing[h.ino]
         who = self.orphans.pop(h.ino, None)
         if who is not None:
             await self.call("release", h.ino, cred=h.cred, ident=who)
@@ -411,6 +580,8 @@ class BFSOperations(pyfuse3.Operations):
     @_guard
     async def readdir(self, fh, start_id, token):
         h = self._handle(fh)
+        if self.dirty:  # the listing's attributes include our own writes
+            await self._flush_all()
         # offsets 1 and 2 are "." and ".."; the service's cookies (from 1) follow, shifted by 2
         if start_id < 2:
             a = self.entry(await self.call("getattr", h.ino, cred=h.cred, read_only=True))
@@ -448,13 +619,13 @@ class BFSOperations(pyfuse3.Operations):
 
 
 async def run_mount(cluster, identities: list[int], mountpoint: str, strict: bool = False, timeout_s: float = 60.0,
-                    cache_s: float = 1.0, debug: bool = False, ready=None) -> None:
+                    cache_s: float = 1.0, debug: bool = False, ready=None, **caching) -> None:
     """Mount and serve until unmounted (``fusermount3 -u``) or SIGTERM/SIGINT."""
     import signal
 
     pool = ClientPool(cluster, [cluster.identity(i) for i in identities])
     await pool.start(5.0)
-    ops = BFSOperations(pool, identities, strict=strict, timeout_s=timeout_s, cache_s=cache_s)
+    ops = BFSOperations(pool, identities, strict=strict, timeout_s=timeout_s, cache_s=cache_s, **caching)
     try:
         await ops.start()
         opts = set(pyfuse3.default_options)
