@@ -14,17 +14,22 @@ attackers, ``pbft up``'s replicas, the demo's cluster) goes through ``Procs``:
 - ``stop`` ends children with SIGTERM, then SIGKILL after a grace period, and
   closes their pipes; ``stop_all`` (also on leaving a ``with`` block) ends
   every child still known;
-- ``run`` runs a one-shot command to completion and returns its output.
+- ``run`` runs a one-shot command to completion and returns its output;
+- ``JsonLines`` collects what a child with ``pipes=True`` reports on its stdout, one JSON
+  object a line (a load worker's or an attacker's progress and results).
 
 ``src/pbft/tools/`` is the only place of the package that starts processes.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional
@@ -223,3 +228,38 @@ class Procs:
             full_env.update(env)
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
                               stdin=subprocess.DEVNULL)
+
+
+class JsonLines:
+    """The JSON objects a child writes on its stdout, one a line, read by a thread into a queue
+    (``None`` at EOF); lines that are not JSON objects are skipped.  ``on_progress`` (called in
+    the reader thread) takes the ``{"progress": ...}`` messages instead of the queue."""
+
+    def __init__(self, proc: subprocess.Popen, on_progress: Optional[Callable[[dict], None]] = None):
+        self.proc = proc
+        self.q: queue.Queue = queue.Queue()
+        self.on_progress = on_progress
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            assert self.proc.stdout is not None, "start the child with pipes=True"
+            for line in self.proc.stdout:
+                try:
+                    msg = json.loads(line)
+                except ValueError:
+                    continue
+                if not isinstance(msg, dict):
+                    continue
+                if self.on_progress is not None and "progress" in msg:
+                    self.on_progress(msg)
+                else:
+                    self.q.put(msg)
+        except (OSError, ValueError):  # closed under us when the child is stopped
+            pass
+        finally:
+            self.q.put(None)
+
+    def next(self, timeout: float) -> Optional[dict]:
+        """The next message; None at EOF; raises ``queue.Empty`` after ``timeout`` seconds."""
+        return self.q.get(timeout=timeout)

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..bench.stats import percentile
-from ..procs import ChildExited, Procs, log_tail, sigterm_as_interrupt
+from ..procs import ChildExited, JsonLines, Procs, log_tail, sigterm_as_interrupt
 from ...config import ConfigError
 from ...runtime.cluster import free_port_range, init_cluster
 
@@ -265,39 +265,6 @@ def http_get(host: str, port: int, path: str, timeout: float) -> bytes:
 
 
 # ---------------------------------------------------------------------------
-# child processes that speak JSON lines
-# ---------------------------------------------------------------------------
-
-class Lines:
-    """JSON lines from a child's stdout, read by a thread into a queue (None at EOF)."""
-
-    def __init__(self, proc: subprocess.Popen, on_progress=None):
-        self.proc = proc
-        self.q: queue.Queue = queue.Queue()
-        self.on_progress = on_progress  # called (in the reader thread) with each {"progress": ...} message
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        try:
-            for line in self.proc.stdout:
-                try:
-                    msg = json.loads(line)
-                except ValueError:
-                    continue
-                if self.on_progress is not None and "progress" in msg:
-                    self.on_progress(msg)
-                else:
-                    self.q.put(msg)
-        except (OSError, ValueError):  # closed under us when the child is stopped
-            pass
-        self.q.put(None)
-
-    def next(self, timeout: float) -> Optional[dict]:
-        """The next message; None at EOF; raises queue.Empty after ``timeout``."""
-        return self.q.get(timeout=timeout)
-
-
-# ---------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------
 
@@ -315,7 +282,7 @@ class Supervisor:
         self.quiet: list[dict] = []  # the quiet windows so far (``quiet_window``)
         self.cluster = None
         self.workload = None
-        self.workload_lines: Optional[Lines] = None
+        self.workload_lines: Optional[JsonLines] = None
         self.progress: list[tuple[float, int]] = []  # the workload's progress reports: (time, operations done)
         placement = cpu_placement(args.attacker_cpus)
         self.cluster_cpus, self.attacker_cpus = placement if placement else (None, None)
@@ -444,7 +411,7 @@ class Supervisor:
         spec = {"dir": str(self.cluster.dir), "clients": self.ids()["victims"], "timeout_s": 5.0}
         self.workload = self.children.start("workload", ["-m", "pbft.tools.attack", "workload", json.dumps(spec)], pipes=True)
         pin(self.workload.pid, self.cluster_cpus)
-        self.workload_lines = Lines(self.workload, self._on_progress)
+        self.workload_lines = JsonLines(self.workload, self._on_progress)
         try:
             msg = self.workload_lines.next(READY_TIMEOUT_S)
         except queue.Empty:
@@ -482,7 +449,7 @@ class Supervisor:
         t_spawn = time.monotonic()
         p = self.children.start(f"attack-{name}", ["-m", "pbft.tools.attack", "worker", name, json.dumps(spec)], pipes=True)
         pin(p.pid, self.attacker_cpus)
-        lines = Lines(p)
+        lines = JsonLines(p)
         rec: dict = {"attack": name, "class": CLASS_OF[name], "floor": FLOORS[CLASS_OF[name]], "t_spawn": t_spawn,
                      "t_start": None, "t_end": None, "summary": None, "error": None}
         deadline = time.monotonic() + 60.0 + a.duration_s * 2
