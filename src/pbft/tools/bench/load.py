@@ -1,6 +1,7 @@
 """``pbft bench``'s closed-loop load: ``Load`` (clients over one ``ClientPool``, in the bench
 process and in each load worker), ``Worker`` (the bench's handle on a load-worker process: JSON
-lines on its stdout, the start time on its stdin) and ``load_worker_main`` (the worker's side)."""
+lines on its stdout, read by ``procs.JsonLines``; the start time on its stdin) and
+``load_worker_main`` (the worker's side)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ import array
 import asyncio
 import base64
 import json
-import os
+import queue
 import sys
 import time
 
 from ...config import ConfigError
-from ..procs import Procs
+from ..procs import JsonLines, Procs
 
 INVOKE_TIMEOUT_S = 10.0
 READY_TIMEOUT_S = 30.0
@@ -101,39 +102,16 @@ class Worker:
         self.name = name
         self.procs = procs
         self.proc = procs.start(name, ["-m", "pbft.tools.bench", "load-worker", json.dumps(spec)], pipes=True)
-        self.lines: asyncio.Queue = asyncio.Queue()
         self.done_total = 0
-        self.buf = bytearray()
-        loop = asyncio.get_running_loop()
-        os.set_blocking(self.proc.stdout.fileno(), False)
-        loop.add_reader(self.proc.stdout.fileno(), self._readable)
-        self.loop = loop
+        self.lines = JsonLines(self.proc, self._on_progress)
 
-    def _readable(self) -> None:
-        try:
-            data = os.read(self.proc.stdout.fileno(), 1 << 20)
-        except BlockingIOError:
-            return
-        if not data:
-            self.loop.remove_reader(self.proc.stdout.fileno())
-            self.lines.put_nowait(None)
-            return
-        self.buf += data
-        if b"\n" not in data:
-            return
-        *lines, rest = self.buf.split(b"\n")
-        self.buf = bytearray(rest)
-        for line in lines:
-            msg = json.loads(line)
-            if msg.get("progress") is not None:
-                self.done_total = msg["progress"]
-            else:
-                self.lines.put_nowait(msg)
+    def _on_progress(self, msg: dict) -> None:
+        self.done_total = msg["progress"]
 
     async def _next(self, timeout: float) -> dict:
         try:
-            msg = await asyncio.wait_for(self.lines.get(), timeout)
-        except asyncio.TimeoutError:
+            msg = await asyncio.get_running_loop().run_in_executor(None, self.lines.next, timeout)
+        except queue.Empty:
             raise ConfigError(f"{self.name} did not answer within {timeout:g}s (log in {self.procs.logdir})") \
                 from None
         if msg is None:
@@ -158,10 +136,6 @@ class Worker:
         return lat, msg["errors"]
 
     def close(self) -> None:
-        try:
-            self.loop.remove_reader(self.proc.stdout.fileno())
-        except (ValueError, OSError):
-            pass
         self.procs.stop([self.proc])
 
 
