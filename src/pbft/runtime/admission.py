@@ -95,6 +95,11 @@ class NewKeyGate:
         self.last_digest: dict[int, bytes] = {}  # sender -> digest of the latest NewKey accepted from it
         self.bucket = TokenBucket(rate=NEWKEY_RATE_ALL, burst=NEWKEY_RATE_ALL)
         self.conn_burst = float(min(NEWKEY_RATE_ALL, max(512, max_principal + 1)))
+        self.refused = ""  # why the last refused NewKey was refused
+
+    def _refuse(self, reason: str) -> None:
+        self.counters.drop(reason)
+        self.refused = reason
 
     def accept(self, conn: FrameConn, raw: bytes) -> Optional[tuple[int, bytes]]:
         meta = conn.meta
@@ -102,18 +107,15 @@ class NewKeyGate:
         h = blake2b(raw, digest_size=16).digest()
         if self.last_digest.get(s) == h:
             # an exact replay of the latest NewKey accepted from s: one hash and a comparison
-            self.counters.drop("newkey-stale")
-            return None
+            return self._refuse("newkey-stale")
         try:
             nk = precheck_newkey(raw, self.me, self.public, self.max_principal, self.last_ts,
                                  time.time_ns() // 1000, self.skew_us)
         except DecodeError as e:
-            self.counters.drop(e.reason)
-            return None
+            return self._refuse(e.reason)
         authenticated = meta.get("authenticated", False)
         if not authenticated and meta.get("newkey-failures", 0) >= UNAUTHENTICATED_NEWKEY_FAILURES_MAX:
-            self.counters.drop("newkey-unauthenticated-limit")
-            return None
+            return self._refuse("newkey-unauthenticated-limit")
         now = time.monotonic()
         # signatures cost ~40 us: bound what one connection, and all together, can make us verify
         bucket = meta.get("newkey-bucket")
@@ -121,15 +123,13 @@ class NewKeyGate:
             # (a burst that covers a client pool's NewKeys for all its identities when it connects)
             bucket = meta["newkey-bucket"] = TokenBucket(rate=NEWKEY_RATE_PER_CONN, burst=self.conn_burst)
         if not bucket.take(now) or not self.bucket.take(now):
-            self.counters.drop("newkey-rate-limited")
-            return None
+            return self._refuse("newkey-rate-limited")
         try:
             k = finish_newkey(nk, self.me, self.public, self.n_replicas, self.last_ts)
         except DecodeError as e:
-            self.counters.drop(e.reason)
             if not authenticated:
                 meta["newkey-failures"] = meta.get("newkey-failures", 0) + 1
-            return None
+            return self._refuse(e.reason)
         meta["authenticated"] = True
         self.last_digest[nk.sender] = h
         return nk.sender, k

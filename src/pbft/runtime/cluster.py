@@ -71,7 +71,7 @@ class RuntimeParams:
     connections_max: int = 1024  # inbound connections per replica
     # inbound connections accepted per second that do not authenticate (runtime.transport.Listener:
     # a connection's credit comes back when it authenticates; the excess waits in the kernel)
-    unauthenticated_accepts_per_s: float = 200.0
+    unauthenticated_accepts_per_s: float = 100.0
     reconnect_min_s: float = 0.05
     reconnect_max_s: float = 2.0
     # inbound connections (runtime.transport.InboundGuard): one that has not authenticated (no valid

@@ -434,6 +434,10 @@ class ReplicaNode:
         # then the rate limits, then the signature (runtime.admission)
         got = self.newkey_gate.accept(conn, raw)
         if got is None:
+            if self.newkey_gate.refused != "newkey-rate-limited":
+                # a replay, a stale, future or badly signed NewKey; one refused only for the rate
+                # limit (a burst of correct connections) leaves the connection open
+                self._close_unauthenticated(conn)
             return
         sender, k = got
         self.metrics.newkeys_accepted += 1
@@ -457,9 +461,18 @@ class ReplicaNode:
             conn.meta.setdefault("clients", set()).add(c)
 
     # ---- the core -----------------------------------------------------------
+    def _close_unauthenticated(self, conn: FrameConn) -> None:
+        """A frame that is not a valid NewKey on a connection that never authenticated: close it
+        (a correct principal's first frame is its NewKey; it reconnects with a fresh one), so one
+        accepted connection costs at most one frame's work (``Listener`` bounds the accepts)."""
+        if conn.auth == UNAUTHENTICATED and conn.guard is not None and not conn.closed:
+            self.counters.drop("connection-closed-unauthenticated")
+            conn.close()
+
     def _on_frame(self, conn: FrameConn, raw: bytes) -> None:
         if len(raw) < 2 or raw[0] != FIXARRAY5:
             self.counters.drop("malformed")
+            self._close_unauthenticated(conn)
             return
         tag = raw[1]
         if tag == NEWKEY_TAG:
@@ -472,15 +485,14 @@ class ReplicaNode:
         if (self.replica_conn if s < self.cfg.n else self.client_conn).get(s) is not conn:
             if s < 0:
                 self.counters.drop("malformed")
+                self._close_unauthenticated(conn)
                 return
             if self.replica_conn.get(conn.meta.get("replica", -1)) is not conn:
                 self.counters.drop("spoofed-self" if s == self.id else
                                    "spoofed-replica" if s < self.cfg.n else "spoofed-client")
-                if conn.auth == UNAUTHENTICATED and conn.guard is not None:
-                    # no NewKey was ever accepted on it: an impostor, or a correct principal whose
-                    # NewKey we dropped; closing makes the latter reconnect with a fresh one
-                    self.counters.drop("connection-closed-unauthenticated")
-                    conn.close()
+                # no NewKey was ever accepted on it: an impostor, or a correct principal whose
+                # NewKey we dropped
+                self._close_unauthenticated(conn)
                 return
             relayed = True
         now = self._now()
