@@ -52,7 +52,7 @@ def format_value(x: Any) -> str:
     if isinstance(x, (bytes, bytearray)):
         return bytes(x[:4]).hex() if x else "-"
     if isinstance(x, Batch):
-        return f"batch[{len(x.requests)}]"
+        return f"{len(x.requests)}req"
     if isinstance(x, bool) or x is None:
         return str(x).lower()
     if isinstance(x, (tuple, list)):
