@@ -61,6 +61,24 @@ def malformed(impl: ServiceImpl) -> list[bytes]:
     return junk
 
 
+def test_every_shipped_service_is_in_the_suite():
+    import importlib
+    import pkgutil
+
+    import pbft.services
+    from pbft.service import ObjectService, Service
+    shipped = set()
+    for m in pkgutil.walk_packages(pbft.services.__path__, "pbft.services."):
+        try:
+            mod = importlib.import_module(m.name)
+        except ImportError:  # an optional dependency (pyfuse3 for the BFS mount): no service there
+            continue
+        shipped |= {v for v in vars(mod).values() if isinstance(v, type) and issubclass(v, Service)
+                    and v.__module__ == m.name and v not in (Service, ObjectService)}
+    tested = {type(impl.make()) for impl in SERVICES}
+    assert shipped and shipped <= tested, f"add {sorted(c.__name__ for c in shipped - tested)} to helpers.impls.SERVICES"
+
+
 @each_service
 def test_the_workload_exercises_the_service(impl):
     svc = impl.make()

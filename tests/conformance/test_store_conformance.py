@@ -9,11 +9,24 @@ import random
 
 import pytest
 
-from helpers.impls import MAX_KEY, META_KEY
+from helpers.impls import MAX_KEY, META_KEY, STORES, Store
 
 
 def contents(store) -> dict[bytes, bytes]:
     return dict(store.scan(b""))
+
+
+def test_every_store_of_the_library_is_in_the_suite(tmp_path):
+    import pbft.storage  # noqa: F401 - imports every implementation
+    def subclasses(c):
+        return {c, *(s for d in c.__subclasses__() for s in subclasses(d))}
+    library = {c for c in subclasses(Store) if c.__module__.startswith("pbft.")} - {Store}
+    tested = set()
+    for impl in STORES:
+        s = impl.open(tmp_path / impl.name)
+        tested.add(type(s))
+        s.close()
+    assert library <= tested, f"add {sorted(c.__name__ for c in library - tested)} to helpers.impls.STORES"
 
 
 def test_missing_key_reads_none(store):

@@ -8,7 +8,6 @@ line here.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,24 +19,8 @@ ROOT = str(Path(__file__).resolve().parents[2])  # the repository root: makes ``
 if ROOT not in sys.path:
     sys.path.append(ROOT)
 
-
-def _first(name: str, *modules: str):
-    """``name`` from the first of ``modules`` that defines it (the storage modules have moved
-    between packages before; every public path that works is acceptable)."""
-    for mod in modules:
-        try:
-            return getattr(importlib.import_module(mod), name)
-        except (ImportError, AttributeError):
-            continue
-    raise ImportError(f"{name} is in none of {modules}")
-
-
-_STORE_MODULES = ("pbft.storage", "pbft.storage.store", "pbft.state.store")
-Store = _first("Store", *_STORE_MODULES)
-MemStore = _first("MemStore", "pbft.storage", "pbft.storage.memory", "pbft.storage.store", "pbft.state.store")
-LmdbStore = _first("LmdbStore", "pbft.storage", "pbft.storage.lmdb", "pbft.storage.store", "pbft.state.store")
-META_KEY = _first("META_KEY", *_STORE_MODULES, "pbft.storage.lmdb", "pbft.storage.memory")
-MAX_KEY = _first("MAX_KEY", *_STORE_MODULES, "pbft.storage.lmdb", "pbft.storage.memory")
+from pbft.storage import META_KEY, LmdbStore, MemStore, Store  # noqa: F401 - Store: the interface
+from pbft.storage.store import MAX_KEY
 
 
 # ---------------------------------------------------------------------------
