@@ -86,7 +86,10 @@ class Cluster:
             if dst in self.down or src in self.down or self.drop(src, dst, raw):
                 continue
             self.delivered += 1
-            self.node(dst).receive(raw, self.now)
+            node = self.node(dst)
+            node.receive(raw, self.now)
+            if dst < self.cfg.n:
+                node.invariants()
             self.collect()
         assert not self.net, "message storm: the network never drained"
 
@@ -102,6 +105,8 @@ class Cluster:
                 d = node.next_deadline()
                 if d is not None and d <= self.now:
                     node.tick(self.now)
+                    if pid < self.cfg.n:
+                        node.invariants()
             self.run()
 
     def invoke(self, client: int, op: bytes, read_only: bool = False, max_ms: float = 20_000.0):

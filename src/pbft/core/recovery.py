@@ -39,6 +39,7 @@ import msgpack
 from ..codec import result_digest, seal
 from ..messages import ALL_REPLICAS, RECOVERY_OP, QueryStable, ReplyStable, Reply, Request
 from .quorum import Certificate
+from .drops import Drop
 from .events import (
     Recovered, RecoveryEstimated, RecoveryPointLearned, RecoveryRequestExecuted, RecoveryStarted,
 )
@@ -109,11 +110,17 @@ class Recovery:
         if rec is not None and rec.phase != "check" and self.now >= rec.next_send:
             self._recovery_send()
 
-    def on_reply_stable(self, m: ReplyStable, fr) -> None:
+    def _ignore_reply_stable(self, m: ReplyStable) -> Optional[Drop]:
         rec = self.recovering
         if rec is None or rec.phase != "estimate" or m.nonce != rec.nonce:
-            self._drop("reply-stable-unexpected")
-            return
+            return Drop.REPLY_STABLE_UNEXPECTED
+        return None
+
+    def on_reply_stable(self, m: ReplyStable, fr) -> None:
+        if (why := self._ignore_reply_stable(m)) is not None:
+            return self._drop(why)
+        rec = self.recovering
+        assert rec is not None and rec.phase == "estimate"
         old = rec.reports.get(m.replica)
         rec.reports[m.replica] = (m.checkpoint, m.prepared) if old is None else \
             (min(old[0], m.checkpoint), max(old[1], m.prepared))
@@ -138,12 +145,18 @@ class Recovery:
                 best = cj
         return None if best is None else best + self.L
 
-    def on_recovery_reply(self, m: Reply, fr) -> None:
+    def _ignore_recovery_reply(self, m: Reply) -> Optional[Drop]:
         rec = self.recovering
         if rec is None or rec.phase != "request" or m.client != self.id or m.timestamp != rec.nonce \
                 or m.result is None or result_digest(m.result) != m.result_digest:
-            self._drop("reply-unexpected")
-            return
+            return Drop.REPLY_UNEXPECTED
+        return None
+
+    def on_recovery_reply(self, m: Reply, fr) -> None:
+        if (why := self._ignore_recovery_reply(m)) is not None:
+            return self._drop(why)
+        rec = self.recovering
+        assert rec is not None and rec.phase == "request" and m.result is not None
         # the result is certified by a weak certificate of final replies or a quorum of any replies
         if rec.final is None or rec.any is None:
             rec.final = Certificate(self.quorums, self.quorums.weak)
@@ -207,16 +220,20 @@ class Recovery:
             if t < last[0]:
                 return None  # (older than the admitted one: the ordinary checks drop it)
             if self.now - last[1] < self.cfg.view_change_timeout_ms / 2:
-                return "recovery-request-rate-limited"
+                return Drop.RECOVERY_REQUEST_RATE_LIMITED
         if last is None or t != last[0]:
             self.recovery_admitted[j] = (t, self.now)
         return None
 
-    def on_query_stable(self, m: QueryStable, fr) -> None:
+    def _ignore_query_stable(self, m: QueryStable) -> Optional[Drop]:
         last = self.stable_answered.get(m.replica)
         if last is not None and self.now - last < self.cfg.status_interval_ms / 2:
-            self._drop("query-stable-rate-limited")
-            return
+            return Drop.QUERY_STABLE_RATE_LIMITED
+        return None
+
+    def on_query_stable(self, m: QueryStable, fr) -> None:
+        if (why := self._ignore_query_stable(m)) is not None:
+            return self._drop(why)
         self.stable_answered[m.replica] = self.now
         prepared = max(max(self.P, default=0), self.last_exec, self.h)
         self._send_to(m.replica, seal(ReplyStable(self.h, prepared, self.id, m.nonce), self.keys, to=m.replica))

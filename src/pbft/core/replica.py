@@ -7,7 +7,7 @@ then messages to send, events, a key refresh: the contract is ``Ready``'s docstr
 ``next_deadline()`` says when ``tick`` must be called next.
 
 Failure discipline: anything a peer or client can send is an
-expected outcome, counted in ``self.drops[reason]`` and never raised;
+expected outcome, counted in ``self.drops[reason]`` (``drops.Drop``) and never raised;
 anything only our own bug can cause is an ``assert``.
 
 Protocol outline (names follow the paper and the thesis):
@@ -52,6 +52,7 @@ from .quorum import Reached, Quorums
 from .ready import Ready
 from .recovery import Recovery
 from .view_change import Decision, decide
+from .drops import HOLDABLE, REPLIER_FAULTS, Count, Drop
 from .events import (
     CheckpointMismatch, CheckpointTaken, Committed, Event, Executed, FetchStarted, NewViewInstalled, PrePrepared,
     PrePrepareSent, Prepared, Promoted, RolledBack, ServiceException, Stable, StateRebuilt, StateTransferred,
@@ -62,10 +63,12 @@ VIEW_LOOKAHEAD_MAX = 1 << 20  # view-change messages further ahead than this are
 VOUCH_BATCH_MAX = 1024
 # what one replica may make us parse and handle per status interval, per kind of message that a
 # correct replica sends a few of per interval (checked before parsing; ``Replica._within_budget``):
-# tag -> (name, unit, limit). Vouch: 8 x 34 bytes per key of max(VOUCH_BATCH_MAX, 16 clients_max)
+# tag -> (name, unit, limit, drop when relayed, drop when over budget). Vouch: 8 x 34 bytes per key of max(VOUCH_BATCH_MAX, 16 clients_max)
 # keys, far above what a correct replica vouches for in an interval (one key per request it
 # receives); Status: one per interval from a correct replica; QueryStable: one per two intervals
-SENDER_BUDGETS = {15: ("vouch", "bytes", 8 * 34), 7: ("status", "count", 8), 18: ("query-stable", "count", 4)}
+SENDER_BUDGETS = {15: ("vouch", "bytes", 8 * 34, Drop.VOUCH_RELAYED, Drop.VOUCH_OVER_BUDGET),
+                  7: ("status", "count", 8, Drop.STATUS_RELAYED, Drop.STATUS_OVER_BUDGET),
+                  18: ("query-stable", "count", 4, Drop.QUERY_STABLE_RELAYED, Drop.QUERY_STABLE_OVER_BUDGET)}
 # what a client gets when the service raised, or returned something other than bytes within the
 # reply size limit: the same on every correct replica (see ``_run_service``)
 SERVICE_ERROR_RESULT = b"\xffpbft:service-error"
@@ -122,7 +125,8 @@ class Replica(Durability, Recovery):
         self.out: list[tuple[tuple[int, ...], bytes]] = []  # this step's sends (``take_ready``)
         self.events: list = []  # this step's events (``take_ready``)
         self.refresh_keys = False  # this step executed another replica's recovery request
-        self.drops: dict[str, int] = {}
+        self.drops: dict[str, int] = {}  # Drop (or a codec's DecodeError reason) -> inputs dropped
+        self.counts: dict[str, int] = {}  # Count -> how often (what happened that is not a drop)
         self.dropped_total = 0
         self.vc_ahead_at: dict[int, float] = {}  # replica -> when we took its last view change > view+1
         self.executed_requests = 0  # metric
@@ -291,6 +295,20 @@ class Replica(Durability, Recovery):
               if d is not None]
         return min(ds) if ds else None
 
+    def invariants(self) -> None:
+        """Assert what holds after every step whatever the input (a failure is a bug of ours,
+        never a peer's doing). Cheap: drivers call it after every step (the simulator, the
+        hand-driven cluster of the tests)."""
+        assert self.last_committed_exec <= self.last_exec, "committed execution ahead of execution"
+        assert self.view_active or self.view > 0, "view 0 is never changed to"
+        assert (self.fetch_target is None) == (self.fetcher is None), "a fetch target without its walk"
+        assert self.seq_assigned >= self.h, "sequence numbers assigned below the low water mark"
+        assert len(self.future_nv) <= 2, "future NewViews unbounded"
+        assert self.recovering is None or self.recovering.phase in ("estimate", "request", "check")
+        assert self.pending_nv is None or not self.view_active or self.pending_nv[0].view != self.view, \
+            "a NewView pending for the active view"
+        assert not self.out or self.out[-1][0], "a send without destinations"
+
     def receive(self, raw: bytes, now: float, relayed: bool = False) -> None:
         """Handle one frame from the network. Never raises on bad input.
 
@@ -300,13 +318,13 @@ class Replica(Durability, Recovery):
         try:
             fr = self.codec.open_frame(raw)
         except DecodeError as e:
-            self._drop(e.reason)
+            self._drop_undecodable(e)
             return
         if fr.sender == self.id:
-            self._drop("from-self")
+            self._drop(Drop.FROM_SELF)
             return
         if not self.keys.verify(fr.sender, fr.digest, fr.auth, fr.multi):
-            self._drop("bad-mac")
+            self._drop(Drop.BAD_MAC)
             if fr.tag == 10 and fr.sender < self.cfg.n:
                 # a NewView relayed after our keys changed (we restarted, or refreshed keys):
                 # usable only if f+1 replicas report its digest (``_try_certified_new_view``)
@@ -337,11 +355,11 @@ class Replica(Durability, Recovery):
         try:
             msg = self.codec.parse(fr)
         except DecodeError as e:
-            self._drop(e.reason)
+            self._drop_undecodable(e)
             return
         handler = self._handlers.get(type(msg))
         if handler is None:
-            self._drop("unexpected-type")
+            self._drop(Drop.UNEXPECTED_TYPE)
             return
         handler(self, msg, fr)
 
@@ -428,9 +446,9 @@ class Replica(Durability, Recovery):
         dropped at the cost of its MAC check. Vouch, Status and QueryStable are never relayed by
         correct replicas, so a relayed one is dropped too (another replica cannot spend the
         author's budget by replaying its frames)."""
-        kind, unit, limit = SENDER_BUDGETS[fr.tag]
+        _, unit, limit, relayed_drop, over_drop = SENDER_BUDGETS[fr.tag]
         if relayed:
-            self._drop(kind + "-relayed")
+            self._drop(relayed_drop)
             return False
         if unit == "bytes":
             cost, limit = len(fr.raw), limit * max(VOUCH_BATCH_MAX, 16 * self.cfg.clients_max)
@@ -441,7 +459,7 @@ class Replica(Durability, Recovery):
         if self.now - start >= self.cfg.status_interval_ms:
             start, used = self.now, 0
         if used > 0 and used + cost > limit:
-            self._drop(kind + "-over-budget")
+            self._drop(over_drop)
             return False
         self.sender_budget[k] = (start, used + cost)
         return True
@@ -449,9 +467,24 @@ class Replica(Durability, Recovery):
     # =====================================================================
     # helpers
     # =====================================================================
-    def _drop(self, reason: str) -> None:
-        self.drops[reason] = self.drops.get(reason, 0) + 1
+    def _drop(self, why: Drop) -> None:
+        """Count a dropped input under its reason."""
+        self.drops[why] = self.drops.get(why, 0) + 1
         self.dropped_total += 1  # (a driver compares it around ``receive``: was the frame wasted?)
+
+    def _drop_undecodable(self, e: DecodeError) -> None:
+        """Count a frame or message the codec refused, under the codec's reason."""
+        self.drops[e.reason] = self.drops.get(e.reason, 0) + 1
+        self.dropped_total += 1
+
+    def _count(self, what: Count) -> None:
+        """Count something that happened and is not a dropped input (``self.counts``)."""
+        self.counts[what] = self.counts.get(what, 0) + 1
+
+    def count_drop(self, why: Drop) -> None:
+        """For a driver that drops a frame before the core on the replica's behalf (the
+        simulator's model of the runtime's principal binding: ``spoofed-client``)."""
+        self._drop(why)
 
     def _emit(self, ev: Event) -> None:
         self.events.append(ev)
@@ -486,14 +519,14 @@ class Replica(Durability, Recovery):
         try:
             result = self.service.execute(op, client, nondet, read_only)
         except Exception as e:  # noqa: BLE001 - the service is user code
-            self._drop("service-exception")
+            self._count(Count.SERVICE_EXCEPTION)
             self._emit(ServiceException(client, type(e).__name__))
             return SERVICE_ERROR_RESULT
         if type(result) is not bytes:
-            self._drop("service-bad-result")
+            self._count(Count.SERVICE_BAD_RESULT)
             return SERVICE_ERROR_RESULT
         if len(result) > self.cfg.reply_size_bytes_max:
-            self._drop("service-result-too-large")
+            self._count(Count.SERVICE_RESULT_TOO_LARGE)
             return SERVICE_ERROR_RESULT
         return result
 
@@ -561,27 +594,27 @@ class Replica(Durability, Recovery):
     def _on_ordered_request(self, req: Request, fr: Frame, verified: bool) -> None:
         c, t = req.client, req.timestamp
         if t > self._timestamp_limit():
-            self._drop("request-future-timestamp")
+            self._drop(Drop.REQUEST_FUTURE_TIMESTAMP)
             return
         last = self.last_reply.get(c)
         if last is not None and t <= last[0] and not self.bug_no_ts:
             if not verified:
-                self._drop("request-unverified-old")
+                self._drop(Drop.REQUEST_UNVERIFIED_OLD)
             elif t == last[0] and self.executed_digest.get(c) == fr.digest and req.replier != ALL_REPLICAS:
                 # the client's own copy of a request we already executed from a pre-prepare that
                 # overtook it (the primary's fast path): not a retransmission, nothing to answer
-                self._drop("request-late-copy")
+                self._drop(Drop.REQUEST_LATE_COPY)
             elif t == last[0]:
                 # the cached reply is only as final as the execution that produced it
                 tentative = self.last_exec_seqno.get(c, 0) > self.last_committed_exec
-                self._drop("request-retransmitted")
+                self._drop(Drop.REQUEST_RETRANSMITTED)
                 sent = self.reply_resent.get(c)
                 if sent is not None and sent[0] == t and sent[1] == tentative and \
                         self.now - sent[2] < self.cfg.client_retry_timeout_ms / 2:
                     # at most one cached reply per client per half retry timeout: a correct
                     # client retransmits less often, so replays (a faulty replica may relay
                     # captured requests) cannot make us amplify towards the client
-                    self._drop("reply-resend-rate-limited")
+                    self._drop(Drop.REPLY_RESEND_RATE_LIMITED)
                 else:
                     self.reply_resent[c] = (t, tentative, self.now)
                     self._send_reply(req, last[1], tentative=tentative)
@@ -591,23 +624,23 @@ class Replica(Durability, Recovery):
                     self.pending[c] = ReqInfo(req, fr.digest, fr.raw, vouch_key(req), True, self.now)
                     self._arm_request_timer()
             else:
-                self._drop("request-old-timestamp")
+                self._drop(Drop.REQUEST_OLD_TIMESTAMP)
             return
         key = vouch_key(req)
         cur = self.known.get(c)
         if cur is not None:
             if cur.verified and not verified:
-                self._drop("request-unverified")  # never displaces what the client surely sent
+                self._drop(Drop.REQUEST_UNVERIFIED)  # never displaces what the client surely sent
                 return
             if cur.verified == verified:
                 if cur.req.timestamp > t:
-                    self._drop("request-superseded")
+                    self._drop(Drop.REQUEST_SUPERSEDED)
                     return
                 if cur.req.timestamp == t:
                     if cur.key != key:
-                        self._drop("request-timestamp-reused")
+                        self._drop(Drop.REQUEST_TIMESTAMP_REUSED)
                     else:
-                        self._drop("request-duplicate")
+                        self._drop(Drop.REQUEST_DUPLICATE)
                         if verified:
                             # a retransmission: the client is still waiting. Vouch again (ours may
                             # have been lost) and make sure the primary has the request
@@ -628,7 +661,7 @@ class Replica(Durability, Recovery):
                 # ordered). No fast path for it (see ``trusted``)
                 self.suspects.add(c)
         elif len(self.known) >= self.cfg.pending_requests_max:
-            self._drop("known-requests-full")
+            self._drop(Drop.KNOWN_REQUESTS_FULL)
             return
         ri = ReqInfo(req, fr.digest, fr.raw, key, verified)
         old = self.known.pop(c, None)
@@ -670,7 +703,7 @@ class Replica(Durability, Recovery):
             if len(fifo) > self.vouch_unknown_max:
                 old = next(iter(fifo))
                 del fifo[old]
-                self._drop("vouch-unknown-dropped")
+                self._drop(Drop.VOUCH_UNKNOWN_DROPPED)
                 if old not in self.key_client:  # (a request for it arrived since: keep the vouch)
                     ovs = self.vouches.get(old)
                     if ovs is not None:
@@ -752,9 +785,9 @@ class Replica(Durability, Recovery):
             if held_keys and k in held_keys and self._certified(k):
                 unblocked |= held_keys.pop(k)
         if dup:
-            self._drop("vouch-duplicate")
+            self._drop(Drop.VOUCH_DUPLICATE)
         if skipped:
-            self.drops["vouch-unknown-dropped"] = self.drops.get("vouch-unknown-dropped", 0) + skipped
+            self.drops[Drop.VOUCH_UNKNOWN_DROPPED] = self.drops.get(Drop.VOUCH_UNKNOWN_DROPPED, 0) + skipped
         self.work_units += len(m.keys) - skipped + skipped // 16
         if unblocked:
             # pre-prepares held back for want of these vouches may now be acceptable
@@ -804,7 +837,7 @@ class Replica(Durability, Recovery):
         if not self._read_only_ready():
             # wait until tentative executions have committed
             if ri.req.client not in self.ro_queue and len(self.ro_queue) >= self.cfg.pending_requests_max:
-                self._drop("ro-queue-full")
+                self._drop(Drop.RO_QUEUE_FULL)
                 return
             self.ro_queue[ri.req.client] = ri
             return
@@ -848,7 +881,7 @@ class Replica(Durability, Recovery):
                     if reqs:
                         break  # waits for the next batch
                     del self.queue[c]  # (a frame larger than the config allows: not reachable)
-                    self._drop("request-too-large-for-batch")
+                    self._drop(Drop.REQUEST_TOO_LARGE_FOR_BATCH)
                     continue
                 del self.queue[c]
                 room -= size
@@ -893,44 +926,48 @@ class Replica(Durability, Recovery):
             s = self.slots[n] = Slot(self.view)
         return s
 
-    def _ignore_agreement(self, view: int, n: int) -> Optional[str]:
+    def _ignore_agreement(self, view: int, n: int) -> Optional[Drop]:
         if not self.view_active:
-            return "in-view-change"
+            return Drop.IN_VIEW_CHANGE
         if view != self.view:
-            return "wrong-view"
+            return Drop.WRONG_VIEW
         if not self._in_window(n):
-            return "out-of-window"
+            return Drop.OUT_OF_WINDOW
         if self.recovering is not None and self._recovery_ignores(n):
-            return "recovering"
+            return Drop.RECOVERING
+        return None
+
+    def _ignore_preprepare(self, pp: PrePrepare) -> Optional[Drop]:
+        if (why := self._ignore_agreement(pp.view, pp.seqno)) is not None:
+            return why
+        if pp.replica != self.primary():
+            return Drop.PREPREPARE_NOT_FROM_PRIMARY
+        if pp.batch is None:
+            return Drop.PREPREPARE_WITHOUT_BATCH
         return None
 
     def on_preprepare(self, pp: PrePrepare, fr: Frame) -> None:
-        reason = self._ignore_agreement(pp.view, pp.seqno)
-        if reason is None and pp.replica != self.primary():
-            reason = "preprepare-not-from-primary"
-        if reason is None and pp.batch is None:
-            reason = "preprepare-without-batch"
-        if reason:
-            self._drop(reason)
-            return
+        if (why := self._ignore_preprepare(pp)) is not None:
+            return self._drop(why)
+        assert self.view_active and pp.view == self.view and self._in_window(pp.seqno) and pp.batch is not None
         n = pp.seqno
         slot = self._slot(n)
         if slot.digest is not None:
-            self._drop("preprepare-duplicate" if slot.digest == pp.digest else "preprepare-conflict")
+            self._drop(Drop.PREPREPARE_DUPLICATE if slot.digest == pp.digest else Drop.PREPREPARE_CONFLICT)
             return
         if n <= self.last_exec and self.exec_log.get(n, (None,))[0] not in (None, pp.digest):
-            self._drop("preprepare-conflicts-executed")
+            self._drop(Drop.PREPREPARE_CONFLICTS_EXECUTED)
             return
         if slot.held_pp is not None and slot.held_pp[0].digest == pp.digest:
             # (a resent copy of what we hold: nothing it could change; vouches, prepares and the
             # status tick re-check the held one)
-            self._drop("preprepare-held-duplicate")
+            self._drop(Drop.PREPREPARE_HELD_DUPLICATE)
             return
         batch = pp.batch
         missing: list[bytes] = []
         reason = self._check_batch(batch, pp.digest, check_nondet=not self._weakly_prepared(slot, pp.digest),
                                    missing=missing)
-        if reason in ("batch-nondet-rejected", "batch-request-unvouched", "batch-request-future-timestamp"):
+        if reason in HOLDABLE:
             # the agreed value looks wrong from here: maybe our clock, maybe an old pre-prepare
             # relayed for catch-up. Accept it once f+1 backups prepared it (one correct replica
             # checked the value when it was fresh).
@@ -967,7 +1004,7 @@ class Replica(Durability, Recovery):
         try:
             reqs = self._batch_requests(batch)
         except DecodeError:
-            return "batch-malformed"
+            return Drop.BATCH_MALFORMED
         self.work_units += len(reqs)
         seen = set()
         unvouched = False
@@ -981,34 +1018,38 @@ class Replica(Durability, Recovery):
                     if missing is not None:
                         missing.append(vk)
             if req.read_only:
-                return "batch-read-only-request"
+                return Drop.BATCH_READ_ONLY_REQUEST
             if req.client in seen:
-                return "batch-duplicate-client"
+                return Drop.BATCH_DUPLICATE_CLIENT
             seen.add(req.client)
         if not self.bug_skip_digest:
             if batch_digest_from_request_digests(batch.nondet, [r.digest for r, _ in reqs]) != d:
-                return "batch-digest-mismatch"
+                return Drop.BATCH_DIGEST_MISMATCH
         if unvouched:
-            return "batch-request-unvouched"
+            return Drop.BATCH_REQUEST_UNVOUCHED
         if check_nondet and reqs:
             limit = self._timestamp_limit()
             for _, req in reqs:
                 if req.timestamp > limit:
-                    return "batch-request-future-timestamp"
+                    return Drop.BATCH_REQUEST_FUTURE_TIMESTAMP
             if not self.service.check_nondet(batch.nondet, self.now + self.wall_offset_ms):
-                return "batch-nondet-rejected"
+                return Drop.BATCH_NONDET_REJECTED
+        return None
+
+    def _ignore_prepare(self, p: Prepare) -> Optional[Drop]:
+        if (why := self._ignore_agreement(p.view, p.seqno)) is not None:
+            return why
+        if p.replica == self.primary():
+            return Drop.PREPARE_FROM_PRIMARY
         return None
 
     def on_prepare(self, p: Prepare, fr: Frame) -> None:
-        reason = self._ignore_agreement(p.view, p.seqno)
-        if reason is None and p.replica == self.primary():
-            reason = "prepare-from-primary"
-        if reason:
-            self._drop(reason)
-            return
+        if (why := self._ignore_prepare(p)) is not None:
+            return self._drop(why)
+        assert self.view_active and p.view == self.view and self._in_window(p.seqno)
         slot = self._slot(p.seqno)
         if p.replica in slot.prepares:
-            self._drop("prepare-duplicate")
+            self._drop(Drop.PREPARE_DUPLICATE)
             return
         slot.prepares[p.replica] = p.digest
         if slot.held_pp is not None and slot.digest is None and self._weakly_prepared(slot, slot.held_pp[0].digest):
@@ -1036,13 +1077,12 @@ class Replica(Durability, Recovery):
         self._try_execute()
 
     def on_commit(self, c: Commit, fr: Frame) -> None:
-        reason = self._ignore_agreement(c.view, c.seqno)
-        if reason:
-            self._drop(reason)
-            return
+        if (why := self._ignore_agreement(c.view, c.seqno)) is not None:
+            return self._drop(why)
+        assert self.view_active and c.view == self.view and self._in_window(c.seqno)
         slot = self._slot(c.seqno)
         if c.replica in slot.commits:
-            self._drop("commit-duplicate")
+            self._drop(Drop.COMMIT_DUPLICATE)
             return
         slot.commits[c.replica] = c.digest
         self._check_committed(c.seqno, slot)
@@ -1195,10 +1235,17 @@ class Replica(Durability, Recovery):
             for old in sorted(votes)[: len(votes) - limit]:
                 del votes[old]
 
+    def _ignore_checkpoint(self, m: Checkpoint) -> Optional[Drop]:
+        if m.seqno <= self.h:
+            return Drop.CHECKPOINT_OLD
+        if m.seqno % self.K != 0:
+            return Drop.CHECKPOINT_OFF_INTERVAL
+        return None
+
     def on_checkpoint(self, m: Checkpoint, fr: Frame) -> None:
-        if m.seqno <= self.h or m.seqno % self.K != 0:
-            self._drop("checkpoint-old" if m.seqno <= self.h else "checkpoint-off-interval")
-            return
+        if (why := self._ignore_checkpoint(m)) is not None:
+            return self._drop(why)
+        assert m.seqno > self.h and m.seqno % self.K == 0
         self._record_ckpt_vote(m.replica, m.seqno, m.digest)
         self._check_stable(m.seqno)
 
@@ -1325,7 +1372,7 @@ class Replica(Durability, Recovery):
     def on_fetch(self, m: Fetch, fr: Frame) -> None:
         n = m.seqno
         if self.ckpts.get(n) != m.digest or not self.state.has(n):
-            self._drop("fetch-unknown-checkpoint")
+            self._drop(Drop.FETCH_UNKNOWN_CHECKPOINT)
             # tell the requester about our newer stable checkpoint, if any
             if self.h > n and self.h in self.ckpts:
                 self._send_to(m.replica, seal(Checkpoint(self.h, self.ckpts[self.h], self.id), self.keys))
@@ -1334,13 +1381,13 @@ class Replica(Durability, Recovery):
         if not m.want:
             children = st.children_at(n, m.level, m.index)
             if children is None:
-                self._drop("fetch-bad-node")
+                self._drop(Drop.FETCH_BAD_NODE)
                 return
             if self._fetch_budget(m.replica, 40 * len(children)):
                 self._send_to(m.replica, seal(MetaData(n, m.level, m.index, children, self.id), self.keys, to=m.replica))
             return
         if m.level != st.depth - 1 or not 0 <= m.index < st.counts[m.level]:
-            self._drop("fetch-bad-node")
+            self._drop(Drop.FETCH_BAD_NODE)
             return
         lo = m.index * st.F
         hi = lo + st.children_count(m.level, m.index)
@@ -1348,7 +1395,7 @@ class Replica(Durability, Recovery):
         objs = []
         for i in m.want:
             if not lo <= i < hi:
-                self._drop("fetch-bad-object")
+                self._drop(Drop.FETCH_BAD_OBJECT)
                 return
             v = st.value_at(n, i)
             budget -= len(v) + 16
@@ -1356,7 +1403,7 @@ class Replica(Durability, Recovery):
                 break
             objs.append((i, v))
         if not objs:
-            self._drop("fetch-object-too-large")
+            self._drop(Drop.FETCH_OBJECT_TOO_LARGE)
             return
         if self._fetch_budget(m.replica, sum(len(v) + 16 for _, v in objs)):
             self._send_to(m.replica, seal(Data(n, m.level, m.index, tuple(objs), self.id), self.keys, to=m.replica))
@@ -1370,20 +1417,26 @@ class Replica(Durability, Recovery):
         if self.now - start >= self.cfg.status_interval_ms:
             start, used = self.now, 0
         if used > 0 and used + size > 2 * self.cfg.message_size_bytes_max:
-            self._drop("fetch-rate-limited")
+            self._drop(Drop.FETCH_RATE_LIMITED)
             return False
         self.fetch_served[r] = (start, used + size)
         return True
 
-    def _fetch_reply(self, m, err_of) -> None:
-        if self.fetcher is None or self.fetch_target[0] != m.seqno:
-            self._drop("data-unrequested")
-            return
+    def _ignore_fetch_reply(self, m: MetaData | Data) -> Optional[Drop]:
+        if self.fetcher is None or self.fetch_target is None or self.fetch_target[0] != m.seqno:
+            return Drop.DATA_UNREQUESTED
+        return None
+
+    def _fetch_reply(self, m: MetaData | Data, err_of) -> None:
+        if (why := self._ignore_fetch_reply(m)) is not None:
+            return self._drop(why)
+        assert self.fetcher is not None
         err = err_of(self.fetcher)
         if err is not None:
             # a faulty (or outdated) replier: never installed; ask another one
-            self._drop(err)
-            if err.endswith("mismatch") or err.endswith("shape"):
+            why = Drop(err)
+            self._drop(why)
+            if why in REPLIER_FAULTS:
                 self.fetch_attempt += 1
                 self._send_fetch(resend=True)
             return
@@ -1491,7 +1544,7 @@ class Replica(Durability, Recovery):
         # replica into an amplifier
         last = self.status_answered.get(r)
         if last is not None and self.now - last < self.cfg.status_interval_ms / 2:
-            self._drop("status-rate-limited")
+            self._drop(Drop.STATUS_RATE_LIMITED)
             return
         self.status_answered[r] = self.now
         if s.view < self.view or (s.view == self.view and not s.view_active):
@@ -1648,29 +1701,20 @@ class Replica(Durability, Recovery):
         # (the sender may not hold its stable checkpoint yet: it can be fetching it)
         return all(lo <= s <= hi for s, _ in vc.checkpoints)
 
-    def on_view_change(self, vc: ViewChange, fr: Frame) -> None:
+    def _ignore_view_change(self, vc: ViewChange, fr: Frame) -> Optional[Drop]:
         if vc.view < self.view:
-            self._drop("view-change-old")
-            return
+            return Drop.VIEW_CHANGE_OLD
         if vc.view == self.view and self.view_active:
             # (a sender that is behind learns the new view from our answer to its Status;
             # answering here could echo relayed view changes between replicas forever)
-            self._drop("view-change-for-active-view")
-            return
+            return Drop.VIEW_CHANGE_FOR_ACTIVE_VIEW
         if vc.view > self.view + VIEW_LOOKAHEAD_MAX:
-            self._drop("view-change-too-far")
-            return
+            return Drop.VIEW_CHANGE_TOO_FAR
         if not self._valid_view_change(vc):
-            self._drop("view-change-invalid")
-            return
-        key = (vc.view, vc.replica)
-        old = self.vcs.get(key)
+            return Drop.VIEW_CHANGE_INVALID
+        old = self.vcs.get((vc.view, vc.replica))
         if old is not None:
-            if old.digest != fr.digest:
-                self._drop("view-change-conflict")
-            else:
-                self._drop("view-change-duplicate")
-            return
+            return Drop.VIEW_CHANGE_CONFLICT if old.digest != fr.digest else Drop.VIEW_CHANGE_DUPLICATE
         if vc.view > self.view + 1:
             # a correct replica moves to a higher view at most once per view-change timeout (they
             # double), so a new view change more than one view ahead of ours comes from each sender
@@ -1679,8 +1723,15 @@ class Replica(Durability, Recovery):
             # the sender's latest is resent with its Status anyway
             last = self.vc_ahead_at.get(vc.replica)
             if last is not None and self.now - last < self.cfg.view_change_timeout_ms / 2:
-                self._drop("view-change-rate-limited")
-                return
+                return Drop.VIEW_CHANGE_RATE_LIMITED
+        return None
+
+    def on_view_change(self, vc: ViewChange, fr: Frame) -> None:
+        if (why := self._ignore_view_change(vc, fr)) is not None:
+            return self._drop(why)
+        assert vc.view >= self.view and (vc.view, vc.replica) not in self.vcs
+        key = (vc.view, vc.replica)
+        if vc.view > self.view + 1:
             self.vc_ahead_at[vc.replica] = self.now
         # keep at most two pending views per sender (bounded memory)
         mine = sorted(k for k in self.vcs if k[1] == vc.replica)
@@ -1702,18 +1753,20 @@ class Replica(Durability, Recovery):
                 return
         self._after_view_change_input()
 
-    def on_view_change_ack(self, a: ViewChangeAck, fr: Frame) -> None:
+    def _ignore_view_change_ack(self, a: ViewChangeAck) -> Optional[Drop]:
         if a.view < self.view or a.view > self.view + VIEW_LOOKAHEAD_MAX:
-            self._drop("view-change-ack-out-of-range")
-            return
+            return Drop.VIEW_CHANGE_ACK_OUT_OF_RANGE
         if a.vc_replica == a.replica:
-            self._drop("view-change-ack-self")
-            return
-        ackers = self.acks.setdefault((a.view, a.vc_replica, a.vc_digest), set())
-        if a.replica in ackers:
-            self._drop("view-change-ack-duplicate")
-            return
-        ackers.add(a.replica)
+            return Drop.VIEW_CHANGE_ACK_SELF
+        if a.replica in self.acks.get((a.view, a.vc_replica, a.vc_digest), ()):
+            return Drop.VIEW_CHANGE_ACK_DUPLICATE
+        return None
+
+    def on_view_change_ack(self, a: ViewChangeAck, fr: Frame) -> None:
+        if (why := self._ignore_view_change_ack(a)) is not None:
+            return self._drop(why)
+        assert a.view >= self.view and a.vc_replica != a.replica
+        self.acks.setdefault((a.view, a.vc_replica, a.vc_digest), set()).add(a.replica)
         bound = 4 * self.cfg.n * self.cfg.n
         if len(self.acks) > bound:
             self._prune_view_changes()
@@ -1724,7 +1777,7 @@ class Replica(Durability, Recovery):
                 for k in [k for k in self.acks
                           if (info := self.vcs.get(k[:2])) is None or info.digest != k[2]][:len(self.acks) - bound]:
                     del self.acks[k]
-                    self._drop("view-change-ack-unmatched-dropped")
+                    self._drop(Drop.VIEW_CHANGE_ACK_UNMATCHED_DROPPED)
         # only an ack of a ViewChange we hold, for the view we are changing to and lead, can
         # complete anything (``_try_new_view``): others must not re-run the decision (a flood
         # of acks would make us run it once per ack)
@@ -1817,39 +1870,44 @@ class Replica(Durability, Recovery):
         for d in new:
             self.out.append((dests, seal(FetchBatch(d, self.id), self.keys)))
 
+    def _ignore_fetch_batch(self, m: FetchBatch) -> Optional[Drop]:
+        if m.digest not in self.batches:
+            return Drop.FETCH_BATCH_UNKNOWN
+        last = self.batch_answered.get(m.replica, {}).get(m.digest)
+        if last is not None and self.now - last < self.cfg.status_interval_ms / 2:
+            return Drop.FETCH_BATCH_RATE_LIMITED
+        return None
+
     def on_fetch_batch(self, m: FetchBatch, fr: Frame) -> None:
         """Answer with a batch we hold (any batch in our log). Each peer gets a given batch at most
         once per half status interval: a replica asking again and again cannot turn this one into
         an amplifier; what it can get per interval is bounded by our log (as for Status)."""
-        b = self.batches.get(m.digest)
-        if b is None:
-            self._drop("fetch-batch-unknown")
-            return
+        if (why := self._ignore_fetch_batch(m)) is not None:
+            return self._drop(why)
+        b = self.batches[m.digest]
         sent = self.batch_answered.setdefault(m.replica, {})
-        last = sent.get(m.digest)
-        if last is not None and self.now - last < self.cfg.status_interval_ms / 2:
-            self._drop("fetch-batch-rate-limited")
-            return
         if len(sent) >= 2 * self.L:  # bounded: forget answers older than the interval
             for k in [k for k, t in sent.items() if self.now - t >= self.cfg.status_interval_ms / 2]:
                 del sent[k]
             if len(sent) >= 2 * self.L:
-                self._drop("fetch-batch-rate-limited")
+                self._drop(Drop.FETCH_BATCH_RATE_LIMITED)
                 return
         sent[m.digest] = self.now
         self._send_to(m.replica, seal(BatchData(m.digest, self.id, b[0]), self.keys, to=m.replica))
 
-    def on_batch_data(self, m: BatchData, fr: Frame) -> None:
+    def _ignore_batch_data(self, m: BatchData) -> Optional[Drop]:
         if m.digest not in self.batches_wanted:
-            self._drop("batch-data-unrequested")
-            return
+            return Drop.BATCH_DATA_UNREQUESTED
         try:
             ok = self.codec.batch_digest(m.batch) == m.digest
         except DecodeError:
             ok = False
-        if not ok:
-            self._drop("batch-data-digest-mismatch")
-            return
+        return None if ok else Drop.BATCH_DATA_DIGEST_MISMATCH
+
+    def on_batch_data(self, m: BatchData, fr: Frame) -> None:
+        if (why := self._ignore_batch_data(m)) is not None:
+            return self._drop(why)
+        assert m.digest in self.batches_wanted
         del self.batches_wanted[m.digest]
         self._remember_batch(m.digest, m.batch, self.h + self.L)
         # a NewView (to build, or to accept) may have been waiting for this batch
@@ -1860,20 +1918,24 @@ class Replica(Durability, Recovery):
         if self.unverified_nv is not None or self.pending_nv is not None or self.future_nv:
             self._try_certified_new_view()
 
-    def on_new_view(self, nv: NewView, fr: Frame) -> None:
+    def _ignore_new_view(self, nv: NewView) -> Optional[Drop]:
         if nv.view < self.view or (nv.view == self.view and self.view_active):
-            self._drop("new-view-old")
-            return
+            return Drop.NEW_VIEW_OLD
         if nv.replica != self.primary(nv.view):
-            self._drop("new-view-not-from-primary")
-            return
+            return Drop.NEW_VIEW_NOT_FROM_PRIMARY
+        return None
+
+    def on_new_view(self, nv: NewView, fr: Frame) -> None:
+        if (why := self._ignore_new_view(nv)) is not None:
+            return self._drop(why)
+        assert nv.view >= self.view and nv.replica == self.primary(nv.view)
         if nv.view > self.view:
             # one replica's word cannot move us to a higher view (S-25): keep it until we get
             # there ourselves (timeouts, or the join rule on view changes from f+1 replicas)
             self.future_nv[nv.view] = (nv, fr.raw)
             while len(self.future_nv) > 2:
                 del self.future_nv[min(self.future_nv)]
-            self._drop("new-view-for-future-view")
+            self._drop(Drop.NEW_VIEW_FOR_FUTURE_VIEW)
             return
         self.pending_nv = (nv, fr.raw)
         self._try_accept_new_view()
@@ -1891,12 +1953,12 @@ class Replica(Durability, Recovery):
             infos.append(info)
         if len({j for j, _ in nv.view_changes}) != len(nv.view_changes) or \
                 not self.quorums.is_quorum([j for j, _ in nv.view_changes]):
-            self._reject_new_view("new-view-too-few-view-changes")
+            self._reject_new_view(Drop.NEW_VIEW_TOO_FEW_VIEW_CHANGES)
             return
         dec = self._decide(infos)
         if dec is None or (dec.checkpoint_seqno, dec.checkpoint_digest, dec.chosen) != \
                 (nv.checkpoint_seqno, nv.checkpoint_digest, nv.chosen):
-            self._reject_new_view("new-view-wrong-decision")
+            self._reject_new_view(Drop.NEW_VIEW_WRONG_DECISION)
             return
         problem = self._take_new_view_batches(nv)
         if problem:
@@ -1918,7 +1980,7 @@ class Replica(Durability, Recovery):
             try:
                 given[self.codec.batch_digest(b)] = b
             except DecodeError:
-                return "new-view-bad-batch"
+                return Drop.NEW_VIEW_BAD_BATCH
         for n, d in nv.chosen:
             if d in given:
                 self._remember_batch(d, given[d], n)
@@ -1933,7 +1995,7 @@ class Replica(Durability, Recovery):
         if not missing:
             return False
         if any(d not in self.batches_wanted for d in missing):
-            self._drop("new-view-waiting-for-batches")  # (counted: how often a NewView waits)
+            self._count(Count.NEW_VIEW_WAITING_FOR_BATCHES)  # (counted: how often a NewView waits)
         self._want_batches(missing, ask=nv.replica)
         return True
 
@@ -1972,7 +2034,7 @@ class Replica(Durability, Recovery):
                 if self.view_active or self.view != nv.view:
                     return  # (installed through the ordinary path meanwhile)
             self.unverified_nv = None
-            self._drop("new-view-certified-by-status")  # (counted: how often this path is used)
+            self._count(Count.NEW_VIEW_CERTIFIED_BY_STATUS)  # (counted: how often this path is used)
             self._install_new_view(nv, raw, [], Decision(nv.checkpoint_seqno, nv.checkpoint_digest, nv.chosen))
             return
 

@@ -126,6 +126,11 @@ class ReplicaMetrics:
         for reason, k in sorted(self.http_drops.items()):  # sorted() copies it in one step
             d.add_metric([lab[0], "http", reason], k)
         yield d
+        e = CounterMetricFamily("pbft_protocol_counts", "What the protocol counts that is not a drop, by what",
+                                labels=["replica", "what"])
+        for what, k in sorted(r.counts.items()):
+            e.add_metric([lab[0], what], k)
+        yield e
         h = HistogramMetricFamily("pbft_request_latency_seconds",
                                   "Time from a client's request arriving to its reply leaving", labels=["replica"])
         acc = 0

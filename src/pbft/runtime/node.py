@@ -745,6 +745,7 @@ class ReplicaNode:
             "clients_suspected": sorted(r.suspects),
             "batch_size_mean": round(r.executed_requests / r.last_exec, 2) if r.last_exec else 0.0,
             "drops": dict(sorted(r.drops.items())),
+            "counts": dict(sorted(r.counts.items())),
             "peers_connected": sorted(j for j, l in self.links.items() if l.conn is not None),
             "clients_connected": len(self.client_conn),
             "uptime_s": round(time.time() - self.started, 1),

@@ -250,7 +250,7 @@ def _large_requests_script(n: int, seed: int):
 def _large_requests_check(sim: Simulation, res: RunResult) -> list[str]:
     out = _views_at_most(lambda f: 1)(sim, res)
     late = sim.replicas[sim.sc.replicas - 1]
-    if not late.drops.get("new-view-waiting-for-batches"):
+    if not late.counts.get("new-view-waiting-for-batches"):
         out.append("the replica cut off never waited for a batch: the NewView carried every batch")
     if any(r.drops.get("new-view-missing-batch") for r in sim.replicas):
         out.append("a NewView was rejected for a missing batch")

@@ -34,6 +34,7 @@ from ..codec import Codec
 from ..config import ClusterConfig
 from ..messages import Tag
 from ..core.client import Client
+from ..core.drops import Drop
 from ..core.ready import Ready
 from ..core.replica import Replica
 from ..crypto import keyrings_for
@@ -306,6 +307,13 @@ class Simulation:
         if self.observer is not None:
             self.observer(self, r, ev)
 
+    def _invariants(self, rep: Replica) -> None:
+        """The replica's own invariants after a step: a failure is reported as a violation (I1)."""
+        try:
+            rep.invariants()
+        except AssertionError as e:
+            self.oracles.violation(f"I1 replica {rep.id} invariant broken: {e}")
+
     # ---- scheduling ---------------------------------------------------------
     def _push(self, t: float, kind: int, a=None, b=None, c=None) -> None:
         self.seq += 1
@@ -419,11 +427,12 @@ class Simulation:
         macs0, ex0, w0, h0 = keys.mac_ops, rep.executed_requests, rep.work_units, rep.h
         self.cur_src = src
         if self._spoofed(r, raw, src):
-            rep._drop("spoofed-client")
+            rep.count_drop(Drop.SPOOFED_CLIENT)
         else:
             node.receive(raw, self._local(r))
         if r not in self.byz:
             self.oracles.after_step(rep)
+            self._invariants(rep)
         cost_ms = C.charge_us(len(raw), keys.mac_ops - macs0, rep.executed_requests - ex0, rep.work_units - w0, 0,
                               raw[1] if len(raw) > 1 else -1, max(0, rep.h - h0), reads) / 1000.0
         # (the vouches sealed when the sends are taken count with the next frame's MACs)
@@ -799,11 +808,12 @@ class Simulation:
                         continue
                     self.cur_src = c
                     if self._spoofed(a, b, c):
-                        node._drop("spoofed-client")
+                        node.count_drop(Drop.SPOOFED_CLIENT)
                     else:
                         node.receive(b, self._local(a))
                     if a not in self.byz:
                         oracles.after_step(node)
+                        self._invariants(node)
                 elif a in self.clients:
                     node.receive(b, self.now)
                     self._client_outcomes(a)
@@ -820,6 +830,7 @@ class Simulation:
                 if a < n:
                     if a not in self.byz:
                         oracles.after_step(node)
+                        self._invariants(node)
                 elif a in self.clients:
                     self._client_outcomes(a)
                 self._flush(a)
