@@ -1,11 +1,12 @@
 # Quick start: `make demo` (a real 4-replica cluster on loopback) and `make test`.
 # Both create .venv and install what they need; `make install` does only that.
+# `make test-fast` leaves out the suites marked slow (seed sweeps, real processes, namespaces).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test sim bench clean
+.PHONY: install demo test test-fast sim bench clean
 
 install: $(STAMP)
 
@@ -24,6 +25,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m 'not slow'
 
 sim: install
 	$(VENV)/bin/pbft sim --seeds 1000 --replicas 4 --faults crash,loss,dup,reorder,delay,replay,partition

@@ -13,9 +13,17 @@ SEEDS = {4: range(3), 7: range(2)}
 # at n=7: `pbft sim --scenario S-19b --replicas 7` measures them there, docs/adversaries.md)
 N4_ONLY = {"S-19b", "S-19c"}
 CASES = [(sc, n) for sc in SCENARIOS for n in (4, 7) if n == 4 or sc.id not in N4_ONLY]
+# slow (make test-fast leaves them out): the throughput scenarios (a fault-free baseline, then the
+# attacked run) and these, measured at more than 10 s each
+SLOW_CASES = {"S-02b-4", "S-02b-7", "S-16-7"}
 
 
-@pytest.mark.parametrize("sc,n", CASES, ids=[f"{sc.id}-{n}" for sc, n in CASES])
+def _case(sc, n):
+    slow = sc.floor is not None or f"{sc.id}-{n}" in SLOW_CASES
+    return pytest.param(sc, n, id=f"{sc.id}-{n}", marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("sc,n", [_case(sc, n) for sc, n in CASES])
 def test_scenario(sc, n):
     seeds = range(10) if sc.negative else range(1) if sc.floor is not None else SEEDS[n]
     r = run_scenario(sc, n, seeds)
@@ -29,7 +37,8 @@ def test_scenario(sc, n):
         assert r.expectation_failures == [], r.expectation_failures
 
 
-@pytest.mark.parametrize("behaviour", [b for b in BEHAVIOUR_NAMES if b != "honest"])
+@pytest.mark.parametrize("behaviour", [pytest.param(b, marks=[pytest.mark.slow] if b == "vouch-flood" else [])
+                                       for b in BEHAVIOUR_NAMES if b != "honest"])
 def test_every_behaviour_keeps_safety_and_liveness_n4(behaviour):
     for seed in range(4):
         sc = SimConfig(seed=seed, replicas=4, faults=frozenset(ALL_FAULTS) if seed % 2 else frozenset(),
@@ -38,6 +47,7 @@ def test_every_behaviour_keeps_safety_and_liveness_n4(behaviour):
         assert res.ok, (behaviour, seed, res.violations[:3], res.liveness_failure)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n,seeds", [(4, 300), (7, 60)])
 def test_swarm(n, seeds):
     bad = []
@@ -59,6 +69,7 @@ def test_scenario_lookup_by_id_and_name():
         find("no-such-scenario")
 
 
+@pytest.mark.slow
 def test_twins_enumerated_exhaustively_n4():
     """Every twinned replica (primary or backup) x every first-round partition of the correct
     replicas into sides A, B, both: 4 x 27 = 108 runs."""
@@ -66,6 +77,7 @@ def test_twins_enumerated_exhaustively_n4():
     assert r.runs == 108 and r.violations == 0 and r.liveness_failures == 0, r
 
 
+@pytest.mark.slow
 def test_every_single_message_mutation_n4():
     """Seeds 0..69 enumerate every (message type, mutation) pair of the single-mutation adversary."""
     r = run_scenario(find("S-12b"), 4, range(70))

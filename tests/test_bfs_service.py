@@ -940,7 +940,7 @@ class AgainstLocalFS(RuleBasedStateMachine):
 
 AgainstLocalFS.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
                                             suppress_health_check=list(HealthCheck))
-TestAgainstLocalFS = AgainstLocalFS.TestCase
+TestAgainstLocalFS = pytest.mark.slow(AgainstLocalFS.TestCase)
 
 USERS = [ROOT, creds(1000, 1000, (1000,)), creds(1001, 1001, (1001, 1000))]
 
@@ -1001,8 +1001,8 @@ class AgainstLocalFSAsUsers(AgainstLocalFS):
 
 AgainstLocalFSAsUsers.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
                                                    suppress_health_check=list(HealthCheck))
-TestAgainstLocalFSAsUsers = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")(
-    AgainstLocalFSAsUsers.TestCase)
+TestAgainstLocalFSAsUsers = pytest.mark.slow(pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")(
+    AgainstLocalFSAsUsers.TestCase))
 
 
 def test_init_with_service_bfs_writes_a_bfs_section_and_load_service_reads_it(tmp_path):

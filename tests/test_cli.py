@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 SUMMARY = re.compile(r"^runs=(\d+) ops_committed=(\d+) view_changes=(\d+) violations=(\d+) liveness_failures=(\d+)$")
 
 
@@ -27,6 +29,7 @@ def test_sim_json():
     assert out["runs"] == 2 and out["violations"] == 0
 
 
+@pytest.mark.slow
 def test_injected_bug_fails_with_reproduction_command():
     p = pbft("sim", "--seeds", "20", "--faults", "all", "--inject-bug", "no-timestamp-check")
     assert p.returncode == 1
@@ -48,6 +51,7 @@ def test_simulated_demo_runs():
     assert "view change" in p.stdout and "replicas agree" in p.stdout
 
 
+@pytest.mark.slow
 def test_live_demo_runs_a_real_cluster_through_a_primary_crash_and_a_recovery():
     p = pbft("demo", "--phase-seconds", "1.5")
     assert p.returncode == 0, p.stdout + p.stderr

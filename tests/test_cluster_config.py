@@ -84,6 +84,7 @@ def test_bad_key_files(tmp_path):
     assert p.returncode == 2 and "--id must be a replica id" in p.stderr
 
 
+@pytest.mark.slow
 def test_init_refuses_impossible_clusters(tmp_path):
     p = pbft("init", tmp_path / "a", "--replicas", 3, "--faults", 1)
     assert p.returncode == 2 and "need at least 3f+1 = 4" in p.stderr

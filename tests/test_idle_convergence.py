@@ -12,6 +12,8 @@ import signal
 import threading
 import time
 
+import pytest
+
 from netutil import LocalCluster
 from pbft import BlockingClient
 from pbft.services.kv import KVClient
@@ -60,6 +62,7 @@ def write_for(lc: LocalCluster, seconds: float, tag: str, clients: int = 3) -> i
     return sum(done)
 
 
+@pytest.mark.slow
 def test_idle_cluster_converges_after_a_paused_and_a_restarted_replica(tmp_path):
     lc = LocalCluster(tmp_path / "c", clients=4,
                       protocol={"checkpoint_interval_seqnos": 128, "log_window_seqnos": 256,

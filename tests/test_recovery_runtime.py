@@ -10,6 +10,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 from netutil import SRC, LocalCluster
 from pbft import BlockingClient
 from pbft.services.kv import KVClient
@@ -61,6 +63,7 @@ def digests_agree(lc: LocalCluster, rid: int, other: int) -> bool:
     return a["stable_checkpoint"] == b["stable_checkpoint"] and a["stable_digest"] == b["stable_digest"]
 
 
+@pytest.mark.slow
 def test_recovery_repairs_bytes_corrupted_in_the_store_on_disk(tmp_path):
     with LocalCluster(tmp_path / "c", protocol=PROTOCOL) as lc:
         lc.start_all()
@@ -120,6 +123,7 @@ def test_recovery_repairs_state_corrupted_in_memory(tmp_path, monkeypatch):
         lc.wait_for(lambda: digests_agree(lc, 1, 0), what="replica 1's checkpoints agree again")
 
 
+@pytest.mark.slow
 def test_watchdog_recovers_replicas_in_turn_while_clients_are_served(tmp_path):
     """[recovery] period_s: every replica recovers once per period, at its own offset."""
     import re

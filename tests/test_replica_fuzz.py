@@ -5,6 +5,7 @@ reach the protocol handlers; every field takes values anywhere in its legal rang
 cluster must still order requests (f = 1, and only replica 3 misbehaves).
 """
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -57,6 +58,7 @@ def messages(c):
 
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.data())
 def test_arbitrary_messages_from_a_byzantine_replica(data):

@@ -237,6 +237,7 @@ def pbft(*args, timeout=30, check=False):
     return p
 
 
+@pytest.mark.slow
 def test_kv_and_status_commands(cluster):
     assert pbft("kv", cluster.dir, "put", "colour", "blue", check=True).stdout.strip() == "ok"
     assert pbft("kv", cluster.dir, "get", "colour", check=True).stdout.strip() == "blue"
@@ -254,6 +255,7 @@ def test_kv_and_status_commands(cluster):
     assert rows[0]["primary"] == 0 and rows[0]["last_executed"] >= 1
 
 
+@pytest.mark.slow
 def test_up_runs_and_stops_a_cluster_cleanly(tmp_path):
     from netutil import free_base_port
     d = tmp_path / "c"

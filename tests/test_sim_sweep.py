@@ -21,17 +21,20 @@ def sweep(replicas: int, seeds: range, faults=FAULTS):
     return failures, ops
 
 
+@pytest.mark.slow
 def test_sweep_200_seeds_n4_all_faults():
     failures, ops = sweep(4, range(200))
     assert failures == [], f"reproduce with: pbft sim --seeds 1 --first-seed SEED --faults all: {failures}"
     assert ops >= 200 * 90
 
 
+@pytest.mark.slow
 def test_sweep_50_seeds_n7_all_faults():
     failures, ops = sweep(7, range(1000, 1050))
     assert failures == [], f"reproduce with: pbft sim --replicas 7 --seeds 1 --first-seed SEED --faults all: {failures}"
 
 
+@pytest.mark.slow
 def test_sweep_150_seeds_n4_network_and_storage_faults():
     """Crashes that come back from a simulated disk (power loss, torn writes, corrupted records),
     whole-cluster power loss, proactive recoveries after corruption in memory or on disk."""
@@ -39,12 +42,14 @@ def test_sweep_150_seeds_n4_network_and_storage_faults():
     assert failures == [], f"reproduce with: pbft sim --seeds 1 --first-seed SEED --faults all+disk: {failures}"
 
 
+@pytest.mark.slow
 def test_sweep_30_seeds_n7_network_and_storage_faults():
     failures, ops = sweep(7, range(2000, 2030), WITH_DISK)
     assert failures == [], (f"reproduce with: pbft sim --replicas 7 --seeds 1 --first-seed SEED --faults all+disk: "
                             f"{failures}")
 
 
+@pytest.mark.slow
 def test_sweep_weighted_quorums_all_faults():
     """Five replicas weighted 2,2,1,1,1 (f=1, W=7, W_byz=2, Q=5): safety and liveness hold."""
     for seed in range(30):
@@ -52,6 +57,7 @@ def test_sweep_weighted_quorums_all_faults():
         assert res.ok, (seed, res.violations[:3], res.liveness_failure)
 
 
+@pytest.mark.slow
 def test_sweep_n10_all_faults():
     for seed in range(3):
         res = Simulation(SimConfig(seed=seed, replicas=10, faults=FAULTS)).run()

@@ -7,6 +7,7 @@ import asyncio
 import subprocess
 import sys
 
+import pytest
 import uvloop
 
 from netutil import SRC, LocalCluster
@@ -51,6 +52,7 @@ def write_load(lc: LocalCluster, seconds: float, prefix: str, kill_at_end=None) 
     return acked
 
 
+@pytest.mark.slow
 def test_sigkill_of_every_replica_in_durable_mode_loses_no_acknowledged_write(tmp_path):
     with LocalCluster(tmp_path / "c", protocol=PROTOCOL) as lc:
         assert lc.cluster.storage.mode == "durable"
@@ -75,6 +77,7 @@ def test_sigkill_of_every_replica_in_durable_mode_loses_no_acknowledged_write(tm
             assert kv.get(b"after") == b"restart"
 
 
+@pytest.mark.slow
 def test_replica_away_for_many_checkpoints_fetches_only_what_changed(tmp_path):
     with LocalCluster(tmp_path / "c", protocol=PROTOCOL) as lc:
         lc.start_all()
