@@ -1,8 +1,5 @@
 """Fixtures shared by the tests, and the ``--rewrite`` option of the transcript tests.
 
-* ``hand_cluster(**kw)``: a hand-driven cluster (``tests/cluster.py``), pure and in memory;
-* ``keys``: the configuration, key rings and codec of a 4-replica, 2-client test cluster
-  (``helpers.keys.cluster_keys`` for other sizes);
 * ``local_cluster(name="c", start=True, **kw)``: real replica processes on loopback
   (``netutil.LocalCluster``) in the test's temporary directory, always stopped at the end, even
   when starting them failed;
@@ -12,7 +9,9 @@
   comparing them).
 
 Helpers go in ``tests/helpers/``; ``tests/`` is on ``sys.path`` (pytest's rootdir-relative
-imports), so ``from helpers.keys import cluster_keys`` works in every test file.
+imports), so ``from helpers.keys import cluster_keys`` (a configuration, every key ring and a
+codec, built the same way everywhere) works in every test file, and ``from cluster import
+Cluster`` gives the hand-driven cluster.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from __future__ import annotations
 import pytest
 
 from helpers.impls import STORES
-from helpers.keys import cluster_keys
 
 
 def pytest_addoption(parser):
@@ -32,22 +30,6 @@ def pytest_addoption(parser):
 @pytest.fixture
 def rewrite(request) -> bool:
     return bool(request.config.getoption("--rewrite"))
-
-
-@pytest.fixture
-def keys():
-    """``ClusterKeys`` (cfg, rings, codec, client_ids) of 4 replicas and 2 clients."""
-    return cluster_keys(4, clients=2)
-
-
-@pytest.fixture
-def hand_cluster():
-    """A factory of hand-driven clusters: ``hand_cluster(n=4, clients=2, **cfg)``."""
-    from cluster import Cluster
-
-    def make(*args, **kw):
-        return Cluster(*args, **kw)
-    return make
 
 
 @pytest.fixture
