@@ -646,3 +646,59 @@ def test_a_client_flooding_valid_requests_is_paced_and_a_correct_client_still_co
     assert sum(deferred) > 0, deferred
     for i in range(c.n):
         assert live.status(i)["executed_requests"] >= 30
+
+
+@pytest.mark.parametrize("how", ["restart", "kill"])
+def test_a_newkey_captured_before_a_restart_is_refused_after_it(tmp_path, how):
+    """The latest NewKey timestamp accepted from each principal is kept in the store: the same
+    NewKey replayed after the replica restarted (gracefully, or killed once the turn that took it
+    was written) is refused as stale, and a fresh one still authenticates."""
+    import signal as _signal
+    from netutil import LocalCluster
+    from pbft.runtime.keys import make_newkey, now_timestamp_us
+    from pbft.runtime.transport import frame as _f
+
+    lc = LocalCluster(tmp_path / "c")  # durable storage, the default
+    c = lc.cluster
+    client = c.client_ids[0]
+    r1 = c.replicas[1]
+    addr = (r1.host, r1.port)
+    try:
+        lc.start_all()
+        captured = _f(make_newkey(c.identity(client), c.public, {1: os.urandom(64)}, now_timestamp_us()))
+        before = _transport_counter(lc, 1, "pbft_newkeys_accepted_total")
+        _send_on_new_connection(addr, captured)
+        lc.wait_for(lambda: _transport_counter(lc, 1, "pbft_newkeys_accepted_total") >= before + 1,
+                    what="the NewKey accepted")
+        time.sleep(1.0)  # the replicas' own traffic makes a turn that writes it
+        if how == "restart":
+            lc.signal(1, _signal.SIGTERM)
+            lc.procs[1].wait(10)
+        else:
+            lc.kill(1)
+        lc.start(1)
+        lc.wait_connected([1])
+        lc.wait_for(lambda: _transport_counter(lc, 1, "pbft_newkeys_accepted_total") >= 3,
+                    what="the replicas' NewKeys after the restart")
+        time.sleep(0.5)
+        before = _transport_counter(lc, 1, "pbft_newkeys_accepted_total")
+        _send_on_new_connection(addr, captured)
+        lc.wait_for(lambda: _transport_drop(lc, 1, "newkey-stale") >= 1, what="the replay refused as stale")
+        assert _transport_counter(lc, 1, "pbft_newkeys_accepted_total") == before
+        fresh = _f(make_newkey(c.identity(client), c.public, {1: os.urandom(64)}, now_timestamp_us()))
+        _send_on_new_connection(addr, fresh)
+        lc.wait_for(lambda: _transport_counter(lc, 1, "pbft_newkeys_accepted_total") >= before + 1,
+                    what="a fresh NewKey")
+    finally:
+        lc.stop()
+
+
+def _transport_counter(lc, rid: int, name: str) -> float:
+    import urllib.request
+    r = lc.cluster.replicas[rid]
+    with urllib.request.urlopen(f"http://{r.metrics_addr}:{r.metrics_port}/metrics", timeout=2) as resp:
+        text = resp.read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rpartition(" ")[2])
+    raise AssertionError(f"metric {name} not exported")

@@ -79,6 +79,9 @@ def frame_sender(raw: bytes) -> int:
     return -1
 
 
+NEWKEY_RECORD = b"N"  # store records of the latest accepted NewKey timestamps (the core's are other letters)
+
+
 class NewKeyGate:
     """NewKey admission for one server (see the module notes). ``accept`` returns
     ``(sender, keys)`` as ``keys.accept_newkey`` does, or None with the reason counted."""
@@ -96,6 +99,20 @@ class NewKeyGate:
         self.bucket = TokenBucket(rate=NEWKEY_RATE_ALL, burst=NEWKEY_RATE_ALL)
         self.conn_burst = float(min(NEWKEY_RATE_ALL, max(512, max_principal + 1)))
         self.refused = ""  # why the last refused NewKey was refused
+        self.dirty: dict[int, int] = {}  # accepted timestamps not yet handed to the store
+
+    def restore(self, records: dict[bytes, bytes]) -> None:
+        """The timestamps ``take_records`` wrote before a restart (other records ignored)."""
+        for k, v in records.items():
+            if len(k) == 9 and k[:1] == NEWKEY_RECORD and len(v) == 8:
+                s = int.from_bytes(k[1:], "big")
+                self.last_ts[s] = max(self.last_ts.get(s, 0), int.from_bytes(v, "big"))
+
+    def take_records(self) -> dict[bytes, bytes]:
+        """Store records for the timestamps accepted since the last call (``N`` + principal)."""
+        out = {NEWKEY_RECORD + s.to_bytes(8, "big"): ts.to_bytes(8, "big") for s, ts in self.dirty.items()}
+        self.dirty.clear()
+        return out
 
     def _refuse(self, reason: str) -> None:
         self.counters.drop(reason)
@@ -132,6 +149,7 @@ class NewKeyGate:
             return self._refuse(e.reason)
         meta["authenticated"] = True
         self.last_digest[nk.sender] = h
+        self.dirty[nk.sender] = nk.timestamp
         return nk.sender, k
 
 

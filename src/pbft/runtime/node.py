@@ -80,6 +80,7 @@ class ReplicaNode:
         self.replica = Replica(self.cfg, replica_id, self.ring, service, now=self._now())
         self.store: Optional[LmdbStore] = None
         self.restore_outcome = "memory"
+        records: dict[bytes, bytes] = {}
         st = cluster.storage
         if st.mode != "memory":
             path = st.replica_dir(cluster.dir, replica_id)
@@ -136,6 +137,9 @@ class ReplicaNode:
         self.http: Optional[HttpEndpoint] = None
         self.newkey_gate = NewKeyGate(identity, cluster.public, n, n + self.cfg.clients_max - 1,
                                       self.cfg.timestamp_skew_ms_max, self.counters)
+        # the latest NewKey timestamp accepted from each principal survives restarts and
+        # recoveries (records ``N<principal>``), so a NewKey captured before is never taken again
+        self.newkey_gate.restore(records)
         # clients' requests against per-client credits, before the core (runtime.admission)
         self.request_budget = RequestBudget(
             REQUEST_CREDITS_BURST, REQUEST_CREDITS_PER_RETRY_TIMEOUT * 1000.0 / self.cfg.client_retry_timeout_ms)
@@ -281,6 +285,7 @@ class ReplicaNode:
                     puts.update(queued)
                 self.write_queue = []
                 puts.update(self.replica.take_ready().persist)
+                puts.update(self.newkey_gate.take_records())
                 if puts:
                     self.store.write(puts)
                 self.store.flush()
@@ -553,6 +558,8 @@ class ReplicaNode:
             # group commit: what this turn's messages imply reaches the disk (fsynced in the
             # durable mode) before any of them is sent
             puts = ready.persist
+            if self.newkey_gate.dirty:
+                puts = {**puts, **self.newkey_gate.take_records()}
             if self.durable_writes:
                 # fsync in a writer thread: the loop goes on handling messages meanwhile, and their
                 # sends wait, in order, behind the writes they follow (one fsync covers every turn
