@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 
-from pbft.codec import _packb, frame_digest, header_of, seal
+from pbft.codec import _packb, header_of, seal
 from pbft.config import ClusterConfig
 from pbft.core.client import Client
 from pbft.core.replica import Replica
@@ -192,7 +192,7 @@ def workload(C: CostModel, reps: int, ops: int = 6000, clients: int = 32, value:
     replicas: measured µs vs charged µs (the minimum over reps of each type's mean)."""
     best: dict = {}
     per_op_meas = per_op_pred = float("inf")
-    for rep_i in range(reps):
+    for _rep_i in range(reps):
         cfg = ClusterConfig.create(N, clients_max=clients)  # the simulator's configuration
         rings = keyrings_for(b"calibration-master-key-0123456789", N, cfg.client_ids)
         reps_ = [Replica(cfg, i, rings[i], KVService()) for i in range(N)]
@@ -276,7 +276,7 @@ def execute_cost(reps: int, iters: int = 3000):
     """A KV put executed by the service, plus the reply table update (what ``_execute`` does per
     request besides the reply's MAC)."""
     best = float("inf")
-    for rep_i in range(reps):
+    for _rep_i in range(reps):
         cfg = _cfg()
         rings = keyrings_for(b"calibration-master-key-0123456789", N, cfg.client_ids)
         r = Replica(cfg, ME, rings[ME], KVService())

@@ -142,7 +142,8 @@ def run(repeat: int, target_s: float) -> dict:
     )
     crossover = [s for s in r if (r[s] > 1) != (r["32"] > 1)]
     if crossover:
-        head += f"; {loser} wins from {crossover[0]} bytes up (HMAC/BLAKE2b {r[crossover[-1]]:.2f}x at {crossover[-1]} B)"
+        head += (f"; {loser} wins from {crossover[0]} bytes up "
+                 f"(HMAC/BLAKE2b {r[crossover[-1]]:.2f}x at {crossover[-1]} B)")
     if fastest["32"] not in ("BLAKE2b-128", "HMAC-SHA256"):
         head += f"; {fastest['32']} is fastest of all four at 32 bytes"
     res["fastest_mac_per_size"] = fastest

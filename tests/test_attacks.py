@@ -2,8 +2,8 @@
 
 The run asserts only what cannot flake on a loaded machine: no replica exits, every acknowledged
 write of the correct workload reads back, no lie of a Byzantine replica is accepted, every replica
-stays under the RSS limit, and under each attack a drop counter of a relevant reason rose.  Throughput floors are reported by the command,
-never asserted here.
+stays under the RSS limit, and under each attack a drop counter of a relevant reason rose.  Throughput
+floors are reported by the command, never asserted here.
 """
 
 import json

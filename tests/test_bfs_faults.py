@@ -206,11 +206,12 @@ class FileWriter:
             name = f"w{i}"
             data = payload(i, self.rng)
             try:
-                self._do(lambda: write_synced(self.root / name, data))
+                # _do calls each lambda before it returns: the loop variables cannot move under it
+                self._do(lambda: write_synced(self.root / name, data))  # noqa: B023
                 if i % 5 == 4:  # renames and deletions too
-                    self._do(lambda: os.rename(self.root / name, self.root / f"r{i}"))
+                    self._do(lambda: os.rename(self.root / name, self.root / f"r{i}"))  # noqa: B023
                     name = f"r{i}"
-                    self._do(lambda: os.unlink(self.root / f"w{i - 1}"))
+                    self._do(lambda: os.unlink(self.root / f"w{i - 1}"))  # noqa: B023
                     del self.expect[f"w{i - 1}"]
             except (OSError, AssertionError) as e:
                 self.errors.append(f"{name}: {e!r}")

@@ -1038,7 +1038,7 @@ def test_ancestor_walks_are_bounded():
     from pbft.services.bfs.service import DEPTH_MAX
     fs = FS()
     d = ROOT_INO
-    for i in range(DEPTH_MAX + 2):  # root makes the chain (root needs no walk)
+    for _i in range(DEPTH_MAX + 2):  # root makes the chain (root needs no walk)
         d = fs.mkdir(d, b"d")
     # an ordinary user's search-permission walk from that deep stops with ELOOP, bounded
     assert fs.err("lookup", d, b"x", cr=ALICE) == E.ELOOP

@@ -23,8 +23,8 @@ from pbft.codec import (
 from pbft.config import ClusterConfig
 from pbft.crypto import MAC_SIZE, KeyRing, digest, digest1, keyrings_for, mac
 from pbft.messages import (
-    ALL_REPLICAS, NULL_BATCH, RECOVERY_OP, Batch, Checkpoint, Commit, Data, Fetch, MetaData, NewView, PrePrepare, Prepare, Reply,
-    Request, Status, ViewChange, ViewChangeAck, FetchBatch, BatchData, Vouch, QueryStable, ReplyStable,
+    ALL_REPLICAS, NULL_BATCH, RECOVERY_OP, Batch, Checkpoint, Commit, Data, Fetch, MetaData, NewView, PrePrepare,
+    Prepare, Reply, Request, Status, ViewChange, ViewChangeAck, FetchBatch, BatchData, Vouch, QueryStable, ReplyStable,
 )
 
 MASTER = b"k" * 32
@@ -233,7 +233,8 @@ def test_flipped_bit_in_sealed_frame_header_fails_verification():
     assert not any(RINGS[r].verify(1, fr3.digest, fr3.auth, True) for r in range(N))
 
 
-@pytest.mark.parametrize("name,msg,to", [m for m in MESSAGES if m[2] is not None], ids=lambda x: x if isinstance(x, str) else "")
+@pytest.mark.parametrize("name,msg,to", [m for m in MESSAGES if m[2] is not None],
+                         ids=lambda x: x if isinstance(x, str) else "")
 def test_single_mac_verifies_only_at_intended_receiver(name, msg, to):
     sender = sender_of(msg)
     fr = CODEC.open_frame(seal(msg, RINGS[sender], to))
@@ -646,7 +647,8 @@ def test_fuzz_msgpack_structures_as_headers(tag, who, obj):
     feed(raw)
 
 
-ARITY = {1: 4, 2: 7, 3: 3, 4: 3, 5: 3, 6: 2, 7: 5, 8: 5, 9: 3, 10: 6, 11: 5, 12: 3, 13: 1, 14: 1, 15: 1, 17: 4, 18: 1, 19: 3}
+ARITY = {1: 4, 2: 7, 3: 3, 4: 3, 5: 3, 6: 2, 7: 5, 8: 5, 9: 3, 10: 6, 11: 5, 12: 3, 13: 1, 14: 1, 15: 1, 17: 4, 18: 1,
+         19: 3}
 
 
 @FUZZ

@@ -27,7 +27,8 @@ def converged(lc: LocalCluster) -> dict | None:
     st = [lc.status(i) for i in range(lc.n)]
     views = {(s["view"], s["view_active"]) for s in st}
     last = {(s["last_executed"], s["last_committed"]) for s in st}
-    if len(views) == 1 and st[0]["view_active"] and len(last) == 1 and st[0]["last_executed"] == st[0]["last_committed"]:
+    if (len(views) == 1 and st[0]["view_active"] and len(last) == 1
+            and st[0]["last_executed"] == st[0]["last_committed"]):
         return {"view": st[0]["view"], "last_executed": st[0]["last_executed"]}
     return None
 

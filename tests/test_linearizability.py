@@ -445,7 +445,7 @@ def generate_history(rng: random.Random, n_ops: int, n_keys: int, n_clients: int
         planned.append((lp, op))
         clock[c] = t1 + rng.randint(0, 4) * 0.5
     state = {}
-    for lp, op in sorted((p for p in planned if p[0] is not None), key=lambda p: p[0]):
+    for _lp, op in sorted((p for p in planned if p[0] is not None), key=lambda p: p[0]):
         res, state[op.key] = _spec(state.get(op.key), op)
         if op.ret is not None:
             op.result = res

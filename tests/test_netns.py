@@ -395,7 +395,8 @@ def test_cluster_on_network_namespaces(hosts, cluster):
     def rejoined():
         s = c.status(old_primary)
         ref = c.statuses(rest)
-        return (s is not None and s["view_active"] and all(r is not None and s["view"] == r["view"] for r in ref.values())
+        return (s is not None and s["view_active"]
+                and all(r is not None and s["view"] == r["view"] for r in ref.values())
                 and s["last_executed"] >= target and len(s["peers_connected"]) == N - 1)
     c.wait_for(rejoined, f"replica {old_primary} to rejoin (view of the others, last_executed >= {target})")
 

@@ -182,8 +182,8 @@ def test_bad_input_is_dropped_and_counted_and_correct_clients_are_served(cluster
     from pbft.crypto import KeyRing
     from pbft.messages import Request
     ring = KeyRing(client_id + 1, c.n, {j: os.urandom(32) for j in range(c.n)}, {})
-    _send_and_close(addr, b"".join(_frame(seal(Request(client_id + 1, 10**15 + i, b"\x92\xa3get\xc4\x01k", False, 1), ring))
-                                   for i in range(50)))
+    _send_and_close(addr, b"".join(
+        _frame(seal(Request(client_id + 1, 10**15 + i, b"\x92\xa3get\xc4\x01k", False, 1), ring)) for i in range(50)))
     # a connection flood: many idle connections held open while a correct client works
     flood = []
     for _ in range(200):

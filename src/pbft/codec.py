@@ -442,7 +442,8 @@ class Codec:
             if len(x) != 2:
                 raise DecodeError("bad-chosen-entry")
             ch.append((_int(x[0], 1, U63, "seqno"), _digest(x[1])))
-        bl = tuple(self.decode_batch(_bytes(b, self.frame_max, "batch")) for b in _tuple(batches, self.window, "batches"))
+        bl = tuple(self.decode_batch(_bytes(b, self.frame_max, "batch"))
+                   for b in _tuple(batches, self.window, "batches"))
         return NewView(v, sender, tuple(vl), _int(cs, 0, U63, "seqno"), _digest(cd), tuple(ch), bl)
 
     # -- batches --------------------------------------------------------------

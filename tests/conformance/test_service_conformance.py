@@ -17,7 +17,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from helpers.impls import SERVICES, ServiceImpl, service_impl
+from helpers.impls import SERVICES, ServiceImpl, service_impl  # noqa: F401 - service_impl: a fixture
 from pbft.state.replica_state import ReplicaState
 
 T0_MS = 1_700_000_000_000.0
@@ -76,7 +76,8 @@ def test_every_shipped_service_is_in_the_suite():
         shipped |= {v for v in vars(mod).values() if isinstance(v, type) and issubclass(v, Service)
                     and v.__module__ == m.name and v not in (Service, ObjectService)}
     tested = {type(impl.make()) for impl in SERVICES}
-    assert shipped and shipped <= tested, f"add {sorted(c.__name__ for c in shipped - tested)} to helpers.impls.SERVICES"
+    missing = sorted(c.__name__ for c in shipped - tested)
+    assert shipped and shipped <= tested, f"add {missing} to helpers.impls.SERVICES"
 
 
 @each_service

@@ -170,7 +170,8 @@ class Driver:
                 out[-1][2].append(dst)
             else:
                 out.append((src, raw, [dst]))
-        return [f"{self.name(s)} -> {' '.join(self.name(d) for d in ds)}: {self.describe(raw, s)}" for s, raw, ds in out]
+        return [f"{self.name(s)} -> {' '.join(self.name(d) for d in ds)}: {self.describe(raw, s)}"
+                for s, raw, ds in out]
 
     # -- network ----------------------------------------------------------------------
     def lost(self, src: int, dst: int) -> bool:

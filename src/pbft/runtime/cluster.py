@@ -193,7 +193,8 @@ class Cluster:
         ident = Identity.from_seed(principal, seed)
         expected = self.replicas[principal].public_key if principal < self.n else self.client_keys[principal]
         if ident.public != expected:
-            raise ConfigError(f"key file {path} does not match the public key of principal {principal} in {CLUSTER_FILE}")
+            raise ConfigError(f"key file {path} does not match the public key of principal {principal} "
+                              f"in {CLUSTER_FILE}")
         return ident
 
 
@@ -223,7 +224,8 @@ def init_cluster(
     if faults < 0:
         raise ConfigError(f"--faults must be >= 0, got {faults}")
     if replicas < 3 * faults + 1:
-        raise ConfigError(f"{replicas} replicas cannot tolerate {faults} Byzantine faults: need at least 3f+1 = {3 * faults + 1}")
+        raise ConfigError(f"{replicas} replicas cannot tolerate {faults} Byzantine faults: "
+                          f"need at least 3f+1 = {3 * faults + 1}")
     if clients < 1:
         raise ConfigError(f"--clients must be at least 1, got {clients}")
     hosts = hosts or ["127.0.0.1"]
@@ -454,8 +456,8 @@ def _recovery(t: dict, where: str) -> RecoveryParams:
         if k not in ("period_s", "alarm_s"):
             raise ConfigError(f"{where}: unknown recovery parameter {k!r}")
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (k == "alarm_s" and v <= 0):
-            raise ConfigError(f"{where}: recovery parameter {k} must be a {'positive' if k == 'alarm_s' else 'non-negative'} "
-                              f"number, got {v!r}")
+            sign = "positive" if k == "alarm_s" else "non-negative"
+            raise ConfigError(f"{where}: recovery parameter {k} must be a {sign} number, got {v!r}")
         kw[k] = float(v)
     return RecoveryParams(**kw)
 

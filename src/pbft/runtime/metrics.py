@@ -70,9 +70,11 @@ class ReplicaMetrics:
             m.add_metric(lab, value)
             return m
 
-        yield counter("pbft_requests_executed", "Client requests executed (tentatively or committed)", r.executed_requests)
+        yield counter("pbft_requests_executed", "Client requests executed (tentatively or committed)",
+                      r.executed_requests)
         yield gauge("pbft_last_executed_seqno", "Sequence number of the last executed batch", r.last_exec)
-        yield gauge("pbft_last_committed_seqno", "Sequence number of the last committed executed batch", r.last_committed_exec)
+        yield gauge("pbft_last_committed_seqno", "Sequence number of the last committed executed batch",
+                    r.last_committed_exec)
         yield gauge("pbft_stable_checkpoint_seqno", "Sequence number of the last stable checkpoint", r.h)
         yield counter("pbft_checkpoints_stable", "Checkpoints that became stable", self.stable_checkpoints)
         yield gauge("pbft_view", "Current view", r.view)
@@ -107,7 +109,8 @@ class ReplicaMetrics:
         yield gauge("pbft_recovery_overdue", "1 if the recovery under way has taken longer than recovery.alarm_s",
                     1 if node.recovery_overdue else 0)
         if r.last_recovery_ms is not None:
-            yield gauge("pbft_last_recovery_seconds", "Duration of the last proactive recovery", r.last_recovery_ms / 1000)
+            yield gauge("pbft_last_recovery_seconds", "Duration of the last proactive recovery",
+                        r.last_recovery_ms / 1000)
         c = node.counters
         yield counter("pbft_frames_received", "Frames received", c.frames_in)
         yield counter("pbft_frames_sent", "Frames sent", c.frames_out)

@@ -171,7 +171,8 @@ class Flood(ByzClient):
         if k == 0:  # a valid request, at a rate no correct client would use
             self.send_all(self.frame(Request(self.id, self.t, self.op(), False, 0)))
         elif k == 1:  # oversized: at the request size limit
-            big = encode_op("put", f"x{self.id}-big".encode(), rng.randbytes(min(30_000, self.sim.cfg.request_size_bytes_max - 64)))
+            big = encode_op("put", f"x{self.id}-big".encode(),
+                            rng.randbytes(min(30_000, self.sim.cfg.request_size_bytes_max - 64)))
             self.send_all(self.frame(Request(self.id, self.t, big, False, 0)))
         else:  # requests under ids this process has no key for: its MACs cannot be right
             fake = rng.choice(list(self.sim.cfg.client_ids))

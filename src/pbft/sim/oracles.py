@@ -1,7 +1,7 @@
 """Oracles: what must hold in every simulated run, checked as the run goes.
 
-The simulator feeds every replica's events (``pbft.core.events``, from each step's ``Ready``) to ``Oracles.on_event`` and
-calls ``after_step`` after every event it processes.  Violations are
+The simulator feeds every replica's events (``pbft.core.events``, from each step's ``Ready``) to
+``Oracles.on_event`` and calls ``after_step`` after every event it processes.  Violations are
 collected as strings (the first few are kept with their simulated time).
 
 Checked (the safety properties of docs/simulation.md, and invariants of PBFT's correctness proof):

@@ -273,9 +273,11 @@ def add_commands(sub) -> None:
     i.add_argument("dir")
     i.add_argument("--replicas", type=int, required=True)
     i.add_argument("--faults", type=int, default=None, help="f (default: the largest (n-1)//3)")
-    i.add_argument("--hosts", default=None, help="comma list of hosts, assigned to replicas in turn (default 127.0.0.1)")
+    i.add_argument("--hosts", default=None,
+                   help="comma list of hosts, assigned to replicas in turn (default 127.0.0.1)")
     i.add_argument("--base-port", type=int, default=7000, help="replica i listens on base+i, metrics on base+100+i")
-    i.add_argument("--clients", type=int, default=None, help="client identities to create (default 4; 8 with --service bfs)")
+    i.add_argument("--clients", type=int, default=None,
+                   help="client identities to create (default 4; 8 with --service bfs)")
     i.add_argument("--force", action="store_true", help="overwrite an existing cluster.toml")
     i.add_argument("--service", default=None, choices=["bfs"],
                    help="bfs: also write the file system's [bfs] section (docs/bfs.md)")

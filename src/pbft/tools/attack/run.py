@@ -96,7 +96,8 @@ def cpu_placement(spec: str) -> Optional[tuple[list[int], list[int]]]:
     try:
         atk = sorted({int(x) for x in spec.split(",") if x.strip()})
     except ValueError:
-        raise ConfigError(f"--attacker-cpus must be auto, shared or a comma list of CPU numbers, got {spec!r}") from None
+        raise ConfigError(f"--attacker-cpus must be auto, shared or a comma list of CPU numbers, "
+                          f"got {spec!r}") from None
     bad = [c for c in atk if c not in usable]
     if bad or not atk:
         raise ConfigError(f"--attacker-cpus {spec!r}: CPUs {bad or atk} are not among the usable CPUs {usable}")
@@ -204,7 +205,7 @@ class Sampler(threading.Thread):
         out: dict[int, dict] = {}
         with self.lock:
             xs = [s for s in self.samples if t0 <= s[0] <= t1]
-        for t, rid, rss, hwm in xs:
+        for _t, rid, rss, hwm in xs:
             e = out.setdefault(rid, {"rss_peak_mib": 0.0, "hwm_mib": 0.0})
             e["rss_peak_mib"] = max(e["rss_peak_mib"], round(rss / 1024, 1))
             e["hwm_mib"] = max(e["hwm_mib"], round(hwm / 1024, 1))
@@ -314,8 +315,8 @@ class Supervisor:
                 while True:
                     self.children.check_alive(list(self.procs.values()))
                     try:
-                        if all(len(fetch_status(metrics_addr(r), r.metrics_port, 1.0)["peers_connected"]) == REPLICAS - 1
-                               for r in self.cluster.replicas):
+                        if all(len(fetch_status(metrics_addr(r), r.metrics_port, 1.0)["peers_connected"])
+                               == REPLICAS - 1 for r in self.cluster.replicas):
                             return
                     except (OSError, ValueError):
                         pass
@@ -351,7 +352,7 @@ class Supervisor:
         for i in self.live_ids():
             r = self.cluster.replicas[i]
             st = mt = None
-            for attempt in range(3):
+            for _attempt in range(3):
                 try:
                     st = json.loads(http_get(metrics_addr(r), r.metrics_port, "/status", 2.0))
                     mt = parse_metrics(http_get(metrics_addr(r), r.metrics_port, "/metrics", 2.0).decode())
@@ -409,7 +410,8 @@ class Supervisor:
     # ---- the workload -------------------------------------------------------
     def start_workload(self) -> None:
         spec = {"dir": str(self.cluster.dir), "clients": self.ids()["victims"], "timeout_s": 5.0}
-        self.workload = self.children.start("workload", ["-m", "pbft.tools.attack", "workload", json.dumps(spec)], pipes=True)
+        self.workload = self.children.start("workload", ["-m", "pbft.tools.attack", "workload", json.dumps(spec)],
+                                            pipes=True)
         pin(self.workload.pid, self.cluster_cpus)
         self.workload_lines = JsonLines(self.workload, self._on_progress)
         try:
@@ -447,7 +449,8 @@ class Supervisor:
             spec["byz_id"] = self.byz_id
         snap0 = self.quiet[-1]["snaps"][1]
         t_spawn = time.monotonic()
-        p = self.children.start(f"attack-{name}", ["-m", "pbft.tools.attack", "worker", name, json.dumps(spec)], pipes=True)
+        p = self.children.start(f"attack-{name}", ["-m", "pbft.tools.attack", "worker", name, json.dumps(spec)],
+                                pipes=True)
         pin(p.pid, self.attacker_cpus)
         lines = JsonLines(p)
         rec: dict = {"attack": name, "class": CLASS_OF[name], "floor": FLOORS[CLASS_OF[name]], "t_spawn": t_spawn,
@@ -585,7 +588,8 @@ class Supervisor:
             # (a counter that moves in quiet windows too counts only if it rose clearly faster)
             excess = {k: int(v - quiet_rate.get(k, 0.0) * span) for k, v in raw.items()
                       if v > 1.5 * quiet_rate.get(k, 0.0) * span + 10 or quiet_rate.get(k, 0.0) == 0}
-            drops = {k[5:]: v for k, v in sorted(excess.items(), key=lambda kv: -kv[1]) if k.startswith("drop:") and v > 0}
+            drops = {k[5:]: v for k, v in sorted(excess.items(), key=lambda kv: -kv[1])
+                     if k.startswith("drop:") and v > 0}
             drops_raw = {k[5:]: int(v) for k, v in sorted(raw.items(), key=lambda kv: -kv[1]) if k.startswith("drop:")}
             deltas = {k: int(v) for k, v in sorted(raw.items(), key=lambda kv: -kv[1]) if not k.startswith("drop:")}
             views0 = [s["status"]["view"] for s in snap0.values() if s["status"]]
@@ -676,8 +680,8 @@ def print_report(res: dict, top: int = 3) -> None:
           f"service) on loopback, {res['clients']} closed-loop clients; each attack {res['duration_s']:g} s "
           f"between quiet windows of {res['quiet_s']:g} s; RSS limit {res['rss_limit_mib']} MiB")
     print(f"CPU: {res['cpu_note']}.")
-    print(f"throughput = ops/s during the attack / mean ops/s of the quiet windows before and after; "
-          f"floors: " + ", ".join(f"{k} {v:.0%}" for k, v in res["floors"].items()))
+    print("throughput = ops/s during the attack / mean ops/s of the quiet windows before and after; "
+          "floors: " + ", ".join(f"{k} {v:.0%}" for k, v in res["floors"].items()))
     print()
     head = (f"{'attack':26} {'class':8} {'floor':>5} {'tput':>5} {'verdict':7} {'ops/s':>7} {'quiet':>11} "
             f"{'p99 ms':>7} {'alive':>5} {'RSS MiB':>7} {'views':>5} {'atk CPU':>7}  counters that rose")

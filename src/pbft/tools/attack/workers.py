@@ -473,7 +473,7 @@ async def atk_replay(ctx: Ctx) -> None:
     ctx.finish()
     # afterwards the legitimate client still works
     ok = False
-    for k in range(3):
+    for _k in range(3):
         try:
             await pool.invoke(cid, encode_op("get", key), False, 5.0)
             ok = True
@@ -642,7 +642,7 @@ async def check_identity(ctx: Ctx, cid: int, what: str) -> None:
     pool = ClientPool(ctx.cluster, [ctx.cluster.identity(cid)])
     await pool.start(wait_s=10.0)
     ok, err = False, None
-    for attempt in range(2):
+    for _attempt in range(2):
         try:
             await pool.invoke(cid, encode_op("get", b"identity-check"), False, 5.0)
             ok = True
@@ -870,7 +870,7 @@ class ByzReplica:
         while ctx.running():
             data = make()
             busy = True
-            for j, conn in self.out.items():
+            for _j, conn in self.out.items():
                 t = conn.transport
                 if conn.closed or t is None or t.is_closing():
                     continue

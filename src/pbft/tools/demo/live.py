@@ -222,7 +222,8 @@ class Demo:
         print(f"  throughput before kill  : {ops_before / t_before:.0f} ops/s", file=self.out)
         if new_view_at:
             print(f"  view change             : {(new_view_at - t_kill) * 1000:.0f} ms "
-                  f"(request timer {self.cluster.cfg.view_change_timeout_ms:.0f} ms + ViewChange/NewView)", file=self.out)
+                  f"(request timer {self.cluster.cfg.view_change_timeout_ms:.0f} ms + ViewChange/NewView)",
+                  file=self.out)
             print(f"  ops during the new view : {self.ops - ops_at_vc}", file=self.out)
         print(f"  old primary caught up   : {'yes' if caught_up else 'NO'}", file=self.out)
         print(f"  proactive recovery      : "
