@@ -45,3 +45,20 @@ def test_a_flood_is_held_longer_each_time_and_forgiven_after_it_stops():
     for _ in range(REPLICA_WASTE_FRAMES_PER_S_MAX + 1):
         ReplicaNode._count_waste(node, conn, t)
     assert holds[-1] == REPLICA_HOLD_S_MIN
+
+
+def test_waste_is_weighed_by_size():
+    """Large dropped frames count one unit per KiB more: a few hundred 128 KiB frames a second
+    (a Vouch flood of maximum-size messages) are held; as many small ones are not."""
+    node, conn, holds = _node_and_conn()
+    t = 0.0
+    for _ in range(300):  # 300 small frames in a second
+        ReplicaNode._count_waste(node, conn, t, 1)
+        t += 1.0 / 300
+    assert holds == []
+    for _ in range(300):  # 300 frames of 128 KiB in a second
+        ReplicaNode._count_waste(node, conn, t, 1 + 128)
+        if holds:
+            break
+        t += 1.0 / 300
+    assert holds == [REPLICA_HOLD_S_MIN]

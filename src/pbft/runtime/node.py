@@ -520,17 +520,19 @@ class ReplicaNode:
             self._fail_stop(e)
             return
         if r.dropped_total != d0 and "replica" in conn.meta:
-            self._count_waste(conn, now / 1000.0)
+            self._count_waste(conn, now / 1000.0, 1 + (len(raw) >> 10))
         if not self.flush_pending:
             self.flush_pending = True
             self.loop.call_soon(self._flush)
 
-    def _count_waste(self, conn: FrameConn, now_s: float) -> None:
-        """A frame on a replica's connection was dropped by the core. A correct replica's frames
+    def _count_waste(self, conn: FrameConn, now_s: float, units: int = 1) -> None:
+        """A frame on a replica's connection was dropped by the core: ``units`` of waste, one
+        per frame and one more per KiB (reading, copying and MAC-checking a frame costs by its
+        size: a few large frames waste as much as many small ones). A correct replica's frames
         are dropped now and then (retransmissions, relays after a restart), a few hundred a
         second at worst; one that floods us with messages its keys make valid (Vouch, Status,
         QueryStable, view changes, acks...) has thousands dropped a second, each after a MAC
-        check. Past ``REPLICA_WASTE_FRAMES_PER_S_MAX`` in a second its connection is held
+        check. Past ``REPLICA_WASTE_FRAMES_PER_S_MAX`` units in a second its connection is held
         (nothing read from it, so TCP makes it wait), for 50 ms doubling up to 2 s while it goes
         on, as Aardvark closes a flooding replica's network interface for a while."""
         w = conn.meta.get("waste")
