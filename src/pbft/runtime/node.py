@@ -542,7 +542,7 @@ class ReplicaNode:
             if w[1] < REPLICA_WASTE_FRAMES_PER_S_MAX // 4:
                 w[2] = 0.0  # behaved for a second: the next hold starts short again
             w[0], w[1] = now_s, 0
-        w[1] += 1
+        w[1] += units
         if w[1] > REPLICA_WASTE_FRAMES_PER_S_MAX:
             w[2] = min(REPLICA_HOLD_S_MAX, max(REPLICA_HOLD_S_MIN, 2 * w[2]))
             self.counters.drop("replica-flood-held")
