@@ -21,14 +21,20 @@ and count.  No other exception escapes ``open_frame``/``parse``/``open_authentic
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import msgpack
 
 from .config import ClusterConfig
 from .crypto import DIGEST_SIZE, MAC_SIZE, KeyRing
-from .digests import (  # noqa: F401  (re-exported: the codec's callers read them here too)
-    NULL_BATCH_DIGEST, batch_digest_from_request_digests, checkpoint_digest, frame_digest, result_digest,
-    state_digest, vouch_key,
+from .digests import (  # re-exported ("x as x"): the codec's callers read them here too
+    NULL_BATCH_DIGEST as NULL_BATCH_DIGEST,
+    batch_digest_from_request_digests as batch_digest_from_request_digests,
+    checkpoint_digest as checkpoint_digest,
+    frame_digest as frame_digest,
+    result_digest as result_digest,
+    state_digest as state_digest,
+    vouch_key as vouch_key,
 )
 from .messages import (
     ALL_REPLICAS, RECOVERY_OP, Batch, BatchData, Checkpoint, Commit, Data, Fetch, FetchBatch, Message, MetaData,
@@ -103,7 +109,7 @@ def view_change_digest(frame: Frame) -> bytes:
 _packb = msgpack.Packer(use_bin_type=True).pack
 
 
-def packb(obj) -> bytes:
+def packb(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
@@ -121,51 +127,50 @@ BATCH_OVERHEAD_BYTES = 5 + 1 + 5 + 5  # bin prefix, array, nondet's and the requ
 
 def header_of(msg: Message) -> tuple[int, int, bytes, bytes]:
     """(tag, sender, header, payload) of a message."""
-    t = type(msg)
-    if t is Request:
+    if isinstance(msg, Request):
         return T_REQUEST, msg.client, packb([msg.timestamp, msg.op, msg.read_only, msg.replier]), b""
-    if t is Reply:
+    if isinstance(msg, Reply):
         return T_REPLY, msg.replica, packb([msg.view, msg.timestamp, msg.client, msg.tentative, msg.read_only,
                                        msg.result_digest, msg.result]), b""
-    if t is PrePrepare:
+    if isinstance(msg, PrePrepare):
         payload = encode_batch(msg.batch) if msg.batch is not None else b""
         return T_PRE_PREPARE, msg.replica, packb([msg.view, msg.seqno, msg.digest]), payload
-    if t is Prepare:
+    if isinstance(msg, Prepare):
         return T_PREPARE, msg.replica, packb([msg.view, msg.seqno, msg.digest]), b""
-    if t is Commit:
+    if isinstance(msg, Commit):
         return T_COMMIT, msg.replica, packb([msg.view, msg.seqno, msg.digest]), b""
-    if t is Checkpoint:
+    if isinstance(msg, Checkpoint):
         return T_CHECKPOINT, msg.replica, packb([msg.seqno, msg.digest]), b""
-    if t is Status:
+    if isinstance(msg, Status):
         return T_STATUS, msg.replica, packb([msg.view, msg.view_active, msg.stable_seqno, msg.last_executed,
                                        msg.nv_digest]), b""
-    if t is ViewChange:
+    if isinstance(msg, ViewChange):
         return T_VIEW_CHANGE, msg.replica, packb([msg.view, msg.stable_seqno, [list(c) for c in msg.checkpoints],
                                        [list(p) for p in msg.prepared], [list(q) for q in msg.preprepared]]), b""
-    if t is ViewChangeAck:
+    if isinstance(msg, ViewChangeAck):
         return T_VIEW_CHANGE_ACK, msg.replica, packb([msg.view, msg.vc_replica, msg.vc_digest]), b""
-    if t is NewView:
+    if isinstance(msg, NewView):
         return T_NEW_VIEW, msg.replica, packb([msg.view, [list(x) for x in msg.view_changes], msg.checkpoint_seqno,
                                         msg.checkpoint_digest, [list(x) for x in msg.chosen],
                                         [encode_batch(b) for b in msg.batches]]), b""
-    if t is Fetch:
+    if isinstance(msg, Fetch):
         return T_FETCH, msg.replica, packb([msg.seqno, msg.digest, msg.level, msg.index, list(msg.want)]), b""
-    if t is MetaData:
+    if isinstance(msg, MetaData):
         return T_META_DATA, msg.replica, packb([msg.seqno, msg.level, msg.index, list(msg.children)]), b""
-    if t is Data:
+    if isinstance(msg, Data):
         # the objects travel in the payload: they are checked against certified digests
         return T_DATA, msg.replica, packb([msg.seqno, msg.level, msg.index]), packb([list(o) for o in msg.objs])
-    if t is FetchBatch:
+    if isinstance(msg, FetchBatch):
         return T_FETCH_BATCH, msg.replica, packb([msg.digest]), b""
-    if t is Vouch:
+    if isinstance(msg, Vouch):
         return T_VOUCH, msg.replica, packb([list(msg.keys)]), b""
-    if t is BatchData:
+    if isinstance(msg, BatchData):
         return T_BATCH_DATA, msg.replica, packb([msg.digest]), encode_batch(msg.batch)
-    if t is QueryStable:
+    if isinstance(msg, QueryStable):
         return T_QUERY_STABLE, msg.replica, packb([msg.nonce]), b""
-    if t is ReplyStable:
+    if isinstance(msg, ReplyStable):
         return T_REPLY_STABLE, msg.replica, packb([msg.checkpoint, msg.prepared, msg.nonce]), b""
-    raise TypeError(f"not a protocol message: {t.__name__}")
+    raise TypeError(f"not a protocol message: {type(msg).__name__}")
 
 
 def seal(msg: Message, keys: KeyRing, to: int | None = None) -> bytes:
@@ -177,9 +182,12 @@ def seal_with_digest(msg: Message, keys: KeyRing, to: int | None = None) -> tupl
     """Like ``seal`` but also returns the frame digest (a Request's digest)."""
     tag, sender, header, payload = header_of(msg)
     d = frame_digest(tag, sender, header)
-    if tag in SINGLE_MAC and to is None:
-        raise ValueError(f"{type(msg).__name__} is point-to-point: give the receiver")
-    auth = keys.mac_for(to, d) if tag in SINGLE_MAC else keys.authenticator(d)
+    if tag in SINGLE_MAC:
+        if to is None:
+            raise ValueError(f"{type(msg).__name__} is point-to-point: give the receiver")
+        auth = keys.mac_for(to, d)
+    else:
+        auth = keys.authenticator(d)
     return _packb([tag, sender, header, payload, auth]), d
 
 
@@ -187,7 +195,7 @@ def seal_with_digest(msg: Message, keys: KeyRing, to: int | None = None) -> tupl
 # decoding
 # ---------------------------------------------------------------------------
 
-def _unpack(raw: bytes, limit: int):
+def _unpack(raw: bytes, limit: int) -> Any:
     try:
         return msgpack.unpackb(
             raw, use_list=False, raw=False, strict_map_key=True,
@@ -197,38 +205,38 @@ def _unpack(raw: bytes, limit: int):
         raise DecodeError("malformed") from e
 
 
-def _int(x, lo: int, hi: int, what: str) -> int:
+def _int(x: Any, lo: int, hi: int, what: str) -> int:
     if type(x) is not int or not lo <= x <= hi:
         raise DecodeError(f"bad-{what}")
     return x
 
 
-def _bool(x, what: str) -> bool:
+def _bool(x: Any, what: str) -> bool:
     if type(x) is not bool:
         raise DecodeError(f"bad-{what}")
     return x
 
 
-def _bytes(x, maxlen: int, what: str) -> bytes:
+def _bytes(x: Any, maxlen: int, what: str) -> bytes:
     if type(x) is not bytes or len(x) > maxlen:
         raise DecodeError(f"bad-{what}")
     return x
 
 
-def _digest(x, what: str = "digest") -> bytes:
+def _digest(x: Any, what: str = "digest") -> bytes:
     if type(x) is not bytes or len(x) != DIGEST_SIZE:
         raise DecodeError(f"bad-{what}")
     return x
 
 
-def _child(x) -> bytes:
+def _child(x: Any) -> bytes:
     """A partition-tree child on the wire: a leaf digest (32 bytes) or a node's sum (256)."""
     if type(x) is not bytes or len(x) not in (DIGEST_SIZE, 256):
         raise DecodeError("bad-child")
     return x
 
 
-def _object(x, maxlen: int) -> bytes:
+def _object(x: Any, maxlen: int) -> bytes:
     if type(x) is not bytes:
         raise DecodeError("bad-object")
     if len(x) > maxlen:
@@ -236,13 +244,13 @@ def _object(x, maxlen: int) -> bytes:
     return x
 
 
-def _pair(x) -> tuple:
+def _pair(x: Any) -> tuple[Any, Any]:
     if type(x) is not tuple or len(x) != 2:
         raise DecodeError("bad-pair")
     return x
 
 
-def _tuple(x, maxlen: int, what: str) -> tuple:
+def _tuple(x: Any, maxlen: int, what: str) -> tuple[Any, ...]:
     if type(x) is not tuple or len(x) > maxlen:
         raise DecodeError(f"bad-{what}")
     return x
@@ -402,7 +410,7 @@ class Codec:
             raise DecodeError("bad-arity") from e
         raise DecodeError("bad-tag")
 
-    def _view_change(self, h, sender: int) -> ViewChange:
+    def _view_change(self, h: Any, sender: int) -> ViewChange:
         v, stable, ckpts, prepared, preprepared = h
         v = _int(v, 1, U63, "view")
         stable = _int(stable, 0, U63, "seqno")
@@ -421,13 +429,13 @@ class Codec:
             qs.append(self._ndv(q))
         return ViewChange(v, sender, stable, tuple(cs), tuple(ps), tuple(qs))
 
-    def _ndv(self, x) -> tuple[int, bytes, int]:
+    def _ndv(self, x: Any) -> tuple[int, bytes, int]:
         x = _tuple(x, 3, "entry")
         if len(x) != 3:
             raise DecodeError("bad-entry")
         return (_int(x[0], 1, U63, "seqno"), _digest(x[1]), _int(x[2], 0, U63, "view"))
 
-    def _new_view(self, h, sender: int) -> NewView:
+    def _new_view(self, h: Any, sender: int) -> NewView:
         v, vcs, cs, cd, chosen, batches = h
         v = _int(v, 1, U63, "view")
         vl = []
@@ -465,7 +473,10 @@ class Codec:
             fr = self.open_frame(raw)
             if fr.tag != T_REQUEST:
                 raise DecodeError("batch-not-request")
-            out.append((fr, self.parse(fr)))
+            req = self.parse(fr)
+            if not isinstance(req, Request):  # a request frame parses to a Request or raises
+                raise DecodeError("batch-not-request")
+            out.append((fr, req))
         return out
 
     def batch_digest(self, b: Batch) -> bytes:

@@ -140,7 +140,7 @@ class Service(ABC):
 
     def bind_state(self, modify: Callable[[int], None]) -> None:
         """Called once by the library with the function ``modify`` must forward to."""
-        self.modify = modify  # type: ignore[method-assign]
+        self.modify = modify  # type: ignore[method-assign,assignment]
 
 
 class ObjectService(Service):
@@ -164,5 +164,5 @@ class ObjectService(Service):
         self.space.put_objs(objs)
 
     def bind_state(self, modify: Callable[[int], None]) -> None:
-        self.modify = modify  # type: ignore[method-assign]
+        self.modify = modify  # type: ignore[method-assign,assignment]
         self.space.bind(modify)

@@ -18,7 +18,7 @@ bytes (``ObjectDict`` sorts each bucket), which is what the partition tree compa
 from __future__ import annotations
 
 import zlib
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 import msgpack
 
@@ -52,7 +52,7 @@ class ObjectDict:
         return zlib.crc32(key) % self.n_buckets
 
     # mapping interface -------------------------------------------------------
-    def get(self, key: bytes, default=None):
+    def get(self, key: bytes, default: Any = None) -> Any:
         return self.buckets[zlib.crc32(key) % self.n_buckets].get(key, default)
 
     def __contains__(self, key: bytes) -> bool:
@@ -220,12 +220,15 @@ class Cell:
         self.value = value
 
 
+Part = Union[ObjectDict, Pages, Cell]
+
+
 class ObjectSpace:
     """Several parts (ObjectDict, Pages, Cell, ...) laid out one after another as the
     objects of one service: gives ``n_objects``, ``get_obj``, ``put_objs`` and wires
     ``modify`` into every part.  Parts must be laid out with consecutive ``base``es."""
 
-    def __init__(self, *parts):
+    def __init__(self, *parts: Part):
         self.parts = parts
         self.n_objects = sum(self._count(p) for p in parts)
         expect = 0
@@ -236,7 +239,7 @@ class ObjectSpace:
             expect += self._count(p)
 
     @staticmethod
-    def _count(p) -> int:
+    def _count(p: Part) -> int:
         if isinstance(p, ObjectDict):
             return p.n_buckets
         if isinstance(p, Pages):
@@ -247,7 +250,7 @@ class ObjectSpace:
         for p in self.parts:
             p.modify = modify
 
-    def part(self, i: int):
+    def part(self, i: int) -> Part:
         for p in self.parts:
             if p.owns(i):
                 return p
@@ -258,7 +261,7 @@ class ObjectSpace:
 
     def put_objs(self, objs: dict[int, bytes]) -> None:
         # decode and check everything first, so a refused set of objects changes nothing
-        parsed = []
+        parsed: list[tuple[Part, int, Any]] = []
         for i, data in objs.items():
             if type(data) is not bytes:
                 raise ValueError(f"object {i}: not bytes")

@@ -49,7 +49,7 @@ Pure: no I/O, no clock, no randomness.
 from __future__ import annotations
 
 from hashlib import blake2b, shake_256
-from typing import Optional, Protocol, Union
+from typing import Any, Optional, Protocol, Union, cast
 
 from ..digests import checkpoint_digest
 
@@ -134,7 +134,7 @@ class CheckpointedState:
         self.counts = counts  # nodes per level: counts[0] == 1 (the root), counts[-1] == n_objects
         self.depth = len(counts) - 1  # the leaf level
         # levels 0..depth-1: AdHash sums (ints); level depth: leaf digests (bytes)
-        self.tree: list[list] = [[0] * c for c in counts[:-1]] + [[EMPTY_LEAF] * counts[-1]]
+        self.tree: list[list[Any]] = [[0] * c for c in counts[:-1]] + [[EMPTY_LEAF] * counts[-1]]
         self.dirty: set[int] = set()
         self.unpersisted: set[int] = set()  # modified since the state was last written to disk
         self.records: list[Record] = []  # ascending seqno
@@ -312,7 +312,8 @@ class CheckpointedState:
         for r in self.records:
             if r.seqno >= seqno and key in r.nodes:
                 return r.nodes[key]
-        return self.tree[lvl][x]
+        node: Node = self.tree[lvl][x]
+        return node
 
     def children_count(self, lvl: int, x: int) -> int:
         lo = x * self.F
@@ -326,9 +327,9 @@ class CheckpointedState:
         lo = x * self.F
         hi = min(lo + self.F, self.counts[lvl + 1])
         kids = [self.node_at(seqno, lvl + 1, c) for c in range(lo, hi)]
-        if lvl + 1 == self.depth:
-            return tuple(kids)
-        return tuple(k.to_bytes(SUM_BYTES, "big") for k in kids)
+        if lvl + 1 == self.depth:  # leaf digests
+            return tuple(cast("list[bytes]", kids))
+        return tuple(k.to_bytes(SUM_BYTES, "big") for k in cast("list[int]", kids))
 
     def saved_bytes(self) -> int:
         """Bytes held by the records (the copies the retained checkpoints need)."""
@@ -361,7 +362,7 @@ class Fetcher:
         # leaf-parent -> [(object, certified leaf digest), ...] still to fetch
         self.leaves: dict[int, list[tuple[int, bytes]]] = {}
         # requests in flight: ("m", level, index) -> certified sum; ("d", parent) -> None
-        self.outstanding: dict[tuple, Optional[int]] = {}
+        self.outstanding: dict[tuple[Any, ...], Optional[int]] = {}
         self.fetched_objs = 0
         self.fetched_bytes = 0
         self.metas = 0
@@ -370,7 +371,7 @@ class Fetcher:
     def requests(self) -> list[tuple[int, int, tuple[int, ...]]]:
         """New requests to send now (those already in flight are not repeated)."""
         st = self.st
-        out = []
+        out: list[tuple[int, int, tuple[int, ...]]] = []
         if self.root_pending:
             if ("m", 0, 0) not in self.outstanding:
                 self.outstanding[("m", 0, 0)] = None
@@ -394,7 +395,7 @@ class Fetcher:
     def in_flight(self) -> list[tuple[int, int, tuple[int, ...]]]:
         """Every request in flight, to send again (to another replier, after a timeout)."""
         st = self.st
-        out = []
+        out: list[tuple[int, int, tuple[int, ...]]] = []
         for key in self.outstanding:
             if key[0] == "m":
                 out.append((key[1], key[2], ()))
@@ -428,16 +429,14 @@ class Fetcher:
         self.metas += 1
         base = x * st.F
         mine = st.tree[lvl + 1]
-        if not leaves:
-            children = tuple(int.from_bytes(c, "big") for c in children)
-        differ = [(base + k, d) for k, d in enumerate(children) if mine[base + k] != d]
-        if not differ:
-            return None
         if leaves:
-            self.leaves[x] = differ
-        else:
-            for c, d in reversed(differ):  # pop() takes the lowest index first
-                self.stack.append((lvl + 1, c, d))
+            differ = [(base + k, d) for k, d in enumerate(children) if mine[base + k] != d]
+            if differ:
+                self.leaves[x] = differ
+            return None
+        sums = [int.from_bytes(c, "big") for c in children]
+        for c, total in reversed([(base + k, t) for k, t in enumerate(sums) if mine[base + k] != t]):
+            self.stack.append((lvl + 1, c, total))  # pop() takes the lowest index first
         return None
 
     def on_data(self, lvl: int, x: int, objs: tuple[tuple[int, bytes], ...]) -> Optional[str]:

@@ -9,17 +9,20 @@ whole-state form, one object holding ``get_state()``.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import msgpack
 
 from .partition import CheckpointedState
 
+if TYPE_CHECKING:
+    from ..service import Service
+
 REPLY_BUCKETS = 64
 
 
 class ReplicaState:
-    def __init__(self, service, fanout: int = 256, bind_seqno: bool = True,
+    def __init__(self, service: Service, fanout: int = 256, bind_seqno: bool = True,
                  reply_buckets: int = REPLY_BUCKETS):
         self.service = service
         self.R = reply_buckets
