@@ -89,8 +89,7 @@ class Recovery:
         self.state.discard_all()
         self.state.unpersisted = set(range(self.state.n))
         self.needs_state = True
-        self.fetch_target = None
-        self.fetcher = None
+        self.transfer.abandon()
         self.last_exec = self.last_committed_exec
         if self._puts is not None:
             self._puts[b"R"] = msgpack.packb(nonce)

@@ -50,12 +50,14 @@ from ..state.replica_state import ReplicaState
 from .durability import Durability
 from .quorum import Reached, Quorums
 from .ready import Ready
+from .state_transfer import StateTransfer
+from .status import StatusExchange
 from .recovery import Recovery
 from .view_change import Decision, decide
-from .drops import HOLDABLE, REPLIER_FAULTS, Count, Drop
+from .drops import HOLDABLE, Count, Drop
 from .events import (
     CheckpointMismatch, CheckpointTaken, Committed, Event, Executed, FetchStarted, NewViewInstalled, PrePrepared,
-    PrePrepareSent, Prepared, Promoted, RolledBack, ServiceException, Stable, StateRebuilt, StateTransferred,
+    PrePrepareSent, Prepared, Promoted, RolledBack, ServiceException, Stable, StateTransferred,
     ViewChangeStarted,
 )
 
@@ -185,14 +187,10 @@ class Replica(Durability, Recovery):
         self.ckpts: dict[int, bytes] = {0: self.state.checkpoint(0)}
         self.tentative_ckpts: dict[int, bytes] = {}  # seqno -> digest of a checkpoint taken tentatively
         self.ckpt_votes: dict[int, dict[int, bytes]] = {}  # replica -> {seqno: digest}
-        self.fetch_target: Optional[tuple[int, bytes]] = None
-        self.fetcher: Optional[Fetcher] = None
-        self.fetch_deadline: Optional[float] = None
-        self.fetch_attempt = 0
+        self.transfer = StateTransfer(self)  # state transfer: fetching and serving checkpoints
         self.needs_state = False  # restored from a damaged store: execute nothing before a transfer
         self._installing = False
         self._init_recovery()
-        self.transfer_stats = {"transfers": 0, "objects": 0, "bytes": 0, "metadata": 0, "rebuilds": 0}
 
         # requests
         self.queue: dict[int, ReqInfo] = {}  # primary: client -> latest request waiting for a batch
@@ -235,18 +233,11 @@ class Replica(Durability, Recovery):
         # per principal id: bounded by the codec's range of senders)
         self.reply_resent: dict[int, tuple[int, bool, float]] = {}
 
-        self.status_deadline = now + cfg.status_interval_ms * (1 + replica_id / (4 * cfg.n))
-        self.status_answered: dict[int, float] = {}  # peer -> when we last answered its Status
-        self.fetch_served: dict[int, tuple[float, int]] = {}  # peer -> (interval start, bytes answered)
         self.sender_budget: dict[tuple[int, int], tuple[float, int]] = {}  # (replica, tag) -> (start, used)
-        self.peer_views: dict[int, int] = {}  # replica -> view in its latest Status
-        self.peer_stable: dict[int, int] = {}  # replica -> highest stable checkpoint it reported
-        self.peer_nv: dict[int, tuple[int, bytes]] = {}  # replica -> (active view, its NewView digest)
         self.nv_digest = b""  # digest of the NewView frame that installed our view
         self.unverified_nv: Optional[tuple[NewView, bytes, bytes]] = None  # (nv, raw, digest), MAC unchecked
-        # idle rejoin (see ``_idle_rejoin_tick``): replicas whose Status says they are changing to a
-        # view above ours, with since when; the backoff between rejoins nobody's request asked for
-        self.peer_stuck: dict[int, tuple[int, float]] = {}
+        self.status = StatusExchange(self, now)  # Status messages: what peers report, our answers
+        # idle rejoin (see ``_idle_rejoin_tick``): the backoff between rejoins nobody's request asked for
         self.rejoin_backoff_ms = cfg.view_change_timeout_ms
         self.rejoin_at = 0.0
         self.last_client_exec = now
@@ -290,7 +281,7 @@ class Replica(Durability, Recovery):
 
     def next_deadline(self) -> Optional[float]:
         rec = self.recovering
-        ds = [d for d in (self.status_deadline, self.req_deadline, self.vc_deadline, self.fetch_deadline,
+        ds = [d for d in (self.status.deadline, self.req_deadline, self.vc_deadline, self.transfer.deadline,
                           self.vouch_deadline, rec.next_send if rec is not None and rec.phase != "check" else None)
               if d is not None]
         return min(ds) if ds else None
@@ -367,9 +358,8 @@ class Replica(Durability, Recovery):
         self.now = now
         if self.recovering is not None:
             self._recovery_tick()
-        if self.status_deadline is not None and now >= self.status_deadline:
-            self.status_deadline = now + self.cfg.status_interval_ms
-            self._send_status()
+        if self.status.due(now):
+            self.status.send()
             if self.unverified_nv is not None or self.pending_nv is not None or self.future_nv:
                 self._try_certified_new_view()
             if self.held:
@@ -399,11 +389,7 @@ class Replica(Durability, Recovery):
             if not self.view_active:
                 self.vc_timeout = min(self.vc_timeout * 2, self.cfg.view_change_timeout_max_ms)
                 self._start_view_change(self.view + 1, "view-change-timer")
-        if self.fetch_deadline is not None and now >= self.fetch_deadline:
-            self.fetch_deadline = None
-            if self.fetch_target is not None:
-                self.fetch_attempt += 1
-                self._send_fetch(resend=True)
+        self.transfer.tick(now)
 
     def restart(self, now: float) -> None:
         """Resume after a crash: durable protocol state kept, volatile state lost.
@@ -428,7 +414,7 @@ class Replica(Durability, Recovery):
         self.vouch_deadline = None
         self.vouch_urgent = False
         self.req_deadline = None
-        self.status_deadline = now + self.cfg.status_interval_ms / 4
+        self.status.restart(now)
         if not self.view_active:
             if self.my_vc_raw is None:
                 self.vc_deadline = now + self.vc_timeout  # (no ViewChange of ours for this view)
@@ -437,8 +423,7 @@ class Replica(Durability, Recovery):
                 # before the crash: a replica alone in a view change does not escalate on restarts
                 self.vc_deadline = None
                 self._after_view_change_input()
-        if self.fetch_target is not None:
-            self.fetch_deadline = now
+        self.transfer.restart(now)
 
     def _within_budget(self, fr: Frame, relayed: bool) -> bool:
         """Before parsing: whether replica ``fr.sender`` (its MAC verified) is within its budget
@@ -548,6 +533,19 @@ class Replica(Durability, Recovery):
 
     def _in_window(self, n: int) -> bool:
         return self.h < n <= self.h + self.L
+
+    # read-only views of the state transfer (drivers, metrics and tests read them)
+    @property
+    def fetch_target(self) -> Optional[tuple[int, bytes]]:
+        return self.transfer.target
+
+    @property
+    def fetcher(self) -> Optional[Fetcher]:
+        return self.transfer.fetcher
+
+    @property
+    def transfer_stats(self) -> dict[str, int]:
+        return self.transfer.stats
 
     def state_digest(self) -> bytes:
         """Digest of the current state (the partition tree's root)."""
@@ -1264,7 +1262,7 @@ class Replica(Durability, Recovery):
                 return
             if reached is Reached.WEAK and self.last_committed_exec < n and (
                     n > self.h + self.L
-                    or self.quorums.is_weak([j for j, st in self.peer_stable.items() if st >= n])):
+                    or self.quorums.is_weak(self.status.stable_at(n))):
                 # a correct replica is past our whole window, or replicas of weak weight have
                 # discarded the log up to n (nobody will resend what we lack there): catch up to
                 # checkpoint n, which a correct replica computed from committed requests
@@ -1339,135 +1337,20 @@ class Replica(Durability, Recovery):
             self._try_send_preprepare()
 
     def _start_fetch(self, n: int, d: bytes) -> None:
-        if self.fetch_target is not None and self.fetch_target[0] >= n:
+        """Fetch checkpoint (n, d), certified by others, unless we are there or on our way."""
+        t = self.transfer.target
+        if t is not None and t[0] >= n:
             return
         if self.last_committed_exec >= n:
             return
         if self.last_exec > self.last_committed_exec:
             self._rollback()
-        self.fetch_target = (n, d)
-        self.fetcher = Fetcher(self.state, n, d, max_objs=self.cfg.partition_fanout)
-        self.fetch_attempt = 0
         self._emit(FetchStarted(n, d))
-        self._send_fetch()
+        self.transfer.start(n, d)
 
-    def _send_fetch(self, resend: bool = False) -> None:
-        """Ask for the next nodes of the walk (a window of them in flight), or finish it.
-        ``resend``: ask again, of the next replier, for everything in flight."""
-        n, d = self.fetch_target
-        f = self.fetcher
-        reqs = f.in_flight() if resend else []
-        reqs += f.requests()
-        if f.done():
-            self._finish_fetch()
-            return
-        if not reqs:
-            return
-        holders = sorted(r for r in self._votes_for(n, d) if r != self.id) or list(self.others)
-        target = holders[self.fetch_attempt % len(holders)]
-        for lvl, x, want in reqs:
-            self._send_to(target, seal(Fetch(n, d, lvl, x, want, self.id), self.keys, to=target))
-        self.fetch_deadline = self.now + self.cfg.state_fetch_timeout_ms
-
-    def on_fetch(self, m: Fetch, fr: Frame) -> None:
-        n = m.seqno
-        if self.ckpts.get(n) != m.digest or not self.state.has(n):
-            self._drop(Drop.FETCH_UNKNOWN_CHECKPOINT)
-            # tell the requester about our newer stable checkpoint, if any
-            if self.h > n and self.h in self.ckpts:
-                self._send_to(m.replica, seal(Checkpoint(self.h, self.ckpts[self.h], self.id), self.keys))
-            return
-        st = self.state
-        if not m.want:
-            children = st.children_at(n, m.level, m.index)
-            if children is None:
-                self._drop(Drop.FETCH_BAD_NODE)
-                return
-            if self._fetch_budget(m.replica, 40 * len(children)):
-                self._send_to(m.replica, seal(MetaData(n, m.level, m.index, children, self.id), self.keys, to=m.replica))
-            return
-        if m.level != st.depth - 1 or not 0 <= m.index < st.counts[m.level]:
-            self._drop(Drop.FETCH_BAD_NODE)
-            return
-        lo = m.index * st.F
-        hi = lo + st.children_count(m.level, m.index)
-        budget = self.cfg.message_size_bytes_max - 256  # objects are at most message size - 512
-        objs = []
-        for i in m.want:
-            if not lo <= i < hi:
-                self._drop(Drop.FETCH_BAD_OBJECT)
-                return
-            v = st.value_at(n, i)
-            budget -= len(v) + 16
-            if budget < 0:
-                break
-            objs.append((i, v))
-        if not objs:
-            self._drop(Drop.FETCH_OBJECT_TOO_LARGE)
-            return
-        if self._fetch_budget(m.replica, sum(len(v) + 16 for _, v in objs)):
-            self._send_to(m.replica, seal(Data(n, m.level, m.index, tuple(objs), self.id), self.keys, to=m.replica))
-
-    def _fetch_budget(self, r: int, size: int) -> bool:
-        """Whether we may answer replica r's Fetch with ``size`` more bytes: at most two messages'
-        worth per status interval per replica. A Fetch is small and its answer may be a whole
-        message, so without a budget a replica could make us send many times what it sends; a
-        fetcher whose request goes unanswered asks again, of the next replier, on its timeout."""
-        start, used = self.fetch_served.get(r, (self.now, 0))
-        if self.now - start >= self.cfg.status_interval_ms:
-            start, used = self.now, 0
-        if used > 0 and used + size > 2 * self.cfg.message_size_bytes_max:
-            self._drop(Drop.FETCH_RATE_LIMITED)
-            return False
-        self.fetch_served[r] = (start, used + size)
-        return True
-
-    def _ignore_fetch_reply(self, m: MetaData | Data) -> Optional[Drop]:
-        if self.fetcher is None or self.fetch_target is None or self.fetch_target[0] != m.seqno:
-            return Drop.DATA_UNREQUESTED
-        return None
-
-    def _fetch_reply(self, m: MetaData | Data, err_of) -> None:
-        if (why := self._ignore_fetch_reply(m)) is not None:
-            return self._drop(why)
-        assert self.fetcher is not None
-        err = err_of(self.fetcher)
-        if err is not None:
-            # a faulty (or outdated) replier: never installed; ask another one
-            why = Drop(err)
-            self._drop(why)
-            if why in REPLIER_FAULTS:
-                self.fetch_attempt += 1
-                self._send_fetch(resend=True)
-            return
-        self.fetch_deadline = self.now + self.cfg.state_fetch_timeout_ms  # progress
-        self._send_fetch()
-
-    def on_meta_data(self, m: MetaData, fr: Frame) -> None:
-        self._fetch_reply(m, lambda f: f.on_meta(m.level, m.index, m.children))
-
-    def on_data(self, m: Data, fr: Frame) -> None:
-        self._fetch_reply(m, lambda f: f.on_data(m.level, m.index, m.objs))
-
-    def _finish_fetch(self) -> None:
-        n, d = self.fetch_target
-        f = self.fetcher
-        self.transfer_stats["objects"] += f.fetched_objs
-        self.transfer_stats["bytes"] += f.fetched_bytes
-        self.transfer_stats["metadata"] += f.metas
-        if not f.finish():
-            # an object differs from its leaf digest without our tree knowing (corrupted in
-            # memory, or changed without ``modify``): check every object, then walk again
-            bad = self.state.rebuild()
-            self.transfer_stats["rebuilds"] += 1
-            self._emit(StateRebuilt(n, len(bad)))
-            self.fetcher = Fetcher(self.state, n, d, max_objs=self.cfg.partition_fanout)
-            self._send_fetch()
-            return
-        self.transfer_stats["transfers"] += 1
-        self.fetch_target = None
-        self.fetcher = None
-        self.fetch_deadline = None
+    def _install_fetched_checkpoint(self, n: int, d: bytes) -> None:
+        """The state transfer to certified checkpoint (n, d) completed: it becomes our state, our
+        last execution and (being certified) our low water mark."""
         self.state.checkpoint(n)
         self.needs_state = False
         self.last_exec = self.last_committed_exec = n
@@ -1497,107 +1380,26 @@ class Replica(Durability, Recovery):
     # =====================================================================
     # status: repair of lost messages
     # =====================================================================
-    def _send_status(self) -> None:
-        # report the point up to which this view's agreement is complete here: a sequence number
-        # executed in an earlier view but not yet committed in this one still needs our peers'
-        # prepares and commits (and they need ours)
-        upto = self.last_committed_exec
-        for n in sorted(self.slots):
-            if n > upto:
-                break
-            sl = self.slots[n]
-            if sl.view == self.view and not sl.committed:
-                upto = max(n - 1, self.h)
-                break
-        self._broadcast(Status(self.view, self.view_active, self.h, upto, self.id,
-                               self.nv_digest if self.view_active else b""))
-
     def on_status(self, s: Status, fr: Frame) -> None:
-        r = s.replica
+        """A peer's Status: learn where it is, act on it, then answer with what it lacks."""
+        st = self.status
         # join rule (thesis 2.3.5, on Status rather than ViewChange messages): when replicas of
         # weak-certificate weight (f+1) are in views above ours, at least one correct replica
-        # is, so move to the lowest of those views. This is how a replica that slept through
+        # is, so move up (``Quorums.join_view``). This is how a replica that slept through
         # a view change, or restarted without its state, finds the current view even when it
         # has no request of its own to time out on.
-        self.peer_views[r] = s.view
-        if s.stable_seqno > self.peer_stable.get(r, 0):
-            self.peer_stable[r] = s.stable_seqno
-            if s.stable_seqno > self.last_committed_exec and s.stable_seqno > self.h:
-                self._check_stable(s.stable_seqno)
-        if s.view_active and s.nv_digest and self.peer_nv.get(r) != (s.view, s.nv_digest):
-            # (only when it changed: the attempt hashes whole NewView frames, which a flood of
-            # Status messages must not make us do again and again; the status tick retries)
-            self.peer_nv[r] = (s.view, s.nv_digest)
-            if self.unverified_nv is not None or self.pending_nv is not None or self.future_nv:
-                self._try_certified_new_view()
-        if s.view > self.view and not s.view_active:
-            cur = self.peer_stuck.get(r)
-            if cur is None or cur[0] != s.view:
-                self.peer_stuck[r] = (s.view, self.now)
-        else:
-            self.peer_stuck.pop(r, None)
+        st.learn_view(s)
+        if st.learn_stable(s) and s.stable_seqno > self.last_committed_exec and s.stable_seqno > self.h:
+            self._check_stable(s.stable_seqno)
+        if st.learn_new_view(s) and (self.unverified_nv is not None or self.pending_nv is not None
+                                     or self.future_nv):
+            self._try_certified_new_view()
+        st.learn_stuck(s)
         if s.view > self.view:
-            target = self.quorums.join_view(self.peer_views, self.view)
+            target = self.quorums.join_view(st.peer_views, self.view)
             if target is not None:
                 self._start_view_change(target, "status-join")
-        # answers are rate-limited per peer: a flood of Status messages must not turn this
-        # replica into an amplifier
-        last = self.status_answered.get(r)
-        if last is not None and self.now - last < self.cfg.status_interval_ms / 2:
-            self._drop(Drop.STATUS_RATE_LIMITED)
-            return
-        self.status_answered[r] = self.now
-        if s.view < self.view or (s.view == self.view and not s.view_active):
-            if self.view_active and self.nv_raw is not None:
-                # our own messages are sealed again with the current keys (the receiver may have
-                # restarted or refreshed its keys since); others' are relayed as they came
-                self._send_to(r, seal(self.nv, self.keys) if self.nv.replica == self.id else self.nv_raw)
-                for raw in self.nv_vc_raws:
-                    self._send_to(r, raw)
-            elif not self.view_active and self.my_vc_raw is not None:
-                mine = self.vcs.get((self.view, self.id))
-                self._send_to(r, seal(mine.msg, self.keys) if mine is not None else self.my_vc_raw)
-                if r == self.primary():
-                    for (v, j, d), ackers in self.acks.items():
-                        if v == self.view and self.id in ackers:
-                            self._send_to(r, seal(ViewChangeAck(v, self.id, j, d), self.keys))
-            if s.view < self.view:
-                return
-        # our checkpoint votes above the peer's stable one (the stable one that lets it move on,
-        # and votes it may have lost: after a restart they are what makes the next one stable)
-        for n in sorted(k for k in self.ckpts if k > s.stable_seqno):
-            self._send_to(r, seal(Checkpoint(n, self.ckpts[n], self.id), self.keys))
-        if s.view != self.view or not self.view_active or not s.view_active:
-            return
-        # bounded by sequence numbers and by bytes (about one message's worth of batches per
-        # answer: the peer's next Status continues from where it then is), the NewView at most once
-        budget = self.cfg.status_resend_seqnos_max
-        bytes_left = self.cfg.message_size_bytes_max
-        nv_sent = False
-        start = max(s.last_executed, self.h) + 1
-        top = max(self.slots, default=0)
-        for n in range(start, top + 1):
-            if budget <= 0 or bytes_left <= 0:
-                break
-            slot = self.slots.get(n)
-            if slot is None or slot.view != self.view or slot.digest is None:
-                continue
-            budget -= 1
-            if slot.pp_raw is not None:
-                if self.is_primary and slot.batch is not None:
-                    pp = seal(PrePrepare(self.view, n, slot.digest, self.id, slot.batch), self.keys)
-                else:
-                    pp = slot.pp_raw
-                self._send_to(r, pp)
-                bytes_left -= len(pp)
-            elif self.nv_raw is not None and not nv_sent:
-                nv_sent = True
-                self._send_to(r, self.nv_raw)
-                bytes_left -= len(self.nv_raw)
-            if self.id in slot.prepares:
-                self._send_to(r, seal(Prepare(self.view, n, slot.digest, self.id), self.keys))
-            if self.id in slot.commits:
-                self._send_to(r, seal(Commit(self.view, n, slot.digest, self.id), self.keys))
+        st.answer(s)
 
     # =====================================================================
     # view changes
@@ -1631,12 +1433,12 @@ class Replica(Durability, Recovery):
         an idle replica rejoins, so one replica's claims cannot make a busy cluster change view
         (the f+1 join rule still guards that), and rejoins back off, the interval doubling up to
         the view-change timeout maximum (reset after that long without one)."""
-        if not self.peer_stuck or self.now < self.rejoin_at or not self._idle():
+        if not self.status.peer_stuck or self.now < self.rejoin_at or not self._idle():
             return
         base = self.cfg.view_change_timeout_ms
         if self.now - self.last_client_exec < base:
             return
-        targets = [v for j, (v, since) in self.peer_stuck.items()
+        targets = [v for j, (v, since) in self.status.peer_stuck.items()
                    if v > self.view and self.now - since >= base and (v, j) in self.vcs]
         if not targets:
             return
@@ -2023,7 +1825,7 @@ class Replica(Durability, Recovery):
                 continue
             if nv.replica != self.primary(nv.view):
                 continue
-            if not self.quorums.is_weak([j for j, x in self.peer_nv.items() if x == (nv.view, d)]):
+            if not self.quorums.is_weak(self.status.reporting_new_view(nv.view, d)):
                 continue
             if self._take_new_view_batches(nv):
                 continue
@@ -2108,9 +1910,9 @@ class Replica(Durability, Recovery):
         ViewChange: on_view_change,
         ViewChangeAck: on_view_change_ack,
         NewView: on_new_view,
-        Fetch: on_fetch,
-        MetaData: on_meta_data,
-        Data: on_data,
+        Fetch: lambda r, m, fr: r.transfer.on_fetch(m),
+        MetaData: lambda r, m, fr: r.transfer.on_meta_data(m),
+        Data: lambda r, m, fr: r.transfer.on_data(m),
         QueryStable: Recovery.on_query_stable,
         ReplyStable: Recovery.on_reply_stable,
         Reply: Recovery.on_recovery_reply,
