@@ -46,6 +46,7 @@ def run_attack(*args, timeout=240):
                           timeout=timeout, env=env)
 
 
+@pytest.mark.slow
 def test_short_attack_run(capsys):
     p = run_attack("--attacks", ",".join(QUICK), "--duration-s", "3", "--quiet-s", "1.5", "--settle-max-s", "5",
                    "--json")

@@ -38,6 +38,7 @@ def check_result(out: dict, clients: int) -> None:
         assert r[k] == pytest.approx(want, rel=2e-3, abs=5e-5), (k, r, out)
 
 
+@pytest.mark.slow
 def test_bench_json_read_write():
     p = bench("--duration", "1.5", "--clients", "4", "--json")
     assert p.returncode == 0, p.stderr
@@ -47,6 +48,7 @@ def test_bench_json_read_write():
     assert "sweep" not in out
 
 
+@pytest.mark.slow
 def test_bench_read_only_two_client_processes():
     p = bench("--read-only", "--op", "0/4", "--duration", "1", "--clients", "4", "--client-procs", "2", "--json")
     assert p.returncode == 0, p.stderr
@@ -55,6 +57,7 @@ def test_bench_read_only_two_client_processes():
     check_result(out, 4)
 
 
+@pytest.mark.slow
 def test_bench_sweep_writes_plot(tmp_path):
     png = tmp_path / "lat.png"
     p = bench("--sweep", "--clients", "4", "--duration", "0.4", "--warmup", "0.2", "--op", "4/0", "--plot", str(png))

@@ -25,7 +25,7 @@ from netutil import SRC
 from pbft import BlockingClient
 from pbft.services.bfs.protocol import A_INO, A_SIZE, BFSError, creds, decode_result, encode_op
 
-pytestmark = pytest.mark.skipif(why_not() is not None, reason=why_not() or "")
+pytestmark = [pytest.mark.skipif(why_not() is not None, reason=why_not() or ""), pytest.mark.slow]
 
 #: small checkpoint interval, so that recoveries and digest comparisons come quickly
 PROTOCOL = {"checkpoint_interval_seqnos": 16, "log_window_seqnos": 32, "view_change_timeout_ms": 500.0}

@@ -59,6 +59,7 @@ def bfs(tmp_path_factory):
             assert "Traceback" not in text, text[-3000:]
 
 
+@pytest.mark.slow
 def test_cp_tar_mv_and_checksums(bfs, tmp_path):
     lc, m1, m2 = bfs
     src = REPO / "src" / "pbft" / "services"
@@ -125,6 +126,7 @@ def test_links_chmod_find_and_special_files(bfs):
     assert statvfs.f_namemax == 255 and statvfs.f_files > 0
 
 
+@pytest.mark.slow
 def test_git_and_make(bfs):
     lc, m1, m2 = bfs
     if shutil.which("git") is None or shutil.which("make") is None or shutil.which("cc") is None:
@@ -209,6 +211,7 @@ def test_second_identity_sees_changes_close_to_open(bfs):
     assert sorted(results) == ["lost", "won"]
 
 
+@pytest.mark.slow
 def test_a_replica_killed_during_writes(bfs):
     lc, m1, m2 = bfs
     d = m1 / "crash"

@@ -352,6 +352,7 @@ def cluster(hosts, tmp_path):
         c.stop_all()
 
 
+@pytest.mark.slow
 def test_cluster_on_network_namespaces(hosts, cluster):
     c = cluster
     others = lambda i: [j for j in range(N) if j != i]  # noqa: E731
