@@ -28,6 +28,8 @@ Commands (replicas are ``r0 ..``, clients ``c0 ..`` by index, printed by their i
 * ``msgs``: the messages in flight; ``status``: every replica's view, low water mark and last
   executed sequence number.
 
+``Replica.invariants()`` runs after every step of a replica (a delivery, a timer).
+
 Every output line comes from ``format_event`` (replica events, client results) or
 ``format_message`` (messages): when the events' representation changes, only ``format_event``
 changes, and ``--rewrite`` regenerates the files (the diff must then be formatting only).
@@ -184,8 +186,14 @@ class Driver:
             return False
         c.delivered += 1
         c.node(dst).receive(raw, c.now)
+        self.checked(dst)
         c.collect()
         return True
+
+    def checked(self, pid: int) -> None:
+        """After every step of a replica: its invariants (an AssertionError fails the test)."""
+        if pid < self.c.cfg.n:
+            self.c.replicas[pid].invariants()
 
     # -- commands -----------------------------------------------------------------------
     def do(self, line: str) -> list[str]:
@@ -269,6 +277,7 @@ class Driver:
                 d = node.next_deadline()
                 if pid not in c.down and d is not None and d <= c.now:
                     node.tick(c.now)
+                    self.checked(pid)
                     fired = True
             c.collect()
             if not fired:
@@ -285,6 +294,7 @@ class Driver:
                 d = node.next_deadline()
                 if pid not in c.down and d is not None and d <= c.now:
                     node.tick(c.now)
+                    self.checked(pid)
             c.collect()
             self.drain()
         return self.new_events()
