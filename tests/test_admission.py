@@ -702,3 +702,57 @@ def _transport_counter(lc, rid: int, name: str) -> float:
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rpartition(" ")[2])
     raise AssertionError(f"metric {name} not exported")
+
+
+def test_a_flooding_identity_does_not_stall_the_other_identities_of_its_pool(live):
+    """Two identities on one client pool, so on the same connections: one sends valid requests
+    without waiting (its requests wait for credits, one at a time in its slot, the newer taking
+    the place of the older), the other's requests are not held behind them and keep completing."""
+    from pbft.runtime.client import ClientPool
+    from pbft.runtime.keys import now_timestamp_us
+    from pbft.runtime.transport import frame
+    from pbft.services.kv import decode_result
+    c = live.cluster
+    good, bad = c.client_ids[2], c.client_ids[3]
+
+    async def main():
+        pool = ClientPool(c, [c.identity(good), c.identity(bad)])
+        await pool.start()
+        ring = pool.p[bad].ring
+        stop = asyncio.Event()
+
+        async def flood():
+            ts = now_timestamp_us() + 10 ** 6
+            op = encode_op("put", b"flood", b"v" * 16)
+            while not stop.is_set():
+                out = []
+                for _ in range(32):
+                    ts += 1
+                    out.append(frame(seal(Request(bad, ts, op, False, 0), ring)))
+                data = b"".join(out)
+                for link in pool.links.values():
+                    link.send(data, pool.counters)
+                await asyncio.sleep(0.002)
+
+        task = asyncio.ensure_future(flood())
+        worst = 0.0
+        try:
+            await asyncio.sleep(0.5)  # the flooder's credits are gone everywhere
+            for i in range(20):
+                t0 = time.monotonic()
+                res = await pool.invoke(good, encode_op("put", b"g", b"%d" % i), timeout=10)
+                worst = max(worst, time.monotonic() - t0)
+                assert decode_result(res)[0] == "ok"
+        finally:
+            stop.set()
+            task.cancel()
+            await pool.close()
+        return worst
+
+    worst = _run(main())
+    deferred = [_transport_drop(live, i, "client-request-deferred") for i in range(c.n)]
+    superseded = [_transport_drop(live, i, "client-request-superseded") for i in range(c.n)]
+    assert sum(deferred) > 0 and sum(superseded) > 0, (deferred, superseded)
+    # the correct identity's requests were not held behind the flooder's (when its connection
+    # was held for the flooder's credits, it got no reply within 10 s)
+    assert worst < 2.0, worst

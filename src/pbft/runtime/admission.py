@@ -31,10 +31,14 @@ after that its NewKeys are dropped unchecked (``newkey-unauthenticated-limit``).
 **Client requests are paced by per-client credits** (``RequestBudget``), before any parse or
 MAC check: each request frame from a client's own connection costs one credit, each reply we
 send it gives one back, and credits also come back with time (``rate`` per second), up to
-``burst``.  A request that finds its client without a credit is not dropped: its connection is
-not read until the credit is there (``FrameConn.defer``; counted ``client-request-deferred``),
-so TCP's flow control makes the sender wait, and every replica still gets every request (a
-request known to the backups but refused by the primary would let a client start view changes).
+``burst``.  A request that finds its client without a credit is not dropped: it waits in its
+client's one slot until the credit is there (``ReplicaNode._defer_request``; counted
+``client-request-deferred``), and a newer request of the same client takes the slot
+(``client-request-superseded``: a correct client's newer request supersedes its older one
+anyway), so every replica still gets every client's latest request (a request known to the
+backups but refused by the primary would let a client start view changes).  The connection is
+not held: it may carry other clients' requests (a client pool of several identities), which
+must not wait behind a flooder's.
 A correct client has one request outstanding: it sends a request, gets our reply (or, when we
 lag behind, the others'), sends the next; its retransmissions come a retry timeout apart.  So
 its credits do not run out at a replica that keeps up.  A client that sends ever newer requests

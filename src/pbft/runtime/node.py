@@ -141,6 +141,7 @@ class ReplicaNode:
         # recoveries (records ``N<principal>``), so a NewKey captured before is never taken again
         self.newkey_gate.restore(records)
         # clients' requests against per-client credits, before the core (runtime.admission)
+        self.deferred_requests: dict[int, tuple[FrameConn, bytes]] = {}  # client -> its request waiting for a credit
         self.request_budget = RequestBudget(
             REQUEST_CREDITS_BURST, REQUEST_CREDITS_PER_RETRY_TIMEOUT * 1000.0 / self.cfg.client_retry_timeout_ms)
 
@@ -466,6 +467,27 @@ class ReplicaNode:
             conn.meta.setdefault("clients", set()).add(c)
 
     # ---- the core -----------------------------------------------------------
+    def _defer_request(self, client: int, conn: FrameConn, raw: bytes, wait: float) -> None:
+        """Keep ``raw`` (a request of ``client`` on ``conn``, out of credits) and hand it to
+        ``_on_frame`` again in ``wait`` seconds; at most one per client (memory: one request per
+        client id), an older one it replaces is dropped (``client-request-superseded``)."""
+        if self.deferred_requests.get(client) is not None:
+            self.counters.drop("client-request-superseded")
+            self.deferred_requests[client] = (conn, raw)
+            return
+        self.deferred_requests[client] = (conn, raw)
+        self.loop.call_later(wait, self._release_request, client)
+
+    def _release_request(self, client: int) -> None:
+        got = self.deferred_requests.pop(client, None)
+        if got is None or self.halted:
+            return
+        conn, raw = got
+        if conn.closed:
+            self.counters.drop("peer-down")
+            return
+        self._on_frame(conn, raw)
+
     def _close_unauthenticated(self, conn: FrameConn) -> None:
         """A frame that is not a valid NewKey on a connection that never authenticated: close it
         (a correct principal's first frame is its NewKey; it reconnects with a fresh one), so one
@@ -505,9 +527,11 @@ class ReplicaNode:
             wait = self.request_budget.take(s, now / 1000.0)
             if wait:
                 # a client sending requests faster than we answer them (runtime.admission): this
-                # request, and its connection, wait for its next credit
+                # request waits for its client's next credit, in the client's one slot (a newer
+                # request of the same client takes the slot); the connection goes on, as it may
+                # carry other clients' requests (a client pool)
                 self.counters.drop("client-request-deferred")
-                conn.defer(wait)
+                self._defer_request(s, conn, raw, wait)
                 return
             if s not in self.req_arrival and len(self.req_arrival) < 65536:
                 # arrival of a client's request, for the request-latency metric
