@@ -54,6 +54,7 @@ from .state_transfer import StateTransfer
 from .status import StatusExchange
 from .recovery import Recovery
 from .view_change import Decision, decide
+from .checkpoints import CheckpointVotes
 from .drops import HOLDABLE, Count, Drop
 from .events import (
     CheckpointMismatch, CheckpointTaken, Committed, Event, Executed, FetchStarted, NewViewInstalled, PrePrepared,
@@ -131,6 +132,7 @@ class Replica(Durability, Recovery):
         self.counts: dict[str, int] = {}  # Count -> how often (what happened that is not a drop)
         self.dropped_total = 0
         self.vc_ahead_at: dict[int, float] = {}  # replica -> when we took its last view change > view+1
+        self.sender_budget: dict[tuple[int, int], tuple[float, int]] = {}  # (replica, tag) -> (start, used)
         self.executed_requests = 0  # metric
         # handler work a peer's messages caused, in items (vouch keys, requests checked): the
         # simulator's CPU model charges it, so that work one message makes us do is measured
@@ -147,6 +149,17 @@ class Replica(Durability, Recovery):
         self.bug_no_ts = "no-timestamp-check" in cfg.bugs
         self.bug_ckpt_noseq = "checkpoint-digest-without-seqno" in cfg.bugs
 
+        self._init_view()
+        self._init_log_and_checkpoints(service)
+        self._init_requests(cfg)
+        self.status = StatusExchange(self, now)  # Status messages: what peers report, our answers
+        # idle rejoin (see ``_idle_rejoin_tick``): the backoff between rejoins nobody's request asked for
+        self.rejoin_backoff_ms = cfg.view_change_timeout_ms
+        self.rejoin_at = 0.0
+        self.last_client_exec = now
+        self.idle_rejoins = 0  # metric
+
+    def _init_view(self) -> None:
         # view
         self.view = 0
         self.view_active = True
@@ -160,9 +173,13 @@ class Replica(Durability, Recovery):
         self.vcs: dict[tuple[int, int], VCInfo] = {}
         self.acks: dict[tuple[int, int, bytes], set[int]] = {}
         self.my_vc_raw: Optional[bytes] = None
-        self.vc_timeout = cfg.view_change_timeout_ms
+        self.vc_timeout = self.cfg.view_change_timeout_ms
         self.vc_deadline: Optional[float] = None
+        self.nv_digest = b""  # digest of the NewView frame that installed our view
+        self.unverified_nv: Optional[tuple[NewView, bytes, bytes]] = None  # (nv, raw, digest), MAC unchecked
 
+    def _init_log_and_checkpoints(self, service: Service) -> None:
+        cfg = self.cfg
         # log and execution
         self.h = 0  # low water mark: last stable checkpoint
         self.slots: dict[int, Slot] = {}
@@ -186,12 +203,13 @@ class Replica(Durability, Recovery):
         # for each tentative one: copy-on-write, see pbft.state.partition)
         self.ckpts: dict[int, bytes] = {0: self.state.checkpoint(0)}
         self.tentative_ckpts: dict[int, bytes] = {}  # seqno -> digest of a checkpoint taken tentatively
-        self.ckpt_votes: dict[int, dict[int, bytes]] = {}  # replica -> {seqno: digest}
+        self.checkpoint_votes = CheckpointVotes(self.L, self.K)  # who voted for which checkpoint
         self.transfer = StateTransfer(self)  # state transfer: fetching and serving checkpoints
         self.needs_state = False  # restored from a damaged store: execute nothing before a transfer
         self._installing = False
         self._init_recovery()
 
+    def _init_requests(self, cfg: ClusterConfig) -> None:
         # requests
         self.queue: dict[int, ReqInfo] = {}  # primary: client -> latest request waiting for a batch
         self.pending: dict[int, ReqInfo] = {}  # backup: client -> request not yet executed (request timer)
@@ -232,16 +250,6 @@ class Replica(Durability, Recovery):
         # client -> (timestamp, tentative, when) of the last cached reply we sent again (one entry
         # per principal id: bounded by the codec's range of senders)
         self.reply_resent: dict[int, tuple[int, bool, float]] = {}
-
-        self.sender_budget: dict[tuple[int, int], tuple[float, int]] = {}  # (replica, tag) -> (start, used)
-        self.nv_digest = b""  # digest of the NewView frame that installed our view
-        self.unverified_nv: Optional[tuple[NewView, bytes, bytes]] = None  # (nv, raw, digest), MAC unchecked
-        self.status = StatusExchange(self, now)  # Status messages: what peers report, our answers
-        # idle rejoin (see ``_idle_rejoin_tick``): the backoff between rejoins nobody's request asked for
-        self.rejoin_backoff_ms = cfg.view_change_timeout_ms
-        self.rejoin_at = 0.0
-        self.last_client_exec = now
-        self.idle_rejoins = 0  # metric
 
     # =====================================================================
     # driver interface
@@ -596,68 +604,12 @@ class Replica(Durability, Recovery):
             return
         last = self.last_reply.get(c)
         if last is not None and t <= last[0] and not self.bug_no_ts:
-            if not verified:
-                self._drop(Drop.REQUEST_UNVERIFIED_OLD)
-            elif t == last[0] and self.executed_digest.get(c) == fr.digest and req.replier != ALL_REPLICAS:
-                # the client's own copy of a request we already executed from a pre-prepare that
-                # overtook it (the primary's fast path): not a retransmission, nothing to answer
-                self._drop(Drop.REQUEST_LATE_COPY)
-            elif t == last[0]:
-                # the cached reply is only as final as the execution that produced it
-                tentative = self.last_exec_seqno.get(c, 0) > self.last_committed_exec
-                self._drop(Drop.REQUEST_RETRANSMITTED)
-                sent = self.reply_resent.get(c)
-                if sent is not None and sent[0] == t and sent[1] == tentative and \
-                        self.now - sent[2] < self.cfg.client_retry_timeout_ms / 2:
-                    # at most one cached reply per client per half retry timeout: a correct
-                    # client retransmits less often, so replays (a faulty replica may relay
-                    # captured requests) cannot make us amplify towards the client
-                    self._drop(Drop.REPLY_RESEND_RATE_LIMITED)
-                else:
-                    self.reply_resent[c] = (t, tentative, self.now)
-                    self._send_reply(req, last[1], tentative=tentative)
-                if tentative and c not in self.pending and self.view_active and not self.is_primary:
-                    # the client still waits for a commit that has not come: time it, so a primary
-                    # that never completes it is replaced (after a restart, nothing else would)
-                    self.pending[c] = ReqInfo(req, fr.digest, fr.raw, vouch_key(req), True, self.now)
-                    self._arm_request_timer()
-            else:
-                self._drop(Drop.REQUEST_OLD_TIMESTAMP)
-            return
+            return self._on_executed_request(req, fr, verified, last)
         key = vouch_key(req)
         cur = self.known.get(c)
         if cur is not None:
-            if cur.verified and not verified:
-                self._drop(Drop.REQUEST_UNVERIFIED)  # never displaces what the client surely sent
+            if not self._replaces_known(cur, req, fr, verified, key):
                 return
-            if cur.verified == verified:
-                if cur.req.timestamp > t:
-                    self._drop(Drop.REQUEST_SUPERSEDED)
-                    return
-                if cur.req.timestamp == t:
-                    if cur.key != key:
-                        self._drop(Drop.REQUEST_TIMESTAMP_REUSED)
-                    else:
-                        self._drop(Drop.REQUEST_DUPLICATE)
-                        if verified:
-                            # a retransmission: the client is still waiting. Vouch again (ours may
-                            # have been lost) and make sure the primary has the request
-                            self.vouch_out[key] = None
-                            self.vouch_urgent = True
-                            if self.view_active and not self.is_primary and c in self.pending:
-                                self._send_to(self.primary(), fr.raw)
-                            self._consider(c)
-                    return
-            if cur.key != key:
-                self.vouches.pop(cur.key, None)
-                self.vouch_out.pop(cur.key, None)  # superseded before our vouch left: never mind it
-            if verified and cur.verified and cur.req.timestamp < t and self.is_primary and \
-                    self.inflight.get(c, 0) < cur.req.timestamp and \
-                    self.last_reply.get(c, (0,))[0] < cur.req.timestamp:
-                # at the primary, a new request while the previous one is not even ordered: not a
-                # closed-loop client (a correct one waits for its result, which needs the request
-                # ordered). No fast path for it (see ``trusted``)
-                self.suspects.add(c)
         elif len(self.known) >= self.cfg.pending_requests_max:
             self._drop(Drop.KNOWN_REQUESTS_FULL)
             return
@@ -683,6 +635,75 @@ class Replica(Durability, Recovery):
                 del self.pending[c]
                 self._arm_request_timer()
         self._consider(c)
+
+    def _on_executed_request(self, req: Request, fr: Frame, verified: bool, last: tuple) -> None:
+        """A request at or below the timestamp of the client's last executed one: a late copy, a
+        retransmission (answered from the reply cache), or old."""
+        c, t = req.client, req.timestamp
+        if not verified:
+            self._drop(Drop.REQUEST_UNVERIFIED_OLD)
+        elif t == last[0] and self.executed_digest.get(c) == fr.digest and req.replier != ALL_REPLICAS:
+            # the client's own copy of a request we already executed from a pre-prepare that
+            # overtook it (the primary's fast path): not a retransmission, nothing to answer
+            self._drop(Drop.REQUEST_LATE_COPY)
+        elif t == last[0]:
+            # the cached reply is only as final as the execution that produced it
+            tentative = self.last_exec_seqno.get(c, 0) > self.last_committed_exec
+            self._drop(Drop.REQUEST_RETRANSMITTED)
+            sent = self.reply_resent.get(c)
+            if sent is not None and sent[0] == t and sent[1] == tentative and \
+                    self.now - sent[2] < self.cfg.client_retry_timeout_ms / 2:
+                # at most one cached reply per client per half retry timeout: a correct
+                # client retransmits less often, so replays (a faulty replica may relay
+                # captured requests) cannot make us amplify towards the client
+                self._drop(Drop.REPLY_RESEND_RATE_LIMITED)
+            else:
+                self.reply_resent[c] = (t, tentative, self.now)
+                self._send_reply(req, last[1], tentative=tentative)
+            if tentative and c not in self.pending and self.view_active and not self.is_primary:
+                # the client still waits for a commit that has not come: time it, so a primary
+                # that never completes it is replaced (after a restart, nothing else would)
+                self.pending[c] = ReqInfo(req, fr.digest, fr.raw, vouch_key(req), True, self.now)
+                self._arm_request_timer()
+        else:
+            self._drop(Drop.REQUEST_OLD_TIMESTAMP)
+
+    def _replaces_known(self, cur: ReqInfo, req: Request, fr: Frame, verified: bool, key: bytes) -> bool:
+        """Whether a request of the client whose latest known one is ``cur`` takes its place (if
+        not, it was dropped: superseded, a duplicate, or an unverified copy)."""
+        c, t = req.client, req.timestamp
+        if cur.verified and not verified:
+            self._drop(Drop.REQUEST_UNVERIFIED)  # never displaces what the client surely sent
+            return False
+        if cur.verified == verified:
+            if cur.req.timestamp > t:
+                self._drop(Drop.REQUEST_SUPERSEDED)
+                return False
+            if cur.req.timestamp == t:
+                if cur.key != key:
+                    self._drop(Drop.REQUEST_TIMESTAMP_REUSED)
+                else:
+                    self._drop(Drop.REQUEST_DUPLICATE)
+                    if verified:
+                        # a retransmission: the client is still waiting. Vouch again (ours may
+                        # have been lost) and make sure the primary has the request
+                        self.vouch_out[key] = None
+                        self.vouch_urgent = True
+                        if self.view_active and not self.is_primary and c in self.pending:
+                            self._send_to(self.primary(), fr.raw)
+                        self._consider(c)
+                return False
+        if cur.key != key:
+            self.vouches.pop(cur.key, None)
+            self.vouch_out.pop(cur.key, None)  # superseded before our vouch left: never mind it
+        if verified and cur.verified and cur.req.timestamp < t and self.is_primary and \
+                self.inflight.get(c, 0) < cur.req.timestamp and \
+                self.last_reply.get(c, (0,))[0] < cur.req.timestamp:
+            # at the primary, a new request while the previous one is not even ordered: not a
+            # closed-loop client (a correct one waits for its result, which needs the request
+            # ordered). No fast path for it (see ``trusted``)
+            self.suspects.add(c)
+        return True
 
     def _add_vouch(self, key: bytes, r: int) -> bool:
         """Record r's vouch for ``key``; whether it is new. A vouch for a key we know no request
@@ -1195,7 +1216,7 @@ class Replica(Durability, Recovery):
         self.ckpts[n] = d
         self._persist_checkpoint(n, d)
         self._emit(CheckpointTaken(n, d, self.state.root_at(n)))
-        self._record_ckpt_vote(self.id, n, d)
+        self.checkpoint_votes.record(self.id, n, d)
         self._broadcast(Checkpoint(n, d, self.id))
         self._check_stable(n)
 
@@ -1225,14 +1246,6 @@ class Replica(Durability, Recovery):
     # =====================================================================
     # checkpoints, garbage collection, state transfer
     # =====================================================================
-    def _record_ckpt_vote(self, r: int, n: int, d: bytes) -> None:
-        votes = self.ckpt_votes.setdefault(r, {})
-        votes[n] = d
-        limit = self.L // self.K + 2
-        if len(votes) > limit:
-            for old in sorted(votes)[: len(votes) - limit]:
-                del votes[old]
-
     def _ignore_checkpoint(self, m: Checkpoint) -> Optional[Drop]:
         if m.seqno <= self.h:
             return Drop.CHECKPOINT_OLD
@@ -1244,18 +1257,15 @@ class Replica(Durability, Recovery):
         if (why := self._ignore_checkpoint(m)) is not None:
             return self._drop(why)
         assert m.seqno > self.h and m.seqno % self.K == 0
-        self._record_ckpt_vote(m.replica, m.seqno, m.digest)
+        self.checkpoint_votes.record(m.replica, m.seqno, m.digest)
         self._check_stable(m.seqno)
-
-    def _votes_for(self, n: int, d: bytes) -> list[int]:
-        return [r for r, v in self.ckpt_votes.items() if v.get(n) == d]
 
     def _check_stable(self, n: int) -> None:
         if n <= self.h:
             return
-        digests = {v[n] for v in self.ckpt_votes.values() if n in v}
-        for d in digests:
-            voters = self._votes_for(n, d)
+        votes = self.checkpoint_votes
+        for d in votes.digests(n):
+            voters = votes.voters(n, d)
             reached = self.quorums.reached(voters)
             if reached is Reached.QUORUM:
                 self._on_stable_certificate(n, d)
@@ -1324,9 +1334,7 @@ class Replica(Durability, Recovery):
         for d in [d for d, (_, m) in self.batches.items() if m <= n]:
             del self.batches[d]
             self._persist_forget_batch(d)
-        for votes in self.ckpt_votes.values():
-            for k in [k for k in votes if k <= n]:
-                del votes[k]
+        self.checkpoint_votes.discard_upto(n)
         if self.recovery_points:
             self._prune_recovery_points()
         if self.recovering is not None:
@@ -1364,7 +1372,7 @@ class Replica(Durability, Recovery):
             del self.pending[c]
         if not self.pending:
             self.req_deadline = None
-        self._record_ckpt_vote(self.id, n, d)
+        self.checkpoint_votes.record(self.id, n, d)
         self._broadcast(Checkpoint(n, d, self.id))
         # the fetched checkpoint is certified (a correct replica holds it): it becomes our
         # low water mark, so the window moves to where the rest of the cluster is

@@ -76,7 +76,7 @@ class StateTransfer:
             return
         if not reqs:
             return
-        holders = sorted(j for j in r._votes_for(n, d) if j != r.id) or list(r.others)
+        holders = sorted(j for j in r.checkpoint_votes.voters(n, d) if j != r.id) or list(r.others)
         to = holders[self.attempt % len(holders)]
         for lvl, x, want in reqs:
             r._send_to(to, seal(Fetch(n, d, lvl, x, want, r.id), r.keys, to=to))
