@@ -704,10 +704,11 @@ def _transport_counter(lc, rid: int, name: str) -> float:
     raise AssertionError(f"metric {name} not exported")
 
 
-def test_a_flooding_identity_does_not_stall_the_other_identities_of_its_pool(live):
+def test_an_identity_out_of_credits_does_not_stall_the_other_identities_of_its_pool(live):
     """Two identities on one client pool, so on the same connections: one sends valid requests
-    without waiting (its requests wait for credits, one at a time in its slot, the newer taking
-    the place of the older), the other's requests are not held behind them and keep completing."""
+    faster than its credits allow, though not so fast as to be held as a flood (a few hundred a
+    second: its requests wait for credits in its one slot, the newer taking the place of the
+    older), and the other's requests are not held behind them and keep completing."""
     from pbft.runtime.client import ClientPool
     from pbft.runtime.keys import now_timestamp_us
     from pbft.runtime.transport import frame
@@ -732,7 +733,7 @@ def test_a_flooding_identity_does_not_stall_the_other_identities_of_its_pool(liv
                 data = b"".join(out)
                 for link in pool.links.values():
                     link.send(data, pool.counters)
-                await asyncio.sleep(0.002)
+                await asyncio.sleep(0.1)  # ~320 requests a second: past the credits, under the flood hold
 
         task = asyncio.ensure_future(flood())
         worst = 0.0
@@ -753,6 +754,7 @@ def test_a_flooding_identity_does_not_stall_the_other_identities_of_its_pool(liv
     deferred = [_transport_drop(live, i, "client-request-deferred") for i in range(c.n)]
     superseded = [_transport_drop(live, i, "client-request-superseded") for i in range(c.n)]
     assert sum(deferred) > 0 and sum(superseded) > 0, (deferred, superseded)
+    assert sum(_transport_drop(live, i, "client-flood-held") for i in range(c.n)) == 0
     # the correct identity's requests were not held behind the flooder's (when its connection
     # was held for the flooder's credits, it got no reply within 10 s)
     assert worst < 2.0, worst

@@ -62,3 +62,18 @@ def test_waste_is_weighed_by_size():
             break
         t += 1.0 / 300
     assert holds == [REPLICA_HOLD_S_MIN]
+
+
+def test_a_client_connection_flooding_out_of_credits_is_held_apart_from_replica_holds():
+    from pbft.runtime.node import CLIENT_DEFERRED_PER_S_MAX
+    node, conn, holds = _node_and_conn()
+    t = 0.0
+    for _ in range(CLIENT_DEFERRED_PER_S_MAX // 2):  # a pool short of credits now and then
+        ReplicaNode._count_waste(node, conn, t, 1, CLIENT_DEFERRED_PER_S_MAX, client=True)
+        t += 1.0 / (CLIENT_DEFERRED_PER_S_MAX // 2)
+    assert holds == []
+    for _ in range(CLIENT_DEFERRED_PER_S_MAX + 1):  # a flood
+        ReplicaNode._count_waste(node, conn, t, 1, CLIENT_DEFERRED_PER_S_MAX, client=True)
+        t += 1e-6
+    assert holds == [REPLICA_HOLD_S_MIN]
+    assert node.counters.drops == {"client-flood-held": 1} and node.metrics.replica_flood_holds == 0

@@ -39,6 +39,8 @@ from .admission import REQUEST_CREDITS_BURST, REQUEST_CREDITS_PER_RETRY_TIMEOUT,
 
 # a replica connection whose frames the core drops faster than this is held (``_count_waste``)
 REPLICA_WASTE_FRAMES_PER_S_MAX = 5000
+# a client connection whose requests arrive out of credits faster than this is held the same way
+CLIENT_DEFERRED_PER_S_MAX = 1000
 REPLICA_HOLD_S_MIN = 0.05
 REPLICA_HOLD_S_MAX = 2.0
 FIXARRAY5 = 0x95  # msgpack header of a 5-element array: every frame starts with it
@@ -532,6 +534,7 @@ class ReplicaNode:
                 # carry other clients' requests (a client pool)
                 self.counters.drop("client-request-deferred")
                 self._defer_request(s, conn, raw, wait)
+                self._count_waste(conn, now / 1000.0, 1, CLIENT_DEFERRED_PER_S_MAX, client=True)
                 return
             if s not in self.req_arrival and len(self.req_arrival) < 65536:
                 # arrival of a client's request, for the request-latency metric
@@ -558,19 +561,28 @@ class ReplicaNode:
         QueryStable, view changes, acks...) has thousands dropped a second, each after a MAC
         check. Past ``REPLICA_WASTE_FRAMES_PER_S_MAX`` units in a second its connection is held
         (nothing read from it, so TCP makes it wait), for 50 ms doubling up to 2 s while it goes
-        on, as Aardvark closes a flooding replica's network interface for a while."""
-        w = conn.meta.get("waste")
+        on, as Aardvark closes a flooding replica's network interface for a while.
+
+        With ``client``: the same for a client connection whose requests arrive out of credits
+        (``_defer_request``) more than ``limit`` times a second (``client-flood-held``): a
+        correct client has one request outstanding, so only a flood gets there, and TCP then
+        slows the flooder instead of us reading and parking its requests."""
+        key = "client-waste" if client else "waste"
+        w = conn.meta.get(key)
         if w is None:
-            w = conn.meta["waste"] = [now_s, 0, 0.0]
+            w = conn.meta[key] = [now_s, 0, 0.0]
         if now_s - w[0] >= 1.0:
-            if w[1] < REPLICA_WASTE_FRAMES_PER_S_MAX // 4:
+            if w[1] < limit // 4:
                 w[2] = 0.0  # behaved for a second: the next hold starts short again
             w[0], w[1] = now_s, 0
         w[1] += units
-        if w[1] > REPLICA_WASTE_FRAMES_PER_S_MAX:
+        if w[1] > limit:
             w[2] = min(REPLICA_HOLD_S_MAX, max(REPLICA_HOLD_S_MIN, 2 * w[2]))
-            self.counters.drop("replica-flood-held")
-            self.metrics.replica_flood_holds += 1
+            if client:
+                self.counters.drop("client-flood-held")
+            else:
+                self.counters.drop("replica-flood-held")
+                self.metrics.replica_flood_holds += 1
             conn.hold(w[2])
             w[0], w[1] = now_s + w[2], 0
 
