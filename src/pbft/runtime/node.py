@@ -552,7 +552,8 @@ class ReplicaNode:
             self.flush_pending = True
             self.loop.call_soon(self._flush)
 
-    def _count_waste(self, conn: FrameConn, now_s: float, units: int = 1) -> None:
+    def _count_waste(self, conn: FrameConn, now_s: float, units: int = 1,
+                     limit: int = REPLICA_WASTE_FRAMES_PER_S_MAX, client: bool = False) -> None:
         """A frame on a replica's connection was dropped by the core: ``units`` of waste, one
         per frame and one more per KiB (reading, copying and MAC-checking a frame costs by its
         size: a few large frames waste as much as many small ones). A correct replica's frames
