@@ -128,15 +128,18 @@ class NewKeyGate:
         h = blake2b(raw, digest_size=16).digest()
         if self.last_digest.get(s) == h:
             # an exact replay of the latest NewKey accepted from s: one hash and a comparison
-            return self._refuse("newkey-stale")
+            self._refuse("newkey-stale")
+            return None
         try:
             nk = precheck_newkey(raw, self.me, self.public, self.max_principal, self.last_ts,
                                  time.time_ns() // 1000, self.skew_us)
         except DecodeError as e:
-            return self._refuse(e.reason)
+            self._refuse(e.reason)
+            return None
         authenticated = meta.get("authenticated", False)
         if not authenticated and meta.get("newkey-failures", 0) >= UNAUTHENTICATED_NEWKEY_FAILURES_MAX:
-            return self._refuse("newkey-unauthenticated-limit")
+            self._refuse("newkey-unauthenticated-limit")
+            return None
         now = time.monotonic()
         # signatures cost ~40 us: bound what one connection, and all together, can make us verify
         bucket = meta.get("newkey-bucket")
@@ -144,13 +147,15 @@ class NewKeyGate:
             # (a burst that covers a client pool's NewKeys for all its identities when it connects)
             bucket = meta["newkey-bucket"] = TokenBucket(rate=NEWKEY_RATE_PER_CONN, burst=self.conn_burst)
         if not bucket.take(now) or not self.bucket.take(now):
-            return self._refuse("newkey-rate-limited")
+            self._refuse("newkey-rate-limited")
+            return None
         try:
             k = finish_newkey(nk, self.me, self.public, self.n_replicas, self.last_ts)
         except DecodeError as e:
             if not authenticated:
                 meta["newkey-failures"] = meta.get("newkey-failures", 0) + 1
-            return self._refuse(e.reason)
+            self._refuse(e.reason)
+            return None
         meta["authenticated"] = True
         self.last_digest[nk.sender] = h
         self.dirty[nk.sender] = nk.timestamp

@@ -38,7 +38,7 @@ from ..codec import Codec, DecodeError
 from ..core.client import Client as CoreClient
 from ..crypto import KeyRing
 from ..config import ConfigError
-from ..messages import Tag
+from ..messages import Reply, Tag
 from .cluster import Cluster, load_cluster
 from .keys import Identity, fresh_key, make_newkey, now_timestamp_us
 from .transport import Counters, FrameConn, OutLink, frame
@@ -141,6 +141,7 @@ class ClientPool:
         j = next(r for r, lk in self.links.items() if lk is link)
         # the replica may be new or have restarted: fresh keys for it, for every identity
         frames = [frame(self._newkey(p, (j,))) for p in self.p.values()]
+        assert link.conn is not None  # the link is up
         link.conn.send(b"".join(frames))
 
     def _newkey(self, p: _Principal, replicas: Sequence[int]) -> bytes:
@@ -264,6 +265,9 @@ class ClientPool:
         except DecodeError as e:
             self.counters.drop(e.reason)
             return
+        if not isinstance(rep, Reply):  # (a Tag.REPLY frame parses to a Reply)
+            self.counters.drop("client-expects-replies")
+            return
         p = self.p.get(rep.client)
         if p is None:
             self.counters.drop("reply-for-unknown-client")
@@ -323,6 +327,7 @@ class BlockingClient:
     """The same client for code without asyncio: runs a private event loop in a thread."""
 
     def __init__(self, cluster: "str | Path | Cluster", client_id: Optional[int] = None, wait_s: float = 5.0):
+        self._loop: asyncio.AbstractEventLoop
         try:
             import uvloop
             self._loop = uvloop.new_event_loop()

@@ -27,7 +27,7 @@ import socket
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from ..config import ClusterConfig, ConfigError
 from .keys import PUBLIC_KEY_SIZE, Identity, PublicKeys
@@ -122,10 +122,13 @@ class RecoveryParams:
     Every ``period_s`` seconds one replica recovers, in turn (replica i at offsets
     ``i * period_s / n``): 0 turns the watchdog off (``pbft recover`` still works).
     A recovery that has not ended after ``alarm_s`` raises an alarm (metric and log).
+    ``watchdog``: ``internal``, a timer in the replica process, or ``external``, the turns
+    left to a ``pbft watchdog`` process (``tools.guard``) the replica's user cannot stop.
     """
 
     period_s: float = 0.0
     alarm_s: float = 60.0
+    watchdog: str = "internal"
 
 
 @dataclass(frozen=True)
@@ -375,7 +378,7 @@ def load_cluster(directory: str | os.PathLike) -> Cluster:
         if type(v) is not want:
             raise ConfigError(f"{where}: protocol parameter {k} must be {want.__name__}, got {v!r}")
         params[k] = v
-    rt_kw = {}
+    rt_kw: dict[str, Any] = {}
     rt = _table(doc.get("runtime", {}), f"{where}: [runtime]")
     defaults = RuntimeParams()
     for k, v in rt.items():
@@ -404,14 +407,15 @@ def load_cluster(directory: str | os.PathLike) -> Cluster:
     if runtime.partial_frames_bytes_max < 2 * client_frame_bytes_max(cfg):
         raise ConfigError(f"{where}: runtime parameter partial_frames_bytes_max ({runtime.partial_frames_bytes_max}) "
                           f"must hold at least two of the largest client frames ({2 * client_frame_bytes_max(cfg)})")
-    entries = [replace(e, metrics_host=e.metrics_host or runtime.metrics_host) for e in entries]
-    pubs = {e.id: e.public_key for e in entries}
+    placed = [replace(e, metrics_host=e.metrics_host or runtime.metrics_host) for e in entries if e is not None]
+    assert len(placed) == n  # n entries with distinct ids below n
+    pubs = {e.id: e.public_key for e in placed}
     pubs.update(clients)
     try:
         public = PublicKeys(pubs)
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
-    return Cluster(d, cfg, entries, clients, runtime, public, storage, recovery, sections)
+    return Cluster(d, cfg, placed, clients, runtime, public, storage, recovery, sections)
 
 
 def _service_sections(doc: dict, where: str) -> dict:
@@ -453,6 +457,11 @@ def _storage(t: dict, where: str) -> StorageParams:
 def _recovery(t: dict, where: str) -> RecoveryParams:
     kw = {}
     for k, v in t.items():
+        if k == "watchdog":
+            if v not in ("internal", "external"):
+                raise ConfigError(f"{where}: recovery watchdog must be \"internal\" or \"external\", got {v!r}")
+            kw[k] = v
+            continue
         if k not in ("period_s", "alarm_s"):
             raise ConfigError(f"{where}: unknown recovery parameter {k!r}")
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (k == "alarm_s" and v <= 0):

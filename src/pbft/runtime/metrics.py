@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
 import json
 import socket
 import threading
@@ -258,11 +259,11 @@ class HttpEndpoint:
 
     async def _serve(self, ready: threading.Event) -> None:
         loop = asyncio.get_running_loop()
-        self.stop_event = asyncio.Event()
+        stop = self.stop_event = asyncio.Event()
         self.slot_free = asyncio.Event()
         ready.set()
         accept = loop.create_task(self._accept_loop())
-        await self.stop_event.wait()
+        await stop.wait()
         accept.cancel()
         for t in list(self.tasks):
             t.cancel()
@@ -270,6 +271,8 @@ class HttpEndpoint:
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
+        slot_free, sock = self.slot_free, self.sock
+        assert slot_free is not None and sock is not None  # set before this task starts
         tokens = burst = max(1.0, self.rate)
         t_prev = time.monotonic()
         while True:
@@ -281,8 +284,8 @@ class HttpEndpoint:
                     oldest.cancel()
                     self._drop("http-evicted")
                     break
-                self.slot_free.clear()
-                await self.slot_free.wait()
+                slot_free.clear()
+                await slot_free.wait()
             now = time.monotonic()
             tokens = min(burst, tokens + (now - t_prev) * self.rate)
             t_prev = now
@@ -290,7 +293,7 @@ class HttpEndpoint:
                 await asyncio.sleep((1.0 - tokens) / self.rate)
                 continue
             try:
-                conn, _ = await loop.sock_accept(self.sock)
+                conn, _ = await loop.sock_accept(sock)
             except OSError:  # out of descriptors, or a connection reset before we took it
                 await asyncio.sleep(0.05)
                 continue
@@ -300,13 +303,14 @@ class HttpEndpoint:
             task = loop.create_task(self._handle(conn, streams))
             self.reading[task] = None
             self.tasks.add(task)
-            task.add_done_callback(lambda t, c=conn, st=streams: self._done(t, c, st))
+            task.add_done_callback(functools.partial(self._done, conn=conn, streams=streams))
 
     def _done(self, task: asyncio.Task, conn: socket.socket, streams: list) -> None:
         # here, not in the handler: a handler evicted before it ran never runs its own cleanup
         self.tasks.discard(task)
         self.reading.pop(task, None)
         self.active -= 1
+        assert self.slot_free is not None  # set before any connection is accepted
         self.slot_free.set()
         if streams:
             streams[0].close()
@@ -315,6 +319,7 @@ class HttpEndpoint:
 
     async def _handle(self, conn: socket.socket, streams: list) -> None:
         task = asyncio.current_task()
+        assert task is not None
         try:
             reader, writer = await asyncio.open_connection(sock=conn, limit=HTTP_REQUEST_MAX_BYTES)
             streams.append(writer)
@@ -382,6 +387,8 @@ class HttpEndpoint:
         """A snapshot taken by the replica's loop at or after ``after`` (None if it cannot give one
         within the request timeout)."""
         loop = asyncio.get_running_loop()
+        node_loop = self.node_loop
+        assert node_loop is not None  # set by start()
         deadline = after + self.request_timeout_s
         while True:
             snap = self.snap
@@ -397,7 +404,7 @@ class HttpEndpoint:
                 self.pending = fut = loop.create_future()
                 self.last_asked = time.monotonic()
                 try:
-                    self.node_loop.call_soon_threadsafe(self._take, fut)
+                    node_loop.call_soon_threadsafe(self._take, fut)
                 except RuntimeError:  # the replica's loop has ended
                     self.pending = None
                     return None
@@ -415,6 +422,7 @@ class HttpEndpoint:
             snap = _Snapshot(taken, list(self.metrics.collect()), self.node.status())
         except Exception:  # noqa: BLE001 - never let the endpoint hurt the replica
             snap = None
+        assert self.loop is not None  # the endpoint's loop asked for this snapshot
         try:
             self.loop.call_soon_threadsafe(self._taken, fut, snap)
         except RuntimeError:

@@ -451,7 +451,7 @@ class FrameConn(asyncio.Protocol):
                 self.nframes += handled
                 # yield to other connections; resume on the next loop turn
                 self.off = off
-                if not self.paused:
+                if not self.paused and self.transport is not None:
                     self.paused = True
                     self.transport.pause_reading()
                 self.loop.call_soon(self._resume)
@@ -486,7 +486,8 @@ class FrameConn(asyncio.Protocol):
         if self.closed or self.holding:
             return
         self.paused = False
-        self.transport.resume_reading()
+        if self.transport is not None:
+            self.transport.resume_reading()
         self._drain()
         if self.guard is not None and not self.closed:
             self.guard.account(self)

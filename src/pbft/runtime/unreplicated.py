@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Optional
 
 from ..codec import Codec, DecodeError, result_digest, seal
 from ..crypto import KEY_SIZE, KeyRing
@@ -43,7 +44,7 @@ class UnreplicatedServer:
         self.client_conn: dict[int, FrameConn] = {}
         self.last_reply: dict[int, tuple[int, bytes]] = {}
         self.executed = 0
-        self.server = None
+        self.server: Optional[asyncio.Server] = None
         self.pending: dict[FrameConn, list[bytes]] = {}
         self.flush_pending = False
         self.stopping = asyncio.Event()
@@ -124,12 +125,12 @@ class UnreplicatedServer:
             if not req.read_only:
                 self.last_reply[req.client] = (req.timestamp, result)
         rep = Reply(0, req.timestamp, req.client, 0, False, req.read_only, result_digest(result), result)
-        c = self.client_conn.get(req.client)
-        if c is not None:
+        dest = self.client_conn.get(req.client)
+        if dest is not None:
             # replies leaving in one loop turn are written together, as the replicas do
-            out = self.pending.get(c)
+            out = self.pending.get(dest)
             if out is None:
-                self.pending[c] = out = []
+                self.pending[dest] = out = []
                 if not self.flush_pending:
                     self.flush_pending = True
                     asyncio.get_event_loop().call_soon(self._flush)

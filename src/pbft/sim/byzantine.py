@@ -632,10 +632,10 @@ class _TwinNode:
             side = g.side_of_raw.get(raw, 0)
             (a, b)[side].receive(raw, now)
         else:
-            side = g.sides.get(src, "A")
-            if "A" in side:
+            sides = g.sides.get(src, "A")
+            if "A" in sides:
                 a.receive(raw, now)
-            if "B" in side and not g.sim.healed:
+            if "B" in sides and not g.sim.healed:
                 b.receive(raw, now)
 
     def tick(self, now: float) -> None:
@@ -646,8 +646,7 @@ class _TwinNode:
                 x.tick(now)
 
     def next_deadline(self) -> Optional[float]:
-        ds = [x.next_deadline() for x in self.g.twins[self.t]]
-        ds = [d for d in ds if d is not None]
+        ds = [d for d in (x.next_deadline() for x in self.g.twins[self.t]) if d is not None]
         return min(ds) if ds else None
 
     def restart(self, now: float) -> None:

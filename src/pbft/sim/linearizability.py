@@ -313,10 +313,12 @@ def _check_key(ops: list[KvOp], kinds: list[int], max_nodes: int):
     # Entries of completed ops sorted by time; at equal times calls come
     # before returns, so that a.ret == b.invoke makes a and b concurrent
     # (real-time precedence is strict).
-    events = []
+    events: list[tuple[float, int, int]] = []
     for i in comp:
+        ret = ops[i].ret
+        assert ret is not None  # the components hold completed operations only
         events.append((ops[i].invoke, 0, i))
-        events.append((ops[i].ret, 1, i))
+        events.append((ret, 1, i))
     events.sort()
 
     # Doubly linked list over positions 1..2c, head sentinel 0, tail sentinel END.
@@ -501,6 +503,7 @@ def _check_key(ops: list[KvOp], kinds: list[int], max_nodes: int):
                 if new == state:
                     j += 1
                     continue
+                assert needs is not None  # set by the scan of completed calls that led here
                 eq, ne, present = needs
                 if not (new in eq or (present and new != 0)
                         or (ne and (len(ne) > 1 or new not in ne))
@@ -569,6 +572,7 @@ def _check_key(ops: list[KvOp], kinds: list[int], max_nodes: int):
             mode = 0
 
     # Not linearizable: describe the deepest partial linearization.
+    assert best_info is not None  # the first step of the search sets it
     depth, st, blocked_pos, frames = best_info
     prefix = [ops[pops[fr[1]]] if fr[0] else ops[e_op[fr[1]]] for fr in frames]
     inv = {v: k for k, v in ids.items()}

@@ -30,7 +30,10 @@ Checked (the safety properties of docs/simulation.md, and invariants of PBFT's c
 from __future__ import annotations
 
 from ..codec import Codec, DecodeError, checkpoint_digest
-from ..core.events import Event
+from ..core.events import (
+    CheckpointTaken, Committed, Event, Executed, NewViewInstalled, Prepared, PrePrepareSent, Promoted, RolledBack,
+    Stable, StateTransferred, ViewChangeStarted,
+)
 from ..messages import RECOVERY_OP
 
 
@@ -73,18 +76,17 @@ class Oracles:
     def on_event(self, r: int, ev: Event) -> None:
         if r not in self.correct:
             return
-        kind = ev.kind
-        if kind == "prepared":
+        if isinstance(ev, Prepared):
             v, n, d = ev.view, ev.seqno, ev.digest
             old = self.prepared.setdefault((v, n), d)
             if old != d:
                 self.violation(f"P1 replica {r} prepared a different digest at view {v} seqno {n}")
-        elif kind == "pre-prepare":
+        elif isinstance(ev, PrePrepareSent):
             v, n, d = ev.view, ev.seqno, ev.digest
             old = self.preprepared.setdefault((v, n), d)
             if old != d:
                 self.violation(f"P2 primary {r} pre-prepared two digests at view {v} seqno {n}")
-        elif kind == "committed":
+        elif isinstance(ev, Committed):
             v, n, d = ev.view, ev.seqno, ev.digest
             ds = self.committed_local.setdefault(n, {})
             ds[d] = min(v, ds.get(d, v))
@@ -93,7 +95,7 @@ class Oracles:
             for nv, dec in self.new_views.items():
                 if nv > v:
                     self._check_new_view_keeps(nv, dec, n, d, v)
-        elif kind == "execute":
+        elif isinstance(ev, Executed):
             n, batch, executed, tentative = ev.seqno, ev.batch, ev.requests, ev.tentative
             try:
                 content = self.codec.batch_digest(batch)
@@ -107,43 +109,43 @@ class Oracles:
                     self.violation(f"S2 replica {r} executed a request never issued: client {c} ts {t}")
             if not tentative:
                 self._commit_exec(r, n)
-        elif kind == "promote":
+        elif isinstance(ev, Promoted):
             upto = ev.upto
             for n in sorted(k for k, e in self.execs[r].items() if k <= upto and e[2]):
                 self._commit_exec(r, n)
-        elif kind == "rollback":
+        elif isinstance(ev, RolledBack):
             target = ev.to_seqno
             for n in [k for k in self.execs[r] if k > target]:
                 if not self.execs[r][n][2]:
                     self.violation(f"rollback of committed execution at replica {r} seqno {n}")
                 del self.execs[r][n]
-        elif kind == "checkpoint" or kind == "state-transfer":
+        elif isinstance(ev, (CheckpointTaken, StateTransferred)):
             n, d, sdig = ev.seqno, ev.digest, ev.state_root
             if checkpoint_digest(n, sdig) != d:
                 self.violation(f"S4 replica {r} checkpoint digest at {n} does not bind seqno and state")
             old = self.ckpt.setdefault(n, d)
             if old != d:
                 self.violation(f"S4 replica {r} checkpoint {n} digest differs from another replica's")
-            if kind == "state-transfer":
+            if isinstance(ev, StateTransferred):
                 for k in [k for k in self.execs[r] if k <= n]:
                     del self.execs[r][k]
-        elif kind == "view-change":
+        elif isinstance(ev, ViewChangeStarted):
             v = ev.view
             if v < self.view[r]:
                 self.violation(f"P5 replica {r} view decreased {self.view[r]} -> {v}")
             self.view[r] = v
-        elif kind == "new-view":
+        elif isinstance(ev, NewViewInstalled):
             v, dec = ev.view, ev.decision
             self.views_installed.add(v)
-            old = self.new_views.setdefault(v, dec)
+            old_dec = self.new_views.setdefault(v, dec)
             # (a Byzantine primary may send different, each self-consistent, new views)
-            if old != dec and v % self.n in self.correct:
+            if old_dec != dec and v % self.n in self.correct:
                 self.violation(f"P4 replica {r} installed a different new-view decision for view {v}")
             for n, ds in self.committed_local.items():
                 for d, cv in ds.items():
                     if cv < v:
                         self._check_new_view_keeps(v, dec, n, d, cv)
-        elif kind == "stable":
+        elif isinstance(ev, Stable):
             n = ev.seqno
             if n < self.h[r]:
                 self.violation(f"P5 replica {r} low water mark decreased")

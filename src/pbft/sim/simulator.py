@@ -373,11 +373,13 @@ class Simulation:
 
     # ---- CPU model ------------------------------------------------------------
     def _cpu_enqueue(self, r: int, raw: bytes, src: int) -> None:
+        C = self.sc.cost
+        assert C is not None  # the CPU model runs only with a cost model
         q = self.inbox[r].get(src)
         if q is None:
             q = self.inbox[r][src] = deque()
             self.rr[r].append(src)
-        if len(q) >= self.sc.cost.queue_per_sender_max:
+        if len(q) >= C.queue_per_sender_max:
             self.cpu_dropped += 1
             return
         q.append(raw)
@@ -396,6 +398,7 @@ class Simulation:
         # deficit round robin over senders, by estimated cost rather than by message count: a
         # sender of 30 KB requests gets no more of the CPU than one of small messages
         C = self.sc.cost
+        assert C is not None  # the CPU model runs only with a cost model
         deficit = self.deficit[r]
         inbox = self.inbox[r]
         while True:

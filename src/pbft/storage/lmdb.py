@@ -27,7 +27,7 @@ class LmdbStore(Store):
 
     def __init__(self, path: str | os.PathLike[str], owner: str, durable: bool = True,
                  map_size_bytes: int = 1 << 34) -> None:
-        self.path = os.fspath(path)
+        self.path: str = os.fspath(path)
         self.owner = owner
         self.durable = durable
         self.stats = {"writes": 0, "bytes_written": 0, "sync_seconds": 0.0}

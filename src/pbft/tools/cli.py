@@ -100,8 +100,8 @@ def cmd_scenario(args) -> int:
         out["expectation_details"] = r.expectation_failures[:10]
         print(json.dumps(out))
     else:
-        for e in r.expectation_failures[:10]:
-            print(f"  expectation failed: {e}")
+        for failure in r.expectation_failures[:10]:
+            print(f"  expectation failed: {failure}")
         if sc.negative:
             print(f"negative control {sc.id}: the oracles detected the break in {r.detected} of {r.runs} runs"
                   + ("" if r.detected else " -- THE HARNESS IS BLIND TO IT"))
@@ -162,7 +162,7 @@ def cmd_sim(args) -> int:
                 print(f"  reproduce: {_repro(args, seed)}")
     elapsed = time.perf_counter() - t0
     if args.json:
-        out = dict(totals)
+        out: dict[str, object] = dict(totals)
         out["failed_seeds"] = failed
         out["reproduce"] = [_repro(args, s) for s in failed[:10]]
         out["wall_seconds"] = round(elapsed, 2)

@@ -43,7 +43,7 @@ from typing import Optional
 from ..bench.stats import percentile
 from ..procs import ChildExited, JsonLines, Procs, log_tail, sigterm_as_interrupt
 from ...config import ConfigError
-from ...runtime.cluster import free_port_range, init_cluster
+from ...runtime.cluster import Cluster, free_port_range, init_cluster
 
 # name, class, what it does
 ATTACKS = [
@@ -122,7 +122,7 @@ def parse_attacks(s: str) -> list[str]:
     attacks run in the canonical order whatever the order given."""
     if s.strip() in ("", "all"):
         return list(NAMES)
-    want = set()
+    want: set[str] = set()
     for x in (p.strip() for p in s.split(",")):
         if not x:
             continue
@@ -196,7 +196,7 @@ class Sampler(threading.Thread):
         now = time.monotonic()
         for rid, pid in pids.items():
             rss, hwm = proc_memory_kib(pid)
-            if rss is not None:
+            if rss is not None and hwm is not None:
                 with self.lock:
                     self.samples.append((now, rid, rss, hwm))
 
@@ -281,12 +281,13 @@ class Supervisor:
         self.byz_id = REPLICAS - 1
         self.died: list[str] = []
         self.quiet: list[dict] = []  # the quiet windows so far (``quiet_window``)
-        self.cluster = None
-        self.workload = None
+        self.cluster: Cluster = None  # type: ignore[assignment]  # set by start_cluster, before anything else
+        self.workload: Optional[subprocess.Popen] = None
         self.workload_lines: Optional[JsonLines] = None
         self.progress: list[tuple[float, int]] = []  # the workload's progress reports: (time, operations done)
         placement = cpu_placement(args.attacker_cpus)
-        self.cluster_cpus, self.attacker_cpus = placement if placement else (None, None)
+        self.cluster_cpus: Optional[list[int]] = placement[0] if placement else None
+        self.attacker_cpus: Optional[list[int]] = placement[1] if placement else None
 
     def note(self, text: str) -> None:
         print(f"pbft attack: {text}", file=sys.stderr, flush=True)
@@ -410,27 +411,29 @@ class Supervisor:
     # ---- the workload -------------------------------------------------------
     def start_workload(self) -> None:
         spec = {"dir": str(self.cluster.dir), "clients": self.ids()["victims"], "timeout_s": 5.0}
-        self.workload = self.children.start("workload", ["-m", "pbft.tools.attack", "workload", json.dumps(spec)],
-                                            pipes=True)
-        pin(self.workload.pid, self.cluster_cpus)
-        self.workload_lines = JsonLines(self.workload, self._on_progress)
+        self.workload = w = self.children.start("workload", ["-m", "pbft.tools.attack", "workload",
+                                                             json.dumps(spec)], pipes=True)
+        pin(w.pid, self.cluster_cpus)
+        self.workload_lines = lines = JsonLines(w, self._on_progress)
         try:
-            msg = self.workload_lines.next(READY_TIMEOUT_S)
+            msg = lines.next(READY_TIMEOUT_S)
         except queue.Empty:
             raise ConfigError(f"the workload did not start within {READY_TIMEOUT_S:g}s") from None
         if not msg or not msg.get("ready"):
             raise ConfigError(f"the workload failed to start{log_tail(self.workdir / 'workload.log')}")
 
     def stop_workload(self) -> dict:
+        w, lines = self.workload, self.workload_lines
+        assert w is not None and w.stdin is not None and lines is not None  # start_workload came first
         try:
-            self.workload.stdin.write(b"stop\n")
-            self.workload.stdin.flush()
+            w.stdin.write(b"stop\n")
+            w.stdin.flush()
         except OSError:
             pass
         deadline = time.monotonic() + 120.0
         while time.monotonic() < deadline:
             try:
-                msg = self.workload_lines.next(1.0)
+                msg = lines.next(1.0)
             except queue.Empty:
                 continue
             if msg is None:

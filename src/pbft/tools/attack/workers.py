@@ -25,6 +25,7 @@ import resource
 import sys
 import time
 from array import array
+from typing import Optional
 
 import msgpack
 
@@ -431,7 +432,7 @@ async def atk_replay(ctx: Ctx) -> None:
         c.meta["log"] = log if capturing[0] else None
         return c
 
-    pool._make_conn = recording
+    pool._make_conn = recording  # type: ignore[method-assign]
     await pool.start(wait_s=10.0)
     key = f"replay{cid}".encode()
     legit = {"ok": 0, "errors": 0}
@@ -784,7 +785,7 @@ class ByzReplica:
         self.counters = Counters()
         self.newkey_ts: dict[int, int] = {}
         self.out: dict[int, FrameConn] = {}
-        self.server = None
+        self.server: Optional[asyncio.Server] = None
         self.max_principal = ctx.n + ctx.cfg.clients_max - 1
 
     def _conn(self) -> FrameConn:

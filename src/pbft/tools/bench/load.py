@@ -12,9 +12,13 @@ import json
 import queue
 import sys
 import time
+from typing import TYPE_CHECKING, Optional
 
 from ...config import ConfigError
 from ..procs import JsonLines, Procs
+
+if TYPE_CHECKING:
+    from ...runtime.client import ClientPool
 
 INVOKE_TIMEOUT_S = 10.0
 READY_TIMEOUT_S = 30.0
@@ -30,7 +34,7 @@ class Load:
         self.read_only = read_only
         self.warmup = warmup
         self.duration = duration
-        self.pool = None
+        self.pool: Optional[ClientPool] = None
         self.lat = array.array("d")
         self.errors = 0
         self.done_total = 0  # operations completed so far, warm-up included (progress)
@@ -39,14 +43,14 @@ class Load:
         from ...runtime.client import ClientPool
 
         idents = [self.cluster.identity(c) for c in self.client_ids]
-        self.pool = ClientPool(self.cluster, idents)
-        await self.pool.start(wait_s=READY_TIMEOUT_S)
+        self.pool = pool = ClientPool(self.cluster, idents)
+        await pool.start(wait_s=READY_TIMEOUT_S)
         deadline = time.monotonic() + 5.0
-        while len(self.pool.connected()) < self.cluster.n and time.monotonic() < deadline:
+        while len(pool.connected()) < self.cluster.n and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        if self.cluster.cfg.weight_of(self.pool.connected()) < self.cluster.cfg.quorum_weight:
+        if self.cluster.cfg.weight_of(pool.connected()) < self.cluster.cfg.quorum_weight:
             raise ConfigError(f"clients could not connect to a quorum of replicas (connected to "
-                              f"{self.pool.connected()})")
+                              f"{pool.connected()})")
 
     async def run(self, t_start: float) -> None:
         """Run from monotonic time ``t_start``: warm-up, then the measured window."""
@@ -55,6 +59,7 @@ class Load:
         t_measure = t_start + self.warmup
         t_end = t_measure + self.duration
         pool, op, ro = self.pool, self.op, self.read_only
+        assert pool is not None  # connect() came first
         lat = self.lat
         clock = time.monotonic
 
@@ -89,7 +94,7 @@ class Load:
         finally:
             for t in tasks:
                 t.cancel()
-            await self.pool.close()
+            await pool.close()
 
 
 class Worker:
@@ -126,8 +131,10 @@ class Worker:
         await self._next(READY_TIMEOUT_S)
 
     def go(self, t_start: float) -> None:
-        self.proc.stdin.write(f"{t_start!r}\n".encode())
-        self.proc.stdin.flush()
+        stdin = self.proc.stdin
+        assert stdin is not None  # started with pipes
+        stdin.write(f"{t_start!r}\n".encode())
+        stdin.flush()
 
     async def result(self) -> tuple[array.array, int]:
         msg = await self._next(10.0)

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from ...config import ConfigError
 from ...runtime.cluster import free_port_range
@@ -109,6 +109,7 @@ class Bench:
     def measure(self, label: str, cluster, clients: int, watch) -> dict:
         from ...runtime.client import PbftError
 
+        run: Callable[..., Any]
         try:
             import uvloop
             run = uvloop.run

@@ -169,18 +169,19 @@ class Demo:
         self.start_replica(primary)
         t_restart = time.monotonic()
         caught_up = None
+        rejoined: dict = {}
         while time.monotonic() - t_restart < 20:
             s0 = self.status.get(primary)
             others = [s for i, s in self.status.items() if s and i != primary]
             if s0 and others and s0["view"] == others[0]["view"] and \
                     s0["last_executed"] >= min(o["last_executed"] for o in others) - 8:
-                caught_up = time.monotonic()
+                caught_up, rejoined = time.monotonic(), s0
                 break
             await asyncio.sleep(0.05)
         if caught_up is None:
             self.say(f"replica {primary} has not caught up after 20 s")
         else:
-            self.say(f"replica {primary} rejoined in view {self.status[primary]['view']} and caught up "
+            self.say(f"replica {primary} rejoined in view {rejoined['view']} and caught up "
                      f"({(caught_up - t_restart) * 1000:.0f} ms)")
         # a proactive recovery of a backup, under load
         victim = (primary + 2) % 4
@@ -190,16 +191,17 @@ class Demo:
         ops_rec = self.ops
         self.procs[victim].send_signal(signal.SIGUSR1)
         recovered = None
+        done: dict = {}
         while time.monotonic() - t_rec < 30:
-            s = self.status.get(victim)
-            if s and s.get("recoveries", 0) >= 1 and s.get("recovering") is None:
-                recovered = time.monotonic()
+            sv = self.status.get(victim)
+            if sv and sv.get("recoveries", 0) >= 1 and sv.get("recovering") is None:
+                recovered, done = time.monotonic(), sv
                 break
             await asyncio.sleep(0.05)
         if recovered is None:
             self.say(f"replica {victim} has not recovered after 30 s")
         else:
-            st = self.status[victim]["state_transfer"]
+            st = done["state_transfer"]
             self.say(f"replica {victim} recovered in {(recovered - t_rec) * 1000:.0f} ms (reboot included); "
                      f"it fetched {st['objects']} objects that differed; {self.ops - ops_rec} operations "
                      f"completed meanwhile")

@@ -62,7 +62,7 @@ def run_demo(seed: int = 7, out=sys.stdout) -> int:
             say(sim, "replica 0 restarts; it rejoins and catches up from its peers")
         orig_fault(kind, arg)
 
-    sim._fault = fault
+    sim._fault = fault  # type: ignore[method-assign]
     say(sim, "view 0: replica 0 is the primary")
     res = sim.run()
     print(file=out)
