@@ -188,6 +188,27 @@ class Client:
         self.read_only = False
         self._issue(op, False, broadcast=True)
 
+    def _certified(self, req: Request) -> tuple[Optional[bytes], dict[tuple, list[int]]]:
+        """The result digest the replies so far certify (a weak certificate of committed replies,
+        or a quorum of matching replies in one view), or None; and the replies grouped by
+        (view, result digest)."""
+        q = self.quorums
+        groups: dict[tuple, list[int]] = {}
+        committed: dict[bytes, list[int]] = {}
+        for r, x in self.replies.items():
+            key = (0 if req.read_only else x.view, x.result_digest)
+            groups.setdefault(key, []).append(r)
+            if not x.tentative and not req.read_only:
+                committed.setdefault(x.result_digest, []).append(r)
+        certified: Optional[bytes] = None
+        for d, rs in committed.items():
+            if q.is_weak(rs):
+                certified = d
+        for (v, d), rs in groups.items():
+            if q.is_quorum(rs):
+                certified = d
+        return certified, groups
+
     def _on_reply(self, rep: Reply) -> None:
         req = self.req
         if req is None or rep.client != self.id or rep.timestamp != req.timestamp:
@@ -203,21 +224,8 @@ class Client:
             self.full[rep.result_digest] = rep.result
         self.replies[rep.replica] = rep
         q = self.quorums
-        groups: dict[tuple, list[int]] = {}
-        committed: dict[bytes, list[int]] = {}
-        for r, x in self.replies.items():
-            key = (0 if req.read_only else x.view, x.result_digest)
-            groups.setdefault(key, []).append(r)
-            if not x.tentative and not req.read_only:
-                committed.setdefault(x.result_digest, []).append(r)
-        certified: Optional[bytes] = None
+        certified, groups = self._certified(req)
         views = [x.view for x in self.replies.values()]
-        for d, rs in committed.items():
-            if q.is_weak(rs):
-                certified = d
-        for (v, d), rs in groups.items():
-            if q.is_quorum(rs):
-                certified = d
         if certified is not None:
             if certified not in self.full:
                 if req.replier == ALL_REPLICAS:

@@ -133,7 +133,24 @@ class Durability:
         self.recovery_marker = b"R" in records or b"R" in damaged
         if not records and not damaged:
             return "fresh"
-        outcome = "restored"
+        objs, marker, stable, state_damaged, log_damaged = self._read_state_records(records, damaged)
+        outcome = self._restore_state(objs, marker, stable, state_damaged)
+        log = None if log_damaged else self._read_log(records)
+        if log is None:
+            self._emit(Restored("log-lost"))
+            return "log-lost" if outcome == "restored" else outcome
+        view, active, batches, q, p, committed = log
+        self._restore_log(records, view, active, batches, q, p, committed)
+        if not self.needs_state:
+            self._reexecute_committed(committed)
+        if stable is not None and stable[0] > self.last_committed_exec:
+            self._start_fetch(*stable)  # the stable checkpoint we were fetching when we stopped
+        self._emit(Restored(outcome))
+        return outcome
+
+    def _read_state_records(self, records: dict[bytes, bytes], damaged: frozenset[bytes]) -> tuple:
+        """The objects, the persisted checkpoint (``s``) and the stable one (``h``) in the store,
+        and whether the state's or the log's records are damaged."""
         log_damaged = any(k[:1] in b"vqckbhn" for k in damaged)
         state_damaged = any(k[:1] in b"os" for k in damaged)
         # -- the state at the persisted checkpoint
@@ -159,6 +176,13 @@ class Durability:
                 stable = (int(s), bytes(d))
         except Exception:  # noqa: BLE001
             log_damaged = True
+        return objs, marker, stable, state_damaged, log_damaged
+
+    def _restore_state(self, objs: dict, marker: Optional[tuple[int, bytes]], stable: Optional[tuple[int, bytes]],
+                       state_damaged: bool) -> str:
+        """The state at the persisted checkpoint, checked against its digest: ``restored``, or
+        ``state-repair`` (kept, but nothing executes before a certified checkpoint is fetched)."""
+        outcome = "restored"
         st = self.state
         if marker is None and objs:
             state_damaged = True  # objects of some checkpoint without the record saying which
@@ -192,10 +216,11 @@ class Durability:
             self.needs_state = True
             st.unpersisted = set(range(st.n))
             outcome = "state-repair"
-        if log_damaged:
-            self._emit(Restored("log-lost"))
-            return "log-lost" if outcome == "restored" else outcome
-        # -- the log
+        return outcome
+
+    def _read_log(self, records: dict[bytes, bytes]) -> Optional[tuple]:
+        """The log records within the window: (view, active, batches, Q, P, committed), or None
+        if they do not decode (the log is then lost)."""
         try:
             view, active = msgpack.unpackb(records.get(b"v", _pack([0, True])), raw=False, use_list=False)
             batches = {}
@@ -219,8 +244,13 @@ class Durability:
                 else:
                     committed[n] = (int(x[0]), bytes(x[1]))
         except (ValueError, TypeError, KeyError, DecodeError, msgpack.UnpackException):
-            self._emit(Restored("log-lost"))
-            return "log-lost" if outcome == "restored" else outcome
+            return None
+        return view, active, batches, q, p, committed
+
+    def _restore_log(self, records: dict[bytes, bytes], view, active, batches: dict, q: dict, p: dict,
+                     committed: dict) -> None:
+        """The view, the NewView that installed it, the Q and P sets, the batches and the slots of
+        the current view (what we pre-prepared, prepared and committed in it)."""
         self.view = int(view)
         self.view_active = bool(active) or self.view == 0
         if self.view_active and self.view > 0 and b"n" in records:
@@ -255,25 +285,22 @@ class Durability:
         self.seq_assigned = max([self.seq_assigned, self.h, *q])
         if not self.view_active:
             self.vc_deadline = self.now + self.vc_timeout
-        # re-execute what committed after the persisted checkpoint, in order
-        if not self.needs_state:
-            n = self.last_committed_exec + 1
-            while n in committed:
-                d = committed[n][1]
-                batch = self._batch_for(d)
-                if batch is None:
-                    break
-                slot = self.slots.get(n)
-                if slot is None or slot.digest != d:
-                    slot = self._slot(n)
-                    slot.view, slot.digest, slot.batch = committed[n][0], d, batch
-                self._execute(n, slot, tentative=False)
-                n += 1
-            # and execute tentatively what we had prepared in this view: a write acknowledged
-            # with tentative replies is then visible again before any read is answered
-            self._try_execute()
-            self.out = []  # replies to clients gone since, checkpoints to be voted again
-        if stable is not None and stable[0] > self.last_committed_exec:
-            self._start_fetch(*stable)  # the stable checkpoint we were fetching when we stopped
-        self._emit(Restored(outcome))
-        return outcome
+
+    def _reexecute_committed(self, committed: dict) -> None:
+        """Re-execute, in order, what committed after the persisted checkpoint; then tentatively what
+        we had prepared in this view (a write acknowledged with tentative replies is then visible
+        again before any read is answered)."""
+        n = self.last_committed_exec + 1
+        while n in committed:
+            d = committed[n][1]
+            batch = self._batch_for(d)
+            if batch is None:
+                break
+            slot = self.slots.get(n)
+            if slot is None or slot.digest != d:
+                slot = self._slot(n)
+                slot.view, slot.digest, slot.batch = committed[n][0], d, batch
+            self._execute(n, slot, tentative=False)
+            n += 1
+        self._try_execute()
+        self.out = []  # replies to clients gone since, checkpoints to be voted again

@@ -46,18 +46,7 @@ def decide(
     """The new-view decision for S = ``vcs``, or None if S does not determine one yet."""
     is_quorum, is_weak = quorums.is_quorum, quorums.is_weak
     # 1. checkpoint
-    cands: dict[tuple[int, bytes], list[int]] = {}
-    for m in vcs:
-        for c in set(m.checkpoints):
-            cands.setdefault(c, []).append(m.replica)
-    best: Optional[tuple[int, bytes]] = None
-    for (s, d), holders in cands.items():
-        if not is_weak(holders):
-            continue
-        if not is_quorum([m.replica for m in vcs if m.stable_seqno <= s]):
-            continue
-        if best is None or s > best[0]:
-            best = (s, d)
+    best = _starting_checkpoint(vcs, quorums)
     if best is None:
         return None
     s0, d0 = best
@@ -102,3 +91,21 @@ def decide(
             return None
         chosen.append((n, pick))
     return Decision(s0, d0, tuple(chosen))
+
+
+def _starting_checkpoint(vcs: Sequence[ViewChange], quorums: Quorums) -> Optional[tuple[int, bytes]]:
+    """The highest (s, d) that a weak certificate of messages holds among their checkpoints and
+    that a quorum of messages have their stable checkpoint at or below."""
+    cands: dict[tuple[int, bytes], list[int]] = {}
+    for m in vcs:
+        for c in set(m.checkpoints):
+            cands.setdefault(c, []).append(m.replica)
+    best: Optional[tuple[int, bytes]] = None
+    for (s, d), holders in cands.items():
+        if not quorums.is_weak(holders):
+            continue
+        if not quorums.is_quorum([m.replica for m in vcs if m.stable_seqno <= s]):
+            continue
+        if best is None or s > best[0]:
+            best = (s, d)
+    return best
