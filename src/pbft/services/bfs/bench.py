@@ -188,8 +188,7 @@ class BFSTarget(Target):
     def setup(self) -> Path:
         if self.host is not None:
             self.dir = self.host.dir
-            self._mount(cli_module(), _env())
-            return self.root
+            return self._mount(cli_module(), _env())
         from ...runtime.cluster import free_port_range, init_cluster
 
         n = 4 if self.replicated else 1
@@ -220,23 +219,25 @@ class BFSTarget(Target):
                     break
                 except OSError:
                     if self.procs[-1].poll() is not None or time.monotonic() > deadline:
-                        raise ConfigError(f"the unreplicated BFS server did not start (log {self.dir / 'server.log'})")
+                        raise ConfigError(f"the unreplicated BFS server did not start "
+                                          f"(log {self.dir / 'server.log'})") from None
                     time.sleep(0.05)
-        self._mount(mod, env)
-        return self.root
+        return self._mount(mod, env)
 
-    def _mount(self, mod: str, env: dict) -> None:
+    def _mount(self, mod: str, env: dict) -> Path:
         self.mp.mkdir(exist_ok=True)
         mlog = self.dir / f"mount-{self.name}.log"
         from ...runtime.cluster import load_cluster
         first = load_cluster(self.dir).client_ids[8 * self.slot]  # this mount's 8 client identities
         with open(mlog, "ab") as fh:
-            self.mount = subprocess.Popen([sys.executable, "-m", mod, "mount", str(self.dir), str(self.mp), "--foreground",
-                                           "--verbose", "--client-id", str(first), *self.mount_args], stdin=subprocess.DEVNULL, stdout=fh, stderr=fh, env=env,
+            self.mount = subprocess.Popen([sys.executable, "-m", mod, "mount", str(self.dir), str(self.mp),
+                                           "--foreground", "--verbose", "--client-id", str(first), *self.mount_args],
+                                          stdin=subprocess.DEVNULL, stdout=fh, stderr=fh, env=env,
                                           start_new_session=True)
         self.procs.append(self.mount)
         _wait_mounted(self.mp, self.mount, mlog, f"pbft mount ({self.name})")
         self.root = self.mp
+        return self.mp
 
     def teardown(self) -> None:
         _unmount(self.mp)
@@ -300,8 +301,10 @@ class SshfsTarget(Target):
         if os.geteuid() == 0:
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
         log = d / "sshd.log"
+        sshd = _sshd()
+        assert sshd is not None  # (checked by the preflight)
         with open(log, "ab") as fh:
-            self.procs.append(subprocess.Popen([_sshd(), "-D", "-e", "-f", str(d / "sshd_config")],
+            self.procs.append(subprocess.Popen([sshd, "-D", "-e", "-f", str(d / "sshd_config")],
                                                stdout=fh, stderr=fh, start_new_session=True))
         deadline = time.monotonic() + 15
         while True:
@@ -310,7 +313,7 @@ class SshfsTarget(Target):
                 break
             except OSError:
                 if self.procs[-1].poll() is not None or time.monotonic() > deadline:
-                    raise ConfigError(f"sshd did not start (log {log})")
+                    raise ConfigError(f"sshd did not start (log {log})") from None
                 time.sleep(0.05)
         mlog = d / "sshfs.log"
         with open(mlog, "ab") as fh:
@@ -597,6 +600,7 @@ def run_bench(targets, scales, runs: int, files: int, transactions: int, seed: i
             objs[name].setup()
         for r in range(runs):
             for name, tg in objs.items():
+                assert tg.root is not None  # set by setup()
                 run_dir = tg.root / f"run-{r}"
                 run_dir.mkdir()
                 for wl in workloads:
@@ -626,7 +630,7 @@ def run_bench(targets, scales, runs: int, files: int, transactions: int, seed: i
             shutil.rmtree(work, ignore_errors=True)
     results = {wl: {p: {t: _summary(v) for t, v in per.items()} for p, per in phases.items()}
                for wl, phases in raw.items()}
-    ratios = {}
+    ratios: dict[str, dict] = {}
     for wl, phases in results.items():
         for p, per in phases.items():
             for a, b in RATIOS + tuple((v, "bfs") for v in variants if v != "bfs-strict"):

@@ -115,7 +115,8 @@ def cmd_umount(args) -> int:
     if not is_mounted(mp):
         raise ConfigError(f"{mp} is not mounted")
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    cmd = [tool, "-u"] + (["-z"] if args.lazy else []) + [mp] if tool else ["umount"] + (["-l"] if args.lazy else []) + [mp]
+    cmd = ([tool, "-u"] + (["-z"] if args.lazy else []) + [mp] if tool
+           else ["umount"] + (["-l"] if args.lazy else []) + [mp])
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise ConfigError(f"{' '.join(cmd)}: {r.stderr.strip() or r.returncode}")

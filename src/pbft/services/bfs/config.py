@@ -34,7 +34,7 @@ replica with a different policy would compute different results and be outvoted.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from ...config import ConfigError
 
@@ -94,7 +94,7 @@ def _idset(v, what: str) -> Optional[frozenset]:
 def _client(t, what: str) -> ClientPolicy:
     if not isinstance(t, dict):
         raise ConfigError(f"[bfs] {what} must be a table")
-    kw = {}
+    kw: dict[str, Any] = {}
     for k, v in t.items():
         if k in ("uids", "gids"):
             kw[k] = _idset(v, f"{what}.{k}")
@@ -117,7 +117,7 @@ def parse_bfs_section(t) -> BFSConfig:
         return BFSConfig()
     if not isinstance(t, dict):
         raise ConfigError("[bfs] must be a table")
-    kw = {}
+    kw: dict[str, Any] = {}
     clients = {}
     for k, v in t.items():
         if k in _LIMITS:
@@ -144,7 +144,8 @@ def parse_bfs_section(t) -> BFSConfig:
                         lo_i = int(lo)
                         hi_i = int(hi) if hi else lo_i
                     except ValueError:
-                        raise ConfigError(f"[bfs.client.{name}]: a client id, a range such as 5-8, or 'default'") from None
+                        raise ConfigError(f"[bfs.client.{name}]: a client id, a range such as 5-8, "
+                                          f"or 'default'") from None
                     if not 0 <= lo_i <= hi_i <= lo_i + 65536:
                         raise ConfigError(f"[bfs.client.{name}]: a bad range of client ids")
                     pol = _client(ct, f"client.{name}")

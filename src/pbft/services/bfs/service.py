@@ -24,6 +24,7 @@ import bisect
 import errno as E
 import logging
 import stat as S
+from typing import NoReturn
 
 import msgpack
 
@@ -67,7 +68,7 @@ class _Err(Exception):
         self.code = code
 
 
-def _fail(code: int):
+def _fail(code: int) -> NoReturn:
     raise _Err(code)
 
 
@@ -192,7 +193,7 @@ class BFSService(ObjectService):
     def _reset_caches(self) -> None:
         self._nodes: dict[int, list | None] = {}
         self._ndirty: set[int] = set()
-        self._dcache: dict[int, list] = {}   # ino -> [next_cookie, [[name, ino, cookie], ...]]
+        self._dcache: dict[int, list | None] = {}   # ino -> [next_cookie, [[name, ino, cookie], ...]]
         self._ddirty: set[int] = set()
         self._sbc: list | None = None
         self._usec: dict | None = None
@@ -614,8 +615,8 @@ class BFSService(ObjectService):
             qkey = _k(sb[SB_QHEAD])
             ino, lo, hi, cutoff, charge, remaining = self.reclaim.get(qkey)
             exists = self._nodes[ino] is not None if ino in self._nodes else _k(ino) in self.inodes
+            # n not None: a truncation of a file still there (remaining is then -1)
             n = self._node(ino) if exists else None
-            live = n is not None  # a truncation of a file still there (remaining is then -1)
             while lo < hi and probes > 0 and frees > 0 and remaining != 0:
                 probes -= 1
                 key = _ck(ino, lo)
@@ -626,7 +627,7 @@ class BFSService(ObjectService):
                     sb[SB_CHUNKS] -= 1
                     u = self._use().setdefault(charge, [0, 0])
                     u[1] = max(0, u[1] - 1)
-                    if live:
+                    if n is not None:
                         n[I_NCHUNKS] -= 1
                         self._touch(ino)
                     elif remaining > 0:
@@ -635,7 +636,7 @@ class BFSService(ObjectService):
             if lo >= hi or remaining == 0:
                 self._tdel(self.reclaim, qkey)
                 sb[SB_QHEAD] += 1
-                if live:
+                if n is not None:
                     n[I_ZR] = [z for z in n[I_ZR] if z[2] != cutoff]
                     self._touch(ino)
             else:
