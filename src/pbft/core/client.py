@@ -124,6 +124,8 @@ class Client:
             if not self.keys.verify(fr.sender, fr.digest, fr.auth, fr.multi):
                 raise DecodeError("bad-mac")
             rep = self.codec.parse(fr)
+            if not isinstance(rep, Reply):  # (a reply frame parses to a Reply)
+                raise DecodeError("client-expects-replies")
         except DecodeError as e:
             self._drop(e.reason)
             return
@@ -176,6 +178,7 @@ class Client:
         self._send(broadcast)
 
     def _send(self, broadcast: bool) -> None:
+        assert self.req is not None  # an operation is outstanding
         raw = seal(self.req, self.keys)
         dests = self.replicas if broadcast else (self.view % self.cfg.n,)
         self.out.append((dests, raw))
@@ -183,17 +186,18 @@ class Client:
 
     def _fallback(self) -> None:
         """Read-only attempt failed: order the operation like a write."""
+        assert self.req is not None  # an operation is outstanding
         op = self.req.op
         self.fell_back = True
         self.read_only = False
         self._issue(op, False, broadcast=True)
 
-    def _certified(self, req: Request) -> tuple[Optional[bytes], dict[tuple, list[int]]]:
+    def _certified(self, req: Request) -> tuple[Optional[bytes], dict[tuple[int, bytes], list[int]]]:
         """The result digest the replies so far certify (a weak certificate of committed replies,
         or a quorum of matching replies in one view), or None; and the replies grouped by
         (view, result digest)."""
         q = self.quorums
-        groups: dict[tuple, list[int]] = {}
+        groups: dict[tuple[int, bytes], list[int]] = {}
         committed: dict[bytes, list[int]] = {}
         for r, x in self.replies.items():
             key = (0 if req.read_only else x.view, x.result_digest)
@@ -204,7 +208,7 @@ class Client:
         for d, rs in committed.items():
             if q.is_weak(rs):
                 certified = d
-        for (v, d), rs in groups.items():
+        for (_v, d), rs in groups.items():
             if q.is_quorum(rs):
                 certified = d
         return certified, groups

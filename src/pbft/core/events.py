@@ -71,7 +71,7 @@ class Executed(Event):
     seqno: int
     digest: bytes
     batch: Any  # messages.Batch
-    requests: tuple
+    requests: tuple[tuple[int, int, bytes], ...]  # (client, timestamp, operation) of each executed
     tentative: bool
 
 

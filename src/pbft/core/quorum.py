@@ -9,7 +9,10 @@ callers pass the voters in and act on the typed result.
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Generic, Iterable, Mapping, Optional, Sequence, TypeVar
+from typing import TYPE_CHECKING, Generic, Iterable, Mapping, Optional, Sequence, TypeVar
+
+if TYPE_CHECKING:
+    from ..config import ClusterConfig
 
 V = TypeVar("V")
 
@@ -34,7 +37,7 @@ class Quorums:
         self.weak = weak
 
     @classmethod
-    def of(cls, cfg) -> "Quorums":
+    def of(cls, cfg: ClusterConfig) -> "Quorums":
         return cls(cfg.weights, cfg.quorum_weight, cfg.weak_weight)
 
     def weight(self, replicas: Iterable[int]) -> int:

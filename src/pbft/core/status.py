@@ -127,7 +127,7 @@ class StatusExchange:
         current keys (the peer may have restarted or refreshed its keys since); others' are
         relayed as they came."""
         r = self.r
-        if r.view_active and r.nv_raw is not None:
+        if r.view_active and r.nv_raw is not None and r.nv is not None:
             r._send_to(j, seal(r.nv, r.keys) if r.nv.replica == r.id else r.nv_raw)
             for raw in r.nv_vc_raws:
                 r._send_to(j, raw)
