@@ -1,7 +1,10 @@
 """What a replica writes to stable storage, and how it comes back from it.
 
+Owns: ``Persistence`` (the records of the current step) and ``restore`` (the replica rebuilt
+from its records after a restart, the one step that writes every area's fields).
+
 The core stays pure: it does no I/O itself.  With persistence on, it collects the
-records to write in ``self._puts`` and the driver takes them with the step's
+records to write in ``Replica.disk`` and the driver takes them with the step's
 ``Ready`` (``take_ready().persist``) and writes them in **one transaction before it
 sends anything the core produced in the same step** (group commit: one write, and in the durable
 mode one fsync, per event-loop turn whatever the number of messages handled).  So
@@ -54,253 +57,278 @@ def _pack(x) -> bytes:
     return msgpack.packb(x, use_bin_type=True)
 
 
-class Durability:
-    """Mixed into ``Replica``; every hook is a no-op while persistence is off."""
+class Persistence:
+    """Owns: the records the current step will write (``puts``; None while persistence is off:
+    every hook is then a no-op) and the sequence number of the checkpoint whose objects were last
+    written. Reads the replica fields it writes out; may not change them."""
 
-    _puts: Optional[dict[bytes, Optional[bytes]]] = None
-    persisted_ckpt: int = -1
-    recovery_marker = False  # the store says a recovery was under way (``begin_recovery`` again)
+    __slots__ = ("r", "puts", "persisted_ckpt")
 
-    def enable_persistence(self) -> None:
-        """Start collecting records to write (call before ``restore`` and any message)."""
-        self._puts = {}
+    def __init__(self, replica):
+        self.r = replica
+        self.puts: Optional[dict[bytes, Optional[bytes]]] = None
         self.persisted_ckpt = -1
 
+    def enable(self) -> None:
+        """Start collecting records to write (call before ``restore`` and any message)."""
+        self.puts = {}
+        self.persisted_ckpt = -1
+
+    def take(self) -> dict[bytes, Optional[bytes]]:
+        """The records to write, in one transaction, before the sends of this step go out."""
+        puts = self.puts
+        if not puts:
+            return {}
+        self.puts = {}
+        return puts
+
     # -- hooks called by the replica -------------------------------------------------
-    def _persist_view(self) -> None:
-        if self._puts is not None:
-            self._puts[b"v"] = _pack([self.view, self.view_active])
-            if self.view_active and self.nv_raw is not None:
+    def view(self) -> None:
+        r = self.r
+        if self.puts is not None:
+            self.puts[b"v"] = _pack([r.view, r.view_active])
+            if r.view_active and r.nv_raw is not None:
                 # the NewView that installed the view, with its ViewChanges: after a restart we
                 # still hand it to replicas that missed it (they certify it by f+1 digests)
-                self._puts[b"n"] = _pack([self.nv_raw, list(self.nv_vc_raws)])
+                self.puts[b"n"] = _pack([r.nv_raw, list(r.nv_vc_raws)])
 
-    def _persist_q(self, n: int) -> None:
-        if self._puts is not None:
-            self._puts[_n(b"q", n)] = _pack(self.Qset[n])
+    def q(self, n: int) -> None:
+        if self.puts is not None:
+            self.puts[_n(b"q", n)] = _pack(self.r.Qset[n])
 
-    def _persist_p(self, n: int) -> None:
-        if self._puts is not None:
-            d, v = self.P[n]
-            self._puts[_n(b"c", n)] = _pack([v, d])
+    def p(self, n: int) -> None:
+        if self.puts is not None:
+            d, v = self.r.P[n]
+            self.puts[_n(b"c", n)] = _pack([v, d])
 
-    def _persist_committed(self, n: int, d: bytes) -> None:
-        if self._puts is not None:
-            self._puts[_n(b"k", n)] = _pack([self.view, d])
+    def committed(self, n: int, d: bytes) -> None:
+        if self.puts is not None:
+            self.puts[_n(b"k", n)] = _pack([self.r.view, d])
 
-    def _persist_batch(self, d: bytes, batch: Batch) -> None:
-        if self._puts is not None:
-            self._puts[b"b" + d] = encode_batch(batch)
+    def batch(self, d: bytes, batch: Batch) -> None:
+        if self.puts is not None:
+            self.puts[b"b" + d] = encode_batch(batch)
 
-    def _persist_forget_batch(self, d: bytes) -> None:
-        if self._puts is not None:
-            self._puts[b"b" + d] = None
+    def forget_batch(self, d: bytes) -> None:
+        if self.puts is not None:
+            self.puts[b"b" + d] = None
 
-    def _persist_checkpoint(self, n: int, d: bytes) -> None:
+    def recovery(self, nonce: Optional[int]) -> None:
+        """A recovery with this nonce is under way (None: it ended)."""
+        if self.puts is not None:
+            self.puts[b"R"] = None if nonce is None else msgpack.packb(nonce)
+
+    def checkpoint(self, n: int, d: bytes) -> None:
         """Write the objects changed since the last persisted checkpoint, as of checkpoint n."""
-        if self._puts is None or n <= self.persisted_ckpt:
+        if self.puts is None or n <= self.persisted_ckpt:
             return
-        st = self.state
-        puts = self._puts
+        st = self.r.state
+        puts = self.puts
         for i in st.unpersisted:
             puts[_n(b"o", i)] = st.value_at(n, i)
         puts[b"s"] = _pack([n, d])
         # objects modified after checkpoint n are still to be written next time
         later: set[int] = set(st.dirty)
-        for r in st.records:
-            if r.seqno >= n:
-                later.update(r.objs)
+        for rec in st.records:
+            if rec.seqno >= n:
+                later.update(rec.objs)
         st.unpersisted = later
         self.persisted_ckpt = n
 
-    def _persist_gc(self, old_h: int, upto: int, h: int, d: bytes) -> None:
+    def gc(self, old_h: int, upto: int, h: int, d: bytes) -> None:
         """The stable checkpoint moved from old_h to (h, d): log records up to ``upto`` go."""
-        if self._puts is None:
+        if self.puts is None:
             return
-        puts = self._puts
+        puts = self.puts
         puts[b"h"] = _pack([h, d])
         for k in range(old_h + 1, upto + 1):
             puts[_n(b"q", k)] = None
             puts[_n(b"c", k)] = None
             puts[_n(b"k", k)] = None
 
-    # -- restart -----------------------------------------------------------------------
-    def restore(self, records: dict[bytes, bytes], damaged: frozenset[bytes] = frozenset()) -> str:
-        """Come back from stable storage.  ``records``: every intact record; ``damaged``: keys
-        whose checksum failed (torn or corrupt).  Call right after construction and
-        ``enable_persistence``.  Returns a one-word summary: ``fresh``, ``restored``,
-        ``state-repair`` (state unusable: fetch before executing) or ``log-lost``."""
-        self.recovery_marker = b"R" in records or b"R" in damaged
-        if not records and not damaged:
-            return "fresh"
-        objs, marker, stable, state_damaged, log_damaged = self._read_state_records(records, damaged)
-        outcome = self._restore_state(objs, marker, stable, state_damaged)
-        log = None if log_damaged else self._read_log(records)
-        if log is None:
-            self._emit(Restored("log-lost"))
-            return "log-lost" if outcome == "restored" else outcome
-        view, active, batches, q, p, committed = log
-        self._restore_log(records, view, active, batches, q, p, committed)
-        if not self.needs_state:
-            self._reexecute_committed(committed)
-        if stable is not None and stable[0] > self.last_committed_exec:
-            self._start_fetch(*stable)  # the stable checkpoint we were fetching when we stopped
-        self._emit(Restored(outcome))
-        return outcome
 
-    def _read_state_records(self, records: dict[bytes, bytes], damaged: frozenset[bytes]) -> tuple:
-        """The objects, the persisted checkpoint (``s``) and the stable one (``h``) in the store,
-        and whether the state's or the log's records are damaged."""
-        log_damaged = any(k[:1] in b"vqckbhn" for k in damaged)
-        state_damaged = any(k[:1] in b"os" for k in damaged)
-        # -- the state at the persisted checkpoint
-        objs = {}
+# -- restart (the cross-area step: it rebuilds the replica's fields from the records) ----------
+def restore(r, records: dict[bytes, bytes], damaged: frozenset[bytes] = frozenset()) -> str:
+    """Come back from stable storage.  ``records``: every intact record; ``damaged``: keys
+    whose checksum failed (torn or corrupt).  Call right after construction and
+    ``enable_persistence``.  Returns a one-word summary: ``fresh``, ``restored``,
+    ``state-repair`` (state unusable: fetch before executing) or ``log-lost``."""
+    r.recovery_marker = b"R" in records or b"R" in damaged
+    if not records and not damaged:
+        return "fresh"
+    objs, marker, stable, state_damaged, log_damaged = _read_state_records(r, records, damaged)
+    outcome = _restore_state(r, objs, marker, stable, state_damaged)
+    log = None if log_damaged else _read_log(r, records)
+    if log is None:
+        r._emit(Restored("log-lost"))
+        return "log-lost" if outcome == "restored" else outcome
+    view, active, batches, q, p, committed = log
+    _restore_log(r, records, view, active, batches, q, p, committed)
+    if not r.needs_state:
+        _reexecute_committed(r, committed)
+    if stable is not None and stable[0] > r.last_committed_exec:
+        r._start_fetch(*stable)  # the stable checkpoint we were fetching when we stopped
+    r._emit(Restored(outcome))
+    return outcome
+
+
+def _read_state_records(r, records: dict[bytes, bytes], damaged: frozenset[bytes]) -> tuple:
+    """The objects, the persisted checkpoint (``s``) and the stable one (``h``) in the store,
+    and whether the state's or the log's records are damaged."""
+    log_damaged = any(k[:1] in b"vqckbhn" for k in damaged)
+    state_damaged = any(k[:1] in b"os" for k in damaged)
+    # -- the state at the persisted checkpoint
+    objs = {}
+    for k, v in records.items():
+        if k[:1] == b"o" and len(k) == 9:
+            i = int.from_bytes(k[1:], "big")
+            if i < r.state.n:
+                objs[i] = v
+            else:
+                state_damaged = True
+    marker = None
+    stable = None
+    try:
+        if b"s" in records:
+            s, d = msgpack.unpackb(records[b"s"], raw=False, use_list=False)
+            marker = (int(s), bytes(d))
+    except Exception:  # noqa: BLE001 - checksummed, so only a bug writes a bad one
+        state_damaged = True
+    try:
+        if b"h" in records:
+            s, d = msgpack.unpackb(records[b"h"], raw=False, use_list=False)
+            stable = (int(s), bytes(d))
+    except Exception:  # noqa: BLE001
+        log_damaged = True
+    return objs, marker, stable, state_damaged, log_damaged
+
+
+def _restore_state(r, objs: dict, marker: Optional[tuple[int, bytes]], stable: Optional[tuple[int, bytes]],
+                   state_damaged: bool) -> str:
+    """The state at the persisted checkpoint, checked against its digest: ``restored``, or
+    ``state-repair`` (kept, but nothing executes before a certified checkpoint is fetched)."""
+    outcome = "restored"
+    st = r.state
+    if marker is None and objs:
+        state_damaged = True  # objects of some checkpoint without the record saying which
+    try:
+        # objects never written still have their initial value (this replica is new)
+        r.rs.put_objs(objs)
+    except ValueError:
+        state_damaged = True
+    st.discard_all()
+    st.rebuild()
+    st.unpersisted = set()
+    if marker is None and not state_damaged:
+        r.ckpts = {0: st.checkpoint(0)}  # never got past the initial state
+        r.h = stable[0] if stable is not None else 0
+    elif marker is not None and not state_damaged and st.current_digest(marker[0]) == marker[1]:
+        n, d = marker
+        st.checkpoint(n)
+        r.ckpts = {n: d}
+        r.last_exec = r.last_committed_exec = r.seq_assigned = n
+        # the window starts at the stable checkpoint, which may be below the state's
+        # checkpoint (not yet stable) or above it (it was being fetched)
+        r.h = stable[0] if stable is not None else 0
+        r.disk.persisted_ckpt = n
+    elif marker is not None or state_damaged:
+        # unusable: keep the objects (a transfer fetches only those that differ) but
+        # execute nothing before a certified checkpoint has been fetched.  The log is
+        # still ours: the window stays where the persisted checkpoint put it
+        base = stable[0] if stable is not None else 0
+        r.ckpts = {}
+        r.h = r.last_exec = r.last_committed_exec = r.seq_assigned = base
+        r.needs_state = True
+        st.unpersisted = set(range(st.n))
+        outcome = "state-repair"
+    return outcome
+
+
+def _read_log(r, records: dict[bytes, bytes]) -> Optional[tuple]:
+    """The log records within the window: (view, active, batches, Q, P, committed), or None
+    if they do not decode (the log is then lost)."""
+    try:
+        view, active = msgpack.unpackb(records.get(b"v", _pack([0, True])), raw=False, use_list=False)
+        batches = {}
         for k, v in records.items():
-            if k[:1] == b"o" and len(k) == 9:
-                i = int.from_bytes(k[1:], "big")
-                if i < self.state.n:
-                    objs[i] = v
-                else:
-                    state_damaged = True
-        marker = None
-        stable = None
-        try:
-            if b"s" in records:
-                s, d = msgpack.unpackb(records[b"s"], raw=False, use_list=False)
-                marker = (int(s), bytes(d))
-        except Exception:  # noqa: BLE001 - checksummed, so only a bug writes a bad one
-            state_damaged = True
-        try:
-            if b"h" in records:
-                s, d = msgpack.unpackb(records[b"h"], raw=False, use_list=False)
-                stable = (int(s), bytes(d))
-        except Exception:  # noqa: BLE001
-            log_damaged = True
-        return objs, marker, stable, state_damaged, log_damaged
+            if k[:1] == b"b" and len(k) == 33:
+                batches[k[1:]] = r.codec.decode_batch(v)
+        q = {}
+        p = {}
+        committed = {}
+        for k, v in records.items():
+            if len(k) != 9 or k[:1] not in b"qck":
+                continue
+            n = int.from_bytes(k[1:], "big")
+            if not r.h < n <= r.h + r.L:
+                continue
+            x = msgpack.unpackb(v, raw=False, use_list=False, strict_map_key=False)
+            if k[:1] == b"q":
+                q[n] = {bytes(dg): int(vv) for dg, vv in x.items()}
+            elif k[:1] == b"c":
+                p[n] = (bytes(x[1]), int(x[0]))
+            else:
+                committed[n] = (int(x[0]), bytes(x[1]))
+    except (ValueError, TypeError, KeyError, DecodeError, msgpack.UnpackException):
+        return None
+    return view, active, batches, q, p, committed
 
-    def _restore_state(self, objs: dict, marker: Optional[tuple[int, bytes]], stable: Optional[tuple[int, bytes]],
-                       state_damaged: bool) -> str:
-        """The state at the persisted checkpoint, checked against its digest: ``restored``, or
-        ``state-repair`` (kept, but nothing executes before a certified checkpoint is fetched)."""
-        outcome = "restored"
-        st = self.state
-        if marker is None and objs:
-            state_damaged = True  # objects of some checkpoint without the record saying which
+
+def _restore_log(r, records: dict[bytes, bytes], view, active, batches: dict, q: dict, p: dict,
+                 committed: dict) -> None:
+    """The view, the NewView that installed it, the Q and P sets, the batches and the slots of
+    the current view (what we pre-prepared, prepared and committed in it)."""
+    r.view = int(view)
+    r.view_active = bool(active) or r.view == 0
+    if r.view_active and r.view > 0 and b"n" in records:
         try:
-            # objects never written still have their initial value (this replica is new)
-            self.rs.put_objs(objs)
-        except ValueError:
-            state_damaged = True
-        st.discard_all()
-        st.rebuild()
-        st.unpersisted = set()
-        if marker is None and not state_damaged:
-            self.ckpts = {0: st.checkpoint(0)}  # never got past the initial state
-            self.h = stable[0] if stable is not None else 0
-        elif marker is not None and not state_damaged and st.current_digest(marker[0]) == marker[1]:
-            n, d = marker
-            st.checkpoint(n)
-            self.ckpts = {n: d}
-            self.last_exec = self.last_committed_exec = self.seq_assigned = n
-            # the window starts at the stable checkpoint, which may be below the state's
-            # checkpoint (not yet stable) or above it (it was being fetched)
-            self.h = stable[0] if stable is not None else 0
-            self.persisted_ckpt = n
-        elif marker is not None or state_damaged:
-            # unusable: keep the objects (a transfer fetches only those that differ) but
-            # execute nothing before a certified checkpoint has been fetched.  The log is
-            # still ours: the window stays where the persisted checkpoint put it
-            base = stable[0] if stable is not None else 0
-            self.ckpts = {}
-            self.h = self.last_exec = self.last_committed_exec = self.seq_assigned = base
-            self.needs_state = True
-            st.unpersisted = set(range(st.n))
-            outcome = "state-repair"
-        return outcome
+            nv_raw, vc_raws = msgpack.unpackb(records[b"n"], raw=False, use_list=False)
+            fr = r.codec.open_frame(nv_raw)
+            nv = r.codec.parse(fr)
+            if nv.view == r.view:
+                r.nv, r.nv_raw, r.nv_vc_raws = nv, nv_raw, [bytes(x) for x in vc_raws]
+                r.nv_digest = fr.digest
+        except (ValueError, TypeError, DecodeError, msgpack.UnpackException):
+            pass  # only liveness suffers: peers that missed the NewView wait for the next one
+    r.Qset.update(q)
+    r.P.update(p)
+    for d, b in batches.items():
+        r.batches[d] = (b, r.h + r.L)
+    # slots of the current view: what we pre-prepared, prepared and committed in it
+    for n, qd in q.items():
+        for d, v in qd.items():
+            if v != r.view:
+                continue
+            slot = r._slot(n)
+            slot.digest = d
+            slot.batch = r._batch_for(d)
+            if r.primary() != r.id:
+                slot.prepares[r.id] = d
+            if p.get(n) == (d, r.view):
+                slot.prepared = True
+                slot.commits[r.id] = d
+            if committed.get(n, (None, None))[1] == d:
+                slot.committed = True
+    r.seq_assigned = max([r.seq_assigned, r.h, *q])
+    if not r.view_active:
+        r.vc_deadline = r.now + r.vc_timeout
 
-    def _read_log(self, records: dict[bytes, bytes]) -> Optional[tuple]:
-        """The log records within the window: (view, active, batches, Q, P, committed), or None
-        if they do not decode (the log is then lost)."""
-        try:
-            view, active = msgpack.unpackb(records.get(b"v", _pack([0, True])), raw=False, use_list=False)
-            batches = {}
-            for k, v in records.items():
-                if k[:1] == b"b" and len(k) == 33:
-                    batches[k[1:]] = self.codec.decode_batch(v)
-            q = {}
-            p = {}
-            committed = {}
-            for k, v in records.items():
-                if len(k) != 9 or k[:1] not in b"qck":
-                    continue
-                n = int.from_bytes(k[1:], "big")
-                if not self.h < n <= self.h + self.L:
-                    continue
-                x = msgpack.unpackb(v, raw=False, use_list=False, strict_map_key=False)
-                if k[:1] == b"q":
-                    q[n] = {bytes(dg): int(vv) for dg, vv in x.items()}
-                elif k[:1] == b"c":
-                    p[n] = (bytes(x[1]), int(x[0]))
-                else:
-                    committed[n] = (int(x[0]), bytes(x[1]))
-        except (ValueError, TypeError, KeyError, DecodeError, msgpack.UnpackException):
-            return None
-        return view, active, batches, q, p, committed
 
-    def _restore_log(self, records: dict[bytes, bytes], view, active, batches: dict, q: dict, p: dict,
-                     committed: dict) -> None:
-        """The view, the NewView that installed it, the Q and P sets, the batches and the slots of
-        the current view (what we pre-prepared, prepared and committed in it)."""
-        self.view = int(view)
-        self.view_active = bool(active) or self.view == 0
-        if self.view_active and self.view > 0 and b"n" in records:
-            try:
-                nv_raw, vc_raws = msgpack.unpackb(records[b"n"], raw=False, use_list=False)
-                fr = self.codec.open_frame(nv_raw)
-                nv = self.codec.parse(fr)
-                if nv.view == self.view:
-                    self.nv, self.nv_raw, self.nv_vc_raws = nv, nv_raw, [bytes(x) for x in vc_raws]
-                    self.nv_digest = fr.digest
-            except (ValueError, TypeError, DecodeError, msgpack.UnpackException):
-                pass  # only liveness suffers: peers that missed the NewView wait for the next one
-        self.Qset.update(q)
-        self.P.update(p)
-        for d, b in batches.items():
-            self.batches[d] = (b, self.h + self.L)
-        # slots of the current view: what we pre-prepared, prepared and committed in it
-        for n, qd in q.items():
-            for d, v in qd.items():
-                if v != self.view:
-                    continue
-                slot = self._slot(n)
-                slot.digest = d
-                slot.batch = self._batch_for(d)
-                if self.primary() != self.id:
-                    slot.prepares[self.id] = d
-                if p.get(n) == (d, self.view):
-                    slot.prepared = True
-                    slot.commits[self.id] = d
-                if committed.get(n, (None, None))[1] == d:
-                    slot.committed = True
-        self.seq_assigned = max([self.seq_assigned, self.h, *q])
-        if not self.view_active:
-            self.vc_deadline = self.now + self.vc_timeout
-
-    def _reexecute_committed(self, committed: dict) -> None:
-        """Re-execute, in order, what committed after the persisted checkpoint; then tentatively what
-        we had prepared in this view (a write acknowledged with tentative replies is then visible
-        again before any read is answered)."""
-        n = self.last_committed_exec + 1
-        while n in committed:
-            d = committed[n][1]
-            batch = self._batch_for(d)
-            if batch is None:
-                break
-            slot = self.slots.get(n)
-            if slot is None or slot.digest != d:
-                slot = self._slot(n)
-                slot.view, slot.digest, slot.batch = committed[n][0], d, batch
-            self._execute(n, slot, tentative=False)
-            n += 1
-        self._try_execute()
-        self.out = []  # replies to clients gone since, checkpoints to be voted again
+def _reexecute_committed(r, committed: dict) -> None:
+    """Re-execute, in order, what committed after the persisted checkpoint; then tentatively what
+    we had prepared in this view (a write acknowledged with tentative replies is then visible
+    again before any read is answered)."""
+    n = r.last_committed_exec + 1
+    while n in committed:
+        d = committed[n][1]
+        batch = r._batch_for(d)
+        if batch is None:
+            break
+        slot = r.slots.get(n)
+        if slot is None or slot.digest != d:
+            slot = r._slot(n)
+            slot.view, slot.digest, slot.batch = committed[n][0], d, batch
+        r._execute(n, slot, tentative=False)
+        n += 1
+    r._try_execute()
+    r.out = []  # replies to clients gone since, checkpoints to be voted again

@@ -91,8 +91,7 @@ class Recovery:
         self.needs_state = True
         self.transfer.abandon()
         self.last_exec = self.last_committed_exec
-        if self._puts is not None:
-            self._puts[b"R"] = msgpack.packb(nonce)
+        self.disk.recovery(nonce)
         self._emit(RecoveryStarted(nonce))
         self._recovery_send()
 
@@ -185,8 +184,7 @@ class Recovery:
         self.recovering = None
         self.recoveries += 1
         self.last_recovery_ms = self.now - rec.started
-        if self._puts is not None:
-            self._puts[b"R"] = None
+        self.disk.recovery(None)
         self._emit(Recovered(rec.H, self.last_recovery_ms))
 
     def _recovery_ignores(self, n: int) -> bool:

@@ -47,7 +47,8 @@ from ..messages import (
 from ..service import Service
 from ..state.partition import Fetcher
 from ..state.replica_state import ReplicaState
-from .durability import Durability
+from .durability import Persistence
+from .durability import restore as restore_replica
 from .quorum import Reached, Quorums
 from .ready import Ready
 from .state_transfer import StateTransfer
@@ -109,7 +110,7 @@ class ReqInfo:
     since: float = 0.0  # backups: when it became certified here (or the current view started)
 
 
-class Replica(Durability, Recovery):
+class Replica(Recovery):
     def __init__(
         self,
         cfg: ClusterConfig,
@@ -133,6 +134,8 @@ class Replica(Durability, Recovery):
         self.dropped_total = 0
         self.vc_ahead_at: dict[int, float] = {}  # replica -> when we took its last view change > view+1
         self.sender_budget: dict[tuple[int, int], tuple[float, int]] = {}  # (replica, tag) -> (start, used)
+        self.disk = Persistence(self)  # the records each step writes (off until enable_persistence)
+        self.recovery_marker = False  # the store says a recovery was under way (``begin_recovery`` again)
         self.executed_requests = 0  # metric
         # handler work a peer's messages caused, in items (vouch keys, requests checked): the
         # simulator's CPU model charges it, so that work one message makes us do is measured
@@ -260,17 +263,22 @@ class Replica(Durability, Recovery):
         Call it once after every step (``receive``, ``tick``, ``restore``, ``begin_recovery``,
         ``restart``)."""
         sends = self._take_sends()
-        puts = self._puts
-        if puts:
-            self._puts = {}
-        else:
-            puts = {}
+        puts = self.disk.take()
         events, refresh = self.events, self.refresh_keys
         if events:
             self.events = []
         if refresh:
             self.refresh_keys = False
         return Ready(puts, sends, events, refresh)
+
+    def enable_persistence(self) -> None:
+        """Start collecting records to write (call before ``restore`` and any message)."""
+        self.disk.enable()
+
+    def restore(self, records: dict[bytes, bytes], damaged: frozenset[bytes] = frozenset()) -> str:
+        """Come back from stable storage (``pbft.core.durability.restore``): returns ``fresh``,
+        ``restored``, ``state-repair`` or ``log-lost``."""
+        return restore_replica(self, records, damaged)
 
     def _take_sends(self) -> list[tuple[tuple[int, ...], bytes]]:
         # one Vouch per driver step: vouches batch themselves under load. They wait up to
@@ -564,7 +572,7 @@ class Replica(Durability, Recovery):
         if old is None or old[1] < n:
             self.batches[d] = (batch, n)
             if old is None:
-                self._persist_batch(d, batch)
+                self.disk.batch(d, batch)
 
     def _batch_for(self, d: bytes) -> Optional[Batch]:
         if d == NULL_BATCH_DIGEST:
@@ -937,7 +945,7 @@ class Replica(Durability, Recovery):
         if len(q) > 4:  # bounded: keep the digests of the latest views
             for old in sorted(q, key=q.get)[: len(q) - 4]:
                 del q[old]
-        self._persist_q(n)
+        self.disk.q(n)
 
     def _slot(self, n: int) -> Slot:
         s = self.slots.get(n)
@@ -1088,7 +1096,7 @@ class Replica(Durability, Recovery):
             return
         slot.prepared = True
         self.P[n] = (d, self.view)
-        self._persist_p(n)
+        self.disk.p(n)
         self._emit(Prepared(self.view, n, d))
         slot.commits[self.id] = d
         self._broadcast(Commit(self.view, n, d, self.id))
@@ -1113,7 +1121,7 @@ class Replica(Durability, Recovery):
         if not self.quorums.is_quorum([r for r, x in slot.commits.items() if x == d]):
             return
         slot.committed = True
-        self._persist_committed(n, d)
+        self.disk.committed(n, d)
         self._emit(Committed(self.view, n, d))
         self._try_execute()
 
@@ -1214,7 +1222,7 @@ class Replica(Durability, Recovery):
     def _take_checkpoint(self, n: int, d: bytes) -> None:
         """Checkpoint n (whose record the state already holds) is committed: vote for it."""
         self.ckpts[n] = d
-        self._persist_checkpoint(n, d)
+        self.disk.checkpoint(n, d)
         self._emit(CheckpointTaken(n, d, self.state.root_at(n)))
         self.checkpoint_votes.record(self.id, n, d)
         self._broadcast(Checkpoint(n, d, self.id))
@@ -1315,7 +1323,7 @@ class Replica(Durability, Recovery):
         """Checkpoint (n, d) is stable (or certified): discard the log up to it."""
         if n <= self.h:
             return
-        self._persist_gc(self.h, min(n, self.h + self.L), n, d)
+        self.disk.gc(self.h, min(n, self.h + self.L), n, d)
         self.h = n
         self._emit(Stable(n))
         for k in [k for k in self.slots if k <= n]:
@@ -1333,7 +1341,7 @@ class Replica(Durability, Recovery):
         self.state.discard_below(n)
         for d in [d for d, (_, m) in self.batches.items() if m <= n]:
             del self.batches[d]
-            self._persist_forget_batch(d)
+            self.disk.forget_batch(d)
         self.checkpoint_votes.discard_upto(n)
         if self.recovery_points:
             self._prune_recovery_points()
@@ -1366,7 +1374,7 @@ class Replica(Durability, Recovery):
             del self.exec_log[k]
         self.tentative_ckpts.clear()
         self.ckpts[n] = d
-        self._persist_checkpoint(n, d)
+        self.disk.checkpoint(n, d)
         self._emit(StateTransferred(n, d, self.state.root_at(n)))
         for c in [c for c, ri in self.pending.items() if ri.req.timestamp <= self.last_reply.get(c, (0,))[0]]:
             del self.pending[c]
@@ -1464,7 +1472,7 @@ class Replica(Durability, Recovery):
             self._rollback()
         self.view = v
         self.view_active = False
-        self._persist_view()
+        self.disk.view()
         self.nv = None
         self.nv_raw = None
         self.nv_vc_raws = []
@@ -1855,7 +1863,7 @@ class Replica(Durability, Recovery):
         self.batches_wanted.clear()
         self.view_active = True
         self.nv, self.nv_raw, self.nv_vc_raws = nv, raw, vc_raws
-        self._persist_view()
+        self.disk.view()
         self.vc_deadline = None
         self.my_vc_raw = None
         self._prune_view_changes()
