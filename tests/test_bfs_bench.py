@@ -53,3 +53,33 @@ def test_bench_fs_tiny_against_bfs_and_local(tmp_path):
     assert sum(1 for ln in lines if ln.startswith(("andrew-1", "postmark"))) == len(bench.ANDREW_PHASES) + len(
         bench.POSTMARK_PHASES) + 2
     assert lines[-1] == "contents checked: all correct"
+
+
+def test_write_behind_extents_match_a_file_model():
+    # the mount's write-behind (gathered writes merged into extents, reads laid over the
+    # replicas' bytes) against a plain bytearray, for random small writes and reads
+    import random
+
+    mount = pytest.importorskip("pbft.services.bfs.mount", reason="pyfuse3 is not installed")
+    rng = random.Random(5)
+    for trial in range(200):
+        base = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 300)))  # what the replicas hold
+        model = bytearray(base)
+        ext: list = []
+        for _ in range(rng.randrange(1, 12)):
+            off = rng.randrange(0, 400)
+            data = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 80)))
+            ext = mount._merge(ext, off, data, ("cred",))
+            if off > len(model):
+                model.extend(bytes(off - len(model)))
+            model[off:off + len(data)] = data
+        # extents stay sorted, disjoint and not touching
+        for (o1, b1, _), (o2, _, _) in zip(ext, ext[1:]):
+            assert o1 + len(b1) < o2
+        ops = mount.BFSOperations.__new__(mount.BFSOperations)
+        ops.dirty = {7: ext}
+        for _ in range(5):
+            off, size = rng.randrange(0, 500), rng.randrange(1, 200)
+            got = ops._overlay(7, off, size, base[off:off + size])
+            assert got == bytes(model[off:off + size]), trial
+        assert ops._with_dirty((7, 0, 1, 0, 0, 0, len(base), 0, 0, 0, 0))[6] == len(model)

@@ -13,10 +13,12 @@ request to the replicated ``BFSService``.
   from the service as it is; no certified reply within ``timeout_s`` is ETIMEDOUT; other
   library errors EIO; anything unexpected is logged and becomes EIO), so a bug cannot take
   the mount down.
-* Caching (``docs/bfs.md``): by default attributes and entries are cached for ``cache_s``
-  (1 s) and file data in the page cache until the next open (close-to-open: ``open``
-  fetches fresh attributes and drops cached pages); ``strict``: no kernel caching at all
-  (timeouts 0, direct I/O) and every read is an ordered operation.
+* Caching (``docs/bfs.md``): by default attributes, entries and absent names are cached for
+  ``cache_s`` (1 s) and file data in the page cache until the next open (close-to-open:
+  ``open`` fetches fresh attributes and keeps the cached pages only if the file did not
+  change); writes are gathered in the mount (write-behind) and sent at the latest at close or
+  fsync; ``strict``: no kernel caching at all (timeouts 0, direct I/O), every write sent at
+  once and every read an ordered operation.
 * Credentials: the caller's uid, gid and supplementary groups (from ``/proc/PID/status``)
   go with every request; reads and writes through an open file use the opener's.
 """
@@ -648,6 +650,10 @@ async def run_mount(cluster, identities: list[int], mountpoint: str, strict: boo
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        try:
+            await ops._flush_all()  # writes still gathered (files left open at a SIGTERM)
+        except Exception:
+            log.warning("bfs mount: writes to %d files could not be sent at the end", len(ops.dirty))
         try:
             for ino, who in list(ops.orphans.items()):
                 await ops.call("release", ino, cred=(0, 0, ()), ident=who)
