@@ -67,9 +67,6 @@ def cmd_init(args) -> int:
         with open(c.dir / "cluster.toml", "a") as fh:
             fh.write(DEFAULT_SECTION)
         print(f"added a [bfs] section (limits, client policy) to {c.dir / 'cluster.toml'}: see docs/bfs.md")
-    if not getattr(args, "no_integrity", False):
-        from ..runtime.integrity import record
-        record(c.dir)  # replicas refuse to start from other code (runtime.integrity)
     print(f"wrote {c.dir / 'cluster.toml'}: {c.n} replicas (f={c.cfg.f}), {len(c.client_ids)} clients "
           f"(ids {c.client_ids[0]}..{c.client_ids[-1]}); private keys in {c.dir / 'keys'} (mode 0600)")
     for r in c.replicas:
@@ -84,20 +81,11 @@ def cmd_replica(args) -> int:
     from ..runtime.cluster import load_cluster
     from ..runtime.node import run_replica
 
-    from ..runtime.integrity import check
-    from .guard import signer_spec
-
     cluster = load_cluster(args.dir)
     if not 0 <= args.id < cluster.n:
         raise ConfigError(f"--id must be a replica id 0..{cluster.n - 1}, got {args.id}")
-    check(cluster.dir)  # the code we run is the code cluster.toml names (at every start: every reboot)
-    identity = None
-    sock = signer_spec(cluster.dir, args.id, getattr(args, "signer", None))
-    if sock is not None:  # the key stays in a signer process; we never read the key file
-        from ..runtime.signer import SignerIdentity
-        identity = SignerIdentity(args.id, sock, cluster.replicas[args.id].public_key)
     service = load_service(args.service, cluster)
-    run_replica(cluster, args.id, service, quiet=args.quiet, recover=args.recover, identity=identity)
+    run_replica(cluster, args.id, service, quiet=args.quiet, recover=args.recover)
     return 0
 
 
@@ -293,8 +281,6 @@ def add_commands(sub) -> None:
     i.add_argument("--clients", type=int, default=None,
                    help="client identities to create (default 4; 8 with --service bfs)")
     i.add_argument("--force", action="store_true", help="overwrite an existing cluster.toml")
-    i.add_argument("--no-integrity", action="store_true", help="record no [integrity] package_sha256 (replicas "
-                   "then run whatever code is installed; docs/recovery.md)")
     i.add_argument("--service", default=None, choices=["bfs"],
                    help="bfs: also write the file system's [bfs] section (docs/bfs.md)")
     i.set_defaults(func=cmd_init)
@@ -306,8 +292,6 @@ def add_commands(sub) -> None:
     r.add_argument("--quiet", action="store_true", help="no log lines")
     r.add_argument("--recover", action="store_true",
                    help="start with a proactive recovery (what a reboot by the watchdog or `pbft recover` does)")
-    r.add_argument("--signer", default=None, help="the UNIX socket of a `pbft signer` holding this replica's "
-                   "key (default: [keys] signer in cluster.toml, else the key file is read)")
     r.set_defaults(func=cmd_replica)
 
     rc = sub.add_parser("recover", help="make a replica start a proactive recovery now")
@@ -323,8 +307,6 @@ def add_commands(sub) -> None:
 
     from ..services.bfs.cli import add_bfs_commands
     add_bfs_commands(sub)
-    from .guard import add_guard_commands
-    add_guard_commands(sub)
 
     k = sub.add_parser("kv", help="a client of the key-value service")
     k.add_argument("dir")
