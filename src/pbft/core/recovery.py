@@ -2,7 +2,7 @@
 
 The driver reboots the replica (a fresh process, a clean copy of the code, the state
 reloaded from disk, new session keys sent with NewKey so that every key a client or
-attacker knew is dropped) and then calls :meth:`Recovery.begin_recovery`.  From there:
+attacker knew is dropped) and then calls :meth:`Replica.begin_recovery`.  From there:
 
 1. **Distrust.**  The log reloaded from disk is dropped (an attacker may have written
    it); the objects are kept but treated as unverified (``needs_state``): nothing is
@@ -27,12 +27,17 @@ attacker knew is dropped) and then calls :meth:`Recovery.begin_recovery`.  From 
 
 A recovering replica must be counted among the f faulty ones until it has recovered
 (docs/recovery.md: the window of vulnerability).
+
+``ProactiveRecovery`` owns: our recovery under way (``run``), the recovery points learnt by
+executing other replicas' recovery requests (``points``), the admission of those requests and the
+QueryStable answer budget, and the recovery counters. It may not touch the log, the state or the
+checkpoints: step 1 (distrust) is ``Replica.begin_recovery``, the cross-area step.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import msgpack
 
@@ -43,6 +48,9 @@ from .drops import Drop
 from .events import (
     Recovered, RecoveryEstimated, RecoveryPointLearned, RecoveryRequestExecuted, RecoveryStarted,
 )
+
+if TYPE_CHECKING:
+    from .replica import Replica
 
 
 @dataclass
@@ -60,64 +68,57 @@ class RecoveryRun:
     next_send: float = 0.0
 
 
-class Recovery:
-    recovering: Optional[RecoveryRun] = None
+class ProactiveRecovery:
+    """The component (see the module docstring for what it owns)."""
 
-    def _init_recovery(self) -> None:
-        self.recovering = None
-        self.recovery_points: dict[int, int] = {}  # replica -> recovery point H (learned by executing)
+    __slots__ = ("r", "run", "points", "recoveries", "last_recovery_ms", "stable_answered", "admitted")
+
+    def __init__(self, replica: "Replica"):
+        self.r = replica
+        self.run: Optional[RecoveryRun] = None  # our recovery under way (None: not recovering)
+        self.points: dict[int, int] = {}  # replica -> recovery point H (learned by executing)
         self.recoveries = 0
         self.last_recovery_ms: Optional[float] = None
-        self.stable_answered: dict[int, float] = {}
-        self.recovery_admitted: dict[int, tuple[int, float]] = {}  # replica -> (timestamp, when admitted)
+        self.stable_answered: dict[int, float] = {}  # replica -> when we last answered its QueryStable
+        self.admitted: dict[int, tuple[int, float]] = {}  # replica -> (timestamp, when admitted)
 
     # ------------------------------------------------------------------
     # at the recovering replica
     # ------------------------------------------------------------------
-    def begin_recovery(self, now: float, nonce: int) -> None:
-        """Start a recovery (after a reboot and ``restore``).  ``nonce``: a number larger
-        than any this replica used before (the runtime uses the wall clock in µs)."""
-        self.now = now
-        self.recovering = RecoveryRun(nonce=nonce, started=now)
-        # 1. distrust: forget the log, keep the objects unverified
-        self.slots.clear()
-        self.P.clear()
-        self.Qset.clear()
-        self.exec_log.clear()
-        self.tentative_ckpts.clear()
-        self.ckpts = {}
-        self.state.discard_all()
-        self.state.unpersisted = set(range(self.state.n))
-        self.needs_state = True
-        self.transfer.abandon()
-        self.last_exec = self.last_committed_exec
-        self.disk.recovery(nonce)
-        self._emit(RecoveryStarted(nonce))
-        self._recovery_send()
+    def start(self, nonce: int) -> None:
+        """Our recovery begins (``Replica.begin_recovery`` distrusted the log first)."""
+        r = self.r
+        self.run = RecoveryRun(nonce=nonce, started=r.now)
+        r.disk.recovery(nonce)
+        r._emit(RecoveryStarted(nonce))
+        self._send()
 
-    def _recovery_send(self) -> None:
-        rec = self.recovering
-        rec.next_send = self.now + self.cfg.status_interval_ms * 2
+    def _send(self) -> None:
+        r = self.r
+        rec = self.run
+        rec.next_send = r.now + r.cfg.status_interval_ms * 2
         if rec.phase == "estimate":
-            self._broadcast(QueryStable(self.id, rec.nonce))
+            r._broadcast(QueryStable(r.id, rec.nonce))
         elif rec.phase == "request" and rec.request_raw is not None:
-            self.out.append((self.others, rec.request_raw))
+            r.out.append((r.others, rec.request_raw))
 
-    def _recovery_tick(self) -> None:
-        rec = self.recovering
-        if rec is not None and rec.phase != "check" and self.now >= rec.next_send:
-            self._recovery_send()
+    def tick(self) -> None:
+        r = self.r
+        rec = self.run
+        if rec is not None and rec.phase != "check" and r.now >= rec.next_send:
+            self._send()
 
     def _ignore_reply_stable(self, m: ReplyStable) -> Optional[Drop]:
-        rec = self.recovering
+        rec = self.run
         if rec is None or rec.phase != "estimate" or m.nonce != rec.nonce:
             return Drop.REPLY_STABLE_UNEXPECTED
         return None
 
-    def on_reply_stable(self, m: ReplyStable, fr) -> None:
+    def on_reply_stable(self, m: ReplyStable, fr=None) -> None:
+        r = self.r
         if (why := self._ignore_reply_stable(m)) is not None:
-            return self._drop(why)
-        rec = self.recovering
+            return r._drop(why)
+        rec = self.run
         assert rec is not None and rec.phase == "estimate"
         old = rec.reports.get(m.replica)
         rec.reports[m.replica] = (m.checkpoint, m.prepared) if old is None else \
@@ -127,13 +128,14 @@ class Recovery:
             return
         rec.H_M = H_M
         rec.phase = "request"
-        req = Request(self.id, rec.nonce, RECOVERY_OP + msgpack.packb(H_M), False, ALL_REPLICAS)
-        rec.request_raw = seal(req, self.keys)
-        self._emit(RecoveryEstimated(H_M))
-        self._recovery_send()
+        req = Request(r.id, rec.nonce, RECOVERY_OP + msgpack.packb(H_M), False, ALL_REPLICAS)
+        rec.request_raw = seal(req, r.keys)
+        r._emit(RecoveryEstimated(H_M))
+        self._send()
 
     def _estimate(self, reports: dict[int, tuple[int, int]]) -> Optional[int]:
-        q = self.quorums
+        r = self.r
+        q = r.quorums
         best = None
         for j, (cj, _) in reports.items():
             # replicas other than j of weight 2f (with unit weights) report c <= cj, of weight f p >= cj
@@ -141,24 +143,26 @@ class Recovery:
                     q.is_weak_but_one([k for k, (_, pk) in reports.items() if k != j and pk >= cj]) and \
                     (best is None or cj > best):
                 best = cj
-        return None if best is None else best + self.L
+        return None if best is None else best + r.L
 
     def _ignore_recovery_reply(self, m: Reply) -> Optional[Drop]:
-        rec = self.recovering
-        if rec is None or rec.phase != "request" or m.client != self.id or m.timestamp != rec.nonce \
+        r = self.r
+        rec = self.run
+        if rec is None or rec.phase != "request" or m.client != r.id or m.timestamp != rec.nonce \
                 or m.result is None or result_digest(m.result) != m.result_digest:
             return Drop.REPLY_UNEXPECTED
         return None
 
-    def on_recovery_reply(self, m: Reply, fr) -> None:
+    def on_recovery_reply(self, m: Reply, fr=None) -> None:
+        r = self.r
         if (why := self._ignore_recovery_reply(m)) is not None:
-            return self._drop(why)
-        rec = self.recovering
+            return r._drop(why)
+        rec = self.run
         assert rec is not None and rec.phase == "request" and m.result is not None
         # the result is certified by a weak certificate of final replies or a quorum of any replies
         if rec.final is None or rec.any is None:
-            rec.final = Certificate(self.quorums, self.quorums.weak)
-            rec.any = Certificate(self.quorums, self.quorums.quorum)
+            rec.final = Certificate(r.quorums, r.quorums.weak)
+            rec.any = Certificate(r.quorums, r.quorums.quorum)
         if m.tentative:
             rec.final.discard(m.replica)
             certified = None
@@ -172,29 +176,30 @@ class Recovery:
         except (ValueError, TypeError, msgpack.UnpackException):
             return  # f+1 replicas cannot all be faulty: unreachable
         rec.n_R, rec.H, rec.phase = int(n_R), int(H), "check"
-        self._emit(RecoveryPointLearned(rec.n_R, rec.H))
-        self._recovery_check_done()
+        r._emit(RecoveryPointLearned(rec.n_R, rec.H))
+        self.check_done()
 
-    def _recovery_check_done(self) -> None:
+    def check_done(self) -> None:
         """Recovered: the state was checked against a certified checkpoint, and a stable
         checkpoint covers the recovery point."""
-        rec = self.recovering
-        if rec is None or rec.phase != "check" or self.needs_state or self.h < rec.H:
+        r = self.r
+        rec = self.run
+        if rec is None or rec.phase != "check" or r.needs_state or r.h < rec.H:
             return
-        self.recovering = None
+        self.run = None
         self.recoveries += 1
-        self.last_recovery_ms = self.now - rec.started
-        self.disk.recovery(None)
-        self._emit(Recovered(rec.H, self.last_recovery_ms))
+        self.last_recovery_ms = r.now - rec.started
+        r.disk.recovery(None)
+        r._emit(Recovered(rec.H, self.last_recovery_ms))
 
-    def _recovery_ignores(self, n: int) -> bool:
-        rec = self.recovering
+    def ignores(self, n: int) -> bool:
+        rec = self.run
         return rec is not None and (rec.H_M is None or n <= rec.H_M)
 
     # ------------------------------------------------------------------
     # at every replica
     # ------------------------------------------------------------------
-    def _admit_recovery_request(self, req: Request) -> Optional[str]:
+    def admit(self, req: Request) -> Optional[str]:
         """Whether to take replica j's recovery request in (vouch for it, order it), or why not.
 
         A replica's new recovery request is admitted here at most once per half base view-change
@@ -205,62 +210,68 @@ class Recovery:
         seconds whatever gets ordered. This is a local decision, like any decision to vouch: what
         is executed stays deterministic (an ordered recovery request executes at every replica
         alike, and its effects are bounded: the recovery point is at most n + 2L, see
-        ``_execute_recovery_request``). Replicas admit at slightly different moments, so a
+        ``execute``). Replicas admit at slightly different moments, so a
         backup may hold a newer request of j than the one the primary orders: when one of j's
-        recovery requests executes, any other of j's waiting here is folded into it (``_committed``),
+        recovery requests executes, any other of j's waiting here is folded into it (``Replica._committed``),
         so that it never runs our request timer out (half a timeout: the primary admits a new
         one before a backup's could time out). A correct replica that reboots during its
         recovery and sends a new request waits at most one interval more (it retransmits)."""
+        r = self.r
         j, t = req.client, req.timestamp
-        last = self.recovery_admitted.get(j)
+        last = self.admitted.get(j)
         if last is not None and t != last[0]:
             if t < last[0]:
                 return None  # (older than the admitted one: the ordinary checks drop it)
-            if self.now - last[1] < self.cfg.view_change_timeout_ms / 2:
+            if r.now - last[1] < r.cfg.view_change_timeout_ms / 2:
                 return Drop.RECOVERY_REQUEST_RATE_LIMITED
         if last is None or t != last[0]:
-            self.recovery_admitted[j] = (t, self.now)
+            self.admitted[j] = (t, r.now)
         return None
 
     def _ignore_query_stable(self, m: QueryStable) -> Optional[Drop]:
+        r = self.r
         last = self.stable_answered.get(m.replica)
-        if last is not None and self.now - last < self.cfg.status_interval_ms / 2:
+        if last is not None and r.now - last < r.cfg.status_interval_ms / 2:
             return Drop.QUERY_STABLE_RATE_LIMITED
         return None
 
-    def on_query_stable(self, m: QueryStable, fr) -> None:
+    def on_query_stable(self, m: QueryStable, fr=None) -> None:
+        r = self.r
         if (why := self._ignore_query_stable(m)) is not None:
-            return self._drop(why)
-        self.stable_answered[m.replica] = self.now
-        prepared = max(max(self.P, default=0), self.last_exec, self.h)
-        self._send_to(m.replica, seal(ReplyStable(self.h, prepared, self.id, m.nonce), self.keys, to=m.replica))
+            return r._drop(why)
+        self.stable_answered[m.replica] = r.now
+        prepared = max(max(r.P, default=0), r.last_exec, r.h)
+        r._send_to(m.replica, seal(ReplyStable(r.h, prepared, r.id, m.nonce), r.keys, to=m.replica))
 
-    def _execute_recovery_request(self, j: int, op: bytes, n: int) -> bytes:
+    def execute(self, j: int, op: bytes, n: int) -> bytes:
         """Replica j's recovery request executes at sequence number n (every replica alike)."""
+        r = self.r
         try:
             H_M = msgpack.unpackb(op[len(RECOVERY_OP):])
         except (ValueError, TypeError, msgpack.UnpackException):
             H_M = None
-        if type(H_M) is not int or H_M < 0 or H_M > n + 2 * self.L:
+        if type(H_M) is not int or H_M < 0 or H_M > n + 2 * r.L:
             # an honest estimate is a stable checkpoint plus L, so at most about n + L: a larger
             # one would make the primary order null requests far ahead for nothing
             return msgpack.packb(["error", "malformed recovery request"])
         H = max(H_M, n)
-        self.recovery_points[j] = H
-        self._emit(RecoveryRequestExecuted(j, n, H))
-        if j != self.id:
-            self.refresh_keys = True  # (in the runtime: our session keys too, see ``Ready``)
+        self.points[j] = H
+        r._emit(RecoveryRequestExecuted(j, n, H))
+        if j != r.id:
+            r.refresh_keys = True  # (in the runtime: our session keys too, see ``Ready``)
         return msgpack.packb(["recovery", n, H])
 
-    def _null_goal(self) -> int:
+    def null_goal(self) -> int:
         """The sequence number the primary orders null batches up to (0: none needed)."""
-        if not self.recovery_points:
+        r = self.r
+        if not self.points:
             return 0
-        K = self.K
-        goal = max(-(-H // K) * K for H in self.recovery_points.values())
-        return goal if goal > self.h else 0
+        K = r.K
+        goal = max(-(-H // K) * K for H in self.points.values())
+        return goal if goal > r.h else 0
 
-    def _prune_recovery_points(self) -> None:
-        K = self.K
-        for j in [j for j, H in self.recovery_points.items() if self.h >= -(-H // K) * K]:
-            del self.recovery_points[j]
+    def prune_points(self) -> None:
+        r = self.r
+        K = r.K
+        for j in [j for j, H in self.points.items() if r.h >= -(-H // K) * K]:
+            del self.points[j]

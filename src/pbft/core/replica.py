@@ -53,7 +53,7 @@ from .quorum import Reached, Quorums
 from .ready import Ready
 from .state_transfer import StateTransfer
 from .status import StatusExchange
-from .recovery import Recovery
+from .recovery import ProactiveRecovery, RecoveryRun
 from .view_change import Decision, decide
 from .checkpoints import CheckpointVotes
 from .drops import HOLDABLE, Count, Drop
@@ -110,7 +110,7 @@ class ReqInfo:
     since: float = 0.0  # backups: when it became certified here (or the current view started)
 
 
-class Replica(Recovery):
+class Replica:
     def __init__(
         self,
         cfg: ClusterConfig,
@@ -210,7 +210,7 @@ class Replica(Recovery):
         self.transfer = StateTransfer(self)  # state transfer: fetching and serving checkpoints
         self.needs_state = False  # restored from a damaged store: execute nothing before a transfer
         self._installing = False
-        self._init_recovery()
+        self.recovery = ProactiveRecovery(self)  # proactive recovery: ours, and the others' points
 
     def _init_requests(self, cfg: ClusterConfig) -> None:
         # requests
@@ -270,6 +270,43 @@ class Replica(Recovery):
         if refresh:
             self.refresh_keys = False
         return Ready(puts, sends, events, refresh)
+
+    def begin_recovery(self, now: float, nonce: int) -> None:
+        """Start a proactive recovery (after a reboot and ``restore``; ``pbft.core.recovery``).
+        ``nonce``: a number larger than any this replica used before (the runtime uses the wall
+        clock in µs). The cross-area step: first distrust, forgetting the log reloaded from disk
+        and keeping the objects unverified (nothing executes before a state transfer to a
+        certified checkpoint has checked them), then the estimation starts."""
+        self.now = now
+        self.slots.clear()
+        self.P.clear()
+        self.Qset.clear()
+        self.exec_log.clear()
+        self.tentative_ckpts.clear()
+        self.ckpts = {}
+        self.state.discard_all()
+        self.state.unpersisted = set(range(self.state.n))
+        self.needs_state = True
+        self.transfer.abandon()
+        self.last_exec = self.last_committed_exec
+        self.recovery.start(nonce)
+
+    # read-only views of proactive recovery (drivers, metrics and tests read them)
+    @property
+    def recovering(self) -> Optional[RecoveryRun]:
+        return self.recovery.run
+
+    @property
+    def recovery_points(self) -> dict[int, int]:
+        return self.recovery.points
+
+    @property
+    def recoveries(self) -> int:
+        return self.recovery.recoveries
+
+    @property
+    def last_recovery_ms(self) -> Optional[float]:
+        return self.recovery.last_recovery_ms
 
     def enable_persistence(self) -> None:
         """Start collecting records to write (call before ``restore`` and any message)."""
@@ -373,7 +410,7 @@ class Replica(Recovery):
     def tick(self, now: float) -> None:
         self.now = now
         if self.recovering is not None:
-            self._recovery_tick()
+            self.recovery.tick()
         if self.status.due(now):
             self.status.send()
             if self.unverified_nv is not None or self.pending_nv is not None or self.future_nv:
@@ -509,7 +546,7 @@ class Replica(Recovery):
         """Execute one ordered request at sequence number n: the service's operation, or (from
         a replica) a recovery request, which the library handles itself."""
         if req.client < self.cfg.n:
-            return self._execute_recovery_request(req.client, req.op, n)
+            return self.recovery.execute(req.client, req.op, n)
         return self._run_service(req.op, req.client, nondet, False)
 
     def _run_service(self, op: bytes, client: int, nondet: bytes, read_only: bool) -> bytes:
@@ -592,7 +629,7 @@ class Replica(Recovery):
             self._on_read_only(ReqInfo(req, fr.digest, fr.raw))
             return
         if req.client < self.cfg.n:
-            reason = self._admit_recovery_request(req)  # (a replica's: its recovery request)
+            reason = self.recovery.admit(req)  # (a replica's: its recovery request)
             if reason:
                 self._drop(reason)
                 return
@@ -889,7 +926,7 @@ class Replica(Recovery):
     def _try_send_preprepare(self) -> None:
         cfg = self.cfg
         while (self.view_active and self.is_primary and not self._installing
-               and (self.queue or self._null_goal() > self.seq_assigned)
+               and (self.queue or self.recovery.null_goal() > self.seq_assigned)
                and self.seq_assigned + 1 <= self.h + self.L
                and self.seq_assigned - self.last_exec < cfg.batches_in_flight_max
                and self.fetch_target is None and self.recovering is None and not self.needs_state):
@@ -920,7 +957,7 @@ class Replica(Recovery):
                 nondet = self.service.propose_nondet(self.now + self.wall_offset_ms)
                 batch = Batch(nondet, tuple(ri.raw for ri in reqs))
                 d = batch_digest_from_request_digests(nondet, [ri.digest for ri in reqs])
-            elif not self.queue and self._null_goal() > self.seq_assigned:
+            elif not self.queue and self.recovery.null_goal() > self.seq_assigned:
                 # a replica is recovering and nothing else is ordered: a null request moves the
                 # sequence towards the checkpoint that ends its recovery
                 batch, d = NULL_BATCH, NULL_BATCH_DIGEST
@@ -960,7 +997,7 @@ class Replica(Recovery):
             return Drop.WRONG_VIEW
         if not self._in_window(n):
             return Drop.OUT_OF_WINDOW
-        if self.recovering is not None and self._recovery_ignores(n):
+        if self.recovering is not None and self.recovery.ignores(n):
             return Drop.RECOVERING
         return None
 
@@ -1205,7 +1242,7 @@ class Replica(Recovery):
         replicas = self.cfg.n
         for c, t in self.exec_log[n][2]:
             # (a replica's newer recovery request, admitted here but not at the primary within the
-            # admission interval, is folded into the one executed: see ``_admit_recovery_request``)
+            # admission interval, is folded into the one executed: see ``ProactiveRecovery.admit``)
             p = self.pending.get(c)
             if p is not None and (p.req.timestamp <= t or c < replicas):
                 del self.pending[c]
@@ -1344,9 +1381,9 @@ class Replica(Recovery):
             self.disk.forget_batch(d)
         self.checkpoint_votes.discard_upto(n)
         if self.recovery_points:
-            self._prune_recovery_points()
+            self.recovery.prune_points()
         if self.recovering is not None:
-            self._recovery_check_done()
+            self.recovery.check_done()
         if self.seq_assigned < n:
             self.seq_assigned = n
         if self.is_primary:
@@ -1387,7 +1424,7 @@ class Replica(Recovery):
         self._advance_low_water_mark(n, d)
         self._check_stable(n)
         if self.recovering is not None:
-            self._recovery_check_done()
+            self.recovery.check_done()
         self._try_execute()
         self._drain_read_only()
         if self.is_primary:
@@ -1929,9 +1966,9 @@ class Replica(Recovery):
         Fetch: lambda r, m, fr: r.transfer.on_fetch(m),
         MetaData: lambda r, m, fr: r.transfer.on_meta_data(m),
         Data: lambda r, m, fr: r.transfer.on_data(m),
-        QueryStable: Recovery.on_query_stable,
-        ReplyStable: Recovery.on_reply_stable,
-        Reply: Recovery.on_recovery_reply,
+        QueryStable: lambda r, m, fr: r.recovery.on_query_stable(m),
+        ReplyStable: lambda r, m, fr: r.recovery.on_reply_stable(m),
+        Reply: lambda r, m, fr: r.recovery.on_recovery_reply(m),
         FetchBatch: on_fetch_batch,
         BatchData: on_batch_data,
         Vouch: on_vouch,
