@@ -76,6 +76,16 @@ class Identity:
     def box(self) -> nacl.public.SealedBox:
         return nacl.public.SealedBox(self.signing_key.to_curve25519_private_key())
 
+    # the only two operations on the private key; ``runtime.signer.SignerIdentity`` has the same
+    # two, answered by a signer process that holds the key instead of this one
+    def sign_newkey(self, header: bytes) -> bytes:
+        """The signature of a NewKey of ours with this header (``newkey_message``)."""
+        return self.signing_key.sign(newkey_message(self.principal, header)).signature
+
+    def open_sealed(self, sealed: bytes) -> bytes:
+        """A sealed box addressed to us, opened (raises ``nacl.exceptions.CryptoError``)."""
+        return self.box().decrypt(sealed)
+
 
 class PublicKeys:
     """The long-term public keys of every principal of a cluster."""
@@ -102,12 +112,17 @@ def now_timestamp_us() -> int:
     return time.time_ns() // 1000
 
 
+def newkey_message(principal: int, header: bytes) -> bytes:
+    """What a NewKey's signature covers: a context string, the tag, the sender and the header."""
+    return _SIG_CONTEXT + msgpack.packb([NEWKEY_TAG, principal, header], use_bin_type=True)
+
+
 def make_newkey(me: Identity, public: PublicKeys, keys: dict[int, bytes], timestamp: int) -> bytes:
-    """A signed NewKey frame carrying ``keys[j]`` (bytes) sealed to each receiver ``j``."""
+    """A signed NewKey frame carrying ``keys[j]`` (bytes) sealed to each receiver ``j``. ``me``
+    may be a ``runtime.signer.SignerIdentity`` (its ``sign_newkey`` raises ``DecodeError``)."""
     entries = [[j, public.seal_to[j].encrypt(k)] for j, k in sorted(keys.items())]
     header = msgpack.packb([timestamp, entries], use_bin_type=True)
-    body = msgpack.packb([NEWKEY_TAG, me.principal, header], use_bin_type=True)
-    sig = me.signing_key.sign(_SIG_CONTEXT + body).signature
+    sig = me.sign_newkey(header)
     return msgpack.packb([NEWKEY_TAG, me.principal, header, b"", sig], use_bin_type=True)
 
 
@@ -227,7 +242,7 @@ def accept_newkey(raw: bytes, me: Identity, public: PublicKeys, n_replicas: int,
 
 def unseal(me: Identity, sealed: bytes, size: int) -> bytes:
     try:
-        k = me.box().decrypt(sealed)
+        k = me.open_sealed(sealed)  # (a signer's refusal or absence: DecodeError, passed on)
     except nacl.exceptions.CryptoError as e:
         raise DecodeError("newkey-undecryptable") from e
     if len(k) != size:

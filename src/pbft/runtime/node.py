@@ -24,6 +24,7 @@ import sys
 import time
 from typing import Optional
 
+from ..codec import DecodeError
 from ..config import ConfigError
 from ..core.replica import Replica
 from ..crypto import KEY_SIZE, KeyRing
@@ -101,7 +102,7 @@ class ReplicaNode:
         self.rebooting = False
         self.durable_writes = self.store is not None and st.mode == "durable"
         self.write_queue: list = []
-        self.writing: Optional[list] = None  # the batch of (puts, sends) being written
+        self.writing = None
         self.writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store") \
             if self.durable_writes else None
         if recover or self.replica.recovery_marker:
@@ -403,9 +404,13 @@ class ReplicaNode:
         # fresh timestamp (a NewKey it already accepted would be stale: the new connection would
         # stay unauthenticated on its side)
         j = next((r for r, lk in self.links.items() if lk is link), None)
-        if j is not None and j in self.my_keys and link.conn is not None:
-            link.conn.send(frame(make_newkey(self.identity, self.cluster.public, {j: self.my_keys[j]},
-                                             self._newkey_timestamp())))
+        if j is not None and j in self.my_keys:
+            try:
+                nk = make_newkey(self.identity, self.cluster.public, {j: self.my_keys[j]}, self._newkey_timestamp())
+            except DecodeError as e:  # a signer refused or is gone: the peer gets our next refresh
+                self.counters.drop(e.reason)
+                return
+            link.conn.send(frame(nk))
 
     # ---- keys ---------------------------------------------------------------
     def _refresh_delay(self) -> float:
@@ -413,19 +418,23 @@ class ReplicaNode:
         return p * (0.9 + 0.2 * random.random())
 
     def _periodic_refresh(self) -> None:
-        self._refresh_keys(broadcast=True)
         self.loop.call_later(self._refresh_delay(), self._periodic_refresh)
+        self._refresh_keys(broadcast=True)
 
     def _refresh_keys(self, broadcast: bool) -> None:
         """Choose fresh keys for every replica to send to us with; old ones stop working now."""
-        keys = {}
-        for j in range(self.cfg.n):
-            if j != self.id:
-                k = fresh_key()
-                keys[j] = k
-                self.ring.in_keys[j] = k
+        keys = {j: fresh_key() for j in range(self.cfg.n) if j != self.id}
+        try:
+            newkey = make_newkey(self.identity, self.cluster.public, keys, self._newkey_timestamp())
+        except DecodeError as e:  # a signer process (runtime.signer) refused or is gone: keep the old keys
+            self.counters.drop(e.reason)
+            self._log("signer-error", reason=e.reason, action="keys-not-refreshed")
+            if self.my_newkey is None:
+                raise ConfigError(f"replica {self.id}: cannot sign its first NewKey ({e.reason})") from None
+            return
+        self.ring.in_keys.update(keys)
         self.my_keys = keys
-        self.my_newkey = make_newkey(self.identity, self.cluster.public, keys, self._newkey_timestamp())
+        self.my_newkey = newkey
         if broadcast:
             data = frame(self.my_newkey)
             for link in self.links.values():
@@ -624,13 +633,11 @@ class ReplicaNode:
         for puts, _ in batch:
             merged.update(puts)
         self.writing = batch
-        assert self.store is not None  # writes are queued only with a store
         fut = self.loop.run_in_executor(self.writer, self.store.write, merged)
         fut.add_done_callback(self._write_done)
 
     def _write_done(self, fut) -> None:
         batch, self.writing = self.writing, None
-        assert batch is not None  # the batch this write was started for
         e = fut.exception()
         if e is not None:
             self._fail_stop(e)
@@ -645,7 +652,7 @@ class ReplicaNode:
             n = self.cfg.n
             # one write per connection per loop turn: replies to the many clients that share a
             # connection (a client pool) go out together, as do all frames to one replica
-            per: dict[int | FrameConn, list[bytes]] = {}
+            per: dict[object, list[bytes]] = {}
             client_conn = self.client_conn
             arrivals = self.req_arrival
             counters = self.counters
@@ -673,7 +680,7 @@ class ReplicaNode:
             for key, frames in per.items():
                 data = frames[0] if len(frames) == 1 else b"".join(frames)
                 counters.frames_out += len(frames)
-                if isinstance(key, int):
+                if type(key) is int:
                     link = links.get(key)
                     if link is not None:
                         link.send(data, counters)
@@ -737,8 +744,8 @@ class ReplicaNode:
         # (as if the process had crashed before its group commit); the core is not fed again
         r = self.replica
         r.take_ready()
-        r.receive = r.tick = _ignore  # type: ignore[method-assign]
-        r.next_deadline = _none  # type: ignore[method-assign]
+        r.receive = r.tick = _ignore
+        r.next_deadline = _none
         if isinstance(e, StoreError):
             self.failed = True
             log(self.id, "internal-error", kind="store", error=repr(e), traceback=tb, action="stop",
@@ -794,7 +801,7 @@ class ReplicaNode:
             "batch_size_mean": round(r.executed_requests / r.last_exec, 2) if r.last_exec else 0.0,
             "drops": dict(sorted(r.drops.items())),
             "counts": dict(sorted(r.counts.items())),
-            "peers_connected": sorted(j for j, lk in self.links.items() if lk.conn is not None),
+            "peers_connected": sorted(j for j, l in self.links.items() if l.conn is not None),
             "clients_connected": len(self.client_conn),
             "uptime_s": round(time.time() - self.started, 1),
             "pid": os.getpid(),
@@ -802,13 +809,15 @@ class ReplicaNode:
 
 
 def run_replica(cluster: Cluster, replica_id: int, service: Service, quiet: bool = False,
-                recover: bool = False) -> None:
-    """Run one replica in the foreground until SIGINT/SIGTERM."""
+                recover: bool = False, identity=None) -> None:
+    """Run one replica in the foreground until SIGINT/SIGTERM. ``identity``: its long-term key
+    (default: read from its key file), or a ``runtime.signer.SignerIdentity``."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
-        uvloop = None  # type: ignore[assignment]
-    identity = cluster.identity(replica_id)
+        uvloop = None
+    if identity is None:
+        identity = cluster.identity(replica_id)
 
     async def main():
         node = ReplicaNode(cluster, replica_id, identity, service, quiet=quiet, recover=recover)

@@ -81,11 +81,18 @@ def cmd_replica(args) -> int:
     from ..runtime.cluster import load_cluster
     from ..runtime.node import run_replica
 
+    from .guard import signer_spec
+
     cluster = load_cluster(args.dir)
     if not 0 <= args.id < cluster.n:
         raise ConfigError(f"--id must be a replica id 0..{cluster.n - 1}, got {args.id}")
+    identity = None
+    sock = signer_spec(cluster.dir, args.id, getattr(args, "signer", None))
+    if sock is not None:  # the key stays in a signer process; we never read the key file
+        from ..runtime.signer import SignerIdentity
+        identity = SignerIdentity(args.id, sock, cluster.replicas[args.id].public_key)
     service = load_service(args.service, cluster)
-    run_replica(cluster, args.id, service, quiet=args.quiet, recover=args.recover)
+    run_replica(cluster, args.id, service, quiet=args.quiet, recover=args.recover, identity=identity)
     return 0
 
 
@@ -292,6 +299,8 @@ def add_commands(sub) -> None:
     r.add_argument("--quiet", action="store_true", help="no log lines")
     r.add_argument("--recover", action="store_true",
                    help="start with a proactive recovery (what a reboot by the watchdog or `pbft recover` does)")
+    r.add_argument("--signer", default=None, help="the UNIX socket of a `pbft signer` holding this replica's "
+                   "key (default: [keys] signer in cluster.toml, else the key file is read)")
     r.set_defaults(func=cmd_replica)
 
     rc = sub.add_parser("recover", help="make a replica start a proactive recovery now")
@@ -307,6 +316,8 @@ def add_commands(sub) -> None:
 
     from ..services.bfs.cli import add_bfs_commands
     add_bfs_commands(sub)
+    from .guard import add_guard_commands
+    add_guard_commands(sub)
 
     k = sub.add_parser("kv", help="a client of the key-value service")
     k.add_argument("dir")
