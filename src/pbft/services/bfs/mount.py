@@ -74,7 +74,8 @@ def _merge(ext: list, off: int, data, cred) -> list:
     """Extents ``[(offset, bytearray, cred)]`` (sorted, disjoint, not touching) with ``data``
     written at ``off`` over them: overlapping and adjacent ones become one."""
     end = off + len(data)
-    keep, joined = [], []
+    keep: list = []
+    joined: list = []
     for e in ext:
         (joined if e[0] <= end and e[0] + len(e[1]) >= off else keep).append(e)
     if joined:
@@ -293,7 +294,8 @@ class BFSOperations(pyfuse3.Operations):
         if (fields.update_mtime and fields.update_ctime
                 and not (fields.update_atime or fields.update_mode or fields.update_uid or fields.update_gid
                          or fields.update_size)
-                and ((opened is not None and opened - NOW_WINDOW_NS <= attr.st_mtime_ns <= time.time_ns() + NOW_WINDOW_NS)
+                and ((opened is not None
+                      and opened - NOW_WINDOW_NS <= attr.st_mtime_ns <= time.time_ns() + NOW_WINDOW_NS)
                      or self.kernel_mtime.get(inode) == attr.st_mtime_ns)):
             # the writeback cache handing back the mtime the kernel kept for writes it sent since
             # the file was opened (or the same value again): each of those writes set the agreed
@@ -475,7 +477,7 @@ class BFSOperations(pyfuse3.Operations):
         pieces = await asyncio.gather(*(self.call("read", h.ino, o, n, cred=h.cred, read_only=True)
                                         for o, n in spans))
         out = []
-        for (o, n), piece in zip(spans, pieces):
+        for (_o, n), piece in zip(spans, pieces):
             out.append(piece)
             if len(piece) < n:  # end of file
                 break
