@@ -1,5 +1,6 @@
 """What runs beside a replica and out of its reach: ``pbft signer`` (its long-term key,
-``runtime.signer``). docs/recovery.md, *What a root intruder can still do*."""
+``runtime.signer``) and ``pbft integrity`` (the hash of the code, ``runtime.integrity``).
+docs/recovery.md, *What a root intruder can still do*."""
 
 from __future__ import annotations
 
@@ -52,6 +53,25 @@ def signer_spec(directory: Path, replica_id: int, option: Optional[str]) -> Opti
     return socket_path(spec, directory, replica_id) if spec else None
 
 
+# ---- integrity -----------------------------------------------------------------
+
+def cmd_integrity(args) -> int:
+    from ..runtime import integrity
+
+    d = Path(args.dir)
+    if args.update:
+        v = integrity.record(d)
+        print(f"{d / 'cluster.toml'}: [integrity] package_sha256 = {v} ({integrity.package_dir()})")
+        return 0
+    got = integrity.check(d)
+    if got is None:
+        print(f"{d / 'cluster.toml'} records no package hash: nothing checked "
+              f"(`pbft integrity {d} --update` records it)")
+        return 1 if args.check else 0
+    print(f"ok: {integrity.package_dir()} hashes to {got}, as recorded")
+    return 0
+
+
 def add_guard_commands(sub) -> None:
     s = sub.add_parser("signer", help="hold a replica's long-term key in a process of its own (docs/recovery.md)")
     s.add_argument("dir")
@@ -61,3 +81,9 @@ def add_guard_commands(sub) -> None:
     s.add_argument("--allow-uid", default=None, help="comma-separated uids allowed to connect (default: any "
                    "the socket's mode lets in)")
     s.set_defaults(func=cmd_signer)
+
+    g = sub.add_parser("integrity", help="check (or --update) the hash of the pbft package in cluster.toml")
+    g.add_argument("dir")
+    g.add_argument("--update", action="store_true", help="record the running package's hash")
+    g.add_argument("--check", action="store_true", help="exit 1 also when no hash is recorded")
+    g.set_defaults(func=cmd_integrity)

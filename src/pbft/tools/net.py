@@ -67,6 +67,9 @@ def cmd_init(args) -> int:
         with open(c.dir / "cluster.toml", "a") as fh:
             fh.write(DEFAULT_SECTION)
         print(f"added a [bfs] section (limits, client policy) to {c.dir / 'cluster.toml'}: see docs/bfs.md")
+    if not getattr(args, "no_integrity", False):
+        from ..runtime.integrity import record
+        record(c.dir)  # replicas refuse to start from other code (runtime.integrity)
     print(f"wrote {c.dir / 'cluster.toml'}: {c.n} replicas (f={c.cfg.f}), {len(c.client_ids)} clients "
           f"(ids {c.client_ids[0]}..{c.client_ids[-1]}); private keys in {c.dir / 'keys'} (mode 0600)")
     for r in c.replicas:
@@ -81,11 +84,13 @@ def cmd_replica(args) -> int:
     from ..runtime.cluster import load_cluster
     from ..runtime.node import run_replica
 
+    from ..runtime.integrity import check
     from .guard import signer_spec
 
     cluster = load_cluster(args.dir)
     if not 0 <= args.id < cluster.n:
         raise ConfigError(f"--id must be a replica id 0..{cluster.n - 1}, got {args.id}")
+    check(cluster.dir)  # the code we run is the code cluster.toml names (at every start: every reboot)
     identity = None
     sock = signer_spec(cluster.dir, args.id, getattr(args, "signer", None))
     if sock is not None:  # the key stays in a signer process; we never read the key file
@@ -288,6 +293,8 @@ def add_commands(sub) -> None:
     i.add_argument("--clients", type=int, default=None,
                    help="client identities to create (default 4; 8 with --service bfs)")
     i.add_argument("--force", action="store_true", help="overwrite an existing cluster.toml")
+    i.add_argument("--no-integrity", action="store_true", help="record no [integrity] package_sha256 (replicas "
+                   "then run whatever code is installed; docs/recovery.md)")
     i.add_argument("--service", default=None, choices=["bfs"],
                    help="bfs: also write the file system's [bfs] section (docs/bfs.md)")
     i.set_defaults(func=cmd_init)
