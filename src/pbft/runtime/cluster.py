@@ -122,10 +122,13 @@ class RecoveryParams:
     Every ``period_s`` seconds one replica recovers, in turn (replica i at offsets
     ``i * period_s / n``): 0 turns the watchdog off (``pbft recover`` still works).
     A recovery that has not ended after ``alarm_s`` raises an alarm (metric and log).
+    ``watchdog``: ``internal``, a timer in the replica process, or ``external``, the turns
+    left to a ``pbft watchdog`` process (``tools.guard``) the replica's user cannot stop.
     """
 
     period_s: float = 0.0
     alarm_s: float = 60.0
+    watchdog: str = "internal"
 
 
 @dataclass(frozen=True)
@@ -454,6 +457,11 @@ def _storage(t: dict, where: str) -> StorageParams:
 def _recovery(t: dict, where: str) -> RecoveryParams:
     kw = {}
     for k, v in t.items():
+        if k == "watchdog":
+            if v not in ("internal", "external"):
+                raise ConfigError(f"{where}: recovery watchdog must be \"internal\" or \"external\", got {v!r}")
+            kw[k] = v
+            continue
         if k not in ("period_s", "alarm_s"):
             raise ConfigError(f"{where}: unknown recovery parameter {k!r}")
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (k == "alarm_s" and v <= 0):

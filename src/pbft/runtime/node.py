@@ -253,7 +253,8 @@ class ReplicaNode:
             raise ConfigError(f"replica {self.id} cannot serve metrics on {me.metrics_host}:{me.metrics_port}: "
                               f"{e.strerror or e}") from None
         self.loop.call_later(self._refresh_delay(), self._periodic_refresh)
-        if self.cluster.recovery.period_s > 0:
+        if self.cluster.recovery.period_s > 0 and self.cluster.recovery.watchdog == "internal":
+            # ("external": a `pbft watchdog` process, which this one cannot stop, triggers them)
             self.loop.call_later(self._next_recovery_delay(), self._watchdog)
         self.loop.call_later(1.0, self._check_recovery_alarm)
         self.loop.add_signal_handler(signal.SIGUSR1, self.recover_now)
