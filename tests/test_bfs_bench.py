@@ -39,7 +39,7 @@ def test_bench_fs_tiny_against_bfs_and_local(tmp_path):
     for wl, phases in rep["results"].items():
         for phase, per in phases.items():
             assert set(per) == {"bfs", "local"}, (wl, phase)
-            for t, s in per.items():
+            for _t, s in per.items():
                 assert len(s["runs"]) == 1 and s["min"] == s["median"] == s["runs"][0] >= 0
             assert set(rep["ratios"][wl][phase]) == {"bfs/local"}
     # every workload's contents checked on both targets (copy, read, the compiled program's
