@@ -31,7 +31,7 @@ from typing import Optional
 from ..codec import Codec, DecodeError, Frame, result_digest, seal
 from ..config import ClusterConfig
 from ..crypto import KeyRing
-from ..messages import ALL_REPLICAS, Reply, Request
+from ..messages import ALL_REPLICAS, Reply, Request, Tag
 from .quorum import Quorums
 from .ready import Ready
 
@@ -119,7 +119,7 @@ class Client:
         self.now = now
         try:
             fr = self.codec.open_frame(raw)
-            if fr.tag != 2:
+            if fr.tag != Tag.REPLY:
                 raise DecodeError("client-expects-replies")
             if not self.keys.verify(fr.sender, fr.digest, fr.auth, fr.multi):
                 raise DecodeError("bad-mac")

@@ -42,7 +42,7 @@ from ..crypto import KeyRing
 from ..messages import (
     ALL_REPLICAS, NULL_BATCH, Batch, BatchData, Checkpoint, Commit, Data, Fetch, FetchBatch, MetaData, NewView,
     PrePrepare, QueryStable, ReplyStable,
-    Prepare, Reply, Request, Status, ViewChange, ViewChangeAck, Vouch,
+    Prepare, Reply, Request, Status, Tag, ViewChange, ViewChangeAck, Vouch,
 )
 from ..service import Service
 from ..state.partition import Fetcher
@@ -70,9 +70,11 @@ VOUCH_BATCH_MAX = 1024
 # tag -> (name, unit, limit, drop when relayed, drop when over budget). Vouch: 8 x 34 bytes per key of max(VOUCH_BATCH_MAX, 16 clients_max)
 # keys, far above what a correct replica vouches for in an interval (one key per request it
 # receives); Status: one per interval from a correct replica; QueryStable: one per two intervals
-SENDER_BUDGETS = {15: ("vouch", "bytes", 8 * 34, Drop.VOUCH_RELAYED, Drop.VOUCH_OVER_BUDGET),
-                  7: ("status", "count", 8, Drop.STATUS_RELAYED, Drop.STATUS_OVER_BUDGET),
-                  18: ("query-stable", "count", 4, Drop.QUERY_STABLE_RELAYED, Drop.QUERY_STABLE_OVER_BUDGET)}
+SENDER_BUDGETS = {Tag.VOUCH: ("vouch", "bytes", 8 * 34, Drop.VOUCH_RELAYED, Drop.VOUCH_OVER_BUDGET),
+                  Tag.STATUS: ("status", "count", 8, Drop.STATUS_RELAYED, Drop.STATUS_OVER_BUDGET),
+                  Tag.QUERY_STABLE: ("query-stable", "count", 4, Drop.QUERY_STABLE_RELAYED,
+                                     Drop.QUERY_STABLE_OVER_BUDGET)}
+T_REQUEST = int(Tag.REQUEST)  # (compared once per request frame a batch brings: a plain int)
 # what a client gets when the service raised, or returned something other than bytes within the
 # reply size limit: the same on every correct replica (see ``_run_service``)
 SERVICE_ERROR_RESULT = b"\xffpbft:service-error"
@@ -369,7 +371,7 @@ class Replica:
             return
         if not self.keys.verify(fr.sender, fr.digest, fr.auth, fr.multi):
             self._drop(Drop.BAD_MAC)
-            if fr.tag == 10 and fr.sender < self.cfg.n:
+            if fr.tag == Tag.NEW_VIEW and fr.sender < self.cfg.n:
                 # a NewView relayed after our keys changed (we restarted, or refreshed keys):
                 # usable only if f+1 replicas report its digest (``_try_certified_new_view``)
                 try:
@@ -380,7 +382,7 @@ class Replica:
                     self.unverified_nv = (nv, fr.raw, fr.digest)
                     self._try_certified_new_view()
                 return
-            if fr.tag == 1 and fr.sender >= self.cfg.n:
+            if fr.tag == Tag.REQUEST and fr.sender >= self.cfg.n:
                 # a request whose MAC for us is wrong may still be genuine (its client may be
                 # faulty towards us only): keep the body; it is used only if f+1 replicas vouch
                 try:
@@ -578,7 +580,7 @@ class Replica:
             hit = seen.get(raw)
             if hit is None:
                 fr = codec.open_frame(raw)
-                if fr.tag != 1:
+                if fr.tag != T_REQUEST:
                     raise DecodeError("batch-not-request")
                 hit = (fr, codec.parse(fr))
             out.append(hit)
