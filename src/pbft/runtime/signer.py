@@ -10,9 +10,10 @@ operations ``keys.Identity`` performs with the private key, and nothing else is 
   NewKeys of this replica, and it checks the header: session keys sealed to other replicas of
   the cluster only (a box of the size of one key each, every receiver at most once), and a
   timestamp close to the signer's clock, which is the replica's (same host): at most
-  ``FUTURE_SLACK_US`` ahead, ``PAST_SLACK_US`` behind. A NewKey signed while an intruder held
-  the replica therefore cannot be kept for later: the NewKeys the replica sends after its
-  reboot have larger timestamps and supersede it everywhere (receivers keep only the newest).
+  ``FUTURE_SLACK_US`` (0.1 s) ahead, ``PAST_SLACK_US`` behind. A NewKey signed while an intruder
+  held the replica therefore cannot be kept for later: the NewKeys the replica signs after its
+  reboot (which takes longer than 0.1 s) have larger timestamps and supersede it everywhere
+  (receivers keep only the newest).
 * ``open``: a sealed box addressed to the replica (the session keys in a NewKey to it), of one
   of the two sizes a NewKey carries (a replica's key, a client's pair).
 * ``public``: the public key, so that the replica checks it talks to the right signer.
@@ -53,7 +54,8 @@ REQUEST_BYTES_MAX = NEWKEY_MAX_BYTES + 64  # a NewKey header and the framing
 ANSWER_BYTES_MAX = 256
 OPS = ("public", "sign", "open")
 SEALED_SIZES = (KEY_SIZE + SEALED_OVERHEAD, 2 * KEY_SIZE + SEALED_OVERHEAD)
-FUTURE_SLACK_US = 1_000_000  # a replica's NewKey timestamps are its clock, +1 per NewKey in a burst
+# a replica's NewKey timestamps are its clock (+1 us per NewKey in a burst), read before the round trip
+FUTURE_SLACK_US = 100_000
 PAST_SLACK_US = 10_000_000
 SIGN_RATE_PER_S = 20.0  # a replica signs a NewKey per refresh and per peer (re)connection
 SIGN_BURST_MIN = 64
