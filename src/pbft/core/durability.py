@@ -40,20 +40,28 @@ like a new one (and must be counted as faulty until it has caught up).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import msgpack
 
 from ..codec import DecodeError, encode_batch
-from ..messages import Batch
+from ..messages import Batch, NewView
 from .events import Restored
+
+if TYPE_CHECKING:
+    from .replica import Replica
+
+CheckpointId = tuple[int, bytes]  # (seqno, digest)
+# the log's records: view, active, batches, Q and P sets, committed slots (view, digest)
+LogRecords = tuple[Any, Any, dict[bytes, Batch], dict[int, dict[bytes, int]], dict[int, tuple[bytes, int]],
+                   dict[int, tuple[int, bytes]]]
 
 
 def _n(prefix: bytes, n: int) -> bytes:
     return prefix + n.to_bytes(8, "big")
 
 
-def _pack(x) -> bytes:
+def _pack(x: Any) -> bytes:
     return msgpack.packb(x, use_bin_type=True)
 
 
@@ -64,7 +72,7 @@ class Persistence:
 
     __slots__ = ("r", "puts", "persisted_ckpt")
 
-    def __init__(self, replica):
+    def __init__(self, replica: Replica):
         self.r = replica
         self.puts: Optional[dict[bytes, Optional[bytes]]] = None
         self.persisted_ckpt = -1
@@ -148,7 +156,7 @@ class Persistence:
 
 
 # -- restart (the cross-area step: it rebuilds the replica's fields from the records) ----------
-def restore(r, records: dict[bytes, bytes], damaged: frozenset[bytes] = frozenset()) -> str:
+def restore(r: Replica, records: dict[bytes, bytes], damaged: frozenset[bytes] = frozenset()) -> str:
     """Come back from stable storage.  ``records``: every intact record; ``damaged``: keys
     whose checksum failed (torn or corrupt).  Call right after construction and
     ``enable_persistence``.  Returns a one-word summary: ``fresh``, ``restored``,
@@ -172,13 +180,14 @@ def restore(r, records: dict[bytes, bytes], damaged: frozenset[bytes] = frozense
     return outcome
 
 
-def _read_state_records(r, records: dict[bytes, bytes], damaged: frozenset[bytes]) -> tuple:
+def _read_state_records(r: Replica, records: dict[bytes, bytes], damaged: frozenset[bytes]
+                        ) -> tuple[dict[int, bytes], Optional[CheckpointId], Optional[CheckpointId], bool, bool]:
     """The objects, the persisted checkpoint (``s``) and the stable one (``h``) in the store,
     and whether the state's or the log's records are damaged."""
     log_damaged = any(k[:1] in b"vqckbhn" for k in damaged)
     state_damaged = any(k[:1] in b"os" for k in damaged)
     # -- the state at the persisted checkpoint
-    objs = {}
+    objs: dict[int, bytes] = {}
     for k, v in records.items():
         if k[:1] == b"o" and len(k) == 9:
             i = int.from_bytes(k[1:], "big")
@@ -186,8 +195,8 @@ def _read_state_records(r, records: dict[bytes, bytes], damaged: frozenset[bytes
                 objs[i] = v
             else:
                 state_damaged = True
-    marker = None
-    stable = None
+    marker: Optional[CheckpointId] = None
+    stable: Optional[CheckpointId] = None
     try:
         if b"s" in records:
             s, d = msgpack.unpackb(records[b"s"], raw=False, use_list=False)
@@ -203,7 +212,7 @@ def _read_state_records(r, records: dict[bytes, bytes], damaged: frozenset[bytes
     return objs, marker, stable, state_damaged, log_damaged
 
 
-def _restore_state(r, objs: dict, marker: Optional[tuple[int, bytes]], stable: Optional[tuple[int, bytes]],
+def _restore_state(r: Replica, objs: dict[int, bytes], marker: Optional[CheckpointId], stable: Optional[CheckpointId],
                    state_damaged: bool) -> str:
     """The state at the persisted checkpoint, checked against its digest: ``restored``, or
     ``state-repair`` (kept, but nothing executes before a certified checkpoint is fetched)."""
@@ -244,18 +253,18 @@ def _restore_state(r, objs: dict, marker: Optional[tuple[int, bytes]], stable: O
     return outcome
 
 
-def _read_log(r, records: dict[bytes, bytes]) -> Optional[tuple]:
+def _read_log(r: Replica, records: dict[bytes, bytes]) -> Optional[LogRecords]:
     """The log records within the window: (view, active, batches, Q, P, committed), or None
     if they do not decode (the log is then lost)."""
     try:
         view, active = msgpack.unpackb(records.get(b"v", _pack([0, True])), raw=False, use_list=False)
-        batches = {}
+        batches: dict[bytes, Batch] = {}
         for k, v in records.items():
             if k[:1] == b"b" and len(k) == 33:
                 batches[k[1:]] = r.codec.decode_batch(v)
-        q = {}
-        p = {}
-        committed = {}
+        q: dict[int, dict[bytes, int]] = {}
+        p: dict[int, tuple[bytes, int]] = {}
+        committed: dict[int, tuple[int, bytes]] = {}
         for k, v in records.items():
             if len(k) != 9 or k[:1] not in b"qck":
                 continue
@@ -274,8 +283,9 @@ def _read_log(r, records: dict[bytes, bytes]) -> Optional[tuple]:
     return view, active, batches, q, p, committed
 
 
-def _restore_log(r, records: dict[bytes, bytes], view, active, batches: dict, q: dict, p: dict,
-                 committed: dict) -> None:
+def _restore_log(r: Replica, records: dict[bytes, bytes], view: Any, active: Any, batches: dict[bytes, Batch],
+                 q: dict[int, dict[bytes, int]], p: dict[int, tuple[bytes, int]],
+                 committed: dict[int, tuple[int, bytes]]) -> None:
     """The view, the NewView that installed it, the Q and P sets, the batches and the slots of
     the current view (what we pre-prepared, prepared and committed in it)."""
     r.view = int(view)
@@ -285,7 +295,7 @@ def _restore_log(r, records: dict[bytes, bytes], view, active, batches: dict, q:
             nv_raw, vc_raws = msgpack.unpackb(records[b"n"], raw=False, use_list=False)
             fr = r.codec.open_frame(nv_raw)
             nv = r.codec.parse(fr)
-            if nv.view == r.view:
+            if isinstance(nv, NewView) and nv.view == r.view:
                 r.nv, r.nv_raw, r.nv_vc_raws = nv, nv_raw, [bytes(x) for x in vc_raws]
                 r.nv_digest = fr.digest
         except (ValueError, TypeError, DecodeError, msgpack.UnpackException):
@@ -314,7 +324,7 @@ def _restore_log(r, records: dict[bytes, bytes], view, active, batches: dict, q:
         r.vc_deadline = r.now + r.vc_timeout
 
 
-def _reexecute_committed(r, committed: dict) -> None:
+def _reexecute_committed(r: Replica, committed: dict[int, tuple[int, bytes]]) -> None:
     """Re-execute, in order, what committed after the persisted checkpoint; then tentatively what
     we had prepared in this view (a write acknowledged with tentative replies is then visible
     again before any read is answered)."""

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Optional
 
 import msgpack
 
-from ..codec import result_digest, seal
+from ..codec import Frame, result_digest, seal
 from ..messages import ALL_REPLICAS, RECOVERY_OP, QueryStable, ReplyStable, Reply, Request
 from .quorum import Certificate
 from .drops import Drop
@@ -96,6 +96,7 @@ class ProactiveRecovery:
     def _send(self) -> None:
         r = self.r
         rec = self.run
+        assert rec is not None  # called while a recovery is under way
         rec.next_send = r.now + r.cfg.status_interval_ms * 2
         if rec.phase == "estimate":
             r._broadcast(QueryStable(r.id, rec.nonce))
@@ -114,7 +115,7 @@ class ProactiveRecovery:
             return Drop.REPLY_STABLE_UNEXPECTED
         return None
 
-    def on_reply_stable(self, m: ReplyStable, fr=None) -> None:
+    def on_reply_stable(self, m: ReplyStable, fr: Optional[Frame] = None) -> None:
         r = self.r
         if (why := self._ignore_reply_stable(m)) is not None:
             return r._drop(why)
@@ -153,7 +154,7 @@ class ProactiveRecovery:
             return Drop.REPLY_UNEXPECTED
         return None
 
-    def on_recovery_reply(self, m: Reply, fr=None) -> None:
+    def on_recovery_reply(self, m: Reply, fr: Optional[Frame] = None) -> None:
         r = self.r
         if (why := self._ignore_recovery_reply(m)) is not None:
             return r._drop(why)
@@ -184,7 +185,7 @@ class ProactiveRecovery:
         checkpoint covers the recovery point."""
         r = self.r
         rec = self.run
-        if rec is None or rec.phase != "check" or r.needs_state or r.h < rec.H:
+        if rec is None or rec.phase != "check" or rec.H is None or r.needs_state or r.h < rec.H:
             return
         self.run = None
         self.recoveries += 1
@@ -235,7 +236,7 @@ class ProactiveRecovery:
             return Drop.QUERY_STABLE_RATE_LIMITED
         return None
 
-    def on_query_stable(self, m: QueryStable, fr=None) -> None:
+    def on_query_stable(self, m: QueryStable, fr: Optional[Frame] = None) -> None:
         r = self.r
         if (why := self._ignore_query_stable(m)) is not None:
             return r._drop(why)

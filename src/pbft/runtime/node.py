@@ -102,7 +102,7 @@ class ReplicaNode:
         self.rebooting = False
         self.durable_writes = self.store is not None and st.mode == "durable"
         self.write_queue: list = []
-        self.writing = None
+        self.writing: Optional[list] = None  # the batch of (puts, sends) being written
         self.writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store") \
             if self.durable_writes else None
         if recover or self.replica.recovery_marker:
@@ -411,7 +411,8 @@ class ReplicaNode:
             except DecodeError as e:  # a signer refused or is gone: the peer gets our next refresh
                 self.counters.drop(e.reason)
                 return
-            link.conn.send(frame(nk))
+            if link.conn is not None:  # (it is: the link is up)
+                link.conn.send(frame(nk))
 
     # ---- keys ---------------------------------------------------------------
     def _refresh_delay(self) -> float:
@@ -634,11 +635,13 @@ class ReplicaNode:
         for puts, _ in batch:
             merged.update(puts)
         self.writing = batch
+        assert self.store is not None  # writes are queued only with a store
         fut = self.loop.run_in_executor(self.writer, self.store.write, merged)
         fut.add_done_callback(self._write_done)
 
     def _write_done(self, fut) -> None:
         batch, self.writing = self.writing, None
+        assert batch is not None  # the batch this write was started for
         e = fut.exception()
         if e is not None:
             self._fail_stop(e)
@@ -653,7 +656,7 @@ class ReplicaNode:
             n = self.cfg.n
             # one write per connection per loop turn: replies to the many clients that share a
             # connection (a client pool) go out together, as do all frames to one replica
-            per: dict[object, list[bytes]] = {}
+            per: dict[int | FrameConn, list[bytes]] = {}
             client_conn = self.client_conn
             arrivals = self.req_arrival
             counters = self.counters
@@ -681,7 +684,7 @@ class ReplicaNode:
             for key, frames in per.items():
                 data = frames[0] if len(frames) == 1 else b"".join(frames)
                 counters.frames_out += len(frames)
-                if type(key) is int:
+                if isinstance(key, int):
                     link = links.get(key)
                     if link is not None:
                         link.send(data, counters)
@@ -745,8 +748,8 @@ class ReplicaNode:
         # (as if the process had crashed before its group commit); the core is not fed again
         r = self.replica
         r.take_ready()
-        r.receive = r.tick = _ignore
-        r.next_deadline = _none
+        r.receive = r.tick = _ignore  # type: ignore[method-assign]
+        r.next_deadline = _none  # type: ignore[method-assign]
         if isinstance(e, StoreError):
             self.failed = True
             log(self.id, "internal-error", kind="store", error=repr(e), traceback=tb, action="stop",
@@ -802,7 +805,7 @@ class ReplicaNode:
             "batch_size_mean": round(r.executed_requests / r.last_exec, 2) if r.last_exec else 0.0,
             "drops": dict(sorted(r.drops.items())),
             "counts": dict(sorted(r.counts.items())),
-            "peers_connected": sorted(j for j, l in self.links.items() if l.conn is not None),
+            "peers_connected": sorted(j for j, lk in self.links.items() if lk.conn is not None),
             "clients_connected": len(self.client_conn),
             "uptime_s": round(time.time() - self.started, 1),
             "pid": os.getpid(),
@@ -816,7 +819,7 @@ def run_replica(cluster: Cluster, replica_id: int, service: Service, quiet: bool
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
-        uvloop = None
+        uvloop = None  # type: ignore[assignment]
     if identity is None:
         identity = cluster.identity(replica_id)
 
