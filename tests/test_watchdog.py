@@ -145,3 +145,21 @@ def test_watchdog_recovers_at_its_turn_and_restarts(tmp_path):
                     time.sleep(0.05)
     assert any(e["event"] == "watchdog-stopped" for e in _events(wlog))
     assert started == [spawned]  # one restart for one kill
+
+
+@pytest.mark.slow
+def test_recovery_asked_for_during_a_reboot_does_not_kill_the_replica(tmp_path):
+    """SIGUSR1 (what `pbft recover` and the watchdog send) arriving while a replica reboots by
+    exec, before the new process has its handler, would end it (the default action): it is
+    ignored through the exec instead."""
+    with LocalCluster(tmp_path / "c", 4, protocol=PROTOCOL) as lc:
+        lc.start_all()
+        p = lc.procs[1]
+        deadline = time.time() + 3.0
+        while time.time() < deadline:  # a recovery asked for again and again through its reboots
+            p.send_signal(signal.SIGUSR1)
+            time.sleep(0.02)
+            assert p.poll() is None, lc.log_text(1)[-2000:]
+        lc.wait_for(lambda: (s := lc.status(1))["recoveries"] >= 1 and s["recovering"] is None, timeout=40,
+                    what="replica 1 recovered")
+        assert p.poll() is None and lc.log_text(1).count("recovery-reboot") >= 2

@@ -846,6 +846,9 @@ def run_replica(cluster: Cluster, replica_id: int, service: Service, quiet: bool
             prof.disable()
             prof.dump_stats(f"{profile}.{replica_id}")
     if rebooting:
+        # a recovery asked for now (`pbft recover`, the watchdog) must not kill us: SIGUSR1 stays
+        # ignored through the exec until the new process installs its handler (``start``)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         if delay > 0:
             time.sleep(delay)  # internal errors soon after each start: back off (``_fail_stop``)
         reboot()
