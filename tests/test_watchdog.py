@@ -96,7 +96,7 @@ def test_watchdog_recovers_at_its_turn_and_restarts(tmp_path):
         lc.start_all()
         fh = open(wlog, "ab")
         wd = subprocess.Popen([sys.executable, "-m", "pbft.cli", "watchdog", str(lc.dir), "--id", "1",
-                               "--check-s", "0.2", "--log", str(tmp_path / "spawned-1.log")],
+                               "--check-s", "0.2", "--unresponsive-s", "2", "--log", str(tmp_path / "spawned-1.log")],
                               stdout=subprocess.DEVNULL, stderr=fh, env=env, start_new_session=True)
         fh.close()
         try:
@@ -127,6 +127,15 @@ def test_watchdog_recovers_at_its_turn_and_restarts(tmp_path):
                        for e in _events(wlog))
             lc.wait_for(lambda: '"event": "recovered"' in (tmp_path / "spawned-1.log").read_text(), timeout=40,
                         what="the restarted replica 1 recovered")
+            # hung (stopped): killed and started again
+            os.kill(spawned, signal.SIGSTOP)
+            st = lc.wait_for(lambda: (s := lc.status(1))["pid"] != spawned and s, timeout=30,
+                             what="the hung replica 1 replaced by the watchdog")
+            hung = [e for e in _events(wlog) if e["event"] == "watchdog-replica-started" and e["old_pid"] == spawned]
+            assert len(hung) == 1 and hung[0]["reason"] == "not answering" and hung[0]["pid"] == st["pid"]
+            with pytest.raises(ProcessLookupError):  # (SIGKILL ends a stopped process)
+                os.kill(spawned, 0)
+            spawned = st["pid"]
         finally:
             wd.send_signal(signal.SIGTERM)
             wd.wait(10)
@@ -144,7 +153,7 @@ def test_watchdog_recovers_at_its_turn_and_restarts(tmp_path):
                         break
                     time.sleep(0.05)
     assert any(e["event"] == "watchdog-stopped" for e in _events(wlog))
-    assert started == [spawned]  # one restart for one kill
+    assert len(started) == 2 and started[-1] == spawned  # one restart for the kill, one for the hang
 
 
 @pytest.mark.slow

@@ -84,7 +84,7 @@ class Watchdog:
     again with ``--recover`` (``restart="kill"``: a supervisor such as systemd starts it)."""
 
     def __init__(self, cluster, replica_id: int, period_s: float, restart: str, replica_cmd: list[str],
-                 check_s: float = 1.0, unresponsive_s: float = 15.0, log_path: Optional[Path] = None):
+                 check_s: float = 1.0, unresponsive_s: float = 60.0, log_path: Optional[Path] = None):
         self.c = cluster
         self.id = replica_id
         self.period = period_s
@@ -357,8 +357,9 @@ def add_guard_commands(sub) -> None:
                    "'--signer PATH --service kv'")
     w.add_argument("--log", default=None, help="where a replica it starts writes its log (appended)")
     w.add_argument("--check-s", type=float, default=1.0, help="how often it asks the replica's /status")
-    w.add_argument("--unresponsive-s", type=float, default=15.0,
-                   help="a replica that has not answered for this long is restarted")
+    w.add_argument("--unresponsive-s", type=float, default=60.0,
+                   help="a replica that has not answered for this long is restarted (more than a start, "
+                        "a recovery reboot included, takes with its state)")
     w.set_defaults(func=cmd_watchdog)
 
     u = sub.add_parser("systemd-units", help="systemd units for a replica, its signer and its watchdog")
