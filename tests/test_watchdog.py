@@ -103,13 +103,16 @@ def test_watchdog_recovers_at_its_turn_and_restarts(tmp_path):
             lc.wait_for(lambda: any(e["event"] == "watchdog-recover" for e in _events(wlog)), timeout=PERIOD_S + 10,
                         what="the watchdog's first turn")
             ev = _events(wlog)
-            started = next(e for e in ev if e["event"] == "watchdog-started")
-            rec = next(e for e in ev if e["event"] == "watchdog-recover")
-            # when it said: replica 1's turn (offset 1/4 of the period), within its check interval
-            assert started["next_turn"] <= rec["ts"] <= started["next_turn"] + 1.0, (started, rec)
-            assert abs((started["next_turn"] - PERIOD_S / 4) % PERIOD_S) < 1e-3 or \
-                abs((started["next_turn"] - PERIOD_S / 4) % PERIOD_S - PERIOD_S) < 1e-3
+            i = next(k for k, e in enumerate(ev) if e["event"] == "watchdog-recover")
+            rec = ev[i]
+            turn = [e["next_turn"] for e in ev[:i] if "next_turn" in e][-1]  # the turn it announced last
+            # when it said: replica 1's turn (offset 1/4 of the period), within a few check intervals
+            # (a loaded machine delays its checks), and the replica rebooted then
+            assert turn <= rec["ts"] <= turn + 2.0, ev
+            assert min((turn - PERIOD_S / 4) % PERIOD_S, PERIOD_S - (turn - PERIOD_S / 4) % PERIOD_S) < 1e-3
             assert rec["pid"] == lc.procs[1].pid
+            reboot = next(e for e in _events(lc.logs[1]) if e["event"] == "recovery-reboot")
+            assert rec["ts"] - 0.1 <= reboot["ts"] <= rec["ts"] + 2.0, (rec, reboot)
             lc.wait_for(lambda: (s := lc.status(1))["recoveries"] >= 1 and s["recovering"] is None, timeout=40,
                         what="replica 1 recovered")
             lc.wait_for(lambda: any(e["event"] == "watchdog-recovered" for e in _events(wlog)), timeout=10,
