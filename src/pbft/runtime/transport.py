@@ -112,12 +112,22 @@ class TokenBucket:
         return max(0.0, (1.0 - self.tokens) / self.rate) if self.rate > 0 else 1.0
 
 
+# the kernel's receive buffer of a connection that has not authenticated (inherited from the
+# listening socket; the kernel doubles it): room for a correct peer's first frames (a NewKey and
+# a request), not for the megabytes an attacker would have the kernel buffer, and the replica
+# free, on each connection it closes; ``AUTHENTICATED_RCVBUF`` once it authenticates
+UNAUTHENTICATED_RCVBUF = 128 << 10
+AUTHENTICATED_RCVBUF = 4 << 20
+
+
 def listen_socket(host: str, port: int, backlog: int = 512) -> socket.socket:
-    """A bound, listening TCP socket (address reuse on), for a ``Listener``."""
+    """A bound, listening TCP socket (address reuse on, a small receive buffer for the
+    connections it accepts until they authenticate), for a ``Listener``."""
     fam, typ, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                   flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(fam, typ, proto)
     try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UNAUTHENTICATED_RCVBUF)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
         sock.listen(backlog)
@@ -194,10 +204,17 @@ class Listener:
     async def _connect(self, s: socket.socket) -> None:
         conn = None
 
+        def authenticated() -> None:
+            self.budget.give_back()
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, AUTHENTICATED_RCVBUF)
+            except OSError:
+                pass
+
         def make():
             nonlocal conn
             conn = self.factory()
-            conn.on_auth = self.budget.give_back
+            conn.on_auth = authenticated
             return conn
         try:
             await self.loop.connect_accepted_socket(make, s)
