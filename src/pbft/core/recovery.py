@@ -200,7 +200,7 @@ class ProactiveRecovery:
     # ------------------------------------------------------------------
     # at every replica
     # ------------------------------------------------------------------
-    def admit(self, req: Request) -> Optional[str]:
+    def admit(self, req: Request) -> Optional[Drop]:
         """Whether to take replica j's recovery request in (vouch for it, order it), or why not.
 
         A replica's new recovery request is admitted here at most once per half base view-change

@@ -31,7 +31,7 @@ Protocol outline (names follow the paper and the thesis):
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Any, Callable, Iterable, Optional
 
 from ..codec import (
     BATCH_OVERHEAD_BYTES, NONDET_SIZE_BYTES_MAX, NULL_BATCH_DIGEST, Codec, DecodeError, Frame,
@@ -40,7 +40,7 @@ from ..codec import (
 from ..config import ClusterConfig
 from ..crypto import KeyRing
 from ..messages import (
-    ALL_REPLICAS, NULL_BATCH, Batch, BatchData, Checkpoint, Commit, Data, Fetch, FetchBatch, MetaData, NewView,
+    ALL_REPLICAS, NULL_BATCH, Batch, BatchData, Checkpoint, Commit, Data, Fetch, FetchBatch, Message, MetaData, NewView,
     PrePrepare, QueryStable, ReplyStable,
     Prepare, Reply, Request, Status, Tag, ViewChange, ViewChangeAck, Vouch,
 )
@@ -67,13 +67,15 @@ VIEW_LOOKAHEAD_MAX = 1 << 20  # view-change messages further ahead than this are
 VOUCH_BATCH_MAX = 1024
 # what one replica may make us parse and handle per status interval, per kind of message that a
 # correct replica sends a few of per interval (checked before parsing; ``Replica._within_budget``):
-# tag -> (name, unit, limit, drop when relayed, drop when over budget). Vouch: 8 x 34 bytes per key of max(VOUCH_BATCH_MAX, 16 clients_max)
-# keys, far above what a correct replica vouches for in an interval (one key per request it
-# receives); Status: one per interval from a correct replica; QueryStable: one per two intervals
-SENDER_BUDGETS = {Tag.VOUCH: ("vouch", "bytes", 8 * 34, Drop.VOUCH_RELAYED, Drop.VOUCH_OVER_BUDGET),
-                  Tag.STATUS: ("status", "count", 8, Drop.STATUS_RELAYED, Drop.STATUS_OVER_BUDGET),
-                  Tag.QUERY_STABLE: ("query-stable", "count", 4, Drop.QUERY_STABLE_RELAYED,
-                                     Drop.QUERY_STABLE_OVER_BUDGET)}
+# tag -> (name, unit, limit, drop when relayed, drop when over budget). Vouch: 8 x 34 bytes per key
+# of max(VOUCH_BATCH_MAX, 16 clients_max) keys, far above what a correct replica vouches for in an
+# interval (one key per request it receives); Status: one per interval from a correct replica;
+# QueryStable: one per two intervals
+SENDER_BUDGETS: dict[int, tuple[str, str, int, Drop, Drop]] = {
+    Tag.VOUCH: ("vouch", "bytes", 8 * 34, Drop.VOUCH_RELAYED, Drop.VOUCH_OVER_BUDGET),
+    Tag.STATUS: ("status", "count", 8, Drop.STATUS_RELAYED, Drop.STATUS_OVER_BUDGET),
+    Tag.QUERY_STABLE: ("query-stable", "count", 4, Drop.QUERY_STABLE_RELAYED, Drop.QUERY_STABLE_OVER_BUDGET),
+}
 T_REQUEST = int(Tag.REQUEST)  # (compared once per request frame a batch brings: a plain int)
 # what a client gets when the service raised, or returned something other than bytes within the
 # reply size limit: the same on every correct replica (see ``_run_service``)
@@ -92,7 +94,7 @@ class Slot:
     commits: dict[int, bytes] = field(default_factory=dict)
     prepared: bool = False
     committed: bool = False
-    held_pp: Optional[tuple] = None  # (PrePrepare, raw) whose agreed value we could not check
+    held_pp: Optional[tuple[PrePrepare, bytes]] = None  # (PrePrepare, raw) whose agreed value we could not check
 
 
 @dataclass(slots=True)
@@ -129,7 +131,7 @@ class Replica:
         self.service = service
         self.now = now
         self.out: list[tuple[tuple[int, ...], bytes]] = []  # this step's sends (``take_ready``)
-        self.events: list = []  # this step's events (``take_ready``)
+        self.events: list[Event] = []  # this step's events (``take_ready``)
         self.refresh_keys = False  # this step executed another replica's recovery request
         self.drops: dict[str, int] = {}  # Drop (or a codec's DecodeError reason) -> inputs dropped
         self.counts: dict[str, int] = {}  # Count -> how often (what happened that is not a drop)
@@ -195,7 +197,7 @@ class Replica:
         self.last_exec = 0
         self.last_committed_exec = 0
         # executed seqnos > h: (digest, batch, ((client, timestamp), ...) executed)
-        self.exec_log: dict[int, tuple[bytes, Batch, tuple]] = {}
+        self.exec_log: dict[int, tuple[bytes, Batch, tuple[tuple[int, int], ...]]] = {}
         # the checkpointed state: the service's objects and the last-reply table
         self.rs = ReplicaState(service, fanout=cfg.partition_fanout, bind_seqno=not self.bug_ckpt_noseq)
         self.state = self.rs.cs
@@ -324,7 +326,8 @@ class Replica:
         # ``vouch_delay_ms`` for another message to the replicas to travel with (one write per
         # peer instead of two; under load there always is one), and a request superseded
         # meanwhile is not vouched for at all; vouches for retransmitted requests go at once
-        if self.vouch_out and (self.vouch_urgent or self.now >= self.vouch_deadline
+        if self.vouch_out and (self.vouch_urgent
+                               or (self.vouch_deadline is not None and self.now >= self.vouch_deadline)
                                or any(dests[0] < self.cfg.n for dests, _ in self.out)):
             self.vouch_urgent = False
             self.vouch_deadline = None
@@ -378,7 +381,8 @@ class Replica:
                     nv = self.codec.parse(fr)
                 except DecodeError:
                     return
-                if nv.view >= self.view and (self.unverified_nv is None or nv.view >= self.unverified_nv[0].view):
+                if isinstance(nv, NewView) and nv.view >= self.view and \
+                        (self.unverified_nv is None or nv.view >= self.unverified_nv[0].view):
                     self.unverified_nv = (nv, fr.raw, fr.digest)
                     self._try_certified_new_view()
                 return
@@ -389,7 +393,7 @@ class Replica:
                     req = self.codec.parse(fr)
                 except DecodeError:
                     return
-                if not req.read_only:
+                if isinstance(req, Request) and not req.read_only:
                     if not relayed:
                         # its client sent us a bad authenticator entry (in the runtime only a
                         # frame from the connection its client's NewKey came on gets here)
@@ -536,7 +540,7 @@ class Replica:
     def is_primary(self) -> bool:
         return self.primary() == self.id
 
-    def _broadcast(self, msg) -> bytes:
+    def _broadcast(self, msg: Message) -> bytes:
         raw = seal(msg, self.keys)
         self.out.append((self.others, raw))
         return raw
@@ -575,14 +579,17 @@ class Replica:
         ourselves are not opened again (``req_seen``: their MACs verified here)."""
         seen = self.req_seen
         codec = self.codec
-        out = []
+        out: list[tuple[Frame, Request]] = []
         for raw in batch.requests:
             hit = seen.get(raw)
             if hit is None:
                 fr = codec.open_frame(raw)
                 if fr.tag != T_REQUEST:
                     raise DecodeError("batch-not-request")
-                hit = (fr, codec.parse(fr))
+                req = codec.parse(fr)
+                if not isinstance(req, Request):  # (a request frame parses to a Request)
+                    raise DecodeError("batch-not-request")
+                hit = (fr, req)
             out.append(hit)
         return out
 
@@ -683,7 +690,7 @@ class Replica:
                 self._arm_request_timer()
         self._consider(c)
 
-    def _on_executed_request(self, req: Request, fr: Frame, verified: bool, last: tuple) -> None:
+    def _on_executed_request(self, req: Request, fr: Frame, verified: bool, last: tuple[int, bytes]) -> None:
         """A request at or below the timestamp of the client's last executed one: a late copy, a
         retransmission (answered from the reply cache), or old."""
         c, t = req.client, req.timestamp
@@ -875,7 +882,7 @@ class Replica:
             for k in [k for k, ns in self.held_keys.items() if not ns & live]:
                 del self.held_keys[k]
 
-    def _recheck_held(self, seqnos) -> None:
+    def _recheck_held(self, seqnos: Iterable[int]) -> None:
         """Check held pre-prepares again (vouches arrived, or the clock moved on)."""
         for n in seqnos:
             slot = self.slots.get(n)
@@ -884,7 +891,9 @@ class Replica:
                 continue
             if slot.digest is None and slot.view == self.view:
                 pp, raw = slot.held_pp
-                if self._check_batch(pp.batch, pp.digest, check_nondet=not self._weakly_prepared(slot, pp.digest)) is None:
+                assert pp.batch is not None  # (only a pre-prepare with its batch is held)
+                if self._check_batch(pp.batch, pp.digest,
+                                     check_nondet=not self._weakly_prepared(slot, pp.digest)) is None:
                     self.held.discard(n)
                     self._accept_preprepare(pp, raw, slot)
 
@@ -982,7 +991,7 @@ class Replica:
         q = self.Qset.setdefault(n, {})
         q[d] = self.view
         if len(q) > 4:  # bounded: keep the digests of the latest views
-            for old in sorted(q, key=q.get)[: len(q) - 4]:
+            for old in sorted(q, key=lambda dg: q[dg])[: len(q) - 4]:
                 del q[old]
         self.disk.q(n)
 
@@ -1054,6 +1063,7 @@ class Replica:
 
     def _accept_preprepare(self, pp: PrePrepare, raw: bytes, slot: Slot) -> None:
         n, batch = pp.seqno, pp.batch
+        assert batch is not None  # (on_preprepare drops a pre-prepare without one)
         slot.held_pp = None
         slot.digest, slot.batch, slot.pp_raw = pp.digest, batch, raw
         self._remember_batch(pp.digest, batch, n)
@@ -1064,7 +1074,7 @@ class Replica:
         self._check_prepared(n, slot)
 
     def _check_batch(self, batch: Batch, d: bytes, check_nondet: bool = True,
-                     missing: Optional[list] = None) -> Optional[str]:
+                     missing: Optional[list[bytes]] = None) -> Optional[Drop]:
         """Why a pre-prepared batch is unacceptable, or None. Checks MACs, digest, request timestamps, nondet.
         ``missing`` (if given) receives the vouch keys of the requests that lack vouches."""
         try:
@@ -1157,6 +1167,7 @@ class Replica:
         if slot.committed or not slot.prepared:
             return
         d = slot.digest
+        assert d is not None  # (a prepared slot has its pre-prepare's digest)
         if not self.quorums.is_quorum([r for r, x in slot.commits.items() if x == d]):
             return
         slot.committed = True
@@ -1225,6 +1236,7 @@ class Replica:
                 self.inflight.pop(c, None)
         self.last_exec = n
         self.executed_requests += len(executed)
+        assert slot.digest is not None  # (an executed slot has its batch's digest)
         self.exec_log[n] = (slot.digest, batch, tuple((c, t) for c, t, _ in executed))
         self._emit(Executed(n, slot.digest, batch, tuple(executed), tentative))
         if not tentative:
@@ -1278,7 +1290,7 @@ class Replica:
             reqs = self._batch_requests(batch)
             if reqs:
                 self.rs.before_execute()
-            for rfr, req in reqs:
+            for _rfr, req in reqs:
                 last = self.last_reply.get(req.client)
                 if last is not None and req.timestamp <= last[0] and not self.bug_no_ts:
                     continue
@@ -1544,8 +1556,8 @@ class Replica:
     def _prune_view_changes(self) -> None:
         for k in [k for k in self.vcs if k[0] < self.view]:
             del self.vcs[k]
-        for k in [k for k in self.acks if k[0] < self.view]:
-            del self.acks[k]
+        for ka in [ka for ka in self.acks if ka[0] < self.view]:
+            del self.acks[ka]
 
     def _valid_view_change(self, vc: ViewChange) -> bool:
         lo, hi = vc.stable_seqno, vc.stable_seqno + self.L
@@ -1686,13 +1698,14 @@ class Replica:
         # the NewView carries batch bodies up to a byte budget, lowest sequence numbers first, so
         # that it stays well within the message size whatever the load; a backup lacking one of
         # the others fetches it by digest (FetchBatch / BatchData) before installing the view
-        batches = []
+        batches: list[Batch] = []
         budget = self.cfg.new_view_batch_bytes_max
         given = set()
         for n, d in dec.chosen:
             if d == NULL_BATCH_DIGEST or n <= self.h or d in given:
                 continue
             b = self._batch_for(d)
+            assert b is not None  # (_missing_batches found none missing)
             size = batch_wire_bytes(b)
             if size <= budget:
                 budget -= size
@@ -1707,7 +1720,7 @@ class Replica:
                 self.out.append((self.others, i.raw))
         self._install_new_view(nv, raw, [i.raw for i in infos], dec)
 
-    def _missing_batches(self, chosen) -> list[bytes]:
+    def _missing_batches(self, chosen: Iterable[tuple[int, bytes]]) -> list[bytes]:
         """Digests of the non-null batches of ``chosen`` above our low water mark that we lack
         (those at or below it are never installed: their slots are discarded)."""
         out = []
@@ -1798,6 +1811,8 @@ class Replica:
         self._try_accept_new_view()
 
     def _try_accept_new_view(self) -> None:
+        if self.pending_nv is None:
+            return
         nv, raw = self.pending_nv
         if nv.view != self.view or self.view_active:
             self.pending_nv = None
@@ -1828,7 +1843,7 @@ class Replica:
             return
         self._install_new_view(nv, raw, [i.raw for i in infos], dec)
 
-    def _take_new_view_batches(self, nv: NewView) -> Optional[str]:
+    def _take_new_view_batches(self, nv: NewView) -> Optional[Drop]:
         """Remember the batches a NewView carries for its chosen digests (each checked against its
         digest); what is wrong, or None. A NewView need not carry every chosen batch: see
         ``_wait_for_new_view_batches``."""
@@ -1856,7 +1871,7 @@ class Replica:
         self._want_batches(missing, ask=nv.replica)
         return True
 
-    def _reject_new_view(self, reason: str) -> None:
+    def _reject_new_view(self, reason: Drop) -> None:
         self._drop(reason)
         self.pending_nv = None
         self._start_view_change(self.view + 1, reason)
@@ -1937,10 +1952,10 @@ class Replica:
                 self._broadcast(Prepare(self.view, n, dg, self.id))
         self.seq_assigned = max(top, self.last_committed_exec)
         self.ro_barrier = top
-        for n, dg in dec.chosen:
-            slot = self.slots.get(n)
-            if slot is not None:
-                self._check_prepared(n, slot)
+        for n, _dg in dec.chosen:
+            chosen_slot = self.slots.get(n)
+            if chosen_slot is not None:
+                self._check_prepared(n, chosen_slot)
         if primary:
             # propose what clients asked the backups (our old selves) to order
             self.pending.clear()
@@ -1955,7 +1970,7 @@ class Replica:
         if primary:
             self._try_send_preprepare()
 
-    _handlers = {
+    _handlers: dict[type, Callable[[Replica, Any, Frame], None]] = {
         Request: on_request,
         PrePrepare: on_preprepare,
         Prepare: on_prepare,
