@@ -1,12 +1,13 @@
 # Quick start: `make demo` (a real 4-replica cluster on loopback) and `make test`.
 # Both create .venv and install what they need; `make install` does only that.
+# `make lint` runs ruff and mypy alone; `make test` runs them before the tests.
 # `make test-fast` leaves out the suites marked slow (seed sweeps, real processes, namespaces).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast sim bench clean
+.PHONY: install demo lint test test-fast sim bench clean
 
 install: $(STAMP)
 
@@ -23,7 +24,11 @@ $(STAMP): pyproject.toml
 demo: install
 	$(VENV)/bin/pbft demo
 
-test: install
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest
 
 test-fast: install
@@ -36,4 +41,4 @@ bench: install
 	$(PY) benchmarks/mac_bench.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
