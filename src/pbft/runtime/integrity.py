@@ -30,9 +30,9 @@ _HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 def package_dir() -> Path:
-    """The directory of the ``pbft`` package this process imported."""
-    import pbft
-    return Path(pbft.__file__).resolve().parent
+    """The directory of the ``pbft`` package this process imported (this module's parent's
+    parent: ``pbft/runtime/integrity.py``)."""
+    return Path(__file__).resolve().parent.parent
 
 
 def package_sha256(root: Optional[Path] = None) -> str:
