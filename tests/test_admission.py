@@ -515,60 +515,39 @@ def test_request_credits_never_run_out_for_a_closed_loop_client_and_pace_a_flood
     assert sum(b.take(5, t) == 0.0 for _ in range(40)) == 16
 
 
-def test_a_deferred_frame_is_handed_again_later_in_order_and_nothing_is_lost():
-    from pbft.runtime.transport import Counters, FrameConn, frame
+def test_a_request_out_of_credits_waits_in_its_clients_slot_and_the_newest_is_handed_on():
+    """``RequestSlots``: a parked request is handed on after its wait; a newer one of the same
+    client takes the slot (the older is counted superseded and never handed on); other clients
+    have slots of their own; a request whose connection closed meanwhile is dropped."""
+    from pbft.runtime.admission import RequestSlots
+    from pbft.runtime.transport import Counters
 
-    class FakeTransport:
+    class Conn:
         def __init__(self):
-            self.reading = True
-            self.pauses = 0
-
-        def pause_reading(self):
-            self.reading = False
-            self.pauses += 1
-
-        def resume_reading(self):
-            self.reading = True
-
-        def get_extra_info(self, name):
-            return None
-
-        def is_closing(self):
-            return False
-
-        def close(self):
-            pass
+            self.closed = False
 
     async def main():
-        got, tries = [], {}
         loop = asyncio.get_running_loop()
-
-        def on_frame(conn, raw):
-            tries[raw] = tries.get(raw, 0) + 1
-            if raw.startswith(b"slow") and tries[raw] < 3:
-                conn.defer(0.01)  # not now: again in 10 ms, and nothing after it meanwhile
-                return
-            got.append((raw, loop.time()))
-
-        conn = FrameConn(on_frame, Counters(), 1 << 16, 64, 1 << 20)
-        tr = FakeTransport()
-        conn.connection_made(tr)
-        frames = [b"a", b"b", b"slow1", b"c", b"slow2", b"d"]
+        got = []
+        counters = Counters()
+        slots = RequestSlots(loop, counters, lambda conn, raw: got.append((conn, raw, loop.time())))
+        a, b = Conn(), Conn()
         t0 = loop.time()
-        conn.data_received(b"".join(frame(f) for f in frames))
-        assert [r for r, _ in got] == [b"a", b"b"] and not tr.reading
-        conn.data_received(frame(b"e"))  # (arrives while held: buffered, not handled)
-        assert len(got) == 2
-        for _ in range(200):
+        slots.park(7, a, b"r1", 0.02)
+        slots.park(7, a, b"r2", 0.02)  # newer, same client: takes the slot
+        slots.park(8, a, b"s1", 0.01)  # another client: its own slot
+        slots.park(9, b, b"x1", 0.01)
+        b.closed = True  # x1's connection goes before its credit comes
+        for _ in range(100):
             await asyncio.sleep(0.005)
-            if len(got) == 7:
+            if len(got) == 2 and not slots.waiting:
                 break
-        assert [r for r, _ in got] == frames + [b"e"]
-        assert tries[b"slow1"] == 3 and tries[b"slow2"] == 3 and tries[b"a"] == 1
-        assert got[2][1] - t0 >= 0.02 - 1e-3  # slow1 waited two deferrals
-        assert tr.reading and conn.counters.frames_in == 7
+        assert [(c, r) for c, r, _ in got] == [(a, b"s1"), (a, b"r2")]
+        assert got[1][2] - t0 >= 0.02 - 1e-3
+        assert counters.drops == {"client-request-deferred": 4, "client-request-superseded": 1, "peer-down": 1}
+        assert slots.waiting == {}
 
-    _run(main())
+    asyncio.run(main())
 
 
 def test_a_client_flooding_valid_requests_is_paced_and_a_correct_client_still_completes(live):

@@ -195,3 +195,39 @@ class RequestBudget:
         if e is not None:
             tok = e[0] + 1.0
             e[0] = tok if tok < self.burst else self.burst
+
+
+class RequestSlots:
+    """Requests waiting for their client's next credit (``RequestBudget.take`` said how long):
+    one slot per client, so memory is one request per client id and a newer request of the same
+    client takes the slot (``client-request-superseded``). ``park`` keeps one; after ``wait``
+    seconds it is handed to ``deliver(conn, raw)`` (which takes the credit, or parks it again)
+    unless its connection has closed. The connection itself goes on being read: it may carry
+    other clients' requests (a client pool)."""
+
+    __slots__ = ("loop", "counters", "deliver", "waiting")
+
+    def __init__(self, loop, counters: Counters, deliver):
+        self.loop = loop
+        self.counters = counters
+        self.deliver = deliver
+        self.waiting: dict[int, tuple[FrameConn, bytes]] = {}
+
+    def park(self, client: int, conn: FrameConn, raw: bytes, wait: float) -> None:
+        self.counters.drop("client-request-deferred")
+        if client in self.waiting:
+            self.counters.drop("client-request-superseded")
+            self.waiting[client] = (conn, raw)
+            return
+        self.waiting[client] = (conn, raw)
+        self.loop.call_later(wait, self._release, client)
+
+    def _release(self, client: int) -> None:
+        got = self.waiting.pop(client, None)
+        if got is None:
+            return
+        conn, raw = got
+        if conn.closed:
+            self.counters.drop("peer-down")
+            return
+        self.deliver(conn, raw)

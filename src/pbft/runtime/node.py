@@ -36,7 +36,8 @@ from .keys import NEWKEY_TAG, Identity, fresh_key, make_newkey, now_timestamp_us
 from .metrics import HttpEndpoint, ReplicaMetrics
 from .transport import (AUTH_CLIENT, AUTH_REPLICA, UNAUTHENTICATED, Counters, FrameConn, InboundGuard, InboundLimits,
                         Listener, OutLink, client_frame_bytes_max, frame, listen_socket)
-from .admission import REQUEST_CREDITS_BURST, REQUEST_CREDITS_PER_RETRY_TIMEOUT, NewKeyGate, RequestBudget, frame_sender
+from .admission import (REQUEST_CREDITS_BURST, REQUEST_CREDITS_PER_RETRY_TIMEOUT, NewKeyGate, RequestBudget,
+                        RequestSlots, frame_sender)
 
 # a replica connection whose frames the core drops faster than this is held (``_count_waste``)
 REPLICA_WASTE_FRAMES_PER_S_MAX = 5000
@@ -144,7 +145,7 @@ class ReplicaNode:
         # recoveries (records ``N<principal>``), so a NewKey captured before is never taken again
         self.newkey_gate.restore(records)
         # clients' requests against per-client credits, before the core (runtime.admission)
-        self.deferred_requests: dict[int, tuple[FrameConn, bytes]] = {}  # client -> its request waiting for a credit
+        self.request_slots = RequestSlots(self.loop, self.counters, self._redeliver)  # requests waiting for credits
         self.request_budget = RequestBudget(
             REQUEST_CREDITS_BURST, REQUEST_CREDITS_PER_RETRY_TIMEOUT * 1000.0 / self.cfg.client_retry_timeout_ms)
 
@@ -480,26 +481,10 @@ class ReplicaNode:
             conn.meta.setdefault("clients", set()).add(c)
 
     # ---- the core -----------------------------------------------------------
-    def _defer_request(self, client: int, conn: FrameConn, raw: bytes, wait: float) -> None:
-        """Keep ``raw`` (a request of ``client`` on ``conn``, out of credits) and hand it to
-        ``_on_frame`` again in ``wait`` seconds; at most one per client (memory: one request per
-        client id), an older one it replaces is dropped (``client-request-superseded``)."""
-        if self.deferred_requests.get(client) is not None:
-            self.counters.drop("client-request-superseded")
-            self.deferred_requests[client] = (conn, raw)
-            return
-        self.deferred_requests[client] = (conn, raw)
-        self.loop.call_later(wait, self._release_request, client)
-
-    def _release_request(self, client: int) -> None:
-        got = self.deferred_requests.pop(client, None)
-        if got is None or self.halted:
-            return
-        conn, raw = got
-        if conn.closed:
-            self.counters.drop("peer-down")
-            return
-        self._on_frame(conn, raw)
+    def _redeliver(self, conn: FrameConn, raw: bytes) -> None:
+        """A request whose client's credit came (``RequestSlots``): handled as if it had just arrived."""
+        if not self.halted:
+            self._on_frame(conn, raw)
 
     def _close_unauthenticated(self, conn: FrameConn) -> None:
         """A frame that is not a valid NewKey on a connection that never authenticated: close it
@@ -540,11 +525,9 @@ class ReplicaNode:
             wait = self.request_budget.take(s, now / 1000.0)
             if wait:
                 # a client sending requests faster than we answer them (runtime.admission): this
-                # request waits for its client's next credit, in the client's one slot (a newer
-                # request of the same client takes the slot); the connection goes on, as it may
-                # carry other clients' requests (a client pool)
-                self.counters.drop("client-request-deferred")
-                self._defer_request(s, conn, raw, wait)
+                # request waits for its client's next credit, in the client's one slot; the
+                # connection goes on, as it may carry other clients' requests (a client pool)
+                self.request_slots.park(s, conn, raw, wait)
                 self._count_waste(conn, now / 1000.0, 1, CLIENT_DEFERRED_PER_S_MAX, client=True)
                 return
             if s not in self.req_arrival and len(self.req_arrival) < 65536:
@@ -576,7 +559,7 @@ class ReplicaNode:
         on, as Aardvark closes a flooding replica's network interface for a while.
 
         With ``client``: the same for a client connection whose requests arrive out of credits
-        (``_defer_request``) more than ``limit`` times a second (``client-flood-held``): a
+        (``RequestSlots.park``) more than ``limit`` times a second (``client-flood-held``): a
         correct client has one request outstanding, so only a flood gets there, and TCP then
         slows the flooder instead of us reading and parking its requests."""
         key = "client-waste" if client else "waste"

@@ -13,9 +13,8 @@ one bad or slow peer from hurting the others:
 * each connection handles at most ``budget`` frames per event-loop turn, then
   pauses reading and yields, so a flooding connection gets its turn like
   everybody else but no more (per-peer receive budget); its owner can also
-  stop reading a connection for a while (``hold``), or hand a frame again
-  later (``defer``: a replica does for a client out of request credits, see
-  ``runtime.admission``);
+  stop reading a connection for a while (``hold``: a replica does for a
+  flooding replica or client connection, see ``runtime.node``);
 * sends never block: a connection whose write buffer exceeds
   ``send_queue_bytes_max`` drops new frames (``send-queue-full``) until the
   peer drains it; frames to a peer that is not connected are dropped
@@ -365,7 +364,7 @@ class FrameConn(asyncio.Protocol):
     """One TCP connection.  ``on_frame(conn, raw)`` is called for every complete frame."""
 
     __slots__ = ("on_frame", "on_lost", "counters", "max_frame", "budget", "send_max", "transport",
-                 "buf", "off", "closed", "paused", "holding", "deferred", "peer", "loop", "meta",
+                 "buf", "off", "closed", "paused", "holding", "peer", "loop", "meta",
                  "guard", "auth", "full_max_frame", "held", "rx_at", "frame_at", "frame_mark", "nframes",
                  "on_auth")
 
@@ -383,7 +382,6 @@ class FrameConn(asyncio.Protocol):
         self.closed = False
         self.paused = False
         self.holding = False  # reading stopped for a while by the owner (``hold``)
-        self.deferred = False  # the frame being handled is to be handed again (``defer``)
         self.peer = None
         self.loop = asyncio.get_event_loop()
         self.meta: dict = {}  # owner's per-connection data
@@ -480,10 +478,6 @@ class FrameConn(asyncio.Protocol):
             if self.closed:
                 return
             if self.holding:  # the owner stopped reading (``hold``): the rest waits in the buffer
-                if self.deferred:  # (``defer``: this frame too)
-                    self.deferred = False
-                    off -= 4 + n
-                    handled -= 1
                 self.counters.frames_in += handled
                 self.nframes += handled
                 self.off = off
@@ -520,12 +514,6 @@ class FrameConn(asyncio.Protocol):
             self.paused = True
             self.transport.pause_reading()
         self.loop.call_later(seconds, self._unhold)
-
-    def defer(self, seconds: float) -> None:
-        """From ``on_frame``: the frame it handles is not taken now; it is handed to ``on_frame``
-        again after ``seconds``, and nothing after it is read meanwhile (``hold``)."""
-        self.deferred = True
-        self.hold(seconds)
 
     def _unhold(self) -> None:
         self.holding = False

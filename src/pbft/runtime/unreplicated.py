@@ -19,7 +19,8 @@ from ..crypto import KEY_SIZE, KeyRing
 from ..messages import Reply, Request, Tag
 from ..service import Service
 from .cluster import Cluster
-from .admission import REQUEST_CREDITS_BURST, REQUEST_CREDITS_PER_RETRY_TIMEOUT, NewKeyGate, RequestBudget, frame_sender
+from .admission import (REQUEST_CREDITS_BURST, REQUEST_CREDITS_PER_RETRY_TIMEOUT, NewKeyGate, RequestBudget,
+                        RequestSlots, frame_sender)
 from .keys import NEWKEY_TAG, Identity
 from .transport import (AUTH_CLIENT, UNAUTHENTICATED, Counters, FrameConn, InboundGuard, InboundLimits,
                         client_frame_bytes_max, frame)
@@ -40,6 +41,7 @@ class UnreplicatedServer:
         self.skew_us = int(self.cfg.timestamp_skew_ms_max * 1000)
         self.request_budget = RequestBudget(
             REQUEST_CREDITS_BURST, REQUEST_CREDITS_PER_RETRY_TIMEOUT * 1000.0 / self.cfg.client_retry_timeout_ms)
+        self.request_slots = RequestSlots(asyncio.get_event_loop(), self.counters, self._on_frame)
         self.reply_resent: dict[int, tuple[int, float]] = {}
         self.client_conn: dict[int, FrameConn] = {}
         self.last_reply: dict[int, tuple[int, bytes]] = {}
@@ -92,8 +94,7 @@ class UnreplicatedServer:
             return
         wait = self.request_budget.take(s, time.monotonic())
         if wait:  # (paced as the replicas pace a client's requests)
-            self.counters.drop("client-request-deferred")
-            conn.defer(wait)
+            self.request_slots.park(s, conn, raw, wait)
             return
         try:
             _, req = self.codec.open_authenticated(raw, self.ring, expect=Tag.REQUEST)
