@@ -10,7 +10,7 @@
 
 Helpers go in ``tests/helpers/``; ``tests/`` is on ``sys.path`` (pytest's rootdir-relative
 imports), so ``from helpers.keys import cluster_keys`` (a configuration, every key ring and a
-codec, built the same way everywhere) works in every test file, and ``from cluster import
+codec, built the same way everywhere) works in every test file, and ``from helpers.cluster import
 Cluster`` gives the hand-driven cluster.
 """
 
@@ -36,7 +36,7 @@ def rewrite(request) -> bool:
 def local_cluster(tmp_path):
     """A factory of real clusters on loopback: ``local_cluster(name="c", start=True,
     **LocalCluster kwargs)``; every cluster made is stopped when the test ends."""
-    from netutil import LocalCluster
+    from helpers.netutil import LocalCluster
     made = []
 
     def make(name: str = "c", start: bool = True, **kw):

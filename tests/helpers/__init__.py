@@ -8,10 +8,12 @@ Modules (import them as ``from helpers.keys import ...``; ``tests/`` is on ``sys
 * ``impls``: the registries of every ``Store`` and every shipped ``Service`` implementation,
   which the conformance suites (``tests/conformance/``) and the ``store`` fixture parametrize over;
 * ``transcript``: the interpreter of the transcript tests of the core
-  (``tests/transcripts/*.txt``), on top of the hand driver ``tests/cluster.py``.
+  (``tests/core/transcripts/*.txt``), on top of the hand driver ``tests/helpers/cluster.py``.
 
-The older helper modules stay importable where they are: ``cluster`` (the hand-driven
-cluster), ``netutil`` (real replica processes on loopback), ``bfsutil`` (FUSE mounts of BFS) and
-``bfs_liar`` (a Byzantine BFS service loaded by replica processes by its module path).
+* ``cluster``: the hand-driven cluster of pure replicas (``from helpers.cluster import Cluster``);
+* ``netutil``: real replica processes on loopback (``LocalCluster``, free ports);
+* ``bfsutil``: FUSE mounts of BFS on such a cluster;
+* ``bfs_liar``: a Byzantine BFS service that replica processes load by its module path
+  (``tests.helpers.bfs_liar:LyingBFS``).
 The fixtures built on all of them live in ``tests/conftest.py``.
 """

@@ -8,7 +8,7 @@ from pbft.codec import Codec
 from pbft.config import ClusterConfig
 from pbft.crypto import KeyRing, keyrings_for
 
-#: the master key every hand-driven test cluster derives its keys from (``tests/cluster.py`` too)
+#: the master key every hand-driven test cluster derives its keys from (``tests/helpers/cluster.py`` too)
 MASTER_KEY = b"test-master-key-0123456789abcdef"
 
 

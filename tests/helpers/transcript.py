@@ -1,6 +1,6 @@
-"""Transcript tests of the core: commands in, events out, over the hand driver ``tests/cluster.py``.
+"""Transcript tests of the core: commands in, events out, over the hand driver ``tests/helpers/cluster.py``.
 
-A transcript file (``tests/transcripts/*.txt``) is a sequence of blocks, each a command, a line
+A transcript file (``tests/core/transcripts/*.txt``) is a sequence of blocks, each a command, a line
 ``----`` and the output the command must produce, ended by a blank line; lines starting with
 ``#`` between blocks are comments (the format of etcd raft's interaction tests)::
 
@@ -208,7 +208,7 @@ class Driver:
         return out if out else ["ok"]
 
     def cmd_cluster(self, pos, kw):
-        from cluster import Cluster
+        from helpers.cluster import Cluster
         args = {k: _number(v) for k, v in kw.items()}
         durable = args.pop("durable", None)
         self.c = Cluster(args.pop("n", 4), args.pop("clients", 2), durable=durable, **args)

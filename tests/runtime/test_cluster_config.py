@@ -1,0 +1,97 @@
+"""Cluster files and keys: every mistake is a clear one-line error, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from helpers.netutil import SRC
+from pbft.config import ConfigError
+from pbft.runtime.cluster import init_cluster, load_cluster
+
+
+def pbft(*args):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "pbft.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=30, env=env)
+
+
+def test_init_writes_cluster_and_private_keys(tmp_path):
+    c = init_cluster(tmp_path, 7, None, ["10.0.0.1", "10.0.0.2", "10.0.0.3"], 9000, 3)
+    assert c.n == 7 and c.cfg.f == 2 and c.cfg.quorum_weight == 5
+    assert [r.host for r in c.replicas] == ["10.0.0.1", "10.0.0.2", "10.0.0.3"] * 2 + ["10.0.0.1"]
+    assert [r.port for r in c.replicas] == list(range(9000, 9007))
+    assert c.client_ids == [7, 8, 9]
+    for p in (tmp_path / "keys").iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "keys").stat().st_mode) == 0o700
+    # the identities load and match the public keys in the file
+    assert c.identity(3).public == c.replicas[3].public_key
+    assert c.identity(8).public == c.client_keys[8]
+    again = load_cluster(tmp_path)
+    assert again.cfg == c.cfg
+
+
+def edit(path, old, new):
+    s = path.read_text()
+    assert old in s, old
+    path.write_text(s.replace(old, new, 1))
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: edit(d / "cluster.toml", "faults = 1", "faults = 2"), "cannot tolerate 2 Byzantine faults"),
+    (lambda d: edit(d / "cluster.toml", "port = 7001", "port = 7000"), "already used by replica 0"),
+    (lambda d: edit(d / "cluster.toml", "id = 3\n", "id = 2\n"), "appears twice"),
+    (lambda d: edit(d / "cluster.toml", "weight = 1", "weight = 9"), "weights"),
+    (lambda d: edit(d / "cluster.toml", "[cluster]", "[cluster"), "not valid TOML"),
+    (lambda d: edit(d / "cluster.toml", "replicas = 4", 'replicas = "four"'), "replicas must be an integer"),
+    (lambda d: edit(d / "cluster.toml", "checkpoint_interval_seqnos = 128", "checkpoint_interval_seqnos = 100"),
+     "multiple of the checkpoint interval"),
+    (lambda d: edit(d / "cluster.toml", "[protocol]", "[protocol]\nfrobs = 3"), "unknown protocol parameter"),
+    (lambda d: edit(d / "cluster.toml", "receive_budget_frames = 64", "receive_budget_frames = -1"),
+     "must be a positive int"),
+    (lambda d: edit(d / "cluster.toml", 'public_key = "', 'public_key = "zz'), "public_key must be"),
+    (lambda d: os.remove(d / "cluster.toml"), "cannot read"),
+])
+def test_bad_cluster_files_are_one_line_errors(tmp_path, mutate, message):
+    init_cluster(tmp_path, 4, None, None, 7000, 2)
+    mutate(tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        load_cluster(tmp_path)
+    p = pbft("status", tmp_path)
+    assert p.returncode == 2
+    assert p.stderr.startswith("pbft: error: ") and p.stderr.count("\n") == 1, p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_bad_key_files(tmp_path):
+    c = init_cluster(tmp_path, 4, None, None, 7000, 2)
+    (tmp_path / "keys" / "replica-1.key").write_text("nothex\n")
+    with pytest.raises(ConfigError, match="not a hex key"):
+        c.identity(1)
+    (tmp_path / "keys" / "replica-1.key").write_text("00" * 32 + "\n")
+    with pytest.raises(ConfigError, match="does not match the public key"):
+        c.identity(1)
+    os.remove(tmp_path / "keys" / "replica-2.key")
+    p = pbft("replica", tmp_path, "--id", 2)
+    assert p.returncode == 2 and "cannot read key file" in p.stderr and "Traceback" not in p.stderr
+    p = pbft("replica", tmp_path, "--id", 9)
+    assert p.returncode == 2 and "--id must be a replica id" in p.stderr
+
+
+@pytest.mark.slow
+def test_init_refuses_impossible_clusters(tmp_path):
+    p = pbft("init", tmp_path / "a", "--replicas", 3, "--faults", 1)
+    assert p.returncode == 2 and "need at least 3f+1 = 4" in p.stderr
+    p = pbft("init", tmp_path / "b", "--replicas", 4, "--hosts", "bad host")
+    assert p.returncode == 2 and "bad host name" in p.stderr
+    assert pbft("init", tmp_path / "c", "--replicas", 4).returncode == 0
+    p = pbft("init", tmp_path / "c", "--replicas", 4)
+    assert p.returncode == 2 and "already exists" in p.stderr
+    p = pbft("replica", tmp_path / "c", "--id", 0, "--service", "nosuchmodule:X")
+    assert p.returncode == 2 and "cannot load service" in p.stderr

@@ -1,0 +1,245 @@
+"""The signer process (runtime.signer): a replica's long-term key kept out of the replica
+process. The checks on what it signs and opens, its rate limits, its socket protocol, and a
+live cluster whose replica 1 works with its key file moved away, through a recovery reboot."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from helpers.netutil import ROOT, SRC, LocalCluster
+from pbft import BlockingClient
+from pbft.codec import DecodeError
+from pbft.config import ConfigError
+from pbft.runtime.keys import (Identity, PublicKeys, accept_newkey, check_signature, make_newkey, now_timestamp_us,
+                               parse_newkey)
+from pbft.runtime.signer import (REQUEST_BYTES_MAX, Signer, SignerError, SignerIdentity, SignerServer,
+                                 SIGN_BURST_MIN)
+from pbft.services.kv import KVClient
+
+N = 4
+
+
+@pytest.fixture
+def world():
+    ids = [Identity.generate(i) for i in range(N + 1)]  # 4 replicas and client 4
+    return ids, PublicKeys({i.principal: i.public for i in ids})
+
+
+def req(op, arg) -> bytes:
+    return msgpack.packb([op, arg], use_bin_type=True)
+
+
+def header(ts, entries) -> bytes:
+    return msgpack.packb([ts, [list(e) for e in entries]], use_bin_type=True)
+
+
+def sealed(pub, j, size=32):
+    return pub.seal_to[j].encrypt(os.urandom(size))
+
+
+def test_signs_only_its_replicas_newkeys(world):
+    ids, pub = world
+    s = Signer(ids[1], N)
+    now = now_timestamp_us()
+    good = header(now, [(0, sealed(pub, 0)), (2, sealed(pub, 2))])
+    ok, sig = s.handle(req("sign", good))
+    assert ok is True
+    nk = parse_newkey(msgpack.packb([16, 1, good, b"", sig], use_bin_type=True), 0, N)
+    check_signature(nk, pub)  # a NewKey of replica 1: signed with its key
+    bad = {
+        "sign-bad-receiver": [header(now, [(1, sealed(pub, 1))]),  # to itself
+                              header(now, [(N, sealed(pub, N))]),  # to a client
+                              header(now, [(0, sealed(pub, 0)), (0, sealed(pub, 0))])],  # twice
+        "sign-bad-entry": [header(now, [(0, sealed(pub, 0, 64))]), header(now, [(0, b"x" * 79)])],
+        "sign-timestamp-off-clock": [header(now - 60_000_000, [(0, sealed(pub, 0))]),
+                                     header(now + 60_000_000, [(0, sealed(pub, 0))])],
+        "sign-malformed": [b"\xc1", msgpack.packb([now], use_bin_type=True), header(now, []),
+                           msgpack.packb(["x", []], use_bin_type=True),
+                           good + b"\x00"],  # trailing bytes: not the one encoding checked
+    }
+    for reason, headers in bad.items():
+        for h in headers:
+            assert s.handle(req("sign", h)) == [False, reason], (reason, h)
+    for body, reason in ((b"\xc1", "malformed"), (req("sign", "text"), "malformed"),
+                         (msgpack.packb(["sign", good, 1], use_bin_type=True), "malformed"),
+                         (req("seed", b""), "unknown-op"), (req("public", b"x"), "malformed"),
+                         (req("open", b"x" * 10), "open-bad-size"),
+                         (req("open", b"x" * 80), "open-undecryptable")):
+        assert s.handle(body) == [False, reason], body
+    assert s.counts["sign"] == 1 and s.counts["sign-malformed"] == 5 and s.counts["malformed"] == 4
+    # what it opens: a box sealed to replica 1, of a replica's or a client's size
+    for size in (32, 64):
+        k = os.urandom(size)
+        assert s.handle(req("open", pub.seal_to[1].encrypt(k))) == [True, k]
+    assert s.handle(req("public", b"")) == [True, ids[1].public]
+
+
+def test_rate_limits(world):
+    ids, pub = world
+    s = Signer(ids[1], N)
+    refused = sum(1 for _ in range(SIGN_BURST_MIN + 20)
+                  if s.handle(req("sign", header(now_timestamp_us(), [(0, sealed(pub, 0))])))[0] is False)
+    assert s.counts["sign"] >= SIGN_BURST_MIN and refused >= 10 and s.counts["sign-rate-limited"] == refused
+
+
+class ServerThread:
+    def __init__(self, signer, path):
+        self.srv = SignerServer(signer, path, 0o600)
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(self.srv.start())
+            started.set()
+            self.loop.run_forever()
+
+        self.t = threading.Thread(target=run, daemon=True)
+        self.t.start()
+        assert started.wait(5)
+
+    def close(self):
+        async def shutdown():
+            self.srv.close()
+            for _ in range(100):  # the connections' tasks see their ends
+                if not self.srv.writers:
+                    break
+                await asyncio.sleep(0.01)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.t.join(5)
+        self.loop.close()
+
+
+def test_socket_protocol_and_reconnection(world, tmp_path):
+    ids, pub = world
+    path = tmp_path / "s.sock"
+    st = ServerThread(Signer(ids[1], N), path)
+    try:
+        assert (path.stat().st_mode & 0o777) == 0o600
+        with pytest.raises(ConfigError, match="another key"):
+            SignerIdentity(2, path, ids[2].public)
+        me = SignerIdentity(1, path, ids[1].public)
+        # a NewKey made through the signer is accepted by replica 0; one to replica 1 is opened by it
+        raw = make_newkey(me, pub, {0: b"k" * 32}, now_timestamp_us())
+        assert accept_newkey(raw, ids[0], pub, N, N, {}) == (1, b"k" * 32)
+        raw = make_newkey(ids[N], pub, {1: b"c" * 64}, now_timestamp_us())
+        assert accept_newkey(raw, me, pub, N, N, {}) == (N, b"c" * 64)
+        # refusals arrive as DecodeErrors with the signer's reason; a box not for us as without a signer
+        with pytest.raises(SignerError, match="signer-sign-bad-receiver"):
+            make_newkey(me, pub, {1: b"k" * 32}, now_timestamp_us())
+        raw = make_newkey(ids[N], pub, {0: b"c" * 64}, now_timestamp_us())
+        nk = parse_newkey(raw, 0, N)
+        forged = msgpack.packb([16, N, msgpack.packb([nk.timestamp, [[1, nk.entry]]], use_bin_type=True), b"",
+                                ids[N].sign_newkey(msgpack.packb([nk.timestamp, [[1, nk.entry]]],
+                                                                 use_bin_type=True))], use_bin_type=True)
+        with pytest.raises(DecodeError, match="newkey-undecryptable"):
+            accept_newkey(forged, me, pub, N, N, {})
+        # a length over the bound: the connection is closed, nothing read
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(path))
+        s.sendall(struct.pack(">I", REQUEST_BYTES_MAX + 1))
+        s.settimeout(5)
+        assert s.recv(10) == b""
+        s.close()
+        # the signer restarts: the replica's next call reconnects
+        st.close()
+        with pytest.raises(SignerError, match="signer-unavailable"):
+            me.sign_newkey(header(now_timestamp_us(), [(0, sealed(pub, 0))]))
+        st = ServerThread(Signer(ids[1], N), path)
+        assert len(me.sign_newkey(header(now_timestamp_us(), [(0, sealed(pub, 0))]))) == 64
+        assert st.srv.signer.counts == {"sign": 1}
+    finally:
+        st.close()
+
+
+def _pbft(*args, **kw):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = SRC + os.pathsep + ROOT
+    return subprocess.Popen([sys.executable, "-m", "pbft.cli", *map(str, args)], env=env,
+                            stdout=subprocess.DEVNULL, start_new_session=True, **kw)
+
+
+@pytest.mark.slow
+def test_live_replica_without_its_key_file(tmp_path):
+    """Replica 1 runs with its key in a signer; its key file is moved away before it starts. It
+    serves (its NewKeys are signed, others' opened, by the signer), recovers (a reboot by exec)
+    and reconnects to the signer."""
+    protocol = {"checkpoint_interval_seqnos": 8, "log_window_seqnos": 16, "view_change_timeout_ms": 500.0}
+    with LocalCluster(tmp_path / "c", N, protocol=protocol) as lc:
+        sock = tmp_path / "s1.sock"
+        slog = open(tmp_path / "signer.log", "ab")
+        signer = _pbft("signer", lc.dir, "--id", 1, "--socket", sock, "--mode", "600", stderr=slog)
+        try:
+            deadline = time.time() + 15
+            while not sock.exists():
+                assert signer.poll() is None and time.time() < deadline, (tmp_path / "signer.log").read_text()
+                time.sleep(0.05)
+            key = lc.cluster.key_path(1)
+            shutil.move(key, tmp_path / "elsewhere.key")  # the replica cannot read it now
+            for r in (0, 2, 3):
+                lc.start(r)
+            rlog = open(lc.dir / "replica-1.log", "ab")
+            lc.logs[1] = lc.dir / "replica-1.log"
+            lc.procs[1] = _pbft("replica", lc.dir, "--id", 1, "--signer", sock, stderr=rlog)
+            lc.wait_connected(timeout=30)
+            with BlockingClient(lc.dir) as bc:
+                kv = KVClient(bc.invoke, timeout=20.0)
+                for i in range(20):
+                    kv.put(b"k%d" % i, b"v%d" % i)
+                assert kv.get(b"k7") == b"v7"
+                lc.wait_for(lambda: lc.status(1)["last_executed"] >= lc.status(0)["last_executed"] > 0,
+                            what="replica 1 executing")
+                os.kill(lc.procs[1].pid, signal.SIGUSR1)  # a proactive recovery: a reboot by exec
+                lc.wait_for(lambda: (s := lc.status(1))["recoveries"] >= 1 and s["recovering"] is None,
+                            timeout=40, what="replica 1 recovered")
+                for i in range(20, 30):
+                    kv.put(b"k%d" % i, b"v%d" % i)
+                lc.wait_for(lambda: lc.status(1)["last_executed"] >= lc.status(0)["last_executed"],
+                            what="replica 1 executing after its recovery")
+            assert not key.exists()
+            assert "recovery-reboot" in lc.log_text(1) and '"recovered"' in lc.log_text(1)
+            pid1 = lc.procs[1].pid
+        finally:
+            signer.terminate()
+            signer.wait(5)
+            slog.close()
+    events = [json.loads(x) for x in (tmp_path / "signer.log").read_text().splitlines() if x.startswith("{")]
+    conns = [e for e in events if e["event"] == "signer-connection"]
+    assert len(conns) >= 2, events  # the replica before and after its reboot
+    assert all(e["peer_pid"] == pid1 for e in conns)  # (exec: the same pid)
+    assert any(e["event"] == "signer-sign" for e in events)
+    stopped = [e for e in events if e["event"] == "signer-stopped"]
+    assert stopped and stopped[0]["open"] >= 2 * (N - 1) and stopped[0]["sign"] >= 2, events  # (both processes)
+
+
+def test_signer_socket_from_option_or_cluster_file(tmp_path):
+    from pbft.runtime.cluster import init_cluster
+    from pbft.tools.guard import signer_spec
+
+    c = init_cluster(tmp_path / "c", N)
+    assert signer_spec(c.dir, 2, None) is None  # no signer: the key file
+    assert signer_spec(c.dir, 2, "unix:/run/s.sock") == Path("/run/s.sock")
+    toml = c.dir / "cluster.toml"
+    base = toml.read_text()
+    toml.write_text(base + '\n[keys]\nsigner = "unix:run/signer-{id}.sock"\n')
+    assert signer_spec(c.dir, 2, None) == c.dir / "run" / "signer-2.sock"
+    assert signer_spec(c.dir, 2, "/x.sock") == Path("/x.sock")  # the option wins
+    toml.write_text(base + '\n[keys]\nsigner = 3\n')
+    with pytest.raises(ConfigError, match=r"\[keys\]"):
+        signer_spec(c.dir, 2, None)

@@ -1,0 +1,435 @@
+"""Keyless attacks on a replica's connections and on its HTTP endpoint.
+
+Two kinds of tests:
+
+* in-process: replicas (``ReplicaNode``) in this test's own event loop, raw sockets against
+  them, and the transport's guard inspected directly (its memory account, the trust of each
+  connection);
+* real processes (``LocalCluster``): the connection table filled with idle sockets, slow and
+  flooding HTTP clients, while a correct client still gets its requests through.
+
+Asserted: connections closed, counters raised, round trips completed; never a rate or a size
+of resident memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from helpers.netutil import LocalCluster, free_base_port
+from pbft import BlockingClient
+from pbft.runtime.cluster import init_cluster, load_cluster
+from pbft.runtime.node import ReplicaNode
+from pbft.runtime.keys import make_newkey, now_timestamp_us
+from pbft.runtime.transport import AUTH_REPLICA, client_frame_bytes_max, frame
+from pbft.services.kv import KVClient, KVService
+from pbft.config import ConfigError
+
+MAX_FRAME = 4 * 1024 * 1024
+
+
+def transport_drops(node: ReplicaNode, reason: str) -> int:
+    return node.counters.drops.get(reason, 0)
+
+
+def make_cluster(tmp_path, runtime=None, clients: int = 2):
+    return init_cluster(tmp_path / "c", 4, None, ["127.0.0.1"], free_base_port(200), clients, runtime=runtime,
+                        storage={"mode": "memory"})
+
+
+async def start_nodes(cluster, ids):
+    nodes = []
+    for i in ids:
+        node = ReplicaNode(cluster, i, cluster.identity(i), KVService(), quiet=True)
+        await node.start()
+        nodes.append(node)
+    return nodes
+
+
+async def stop_nodes(nodes):
+    for node in nodes:
+        await node.stop()
+
+
+async def wait_until(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def closed_by_peer(reader: asyncio.StreamReader, timeout: float) -> bool:
+    """True if the other side closes the connection within ``timeout`` seconds."""
+    try:
+        data = await asyncio.wait_for(reader.read(1 << 16), timeout)
+    except asyncio.TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+    return data == b""
+
+
+# ---------------------------------------------------------------------------
+# in-process: the guard of one replica's inbound connections
+# ---------------------------------------------------------------------------
+
+def test_partial_frames_on_unauthenticated_connections_are_bounded(tmp_path):
+    """A frame announced above the client bound is refused at its length prefix; partial frames
+    under it count against the memory bound, and the oldest holders go first past it."""
+    limit = 2 * client_frame_bytes_max(make_cluster(tmp_path / "probe").cfg)
+    cluster = make_cluster(tmp_path, runtime={"partial_frames_bytes_max": limit})
+    near = client_frame_bytes_max(cluster.cfg) - 16  # an allowed length, not sent in full
+
+    async def main():
+        (node,) = await start_nodes(cluster, [0])
+        me = cluster.replicas[0]
+        try:
+            # 1. an almost complete maximum-size frame: closed at once, nothing buffered
+            r, w = await asyncio.open_connection(me.host, me.port)
+            w.write(struct.pack(">I", MAX_FRAME) + b"\x95" * 65536)
+            assert await closed_by_peer(r, 2.0), "a 4 MiB frame was accepted on an unauthenticated connection"
+            assert transport_drops(node, "unauthenticated-frame-too-large") == 1
+            w.close()
+            # 2. partial frames of allowed length from five connections: never more than the bound held
+            socks = []
+            for _ in range(5):
+                r, w = await asyncio.open_connection(me.host, me.port)
+                w.write(struct.pack(">I", near) + b"\x95" * (near - 100))
+                await w.drain()
+                socks.append((r, w))
+                # one at a time: the replica holds all of it before the next one sends
+                await wait_until(lambda: list(node.guard.conns)[-1].held == 4 + near - 100, 5.0, "the bytes")
+                assert node.guard.held <= limit
+            await wait_until(lambda: transport_drops(node, "partial-frame-memory") >= 3, 5.0,
+                             "connections holding partial frames to be closed")
+            assert node.guard.held <= limit
+            # the oldest holders were closed, the newest kept (those closed first are the first three)
+            closed = [await closed_by_peer(r, 1.0) for r, _ in socks[:3]]
+            assert all(closed)
+            assert not await closed_by_peer(socks[4][0], 0.2)
+            for _, w in socks:
+                w.close()
+        finally:
+            await stop_nodes([node])
+
+    asyncio.run(main())
+
+
+def test_idle_and_slow_unauthenticated_connections_time_out(tmp_path):
+    """No byte for unauthenticated_timeout_s: closed (idle-timeout); a frame trickling in for
+    longer than that: closed although bytes keep coming (slow-frame-timeout)."""
+    cluster = make_cluster(tmp_path, runtime={"unauthenticated_timeout_s": 0.6})
+
+    async def main():
+        (node,) = await start_nodes(cluster, [0])
+        me = cluster.replicas[0]
+        try:
+            idle = [await asyncio.open_connection(me.host, me.port) for _ in range(5)]
+            r, w = await asyncio.open_connection(me.host, me.port)
+            w.write(struct.pack(">I", 1000))
+            t0 = time.monotonic()
+            closed = False
+            while time.monotonic() - t0 < 5.0:  # one byte every 0.1 s: never idle, never complete
+                try:
+                    w.write(b"\x95")
+                    await w.drain()
+                except ConnectionError:
+                    closed = True
+                    break
+                if await closed_by_peer(r, 0.1):
+                    closed = True
+                    break
+            assert closed, "a frame trickling in was never timed out"
+            assert transport_drops(node, "slow-frame-timeout") == 1
+            for ir, _ in idle:
+                assert await closed_by_peer(ir, 3.0)
+            assert transport_drops(node, "idle-timeout") == 5
+            assert not node.guard.conns and node.guard.held == 0
+            for _, iw in idle:
+                iw.close()
+            w.close()
+        finally:
+            await stop_nodes([node])
+
+    asyncio.run(main())
+
+
+def test_replica_links_authenticate_and_reauthenticate_after_reconnecting(tmp_path):
+    """Every replica's inbound link authenticates as a replica (frames up to the protocol's
+    maximum); when a link is cut and re-established while both processes live, the NewKey sent
+    on it again carries a fresh timestamp, so the new connection authenticates too (the old
+    NewKey would be rejected as stale and leave it with the client bound)."""
+    cluster = make_cluster(tmp_path, runtime={"unauthenticated_timeout_s": 5.0})
+
+    async def main():
+        nodes = await start_nodes(cluster, range(4))
+        try:
+            def all_authenticated():
+                return all(len(nd.replica_conn) == 3 and all(c.auth == AUTH_REPLICA and not c.closed
+                                                             for c in nd.replica_conn.values())
+                           for nd in nodes)
+            await wait_until(all_authenticated, 10.0, "replica links to authenticate")
+            for nd in nodes:
+                for c in nd.replica_conn.values():
+                    assert c.max_frame == cluster.cfg.message_size_bytes_max + 1024
+            n0 = nodes[0]
+            old = n0.replica_conn[1]
+            old.close()  # replica 0 cuts replica 1's link; replica 1 reconnects and sends its keys again
+            await wait_until(lambda: n0.replica_conn.get(1) not in (None, old) and all_authenticated(), 10.0,
+                             "the link to reconnect and authenticate")
+            assert n0.counters.drops.get("newkey-stale", 0) == 0
+            # the protocol runs over them: requests execute everywhere
+            from pbft.runtime.client import ClientPool
+            from pbft.services.kv import encode_op
+            pool = ClientPool(cluster, [cluster.identity(cluster.client_ids[0])])
+            await pool.start()
+            await pool.invoke(cluster.client_ids[0], encode_op("put", b"k", b"v"), timeout=10.0)
+            await pool.close()
+            await wait_until(lambda: all(nd.replica.last_exec >= 1 for nd in nodes), 10.0, "execution")
+            for nd in nodes:
+                assert not {"unauthenticated-frame-too-large", "partial-frame-memory", "slow-frame-timeout",
+                            "idle-timeout", "connection-evicted"} & set(nd.counters.drops)
+        finally:
+            await stop_nodes(nodes)
+
+    asyncio.run(main())
+
+
+def test_eviction_spares_replicas_and_clients_current_connections(tmp_path):
+    """A full table evicts an unauthenticated connection first, then a client connection that its
+    client has since replaced by a newer one (a second NewKey elsewhere); a client's current
+    connection is never evicted: with nothing else left, the newcomer is refused."""
+    cluster = make_cluster(tmp_path, runtime={"connections_max": 4}, clients=4)
+    c4, c5, c6, c7 = cluster.client_ids
+
+    async def main():
+        (node,) = await start_nodes(cluster, [0])
+        me = cluster.replicas[0]
+
+        async def connect_as(client):
+            r, w = await asyncio.open_connection(me.host, me.port)
+            if client is not None:
+                nk = make_newkey(cluster.identity(client), cluster.public, {0: os.urandom(64)}, now_timestamp_us())
+                w.write(frame(nk))
+                await wait_until(lambda: node.client_conn.get(client) is not None
+                                 and node.client_conn[client] is list(node.guard.conns)[-1], 5.0, "the NewKey")
+            return r, w
+
+        try:
+            a = await connect_as(c4)
+            b = await connect_as(c4)  # c4 moves to b: a is bound to nobody now
+            c = await connect_as(c5)
+            d = await connect_as(c6)
+            e = await connect_as(None)  # the table was full: a goes
+            assert await closed_by_peer(a[0], 2.0)
+            assert transport_drops(node, "connection-evicted") == 1
+            f = await connect_as(None)  # e, unauthenticated, goes
+            assert await closed_by_peer(e[0], 2.0)
+            assert transport_drops(node, "connection-evicted") == 2
+            # f authenticates: every connection is a client's current one, a newcomer is refused
+            nk = make_newkey(cluster.identity(c7), cluster.public, {0: os.urandom(64)}, now_timestamp_us())
+            f[1].write(frame(nk))
+            await wait_until(lambda: c7 in node.client_conn, 5.0, "c7's NewKey")
+            g = await connect_as(None)
+            assert await closed_by_peer(g[0], 2.0)
+            assert transport_drops(node, "connection-limit") == 1
+            for r, _ in (b, c, d, f):
+                assert not await closed_by_peer(r, 0.05)
+            for _, w in (a, b, c, d, e, f, g):
+                w.close()
+        finally:
+            await stop_nodes([node])
+
+    asyncio.run(main())
+
+
+def test_runtime_limits_are_validated(tmp_path):
+    cluster = make_cluster(tmp_path)
+    text = (cluster.dir / "cluster.toml").read_text()
+    for key in ("unauthenticated_timeout_s", "idle_timeout_s", "frame_timeout_s", "partial_frames_bytes_max",
+                "metrics_host", "http_connections_max", "http_request_timeout_s", "http_requests_per_s"):
+        assert f"\n{key} = " in text  # pbft init writes every default
+    assert all(r.metrics_host == "127.0.0.1" for r in cluster.replicas)
+    bad = [("unauthenticated_timeout_s = 0", "positive"), ("partial_frames_bytes_max = 1000", "two of the largest"),
+           ('metrics_host = "no such host"', "bad host"), ("metrics_host = 5", "string"),
+           ("http_connections_max = -1", "positive")]
+    for line, msg in bad:
+        key = line.split(" ")[0]
+        new = "\n".join(line if ln.startswith(key + " = ") else ln for ln in text.splitlines()) + "\n"
+        (cluster.dir / "cluster.toml").write_text(new)
+        with pytest.raises(ConfigError, match=msg):
+            load_cluster(cluster.dir)
+    # per replica: where its endpoint listens, and where ``pbft status`` then looks
+    new = text.replace('metrics_host = "127.0.0.1"', 'metrics_host = "0.0.0.0"')
+    new = new.replace("id = 1\n", 'id = 1\nmetrics_host = "127.0.0.2"\n', 1)
+    (cluster.dir / "cluster.toml").write_text(new)
+    c = load_cluster(cluster.dir)
+    assert [r.metrics_host for r in c.replicas] == ["0.0.0.0", "127.0.0.2", "0.0.0.0", "0.0.0.0"]
+    assert c.replicas[0].metrics_addr == c.replicas[0].host and c.replicas[1].metrics_addr == "127.0.0.2"
+
+
+# ---------------------------------------------------------------------------
+# real replica processes
+# ---------------------------------------------------------------------------
+
+def idle_sockets(lc: LocalCluster, per_replica: int) -> list[socket.socket]:
+    socks = []
+    for r in lc.cluster.replicas:
+        for _ in range(per_replica):
+            s = socket.create_connection((r.host, r.port), timeout=2.0)
+            socks.append(s)
+    return socks
+
+
+def transport_metric(lc: LocalCluster, rid: int, reason: str) -> float:
+    from test_runtime import metric, metrics_text
+    text = metrics_text(lc, rid)
+    if f'reason="{reason}"' not in text:
+        return 0.0
+    return metric(text, "pbft_dropped_messages_total", layer="transport", reason=reason)
+
+
+def test_full_connection_table_still_admits_a_correct_client(tmp_path):
+    """Every replica's table is filled with idle sockets (which would not time out during the
+    test); a new client's connections evict the oldest of them and its requests complete."""
+    lc = LocalCluster(tmp_path / "c", runtime={"connections_max": 24, "unauthenticated_timeout_s": 60.0})
+    socks = []
+    try:
+        lc.start_all()
+        socks = idle_sockets(lc, 30)  # more than the table holds: the later ones already evict
+        time.sleep(0.3)
+        with BlockingClient(lc.dir, wait_s=10.0) as bc:
+            kv = KVClient(bc.invoke, timeout=20.0)
+            for i in range(5):
+                kv.put(f"k{i}".encode(), b"v")
+            assert kv.get(b"k4") == b"v"
+        for rid in range(4):
+            assert transport_metric(lc, rid, "connection-evicted") >= 6 + 1
+            st = lc.status(rid)
+            assert len(st["peers_connected"]) == 3  # replica links are never evicted
+    finally:
+        for s in socks:
+            s.close()
+        lc.stop()
+
+
+def test_http_endpoint_slow_clients_and_flood(tmp_path):
+    """Slow HTTP clients are closed after http_request_timeout_s and cannot lock the endpoint out;
+    a flood of GETs is served at its own pace while a correct client's requests complete."""
+    lc = LocalCluster(tmp_path / "c", runtime={"http_request_timeout_s": 1.0, "http_connections_max": 8,
+                                               "http_requests_per_s": 40.0})
+    try:
+        lc.start_all()
+        r = lc.cluster.replicas[0]
+        slow = []
+        for _ in range(20):  # more than it serves at once
+            s = socket.create_connection((r.metrics_addr, r.metrics_port), timeout=5.0)
+            s.sendall(b"GET /status HTTP/1.1\r\n")  # ... and the rest never comes
+            slow.append(s)
+        # a correct request still gets its answer (the oldest slow clients make room)
+        st = lc.wait_for(lambda: lc.status(0, timeout=3.0), timeout=10.0, what="/status during a slowloris")
+        assert st["replica"] == 0
+        deadline = time.monotonic() + 6.0
+        pending = list(slow)
+        while pending and time.monotonic() < deadline:
+            pending = [s for s in pending if not _closed(s, 0.1)]
+        assert not pending, f"{len(pending)} slow HTTP connections were left open"
+        for s in slow:
+            s.close()
+
+        stop = threading.Event()
+        served = [0]
+
+        def flood():
+            while not stop.is_set():
+                try:
+                    with urllib.request.urlopen(f"http://{r.metrics_addr}:{r.metrics_port}/metrics", timeout=2) as resp:
+                        resp.read()
+                    served[0] += 1
+                except OSError:
+                    pass
+
+        threads = [threading.Thread(target=flood, daemon=True) for _ in range(8)]
+        for t in threads:
+            t.start()
+        try:
+            with BlockingClient(lc.dir, wait_s=10.0) as bc:
+                kv = KVClient(bc.invoke, timeout=20.0)
+                for i in range(20):
+                    kv.put(f"f{i}".encode(), b"x")
+                assert kv.get(b"f19") == b"x"
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(5)
+        assert served[0] >= 1  # the flood was being answered meanwhile
+        from test_runtime import metric, metrics_text
+        text = metrics_text(lc, 0)
+        assert metric(text, "pbft_dropped_messages_total", layer="http", reason="http-timeout") \
+            + metric(text, "pbft_dropped_messages_total", layer="http", reason="http-evicted") >= 20
+    finally:
+        lc.stop()
+
+
+def _closed(s: socket.socket, timeout: float) -> bool:
+    """True if the other side closed ``s`` (within ``timeout`` seconds)."""
+    s.settimeout(timeout)
+    try:
+        while True:
+            if s.recv(4096) == b"":
+                return True
+    except socket.timeout:
+        return False
+    except OSError:
+        return True
+
+
+def test_unauthenticated_accepts_are_budgeted_and_authenticated_ones_free(tmp_path):
+    """Connections that never authenticate are accepted at most ``unauthenticated_accepts_per_s``
+    a second (past the burst, the rest wait in the kernel's queue and the pause is counted); a
+    connection that authenticates gives its credit back, so any number of correct clients connect
+    one after the other without a pause."""
+    cluster = make_cluster(tmp_path, runtime={"unauthenticated_accepts_per_s": 5.0}, clients=1)
+
+    async def main():
+        node, = await start_nodes(cluster, [0])
+        me = cluster.replicas[0]
+        c = cluster.client_ids[0]
+        try:
+            # 40 correct connections in turn, each authenticating before the next: more than the
+            # burst (16), none paused
+            for _ in range(40):
+                r, w = await asyncio.open_connection(me.host, me.port)
+                nk = make_newkey(cluster.identity(c), cluster.public, {0: os.urandom(64)}, now_timestamp_us())
+                w.write(frame(nk))
+                await wait_until(lambda: node.client_conn.get(c) is not None
+                                 and node.client_conn[c] is list(node.guard.conns)[-1], 5.0, "the NewKey")
+                w.close()
+            assert transport_drops(node, "accept-paused") == 0
+            accepted0 = node.counters.connections_accepted
+            t0 = time.monotonic()
+            # 60 that never authenticate: the kernel completes their handshakes (listen queue),
+            # the replica takes the burst and then about 5 a second
+            flood = []
+            for _ in range(60):
+                flood.append(await asyncio.open_connection(me.host, me.port))
+            await asyncio.sleep(1.0)
+            took = node.counters.connections_accepted - accepted0
+            elapsed = time.monotonic() - t0
+            assert 16 <= took <= 16 + 5 * elapsed + 2, (took, elapsed)
+            assert transport_drops(node, "accept-paused") >= 1
+            for _, w in flood:
+                w.close()
+        finally:
+            await stop_nodes([node])
+
+    asyncio.run(main())

@@ -1,0 +1,378 @@
+"""BFS through a real FUSE mount: a 4-replica cluster on loopback running BFSService, mounted
+with ``pbft mount``, used with ordinary tools.  Needs root, /dev/fuse and pyfuse3."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers.bfsutil import BFS_SECTION, pbft, tree_digest, why_not
+from helpers.netutil import LocalCluster
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.skipif(why_not() is not None, reason=why_not() or "")
+
+
+@pytest.fixture(scope="module")
+def bfs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bfs")
+    lc = LocalCluster(tmp / "c", clients=8, service="bfs",
+                      protocol={"checkpoint_interval_seqnos": 64, "log_window_seqnos": 128,
+                                "view_change_timeout_ms": 500.0})
+    with open(lc.dir / "cluster.toml", "a") as fh:
+        fh.write(BFS_SECTION)
+    lc.start_all()
+    # mount points that every user can reach (pytest's own temporary directories are 0700)
+    mdir = Path(tempfile.mkdtemp(prefix="pbft-bfs-", dir="/tmp"))
+    os.chmod(mdir, 0o755)
+    m1, m2 = mdir / "m1", mdir / "m2"
+    m1.mkdir()
+    m2.mkdir()
+    mounts = []
+    try:
+        pbft("mount", lc.dir, m1, "--client-id", 4, "--identities", 4, "--timeout", 30)
+        mounts.append(m1)
+        pbft("mount", lc.dir, m2, "--client-id", 8, "--identities", 2, "--strict", "--timeout", 30)
+        mounts.append(m2)
+        yield lc, m1, m2
+    finally:
+        for m in mounts:
+            r = pbft("umount", m, check=False)
+            if r.returncode != 0:
+                subprocess.run(["fusermount3", "-uz", str(m)], capture_output=True)
+        lc.stop()
+        shutil.rmtree(mdir, ignore_errors=True)
+        for log in lc.dir.glob("mount-*.log"):
+            text = log.read_text(errors="replace")
+            assert "Traceback" not in text, text[-3000:]
+
+
+@pytest.mark.slow
+def test_cp_tar_mv_and_checksums(bfs, tmp_path):
+    lc, m1, m2 = bfs
+    src = REPO / "src" / "pbft" / "services"
+    local = tmp_path / "tree"
+    shutil.copytree(src, local, ignore=shutil.ignore_patterns("__pycache__"))
+    os.symlink("kv.py", local / "kv-link")
+    t0 = time.perf_counter()
+    subprocess.run(["cp", "-a", str(local), str(m1 / "tree")], check=True)
+    t_bfs = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    subprocess.run(["cp", "-a", str(local), str(tmp_path / "tree2")], check=True)
+    t_local = time.perf_counter() - t0
+    print(f"\ncp -a of {len(tree_digest(local))} files: BFS {t_bfs:.2f}s, local {t_local:.3f}s")
+    assert tree_digest(m1 / "tree") == tree_digest(local)
+    # tar out of the mount and back into it
+    subprocess.run(["tar", "-C", str(m1), "-cf", str(tmp_path / "t.tar"), "tree"], check=True)
+    (m1 / "untar").mkdir()
+    subprocess.run(["tar", "-C", str(m1 / "untar"), "-xf", str(tmp_path / "t.tar")], check=True)
+    assert tree_digest(m1 / "untar" / "tree") == tree_digest(local)
+    # mv of a directory: atomic, and the other mount sees it at once (strict: no caching)
+    subprocess.run(["mv", str(m1 / "untar" / "tree"), str(m1 / "moved")], check=True)
+    assert not (m1 / "untar" / "tree").exists()
+    assert tree_digest(m2 / "moved") == tree_digest(local)
+    subprocess.run(["rm", "-rf", str(m1 / "moved"), str(m1 / "untar")], check=True)
+    assert not (m2 / "moved").exists()
+
+
+def test_links_chmod_find_and_special_files(bfs):
+    lc, m1, m2 = bfs
+    d = m1 / "links"
+    d.mkdir()
+    (d / "f").write_text("data\n")
+    subprocess.run(["ln", str(d / "f"), str(d / "hard")], check=True)
+    a, b = os.stat(d / "f"), os.stat(d / "hard")
+    assert a.st_ino == b.st_ino and a.st_nlink == b.st_nlink == 2
+    subprocess.run(["ln", "-s", "f", str(d / "soft")], check=True)
+    assert os.readlink(d / "soft") == "f" and (d / "soft").read_text() == "data\n"
+    subprocess.run(["chmod", "600", str(d / "f")], check=True)
+    assert stat.S_IMODE(os.stat(d / "hard").st_mode) == 0o600
+    os.mkfifo(d / "fifo")
+    assert stat.S_ISFIFO(os.lstat(d / "fifo").st_mode)
+    os.mknod(d / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    assert os.lstat(d / "null").st_rdev == os.makedev(1, 3)
+    out = subprocess.run(["find", str(d), "-type", "f"], check=True, capture_output=True, text=True).stdout.split()
+    assert sorted(Path(p).name for p in out) == ["f", "hard"]
+    os.setxattr(d / "f", "user.k", b"v")
+    assert os.getxattr(d / "f", "user.k") == b"v" and "user.k" in os.listxattr(d / "f")
+    # open, unlink, still readable through the open file
+    with open(d / "f", "rb") as fh:
+        os.unlink(d / "f")
+        os.unlink(d / "hard")
+        assert fh.read() == b"data\n"
+    assert not (d / "f").exists()
+    # a sparse file beyond 4 GiB
+    with open(d / "sparse", "wb") as fh:
+        fh.seek(5 << 30)
+        fh.write(b"end")
+    st = os.stat(d / "sparse")
+    assert st.st_size == (5 << 30) + 3 and st.st_blocks * 512 < 1 << 20
+    with open(d / "sparse", "rb") as fh:
+        fh.seek((5 << 30) - 2)
+        assert fh.read() == b"\0\0end"
+    statvfs = os.statvfs(m1)
+    assert statvfs.f_namemax == 255 and statvfs.f_files > 0
+
+
+@pytest.mark.slow
+def test_git_and_make(bfs):
+    lc, m1, m2 = bfs
+    if shutil.which("git") is None or shutil.which("make") is None or shutil.which("cc") is None:
+        pytest.skip("git, make or cc missing")
+    repo = m1 / "repo"
+    repo.mkdir()
+    (repo / "hello.c").write_text('#include <stdio.h>\nint main(void){puts("hello from bfs");return 0;}\n')
+    (repo / "Makefile").write_text("hello: hello.c\n\tcc -o hello hello.c\n")
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@e", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@e", HOME=str(repo))
+    for cmd in (["git", "init", "-q", "--template="], ["git", "add", "."], ["git", "commit", "-qm", "first"]):
+        subprocess.run(cmd, cwd=repo, check=True, env=env, capture_output=True)
+    log = subprocess.run(["git", "log", "--oneline"], cwd=repo, check=True, env=env, capture_output=True, text=True)
+    assert "first" in log.stdout
+    subprocess.run(["git", "fsck", "--strict"], cwd=repo, check=True, env=env, capture_output=True)
+    subprocess.run(["make", "-s"], cwd=repo, check=True, capture_output=True)
+    out = subprocess.run([str(repo / "hello")], check=True, capture_output=True, text=True).stdout
+    assert out == "hello from bfs\n"
+    # the strict mount of another identity sees the repository
+    log2 = subprocess.run(["git", "-c", f"safe.directory={m2 / 'repo'}", "log", "--oneline"], cwd=m2 / "repo",
+                          check=True, env=env, capture_output=True, text=True)
+    assert log2.stdout == log.stdout
+
+
+def test_unprivileged_user_gets_permission_errors(bfs):
+    lc, m1, m2 = bfs
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv missing")
+    (m1 / "rootonly").mkdir(mode=0o755)
+    (m1 / "rootonly" / "secret").write_text("x")
+    os.chmod(m1 / "rootonly" / "secret", 0o600)
+    (m1 / "public").mkdir()
+    os.chmod(m1 / "public", 0o1777)
+
+    def as_nobody(script: str):
+        return subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "sh", "-c", script],
+                              capture_output=True, text=True)
+
+    r = as_nobody(f"echo x > {m1}/rootonly/new")
+    assert r.returncode != 0 and "Permission denied" in r.stderr
+    r = as_nobody(f"cat {m1}/rootonly/secret")
+    assert r.returncode != 0 and "Permission denied" in r.stderr
+    r = as_nobody(f"echo mine > {m1}/public/n && cat {m1}/public/n")
+    assert r.returncode == 0 and r.stdout == "mine\n", r.stderr
+    assert os.stat(m1 / "public" / "n").st_uid == 65534
+    r = as_nobody(f"chmod 777 {m1}/rootonly")
+    assert r.returncode != 0
+
+
+def test_second_identity_sees_changes_close_to_open(bfs):
+    lc, m1, m2 = bfs
+    (m1 / "shared.txt").write_text("one\n")
+    assert (m2 / "shared.txt").read_text() == "one\n"  # a new name is looked up, not cached negative
+    (m2 / "shared.txt").write_text("two, longer\n")
+    # the default mount: an open after the change sees it (fresh attributes, no cached pages)
+    assert (m1 / "shared.txt").read_text() == "two, longer\n"
+    with open(m1 / "shared.txt", "a") as fh:
+        fh.write("three\n")
+    assert (m2 / "shared.txt").read_text() == "two, longer\nthree\n"
+    (m2 / "shared.txt").write_text("4\n")  # O_TRUNC: shorter than before
+    assert (m1 / "shared.txt").read_text() == "4\n"
+    (m1 / "shared.txt").write_text("5\n")
+    assert (m2 / "shared.txt").read_text() == "5\n"
+    os.rename(m2 / "shared.txt", m2 / "renamed.txt")
+    assert (m2 / "renamed.txt").exists() and not (m2 / "shared.txt").exists()
+    # exclusive create across mounts: exactly one wins
+    results = []
+
+    def excl(m):
+        try:
+            fd = os.open(m / "race", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.close(fd)
+            results.append("won")
+        except FileExistsError:
+            results.append("lost")
+
+    ts = [threading.Thread(target=excl, args=(m,)) for m in (m1, m2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert sorted(results) == ["lost", "won"]
+
+
+@pytest.mark.slow
+def test_a_replica_killed_during_writes(bfs):
+    lc, m1, m2 = bfs
+    d = m1 / "crash"
+    d.mkdir()
+    expect = {}
+    errors = []
+
+    def writer():
+        try:
+            for i in range(40):
+                data = hashlib.sha256(str(i).encode()).digest() * (100 + 50 * i)
+                (d / f"f{i}").write_bytes(data)
+                expect[f"f{i}"] = data
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    time.sleep(1.0)
+    victim = lc.status(1)["primary"]
+    os.kill(lc.procs[victim].pid, signal.SIGKILL)
+    t.join(90)
+    assert not t.is_alive() and not errors, errors
+    for name, data in expect.items():
+        assert (m1 / "crash" / name).read_bytes() == data
+        assert (m2 / "crash" / name).read_bytes() == data
+    assert len(os.listdir(m2 / "crash")) == 40
+    # the replica comes back and catches up; the file system is still usable
+    lc.start(victim)
+    (m1 / "after").write_text("ok")
+    assert (m2 / "after").read_text() == "ok"
+
+
+def test_no_quorum_gives_etimedout_and_the_mount_survives(bfs):
+    lc, m1, m2 = bfs
+    m3 = m1.parent / "m3"
+    m3.mkdir()
+    pbft("mount", lc.dir, m3, "--client-id", 10, "--identities", 2, "--timeout", 2, "--strict")
+    try:
+        (m3 / "before").write_text("x")
+        stopped = [2, 3]
+        for r in stopped:
+            os.kill(lc.procs[r].pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(OSError) as ei:
+                (m3 / "during").write_text("y")
+            assert ei.value.errno == errno.ETIMEDOUT
+        finally:
+            for r in stopped:
+                os.kill(lc.procs[r].pid, signal.SIGCONT)
+        # the same mount works again once a quorum is back
+        deadline = time.time() + 30
+        while True:
+            try:
+                (m3 / "after").write_text("z")
+                break
+            except OSError:
+                assert time.time() < deadline
+                time.sleep(0.5)
+        assert (m1 / "after").read_text() == "z" and (m3 / "before").read_text() == "x"
+    finally:
+        pbft("umount", m3, check=False)
+
+
+def test_random_posix_calls_agree_with_the_local_file_system(bfs, tmp_path):
+    """The same random sequence of POSIX calls through the mount and on a local directory:
+    the same results, the same errnos, the same tree in the end."""
+    import random
+
+    lc, m1, m2 = bfs
+    roots = [m1 / "cmp", tmp_path / "cmp"]
+    for r in roots:
+        r.mkdir()
+    paths = ["a", "b", "c", "a/x", "a/y", "b/x", "a/x/z"]
+    rng = random.Random(11)
+
+    def do(root: Path, k: int, p: str, q: str, n: int, data: bytes):
+        P, Q = root / p, root / q
+        if k == 0:
+            fd = os.open(P, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.close(fd)
+        elif k == 1:
+            os.mkdir(P, 0o755)
+        elif k == 2:
+            fd = os.open(P, os.O_WRONLY | os.O_APPEND)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+        elif k == 3:
+            fd = os.open(P, os.O_RDWR | os.O_TRUNC)
+            try:
+                os.write(fd, data[: n % 50])
+            finally:
+                os.close(fd)
+        elif k == 4:
+            fd = os.open(P, os.O_WRONLY)
+            try:
+                os.pwrite(fd, data, n)
+            finally:
+                os.close(fd)
+        elif k == 5:
+            os.truncate(P, n)
+        elif k == 6:
+            os.rename(P, Q)
+        elif k == 7:
+            os.link(P, Q)
+        elif k == 8:
+            os.unlink(P)
+        elif k == 9:
+            os.rmdir(P)
+        elif k == 10:
+            os.symlink("target", P)
+        elif k == 11:
+            os.chmod(P, 0o600 if n % 2 else 0o755)
+        elif k == 12:
+            with open(P, "rb") as fh:
+                fh.seek(n)
+                return fh.read(300)
+        else:
+            return sorted(os.listdir(P))
+
+    for step in range(250):
+        k = rng.randrange(14)
+        p, q = rng.choice(paths), rng.choice(paths)
+        n = rng.randrange(40000)
+        data = bytes([rng.randrange(256)]) * rng.randrange(1, 70000)
+        out = []
+        for r in roots:
+            try:
+                out.append(("ok", do(r, k, p, q, n, data)))
+            except OSError as e:
+                out.append(("err", e.errno))
+        assert out[0] == out[1], (step, k, p, q, n, out)
+
+    def snapshot(root: Path):
+        snap = {}
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in sorted(dirnames + filenames):
+                full = Path(dirpath) / name
+                st = os.lstat(full)
+                body = None
+                if stat.S_ISREG(st.st_mode):
+                    body = hashlib.sha256(full.read_bytes()).hexdigest()
+                elif stat.S_ISLNK(st.st_mode):
+                    body = os.readlink(full)
+                size = None if stat.S_ISDIR(st.st_mode) else st.st_size
+                snap[str(full.relative_to(root))] = (st.st_mode, st.st_nlink, size, body)
+        return snap
+
+    assert snapshot(roots[0]) == snapshot(roots[1])
+    assert snapshot(m2 / "cmp") == snapshot(roots[1])
+
+
+def test_mount_command_errors_are_one_line(bfs, tmp_path):
+    lc, m1, m2 = bfs
+    for args, text in [((lc.dir, tmp_path / "missing"), "not a directory"),
+                       ((lc.dir, m1), "already a mount point"),
+                       ((lc.dir, tmp_path, "--client-id", 99), "not a client"),
+                       ((tmp_path / "nocluster", tmp_path), "cannot read")]:
+        p = pbft("mount", *args, check=False)
+        assert p.returncode == 2 and text in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
+    p = pbft("umount", tmp_path, check=False)
+    assert p.returncode == 2 and "not mounted" in p.stderr

@@ -1,0 +1,85 @@
+"""``pbft bench-fs`` (pbft.services.bfs.bench) on a tiny scale, against BFS and a local
+directory: the report's shape, and that every workload's files came back right.  Speed is
+not asserted (that is the benchmark's output, not a test)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from helpers.bfsutil import why_not as why_not_fuse
+from pbft.services.bfs import bench
+
+REASON = why_not_fuse() or bench.why_not(["bfs", "local"])
+
+
+def test_andrew_checks_catch_a_wrong_tree(tmp_path):
+    # the contents checks can fail: a tree whose expected digests and output differ
+    src = tmp_path / "src"
+    files, answer = bench.write_source(src, per_module=1)
+    root = tmp_path / "root"
+    root.mkdir()
+    wrong = dict(files)
+    wrong["main.c"] = files["main.c"] + b"/* not what was copied */\n"
+    phases, problems = bench.andrew(root, src, 1, (wrong, answer + 1))
+    assert set(phases) == set(bench.ANDREW_PHASES)
+    assert any("read back wrong" in p for p in problems)
+    assert any("printed" in p for p in problems)
+
+
+@pytest.mark.skipif(REASON is not None, reason=f"bench-fs needs FUSE and gcc: {REASON}")
+def test_bench_fs_tiny_against_bfs_and_local(tmp_path):
+    out = io.StringIO()
+    rep = bench.run_bench(["bfs", "local"], [1], 1, 12, 12, 3, None, out=out, storage="memory", per_module=1)
+    assert rep["targets"] == ["bfs", "local"]
+    assert set(rep["results"]) == {"andrew-1", "postmark"}
+    assert list(rep["results"]["andrew-1"]) == [*bench.ANDREW_PHASES, "total"]
+    assert list(rep["results"]["postmark"]) == [*bench.POSTMARK_PHASES, "total"]
+    for wl, phases in rep["results"].items():
+        for phase, per in phases.items():
+            assert set(per) == {"bfs", "local"}, (wl, phase)
+            for _t, s in per.items():
+                assert len(s["runs"]) == 1 and s["min"] == s["median"] == s["runs"][0] >= 0
+            assert set(rep["ratios"][wl][phase]) == {"bfs/local"}
+    # every workload's contents checked on both targets (copy, read, the compiled program's
+    # output, PostMark's files against its model) and found right
+    assert rep["problems"] == {"bfs": [], "local": []}
+    # the mount reported the requests it sent, the file creations among them
+    assert rep["mount_calls"]["bfs"]["create"][0] >= 12
+    table = bench.format_table(rep)
+    lines = table.splitlines()
+    assert "BFS" in lines[1] and "local" in lines[1] and "bfs/local" in lines[1]
+    assert sum(1 for ln in lines if ln.startswith(("andrew-1", "postmark"))) == len(bench.ANDREW_PHASES) + len(
+        bench.POSTMARK_PHASES) + 2
+    assert lines[-1] == "contents checked: all correct"
+
+
+def test_write_behind_extents_match_a_file_model():
+    # the mount's write-behind (gathered writes merged into extents, reads laid over the
+    # replicas' bytes) against a plain bytearray, for random small writes and reads
+    import random
+
+    mount = pytest.importorskip("pbft.services.bfs.mount", reason="pyfuse3 is not installed")
+    rng = random.Random(5)
+    for trial in range(200):
+        base = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 300)))  # what the replicas hold
+        model = bytearray(base)
+        ext: list = []
+        for _ in range(rng.randrange(1, 12)):
+            off = rng.randrange(0, 400)
+            data = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 80)))
+            ext = mount._merge(ext, off, data, ("cred",))
+            if off > len(model):
+                model.extend(bytes(off - len(model)))
+            model[off:off + len(data)] = data
+        # extents stay sorted, disjoint and not touching
+        for (o1, b1, _), (o2, _, _) in zip(ext, ext[1:]):
+            assert o1 + len(b1) < o2
+        ops = mount.BFSOperations.__new__(mount.BFSOperations)
+        ops.dirty = {7: ext}
+        for _ in range(5):
+            off, size = rng.randrange(0, 500), rng.randrange(1, 200)
+            got = ops._overlay(7, off, size, base[off:off + size])
+            assert got == bytes(model[off:off + size]), trial
+        assert ops._with_dirty((7, 0, 1, 0, 0, 0, len(base), 0, 0, 0, 0))[6] == len(model)
