@@ -19,7 +19,7 @@ ROOT = str(Path(__file__).resolve().parents[2])  # the repository root: makes ``
 if ROOT not in sys.path:
     sys.path.append(ROOT)
 
-from pbft.storage import META_KEY, LmdbStore, MemStore, Store  # noqa: E402, F401 - Store: the interface
+from pbft.storage import META_KEY, LmdbStore, MemStore, Store, WalStore  # noqa: E402, F401 - Store: the interface
 from pbft.storage.store import MAX_KEY  # noqa: E402, F401 - the conformance suites read it here
 
 
@@ -62,6 +62,11 @@ STORES: list[StoreImpl] = [
                                                    map_size_bytes=1 << 26), persistent=True),
     StoreImpl("lmdb-fast", lambda d: LmdbStore(d / "db", owner="conformance/replica-0", durable=False,
                                                 map_size_bytes=1 << 26), persistent=True),
+    StoreImpl("wal", lambda d: WalStore(d / "db", owner="conformance/replica-0", map_size_bytes=1 << 26),
+              persistent=True),
+    # a log bound of a few records: the suite's writes go through checkpoints and reuse of the file
+    StoreImpl("wal-rotating", lambda d: WalStore(d / "db", owner="conformance/replica-0", map_size_bytes=1 << 26,
+                                                 log_limit_bytes=2000, prealloc_bytes=4096), persistent=True),
 ]
 
 

@@ -30,7 +30,7 @@ from ..core.replica import Replica
 from ..crypto import KEY_SIZE, KeyRing
 from ..messages import Tag
 from ..service import Service
-from ..storage import LmdbStore, StoreError
+from ..storage import Store, StoreError, open_store
 from .cluster import Cluster
 from .keys import NEWKEY_TAG, Identity, fresh_key, make_newkey, now_timestamp_us
 from .metrics import HttpEndpoint, ReplicaMetrics
@@ -82,15 +82,15 @@ class ReplicaNode:
         n = self.cfg.n
         self.ring = KeyRing(replica_id, n, {}, {})
         self.replica = Replica(self.cfg, replica_id, self.ring, service, now=self._now())
-        self.store: Optional[LmdbStore] = None
+        self.store: Optional[Store] = None
         self.restore_outcome = "memory"
         records: dict[bytes, bytes] = {}
         st = cluster.storage
         if st.mode != "memory":
             path = st.replica_dir(cluster.dir, replica_id)
             try:
-                self.store = LmdbStore(path, cluster.owner(replica_id), durable=st.mode == "durable",
-                                       map_size_bytes=st.map_size_mb << 20)
+                # durable: a write-ahead log (one fdatasync per group commit) before LMDB; fast: LMDB unsynced
+                self.store = open_store(path, cluster.owner(replica_id), st.mode, map_size_bytes=st.map_size_mb << 20)
                 records, damaged = self.store.load()
             except StoreError as e:
                 raise ConfigError(f"replica {replica_id}: {e}") from None

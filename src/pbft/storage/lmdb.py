@@ -98,7 +98,11 @@ class LmdbStore(Store):
         return StoreError(f"{what} failed on store {self.path}: {_describe(e)}")
 
     def write(self, puts: Mapping[bytes, Optional[bytes]]) -> None:
-        framed = framed_puts(puts)
+        self._commit(framed_puts(puts))
+
+    def _commit(self, framed: Mapping[bytes, Optional[bytes]], meta: Optional[dict] = None) -> None:
+        """One write transaction of already framed puts (None = delete), and, with ``meta``, these
+        fields merged into the metadata record in the same transaction (``WalStore``'s checkpoint)."""
         env = self._live()
         try:
             txn = env.begin(write=True)
@@ -108,6 +112,8 @@ class LmdbStore(Store):
                         txn.delete(key)
                     else:
                         txn.put(key, value)
+                if meta:
+                    txn.put(META_KEY, frame(META_KEY, msgpack.packb({**self._meta(txn), **meta})))
                 start = time.perf_counter()
                 txn.commit()
             except BaseException:
@@ -118,6 +124,17 @@ class LmdbStore(Store):
         self.stats["sync_seconds"] += time.perf_counter() - start
         self.stats["writes"] += 1
         self.stats["bytes_written"] += sum(len(k) + len(v or b"") for k, v in framed.items())
+
+    def _meta(self, txn: Optional[lmdb.Transaction] = None) -> dict:
+        """The metadata record (checked at open: it is there and intact)."""
+        if txn is None:
+            with self._live().begin() as t:
+                return self._meta(t)
+        framed = txn.get(META_KEY)
+        meta = msgpack.unpackb(unframe(META_KEY, framed, self.path)) if framed is not None else None
+        if not isinstance(meta, dict):
+            raise StoreError(f"store {self.path}: unreadable metadata record")
+        return meta
 
     def _raw_get(self, key: bytes) -> Optional[bytes]:
         try:
