@@ -73,16 +73,16 @@ def test_recovery_repairs_bytes_corrupted_in_the_store_on_disk(tmp_path):
             for j in range(100):
                 kv.put(b"k%d" % j, b"x" * 100)
         lc.wait_for(lambda: lc.status(2)["stable_checkpoint"] >= 96, what="checkpoints written")
-        db = lc.cluster.storage.replica_dir(lc.dir, 2) / "data.mdb"
-        with open(db, "r+b") as fh:
-            data = fh.read()
-            at = data.find(MARK * 4)
-            hits = 0
-            while at >= 0:  # every copy LMDB holds of the value
-                fh.seek(at + 20)
-                fh.write(b"#")
-                hits += 1
-                at = data.find(MARK * 4, at + len(MARK) * 200)
+        hits = 0
+        for name in ("data.mdb", "wal"):  # LMDB, and the durable mode's log in front of it
+            with open(lc.cluster.storage.replica_dir(lc.dir, 2) / name, "r+b") as fh:
+                data = fh.read()
+                at = data.find(MARK * 4)
+                while at >= 0:  # every copy the store holds of the value
+                    fh.seek(at + 20)
+                    fh.write(b"#")
+                    hits += 1
+                    at = data.find(MARK * 4, at + len(MARK) * 200)
         assert hits >= 1
         w = Writer(lc, 1)
         time.sleep(0.5)

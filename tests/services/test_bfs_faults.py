@@ -278,17 +278,18 @@ MARK = b"BFS-VICTIM-BYTES"  # 16 bytes
 
 
 def corrupt_on_disk(lc, rid: int, mark: bytes) -> int:
-    """Flip a byte in every copy of ``mark * 4`` in replica ``rid``'s LMDB file."""
-    db = lc.cluster.storage.replica_dir(lc.dir, rid) / "data.mdb"
+    """Flip a byte in every copy of ``mark * 4`` in replica ``rid``'s store files (LMDB's, and
+    the durable mode's write-ahead log in front of it)."""
     hits = 0
-    with open(db, "r+b") as fh:
-        data = fh.read()
-        at = data.find(mark * 4)
-        while at >= 0:
-            fh.seek(at + 5)
-            fh.write(b"#")
-            hits += 1
-            at = data.find(mark * 4, at + len(mark) * 64)
+    for name in ("data.mdb", "wal"):
+        with open(lc.cluster.storage.replica_dir(lc.dir, rid) / name, "r+b") as fh:
+            data = fh.read()
+            at = data.find(mark * 4)
+            while at >= 0:
+                fh.seek(at + 5)
+                fh.write(b"#")
+                hits += 1
+                at = data.find(mark * 4, at + len(mark) * 64)
     return hits
 
 

@@ -8,7 +8,8 @@ log's puts (None = deleted) answers reads in front of LMDB.
 
 ``write(puts)`` frames the puts (the checksum of ``store``), appends them to the log as one
 record and fdatasyncs the log once: when it returns, the puts survive a power loss.  A
-**checkpoint** (when the log exceeds ``log_limit_bytes``, and at ``flush``) writes the overlay
+**checkpoint** (when the log exceeds ``log_limit_bytes``; at ``checkpoint``; at opening, of
+what the replay found; not at ``flush``, which has nothing to do) writes the overlay
 into LMDB in one synced transaction that also records the log's generation as applied; the
 next records start over at the beginning of the same file, under the next generation.  The
 log is never dropped before LMDB holds it: a crash between the two replays an old generation's
@@ -277,6 +278,14 @@ class WalStore(Store):
         self.stats["checkpoint_seconds"] += time.perf_counter() - start
 
     def flush(self) -> None:
+        """Nothing to do: every write is on stable storage when it returns.  A clean stop (the
+        runtime flushes, then closes) leaves the log as it is: the next start replays it from the
+        disk, as after a crash, so a recovery reboot reloads what is on disk, not this process's
+        memory.  Refused after a failed fdatasync (the last write's fate is unknown)."""
+        self._usable()
+
+    def checkpoint(self) -> None:
+        """The log's writes into LMDB now (synced), and the log starts over."""
         self._usable()
         if self._overlay or self._seq:
             self._checkpoint()
@@ -350,12 +359,14 @@ def open_store(path: str | os.PathLike[str], owner: str, mode: str, map_size_byt
         raise ValueError(f"no store for storage mode {mode!r}")
     log_path = os.path.join(os.fspath(path), LOG_NAME)
     if os.path.exists(log_path):
-        with WalStore(path, owner, map_size_bytes=map_size_bytes) as wal:
-            wal.flush()
-            try:
-                os.unlink(log_path)
-            except OSError as e:
-                raise StoreError(f"cannot remove the log of store {wal.path}: {e.strerror or e}") from None
+        wal = WalStore(path, owner, map_size_bytes=map_size_bytes)
+        try:
+            wal.checkpoint()
+            os.unlink(log_path)
+        except OSError as e:
+            raise StoreError(f"cannot remove the log of store {wal.path}: {e.strerror or e}") from None
+        finally:
+            wal.close()
     return LmdbStore(path, owner, durable=False, map_size_bytes=map_size_bytes)
 
 
