@@ -16,6 +16,7 @@ from pbft.messages import (ALL_REPLICAS, RECOVERY_OP, Fetch, Request, Status, Vi
 from pbft.services.kv import encode_op
 from pbft.sim.simulator import SimConfig, Simulation
 from pbft.core.events import ViewChangeStarted
+from pbft.core.view_change import ViewChanges
 
 
 def request_frame(c: Cluster, client: int, t: int, op: bytes, bad_for=()) -> tuple[Request, bytes]:
@@ -103,7 +104,7 @@ def test_view_change_acks_for_unknown_view_changes_are_bounded():
     r0 = c.replicas[0]
     for i in range(2000):
         r0.receive(seal(ViewChangeAck(1 + i % 3, 1, 2 + i % 2, os.urandom(32)), c.rings[1]), 0.0)
-    assert len(r0.acks) <= 4 * c.cfg.n * c.cfg.n
+    assert len(r0.vc.acks) <= 4 * c.cfg.n * c.cfg.n
     assert r0.drops["view-change-ack-unmatched-dropped"] > 0
 
 
@@ -178,7 +179,7 @@ def test_replica_alone_in_a_view_change_is_rejoined_on_an_idle_cluster():
     views = {(r.view, r.view_active) for r in c.replicas}
     assert len(views) == 1 and views.pop()[1], [(r.view, r.view_active) for r in c.replicas]
     assert len({r.last_committed_exec for r in c.replicas}) == 1
-    assert sum(r.idle_rejoins for r in c.replicas) >= 1
+    assert sum(r.vc.idle_rejoins for r in c.replicas) >= 1
     assert any(ev == ViewChangeStarted(1, "idle-rejoin") for _, ev in c.events)
 
 
@@ -211,14 +212,15 @@ def test_restarted_replica_alone_in_a_view_change_does_not_escalate():
     assert r.view == 1
 
 
-def test_idle_convergence_oracle_reports_a_replica_left_alone():
+def test_idle_convergence_oracle_reports_a_replica_left_alone(monkeypatch):
     """L3 in the simulator: with the idle rejoin turned off, a replica left alone in a view change
     by a partition is reported (negative control of the oracle)."""
     sc = SimConfig(seed=93, replicas=4, faults=frozenset({"crash", "loss", "dup", "reorder", "delay", "replay",
                                                           "partition"}))
     sim = Simulation(sc)
-    for r in sim.replicas:
-        r._idle_rejoin_tick = lambda: None
+    off = [r.vc for r in sim.replicas]  # (only this simulation's replicas: the control run below rejoins)
+    orig = ViewChanges.idle_rejoin_tick
+    monkeypatch.setattr(ViewChanges, "idle_rejoin_tick", lambda vc: None if any(vc is x for x in off) else orig(vc))
     res = sim.run()
     assert res.liveness_failure is not None and res.liveness_failure.startswith("L3"), res.liveness_failure
     assert Simulation(sc).run().ok

@@ -95,10 +95,10 @@ class Persistence:
         r = self.r
         if self.puts is not None:
             self.puts[b"v"] = _pack([r.view, r.view_active])
-            if r.view_active and r.nv_raw is not None:
+            if r.view_active and r.vc.new_view_raw is not None:
                 # the NewView that installed the view, with its ViewChanges: after a restart we
                 # still hand it to replicas that missed it (they certify it by f+1 digests)
-                self.puts[b"n"] = _pack([r.nv_raw, list(r.nv_vc_raws)])
+                self.puts[b"n"] = _pack([r.vc.new_view_raw, list(r.vc.new_view_vc_raws)])
 
     def q(self, n: int) -> None:
         if self.puts is not None:
@@ -296,8 +296,8 @@ def _restore_log(r: Replica, records: dict[bytes, bytes], view: Any, active: Any
             fr = r.codec.open_frame(nv_raw)
             nv = r.codec.parse(fr)
             if isinstance(nv, NewView) and nv.view == r.view:
-                r.nv, r.nv_raw, r.nv_vc_raws = nv, nv_raw, [bytes(x) for x in vc_raws]
-                r.nv_digest = fr.digest
+                r.vc.new_view, r.vc.new_view_raw, r.vc.new_view_vc_raws = nv, nv_raw, [bytes(x) for x in vc_raws]
+                r.vc.new_view_digest = fr.digest
         except (ValueError, TypeError, DecodeError, msgpack.UnpackException):
             pass  # only liveness suffers: peers that missed the NewView wait for the next one
     r.Qset.update(q)
@@ -321,7 +321,7 @@ def _restore_log(r: Replica, records: dict[bytes, bytes], view: Any, active: Any
                 slot.committed = True
     r.seq_assigned = max([r.seq_assigned, r.h, *q])
     if not r.view_active:
-        r.vc_deadline = r.now + r.vc_timeout
+        r.vc.deadline = r.now + r.vc.timeout_ms
 
 
 def _reexecute_committed(r: Replica, committed: dict[int, tuple[int, bytes]]) -> None:

@@ -30,12 +30,12 @@ Protocol outline (names follow the paper and the thesis):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 from ..codec import (
     BATCH_OVERHEAD_BYTES, NONDET_SIZE_BYTES_MAX, NULL_BATCH_DIGEST, Codec, DecodeError, Frame,
-    batch_digest_from_request_digests, batch_wire_bytes, result_digest, seal, vouch_key,
+    batch_digest_from_request_digests, result_digest, seal, vouch_key,
 )
 from ..config import ClusterConfig
 from ..crypto import KeyRing
@@ -54,7 +54,7 @@ from .ready import Ready
 from .state_transfer import StateTransfer
 from .status import StatusExchange
 from .recovery import ProactiveRecovery, RecoveryRun
-from .view_change import Decision, decide
+from .view_change import Decision, ViewChanges
 from .checkpoints import CheckpointVotes
 from .drops import HOLDABLE, Count, Drop
 from .events import (
@@ -63,7 +63,6 @@ from .events import (
     ViewChangeStarted,
 )
 
-VIEW_LOOKAHEAD_MAX = 1 << 20  # view-change messages further ahead than this are dropped
 VOUCH_BATCH_MAX = 1024
 # what one replica may make us parse and handle per status interval, per kind of message that a
 # correct replica sends a few of per interval (checked before parsing; ``Replica._within_budget``):
@@ -98,13 +97,6 @@ class Slot:
 
 
 @dataclass(slots=True)
-class VCInfo:
-    msg: ViewChange
-    digest: bytes
-    raw: bytes
-
-
-@dataclass(slots=True)
 class ReqInfo:
     req: Request
     digest: bytes
@@ -136,7 +128,6 @@ class Replica:
         self.drops: dict[str, int] = {}  # Drop (or a codec's DecodeError reason) -> inputs dropped
         self.counts: dict[str, int] = {}  # Count -> how often (what happened that is not a drop)
         self.dropped_total = 0
-        self.vc_ahead_at: dict[int, float] = {}  # replica -> when we took its last view change > view+1
         self.sender_budget: dict[tuple[int, int], tuple[float, int]] = {}  # (replica, tag) -> (start, used)
         self.disk = Persistence(self)  # the records each step writes (off until enable_persistence)
         self.recovery_marker = False  # the store says a recovery was under way (``begin_recovery`` again)
@@ -156,34 +147,14 @@ class Replica:
         self.bug_no_ts = "no-timestamp-check" in cfg.bugs
         self.bug_ckpt_noseq = "checkpoint-digest-without-seqno" in cfg.bugs
 
-        self._init_view()
+        self.view = 0
+        self.view_active = True
+        self.vc = ViewChanges(self)  # the view change: ViewChange, acks, NewView, new-view batches
         self._init_log_and_checkpoints(service)
         self._init_requests(cfg)
         self.status = StatusExchange(self, now)  # Status messages: what peers report, our answers
-        # idle rejoin (see ``_idle_rejoin_tick``): the backoff between rejoins nobody's request asked for
-        self.rejoin_backoff_ms = cfg.view_change_timeout_ms
-        self.rejoin_at = 0.0
-        self.last_client_exec = now
-        self.idle_rejoins = 0  # metric
-
-    def _init_view(self) -> None:
-        # view
-        self.view = 0
-        self.view_active = True
-        self.nv: Optional[NewView] = None  # NewView that installed the current view (None in view 0)
-        self.nv_raw: Optional[bytes] = None
-        self.nv_vc_raws: list[bytes] = []
-        self.pending_nv: Optional[tuple[NewView, bytes]] = None
-        self.batches_wanted: dict[bytes, float] = {}  # batch digest -> when last asked for
-        self.batch_answered: dict[int, dict[bytes, float]] = {}  # peer -> batch digest -> when sent
-        self.future_nv: dict[int, tuple[NewView, bytes]] = {}  # NewViews for views we have not reached
-        self.vcs: dict[tuple[int, int], VCInfo] = {}
-        self.acks: dict[tuple[int, int, bytes], set[int]] = {}
-        self.my_vc_raw: Optional[bytes] = None
-        self.vc_timeout = self.cfg.view_change_timeout_ms
-        self.vc_deadline: Optional[float] = None
-        self.nv_digest = b""  # digest of the NewView frame that installed our view
-        self.unverified_nv: Optional[tuple[NewView, bytes, bytes]] = None  # (nv, raw, digest), MAC unchecked
+        self.last_client_exec = now  # when a client's request last executed (``ViewChanges.idle_rejoin_tick``)
+        self._handlers = self._handler_table()
 
     def _init_log_and_checkpoints(self, service: Service) -> None:
         cfg = self.cfg
@@ -339,7 +310,7 @@ class Replica:
 
     def next_deadline(self) -> Optional[float]:
         rec = self.recovering
-        ds = [d for d in (self.status.deadline, self.req_deadline, self.vc_deadline, self.transfer.deadline,
+        ds = [d for d in (self.status.deadline, self.req_deadline, self.vc.deadline, self.transfer.deadline,
                           self.vouch_deadline, rec.next_send if rec is not None and rec.phase != "check" else None)
               if d is not None]
         return min(ds) if ds else None
@@ -352,9 +323,9 @@ class Replica:
         assert self.view_active or self.view > 0, "view 0 is never changed to"
         assert (self.fetch_target is None) == (self.fetcher is None), "a fetch target without its walk"
         assert self.seq_assigned >= self.h, "sequence numbers assigned below the low water mark"
-        assert len(self.future_nv) <= 2, "future NewViews unbounded"
+        assert len(self.vc.future) <= 2, "future NewViews unbounded"
         assert self.recovering is None or self.recovering.phase in ("estimate", "request", "check")
-        assert self.pending_nv is None or not self.view_active or self.pending_nv[0].view != self.view, \
+        assert self.vc.pending is None or not self.view_active or self.vc.pending[0].view != self.view, \
             "a NewView pending for the active view"
         assert not self.out or self.out[-1][0], "a send without destinations"
 
@@ -382,9 +353,9 @@ class Replica:
                 except DecodeError:
                     return
                 if isinstance(nv, NewView) and nv.view >= self.view and \
-                        (self.unverified_nv is None or nv.view >= self.unverified_nv[0].view):
-                    self.unverified_nv = (nv, fr.raw, fr.digest)
-                    self._try_certified_new_view()
+                        (self.vc.unverified is None or nv.view >= self.vc.unverified[0].view):
+                    self.vc.unverified = (nv, fr.raw, fr.digest)
+                    self.vc.try_certified_new_view()
                 return
             if fr.tag == Tag.REQUEST and fr.sender >= self.cfg.n:
                 # a request whose MAC for us is wrong may still be genuine (its client may be
@@ -411,7 +382,7 @@ class Replica:
         if handler is None:
             self._drop(Drop.UNEXPECTED_TYPE)
             return
-        handler(self, msg, fr)
+        handler(msg, fr)
 
     def tick(self, now: float) -> None:
         self.now = now
@@ -419,35 +390,23 @@ class Replica:
             self.recovery.tick()
         if self.status.due(now):
             self.status.send()
-            if self.unverified_nv is not None or self.pending_nv is not None or self.future_nv:
-                self._try_certified_new_view()
+            self.vc.try_certified_new_view()
             if self.held:
                 # the lowest held pre-prepares again (the clock moved on; a request or our own vouch
                 # may have completed a certificate): a few per tick, bounded work
                 self._recheck_held(sorted(self.held)[:4])
-            self._idle_rejoin_tick()
-            if self.batches_wanted:  # still missing: ask everybody again, the longest-waiting first
-                wanted = self.batches_wanted
-                due = [d for d, t in wanted.items() if now - t >= self.cfg.status_interval_ms / 2][:8]
-                for d in due:
-                    del wanted[d]
-                    wanted[d] = now
-                    self.out.append((self.others, seal(FetchBatch(d, self.id), self.keys)))
+            self.vc.status_tick(now)
         if self.req_deadline is not None and now >= self.req_deadline:
             self.req_deadline = None
             if self.view_active and self.pending:
                 if self.fetch_target is not None:
                     # we are behind and fetching state: we cannot judge the primary yet
-                    self.req_deadline = now + self.vc_timeout
-                elif now - min(ri.since for ri in self.pending.values()) >= self.vc_timeout:
+                    self.req_deadline = now + self.vc.timeout_ms
+                elif now - min(ri.since for ri in self.pending.values()) >= self.vc.timeout_ms:
                     self._start_view_change(self.view + 1, "request-timer")
                 else:
                     self._arm_request_timer()
-        if self.vc_deadline is not None and now >= self.vc_deadline:
-            self.vc_deadline = None
-            if not self.view_active:
-                self.vc_timeout = min(self.vc_timeout * 2, self.cfg.view_change_timeout_max_ms)
-                self._start_view_change(self.view + 1, "view-change-timer")
+        self.vc.tick(now)
         self.transfer.tick(now)
 
     def restart(self, now: float) -> None:
@@ -474,14 +433,7 @@ class Replica:
         self.vouch_urgent = False
         self.req_deadline = None
         self.status.restart(now)
-        if not self.view_active:
-            if self.my_vc_raw is None:
-                self.vc_deadline = now + self.vc_timeout  # (no ViewChange of ours for this view)
-            else:
-                # the view-change timer runs only once a quorum is changing to this view, as
-                # before the crash: a replica alone in a view change does not escalate on restarts
-                self.vc_deadline = None
-                self._after_view_change_input()
+        self.vc.restart(now)
         self.transfer.restart(now)
 
     def _within_budget(self, fr: Frame, relayed: bool) -> bool:
@@ -823,7 +775,7 @@ class Replica:
         here: the timer follows the oldest one, so a primary that commits some requests but
         starves others (slow or censoring) is still replaced."""
         if self.pending and self.view_active:
-            self.req_deadline = min(ri.since for ri in self.pending.values()) + self.vc_timeout
+            self.req_deadline = min(ri.since for ri in self.pending.values()) + self.vc.timeout_ms
         else:
             self.req_deadline = None
 
@@ -1267,7 +1219,7 @@ class Replica:
             if c >= replicas:
                 self.last_client_exec = self.now  # (idle rejoin: when a client's request last executed)
         if self.view_active:
-            self.vc_timeout = self.cfg.view_change_timeout_ms
+            self.vc.reset_timeout()
         self._arm_request_timer()
 
     def _take_checkpoint(self, n: int, d: bytes) -> None:
@@ -1458,9 +1410,9 @@ class Replica:
         st.learn_view(s)
         if st.learn_stable(s) and s.stable_seqno > self.last_committed_exec and s.stable_seqno > self.h:
             self._check_stable(s.stable_seqno)
-        if st.learn_new_view(s) and (self.unverified_nv is not None or self.pending_nv is not None
-                                     or self.future_nv):
-            self._try_certified_new_view()
+        if st.learn_new_view(s) and (self.vc.unverified is not None or self.vc.pending is not None
+                                     or self.vc.future):
+            self.vc.try_certified_new_view()
         st.learn_stuck(s)
         if s.view > self.view:
             target = self.quorums.join_view(st.peer_views, self.view)
@@ -1479,44 +1431,10 @@ class Replica:
                 and self.seq_assigned <= self.last_exec and self.fetch_target is None
                 and self.recovering is None and not self.needs_state)
 
-    def _idle_rejoin_tick(self) -> None:
-        """Idle rejoin: on an idle cluster, follow a replica left alone in a view change.
-
-        A replica that timed out alone (it was partitioned, or slow) sits in view v' > v, not
-        active, while the others carry on in v. It may never come back to v by itself: it sent
-        ViewChange(v'), which a NewView for v' may be built from, so if it prepared or committed
-        anything in v afterwards, that ViewChange would misreport it and break the quorum
-        intersection that carries committed requests into later views. Under load the others
-        join it at their next view change; on an idle cluster nothing ever times out, so it
-        would stay out (and the cluster one fault closer to stalling) until the next request.
-
-        So when this replica has been idle (``_idle``, and no client request executed) for a base
-        view-change timeout, and a replica has reported for as long that it is changing to
-        v' > v, and we hold its ViewChange for v', we start a view change to v' ourselves (the
-        lowest such v'). That is always safe: any replica may start a view change at any time;
-        safety never depends on why (it is exactly what our request timer would do). It needs no
-        trust in the stuck replica for safety, and what it costs, one view change while nobody
-        is waiting, is bounded against a Byzantine replica that claims to be stuck for ever: only
-        an idle replica rejoins, so one replica's claims cannot make a busy cluster change view
-        (the f+1 join rule still guards that), and rejoins back off, the interval doubling up to
-        the view-change timeout maximum (reset after that long without one)."""
-        if not self.status.peer_stuck or self.now < self.rejoin_at or not self._idle():
-            return
-        base = self.cfg.view_change_timeout_ms
-        if self.now - self.last_client_exec < base:
-            return
-        targets = [v for j, (v, since) in self.status.peer_stuck.items()
-                   if v > self.view and self.now - since >= base and (v, j) in self.vcs]
-        if not targets:
-            return
-        if self.now - self.rejoin_at >= self.cfg.view_change_timeout_max_ms:
-            self.rejoin_backoff_ms = base
-        self.idle_rejoins += 1
-        self.rejoin_at = self.now + self.rejoin_backoff_ms
-        self.rejoin_backoff_ms = min(2 * self.rejoin_backoff_ms, self.cfg.view_change_timeout_max_ms)
-        self._start_view_change(min(targets), "idle-rejoin")
-
     def _start_view_change(self, v: int, why: str) -> None:
+        """Move to view v (not active until its NewView is installed): roll back tentative
+        executions, drop this view's slots, held pre-prepares and the primary's queue, and send
+        our ViewChange."""
         if v <= self.view:
             return
         if self.last_exec > self.last_committed_exec:
@@ -1524,403 +1442,23 @@ class Replica:
         self.view = v
         self.view_active = False
         self.disk.view()
-        self.nv = None
-        self.nv_raw = None
-        self.nv_vc_raws = []
         self.slots.clear()
         self.held.clear()
         self.held_keys.clear()
         self.req_deadline = None
-        self.vc_deadline = None
         self.queue.clear()
         self.inflight.clear()
         self._emit(ViewChangeStarted(v, why))
         self._drain_read_only()
-        prepared = tuple(sorted((n, d, pv) for n, (d, pv) in self.P.items() if n > self.h))
-        preprepared = tuple(sorted((n, d, qv) for n, q in self.Qset.items() if n > self.h for d, qv in q.items()))
-        if self.bug_drop_prepared:
-            prepared, preprepared = (), ()
-        ckpts = tuple(sorted((s, cd) for s, cd in self.ckpts.items() if s >= self.h))
-        vc = ViewChange(v, self.id, self.h, ckpts, prepared, preprepared)
-        raw = self._broadcast(vc)
-        self.my_vc_raw = raw
-        fr = self.codec.open_frame(raw)
-        self.vcs[(v, self.id)] = VCInfo(vc, fr.digest, raw)
-        self._prune_view_changes()
-        for k in [k for k in self.future_nv if k < v]:
-            del self.future_nv[k]
-        if v in self.future_nv:
-            self.pending_nv = self.future_nv.pop(v)
-        self._after_view_change_input()
-
-    def _prune_view_changes(self) -> None:
-        for k in [k for k in self.vcs if k[0] < self.view]:
-            del self.vcs[k]
-        for ka in [ka for ka in self.acks if ka[0] < self.view]:
-            del self.acks[ka]
-
-    def _valid_view_change(self, vc: ViewChange) -> bool:
-        lo, hi = vc.stable_seqno, vc.stable_seqno + self.L
-        if not all(lo < n <= hi and v < vc.view for n, _, v in vc.prepared):
-            return False
-        if not all(lo < n <= hi and v < vc.view for n, _, v in vc.preprepared):
-            return False
-        if len({n for n, _, _ in vc.prepared}) != len(vc.prepared):
-            return False
-        # (the sender may not hold its stable checkpoint yet: it can be fetching it)
-        return all(lo <= s <= hi for s, _ in vc.checkpoints)
-
-    def _ignore_view_change(self, vc: ViewChange, fr: Frame) -> Optional[Drop]:
-        if vc.view < self.view:
-            return Drop.VIEW_CHANGE_OLD
-        if vc.view == self.view and self.view_active:
-            # (a sender that is behind learns the new view from our answer to its Status;
-            # answering here could echo relayed view changes between replicas forever)
-            return Drop.VIEW_CHANGE_FOR_ACTIVE_VIEW
-        if vc.view > self.view + VIEW_LOOKAHEAD_MAX:
-            return Drop.VIEW_CHANGE_TOO_FAR
-        if not self._valid_view_change(vc):
-            return Drop.VIEW_CHANGE_INVALID
-        old = self.vcs.get((vc.view, vc.replica))
-        if old is not None:
-            return Drop.VIEW_CHANGE_CONFLICT if old.digest != fr.digest else Drop.VIEW_CHANGE_DUPLICATE
-        if vc.view > self.view + 1:
-            # a correct replica moves to a higher view at most once per view-change timeout (they
-            # double), so a new view change more than one view ahead of ours comes from each sender
-            # at most about that often; a replica sending them faster (each would cost us an ack
-            # to everybody, and them the handling of it) floods: the extra ones are dropped, and
-            # the sender's latest is resent with its Status anyway
-            last = self.vc_ahead_at.get(vc.replica)
-            if last is not None and self.now - last < self.cfg.view_change_timeout_ms / 2:
-                return Drop.VIEW_CHANGE_RATE_LIMITED
-        return None
-
-    def on_view_change(self, vc: ViewChange, fr: Frame) -> None:
-        if (why := self._ignore_view_change(vc, fr)) is not None:
-            return self._drop(why)
-        assert vc.view >= self.view and (vc.view, vc.replica) not in self.vcs
-        key = (vc.view, vc.replica)
-        if vc.view > self.view + 1:
-            self.vc_ahead_at[vc.replica] = self.now
-        # keep at most two pending views per sender (bounded memory)
-        mine = sorted(k for k in self.vcs if k[1] == vc.replica)
-        while len(mine) >= 2:
-            del self.vcs[mine.pop(0)]
-        self.vcs[key] = VCInfo(vc, fr.digest, fr.raw)
-        ack = ViewChangeAck(vc.view, self.id, vc.replica, fr.digest)
-        self.acks.setdefault((vc.view, vc.replica, fr.digest), set()).add(self.id)
-        self._broadcast(ack)
-        # join rule: a weak certificate of replicas is already in higher views
-        if vc.view > self.view or (vc.view == self.view and self.view_active):
-            higher: dict[int, int] = {}
-            for (v, j) in self.vcs:
-                if v > self.view and j != self.id:
-                    higher[j] = min(v, higher.get(j, v))
-            target = self.quorums.join_view(higher, self.view)
-            if target is not None:
-                self._start_view_change(target, "join")
-                return
-        self._after_view_change_input()
-
-    def _ignore_view_change_ack(self, a: ViewChangeAck) -> Optional[Drop]:
-        if a.view < self.view or a.view > self.view + VIEW_LOOKAHEAD_MAX:
-            return Drop.VIEW_CHANGE_ACK_OUT_OF_RANGE
-        if a.vc_replica == a.replica:
-            return Drop.VIEW_CHANGE_ACK_SELF
-        if a.replica in self.acks.get((a.view, a.vc_replica, a.vc_digest), ()):
-            return Drop.VIEW_CHANGE_ACK_DUPLICATE
-        return None
-
-    def on_view_change_ack(self, a: ViewChangeAck, fr: Frame) -> None:
-        if (why := self._ignore_view_change_ack(a)) is not None:
-            return self._drop(why)
-        assert a.view >= self.view and a.vc_replica != a.replica
-        self.acks.setdefault((a.view, a.vc_replica, a.vc_digest), set()).add(a.replica)
-        bound = 4 * self.cfg.n * self.cfg.n
-        if len(self.acks) > bound:
-            self._prune_view_changes()
-            if len(self.acks) > bound:
-                # acks for view changes we do not hold (forged digests, far views): a flooder's,
-                # or ones whose ViewChange has not arrived (then the acker resends them to the new
-                # primary in answer to its Status)
-                for k in [k for k in self.acks
-                          if (info := self.vcs.get(k[:2])) is None or info.digest != k[2]][:len(self.acks) - bound]:
-                    del self.acks[k]
-                    self._drop(Drop.VIEW_CHANGE_ACK_UNMATCHED_DROPPED)
-        # only an ack of a ViewChange we hold, for the view we are changing to and lead, can
-        # complete anything (``_try_new_view``): others must not re-run the decision (a flood
-        # of acks would make us run it once per ack)
-        info = self.vcs.get((a.view, a.vc_replica))
-        if a.view == self.view and info is not None and info.digest == a.vc_digest:
-            self._after_view_change_input()
-
-    def _vouched(self, v: int) -> list[VCInfo]:
-        """ViewChanges for view v that a quorum vouches for (sender, new primary, ackers)."""
-        primary = self.primary(v)
-        out = []
-        for (vv, j), info in self.vcs.items():
-            if vv != v:
-                continue
-            vouchers = set(self.acks.get((v, j, info.digest), ())) | {j, primary}
-            if j == self.id or self.quorums.is_quorum(vouchers):
-                out.append(info)
-        return out
-
-    def _after_view_change_input(self) -> None:
-        if self.view_active:
-            return
-        v = self.view
-        # start the view-change timer once a quorum is changing to v
-        if self.vc_deadline is None:
-            senders = [j for (vv, j) in self.vcs if vv == v]
-            if self.quorums.is_quorum(senders):
-                self.vc_deadline = self.now + self.vc_timeout
-        if self.primary(v) == self.id:
-            self._try_new_view()
-        elif self.pending_nv is not None:
-            self._try_accept_new_view()
-
-    def _decide(self, infos: list[VCInfo]) -> Optional[Decision]:
-        return decide([i.msg for i in sorted(infos, key=lambda i: i.msg.replica)],
-                      self.quorums, self.L)
-
-    def _try_new_view(self) -> None:
-        infos = self._vouched(self.view)
-        if not self.quorums.is_quorum([i.msg.replica for i in infos]):
-            return
-        dec = self._decide(infos)
-        if dec is None:
-            return
-        missing = self._missing_batches(dec.chosen)
-        if missing:
-            self._want_batches(missing)
-            return  # wait for a BatchData from any replica that has them
-        # the NewView carries batch bodies up to a byte budget, lowest sequence numbers first, so
-        # that it stays well within the message size whatever the load; a backup lacking one of
-        # the others fetches it by digest (FetchBatch / BatchData) before installing the view
-        batches: list[Batch] = []
-        budget = self.cfg.new_view_batch_bytes_max
-        given = set()
-        for n, d in dec.chosen:
-            if d == NULL_BATCH_DIGEST or n <= self.h or d in given:
-                continue
-            b = self._batch_for(d)
-            assert b is not None  # (_missing_batches found none missing)
-            size = batch_wire_bytes(b)
-            if size <= budget:
-                budget -= size
-                given.add(d)
-                batches.append(b)
-        infos.sort(key=lambda i: i.msg.replica)
-        nv = NewView(self.view, self.id, tuple((i.msg.replica, i.digest) for i in infos),
-                     dec.checkpoint_seqno, dec.checkpoint_digest, dec.chosen, tuple(batches))
-        raw = self._broadcast(nv)
-        for i in infos:
-            if i.msg.replica != self.id:
-                self.out.append((self.others, i.raw))
-        self._install_new_view(nv, raw, [i.raw for i in infos], dec)
-
-    def _missing_batches(self, chosen: Iterable[tuple[int, bytes]]) -> list[bytes]:
-        """Digests of the non-null batches of ``chosen`` above our low water mark that we lack
-        (those at or below it are never installed: their slots are discarded)."""
-        out = []
-        for n, d in chosen:
-            if n > self.h and d != NULL_BATCH_DIGEST and self._batch_for(d) is None and d not in out:
-                out.append(d)
-        return out
-
-    def _want_batches(self, digests: list[bytes], ask: Optional[int] = None) -> None:
-        """Ask for batches by digest: of replica ``ask`` (the primary of a NewView that needs them:
-        it holds them all), else of every other replica; the status tick asks everybody again for
-        those still missing."""
-        new = [d for d in digests if d not in self.batches_wanted]
-        for d in new:
-            self.batches_wanted[d] = self.now
-        dests = (ask,) if ask is not None and ask != self.id else self.others
-        for d in new:
-            self.out.append((dests, seal(FetchBatch(d, self.id), self.keys)))
-
-    def _ignore_fetch_batch(self, m: FetchBatch) -> Optional[Drop]:
-        if m.digest not in self.batches:
-            return Drop.FETCH_BATCH_UNKNOWN
-        last = self.batch_answered.get(m.replica, {}).get(m.digest)
-        if last is not None and self.now - last < self.cfg.status_interval_ms / 2:
-            return Drop.FETCH_BATCH_RATE_LIMITED
-        return None
-
-    def on_fetch_batch(self, m: FetchBatch, fr: Frame) -> None:
-        """Answer with a batch we hold (any batch in our log). Each peer gets a given batch at most
-        once per half status interval: a replica asking again and again cannot turn this one into
-        an amplifier; what it can get per interval is bounded by our log (as for Status)."""
-        if (why := self._ignore_fetch_batch(m)) is not None:
-            return self._drop(why)
-        b = self.batches[m.digest]
-        sent = self.batch_answered.setdefault(m.replica, {})
-        if len(sent) >= 2 * self.L:  # bounded: forget answers older than the interval
-            for k in [k for k, t in sent.items() if self.now - t >= self.cfg.status_interval_ms / 2]:
-                del sent[k]
-            if len(sent) >= 2 * self.L:
-                self._drop(Drop.FETCH_BATCH_RATE_LIMITED)
-                return
-        sent[m.digest] = self.now
-        self._send_to(m.replica, seal(BatchData(m.digest, self.id, b[0]), self.keys, to=m.replica))
-
-    def _ignore_batch_data(self, m: BatchData) -> Optional[Drop]:
-        if m.digest not in self.batches_wanted:
-            return Drop.BATCH_DATA_UNREQUESTED
-        try:
-            ok = self.codec.batch_digest(m.batch) == m.digest
-        except DecodeError:
-            ok = False
-        return None if ok else Drop.BATCH_DATA_DIGEST_MISMATCH
-
-    def on_batch_data(self, m: BatchData, fr: Frame) -> None:
-        if (why := self._ignore_batch_data(m)) is not None:
-            return self._drop(why)
-        assert m.digest in self.batches_wanted
-        del self.batches_wanted[m.digest]
-        self._remember_batch(m.digest, m.batch, self.h + self.L)
-        # a NewView (to build, or to accept) may have been waiting for this batch
-        if not self.view_active and self.primary() == self.id:
-            self._try_new_view()
-        elif not self.view_active and self.pending_nv is not None:
-            self._try_accept_new_view()
-        if self.unverified_nv is not None or self.pending_nv is not None or self.future_nv:
-            self._try_certified_new_view()
-
-    def _ignore_new_view(self, nv: NewView) -> Optional[Drop]:
-        if nv.view < self.view or (nv.view == self.view and self.view_active):
-            return Drop.NEW_VIEW_OLD
-        if nv.replica != self.primary(nv.view):
-            return Drop.NEW_VIEW_NOT_FROM_PRIMARY
-        return None
-
-    def on_new_view(self, nv: NewView, fr: Frame) -> None:
-        if (why := self._ignore_new_view(nv)) is not None:
-            return self._drop(why)
-        assert nv.view >= self.view and nv.replica == self.primary(nv.view)
-        if nv.view > self.view:
-            # one replica's word cannot move us to a higher view (S-25): keep it until we get
-            # there ourselves (timeouts, or the join rule on view changes from f+1 replicas)
-            self.future_nv[nv.view] = (nv, fr.raw)
-            while len(self.future_nv) > 2:
-                del self.future_nv[min(self.future_nv)]
-            self._drop(Drop.NEW_VIEW_FOR_FUTURE_VIEW)
-            return
-        self.pending_nv = (nv, fr.raw)
-        self._try_accept_new_view()
-
-    def _try_accept_new_view(self) -> None:
-        if self.pending_nv is None:
-            return
-        nv, raw = self.pending_nv
-        if nv.view != self.view or self.view_active:
-            self.pending_nv = None
-            return
-        infos = []
-        for j, d in nv.view_changes:
-            info = self.vcs.get((nv.view, j))
-            if info is None or info.digest != d:
-                return  # wait for the view-change message (relayed by the primary or resent)
-            infos.append(info)
-        if len({j for j, _ in nv.view_changes}) != len(nv.view_changes) or \
-                not self.quorums.is_quorum([j for j, _ in nv.view_changes]):
-            self._reject_new_view(Drop.NEW_VIEW_TOO_FEW_VIEW_CHANGES)
-            return
-        dec = self._decide(infos)
-        if dec is None or (dec.checkpoint_seqno, dec.checkpoint_digest, dec.chosen) != \
-                (nv.checkpoint_seqno, nv.checkpoint_digest, nv.chosen):
-            self._reject_new_view(Drop.NEW_VIEW_WRONG_DECISION)
-            return
-        problem = self._take_new_view_batches(nv)
-        if problem:
-            self._reject_new_view(problem)
-            return
-        if nv.batches:  # taken: not hashed again when it is tried again (as batches arrive)
-            nv = replace(nv, batches=())
-            self.pending_nv = (nv, raw)
-        if self._wait_for_new_view_batches(nv):
-            return
-        self._install_new_view(nv, raw, [i.raw for i in infos], dec)
-
-    def _take_new_view_batches(self, nv: NewView) -> Optional[Drop]:
-        """Remember the batches a NewView carries for its chosen digests (each checked against its
-        digest); what is wrong, or None. A NewView need not carry every chosen batch: see
-        ``_wait_for_new_view_batches``."""
-        given = {}
-        for b in nv.batches:
-            try:
-                given[self.codec.batch_digest(b)] = b
-            except DecodeError:
-                return Drop.NEW_VIEW_BAD_BATCH
-        for n, d in nv.chosen:
-            if d in given:
-                self._remember_batch(d, given[d], n)
-        return None
-
-    def _wait_for_new_view_batches(self, nv: NewView) -> bool:
-        """Whether the NewView must wait for chosen batches we lack (then they are asked for, of its
-        primary first; ``on_batch_data`` tries the NewView again as they arrive, each checked
-        against its digest). The view-change timer still runs meanwhile: batches that never come
-        lead to the next view, as a NewView that never came would."""
-        missing = self._missing_batches(nv.chosen)
-        if not missing:
-            return False
-        if any(d not in self.batches_wanted for d in missing):
-            self._count(Count.NEW_VIEW_WAITING_FOR_BATCHES)  # (counted: how often a NewView waits)
-        self._want_batches(missing, ask=nv.replica)
-        return True
-
-    def _reject_new_view(self, reason: Drop) -> None:
-        self._drop(reason)
-        self.pending_nv = None
-        self._start_view_change(self.view + 1, reason)
-
-    def _try_certified_new_view(self) -> None:
-        """Install a NewView vouched for by f+1 replicas' Status digests, without its view changes.
-
-        A replica that restarted (or whose keys changed) cannot check the MACs of view-change
-        messages sent before; but f+1 replicas reporting that the NewView with this digest
-        installed their view include a correct one, which checked it."""
-        cands = []
-        if self.unverified_nv is not None:
-            cands.append(self.unverified_nv)
-        if self.pending_nv is not None:
-            nv, raw = self.pending_nv
-            cands.append((nv, raw, self.codec.open_frame(raw).digest))
-        for nv, raw in self.future_nv.values():
-            cands.append((nv, raw, self.codec.open_frame(raw).digest))
-        for nv, raw, d in sorted(cands, key=lambda c: -c[0].view):
-            if nv.view < self.view or (nv.view == self.view and self.view_active):
-                continue
-            if nv.replica != self.primary(nv.view):
-                continue
-            if not self.quorums.is_weak(self.status.reporting_new_view(nv.view, d)):
-                continue
-            if self._take_new_view_batches(nv):
-                continue
-            if self._wait_for_new_view_batches(nv):
-                return  # (tried again as the batches arrive)
-            if nv.view > self.view:
-                self._start_view_change(nv.view, "certified-new-view")
-                if self.view_active or self.view != nv.view:
-                    return  # (installed through the ordinary path meanwhile)
-            self.unverified_nv = None
-            self._count(Count.NEW_VIEW_CERTIFIED_BY_STATUS)  # (counted: how often this path is used)
-            self._install_new_view(nv, raw, [], Decision(nv.checkpoint_seqno, nv.checkpoint_digest, nv.chosen))
-            return
+        self.vc.send_view_change(v)
 
     def _install_new_view(self, nv: NewView, raw: bytes, vc_raws: list[bytes], dec: Decision) -> None:
-        self.pending_nv = None
-        self.unverified_nv = None
-        self.nv_digest = self.codec.open_frame(raw).digest
-        self.batches_wanted.clear()
+        """The new view's log: move to its starting checkpoint (fetching it if we lack it), then
+        pre-prepare (and, at a backup, prepare) its chosen batches; the primary then proposes what
+        clients asked the backups to order."""
         self.view_active = True
-        self.nv, self.nv_raw, self.nv_vc_raws = nv, raw, vc_raws
+        self.vc.installed(nv, raw, vc_raws)
         self.disk.view()
-        self.vc_deadline = None
-        self.my_vc_raw = None
-        self._prune_view_changes()
         self._emit(NewViewInstalled(self.view, dec))
         s, d = dec.checkpoint_seqno, dec.checkpoint_digest
         # the chosen batches, taken before the low water mark moves: one fetched by BatchData is
@@ -1970,23 +1508,26 @@ class Replica:
         if primary:
             self._try_send_preprepare()
 
-    _handlers: dict[type, Callable[[Replica, Any, Frame], None]] = {
-        Request: on_request,
-        PrePrepare: on_preprepare,
-        Prepare: on_prepare,
-        Commit: on_commit,
-        Checkpoint: on_checkpoint,
-        Status: on_status,
-        ViewChange: on_view_change,
-        ViewChangeAck: on_view_change_ack,
-        NewView: on_new_view,
-        Fetch: lambda r, m, fr: r.transfer.on_fetch(m),
-        MetaData: lambda r, m, fr: r.transfer.on_meta_data(m),
-        Data: lambda r, m, fr: r.transfer.on_data(m),
-        QueryStable: lambda r, m, fr: r.recovery.on_query_stable(m),
-        ReplyStable: lambda r, m, fr: r.recovery.on_reply_stable(m),
-        Reply: lambda r, m, fr: r.recovery.on_recovery_reply(m),
-        FetchBatch: on_fetch_batch,
-        BatchData: on_batch_data,
-        Vouch: on_vouch,
-    }
+    def _handler_table(self) -> dict[type, Callable[[Any, Frame], None]]:
+        """The dispatcher's table: message type -> the handler of the component that owns it."""
+        vc, transfer, recovery = self.vc, self.transfer, self.recovery
+        return {
+            Request: self.on_request,
+            PrePrepare: self.on_preprepare,
+            Prepare: self.on_prepare,
+            Commit: self.on_commit,
+            Checkpoint: self.on_checkpoint,
+            Status: self.on_status,
+            ViewChange: vc.on_view_change,
+            ViewChangeAck: vc.on_view_change_ack,
+            NewView: vc.on_new_view,
+            Fetch: lambda m, fr: transfer.on_fetch(m),
+            MetaData: lambda m, fr: transfer.on_meta_data(m),
+            Data: lambda m, fr: transfer.on_data(m),
+            QueryStable: lambda m, fr: recovery.on_query_stable(m),
+            ReplyStable: lambda m, fr: recovery.on_reply_stable(m),
+            Reply: lambda m, fr: recovery.on_recovery_reply(m),
+            FetchBatch: vc.on_fetch_batch,
+            BatchData: vc.on_batch_data,
+            Vouch: self.on_vouch,
+        }

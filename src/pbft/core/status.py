@@ -61,7 +61,7 @@ class StatusExchange:
             if sl.view == r.view and not sl.committed:
                 upto = max(n - 1, r.h)
                 break
-        r._broadcast(Status(r.view, r.view_active, r.h, upto, r.id, r.nv_digest if r.view_active else b""))
+        r._broadcast(Status(r.view, r.view_active, r.h, upto, r.id, r.vc.new_view_digest if r.view_active else b""))
 
     # ---- what a peer reports ------------------------------------------------------------------
     def learn_view(self, s: Status) -> None:
@@ -127,15 +127,15 @@ class StatusExchange:
         current keys (the peer may have restarted or refreshed its keys since); others' are
         relayed as they came."""
         r = self.r
-        if r.view_active and r.nv_raw is not None and r.nv is not None:
-            r._send_to(j, seal(r.nv, r.keys) if r.nv.replica == r.id else r.nv_raw)
-            for raw in r.nv_vc_raws:
+        if r.view_active and r.vc.new_view_raw is not None and r.vc.new_view is not None:
+            r._send_to(j, seal(r.vc.new_view, r.keys) if r.vc.new_view.replica == r.id else r.vc.new_view_raw)
+            for raw in r.vc.new_view_vc_raws:
                 r._send_to(j, raw)
-        elif not r.view_active and r.my_vc_raw is not None:
-            mine = r.vcs.get((r.view, r.id))
-            r._send_to(j, seal(mine.msg, r.keys) if mine is not None else r.my_vc_raw)
+        elif not r.view_active and r.vc.mine_raw is not None:
+            mine = r.vc.view_changes.get((r.view, r.id))
+            r._send_to(j, seal(mine.msg, r.keys) if mine is not None else r.vc.mine_raw)
             if j == r.primary():
-                for (v, k, d), ackers in r.acks.items():
+                for (v, k, d), ackers in r.vc.acks.items():
                     if v == r.view and r.id in ackers:
                         r._send_to(j, seal(ViewChangeAck(v, r.id, k, d), r.keys))
 
@@ -164,10 +164,10 @@ class StatusExchange:
                     pp = slot.pp_raw
                 r._send_to(j, pp)
                 bytes_left -= len(pp)
-            elif r.nv_raw is not None and not nv_sent:
+            elif r.vc.new_view_raw is not None and not nv_sent:
                 nv_sent = True
-                r._send_to(j, r.nv_raw)
-                bytes_left -= len(r.nv_raw)
+                r._send_to(j, r.vc.new_view_raw)
+                bytes_left -= len(r.vc.new_view_raw)
             if r.id in slot.prepares:
                 r._send_to(j, seal(Prepare(r.view, n, slot.digest, r.id), r.keys))
             if r.id in slot.commits:

@@ -91,7 +91,7 @@ class ReplicaMetrics:
         yield counter("pbft_key_refreshes_coalesced", "Key refreshes for other replicas' recoveries folded into "
                       "another (at most one per few seconds)", self.key_refreshes_coalesced)
         yield counter("pbft_idle_rejoins", "View changes started to rejoin a replica left alone in a view change "
-                      "on an idle cluster", r.idle_rejoins)
+                      "on an idle cluster", r.vc.idle_rejoins)
         yield counter("pbft_newkeys_accepted", "NewKey messages accepted from others", self.newkeys_accepted)
         ts = r.transfer_stats
         yield counter("pbft_state_transfers", "State transfers completed", ts["transfers"])

@@ -763,7 +763,7 @@ class ReplicaNode:
             "executed_requests": r.executed_requests,
             "view_changes": self.view_changes,
             "internal_errors": self.internal_errors,
-            "idle_rejoins": r.idle_rejoins,
+            "idle_rejoins": r.vc.idle_rejoins,
             "key_refreshes_coalesced": self.metrics.key_refreshes_coalesced,
             "fetching_state": r.fetch_target is not None,
             "recovering": r.recovering.phase if r.recovering is not None else None,
