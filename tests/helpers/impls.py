@@ -116,6 +116,11 @@ def _kv_failed(result: bytes) -> bool:
     return msgpack.unpackb(result, raw=False)[0] == "err"
 
 
+def _kv_alt():
+    from pbft.services.kv_alt import KVAltService
+    return KVAltService(buckets=64)
+
+
 def _null():
     from pbft.services.null import NullService
     return NullService()
@@ -187,6 +192,7 @@ def _bfs_failed(result: bytes) -> bool:
 
 SERVICES: list[ServiceImpl] = [
     ServiceImpl("kv", _kv, _kv_workload, _kv_failed),
+    ServiceImpl("kv-alt", _kv_alt, _kv_workload, _kv_failed),  # the same service, another implementation
     ServiceImpl("null", _null, _null_workload, None),
     ServiceImpl("bank", _bank, _bank_workload, _bank_failed),
     ServiceImpl("bfs", _bfs, _bfs_workload, _bfs_failed),

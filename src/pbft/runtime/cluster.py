@@ -139,6 +139,9 @@ class ReplicaEntry:
     metrics_port: int
     public_key: bytes
     metrics_host: str = "127.0.0.1"  # where its HTTP endpoint listens
+    # the service it runs when `pbft replica` / `pbft up` get no --service ("" : kv); replicas may run
+    # different implementations of one service, e.g. "kv-alt" (docs/state.md)
+    service: str = ""
 
     @property
     def metrics_addr(self) -> str:
@@ -354,7 +357,10 @@ def load_cluster(directory: str | os.PathLike) -> Cluster:
             raise ConfigError(f"{ctx}: metrics_host must be a string")
         if mhost:
             _check_host(mhost)
-        entries[i] = ReplicaEntry(i, host, port, mport, _pubkey(r, ctx), mhost)
+        svc = r.get("service", "")
+        if not isinstance(svc, str) or any(c.isspace() for c in svc):
+            raise ConfigError(f"{ctx}: service must be a service name such as \"kv-alt\" or module:Class, got {svc!r}")
+        entries[i] = ReplicaEntry(i, host, port, mport, _pubkey(r, ctx), mhost, svc)
     clients: dict[int, bytes] = {}
     for cl in doc.get("client", []) or []:
         cl = _table(cl, f"{where}: [[client]]")

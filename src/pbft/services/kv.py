@@ -125,8 +125,11 @@ class KVService(ObjectService):
         return _err(f"unknown or malformed operation {kind!r}")
 
     def _put(self, key: bytes, value: bytes) -> bytes:
+        entry = (value, self.clock.value)
         try:
-            self.data.set(key, (value, self.clock.value), len(value) + 12)
+            # the entry's exact encoded size, what a replica that fetched the bucket counts too
+            # (``ObjectDict.install``): whether a bucket is full depends on the abstract state alone
+            self.data.set(key, entry, len(msgpack.packb(entry, use_bin_type=True)))
         except BucketFull:
             return _err("store full: the key's bucket is at its size limit")
         return _ok(True)

@@ -300,6 +300,8 @@ PrivateTmp=yes
 
 
 def cmd_systemd_units(args) -> int:
+    from .net import replica_service
+
     cluster = _cluster_and_id(args)
     users = {args.user, args.signer_user, args.watchdog_user}
     if len(users) != 3:
@@ -309,7 +311,8 @@ def cmd_systemd_units(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     pbft = args.pbft or shlex.quote(str(Path(sys.executable).parent / "pbft"))
     for name, text in systemd_units(cluster.dir, args.id, args.user, args.signer_user, args.watchdog_user,
-                                    pbft, args.service, cluster.storage.replica_dir(cluster.dir, args.id)).items():
+                                    pbft, replica_service(cluster, args.id, args.service),
+                                    cluster.storage.replica_dir(cluster.dir, args.id)).items():
         (out / name).write_text(text)
         print(f"wrote {out / name}")
     print(f"set [recovery] watchdog = \"external\" in {cluster.dir / 'cluster.toml'}; keys/ owned by "

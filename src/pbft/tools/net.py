@@ -19,7 +19,8 @@ from ..config import ConfigError
 
 def load_service(spec: str, cluster=None):
     """The service of ``--service SPEC`` for ``cluster`` (a loaded ``Cluster``, or ``None``):
-    ``kv``, ``bfs`` or ``module:Class``, a ``pbft.Service`` subclass built with
+    ``kv``, ``kv-alt`` (the same service implemented differently, ``services.kv_alt``), ``bfs`` or
+    ``module:Class``, a ``pbft.Service`` subclass built with
     ``Class.from_cluster(ServiceCluster.of(cluster))`` (by default ``Class()``), which reads
     its section ``[service.NAME]`` of ``cluster.toml`` and the client ids if it needs them
     (docs/client.md, *Per-client policy*).  BFS reads ``[bfs]`` (docs/bfs.md)."""
@@ -30,11 +31,14 @@ def load_service(spec: str, cluster=None):
     if spec == "kv":
         from ..services.kv import KVService
         return KVService(skew_ms=cluster.cfg.nondet_skew_ms_max) if cluster is not None else KVService()
+    if spec == "kv-alt":  # the same service and abstract state, another implementation (services.kv_alt)
+        from ..services.kv_alt import KVAltService
+        return KVAltService(skew_ms=cluster.cfg.nondet_skew_ms_max) if cluster is not None else KVAltService()
     if spec == "bfs":
         from ..services.bfs import BFSService
         obj = BFSService
     elif ":" not in spec:
-        raise ConfigError(f"unknown service {spec!r}: use 'kv', 'bfs' or 'module:Class'")
+        raise ConfigError(f"unknown service {spec!r}: use 'kv', 'kv-alt', 'bfs' or 'module:Class'")
     else:
         mod, _, name = spec.partition(":")
         try:
@@ -96,9 +100,15 @@ def cmd_replica(args) -> int:
     if sock is not None:  # the key stays in a signer process; we never read the key file
         from ..runtime.signer import SignerIdentity
         identity = SignerIdentity(args.id, sock, cluster.replicas[args.id].public_key)
-    service = load_service(args.service, cluster)
+    service = load_service(replica_service(cluster, args.id, args.service), cluster)
     run_replica(cluster, args.id, service, quiet=args.quiet, recover=args.recover, identity=identity)
     return 0
+
+
+def replica_service(cluster, replica_id: int, option) -> str:
+    """The ``--service`` spec replica ``replica_id`` runs: the option, else its ``service`` in
+    ``cluster.toml`` (replicas may run different implementations), else ``kv``."""
+    return option or cluster.replicas[replica_id].service or "kv"
 
 
 def cmd_up(args) -> int:
@@ -106,7 +116,8 @@ def cmd_up(args) -> int:
     from .procs import Procs
 
     cluster = load_cluster(args.dir)
-    load_service(args.service, cluster)  # fail here, once, rather than in every child
+    for spec in sorted({replica_service(cluster, r.id, args.service) for r in cluster.replicas}):
+        load_service(spec, cluster)  # fail here, once, rather than in every child
     children = Procs()  # the replicas' stderr is ours
     stop = {"flag": False}
 
@@ -302,7 +313,8 @@ def add_commands(sub) -> None:
     r = sub.add_parser("replica", help="run one replica in the foreground")
     r.add_argument("dir")
     r.add_argument("--id", type=int, required=True)
-    r.add_argument("--service", default="kv", help="'kv', 'bfs' or module:Class")
+    r.add_argument("--service", default=None, help="'kv', 'kv-alt', 'bfs' or module:Class (default: the "
+                   "replica's service in cluster.toml, else kv)")
     r.add_argument("--quiet", action="store_true", help="no log lines")
     r.add_argument("--recover", action="store_true",
                    help="start with a proactive recovery (what a reboot by the watchdog or `pbft recover` does)")
@@ -317,7 +329,8 @@ def add_commands(sub) -> None:
 
     u = sub.add_parser("up", help="run every replica of the cluster file on this machine (Ctrl-C stops)")
     u.add_argument("dir")
-    u.add_argument("--service", default="kv", help="'kv', 'bfs' or module:Class")
+    u.add_argument("--service", default=None, help="'kv', 'kv-alt', 'bfs' or module:Class, for every "
+                   "replica (default: each replica's service in cluster.toml, else kv)")
     u.add_argument("--quiet", action="store_true")
     u.set_defaults(func=cmd_up)
 
