@@ -178,9 +178,8 @@ class ViewChanges:
         self.new_view_vc_raws = []
         self.deadline = None
         h = r.h
-        prepared = tuple(sorted((n, d, pv) for n, (d, pv) in r.log.prepared.items() if n > h))
-        preprepared = tuple(sorted((n, d, qv) for n, q in r.log.preprepared.items() if n > h
-                                   for d, qv in q.items()))
+        prepared = tuple(sorted((n, d, pv) for n, (d, pv) in r.P.items() if n > h))
+        preprepared = tuple(sorted((n, d, qv) for n, q in r.Qset.items() if n > h for d, qv in q.items()))
         if r.bug_drop_prepared:
             prepared, preprepared = (), ()
         ckpts = tuple(sorted((s, cd) for s, cd in r.ckpts.items() if s >= h))
@@ -436,7 +435,7 @@ class ViewChanges:
         for n, d in dec.chosen:
             if d == NULL_BATCH_DIGEST or n <= r.h or d in given:
                 continue
-            b = r.log.batch_for(d)
+            b = r._batch_for(d)
             assert b is not None  # (_missing_batches found none missing)
             size = batch_wire_bytes(b)
             if size <= budget:
@@ -458,7 +457,7 @@ class ViewChanges:
         r = self.r
         out = []
         for n, d in chosen:
-            if n > r.h and d != NULL_BATCH_DIGEST and r.log.batch_for(d) is None and d not in out:
+            if n > r.h and d != NULL_BATCH_DIGEST and r._batch_for(d) is None and d not in out:
                 out.append(d)
         return out
 
@@ -476,7 +475,7 @@ class ViewChanges:
 
     def _ignore_fetch_batch(self, m: FetchBatch) -> Optional[Drop]:
         r = self.r
-        if m.digest not in r.log.batches:
+        if m.digest not in r.batches:
             return Drop.FETCH_BATCH_UNKNOWN
         last = self.batches_answered.get(m.replica, {}).get(m.digest)
         if last is not None and r.now - last < r.cfg.status_interval_ms / 2:
@@ -490,7 +489,7 @@ class ViewChanges:
         r = self.r
         if (why := self._ignore_fetch_batch(m)) is not None:
             return r._drop(why)
-        b = r.log.batches[m.digest]
+        b = r.batches[m.digest]
         sent = self.batches_answered.setdefault(m.replica, {})
         if len(sent) >= 2 * r.L:  # bounded: forget answers older than the interval
             for k in [k for k, t in sent.items() if r.now - t >= r.cfg.status_interval_ms / 2]:
@@ -517,7 +516,7 @@ class ViewChanges:
             return r._drop(why)
         assert m.digest in self.batches_wanted
         del self.batches_wanted[m.digest]
-        r.log.remember_batch(m.digest, m.batch, r.h + r.L)
+        r._remember_batch(m.digest, m.batch, r.h + r.L)
         # a NewView (to build, or to accept) may have been waiting for this batch
         if not r.view_active and r.primary() == r.id:
             self.try_new_view()
@@ -596,7 +595,7 @@ class ViewChanges:
                 return Drop.NEW_VIEW_BAD_BATCH
         for n, d in nv.chosen:
             if d in given:
-                r.log.remember_batch(d, given[d], n)
+                r._remember_batch(d, given[d], n)
         return None
 
     def _wait_for_new_view_batches(self, nv: NewView) -> bool:

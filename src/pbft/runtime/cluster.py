@@ -69,9 +69,10 @@ class RuntimeParams:
     send_queue_bytes_max: int = 16 * 1024 * 1024  # per connection; beyond it frames are dropped
     receive_budget_frames: int = 64  # frames handled per connection before yielding to others
     connections_max: int = 1024  # inbound connections per replica
-    # inbound connections accepted per second that do not authenticate (runtime.transport.Listener:
-    # a connection's credit comes back when it authenticates; the excess waits in the kernel)
-    unauthenticated_accepts_per_s: float = 100.0
+    # inbound connections served per second that do not authenticate (runtime.transport.Listener:
+    # a connection's credit comes back when it authenticates; the excess waits in the kernel; one
+    # source address gets half; twice as many may be refused at once from their first bytes)
+    unauthenticated_accepts_per_s: float = 50.0
     reconnect_min_s: float = 0.05
     reconnect_max_s: float = 2.0
     # inbound connections (runtime.transport.InboundGuard): one that has not authenticated (no valid

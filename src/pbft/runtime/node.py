@@ -37,7 +37,7 @@ from .metrics import HttpEndpoint, ReplicaMetrics
 from .transport import (AUTH_CLIENT, AUTH_REPLICA, UNAUTHENTICATED, Counters, FrameConn, InboundGuard, InboundLimits,
                         Listener, OutLink, client_frame_bytes_max, frame, listen_socket)
 from .admission import (REQUEST_CREDITS_BURST, REQUEST_CREDITS_PER_RETRY_TIMEOUT, NewKeyGate, RequestBudget,
-                        RequestSlots, frame_sender)
+                        RequestSlots, first_frame_screen, frame_sender)
 
 # a replica connection whose frames the core drops faster than this is held (``_count_waste``)
 REPLICA_WASTE_FRAMES_PER_S_MAX = 5000
@@ -238,7 +238,11 @@ class ReplicaNode:
         except OSError as e:
             raise ConfigError(f"replica {self.id} cannot listen on {me.host}:{me.port}: {e.strerror or e}") from None
         rate = self.rt.unauthenticated_accepts_per_s
-        self.server = Listener(sock, self._accept, self.counters, rate, max(16.0, rate))
+        # (connections whose first bytes show they would be closed at their first frame are
+        # refused at accept, before any transport exists: runtime.admission.first_frame_screen)
+        self.server = Listener(sock, self._accept, self.counters, rate, max(16.0, rate),
+                               screen=first_frame_screen(self.newkey_gate, self.client_frame_max,
+                                                         self.cfg.message_size_bytes_max + 1024))
         self.server.start()
         for r in self.cluster.replicas:
             if r.id == self.id:
@@ -760,7 +764,7 @@ class ReplicaNode:
             "last_committed": r.last_committed_exec,
             "stable_checkpoint": r.h,
             "stable_digest": r.ckpts[r.h].hex() if r.h in r.ckpts else None,
-            "executed_requests": r.log.executed_requests,
+            "executed_requests": r.executed_requests,
             "view_changes": self.view_changes,
             "internal_errors": self.internal_errors,
             "idle_rejoins": r.vc.idle_rejoins,
@@ -778,14 +782,14 @@ class ReplicaNode:
             "state_transfer": dict(r.transfer_stats),
             "store_writes": self.store.stats["writes"] if self.store else 0,
             "store_sync_seconds": round(self.store.stats["sync_seconds"], 3) if self.store else 0.0,
-            "seq_assigned": r.log.seq_assigned,
+            "seq_assigned": r.seq_assigned,
             "requests_known": len(r.known),
             "requests_pending": len(r.pending),
             "requests_queued": len(r.queue),
             "requests_inflight": len(r.inflight),
             "clients_trusted": len(r.trusted),
             "clients_suspected": sorted(r.suspects),
-            "batch_size_mean": round(r.log.executed_requests / r.last_exec, 2) if r.last_exec else 0.0,
+            "batch_size_mean": round(r.executed_requests / r.last_exec, 2) if r.last_exec else 0.0,
             "drops": dict(sorted(r.drops.items())),
             "counts": dict(sorted(r.counts.items())),
             "peers_connected": sorted(j for j, lk in self.links.items() if lk.conn is not None),
