@@ -186,6 +186,54 @@ def test_a_connection_that_never_authenticated_may_fail_the_signature_check_only
     assert gate.counters.drops["newkey-bad-signature"] == UNAUTHENTICATED_NEWKEY_FAILURES_MAX + 6
 
 
+class _Peeked:
+    """A socket whose kernel buffer holds ``data``: ``recv(k, MSG_PEEK...)`` gives its first k bytes."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def recv(self, k: int, flags: int = 0) -> bytes:
+        return self.data[:k]
+
+
+def test_first_frame_screen_names_what_the_first_frame_would_be_closed_for(monkeypatch):
+    """The accept-time screen says, from a connection's first bytes, the reasons its first frame
+    would be dropped under (and, but for a length, connection-closed-unauthenticated), and None
+    while there is nothing to say yet or the frame may be a NewKey that passes the cheap checks;
+    it changes nothing (the same NewKey is accepted afterwards)."""
+    from pbft.runtime.admission import first_frame_screen
+    from pbft.runtime.keys import make_newkey
+    from pbft.runtime.transport import Listener, frame
+    gate, ids, pub, checked = _gate(monkeypatch)
+    screen = first_frame_screen(gate, 1000, 100_000)
+    cc = "connection-closed-unauthenticated"
+
+    def judge(data: bytes):
+        return screen(_Peeked(data), data[:Listener.SCREEN_PEEK_BYTES])
+
+    keys = {j: os.urandom(64) for j in range(4)}
+    nk = frame(make_newkey(ids[4], pub, keys, now_us()))
+    fake = KeyRing(1, 4, {j: os.urandom(32) for j in range(4)}, {})
+    req = frame(seal(Request(4, now_us(), encode_op("get", b"k"), False, ALL_REPLICAS), fake))
+    assert judge(b"") is None and judge(b"\x00\x00") is None  # too little to say
+    assert judge(struct.pack(">I", 100_001)) == ("oversized-frame",)
+    assert judge(struct.pack(">I", 1001)) == ("unauthenticated-frame-too-large",)
+    assert judge(struct.pack(">I", 1000)) is None  # an allowed length, nothing else yet
+    assert judge(struct.pack(">I", 1) + b"\x95") == ("malformed", cc)  # a complete 1-byte frame
+    assert judge(struct.pack(">I", 900) + b"\x94") == ("malformed", cc)  # not a 5-element list
+    assert judge(req) == ("spoofed-client", cc)
+    assert judge(req[:8]) is None  # its sender not there yet
+    assert judge(frame(seal(Prepare(0, 1, bytes(32), 1), fake))) == ("spoofed-replica", cc)
+    assert judge(frame(seal(Prepare(0, 1, bytes(32), 0), fake))) == ("spoofed-self", cc)
+    assert judge(nk[:200]) is None  # a NewKey not all there yet
+    assert judge(nk) is None  # fresh: it goes on to its signature check
+    assert not checked and not gate.counters.drops  # the screen checked no signature, counted nothing
+    assert gate.accept(_Conn(), nk[4:]) is not None
+    assert judge(nk) == ("newkey-stale", cc)  # now an exact replay
+    assert judge(frame(make_newkey(ids[4], pub, keys, now_us() - 10_000_000))) == ("newkey-stale", cc)
+    assert judge(frame(make_newkey(ids[5], pub, keys, U63))) == ("newkey-future-timestamp", cc)
+
+
 @pytest.mark.parametrize("sender", [0, 3, 4, 127, 128, 255, 256, 65535, 65536, (1 << 31) - 1])
 def test_frame_sender_reads_the_sender_as_msgpack_does(sender):
     from pbft.runtime.admission import frame_sender

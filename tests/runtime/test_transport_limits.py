@@ -28,12 +28,18 @@ from helpers.netutil import LocalCluster, free_base_port
 from pbft import BlockingClient
 from pbft.runtime.cluster import init_cluster, load_cluster
 from pbft.runtime.node import ReplicaNode
-from pbft.runtime.keys import make_newkey, now_timestamp_us
-from pbft.runtime.transport import AUTH_REPLICA, client_frame_bytes_max, frame
+from pbft.runtime import transport
+from pbft.runtime.keys import NEWKEY_TAG, make_newkey, now_timestamp_us
+from pbft.runtime.transport import AUTH_REPLICA, DEFER_ACCEPT_S, Listener, client_frame_bytes_max, frame
 from pbft.services.kv import KVClient, KVService
 from pbft.config import ConfigError
 
 MAX_FRAME = 4 * 1024 * 1024
+# the first bytes of a NewKey frame of a plausible length: what a connection that has not
+# authenticated yet, and will not, sends to be served at all (the kernel hands a connection to the
+# replica once its first bytes arrived, and the replica refuses at once one whose first bytes show
+# it would be closed at its first frame anyway)
+PARTIAL_NEWKEY = struct.pack(">I", 1000) + bytes([0x95, NEWKEY_TAG])
 
 
 def transport_drops(node: ReplicaNode, reason: str) -> int:
@@ -103,11 +109,12 @@ def test_partial_frames_on_unauthenticated_connections_are_bounded(tmp_path):
             socks = []
             for _ in range(5):
                 r, w = await asyncio.open_connection(me.host, me.port)
-                w.write(struct.pack(">I", near) + b"\x95" * (near - 100))
+                w.write(struct.pack(">I", near) + bytes([0x95, NEWKEY_TAG]) + b"\x95" * (near - 102))
                 await w.drain()
                 socks.append((r, w))
                 # one at a time: the replica holds all of it before the next one sends
-                await wait_until(lambda: list(node.guard.conns)[-1].held == 4 + near - 100, 5.0, "the bytes")
+                await wait_until(lambda: bool(node.guard.conns) and list(node.guard.conns)[-1].held == 4 + near - 100,
+                                 5.0, "the bytes")
                 assert node.guard.held <= limit
             await wait_until(lambda: transport_drops(node, "partial-frame-memory") >= 3, 5.0,
                              "connections holding partial frames to be closed")
@@ -124,10 +131,28 @@ def test_partial_frames_on_unauthenticated_connections_are_bounded(tmp_path):
     asyncio.run(main())
 
 
-def test_idle_and_slow_unauthenticated_connections_time_out(tmp_path):
-    """No byte for unauthenticated_timeout_s: closed (idle-timeout); a frame trickling in for
-    longer than that: closed although bytes keep coming (slow-frame-timeout)."""
-    cluster = make_cluster(tmp_path, runtime={"unauthenticated_timeout_s": 0.6})
+def test_idle_and_slow_unauthenticated_connections_time_out(tmp_path, monkeypatch):
+    """A connection that sends nothing is held by the kernel for ``DEFER_ACCEPT_S`` (1 s here),
+    then served and closed after unauthenticated_timeout_s without a byte (idle-timeout); a first
+    frame trickling in is closed although bytes keep coming once it is not complete within the
+    first-frame deadline (at most unauthenticated_timeout_s: first-frame-timeout); on a connection
+    that authenticated, a frame trickling in for longer than frame_timeout_s is closed too
+    (slow-frame-timeout)."""
+    monkeypatch.setattr(transport, "DEFER_ACCEPT_S", 1)
+    cluster = make_cluster(tmp_path, runtime={"unauthenticated_timeout_s": 0.6, "frame_timeout_s": 0.6})
+    c = cluster.client_ids[0]
+
+    async def trickle(r, w, what: str) -> None:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 5.0:  # one byte every 0.1 s: never idle, never complete
+            try:
+                w.write(b"\x95")
+                await w.drain()
+            except ConnectionError:
+                return
+            if await closed_by_peer(r, 0.1):
+                return
+        raise AssertionError(f"{what} trickling in was never timed out")
 
     async def main():
         (node,) = await start_nodes(cluster, [0])
@@ -135,28 +160,24 @@ def test_idle_and_slow_unauthenticated_connections_time_out(tmp_path):
         try:
             idle = [await asyncio.open_connection(me.host, me.port) for _ in range(5)]
             r, w = await asyncio.open_connection(me.host, me.port)
+            w.write(PARTIAL_NEWKEY)
+            await trickle(r, w, "a first frame")
+            assert transport_drops(node, "first-frame-timeout") == 1
+            w.close()
+            r, w = await asyncio.open_connection(me.host, me.port)
+            w.write(frame(make_newkey(cluster.identity(c), cluster.public, {0: os.urandom(64)}, now_timestamp_us())))
+            await wait_until(lambda: node.client_conn.get(c) is not None, 5.0, "the NewKey")
             w.write(struct.pack(">I", 1000))
-            t0 = time.monotonic()
-            closed = False
-            while time.monotonic() - t0 < 5.0:  # one byte every 0.1 s: never idle, never complete
-                try:
-                    w.write(b"\x95")
-                    await w.drain()
-                except ConnectionError:
-                    closed = True
-                    break
-                if await closed_by_peer(r, 0.1):
-                    closed = True
-                    break
-            assert closed, "a frame trickling in was never timed out"
+            await trickle(r, w, "a frame on an authenticated connection")
             assert transport_drops(node, "slow-frame-timeout") == 1
+            w.close()
             for ir, _ in idle:
-                assert await closed_by_peer(ir, 3.0)
+                assert await closed_by_peer(ir, 5.0)
             assert transport_drops(node, "idle-timeout") == 5
-            assert not node.guard.conns and node.guard.held == 0
+            await wait_until(lambda: not node.guard.conns, 2.0, "every connection gone")
+            assert node.guard.held == 0
             for _, iw in idle:
                 iw.close()
-            w.close()
         finally:
             await stop_nodes([node])
 
@@ -215,13 +236,18 @@ def test_eviction_spares_replicas_and_clients_current_connections(tmp_path):
         (node,) = await start_nodes(cluster, [0])
         me = cluster.replicas[0]
 
-        async def connect_as(client):
+        async def connect_as(client, first=PARTIAL_NEWKEY):
             r, w = await asyncio.open_connection(me.host, me.port)
             if client is not None:
                 nk = make_newkey(cluster.identity(client), cluster.public, {0: os.urandom(64)}, now_timestamp_us())
                 w.write(frame(nk))
                 await wait_until(lambda: node.client_conn.get(client) is not None
                                  and node.client_conn[client] is list(node.guard.conns)[-1], 5.0, "the NewKey")
+            else:  # the start of a NewKey (``first``), not finished yet: served, not authenticated
+                taken = node.counters.connections_accepted + transport_drops(node, "connection-limit")
+                w.write(first)
+                await wait_until(lambda: node.counters.connections_accepted
+                                 + transport_drops(node, "connection-limit") > taken, 5.0, "the accept")
             return r, w
 
         try:
@@ -232,12 +258,12 @@ def test_eviction_spares_replicas_and_clients_current_connections(tmp_path):
             e = await connect_as(None)  # the table was full: a goes
             assert await closed_by_peer(a[0], 2.0)
             assert transport_drops(node, "connection-evicted") == 1
-            f = await connect_as(None)  # e, unauthenticated, goes
+            nk = frame(make_newkey(cluster.identity(c7), cluster.public, {0: os.urandom(64)}, now_timestamp_us()))
+            f = await connect_as(None, nk[:8])  # e, unauthenticated, goes
             assert await closed_by_peer(e[0], 2.0)
             assert transport_drops(node, "connection-evicted") == 2
             # f authenticates: every connection is a client's current one, a newcomer is refused
-            nk = make_newkey(cluster.identity(c7), cluster.public, {0: os.urandom(64)}, now_timestamp_us())
-            f[1].write(frame(nk))
+            f[1].write(nk[8:])
             await wait_until(lambda: c7 in node.client_conn, 5.0, "c7's NewKey")
             g = await connect_as(None)
             assert await closed_by_peer(g[0], 2.0)
@@ -301,19 +327,21 @@ def transport_metric(lc: LocalCluster, rid: int, reason: str) -> float:
 def test_full_connection_table_still_admits_a_correct_client(tmp_path):
     """Every replica's table is filled with idle sockets (which would not time out during the
     test); a new client's connections evict the oldest of them and its requests complete."""
-    lc = LocalCluster(tmp_path / "c", runtime={"connections_max": 24, "unauthenticated_timeout_s": 60.0})
+    lc = LocalCluster(tmp_path / "c", runtime={"connections_max": 16, "unauthenticated_timeout_s": 60.0})
     socks = []
     try:
         lc.start_all()
-        socks = idle_sockets(lc, 30)  # more than the table holds: the later ones already evict
-        time.sleep(0.3)
+        # more than the table holds (the later ones already evict), within one address's share
+        # of the accept budget (25 of 50)
+        socks = idle_sockets(lc, 20)
+        time.sleep(DEFER_ACCEPT_S + 1.0)  # (the kernel holds a connection that sends nothing that long)
         with BlockingClient(lc.dir, wait_s=10.0) as bc:
             kv = KVClient(bc.invoke, timeout=20.0)
             for i in range(5):
                 kv.put(f"k{i}".encode(), b"v")
             assert kv.get(b"k4") == b"v"
         for rid in range(4):
-            assert transport_metric(lc, rid, "connection-evicted") >= 6 + 1
+            assert transport_metric(lc, rid, "connection-evicted") >= (20 - 16) + 1
             st = lc.status(rid)
             assert len(st["peers_connected"]) == 3  # replica links are never evicted
     finally:
@@ -394,19 +422,30 @@ def _closed(s: socket.socket, timeout: float) -> bool:
 
 
 def test_unauthenticated_accepts_are_budgeted_and_authenticated_ones_free(tmp_path):
-    """Connections that never authenticate are accepted at most ``unauthenticated_accepts_per_s``
-    a second (past the burst, the rest wait in the kernel's queue and the pause is counted); a
-    connection that authenticates gives its credit back, so any number of correct clients connect
-    one after the other without a pause."""
-    cluster = make_cluster(tmp_path, runtime={"unauthenticated_accepts_per_s": 5.0}, clients=1)
+    """Connections that never authenticate are served at most ``unauthenticated_accepts_per_s``
+    a second (a burst of 16 here); a connection that authenticates gives its credit back, so any
+    number of correct clients connect one after the other without a pause.  One source address
+    may take only half of the budget: past its share (with half the budget gone) its connections
+    are closed at once, and connections from another address are still served; accepts, served
+    or refused, are bounded too (past them the rest wait in the kernel's queue, the pause counted)."""
+    cluster = make_cluster(tmp_path, runtime={"unauthenticated_accepts_per_s": 5.0}, clients=2)
 
     async def main():
         node, = await start_nodes(cluster, [0])
         me = cluster.replicas[0]
         c = cluster.client_ids[0]
+
+        async def open_from(src: str, n: int) -> list:
+            out = []
+            for _ in range(n):
+                rw = await asyncio.open_connection(me.host, me.port, local_addr=(src, 0))
+                rw[1].write(PARTIAL_NEWKEY)
+                out.append(rw)
+            return out
+
         try:
             # 40 correct connections in turn, each authenticating before the next: more than the
-            # burst (16), none paused
+            # burst (16), none paused or refused
             for _ in range(40):
                 r, w = await asyncio.open_connection(me.host, me.port)
                 nk = make_newkey(cluster.identity(c), cluster.public, {0: os.urandom(64)}, now_timestamp_us())
@@ -415,21 +454,107 @@ def test_unauthenticated_accepts_are_budgeted_and_authenticated_ones_free(tmp_pa
                                  and node.client_conn[c] is list(node.guard.conns)[-1], 5.0, "the NewKey")
                 w.close()
             assert transport_drops(node, "accept-paused") == 0
+            assert transport_drops(node, "accept-source-over-budget") == 0
+            # 40 that never authenticate from one address: its share (8 of 16) is served, then
+            # the rest is closed at once
             accepted0 = node.counters.connections_accepted
             t0 = time.monotonic()
-            # 60 that never authenticate: the kernel completes their handshakes (listen queue),
-            # the replica takes the burst and then about 5 a second
-            flood = []
-            for _ in range(60):
-                flood.append(await asyncio.open_connection(me.host, me.port))
-            await asyncio.sleep(1.0)
+            flood = await open_from("127.0.0.1", 40)
+            await wait_until(lambda: node.counters.connections_accepted - accepted0
+                             + transport_drops(node, "accept-source-over-budget") == 40, 5.0, "all 40 taken")
             took = node.counters.connections_accepted - accepted0
             elapsed = time.monotonic() - t0
-            assert 16 <= took <= 16 + 5 * elapsed + 2, (took, elapsed)
+            # (its own 8, and what the budget refilled meanwhile beyond half of it)
+            assert 8 <= took <= 8 + 5 * elapsed + 1, (took, elapsed)
+            refused = transport_drops(node, "accept-source-over-budget")
+            closed = [await closed_by_peer(r, 0.05) for r, _ in flood]
+            assert sum(closed) >= refused
+            # another address is still served: 6 of its connections, and a client of it authenticates
+            accepted1 = node.counters.connections_accepted
+            other = await open_from("127.0.0.2", 6)
+            await wait_until(lambda: node.counters.connections_accepted - accepted1 >= 6, 5.0, "the other address")
+            assert not any([await closed_by_peer(r, 0.05) for r, _ in other])
+            r, w = await asyncio.open_connection(me.host, me.port, local_addr=("127.0.0.2", 0))
+            w.write(frame(make_newkey(cluster.identity(c), cluster.public, {0: os.urandom(64)}, now_timestamp_us())))
+            await wait_until(lambda: node.client_conn.get(c) is not None
+                             and node.client_conn[c] is list(node.guard.conns)[-1], 5.0, "its client's NewKey")
+            # refusals are bounded too (twice the budget's rate, burst): the 40 at once ran out of
+            # accepts, the replica paused and the rest waited in the kernel's queue
             assert transport_drops(node, "accept-paused") >= 1
-            for _, w in flood:
-                w.close()
+            for _, wx in flood + other + [(r, w)]:
+                wx.close()
         finally:
             await stop_nodes([node])
 
     asyncio.run(main())
+
+
+def test_first_bytes_are_screened_at_accept(tmp_path):
+    """A connection whose first bytes show it would be closed at its first frame is refused when
+    it is taken from the listen queue -- no transport, no connection object -- and counted as the
+    first frame would have been; a correct client is served as before, and a connection that has
+    sent nothing yet (or only part of its first frame) is served and judged by its frames."""
+    cluster = make_cluster(tmp_path, clients=2)
+    c = cluster.client_ids[0]
+
+    async def main():
+        from pbft.codec import seal
+        from pbft.crypto import KeyRing
+        from pbft.messages import Prepare, Request
+        from pbft.services.kv import encode_op
+
+        (node,) = await start_nodes(cluster, [0])
+        me = cluster.replicas[0]
+        try:
+            nk = frame(make_newkey(cluster.identity(c), cluster.public, {0: os.urandom(64)}, now_timestamp_us()))
+            r, w = await asyncio.open_connection(me.host, me.port)
+            w.write(nk)
+            await wait_until(lambda: node.client_conn.get(c) is not None, 5.0, "the NewKey")
+            assert node.server.refused == 0
+            accepted = node.counters.connections_accepted
+            ring = KeyRing(c, cluster.cfg.n, {j: os.urandom(32) for j in range(cluster.cfg.n)}, {})
+            fake = KeyRing(1, cluster.cfg.n, {j: os.urandom(32) for j in range(cluster.cfg.n)}, {})
+            cases = [
+                (b"GET / HTTP/1.1\r\n\r\n", "oversized-frame"),  # ("GET " as a length: 1.2 GB)
+                (frame(b"\x94\x01\x02\x03\x04"), "malformed"),
+                (struct.pack(">I", MAX_FRAME * 2) + b"x" * 100, "oversized-frame"),
+                (struct.pack(">I", MAX_FRAME) + b"\x95" * 100, "unauthenticated-frame-too-large"),
+                (frame(seal(Request(c, now_timestamp_us(), encode_op("get", b"k"), False, 0), ring)), "spoofed-client"),
+                (frame(seal(Prepare(0, 1, bytes(32), 1), fake)), "spoofed-replica"),
+                (frame(seal(Prepare(0, 1, bytes(32), 0), fake)), "spoofed-self"),
+                (nk, "newkey-stale"),  # an exact replay of the NewKey accepted above
+            ]
+            for data, reason in cases:
+                before = dict(node.counters.drops)
+                rx, wx = await asyncio.open_connection(me.host, me.port)
+                wx.write(data)
+                assert await closed_by_peer(rx, 5.0), reason
+                wx.close()
+                if reason is not None:
+                    assert node.counters.drops.get(reason, 0) == before.get(reason, 0) + 1, reason
+            assert node.server.refused == len(cases)
+            assert node.counters.connections_accepted == accepted  # none got a connection object
+            assert transport_drops(node, "connection-closed-unauthenticated") >= 4
+            # served: a NewKey's first bytes (the rest to come), and a correct client
+            rp, wp = await asyncio.open_connection(me.host, me.port)
+            wp.write(PARTIAL_NEWKEY)
+            await wait_until(lambda: node.counters.connections_accepted == accepted + 1, 5.0, "the partial NewKey")
+            c2 = cluster.client_ids[1]
+            r2, w2 = await asyncio.open_connection(me.host, me.port)
+            w2.write(frame(make_newkey(cluster.identity(c2), cluster.public, {0: os.urandom(64)}, now_timestamp_us())))
+            await wait_until(lambda: node.client_conn.get(c2) is not None, 5.0, "the second client's NewKey")
+            assert node.server.refused == len(cases)
+            for wx in (w, wp, w2):
+                wx.close()
+        finally:
+            await stop_nodes([node])
+
+    asyncio.run(main())
+
+
+def test_source_key_groups_ipv6_by_prefix():
+    assert Listener.source_key(("192.0.2.7", 5000)) == "192.0.2.7"
+    assert Listener.source_key(("::ffff:192.0.2.7", 5000, 0, 0)) == "192.0.2.7"
+    a = Listener.source_key(("2001:db8:1:2::1", 5000, 0, 0))
+    assert a == Listener.source_key(("2001:db8:1:2:ffff::9", 1, 0, 0))  # the same /64
+    assert a != Listener.source_key(("2001:db8:1:3::1", 5000, 0, 0))

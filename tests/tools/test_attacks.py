@@ -29,8 +29,10 @@ EXPECTED_REASONS = {
     "forged-client-mac": {"bad-mac", "spoofed-client", "newkey-bad-signature"},
     "replay": {"newkey-stale", "newkey-rate-limited", "request-old-timestamp", "request-duplicate",
                "request-late-copy", "request-retransmitted", "spoofed-client"},
-    # (connections beyond the listener's accept budget wait in the kernel's queue: accept-paused)
-    "conn-flood": {"connection-limit", "connection-evicted", "idle-timeout", "accept-paused"},
+    # (connections beyond the listener's accept budget wait in the kernel's queue: accept-paused;
+    # beyond one address's share they are closed at once)
+    "conn-flood": {"connection-limit", "connection-evicted", "idle-timeout", "accept-paused",
+                   "accept-source-over-budget", "closed-before-frame"},
     "replica-vouch-flood": {"vouch-unknown-dropped", "vouch-duplicate"},
     "replica-viewchange-flood": {"view-change-rate-limited", "replica-flood-held"},
     # lies go to clients, which must reject them: nothing to drop at the replicas
@@ -48,8 +50,8 @@ def run_attack(*args, timeout=240):
 
 @pytest.mark.slow
 def test_short_attack_run(capsys):
-    p = run_attack("--attacks", ",".join(QUICK), "--duration-s", "3", "--quiet-s", "1.5", "--settle-max-s", "5",
-                   "--json")
+    p = run_attack("--attacks", ",".join(QUICK), "--duration-s", "2", "--rounds", "2", "--quiet-s", "1.5",
+                   "--settle-max-s", "5", "--json")
     assert p.stdout.strip(), p.stderr
     out = json.loads(p.stdout)  # stdout holds exactly one JSON object
     assert p.returncode == 0, (out.get("replica_exits"), out.get("workload"), p.stderr[-2000:])
@@ -71,6 +73,12 @@ def test_short_attack_run(capsys):
             assert rose & EXPECTED_REASONS[name], (name, a["drops"], a["drops_raw"])
         assert a["floor"] == FLOORS[a["class"]]
         assert a["verdict"] in ("PASS", "FAIL")
+        # two rounds, each against its own quiet windows; the fraction is their median
+        assert a["rounds"] == 2 and len(a["round_fractions"]) == 2 and len(a["quiet_ops_per_s"]) == 3
+        if a["throughput_fraction"] is not None:
+            lo, hi = a["spread"]
+            assert lo <= a["throughput_fraction"] <= hi
+            assert a["throughput_fraction"] == round(sum(a["round_fractions"]) / 2, 3)
     by = {a["attack"]: a for a in out["attacks"]}
     for name in ("replica-vouch-flood", "replica-wrong-replies"):
         assert by[name]["attacker"]["checks"]["keys_exchanged"] is True, name
@@ -97,8 +105,17 @@ def test_list_and_bad_arguments():
     assert p.returncode == 2 and "unknown attack 'no-such-attack'" in p.stderr
     p = run_attack("--duration-s", "0", timeout=60)
     assert p.returncode == 2 and "--duration-s" in p.stderr
+    p = run_attack("--rounds", "0", timeout=60)
+    assert p.returncode == 2 and "--rounds" in p.stderr
     p = run_attack("--attacker-nice", "20", timeout=60)
     assert p.returncode == 2 and "--attacker-nice" in p.stderr
+
+
+def test_median():
+    from pbft.tools.attack.run import _median
+    assert _median([0.5]) == 0.5
+    assert _median([0.2, 0.9, 1.0]) == 0.9  # one bad round does not decide
+    assert _median([0.8, 1.0]) == 0.9
 
 
 def test_parse_attacks():

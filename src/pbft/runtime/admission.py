@@ -53,8 +53,8 @@ from hashlib import blake2b
 from typing import Optional
 
 from ..codec import DecodeError
-from .keys import Identity, PublicKeys, finish_newkey, precheck_newkey
-from .transport import Counters, FrameConn, TokenBucket
+from .keys import NEWKEY_TAG, Identity, PublicKeys, finish_newkey, precheck_newkey
+from .transport import Counters, FrameConn, TokenBucket, peek_first_frame
 
 FIXARRAY5 = 0x95  # msgpack header of a 5-element array: every frame starts with it
 UNAUTHENTICATED_NEWKEY_FAILURES_MAX = 4  # signature checks a never-authenticated connection may fail
@@ -122,6 +122,18 @@ class NewKeyGate:
         self.counters.drop(reason)
         self.refused = reason
 
+    def screen(self, raw: bytes) -> Optional[str]:
+        """Why a NewKey would be refused before its signature is checked (an exact replay, its
+        shape, sender or timestamp), or None; changes and counts nothing (``first_frame_screen``)."""
+        if self.last_digest.get(frame_sender(raw)) == blake2b(raw, digest_size=16).digest():
+            return "newkey-stale"
+        try:
+            precheck_newkey(raw, self.me, self.public, self.max_principal, self.last_ts,
+                            time.time_ns() // 1000, self.skew_us)
+        except DecodeError as e:
+            return e.reason
+        return None
+
     def accept(self, conn: FrameConn, raw: bytes) -> Optional[tuple[int, bytes]]:
         meta = conn.meta
         s = frame_sender(raw)
@@ -160,6 +172,50 @@ class NewKeyGate:
         self.last_digest[nk.sender] = h
         self.dirty[nk.sender] = nk.timestamp
         return nk.sender, k
+
+
+def first_frame_screen(gate: NewKeyGate, frame_max: int, full_max: int):
+    """The ``Listener.screen`` of a server whose connections must start with a NewKey: from the
+    first bytes of a connection just taken from the listen queue, the drop reasons its first
+    frame would be counted under before it was closed anyway (the same as ``ReplicaNode`` counts
+    on a connection that never authenticated), or None when there is nothing to say yet, or it
+    looks right (the connection is then served, and every rule applies).  So a connection is
+    refused at accept for a length prefix above ``frame_max`` (``client_frame_bytes_max``;
+    ``oversized-frame`` above ``full_max``), a frame that is not a 5-element msgpack list
+    (``malformed``), one that is not a NewKey (``spoofed-client``, ``spoofed-replica``,
+    ``spoofed-self``: a correct principal's first frame on a connection is its NewKey, so
+    forged requests, protocol messages and most replayed captures end here), and, when all of
+    the NewKey is already there, what ``NewKeyGate.screen`` says of it (an exact replay, a stale
+    or future timestamp...); every refusal but the length's also counts
+    ``connection-closed-unauthenticated``."""
+    me = gate.me.principal
+    n = gate.n_replicas
+    closed = "connection-closed-unauthenticated"
+
+    def screen(s, head: bytes) -> Optional[tuple[str, ...]]:
+        if len(head) < 4:
+            return None
+        k = int.from_bytes(head[:4], "big")
+        if k > full_max:
+            return ("oversized-frame",)
+        if k > frame_max:
+            return ("unauthenticated-frame-too-large",)
+        body = head[4:4 + k]
+        if k < 2 or (body and body[0] != FIXARRAY5):
+            return ("malformed", closed)
+        if len(body) < 2:
+            return None  # not enough of it yet
+        if body[1] == NEWKEY_TAG:
+            raw = peek_first_frame(s, head, frame_max)
+            why = None if raw is None else gate.screen(raw)
+            return None if why is None else (why, closed)
+        if len(body) < min(k, 7):
+            return None  # its sender not there yet
+        sender = frame_sender(body)
+        if sender < 0:
+            return ("malformed", closed)
+        return ("spoofed-self" if sender == me else "spoofed-replica" if sender < n else "spoofed-client", closed)
+    return screen
 
 
 class RequestBudget:

@@ -102,6 +102,13 @@ class TokenBucket:
             return True
         return False
 
+    def level(self, now: float) -> float:
+        """The tokens there now (refilled, none taken)."""
+        if self.time is not None:
+            self.tokens = min(self.burst, self.tokens + (now - self.time) * self.rate)
+        self.time = now
+        return self.tokens
+
     def give_back(self) -> None:
         """Return a token taken for work that turned out to be legitimate."""
         self.tokens = min(self.burst, self.tokens + 1.0)
@@ -119,15 +126,25 @@ UNAUTHENTICATED_RCVBUF = 128 << 10
 AUTHENTICATED_RCVBUF = 4 << 20
 
 
+# seconds the kernel holds a new connection back from the listen queue until its first bytes
+# arrive (``TCP_DEFER_ACCEPT``, where there is one): correct peers send their NewKey at once, so
+# they are not delayed, and what ``Listener`` accepts can be screened by its first bytes; a
+# connection that sends nothing is held by the kernel that long, not by this process
+DEFER_ACCEPT_S = 3
+
+
 def listen_socket(host: str, port: int, backlog: int = 512) -> socket.socket:
     """A bound, listening TCP socket (address reuse on, a small receive buffer for the
-    connections it accepts until they authenticate), for a ``Listener``."""
+    connections it accepts until they authenticate, accept deferred until the first bytes
+    arrive), for a ``Listener``."""
     fam, typ, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                   flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(fam, typ, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UNAUTHENTICATED_RCVBUF)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "TCP_DEFER_ACCEPT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_S)
         sock.bind(addr)
         sock.listen(backlog)
     except OSError:
@@ -138,25 +155,57 @@ def listen_socket(host: str, port: int, backlog: int = 512) -> socket.socket:
 
 class Listener:
     """A listening socket whose connections are accepted under a budget (``[runtime]``
-    ``unauthenticated_accepts_per_s``): each accepted connection takes a token, which comes back
+    ``unauthenticated_accepts_per_s``): each connection served takes a credit, which comes back
     when it authenticates (``FrameConn.on_auth``), so correct clients and replicas connect
-    freely while connections that never authenticate -- garbage, replays, idle sockets, each
-    closed or evicted at once -- are accepted at most ``rate`` per second (``burst`` at once).
-    Past the budget nothing is accepted: connections wait in the kernel's listen queue (and past
-    that, the kernel refuses them), costing this process nothing; the listener looks again when
-    the next token is due (``accept-paused``, once per pause)."""
+    freely while connections that never authenticate -- replays, idle sockets, each closed or
+    evicted soon -- are served at most ``rate`` per second (``burst`` at once).  Past the
+    budget nothing is accepted: connections wait in the kernel's listen queue (and past that,
+    the kernel refuses them), costing this process nothing; the listener looks again when the
+    next credit is due (``accept-paused``, once per pause).
+
+    Two refinements keep an attacker's connections cheap and its share bounded:
+
+    * **the first bytes are screened before a transport exists.**  The kernel holds a connection
+      back until its first bytes arrive (``listen_socket``: ``TCP_DEFER_ACCEPT``), so when it is
+      accepted they are there; ``screen(sock, head)`` (given the first ``SCREEN_PEEK_BYTES``,
+      peeked with ``MSG_PEEK``) names a reason to refuse it, or None.  A refused connection is
+      closed at once -- no event-loop transport, protocol object, buffer or task -- and takes no
+      credit.  Refusals are bounded on their own: every accept, served or refused, takes one of
+      ``ACCEPTS_PER_CREDIT`` times as many accept tokens (``accepts``; an authenticated
+      connection gives its accept token back too).  A connection with
+      nothing to read yet, or only part of its first frame, is served and every rule applies.
+    * **per-source-address shares.**  Each source address (an IPv6 address by its /64) has its
+      own bucket of ``SOURCE_SHARE`` of the credits, taken by its connections that are served
+      (those the screen refuses take none); an address past its share is refused
+      (closed at once, ``accept-source-over-budget``) whenever less than that share of the
+      budget is left, so one address -- an attacker's -- cannot take the whole budget, and
+      connections from other addresses are still served (when the budget is fuller, a busy
+      address may borrow: a burst of correct connections from one host is not refused).  An
+      authenticated connection gives its address's credit back too.  The table of addresses is
+      bounded (``SOURCES_MAX``; the least recently seen go first)."""
 
     ACCEPTS_PER_WAKEUP = 64  # then yield to the loop's other work
+    SCREEN_PEEK_BYTES = 11  # the length prefix and a frame's header up to its sender (msgpack array, tag, id)
+    ACCEPTS_PER_CREDIT = 2  # accepts (served or refused at once) per credit of the budget
+    SOURCE_SHARE = 0.5  # of the budget (rate and burst) that is one source address's own
+    SOURCES_MAX = 4096
 
-    def __init__(self, sock: socket.socket, factory, counters: Counters, rate: float, burst: float):
+    def __init__(self, sock: socket.socket, factory, counters: Counters, rate: float, burst: float,
+                 screen: Optional[Callable[[socket.socket, bytes], Optional[tuple[str, ...]]]] = None):
         self.sock = sock
-        self.factory = factory  # () -> FrameConn; the new connection's on_auth is set to give its token back
+        self.factory = factory  # () -> FrameConn; the new connection's on_auth is set to give its credit back
         self.counters = counters
         self.budget = TokenBucket(rate, burst)
+        self.accepts = TokenBucket(rate * self.ACCEPTS_PER_CREDIT, burst * self.ACCEPTS_PER_CREDIT)
+        self.source_rate = rate * self.SOURCE_SHARE
+        self.source_burst = max(1.0, burst * self.SOURCE_SHARE)
+        self.sources: dict[str, TokenBucket] = {}  # in order of last use: the first is the stalest
+        self.screen = screen
         self.loop = asyncio.get_event_loop()
         self.reading = False
         self.resume: Optional[asyncio.TimerHandle] = None
         self.closed = False
+        self.refused = 0  # connections closed at accept (screen or source share)
 
     def start(self) -> None:
         self.sock.setblocking(False)
@@ -170,26 +219,84 @@ class Listener:
             self.loop.remove_reader(self.sock.fileno())
             self.reading = False
 
+    @staticmethod
+    def source_key(addr) -> str:
+        """The share key of a peer address: the IPv4 address, or an IPv6 address's /64."""
+        host = addr[0] if isinstance(addr, tuple) and addr else str(addr)
+        if ":" in host:
+            try:
+                packed = socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])
+            except (OSError, ValueError):
+                return host
+            if packed[:12] == b"\0" * 10 + b"\xff\xff":  # IPv4-mapped: the IPv4 address
+                return socket.inet_ntop(socket.AF_INET, packed[12:])
+            return packed[:8].hex()
+        return host
+
+    def _source(self, key: str) -> TokenBucket:
+        sources = self.sources
+        b = sources.pop(key, None)
+        if b is None:
+            b = TokenBucket(self.source_rate, self.source_burst)
+            if len(sources) >= self.SOURCES_MAX:
+                del sources[next(iter(sources))]
+        sources[key] = b  # (now the most recently used)
+        return b
+
     def _readable(self) -> None:
+        budget, accepts = self.budget, self.accepts
         for _ in range(self.ACCEPTS_PER_WAKEUP):
             if self.closed:
                 return
-            if not self.budget.take(self.loop.time()):
+            now = self.loop.time()
+            if budget.level(now) < 1.0 or not accepts.take(now):
                 self.counters.drop("accept-paused")
-                self._pause(self.budget.wait_s())
+                self._pause(max(budget.wait_s(), accepts.wait_s()))
                 return
             try:
-                s, _addr = self.sock.accept()
+                s, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
-                self.budget.give_back()
+                accepts.give_back()
                 return
             except OSError:  # out of descriptors, or a connection reset before we took it
-                self.budget.give_back()
+                accepts.give_back()
                 self.counters.drop("accept-failed")
                 self._pause(0.05)
                 return
+            if self.screen is not None:
+                reasons = self._screen(s)
+                if reasons is not None:
+                    self._refuse(s, *reasons)
+                    continue
+            # to be served: within its address's share, or borrowing while the budget is fuller
+            source: Optional[TokenBucket] = self._source(self.source_key(addr))
+            assert source is not None
+            if not source.take(now):
+                if budget.tokens < budget.burst * self.SOURCE_SHARE + 1.0:
+                    self._refuse(s, "accept-source-over-budget")
+                    continue
+                source = None  # borrowed from the budget: nothing of the address's to give back
+            budget.take(now)
             s.setblocking(False)
-            self.loop.create_task(self._connect(s))
+            self.loop.create_task(self._connect(s, source))
+
+    def _screen(self, s: socket.socket) -> Optional[tuple[str, ...]]:
+        try:
+            head = s.recv(self.SCREEN_PEEK_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None  # nothing sent yet: the transport's rules apply
+        except OSError:
+            return ("accept-failed",)  # reset meanwhile
+        if not head:
+            return ("closed-before-frame",)  # the peer already closed: nothing to serve
+        assert self.screen is not None
+        return self.screen(s, head)
+
+    def _refuse(self, s: socket.socket, *reasons: str) -> None:
+        for r in reasons:
+            self.counters.drop(r)
+        self.refused += 1
+        s.close()
 
     def _pause(self, wait: float) -> None:
         self._read(False)
@@ -200,11 +307,14 @@ class Listener:
         self.resume = None
         self._read(True)
 
-    async def _connect(self, s: socket.socket) -> None:
+    async def _connect(self, s: socket.socket, source: Optional[TokenBucket]) -> None:
         conn = None
 
         def authenticated() -> None:
             self.budget.give_back()
+            self.accepts.give_back()
+            if source is not None:
+                source.give_back()
             try:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, AUTHENTICATED_RCVBUF)
             except OSError:
@@ -229,6 +339,22 @@ class Listener:
         self.sock.close()
 
 
+def peek_first_frame(s: socket.socket, head: bytes, limit: int) -> Optional[bytes]:
+    """The first frame of an accepted socket, read with ``MSG_PEEK`` (nothing consumed), if its
+    length prefix (in ``head``) is at most ``limit`` and all of it is already in the kernel;
+    None otherwise."""
+    if len(head) < 4:
+        return None
+    (n,) = _LEN.unpack_from(head, 0)
+    if n > limit:
+        return None
+    try:
+        data = s.recv(4 + n, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        return None
+    return data[4:] if len(data) == 4 + n else None
+
+
 def client_frame_bytes_max(cfg) -> int:
     """The largest frame a correct client sends: a NewKey, or a request (its operation, an
     authenticator of one MAC per replica, and at most 45 bytes of msgpack framing, rounded up)."""
@@ -245,6 +371,10 @@ class InboundLimits:
     frame_timeout_s: float = 30.0
     partial_frames_bytes_max: int = 64 << 20
     unauthenticated_frame_bytes_max: int = 64 << 10
+    # a connection's first frame (a correct peer's NewKey, sent at once) must be complete this
+    # long after it was accepted (at most ``unauthenticated_timeout_s``): a slowloris connection
+    # trickling a frame that is small enough goes after a few wakeups, not after the full timeout
+    first_frame_timeout_s: float = 3.0
 
 
 class InboundGuard:
@@ -262,7 +392,8 @@ class InboundGuard:
         self.held = 0  # bytes buffered by all guarded connections
         self.loop = asyncio.get_event_loop()
         self.period = min(1.0, max(0.02, min(limits.unauthenticated_timeout_s, limits.idle_timeout_s,
-                                             limits.frame_timeout_s) / 4))
+                                             limits.frame_timeout_s, limits.first_frame_timeout_s) / 4))
+        self.first_frame_s = min(limits.first_frame_timeout_s, limits.unauthenticated_timeout_s)
         self.last_sweep = self.loop.time()
         self.timer: Optional[asyncio.TimerHandle] = None
         self.stopped = False
@@ -274,6 +405,7 @@ class InboundGuard:
         conn.full_max_frame = conn.max_frame
         conn.max_frame = min(conn.max_frame, self.limits.unauthenticated_frame_bytes_max)
         conn.rx_at = now
+        conn.added_at = now
         self.conns[conn] = None
         if self.timer is None and not self.stopped:
             self.last_sweep = now
@@ -343,10 +475,14 @@ class InboundGuard:
                 continue
             if stall > 0.1:  # the loop could not run: nobody could send us anything meanwhile
                 c.rx_at += stall
+                c.added_at += stall
                 if c.frame_at is not None:
                     c.frame_at += stall
             if c.auth == UNAUTHENTICATED:
                 idle, slow = lim.unauthenticated_timeout_s, lim.unauthenticated_timeout_s
+                if c.nframes == 0 and c.frame_at is not None and now - c.added_at > self.first_frame_s:
+                    victims.append((c, "first-frame-timeout"))
+                    continue
             else:
                 idle, slow = lim.idle_timeout_s, lim.frame_timeout_s
             if now - c.rx_at > idle:
@@ -366,7 +502,7 @@ class FrameConn(asyncio.Protocol):
     __slots__ = ("on_frame", "on_lost", "counters", "max_frame", "budget", "send_max", "transport",
                  "buf", "off", "closed", "paused", "holding", "peer", "loop", "meta",
                  "guard", "auth", "full_max_frame", "held", "rx_at", "frame_at", "frame_mark", "nframes",
-                 "on_auth")
+                 "on_auth", "added_at")
 
     def __init__(self, on_frame: Callable, counters: Counters, max_frame: int, budget: int, send_max: int,
                  on_lost: Optional[Callable] = None):
@@ -390,6 +526,7 @@ class FrameConn(asyncio.Protocol):
         self.full_max_frame = max_frame
         self.held = 0
         self.rx_at = 0.0
+        self.added_at = 0.0  # when an ``InboundGuard`` took it
         self.frame_at: Optional[float] = None
         self.frame_mark = 0
         self.nframes = 0

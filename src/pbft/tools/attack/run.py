@@ -308,8 +308,7 @@ class Supervisor:
         for attempt in range(3):
             base = free_port_range(2 * REPLICAS)
             self.cluster = init_cluster(self.workdir / "cluster", REPLICAS, None, ["127.0.0.1"], base, clients,
-                                        metrics_base_port=base + REPLICAS, force=True, storage={"mode": a.storage},
-                                        recovery={"period_s": 0.0})  # (no recovery turn inside a measurement)
+                                        metrics_base_port=base + REPLICAS, force=True, storage={"mode": a.storage})
             for i in range(REPLICAS):
                 self.start_replica(i)
             deadline = time.monotonic() + READY_TIMEOUT_S
@@ -514,11 +513,14 @@ class Supervisor:
                 self.sampler.watch(self.byz_id, None)
                 self.byz = True
                 self.quiet_window()
-            self.note(f"attack {k + 1}/{len(self.names)}: {name} ({a.duration_s:g} s)")
-            rec = self.run_attack(name, k)
-            rec["before"] = self.quiet[-1]
-            rec["after"] = self.quiet_window(rec["snap"][1])
-            records.append(rec)
+            rounds = []
+            for j in range(a.rounds):
+                self.note(f"attack {k + 1}/{len(self.names)}: {name}, round {j + 1}/{a.rounds} ({a.duration_s:g} s)")
+                rec = self.run_attack(name, 100 * k + j)
+                rec["before"] = self.quiet[-1]
+                rec["after"] = self.quiet_window(rec["snap"][1])
+                rounds.append(rec)
+            records.append(rounds)
         if self.byz:
             self.note(f"starting replica {self.byz_id} again")
             self.start_replica(self.byz_id)
@@ -554,7 +556,7 @@ class Supervisor:
         return False
 
     # ---- figures ------------------------------------------------------------
-    def report(self, records: list[dict], wl: dict, final: dict) -> dict:
+    def report(self, records: list[list[dict]], wl: dict, final: dict) -> dict:
         a = self.args
         t_done = array("d")
         t_done.frombytes(base64.b64decode(wl["t_done"]))
@@ -572,22 +574,54 @@ class Supervisor:
             return {"ops": len(xs), "seconds": round(d, 2), "ops_per_s": round(len(xs) / d, 1) if d > 0 else 0.0,
                     "p99_ms": None if not xs else round(percentile(xs, 99) * 1000, 2), "timeouts": errs}
 
+        def windows(ws: list[tuple[float, float]]) -> dict:
+            """``window`` over several windows together (ops/s over their total length)."""
+            parts = [window(w) for w in ws]
+            xs = sorted(p[1] for w in ws for p in pairs[bisect.bisect_left(ts, w[0]):bisect.bisect_right(ts, w[1])])
+            d = sum(x["seconds"] for x in parts)
+            ops = sum(x["ops"] for x in parts)
+            return {"ops": ops, "seconds": round(d, 2), "ops_per_s": round(ops / d, 1) if d > 0 else 0.0,
+                    "p99_ms": None if not xs else round(percentile(xs, 99) * 1000, 2),
+                    "timeouts": sum(x["timeouts"] for x in parts)}
+
         out_attacks = []
-        for rec in records:
-            name = rec["attack"]
-            during = window((rec["t_start"], rec["t_end"]))
-            before, after = window(rec["before"]["w"]), window(rec["after"]["w"])
-            base = (before["ops_per_s"] + after["ops_per_s"]) / 2
-            frac = round(during["ops_per_s"] / base, 3) if base > 0 else None
-            s0, s1 = rec["snap"]
-            snap0, snap1 = s0["r"], s1["r"]
-            mem = self.sampler.peaks(rec["t_spawn"], rec["t_exit"] + 1.0)
-            alive = rec["alive"]
-            answering = [i for i in snap1 if snap1[i]["status"] is not None]
-            raw = counter_deltas(s0, s1)
-            q0, q1 = rec["before"]["snaps"]
+        for rounds in records:
+            first, last = rounds[0], rounds[-1]
+            name = first["attack"]
+            # each round against the quiet windows on either side of it; the verdict on the median
+            fracs = []
+            for rec in rounds:
+                d_r = window((rec["t_start"], rec["t_end"]))
+                base_r = (window(rec["before"]["w"])["ops_per_s"] + window(rec["after"]["w"])["ops_per_s"]) / 2
+                fracs.append(round(d_r["ops_per_s"] / base_r, 3) if base_r > 0 else None)
+            known = sorted(f for f in fracs if f is not None)
+            frac = None if len(known) < len(fracs) or not known else round(_median(known), 3)
+            during = windows([(rec["t_start"], rec["t_end"]) for rec in rounds])
+            quiet_ws = [first["before"]] + [rec["after"] for rec in rounds]
+            quiet_rates = [window(q["w"])["ops_per_s"] for q in quiet_ws]
+            before, after = window(first["before"]["w"]), window(last["after"]["w"])
+            mem = self.sampler.peaks(first["t_spawn"], last["t_exit"] + 1.0)
+            snap0, snap1 = first["snap"][0]["r"], last["snap"][1]["r"]
+            alive = min((rec["alive"] for rec in rounds), key=len)
+            answering = min(([i for i in rec["snap"][1]["r"] if rec["snap"][1]["r"][i]["status"] is not None]
+                             for rec in rounds), key=len)
+            raw: dict[str, float] = {}
+            span = 0.0
+            cpu: dict[int, float] = {}
+            vc = 0
+            for rec in rounds:
+                s0, s1 = rec["snap"]
+                for k, v in counter_deltas(s0, s1).items():
+                    raw[k] = raw.get(k, 0.0) + v
+                span += s1["t"] - s0["t"]
+                for i in s1["r"]:
+                    c0, c1 = (s0["r"].get(i) or {}).get("cpu_s"), s1["r"][i]["cpu_s"]
+                    if c0 is not None and c1 is not None:
+                        cpu[i] = round(cpu.get(i, 0.0) + c1 - c0, 2)
+                vc += sum(x["status"]["view_changes"] for x in s1["r"].values() if x["status"]) - \
+                    sum(x["status"]["view_changes"] for x in s0["r"].values() if x["status"])
+            q0, q1 = first["before"]["snaps"]
             quiet_rate = {k: v / max(1e-3, q1["t"] - q0["t"]) for k, v in counter_deltas(q0, q1).items()}
-            span = s1["t"] - s0["t"]
             # what rose beyond what the same counter does anyway at the quiet window's rate
             # (a counter that moves in quiet windows too counts only if it rose clearly faster)
             excess = {k: int(v - quiet_rate.get(k, 0.0) * span) for k, v in raw.items()
@@ -596,19 +630,34 @@ class Supervisor:
                      if k.startswith("drop:") and v > 0}
             drops_raw = {k[5:]: int(v) for k, v in sorted(raw.items(), key=lambda kv: -kv[1]) if k.startswith("drop:")}
             deltas = {k: int(v) for k, v in sorted(raw.items(), key=lambda kv: -kv[1]) if not k.startswith("drop:")}
-            views0 = [s["status"]["view"] for s in snap0.values() if s["status"]]
-            views1 = [s["status"]["view"] for s in snap1.values() if s["status"]]
-            vc0 = sum(s["status"]["view_changes"] for s in snap0.values() if s["status"])
-            vc1 = sum(s["status"]["view_changes"] for s in snap1.values() if s["status"])
-            cpu = {i: round(snap1[i]["cpu_s"] - snap0[i]["cpu_s"], 2) for i in snap1
-                   if snap0.get(i) and snap0[i]["cpu_s"] is not None and snap1[i]["cpu_s"] is not None}
-            summary = rec["summary"] or {}
-            checks = summary.get("checks", {})
+            views0 = [x["status"]["view"] for x in snap0.values() if x["status"]]
+            views1 = [x["status"]["view"] for x in snap1.values() if x["status"]]
+            sent: dict[str, int] = {}
+            checks: dict = {}
+            atk_cpu: Optional[float] = 0.0
+            error = None
+            for rec in rounds:
+                summary = rec["summary"] or {}
+                for k, v in summary.get("sent", {}).items():
+                    sent[k] = sent.get(k, 0) + v
+                for k, v in summary.get("checks", {}).items():
+                    if isinstance(v, bool):  # a check holds if it held in every round
+                        checks[k] = checks.get(k, True) and v
+                    elif isinstance(v, (int, float)):
+                        checks[k] = checks.get(k, 0) + v
+                    else:
+                        checks.setdefault(k, v)
+                if summary.get("cpu_s") is None or atk_cpu is None:
+                    atk_cpu = None
+                else:
+                    atk_cpu += summary["cpu_s"]
+                error = error or rec["error"]
+            atk_time = sum(rec["t_exit"] - rec["t_spawn"] for rec in rounds)
             rss_max = max((e["rss_peak_mib"] for e in mem.values()), default=None)
             fails = []
-            if rec["error"]:
+            if error:
                 fails.append("attacker-error")
-            if frac is None or frac < rec["floor"]:
+            if frac is None or frac < first["floor"]:
                 fails.append("throughput")
             if rss_max is None or rss_max >= RSS_LIMIT_MIB:
                 fails.append("memory")
@@ -622,24 +671,27 @@ class Supervisor:
             if checks.get("keys_exchanged") is False:
                 fails.append("attacker-keys")
             out_attacks.append({
-                "attack": name, "class": rec["class"], "description": DESCRIPTION[name], "floor": rec["floor"],
-                "throughput_fraction": frac, "during": during, "quiet_before": before, "quiet_after": after,
-                # the quiet window after as a fraction of the one before
+                "attack": name, "class": first["class"], "description": DESCRIPTION[name], "floor": first["floor"],
+                # the median over the rounds of (ops/s during the round / mean of the quiet windows around it)
+                "throughput_fraction": frac, "rounds": len(rounds), "round_fractions": fracs,
+                "spread": [known[0], known[-1]] if known else None,
+                "during": during, "quiet_before": before, "quiet_after": after, "quiet_ops_per_s": quiet_rates,
+                # the last quiet window after as a fraction of the first one before
                 "after_vs_before": round(after["ops_per_s"] / before["ops_per_s"], 3) if before["ops_per_s"] else None,
-                # how long after the attack the workload took to get back to half its usual rate
-                "settle_s": rec["after"]["settle_s"], "recovered": rec["after"]["recovered"],
+                # how long after a round the workload took (at most) to get back to half its rate
+                "settle_s": max(rec["after"]["settle_s"] for rec in rounds),
+                "recovered": all(rec["after"]["recovered"] for rec in rounds),
                 "p99_ms": during["p99_ms"], "replicas_alive": len(alive), "replicas_answering": len(answering),
                 "replicas_expected": len(snap1),
                 "memory": {str(i): v for i, v in sorted(mem.items())}, "rss_peak_mib": rss_max,
                 "drops": drops, "drops_raw": drops_raw, "counters": deltas,
                 "views_advanced": (max(views1) - max(views0)) if views0 and views1 else None,
-                "view_changes": vc1 - vc0,
+                "view_changes": vc,
                 "replica_cpu_s": {str(i): v for i, v in cpu.items()},
-                "attacker": {"sent": summary.get("sent", {}), "checks": checks, "cpu_s": summary.get("cpu_s")},
-                "attacker_core_share": round(summary["cpu_s"] / max(1e-3, rec["t_exit"] - rec["t_spawn"]), 3)
-                if summary.get("cpu_s") is not None else None,
-                "error": rec["error"],
-                "verdict": "ERROR" if rec["error"] else ("PASS" if not fails else "FAIL"),
+                "attacker": {"sent": sent, "checks": checks, "cpu_s": None if atk_cpu is None else round(atk_cpu, 2)},
+                "attacker_core_share": round(atk_cpu / max(1e-3, atk_time), 3) if atk_cpu is not None else None,
+                "error": error,
+                "verdict": "ERROR" if error else ("PASS" if not fails else "FAIL"),
                 "failed": fails,
             })
         final_alive = [i for i in range(REPLICAS) if self.procs[i].poll() is None]
@@ -648,7 +700,8 @@ class Supervisor:
             and len(final_alive) == REPLICAS
         return {
             "replicas": REPLICAS, "faults": (REPLICAS - 1) // 3, "storage": a.storage, "service": SERVICE,
-            "clients": a.clients, "duration_s": a.duration_s, "quiet_s": a.quiet_s, "cpus": os.cpu_count(),
+            "clients": a.clients, "duration_s": a.duration_s, "rounds": a.rounds, "quiet_s": a.quiet_s,
+            "cpus": os.cpu_count(),
             "rss_limit_mib": RSS_LIMIT_MIB, "floors": FLOORS,
             "cpu_note": self.cpu_note(),
             "cpu_placement": None if self.attacker_cpus is None else
@@ -671,6 +724,12 @@ class Supervisor:
 # output
 # ---------------------------------------------------------------------------
 
+def _median(xs: list[float]) -> float:
+    """The median of a sorted, non-empty list."""
+    k = len(xs)
+    return xs[k // 2] if k % 2 else (xs[k // 2 - 1] + xs[k // 2]) / 2
+
+
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
 
@@ -681,21 +740,26 @@ def _num(x, nd=0) -> str:
 
 def print_report(res: dict, top: int = 3) -> None:
     print(f"pbft attack: {res['replicas']} replicas (f={res['faults']}, {res['storage']} storage, {res['service']} "
-          f"service) on loopback, {res['clients']} closed-loop clients; each attack {res['duration_s']:g} s "
-          f"between quiet windows of {res['quiet_s']:g} s; RSS limit {res['rss_limit_mib']} MiB")
+          f"service) on loopback, {res['clients']} closed-loop clients; each attack {res.get('rounds', 1)} rounds "
+          f"of {res['duration_s']:g} s, each between quiet windows of {res['quiet_s']:g} s; "
+          f"RSS limit {res['rss_limit_mib']} MiB")
     print(f"CPU: {res['cpu_note']}.")
-    print("throughput = ops/s during the attack / mean ops/s of the quiet windows before and after; "
+    print("throughput = median over the rounds of (ops/s during the round / mean ops/s of the quiet windows "
+          "before and after it), with the lowest and highest round (spread); "
           "floors: " + ", ".join(f"{k} {v:.0%}" for k, v in res["floors"].items()))
     print()
-    head = (f"{'attack':26} {'class':8} {'floor':>5} {'tput':>5} {'verdict':7} {'ops/s':>7} {'quiet':>11} "
-            f"{'p99 ms':>7} {'alive':>5} {'RSS MiB':>7} {'views':>5} {'atk CPU':>7}  counters that rose")
+    head = (f"{'attack':26} {'class':8} {'floor':>5} {'tput':>5} {'spread':>9} {'verdict':7} {'ops/s':>7} "
+            f"{'quiet':>11} {'p99 ms':>7} {'alive':>5} {'RSS MiB':>7} {'views':>5} {'atk CPU':>7}  counters that rose")
     print(head)
     for x in res["attacks"]:
-        quiet = f"{_num(x['quiet_before']['ops_per_s'])}/{_num(x['quiet_after']['ops_per_s'])}"
+        qs = x.get("quiet_ops_per_s") or [x["quiet_before"]["ops_per_s"], x["quiet_after"]["ops_per_s"]]
+        quiet = f"{_num(min(qs))}-{_num(max(qs))}" if qs else "-"
+        sp = x.get("spread")
+        spread = f"{100 * sp[0]:.0f}-{100 * sp[1]:.0f}%" if sp else "-"
         rose = " ".join(f"{k}+{v}" for k, v in list(x["drops"].items())[:top]) or "-"
         verdict = x["verdict"] + ("" if x["verdict"] == "PASS" else "")
         print(f"{x['attack']:26} {x['class']:8} {_pct(x['floor']):>5} {_pct(x['throughput_fraction']):>5} "
-              f"{verdict:7} {_num(x['during']['ops_per_s']):>7} {quiet:>11} {_num(x['p99_ms'], 1):>7} "
+              f"{spread:>9} {verdict:7} {_num(x['during']['ops_per_s']):>7} {quiet:>11} {_num(x['p99_ms'], 1):>7} "
               f"{x['replicas_alive']}/{x['replicas_expected']:<3} {_num(x['rss_peak_mib']):>7} "
               f"{_num(x['views_advanced']):>5} {_pct(x['attacker_core_share']):>7}  {rose}")
         notes = []
@@ -753,7 +817,10 @@ def add_attack_command(sub) -> None:
     p.add_argument("--attacks", default="all",
                    help="comma list of attacks or classes (keyless, client, replica); default all: "
                         + ", ".join(NAMES))
-    p.add_argument("--duration-s", type=float, default=10.0, help="seconds per attack (default 10)")
+    p.add_argument("--duration-s", type=float, default=5.0, help="seconds per round of an attack (default 5)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds per attack, each between two quiet windows; the throughput fraction is the "
+                        "median of the rounds' (default 3)")
     p.add_argument("--quiet-s", type=float, default=3.0, help="seconds of each quiet window (default 3)")
     p.add_argument("--warmup-s", type=float, default=1.0, help="unmeasured seconds before the first quiet window")
     p.add_argument("--settle-max-s", type=float, default=30.0,
@@ -794,6 +861,8 @@ def cmd_attack(args) -> int:
     for what, v in (("--warmup-s", args.warmup_s), ("--settle-max-s", args.settle_max_s)):
         if not (v >= 0 and math.isfinite(v)):
             raise ConfigError(f"{what} must be >= 0 seconds, got {v:g}")
+    if args.rounds < 1:
+        raise ConfigError(f"--rounds must be at least 1, got {args.rounds}")
     if args.clients < 1:
         raise ConfigError(f"--clients must be at least 1, got {args.clients}")
     workdir = Path(tempfile.mkdtemp(prefix="pbft-attack-"))
