@@ -8,6 +8,8 @@ from __future__ import annotations
 import random
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import msgpack
@@ -164,6 +166,11 @@ def test_the_replica_command_builds_it(tmp_path):
     assert [replica_service(c, i, None) for i in range(4)] == ["kv", "kv-alt", "kv", "kv"]
     assert replica_service(c, 1, "kv") == "kv"  # --service wins
     assert type(load_service(replica_service(c, 1, None), c)) is KVAltService
+    # the systemd unit of replica 1 runs its service from cluster.toml
+    out = subprocess.run([sys.executable, "-m", "pbft.cli", "systemd-units", str(c.dir), "--id", "1"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "--service kv-alt " in (c.dir / "systemd" / "pbft-replica-1.service").read_text()
     path.write_text(text.replace("[[replica]]\nid = 1\n", "[[replica]]\nid = 1\nservice = 3\n"))
     with pytest.raises(ConfigError, match="service"):
         load_cluster(c.dir)

@@ -371,7 +371,8 @@ def add_guard_commands(sub) -> None:
     u.add_argument("--user", default="pbft", help="the replica's user")
     u.add_argument("--signer-user", default="pbft-key", help="the signer's user (owns keys/)")
     u.add_argument("--watchdog-user", default="pbft-watchdog", help="the watchdog's user")
-    u.add_argument("--service", default="kv")
+    u.add_argument("--service", default=None, help="the replica's --service (default: its service in cluster.toml, "
+                   "else kv)")
     u.add_argument("--pbft", default=None, help="the pbft command (default: the one next to this Python)")
     u.add_argument("--out", default=None, help="where to write them (default DIR/systemd)")
     u.set_defaults(func=cmd_systemd_units)
