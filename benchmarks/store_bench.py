@@ -5,13 +5,15 @@ one fdatasync costs on this disk.
 
 Each store gets the same sequence of group commits, one at a time, in a fresh directory under
 ``--dir`` (default: the system's temporary directory, which should be on the disk the replicas
-use): a batch record of ``--batch-bytes`` and three small log records, the shape of a replica's
-group commit in the normal case.  It prints p50 / p90 / p99 of ``write()``; then the cost of a
-WAL checkpoint (its overlay into LMDB) of a full log of ``--checkpoint-mib``, and of opening
-the store on one (the replay, and the checkpoint of what it replayed); then a bare ``pwrite`` + ``fdatasync``
-of the same size at the end of a growing file and into a zero-filled one, the floor of any
-store that syncs once per group commit.  A replica's durable throughput is bounded by
-``batch size / write latency`` per pipeline stage: ``docs/storage.md``.
+use): a batch record of ``--batch-bytes`` and three small log records, the shape of a
+replica's group commit in the normal case.  It prints p50 / p90 / p99 of ``write()``
+(``wal_growing``: a WAL whose file grows in 4 KiB steps, so that most fdatasyncs also write
+the file's size); then the cost of a WAL checkpoint (its overlay into LMDB) of a full log of
+``--checkpoint-mib``, and of opening the store on one (the replay, and the checkpoint of what
+it replayed); then a bare ``pwrite`` + ``fdatasync`` of the same size at the end of a growing
+file and into a zero-filled one, the floor of any store that syncs once per group commit.  A
+replica's durable throughput is bounded by ``ops per group commit / write latency`` per
+pipeline stage: ``docs/storage.md``.
 """
 
 from __future__ import annotations
@@ -96,6 +98,8 @@ def main() -> None:
             res["lmdb_durable"] = summary(time_store(s, a.writes, a.batch_bytes))
         with WalStore(os.path.join(d, "wal"), OWNER) as s:
             res["wal"] = summary(time_store(s, a.writes, a.batch_bytes))
+        with WalStore(os.path.join(d, "wal-grow"), OWNER, prealloc_bytes=4096) as s:  # the file grows at most writes
+            res["wal_growing"] = summary(time_store(s, a.writes, a.batch_bytes))
         # a checkpoint of a full log of --checkpoint-mib: its overlay in one synced LMDB transaction
         # and the replay of a full log at opening (a restart), which checkpoints what it replayed
         ckpt = os.path.join(d, "ckpt")
@@ -119,7 +123,7 @@ def main() -> None:
         print(json.dumps(res))
         return
     print(f"load {res['load']:.1f}; {a.writes} group commits of a {a.batch_bytes}-byte batch and three log records")
-    for name in ("lmdb_durable", "wal", "bare_append", "bare_zero_filled"):
+    for name in ("lmdb_durable", "wal", "wal_growing", "bare_append", "bare_zero_filled"):
         r = res[name]
         print(f"  {name:18s} p50 {r['p50_us']:6d} us   p90 {r['p90_us']:6d} us   p99 {r['p99_us']:6d} us")
     print(f"  wal checkpoint of a full {res['wal_checkpoint_mib']} MiB log: {res['wal_checkpoint_ms']} ms; "
