@@ -212,7 +212,9 @@ class Cluster:
         self.dir = directory
         # the test reaches the replicas' /status from outside their namespaces: listen on every interface
         runtime = {"metrics_host": "0.0.0.0", **(runtime or {})}
-        self.cluster = init_cluster(directory, N, None, hosts.addr[:N], 7000, 4, protocol=PROTOCOL, runtime=runtime)
+        # (no recovery turns: the test schedules its own faults, and a turn inside one would exceed f)
+        self.cluster = init_cluster(directory, N, None, hosts.addr[:N], 7000, 4, protocol=PROTOCOL, runtime=runtime,
+                                    recovery={"period_s": 0.0})
         self.procs: dict[int, subprocess.Popen] = {}
         self.logs = {i: directory / f"replica-{i}.log" for i in range(N)}
         self.script = directory / "kvclient.py"

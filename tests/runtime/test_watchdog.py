@@ -7,6 +7,7 @@ from __future__ import annotations
 import configparser
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 
 from helpers.netutil import ROOT, SRC, LocalCluster
 from pbft.config import ConfigError
-from pbft.runtime.cluster import init_cluster, load_cluster
+from pbft.runtime.cluster import init_cluster, load_cluster, recovery_phase_s
 from pbft.tools.guard import next_turn, systemd_units
 
 PROTOCOL = {"checkpoint_interval_seqnos": 8, "log_window_seqnos": 16, "view_change_timeout_ms": 500.0}
@@ -26,13 +27,14 @@ PERIOD_S = 4.0
 
 
 def test_next_turn_is_the_replicas_offset():
-    # replica i of n at offset i*period/n of every period, strictly after now
-    assert next_turn(1000.0, 8.0, 1, 4) == 1002.0
-    assert next_turn(1002.0, 8.0, 1, 4) == 1010.0
-    assert next_turn(1003.5, 8.0, 3, 4) == 1006.0
+    # replica i of n at offset (n-1-i)*period/n of every period (replica n-1 first), strictly after now
+    assert next_turn(1000.0, 8.0, 1, 4) == 1004.0
+    assert next_turn(1004.0, 8.0, 1, 4) == 1012.0
+    assert next_turn(1003.5, 8.0, 3, 4) == 1008.0
+    assert next_turn(1003.5, 8.0, 0, 4) == 1006.0
     for now in (0.0, 17.3, 1e9 + 0.25):
         t = next_turn(now, 8.0, 2, 4)
-        assert now < t <= now + 8.0 and (t - 4.0) % 8.0 == pytest.approx(0.0, abs=1e-6)
+        assert now < t <= now + 8.0 and (t - 2.0) % 8.0 == pytest.approx(0.0, abs=1e-6)
 
 
 def test_recovery_watchdog_setting(tmp_path):
@@ -83,7 +85,7 @@ def _events(path: Path) -> list[dict]:
 def test_watchdog_recovers_at_its_turn_and_restarts(tmp_path):
     lc = LocalCluster(tmp_path / "c", 4, protocol=PROTOCOL)
     toml = lc.dir / "cluster.toml"
-    toml.write_text(toml.read_text().replace("period_s = 0.0", f"period_s = {PERIOD_S}")
+    toml.write_text(re.sub(r"period_s = .*", f"period_s = {PERIOD_S}", toml.read_text())
                     .replace('watchdog = "internal"', 'watchdog = "external"'))
     lc.cluster = load_cluster(lc.dir)
     assert lc.cluster.recovery.watchdog == "external" and lc.cluster.recovery.period_s == PERIOD_S
@@ -106,10 +108,12 @@ def test_watchdog_recovers_at_its_turn_and_restarts(tmp_path):
             i = next(k for k, e in enumerate(ev) if e["event"] == "watchdog-recover")
             rec = ev[i]
             turn = [e["next_turn"] for e in ev[:i] if "next_turn" in e][-1]  # the turn it announced last
-            # when it said: replica 1's turn (offset 1/4 of the period), within a few check intervals
-            # (a loaded machine delays its checks), and the replica rebooted then
+            # when it said: replica 1's turn (offset 2/4 of the period: replica 3 goes first), within a
+            # few check intervals (a loaded machine delays its checks), and the replica rebooted then
             assert turn <= rec["ts"] <= turn + 2.0, ev
-            assert min((turn - PERIOD_S / 4) % PERIOD_S, PERIOD_S - (turn - PERIOD_S / 4) % PERIOD_S) < 1e-3
+            phase = recovery_phase_s(1, 4, PERIOD_S)
+            assert phase == PERIOD_S / 2
+            assert min((turn - phase) % PERIOD_S, PERIOD_S - (turn - phase) % PERIOD_S) < 1e-3
             assert rec["pid"] == lc.procs[1].pid
             reboot = next(e for e in _events(lc.logs[1]) if e["event"] == "recovery-reboot")
             assert rec["ts"] - 0.1 <= reboot["ts"] <= rec["ts"] + 2.0, (rec, reboot)

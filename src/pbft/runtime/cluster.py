@@ -120,16 +120,41 @@ class StorageParams:
 class RecoveryParams:
     """Proactive recovery (section ``[recovery]``, docs/recovery.md).
 
-    Every ``period_s`` seconds one replica recovers, in turn (replica i at offsets
-    ``i * period_s / n``): 0 turns the watchdog off (``pbft recover`` still works).
+    Every replica recovers once every ``period_s`` seconds, in turn (``recovery_turn``: one
+    turn every ``period_s / n``); 0 turns the watchdog off (``pbft recover`` still works). A
+    cluster file without ``period_s`` gets ``default_period_s``, which ``pbft init`` writes.
     A recovery that has not ended after ``alarm_s`` raises an alarm (metric and log).
     ``watchdog``: ``internal``, a timer in the replica process, or ``external``, the turns
     left to a ``pbft watchdog`` process (``tools.guard``) the replica's user cannot stop.
     """
 
-    period_s: float = 0.0
+    period_s: float = 0.0  # (a Cluster built by hand; load_cluster and init_cluster derive it)
     alarm_s: float = 60.0
     watchdog: str = "internal"
+
+
+def default_period_s(n: int, alarm_s: float = RecoveryParams.alarm_s) -> float:
+    """The default recovery period: ``n`` turns of ``alarm_s`` each.  ``alarm_s`` is the time a
+    recovery is given before it counts as overdue, so when recoveries end within it, a replica's
+    turn comes only after the previous replica's recovery ended: one replica recovers at a time
+    (a recovering replica counts as one of the f faulty ones).  With the defaults (n = 4,
+    ``alarm_s`` = 60 s): 240 s, which is also twice the key-refresh period, the other term of the
+    window of vulnerability (docs/recovery.md)."""
+    return float(n) * alarm_s
+
+
+def recovery_phase_s(replica_id: int, n: int, period_s: float) -> float:
+    """Where in every period replica ``replica_id``'s turn is: replica n-1 first, replica 0
+    last.  A recovering primary costs a view change (to the next replica, the next primary);
+    in this order the next primary's turn has just passed, so recoveries cost about one view
+    change per period (n every n-1 periods), not one at every turn, as in the order 0, 1, ..."""
+    return (n - 1 - replica_id) * period_s / n
+
+
+def recovery_turn(now: float, period_s: float, replica_id: int, n: int) -> float:
+    """The wall-clock time of replica ``replica_id``'s next recovery turn after ``now``."""
+    phase = recovery_phase_s(replica_id, n, period_s)
+    return now - (now - phase) % period_s + period_s
 
 
 @dataclass(frozen=True)
@@ -265,8 +290,12 @@ def init_cluster(
     lines += ["", "# durable | fast | memory: see docs/storage.md", "[storage]"]
     for k, v in dataclasses.asdict(StorageParams(**(storage or {}))).items():
         lines.append(f"{k} = {_toml_value(v)}")
-    lines += ["", "# period_s = 0: no watchdog (recoveries only on `pbft recover`); docs/recovery.md", "[recovery]"]
-    for k, v in dataclasses.asdict(RecoveryParams(**(recovery or {}))).items():
+    rec = dict(recovery or {})
+    if "period_s" not in rec:
+        rec["period_s"] = default_period_s(replicas, rec.get("alarm_s", RecoveryParams.alarm_s))
+    lines += ["", "# period_s: every replica recovers once per period, in turn (default: replicas x alarm_s);",
+              "# 0: only on `pbft recover`. The window of vulnerability: docs/recovery.md", "[recovery]"]
+    for k, v in dataclasses.asdict(RecoveryParams(**rec)).items():
         lines.append(f"{k} = {_toml_value(v)}")
     for i in range(replicas):
         ident = Identity.generate(i)
@@ -404,7 +433,7 @@ def load_cluster(directory: str | os.PathLike) -> Cluster:
             raise ConfigError(f"{where}: runtime parameter {k} must be a positive {want.__name__}, got {v!r}")
         rt_kw[k] = v
     storage = _storage(_table(doc.get("storage", {}), f"{where}: [storage]"), where)
-    recovery = _recovery(_table(doc.get("recovery", {}), f"{where}: [recovery]"), where)
+    recovery = _recovery(_table(doc.get("recovery", {}), f"{where}: [recovery]"), where, n)
     sections = _service_sections(doc, where)
     try:
         cfg = ClusterConfig.create(n, f, weights=tuple(weights), clients_max=len(clients), **params)
@@ -461,8 +490,8 @@ def _storage(t: dict, where: str) -> StorageParams:
     return StorageParams(**kw)
 
 
-def _recovery(t: dict, where: str) -> RecoveryParams:
-    kw = {}
+def _recovery(t: dict, where: str, n: int) -> RecoveryParams:
+    kw: dict[str, Any] = {}
     for k, v in t.items():
         if k == "watchdog":
             if v not in ("internal", "external"):
@@ -471,10 +500,13 @@ def _recovery(t: dict, where: str) -> RecoveryParams:
             continue
         if k not in ("period_s", "alarm_s"):
             raise ConfigError(f"{where}: unknown recovery parameter {k!r}")
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (k == "alarm_s" and v <= 0):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf \
+                or (k == "alarm_s" and v <= 0):
             sign = "positive" if k == "alarm_s" else "non-negative"
             raise ConfigError(f"{where}: recovery parameter {k} must be a {sign} number, got {v!r}")
         kw[k] = float(v)
+    if "period_s" not in kw:  # (0 stays 0: off)
+        kw["period_s"] = default_period_s(n, kw.get("alarm_s", RecoveryParams.alarm_s))
     return RecoveryParams(**kw)
 
 

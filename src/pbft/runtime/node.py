@@ -31,7 +31,7 @@ from ..crypto import KEY_SIZE, KeyRing
 from ..messages import Tag
 from ..service import Service
 from ..storage import Store, StoreError, open_store
-from .cluster import Cluster
+from .cluster import Cluster, recovery_turn
 from .keys import NEWKEY_TAG, Identity, fresh_key, make_newkey, now_timestamp_us
 from .metrics import HttpEndpoint, ReplicaMetrics
 from .transport import (AUTH_CLIENT, AUTH_REPLICA, UNAUTHENTICATED, Counters, FrameConn, InboundGuard, InboundLimits,
@@ -59,6 +59,8 @@ LOGGED_EVENTS = frozenset({"view-change", "new-view", "stable", "state-transfer"
 
 # session keys are refreshed for other replicas' recoveries at most this often (seconds)
 KEY_REFRESH_MIN_INTERVAL_S = 5.0
+# a recovery turn that finds another replica recovering looks again this often (``_watchdog``)
+RECOVERY_DEFER_STEP_S = 1.0
 
 
 def log(replica: int, event: str, **fields) -> None:
@@ -100,6 +102,7 @@ class ReplicaNode:
                 log(replica_id, "store-damaged", records=len(damaged), outcome=self.restore_outcome)
             (path / "pid").write_text(f"{os.getpid()}\n")
         self.recovery_overdue = False
+        self.recovery_deferred_s = 0.0  # how long the turn under way has waited for another recovery
         self.rebooting = False
         self.durable_writes = self.store is not None and st.mode == "durable"
         self.write_queue: list = []
@@ -307,12 +310,11 @@ class ReplicaNode:
 
     # ---- proactive recovery -------------------------------------------------
     def _next_recovery_delay(self) -> float:
-        """Seconds until this replica's next turn: replica i recovers at offset i*period/n of
-        every period of the wall clock, so replicas recover one at a time."""
+        """Seconds until this replica's next turn: one turn every period/n of the wall clock,
+        replica n-1 first (``cluster.recovery_turn``), so replicas recover one at a time."""
         period = self.cluster.recovery.period_s
-        phase = self.id * period / self.cfg.n
         now = time.time()
-        t = now - (now - phase) % period + period
+        t = recovery_turn(now, period, self.id, self.cfg.n)
         if t - now < period / 2 and time.time() - self.started < period / 2:
             t += period  # just (re)started: not again right away
         return t - now
@@ -321,6 +323,18 @@ class ReplicaNode:
         if self.replica.recovering is not None:
             self.loop.call_later(self._next_recovery_delay(), self._watchdog)
             return
+        # another replica's recovery still under way here (its recovery point not yet behind a
+        # stable checkpoint: a late one, clocks apart): wait for it, so that two replicas do not
+        # recover at once; at most alarm_s, so that a replica sending recovery requests again and
+        # again (Byzantine) delays our recovery by that much and no more
+        others = sorted(j for j in self.replica.recovery.points if j != self.id)
+        if others and self.recovery_deferred_s < self.cluster.recovery.alarm_s:
+            if not self.recovery_deferred_s:
+                self._log("watchdog", action="defer", recovering=others)
+            self.recovery_deferred_s += RECOVERY_DEFER_STEP_S
+            self.loop.call_later(RECOVERY_DEFER_STEP_S, self._watchdog)
+            return
+        self.recovery_deferred_s = 0.0
         self._log("watchdog", action="recover")
         self.recover_now()
 

@@ -71,10 +71,12 @@ def signer_spec(directory: Path, replica_id: int, option: Optional[str]) -> Opti
 # ---- watchdog -------------------------------------------------------------------
 
 def next_turn(now: float, period: float, replica_id: int, n: int) -> float:
-    """The wall-clock time of replica ``replica_id``'s next recovery after ``now``: offset
-    ``i * period / n`` in every period, as the replica's own timer (``ReplicaNode._next_recovery_delay``)."""
-    phase = replica_id * period / n
-    return now - (now - phase) % period + period
+    """The wall-clock time of replica ``replica_id``'s next recovery after ``now``: its offset
+    in every period (``runtime.cluster.recovery_turn``), as the replica's own timer
+    (``ReplicaNode._next_recovery_delay``)."""
+    from ..runtime.cluster import recovery_turn
+
+    return recovery_turn(now, period, replica_id, n)
 
 
 class Watchdog:

@@ -65,7 +65,11 @@ def cmd_init(args) -> int:
     hosts = [h.strip() for h in args.hosts.split(",")] if args.hosts else None
     service = getattr(args, "service", None)
     clients = args.clients if args.clients is not None else (8 if service == "bfs" else 4)
-    c = init_cluster(args.dir, args.replicas, args.faults, hosts, args.base_port, clients, force=args.force)
+    period = getattr(args, "recovery_period", None)
+    if period is not None and not 0 <= period < float("inf"):
+        raise ConfigError(f"--recovery-period must be a non-negative number of seconds, got {period:g}")
+    c = init_cluster(args.dir, args.replicas, args.faults, hosts, args.base_port, clients, force=args.force,
+                     recovery=None if period is None else {"period_s": period})
     if service == "bfs":
         from ..services.bfs.config import DEFAULT_SECTION
         with open(c.dir / "cluster.toml", "a") as fh:
@@ -76,6 +80,9 @@ def cmd_init(args) -> int:
         record(c.dir)  # replicas refuse to start from other code (runtime.integrity)
     print(f"wrote {c.dir / 'cluster.toml'}: {c.n} replicas (f={c.cfg.f}), {len(c.client_ids)} clients "
           f"(ids {c.client_ids[0]}..{c.client_ids[-1]}); private keys in {c.dir / 'keys'} (mode 0600)")
+    p = c.recovery.period_s
+    print(f"  proactive recovery: every replica every {p:g} s, one every {p / c.n:g} s (docs/recovery.md)" if p else
+          "  proactive recovery: off (--recovery-period 0); `pbft recover` still works")
     for r in c.replicas:
         where = " (on its machine)" if r.metrics_addr != r.host and r.metrics_addr == "127.0.0.1" else ""
         print(f"  replica {r.id}: {r.host}:{r.port}  metrics http://{r.metrics_addr}:{r.metrics_port}/metrics{where}")
@@ -306,6 +313,9 @@ def add_commands(sub) -> None:
     i.add_argument("--force", action="store_true", help="overwrite an existing cluster.toml")
     i.add_argument("--no-integrity", action="store_true", help="record no [integrity] package_sha256 (replicas "
                    "then run whatever code is installed; docs/recovery.md)")
+    i.add_argument("--recovery-period", type=float, default=None, metavar="S",
+                   help="[recovery] period_s: every replica recovers once every S seconds, in turn (default: "
+                        "the number of replicas times alarm_s, 240 for 4; 0: off). docs/recovery.md")
     i.add_argument("--service", default=None, choices=["bfs"],
                    help="bfs: also write the file system's [bfs] section (docs/bfs.md)")
     i.set_defaults(func=cmd_init)

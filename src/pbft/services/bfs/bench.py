@@ -194,7 +194,8 @@ class BFSTarget(Target):
         n = 4 if self.replicated else 1
         base = free_port_range(2 * n + 2)
         init_cluster(self.dir, n, None if self.replicated else 0, ["127.0.0.1"], base, 8 * SLOTS,
-                     metrics_base_port=base + n + 1, force=True, storage={"mode": self.storage})
+                     metrics_base_port=base + n + 1, force=True, storage={"mode": self.storage},
+                     recovery={"period_s": 0.0})  # (no recovery turn inside a measurement)
         with open(self.dir / "cluster.toml", "a") as fh:
             fh.write(BENCH_SECTION)
         env = _env()

@@ -308,7 +308,8 @@ class Supervisor:
         for attempt in range(3):
             base = free_port_range(2 * REPLICAS)
             self.cluster = init_cluster(self.workdir / "cluster", REPLICAS, None, ["127.0.0.1"], base, clients,
-                                        metrics_base_port=base + REPLICAS, force=True, storage={"mode": a.storage})
+                                        metrics_base_port=base + REPLICAS, force=True, storage={"mode": a.storage},
+                                        recovery={"period_s": 0.0})  # (no recovery turn inside a measurement)
             for i in range(REPLICAS):
                 self.start_replica(i)
             deadline = time.monotonic() + READY_TIMEOUT_S
