@@ -216,6 +216,8 @@ def main(argv=None) -> int:
     add_commands(sub)
     from .bench import add_bench_command
     add_bench_command(sub)
+    from .bench.recovery import add_bench_recovery_command
+    add_bench_recovery_command(sub)
     from ..services.bfs.bench import add_bench_fs_command
     add_bench_fs_command(sub)
     from .attack import add_attack_command
