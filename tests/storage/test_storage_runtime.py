@@ -1,5 +1,6 @@
-"""Durable state on the real runtime: every replica SIGKILLed at once, a replica away for
-many checkpoints, a data directory from somewhere else."""
+"""Durable state on the real runtime: every replica SIGKILLed at once (the durable mode's
+write-ahead log replayed at the restart), a replica away for many checkpoints, a data directory
+from somewhere else."""
 
 from __future__ import annotations
 
@@ -66,6 +67,8 @@ def test_sigkill_of_every_replica_in_durable_mode_loses_no_acknowledged_write(tm
 
         acked = write_load(lc, 2.0, "a", kill_at_end=kill_everyone)
         assert len(acked) > 50, "the workload should have made progress before the crash"
+        for i in range(4):  # the durable mode's store: the write-ahead log, replayed at the restart
+            assert (lc.cluster.storage.replica_dir(lc.dir, i) / "wal").stat().st_size > 0
         lc.start_all()
         restored = [lc.status(i)["restored"] for i in range(4)]
         assert restored == ["restored"] * 4, restored

@@ -26,8 +26,9 @@ BLAKE2b keyed with the log key over the first 20 bytes and the payload.  The log
 random bytes in LMDB's metadata record, created with the log: a client's request inside a
 batch inside a payload can never pass for a record.  ``payload`` is msgpack of
 ``[key, framed value or None, ...]``.  The file grows in zero-filled steps of
-``prealloc_bytes`` and is reused, never shrunk, so most fdatasyncs write data only, no
-metadata (size ``log_limit_bytes`` + the largest batch, rounded up to a step).
+``prealloc_bytes`` and is reused, so most fdatasyncs write data only, no metadata (size
+``log_limit_bytes`` + the largest batch, rounded up to a step; cut back at a checkpoint when
+one huge batch made it more than twice that).
 
 Opening replays the log of the current generation in order:
 
@@ -274,6 +275,14 @@ class WalStore(Store):
         self._overlay = {}
         self._set_gen(self._gen + 1)
         self._end, self._seq = len(FILE_HEADER), 0
+        keep = -(-(self.log_limit + len(FILE_HEADER)) // self.prealloc) * self.prealloc + self.prealloc
+        if self._alloc > 2 * keep:  # one huge group commit grew the file: give the space back
+            assert self._fd is not None
+            try:
+                os.ftruncate(self._fd, keep)
+                self._alloc = keep
+            except OSError:
+                pass  # the file stays as large as it was: still a valid log
         self.stats["checkpoints"] += 1
         self.stats["checkpoint_seconds"] += time.perf_counter() - start
 
