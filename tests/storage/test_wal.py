@@ -168,6 +168,16 @@ def test_checkpoints_reuse_the_file_and_keep_everything(tmp_path):
         assert t.load() == (model, frozenset())
 
 
+def test_an_empty_group_commit_costs_no_record_and_no_sync(tmp_path, monkeypatch):
+    s = open_wal(tmp_path / "db")
+    s.write({b"a": b"1"})
+    end, synced = s._end, s.stats["sync_seconds"]
+    monkeypatch.setattr(wal_mod.os, "fdatasync", lambda fd: pytest.fail("fdatasync of an empty write"))
+    s.write({})
+    assert s._end == end and s.stats["sync_seconds"] == synced
+    s.close()
+
+
 def test_records_of_an_old_generation_never_return(tmp_path):
     s = open_wal(tmp_path / "db")
     s.write({b"k": b"old" * 100, b"j": b"1"})

@@ -223,6 +223,8 @@ class WalStore(Store):
     def write(self, puts: Mapping[bytes, Optional[bytes]]) -> None:
         framed = framed_puts(puts)  # invalid keys refuse the whole write, before anything
         fd = self._usable()
+        if not framed:
+            return  # nothing to append, and every earlier write is already durable: no fdatasync
         if self._end - len(FILE_HEADER) >= self.log_limit:
             self._checkpoint()  # first: if it fails, this write has not happened
         payload = msgpack.packb([x for item in framed.items() for x in item], use_bin_type=True)
