@@ -65,20 +65,20 @@ def test_a_vouch_rechecks_only_the_held_preprepares_it_can_unblock():
     for d in (2, 3):
         c.net.append((client, d, raw))
     c.run()
-    assert r1.held and r1.slots[min(r1.held)].digest is None
+    assert r1.log.held and r1.log.slots[min(r1.log.held)].digest is None
     k = vouch_key(req)
-    assert k in r1.held_keys
+    assert k in r1.log.held_keys
     checks.clear()
     # a flood of vouches for other keys re-checks nothing
     r1.receive(seal(Vouch(2, tuple(os.urandom(32) for _ in range(500))), c.rings[2]), c.now)
     assert checks == []
     # one vouch is not a certificate (f+1 = 2): still nothing
     r1.receive(seal(Vouch(2, (k,)), c.rings[2]), c.now)
-    assert checks == [] and r1.held
+    assert checks == [] and r1.log.held
     # the second one is: exactly the held pre-prepare is checked again, and accepted
     r1.receive(seal(Vouch(3, (k,)), c.rings[3]), c.now)
     assert checks == [1]
-    assert not r1.held and r1.slots[1].digest is not None
+    assert not r1.log.held and r1.log.slots[1].digest is not None
 
 
 def test_held_preprepare_whose_prepares_came_first_is_accepted():
@@ -93,10 +93,10 @@ def test_held_preprepare_whose_prepares_came_first_is_accepted():
         c.net.append((client, d, raw))
     c.run()
     r1 = c.replicas[1]
-    assert r1.slots[1].digest is None and len(r1.slots[1].prepares) >= 2
+    assert r1.log.slots[1].digest is None and len(r1.log.slots[1].prepares) >= 2
     c.drop = lambda src, dst, m: False
     r1.receive(held_back[0], c.now)  # the pre-prepare, after the prepares
-    assert r1.slots[1].digest is not None and not r1.held
+    assert r1.log.slots[1].digest is not None and not r1.log.held
 
 
 def test_view_change_acks_for_unknown_view_changes_are_bounded():

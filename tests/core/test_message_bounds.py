@@ -84,13 +84,13 @@ def test_primary_crash_with_a_window_of_full_batches_of_64k_requests():
         c.advance(10.0)
     backups = c.replicas[1:3]
     assert all(r.last_exec == h0 + W and r.last_committed_exec == r.h == h0 for r in backups)
-    batches = [backups[0].slots[n].batch for n in range(h0 + 1, h0 + W + 1)]
+    batches = [backups[0].log.slots[n].batch for n in range(h0 + 1, h0 + W + 1)]
     assert all(b.requests for b in batches), "every slot of the window holds a batch"
     assert sum(len(b.requests) == B for b in batches) >= W - 4, [len(b.requests) for b in batches]
     assert sum(len(r) > 63_900 for b in batches for r in b.requests) >= (W - 4) * B
     carried_in_full = sum(batch_wire_bytes(b) for b in batches)
     assert carried_in_full > 6 * cfg.message_size_bytes_max  # what a NewView with every body would be
-    assert not c.replicas[3].batches
+    assert not c.replicas[3].log.batches
 
     # the primary crashes; once the others are changing views, replica 3 comes back (so nobody
     # relays it view 0's pre-prepares); commits flow again

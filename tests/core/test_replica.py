@@ -140,9 +140,9 @@ def test_view_change_keeps_prepared_request():
     cl = c.clients[1]
     cl.invoke(encode_op("put", b"a", b"2"), False, c.now)
     c.run()
-    assert all(r.slots[2].prepared for r in c.replicas)
-    assert not any(r.slots[2].committed for r in c.replicas)
-    prepared_digest = c.replicas[1].slots[2].digest
+    assert all(r.log.slots[2].prepared for r in c.replicas)
+    assert not any(r.log.slots[2].committed for r in c.replicas)
+    prepared_digest = c.replicas[1].log.slots[2].digest
     c.down.add(0)
     c.advance(3000)
     assert not cl.busy
@@ -175,7 +175,7 @@ def test_checkpoints_become_stable_and_log_is_collected():
     c.advance(100)
     for r in c.replicas:
         assert r.h >= 8
-        assert all(r.h < n <= r.h + r.L for n in r.slots)
+        assert all(r.h < n <= r.h + r.L for n in r.log.slots)
         assert min(r.ckpts) == r.h
 
 

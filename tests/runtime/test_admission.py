@@ -68,7 +68,7 @@ def test_preprepare_with_a_request_from_the_future_is_held_not_accepted():
     for r in c.replicas[1:]:
         r.receive(pp, c.now)
     assert [r.drops.get("batch-request-future-timestamp", 0) for r in c.replicas[1:]] == [1, 1, 1]
-    assert all(1 in r.held and r.slots[1].digest is None for r in c.replicas[1:])
+    assert all(1 in r.log.held and r.log.slots[1].digest is None for r in c.replicas[1:])
     assert all(r.last_exec == 0 for r in c.replicas)
 
 

@@ -102,11 +102,11 @@ class Persistence:
 
     def q(self, n: int) -> None:
         if self.puts is not None:
-            self.puts[_n(b"q", n)] = _pack(self.r.Qset[n])
+            self.puts[_n(b"q", n)] = _pack(self.r.log.preprepared[n])
 
     def p(self, n: int) -> None:
         if self.puts is not None:
-            d, v = self.r.P[n]
+            d, v = self.r.log.prepared[n]
             self.puts[_n(b"c", n)] = _pack([v, d])
 
     def committed(self, n: int, d: bytes) -> None:
@@ -174,7 +174,7 @@ def restore(r: Replica, records: dict[bytes, bytes], damaged: frozenset[bytes] =
     _restore_log(r, records, view, active, batches, q, p, committed)
     if not r.needs_state:
         _reexecute_committed(r, committed)
-    if stable is not None and stable[0] > r.last_committed_exec:
+    if stable is not None and stable[0] > r.log.last_committed_exec:
         r._start_fetch(*stable)  # the stable checkpoint we were fetching when we stopped
     r._emit(Restored(outcome))
     return outcome
@@ -235,7 +235,7 @@ def _restore_state(r: Replica, objs: dict[int, bytes], marker: Optional[Checkpoi
         n, d = marker
         st.checkpoint(n)
         r.ckpts = {n: d}
-        r.last_exec = r.last_committed_exec = r.seq_assigned = n
+        r.log.last_exec = r.log.last_committed_exec = r.log.seq_assigned = n
         # the window starts at the stable checkpoint, which may be below the state's
         # checkpoint (not yet stable) or above it (it was being fetched)
         r.h = stable[0] if stable is not None else 0
@@ -246,7 +246,7 @@ def _restore_state(r: Replica, objs: dict[int, bytes], marker: Optional[Checkpoi
         # still ours: the window stays where the persisted checkpoint put it
         base = stable[0] if stable is not None else 0
         r.ckpts = {}
-        r.h = r.last_exec = r.last_committed_exec = r.seq_assigned = base
+        r.h = r.log.last_exec = r.log.last_committed_exec = r.log.seq_assigned = base
         r.needs_state = True
         st.unpersisted = set(range(st.n))
         outcome = "state-repair"
@@ -300,18 +300,18 @@ def _restore_log(r: Replica, records: dict[bytes, bytes], view: Any, active: Any
                 r.vc.new_view_digest = fr.digest
         except (ValueError, TypeError, DecodeError, msgpack.UnpackException):
             pass  # only liveness suffers: peers that missed the NewView wait for the next one
-    r.Qset.update(q)
-    r.P.update(p)
+    r.log.preprepared.update(q)
+    r.log.prepared.update(p)
     for d, b in batches.items():
-        r.batches[d] = (b, r.h + r.L)
+        r.log.batches[d] = (b, r.h + r.L)
     # slots of the current view: what we pre-prepared, prepared and committed in it
     for n, qd in q.items():
         for d, v in qd.items():
             if v != r.view:
                 continue
-            slot = r._slot(n)
+            slot = r.log.slot(n)
             slot.digest = d
-            slot.batch = r._batch_for(d)
+            slot.batch = r.log.batch_for(d)
             if r.primary() != r.id:
                 slot.prepares[r.id] = d
             if p.get(n) == (d, r.view):
@@ -319,7 +319,7 @@ def _restore_log(r: Replica, records: dict[bytes, bytes], view: Any, active: Any
                 slot.commits[r.id] = d
             if committed.get(n, (None, None))[1] == d:
                 slot.committed = True
-    r.seq_assigned = max([r.seq_assigned, r.h, *q])
+    r.log.seq_assigned = max([r.log.seq_assigned, r.h, *q])
     if not r.view_active:
         r.vc.deadline = r.now + r.vc.timeout_ms
 
@@ -328,17 +328,17 @@ def _reexecute_committed(r: Replica, committed: dict[int, tuple[int, bytes]]) ->
     """Re-execute, in order, what committed after the persisted checkpoint; then tentatively what
     we had prepared in this view (a write acknowledged with tentative replies is then visible
     again before any read is answered)."""
-    n = r.last_committed_exec + 1
+    n = r.log.last_committed_exec + 1
     while n in committed:
         d = committed[n][1]
-        batch = r._batch_for(d)
+        batch = r.log.batch_for(d)
         if batch is None:
             break
-        slot = r.slots.get(n)
+        slot = r.log.slots.get(n)
         if slot is None or slot.digest != d:
-            slot = r._slot(n)
+            slot = r.log.slot(n)
             slot.view, slot.digest, slot.batch = committed[n][0], d, batch
-        r._execute(n, slot, tentative=False)
+        r.log.execute(n, slot, tentative=False)
         n += 1
-    r._try_execute()
+    r.log.try_execute()
     r.out = []  # replies to clients gone since, checkpoints to be voted again

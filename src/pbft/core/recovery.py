@@ -241,7 +241,7 @@ class ProactiveRecovery:
         if (why := self._ignore_query_stable(m)) is not None:
             return r._drop(why)
         self.stable_answered[m.replica] = r.now
-        prepared = max(max(r.P, default=0), r.last_exec, r.h)
+        prepared = max(max(r.log.prepared, default=0), r.log.last_exec, r.h)
         r._send_to(m.replica, seal(ReplyStable(r.h, prepared, r.id, m.nonce), r.keys, to=m.replica))
 
     def execute(self, j: int, op: bytes, n: int) -> bytes:

@@ -30,17 +30,17 @@ Protocol outline (names follow the paper and the thesis):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 from ..codec import (
-    BATCH_OVERHEAD_BYTES, NONDET_SIZE_BYTES_MAX, NULL_BATCH_DIGEST, Codec, DecodeError, Frame,
+    Codec, DecodeError, Frame,
     batch_digest_from_request_digests, result_digest, seal, vouch_key,
 )
 from ..config import ClusterConfig
 from ..crypto import KeyRing
 from ..messages import (
-    ALL_REPLICAS, NULL_BATCH, Batch, BatchData, Checkpoint, Commit, Data, Fetch, FetchBatch, Message, MetaData, NewView,
+    ALL_REPLICAS, Batch, BatchData, Checkpoint, Commit, Data, Fetch, FetchBatch, Message, MetaData, NewView,
     PrePrepare, QueryStable, ReplyStable,
     Prepare, Reply, Request, Status, Tag, ViewChange, ViewChangeAck, Vouch,
 )
@@ -54,13 +54,13 @@ from .ready import Ready
 from .state_transfer import StateTransfer
 from .status import StatusExchange
 from .recovery import ProactiveRecovery, RecoveryRun
+from .normal_case import Log
 from .view_change import Decision, ViewChanges
 from .checkpoints import CheckpointVotes
-from .drops import HOLDABLE, Count, Drop
+from .drops import Count, Drop
 from .events import (
-    CheckpointMismatch, CheckpointTaken, Committed, Event, Executed, FetchStarted, NewViewInstalled, PrePrepared,
-    PrePrepareSent, Prepared, Promoted, RolledBack, ServiceException, Stable, StateTransferred,
-    ViewChangeStarted,
+    CheckpointMismatch, CheckpointTaken, Event, FetchStarted, NewViewInstalled, Promoted, ServiceException, Stable,
+    StateTransferred, ViewChangeStarted,
 )
 
 VOUCH_BATCH_MAX = 1024
@@ -79,21 +79,6 @@ T_REQUEST = int(Tag.REQUEST)  # (compared once per request frame a batch brings:
 # what a client gets when the service raised, or returned something other than bytes within the
 # reply size limit: the same on every correct replica (see ``_run_service``)
 SERVICE_ERROR_RESULT = b"\xffpbft:service-error"
-
-
-@dataclass(slots=True)
-class Slot:
-    """Per-sequence-number agreement state in the current view."""
-
-    view: int
-    digest: Optional[bytes] = None  # digest of the accepted pre-prepare (None until accepted)
-    batch: Optional[Batch] = None
-    pp_raw: Optional[bytes] = None  # the primary's pre-prepare frame (None if from a NewView)
-    prepares: dict[int, bytes] = field(default_factory=dict)
-    commits: dict[int, bytes] = field(default_factory=dict)
-    prepared: bool = False
-    committed: bool = False
-    held_pp: Optional[tuple[PrePrepare, bytes]] = None  # (PrePrepare, raw) whose agreed value we could not check
 
 
 @dataclass(slots=True)
@@ -131,7 +116,6 @@ class Replica:
         self.sender_budget: dict[tuple[int, int], tuple[float, int]] = {}  # (replica, tag) -> (start, used)
         self.disk = Persistence(self)  # the records each step writes (off until enable_persistence)
         self.recovery_marker = False  # the store says a recovery was under way (``begin_recovery`` again)
-        self.executed_requests = 0  # metric
         # handler work a peer's messages caused, in items (vouch keys, requests checked): the
         # simulator's CPU model charges it, so that work one message makes us do is measured
         self.work_units = 0
@@ -160,21 +144,11 @@ class Replica:
         cfg = self.cfg
         # log and execution
         self.h = 0  # low water mark: last stable checkpoint
-        self.slots: dict[int, Slot] = {}
-        self.P: dict[int, tuple[bytes, int]] = {}
-        self.Qset: dict[int, dict[bytes, int]] = {}
-        self.batches: dict[bytes, tuple[Batch, int]] = {}  # digest -> (batch, highest seqno using it)
-        self.seq_assigned = 0  # primary: last sequence number assigned
-        self.last_exec = 0
-        self.last_committed_exec = 0
-        # executed seqnos > h: (digest, batch, ((client, timestamp), ...) executed)
-        self.exec_log: dict[int, tuple[bytes, Batch, tuple[tuple[int, int], ...]]] = {}
+        self.log = Log(self)  # the normal case and the log: slots, certificates, batches, execution
         # the checkpointed state: the service's objects and the last-reply table
         self.rs = ReplicaState(service, fanout=cfg.partition_fanout, bind_seqno=not self.bug_ckpt_noseq)
         self.state = self.rs.cs
         self.last_reply = self.rs.last_reply  # client -> (timestamp, result); change through rs.set_reply
-        self.last_exec_seqno: dict[int, int] = {}  # client -> seqno of its last execution here (local)
-        self.executed_digest: dict[int, bytes] = {}  # client -> frame digest of its last executed request
 
         # checkpoints
         # seqno -> digest of committed checkpoints (the state keeps a record for each, and
@@ -207,7 +181,6 @@ class Replica:
         # a pre-prepare that batches them is then checked without opening them again
         self.req_seen: dict[bytes, tuple[Frame, Request]] = {}
         self.req_seen_max = max(1024, 8 * cfg.clients_max)
-        self.held: set[int] = set()  # seqnos whose slot holds a pre-prepare waiting for vouches
         # per-replica budgets for vouches (a Byzantine replica may send Vouch messages full of keys
         # as fast as it can): a vouch for a key matching no request here (yet: the vouch may have
         # overtaken the request) is kept only up to ``vouch_unknown_max`` keys per replica, oldest
@@ -215,9 +188,6 @@ class Replica:
         # So one replica can neither grow our memory nor evict the other replicas' vouches.
         self.vouch_unknown: dict[int, dict[bytes, None]] = {}  # replica -> its unknown keys, oldest first
         self.vouch_unknown_max = 2 * max(cfg.clients_max, 32)
-        # the held pre-prepares each missing vouch key blocks: a Vouch re-checks only the held
-        # pre-prepares its own keys can unblock (work proportional to its keys, not to the log)
-        self.held_keys: dict[bytes, set[int]] = {}
         # fast path: a primary orders a request from a *trusted* client as soon as its own MAC
         # verifies, without waiting for f+1 vouches (one message delay less). Trusted: some
         # request of the client was vouched for by backups of weight f+1 (its authenticators
@@ -253,17 +223,13 @@ class Replica:
         and keeping the objects unverified (nothing executes before a state transfer to a
         certified checkpoint has checked them), then the estimation starts."""
         self.now = now
-        self.slots.clear()
-        self.P.clear()
-        self.Qset.clear()
-        self.exec_log.clear()
+        self.log.distrust()
         self.tentative_ckpts.clear()
         self.ckpts = {}
         self.state.discard_all()
         self.state.unpersisted = set(range(self.state.n))
         self.needs_state = True
         self.transfer.abandon()
-        self.last_exec = self.last_committed_exec
         self.recovery.start(nonce)
 
     # read-only views of proactive recovery (drivers, metrics and tests read them)
@@ -319,10 +285,10 @@ class Replica:
         """Assert what holds after every step whatever the input (a failure is a bug of ours,
         never a peer's doing). Cheap: drivers call it after every step (the simulator, the
         hand-driven cluster of the tests)."""
-        assert self.last_committed_exec <= self.last_exec, "committed execution ahead of execution"
+        assert self.log.last_committed_exec <= self.log.last_exec, "committed execution ahead of execution"
         assert self.view_active or self.view > 0, "view 0 is never changed to"
         assert (self.fetch_target is None) == (self.fetcher is None), "a fetch target without its walk"
-        assert self.seq_assigned >= self.h, "sequence numbers assigned below the low water mark"
+        assert self.log.seq_assigned >= self.h, "sequence numbers assigned below the low water mark"
         assert len(self.vc.future) <= 2, "future NewViews unbounded"
         assert self.recovering is None or self.recovering.phase in ("estimate", "request", "check")
         assert self.vc.pending is None or not self.view_active or self.vc.pending[0].view != self.view, \
@@ -391,10 +357,10 @@ class Replica:
         if self.status.due(now):
             self.status.send()
             self.vc.try_certified_new_view()
-            if self.held:
+            if self.log.held:
                 # the lowest held pre-prepares again (the clock moved on; a request or our own vouch
                 # may have completed a certificate): a few per tick, bounded work
-                self._recheck_held(sorted(self.held)[:4])
+                self.log.recheck_held(sorted(self.log.held)[:4])
             self.vc.status_tick(now)
         if self.req_deadline is not None and now >= self.req_deadline:
             self.req_deadline = None
@@ -424,8 +390,8 @@ class Replica:
         self.known.clear()
         self.key_client.clear()
         self.req_seen.clear()
-        self.held.clear()
-        self.held_keys.clear()
+        self.log.held.clear()
+        self.log.held_keys.clear()
         self.vouches.clear()
         self.vouch_unknown.clear()
         self.vouch_out.clear()
@@ -545,9 +511,6 @@ class Replica:
             out.append(hit)
         return out
 
-    def _in_window(self, n: int) -> bool:
-        return self.h < n <= self.h + self.L
-
     # read-only views of the state transfer (drivers, metrics and tests read them)
     @property
     def fetch_target(self) -> Optional[tuple[int, bytes]]:
@@ -561,22 +524,18 @@ class Replica:
     def transfer_stats(self) -> dict[str, int]:
         return self.transfer.stats
 
+    # read-only views of the log's progress (drivers, metrics and tests read them)
+    @property
+    def last_exec(self) -> int:
+        return self.log.last_exec
+
+    @property
+    def last_committed_exec(self) -> int:
+        return self.log.last_committed_exec
+
     def state_digest(self) -> bytes:
         """Digest of the current state (the partition tree's root)."""
         return self.state.root
-
-    def _remember_batch(self, d: bytes, batch: Batch, n: int) -> None:
-        old = self.batches.get(d)
-        if old is None or old[1] < n:
-            self.batches[d] = (batch, n)
-            if old is None:
-                self.disk.batch(d, batch)
-
-    def _batch_for(self, d: bytes) -> Optional[Batch]:
-        if d == NULL_BATCH_DIGEST:
-            return NULL_BATCH
-        b = self.batches.get(d)
-        return b[0] if b else None
 
     # =====================================================================
     # requests
@@ -648,13 +607,13 @@ class Replica:
         c, t = req.client, req.timestamp
         if not verified:
             self._drop(Drop.REQUEST_UNVERIFIED_OLD)
-        elif t == last[0] and self.executed_digest.get(c) == fr.digest and req.replier != ALL_REPLICAS:
+        elif t == last[0] and self.log.executed_digest.get(c) == fr.digest and req.replier != ALL_REPLICAS:
             # the client's own copy of a request we already executed from a pre-prepare that
             # overtook it (the primary's fast path): not a retransmission, nothing to answer
             self._drop(Drop.REQUEST_LATE_COPY)
         elif t == last[0]:
             # the cached reply is only as final as the execution that produced it
-            tentative = self.last_exec_seqno.get(c, 0) > self.last_committed_exec
+            tentative = self.log.last_exec_seqno.get(c, 0) > self.log.last_committed_exec
             self._drop(Drop.REQUEST_RETRANSMITTED)
             sent = self.reply_resent.get(c)
             if sent is not None and sent[0] == t and sent[1] == tentative and \
@@ -761,7 +720,7 @@ class Replica:
             if cur is not None and cur.req.timestamp >= t:
                 return
             self.queue[c] = ri
-            self._try_send_preprepare()
+            self.log.try_send_preprepare()
             return
         cur = self.pending.get(c)
         if cur is None or cur.req.timestamp < t:
@@ -785,7 +744,7 @@ class Replica:
         # are checked again
         key_client = self.key_client
         trusted = self.trusted
-        held_keys = self.held_keys
+        held_keys = self.log.held_keys
         unblocked: set[int] = set()
         dup = skipped = unknown = 0
         cap = self.vouch_unknown_max
@@ -816,38 +775,7 @@ class Replica:
         self.work_units += len(m.keys) - skipped + skipped // 16
         if unblocked:
             # pre-prepares held back for want of these vouches may now be acceptable
-            self._recheck_held(sorted(unblocked))
-
-    def _hold_preprepare(self, pp: PrePrepare, raw: bytes, slot: Slot, missing: list[bytes]) -> None:
-        """Keep a pre-prepare we cannot accept yet (see ``on_preprepare``), indexed by the vouch
-        keys it waits for. Bounded: one per slot, the keys of one batch per slot."""
-        slot.held_pp = (pp, raw)
-        self.held.add(pp.seqno)
-        for k in missing:
-            ns = self.held_keys.get(k)
-            if ns is None:
-                ns = self.held_keys[k] = set()
-            ns.add(pp.seqno)
-        if len(self.held_keys) > 2 * self.L * self.cfg.batch_requests_max:
-            # (entries of pre-prepares accepted or discarded since)
-            live = self.held
-            for k in [k for k, ns in self.held_keys.items() if not ns & live]:
-                del self.held_keys[k]
-
-    def _recheck_held(self, seqnos: Iterable[int]) -> None:
-        """Check held pre-prepares again (vouches arrived, or the clock moved on)."""
-        for n in seqnos:
-            slot = self.slots.get(n)
-            if slot is None or slot.held_pp is None:
-                self.held.discard(n)
-                continue
-            if slot.digest is None and slot.view == self.view:
-                pp, raw = slot.held_pp
-                assert pp.batch is not None  # (only a pre-prepare with its batch is held)
-                if self._check_batch(pp.batch, pp.digest,
-                                     check_nondet=not self._weakly_prepared(slot, pp.digest)) is None:
-                    self.held.discard(n)
-                    self._accept_preprepare(pp, raw, slot)
+            self.log.recheck_held(sorted(unblocked))
 
     def _read_only_ready(self) -> bool:
         """Whether our state reflects every operation a client may have seen complete.
@@ -857,8 +785,8 @@ class Replica:
         view re-proposed: a write acknowledged by 2f+1 tentative replies is re-proposed
         there and must be visible to later reads.
         """
-        return (self.last_exec == self.last_committed_exec and self.fetch_target is None
-                and self.view_active and self.last_committed_exec >= self.ro_barrier)
+        return (self.log.last_exec == self.log.last_committed_exec and self.fetch_target is None
+                and self.view_active and self.log.last_committed_exec >= self.ro_barrier)
 
     def _on_read_only(self, ri: ReqInfo) -> None:
         if not self._read_only_ready():
@@ -886,145 +814,6 @@ class Replica:
     # =====================================================================
     # normal case
     # =====================================================================
-    def _try_send_preprepare(self) -> None:
-        cfg = self.cfg
-        while (self.view_active and self.is_primary and not self._installing
-               and (self.queue or self.recovery.null_goal() > self.seq_assigned)
-               and self.seq_assigned + 1 <= self.h + self.L
-               and self.seq_assigned - self.last_exec < cfg.batches_in_flight_max
-               and self.fetch_target is None and self.recovering is None and not self.needs_state):
-            reqs: list[ReqInfo] = []
-            # bounded by count and by bytes, so that the PrePrepare (and a BatchData carrying the
-            # batch) fits in a message; the config guarantees that a single request always does
-            room = cfg.batch_bytes_max - BATCH_OVERHEAD_BYTES - NONDET_SIZE_BYTES_MAX
-            for c in list(self.queue):
-                ri = self.queue[c]
-                last = self.last_reply.get(c)
-                if last is not None and ri.req.timestamp <= last[0] and not self.bug_no_ts:
-                    del self.queue[c]
-                    continue
-                size = 5 + len(ri.raw)
-                if size > room:
-                    if reqs:
-                        break  # waits for the next batch
-                    del self.queue[c]  # (a frame larger than the config allows: not reachable)
-                    self._drop(Drop.REQUEST_TOO_LARGE_FOR_BATCH)
-                    continue
-                del self.queue[c]
-                room -= size
-                reqs.append(ri)
-                self.inflight[c] = ri.req.timestamp
-                if len(reqs) >= cfg.batch_requests_max:
-                    break
-            if reqs:
-                nondet = self.service.propose_nondet(self.now + self.wall_offset_ms)
-                batch = Batch(nondet, tuple(ri.raw for ri in reqs))
-                d = batch_digest_from_request_digests(nondet, [ri.digest for ri in reqs])
-            elif not self.queue and self.recovery.null_goal() > self.seq_assigned:
-                # a replica is recovering and nothing else is ordered: a null request moves the
-                # sequence towards the checkpoint that ends its recovery
-                batch, d = NULL_BATCH, NULL_BATCH_DIGEST
-            else:
-                return
-            n = self.seq_assigned + 1
-            self.seq_assigned = n
-            pp = PrePrepare(self.view, n, d, self.id, batch)
-            raw = self._broadcast(pp)
-            slot = self.slots.get(n)
-            if slot is None or slot.view != self.view:
-                slot = self.slots[n] = Slot(self.view)
-            slot.digest, slot.batch, slot.pp_raw = d, batch, raw
-            self._remember_batch(d, batch, n)
-            self._note_preprepared(n, d)
-            self._emit(PrePrepareSent(self.view, n, d))
-            self._check_prepared(n, slot)
-
-    def _note_preprepared(self, n: int, d: bytes) -> None:
-        q = self.Qset.setdefault(n, {})
-        q[d] = self.view
-        if len(q) > 4:  # bounded: keep the digests of the latest views
-            for old in sorted(q, key=lambda dg: q[dg])[: len(q) - 4]:
-                del q[old]
-        self.disk.q(n)
-
-    def _slot(self, n: int) -> Slot:
-        s = self.slots.get(n)
-        if s is None or s.view != self.view:
-            s = self.slots[n] = Slot(self.view)
-        return s
-
-    def _ignore_agreement(self, view: int, n: int) -> Optional[Drop]:
-        if not self.view_active:
-            return Drop.IN_VIEW_CHANGE
-        if view != self.view:
-            return Drop.WRONG_VIEW
-        if not self._in_window(n):
-            return Drop.OUT_OF_WINDOW
-        if self.recovering is not None and self.recovery.ignores(n):
-            return Drop.RECOVERING
-        return None
-
-    def _ignore_preprepare(self, pp: PrePrepare) -> Optional[Drop]:
-        if (why := self._ignore_agreement(pp.view, pp.seqno)) is not None:
-            return why
-        if pp.replica != self.primary():
-            return Drop.PREPREPARE_NOT_FROM_PRIMARY
-        if pp.batch is None:
-            return Drop.PREPREPARE_WITHOUT_BATCH
-        return None
-
-    def on_preprepare(self, pp: PrePrepare, fr: Frame) -> None:
-        if (why := self._ignore_preprepare(pp)) is not None:
-            return self._drop(why)
-        assert self.view_active and pp.view == self.view and self._in_window(pp.seqno) and pp.batch is not None
-        n = pp.seqno
-        slot = self._slot(n)
-        if slot.digest is not None:
-            self._drop(Drop.PREPREPARE_DUPLICATE if slot.digest == pp.digest else Drop.PREPREPARE_CONFLICT)
-            return
-        if n <= self.last_exec and self.exec_log.get(n, (None,))[0] not in (None, pp.digest):
-            self._drop(Drop.PREPREPARE_CONFLICTS_EXECUTED)
-            return
-        if slot.held_pp is not None and slot.held_pp[0].digest == pp.digest:
-            # (a resent copy of what we hold: nothing it could change; vouches, prepares and the
-            # status tick re-check the held one)
-            self._drop(Drop.PREPREPARE_HELD_DUPLICATE)
-            return
-        batch = pp.batch
-        missing: list[bytes] = []
-        reason = self._check_batch(batch, pp.digest, check_nondet=not self._weakly_prepared(slot, pp.digest),
-                                   missing=missing)
-        if reason in HOLDABLE:
-            # the agreed value looks wrong from here: maybe our clock, maybe an old pre-prepare
-            # relayed for catch-up. Accept it once f+1 backups prepared it (one correct replica
-            # checked the value when it was fresh).
-            if self._weakly_prepared(slot, pp.digest):
-                # their prepares came first (a replica catching up gets the prepares and the
-                # pre-prepare in one answer, in any order): accept now; a later prepare from the same
-                # backups would be a duplicate and never look at the held pre-prepare again
-                self._accept_preprepare(pp, fr.raw, slot)
-                return
-            self._hold_preprepare(pp, fr.raw, slot, missing)
-        if reason:
-            self._drop(reason)
-            return
-        self._accept_preprepare(pp, fr.raw, slot)
-
-    def _weakly_prepared(self, slot: Slot, d: bytes) -> bool:
-        return self.quorums.is_weak([r for r, x in slot.prepares.items() if x == d and r != self.id])
-
-    def _accept_preprepare(self, pp: PrePrepare, raw: bytes, slot: Slot) -> None:
-        n, batch = pp.seqno, pp.batch
-        assert batch is not None  # (on_preprepare drops a pre-prepare without one)
-        slot.held_pp = None
-        slot.digest, slot.batch, slot.pp_raw = pp.digest, batch, raw
-        self._remember_batch(pp.digest, batch, n)
-        self._note_preprepared(n, pp.digest)
-        self._emit(PrePrepared(self.view, n, pp.digest))
-        slot.prepares[self.id] = pp.digest
-        self._broadcast(Prepare(self.view, n, pp.digest, self.id))
-        self._check_prepared(n, slot)
-
     def _check_batch(self, batch: Batch, d: bytes, check_nondet: bool = True,
                      missing: Optional[list[bytes]] = None) -> Optional[Drop]:
         """Why a pre-prepared batch is unacceptable, or None. Checks MACs, digest, request timestamps, nondet.
@@ -1064,149 +853,15 @@ class Replica:
                 return Drop.BATCH_NONDET_REJECTED
         return None
 
-    def _ignore_prepare(self, p: Prepare) -> Optional[Drop]:
-        if (why := self._ignore_agreement(p.view, p.seqno)) is not None:
-            return why
-        if p.replica == self.primary():
-            return Drop.PREPARE_FROM_PRIMARY
-        return None
-
-    def on_prepare(self, p: Prepare, fr: Frame) -> None:
-        if (why := self._ignore_prepare(p)) is not None:
-            return self._drop(why)
-        assert self.view_active and p.view == self.view and self._in_window(p.seqno)
-        slot = self._slot(p.seqno)
-        if p.replica in slot.prepares:
-            self._drop(Drop.PREPARE_DUPLICATE)
-            return
-        slot.prepares[p.replica] = p.digest
-        if slot.held_pp is not None and slot.digest is None and self._weakly_prepared(slot, slot.held_pp[0].digest):
-            self._accept_preprepare(*slot.held_pp, slot)
-            return
-        self._check_prepared(p.seqno, slot)
-
-    def _check_prepared(self, n: int, slot: Slot) -> None:
-        if slot.prepared or slot.digest is None:
-            return
-        d = slot.digest
-        voters = [r for r, x in slot.prepares.items() if x == d]
-        primary = self.primary()
-        if primary not in voters:
-            voters.append(primary)
-        if not self.quorums.is_quorum(voters):
-            return
-        slot.prepared = True
-        self.P[n] = (d, self.view)
-        self.disk.p(n)
-        self._emit(Prepared(self.view, n, d))
-        slot.commits[self.id] = d
-        self._broadcast(Commit(self.view, n, d, self.id))
-        self._check_committed(n, slot)
-        self._try_execute()
-
-    def on_commit(self, c: Commit, fr: Frame) -> None:
-        if (why := self._ignore_agreement(c.view, c.seqno)) is not None:
-            return self._drop(why)
-        assert self.view_active and c.view == self.view and self._in_window(c.seqno)
-        slot = self._slot(c.seqno)
-        if c.replica in slot.commits:
-            self._drop(Drop.COMMIT_DUPLICATE)
-            return
-        slot.commits[c.replica] = c.digest
-        self._check_committed(c.seqno, slot)
-
-    def _check_committed(self, n: int, slot: Slot) -> None:
-        if slot.committed or not slot.prepared:
-            return
-        d = slot.digest
-        assert d is not None  # (a prepared slot has its pre-prepare's digest)
-        if not self.quorums.is_quorum([r for r, x in slot.commits.items() if x == d]):
-            return
-        slot.committed = True
-        self.disk.committed(n, d)
-        self._emit(Committed(self.view, n, d))
-        self._try_execute()
-
     # =====================================================================
     # execution
     # =====================================================================
-    def _try_execute(self) -> None:
-        if (self.fetch_target is not None and self.last_exec < self.fetch_target[0]) or self.needs_state:
-            return
-        progressed = False
-        while True:
-            # promote tentative executions whose slots have committed
-            while self.last_committed_exec < self.last_exec:
-                k = self.last_committed_exec + 1
-                s = self.slots.get(k)
-                if s is None or s.view != self.view or not s.committed:
-                    break
-                self.last_committed_exec = k
-                self._emit(Promoted(k))
-                self._committed(k)
-                if k % self.K == 0:
-                    self._take_checkpoint(k, self.tentative_ckpts.pop(k))
-                progressed = True
-            n = self.last_exec + 1
-            s = self.slots.get(n)
-            if s is None or s.view != self.view or s.digest is None or s.batch is None:
-                break
-            if s.committed and self.last_committed_exec == self.last_exec:
-                self._execute(n, s, tentative=False)
-            elif s.prepared and self.view_active and self.cfg.tentative_execution:
-                self._execute(n, s, tentative=True)
-            else:
-                break
-            progressed = True
-        if progressed:
-            self._drain_read_only()
-            if self.is_primary:
-                self._try_send_preprepare()
-
-    def _execute(self, n: int, slot: Slot, tentative: bool) -> None:
-        batch = slot.batch
-        assert batch is not None
-        try:
-            reqs = self._batch_requests(batch)
-        except DecodeError:  # only reachable with the skip-digest-check bug
-            reqs = []
-        executed = []
-        if reqs:
-            self.rs.before_execute()
-        for rfr, req in reqs:
-            c, t = req.client, req.timestamp
-            last = self.last_reply.get(c)
-            if last is not None and t <= last[0] and not self.bug_no_ts:
-                continue  # exactly-once: ordered twice, executed once
-            result = self._apply(req, batch.nondet, n)
-            self.rs.set_reply(c, t, result)
-            self.last_exec_seqno[c] = n
-            self.executed_digest[c] = rfr.digest
-            executed.append((c, t, req.op))
-            self._send_reply(req, result, tentative=tentative)
-            if self.inflight.get(c, 0) <= t:
-                self.inflight.pop(c, None)
-        self.last_exec = n
-        self.executed_requests += len(executed)
-        assert slot.digest is not None  # (an executed slot has its batch's digest)
-        self.exec_log[n] = (slot.digest, batch, tuple((c, t) for c, t, _ in executed))
-        self._emit(Executed(n, slot.digest, batch, tuple(executed), tentative))
-        if not tentative:
-            self.last_committed_exec = n
-            self._committed(n)
-        if n % self.K == 0:
-            d = self.state.checkpoint(n)
-            if tentative:
-                self.tentative_ckpts[n] = d
-            else:
-                self._take_checkpoint(n, d)
-
     def _committed(self, n: int) -> None:
         """Seqno n's execution is final: its requests leave the pending set, and the request
         timer restarts (only committed progress counts: tentative executions that never commit,
         e.g. under a primary whose commits are missing, must not keep postponing a view change)."""
         replicas = self.cfg.n
-        for c, t in self.exec_log[n][2]:
+        for c, t in self.log.exec_log[n].requests:
             # (a replica's newer recovery request, admitted here but not at the primary within the
             # admission interval, is folded into the one executed: see ``ProactiveRecovery.admit``)
             p = self.pending.get(c)
@@ -1230,29 +885,6 @@ class Replica:
         self.checkpoint_votes.record(self.id, n, d)
         self._broadcast(Checkpoint(n, d, self.id))
         self._check_stable(n)
-
-    def _rollback(self) -> None:
-        """Undo tentative executions: restore the newest checkpoint at or below the
-        last committed execution and re-execute the committed batches after it."""
-        target = self.last_committed_exec
-        base = max(s for s in self.state.seqnos() if s <= target)
-        self.state.rollback(base)
-        for k in range(base + 1, target + 1):
-            _, batch, _ = self.exec_log[k]
-            reqs = self._batch_requests(batch)
-            if reqs:
-                self.rs.before_execute()
-            for _rfr, req in reqs:
-                last = self.last_reply.get(req.client)
-                if last is not None and req.timestamp <= last[0] and not self.bug_no_ts:
-                    continue
-                result = self._apply(req, batch.nondet, k)
-                self.rs.set_reply(req.client, req.timestamp, result)
-        for k in range(target + 1, self.last_exec + 1):
-            self.exec_log.pop(k, None)
-            self.tentative_ckpts.pop(k, None)
-        self._emit(RolledBack(target))
-        self.last_exec = target
 
     # =====================================================================
     # checkpoints, garbage collection, state transfer
@@ -1281,23 +913,23 @@ class Replica:
             if reached is Reached.QUORUM:
                 self._on_stable_certificate(n, d)
                 return
-            if reached is Reached.WEAK and self.last_committed_exec < n and (
+            if reached is Reached.WEAK and self.log.last_committed_exec < n and (
                     n > self.h + self.L
                     or self.quorums.is_weak(self.status.stable_at(n))):
                 # a correct replica is past our whole window, or replicas of weak weight have
                 # discarded the log up to n (nobody will resend what we lack there): catch up to
                 # checkpoint n, which a correct replica computed from committed requests
-                if self.last_exec >= n and self.tentative_ckpts.get(n) == d:
+                if self.log.last_exec >= n and self.tentative_ckpts.get(n) == d:
                     self._promote(n, d)  # our tentative executions up to n are the committed ones
                     return
-                if self.last_exec > self.last_committed_exec:
-                    self._rollback()
+                if self.log.last_exec > self.log.last_committed_exec:
+                    self.log.rollback()
                 self._start_fetch(n, d)
                 return
 
     def _on_stable_certificate(self, n: int, d: bytes) -> None:
         own = self.ckpts.get(n)
-        if own is None and self.tentative_ckpts.get(n) == d and self.last_exec >= n:
+        if own is None and self.tentative_ckpts.get(n) == d and self.log.last_exec >= n:
             # the certificate proves everything up to n committed: promote
             self._promote(n, d)
             return
@@ -1306,21 +938,21 @@ class Replica:
         if own is not None and own == d:
             self._advance_low_water_mark(n, d)
         else:
-            if self.last_exec > self.last_committed_exec:
-                self._rollback()
+            if self.log.last_exec > self.log.last_committed_exec:
+                self.log.rollback()
             self._advance_low_water_mark(n, d)
             self._start_fetch(n, d)
 
     def _promote(self, n: int, d: bytes) -> None:
         """Our tentative executions up to n produced the state a correct replica checkpointed
         after committed execution: they are the committed ones."""
-        for k in range(self.last_committed_exec + 1, n + 1):
+        for k in range(self.log.last_committed_exec + 1, n + 1):
             self._committed(k)
-        self.last_committed_exec = n
+        self.log.last_committed_exec = n
         self._emit(Promoted(n))
         del self.tentative_ckpts[n]
         self._take_checkpoint(n, d)
-        self._try_execute()  # later slots may have committed meanwhile: promote them too
+        self.log.try_execute()  # later slots may have committed meanwhile: promote them too
 
     def _advance_low_water_mark(self, n: int, d: bytes) -> None:
         """Checkpoint (n, d) is stable (or certified): discard the log up to it."""
@@ -1329,41 +961,41 @@ class Replica:
         self.disk.gc(self.h, min(n, self.h + self.L), n, d)
         self.h = n
         self._emit(Stable(n))
-        for k in [k for k in self.slots if k <= n]:
-            del self.slots[k]
-        for k in [k for k in self.P if k <= n]:
-            del self.P[k]
-        for k in [k for k in self.Qset if k <= n]:
-            del self.Qset[k]
-        for k in [k for k in self.exec_log if k <= n]:
-            del self.exec_log[k]
+        for k in [k for k in self.log.slots if k <= n]:
+            del self.log.slots[k]
+        for k in [k for k in self.log.prepared if k <= n]:
+            del self.log.prepared[k]
+        for k in [k for k in self.log.preprepared if k <= n]:
+            del self.log.preprepared[k]
+        for k in [k for k in self.log.exec_log if k <= n]:
+            del self.log.exec_log[k]
         for k in [k for k in self.tentative_ckpts if k <= n]:
             del self.tentative_ckpts[k]
         for k in [k for k in self.ckpts if k < n]:
             del self.ckpts[k]
         self.state.discard_below(n)
-        for d in [d for d, (_, m) in self.batches.items() if m <= n]:
-            del self.batches[d]
+        for d in [d for d, (_, m) in self.log.batches.items() if m <= n]:
+            del self.log.batches[d]
             self.disk.forget_batch(d)
         self.checkpoint_votes.discard_upto(n)
         if self.recovery_points:
             self.recovery.prune_points()
         if self.recovering is not None:
             self.recovery.check_done()
-        if self.seq_assigned < n:
-            self.seq_assigned = n
+        if self.log.seq_assigned < n:
+            self.log.seq_assigned = n
         if self.is_primary:
-            self._try_send_preprepare()
+            self.log.try_send_preprepare()
 
     def _start_fetch(self, n: int, d: bytes) -> None:
         """Fetch checkpoint (n, d), certified by others, unless we are there or on our way."""
         t = self.transfer.target
         if t is not None and t[0] >= n:
             return
-        if self.last_committed_exec >= n:
+        if self.log.last_committed_exec >= n:
             return
-        if self.last_exec > self.last_committed_exec:
-            self._rollback()
+        if self.log.last_exec > self.log.last_committed_exec:
+            self.log.rollback()
         self._emit(FetchStarted(n, d))
         self.transfer.start(n, d)
 
@@ -1372,9 +1004,7 @@ class Replica:
         last execution and (being certified) our low water mark."""
         self.state.checkpoint(n)
         self.needs_state = False
-        self.last_exec = self.last_committed_exec = n
-        for k in [k for k in self.exec_log if k <= n]:
-            del self.exec_log[k]
+        self.log.jump_to(n)
         self.tentative_ckpts.clear()
         self.ckpts[n] = d
         self.disk.checkpoint(n, d)
@@ -1391,10 +1021,10 @@ class Replica:
         self._check_stable(n)
         if self.recovering is not None:
             self.recovery.check_done()
-        self._try_execute()
+        self.log.try_execute()
         self._drain_read_only()
         if self.is_primary:
-            self._try_send_preprepare()
+            self.log.try_send_preprepare()
 
     # =====================================================================
     # status: repair of lost messages
@@ -1408,7 +1038,7 @@ class Replica:
         # a view change, or restarted without its state, finds the current view even when it
         # has no request of its own to time out on.
         st.learn_view(s)
-        if st.learn_stable(s) and s.stable_seqno > self.last_committed_exec and s.stable_seqno > self.h:
+        if st.learn_stable(s) and s.stable_seqno > self.log.last_committed_exec and s.stable_seqno > self.h:
             self._check_stable(s.stable_seqno)
         if st.learn_new_view(s) and (self.vc.unverified is not None or self.vc.pending is not None
                                      or self.vc.future):
@@ -1427,8 +1057,8 @@ class Replica:
         """Nothing for clients is under way here: no certified request waiting, nothing queued,
         ordered or tentative, no state transfer or recovery."""
         return (self.view_active and not self.pending and not self.queue and not self.inflight
-                and not self.ro_queue and self.last_exec == self.last_committed_exec
-                and self.seq_assigned <= self.last_exec and self.fetch_target is None
+                and not self.ro_queue and self.log.last_exec == self.log.last_committed_exec
+                and self.log.seq_assigned <= self.log.last_exec and self.fetch_target is None
                 and self.recovering is None and not self.needs_state)
 
     def _start_view_change(self, v: int, why: str) -> None:
@@ -1437,14 +1067,12 @@ class Replica:
         our ViewChange."""
         if v <= self.view:
             return
-        if self.last_exec > self.last_committed_exec:
-            self._rollback()
+        if self.log.last_exec > self.log.last_committed_exec:
+            self.log.rollback()
         self.view = v
         self.view_active = False
         self.disk.view()
-        self.slots.clear()
-        self.held.clear()
-        self.held_keys.clear()
+        self.log.leave_view()
         self.req_deadline = None
         self.queue.clear()
         self.inflight.clear()
@@ -1463,7 +1091,7 @@ class Replica:
         s, d = dec.checkpoint_seqno, dec.checkpoint_digest
         # the chosen batches, taken before the low water mark moves: one fetched by BatchData is
         # kept only up to the old window's end, which moving to checkpoint s may discard
-        chosen_batches = {dg: self._batch_for(dg) for _, dg in dec.chosen}
+        chosen_batches = {dg: self.log.batch_for(dg) for _, dg in dec.chosen}
         if s > self.h:
             if self.ckpts.get(s) != d:
                 self._start_fetch(s, d)
@@ -1472,28 +1100,10 @@ class Replica:
                 self._advance_low_water_mark(s, d)
             finally:
                 self._installing = False
-        top = max(s, self.h)
         primary = self.is_primary
-        for n, dg in dec.chosen:
-            top = max(top, n)
-            if n <= self.h:
-                continue
-            slot = self._slot(n)
-            slot.digest = dg
-            slot.batch = chosen_batches[dg]
-            if slot.batch is not None and dg != NULL_BATCH_DIGEST:
-                self._remember_batch(dg, slot.batch, n)
-            slot.pp_raw = None
-            self._note_preprepared(n, dg)
-            if not primary:
-                slot.prepares[self.id] = dg
-                self._broadcast(Prepare(self.view, n, dg, self.id))
-        self.seq_assigned = max(top, self.last_committed_exec)
-        self.ro_barrier = top
-        for n, _dg in dec.chosen:
-            chosen_slot = self.slots.get(n)
-            if chosen_slot is not None:
-                self._check_prepared(n, chosen_slot)
+        # reads wait until we executed what the new view re-proposed (``_read_only_ready``)
+        self.ro_barrier = self.log.preprepare_chosen(dec, chosen_batches)
+        self.log.prepare_chosen(dec)
         if primary:
             # propose what clients asked the backups (our old selves) to order
             self.pending.clear()
@@ -1503,19 +1113,19 @@ class Replica:
             for ri in self.pending.values():  # the new primary gets a full timeout for each
                 ri.since = self.now
             self._arm_request_timer()
-        self._try_execute()
+        self.log.try_execute()
         self._drain_read_only()
         if primary:
-            self._try_send_preprepare()
+            self.log.try_send_preprepare()
 
     def _handler_table(self) -> dict[type, Callable[[Any, Frame], None]]:
         """The dispatcher's table: message type -> the handler of the component that owns it."""
         vc, transfer, recovery = self.vc, self.transfer, self.recovery
         return {
             Request: self.on_request,
-            PrePrepare: self.on_preprepare,
-            Prepare: self.on_prepare,
-            Commit: self.on_commit,
+            PrePrepare: self.log.on_preprepare,
+            Prepare: self.log.on_prepare,
+            Commit: self.log.on_commit,
             Checkpoint: self.on_checkpoint,
             Status: self.on_status,
             ViewChange: vc.on_view_change,

@@ -53,11 +53,11 @@ class StatusExchange:
         # report the point up to which this view's agreement is complete here: a sequence number
         # executed in an earlier view but not yet committed in this one still needs our peers'
         # prepares and commits (and they need ours)
-        upto = r.last_committed_exec
-        for n in sorted(r.slots):
+        upto = r.log.last_committed_exec
+        for n in sorted(r.log.slots):
             if n > upto:
                 break
-            sl = r.slots[n]
+            sl = r.log.slots[n]
             if sl.view == r.view and not sl.committed:
                 upto = max(n - 1, r.h)
                 break
@@ -149,11 +149,11 @@ class StatusExchange:
         bytes_left = r.cfg.message_size_bytes_max
         nv_sent = False
         start = max(last_executed, r.h) + 1
-        top = max(r.slots, default=0)
+        top = max(r.log.slots, default=0)
         for n in range(start, top + 1):
             if budget <= 0 or bytes_left <= 0:
                 break
-            slot = r.slots.get(n)
+            slot = r.log.slots.get(n)
             if slot is None or slot.view != r.view or slot.digest is None:
                 continue
             budget -= 1

@@ -178,8 +178,9 @@ class ViewChanges:
         self.new_view_vc_raws = []
         self.deadline = None
         h = r.h
-        prepared = tuple(sorted((n, d, pv) for n, (d, pv) in r.P.items() if n > h))
-        preprepared = tuple(sorted((n, d, qv) for n, q in r.Qset.items() if n > h for d, qv in q.items()))
+        prepared = tuple(sorted((n, d, pv) for n, (d, pv) in r.log.prepared.items() if n > h))
+        preprepared = tuple(sorted((n, d, qv) for n, q in r.log.preprepared.items() if n > h
+                                   for d, qv in q.items()))
         if r.bug_drop_prepared:
             prepared, preprepared = (), ()
         ckpts = tuple(sorted((s, cd) for s, cd in r.ckpts.items() if s >= h))
@@ -435,7 +436,7 @@ class ViewChanges:
         for n, d in dec.chosen:
             if d == NULL_BATCH_DIGEST or n <= r.h or d in given:
                 continue
-            b = r._batch_for(d)
+            b = r.log.batch_for(d)
             assert b is not None  # (_missing_batches found none missing)
             size = batch_wire_bytes(b)
             if size <= budget:
@@ -457,7 +458,7 @@ class ViewChanges:
         r = self.r
         out = []
         for n, d in chosen:
-            if n > r.h and d != NULL_BATCH_DIGEST and r._batch_for(d) is None and d not in out:
+            if n > r.h and d != NULL_BATCH_DIGEST and r.log.batch_for(d) is None and d not in out:
                 out.append(d)
         return out
 
@@ -475,7 +476,7 @@ class ViewChanges:
 
     def _ignore_fetch_batch(self, m: FetchBatch) -> Optional[Drop]:
         r = self.r
-        if m.digest not in r.batches:
+        if m.digest not in r.log.batches:
             return Drop.FETCH_BATCH_UNKNOWN
         last = self.batches_answered.get(m.replica, {}).get(m.digest)
         if last is not None and r.now - last < r.cfg.status_interval_ms / 2:
@@ -489,7 +490,7 @@ class ViewChanges:
         r = self.r
         if (why := self._ignore_fetch_batch(m)) is not None:
             return r._drop(why)
-        b = r.batches[m.digest]
+        b = r.log.batches[m.digest]
         sent = self.batches_answered.setdefault(m.replica, {})
         if len(sent) >= 2 * r.L:  # bounded: forget answers older than the interval
             for k in [k for k, t in sent.items() if r.now - t >= r.cfg.status_interval_ms / 2]:
@@ -516,7 +517,7 @@ class ViewChanges:
             return r._drop(why)
         assert m.digest in self.batches_wanted
         del self.batches_wanted[m.digest]
-        r._remember_batch(m.digest, m.batch, r.h + r.L)
+        r.log.remember_batch(m.digest, m.batch, r.h + r.L)
         # a NewView (to build, or to accept) may have been waiting for this batch
         if not r.view_active and r.primary() == r.id:
             self.try_new_view()
@@ -595,7 +596,7 @@ class ViewChanges:
                 return Drop.NEW_VIEW_BAD_BATCH
         for n, d in nv.chosen:
             if d in given:
-                r._remember_batch(d, given[d], n)
+                r.log.remember_batch(d, given[d], n)
         return None
 
     def _wait_for_new_view_batches(self, nv: NewView) -> bool:

@@ -72,7 +72,7 @@ class ReplicaMetrics:
             return m
 
         yield counter("pbft_requests_executed", "Client requests executed (tentatively or committed)",
-                      r.executed_requests)
+                      r.log.executed_requests)
         yield gauge("pbft_last_executed_seqno", "Sequence number of the last executed batch", r.last_exec)
         yield gauge("pbft_last_committed_seqno", "Sequence number of the last committed executed batch",
                     r.last_committed_exec)

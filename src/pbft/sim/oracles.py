@@ -176,13 +176,13 @@ class Oracles:
     def after_step(self, rep) -> None:
         r = rep.id
         h, L = rep.h, self.L
-        if len(rep.slots) > L or any(not (h < k <= h + L) for k in rep.slots):
-            self.violation(f"R1 replica {r} log outside (h, h+L]: h={h} slots={sorted(rep.slots)[:3]}...")
+        if len(rep.log.slots) > L or any(not (h < k <= h + L) for k in rep.log.slots):
+            self.violation(f"R1 replica {r} log outside (h, h+L]: h={h} slots={sorted(rep.log.slots)[:3]}...")
         if rep.last_committed_exec > h + L:
             self.violation(f"P5 replica {r} executed past its high water mark")
         if max(len(rep.queue), len(rep.pending), len(rep.ro_queue), len(rep.known)) > self.pending_max:
             self.violation(f"R1 replica {r} request queues unbounded")
-        if len(rep.ckpts) > L // self.K + 2 or len(rep.exec_log) > L:
+        if len(rep.ckpts) > L // self.K + 2 or len(rep.log.exec_log) > L:
             self.violation(f"R1 replica {r} checkpoint store or execution log unbounded")
         if rep.view != self.view[r] and rep.view < self.view[r]:
             self.violation(f"P5 replica {r} view decreased")

@@ -1,0 +1,500 @@
+"""The normal case and the log: pre-prepare, prepare, commit, and execution in sequence order.
+
+Owns: the slots of the current view (who pre-prepared, prepared and committed what at each
+sequence number in the window), the prepared and pre-prepared certificates a ViewChange reports
+(the paper's P and Q), the batches the log refers to, the primary's next sequence number, the
+pre-prepares held for want of vouches, and execution: how far we executed (tentatively, and with
+every batch committed), the record of each execution above the low water mark and its rollback.
+
+May not touch: the request maps (it asks ``Replica`` to admit and check the requests a batch
+carries), the checkpoints and the view. A committed execution is reported to the cross-area
+steps ``Replica._committed`` (the requests it completes) and ``Replica._take_checkpoint``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable, NamedTuple, Optional
+
+from ..codec import (
+    BATCH_OVERHEAD_BYTES, NONDET_SIZE_BYTES_MAX, NULL_BATCH_DIGEST, DecodeError, Frame,
+    batch_digest_from_request_digests,
+)
+from ..messages import NULL_BATCH, Batch, Commit, PrePrepare, Prepare
+from .drops import HOLDABLE, Drop
+from .events import Committed, Executed, PrePrepared, PrePrepareSent, Prepared, Promoted, RolledBack
+
+if TYPE_CHECKING:
+    from .replica import Replica, ReqInfo
+    from .view_change import Decision
+
+
+class ExecRecord(NamedTuple):
+    """What executing a sequence number did: its batch (and digest), and the requests of the batch
+    that executed (a request ordered twice executes once)."""
+
+    digest: bytes
+    batch: Batch
+    requests: tuple[tuple[int, int], ...]  # (client, timestamp)
+
+
+@dataclass(slots=True)
+class Slot:
+    """Per-sequence-number agreement state in the current view."""
+
+    view: int
+    digest: Optional[bytes] = None  # digest of the accepted pre-prepare (None until accepted)
+    batch: Optional[Batch] = None
+    pp_raw: Optional[bytes] = None  # the primary's pre-prepare frame (None if from a NewView)
+    prepares: dict[int, bytes] = field(default_factory=dict)
+    commits: dict[int, bytes] = field(default_factory=dict)
+    prepared: bool = False
+    committed: bool = False
+    held_pp: Optional[tuple[PrePrepare, bytes]] = None  # (PrePrepare, raw) whose agreed value we could not check
+
+
+class Log:
+    """The normal case and the log (see the module docstring for what it owns)."""
+
+    __slots__ = ("r", "slots", "prepared", "preprepared", "batches", "seq_assigned", "last_exec",
+                 "last_committed_exec", "exec_log", "last_exec_seqno", "executed_digest", "executed_requests",
+                 "held", "held_keys")
+
+    def __init__(self, replica: "Replica"):
+        self.r = replica
+        # Invariant: every key of slots, prepared, preprepared and exec_log is in the window (h, h + L]
+        self.slots: dict[int, Slot] = {}  # seqno -> its agreement in the current view
+        self.prepared: dict[int, tuple[bytes, int]] = {}  # seqno -> (digest, view) prepared latest (the paper's P)
+        # seqno -> digest -> the latest view we pre-prepared it in (the paper's Q; at most 4 digests)
+        self.preprepared: dict[int, dict[bytes, int]] = {}
+        self.batches: dict[bytes, tuple[Batch, int]] = {}  # digest -> (batch, highest seqno using it)
+        # Invariant: last_committed_exec <= last_exec; seq_assigned >= h
+        self.seq_assigned = 0  # primary: last sequence number assigned
+        self.last_exec = 0  # executed up to here (tentatively above last_committed_exec)
+        self.last_committed_exec = 0  # executed up to here, every batch committed
+        self.exec_log: dict[int, ExecRecord] = {}  # executed seqnos above h
+        self.last_exec_seqno: dict[int, int] = {}  # client -> seqno of its last execution here (local)
+        self.executed_digest: dict[int, bytes] = {}  # client -> frame digest of its last executed request
+        self.executed_requests = 0  # metric
+        self.held: set[int] = set()  # seqnos whose slot holds a pre-prepare waiting for vouches
+        # the held pre-prepares each missing vouch key blocks: a Vouch re-checks only the held
+        # pre-prepares its own keys can unblock (work proportional to its keys, not to the log)
+        self.held_keys: dict[bytes, set[int]] = {}
+
+    def distrust(self) -> None:
+        """A recovery begins: the log reloaded from disk may be an attacker's; only what executed
+        with every batch committed stays (the objects, checked by a state transfer later)."""
+        self.slots.clear()
+        self.prepared.clear()
+        self.preprepared.clear()
+        self.exec_log.clear()
+        self.last_exec = self.last_committed_exec
+
+    def leave_view(self) -> None:
+        """A view change: the view's slots and the pre-prepares held in it go (the certificates
+        stay: our ViewChange reports them)."""
+        self.slots.clear()
+        self.held.clear()
+        self.held_keys.clear()
+
+    def jump_to(self, n: int) -> None:
+        """The state is checkpoint n's (a state transfer completed): executed up to n, every batch
+        committed; the records of executions up to n go."""
+        self.last_exec = self.last_committed_exec = n
+        for k in [k for k in self.exec_log if k <= n]:
+            del self.exec_log[k]
+
+    def preprepare_chosen(self, dec: Decision, chosen_batches: dict[bytes, Optional[Batch]]) -> int:
+        """A NewView installs ``dec``: its chosen batches above the low water mark are pre-prepared
+        in the new view (and prepared, at a backup). Returns the highest sequence number it
+        covers, from which the primary assigns the next."""
+        r = self.r
+        top = max(dec.checkpoint_seqno, r.h)
+        primary = r.is_primary
+        for n, dg in dec.chosen:
+            top = max(top, n)
+            if n <= r.h:
+                continue
+            slot = self.slot(n)
+            slot.digest = dg
+            slot.batch = chosen_batches[dg]
+            if slot.batch is not None and dg != NULL_BATCH_DIGEST:
+                self.remember_batch(dg, slot.batch, n)
+            slot.pp_raw = None
+            self.note_preprepared(n, dg)
+            if not primary:
+                slot.prepares[r.id] = dg
+                r._broadcast(Prepare(r.view, n, dg, r.id))
+        self.seq_assigned = max(top, self.last_committed_exec)
+        return top
+
+    def prepare_chosen(self, dec: Decision) -> None:
+        """The chosen batches whose prepares are here already (they came before the NewView)."""
+        for n, _dg in dec.chosen:
+            slot = self.slots.get(n)
+            if slot is not None:
+                self.check_prepared(n, slot)
+
+    def in_window(self, n: int) -> bool:
+        r = self.r
+        return r.h < n <= r.h + r.L
+
+    def slot(self, n: int) -> Slot:
+        r = self.r
+        s = self.slots.get(n)
+        if s is None or s.view != r.view:
+            s = self.slots[n] = Slot(r.view)
+        return s
+
+    def remember_batch(self, d: bytes, batch: Batch, n: int) -> None:
+        r = self.r
+        old = self.batches.get(d)
+        if old is None or old[1] < n:
+            self.batches[d] = (batch, n)
+            if old is None:
+                r.disk.batch(d, batch)
+
+    def batch_for(self, d: bytes) -> Optional[Batch]:
+        if d == NULL_BATCH_DIGEST:
+            return NULL_BATCH
+        b = self.batches.get(d)
+        return b[0] if b else None
+
+    def try_send_preprepare(self) -> None:
+        r = self.r
+        cfg = r.cfg
+        while (r.view_active and r.is_primary and not r._installing
+               and (r.queue or r.recovery.null_goal() > self.seq_assigned)
+               and self.seq_assigned + 1 <= r.h + r.L
+               and self.seq_assigned - self.last_exec < cfg.batches_in_flight_max
+               and r.fetch_target is None and r.recovering is None and not r.needs_state):
+            reqs: list[ReqInfo] = []
+            # bounded by count and by bytes, so that the PrePrepare (and a BatchData carrying the
+            # batch) fits in a message; the config guarantees that a single request always does
+            room = cfg.batch_bytes_max - BATCH_OVERHEAD_BYTES - NONDET_SIZE_BYTES_MAX
+            for c in list(r.queue):
+                ri = r.queue[c]
+                last = r.last_reply.get(c)
+                if last is not None and ri.req.timestamp <= last[0] and not r.bug_no_ts:
+                    del r.queue[c]
+                    continue
+                size = 5 + len(ri.raw)
+                if size > room:
+                    if reqs:
+                        break  # waits for the next batch
+                    del r.queue[c]  # (a frame larger than the config allows: not reachable)
+                    r._drop(Drop.REQUEST_TOO_LARGE_FOR_BATCH)
+                    continue
+                del r.queue[c]
+                room -= size
+                reqs.append(ri)
+                r.inflight[c] = ri.req.timestamp
+                if len(reqs) >= cfg.batch_requests_max:
+                    break
+            if reqs:
+                nondet = r.service.propose_nondet(r.now + r.wall_offset_ms)
+                batch = Batch(nondet, tuple(ri.raw for ri in reqs))
+                d = batch_digest_from_request_digests(nondet, [ri.digest for ri in reqs])
+            elif not r.queue and r.recovery.null_goal() > self.seq_assigned:
+                # a replica is recovering and nothing else is ordered: a null request moves the
+                # sequence towards the checkpoint that ends its recovery
+                batch, d = NULL_BATCH, NULL_BATCH_DIGEST
+            else:
+                return
+            n = self.seq_assigned + 1
+            self.seq_assigned = n
+            pp = PrePrepare(r.view, n, d, r.id, batch)
+            raw = r._broadcast(pp)
+            slot = self.slots.get(n)
+            if slot is None or slot.view != r.view:
+                slot = self.slots[n] = Slot(r.view)
+            slot.digest, slot.batch, slot.pp_raw = d, batch, raw
+            self.remember_batch(d, batch, n)
+            self.note_preprepared(n, d)
+            r._emit(PrePrepareSent(r.view, n, d))
+            self.check_prepared(n, slot)
+
+    def note_preprepared(self, n: int, d: bytes) -> None:
+        r = self.r
+        q = self.preprepared.setdefault(n, {})
+        q[d] = r.view
+        if len(q) > 4:  # bounded: keep the digests of the latest views
+            for old in sorted(q, key=lambda dg: q[dg])[: len(q) - 4]:
+                del q[old]
+        r.disk.q(n)
+
+    def _ignore_agreement(self, view: int, n: int) -> Optional[Drop]:
+        r = self.r
+        if not r.view_active:
+            return Drop.IN_VIEW_CHANGE
+        if view != r.view:
+            return Drop.WRONG_VIEW
+        if not self.in_window(n):
+            return Drop.OUT_OF_WINDOW
+        if r.recovering is not None and r.recovery.ignores(n):
+            return Drop.RECOVERING
+        return None
+
+    def _ignore_preprepare(self, pp: PrePrepare) -> Optional[Drop]:
+        r = self.r
+        if (why := self._ignore_agreement(pp.view, pp.seqno)) is not None:
+            return why
+        if pp.replica != r.primary():
+            return Drop.PREPREPARE_NOT_FROM_PRIMARY
+        if pp.batch is None:
+            return Drop.PREPREPARE_WITHOUT_BATCH
+        return None
+
+    def on_preprepare(self, pp: PrePrepare, fr: Frame) -> None:
+        r = self.r
+        if (why := self._ignore_preprepare(pp)) is not None:
+            return r._drop(why)
+        assert r.view_active and pp.view == r.view and self.in_window(pp.seqno) and pp.batch is not None
+        n = pp.seqno
+        slot = self.slot(n)
+        if slot.digest is not None:
+            r._drop(Drop.PREPREPARE_DUPLICATE if slot.digest == pp.digest else Drop.PREPREPARE_CONFLICT)
+            return
+        if n <= self.last_exec and (done := self.exec_log.get(n)) is not None and done.digest != pp.digest:
+            r._drop(Drop.PREPREPARE_CONFLICTS_EXECUTED)
+            return
+        if slot.held_pp is not None and slot.held_pp[0].digest == pp.digest:
+            # (a resent copy of what we hold: nothing it could change; vouches, prepares and the
+            # status tick re-check the held one)
+            r._drop(Drop.PREPREPARE_HELD_DUPLICATE)
+            return
+        batch = pp.batch
+        missing: list[bytes] = []
+        reason = r._check_batch(batch, pp.digest, check_nondet=not self._weakly_prepared(slot, pp.digest),
+                                   missing=missing)
+        if reason in HOLDABLE:
+            # the agreed value looks wrong from here: maybe our clock, maybe an old pre-prepare
+            # relayed for catch-up. Accept it once f+1 backups prepared it (one correct replica
+            # checked the value when it was fresh).
+            if self._weakly_prepared(slot, pp.digest):
+                # their prepares came first (a replica catching up gets the prepares and the
+                # pre-prepare in one answer, in any order): accept now; a later prepare from the same
+                # backups would be a duplicate and never look at the held pre-prepare again
+                self._accept_preprepare(pp, fr.raw, slot)
+                return
+            self._hold_preprepare(pp, fr.raw, slot, missing)
+        if reason:
+            r._drop(reason)
+            return
+        self._accept_preprepare(pp, fr.raw, slot)
+
+    def _weakly_prepared(self, slot: Slot, d: bytes) -> bool:
+        r = self.r
+        return r.quorums.is_weak([j for j, x in slot.prepares.items() if x == d and j != r.id])
+
+    def _accept_preprepare(self, pp: PrePrepare, raw: bytes, slot: Slot) -> None:
+        r = self.r
+        n, batch = pp.seqno, pp.batch
+        assert batch is not None  # (on_preprepare drops a pre-prepare without one)
+        slot.held_pp = None
+        slot.digest, slot.batch, slot.pp_raw = pp.digest, batch, raw
+        self.remember_batch(pp.digest, batch, n)
+        self.note_preprepared(n, pp.digest)
+        r._emit(PrePrepared(r.view, n, pp.digest))
+        slot.prepares[r.id] = pp.digest
+        r._broadcast(Prepare(r.view, n, pp.digest, r.id))
+        self.check_prepared(n, slot)
+
+    def _hold_preprepare(self, pp: PrePrepare, raw: bytes, slot: Slot, missing: list[bytes]) -> None:
+        """Keep a pre-prepare we cannot accept yet (see ``on_preprepare``), indexed by the vouch
+        keys it waits for. Bounded: one per slot, the keys of one batch per slot."""
+        r = self.r
+        slot.held_pp = (pp, raw)
+        self.held.add(pp.seqno)
+        for k in missing:
+            ns = self.held_keys.get(k)
+            if ns is None:
+                ns = self.held_keys[k] = set()
+            ns.add(pp.seqno)
+        if len(self.held_keys) > 2 * r.L * r.cfg.batch_requests_max:
+            # (entries of pre-prepares accepted or discarded since)
+            live = self.held
+            for k in [k for k, ns in self.held_keys.items() if not ns & live]:
+                del self.held_keys[k]
+
+    def recheck_held(self, seqnos: Iterable[int]) -> None:
+        """Check held pre-prepares again (vouches arrived, or the clock moved on)."""
+        r = self.r
+        for n in seqnos:
+            slot = self.slots.get(n)
+            if slot is None or slot.held_pp is None:
+                self.held.discard(n)
+                continue
+            if slot.digest is None and slot.view == r.view:
+                pp, raw = slot.held_pp
+                assert pp.batch is not None  # (only a pre-prepare with its batch is held)
+                if r._check_batch(pp.batch, pp.digest,
+                                     check_nondet=not self._weakly_prepared(slot, pp.digest)) is None:
+                    self.held.discard(n)
+                    self._accept_preprepare(pp, raw, slot)
+
+    def _ignore_prepare(self, p: Prepare) -> Optional[Drop]:
+        r = self.r
+        if (why := self._ignore_agreement(p.view, p.seqno)) is not None:
+            return why
+        if p.replica == r.primary():
+            return Drop.PREPARE_FROM_PRIMARY
+        return None
+
+    def on_prepare(self, p: Prepare, fr: Frame) -> None:
+        r = self.r
+        if (why := self._ignore_prepare(p)) is not None:
+            return r._drop(why)
+        assert r.view_active and p.view == r.view and self.in_window(p.seqno)
+        slot = self.slot(p.seqno)
+        if p.replica in slot.prepares:
+            r._drop(Drop.PREPARE_DUPLICATE)
+            return
+        slot.prepares[p.replica] = p.digest
+        if slot.held_pp is not None and slot.digest is None and self._weakly_prepared(slot, slot.held_pp[0].digest):
+            self._accept_preprepare(*slot.held_pp, slot)
+            return
+        self.check_prepared(p.seqno, slot)
+
+    def check_prepared(self, n: int, slot: Slot) -> None:
+        r = self.r
+        if slot.prepared or slot.digest is None:
+            return
+        d = slot.digest
+        voters = [j for j, x in slot.prepares.items() if x == d]
+        primary = r.primary()
+        if primary not in voters:
+            voters.append(primary)
+        if not r.quorums.is_quorum(voters):
+            return
+        slot.prepared = True
+        self.prepared[n] = (d, r.view)
+        r.disk.p(n)
+        r._emit(Prepared(r.view, n, d))
+        slot.commits[r.id] = d
+        r._broadcast(Commit(r.view, n, d, r.id))
+        self._check_committed(n, slot)
+        self.try_execute()
+
+    def on_commit(self, c: Commit, fr: Frame) -> None:
+        r = self.r
+        if (why := self._ignore_agreement(c.view, c.seqno)) is not None:
+            return r._drop(why)
+        assert r.view_active and c.view == r.view and self.in_window(c.seqno)
+        slot = self.slot(c.seqno)
+        if c.replica in slot.commits:
+            r._drop(Drop.COMMIT_DUPLICATE)
+            return
+        slot.commits[c.replica] = c.digest
+        self._check_committed(c.seqno, slot)
+
+    def _check_committed(self, n: int, slot: Slot) -> None:
+        r = self.r
+        if slot.committed or not slot.prepared:
+            return
+        d = slot.digest
+        assert d is not None  # (a prepared slot has its pre-prepare's digest)
+        if not r.quorums.is_quorum([j for j, x in slot.commits.items() if x == d]):
+            return
+        slot.committed = True
+        r.disk.committed(n, d)
+        r._emit(Committed(r.view, n, d))
+        self.try_execute()
+
+    def try_execute(self) -> None:
+        r = self.r
+        if (r.fetch_target is not None and self.last_exec < r.fetch_target[0]) or r.needs_state:
+            return
+        progressed = False
+        while True:
+            # promote tentative executions whose slots have committed
+            while self.last_committed_exec < self.last_exec:
+                k = self.last_committed_exec + 1
+                s = self.slots.get(k)
+                if s is None or s.view != r.view or not s.committed:
+                    break
+                self.last_committed_exec = k
+                r._emit(Promoted(k))
+                r._committed(k)
+                if k % r.K == 0:
+                    r._take_checkpoint(k, r.tentative_ckpts.pop(k))
+                progressed = True
+            n = self.last_exec + 1
+            s = self.slots.get(n)
+            if s is None or s.view != r.view or s.digest is None or s.batch is None:
+                break
+            if s.committed and self.last_committed_exec == self.last_exec:
+                self.execute(n, s, tentative=False)
+            elif s.prepared and r.view_active and r.cfg.tentative_execution:
+                self.execute(n, s, tentative=True)
+            else:
+                break
+            progressed = True
+        if progressed:
+            r._drain_read_only()
+            if r.is_primary:
+                self.try_send_preprepare()
+
+    def execute(self, n: int, slot: Slot, tentative: bool) -> None:
+        r = self.r
+        batch = slot.batch
+        assert batch is not None
+        try:
+            reqs = r._batch_requests(batch)
+        except DecodeError:  # only reachable with the skip-digest-check bug
+            reqs = []
+        executed = []
+        if reqs:
+            r.rs.before_execute()
+        for rfr, req in reqs:
+            c, t = req.client, req.timestamp
+            last = r.last_reply.get(c)
+            if last is not None and t <= last[0] and not r.bug_no_ts:
+                continue  # exactly-once: ordered twice, executed once
+            result = r._apply(req, batch.nondet, n)
+            r.rs.set_reply(c, t, result)
+            self.last_exec_seqno[c] = n
+            self.executed_digest[c] = rfr.digest
+            executed.append((c, t, req.op))
+            r._send_reply(req, result, tentative=tentative)
+            if r.inflight.get(c, 0) <= t:
+                r.inflight.pop(c, None)
+        self.last_exec = n
+        self.executed_requests += len(executed)
+        assert slot.digest is not None  # (an executed slot has its batch's digest)
+        self.exec_log[n] = ExecRecord(slot.digest, batch, tuple((c, t) for c, t, _ in executed))
+        r._emit(Executed(n, slot.digest, batch, tuple(executed), tentative))
+        if not tentative:
+            self.last_committed_exec = n
+            r._committed(n)
+        if n % r.K == 0:
+            d = r.state.checkpoint(n)
+            if tentative:
+                r.tentative_ckpts[n] = d
+            else:
+                r._take_checkpoint(n, d)
+
+    def rollback(self) -> None:
+        """Undo tentative executions: restore the newest checkpoint at or below the
+        last committed execution and re-execute the committed batches after it."""
+        r = self.r
+        target = self.last_committed_exec
+        base = max(s for s in r.state.seqnos() if s <= target)
+        r.state.rollback(base)
+        for k in range(base + 1, target + 1):
+            batch = self.exec_log[k].batch
+            reqs = r._batch_requests(batch)
+            if reqs:
+                r.rs.before_execute()
+            for _rfr, req in reqs:
+                last = r.last_reply.get(req.client)
+                if last is not None and req.timestamp <= last[0] and not r.bug_no_ts:
+                    continue
+                result = r._apply(req, batch.nondet, k)
+                r.rs.set_reply(req.client, req.timestamp, result)
+        for k in range(target + 1, self.last_exec + 1):
+            self.exec_log.pop(k, None)
+            r.tentative_ckpts.pop(k, None)
+        r._emit(RolledBack(target))
+        self.last_exec = target
+
