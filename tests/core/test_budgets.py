@@ -112,8 +112,8 @@ def test_fetch_answers_are_bounded_per_replica_and_interval():
     c = Cluster(clients=1)
     c.put(0, b"k", b"v" * 100)
     r0 = c.replicas[0]
-    n = max(r0.ckpts)
-    d = r0.ckpts[n]
+    n = max(r0.checkpoints.committed)
+    d = r0.checkpoints.committed[n]
     answered = 0
     for _ in range(5000):
         r0.receive(seal(Fetch(n, d, 0, 0, (), 1), c.rings[1], to=0), c.now)
@@ -187,7 +187,7 @@ def test_busy_cluster_does_not_follow_one_replica_claiming_to_be_stuck():
     c = Cluster(clients=1)
     c.put(0, b"a", b"1")
     r0 = c.replicas[0]
-    vc = ViewChange(1, 3, 0, ((0, r0.ckpts[0]),), (), ())
+    vc = ViewChange(1, 3, 0, ((0, r0.checkpoints.committed[0]),), (), ())
     for k in range(20):
         # replica 3 claims, again and again, to be changing to view 1; clients keep writing
         for i in range(3):

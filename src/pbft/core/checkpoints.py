@@ -1,12 +1,29 @@
-"""Checkpoint votes: which replica said which checkpoint digest at which sequence number.
+"""Checkpoints: ours, and which replica voted which checkpoint digest at which sequence number.
 
-Owns: the votes (replica -> {seqno: digest}), each replica's bounded to the checkpoints a log
-window holds (a Byzantine replica cannot grow them). May not touch: the replica's checkpoints,
-state or log; ``Replica._check_stable`` (the cross-area step) asks it who voted for what and acts
-on the certificates (stable checkpoint, promotion, state transfer).
+``Checkpoints`` owns our checkpoints: the digests of those taken after committed execution (each
+voted for with a Checkpoint message) and of those taken after tentative execution (voted for once
+their batches commit, or promoted by a certificate of others' votes). May not touch: the state
+(it holds the checkpoints' records), the log and the view.
+
+``CheckpointVotes`` owns the votes (replica -> {seqno: digest}), each replica's bounded to the
+checkpoints a log window holds (a Byzantine replica cannot grow them).
+
+``Replica._check_stable`` (the cross-area step) asks both and acts on the certificates: a stable
+checkpoint and garbage collection (``Replica._advance_low_water_mark``), promotion, state
+transfer.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable, Optional
+
+from ..codec import Frame
+from ..messages import Checkpoint
+from .drops import Drop
+from .events import CheckpointTaken
+
+if TYPE_CHECKING:
+    from .replica import Replica
 
 
 class CheckpointVotes:
@@ -39,3 +56,84 @@ class CheckpointVotes:
         for votes in self.votes.values():
             for k in [k for k in votes if k <= n]:
                 del votes[k]
+
+
+class Checkpoints:
+    """Our checkpoints (see the module docstring for what it owns)."""
+
+    __slots__ = ("r", "committed", "tentative")
+
+    def __init__(self, replica: "Replica", initial: bytes):
+        self.r = replica
+        # seqno -> digest of our checkpoints taken after committed execution (the state keeps a
+        # record for each, and for each tentative one: copy-on-write, see pbft.state.partition);
+        # none below the stable checkpoint
+        self.committed: dict[int, bytes] = {0: initial}
+        self.tentative: dict[int, bytes] = {}  # seqno -> digest of a checkpoint taken after tentative execution
+
+    def take_tentative(self, n: int, d: bytes) -> None:
+        """Checkpoint n, taken after executing tentatively: no vote until its batches commit."""
+        self.tentative[n] = d
+
+    def commit_tentative(self, n: int) -> None:
+        """The batches up to tentative checkpoint n committed: it is ours, vote for it."""
+        self.take(n, self.tentative.pop(n))
+
+    def discard_tentative(self, seqnos: Iterable[int]) -> None:
+        """The tentative executions that took these checkpoints were rolled back."""
+        for k in seqnos:
+            self.tentative.pop(k, None)
+
+    def discard_below(self, n: int) -> None:
+        """Checkpoint n is stable: the older checkpoints go (and the tentative ones up to n)."""
+        for k in [k for k in self.tentative if k <= n]:
+            del self.tentative[k]
+        for k in [k for k in self.committed if k < n]:
+            del self.committed[k]
+
+    def distrust(self) -> None:
+        """A recovery begins: our checkpoints are unverified until a state transfer checks them."""
+        self.tentative.clear()
+        self.committed = {}
+
+    def installed(self, n: int, d: bytes) -> None:
+        """A state transfer installed certified checkpoint (n, d): it is ours (and written)."""
+        self.tentative.clear()
+        self.committed[n] = d
+        self.r.disk.checkpoint(n, d)
+
+    def take(self, n: int, d: bytes) -> None:
+        """Checkpoint n (whose record the state already holds) is committed: vote for it."""
+        r = self.r
+        self.committed[n] = d
+        r.disk.checkpoint(n, d)
+        r._emit(CheckpointTaken(n, d, r.state.root_at(n)))
+        r.checkpoint_votes.record(r.id, n, d)
+        r._broadcast(Checkpoint(n, d, r.id))
+        r._check_stable(n)
+
+    def _ignore_checkpoint(self, m: Checkpoint) -> Optional[Drop]:
+        r = self.r
+        if m.seqno <= r.h:
+            return Drop.CHECKPOINT_OLD
+        if m.seqno % r.K != 0:
+            return Drop.CHECKPOINT_OFF_INTERVAL
+        return None
+
+    def on_checkpoint(self, m: Checkpoint, fr: Frame) -> None:
+        r = self.r
+        if (why := self._ignore_checkpoint(m)) is not None:
+            return r._drop(why)
+        assert m.seqno > r.h and m.seqno % r.K == 0
+        r.checkpoint_votes.record(m.replica, m.seqno, m.digest)
+        r._check_stable(m.seqno)
+
+    def promote(self, n: int, d: bytes) -> None:
+        """Our tentative executions up to n produced the state a correct replica checkpointed
+        after committed execution: they are the committed ones."""
+        r = self.r
+        r.log.promote(n)
+        del self.tentative[n]
+        self.take(n, d)
+        r.log.try_execute()  # later slots may have committed meanwhile: promote them too
+

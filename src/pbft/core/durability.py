@@ -229,12 +229,12 @@ def _restore_state(r: Replica, objs: dict[int, bytes], marker: Optional[Checkpoi
     st.rebuild()
     st.unpersisted = set()
     if marker is None and not state_damaged:
-        r.ckpts = {0: st.checkpoint(0)}  # never got past the initial state
+        r.checkpoints.committed = {0: st.checkpoint(0)}  # never got past the initial state
         r.h = stable[0] if stable is not None else 0
     elif marker is not None and not state_damaged and st.current_digest(marker[0]) == marker[1]:
         n, d = marker
         st.checkpoint(n)
-        r.ckpts = {n: d}
+        r.checkpoints.committed = {n: d}
         r.log.last_exec = r.log.last_committed_exec = r.log.seq_assigned = n
         # the window starts at the stable checkpoint, which may be below the state's
         # checkpoint (not yet stable) or above it (it was being fetched)
@@ -245,7 +245,7 @@ def _restore_state(r: Replica, objs: dict[int, bytes], marker: Optional[Checkpoi
         # execute nothing before a certified checkpoint has been fetched.  The log is
         # still ours: the window stays where the persisted checkpoint put it
         base = stable[0] if stable is not None else 0
-        r.ckpts = {}
+        r.checkpoints.committed = {}
         r.h = r.log.last_exec = r.log.last_committed_exec = r.log.seq_assigned = base
         r.needs_state = True
         st.unpersisted = set(range(st.n))

@@ -8,7 +8,7 @@ every batch committed), the record of each execution above the low water mark an
 
 May not touch: the request maps (it asks ``Replica`` to admit and check the requests a batch
 carries), the checkpoints and the view. A committed execution is reported to the cross-area
-steps ``Replica._committed`` (the requests it completes) and ``Replica._take_checkpoint``.
+steps ``Replica._committed`` (the requests it completes) and to ``Checkpoints``.
 """
 
 from __future__ import annotations
@@ -89,6 +89,33 @@ class Log:
         self.preprepared.clear()
         self.exec_log.clear()
         self.last_exec = self.last_committed_exec
+
+    def promote(self, n: int) -> None:
+        """Our tentative executions up to n are the committed ones (a certificate of checkpoint n
+        proves it)."""
+        r = self.r
+        for k in range(self.last_committed_exec + 1, n + 1):
+            r._committed(k)
+        self.last_committed_exec = n
+        r._emit(Promoted(n))
+
+    def discard_upto(self, n: int) -> None:
+        """Checkpoint n is stable: the log up to it goes, and the batches only it used; the
+        primary assigns sequence numbers above it."""
+        r = self.r
+        for k in [k for k in self.slots if k <= n]:
+            del self.slots[k]
+        for k in [k for k in self.prepared if k <= n]:
+            del self.prepared[k]
+        for k in [k for k in self.preprepared if k <= n]:
+            del self.preprepared[k]
+        for k in [k for k in self.exec_log if k <= n]:
+            del self.exec_log[k]
+        for d in [d for d, (_, m) in self.batches.items() if m <= n]:
+            del self.batches[d]
+            r.disk.forget_batch(d)
+        if self.seq_assigned < n:
+            self.seq_assigned = n
 
     def leave_view(self) -> None:
         """A view change: the view's slots and the pre-prepares held in it go (the certificates
@@ -417,7 +444,7 @@ class Log:
                 r._emit(Promoted(k))
                 r._committed(k)
                 if k % r.K == 0:
-                    r._take_checkpoint(k, r.tentative_ckpts.pop(k))
+                    r.checkpoints.commit_tentative(k)
                 progressed = True
             n = self.last_exec + 1
             s = self.slots.get(n)
@@ -470,9 +497,9 @@ class Log:
         if n % r.K == 0:
             d = r.state.checkpoint(n)
             if tentative:
-                r.tentative_ckpts[n] = d
+                r.checkpoints.take_tentative(n, d)
             else:
-                r._take_checkpoint(n, d)
+                r.checkpoints.take(n, d)
 
     def rollback(self) -> None:
         """Undo tentative executions: restore the newest checkpoint at or below the
@@ -494,7 +521,7 @@ class Log:
                 r.rs.set_reply(req.client, req.timestamp, result)
         for k in range(target + 1, self.last_exec + 1):
             self.exec_log.pop(k, None)
-            r.tentative_ckpts.pop(k, None)
+        r.checkpoints.discard_tentative(range(target + 1, self.last_exec + 1))
         r._emit(RolledBack(target))
         self.last_exec = target
 

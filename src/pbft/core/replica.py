@@ -56,10 +56,10 @@ from .status import StatusExchange
 from .recovery import ProactiveRecovery, RecoveryRun
 from .normal_case import Log
 from .view_change import Decision, ViewChanges
-from .checkpoints import CheckpointVotes
+from .checkpoints import Checkpoints, CheckpointVotes
 from .drops import Count, Drop
 from .events import (
-    CheckpointMismatch, CheckpointTaken, Event, FetchStarted, NewViewInstalled, Promoted, ServiceException, Stable,
+    CheckpointMismatch, Event, FetchStarted, NewViewInstalled, ServiceException, Stable,
     StateTransferred, ViewChangeStarted,
 )
 
@@ -153,8 +153,7 @@ class Replica:
         # checkpoints
         # seqno -> digest of committed checkpoints (the state keeps a record for each, and
         # for each tentative one: copy-on-write, see pbft.state.partition)
-        self.ckpts: dict[int, bytes] = {0: self.state.checkpoint(0)}
-        self.tentative_ckpts: dict[int, bytes] = {}  # seqno -> digest of a checkpoint taken tentatively
+        self.checkpoints = Checkpoints(self, self.state.checkpoint(0))  # ours, committed and tentative
         self.checkpoint_votes = CheckpointVotes(self.L, self.K)  # who voted for which checkpoint
         self.transfer = StateTransfer(self)  # state transfer: fetching and serving checkpoints
         self.needs_state = False  # restored from a damaged store: execute nothing before a transfer
@@ -224,8 +223,7 @@ class Replica:
         certified checkpoint has checked them), then the estimation starts."""
         self.now = now
         self.log.distrust()
-        self.tentative_ckpts.clear()
-        self.ckpts = {}
+        self.checkpoints.distrust()
         self.state.discard_all()
         self.state.unpersisted = set(range(self.state.n))
         self.needs_state = True
@@ -877,32 +875,9 @@ class Replica:
             self.vc.reset_timeout()
         self._arm_request_timer()
 
-    def _take_checkpoint(self, n: int, d: bytes) -> None:
-        """Checkpoint n (whose record the state already holds) is committed: vote for it."""
-        self.ckpts[n] = d
-        self.disk.checkpoint(n, d)
-        self._emit(CheckpointTaken(n, d, self.state.root_at(n)))
-        self.checkpoint_votes.record(self.id, n, d)
-        self._broadcast(Checkpoint(n, d, self.id))
-        self._check_stable(n)
-
     # =====================================================================
     # checkpoints, garbage collection, state transfer
     # =====================================================================
-    def _ignore_checkpoint(self, m: Checkpoint) -> Optional[Drop]:
-        if m.seqno <= self.h:
-            return Drop.CHECKPOINT_OLD
-        if m.seqno % self.K != 0:
-            return Drop.CHECKPOINT_OFF_INTERVAL
-        return None
-
-    def on_checkpoint(self, m: Checkpoint, fr: Frame) -> None:
-        if (why := self._ignore_checkpoint(m)) is not None:
-            return self._drop(why)
-        assert m.seqno > self.h and m.seqno % self.K == 0
-        self.checkpoint_votes.record(m.replica, m.seqno, m.digest)
-        self._check_stable(m.seqno)
-
     def _check_stable(self, n: int) -> None:
         if n <= self.h:
             return
@@ -919,8 +894,8 @@ class Replica:
                 # a correct replica is past our whole window, or replicas of weak weight have
                 # discarded the log up to n (nobody will resend what we lack there): catch up to
                 # checkpoint n, which a correct replica computed from committed requests
-                if self.log.last_exec >= n and self.tentative_ckpts.get(n) == d:
-                    self._promote(n, d)  # our tentative executions up to n are the committed ones
+                if self.log.last_exec >= n and self.checkpoints.tentative.get(n) == d:
+                    self.checkpoints.promote(n, d)  # our tentative executions up to n are the committed ones
                     return
                 if self.log.last_exec > self.log.last_committed_exec:
                     self.log.rollback()
@@ -928,10 +903,10 @@ class Replica:
                 return
 
     def _on_stable_certificate(self, n: int, d: bytes) -> None:
-        own = self.ckpts.get(n)
-        if own is None and self.tentative_ckpts.get(n) == d and self.log.last_exec >= n:
+        own = self.checkpoints.committed.get(n)
+        if own is None and self.checkpoints.tentative.get(n) == d and self.log.last_exec >= n:
             # the certificate proves everything up to n committed: promote
-            self._promote(n, d)
+            self.checkpoints.promote(n, d)
             return
         if own is not None and own != d:
             self._emit(CheckpointMismatch(n, own, d))
@@ -943,17 +918,6 @@ class Replica:
             self._advance_low_water_mark(n, d)
             self._start_fetch(n, d)
 
-    def _promote(self, n: int, d: bytes) -> None:
-        """Our tentative executions up to n produced the state a correct replica checkpointed
-        after committed execution: they are the committed ones."""
-        for k in range(self.log.last_committed_exec + 1, n + 1):
-            self._committed(k)
-        self.log.last_committed_exec = n
-        self._emit(Promoted(n))
-        del self.tentative_ckpts[n]
-        self._take_checkpoint(n, d)
-        self.log.try_execute()  # later slots may have committed meanwhile: promote them too
-
     def _advance_low_water_mark(self, n: int, d: bytes) -> None:
         """Checkpoint (n, d) is stable (or certified): discard the log up to it."""
         if n <= self.h:
@@ -961,29 +925,14 @@ class Replica:
         self.disk.gc(self.h, min(n, self.h + self.L), n, d)
         self.h = n
         self._emit(Stable(n))
-        for k in [k for k in self.log.slots if k <= n]:
-            del self.log.slots[k]
-        for k in [k for k in self.log.prepared if k <= n]:
-            del self.log.prepared[k]
-        for k in [k for k in self.log.preprepared if k <= n]:
-            del self.log.preprepared[k]
-        for k in [k for k in self.log.exec_log if k <= n]:
-            del self.log.exec_log[k]
-        for k in [k for k in self.tentative_ckpts if k <= n]:
-            del self.tentative_ckpts[k]
-        for k in [k for k in self.ckpts if k < n]:
-            del self.ckpts[k]
+        self.checkpoints.discard_below(n)
         self.state.discard_below(n)
-        for d in [d for d, (_, m) in self.log.batches.items() if m <= n]:
-            del self.log.batches[d]
-            self.disk.forget_batch(d)
+        self.log.discard_upto(n)
         self.checkpoint_votes.discard_upto(n)
         if self.recovery_points:
             self.recovery.prune_points()
         if self.recovering is not None:
             self.recovery.check_done()
-        if self.log.seq_assigned < n:
-            self.log.seq_assigned = n
         if self.is_primary:
             self.log.try_send_preprepare()
 
@@ -1005,9 +954,7 @@ class Replica:
         self.state.checkpoint(n)
         self.needs_state = False
         self.log.jump_to(n)
-        self.tentative_ckpts.clear()
-        self.ckpts[n] = d
-        self.disk.checkpoint(n, d)
+        self.checkpoints.installed(n, d)
         self._emit(StateTransferred(n, d, self.state.root_at(n)))
         for c in [c for c, ri in self.pending.items() if ri.req.timestamp <= self.last_reply.get(c, (0,))[0]]:
             del self.pending[c]
@@ -1093,7 +1040,7 @@ class Replica:
         # kept only up to the old window's end, which moving to checkpoint s may discard
         chosen_batches = {dg: self.log.batch_for(dg) for _, dg in dec.chosen}
         if s > self.h:
-            if self.ckpts.get(s) != d:
+            if self.checkpoints.committed.get(s) != d:
                 self._start_fetch(s, d)
             self._installing = True  # no pre-prepare before the re-proposals are in place
             try:
@@ -1126,7 +1073,7 @@ class Replica:
             PrePrepare: self.log.on_preprepare,
             Prepare: self.log.on_prepare,
             Commit: self.log.on_commit,
-            Checkpoint: self.on_checkpoint,
+            Checkpoint: self.checkpoints.on_checkpoint,
             Status: self.on_status,
             ViewChange: vc.on_view_change,
             ViewChangeAck: vc.on_view_change_ack,

@@ -137,11 +137,11 @@ class StateTransfer:
     def on_fetch(self, m: Fetch) -> None:
         r = self.r
         n = m.seqno
-        if r.ckpts.get(n) != m.digest or not r.state.has(n):
+        if r.checkpoints.committed.get(n) != m.digest or not r.state.has(n):
             r._drop(Drop.FETCH_UNKNOWN_CHECKPOINT)
             # tell the requester about our newer stable checkpoint, if any
-            if r.h > n and r.h in r.ckpts:
-                r._send_to(m.replica, seal(Checkpoint(r.h, r.ckpts[r.h], r.id), r.keys))
+            if r.h > n and r.h in r.checkpoints.committed:
+                r._send_to(m.replica, seal(Checkpoint(r.h, r.checkpoints.committed[r.h], r.id), r.keys))
             return
         st = r.state
         if not m.want:

@@ -115,8 +115,8 @@ class StatusExchange:
                 return
         # our checkpoint votes above the peer's stable one (the stable one that lets it move on,
         # and votes it may have lost: after a restart they are what makes the next one stable)
-        for n in sorted(k for k in r.ckpts if k > s.stable_seqno):
-            r._send_to(j, seal(Checkpoint(n, r.ckpts[n], r.id), r.keys))
+        for n in sorted(k for k in r.checkpoints.committed if k > s.stable_seqno):
+            r._send_to(j, seal(Checkpoint(n, r.checkpoints.committed[n], r.id), r.keys))
         if s.view != r.view or not r.view_active or not s.view_active:
             return
         self._resend_log(j, s.last_executed)

@@ -183,7 +183,7 @@ class ViewChanges:
                                    for d, qv in q.items()))
         if r.bug_drop_prepared:
             prepared, preprepared = (), ()
-        ckpts = tuple(sorted((s, cd) for s, cd in r.ckpts.items() if s >= h))
+        ckpts = tuple(sorted((s, cd) for s, cd in r.checkpoints.committed.items() if s >= h))
         vc = ViewChange(v, r.id, h, ckpts, prepared, preprepared)
         raw = r._broadcast(vc)
         self.mine_raw = raw

@@ -777,7 +777,7 @@ class ReplicaNode:
             "last_executed": r.last_exec,
             "last_committed": r.last_committed_exec,
             "stable_checkpoint": r.h,
-            "stable_digest": r.ckpts[r.h].hex() if r.h in r.ckpts else None,
+            "stable_digest": r.checkpoints.committed[r.h].hex() if r.h in r.checkpoints.committed else None,
             "executed_requests": r.log.executed_requests,
             "view_changes": self.view_changes,
             "internal_errors": self.internal_errors,

@@ -470,7 +470,8 @@ class ClaimStuck(Behaviour):
         node = self.node
         v = max(node.view, max((self.sim.replicas[r].view for r in self.sim.correct), default=0)) + 1
         self.extra.append((self.others, self.seal(Status(v, False, node.h, node.last_committed_exec, self.rid, b""))))
-        vc = ViewChange(v, self.rid, node.h, ((node.h, node.ckpts[node.h]),) if node.h in node.ckpts else (), (), ())
+        ck = node.checkpoints.committed
+        vc = ViewChange(v, self.rid, node.h, ((node.h, ck[node.h]),) if node.h in ck else (), (), ())
         self.extra.append((self.others, self.seal(vc)))
 
 
@@ -532,7 +533,8 @@ class ViewStorm(Behaviour):
         if self.rng.random() < 0.3:
             node = self.node
             self.v = max(self.v, node.view) + self.rng.randint(1, 1000)
-            vc = ViewChange(self.v, self.rid, node.h, ((node.h, node.ckpts[node.h]),) if node.h in node.ckpts else (),
+            ck = node.checkpoints.committed
+            vc = ViewChange(self.v, self.rid, node.h, ((node.h, ck[node.h]),) if node.h in ck else (),
                             (), ())
             self.extra.append((self.others, self.seal(vc)))
 

@@ -182,7 +182,7 @@ class Oracles:
             self.violation(f"P5 replica {r} executed past its high water mark")
         if max(len(rep.queue), len(rep.pending), len(rep.ro_queue), len(rep.known)) > self.pending_max:
             self.violation(f"R1 replica {r} request queues unbounded")
-        if len(rep.ckpts) > L // self.K + 2 or len(rep.log.exec_log) > L:
+        if len(rep.checkpoints.committed) > L // self.K + 2 or len(rep.log.exec_log) > L:
             self.violation(f"R1 replica {r} checkpoint store or execution log unbounded")
         if rep.view != self.view[r] and rep.view < self.view[r]:
             self.violation(f"P5 replica {r} view decreased")
