@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo lint test test-fast sim bench clean
+.PHONY: install demo lint test test-fast sim bench native clean
 
 install: $(STAMP)
 
@@ -40,5 +40,10 @@ sim: install
 bench: install
 	$(PY) benchmarks/mac_bench.py
 
+# The pure layers and the core compiled with mypyc into .native/ (not the source tree). pbft uses
+# them only while they match the sources (`pbft native` tells); PBFT_NATIVE=0 runs the pure modules.
+native: install
+	$(PY) tools/build_native.py
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build .native src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -16,9 +16,15 @@ Cluster`` gives the hand-driven cluster.
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from helpers.impls import STORES
+# The pure modules unless PBFT_NATIVE is set: a build of `make native` is not part of the test
+# run (yet); `PBFT_NATIVE=1 pytest ...` runs the tests against it (replica processes included).
+os.environ.setdefault("PBFT_NATIVE", "0")
+
+import pytest  # noqa: E402
+
+from helpers.impls import STORES  # noqa: E402
 
 
 def pytest_addoption(parser):

@@ -10,8 +10,12 @@ The networked pieces are imported lazily so that the pure core and the
 simulator do not need the runtime's dependencies.
 """
 
-from .config import ConfigError
-from .service import Service
+from . import _native
+
+_native.activate()  # the compiled modules of `make native` if they match the sources (before any of them)
+
+from .config import ConfigError  # noqa: E402
+from .service import Service  # noqa: E402
 
 __all__ = ["Service", "Client", "BlockingClient", "ClientPool", "NoQuorumError", "PbftError", "ConfigError"]
 

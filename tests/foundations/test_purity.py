@@ -28,7 +28,7 @@ import pbft
 SRC = pathlib.Path(pbft.__file__).parent
 
 LAYERS = [
-    {"messages", "config", "crypto", "digests"},
+    {"_native", "messages", "config", "crypto", "digests"},  # _native: the compiled modules' finder
     {"codec"},
     {"state", "service"},
     {"core"},

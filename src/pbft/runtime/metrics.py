@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Optional
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from .._native import status as native_status
+
 if TYPE_CHECKING:  # pragma: no cover
     from .node import ReplicaNode
 
@@ -79,6 +81,8 @@ class ReplicaMetrics:
         yield gauge("pbft_stable_checkpoint_seqno", "Sequence number of the last stable checkpoint", r.h)
         yield counter("pbft_checkpoints_stable", "Checkpoints that became stable", self.stable_checkpoints)
         yield gauge("pbft_view", "Current view", r.view)
+        yield gauge("pbft_native", "1 if this process runs the compiled modules of make native (pbft native)",
+                    1 if native_status()["active"] else 0)
         yield gauge("pbft_is_primary", "1 if this replica is the primary of its view", 1 if r.is_primary else 0)
         yield gauge("pbft_view_active", "1 if the view is active (not in a view change)", 1 if r.view_active else 0)
         yield counter("pbft_view_changes", "View changes started by this replica", node.view_changes)

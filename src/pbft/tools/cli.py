@@ -183,6 +183,19 @@ def cmd_demo(args) -> int:
     return run_live_demo(phase_s=args.phase_seconds, keep=args.keep)
 
 
+def cmd_native(args) -> int:
+    from .._native import status
+
+    st = status()
+    if args.json:
+        print(json.dumps(st))
+    elif st["active"]:
+        print(f"native: active, {len(st['modules'])} compiled modules from {st['dir']}")
+    else:
+        print(f"native: not used ({st['reason']}); the pure modules run")
+    return 0 if st["active"] else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="pbft", description="Practical Byzantine Fault Tolerance")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -211,6 +224,10 @@ def main(argv=None) -> int:
     d.add_argument("--phase-seconds", type=float, default=4.0, help="length of each phase of the live demo")
     d.add_argument("--keep", action="store_true", help="keep the cluster directory and replica logs")
     d.set_defaults(func=cmd_demo)
+    nat = sub.add_parser("native", help="whether the compiled modules of `make native` run here, and why not "
+                         "(exit 1 if not)")
+    nat.add_argument("--json", action="store_true")
+    nat.set_defaults(func=cmd_native)
     from .net import add_commands, run_guarded
 
     add_commands(sub)

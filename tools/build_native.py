@@ -1,0 +1,261 @@
+#!/usr/bin/env python3
+"""Compile pbft's pure layers with mypyc into ``.native/`` (``make native``).
+
+    .venv/bin/python tools/build_native.py [--out DIR] [--pure-only] [--jobs N] [--check]
+
+The same source files, compiled: messages, digests, the codec, crypto, the replicated state
+(``state/``) and the protocol core (``core/``, but ``core/events.py`` and the packages'
+``__init__`` files, which stay interpreted). The result goes into a directory outside the
+source tree (default ``.native/`` at the top of the repository, which ``pbft`` looks at; any
+other needs ``PBFT_NATIVE_DIR``)::
+
+    .native/manifest.json         what was built, from which sources (SHA-256 of each)
+    .native/lib-<stamp>/pbft/...  the extension modules and the group's shared library
+                                  (``pbft_native__mypyc``: a fixed name, served by pbft's
+                                  import finder like the modules, never on sys.path)
+    .native/build/                C sources, objects, mypy cache (kept for faster rebuilds)
+
+A new build is written beside the old one and made current by replacing the manifest in one
+step; running processes keep the files they mapped. ``pbft`` uses the build only while every
+source in the manifest hashes as recorded (``src/pbft/_native.py``); ``--check`` prints
+whether it would.
+
+This script does not import ``pbft`` (importing it would consult the build being replaced).
+It runs mypy with a configuration of its own: the repository's (``warn_unused_configs`` with a
+section for the untyped ``lmdb``) makes mypyc stop with only a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import importlib.machinery
+import json
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SRC = os.path.join(ROOT, "src")
+PKG = os.path.join(SRC, "pbft")
+GROUP = "pbft_native"  # the shared library is the top-level module pbft_native__mypyc
+
+PURE_LAYERS = ["messages.py", "digests.py", "codec.py", "crypto.py",
+               "state/objects.py", "state/partition.py", "state/replica_state.py"]
+# core/events.py stays interpreted: mypyc rejects its dataclass subclasses (a ClassVar ``kind``
+# after defaulted fields of the base: "non-default argument follows default argument").
+CORE_EXCLUDED = {"__init__.py", "events.py"}
+
+MYPY_INI = """\
+[mypy]
+python_version = 3.11
+mypy_path = {src}
+cache_dir = {cache}
+ignore_missing_imports = True
+disable_error_code = annotation-unchecked
+"""
+
+
+def core_modules() -> list[str]:
+    return sorted(f"core/{f}" for f in os.listdir(os.path.join(PKG, "core"))
+                  if f.endswith(".py") and f not in CORE_EXCLUDED)
+
+
+def sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def module_of(rel: str) -> str:
+    """'core/replica.py' -> 'pbft.core.replica'."""
+    parts = rel[:-3].split("/")
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(["pbft", *parts])
+
+
+def file_of(module: str) -> str | None:
+    """'pbft.core.replica' -> 'core/replica.py' (or the package's __init__), None if not ours."""
+    parts = module.split(".")
+    if parts[0] != "pbft":
+        return None
+    rel = "/".join(parts[1:])
+    for cand in (f"{rel}.py", f"{rel}/__init__.py" if rel else "__init__.py"):
+        if os.path.isfile(os.path.join(PKG, cand)):
+            return cand
+    return None
+
+
+def _top_level(body: list[ast.stmt]) -> list[ast.stmt]:
+    """The statements of a module body outside functions and classes (into if/try blocks, so
+    ``if TYPE_CHECKING:`` imports count)."""
+    out: list[ast.stmt] = []
+    for st in body:
+        out.append(st)
+        if isinstance(st, (ast.If, ast.Try)):
+            for part in (st.body, st.orelse, getattr(st, "handlers", []), getattr(st, "finalbody", [])):
+                for x in part:
+                    out.extend(_top_level(x.body) if isinstance(x, ast.ExceptHandler) else _top_level([x]))
+    return out
+
+
+def imports_of(rel: str, everywhere: bool) -> set[str]:
+    """The modules a source file imports: anywhere in it for a compiled file, at its top level
+    only for one that stays interpreted (only the types of what it defines matter then)."""
+    with open(os.path.join(PKG, rel), "rb") as f:
+        tree = ast.parse(f.read(), rel)
+    me = module_of(rel).split(".")
+    pkg = me if rel.endswith("__init__.py") else me[:-1]
+    nodes = list(ast.walk(tree)) if everywhere else _top_level(tree.body)
+    found: set[str] = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = pkg[:len(pkg) - node.level + 1] if node.level else []
+            mod = ".".join(base + (node.module.split(".") if node.module else []))
+            for a in node.names:  # `from . import x` names a module, `from .m import x` a name in m
+                found.add(f"{mod}.{a.name}" if file_of(f"{mod}.{a.name}") else mod)
+    return found
+
+
+def source_closure(compiled: list[str]) -> list[str]:
+    """The compiled files and every pbft source whose types they may rely on: what they import,
+    transitively."""
+    seen: set[str] = set()
+    todo = list(compiled)
+    while todo:
+        rel = todo.pop()
+        if rel in seen:
+            continue
+        seen.add(rel)
+        for m in imports_of(rel, rel in compiled):
+            f = file_of(m)
+            if f is not None and f not in seen:
+                todo.append(f)
+    return sorted(seen)
+
+
+def parallel_compile(jobs: int) -> None:
+    """Compile the C files of one extension in ``jobs`` threads (distutils does them one by
+    one; the group's library has one file per module with ``multi_file``)."""
+    if jobs <= 1:
+        return
+    from setuptools._distutils import ccompiler
+
+    def compile(self, sources, output_dir=None, macros=None, include_dirs=None, debug=0,
+                extra_preargs=None, extra_postargs=None, depends=None):
+        macros, objects, extra_postargs, pp_opts, build = self._setup_compile(
+            output_dir, macros, include_dirs, sources, depends, extra_postargs)
+        cc_args = self._get_cc_args(pp_opts, debug, extra_preargs)
+
+        def one(obj):
+            src, ext = build[obj]
+            self._compile(obj, src, ext, cc_args, extra_postargs, pp_opts)
+
+        with ThreadPoolExecutor(jobs) as ex:
+            list(ex.map(one, [o for o in objects if o in build]))
+        return objects
+
+    ccompiler.CCompiler.compile = compile
+
+
+def build(out: str, rels: list[str], jobs: int, multi_file: bool, verbose: bool) -> dict:
+    from mypyc.build import mypycify
+    from setuptools import setup
+
+    work = os.path.join(out, "build")
+    os.makedirs(work, exist_ok=True)
+    ini = os.path.join(work, "mypy.ini")
+    with open(ini, "w") as f:
+        f.write(MYPY_INI.format(src=SRC, cache=os.path.join(work, "mypy_cache")))
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
+    lib = f"lib-{stamp}"
+    libdir = os.path.join(out, lib)
+    closure = source_closure(rels)
+    before = {r: sha256(os.path.join(PKG, r)) for r in closure}
+    t0 = time.monotonic()
+    cwd = os.getcwd()
+    os.chdir(work)  # mypyc writes its C files relative to the current directory
+    try:
+        parallel_compile(jobs)
+        exts = mypycify(["--config-file", ini, *[os.path.join(PKG, r) for r in rels]],
+                        opt_level="3", debug_level="1", group_name=GROUP, multi_file=multi_file,
+                        target_dir=os.path.join(work, "c"))
+        args = ["build_ext", "--build-lib", libdir, "--build-temp", os.path.join(work, "obj")]
+        if jobs > 1:
+            args += ["--parallel", str(jobs)]
+        setup(name="pbft-native", ext_modules=exts, script_args=args + ([] if verbose else ["-q"]))
+    finally:
+        os.chdir(cwd)
+    seconds = time.monotonic() - t0
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    modules = {module_of(r): f"pbft/{r[:-3]}{suffix}" for r in rels}
+    modules[GROUP + "__mypyc"] = GROUP + "__mypyc" + suffix
+    for name, rel in modules.items():
+        if not os.path.isfile(os.path.join(libdir, rel)):
+            raise SystemExit(f"build_native: {name} was not built ({rel} missing)")
+    import mypy.version
+
+    after = {r: sha256(os.path.join(PKG, r)) for r in source_closure(rels)}
+    if after != before:
+        changed = sorted(set(after.items()) ^ set(before.items()))
+        shutil.rmtree(libdir, ignore_errors=True)
+        raise SystemExit(f"build_native: sources changed during the build ({changed[0][0]}): run it again")
+    return {
+        "format": 1,
+        "ext_suffix": suffix,
+        "python": sys.version.split()[0],
+        "mypy": mypy.version.__version__,
+        "built_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "compile_seconds": round(seconds, 1),
+        "jobs": jobs,
+        "lib": lib,
+        "modules": modules,
+        "sources": before,
+    }
+
+
+def install(out: str, manifest: dict) -> None:
+    tmp = os.path.join(out, f".manifest-{os.getpid()}.json")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(out, "manifest.json"))
+    for d in os.listdir(out):  # older builds: a process still running one keeps its mapped files
+        if d.startswith("lib-") and d != manifest["lib"]:
+            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="build_native.py", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=os.path.join(ROOT, ".native"), help="build directory (default .native/)")
+    p.add_argument("--pure-only", action="store_true", help="compile the pure layers only, not core/")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel C compilations")
+    p.add_argument("--single-file", action="store_true",
+                   help="the group's library as one C file (slower to build, no parallel compilation)")
+    p.add_argument("--check", action="store_true", help="only say whether the current build would be used")
+    p.add_argument("--verbose", action="store_true")
+    a = p.parse_args(argv)
+    out = os.path.abspath(a.out)
+    if a.check:
+        sys.path.insert(0, PKG)  # _native.py alone, without importing the package
+        import _native  # type: ignore[import-not-found]
+
+        files, reason = _native.check(out)
+        print(reason)
+        return 0 if files is not None else 1
+    rels = PURE_LAYERS + ([] if a.pure_only else core_modules())
+    os.makedirs(out, exist_ok=True)
+    manifest = build(out, rels, max(1, a.jobs), not a.single_file, a.verbose)
+    install(out, manifest)
+    print(f"build_native: {len(rels)} modules compiled in {manifest['compile_seconds']} s "
+          f"({a.jobs} jobs) into {os.path.join(out, manifest['lib'])}; "
+          f"{len(manifest['sources'])} sources in the manifest")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
