@@ -267,7 +267,7 @@ class Codec:
         self.frame_max = cfg.message_size_bytes_max
 
     # -- outer frame ----------------------------------------------------------
-    def open_frame(self, raw: bytes) -> Frame:
+    def open_frame(self, raw: object) -> Frame:  # object: the check below, not a TypeError, when compiled
         """Split and check the outer frame. Does not verify MACs (see ``KeyRing.verify``)."""
         if type(raw) is not bytes:
             raise DecodeError("not-bytes")

@@ -115,7 +115,7 @@ class Client:
         out, self.done = self.done, []
         return out
 
-    def receive(self, raw: bytes, now: float) -> None:
+    def receive(self, raw: object, now: float) -> None:  # object: see Codec.open_frame
         self.now = now
         try:
             fr = self.codec.open_frame(raw)

@@ -293,7 +293,7 @@ class Replica:
             "a NewView pending for the active view"
         assert not self.out or self.out[-1][0], "a send without destinations"
 
-    def receive(self, raw: bytes, now: float, relayed: bool = False) -> None:
+    def receive(self, raw: object, now: float, relayed: bool = False) -> None:  # object: see Codec.open_frame
         """Handle one frame from the network. Never raises on bad input.
 
         ``relayed``: the driver knows the frame did not come from its sender itself (a replica
