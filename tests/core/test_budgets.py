@@ -16,6 +16,7 @@ from pbft.messages import (ALL_REPLICAS, RECOVERY_OP, Fetch, Request, Status, Vi
 from pbft.services.kv import encode_op
 from pbft.sim.simulator import SimConfig, Simulation
 from pbft.core.events import ViewChangeStarted
+from pbft.core.requests import Requests
 from pbft.core.view_change import ViewChanges
 
 
@@ -40,25 +41,26 @@ def test_unknown_vouches_are_bounded_per_replica_and_never_evict_others():
     for _ in range(20):  # (one per status interval: within its budget, see the test below)
         t += c.cfg.status_interval_ms
         r0.receive(seal(Vouch(1, tuple(os.urandom(32) for _ in range(1000))), c.rings[1]), t)
-    assert len(r0.vouch_unknown[1]) == r0.vouch_unknown_max
-    assert r0.drops["vouch-unknown-dropped"] == 20 * 1000 - r0.vouch_unknown_max
-    assert len(r0.vouches) <= 2 + r0.vouch_unknown_max
-    assert r0.vouches[genuine] == {2}  # replica 1's flood did not evict replica 2's vouch
+    assert len(r0.requests.vouch_unknown[1]) == r0.requests.vouch_unknown_max
+    assert r0.drops["vouch-unknown-dropped"] == 20 * 1000 - r0.requests.vouch_unknown_max
+    assert len(r0.requests.vouches) <= 2 + r0.requests.vouch_unknown_max
+    assert r0.requests.vouches[genuine] == {2}  # replica 1's flood did not evict replica 2's vouch
     # the same keys again cost a lookup each and are counted
-    keys = tuple(r0.vouch_unknown[1])[:100]
+    keys = tuple(r0.requests.vouch_unknown[1])[:100]
     r0.receive(seal(Vouch(1, keys), c.rings[1]), t + c.cfg.status_interval_ms)
     assert r0.drops["vouch-duplicate"] == 1
 
 
-def test_a_vouch_rechecks_only_the_held_preprepares_it_can_unblock():
+def test_a_vouch_rechecks_only_the_held_preprepares_it_can_unblock(monkeypatch):
     c = Cluster(clients=1)
     client = c.cfg.n
     # the request's MAC for replica 1 is wrong: replica 1 holds the pre-prepare until f+1 vouch
     req, raw = request_frame(c, client, 1, encode_op("put", b"k", b"v"), bad_for=(1,))
     r1 = c.replicas[1]
     checks = []
-    orig = r1._check_batch
-    r1._check_batch = lambda *a, **kw: checks.append(1) or orig(*a, **kw)
+    orig = Requests.check_batch
+    monkeypatch.setattr(Requests, "check_batch",
+                        lambda rq, *a, **kw: (checks.append(1) if rq is r1.requests else None) or orig(rq, *a, **kw))
     # only the primary gets the request, and nobody's vouches reach replica 1 yet
     c.drop = lambda src, dst, m: dst == 1 and m[1] in (15, 4)  # Vouch, Prepare
     c.net.append((client, 0, raw))
@@ -134,16 +136,16 @@ def test_recovery_requests_of_one_replica_are_admitted_once_per_interval():
     r0 = c.replicas[1]
     interval = c.cfg.view_change_timeout_ms / 2
     r0.receive(recovery_request(c, 3, 1000), 0.0)
-    assert 3 in r0.known
+    assert 3 in r0.requests.known
     for t in range(1001, 1100):
         r0.receive(recovery_request(c, 3, t), 1.0)
     assert r0.drops["recovery-request-rate-limited"] == 99
-    assert r0.known[3].req.timestamp == 1000
+    assert r0.requests.known[3].req.timestamp == 1000
     # its retransmission is always taken in; a new one after the interval too
     r0.receive(recovery_request(c, 3, 1000), 2.0)
     assert r0.drops["recovery-request-rate-limited"] == 99
     r0.receive(recovery_request(c, 3, 2000), interval + 1.0)
-    assert r0.known[3].req.timestamp == 2000
+    assert r0.requests.known[3].req.timestamp == 2000
 
 
 def test_a_newer_recovery_request_waiting_at_a_backup_is_folded_into_the_one_executed():
@@ -157,7 +159,7 @@ def test_a_newer_recovery_request_waiting_at_a_backup_is_folded_into_the_one_exe
     c.advance(50.0)
     executed = [ev for ev in c.of_kind("recovery-request", 2)]
     assert executed and executed[0].replica == 3
-    assert 3 not in c.replicas[2].pending and 3 not in c.replicas[2].known
+    assert 3 not in c.replicas[2].requests.pending and 3 not in c.replicas[2].requests.known
     c.advance(3 * c.cfg.view_change_timeout_ms)
     assert all(r.view == 0 and r.view_active for r in c.replicas)
 
@@ -239,7 +241,7 @@ def test_vouch_status_and_query_stable_budgets_per_sender_before_parsing():
     # another replica's vouches are not affected, and the next interval has a new budget
     genuine = os.urandom(32)
     r0.receive(seal(Vouch(2, (genuine,)), c.rings[2]), 0.0)
-    assert r0.vouches[genuine] == {2}
+    assert r0.requests.vouches[genuine] == {2}
     r0.receive(big[0], c.cfg.status_interval_ms)
     assert r0.drops["vouch-over-budget"] == 20 - limit // len(big[0])
     for i in range(20):

@@ -305,14 +305,14 @@ def test_request_timer_watches_a_clients_newest_request(supersede):
     for r in c.replicas[1:]:
         r.receive(first, c.now)
     c.run()
-    assert all(cid in r.pending for r in c.replicas[1:])
+    assert all(cid in r.requests.pending for r in c.replicas[1:])
     if supersede:
         vouches[0] = False
         newer = seal(Request(cid, 2, encode_op("put", b"a", b"2"), False, 0), c.rings[cid])
         for r in c.replicas[1:]:
             r.receive(newer, c.now)
         c.run()
-        assert not any(cid in r.pending for r in c.replicas[1:])
+        assert not any(cid in r.requests.pending for r in c.replicas[1:])
     c.advance(3 * c.cfg.view_change_timeout_ms)
     timed_out = [r for r, ev in c.events if ev.kind == "view-change" and ev.reason == "request-timer"]
     if supersede:

@@ -40,7 +40,7 @@ def test_request_timestamp_beyond_the_skew_window_is_refused_and_the_identity_co
     assert all(r.last_exec == 0 for r in c.replicas), "nothing ordered"
     assert all(r.last_reply.get(c.cfg.client_ids[0]) is None for r in c.replicas)
     assert _drops(c, "request-future-timestamp") == [2] * 4
-    assert not any(r.vouch_out for r in c.replicas), "nobody vouches for it"
+    assert not any(r.requests.vouch_out for r in c.replicas), "nobody vouches for it"
     # the genuine client's ordinary timestamps (1, 2, ...) still work
     assert c.put(0, b"k", b"good") == ("ok", True)
     assert c.get(0, b"k") == ("ok", b"good")
@@ -103,9 +103,9 @@ def test_bad_mac_makes_a_client_suspect_only_when_it_came_from_the_client():
     forged = seal(Request(cid, 5, encode_op("put", b"k", b"v"), False, 0), wrong)
     r = c.replicas[0]
     r.receive(forged, c.now, relayed=True)  # a replica forwarded it: no evidence against the client
-    assert r.drops["bad-mac"] == 1 and cid not in r.suspects
+    assert r.drops["bad-mac"] == 1 and cid not in r.requests.suspects
     r.receive(forged, c.now)  # from the client's own connection
-    assert cid in r.suspects
+    assert cid in r.requests.suspects
 
 
 def test_simulated_clients_are_never_refused_for_their_timestamps():

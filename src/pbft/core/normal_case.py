@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, NamedTuple, Optional
 
 from ..codec import (
-    BATCH_OVERHEAD_BYTES, NONDET_SIZE_BYTES_MAX, NULL_BATCH_DIGEST, DecodeError, Frame,
+    NULL_BATCH_DIGEST, DecodeError, Frame,
     batch_digest_from_request_digests,
 )
 from ..messages import NULL_BATCH, Batch, Commit, PrePrepare, Prepare
@@ -25,7 +25,7 @@ from .drops import HOLDABLE, Drop
 from .events import Committed, Executed, PrePrepared, PrePrepareSent, Prepared, Promoted, RolledBack
 
 if TYPE_CHECKING:
-    from .replica import Replica, ReqInfo
+    from .replica import Replica
     from .view_change import Decision
 
 
@@ -117,6 +117,16 @@ class Log:
         if self.seq_assigned < n:
             self.seq_assigned = n
 
+    def restart(self) -> None:
+        """After a crash: the held pre-prepares were volatile."""
+        self.held.clear()
+        self.held_keys.clear()
+
+    def unblock(self, key: bytes) -> set[int]:
+        """Vouch key ``key`` is certified: the held pre-prepares that waited for it (no longer
+        indexed by it)."""
+        return self.held_keys.pop(key)
+
     def leave_view(self) -> None:
         """A view change: the view's slots and the pre-prepares held in it go (the certificates
         stay: our ViewChange reports them)."""
@@ -191,38 +201,16 @@ class Log:
         r = self.r
         cfg = r.cfg
         while (r.view_active and r.is_primary and not r._installing
-               and (r.queue or r.recovery.null_goal() > self.seq_assigned)
+               and (r.requests.queue or r.recovery.null_goal() > self.seq_assigned)
                and self.seq_assigned + 1 <= r.h + r.L
                and self.seq_assigned - self.last_exec < cfg.batches_in_flight_max
                and r.fetch_target is None and r.recovering is None and not r.needs_state):
-            reqs: list[ReqInfo] = []
-            # bounded by count and by bytes, so that the PrePrepare (and a BatchData carrying the
-            # batch) fits in a message; the config guarantees that a single request always does
-            room = cfg.batch_bytes_max - BATCH_OVERHEAD_BYTES - NONDET_SIZE_BYTES_MAX
-            for c in list(r.queue):
-                ri = r.queue[c]
-                last = r.last_reply.get(c)
-                if last is not None and ri.req.timestamp <= last[0] and not r.bug_no_ts:
-                    del r.queue[c]
-                    continue
-                size = 5 + len(ri.raw)
-                if size > room:
-                    if reqs:
-                        break  # waits for the next batch
-                    del r.queue[c]  # (a frame larger than the config allows: not reachable)
-                    r._drop(Drop.REQUEST_TOO_LARGE_FOR_BATCH)
-                    continue
-                del r.queue[c]
-                room -= size
-                reqs.append(ri)
-                r.inflight[c] = ri.req.timestamp
-                if len(reqs) >= cfg.batch_requests_max:
-                    break
+            reqs = r.requests.take_batch()
             if reqs:
                 nondet = r.service.propose_nondet(r.now + r.wall_offset_ms)
                 batch = Batch(nondet, tuple(ri.raw for ri in reqs))
                 d = batch_digest_from_request_digests(nondet, [ri.digest for ri in reqs])
-            elif not r.queue and r.recovery.null_goal() > self.seq_assigned:
+            elif not r.requests.queue and r.recovery.null_goal() > self.seq_assigned:
                 # a replica is recovering and nothing else is ordered: a null request moves the
                 # sequence towards the checkpoint that ends its recovery
                 batch, d = NULL_BATCH, NULL_BATCH_DIGEST
@@ -292,7 +280,7 @@ class Log:
             return
         batch = pp.batch
         missing: list[bytes] = []
-        reason = r._check_batch(batch, pp.digest, check_nondet=not self._weakly_prepared(slot, pp.digest),
+        reason = r.requests.check_batch(batch, pp.digest, check_nondet=not self._weakly_prepared(slot, pp.digest),
                                    missing=missing)
         if reason in HOLDABLE:
             # the agreed value looks wrong from here: maybe our clock, maybe an old pre-prepare
@@ -355,7 +343,7 @@ class Log:
             if slot.digest is None and slot.view == r.view:
                 pp, raw = slot.held_pp
                 assert pp.batch is not None  # (only a pre-prepare with its batch is held)
-                if r._check_batch(pp.batch, pp.digest,
+                if r.requests.check_batch(pp.batch, pp.digest,
                                      check_nondet=not self._weakly_prepared(slot, pp.digest)) is None:
                     self.held.discard(n)
                     self._accept_preprepare(pp, raw, slot)
@@ -458,7 +446,7 @@ class Log:
                 break
             progressed = True
         if progressed:
-            r._drain_read_only()
+            r.requests.drain_read_only()
             if r.is_primary:
                 self.try_send_preprepare()
 
@@ -467,7 +455,7 @@ class Log:
         batch = slot.batch
         assert batch is not None
         try:
-            reqs = r._batch_requests(batch)
+            reqs = r.requests.batch_requests(batch)
         except DecodeError:  # only reachable with the skip-digest-check bug
             reqs = []
         executed = []
@@ -483,9 +471,9 @@ class Log:
             self.last_exec_seqno[c] = n
             self.executed_digest[c] = rfr.digest
             executed.append((c, t, req.op))
-            r._send_reply(req, result, tentative=tentative)
-            if r.inflight.get(c, 0) <= t:
-                r.inflight.pop(c, None)
+            r.requests.send_reply(req, result, tentative=tentative)
+        if executed:
+            r.requests.executed(executed)
         self.last_exec = n
         self.executed_requests += len(executed)
         assert slot.digest is not None  # (an executed slot has its batch's digest)
@@ -510,7 +498,7 @@ class Log:
         r.state.rollback(base)
         for k in range(base + 1, target + 1):
             batch = self.exec_log[k].batch
-            reqs = r._batch_requests(batch)
+            reqs = r.requests.batch_requests(batch)
             if reqs:
                 r.rs.before_execute()
             for _rfr, req in reqs:

@@ -30,17 +30,16 @@ Protocol outline (names follow the paper and the thesis):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from ..codec import (
     Codec, DecodeError, Frame,
-    batch_digest_from_request_digests, result_digest, seal, vouch_key,
+    seal,
 )
 from ..config import ClusterConfig
 from ..crypto import KeyRing
 from ..messages import (
-    ALL_REPLICAS, Batch, BatchData, Checkpoint, Commit, Data, Fetch, FetchBatch, Message, MetaData, NewView,
+    BatchData, Checkpoint, Commit, Data, Fetch, FetchBatch, Message, MetaData, NewView,
     PrePrepare, QueryStable, ReplyStable,
     Prepare, Reply, Request, Status, Tag, ViewChange, ViewChangeAck, Vouch,
 )
@@ -55,6 +54,7 @@ from .state_transfer import StateTransfer
 from .status import StatusExchange
 from .recovery import ProactiveRecovery, RecoveryRun
 from .normal_case import Log
+from .requests import VOUCH_BATCH_MAX, Requests
 from .view_change import Decision, ViewChanges
 from .checkpoints import Checkpoints, CheckpointVotes
 from .drops import Count, Drop
@@ -63,7 +63,6 @@ from .events import (
     StateTransferred, ViewChangeStarted,
 )
 
-VOUCH_BATCH_MAX = 1024
 # what one replica may make us parse and handle per status interval, per kind of message that a
 # correct replica sends a few of per interval (checked before parsing; ``Replica._within_budget``):
 # tag -> (name, unit, limit, drop when relayed, drop when over budget). Vouch: 8 x 34 bytes per key
@@ -75,20 +74,9 @@ SENDER_BUDGETS: dict[int, tuple[str, str, int, Drop, Drop]] = {
     Tag.STATUS: ("status", "count", 8, Drop.STATUS_RELAYED, Drop.STATUS_OVER_BUDGET),
     Tag.QUERY_STABLE: ("query-stable", "count", 4, Drop.QUERY_STABLE_RELAYED, Drop.QUERY_STABLE_OVER_BUDGET),
 }
-T_REQUEST = int(Tag.REQUEST)  # (compared once per request frame a batch brings: a plain int)
 # what a client gets when the service raised, or returned something other than bytes within the
 # reply size limit: the same on every correct replica (see ``_run_service``)
 SERVICE_ERROR_RESULT = b"\xffpbft:service-error"
-
-
-@dataclass(slots=True)
-class ReqInfo:
-    req: Request
-    digest: bytes
-    raw: bytes
-    key: bytes = b""  # vouch key
-    verified: bool = True  # our own MAC entry verified
-    since: float = 0.0  # backups: when it became certified here (or the current view started)
 
 
 class Replica:
@@ -135,9 +123,8 @@ class Replica:
         self.view_active = True
         self.vc = ViewChanges(self)  # the view change: ViewChange, acks, NewView, new-view batches
         self._init_log_and_checkpoints(service)
-        self._init_requests(cfg)
+        self.requests = Requests(self)  # admission, vouching, the primary's queue, the request timer, replies
         self.status = StatusExchange(self, now)  # Status messages: what peers report, our answers
-        self.last_client_exec = now  # when a client's request last executed (``ViewChanges.idle_rejoin_tick``)
         self._handlers = self._handler_table()
 
     def _init_log_and_checkpoints(self, service: Service) -> None:
@@ -159,44 +146,6 @@ class Replica:
         self.needs_state = False  # restored from a damaged store: execute nothing before a transfer
         self._installing = False
         self.recovery = ProactiveRecovery(self)  # proactive recovery: ours, and the others' points
-
-    def _init_requests(self, cfg: ClusterConfig) -> None:
-        # requests
-        self.queue: dict[int, ReqInfo] = {}  # primary: client -> latest request waiting for a batch
-        self.pending: dict[int, ReqInfo] = {}  # backup: client -> request not yet executed (request timer)
-        self.inflight: dict[int, int] = {}  # primary: client -> timestamp ordered but not yet executed
-        self.req_deadline: Optional[float] = None
-        self.ro_queue: dict[int, ReqInfo] = {}
-        self.ro_barrier = 0  # read-only requests wait until we executed this far (set by new views)
-        # request dissemination: every replica gets each request from its client, vouches for
-        # those whose MAC verifies here, and treats a request as genuine once f+1 vouch for it
-        self.known: dict[int, ReqInfo] = {}  # client -> latest request not yet executed (committed)
-        self.vouches: dict[bytes, set[int]] = {}  # vouch key -> replicas that vouched
-        self.vouch_out: dict[bytes, None] = {}  # vouch keys to send (an ordered set)
-        self.vouch_urgent = False
-        self.vouch_deadline: Optional[float] = None
-        self.key_client: dict[bytes, int] = {}  # vouch key -> client, for the requests in ``known``
-        # request frames received from their clients, opened, parsed and (MAC) verified here:
-        # a pre-prepare that batches them is then checked without opening them again
-        self.req_seen: dict[bytes, tuple[Frame, Request]] = {}
-        self.req_seen_max = max(1024, 8 * cfg.clients_max)
-        # per-replica budgets for vouches (a Byzantine replica may send Vouch messages full of keys
-        # as fast as it can): a vouch for a key matching no request here (yet: the vouch may have
-        # overtaken the request) is kept only up to ``vouch_unknown_max`` keys per replica, oldest
-        # dropped (``vouch-unknown-dropped``); vouches for known requests are bounded by ``known``.
-        # So one replica can neither grow our memory nor evict the other replicas' vouches.
-        self.vouch_unknown: dict[int, dict[bytes, None]] = {}  # replica -> its unknown keys, oldest first
-        self.vouch_unknown_max = 2 * max(cfg.clients_max, 32)
-        # fast path: a primary orders a request from a *trusted* client as soon as its own MAC
-        # verifies, without waiting for f+1 vouches (one message delay less). Trusted: some
-        # request of the client was vouched for by backups of weight f+1 (its authenticators
-        # verify at correct backups); never a suspect: a client whose MAC failed here or whose
-        # request sat in a pre-prepare we could not accept for want of vouches.
-        self.trusted: set[int] = set()
-        self.suspects: set[int] = set()
-        # client -> (timestamp, tentative, when) of the last cached reply we sent again (one entry
-        # per principal id: bounded by the codec's range of senders)
-        self.reply_resent: dict[int, tuple[int, bool, float]] = {}
 
     # =====================================================================
     # driver interface
@@ -257,25 +206,14 @@ class Replica:
         return restore_replica(self, records, damaged)
 
     def _take_sends(self) -> list[tuple[tuple[int, ...], bytes]]:
-        # one Vouch per driver step: vouches batch themselves under load. They wait up to
-        # ``vouch_delay_ms`` for another message to the replicas to travel with (one write per
-        # peer instead of two; under load there always is one), and a request superseded
-        # meanwhile is not vouched for at all; vouches for retransmitted requests go at once
-        if self.vouch_out and (self.vouch_urgent
-                               or (self.vouch_deadline is not None and self.now >= self.vouch_deadline)
-                               or any(dests[0] < self.cfg.n for dests, _ in self.out)):
-            self.vouch_urgent = False
-            self.vouch_deadline = None
-            keys, self.vouch_out = list(self.vouch_out), {}
-            for i in range(0, len(keys), VOUCH_BATCH_MAX):
-                self._broadcast(Vouch(self.id, tuple(keys[i:i + VOUCH_BATCH_MAX])))
+        self.requests.flush_vouches()
         out, self.out = self.out, []
         return out
 
     def next_deadline(self) -> Optional[float]:
-        rec = self.recovering
-        ds = [d for d in (self.status.deadline, self.req_deadline, self.vc.deadline, self.transfer.deadline,
-                          self.vouch_deadline, rec.next_send if rec is not None and rec.phase != "check" else None)
+        rec, rq = self.recovering, self.requests
+        ds = [d for d in (self.status.deadline, rq.deadline, self.vc.deadline, self.transfer.deadline,
+                          rq.vouch_deadline, rec.next_send if rec is not None and rec.phase != "check" else None)
               if d is not None]
         return min(ds) if ds else None
 
@@ -316,10 +254,8 @@ class Replica:
                     nv = self.codec.parse(fr)
                 except DecodeError:
                     return
-                if isinstance(nv, NewView) and nv.view >= self.view and \
-                        (self.vc.unverified is None or nv.view >= self.vc.unverified[0].view):
-                    self.vc.unverified = (nv, fr.raw, fr.digest)
-                    self.vc.try_certified_new_view()
+                if isinstance(nv, NewView):
+                    self.vc.on_unverified_new_view(nv, fr)
                 return
             if fr.tag == Tag.REQUEST and fr.sender >= self.cfg.n:
                 # a request whose MAC for us is wrong may still be genuine (its client may be
@@ -329,11 +265,7 @@ class Replica:
                 except DecodeError:
                     return
                 if isinstance(req, Request) and not req.read_only:
-                    if not relayed:
-                        # its client sent us a bad authenticator entry (in the runtime only a
-                        # frame from the connection its client's NewKey came on gets here)
-                        self.suspects.add(req.client)
-                    self._on_ordered_request(req, fr, verified=False)
+                    self.requests.on_unverified_request(req, fr, relayed)
             return
         if fr.tag in SENDER_BUDGETS and fr.sender < self.cfg.n and not self._within_budget(fr, relayed):
             return
@@ -360,16 +292,7 @@ class Replica:
                 # may have completed a certificate): a few per tick, bounded work
                 self.log.recheck_held(sorted(self.log.held)[:4])
             self.vc.status_tick(now)
-        if self.req_deadline is not None and now >= self.req_deadline:
-            self.req_deadline = None
-            if self.view_active and self.pending:
-                if self.fetch_target is not None:
-                    # we are behind and fetching state: we cannot judge the primary yet
-                    self.req_deadline = now + self.vc.timeout_ms
-                elif now - min(ri.since for ri in self.pending.values()) >= self.vc.timeout_ms:
-                    self._start_view_change(self.view + 1, "request-timer")
-                else:
-                    self._arm_request_timer()
+        self.requests.tick(now)
         self.vc.tick(now)
         self.transfer.tick(now)
 
@@ -381,21 +304,8 @@ class Replica:
         """
         self.now = now
         self.out = []
-        self.queue.clear()
-        self.inflight.clear()
-        self.ro_queue.clear()
-        self.pending.clear()
-        self.known.clear()
-        self.key_client.clear()
-        self.req_seen.clear()
-        self.log.held.clear()
-        self.log.held_keys.clear()
-        self.vouches.clear()
-        self.vouch_unknown.clear()
-        self.vouch_out.clear()
-        self.vouch_deadline = None
-        self.vouch_urgent = False
-        self.req_deadline = None
+        self.requests.restart()
+        self.log.restart()
         self.status.restart(now)
         self.vc.restart(now)
         self.transfer.restart(now)
@@ -490,25 +400,6 @@ class Replica:
             return SERVICE_ERROR_RESULT
         return result
 
-    def _batch_requests(self, batch: Batch) -> list[tuple[Frame, Request]]:
-        """The (frame, request) pairs of a batch; frames we received from their clients
-        ourselves are not opened again (``req_seen``: their MACs verified here)."""
-        seen = self.req_seen
-        codec = self.codec
-        out: list[tuple[Frame, Request]] = []
-        for raw in batch.requests:
-            hit = seen.get(raw)
-            if hit is None:
-                fr = codec.open_frame(raw)
-                if fr.tag != T_REQUEST:
-                    raise DecodeError("batch-not-request")
-                req = codec.parse(fr)
-                if not isinstance(req, Request):  # (a request frame parses to a Request)
-                    raise DecodeError("batch-not-request")
-                hit = (fr, req)
-            out.append(hit)
-        return out
-
     # read-only views of the state transfer (drivers, metrics and tests read them)
     @property
     def fetch_target(self) -> Optional[tuple[int, bytes]]:
@@ -538,319 +429,9 @@ class Replica:
     # =====================================================================
     # requests
     # =====================================================================
-    def on_request(self, req: Request, fr: Frame) -> None:
-        seen = self.req_seen
-        if len(seen) >= self.req_seen_max:
-            del seen[next(iter(seen))]
-        seen[fr.raw] = (fr, req)
-        if req.read_only:
-            self._on_read_only(ReqInfo(req, fr.digest, fr.raw))
-            return
-        if req.client < self.cfg.n:
-            reason = self.recovery.admit(req)  # (a replica's: its recovery request)
-            if reason:
-                self._drop(reason)
-                return
-        self._on_ordered_request(req, fr, verified=True)
-
-    def _timestamp_limit(self) -> float:
-        """The largest request timestamp we take now: our wall clock (in µs, as clients'
-        timestamps) plus ``timestamp_skew_ms_max``. A request beyond it would, once executed,
-        make its client's genuine requests look old until our clock caught up (for good at
-        2^63-1): it is neither vouched for, nor ordered, nor accepted in a pre-prepare."""
-        return (self.now + self.wall_offset_ms + self.cfg.timestamp_skew_ms_max) * 1000.0
-
-    def _on_ordered_request(self, req: Request, fr: Frame, verified: bool) -> None:
-        c, t = req.client, req.timestamp
-        if t > self._timestamp_limit():
-            self._drop(Drop.REQUEST_FUTURE_TIMESTAMP)
-            return
-        last = self.last_reply.get(c)
-        if last is not None and t <= last[0] and not self.bug_no_ts:
-            return self._on_executed_request(req, fr, verified, last)
-        key = vouch_key(req)
-        cur = self.known.get(c)
-        if cur is not None:
-            if not self._replaces_known(cur, req, fr, verified, key):
-                return
-        elif len(self.known) >= self.cfg.pending_requests_max:
-            self._drop(Drop.KNOWN_REQUESTS_FULL)
-            return
-        ri = ReqInfo(req, fr.digest, fr.raw, key, verified)
-        old = self.known.pop(c, None)
-        if old is not None:
-            self.key_client.pop(old.key, None)
-        self.known[c] = ri  # (re)inserted last: the primary batches in arrival order
-        self.key_client[key] = c
-        if verified:
-            self._add_vouch(key, self.id)
-            self.vouch_out[key] = None
-            if c not in self.trusted and c not in self.suspects:
-                self.vouch_urgent = True  # a newcomer: its first requests wait for our vouch
-            elif self.vouch_deadline is None:
-                self.vouch_deadline = self.now + self.cfg.vouch_delay_ms
-            p = self.pending.get(c)
-            if p is not None and p.req.timestamp < t:
-                # the client itself superseded the request we watch (its vouches are gone, here and
-                # wherever the newer one arrived: no primary can order it any more). A correct
-                # client never does before its request completes, or it gave up waiting: the
-                # primary is judged on the newer one, from when it is certified here
-                del self.pending[c]
-                self._arm_request_timer()
-        self._consider(c)
-
-    def _on_executed_request(self, req: Request, fr: Frame, verified: bool, last: tuple[int, bytes]) -> None:
-        """A request at or below the timestamp of the client's last executed one: a late copy, a
-        retransmission (answered from the reply cache), or old."""
-        c, t = req.client, req.timestamp
-        if not verified:
-            self._drop(Drop.REQUEST_UNVERIFIED_OLD)
-        elif t == last[0] and self.log.executed_digest.get(c) == fr.digest and req.replier != ALL_REPLICAS:
-            # the client's own copy of a request we already executed from a pre-prepare that
-            # overtook it (the primary's fast path): not a retransmission, nothing to answer
-            self._drop(Drop.REQUEST_LATE_COPY)
-        elif t == last[0]:
-            # the cached reply is only as final as the execution that produced it
-            tentative = self.log.last_exec_seqno.get(c, 0) > self.log.last_committed_exec
-            self._drop(Drop.REQUEST_RETRANSMITTED)
-            sent = self.reply_resent.get(c)
-            if sent is not None and sent[0] == t and sent[1] == tentative and \
-                    self.now - sent[2] < self.cfg.client_retry_timeout_ms / 2:
-                # at most one cached reply per client per half retry timeout: a correct
-                # client retransmits less often, so replays (a faulty replica may relay
-                # captured requests) cannot make us amplify towards the client
-                self._drop(Drop.REPLY_RESEND_RATE_LIMITED)
-            else:
-                self.reply_resent[c] = (t, tentative, self.now)
-                self._send_reply(req, last[1], tentative=tentative)
-            if tentative and c not in self.pending and self.view_active and not self.is_primary:
-                # the client still waits for a commit that has not come: time it, so a primary
-                # that never completes it is replaced (after a restart, nothing else would)
-                self.pending[c] = ReqInfo(req, fr.digest, fr.raw, vouch_key(req), True, self.now)
-                self._arm_request_timer()
-        else:
-            self._drop(Drop.REQUEST_OLD_TIMESTAMP)
-
-    def _replaces_known(self, cur: ReqInfo, req: Request, fr: Frame, verified: bool, key: bytes) -> bool:
-        """Whether a request of the client whose latest known one is ``cur`` takes its place (if
-        not, it was dropped: superseded, a duplicate, or an unverified copy)."""
-        c, t = req.client, req.timestamp
-        if cur.verified and not verified:
-            self._drop(Drop.REQUEST_UNVERIFIED)  # never displaces what the client surely sent
-            return False
-        if cur.verified == verified:
-            if cur.req.timestamp > t:
-                self._drop(Drop.REQUEST_SUPERSEDED)
-                return False
-            if cur.req.timestamp == t:
-                if cur.key != key:
-                    self._drop(Drop.REQUEST_TIMESTAMP_REUSED)
-                else:
-                    self._drop(Drop.REQUEST_DUPLICATE)
-                    if verified:
-                        # a retransmission: the client is still waiting. Vouch again (ours may
-                        # have been lost) and make sure the primary has the request
-                        self.vouch_out[key] = None
-                        self.vouch_urgent = True
-                        if self.view_active and not self.is_primary and c in self.pending:
-                            self._send_to(self.primary(), fr.raw)
-                        self._consider(c)
-                return False
-        if cur.key != key:
-            self.vouches.pop(cur.key, None)
-            self.vouch_out.pop(cur.key, None)  # superseded before our vouch left: never mind it
-        if verified and cur.verified and cur.req.timestamp < t and self.is_primary and \
-                self.inflight.get(c, 0) < cur.req.timestamp and \
-                self.last_reply.get(c, (0,))[0] < cur.req.timestamp:
-            # at the primary, a new request while the previous one is not even ordered: not a
-            # closed-loop client (a correct one waits for its result, which needs the request
-            # ordered). No fast path for it (see ``trusted``)
-            self.suspects.add(c)
-        return True
-
-    def _add_vouch(self, key: bytes, r: int) -> bool:
-        """Record r's vouch for ``key``; whether it is new. A vouch for a key we know no request
-        for counts against r's own budget (``vouch_unknown``), never against anybody else's."""
-        vs = self.vouches.get(key)
-        if vs is None:
-            vs = self.vouches[key] = set()
-        elif r in vs:
-            return False
-        vs.add(r)
-        if r != self.id and key not in self.key_client:
-            fifo = self.vouch_unknown.get(r)
-            if fifo is None:
-                fifo = self.vouch_unknown[r] = {}
-            fifo[key] = None
-            if len(fifo) > self.vouch_unknown_max:
-                old = next(iter(fifo))
-                del fifo[old]
-                self._drop(Drop.VOUCH_UNKNOWN_DROPPED)
-                if old not in self.key_client:  # (a request for it arrived since: keep the vouch)
-                    ovs = self.vouches.get(old)
-                    if ovs is not None:
-                        ovs.discard(r)
-                        if not ovs:
-                            del self.vouches[old]
-        return True
-
-    def _certified(self, key: bytes) -> bool:
-        vs = self.vouches.get(key)
-        return vs is not None and self.quorums.is_weak(vs)
-
-    def _consider(self, c: int) -> None:
-        """A known request became (or may have become) certified: order it, or watch the primary."""
-        ri = self.known.get(c)
-        if ri is None:
-            return
-        if not self._certified(ri.key):
-            # (and only for a client with nothing in flight: a closed-loop client's previous
-            # request has executed before it sends the next; one that floods us waits for vouches,
-            # so that its requests supersede each other instead of filling batches)
-            if not (ri.verified and c in self.trusted and c not in self.suspects
-                    and self.view_active and self.is_primary and c not in self.inflight):
-                return
-        t = ri.req.timestamp
-        if self.view_active and self.is_primary:
-            if self.inflight.get(c, 0) >= t:
-                return
-            cur = self.queue.get(c)
-            if cur is not None and cur.req.timestamp >= t:
-                return
-            self.queue[c] = ri
-            self.log.try_send_preprepare()
-            return
-        cur = self.pending.get(c)
-        if cur is None or cur.req.timestamp < t:
-            ri.since = self.now
-            self.pending[c] = ri
-        if self.view_active and self.req_deadline is None:
-            self._arm_request_timer()
-
-    def _arm_request_timer(self) -> None:
-        """Every certified request must commit within the view-change timeout of becoming known
-        here: the timer follows the oldest one, so a primary that commits some requests but
-        starves others (slow or censoring) is still replaced."""
-        if self.pending and self.view_active:
-            self.req_deadline = min(ri.since for ri in self.pending.values()) + self.vc.timeout_ms
-        else:
-            self.req_deadline = None
-
-    def on_vouch(self, m: Vouch, fr: Frame) -> None:
-        # work proportional to the message's own keys: a duplicate vouch costs a lookup, an unknown
-        # key its sender's budget, and only the held pre-prepares that wait for one of these keys
-        # are checked again
-        key_client = self.key_client
-        trusted = self.trusted
-        held_keys = self.log.held_keys
-        unblocked: set[int] = set()
-        dup = skipped = unknown = 0
-        cap = self.vouch_unknown_max
-        for k in m.keys:
-            if k not in key_client:
-                # (beyond its budget in one message, an unknown key costs a lookup: inserting it
-                # would only evict another of the same sender's)
-                if unknown >= cap:
-                    skipped += 1
-                    continue
-                unknown += 1
-            if not self._add_vouch(k, m.replica):
-                dup += 1
-                continue
-            c = key_client.get(k)
-            if c is not None:
-                if c not in trusted:
-                    vs = self.vouches.get(k, ())
-                    if self.quorums.is_weak([r for r in vs if r != self.id]):
-                        trusted.add(c)
-                self._consider(c)
-            if held_keys and k in held_keys and self._certified(k):
-                unblocked |= held_keys.pop(k)
-        if dup:
-            self._drop(Drop.VOUCH_DUPLICATE)
-        if skipped:
-            self.drops[Drop.VOUCH_UNKNOWN_DROPPED] = self.drops.get(Drop.VOUCH_UNKNOWN_DROPPED, 0) + skipped
-        self.work_units += len(m.keys) - skipped + skipped // 16
-        if unblocked:
-            # pre-prepares held back for want of these vouches may now be acceptable
-            self.log.recheck_held(sorted(unblocked))
-
-    def _read_only_ready(self) -> bool:
-        """Whether our state reflects every operation a client may have seen complete.
-
-        Not while tentative executions are outstanding, while changing view (they were
-        rolled back), or after a view change until we have executed everything the new
-        view re-proposed: a write acknowledged by 2f+1 tentative replies is re-proposed
-        there and must be visible to later reads.
-        """
-        return (self.log.last_exec == self.log.last_committed_exec and self.fetch_target is None
-                and self.view_active and self.log.last_committed_exec >= self.ro_barrier)
-
-    def _on_read_only(self, ri: ReqInfo) -> None:
-        if not self._read_only_ready():
-            # wait until tentative executions have committed
-            if ri.req.client not in self.ro_queue and len(self.ro_queue) >= self.cfg.pending_requests_max:
-                self._drop(Drop.RO_QUEUE_FULL)
-                return
-            self.ro_queue[ri.req.client] = ri
-            return
-        result = self._run_service(ri.req.op, ri.req.client, b"", True)
-        self._send_reply(ri.req, result, tentative=False, read_only=True)
-
-    def _drain_read_only(self) -> None:
-        if self.ro_queue and self._read_only_ready():
-            q, self.ro_queue = self.ro_queue, {}
-            for ri in q.values():
-                self._on_read_only(ri)
-
-    def _send_reply(self, req: Request, result: bytes, tentative: bool, read_only: bool = False) -> None:
-        full = req.replier == ALL_REPLICAS or req.replier == self.id
-        rep = Reply(self.view, req.timestamp, req.client, self.id, tentative, read_only,
-                    result_digest(result), result if full else None)
-        self._send_to(req.client, seal(rep, self.keys, to=req.client))
-
     # =====================================================================
     # normal case
     # =====================================================================
-    def _check_batch(self, batch: Batch, d: bytes, check_nondet: bool = True,
-                     missing: Optional[list[bytes]] = None) -> Optional[Drop]:
-        """Why a pre-prepared batch is unacceptable, or None. Checks MACs, digest, request timestamps, nondet.
-        ``missing`` (if given) receives the vouch keys of the requests that lack vouches."""
-        try:
-            reqs = self._batch_requests(batch)
-        except DecodeError:
-            return Drop.BATCH_MALFORMED
-        self.work_units += len(reqs)
-        seen = set()
-        unvouched = False
-        req_seen = self.req_seen
-        for rfr, req in reqs:
-            if rfr.raw not in req_seen and not self.keys.verify(rfr.sender, rfr.digest, rfr.auth, True):
-                vk = vouch_key(req)
-                if not self._certified(vk):
-                    unvouched = True
-                    self.suspects.add(req.client)  # its authenticator is bad for us: no fast path for it
-                    if missing is not None:
-                        missing.append(vk)
-            if req.read_only:
-                return Drop.BATCH_READ_ONLY_REQUEST
-            if req.client in seen:
-                return Drop.BATCH_DUPLICATE_CLIENT
-            seen.add(req.client)
-        if not self.bug_skip_digest:
-            if batch_digest_from_request_digests(batch.nondet, [r.digest for r, _ in reqs]) != d:
-                return Drop.BATCH_DIGEST_MISMATCH
-        if unvouched:
-            return Drop.BATCH_REQUEST_UNVOUCHED
-        if check_nondet and reqs:
-            limit = self._timestamp_limit()
-            for _, req in reqs:
-                if req.timestamp > limit:
-                    return Drop.BATCH_REQUEST_FUTURE_TIMESTAMP
-            if not self.service.check_nondet(batch.nondet, self.now + self.wall_offset_ms):
-                return Drop.BATCH_NONDET_REJECTED
-        return None
-
     # =====================================================================
     # execution
     # =====================================================================
@@ -858,22 +439,10 @@ class Replica:
         """Seqno n's execution is final: its requests leave the pending set, and the request
         timer restarts (only committed progress counts: tentative executions that never commit,
         e.g. under a primary whose commits are missing, must not keep postponing a view change)."""
-        replicas = self.cfg.n
-        for c, t in self.log.exec_log[n].requests:
-            # (a replica's newer recovery request, admitted here but not at the primary within the
-            # admission interval, is folded into the one executed: see ``ProactiveRecovery.admit``)
-            p = self.pending.get(c)
-            if p is not None and (p.req.timestamp <= t or c < replicas):
-                del self.pending[c]
-            k = self.known.get(c)
-            if k is not None and (k.req.timestamp <= t or c < replicas):
-                self.key_client.pop(self.known.pop(c).key, None)
-                self.vouches.pop(k.key, None)
-            if c >= replicas:
-                self.last_client_exec = self.now  # (idle rejoin: when a client's request last executed)
+        self.requests.completed(self.log.exec_log[n].requests)
         if self.view_active:
             self.vc.reset_timeout()
-        self._arm_request_timer()
+        self.requests.arm_timer()
 
     # =====================================================================
     # checkpoints, garbage collection, state transfer
@@ -956,10 +525,7 @@ class Replica:
         self.log.jump_to(n)
         self.checkpoints.installed(n, d)
         self._emit(StateTransferred(n, d, self.state.root_at(n)))
-        for c in [c for c, ri in self.pending.items() if ri.req.timestamp <= self.last_reply.get(c, (0,))[0]]:
-            del self.pending[c]
-        if not self.pending:
-            self.req_deadline = None
+        self.requests.caught_up()
         self.checkpoint_votes.record(self.id, n, d)
         self._broadcast(Checkpoint(n, d, self.id))
         # the fetched checkpoint is certified (a correct replica holds it): it becomes our
@@ -969,7 +535,7 @@ class Replica:
         if self.recovering is not None:
             self.recovery.check_done()
         self.log.try_execute()
-        self._drain_read_only()
+        self.requests.drain_read_only()
         if self.is_primary:
             self.log.try_send_preprepare()
 
@@ -1003,8 +569,7 @@ class Replica:
     def _idle(self) -> bool:
         """Nothing for clients is under way here: no certified request waiting, nothing queued,
         ordered or tentative, no state transfer or recovery."""
-        return (self.view_active and not self.pending and not self.queue and not self.inflight
-                and not self.ro_queue and self.log.last_exec == self.log.last_committed_exec
+        return (self.view_active and self.requests.idle() and self.log.last_exec == self.log.last_committed_exec
                 and self.log.seq_assigned <= self.log.last_exec and self.fetch_target is None
                 and self.recovering is None and not self.needs_state)
 
@@ -1020,11 +585,9 @@ class Replica:
         self.view_active = False
         self.disk.view()
         self.log.leave_view()
-        self.req_deadline = None
-        self.queue.clear()
-        self.inflight.clear()
+        self.requests.leave_view()
         self._emit(ViewChangeStarted(v, why))
-        self._drain_read_only()
+        self.requests.drain_read_only()
         self.vc.send_view_change(v)
 
     def _install_new_view(self, nv: NewView, raw: bytes, vc_raws: list[bytes], dec: Decision) -> None:
@@ -1048,20 +611,11 @@ class Replica:
             finally:
                 self._installing = False
         primary = self.is_primary
-        # reads wait until we executed what the new view re-proposed (``_read_only_ready``)
-        self.ro_barrier = self.log.preprepare_chosen(dec, chosen_batches)
+        self.requests.wait_reads_for(self.log.preprepare_chosen(dec, chosen_batches))
         self.log.prepare_chosen(dec)
-        if primary:
-            # propose what clients asked the backups (our old selves) to order
-            self.pending.clear()
-            for c in list(self.known):
-                self._consider(c)
-        elif self.pending:
-            for ri in self.pending.values():  # the new primary gets a full timeout for each
-                ri.since = self.now
-            self._arm_request_timer()
+        self.requests.new_view(primary)
         self.log.try_execute()
-        self._drain_read_only()
+        self.requests.drain_read_only()
         if primary:
             self.log.try_send_preprepare()
 
@@ -1069,7 +623,7 @@ class Replica:
         """The dispatcher's table: message type -> the handler of the component that owns it."""
         vc, transfer, recovery = self.vc, self.transfer, self.recovery
         return {
-            Request: self.on_request,
+            Request: self.requests.on_request,
             PrePrepare: self.log.on_preprepare,
             Prepare: self.log.on_prepare,
             Commit: self.log.on_commit,
@@ -1086,5 +640,5 @@ class Replica:
             Reply: lambda m, fr: recovery.on_recovery_reply(m),
             FetchBatch: vc.on_fetch_batch,
             BatchData: vc.on_batch_data,
-            Vouch: self.on_vouch,
+            Vouch: self.requests.on_vouch,
         }

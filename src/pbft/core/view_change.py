@@ -208,6 +208,15 @@ class ViewChanges:
         self.mine_raw = None
         self.prune()
 
+    def on_unverified_new_view(self, nv: NewView, fr: Frame) -> None:
+        """A NewView whose MAC fails here (relayed after our keys changed: we restarted, or
+        refreshed keys): kept, the highest such, and usable only if f+1 replicas report its
+        digest (``try_certified_new_view``)."""
+        r = self.r
+        if nv.view >= r.view and (self.unverified is None or nv.view >= self.unverified[0].view):
+            self.unverified = (nv, fr.raw, fr.digest)
+            self.try_certified_new_view()
+
     def reset_timeout(self) -> None:
         """Committed progress in an active view: the view-change timeout returns to its base."""
         self.timeout_ms = self.r.cfg.view_change_timeout_ms
@@ -261,7 +270,7 @@ class ViewChanges:
         if not r.status.peer_stuck or r.now < self.rejoin_at or not r._idle():
             return
         base = r.cfg.view_change_timeout_ms
-        if r.now - r.last_client_exec < base:
+        if r.now - r.requests.last_client_exec < base:
             return
         targets = [v for j, (v, since) in r.status.peer_stuck.items()
                    if v > r.view and r.now - since >= base and (v, j) in self.view_changes]

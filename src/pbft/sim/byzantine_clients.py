@@ -226,7 +226,7 @@ class ReplayCorrectFrames(ByzClient):
         src = sim.replicas[sim.correct[0]] if sim.correct else None
         if src is None:
             return
-        pending = [ri.raw for c, ri in src.known.items() if c in sim.clients and ri.verified]
+        pending = [ri.raw for c, ri in src.requests.known.items() if c in sim.clients and ri.verified]
         if pending and rng.random() < 0.1:
             self.captured.append(rng.choice(pending))
             if len(self.captured) > 512:

@@ -180,7 +180,8 @@ class Oracles:
             self.violation(f"R1 replica {r} log outside (h, h+L]: h={h} slots={sorted(rep.log.slots)[:3]}...")
         if rep.last_committed_exec > h + L:
             self.violation(f"P5 replica {r} executed past its high water mark")
-        if max(len(rep.queue), len(rep.pending), len(rep.ro_queue), len(rep.known)) > self.pending_max:
+        rq = rep.requests
+        if max(len(rq.queue), len(rq.pending), len(rq.ro_queue), len(rq.known)) > self.pending_max:
             self.violation(f"R1 replica {r} request queues unbounded")
         if len(rep.checkpoints.committed) > L // self.K + 2 or len(rep.log.exec_log) > L:
             self.violation(f"R1 replica {r} checkpoint store or execution log unbounded")

@@ -203,8 +203,8 @@ def _vouch_flood_check(sim: Simulation, res: RunResult) -> list[str]:
         out.append("no unknown vouch was ever dropped: the flood did not reach the per-replica bound")
     for r in sim.correct:
         rep = sim.replicas[r]
-        per = max((len(x) for x in rep.vouch_unknown.values()), default=0)
-        if per > rep.vouch_unknown_max:
+        per = max((len(x) for x in rep.requests.vouch_unknown.values()), default=0)
+        if per > rep.requests.vouch_unknown_max:
             out.append(f"replica {r} keeps {per} unknown vouches of one replica")
     return out
 
