@@ -250,9 +250,9 @@ def test_object_dict_canonical_and_validated():
     a, b = ObjectDict(8), ObjectDict(8)
     keys = [b"k%d" % i for i in range(40)]
     for k in keys:
-        a.set(k, (k, 1), 10)
+        a.set(k, (k, 1))
     for k in reversed(keys):
-        b.set(k, (k, 1), 10)
+        b.set(k, (k, 1))
     assert [a.get_obj(i) for i in range(8)] == [b.get_obj(i) for i in range(8)]
     c = ObjectDict(8)
     for i in range(8):
@@ -264,10 +264,35 @@ def test_object_dict_canonical_and_validated():
     with pytest.raises(ValueError):
         c.parse(0, b"\xc1garbage")
     small = ObjectDict(1, bucket_bytes_max=100)
-    small.set(b"a", b"x", 50)
+    small.set(b"a", b"x" * 40)  # 42 bytes encoded + the key + 8: 51
     with pytest.raises(BucketFull):
-        small.set(b"b", b"y", 50)
-    small.set(b"a", b"z", 60)  # replacing a value counts only the difference
+        small.set(b"b", b"y" * 40)
+    small.set(b"a", b"z" * 45)  # replacing a value counts only the difference
+
+
+def test_object_dict_counts_a_bucket_as_a_replica_that_fetched_it_does():
+    """A bucket built by puts and the same bucket installed from a state transfer have the same
+    size, so both replicas refuse the same next put (values of every msgpack size class)."""
+    for n in (1, 200, 300, 70_000):
+        built = ObjectDict(1, bucket_bytes_max=2 * n + 100)
+        built.set(b"a", b"v" * n)
+        fetched = ObjectDict(1, bucket_bytes_max=2 * n + 100)
+        fetched.install(0, fetched.parse(0, built.get_obj(0)))
+        assert fetched.sizes == built.sizes
+        room = built.bucket_bytes_max - built.sizes[0]
+        decisions = set()
+        for m in range(room - 16, room):  # around the largest value that still fits
+            outcome = []
+            for d in (built, fetched):
+                try:
+                    d.set(b"b", b"w" * m)
+                    d.delete(b"b")
+                    outcome.append(True)
+                except BucketFull:
+                    outcome.append(False)
+            assert outcome[0] == outcome[1], m
+            decisions.add(outcome[0])
+        assert decisions == {True, False}
 
 
 def test_object_space_put_is_all_or_nothing():

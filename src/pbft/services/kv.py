@@ -129,7 +129,7 @@ class KVService(ObjectService):
         try:
             # the entry's exact encoded size, what a replica that fetched the bucket counts too
             # (``ObjectDict.install``): whether a bucket is full depends on the abstract state alone
-            self.data.set(key, entry, len(msgpack.packb(entry, use_bin_type=True)))
+            self.data.set(key, entry)
         except BucketFull:
             return _err("store full: the key's bucket is at its size limit")
         return _ok(True)

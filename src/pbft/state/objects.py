@@ -44,7 +44,7 @@ class ObjectDict:
         self.bucket_bytes_max = bucket_bytes_max
         self.check_value = check_value
         self.buckets: list[dict[bytes, Any]] = [{} for _ in range(n_buckets)]
-        self.sizes = [0] * n_buckets  # approximate encoded size of each bucket
+        self.sizes = [0] * n_buckets  # encoded size of each bucket's entries (as ``install`` counts)
         self.entry_size: dict[bytes, int] = {}
         self.modify: Callable[[int], None] = _noop
 
@@ -65,10 +65,12 @@ class ObjectDict:
         for b in self.buckets:
             yield from b.items()
 
-    def set(self, key: bytes, value: Any, size: int) -> None:
-        """Store ``value`` (``size``: an upper bound of its encoded size in bytes)."""
+    def set(self, key: bytes, value: Any) -> None:
+        """Store ``value``. Its size counts against the bucket's bound as exactly what
+        :meth:`install` counts for it, so a replica that fetched the bucket and one that built it
+        refuse the same puts (an estimate would let the two disagree on when it is full)."""
         b = zlib.crc32(key) % self.n_buckets
-        new = size + len(key) + 8
+        new = len(msgpack.packb(value, use_bin_type=True)) + len(key) + 8
         grow = new - self.entry_size.get(key, 0)
         if self.sizes[b] + grow > self.bucket_bytes_max:
             raise BucketFull(f"bucket {b} would exceed {self.bucket_bytes_max} bytes")

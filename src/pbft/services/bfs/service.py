@@ -172,8 +172,8 @@ class BFSService(ObjectService):
         c = self.cfg
         root = [S.S_IFDIR | (c.root_mode & 0o7777), c.root_uid, c.root_gid, 2, 0, 0, 0, 0, 0, 0, ROOT_INO, -1, b"",
                 -1, ()]
-        self.inodes.set(_k(ROOT_INO), tuple(root), 128)
-        self.dirs.set(_k(ROOT_INO), (1, ()), 16)
+        self.inodes.set(_k(ROOT_INO), tuple(root))
+        self.dirs.set(_k(ROOT_INO), (1, ()))
         self.chunks_max = max(1, c.bytes_max // CHUNK)
         self._tx: list = []
         self._reset_caches()
@@ -200,30 +200,29 @@ class BFSService(ObjectService):
         self._orph: list | None = None
         self._eager = EAGER_FREE_BUDGET
 
-    def _tset(self, d: ObjectDict, key: bytes, value, size: int) -> None:
-        old = d.get(key, _MISSING)
-        self._tx.append((d, key, old, d.entry_size.get(key, 0) - len(key) - 8))
-        d.set(key, value, size)
+    def _tset(self, d: ObjectDict, key: bytes, value) -> None:
+        self._tx.append((d, key, d.get(key, _MISSING)))
+        d.set(key, value)
 
     def _tdel(self, d: ObjectDict, key: bytes) -> None:
         old = d.get(key, _MISSING)
         if old is _MISSING:
             return
-        self._tx.append((d, key, old, d.entry_size.get(key, 0) - len(key) - 8))
+        self._tx.append((d, key, old))
         d.delete(key)
 
     def _tcell(self, c: Cell, value) -> None:
-        self._tx.append((c, None, c.value, 0))
+        self._tx.append((c, None, c.value))
         c.set(value)
 
     def _rollback(self) -> None:
-        for d, key, old, size in reversed(self._tx):
+        for d, key, old in reversed(self._tx):
             if key is None:
                 d.set(old)
             elif old is _MISSING:
                 d.delete(key)
             else:
-                d.set(key, old, max(0, size))
+                d.set(key, old)
         self._tx = []
 
     def _flush(self) -> None:
@@ -234,14 +233,14 @@ class BFSService(ObjectService):
             else:
                 n[I_ZR] = tuple(sorted(n[I_ZR]))
                 v = tuple(n)
-                self._tset(self.inodes, _k(ino), v, len(msgpack.packb(v, use_bin_type=True)))
+                self._tset(self.inodes, _k(ino), v)
         for ino in sorted(self._ddirty):
             d = self._dcache[ino]
             if d is None:
                 self._tdel(self.dirs, _k(ino))
             else:
                 v = (d[0], tuple(tuple(e) for e in d[1]))
-                self._tset(self.dirs, _k(ino), v, len(msgpack.packb(v, use_bin_type=True)))
+                self._tset(self.dirs, _k(ino), v)
         if self._sbc is not None:
             sb = self._sbc
             v = tuple(sb)
@@ -551,7 +550,7 @@ class BFSService(ObjectService):
 
     def _enqueue(self, entry: tuple) -> None:
         sb = self._sbl()
-        self._tset(self.reclaim, _k(sb[SB_QTAIL]), entry, 64)
+        self._tset(self.reclaim, _k(sb[SB_QTAIL]), entry)
         sb[SB_QTAIL] += 1
 
     # ---- chunks --------------------------------------------------------------------------
@@ -584,7 +583,7 @@ class BFSService(ObjectService):
             self._charge(n[I_CHARGE], 0, 1)
             sb[SB_CHUNKS] += 1
             n[I_NCHUNKS] += 1
-        self._tset(self.data, key, (self.now, data), len(data) + 16)
+        self._tset(self.data, key, (self.now, data))
 
     def _truncate(self, ino: int, n: list, size: int) -> None:
         old = n[I_SIZE]
@@ -640,7 +639,7 @@ class BFSService(ObjectService):
                     n[I_ZR] = [z for z in n[I_ZR] if z[2] != cutoff]
                     self._touch(ino)
             else:
-                self._tset(self.reclaim, qkey, (ino, lo, hi, cutoff, charge, remaining), 64)
+                self._tset(self.reclaim, qkey, (ino, lo, hi, cutoff, charge, remaining))
 
     # ---- attributes ----------------------------------------------------------------------
     @staticmethod
@@ -1081,7 +1080,7 @@ class BFSService(ObjectService):
         if sum(len(k) + len(v) for k, v in cur.items()) > XATTR_TOTAL_MAX:
             _fail(E.ENOSPC)
         v = tuple(sorted(cur.items()))
-        self._tset(self.xattrs, _k(ino), v, sum(len(a) + len(b) + 8 for a, b in v) + 8)
+        self._tset(self.xattrs, _k(ino), v)
         n[I_CTIME] = self.now
         self._touch(ino)
         return 0
@@ -1096,7 +1095,7 @@ class BFSService(ObjectService):
         del cur[name]
         if cur:
             v = tuple(sorted(cur.items()))
-            self._tset(self.xattrs, _k(ino), v, sum(len(a) + len(b) + 8 for a, b in v) + 8)
+            self._tset(self.xattrs, _k(ino), v)
         else:
             self._tdel(self.xattrs, _k(ino))
         n[I_CTIME] = self.now
