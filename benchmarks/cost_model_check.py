@@ -273,7 +273,7 @@ def workload(C: CostModel, reps: int, ops: int = 6000, clients: int = 32, value:
 
 
 def execute_cost(reps: int, iters: int = 3000):
-    """A KV put executed by the service, plus the reply table update (what ``_execute`` does per
+    """A KV put executed by the service, plus the reply table update (what ``Log.execute`` does per
     request besides the reply's MAC)."""
     best = float("inf")
     for _rep_i in range(reps):
@@ -286,7 +286,7 @@ def execute_cost(reps: int, iters: int = 3000):
         t0 = pc()
         r.rs.before_execute()
         for i, op in enumerate(ops):
-            res = r._apply(Request(c, i + 1, op, False, 0), b"", 1)
+            res = r.log.apply(Request(c, i + 1, op, False, 0), b"", 1)
             r.rs.set_reply(c, i + 1, res)
         dt = pc() - t0
         best = min(best, dt / iters * 1e6)

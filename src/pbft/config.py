@@ -33,7 +33,7 @@ KNOWN_BUGS = frozenset(
 # an outer frame's bytes besides header, payload and MACs: array, tag, sender and three bin
 # length prefixes, each in msgpack's widest form (a peer may encode non-minimally)
 FRAME_OVERHEAD_BYTES = 5 + 9 + 9 + 3 * 5
-VOUCH_KEYS_PER_MESSAGE = 1024  # the keys a replica puts in one Vouch (``core.replica.VOUCH_BATCH_MAX``)
+VOUCH_KEYS_PER_MESSAGE = 1024  # the keys a replica puts in one Vouch (``core.requests.VOUCH_BATCH_MAX``)
 
 
 class ConfigError(ValueError):

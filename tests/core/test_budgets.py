@@ -229,7 +229,8 @@ def test_idle_convergence_oracle_reports_a_replica_left_alone(monkeypatch):
 
 
 def test_vouch_status_and_query_stable_budgets_per_sender_before_parsing():
-    from pbft.core.replica import SENDER_BUDGETS, VOUCH_BATCH_MAX
+    from pbft.core.budgets import SENDER_BUDGETS
+    from pbft.core.requests import VOUCH_BATCH_MAX
     from pbft.messages import QueryStable
     c = Cluster()
     r0 = c.replicas[0]

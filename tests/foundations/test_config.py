@@ -92,6 +92,6 @@ def test_every_bounded_message_fits_with_the_defaults():
 
 def test_vouch_bound_matches_the_replica():
     from pbft.config import VOUCH_KEYS_PER_MESSAGE
-    from pbft.core.replica import VOUCH_BATCH_MAX
+    from pbft.core.requests import VOUCH_BATCH_MAX
 
     assert VOUCH_KEYS_PER_MESSAGE == VOUCH_BATCH_MAX

@@ -299,7 +299,7 @@ def test_service_exception_gives_every_replica_the_same_error_result(tmp_path):
         with BlockingClient(lc.dir) as bc:
             kv = kv_of(bc)
             kv.put(b"a", b"1")
-            from pbft.core.replica import SERVICE_ERROR_RESULT
+            from pbft.core.normal_case import SERVICE_ERROR_RESULT
             from pbft.services.kv import encode_op
             assert bc.invoke(encode_op("put", b"boom", b"x"), timeout=10) == SERVICE_ERROR_RESULT
             kv.put(b"b", b"2")  # the cluster goes on

@@ -20,9 +20,11 @@ from ..codec import (
     NULL_BATCH_DIGEST, DecodeError, Frame,
     batch_digest_from_request_digests,
 )
-from ..messages import NULL_BATCH, Batch, Commit, PrePrepare, Prepare
-from .drops import HOLDABLE, Drop
-from .events import Committed, Executed, PrePrepared, PrePrepareSent, Prepared, Promoted, RolledBack
+from ..messages import NULL_BATCH, Batch, Commit, PrePrepare, Prepare, Request
+from .drops import HOLDABLE, Count, Drop
+from .events import (
+    Committed, Executed, PrePrepared, PrePrepareSent, Prepared, Promoted, RolledBack, ServiceException,
+)
 
 if TYPE_CHECKING:
     from .replica import Replica
@@ -36,6 +38,11 @@ class ExecRecord(NamedTuple):
     digest: bytes
     batch: Batch
     requests: tuple[tuple[int, int], ...]  # (client, timestamp)
+
+
+# what a client gets when the service raised, or returned something other than bytes within the
+# reply size limit: the same on every correct replica (see ``Log.run_service``)
+SERVICE_ERROR_RESULT = b"\xffpbft:service-error"
 
 
 @dataclass(slots=True)
@@ -466,7 +473,7 @@ class Log:
             last = r.last_reply.get(c)
             if last is not None and t <= last[0] and not r.bug_no_ts:
                 continue  # exactly-once: ordered twice, executed once
-            result = r._apply(req, batch.nondet, n)
+            result = self.apply(req, batch.nondet, n)
             r.rs.set_reply(c, t, result)
             self.last_exec_seqno[c] = n
             self.executed_digest[c] = rfr.digest
@@ -505,7 +512,7 @@ class Log:
                 last = r.last_reply.get(req.client)
                 if last is not None and req.timestamp <= last[0] and not r.bug_no_ts:
                     continue
-                result = r._apply(req, batch.nondet, k)
+                result = self.apply(req, batch.nondet, k)
                 r.rs.set_reply(req.client, req.timestamp, result)
         for k in range(target + 1, self.last_exec + 1):
             self.exec_log.pop(k, None)
@@ -513,3 +520,30 @@ class Log:
         r._emit(RolledBack(target))
         self.last_exec = target
 
+    def apply(self, req: Request, nondet: bytes, n: int) -> bytes:
+        """Execute one ordered request at sequence number n: the service's operation, or (from
+        a replica) a recovery request, which the library handles itself."""
+        r = self.r
+        if req.client < r.cfg.n:
+            return r.recovery.execute(req.client, req.op, n)
+        return self.run_service(req.op, req.client, nondet, False)
+
+    def run_service(self, op: bytes, client: int, nondet: bytes, read_only: bool) -> bytes:
+        """``service.execute``; an exception (a bug in the service, triggered by some input) becomes
+        the result ``SERVICE_ERROR_RESULT`` on every correct replica alike, so the replicas stay in
+        agreement and the client gets an answer, instead of every replica failing on the same
+        request. Counted as ``service-exception``."""
+        r = self.r
+        try:
+            result = r.service.execute(op, client, nondet, read_only)
+        except Exception as e:  # noqa: BLE001 - the service is user code
+            r._count(Count.SERVICE_EXCEPTION)
+            r._emit(ServiceException(client, type(e).__name__))
+            return SERVICE_ERROR_RESULT
+        if type(result) is not bytes:
+            r._count(Count.SERVICE_BAD_RESULT)
+            return SERVICE_ERROR_RESULT
+        if len(result) > r.cfg.reply_size_bytes_max:
+            r._count(Count.SERVICE_RESULT_TOO_LARGE)
+            return SERVICE_ERROR_RESULT
+        return result

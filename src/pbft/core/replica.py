@@ -53,30 +53,16 @@ from .ready import Ready
 from .state_transfer import StateTransfer
 from .status import StatusExchange
 from .recovery import ProactiveRecovery, RecoveryRun
+from .budgets import SENDER_BUDGETS, SenderBudgets
 from .normal_case import Log
-from .requests import VOUCH_BATCH_MAX, Requests
+from .requests import Requests
 from .view_change import Decision, ViewChanges
 from .checkpoints import Checkpoints, CheckpointVotes
 from .drops import Count, Drop
 from .events import (
-    CheckpointMismatch, Event, FetchStarted, NewViewInstalled, ServiceException, Stable,
+    CheckpointMismatch, Event, FetchStarted, NewViewInstalled, Stable,
     StateTransferred, ViewChangeStarted,
 )
-
-# what one replica may make us parse and handle per status interval, per kind of message that a
-# correct replica sends a few of per interval (checked before parsing; ``Replica._within_budget``):
-# tag -> (name, unit, limit, drop when relayed, drop when over budget). Vouch: 8 x 34 bytes per key
-# of max(VOUCH_BATCH_MAX, 16 clients_max) keys, far above what a correct replica vouches for in an
-# interval (one key per request it receives); Status: one per interval from a correct replica;
-# QueryStable: one per two intervals
-SENDER_BUDGETS: dict[int, tuple[str, str, int, Drop, Drop]] = {
-    Tag.VOUCH: ("vouch", "bytes", 8 * 34, Drop.VOUCH_RELAYED, Drop.VOUCH_OVER_BUDGET),
-    Tag.STATUS: ("status", "count", 8, Drop.STATUS_RELAYED, Drop.STATUS_OVER_BUDGET),
-    Tag.QUERY_STABLE: ("query-stable", "count", 4, Drop.QUERY_STABLE_RELAYED, Drop.QUERY_STABLE_OVER_BUDGET),
-}
-# what a client gets when the service raised, or returned something other than bytes within the
-# reply size limit: the same on every correct replica (see ``_run_service``)
-SERVICE_ERROR_RESULT = b"\xffpbft:service-error"
 
 
 class Replica:
@@ -101,7 +87,7 @@ class Replica:
         self.drops: dict[str, int] = {}  # Drop (or a codec's DecodeError reason) -> inputs dropped
         self.counts: dict[str, int] = {}  # Count -> how often (what happened that is not a drop)
         self.dropped_total = 0
-        self.sender_budget: dict[tuple[int, int], tuple[float, int]] = {}  # (replica, tag) -> (start, used)
+        self.budgets = SenderBudgets(self)  # what each replica may make us parse per status interval
         self.disk = Persistence(self)  # the records each step writes (off until enable_persistence)
         self.recovery_marker = False  # the store says a recovery was under way (``begin_recovery`` again)
         # handler work a peer's messages caused, in items (vouch keys, requests checked): the
@@ -249,7 +235,7 @@ class Replica:
             self._drop(Drop.BAD_MAC)
             if fr.tag == Tag.NEW_VIEW and fr.sender < self.cfg.n:
                 # a NewView relayed after our keys changed (we restarted, or refreshed keys):
-                # usable only if f+1 replicas report its digest (``_try_certified_new_view``)
+                # usable only if f+1 replicas report its digest (``ViewChanges.on_unverified_new_view``)
                 try:
                     nv = self.codec.parse(fr)
                 except DecodeError:
@@ -267,7 +253,7 @@ class Replica:
                 if isinstance(req, Request) and not req.read_only:
                     self.requests.on_unverified_request(req, fr, relayed)
             return
-        if fr.tag in SENDER_BUDGETS and fr.sender < self.cfg.n and not self._within_budget(fr, relayed):
+        if fr.tag in SENDER_BUDGETS and fr.sender < self.cfg.n and not self.budgets.within(fr, relayed):
             return
         try:
             msg = self.codec.parse(fr)
@@ -310,30 +296,6 @@ class Replica:
         self.vc.restart(now)
         self.transfer.restart(now)
 
-    def _within_budget(self, fr: Frame, relayed: bool) -> bool:
-        """Before parsing: whether replica ``fr.sender`` (its MAC verified) is within its budget
-        for this kind of message this status interval (``SENDER_BUDGETS``); if not, the frame is
-        dropped at the cost of its MAC check. Vouch, Status and QueryStable are never relayed by
-        correct replicas, so a relayed one is dropped too (another replica cannot spend the
-        author's budget by replaying its frames)."""
-        _, unit, limit, relayed_drop, over_drop = SENDER_BUDGETS[fr.tag]
-        if relayed:
-            self._drop(relayed_drop)
-            return False
-        if unit == "bytes":
-            cost, limit = len(fr.raw), limit * max(VOUCH_BATCH_MAX, 16 * self.cfg.clients_max)
-        else:
-            cost = 1
-        k = (fr.sender, fr.tag)
-        start, used = self.sender_budget.get(k, (self.now, 0))
-        if self.now - start >= self.cfg.status_interval_ms:
-            start, used = self.now, 0
-        if used > 0 and used + cost > limit:
-            self._drop(over_drop)
-            return False
-        self.sender_budget[k] = (start, used + cost)
-        return True
-
     # =====================================================================
     # helpers
     # =====================================================================
@@ -373,32 +335,6 @@ class Replica:
 
     def _send_to(self, dest: int, raw: bytes) -> None:
         self.out.append(((dest,), raw))
-
-    def _apply(self, req: Request, nondet: bytes, n: int) -> bytes:
-        """Execute one ordered request at sequence number n: the service's operation, or (from
-        a replica) a recovery request, which the library handles itself."""
-        if req.client < self.cfg.n:
-            return self.recovery.execute(req.client, req.op, n)
-        return self._run_service(req.op, req.client, nondet, False)
-
-    def _run_service(self, op: bytes, client: int, nondet: bytes, read_only: bool) -> bytes:
-        """``service.execute``; an exception (a bug in the service, triggered by some input) becomes
-        the result ``SERVICE_ERROR_RESULT`` on every correct replica alike, so the replicas stay in
-        agreement and the client gets an answer, instead of every replica failing on the same
-        request. Counted as ``service-exception``."""
-        try:
-            result = self.service.execute(op, client, nondet, read_only)
-        except Exception as e:  # noqa: BLE001 - the service is user code
-            self._count(Count.SERVICE_EXCEPTION)
-            self._emit(ServiceException(client, type(e).__name__))
-            return SERVICE_ERROR_RESULT
-        if type(result) is not bytes:
-            self._count(Count.SERVICE_BAD_RESULT)
-            return SERVICE_ERROR_RESULT
-        if len(result) > self.cfg.reply_size_bytes_max:
-            self._count(Count.SERVICE_RESULT_TOO_LARGE)
-            return SERVICE_ERROR_RESULT
-        return result
 
     # read-only views of the state transfer (drivers, metrics and tests read them)
     @property

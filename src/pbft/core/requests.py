@@ -512,7 +512,7 @@ class Requests:
                 return
             self.ro_queue[ri.req.client] = ri
             return
-        result = r._run_service(ri.req.op, ri.req.client, b"", True)
+        result = r.log.run_service(ri.req.op, ri.req.client, b"", True)
         self.send_reply(ri.req, result, tentative=False, read_only=True)
 
     def drain_read_only(self) -> None:

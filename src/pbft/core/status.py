@@ -34,7 +34,7 @@ class StatusExchange:
         self.peer_views: dict[int, int] = {}  # replica -> view in its latest Status
         self.peer_stable: dict[int, int] = {}  # replica -> highest stable checkpoint it reported
         self.peer_nv: dict[int, tuple[int, bytes]] = {}  # replica -> (active view, its NewView digest)
-        # idle rejoin (``Replica._idle_rejoin_tick``): replicas whose Status says they are changing
+        # idle rejoin (``ViewChanges.idle_rejoin_tick``): replicas whose Status says they are changing
         # to a view above ours, with since when
         self.peer_stuck: dict[int, tuple[int, float]] = {}
 

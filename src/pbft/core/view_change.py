@@ -385,7 +385,7 @@ class ViewChanges:
                     del self.acks[k]
                     r._drop(Drop.VIEW_CHANGE_ACK_UNMATCHED_DROPPED)
         # only an ack of a ViewChange we hold, for the view we are changing to and lead, can
-        # complete anything (``_try_new_view``): others must not re-run the decision (a flood
+        # complete anything (``try_new_view``): others must not re-run the decision (a flood
         # of acks would make us run it once per ack)
         info = self.view_changes.get((a.view, a.vc_replica))
         if a.view == r.view and info is not None and info.digest == a.vc_digest:
