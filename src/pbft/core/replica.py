@@ -1,47 +1,38 @@
 """The PBFT replica as a pure state machine.
 
-No I/O, no clock, no randomness: a driver (the simulator, the asyncio
-runtime, a test) feeds it ``receive(bytes, now)`` and ``tick(now)`` and, after each
-step, carries out the one ``Ready`` that ``take_ready()`` returns (records to write,
-then messages to send, events, a key refresh: the contract is ``Ready``'s docstring).
-``next_deadline()`` says when ``tick`` must be called next.
+No I/O, no clock, no randomness: a driver (the simulator, the asyncio runtime, a test) feeds it
+``receive(bytes, now)`` and ``tick(now)`` and, after each step, carries out the one ``Ready`` that
+``take_ready()`` returns (records to write, then messages to send, events, a key refresh: the
+contract is ``Ready``'s docstring). ``next_deadline()`` says when ``tick`` must be called next.
 
-Failure discipline: anything a peer or client can send is an
-expected outcome, counted in ``self.drops[reason]`` (``drops.Drop``) and never raised;
-anything only our own bug can cause is an ``assert``.
+Failure discipline: anything a peer or client can send is an expected outcome, counted in
+``self.drops[reason]`` (``drops.Drop``) and never raised; anything only our own bug can cause is an
+``assert``.
 
-Protocol outline (names follow the paper and the thesis):
-
-* normal case: PrePrepare / Prepare / Commit, batching with a bounded number
-  of batches in flight, execution in sequence order, tentative execution of
-  prepared batches (rolled back if a view change intervenes);
-* last-reply table (part of the checkpointed state) for exactly-once;
-* checkpoints every K, stable with a quorum of matching Checkpoint messages,
-  garbage collection and the water marks h < n <= h + L;
-* Status messages, answered with whatever the sender lacks (checkpoints,
-  pre-prepares, prepares, commits, view-change and new-view messages);
-* MAC-only view changes: ViewChange, ViewChangeAck (multicast, see
-  docs/protocol.md), NewView checked by every backup with the same
-  deterministic decision procedure (``view_change.decide``);
-* checkpointed state as objects with copy-on-write checkpoints and a partition
-  tree of digests (``pbft.state``); state transfer walks the tree of a certified
-  checkpoint and fetches only the objects that differ.
+``Replica`` is composed of components that own their fields (each module's docstring says what it
+owns and may not touch): ``Log`` (``normal_case``: pre-prepare, prepare, commit, execution,
+tentative execution and rollback), ``Requests`` (``requests``: admission, vouching, the primary's
+queue, the request timer, read-only requests, replies), ``Checkpoints`` and ``CheckpointVotes``
+(``checkpoints``), ``ViewChanges`` (``view_change``: ViewChange, ViewChangeAck, NewView, checked by
+every backup with the same decision procedure ``view_change.decide``), ``StatusExchange``
+(``status``: Status messages and the repair of what a peer lacks), ``StateTransfer``,
+``ProactiveRecovery``, ``Persistence`` (``durability``) and ``SenderBudgets`` (``budgets``). What
+stays here: the dispatcher (``receive``, ``tick``), ``take_ready``, ``invariants``, ``restart``,
+``begin_recovery``, and the steps that cross areas, named after the protocol's steps (a stable
+checkpoint and garbage collection, installing a fetched checkpoint, starting a view change and
+installing a new view, answering a Status).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from ..codec import (
-    Codec, DecodeError, Frame,
-    seal,
-)
+from ..codec import Codec, DecodeError, Frame, seal
 from ..config import ClusterConfig
 from ..crypto import KeyRing
 from ..messages import (
-    BatchData, Checkpoint, Commit, Data, Fetch, FetchBatch, Message, MetaData, NewView,
-    PrePrepare, QueryStable, ReplyStable,
-    Prepare, Reply, Request, Status, Tag, ViewChange, ViewChangeAck, Vouch,
+    BatchData, Checkpoint, Commit, Data, Fetch, FetchBatch, Message, MetaData, NewView, PrePrepare, QueryStable,
+    ReplyStable, Prepare, Reply, Request, Status, Tag, ViewChange, ViewChangeAck, Vouch,
 )
 from ..service import Service
 from ..state.partition import Fetcher
@@ -60,12 +51,14 @@ from .view_change import Decision, ViewChanges
 from .checkpoints import Checkpoints, CheckpointVotes
 from .drops import Count, Drop
 from .events import (
-    CheckpointMismatch, Event, FetchStarted, NewViewInstalled, Stable,
-    StateTransferred, ViewChangeStarted,
+    CheckpointMismatch, Event, FetchStarted, NewViewInstalled, Stable, StateTransferred, ViewChangeStarted,
 )
 
 
 class Replica:
+    """One replica: the dispatcher, the drivers' interface and the cross-area steps over its
+    components (see the module docstring)."""
+
     def __init__(
         self,
         cfg: ClusterConfig,
@@ -122,10 +115,6 @@ class Replica:
         self.rs = ReplicaState(service, fanout=cfg.partition_fanout, bind_seqno=not self.bug_ckpt_noseq)
         self.state = self.rs.cs
         self.last_reply = self.rs.last_reply  # client -> (timestamp, result); change through rs.set_reply
-
-        # checkpoints
-        # seqno -> digest of committed checkpoints (the state keeps a record for each, and
-        # for each tentative one: copy-on-write, see pbft.state.partition)
         self.checkpoints = Checkpoints(self, self.state.checkpoint(0))  # ours, committed and tentative
         self.checkpoint_votes = CheckpointVotes(self.L, self.K)  # who voted for which checkpoint
         self.transfer = StateTransfer(self)  # state transfer: fetching and serving checkpoints
@@ -363,13 +352,7 @@ class Replica:
         return self.state.root
 
     # =====================================================================
-    # requests
-    # =====================================================================
-    # =====================================================================
-    # normal case
-    # =====================================================================
-    # =====================================================================
-    # execution
+    # the steps that cross areas
     # =====================================================================
     def _committed(self, n: int) -> None:
         """Seqno n's execution is final: its requests leave the pending set, and the request
@@ -380,9 +363,6 @@ class Replica:
             self.vc.reset_timeout()
         self.requests.arm_timer()
 
-    # =====================================================================
-    # checkpoints, garbage collection, state transfer
-    # =====================================================================
     def _check_stable(self, n: int) -> None:
         if n <= self.h:
             return
@@ -475,9 +455,6 @@ class Replica:
         if self.is_primary:
             self.log.try_send_preprepare()
 
-    # =====================================================================
-    # status: repair of lost messages
-    # =====================================================================
     def on_status(self, s: Status, fr: Frame) -> None:
         """A peer's Status: learn where it is, act on it, then answer with what it lacks."""
         st = self.status
@@ -489,8 +466,7 @@ class Replica:
         st.learn_view(s)
         if st.learn_stable(s) and s.stable_seqno > self.log.last_committed_exec and s.stable_seqno > self.h:
             self._check_stable(s.stable_seqno)
-        if st.learn_new_view(s) and (self.vc.unverified is not None or self.vc.pending is not None
-                                     or self.vc.future):
+        if st.learn_new_view(s):
             self.vc.try_certified_new_view()
         st.learn_stuck(s)
         if s.view > self.view:
@@ -499,9 +475,6 @@ class Replica:
                 self._start_view_change(target, "status-join")
         st.answer(s)
 
-    # =====================================================================
-    # view changes
-    # =====================================================================
     def _idle(self) -> bool:
         """Nothing for clients is under way here: no certified request waiting, nothing queued,
         ordered or tentative, no state transfer or recovery."""
