@@ -73,9 +73,9 @@ def test_recovery_repairs_a_forged_object_on_disk():
 
 
 def test_recovery_repairs_state_corrupted_in_memory():
-    """Corruption in memory behind the tree's back (no ``modify``): the replica goes on
-    with a wrong object, persists it at its next checkpoint, disagrees with the others'
-    checkpoints; its next recovery fetches the objects that differ."""
+    """Corruption in memory behind the tree's back (no ``modify``), then written through: the
+    replica's next checkpoint disagrees with the certified one, and it repairs itself at once
+    (``test_state_repair``), before any recovery; the recovery afterwards finds it sound."""
     c = Cluster(durable=True, **CFG)
     acked = workload(c, b"m", 8)
     r = c.replicas[3]
@@ -85,8 +85,8 @@ def test_recovery_repairs_state_corrupted_in_memory():
     kv.data.buckets[b][key] = (b"corrupt", 0)  # behind the library's back
     r.state.modify(r.rs.R + 1 + b)  # ... and then legitimately rewritten: now it is on disk too
     acked.update(workload(c, b"n", 8))
-    assert c.of_kind("checkpoint-mismatch", 3) or \
-        r.state_digest() != c.replicas[0].state_digest()
+    assert c.of_kind("checkpoint-mismatch", 3) and c.of_kind("state-repair", 3)
+    assert r.service.data.get(key)[0] == acked[key]
     c.restart(3, recover=True)
     wait_recovered(c, 3)
     same_state(c)
@@ -113,3 +113,155 @@ def test_a_replica_cannot_order_anything_but_its_recovery_request():
     raw = seal(Request(2, 5, b"anything", False, 0), c.rings[2])
     c.replicas[0].receive(raw, c.now)
     assert c.replicas[0].drops.get("replica-request-not-recovery") == 1
+
+
+# ---- what an intruder leaves behind: timestamps, votes, reads ------------------------------------
+
+def _order_recovery_request(c: Cluster, j: int, timestamp: int) -> None:
+    """Replica j, compromised, has a recovery request with ``timestamp`` ordered (its own keys, its
+    own vouch): what an intruder in it could do before the reboot."""
+    from pbft.codec import seal, vouch_key
+    from pbft.messages import ALL_REPLICAS, RECOVERY_OP, Request, Vouch
+    req = Request(j, timestamp, RECOVERY_OP + msgpack.packb(c.replicas[0].h + c.cfg.log_window_seqnos), False,
+                  ALL_REPLICAS)
+    for raw in (seal(req, c.rings[j]), seal(Vouch(j, (vouch_key(req),)), c.rings[j])):
+        for k in range(c.cfg.n):
+            if k != j:
+                c.net.append((j, k, raw))
+    c.run()
+    c.advance(100)
+
+
+def test_a_recovery_request_ordered_far_ahead_cannot_block_the_next_recovery():
+    """An intruder in replica 2 has a recovery request ordered with a timestamp ten minutes ahead
+    (within the bound of client timestamps): every later genuine one would look old and the
+    recovery would hang for good. A replica's timestamps are bounded by the replicas' clock skew."""
+    c = Cluster(durable=True, **CFG)
+    workload(c, b"a", 4)
+    _order_recovery_request(c, 2, int((c.now + c.cfg.timestamp_skew_ms_max) * 1000) - 1000)
+    assert all(c.replicas[k].drops.get("request-future-timestamp") == 1 for k in (0, 1, 3))
+    assert not c.of_kind("recovery-request")
+    c.restart(2, recover=True)
+    wait_recovered(c, 2)
+    assert c.of_kind("recovery-request") and not any(r.drops.get("request-old-timestamp") for r in c.replicas)
+    same_state(c)
+
+
+def test_a_recovery_request_ordered_just_inside_the_clock_bound_delays_the_next_recovery_only_briefly():
+    """The largest timestamp the replicas take from a replica, ordered by an intruder just before the
+    reboot: the genuine request (the recovering replica's clock) looks old at first; the others
+    answer with the newer one's cached reply, the replica timestamps its request again from its
+    clock, and gets through once its clock has passed the intruder's timestamp."""
+    c = Cluster(durable=True, **CFG)
+    workload(c, b"a", 4)
+    _order_recovery_request(c, 2, int((c.now + c.cfg.nondet_skew_ms_max) * 1000) - 1000)
+    assert len(c.of_kind("recovery-request")) == c.cfg.n  # ordered and executed
+    c.restart(2, recover=True)
+    started = c.now
+    wait_recovered(c, 2)
+    assert any(r.drops.get("request-old-timestamp") for r in c.replicas)  # the first one looked old
+    assert c.now - started <= 2 * c.cfg.nondet_skew_ms_max + 2_000
+    same_state(c)
+
+
+def test_a_recovery_request_from_the_future_does_not_lift_the_admission_interval():
+    """A recovery request beyond the clock bound is dropped before it counts as admitted: admitted,
+    2^63-1 would make every later request of that replica look older than the admitted one, which
+    the admission interval does not limit."""
+    c = Cluster(durable=True, **CFG)
+    workload(c, b"a", 2)
+    admitted = c.replicas[0].recovery.admitted
+    _order_recovery_request(c, 2, (1 << 63) - 1)
+    assert 2 not in admitted
+    _order_recovery_request(c, 2, int(c.now * 1000))
+    assert admitted[2][0] == int((c.now - 100) * 1000)
+
+
+def test_the_recovery_point_is_the_high_water_mark_when_the_request_executed():
+    """H = max(H_M, floor(n_R/K)*K + L): the replica (or an intruder with its keys) may have sent
+    messages for sequence numbers up to the high water mark at n_R before its request, and it is
+    recovered only once a stable checkpoint has taken the log past them. Its request is held up
+    here while the others order more, so that n_R is well past the estimate's checkpoint."""
+    from pbft.messages import Tag
+    c = Cluster(durable=True, **CFG)
+    workload(c, b"a", 6)
+    hold = [True]
+    c.drop = lambda src, dst, raw: hold[0] and src == 2 and dst < c.cfg.n and \
+        c.codec.open_frame(raw).tag == Tag.REQUEST
+    c.restart(2, recover=True)
+    c.run()
+    workload(c, b"b", 10)
+    hold[0] = False
+    wait_recovered(c, 2)
+    (est,) = c.of_kind("recovery-estimate", 2)
+    (point,) = c.of_kind("recovery-point", 2)
+    K, L = c.cfg.checkpoint_interval_seqnos, c.cfg.log_window_seqnos
+    n_R, H = point.request_seqno, point.recovery_point
+    assert H == max(est.estimate, n_R // K * K + L) > max(est.estimate, n_R)
+    assert all(ev.recovery_point == H for ev in c.of_kind("recovery-request"))
+    stable = [ev.seqno for ev in c.of_kind("stable", 2)]
+    assert max(stable) >= H and c.replicas[2].h >= H
+
+
+def test_votes_a_replica_sent_before_its_recovery_are_stale_after_its_recovery_request():
+    """An intruder in replica 2 votes for a far-future checkpoint with a made-up digest. After
+    replica 2's recovery it counts as correct again: if its old vote were still live, one more
+    faulty replica's vote would make f+1, enough to send correct replicas fetching that checkpoint
+    (a correct replica is past our window, they would conclude). The recovery request marks it stale."""
+    from pbft.codec import seal
+    from pbft.messages import Checkpoint
+    c = Cluster(durable=True, **CFG)
+    workload(c, b"a", 6)
+    far = c.replicas[0].h + 5 * c.cfg.log_window_seqnos
+    bogus = b"\x42" * 32
+    raw = seal(Checkpoint(far, bogus, 2), c.rings[2])
+    for k in (0, 1, 3):
+        c.net.append((2, k, raw))
+    c.run()
+    assert all(2 in c.replicas[k].checkpoint_votes.voters(far, bogus) for k in (0, 1, 3))
+    c.restart(2, recover=True)
+    wait_recovered(c, 2)
+    assert all(2 not in c.replicas[k].checkpoint_votes.voters(far, bogus) for k in (0, 1, 3))
+    assert all(c.replicas[k].counts.get("stale-messages", 0) >= 1 for k in (0, 1, 3))
+    assert len(c.of_kind("stale-marked")) == 3
+    raw = seal(Checkpoint(far, bogus, 3), c.rings[3])  # replica 3 is the faulty one now
+    for k in (0, 1, 2):
+        c.net.append((3, k, raw))
+    c.run()
+    assert not [ev for ev in c.of_kind("fetch") if ev.seqno == far]
+    assert workload(c, b"b", 4)
+
+
+def test_a_restarted_replica_refuses_reads_until_its_state_is_checked():
+    """A replica restarted for recovery with an object forged on its disk must not answer a
+    read-only request from that state: it refuses reads (``read-only-state-unverified``) until a
+    state transfer has checked its objects; the client gets the genuine value from the others."""
+    from pbft.messages import Reply
+    c = Cluster(durable=True, **CFG)
+    acked = workload(c, b"d", 12)
+    store = c.stores[1]
+    R = c.replicas[1].rs.R
+    victim = next(k for k, v in sorted(store.synced.items())
+                  if k[:1] == b"o" and int.from_bytes(k[1:], "big") > R and len(v) > 8)
+    pairs = msgpack.unpackb(store.synced[victim][8:])
+    key = pairs[0][0]
+    pairs[0][1][0] = b"forged"
+    store.forge(victim, msgpack.packb(pairs, use_bin_type=True))
+    store.forge(b"s", store.get(b"s"))  # even with a marker that still looks valid
+    answered_unverified = []
+
+    def watch(src, dst, raw):
+        if src == 1 and dst >= c.cfg.n:
+            m = c.codec.parse(c.codec.open_frame(raw))
+            if isinstance(m, Reply) and m.read_only and c.replicas[1].needs_state:
+                answered_unverified.append(m)
+        return False
+    c.drop = watch
+    c.restart(1, recover=True)
+    assert c.replicas[1].needs_state and c.replicas[1].service.data.get(key)[0] == b"forged"
+    assert c.get(0, key, read_only=True) == ("ok", acked[key])
+    assert answered_unverified == []
+    assert c.replicas[1].drops.get("read-only-state-unverified", 0) >= 1
+    wait_recovered(c, 1)
+    assert c.replicas[1].service.data.get(key)[0] == acked[key]
+    same_state(c)

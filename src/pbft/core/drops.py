@@ -40,6 +40,9 @@ class Drop(StrEnum):
     REQUEST_UNVERIFIED = "request-unverified"
     REQUEST_UNVERIFIED_OLD = "request-unverified-old"
     RO_QUEUE_FULL = "ro-queue-full"
+    # a read-only request while our state is not known good (unverified after a reboot or a damaged
+    # store, or a state transfer or repair under way): it is refused, never answered from that state
+    READ_ONLY_STATE_UNVERIFIED = "read-only-state-unverified"
     VOUCH_DUPLICATE = "vouch-duplicate"
     VOUCH_UNKNOWN_DROPPED = "vouch-unknown-dropped"
     # agreement
@@ -115,6 +118,10 @@ class Count(StrEnum):
     SERVICE_EXCEPTION = "service-exception"  # the service raised: the client got the error result
     SERVICE_BAD_RESULT = "service-bad-result"  # the service returned something other than bytes
     SERVICE_RESULT_TOO_LARGE = "service-result-too-large"  # over reply_size_bytes_max
+    # our checkpoint disagreed with a certified one: the objects that differ were fetched at once
+    STATE_REPAIR = "state-repair"
+    # messages from a replica whose recovery request executed here, received before it, marked stale
+    STALE_MESSAGES = "stale-messages"
 
 
 # a pre-prepare whose agreed value looks wrong from here (our clock, or an old pre-prepare relayed

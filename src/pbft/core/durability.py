@@ -143,6 +143,12 @@ class Persistence:
         st.unpersisted = later
         self.persisted_ckpt = n
 
+    def distrust_checkpoint(self) -> None:
+        """The checkpoint last written may be wrong (a recovery distrusts the store, a repair found
+        our state diverged): the next checkpoint is written whatever its sequence number, even at or
+        below that one (the objects to write are in the state's ``unpersisted``)."""
+        self.persisted_ckpt = -1
+
     def gc(self, old_h: int, upto: int, h: int, d: bytes) -> None:
         """The stable checkpoint moved from old_h to (h, d): log records up to ``upto`` go."""
         if self.puts is None:

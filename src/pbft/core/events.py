@@ -130,6 +130,17 @@ class CheckpointMismatch(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class StateRepairStarted(Event):
+    """Our checkpoint ``seqno`` disagreed with the certified ``certified``: our state went back to
+    our checkpoint ``seqno`` and the objects that differ from the certified one are being fetched."""
+
+    kind: ClassVar[str] = "state-repair"
+    seqno: int
+    ours: bytes
+    certified: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class FetchStarted(Event):
     """A state transfer towards checkpoint (``seqno``, ``digest``) began."""
 
@@ -223,3 +234,14 @@ class RecoveryRequestExecuted(Event):
     replica: int
     seqno: int
     recovery_point: int
+
+
+@dataclass(frozen=True, slots=True)
+class StaleMarked(Event):
+    """Replica ``replica``'s recovery request executed: the messages we held from it (prepares and
+    commits of uncompleted certificates, checkpoint votes not yet stable, view changes and acks
+    for views not yet started), received under its keys from before the recovery, were dropped."""
+
+    kind: ClassVar[str] = "stale-marked"
+    replica: int
+    messages: int

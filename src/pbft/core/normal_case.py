@@ -441,6 +441,8 @@ class Log:
                 if k % r.K == 0:
                     r.checkpoints.commit_tentative(k)
                 progressed = True
+            if r.needs_state:
+                break  # (the checkpoint just taken disagreed with a certified one: ``_repair_state``)
             n = self.last_exec + 1
             s = self.slots.get(n)
             if s is None or s.view != r.view or s.digest is None or s.batch is None:
@@ -525,7 +527,7 @@ class Log:
         a replica) a recovery request, which the library handles itself."""
         r = self.r
         if req.client < r.cfg.n:
-            return r.recovery.execute(req.client, req.op, n)
+            return r.recovery.execute(req.client, req.op, n, req.timestamp)
         return self.run_service(req.op, req.client, nondet, False)
 
     def run_service(self, op: bytes, client: int, nondet: bytes, read_only: bool) -> bytes:

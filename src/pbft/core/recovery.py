@@ -16,9 +16,19 @@ attacker knew is dropped) and then calls :meth:`Replica.begin_recovery`.  From t
    takes no part in agreement for sequence numbers up to H_M (it no longer knows what
    it said about them before the reboot).
 3. **Recovery request**, ordered like any request (so every replica agrees on when
-   the recovery happened).  When a replica executes replica j's recovery request at
-   sequence number n_R, it records j's recovery point H = max(H_M, n_R) and asks its
-   driver to refresh its own session keys (``Ready.refresh_keys``); the reply tells j the point.
+   the recovery happened).  Its timestamp is the recovering replica's clock (µs), and
+   replicas take a replica's request only within ``nondet_skew_ms_max`` of their own clocks
+   (``Requests._timestamp_limit``), so a request an intruder had ordered with j's keys
+   before the reboot is at most that far ahead of the clocks. Replicas answer a replica's
+   request older than its last executed one with that one's cached reply; once f+1 have,
+   j timestamps its request again from its clock (``_on_newer_reply``), until it is newer
+   than the intruder's (what the thesis' co-processor counter achieves).  When a replica
+   executes replica j's recovery request at sequence number n_R, it records j's recovery
+   point H = max(H_M, floor(n_R/K)*K + L) (the high water mark when the request executed:
+   nothing j may have said before it is for a later sequence number), marks the messages
+   it holds from j as stale (``Replica._mark_stale``: j's votes from before the recovery,
+   maybe forged with its old keys, complete no certificate), and asks its driver to
+   refresh its own session keys (``Ready.refresh_keys``); the reply tells j the point.
 4. **Null requests.**  While a recovery point is not yet covered by a stable
    checkpoint and there is nothing else to order, the primary orders null batches, so
    the checkpoint after H arrives even on an idle system.
@@ -55,12 +65,14 @@ if TYPE_CHECKING:
 
 @dataclass
 class RecoveryRun:
-    nonce: int  # also the recovery request's timestamp: grows across reboots (wall clock)
+    nonce: int  # the QueryStable nonce and the store's marker: grows across reboots (wall clock)
     started: float
     phase: str = "estimate"  # estimate -> request -> check
     reports: dict[int, tuple[int, int]] = field(default_factory=dict)  # j -> (lowest c, highest p)
     H_M: Optional[int] = None
     request_raw: Optional[bytes] = None
+    ts: int = 0  # the recovery request's timestamp (our clock in µs when we made it)
+    newer: set[int] = field(default_factory=set)  # replicas that executed a newer one of ours
     final: Optional[Certificate[bytes]] = None  # final replies' results to the recovery request
     any: Optional[Certificate[bytes]] = None  # all replies' results (final or tentative)
     n_R: Optional[int] = None
@@ -71,7 +83,8 @@ class RecoveryRun:
 class ProactiveRecovery:
     """The component (see the module docstring for what it owns)."""
 
-    __slots__ = ("r", "run", "points", "recoveries", "last_recovery_ms", "stable_answered", "admitted")
+    __slots__ = ("r", "run", "points", "recoveries", "last_recovery_ms", "stable_answered", "admitted",
+                 "stale_marked")
 
     def __init__(self, replica: "Replica"):
         self.r = replica
@@ -81,6 +94,7 @@ class ProactiveRecovery:
         self.last_recovery_ms: Optional[float] = None
         self.stable_answered: dict[int, float] = {}  # replica -> when we last answered its QueryStable
         self.admitted: dict[int, tuple[int, float]] = {}  # replica -> (timestamp, when admitted)
+        self.stale_marked: dict[int, int] = {}  # replica -> timestamp of the recovery request we marked for
 
     # ------------------------------------------------------------------
     # at the recovering replica
@@ -102,6 +116,17 @@ class ProactiveRecovery:
             r._broadcast(QueryStable(r.id, rec.nonce))
         elif rec.phase == "request" and rec.request_raw is not None:
             r.out.append((r.others, rec.request_raw))
+
+    def _make_request(self) -> None:
+        """(Re)make our recovery request, timestamped with our clock in µs (and above the last)."""
+        r = self.r
+        rec = self.run
+        assert rec is not None and rec.H_M is not None
+        rec.ts = max(rec.ts + 1, int((r.now + r.wall_offset_ms) * 1000.0), 1)
+        rec.newer = set()
+        rec.final = rec.any = None  # (replies to an older timestamp are no longer wanted)
+        req = Request(r.id, rec.ts, RECOVERY_OP + msgpack.packb(rec.H_M), False, ALL_REPLICAS)
+        rec.request_raw = seal(req, r.keys)
 
     def tick(self) -> None:
         r = self.r
@@ -129,8 +154,7 @@ class ProactiveRecovery:
             return
         rec.H_M = H_M
         rec.phase = "request"
-        req = Request(r.id, rec.nonce, RECOVERY_OP + msgpack.packb(H_M), False, ALL_REPLICAS)
-        rec.request_raw = seal(req, r.keys)
+        self._make_request()
         r._emit(RecoveryEstimated(H_M))
         self._send()
 
@@ -149,13 +173,16 @@ class ProactiveRecovery:
     def _ignore_recovery_reply(self, m: Reply) -> Optional[Drop]:
         r = self.r
         rec = self.run
-        if rec is None or rec.phase != "request" or m.client != r.id or m.timestamp != rec.nonce \
+        if rec is None or rec.phase != "request" or m.client != r.id or m.timestamp != rec.ts \
                 or m.result is None or result_digest(m.result) != m.result_digest:
             return Drop.REPLY_UNEXPECTED
         return None
 
     def on_recovery_reply(self, m: Reply, fr: Optional[Frame] = None) -> None:
         r = self.r
+        rec = self.run
+        if rec is not None and rec.phase == "request" and m.client == r.id and m.timestamp > rec.ts:
+            return self._on_newer_reply(m)
         if (why := self._ignore_recovery_reply(m)) is not None:
             return r._drop(why)
         rec = self.run
@@ -179,6 +206,25 @@ class ProactiveRecovery:
         rec.n_R, rec.H, rec.phase = int(n_R), int(H), "check"
         r._emit(RecoveryPointLearned(rec.n_R, rec.H))
         self.check_done()
+
+    def _on_newer_reply(self, m: Reply) -> None:
+        """A replica answered our recovery request with the cached reply of a newer one of ours it
+        executed: one an intruder had ordered under our keys before the reboot, timestamped ahead of
+        our clock (at most ``nondet_skew_ms_max`` ahead of the replicas' clocks then), so that ours
+        looks old. Once replicas of weak-certificate weight say so (a correct one among them: a
+        faulty one alone cannot make us churn), we timestamp our request again from our clock
+        (above the last), and send it; this repeats until our clock has passed the intruder's
+        timestamp, a delay of about two clock skews at most. No timer renews it: a request that
+        goes unanswered otherwise is only retransmitted, never superseded (which would restart the
+        backups' request timers on it)."""
+        r = self.r
+        rec = self.run
+        assert rec is not None and rec.phase == "request"
+        rec.newer.add(m.replica)
+        if not r.quorums.is_weak(rec.newer):
+            return
+        self._make_request()
+        self._send()
 
     def check_done(self) -> None:
         """Recovered: the state was checked against a certified checkpoint, and a stable
@@ -219,6 +265,8 @@ class ProactiveRecovery:
         recovery and sends a new request waits at most one interval more (it retransmits)."""
         r = self.r
         j, t = req.client, req.timestamp
+        if t > r.requests._timestamp_limit(j):
+            return None  # (the ordinary checks drop it; recorded, it would exempt every later one)
         last = self.admitted.get(j)
         if last is not None and t != last[0]:
             if t < last[0]:
@@ -244,8 +292,12 @@ class ProactiveRecovery:
         prepared = max(max(r.log.prepared, default=0), r.log.last_exec, r.h)
         r._send_to(m.replica, seal(ReplyStable(r.h, prepared, r.id, m.nonce), r.keys, to=m.replica))
 
-    def execute(self, j: int, op: bytes, n: int) -> bytes:
-        """Replica j's recovery request executes at sequence number n (every replica alike)."""
+    def execute(self, j: int, op: bytes, n: int, t: int) -> bytes:
+        """Replica j's recovery request (timestamp t) executes at sequence number n (every replica
+        alike). Its recovery point is the larger of its estimate H_M and the high water mark at n,
+        floor(n/K)*K + L: j may have sent messages (or an intruder, with its keys) for sequence
+        numbers up to there before its request, and j is recovered only once a stable checkpoint
+        has taken the log past them."""
         r = self.r
         try:
             H_M = msgpack.unpackb(op[len(RECOVERY_OP):])
@@ -255,11 +307,14 @@ class ProactiveRecovery:
             # an honest estimate is a stable checkpoint plus L, so at most about n + L: a larger
             # one would make the primary order null requests far ahead for nothing
             return msgpack.packb(["error", "malformed recovery request"])
-        H = max(H_M, n)
+        H = max(H_M, (n // r.K) * r.K + r.L)
         self.points[j] = H
         r._emit(RecoveryRequestExecuted(j, n, H))
         if j != r.id:
             r.refresh_keys = True  # (in the runtime: our session keys too, see ``Ready``)
+            if self.stale_marked.get(j) != t:  # (once per request: a rollback executes it again)
+                self.stale_marked[j] = t
+                r._mark_stale(j)
         return msgpack.packb(["recovery", n, H])
 
     def null_goal(self) -> int:

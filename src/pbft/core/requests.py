@@ -260,18 +260,23 @@ class Requests:
                 return
         self._on_ordered_request(req, fr, verified=True)
 
-    def _timestamp_limit(self) -> float:
-        """The largest request timestamp we take now: our wall clock (in µs, as clients'
-        timestamps) plus ``timestamp_skew_ms_max``. A request beyond it would, once executed,
-        make its client's genuine requests look old until our clock caught up (for good at
-        2^63-1): it is neither vouched for, nor ordered, nor accepted in a pre-prepare."""
+    def _timestamp_limit(self, client: int = -1) -> float:
+        """The largest request timestamp we take now from ``client``: our wall clock (in µs, as
+        clients' timestamps) plus ``timestamp_skew_ms_max``, or for a replica (its recovery
+        request, timestamped with its clock) plus the replicas' clock skew ``nondet_skew_ms_max``.
+        A request beyond it would, once executed, make its client's genuine requests look old
+        until our clock caught up (for good at 2^63-1): it is neither vouched for, nor ordered,
+        nor accepted in a pre-prepare. The tighter bound for replicas is what lets a recovery
+        get through after an intruder ordered one under the replica's keys
+        (``ProactiveRecovery._on_newer_reply``)."""
         r = self.r
-        return (r.now + r.wall_offset_ms + r.cfg.timestamp_skew_ms_max) * 1000.0
+        skew = r.cfg.nondet_skew_ms_max if 0 <= client < r.cfg.n else r.cfg.timestamp_skew_ms_max
+        return (r.now + r.wall_offset_ms + skew) * 1000.0
 
     def _on_ordered_request(self, req: Request, fr: Frame, verified: bool) -> None:
         r = self.r
         c, t = req.client, req.timestamp
-        if t > self._timestamp_limit():
+        if t > self._timestamp_limit(c):
             r._drop(Drop.REQUEST_FUTURE_TIMESTAMP)
             return
         last = r.last_reply.get(c)
@@ -340,6 +345,8 @@ class Requests:
                 self.arm_timer()
         else:
             r._drop(Drop.REQUEST_OLD_TIMESTAMP)
+            if c < r.cfg.n:
+                r._answer_old_recovery_request(c, last)
 
     def _replaces_known(self, cur: ReqInfo, req: Request, fr: Frame, verified: bool, key: bytes) -> bool:
         """Whether a request of the client whose latest known one is ``cur`` takes its place (if
@@ -497,14 +504,20 @@ class Requests:
         Not while tentative executions are outstanding, while changing view (they were
         rolled back), or after a view change until we have executed everything the new
         view re-proposed: a write acknowledged by 2f+1 tentative replies is re-proposed
-        there and must be visible to later reads.
+        there and must be visible to later reads. Never while our state is unverified or being
+        fetched (``_state_unverified``).
         """
         r = self.r
-        return (r.log.last_exec == r.log.last_committed_exec and r.fetch_target is None
+        return (r.log.last_exec == r.log.last_committed_exec and not r._state_unverified()
                 and r.view_active and r.log.last_committed_exec >= self.ro_barrier)
 
     def _on_read_only(self, ri: ReqInfo) -> None:
         r = self.r
+        if r._state_unverified():
+            # refused, not queued: a restarted replica may wait long for its check, and an object
+            # forged on its disk must never reach a client (the client falls back to ordering)
+            r._drop(Drop.READ_ONLY_STATE_UNVERIFIED)
+            return
         if not self._read_only_ready():
             # wait until tentative executions have committed
             if ri.req.client not in self.ro_queue and len(self.ro_queue) >= r.cfg.pending_requests_max:
@@ -560,9 +573,9 @@ class Requests:
         if unvouched:
             return Drop.BATCH_REQUEST_UNVOUCHED
         if check_nondet and reqs:
-            limit = self._timestamp_limit()
+            limit, replicas = self._timestamp_limit(), r.cfg.n
             for _, req in reqs:
-                if req.timestamp > limit:
+                if req.timestamp > (limit if req.client >= replicas else self._timestamp_limit(req.client)):
                     return Drop.BATCH_REQUEST_FUTURE_TIMESTAMP
             if not r.service.check_nondet(batch.nondet, r.now + r.wall_offset_ms):
                 return Drop.BATCH_NONDET_REJECTED

@@ -54,7 +54,7 @@ REBOOT_BACKOFF_MAX_S = 60.0  # the wait before rebooting doubles along a streak,
 EX_IOERR = 74  # exit status after a failed store write
 LOGGED_EVENTS = frozenset({"view-change", "new-view", "stable", "state-transfer", "checkpoint-mismatch", "fetch",
                            "rollback", "state-rebuild", "recovery-start", "recovery-estimate", "recovery-point",
-                           "recovered", "recovery-request"})
+                           "recovered", "recovery-request", "state-repair"})
 
 
 # session keys are refreshed for other replicas' recoveries at most this often (seconds)
@@ -183,6 +183,8 @@ class ReplicaNode:
             self._log("state-transfer", seqno=ev.seqno)
         elif kind == "checkpoint-mismatch":
             self._log("checkpoint-mismatch", seqno=ev.seqno)
+        elif kind == "state-repair":
+            self._log("state-repair", seqno=ev.seqno)
         elif kind == "fetch":
             self._log("fetch-state", seqno=ev.seqno)
         elif kind == "rollback":
@@ -351,7 +353,8 @@ class ReplicaNode:
         """Testing only (``PBFT_FAULT_INJECTION=1``, then SIGUSR2): overwrite one value of the
         service's state in memory, behind the library's back, as a memory error or an attacker
         would; the bucket is then marked modified, so the damage also reaches the disk at the
-        next checkpoint.  Only a check against the other replicas (a recovery) can find it."""
+        next checkpoint.  Only a check against the other replicas finds it: that checkpoint's
+        (``state-repair``), or a recovery."""
         from ..state.objects import ObjectDict
         svc = self.replica.service
         for part in getattr(getattr(svc, "space", None), "parts", ()):
