@@ -33,6 +33,9 @@ Behaviours (``BEHAVIOURS``):
 ``flood``               sends junk bytes and valid but useless messages to all
 ``vouch-flood``         Vouch messages full of random keys, and its own repeated
 ``recovery-flood``      recovery requests with ever new timestamps, vouched by itself
+``recovery-ts-ahead``   while compromised, recovery requests under its identity with
+                        timestamps far ahead (2^63-1, ten minutes, just inside the
+                        replicas' clock bound); then evicted: a genuine recovery
 ``claim-stuck``         claims for ever to be alone in a view change (Status and
                         ViewChange for the view above the cluster's)
 ``corrupt-state``       serves corrupt state to replicas fetching a checkpoint and
@@ -454,6 +457,63 @@ class RecoveryFlood(Behaviour):
         self.extra.append((self.others, self.seal(Vouch(self.rid, (vouch_key(req),)))))
 
 
+class RecoveryTimestampAhead(Behaviour):
+    """An intruder in the replica has recovery requests ordered under its identity with timestamps
+    as far ahead as it can (ten minutes ahead of the clocks, then 2^63-1 and just inside the
+    replicas' clock bound), vouched by itself, so that the replica's later genuine recovery request
+    looks old; then the intruder is evicted: the replica begins a genuine recovery (its log
+    distrusted, as after a reboot) and behaves honestly from there on. That recovery must end (the
+    scenario's check): requests beyond the replicas' clock bound are refused, and the recovering
+    replica timestamps its request again from its clock until it passes the one the intruder had
+    ordered."""
+
+    name = "recovery-ts-ahead"
+
+    def __init__(self, sim, rid, rng):
+        super().__init__(sim, rid, rng)
+        t = rng.uniform(50.0, 150.0)
+        # (apart by more than the admission interval, half a view-change timeout)
+        gap = sim.cfg.view_change_timeout_ms * 0.6
+        self.at = (t, t + gap, t + gap + rng.uniform(20.0, 200.0))
+        self.phase = 0  # 0, 1: sending the requests, 2: recovering (honest again)
+
+    def next_deadline(self):
+        d = self.node.next_deadline()
+        if self.phase > 2:
+            return d
+        nxt = self.at[self.phase] + self.sim.skew[self.rid]  # (our local clock)
+        return nxt if d is None else min(d, nxt)
+
+    def _send(self, timestamps) -> None:
+        import msgpack
+
+        from ..codec import vouch_key
+        from ..messages import ALL_REPLICAS, RECOVERY_OP
+
+        node, cfg = self.node, self.cfg
+        for ts in timestamps:
+            req = Request(self.rid, ts, RECOVERY_OP + msgpack.packb(node.h + cfg.log_window_seqnos), False,
+                          ALL_REPLICAS)
+            self.extra.append((self.others, self.seal(req)))
+            self.extra.append((self.others, self.seal(Vouch(self.rid, (vouch_key(req),)))))
+
+    def on_tick(self, now):
+        if self.phase > 2 or self.sim.now < self.at[self.phase]:
+            return
+        cfg = self.cfg
+        # the slowest clock among the replicas: each timestamp just inside its bound everywhere
+        clock_us = int((self.sim.now + min(self.sim.skew) + self.node.wall_offset_ms) * 1000)
+        if self.phase == 0:
+            self._send((clock_us + int(cfg.timestamp_skew_ms_max * 1000) - 1000,))
+        elif self.phase == 1:
+            self._send((U63, clock_us + int(cfg.nondet_skew_ms_max * 1000) - 1000))
+        else:
+            self.sim.seq += 1
+            self.node.begin_recovery(now, 10_000_000 + self.sim.seq)
+            self.sim._note(f"replica {self.rid}: the intruder is evicted, a genuine recovery begins")
+        self.phase += 1
+
+
 class ClaimStuck(Behaviour):
     """Claims for ever to be alone in a view change: its Status says it is changing to the view
     above the cluster's, and it sends a genuine-looking ViewChange for that view, again and again
@@ -686,7 +746,8 @@ class _TwinNode:
 
 BEHAVIOURS = {cls.name: cls for cls in (
     Behaviour, Silent, Slow, Equivocate, Mutate, MutateOne, Replay, ForgeViewChange, SeqAbuse, Censor, Flood,
-    CorruptState, WrongResults, ViewStorm, HoldAndSilent, VouchFlood, RecoveryFlood, ClaimStuck)}
+    CorruptState, WrongResults, ViewStorm, HoldAndSilent, VouchFlood, RecoveryFlood, RecoveryTimestampAhead,
+    ClaimStuck)}
 BEHAVIOUR_NAMES = sorted(set(BEHAVIOURS) | {"twins", "twins-amnesia"})
 
 

@@ -135,6 +135,32 @@ def _recoveries_repaired(sim: Simulation, res: RunResult) -> list[str]:
     return out
 
 
+def _repaired_without_recovery(sim: Simulation, res: RunResult) -> list[str]:
+    out = []
+    if sim.repairs_done < 1:
+        out.append("no forged object was repaired by a state transfer")
+    if sim.recoveries_done:
+        out.append(f"{sim.recoveries_done} recoveries: the repair must not need one")
+    if sim.corrupted:
+        out.append(f"replicas {sorted(sim.corrupted)} still corrupted")
+    return out
+
+
+def _recovered_after_timestamp_abuse(sim: Simulation, res: RunResult) -> list[str]:
+    from .byzantine import Behaviour
+
+    out = []
+    for r, _ in sim.sc.byzantine:
+        b = sim.byz[r]
+        assert isinstance(b, Behaviour)
+        node = b.node
+        if node.recoveries < 1:
+            out.append(f"replica {r}'s genuine recovery did not end: {node.recovering}")
+    if not any(sim.replicas[r].drops.get("request-future-timestamp") for r in sim.correct):
+        out.append("no correct replica refused a recovery request from the future")
+    return out
+
+
 class _MinorityWatch:
     """No sequence number commits while no side of a partition holds a quorum."""
 
@@ -286,6 +312,19 @@ SCENARIOS: list[Scenario] = [
              "replica's state is corrupted in memory (behind the library's back) or on disk",
              "every recovery ends; corrupted state detected and repaired; oracles hold",
              _cfg(faults=frozenset({"recovery", "loss", "reorder"}), fault_phase_ms=3000.0), _recoveries_repaired),
+    Scenario("S-27b", "forged-object-repair", "objects forged in a replica's memory (and written through), "
+             "no recovery: its next checkpoint disagrees with the certified one",
+             "it repairs itself at once (a state transfer of the objects that differ); oracles hold",
+             _cfg(faults=frozenset({"forge", "reorder"}), fault_phase_ms=2000.0, clients=3, ops=100_000, keys=32,
+                  stop_at_heal=True, cluster=dict(checkpoint_interval_seqnos=4, log_window_seqnos=8)),
+             _repaired_without_recovery),
+    Scenario("S-27c", "recovery-after-timestamp-abuse", "an intruder in f replicas has recovery requests ordered "
+             "under their identities with timestamps far ahead (2^63-1, ten minutes, just inside the clock "
+             "bound); then it is evicted and each replica recovers",
+             "the requests beyond the replicas' clock bound are refused; every genuine recovery ends",
+             _cfg(byz=lambda n, s: _byz(n, "recovery-ts-ahead", first=1 + s % (n - 1)), fault_phase_ms=3000.0,
+                  cluster=dict(checkpoint_interval_seqnos=4, log_window_seqnos=8)),
+             _recovered_after_timestamp_abuse),
     Scenario("S-05a", "partition-halves", "the cluster splits in halves, then heals",
              "no side commits anything; progress after heal",
              _cfg(script_fn=lambda n, s: ((100.0, "block", _halves(n)), (700.0, "unpartition", None)),
@@ -536,6 +575,11 @@ def swarm_config(replicas: int, seed: int) -> SimConfig:
         elif b == "flood":
             b = floods.choice(SWARM_FLOODS)
         byz.append((i, b))
+    # an intruder that had recovery requests ordered far ahead, then evicted by a genuine recovery:
+    # from a stream of its own too
+    recov = random.Random(f"{seed}/swarm-recovery")
+    byz = [(i, "recovery-ts-ahead") if not b.startswith("twins") and recov.random() < 0.1 else (i, b)
+           for i, b in byz]
     byz_clients = tuple(rng.sample(SWARM_CLIENTS, rng.randint(0, 2))) if rng.random() < 0.4 else ()
     # storage faults from their own stream, so that the draws above stay what they were
     disk = random.Random(f"{seed}/swarm-disk")

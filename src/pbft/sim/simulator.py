@@ -49,8 +49,10 @@ ALL_FAULTS = ("crash", "loss", "dup", "reorder", "delay", "replay", "partition")
 # "disk": crashed replicas restart from disk, sometimes after a power loss (unsynced writes
 # lost, torn writes) or with corrupted records; "powerloss": every replica loses power at
 # once, once per run; "recovery": proactive recoveries in turn, some after the replica's
-# state was corrupted in memory or on disk
-DISK_FAULTS = ("disk", "powerloss", "recovery")
+# state was corrupted in memory or on disk; "forge": an object forged in a replica's memory (and
+# written through), with no recovery to follow: its next checkpoint disagrees with the certified
+# one, and it must repair itself (a state transfer of what differs)
+DISK_FAULTS = ("disk", "powerloss", "recovery", "forge")
 
 DELIVER, WAKE, INVOKE, FAULT, CPU = 0, 1, 2, 3, 4
 
@@ -274,6 +276,8 @@ class Simulation:
         self.rng_disk = random.Random(f"{s}/disk")
         self.recovering: set[int] = set()  # replicas rebooted for a recovery that has not ended
         self.corrupted: set[int] = set()  # replicas whose state was corrupted and not yet repaired
+        self.repairing: set[int] = set()  # corrupted replicas repairing their state (no recovery)
+        self.repairs_done = 0
         self.recoveries_done = 0
         self.reboots = 0
         self.power_losses = 0
@@ -295,6 +299,17 @@ class Simulation:
         kind = ev.kind
         if kind == "recovery-request" and self.correct and r == self.correct[0] and ev.replica in self.byz:
             self.recovery_requests_executed += 1  # (a Byzantine replica's, executed at one correct replica)
+        if kind == "state-repair" and r in self.corrupted and r not in self.recovering:
+            self.repairing.add(r)
+            self._note(f"replica {r} found its checkpoint {ev.seqno} wrong: repairing")
+        elif kind == "state-transfer" and r in self.repairing:
+            self.repairing.discard(r)
+            if r in self.corrupted and r not in self.recovering:  # repaired: checked again from here on
+                self.corrupted.discard(r)
+                self.repairs_done += 1
+                self._note(f"replica {r} repaired its state at checkpoint {ev.seqno}")
+                self.oracles.rebase(r, self.replicas[r])
+                self.oracles.correct.add(r)
         if kind == "recovered" and r in self.recovering:
             self.recovering.discard(r)
             self.recoveries_done += 1
@@ -532,6 +547,11 @@ class Simulation:
                         self._push(max(0.0, t - rf.uniform(20.0, 250.0)), FAULT, "corrupt-" + corrupt, r)
                     self._push(t, FAULT, "recover", r)
                 t += rf.uniform(300.0, 1200.0)
+        if "forge" in F and self.correct:
+            t = rf.uniform(50.0, 400.0)
+            while t < end - 300.0:  # (a forgery is found at the next checkpoint: while clients still run)
+                self._push(t, FAULT, "forge-memory", self.correct[rf.randrange(len(self.correct))])
+                t += rf.uniform(300.0, 1200.0)
         for t, kind, arg in self.sc.script:
             self._push(t, FAULT, "crash-one" if kind == "crash" else kind, arg)
         self._push(end, FAULT, "heal", None)
@@ -560,6 +580,7 @@ class Simulation:
         self.deficit[r].clear()
         self.rr[r].clear()
         self.recovering.discard(r)  # a recovery under way starts again only if its marker is on disk
+        self.repairing.discard(r)
         self.oracles.rebase(r, rep)
         outcome = rep.restore(records, damaged)
         # the oracles see what restore re-executed now; its records and messages go with the
@@ -623,7 +644,7 @@ class Simulation:
                 if r in self.crashed:
                     self.crashed.discard(r)
                     self._reboot(r, power_loss=True)
-        elif kind in ("corrupt-memory", "corrupt-disk"):
+        elif kind in ("corrupt-memory", "corrupt-disk", "forge-memory"):
             if self.healed or arg in self.crashed or arg in self.recovering or arg in self.corrupted \
                     or self._faulty_now() >= self.cfg.f:
                 return
@@ -639,6 +660,11 @@ class Simulation:
                 key = min(data.buckets[b])
                 data.buckets[b][key] = (b"corrupted", 0)
                 rep.state.modify(rep.rs.R + data.base + b)
+            elif kind == "forge-memory":
+                # a key no client writes, with a forged value, written through (modify): it stays
+                # until a state transfer replaces its object
+                self.seq += 1
+                rep.service.data.set(b"forged/%d" % self.seq, (b"forged", 0))
             else:
                 keys = sorted(k for k in self.stores[arg].synced if k[:1] == b"o")
                 if not keys:
