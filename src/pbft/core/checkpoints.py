@@ -43,6 +43,10 @@ class CheckpointVotes:
             for old in sorted(votes)[: len(votes) - self.limit]:
                 del votes[old]
 
+    def forget(self, r: int) -> int:
+        """Replica r's votes (stale: ``Replica._mark_stale``); how many."""
+        return len(self.votes.pop(r, {}))
+
     def digests(self, n: int) -> set[bytes]:
         """The digests some replica voted for at checkpoint n."""
         return {v[n] for v in self.votes.values() if n in v}

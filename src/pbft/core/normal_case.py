@@ -134,6 +134,24 @@ class Log:
         indexed by it)."""
         return self.held_keys.pop(key)
 
+    def forget_uncertified(self, j: int) -> int:
+        """Replica j's prepares and commits in slots whose certificate is not complete (stale:
+        ``Replica._mark_stale``); how many."""
+        stale = 0
+        for slot in self.slots.values():
+            if not slot.prepared and slot.prepares.pop(j, None) is not None:
+                stale += 1
+            if not slot.committed and slot.commits.pop(j, None) is not None:
+                stale += 1
+        return stale
+
+    def rewind_to(self, n: int) -> None:
+        """Our state goes back to checkpoint n (a repair): executed up to n, every batch committed;
+        the records of executions after n go."""
+        for k in [k for k in self.exec_log if k > n]:
+            del self.exec_log[k]
+        self.last_exec = self.last_committed_exec = n
+
     def leave_view(self) -> None:
         """A view change: the view's slots and the pre-prepares held in it go (the certificates
         stay: our ViewChange reports them)."""

@@ -1,47 +1,38 @@
 """The PBFT replica as a pure state machine.
 
-No I/O, no clock, no randomness: a driver (the simulator, the asyncio
-runtime, a test) feeds it ``receive(bytes, now)`` and ``tick(now)`` and, after each
-step, carries out the one ``Ready`` that ``take_ready()`` returns (records to write,
-then messages to send, events, a key refresh: the contract is ``Ready``'s docstring).
-``next_deadline()`` says when ``tick`` must be called next.
+No I/O, no clock, no randomness: a driver (the simulator, the asyncio runtime, a test) feeds it
+``receive(bytes, now)`` and ``tick(now)`` and, after each step, carries out the one ``Ready`` that
+``take_ready()`` returns (records to write, then messages to send, events, a key refresh: the
+contract is ``Ready``'s docstring). ``next_deadline()`` says when ``tick`` must be called next.
 
-Failure discipline: anything a peer or client can send is an
-expected outcome, counted in ``self.drops[reason]`` (``drops.Drop``) and never raised;
-anything only our own bug can cause is an ``assert``.
+Failure discipline: anything a peer or client can send is an expected outcome, counted in
+``self.drops[reason]`` (``drops.Drop``) and never raised; anything only our own bug can cause is an
+``assert``.
 
-Protocol outline (names follow the paper and the thesis):
-
-* normal case: PrePrepare / Prepare / Commit, batching with a bounded number
-  of batches in flight, execution in sequence order, tentative execution of
-  prepared batches (rolled back if a view change intervenes);
-* last-reply table (part of the checkpointed state) for exactly-once;
-* checkpoints every K, stable with a quorum of matching Checkpoint messages,
-  garbage collection and the water marks h < n <= h + L;
-* Status messages, answered with whatever the sender lacks (checkpoints,
-  pre-prepares, prepares, commits, view-change and new-view messages);
-* MAC-only view changes: ViewChange, ViewChangeAck (multicast, see
-  docs/protocol.md), NewView checked by every backup with the same
-  deterministic decision procedure (``view_change.decide``);
-* checkpointed state as objects with copy-on-write checkpoints and a partition
-  tree of digests (``pbft.state``); state transfer walks the tree of a certified
-  checkpoint and fetches only the objects that differ.
+``Replica`` is composed of components that own their fields (each module's docstring says what it
+owns and may not touch): ``Log`` (``normal_case``: pre-prepare, prepare, commit, execution,
+tentative execution and rollback), ``Requests`` (``requests``: admission, vouching, the primary's
+queue, the request timer, read-only requests, replies), ``Checkpoints`` and ``CheckpointVotes``
+(``checkpoints``), ``ViewChanges`` (``view_change``: ViewChange, ViewChangeAck, NewView, checked by
+every backup with the same decision procedure ``view_change.decide``), ``StatusExchange``
+(``status``: Status messages and the repair of what a peer lacks), ``StateTransfer``,
+``ProactiveRecovery``, ``Persistence`` (``durability``) and ``SenderBudgets`` (``budgets``). What
+stays here: the dispatcher (``receive``, ``tick``), ``take_ready``, ``invariants``, ``restart``,
+``begin_recovery``, and the steps that cross areas, named after the protocol's steps (a stable
+checkpoint and garbage collection, installing a fetched checkpoint, starting a view change and
+installing a new view, answering a Status).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from ..codec import (
-    Codec, DecodeError, Frame,
-    result_digest, seal,
-)
+from ..codec import Codec, DecodeError, Frame, seal
 from ..config import ClusterConfig
 from ..crypto import KeyRing
 from ..messages import (
-    BatchData, Checkpoint, Commit, Data, Fetch, FetchBatch, Message, MetaData, NewView,
-    PrePrepare, QueryStable, ReplyStable,
-    Prepare, Reply, Request, Status, Tag, ViewChange, ViewChangeAck, Vouch,
+    BatchData, Checkpoint, Commit, Data, Fetch, FetchBatch, Message, MetaData, NewView, PrePrepare, QueryStable,
+    ReplyStable, Prepare, Reply, Request, Status, Tag, ViewChange, ViewChangeAck, Vouch,
 )
 from ..service import Service
 from ..state.partition import Fetcher
@@ -66,6 +57,9 @@ from .events import (
 
 
 class Replica:
+    """One replica: the dispatcher, the drivers' interface and the cross-area steps over its
+    components (see the module docstring)."""
+
     def __init__(
         self,
         cfg: ClusterConfig,
@@ -105,8 +99,7 @@ class Replica:
         self.bug_no_ts = "no-timestamp-check" in cfg.bugs
         self.bug_ckpt_noseq = "checkpoint-digest-without-seqno" in cfg.bugs
 
-        self.view = 0
-        self.view_active = True
+        self.view, self.view_active = 0, True  # the view (changed by the cross-area steps only)
         self.vc = ViewChanges(self)  # the view change: ViewChange, acks, NewView, new-view batches
         self._init_log_and_checkpoints(service)
         self.requests = Requests(self)  # admission, vouching, the primary's queue, the request timer, replies
@@ -115,17 +108,12 @@ class Replica:
 
     def _init_log_and_checkpoints(self, service: Service) -> None:
         cfg = self.cfg
-        # log and execution
         self.h = 0  # low water mark: last stable checkpoint
         self.log = Log(self)  # the normal case and the log: slots, certificates, batches, execution
         # the checkpointed state: the service's objects and the last-reply table
         self.rs = ReplicaState(service, fanout=cfg.partition_fanout, bind_seqno=not self.bug_ckpt_noseq)
         self.state = self.rs.cs
         self.last_reply = self.rs.last_reply  # client -> (timestamp, result); change through rs.set_reply
-
-        # checkpoints
-        # seqno -> digest of committed checkpoints (the state keeps a record for each, and
-        # for each tentative one: copy-on-write, see pbft.state.partition)
         self.checkpoints = Checkpoints(self, self.state.checkpoint(0))  # ours, committed and tentative
         self.checkpoint_votes = CheckpointVotes(self.L, self.K)  # who voted for which checkpoint
         self.transfer = StateTransfer(self)  # state transfer: fetching and serving checkpoints
@@ -141,7 +129,8 @@ class Replica:
         records to write, THEN the messages to send (see ``Ready`` for the whole contract).
         Call it once after every step (``receive``, ``tick``, ``restore``, ``begin_recovery``,
         ``restart``)."""
-        sends = self._take_sends()
+        self.requests.flush_vouches()
+        sends, self.out = self.out, []
         puts = self.disk.take()
         events, refresh = self.events, self.refresh_keys
         if events:
@@ -175,25 +164,8 @@ class Replica:
         Completed certificates are kept. (In the runtime j's reboot replaced its session keys
         before its request: nothing under the old ones verifies any more.) The cross-area step of
         a recovery at the other replicas (``ProactiveRecovery.execute``)."""
-        stale = 0
-        for slot in self.log.slots.values():
-            if not slot.prepared and slot.prepares.pop(j, None) is not None:
-                stale += 1
-            if not slot.committed and slot.commits.pop(j, None) is not None:
-                stale += 1
-        stale += len(self.checkpoint_votes.votes.pop(j, {}))
-        vc = self.vc
-        for k in [k for k in vc.view_changes if k[1] == j and k[0] > self.view]:
-            del vc.view_changes[k]
-            stale += 1
-        for ka, ackers in vc.acks.items():
-            if ka[0] > self.view and j in ackers:
-                ackers.discard(j)
-                stale += 1
-        vc.ahead_at.pop(j, None)
-        st = self.status
-        for peer in (st.peer_views, st.peer_stable, st.peer_nv, st.peer_stuck):
-            peer.pop(j, None)
+        stale = self.log.forget_uncertified(j) + self.checkpoint_votes.forget(j) + self.vc.forget(j)
+        self.status.forget(j)
         if stale:
             self.counts[Count.STALE_MESSAGES] = self.counts.get(Count.STALE_MESSAGES, 0) + stale
         self._emit(StaleMarked(j, stale))
@@ -223,11 +195,6 @@ class Replica:
         """Come back from stable storage (``pbft.core.durability.restore``): returns ``fresh``,
         ``restored``, ``state-repair`` or ``log-lost``."""
         return restore_replica(self, records, damaged)
-
-    def _take_sends(self) -> list[tuple[tuple[int, ...], bytes]]:
-        self.requests.flush_vouches()
-        out, self.out = self.out, []
-        return out
 
     def next_deadline(self) -> Optional[float]:
         rec, rq = self.recovering, self.requests
@@ -396,28 +363,8 @@ class Replica:
         return self.state.root
 
     # =====================================================================
-    # requests
+    # the steps that cross areas
     # =====================================================================
-    # =====================================================================
-    # normal case
-    # =====================================================================
-    # =====================================================================
-    # execution
-    # =====================================================================
-    def _answer_old_recovery_request(self, j: int, last: tuple[int, bytes]) -> None:
-        """Replica j's recovery request is older than its last one executed here (an intruder may
-        have had one ordered under j's keys, timestamped ahead): answer with that one's cached reply,
-        so that j timestamps its request again (``ProactiveRecovery._on_newer_reply``). At most one
-        per half client retry timeout, as cached replies to clients."""
-        sent = self.requests.reply_resent.get(j)
-        if sent is not None and sent[0] == last[0] and self.now - sent[2] < self.cfg.client_retry_timeout_ms / 2:
-            self._drop(Drop.REPLY_RESEND_RATE_LIMITED)
-            return
-        tentative = self.log.last_exec_seqno.get(j, 0) > self.log.last_committed_exec
-        self.requests.reply_resent[j] = (last[0], tentative, self.now)
-        rep = Reply(self.view, last[0], j, self.id, tentative, False, result_digest(last[1]), last[1])
-        self._send_to(j, seal(rep, self.keys, to=j))
-
     def _state_unverified(self) -> bool:
         """Whether our objects may be wrong: not yet checked against a certified checkpoint after a
         recovery's reboot or a damaged store (``needs_state``), or a state transfer (a catch-up or
@@ -433,9 +380,6 @@ class Replica:
             self.vc.reset_timeout()
         self.requests.arm_timer()
 
-    # =====================================================================
-    # checkpoints, garbage collection, state transfer
-    # =====================================================================
     def _check_stable(self, n: int) -> None:
         if n <= self.h:
             return
@@ -499,11 +443,8 @@ class Replica:
             st.rollback(n)
         st.discard_all()
         self.disk.distrust_checkpoint()  # (the fetched checkpoint n is written, even if ours was)
-        self.checkpoints.committed = {}
-        self.checkpoints.tentative.clear()
-        for k in [k for k in self.log.exec_log if k > n]:
-            del self.log.exec_log[k]
-        self.log.last_exec = self.log.last_committed_exec = n
+        self.checkpoints.distrust()
+        self.log.rewind_to(n)
         self._count(Count.STATE_REPAIR)
         self._emit(StateRepairStarted(n, own, d))
         self._emit(FetchStarted(n, d))
@@ -561,9 +502,6 @@ class Replica:
         if self.is_primary:
             self.log.try_send_preprepare()
 
-    # =====================================================================
-    # status: repair of lost messages
-    # =====================================================================
     def on_status(self, s: Status, fr: Frame) -> None:
         """A peer's Status: learn where it is, act on it, then answer with what it lacks."""
         st = self.status
@@ -575,8 +513,7 @@ class Replica:
         st.learn_view(s)
         if st.learn_stable(s) and s.stable_seqno > self.log.last_committed_exec and s.stable_seqno > self.h:
             self._check_stable(s.stable_seqno)
-        if st.learn_new_view(s) and (self.vc.unverified is not None or self.vc.pending is not None
-                                     or self.vc.future):
+        if st.learn_new_view(s):
             self.vc.try_certified_new_view()
         st.learn_stuck(s)
         if s.view > self.view:
@@ -585,9 +522,6 @@ class Replica:
                 self._start_view_change(target, "status-join")
         st.answer(s)
 
-    # =====================================================================
-    # view changes
-    # =====================================================================
     def _idle(self) -> bool:
         """Nothing for clients is under way here: no certified request waiting, nothing queued,
         ordered or tentative, no state transfer or recovery."""

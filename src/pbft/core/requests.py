@@ -346,7 +346,7 @@ class Requests:
         else:
             r._drop(Drop.REQUEST_OLD_TIMESTAMP)
             if c < r.cfg.n:
-                r._answer_old_recovery_request(c, last)
+                self._answer_old_recovery_request(c, last)
 
     def _replaces_known(self, cur: ReqInfo, req: Request, fr: Frame, verified: bool, key: bytes) -> bool:
         """Whether a request of the client whose latest known one is ``cur`` takes its place (if
@@ -601,3 +601,17 @@ class Requests:
             out.append(hit)
         return out
 
+    def _answer_old_recovery_request(self, j: int, last: tuple[int, bytes]) -> None:
+        """Replica j's recovery request is older than its last one executed here (an intruder may
+        have had one ordered under j's keys, timestamped ahead): answer with that one's cached reply,
+        so that j timestamps its request again (``ProactiveRecovery._on_newer_reply``). At most one
+        per half client retry timeout, as cached replies to clients."""
+        r = self.r
+        sent = r.requests.reply_resent.get(j)
+        if sent is not None and sent[0] == last[0] and r.now - sent[2] < r.cfg.client_retry_timeout_ms / 2:
+            r._drop(Drop.REPLY_RESEND_RATE_LIMITED)
+            return
+        tentative = r.log.last_exec_seqno.get(j, 0) > r.log.last_committed_exec
+        r.requests.reply_resent[j] = (last[0], tentative, r.now)
+        rep = Reply(r.view, last[0], j, r.id, tentative, False, result_digest(last[1]), last[1])
+        r._send_to(j, seal(rep, r.keys, to=j))

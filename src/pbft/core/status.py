@@ -91,6 +91,11 @@ class StatusExchange:
         else:
             self.peer_stuck.pop(s.replica, None)
 
+    def forget(self, j: int) -> None:
+        """What replica j's Status messages claimed (stale: ``Replica._mark_stale``)."""
+        for peer in (self.peer_views, self.peer_stable, self.peer_nv, self.peer_stuck):
+            peer.pop(j, None)
+
     def stable_at(self, n: int) -> list[int]:
         """The replicas that reported a stable checkpoint at or above n."""
         return [j for j, st in self.peer_stable.items() if st >= n]

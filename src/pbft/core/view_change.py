@@ -217,6 +217,21 @@ class ViewChanges:
             self.unverified = (nv, fr.raw, fr.digest)
             self.try_certified_new_view()
 
+    def forget(self, j: int) -> int:
+        """Replica j's view changes and acks for views above ours (stale: ``Replica._mark_stale``);
+        how many."""
+        view = self.r.view
+        stale = 0
+        for k in [k for k in self.view_changes if k[1] == j and k[0] > view]:
+            del self.view_changes[k]
+            stale += 1
+        for ka, ackers in self.acks.items():
+            if ka[0] > view and j in ackers:
+                ackers.discard(j)
+                stale += 1
+        self.ahead_at.pop(j, None)
+        return stale
+
     def reset_timeout(self) -> None:
         """Committed progress in an active view: the view-change timeout returns to its base."""
         self.timeout_ms = self.r.cfg.view_change_timeout_ms
