@@ -46,20 +46,20 @@ def decode_result(result: bytes):
     return r
 
 
-def _err(reason: str) -> bytes:
+def error_result(reason: str) -> bytes:
     return msgpack.packb(["err", reason])
 
 
-def _ok(value) -> bytes:
+def ok_result(value) -> bytes:
     return msgpack.packb(["ok", value], use_bin_type=True)
 
 
-def _check_entry(v) -> None:
+def check_entry(v) -> None:
     if not (isinstance(v, tuple) and len(v) == 2 and type(v[0]) is bytes and type(v[1]) is int):
         raise ValueError("bad key-value entry")
 
 
-def _check_clock(v) -> None:
+def check_clock(v) -> None:
     if type(v) is not int or v < 0:
         raise ValueError("bad clock")
 
@@ -73,8 +73,8 @@ class KVService(ObjectService):
     default 16,384, a 1 GB store has buckets of about 64 KB."""
 
     def __init__(self, skew_ms: float = 1000.0, buckets: int = 16384, bucket_bytes_max: int = 1 << 20):
-        self.clock = Cell(0, 0, check=_check_clock)
-        self.data = ObjectDict(buckets, base=1, bucket_bytes_max=bucket_bytes_max, check_value=_check_entry)
+        self.clock = Cell(0, 0, check=check_clock)
+        self.data = ObjectDict(buckets, base=1, bucket_bytes_max=bucket_bytes_max, check_value=check_entry)
         self.space = ObjectSpace(self.clock, self.data)
         self.skew_ms = skew_ms
 
@@ -97,32 +97,32 @@ class KVService(ObjectService):
             op = msgpack.unpackb(operation, raw=False, use_list=False, max_str_len=16,
                                  max_bin_len=max(KEY_SIZE_MAX, VALUE_SIZE_MAX), max_array_len=4, max_map_len=0)
         except Exception:  # garbage from a (possibly faulty) client: an error result, never a crash
-            return _err("malformed operation")
+            return error_result("malformed operation")
         if not isinstance(op, tuple) or len(op) < 2 or not isinstance(op[0], str) or not isinstance(op[1], bytes):
-            return _err("malformed operation")
+            return error_result("malformed operation")
         kind, key = op[0], op[1]
         if len(key) > KEY_SIZE_MAX:
-            return _err("key too long")
+            return error_result("key too long")
         if read_only and kind in MUTATING:
-            return _err("mutating operation sent as read-only")
+            return error_result("mutating operation sent as read-only")
         if not read_only and len(nondet) == 8:
             self.clock.set(max(self.clock.value, int.from_bytes(nondet, "big")))
         if kind == "get" and len(op) == 2:
             v = self.data.get(key)
-            return _ok(v[0] if v else None)
+            return ok_result(v[0] if v else None)
         if kind == "mtime" and len(op) == 2:
             v = self.data.get(key)
-            return _ok(v[1] if v else None)
+            return ok_result(v[1] if v else None)
         if kind == "put" and len(op) == 3 and isinstance(op[2], bytes):
             return self._put(key, op[2])
         if kind == "delete" and len(op) == 2:
-            return _ok(self.data.delete(key))
+            return ok_result(self.data.delete(key))
         if kind == "cas" and len(op) == 4 and (op[2] is None or isinstance(op[2], bytes)) and isinstance(op[3], bytes):
             cur = self.data.get(key)
             if (cur[0] if cur else None) != op[2]:
-                return _ok(False)
+                return ok_result(False)
             return self._put(key, op[3])
-        return _err(f"unknown or malformed operation {kind!r}")
+        return error_result(f"unknown or malformed operation {kind!r}")
 
     def _put(self, key: bytes, value: bytes) -> bytes:
         entry = (value, self.clock.value)
@@ -131,8 +131,8 @@ class KVService(ObjectService):
             # (``ObjectDict.install``): whether a bucket is full depends on the abstract state alone
             self.data.set(key, entry)
         except BucketFull:
-            return _err("store full: the key's bucket is at its size limit")
-        return _ok(True)
+            return error_result("store full: the key's bucket is at its size limit")
+        return ok_result(True)
 
 
 class ServiceError(Exception):

@@ -39,7 +39,7 @@ from typing import Any
 import msgpack
 
 from ..service import Service
-from .kv import KEY_SIZE_MAX, MUTATING, VALUE_SIZE_MAX, _check_clock, _check_entry, _err, _ok
+from .kv import KEY_SIZE_MAX, MUTATING, VALUE_SIZE_MAX, check_clock, check_entry, error_result, ok_result
 
 
 def _pack(x: Any) -> bytes:
@@ -99,47 +99,47 @@ class KVAltService(Service):
             op = msgpack.unpackb(operation, raw=False, use_list=False, max_str_len=16,
                                  max_bin_len=max(KEY_SIZE_MAX, VALUE_SIZE_MAX), max_array_len=4, max_map_len=0)
         except Exception:  # garbage from a (possibly faulty) client: an error result, never a crash
-            return _err("malformed operation")
+            return error_result("malformed operation")
         if not isinstance(op, tuple) or len(op) < 2 or not isinstance(op[0], str) or not isinstance(op[1], bytes):
-            return _err("malformed operation")
+            return error_result("malformed operation")
         kind, key, args = op[0], op[1], op[2:]
         if len(key) > KEY_SIZE_MAX:
-            return _err("key too long")
+            return error_result("key too long")
         if read_only and kind in MUTATING:
-            return _err("mutating operation sent as read-only")
+            return error_result("mutating operation sent as read-only")
         if not read_only and len(nondet) == 8:
             t = int.from_bytes(nondet, "big")
             if t > self.clock_ms:
                 self.modify(0)
                 self.clock_ms = t
         if kind == "get" and not args:
-            return _ok(self.values.get(key))
+            return ok_result(self.values.get(key))
         if kind == "mtime" and not args:
-            return _ok(self.mtimes.get(key))
+            return ok_result(self.mtimes.get(key))
         if kind == "put" and len(args) == 1 and isinstance(args[0], bytes):
             return self._put(key, args[0])
         if kind == "delete" and not args:
-            return _ok(self._delete(key))
+            return ok_result(self._delete(key))
         if kind == "cas" and len(args) == 2 and (args[0] is None or isinstance(args[0], bytes)) \
                 and isinstance(args[1], bytes):
             if self.values.get(key) != args[0]:
-                return _ok(False)
+                return ok_result(False)
             return self._put(key, args[1])
-        return _err(f"unknown or malformed operation {kind!r}")
+        return error_result(f"unknown or malformed operation {kind!r}")
 
     def _put(self, key: bytes, value: bytes) -> bytes:
         b = self._bucket(key)
         old = self.get(key)
         grow = self._weight(key, value, self.clock_ms) - (self._weight(key, *old) if old is not None else 0)
         if self.used.get(b, 0) + grow > self.bucket_bytes_max:
-            return _err("store full: the key's bucket is at its size limit")
+            return error_result("store full: the key's bucket is at its size limit")
         self.modify(1 + b)
         if old is None:
             self.index.insert(bisect_left(self.index, (b, key)), (b, key))
         self.values[key] = value
         self.mtimes[key] = self.clock_ms
         self.used[b] = self.used.get(b, 0) + grow
-        return _ok(True)
+        return ok_result(True)
 
     def _delete(self, key: bytes) -> bool:
         old = self.get(key)
@@ -180,7 +180,7 @@ class KVAltService(Service):
         except Exception as e:  # msgpack raises several types
             raise ValueError(f"object {i}: not msgpack") from e
         if i == 0:
-            _check_clock(v)
+            check_clock(v)
         else:
             if not isinstance(v, tuple) or not v:
                 raise ValueError(f"bucket {i - 1}: not a list of pairs")
@@ -193,7 +193,7 @@ class KVAltService(Service):
                     raise ValueError(f"bucket {i - 1}: keys not sorted")
                 if len(k) > KEY_SIZE_MAX or self._bucket(k) != i - 1:
                     raise ValueError(f"bucket {i - 1}: key in the wrong bucket")
-                _check_entry(entry)
+                check_entry(entry)
                 prev = k
         if _pack(v) != data:
             raise ValueError(f"object {i}: not in its canonical encoding")
