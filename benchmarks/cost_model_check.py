@@ -221,15 +221,16 @@ def workload(C: CostModel, reps: int, ops: int = 6000, clients: int = 32, value:
                 if d < N:
                     r = node
                     k = rings[d]
-                    m0, e0, w0, h0 = k.mac_ops, r.log.executed_requests, r.work_units, r.h
+                    m0, e0, w0, h0 = k.mac_ops, r.log.executed_requests, r.work_units, r.low_water_mark
                     t0 = pc()
                     r.receive(raw, now)
                     sends = r.take_ready().sends
                     dt = max(0.0, (pc() - t0) * 1e6 - clock_us)
                     ex = r.log.executed_requests - e0
                     sent = sum(len(ds) for ds, _ in sends)
-                    p = _predict(C, len(raw), k.mac_ops - m0, ex, r.work_units - w0, sent, raw[1], r.h - h0)
-                    key = (raw[1], ex > 0, r.h > h0)
+                    p = _predict(C, len(raw), k.mac_ops - m0, ex, r.work_units - w0, sent, raw[1],
+                                 r.low_water_mark - h0)
+                    key = (raw[1], ex > 0, r.low_water_mark > h0)
                     s = stats.setdefault(key, [0, 0.0, 0.0, 0, 0])
                     s[0] += 1
                     s[1] += dt

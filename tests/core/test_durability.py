@@ -36,7 +36,7 @@ def test_store_receives_log_and_checkpoints():
     kinds = {k[:1] for k in records}
     assert {b"q", b"c", b"k", b"b", b"o", b"s"} <= kinds
     # the log below the stable checkpoint is gone
-    h = c.replicas[0].h
+    h = c.replicas[0].low_water_mark
     assert h >= 4
     assert all(int.from_bytes(k[1:], "big") > h for k in records if k[:1] in b"qck" and len(k) == 9)
 

@@ -55,8 +55,8 @@ def test_primary_crash_with_a_window_of_full_batches_of_64k_requests():
     while c.replicas[1].last_exec % cfg.checkpoint_interval_seqnos:  # small writes up to a checkpoint
         c.put(0, b"pad", b"x")
     c.advance(200.0)
-    h0 = c.replicas[1].h
-    assert all(r.h == r.last_exec == h0 for r in c.replicas)
+    h0 = c.replicas[1].low_water_mark
+    assert all(r.low_water_mark == r.last_exec == h0 for r in c.replicas)
     c.down.add(3)  # replica 3 sees nothing of what follows: it will lack every batch of the window
     # commits are lost now: the window (h0, h0 + W] fills up with batches that prepare (and
     # execute tentatively) but never commit, so no checkpoint in it is taken
@@ -83,7 +83,7 @@ def test_primary_crash_with_a_window_of_full_batches_of_64k_requests():
             break
         c.advance(10.0)
     backups = c.replicas[1:3]
-    assert all(r.last_exec == h0 + W and r.last_committed_exec == r.h == h0 for r in backups)
+    assert all(r.last_exec == h0 + W and r.last_committed_exec == r.low_water_mark == h0 for r in backups)
     batches = [backups[0].log.slots[n].batch for n in range(h0 + 1, h0 + W + 1)]
     assert all(b.requests for b in batches), "every slot of the window holds a batch"
     assert sum(len(b.requests) == B for b in batches) >= W - 4, [len(b.requests) for b in batches]

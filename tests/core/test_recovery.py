@@ -43,8 +43,8 @@ def test_recovery_on_an_idle_system_ends_thanks_to_null_requests():
     (start,) = c.of_kind("recovery-point", 2)
     n_R, H = start.request_seqno, start.recovery_point
     assert n_R > before and H >= n_R
-    assert H >= r.L  # the estimate H_M = L_M + L
-    assert c.replicas[0].h >= H  # the null requests carried the sequence to a checkpoint past H
+    assert H >= r.log_window  # the estimate H_M = L_M + L
+    assert c.replicas[0].low_water_mark >= H  # the null requests carried the sequence to a checkpoint past H
     assert c.of_kind("recovery-request")  # every replica executed it
     assert r.recovering is None and not r.needs_state and r.recoveries == 1
     assert all(not x.recovery_points for x in c.replicas)
@@ -122,8 +122,8 @@ def _order_recovery_request(c: Cluster, j: int, timestamp: int) -> None:
     own vouch): what an intruder in it could do before the reboot."""
     from pbft.codec import seal, vouch_key
     from pbft.messages import ALL_REPLICAS, RECOVERY_OP, Request, Vouch
-    req = Request(j, timestamp, RECOVERY_OP + msgpack.packb(c.replicas[0].h + c.cfg.log_window_seqnos), False,
-                  ALL_REPLICAS)
+    point = c.replicas[0].low_water_mark + c.cfg.log_window_seqnos
+    req = Request(j, timestamp, RECOVERY_OP + msgpack.packb(point), False, ALL_REPLICAS)
     for raw in (seal(req, c.rings[j]), seal(Vouch(j, (vouch_key(req),)), c.rings[j])):
         for k in range(c.cfg.n):
             if k != j:
@@ -200,7 +200,7 @@ def test_the_recovery_point_is_the_high_water_mark_when_the_request_executed():
     assert H == max(est.estimate, n_R // K * K + L) > max(est.estimate, n_R)
     assert all(ev.recovery_point == H for ev in c.of_kind("recovery-request"))
     stable = [ev.seqno for ev in c.of_kind("stable", 2)]
-    assert max(stable) >= H and c.replicas[2].h >= H
+    assert max(stable) >= H and c.replicas[2].low_water_mark >= H
 
 
 def test_votes_a_replica_sent_before_its_recovery_are_stale_after_its_recovery_request():
@@ -212,7 +212,7 @@ def test_votes_a_replica_sent_before_its_recovery_are_stale_after_its_recovery_r
     from pbft.messages import Checkpoint
     c = Cluster(durable=True, **CFG)
     workload(c, b"a", 6)
-    far = c.replicas[0].h + 5 * c.cfg.log_window_seqnos
+    far = c.replicas[0].low_water_mark + 5 * c.cfg.log_window_seqnos
     bogus = b"\x42" * 32
     raw = seal(Checkpoint(far, bogus, 2), c.rings[2])
     for k in (0, 1, 3):

@@ -174,9 +174,9 @@ def test_checkpoints_become_stable_and_log_is_collected():
         c.put(i % 2, b"k", str(i).encode())
     c.advance(100)
     for r in c.replicas:
-        assert r.h >= 8
-        assert all(r.h < n <= r.h + r.L for n in r.log.slots)
-        assert min(r.checkpoints.committed) == r.h
+        assert r.low_water_mark >= 8
+        assert all(r.low_water_mark < n <= r.low_water_mark + r.log_window for n in r.log.slots)
+        assert min(r.checkpoints.committed) == r.low_water_mark
 
 
 def test_lagging_replica_catches_up_by_state_transfer():

@@ -76,7 +76,7 @@ def test_a_repair_found_late_survives_a_restart_from_disk():
     c.drop = lambda src, dst, raw: late[0] and dst == 2 and src < c.cfg.n and \
         c.codec.open_frame(raw).tag == Tag.CHECKPOINT
     acked = c.write_keys(b"b", 10, keys=9)
-    assert c.replicas[2].disk.persisted_ckpt > c.replicas[0].h - c.cfg.checkpoint_interval_seqnos
+    assert c.replicas[2].disk.persisted_ckpt > c.replicas[0].low_water_mark - c.cfg.checkpoint_interval_seqnos
     late[0] = False
     c.advance(500)
     assert c.of_kind("state-repair", 2)

@@ -341,7 +341,7 @@ def format_result(o) -> str:
 
 
 def format_status(r) -> str:
-    return f"view={r.view}{'' if r.view_active else ' (changing)'} h={r.h} executed={r.last_exec}"
+    return f"view={r.view}{'' if r.view_active else ' (changing)'} h={r.low_water_mark} executed={r.last_exec}"
 
 
 # ---------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def test_readme_object_form_service_replicates_and_checkpoints_incrementally():
     assert {r.service.total.value for r in c.replicas} == {15}
     assert len({r.state_digest() for r in c.replicas}) == 1
     r = c.replicas[0]
-    assert r.state.n == r.rs.R + 257 and r.h >= 4
+    assert r.state.n == r.rs.R + 257 and r.low_water_mark >= 4
     # a checkpoint hashed only the objects written since the one before, not all 321
     assert r.state.stats["leaves_hashed"] < 3 * r.state.n
 

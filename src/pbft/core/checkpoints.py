@@ -118,9 +118,9 @@ class Checkpoints:
 
     def _ignore_checkpoint(self, m: Checkpoint) -> Optional[Drop]:
         r = self.r
-        if m.seqno <= r.h:
+        if m.seqno <= r.low_water_mark:
             return Drop.CHECKPOINT_OLD
-        if m.seqno % r.K != 0:
+        if m.seqno % r.checkpoint_interval != 0:
             return Drop.CHECKPOINT_OFF_INTERVAL
         return None
 
@@ -128,7 +128,7 @@ class Checkpoints:
         r = self.r
         if (why := self._ignore_checkpoint(m)) is not None:
             return r._drop(why)
-        assert m.seqno > r.h and m.seqno % r.K == 0
+        assert m.seqno > r.low_water_mark and m.seqno % r.checkpoint_interval == 0
         r.checkpoint_votes.record(m.replica, m.seqno, m.digest)
         r._check_stable(m.seqno)
 

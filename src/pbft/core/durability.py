@@ -236,7 +236,7 @@ def _restore_state(r: Replica, objs: dict[int, bytes], marker: Optional[Checkpoi
     st.unpersisted = set()
     if marker is None and not state_damaged:
         r.checkpoints.committed = {0: st.checkpoint(0)}  # never got past the initial state
-        r.h = stable[0] if stable is not None else 0
+        r.low_water_mark = stable[0] if stable is not None else 0
     elif marker is not None and not state_damaged and st.current_digest(marker[0]) == marker[1]:
         n, d = marker
         st.checkpoint(n)
@@ -244,7 +244,7 @@ def _restore_state(r: Replica, objs: dict[int, bytes], marker: Optional[Checkpoi
         r.log.last_exec = r.log.last_committed_exec = r.log.seq_assigned = n
         # the window starts at the stable checkpoint, which may be below the state's
         # checkpoint (not yet stable) or above it (it was being fetched)
-        r.h = stable[0] if stable is not None else 0
+        r.low_water_mark = stable[0] if stable is not None else 0
         r.disk.persisted_ckpt = n
     elif marker is not None or state_damaged:
         # unusable: keep the objects (a transfer fetches only those that differ) but
@@ -252,7 +252,7 @@ def _restore_state(r: Replica, objs: dict[int, bytes], marker: Optional[Checkpoi
         # still ours: the window stays where the persisted checkpoint put it
         base = stable[0] if stable is not None else 0
         r.checkpoints.committed = {}
-        r.h = r.log.last_exec = r.log.last_committed_exec = r.log.seq_assigned = base
+        r.low_water_mark = r.log.last_exec = r.log.last_committed_exec = r.log.seq_assigned = base
         r.needs_state = True
         st.unpersisted = set(range(st.n))
         outcome = "state-repair"
@@ -275,7 +275,7 @@ def _read_log(r: Replica, records: dict[bytes, bytes]) -> Optional[LogRecords]:
             if len(k) != 9 or k[:1] not in b"qck":
                 continue
             n = int.from_bytes(k[1:], "big")
-            if not r.h < n <= r.h + r.L:
+            if not r.low_water_mark < n <= r.low_water_mark + r.log_window:
                 continue
             x = msgpack.unpackb(v, raw=False, use_list=False, strict_map_key=False)
             if k[:1] == b"q":
@@ -309,7 +309,7 @@ def _restore_log(r: Replica, records: dict[bytes, bytes], view: Any, active: Any
     r.log.preprepared.update(q)
     r.log.prepared.update(p)
     for d, b in batches.items():
-        r.log.batches[d] = (b, r.h + r.L)
+        r.log.batches[d] = (b, r.low_water_mark + r.log_window)
     # slots of the current view: what we pre-prepared, prepared and committed in it
     for n, qd in q.items():
         for d, v in qd.items():
@@ -325,7 +325,7 @@ def _restore_log(r: Replica, records: dict[bytes, bytes], view: Any, active: Any
                 slot.commits[r.id] = d
             if committed.get(n, (None, None))[1] == d:
                 slot.committed = True
-    r.log.seq_assigned = max([r.log.seq_assigned, r.h, *q])
+    r.log.seq_assigned = max([r.log.seq_assigned, r.low_water_mark, *q])
     if not r.view_active:
         r.vc.deadline = r.now + r.vc.timeout_ms
 

@@ -171,11 +171,11 @@ class Log:
         in the new view (and prepared, at a backup). Returns the highest sequence number it
         covers, from which the primary assigns the next."""
         r = self.r
-        top = max(dec.checkpoint_seqno, r.h)
+        top = max(dec.checkpoint_seqno, r.low_water_mark)
         primary = r.is_primary
         for n, dg in dec.chosen:
             top = max(top, n)
-            if n <= r.h:
+            if n <= r.low_water_mark:
                 continue
             slot = self.slot(n)
             slot.digest = dg
@@ -199,7 +199,7 @@ class Log:
 
     def in_window(self, n: int) -> bool:
         r = self.r
-        return r.h < n <= r.h + r.L
+        return r.low_water_mark < n <= r.low_water_mark + r.log_window
 
     def slot(self, n: int) -> Slot:
         r = self.r
@@ -227,7 +227,7 @@ class Log:
         cfg = r.cfg
         while (r.view_active and r.is_primary and not r._installing
                and (r.requests.queue or r.recovery.null_goal() > self.seq_assigned)
-               and self.seq_assigned + 1 <= r.h + r.L
+               and self.seq_assigned + 1 <= r.low_water_mark + r.log_window
                and self.seq_assigned - self.last_exec < cfg.batches_in_flight_max
                and r.fetch_target is None and r.recovering is None and not r.needs_state):
             reqs = r.requests.take_batch()
@@ -351,7 +351,7 @@ class Log:
             if ns is None:
                 ns = self.held_keys[k] = set()
             ns.add(pp.seqno)
-        if len(self.held_keys) > 2 * r.L * r.cfg.batch_requests_max:
+        if len(self.held_keys) > 2 * r.log_window * r.cfg.batch_requests_max:
             # (entries of pre-prepares accepted or discarded since)
             live = self.held
             for k in [k for k, ns in self.held_keys.items() if not ns & live]:
@@ -456,7 +456,7 @@ class Log:
                 self.last_committed_exec = k
                 r._emit(Promoted(k))
                 r._committed(k)
-                if k % r.K == 0:
+                if k % r.checkpoint_interval == 0:
                     r.checkpoints.commit_tentative(k)
                 progressed = True
             if r.needs_state:
@@ -509,7 +509,7 @@ class Log:
         if not tentative:
             self.last_committed_exec = n
             r._committed(n)
-        if n % r.K == 0:
+        if n % r.checkpoint_interval == 0:
             d = r.state.checkpoint(n)
             if tentative:
                 r.checkpoints.take_tentative(n, d)

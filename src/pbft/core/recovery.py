@@ -69,14 +69,14 @@ class RecoveryRun:
     started: float
     phase: str = "estimate"  # estimate -> request -> check
     reports: dict[int, tuple[int, int]] = field(default_factory=dict)  # j -> (lowest c, highest p)
-    H_M: Optional[int] = None
+    estimate: Optional[int] = None
     request_raw: Optional[bytes] = None
     ts: int = 0  # the recovery request's timestamp (our clock in µs when we made it)
     newer: set[int] = field(default_factory=set)  # replicas that executed a newer one of ours
     final: Optional[Certificate[bytes]] = None  # final replies' results to the recovery request
     any: Optional[Certificate[bytes]] = None  # all replies' results (final or tentative)
-    n_R: Optional[int] = None
-    H: Optional[int] = None
+    request_seqno: Optional[int] = None
+    point: Optional[int] = None
     next_send: float = 0.0
 
 
@@ -121,11 +121,11 @@ class ProactiveRecovery:
         """(Re)make our recovery request, timestamped with our clock in µs (and above the last)."""
         r = self.r
         rec = self.run
-        assert rec is not None and rec.H_M is not None
+        assert rec is not None and rec.estimate is not None
         rec.ts = max(rec.ts + 1, int((r.now + r.wall_offset_ms) * 1000.0), 1)
         rec.newer = set()
         rec.final = rec.any = None  # (replies to an older timestamp are no longer wanted)
-        req = Request(r.id, rec.ts, RECOVERY_OP + msgpack.packb(rec.H_M), False, ALL_REPLICAS)
+        req = Request(r.id, rec.ts, RECOVERY_OP + msgpack.packb(rec.estimate), False, ALL_REPLICAS)
         rec.request_raw = seal(req, r.keys)
 
     def tick(self) -> None:
@@ -152,7 +152,7 @@ class ProactiveRecovery:
         H_M = self._estimate(rec.reports)
         if H_M is None:
             return
-        rec.H_M = H_M
+        rec.estimate = H_M
         rec.phase = "request"
         self._make_request()
         r._emit(RecoveryEstimated(H_M))
@@ -168,7 +168,7 @@ class ProactiveRecovery:
                     q.is_weak_but_one([k for k, (_, pk) in reports.items() if k != j and pk >= cj]) and \
                     (best is None or cj > best):
                 best = cj
-        return None if best is None else best + r.L
+        return None if best is None else best + r.log_window
 
     def _ignore_recovery_reply(self, m: Reply) -> Optional[Drop]:
         r = self.r
@@ -203,8 +203,8 @@ class ProactiveRecovery:
             tag, n_R, H = msgpack.unpackb(certified, raw=False)
         except (ValueError, TypeError, msgpack.UnpackException):
             return  # f+1 replicas cannot all be faulty: unreachable
-        rec.n_R, rec.H, rec.phase = int(n_R), int(H), "check"
-        r._emit(RecoveryPointLearned(rec.n_R, rec.H))
+        rec.request_seqno, rec.point, rec.phase = int(n_R), int(H), "check"
+        r._emit(RecoveryPointLearned(rec.request_seqno, rec.point))
         self.check_done()
 
     def _on_newer_reply(self, m: Reply) -> None:
@@ -231,17 +231,17 @@ class ProactiveRecovery:
         checkpoint covers the recovery point."""
         r = self.r
         rec = self.run
-        if rec is None or rec.phase != "check" or rec.H is None or r.needs_state or r.h < rec.H:
+        if rec is None or rec.phase != "check" or rec.point is None or r.needs_state or r.low_water_mark < rec.point:
             return
         self.run = None
         self.recoveries += 1
         self.last_recovery_ms = r.now - rec.started
         r.disk.recovery(None)
-        r._emit(Recovered(rec.H, self.last_recovery_ms))
+        r._emit(Recovered(rec.point, self.last_recovery_ms))
 
     def ignores(self, n: int) -> bool:
         rec = self.run
-        return rec is not None and (rec.H_M is None or n <= rec.H_M)
+        return rec is not None and (rec.estimate is None or n <= rec.estimate)
 
     # ------------------------------------------------------------------
     # at every replica
@@ -289,8 +289,8 @@ class ProactiveRecovery:
         if (why := self._ignore_query_stable(m)) is not None:
             return r._drop(why)
         self.stable_answered[m.replica] = r.now
-        prepared = max(max(r.log.prepared, default=0), r.log.last_exec, r.h)
-        r._send_to(m.replica, seal(ReplyStable(r.h, prepared, r.id, m.nonce), r.keys, to=m.replica))
+        prepared = max(max(r.log.prepared, default=0), r.log.last_exec, r.low_water_mark)
+        r._send_to(m.replica, seal(ReplyStable(r.low_water_mark, prepared, r.id, m.nonce), r.keys, to=m.replica))
 
     def execute(self, j: int, op: bytes, n: int, t: int) -> bytes:
         """Replica j's recovery request (timestamp t) executes at sequence number n (every replica
@@ -303,11 +303,11 @@ class ProactiveRecovery:
             H_M = msgpack.unpackb(op[len(RECOVERY_OP):])
         except (ValueError, TypeError, msgpack.UnpackException):
             H_M = None
-        if type(H_M) is not int or H_M < 0 or H_M > n + 2 * r.L:
+        if type(H_M) is not int or H_M < 0 or H_M > n + 2 * r.log_window:
             # an honest estimate is a stable checkpoint plus L, so at most about n + L: a larger
             # one would make the primary order null requests far ahead for nothing
             return msgpack.packb(["error", "malformed recovery request"])
-        H = max(H_M, (n // r.K) * r.K + r.L)
+        H = max(H_M, (n // r.checkpoint_interval) * r.checkpoint_interval + r.log_window)
         self.points[j] = H
         r._emit(RecoveryRequestExecuted(j, n, H))
         if j != r.id:
@@ -322,12 +322,12 @@ class ProactiveRecovery:
         r = self.r
         if not self.points:
             return 0
-        K = r.K
+        K = r.checkpoint_interval
         goal = max(-(-H // K) * K for H in self.points.values())
-        return goal if goal > r.h else 0
+        return goal if goal > r.low_water_mark else 0
 
     def prune_points(self) -> None:
         r = self.r
-        K = r.K
-        for j in [j for j, H in self.points.items() if r.h >= -(-H // K) * K]:
+        K = r.checkpoint_interval
+        for j in [j for j, H in self.points.items() if r.low_water_mark >= -(-H // K) * K]:
             del self.points[j]

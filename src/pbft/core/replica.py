@@ -92,8 +92,8 @@ class Replica:
         self.wall_offset_ms = 0.0
         self.others = tuple(r for r in range(cfg.n) if r != replica_id)
         self.quorums = Quorums.of(cfg)  # every threshold goes through it
-        self.K = cfg.checkpoint_interval_seqnos
-        self.L = cfg.log_window_seqnos
+        self.checkpoint_interval = cfg.checkpoint_interval_seqnos
+        self.log_window = cfg.log_window_seqnos
         self.bug_skip_digest = "skip-digest-check" in cfg.bugs
         self.bug_drop_prepared = "drop-prepared-in-view-change" in cfg.bugs
         self.bug_no_ts = "no-timestamp-check" in cfg.bugs
@@ -108,14 +108,14 @@ class Replica:
 
     def _init_log_and_checkpoints(self, service: Service) -> None:
         cfg = self.cfg
-        self.h = 0  # low water mark: last stable checkpoint
+        self.low_water_mark = 0  # low water mark: last stable checkpoint
         self.log = Log(self)  # the normal case and the log: slots, certificates, batches, execution
         # the checkpointed state: the service's objects and the last-reply table
         self.rs = ReplicaState(service, fanout=cfg.partition_fanout, bind_seqno=not self.bug_ckpt_noseq)
         self.state = self.rs.cs
         self.last_reply = self.rs.last_reply  # client -> (timestamp, result); change through rs.set_reply
         self.checkpoints = Checkpoints(self, self.state.checkpoint(0))  # ours, committed and tentative
-        self.checkpoint_votes = CheckpointVotes(self.L, self.K)  # who voted for which checkpoint
+        self.checkpoint_votes = CheckpointVotes(self.log_window, self.checkpoint_interval)  # the replicas' votes
         self.transfer = StateTransfer(self)  # state transfer: fetching and serving checkpoints
         self.needs_state = False  # restored from a damaged store: execute nothing before a transfer
         self._installing = False
@@ -210,7 +210,7 @@ class Replica:
         assert self.log.last_committed_exec <= self.log.last_exec, "committed execution ahead of execution"
         assert self.view_active or self.view > 0, "view 0 is never changed to"
         assert (self.fetch_target is None) == (self.fetcher is None), "a fetch target without its walk"
-        assert self.log.seq_assigned >= self.h, "sequence numbers assigned below the low water mark"
+        assert self.log.seq_assigned >= self.low_water_mark, "sequence numbers assigned below the low water mark"
         assert len(self.vc.future) <= 2, "future NewViews unbounded"
         assert self.recovering is None or self.recovering.phase in ("estimate", "request", "check")
         assert self.vc.pending is None or not self.view_active or self.vc.pending[0].view != self.view, \
@@ -381,7 +381,7 @@ class Replica:
         self.requests.arm_timer()
 
     def _check_stable(self, n: int) -> None:
-        if n <= self.h:
+        if n <= self.low_water_mark:
             return
         votes = self.checkpoint_votes
         for d in votes.digests(n):
@@ -391,7 +391,7 @@ class Replica:
                 self._on_stable_certificate(n, d)
                 return
             if reached is Reached.WEAK and self.log.last_committed_exec < n and (
-                    n > self.h + self.L
+                    n > self.low_water_mark + self.log_window
                     or self.quorums.is_weak(self.status.stable_at(n))):
                 # a correct replica is past our whole window, or replicas of weak weight have
                 # discarded the log up to n (nobody will resend what we lack there): catch up to
@@ -452,10 +452,10 @@ class Replica:
 
     def _advance_low_water_mark(self, n: int, d: bytes) -> None:
         """Checkpoint (n, d) is stable (or certified): discard the log up to it."""
-        if n <= self.h:
+        if n <= self.low_water_mark:
             return
-        self.disk.gc(self.h, min(n, self.h + self.L), n, d)
-        self.h = n
+        self.disk.gc(self.low_water_mark, min(n, self.low_water_mark + self.log_window), n, d)
+        self.low_water_mark = n
         self._emit(Stable(n))
         self.checkpoints.discard_below(n)
         self.state.discard_below(n)
@@ -511,7 +511,7 @@ class Replica:
         # a view change, or restarted without its state, finds the current view even when it
         # has no request of its own to time out on.
         st.learn_view(s)
-        if st.learn_stable(s) and s.stable_seqno > self.log.last_committed_exec and s.stable_seqno > self.h:
+        if st.learn_stable(s) and s.stable_seqno > max(self.log.last_committed_exec, self.low_water_mark):
             self._check_stable(s.stable_seqno)
         if st.learn_new_view(s):
             self.vc.try_certified_new_view()
@@ -558,7 +558,7 @@ class Replica:
         # the chosen batches, taken before the low water mark moves: one fetched by BatchData is
         # kept only up to the old window's end, which moving to checkpoint s may discard
         chosen_batches = {dg: self.log.batch_for(dg) for _, dg in dec.chosen}
-        if s > self.h:
+        if s > self.low_water_mark:
             if self.checkpoints.committed.get(s) != d:
                 self._start_fetch(s, d)
             self._installing = True  # no pre-prepare before the re-proposals are in place

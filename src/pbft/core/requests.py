@@ -583,7 +583,7 @@ class Requests:
 
     def batch_requests(self, batch: Batch) -> list[tuple[Frame, Request]]:
         """The (frame, request) pairs of a batch; frames we received from their clients
-        ourselves are not opened again (``req_seen``: their MACs verified here)."""
+        ourselves are not opened again (``seen``: their MACs verified here)."""
         r = self.r
         seen = self.seen
         codec = r.codec
@@ -607,11 +607,11 @@ class Requests:
         so that j timestamps its request again (``ProactiveRecovery._on_newer_reply``). At most one
         per half client retry timeout, as cached replies to clients."""
         r = self.r
-        sent = r.requests.reply_resent.get(j)
+        sent = self.reply_resent.get(j)
         if sent is not None and sent[0] == last[0] and r.now - sent[2] < r.cfg.client_retry_timeout_ms / 2:
             r._drop(Drop.REPLY_RESEND_RATE_LIMITED)
             return
         tentative = r.log.last_exec_seqno.get(j, 0) > r.log.last_committed_exec
-        r.requests.reply_resent[j] = (last[0], tentative, r.now)
+        self.reply_resent[j] = (last[0], tentative, r.now)
         rep = Reply(r.view, last[0], j, r.id, tentative, False, result_digest(last[1]), last[1])
         r._send_to(j, seal(rep, r.keys, to=j))

@@ -140,8 +140,9 @@ class StateTransfer:
         if r.checkpoints.committed.get(n) != m.digest or not r.state.has(n):
             r._drop(Drop.FETCH_UNKNOWN_CHECKPOINT)
             # tell the requester about our newer stable checkpoint, if any
-            if r.h > n and r.h in r.checkpoints.committed:
-                r._send_to(m.replica, seal(Checkpoint(r.h, r.checkpoints.committed[r.h], r.id), r.keys))
+            lwm, ck = r.low_water_mark, r.checkpoints.committed
+            if lwm > n and lwm in ck:
+                r._send_to(m.replica, seal(Checkpoint(lwm, ck[lwm], r.id), r.keys))
             return
         st = r.state
         if not m.want:

@@ -59,9 +59,10 @@ class StatusExchange:
                 break
             sl = r.log.slots[n]
             if sl.view == r.view and not sl.committed:
-                upto = max(n - 1, r.h)
+                upto = max(n - 1, r.low_water_mark)
                 break
-        r._broadcast(Status(r.view, r.view_active, r.h, upto, r.id, r.vc.new_view_digest if r.view_active else b""))
+        r._broadcast(Status(r.view, r.view_active, r.low_water_mark, upto, r.id,
+                            r.vc.new_view_digest if r.view_active else b""))
 
     # ---- what a peer reports ------------------------------------------------------------------
     def learn_view(self, s: Status) -> None:
@@ -153,7 +154,7 @@ class StatusExchange:
         budget = r.cfg.status_resend_seqnos_max
         bytes_left = r.cfg.message_size_bytes_max
         nv_sent = False
-        start = max(last_executed, r.h) + 1
+        start = max(last_executed, r.low_water_mark) + 1
         top = max(r.log.slots, default=0)
         for n in range(start, top + 1):
             if budget <= 0 or bytes_left <= 0:

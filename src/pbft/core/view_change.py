@@ -177,7 +177,7 @@ class ViewChanges:
         self.new_view_raw = None
         self.new_view_vc_raws = []
         self.deadline = None
-        h = r.h
+        h = r.low_water_mark
         prepared = tuple(sorted((n, d, pv) for n, (d, pv) in r.log.prepared.items() if n > h))
         preprepared = tuple(sorted((n, d, qv) for n, q in r.log.preprepared.items() if n > h
                                    for d, qv in q.items()))
@@ -307,7 +307,7 @@ class ViewChanges:
 
     def _valid(self, vc: ViewChange) -> bool:
         r = self.r
-        lo, hi = vc.stable_seqno, vc.stable_seqno + r.L
+        lo, hi = vc.stable_seqno, vc.stable_seqno + r.log_window
         if not all(lo < n <= hi and v < vc.view for n, _, v in vc.prepared):
             return False
         if not all(lo < n <= hi and v < vc.view for n, _, v in vc.preprepared):
@@ -437,7 +437,7 @@ class ViewChanges:
     def _decide(self, infos: list[VCInfo]) -> Optional[Decision]:
         r = self.r
         return decide([i.msg for i in sorted(infos, key=lambda i: i.msg.replica)],
-                      r.quorums, r.L)
+                      r.quorums, r.log_window)
 
     def try_new_view(self) -> None:
         r = self.r
@@ -458,7 +458,7 @@ class ViewChanges:
         budget = r.cfg.new_view_batch_bytes_max
         given = set()
         for n, d in dec.chosen:
-            if d == NULL_BATCH_DIGEST or n <= r.h or d in given:
+            if d == NULL_BATCH_DIGEST or n <= r.low_water_mark or d in given:
                 continue
             b = r.log.batch_for(d)
             assert b is not None  # (_missing_batches found none missing)
@@ -482,7 +482,7 @@ class ViewChanges:
         r = self.r
         out = []
         for n, d in chosen:
-            if n > r.h and d != NULL_BATCH_DIGEST and r.log.batch_for(d) is None and d not in out:
+            if n > r.low_water_mark and d != NULL_BATCH_DIGEST and r.log.batch_for(d) is None and d not in out:
                 out.append(d)
         return out
 
@@ -516,10 +516,10 @@ class ViewChanges:
             return r._drop(why)
         b = r.log.batches[m.digest]
         sent = self.batches_answered.setdefault(m.replica, {})
-        if len(sent) >= 2 * r.L:  # bounded: forget answers older than the interval
+        if len(sent) >= 2 * r.log_window:  # bounded: forget answers older than the interval
             for k in [k for k, t in sent.items() if r.now - t >= r.cfg.status_interval_ms / 2]:
                 del sent[k]
-            if len(sent) >= 2 * r.L:
+            if len(sent) >= 2 * r.log_window:
                 r._drop(Drop.FETCH_BATCH_RATE_LIMITED)
                 return
         sent[m.digest] = r.now
@@ -541,7 +541,7 @@ class ViewChanges:
             return r._drop(why)
         assert m.digest in self.batches_wanted
         del self.batches_wanted[m.digest]
-        r.log.remember_batch(m.digest, m.batch, r.h + r.L)
+        r.log.remember_batch(m.digest, m.batch, r.low_water_mark + r.log_window)
         # a NewView (to build, or to accept) may have been waiting for this batch
         if not r.view_active and r.primary() == r.id:
             self.try_new_view()

@@ -78,7 +78,7 @@ class ReplicaMetrics:
         yield gauge("pbft_last_executed_seqno", "Sequence number of the last executed batch", r.last_exec)
         yield gauge("pbft_last_committed_seqno", "Sequence number of the last committed executed batch",
                     r.last_committed_exec)
-        yield gauge("pbft_stable_checkpoint_seqno", "Sequence number of the last stable checkpoint", r.h)
+        yield gauge("pbft_stable_checkpoint_seqno", "Sequence number of the last stable checkpoint", r.low_water_mark)
         yield counter("pbft_checkpoints_stable", "Checkpoints that became stable", self.stable_checkpoints)
         yield gauge("pbft_view", "Current view", r.view)
         yield gauge("pbft_native", "1 if this process runs the compiled modules of make native (pbft native)",

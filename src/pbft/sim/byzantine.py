@@ -337,7 +337,7 @@ class SeqAbuse(Behaviour):
         if not isinstance(msg, PrePrepare) or msg.batch is None:
             return [(dests, raw)]
         rng = self.rng
-        h, L = self.node.h, self.cfg.log_window_seqnos
+        h, L = self.node.low_water_mark, self.cfg.log_window_seqnos
         choice = rng.choice(["above-H", "near-2^63", "skip", "reuse", "keep"])
         if choice == "keep":
             return [(dests, raw)]
@@ -387,10 +387,11 @@ class Flood(Behaviour):
             elif k == 1:
                 raw = self.seal(Status(node.view, rng.random() < 0.5, rng.randrange(100), rng.randrange(100), self.rid))
             elif k == 2:
-                raw = self.seal(Checkpoint(node.h + self.cfg.checkpoint_interval_seqnos * rng.randint(1, 1000),
-                                           rng.randbytes(32), self.rid))
+                at = node.low_water_mark + self.cfg.checkpoint_interval_seqnos * rng.randint(1, 1000)
+                raw = self.seal(Checkpoint(at, rng.randbytes(32), self.rid))
             elif k == 3:
-                raw = self.seal(Prepare(node.view, max(1, node.h + rng.randint(-5, 5)), rng.randbytes(32), self.rid))
+                raw = self.seal(Prepare(node.view, max(1, node.low_water_mark + rng.randint(-5, 5)), rng.randbytes(32),
+                                        self.rid))
             elif k == 4:
                 raw = self.seal(ViewChangeAck(node.view + rng.randint(1, 3), self.rid, rng.randrange(self.cfg.n),
                                               rng.randbytes(32)))
@@ -451,8 +452,8 @@ class RecoveryFlood(Behaviour):
         node = self.node
         self.nonce += 1
         self.sent += 1
-        req = Request(self.rid, self.nonce, RECOVERY_OP + msgpack.packb(node.h + self.cfg.log_window_seqnos),
-                      False, ALL_REPLICAS)
+        point = node.low_water_mark + self.cfg.log_window_seqnos
+        req = Request(self.rid, self.nonce, RECOVERY_OP + msgpack.packb(point), False, ALL_REPLICAS)
         self.extra.append((self.others, self.seal(req)))
         self.extra.append((self.others, self.seal(Vouch(self.rid, (vouch_key(req),)))))
 
@@ -492,7 +493,7 @@ class RecoveryTimestampAhead(Behaviour):
 
         node, cfg = self.node, self.cfg
         for ts in timestamps:
-            req = Request(self.rid, ts, RECOVERY_OP + msgpack.packb(node.h + cfg.log_window_seqnos), False,
+            req = Request(self.rid, ts, RECOVERY_OP + msgpack.packb(node.low_water_mark + cfg.log_window_seqnos), False,
                           ALL_REPLICAS)
             self.extra.append((self.others, self.seal(req)))
             self.extra.append((self.others, self.seal(Vouch(self.rid, (vouch_key(req),)))))
@@ -529,9 +530,9 @@ class ClaimStuck(Behaviour):
     def on_tick(self, now):
         node = self.node
         v = max(node.view, max((self.sim.replicas[r].view for r in self.sim.correct), default=0)) + 1
-        self.extra.append((self.others, self.seal(Status(v, False, node.h, node.last_committed_exec, self.rid, b""))))
-        ck = node.checkpoints.committed
-        vc = ViewChange(v, self.rid, node.h, ((node.h, ck[node.h]),) if node.h in ck else (), (), ())
+        ck, lwm = node.checkpoints.committed, node.low_water_mark
+        self.extra.append((self.others, self.seal(Status(v, False, lwm, node.last_committed_exec, self.rid, b""))))
+        vc = ViewChange(v, self.rid, lwm, ((lwm, ck[lwm]),) if lwm in ck else (), (), ())
         self.extra.append((self.others, self.seal(vc)))
 
 
@@ -593,9 +594,8 @@ class ViewStorm(Behaviour):
         if self.rng.random() < 0.3:
             node = self.node
             self.v = max(self.v, node.view) + self.rng.randint(1, 1000)
-            ck = node.checkpoints.committed
-            vc = ViewChange(self.v, self.rid, node.h, ((node.h, ck[node.h]),) if node.h in ck else (),
-                            (), ())
+            ck, lwm = node.checkpoints.committed, node.low_water_mark
+            vc = ViewChange(self.v, self.rid, lwm, ((lwm, ck[lwm]),) if lwm in ck else (), (), ())
             self.extra.append((self.others, self.seal(vc)))
 
 

@@ -41,8 +41,8 @@ class Oracles:
     def __init__(self, codec: Codec, n: int, window: int, ckpt_interval: int, pending_max: int):
         self.codec = codec
         self.n = n
-        self.L = window
-        self.K = ckpt_interval
+        self.log_window = window
+        self.checkpoint_interval = ckpt_interval
         self.pending_max = pending_max
         self.violations: list[str] = []
         self.now = 0.0
@@ -56,7 +56,7 @@ class Oracles:
         self.execs: list[dict[int, tuple[bytes, tuple, bool]]] = [dict() for _ in range(n)]
         self.done: list[set[tuple[int, int]]] = [set() for _ in range(n)]
         self.view = [0] * n
-        self.h = [0] * n
+        self.low_water_marks = [0] * n
         self.views_installed: set[int] = set()
         self.correct: set[int] = set(range(n))  # Byzantine replicas' traces are not checked
 
@@ -65,7 +65,7 @@ class Oracles:
         before is behind the state it restored; check it from here on."""
         self.execs[r] = {}
         self.done[r] = set()
-        self.h[r] = rep.h
+        self.low_water_marks[r] = rep.low_water_mark
         self.view[r] = rep.view
 
     def violation(self, what: str) -> None:
@@ -147,9 +147,9 @@ class Oracles:
                         self._check_new_view_keeps(v, dec, n, d, cv)
         elif isinstance(ev, Stable):
             n = ev.seqno
-            if n < self.h[r]:
+            if n < self.low_water_marks[r]:
                 self.violation(f"P5 replica {r} low water mark decreased")
-            self.h[r] = n
+            self.low_water_marks[r] = n
             for k in [k for k in self.execs[r] if k <= n and not self.execs[r][k][2]]:
                 del self.execs[r][k]
 
@@ -175,7 +175,7 @@ class Oracles:
     # ---- after every step ---------------------------------------------------
     def after_step(self, rep) -> None:
         r = rep.id
-        h, L = rep.h, self.L
+        h, L = rep.low_water_mark, self.log_window
         if len(rep.log.slots) > L or any(not (h < k <= h + L) for k in rep.log.slots):
             self.violation(f"R1 replica {r} log outside (h, h+L]: h={h} slots={sorted(rep.log.slots)[:3]}...")
         if rep.last_committed_exec > h + L:
@@ -183,7 +183,7 @@ class Oracles:
         rq = rep.requests
         if max(len(rq.queue), len(rq.pending), len(rq.ro_queue), len(rq.known)) > self.pending_max:
             self.violation(f"R1 replica {r} request queues unbounded")
-        if len(rep.checkpoints.committed) > L // self.K + 2 or len(rep.log.exec_log) > L:
+        if len(rep.checkpoints.committed) > L // self.checkpoint_interval + 2 or len(rep.log.exec_log) > L:
             self.violation(f"R1 replica {r} checkpoint store or execution log unbounded")
         if rep.view != self.view[r] and rep.view < self.view[r]:
             self.violation(f"P5 replica {r} view decreased")

@@ -442,7 +442,7 @@ class Simulation:
         node = self._node(r)
         rep = self.replicas[r]
         keys = self.rings[r]
-        macs0, ex0, w0, h0 = keys.mac_ops, rep.log.executed_requests, rep.work_units, rep.h
+        macs0, ex0, w0, h0 = keys.mac_ops, rep.log.executed_requests, rep.work_units, rep.low_water_mark
         self.cur_src = src
         if self._spoofed(r, raw, src):
             rep.count_drop(Drop.SPOOFED_CLIENT)
@@ -452,7 +452,7 @@ class Simulation:
             self.oracles.after_step(rep)
             self._invariants(rep)
         cost_ms = C.charge_us(len(raw), keys.mac_ops - macs0, rep.log.executed_requests - ex0, rep.work_units - w0, 0,
-                              raw[1] if len(raw) > 1 else -1, max(0, rep.h - h0), reads) / 1000.0
+                              raw[1] if len(raw) > 1 else -1, max(0, rep.low_water_mark - h0), reads) / 1000.0
         # (the vouches sealed when the sends are taken count with the next frame's MACs)
         sent0 = self.messages
         self._flush(r, cost_ms)

@@ -71,7 +71,7 @@ def run_demo(seed: int = 7, out=sys.stdout) -> int:
           f"{res.view_changes} view change(s), simulated time {res.sim_time_ms:.0f}ms", file=out)
     for r in sim.replicas:
         print(f"  replica {r.id}: view {r.view}, executed up to seqno {r.last_committed_exec}, "
-              f"stable checkpoint {r.h}, state digest {r.state_digest().hex()[:16]}", file=out)
+              f"stable checkpoint {r.low_water_mark}, state digest {r.state_digest().hex()[:16]}", file=out)
     ok = res.ok and len(digests) == 1
     print(f"oracles: {len(res.violations)} safety violations, "
           f"{'history linearizable, ' if not res.violations else ''}"
