@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -312,9 +313,15 @@ def test_service_exception_gives_every_replica_the_same_error_result(tmp_path):
         lc.stop()
 
 
-def test_port_in_use_and_bad_client_id_are_one_line_errors(cluster):
-    # replica 1 is already running: a second one cannot bind its port
+def test_port_in_use_and_bad_client_id_are_one_line_errors(cluster, tmp_path):
+    # replica 1 is already running: a second one cannot open its store (locked) ...
     p = pbft("replica", cluster.dir, "--id", 1)
+    assert p.returncode == 2 and "is in use by another process" in p.stderr and "Traceback" not in p.stderr
+    # ... and one with a store of its own (a copy of the cluster's files without its data)
+    # cannot bind the port
+    other = tmp_path / "copy"
+    shutil.copytree(cluster.dir, other, ignore=shutil.ignore_patterns("data"))
+    p = pbft("replica", other, "--id", 1)
     assert p.returncode == 2 and "cannot listen on" in p.stderr and "Traceback" not in p.stderr
     p = pbft("kv", cluster.dir, "get", "x", "--client", 0)
     assert p.returncode == 2 and "is not a client id" in p.stderr and "Traceback" not in p.stderr
