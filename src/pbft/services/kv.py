@@ -54,6 +54,24 @@ def ok_result(value) -> bytes:
     return msgpack.packb(["ok", value], use_bin_type=True)
 
 
+def decode_operation(operation: bytes, read_only: bool) -> "tuple | bytes":
+    """The operation as a tuple ``(kind, key, args...)``, or the error result to return: garbage
+    from a (possibly faulty) client gets an error result, never a crash. Shared by every
+    implementation of the service, so that all of them refuse the same operations."""
+    try:
+        op = msgpack.unpackb(operation, raw=False, use_list=False, max_str_len=16,
+                             max_bin_len=max(KEY_SIZE_MAX, VALUE_SIZE_MAX), max_array_len=4, max_map_len=0)
+    except Exception:  # noqa: BLE001 - msgpack raises several types
+        return error_result("malformed operation")
+    if not isinstance(op, tuple) or len(op) < 2 or not isinstance(op[0], str) or not isinstance(op[1], bytes):
+        return error_result("malformed operation")
+    if len(op[1]) > KEY_SIZE_MAX:
+        return error_result("key too long")
+    if read_only and op[0] in MUTATING:
+        return error_result("mutating operation sent as read-only")
+    return op
+
+
 def check_entry(v) -> None:
     if not (isinstance(v, tuple) and len(v) == 2 and type(v[0]) is bytes and type(v[1]) is int):
         raise ValueError("bad key-value entry")
@@ -93,18 +111,10 @@ class KVService(ObjectService):
 
     # -- execution ------------------------------------------------------------
     def execute(self, operation: bytes, client: int, nondet: bytes, read_only: bool) -> bytes:
-        try:
-            op = msgpack.unpackb(operation, raw=False, use_list=False, max_str_len=16,
-                                 max_bin_len=max(KEY_SIZE_MAX, VALUE_SIZE_MAX), max_array_len=4, max_map_len=0)
-        except Exception:  # garbage from a (possibly faulty) client: an error result, never a crash
-            return error_result("malformed operation")
-        if not isinstance(op, tuple) or len(op) < 2 or not isinstance(op[0], str) or not isinstance(op[1], bytes):
-            return error_result("malformed operation")
+        op = decode_operation(operation, read_only)
+        if isinstance(op, bytes):
+            return op
         kind, key = op[0], op[1]
-        if len(key) > KEY_SIZE_MAX:
-            return error_result("key too long")
-        if read_only and kind in MUTATING:
-            return error_result("mutating operation sent as read-only")
         if not read_only and len(nondet) == 8:
             self.clock.set(max(self.clock.value, int.from_bytes(nondet, "big")))
         if kind == "get" and len(op) == 2:

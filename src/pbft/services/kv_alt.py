@@ -39,7 +39,7 @@ from typing import Any
 import msgpack
 
 from ..service import Service
-from .kv import KEY_SIZE_MAX, MUTATING, VALUE_SIZE_MAX, check_clock, check_entry, error_result, ok_result
+from .kv import KEY_SIZE_MAX, check_clock, check_entry, decode_operation, error_result, ok_result
 
 
 def _pack(x: Any) -> bytes:
@@ -95,18 +95,10 @@ class KVAltService(Service):
 
     # -- execution ----------------------------------------------------------------------
     def execute(self, operation: bytes, client: int, nondet: bytes, read_only: bool) -> bytes:
-        try:
-            op = msgpack.unpackb(operation, raw=False, use_list=False, max_str_len=16,
-                                 max_bin_len=max(KEY_SIZE_MAX, VALUE_SIZE_MAX), max_array_len=4, max_map_len=0)
-        except Exception:  # garbage from a (possibly faulty) client: an error result, never a crash
-            return error_result("malformed operation")
-        if not isinstance(op, tuple) or len(op) < 2 or not isinstance(op[0], str) or not isinstance(op[1], bytes):
-            return error_result("malformed operation")
+        op = decode_operation(operation, read_only)
+        if isinstance(op, bytes):
+            return op
         kind, key, args = op[0], op[1], op[2:]
-        if len(key) > KEY_SIZE_MAX:
-            return error_result("key too long")
-        if read_only and kind in MUTATING:
-            return error_result("mutating operation sent as read-only")
         if not read_only and len(nondet) == 8:
             t = int.from_bytes(nondet, "big")
             if t > self.clock_ms:
