@@ -115,6 +115,9 @@ def test_watchdog_recovers_at_its_turn_and_restarts(tmp_path):
             assert phase == PERIOD_S / 2
             assert min((turn - phase) % PERIOD_S, PERIOD_S - (turn - phase) % PERIOD_S) < 1e-3
             assert rec["pid"] == lc.procs[1].pid
+            # (the watchdog signals, then logs; the replica logs its reboot when its loop gets to it)
+            lc.wait_for(lambda: any(e["event"] == "recovery-reboot" for e in _events(lc.logs[1])), timeout=10,
+                        what="replica 1 rebooting")
             reboot = next(e for e in _events(lc.logs[1]) if e["event"] == "recovery-reboot")
             assert rec["ts"] - 0.1 <= reboot["ts"] <= rec["ts"] + 2.0, (rec, reboot)
             lc.wait_for(lambda: (s := lc.status(1))["recoveries"] >= 1 and s["recovering"] is None, timeout=40,
