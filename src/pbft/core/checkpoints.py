@@ -100,6 +100,13 @@ class Checkpoints:
         self.tentative.clear()
         self.committed = {}
 
+    def restore(self, committed: dict[int, bytes]) -> None:
+        """A restart from stable storage (``durability.restore``): our committed checkpoints are
+        ``committed`` (seqno -> digest: the restored state's, checked against its digest; none when
+        the state is unusable). Precondition: a new replica (no tentative checkpoint)."""
+        assert not self.tentative and len(committed) <= 1
+        self.committed = dict(committed)
+
     def installed(self, n: int, d: bytes) -> None:
         """A state transfer installed certified checkpoint (n, d): it is ours (and written)."""
         self.tentative.clear()

@@ -1,7 +1,13 @@
 """What a replica writes to stable storage, and how it comes back from it.
 
 Owns: ``Persistence`` (the records of the current step) and ``restore`` (the replica rebuilt
-from its records after a restart, the one step that writes every area's fields).
+from its records after a restart). ``restore`` is the cross-area step of a restart: it reads and
+checks the records, sets the replica's own fields (the view, whether it is active, the low water
+mark, ``needs_state``, the recovery marker; the sends of re-execution are dropped), and asks each
+component to restore its own through a method named for it (``Log.restore_progress``,
+``Log.restore_certificates``, ``Log.reexecute_committed``, ``Checkpoints.restore``,
+``ViewChanges.restore_new_view``, ``ViewChanges.restore_inactive``); it writes no other
+component's field.
 
 The core stays pure: it does no I/O itself.  With persistence on, it collects the
 records to write in ``Replica.disk`` and the driver takes them with the step's
@@ -161,7 +167,7 @@ class Persistence:
             puts[_n(b"k", k)] = None
 
 
-# -- restart (the cross-area step: it rebuilds the replica's fields from the records) ----------
+# -- restart (the cross-area step: the replica's fields, and each component through its methods) --
 def restore(r: Replica, records: dict[bytes, bytes], damaged: frozenset[bytes] = frozenset()) -> str:
     """Come back from stable storage.  ``records``: every intact record; ``damaged``: keys
     whose checksum failed (torn or corrupt).  Call right after construction and
@@ -179,7 +185,8 @@ def restore(r: Replica, records: dict[bytes, bytes], damaged: frozenset[bytes] =
     view, active, batches, q, p, committed = log
     _restore_log(r, records, view, active, batches, q, p, committed)
     if not r.needs_state:
-        _reexecute_committed(r, committed)
+        r.log.reexecute_committed(committed)
+        r.out = []  # replies to clients gone since, checkpoints to be voted again
     if stable is not None and stable[0] > r.log.last_committed_exec:
         r._start_fetch(*stable)  # the stable checkpoint we were fetching when we stopped
     r._emit(Restored(outcome))
@@ -235,13 +242,13 @@ def _restore_state(r: Replica, objs: dict[int, bytes], marker: Optional[Checkpoi
     st.rebuild()
     st.unpersisted = set()
     if marker is None and not state_damaged:
-        r.checkpoints.committed = {0: st.checkpoint(0)}  # never got past the initial state
+        r.checkpoints.restore({0: st.checkpoint(0)})  # never got past the initial state
         r.low_water_mark = stable[0] if stable is not None else 0
     elif marker is not None and not state_damaged and st.current_digest(marker[0]) == marker[1]:
         n, d = marker
         st.checkpoint(n)
-        r.checkpoints.committed = {n: d}
-        r.log.last_exec = r.log.last_committed_exec = r.log.seq_assigned = n
+        r.checkpoints.restore({n: d})
+        r.log.restore_progress(n)
         # the window starts at the stable checkpoint, which may be below the state's
         # checkpoint (not yet stable) or above it (it was being fetched)
         r.low_water_mark = stable[0] if stable is not None else 0
@@ -251,8 +258,9 @@ def _restore_state(r: Replica, objs: dict[int, bytes], marker: Optional[Checkpoi
         # execute nothing before a certified checkpoint has been fetched.  The log is
         # still ours: the window stays where the persisted checkpoint put it
         base = stable[0] if stable is not None else 0
-        r.checkpoints.committed = {}
-        r.low_water_mark = r.log.last_exec = r.log.last_committed_exec = r.log.seq_assigned = base
+        r.checkpoints.restore({})
+        r.low_water_mark = base
+        r.log.restore_progress(base)
         r.needs_state = True
         st.unpersisted = set(range(st.n))
         outcome = "state-repair"
@@ -292,8 +300,9 @@ def _read_log(r: Replica, records: dict[bytes, bytes]) -> Optional[LogRecords]:
 def _restore_log(r: Replica, records: dict[bytes, bytes], view: Any, active: Any, batches: dict[bytes, Batch],
                  q: dict[int, dict[bytes, int]], p: dict[int, tuple[bytes, int]],
                  committed: dict[int, tuple[int, bytes]]) -> None:
-    """The view, the NewView that installed it, the Q and P sets, the batches and the slots of
-    the current view (what we pre-prepared, prepared and committed in it)."""
+    """The view (the replica's), the NewView that installed it (``ViewChanges``), the Q and P
+    sets, the batches and the slots of the current view (``Log``: what we pre-prepared, prepared
+    and committed in it), and the view-change timer of a view not yet active."""
     r.view = int(view)
     r.view_active = bool(active) or r.view == 0
     if r.view_active and r.view > 0 and b"n" in records:
@@ -302,49 +311,9 @@ def _restore_log(r: Replica, records: dict[bytes, bytes], view: Any, active: Any
             fr = r.codec.open_frame(nv_raw)
             nv = r.codec.parse(fr)
             if isinstance(nv, NewView) and nv.view == r.view:
-                r.vc.new_view, r.vc.new_view_raw, r.vc.new_view_vc_raws = nv, nv_raw, [bytes(x) for x in vc_raws]
-                r.vc.new_view_digest = fr.digest
+                r.vc.restore_new_view(nv, nv_raw, [bytes(x) for x in vc_raws], fr.digest)
         except (ValueError, TypeError, DecodeError, msgpack.UnpackException):
             pass  # only liveness suffers: peers that missed the NewView wait for the next one
-    r.log.preprepared.update(q)
-    r.log.prepared.update(p)
-    for d, b in batches.items():
-        r.log.batches[d] = (b, r.low_water_mark + r.log_window)
-    # slots of the current view: what we pre-prepared, prepared and committed in it
-    for n, qd in q.items():
-        for d, v in qd.items():
-            if v != r.view:
-                continue
-            slot = r.log.slot(n)
-            slot.digest = d
-            slot.batch = r.log.batch_for(d)
-            if r.primary() != r.id:
-                slot.prepares[r.id] = d
-            if p.get(n) == (d, r.view):
-                slot.prepared = True
-                slot.commits[r.id] = d
-            if committed.get(n, (None, None))[1] == d:
-                slot.committed = True
-    r.log.seq_assigned = max([r.log.seq_assigned, r.low_water_mark, *q])
+    r.log.restore_certificates(q, p, committed, batches)
     if not r.view_active:
-        r.vc.deadline = r.now + r.vc.timeout_ms
-
-
-def _reexecute_committed(r: Replica, committed: dict[int, tuple[int, bytes]]) -> None:
-    """Re-execute, in order, what committed after the persisted checkpoint; then tentatively what
-    we had prepared in this view (a write acknowledged with tentative replies is then visible
-    again before any read is answered)."""
-    n = r.log.last_committed_exec + 1
-    while n in committed:
-        d = committed[n][1]
-        batch = r.log.batch_for(d)
-        if batch is None:
-            break
-        slot = r.log.slots.get(n)
-        if slot is None or slot.digest != d:
-            slot = r.log.slot(n)
-            slot.view, slot.digest, slot.batch = committed[n][0], d, batch
-        r.log.execute(n, slot, tentative=False)
-        n += 1
-    r.log.try_execute()
-    r.out = []  # replies to clients gone since, checkpoints to be voted again
+        r.vc.restore_inactive(r.now)

@@ -166,6 +166,65 @@ class Log:
         for k in [k for k in self.exec_log if k <= n]:
             del self.exec_log[k]
 
+    # -- a restart from stable storage (``durability.restore``, on a new replica) ----------------
+    def restore_progress(self, n: int) -> None:
+        """The state restored is checkpoint n's (or, unusable, the window starts at n): executed up
+        to n, every batch committed, and the primary assigns sequence numbers above n. Precondition:
+        a new log (nothing executed)."""
+        assert not self.exec_log and self.last_exec == self.last_committed_exec == self.seq_assigned == 0
+        self.last_exec = self.last_committed_exec = self.seq_assigned = n
+
+    def restore_certificates(self, q: dict[int, dict[bytes, int]], p: dict[int, tuple[bytes, int]],
+                             committed: dict[int, tuple[int, bytes]], batches: dict[bytes, Batch]) -> None:
+        """The log's records: the Q set ``q`` and the P set ``p``, the batches (kept up to the
+        window's end), and the slots of the current view (what we pre-prepared, prepared and, by
+        ``committed``: seqno -> (view, digest), committed in it); the primary assigns sequence
+        numbers above the window's start and above what it pre-prepared. Preconditions: the
+        replica's view and low water mark are restored, every seqno is in the window, and the log
+        holds no certificate, batch or slot yet."""
+        r = self.r
+        assert not self.slots and not self.prepared and not self.preprepared and not self.batches
+        assert all(self.in_window(n) for n in (*q, *p, *committed))
+        self.preprepared.update(q)
+        self.prepared.update(p)
+        for d, b in batches.items():
+            self.batches[d] = (b, r.low_water_mark + r.log_window)
+        for n, qd in q.items():
+            for d, v in qd.items():
+                if v != r.view:
+                    continue
+                slot = self.slot(n)
+                slot.digest = d
+                slot.batch = self.batch_for(d)
+                if r.primary() != r.id:
+                    slot.prepares[r.id] = d
+                if p.get(n) == (d, r.view):
+                    slot.prepared = True
+                    slot.commits[r.id] = d
+                if committed.get(n, (None, None))[1] == d:
+                    slot.committed = True
+        self.seq_assigned = max([self.seq_assigned, r.low_water_mark, *q])
+
+    def reexecute_committed(self, committed: dict[int, tuple[int, bytes]]) -> None:
+        """Re-execute, in order, what committed (``committed``: seqno -> (view, digest)) after the
+        restored checkpoint, as far as we hold the batches; then tentatively what we had prepared in
+        this view (a write acknowledged with tentative replies is then visible again before any read
+        is answered). Precondition: the certificates are restored, and the state is usable."""
+        assert not self.r.needs_state and self.last_exec == self.last_committed_exec
+        n = self.last_committed_exec + 1
+        while n in committed:
+            d = committed[n][1]
+            batch = self.batch_for(d)
+            if batch is None:
+                break
+            slot = self.slots.get(n)
+            if slot is None or slot.digest != d:
+                slot = self.slot(n)
+                slot.view, slot.digest, slot.batch = committed[n][0], d, batch
+            self.execute(n, slot, tentative=False)
+            n += 1
+        self.try_execute()
+
     def preprepare_chosen(self, dec: Decision, chosen_batches: dict[bytes, Optional[Batch]]) -> int:
         """A NewView installs ``dec``: its chosen batches above the low water mark are pre-prepared
         in the new view (and prepared, at a backup). Returns the highest sequence number it

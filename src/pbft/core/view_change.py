@@ -208,6 +208,22 @@ class ViewChanges:
         self.mine_raw = None
         self.prune()
 
+    # -- a restart from stable storage (``durability.restore``, on a new replica) ----------------
+    def restore_new_view(self, nv: NewView, raw: bytes, vc_raws: list[bytes], digest: bytes) -> None:
+        """The NewView that installed the restored active view (frame ``raw``, whose digest is
+        ``digest``; ``vc_raws``: its ViewChanges' frames), handed again to replicas that missed it.
+        Preconditions: the replica's view is restored, active and nv's; no NewView is held yet."""
+        r = self.r
+        assert r.view_active and nv.view == r.view > 0 and self.new_view is None
+        self.new_view, self.new_view_raw, self.new_view_vc_raws = nv, raw, vc_raws
+        self.new_view_digest = digest
+
+    def restore_inactive(self, now: float) -> None:
+        """The restored view is not active yet (we were changing to it): its view-change timer runs
+        from ``now``. Precondition: the replica's view is restored, and not active."""
+        assert not self.r.view_active
+        self.deadline = now + self.timeout_ms
+
     def on_unverified_new_view(self, nv: NewView, fr: Frame) -> None:
         """A NewView whose MAC fails here (relayed after our keys changed: we restarted, or
         refreshed keys): kept, the highest such, and usable only if f+1 replicas report its
