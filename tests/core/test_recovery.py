@@ -106,6 +106,91 @@ def test_recovery_of_the_primary_under_load():
         assert c.get(0, k) == ("ok", v)
 
 
+# ---- a recovering primary hands its view over at once -------------------------------------------
+
+def _view_changes_since(c: Cluster, mark: int) -> list[tuple[int, int, str]]:
+    return [(r, ev.view, ev.reason) for r, ev in c.events[mark:] if ev.kind == "view-change"]
+
+
+def test_a_recovering_primary_hands_its_view_over_without_any_timer():
+    """The primary of view 0 reboots and begins its recovery: it sends ViewChange(1) at once (with
+    what its log prepared and pre-prepared), the backups join it on that message alone, and view 1
+    is installed while no time passes at all (no request or view-change timer could have fired).
+    The recovery then ends in view 1, and the cluster goes on."""
+    c = Cluster(durable=True, **CFG)
+    acked = workload(c, b"p", 6)
+    old = c.replicas[0]
+    prepared = {n for n in old.log.prepared if n > old.low_water_mark}
+    assert old.is_primary and prepared  # (the test needs a log to carry over)
+    mark, t0 = len(c.events), c.now
+    c.restart(0, recover=True)
+    c.run()  # messages only: time does not move
+    assert c.now == t0
+    assert all(r.view == 1 and r.view_active for r in c.replicas), [(r.view, r.view_active) for r in c.replicas]
+    assert _view_changes_since(c, mark) == [(0, 1, "primary-recovering"), (1, 1, "primary-left"),
+                                            (2, 1, "primary-left"), (3, 1, "primary-left")]
+    vc0 = c.replicas[1].vc.view_changes[(1, 0)].msg  # the recovering primary's ViewChange
+    assert {n for n, _, _ in vc0.prepared} == prepared
+    wait_recovered(c, 0)  # (here it ends within the same exchange of messages, time still)
+    assert all(r.view == 1 for r in c.replicas)  # no further view change was needed
+    acked.update(workload(c, b"q", 6))
+    same_state(c)
+    for k, v in acked.items():
+        assert c.get(1, k) == ("ok", v)
+
+
+def _forged_view_change(c: Cluster, view: int, sender: int) -> bytes:
+    from pbft.codec import seal
+    from pbft.messages import ViewChange
+    r0 = c.replicas[0]
+    return seal(ViewChange(view, sender, 0, ((0, r0.checkpoints.committed[0]),), (), ()), c.rings[sender])
+
+
+def test_a_backups_view_change_alone_does_not_make_the_others_join():
+    """A backup's ViewChange(v+1) is one replica's word: the others stay in view 0 (only the
+    primary's own abandons its view); a second backup's makes f+1, and the join rule moves them."""
+    c = Cluster(clients=1)
+    c.put(0, b"a", b"1")
+    raw = _forged_view_change(c, 1, 3)
+    for i in (0, 1, 2):
+        c.replicas[i].receive(raw, c.now)
+    c.run()
+    assert all(r.view == 0 and r.view_active for r in c.replicas[:3])
+    assert c.put(0, b"a", b"2") == ("ok", True)
+    raw = _forged_view_change(c, 1, 2)
+    for i in (0, 1):
+        c.replicas[i].receive(raw, c.now)
+    assert all(r.view == 1 for r in c.replicas[:2])
+    c.run()
+    assert [ev.reason for i in (0, 1) for ev in c.of_kind("view-change", i)] == ["join", "join"]
+
+
+def test_the_primarys_view_change_for_a_later_view_does_not_make_the_others_join():
+    """Only ViewChange(v+1) from the primary of an active view v is followed at once: the
+    primary's ViewChange(v+2) is not, nor the ViewChange(v+1) of view v's primary at a replica
+    whose view v is not active."""
+    c = Cluster(clients=1)
+    c.put(0, b"a", b"1")
+    raw = _forged_view_change(c, 2, 0)  # the primary of view 0, for view 2
+    for i in (1, 2, 3):
+        c.replicas[i].receive(raw, c.now)
+    c.run()
+    assert all(r.view == 0 and r.view_active for r in c.replicas)
+    assert c.put(0, b"a", b"2") == ("ok", True)
+    assert not c.of_kind("view-change")
+    # replica 3 changing to view 1 (not active: f+1 view changes), then view 1's primary leaves
+    # for view 2
+    c = Cluster(clients=1)
+    r3 = c.replicas[3]
+    for j in (1, 2):
+        r3.receive(_forged_view_change(c, 1, j), c.now)
+    assert r3.view == 1 and not r3.view_active
+    r3.receive(_forged_view_change(c, 2, 1), c.now)
+    assert r3.view == 1
+    c.collect()
+    assert [ev.reason for ev in c.of_kind("view-change", 3)] == ["join"]
+
+
 def test_a_replica_cannot_order_anything_but_its_recovery_request():
     from pbft.codec import seal
     from pbft.messages import Request

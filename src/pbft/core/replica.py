@@ -140,12 +140,12 @@ class Replica:
         return Ready(puts, sends, events, refresh)
 
     def begin_recovery(self, now: float, nonce: int) -> None:
-        """Start a proactive recovery (after a reboot and ``restore``; ``pbft.core.recovery``).
-        ``nonce``: a number larger than any this replica used before (the runtime uses the wall
-        clock in µs). The cross-area step: first distrust, forgetting the log reloaded from disk
-        and keeping the objects unverified (nothing executes before a state transfer to a
-        certified checkpoint has checked them), then the estimation starts."""
+        """Start a proactive recovery (after a reboot and ``restore``; ``pbft.core.recovery``);
+        ``nonce`` exceeds any this replica used (the runtime: the wall clock in µs). The cross-area
+        step: a primary leaves its active view (``ViewChanges.primary_recovering``); distrust (the
+        log from disk forgotten, objects unverified until a state transfer checks them); estimation."""
         self.now = now
+        self.vc.primary_recovering()
         self.log.distrust()
         self.checkpoints.distrust()
         self.state.discard_all()

@@ -196,6 +196,17 @@ class ViewChanges:
             self.pending = self.future.pop(v)
         self.after_input()
 
+    def primary_recovering(self) -> None:
+        """A proactive recovery begins here (``Replica.begin_recovery``, before the log reloaded
+        from disk is distrusted): the primary of an active view v leaves it at once for v + 1
+        (Castro's thesis, proactive recovery). Recovering, it would order nothing for clients
+        until the backups' request timers ran out; instead its ViewChange for v + 1 (what its log
+        prepared and pre-prepared, as a timer's would carry) makes the backups join at once
+        (``on_view_change``). The recovery itself goes on in view v + 1, led by another."""
+        r = self.r
+        if r.view_active and r.primary() == r.id:
+            r._start_view_change(r.view + 1, "primary-recovering")
+
     def installed(self, nv: NewView, raw: bytes, vc_raws: list[bytes]) -> None:
         """``Replica._install_new_view`` installs NewView ``nv`` (frame ``raw``; ``vc_raws``: the
         frames of its ViewChanges, empty when f+1 Status messages certified it)."""
@@ -375,8 +386,14 @@ class ViewChanges:
         ack = ViewChangeAck(vc.view, r.id, vc.replica, fr.digest)
         self.acks.setdefault((vc.view, vc.replica, fr.digest), set()).add(r.id)
         r._broadcast(ack)
-        # join rule: a weak certificate of replicas is already in higher views
-        if vc.view > r.view or (vc.view == r.view and r.view_active):
+        # join rule: a weak certificate of replicas is already in higher views; or the primary of
+        # our active view v abandons it (``primary_recovering``): its ViewChange for v + 1, and
+        # only for v + 1, is enough (a primary can stall its own view anyway: this costs nothing
+        # but the view change the backups' timers would start)
+        if vc.view > r.view:
+            if r.view_active and vc.view == r.view + 1 and vc.replica == r.primary():
+                r._start_view_change(vc.view, "primary-left")
+                return
             higher: dict[int, int] = {}
             for (v, j) in self.view_changes:
                 if v > r.view and j != r.id:
