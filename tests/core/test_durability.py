@@ -123,3 +123,89 @@ def test_damaged_log_record_makes_the_replica_start_over():
     acked.update(workload(c, b"n", 12))
     check_all(c, acked)
     converge(c)
+
+
+def test_restore_brings_back_the_new_view_that_installed_the_view():
+    """A replica restarted in an active view v > 0 holds again the NewView that installed v (its
+    frame and digest, which its Status reports), so it can hand it to replicas that missed it."""
+    c = Cluster(durable=True, **CFG)
+    acked = workload(c, b"a", 5)
+    c.down.add(0)  # the primary of view 0 is gone: the others move to view 1
+    acked.update(workload(c, b"b", 3))
+    before = c.replicas[2]
+    assert before.view == 1 and before.view_active and before.vc.new_view is not None
+    assert c.restart(2) == "restored"
+    r = c.replicas[2]
+    assert (r.view, r.view_active) == (1, True)
+    assert r.vc.new_view is not None and r.vc.new_view.view == 1 and r.vc.new_view_raw == before.vc.new_view_raw
+    assert r.vc.new_view_digest == before.vc.new_view_digest
+    assert r.vc.new_view_vc_raws == before.vc.new_view_vc_raws and r.vc.deadline is None
+    check_all(c, acked)
+
+
+def test_restore_in_a_view_change_runs_its_timer_again():
+    """A replica restarted while changing to a view that never got its NewView: the view, not
+    active, and its view-change timer, running from the restart."""
+    c = Cluster(durable=True, **CFG)
+    workload(c, b"a", 5)
+    c.drop = lambda src, dst, raw: src == 3  # nobody hears replica 3's ViewChange
+    c.replicas[3]._start_view_change(1, "test")
+    c.run()
+    c.now += 100.0
+    assert c.restart(3) == "restored"
+    r = c.replicas[3]
+    assert (r.view, r.view_active) == (1, False)
+    assert r.vc.deadline == c.now + r.vc.timeout_ms and r.vc.new_view is None
+    assert r.last_committed_exec == c.replicas[0].last_committed_exec  # its committed log re-executed
+
+
+def test_restore_writes_no_field_of_another_component():
+    """``durability.restore`` sets only the replica's own fields: the log, the checkpoints and the
+    view change restore theirs through their own methods (no assignment to, and no mutating call
+    on, a field of ``r.log``, ``r.checkpoints``, ``r.vc`` ... in ``durability.py``)."""
+    import ast
+    import pathlib
+
+    import pbft.core.durability as durability
+
+    components = {"log", "checkpoints", "checkpoint_votes", "vc", "requests", "status", "transfer", "recovery",
+                  "budgets"}
+    mutators = {"update", "clear", "pop", "popitem", "append", "extend", "setdefault", "add", "discard", "remove"}
+
+    def chain(e: ast.expr) -> list[str]:
+        """The names along an attribute/subscript/call chain, from its root: r.log.slot(n).x -> r log slot x."""
+        out: list[str] = []
+        while True:
+            if isinstance(e, ast.Attribute):
+                out.append(e.attr)
+                e = e.value
+            elif isinstance(e, (ast.Subscript, ast.Call)):
+                e = e.value if isinstance(e, ast.Subscript) else e.func
+            elif isinstance(e, ast.Name):
+                return [e.id, *reversed(out)]
+            else:
+                return []
+
+    def foreign(names: list[str]) -> bool:  # r.<component>.<anything>, or self.r.<component>.<anything>
+        if names[:2] == ["self", "r"]:
+            names = names[1:]
+        return len(names) >= 3 and names[0] == "r" and names[1] in components
+
+    tree = ast.parse(pathlib.Path(durability.__file__).read_text())
+    bad = []
+    for node in ast.walk(tree):
+        targets: list[ast.expr] = []
+        if isinstance(node, ast.Assign):
+            targets = list(node.targets)
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            targets = [node.target]
+        elif isinstance(node, ast.Delete):
+            targets = list(node.targets)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in mutators
+              and foreign(chain(node.func.value) + ["?"])):
+            bad.append((node.lineno, ast.unparse(node)))
+        for t in targets:
+            for e in (t.elts if isinstance(t, ast.Tuple) else [t]):
+                if foreign(chain(e)):
+                    bad.append((node.lineno, ast.unparse(e)))
+    assert bad == [], bad
