@@ -27,6 +27,7 @@ import msgpack
 
 from .config import ClusterConfig
 from .crypto import DIGEST_SIZE, MAC_SIZE, KeyRing
+from .errors import DecodeError as DecodeError  # re-exported (interpreted: runtime.signer subclasses it)
 from .digests import (  # re-exported ("x as x"): the codec's callers read them here too
     NULL_BATCH_DIGEST as NULL_BATCH_DIGEST,
     batch_digest_from_request_digests as batch_digest_from_request_digests,
@@ -73,14 +74,6 @@ TAG = {
 TYPE_OF_TAG = {v: k for k, v in TAG.items()}
 # Point-to-point messages carry a single MAC; everything else an authenticator.
 SINGLE_MAC = frozenset({TAG[Reply], TAG[Fetch], TAG[MetaData], TAG[Data], TAG[BatchData], TAG[ReplyStable]})
-
-
-class DecodeError(Exception):
-    """Untrusted input that is not a well-formed message; ``reason`` is a short metric label."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(slots=True)

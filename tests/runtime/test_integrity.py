@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from helpers.netutil import SRC, free_base_port
+from pbft import _native
 from pbft.config import ConfigError
 from pbft.runtime import integrity
 
@@ -23,9 +24,18 @@ def copy_package(dst: Path) -> Path:
     return dst / "pbft"
 
 
-def pbft(src: Path, *args, **kw):
+def copy_env(src: Path) -> dict:
+    """The environment of a ``pbft`` run from the copy in ``src``: its package first on the path,
+    and this tree's ``make native`` build (the copy has none of its own), which the copy uses only
+    while its sources hash as the build recorded (``pbft._native``)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(src)
+    env.setdefault("PBFT_NATIVE_DIR", _native.native_dir())
+    return env
+
+
+def pbft(src: Path, *args, **kw):
+    env = copy_env(src)
     return subprocess.run([sys.executable, "-m", "pbft.cli", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=60, **kw)
 
@@ -85,8 +95,7 @@ def test_replica_refuses_changed_code(tmp_path):
     assert pbft(src, "integrity", d, "--check").returncode == 2
     # put back: it starts; changed while it runs: its recovery reboot refuses
     node.write_text(original)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(src)
+    env = copy_env(src)
     log = open(tmp_path / "r0.log", "ab")
     proc = subprocess.Popen([sys.executable, "-m", "pbft.cli", "replica", str(d), "--id", "0"],
                             stdout=subprocess.DEVNULL, stderr=log, env=env, start_new_session=True)

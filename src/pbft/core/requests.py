@@ -50,7 +50,8 @@ class Requests:
 
     __slots__ = ("r", "known", "key_client", "vouches", "vouch_out", "vouch_urgent", "vouch_deadline",
                  "vouch_unknown", "vouch_unknown_max", "trusted", "suspects", "seen", "seen_max", "queue",
-                 "inflight", "pending", "deadline", "ro_queue", "ro_barrier", "reply_resent", "last_client_exec")
+                 "inflight", "pending", "deadline", "ro_queue", "ro_barrier", "reply_resent", "last_client_exec",
+                 "batch_checks")
 
     def __init__(self, replica: "Replica"):
         self.r = replica
@@ -95,6 +96,7 @@ class Requests:
         # per principal id: bounded by the codec's range of senders)
         self.reply_resent: dict[int, tuple[int, bool, float]] = {}
         self.last_client_exec = replica.now  # when a client's request last executed (the idle rejoin)
+        self.batch_checks = 0  # pre-prepared batches checked (check_batch; what vouches re-check is bounded)
 
     def restart(self) -> None:
         """After a crash: the requests, vouches and timers were volatile."""
@@ -546,6 +548,7 @@ class Requests:
         """Why a pre-prepared batch is unacceptable, or None. Checks MACs, digest, request timestamps, nondet.
         ``missing`` (if given) receives the vouch keys of the requests that lack vouches."""
         r = self.r
+        self.batch_checks += 1
         try:
             reqs = self.batch_requests(batch)
         except DecodeError:
