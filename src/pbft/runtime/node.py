@@ -752,8 +752,7 @@ class ReplicaNode:
         # (as if the process had crashed before its group commit); the core is not fed again
         r = self.replica
         r.take_ready()
-        r.receive = r.tick = _ignore  # type: ignore[method-assign]
-        r.next_deadline = _none  # type: ignore[method-assign]
+        self.replica = HaltedCore(r)  # type: ignore[assignment]
         if isinstance(e, StoreError):
             self.failed = True
             log(self.id, "internal-error", kind="store", error=repr(e), traceback=tb, action="stop",
@@ -865,12 +864,31 @@ def _env_count(name: str) -> int:
         return 0
 
 
-def _ignore(*args, **kwargs) -> None:
-    return None
+class HaltedCore:
+    """The core after an internal error (``ReplicaNode._fail_stop``): fed nothing more
+    (``receive`` and ``tick`` do nothing, no deadline); every other attribute is the replica's,
+    read and written through (status, metrics). A wrapper rather than methods replaced on the
+    replica, which a compiled core (``make native``) refuses."""
 
+    __slots__ = ("_core",)
 
-def _none() -> None:
-    return None
+    def __init__(self, core: Replica):
+        object.__setattr__(self, "_core", core)
+
+    def __getattr__(self, name: str):
+        return getattr(self._core, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self._core, name, value)
+
+    def receive(self, *args, **kwargs) -> None:
+        return None
+
+    def tick(self, *args, **kwargs) -> None:
+        return None
+
+    def next_deadline(self) -> None:
+        return None
 
 
 def reboot() -> None:
