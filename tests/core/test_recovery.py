@@ -139,6 +139,38 @@ def test_a_recovering_primary_hands_its_view_over_without_any_timer():
         assert c.get(1, k) == ("ok", v)
 
 
+def test_a_primary_hands_its_view_over_before_its_reboot_and_finds_the_new_view_after_it():
+    """The runtime's order (``ViewChanges.hand_over``): the primary leaves view 0 when its watchdog
+    fires, and the backups install view 1 while it reboots. Restored in view 1, not active and
+    without its ViewChange, it does not move on alone to view 2 after a base timeout though its
+    reboot keeps it off the network for longer: it finds view 1 through the others' Status, and
+    recovers there."""
+    c = Cluster(durable=True, **CFG)
+    acked = workload(c, b"p", 6)
+    mark = len(c.events)
+    assert not c.replicas[1].vc.hand_over(c.now)  # (a backup has no view to hand over)
+    assert c.replicas[0].vc.hand_over(c.now)
+    c.drop = lambda src, dst, m: dst == 0  # its ViewChange goes out; then it stops, and reboots
+    c.run()  # no time passes
+    assert all(r.view == 1 and r.view_active for r in c.replicas[1:])
+    c.restart(0, recover=True)
+    r0 = c.replicas[0]
+    assert r0.view == 1 and not r0.view_active and r0.recovering is not None
+    c.drop = lambda src, dst, m: 0 in (src, dst)  # (a slow start: off the network for a while)
+    c.advance(3 * c.cfg.view_change_timeout_ms)
+    assert r0.view == 1 and not r0.view_active
+    c.drop = lambda src, dst, m: False
+    wait_recovered(c, 0)
+    c.advance(2 * c.cfg.status_interval_ms)
+    assert all(r.view == 1 and r.view_active for r in c.replicas)
+    assert _view_changes_since(c, mark) == [(0, 1, "primary-recovering"), (1, 1, "primary-left"),
+                                            (2, 1, "primary-left"), (3, 1, "primary-left")]
+    acked.update(workload(c, b"q", 6))
+    same_state(c)
+    for k, v in acked.items():
+        assert c.get(1, k) == ("ok", v)
+
+
 def _forged_view_change(c: Cluster, view: int, sender: int) -> bytes:
     from pbft.codec import seal
     from pbft.messages import ViewChange

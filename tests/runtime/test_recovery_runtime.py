@@ -100,6 +100,40 @@ def test_recovery_repairs_bytes_corrupted_in_the_store_on_disk(tmp_path):
             assert KVClient(bc.invoke, timeout=20.0).get(b"victim", read_only=False) == MARK * 200
 
 
+def _view_changes(text: str) -> list[tuple[int, str]]:
+    import json
+    out = []
+    for line in text.splitlines():
+        try:
+            d = json.loads(line)
+        except ValueError:
+            continue
+        if d.get("event") == "view-change":
+            out.append((d["view"], d["reason"]))
+    return out
+
+
+def test_a_recovering_primary_hands_its_view_over_before_it_reboots(tmp_path):
+    """The primary's recovery, while a client writes: it sends its ViewChange for view 1 when the
+    recovery is asked for, before its process reboots, and the backups change view on that
+    (``primary-left``), not on their request timers; restored in view 1, it finds the new view
+    there (it does not move on alone to view 2) and recovers."""
+    with LocalCluster(tmp_path / "c", protocol=PROTOCOL) as lc:
+        lc.start_all()
+        w = Writer(lc, 0)
+        lc.wait_for(lambda: w.done >= 20, what="the writer under way")
+        recover(lc, 0)
+        wait_recovered(lc, 0)
+        lc.wait_for(lambda: (s := lc.status(0))["view"] == 1 and s["view_active"], what="replica 0 in view 1")
+        before = w.done
+        lc.wait_for(lambda: w.done >= before + 20, what="writes in view 1")
+        w.finish()
+        assert w.errors == [], w.errors
+        assert _view_changes(lc.log_text(0)) == [(1, "primary-recovering")]
+        for i in (1, 2, 3):
+            assert _view_changes(lc.log_text(i)) == [(1, "primary-left")], (i, _view_changes(lc.log_text(i)))
+
+
 def test_state_corrupted_in_memory_is_repaired_at_the_next_checkpoint(tmp_path, monkeypatch):
     """A value overwritten in replica 1's memory behind the library's back (then written through):
     its next checkpoint disagrees with the certified one, and it repairs itself at once, without

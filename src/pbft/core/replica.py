@@ -142,10 +142,10 @@ class Replica:
     def begin_recovery(self, now: float, nonce: int) -> None:
         """Start a proactive recovery (after a reboot and ``restore``; ``pbft.core.recovery``);
         ``nonce`` exceeds any this replica used (the runtime: the wall clock in µs). The cross-area
-        step: a primary leaves its active view (``ViewChanges.primary_recovering``); distrust (the
+        step: a primary leaves its active view (``ViewChanges.recovery_begins``); distrust (the
         log from disk forgotten, objects unverified until a state transfer checks them); estimation."""
         self.now = now
-        self.vc.primary_recovering()
+        self.vc.recovery_begins()
         self.log.distrust()
         self.checkpoints.distrust()
         self.state.discard_all()

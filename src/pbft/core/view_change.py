@@ -196,16 +196,42 @@ class ViewChanges:
             self.pending = self.future.pop(v)
         self.after_input()
 
-    def primary_recovering(self) -> None:
-        """A proactive recovery begins here (``Replica.begin_recovery``, before the log reloaded
-        from disk is distrusted): the primary of an active view v leaves it at once for v + 1
-        (Castro's thesis, proactive recovery). Recovering, it would order nothing for clients
-        until the backups' request timers ran out; instead its ViewChange for v + 1 (what its log
-        prepared and pre-prepared, as a timer's would carry) makes the backups join at once
-        (``on_view_change``). The recovery itself goes on in view v + 1, led by another."""
+    def primary_recovering(self) -> bool:
+        """A proactive recovery begins here (``recovery_begins``, before the log reloaded from
+        disk is distrusted; or ``hand_over``, before the reboot): the primary of an active
+        view v leaves it at once for v + 1 (Castro's thesis, proactive recovery). Recovering, it
+        would order nothing for clients until the backups' request timers ran out; instead its
+        ViewChange for v + 1 (what its log prepared and pre-prepared, as a timer's would carry)
+        makes the backups join at once (``on_view_change``). The recovery itself goes on in view
+        v + 1, led by another. Whether we left our view."""
         r = self.r
-        if r.view_active and r.primary() == r.id:
-            r._start_view_change(r.view + 1, "primary-recovering")
+        if not (r.view_active and r.primary() == r.id):
+            return False
+        r._start_view_change(r.view + 1, "primary-recovering")
+        return True
+
+    def recovery_begins(self) -> None:
+        """``Replica.begin_recovery``, before the log reloaded from disk is distrusted: the primary
+        of an active view hands it over (``primary_recovering``). A replica restored in a view
+        change without its ViewChange (``restore_inactive``; a primary that handed its view over
+        before its reboot, ``hand_over``) does not move on alone to the next view after a base
+        timeout: recovering, it counts among the f faulty ones, the others complete the view
+        change without it, and it finds the view they installed through their Status (the
+        NewView certified by their digests, or the join rule), which after a reboot takes a while
+        (connections, keys). It moves on only after the longest view-change timeout."""
+        r = self.r
+        if not self.primary_recovering() and not r.view_active and self.mine_raw is None \
+                and self.deadline is not None:
+            self.deadline = max(self.deadline, r.now + r.cfg.view_change_timeout_max_ms)
+
+    def hand_over(self, now: float) -> bool:
+        """A driver's step (the runtime's, when its watchdog fires, before the process reboots for
+        a recovery, which takes a while: exec, the state reloaded): ``primary_recovering`` at once,
+        so that the backups need not wait for the new process to start. The driver then takes the
+        Ready (the view record, then our ViewChange) before it reboots; the new process restores
+        view v + 1, not active, and learns its NewView from the others' Status answers."""
+        self.r.now = now
+        return self.primary_recovering()
 
     def installed(self, nv: NewView, raw: bytes, vc_raws: list[bytes]) -> None:
         """``Replica._install_new_view`` installs NewView ``nv`` (frame ``raw``; ``vc_raws``: the

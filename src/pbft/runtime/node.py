@@ -61,6 +61,7 @@ LOGGED_EVENTS = frozenset({"view-change", "new-view", "stable", "state-transfer"
 KEY_REFRESH_MIN_INTERVAL_S = 5.0
 # a recovery turn that finds another replica recovering looks again this often (``_watchdog``)
 RECOVERY_DEFER_STEP_S = 1.0
+HAND_OVER_WAIT_S = 0.5  # a recovering primary's reboot waits at most this for its ViewChange's write
 
 
 def log(replica: int, event: str, **fields) -> None:
@@ -104,6 +105,7 @@ class ReplicaNode:
         self.recovery_overdue = False
         self.recovery_deferred_s = 0.0  # how long the turn under way has waited for another recovery
         self.rebooting = False
+        self.hand_over_task: Optional[asyncio.Task] = None  # (``recover_now``: a primary's hand-over)
         self.durable_writes = self.store is not None and st.mode == "durable"
         self.write_queue: list = []
         self.writing: Optional[list] = None  # the batch of (puts, sends) being written
@@ -347,6 +349,20 @@ class ReplicaNode:
             return
         self.rebooting = True
         self._log("recovery-reboot")
+        if self.replica.vc.hand_over(self._now()):
+            # the primary hands its view over now, not once the new process is up (a second or
+            # more): its ViewChange goes out, behind the records it implies, then we reboot
+            self._flush()
+            self.hand_over_task = self.loop.create_task(self._stop_when_written())
+            return
+        self.stopping.set()
+
+    async def _stop_when_written(self) -> None:
+        """Stop once the store has written what the hand-over queued (its sends follow), at
+        most ``HAND_OVER_WAIT_S`` later."""
+        deadline = time.monotonic() + HAND_OVER_WAIT_S
+        while (self.writing or self.write_queue) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
         self.stopping.set()
 
     def _inject_memory_corruption(self) -> None:
