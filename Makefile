@@ -1,13 +1,15 @@
 # Quick start: `make demo` (a real 4-replica cluster on loopback) and `make test`.
 # Both create .venv and install what they need; `make install` does only that.
 # `make lint` runs ruff and mypy alone; `make test` runs them before the tests.
-# `make test-fast` leaves out the suites marked slow (seed sweeps, real processes, namespaces).
+# `make test-fast` leaves out the suites marked slow (seed sweeps, real processes, namespaces);
+# `make test-long` runs only the long ones make test leaves out (throughput scenarios at n=7,
+# the big swarm: about half an hour), printing each one's time.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo lint test test-fast sim bench native clean
+.PHONY: install demo lint test test-fast test-long sim bench native clean
 
 install: $(STAMP)
 
@@ -32,7 +34,10 @@ test: lint
 	$(PY) -m pytest
 
 test-fast: install
-	$(PY) -m pytest -m 'not slow'
+	$(PY) -m pytest -m 'not slow and not long'
+
+test-long: install
+	$(PY) -m pytest -m long --durations=0 -rA
 
 sim: install
 	$(VENV)/bin/pbft sim --seeds 1000 --replicas 4 --faults crash,loss,dup,reorder,delay,replay,partition

@@ -9,7 +9,7 @@ from pbft.sim.simulator import ALL_FAULTS, SimConfig, Simulation
 SEEDS = {4: range(3), 7: range(2)}
 
 
-# the runtime-model spoofing scenarios are held to their floors at n=4 here (about a minute each
+# the runtime-model spoofing scenarios are held to their floors at n=4 only (about a minute each
 # at n=7: `pbft sim --scenario S-19b --replicas 7` measures them there, docs/adversaries.md)
 N4_ONLY = {"S-19b", "S-19c"}
 CASES = [(sc, n) for sc in SCENARIOS for n in (4, 7) if n == 4 or sc.id not in N4_ONLY]
@@ -19,8 +19,15 @@ SLOW_CASES = {"S-02b-4", "S-02b-7", "S-16-7"}
 
 
 def _case(sc, n):
-    slow = sc.floor is not None or f"{sc.id}-{n}" in SLOW_CASES
-    return pytest.param(sc, n, id=f"{sc.id}-{n}", marks=[pytest.mark.slow] if slow else [])
+    # the throughput scenarios at n=7 take one to four minutes each: `make test-long` holds them
+    # to their floors (marker long), `make test` at n=4
+    if sc.floor is not None and n == 7:
+        marks = [pytest.mark.long]
+    elif sc.floor is not None or f"{sc.id}-{n}" in SLOW_CASES:
+        marks = [pytest.mark.slow]
+    else:
+        marks = []
+    return pytest.param(sc, n, id=f"{sc.id}-{n}", marks=marks)
 
 
 @pytest.mark.parametrize("sc,n", [_case(sc, n) for sc, n in CASES])
@@ -47,8 +54,11 @@ def test_every_behaviour_keeps_safety_and_liveness_n4(behaviour):
         assert res.ok, (behaviour, seed, res.violations[:3], res.liveness_failure)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("n,seeds", [(4, 300), (7, 60)])
+# make test: 100 seeds at n=4 and 20 at n=7; make test-long: 1,000 and 200
+@pytest.mark.parametrize("n,seeds", [pytest.param(4, 100, marks=pytest.mark.slow),
+                                     pytest.param(7, 20, marks=pytest.mark.slow),
+                                     pytest.param(4, 1000, marks=pytest.mark.long),
+                                     pytest.param(7, 200, marks=pytest.mark.long)])
 def test_swarm(n, seeds):
     bad = []
     for seed in range(seeds):
