@@ -45,8 +45,11 @@ GROUP = "pbft_native"  # the shared library is the top-level module pbft_native_
 
 PURE_LAYERS = ["messages.py", "digests.py", "codec.py", "crypto.py",
                "state/objects.py", "state/partition.py", "state/replica_state.py"]
-# core/events.py stays interpreted: mypyc rejects its dataclass subclasses (a ClassVar ``kind``
-# after defaulted fields of the base: "non-default argument follows default argument").
+# core/events.py stays interpreted: compiled, its dataclasses fail at import ("non-default
+# argument follows default argument": mypyc hands dataclass the annotation of ``kind:
+# ClassVar[str] = ...`` as a plain ``str``, so ``kind`` becomes a defaulted field). A property
+# ``kind`` per class compiles, but the dataclass __init__ stays interpreted: nothing measurable
+# to gain (docs/performance.md).
 CORE_EXCLUDED = {"__init__.py", "events.py"}
 
 MYPY_INI = """\
