@@ -246,6 +246,10 @@ def _claim_stuck_check(sim: Simulation, res: RunResult) -> list[str]:
         k += 1
         t += base * 2 ** k
     bound = (k + 1) * 2  # (a rejoin may land on a faulty primary's view: one more view change each)
+    # a faulty primary may also leave its own view at once (its ViewChange for the next view: the
+    # backups join it, ``primary-left``): one more view change for each view a faulty replica leads
+    rep = sim.replicas[sim.correct[0]]
+    bound += sum(1 for u in range(1, v + 1) if rep.primary(u) in sim.byz)
     return [] if v <= bound else [f"correct replicas reached view {v} in {idle:.0f}ms idle, expected <= {bound}"]
 
 

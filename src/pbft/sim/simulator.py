@@ -367,7 +367,8 @@ class Simulation:
             if carried is not None:  # (what a reboot produced: with the replica's first step)
                 carried.persist.update(ready.persist)
                 carried.sends.extend(ready.sends)
-                ready = carried
+                # (the first step's events too: a recovery's start, a primary's view change)
+                ready = Ready(carried.persist, carried.sends, ready.events, ready.refresh_keys)
             store = self.stores.get(src)
             if store is not None and ready.persist:  # group commit before the sends (``Ready``)
                 store.write(ready.persist)

@@ -25,7 +25,8 @@ ratio is compared with ``--floor`` (PASS/FAIL). Also printed: each recovery's ti
 end, the reboot included), the protocol part the replica reports, what it fetched, and the
 throughput averaged over a whole default recovery period (``default_period_s``: what recovery
 costs a cluster that runs it continuously). The cluster's first primary recovers last: a
-recovering primary costs a view change (about ``view_change_timeout_ms`` without progress).
+recovering primary costs a view change (it hands its view to the next replica at once, without
+waiting for a timeout: ``docs/recovery.md``).
 
 Results are only as quiet as the machine: the load average before each size is reported.
 """
