@@ -2,7 +2,7 @@
 
 Layers, from the bottom (a module imports only its own layer and those below):
 
-    messages, config, crypto, digests    values, limits, MACs, digests
+    messages, config, crypto, digests    values, limits, MACs, digests (errors: DecodeError)
     codec                                bytes <-> messages
     state, service                       the replicated state and the service interface
     core                                 the replica and client state machines
@@ -12,7 +12,7 @@ Layers, from the bottom (a module imports only its own layer and those below):
 
 and:
 - no ``_private`` name is imported from another module of the package;
-- the pure layers (messages, config, crypto, digests, codec, state, service, core) import
+- the pure layers (messages, config, crypto, digests, errors, codec, state, service, core) import
   no I/O, clock or randomness module;
 - only ``tools/`` parses arguments or starts processes (argparse, subprocess).
 
@@ -28,7 +28,7 @@ import pbft
 SRC = pathlib.Path(pbft.__file__).parent
 
 LAYERS = [
-    {"_native", "messages", "config", "crypto", "digests"},  # _native: the compiled modules' finder
+    {"_native", "messages", "config", "crypto", "digests", "errors"},  # _native: the compiled modules' finder
     {"codec"},
     {"state", "service"},
     {"core"},
@@ -37,7 +37,7 @@ LAYERS = [
     {"tools", "cli", "cli_net"},  # cli, cli_net: the old paths of tools/cli.py and tools/net.py
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
-PURE = {"messages", "config", "crypto", "digests", "codec", "state", "service", "core"}
+PURE = {"messages", "config", "crypto", "digests", "errors", "codec", "state", "service", "core"}
 IMPURE_MODULES = {"time", "random", "asyncio", "socket", "os", "threading", "select", "secrets", "datetime",
                   "subprocess", "signal", "shutil", "tempfile", "pathlib", "io", "urllib", "http", "lmdb",
                   "uvloop", "trio", "pyfuse3", "multiprocessing", "concurrent", "ctypes", "sys"}
