@@ -349,9 +349,10 @@ class ReplicaNode:
             return
         self.rebooting = True
         self._log("recovery-reboot")
-        if self.replica.vc.hand_over(self._now()):
-            # the primary hands its view over now, not once the new process is up (a second or
-            # more): its ViewChange goes out, behind the records it implies, then we reboot
+        # the primary hands its view over now, not once the new process is up (a second or more):
+        # its ViewChange goes out, behind the records it implies, then we reboot. Not after an
+        # internal error: that core is halted, and nothing more is built from its state
+        if not isinstance(self.replica, HaltedCore) and self.replica.vc.hand_over(self._now()):
             self._flush()
             self.hand_over_task = self.loop.create_task(self._stop_when_written())
             return
