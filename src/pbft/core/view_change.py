@@ -116,6 +116,8 @@ def _starting_checkpoint(vcs: Sequence[ViewChange], quorums: Quorums) -> Optiona
 
 
 VIEW_LOOKAHEAD_MAX = 1 << 20  # view-change messages further ahead than this are dropped
+# base view-change timeouts a recovering replica restored in a view change waits for the others' view
+RECOVERING_VIEW_WAIT = 2
 
 
 @dataclass(slots=True)
@@ -214,15 +216,17 @@ class ViewChanges:
         """``Replica.begin_recovery``, before the log reloaded from disk is distrusted: the primary
         of an active view hands it over (``primary_recovering``). A replica restored in a view
         change without its ViewChange (``restore_inactive``; a primary that handed its view over
-        before its reboot, ``hand_over``) does not move on alone to the next view after a base
-        timeout: recovering, it counts among the f faulty ones, the others complete the view
-        change without it, and it finds the view they installed through their Status (the
-        NewView certified by their digests, or the join rule), which after a reboot takes a while
-        (connections, keys). It moves on only after the longest view-change timeout."""
+        before its reboot, ``hand_over``) waits ``RECOVERING_VIEW_WAIT`` base timeouts before it
+        moves on alone to the next view: recovering, it counts among the f faulty ones, the
+        others complete the view change without it, and it finds the view they installed
+        through their Status (the NewView certified by their digests, or the join rule), which
+        after a reboot takes a while (connections, keys). Not longer: a replica restored alone in
+        a higher view than the others (it had timed out alone before a power loss) sends a
+        ViewChange again only when it moves on, and only then can the others follow it."""
         r = self.r
         if not self.primary_recovering() and not r.view_active and self.mine_raw is None \
                 and self.deadline is not None:
-            self.deadline = max(self.deadline, r.now + r.cfg.view_change_timeout_max_ms)
+            self.deadline = max(self.deadline, r.now + RECOVERING_VIEW_WAIT * r.cfg.view_change_timeout_ms)
 
     def hand_over(self, now: float) -> bool:
         """A driver's step (the runtime's, when its watchdog fires, before the process reboots for
