@@ -35,7 +35,7 @@ class LyingBFS(BFSService):
         if kind == "read" and value:
             value = bytes([value[0] ^ 0xFF]) + value[1:]
         elif kind == "readdir" and value[0]:
-            value = [value[0][1:], value[1]]
+            value = [value[0][1:], *value[1:]]
         elif kind == "getattr":
             self.getattrs += 1
             if self.getattrs % 3:  # two true attribute replies, then a lie: the liar is soon

@@ -75,10 +75,8 @@ class FS:
     def names(self, ino):
         out, cookie = [], 0
         while True:
-            ents, eof = self("readdir", ino, cookie, 100, ro=True)
+            ents, eof, cookie = self("readdir", ino, cookie, 100, ro=True)
             out += [e[0] for e in ents]
-            if ents:
-                cookie = ents[-1][1]
             if eof:
                 return out
 
@@ -132,8 +130,8 @@ def test_readdir_is_sorted_paginated_and_stable_under_inserts_and_deletes():
     names = [f"n{i:03d}".encode() for i in range(50)]
     for n in names:
         fs.create(ROOT_INO, n)
-    ents, eof = fs("readdir", ROOT_INO, 0, 20, ro=True)
-    assert len(ents) == 20 and not eof
+    ents, eof, resume = fs("readdir", ROOT_INO, 0, 20, ro=True)
+    assert len(ents) == 20 and not eof and resume == ents[-1][1]
     seen = [e[0] for e in ents]
     cookie = ents[-1][1]
     # concurrent changes: delete one already listed and one not yet listed, add new ones
@@ -141,10 +139,8 @@ def test_readdir_is_sorted_paginated_and_stable_under_inserts_and_deletes():
     fs("unlink", ROOT_INO, names[30], False)
     fs.create(ROOT_INO, b"a-new")
     while True:
-        ents, eof = fs("readdir", ROOT_INO, cookie, 20, ro=True)
+        ents, eof, cookie = fs("readdir", ROOT_INO, cookie, 20, ro=True)
         seen += [e[0] for e in ents]
-        if ents:
-            cookie = ents[-1][1]
         if eof:
             break
     # every entry present throughout is listed exactly once; the deleted unlisted one is not
@@ -152,7 +148,7 @@ def test_readdir_is_sorted_paginated_and_stable_under_inserts_and_deletes():
     assert set(names) - {names[0], names[30]} <= set(seen)
     assert names[30] not in seen
     # attributes come with the entries
-    ents, _ = fs("readdir", ROOT_INO, 0, 1, ro=True)
+    ents, _, _ = fs("readdir", ROOT_INO, 0, 1, ro=True)
     assert ents[0][2][A_MODE] & S.S_IFREG
 
 
@@ -432,6 +428,105 @@ def test_limits():
     assert fs.err("symlink", d, b"s", b"x" * 4096) == E.ENAMETOOLONG
 
 
+def _op_cost(fs, op, *args):
+    """(objects modified, values written or deleted, largest value written in bytes) of one call."""
+    modified, writes = set(), []
+    svc = fs.s
+    tset, tdel = svc._tset, svc._tdel
+    svc._tset = lambda d, key, value: (writes.append(len(msgpack.packb(value, use_bin_type=True))),
+                                       tset(d, key, value))[1]
+    svc._tdel = lambda d, key: (writes.append(0), tdel(d, key))[1]
+    svc.space.bind(modified.add)
+    try:
+        fs(op, *args)
+    finally:
+        svc._tset, svc._tdel = tset, tdel
+        svc.space.bind(lambda i: None)
+    return len(modified), len(writes), max(writes, default=0)
+
+
+def test_a_large_directory_works_and_costs_no_more_per_operation_than_a_small_one():
+    cfg = BFSConfig(default=ClientPolicy(root=True), dir_entries_max=5001)
+    fs = FS(cfg)
+    big, small = fs.mkdir(ROOT_INO, b"big"), fs.mkdir(ROOT_INO, b"small")
+    names = [b"entry-%05d" % i for i in range(5000)]
+    inos = {n: fs.create(big, n) for n in names}
+    for i in range(10):
+        fs.create(small, b"other-%05d" % i)
+    assert fs.stat(big)[A_NLINK] == 2 and len(set(inos.values())) == 5000
+    assert sorted(fs.names(big)) == names
+    assert all(fs.lookup(big, n)[A_INO] == inos[n] for n in names[::97])
+    # the same operation costs the same number of objects and writes in both, and no written
+    # value holds the directory: the work is independent of its size
+    for op, bargs, sargs in [("create", (big, b"zz-new-00001", 0o644, True), (small, b"zz-new-00001", 0o644, True)),
+                             ("rename", (big, b"zz-new-00001", big, b"zz-new-00002", 0, False),
+                              (small, b"zz-new-00001", small, b"zz-new-00002", 0, False)),
+                             ("unlink", (big, b"zz-new-00002", False), (small, b"zz-new-00002", False))]:
+        cb, cs = _op_cost(fs, op, *bargs), _op_cost(fs, op, *sargs)
+        assert cb[:2] == cs[:2] and cb[1] <= 8, (op, cb, cs)
+        assert cb[2] <= 200, (op, cb)  # (the old layout rewrote all 5,000 entries: > 100 KB)
+    fs.create(big, b"one-too-many")  # 5,001 allowed
+    assert fs.err("create", big, b"two-too-many", 0o644, True) == E.ENOSPC
+    fs("unlink", big, b"one-too-many", False)
+    # renames out, in and over; an exchange keeps both entries' cookies
+    fs("rename", big, names[0], small, b"moved", 0, False)
+    fs("rename", small, b"other-00000", big, names[1], 0, False)  # replaces names[1]
+    fs("rename", big, names[2], small, b"other-00001", RENAME_EXCHANGE, False)
+    assert fs.lookup(small, b"moved")[A_INO] == inos[names[0]]
+    assert fs.lookup(big, names[2])[A_INO] != inos[names[2]] == fs.lookup(small, b"other-00001")[A_INO]
+    assert fs.err("lookup", big, names[0]) == E.ENOENT
+    # unlink most, from the front: readdir skips the emptied pages and lists the rest once
+    for n in names[3:4900]:
+        fs("unlink", big, n, False)
+    want = sorted([names[1], names[2]] + names[4900:])
+    assert sorted(fs.names(big)) == want
+    # a transferred copy is identical and continues identically
+    c = FS(cfg)
+    c.s.put_objs({j: fs.s.get_obj(j) for j in range(fs.s.n_objects)})
+    assert c.s.digest() == fs.s.digest() and sorted(c.names(big)) == want
+    c.t = fs.t  # (every call moves the clock)
+    for x in (fs, c):
+        x("unlink", big, names[4999], False)
+        x.create(big, b"late")
+    assert c.s.digest() == fs.s.digest()
+    for n in want[:-1]:
+        fs("unlink", big, n, False)
+    fs("unlink", big, b"late", False)
+    assert fs.names(big) == [] and fs.stat(big)[A_NLINK] == 2
+    fs("rmdir", ROOT_INO, b"big")
+
+
+def test_readdir_goes_on_across_many_emptied_pages(monkeypatch):
+    import pbft.services.bfs.service as svc
+    fs = FS()
+    names = [b"n%04d" % i for i in range(svc.DIR_PAGE * 6)]
+    for n in names:
+        fs.create(ROOT_INO, n)
+    for n in names[:svc.DIR_PAGE * 5]:
+        fs("unlink", ROOT_INO, n, False)
+    monkeypatch.setattr(svc, "READDIR_PROBES", 2)
+    ents, eof, resume = fs("readdir", ROOT_INO, 0, 100, ro=True)
+    assert ents == () and not eof and resume == 2 * svc.DIR_PAGE - 1  # looked at two pages
+    assert fs.names(ROOT_INO) == names[svc.DIR_PAGE * 5:]  # (in cookie order)
+    fs.create(ROOT_INO, b"new")
+    assert fs.names(ROOT_INO)[-1] == b"new"
+
+
+def test_put_objs_refuses_bad_directory_objects():
+    fs = FS()
+    d = fs.mkdir(ROOT_INO, b"d")
+    fs.create(d, b"f")
+    before = fs.s.digest()
+    key = d.to_bytes(8, "big")
+    for part, bad in [(fs.s.dirs, (1, 2)), (fs.s.dirs, (0, 0, 0)), (fs.s.dirents, (0, 1)),
+                      (fs.s.dirents, (3, b"x")), (fs.s.dpages, ()), (fs.s.dpages, ((2, b"b"), (1, b"a"))),
+                      (fs.s.dpages, ((1, b"a"), (70, b"b"))), (fs.s.dpages, ((1, b""),))]:
+        i = part.base + part.bucket_of(key)
+        with pytest.raises(ValueError):
+            fs.s.put_objs({i: msgpack.packb([[key, bad]], use_bin_type=True)})
+    assert fs.s.digest() == before
+
+
 def test_per_client_quota_and_policy():
     cfg = BFSConfig(clients={5: ClientPolicy(uids=frozenset({1000}), gids=frozenset({1000}), inodes_max=2,
                                              bytes_max=2 * CHUNK),
@@ -608,7 +703,7 @@ def test_hostile_inputs_give_errors_and_never_diverge():
         assert isinstance(r, list) and r[0] != 0, (op, r)
     assert a.s.drops.get("exception", 0) == 0  # refused by the checks, not by luck
     # huge counts are capped, not honoured
-    ents, eof = a("readdir", ROOT_INO, 0, 2 ** 63, ro=True)
+    ents, eof, _ = a("readdir", ROOT_INO, 0, 2 ** 63, ro=True)
     assert len(ents) == 1 and eof
     assert a("read", 2, 0, 2 ** 64 - 1, ro=True) == b""
     assert a.s.digest() == b.s.digest()

@@ -596,13 +596,13 @@ class BFSOperations(pyfuse3.Operations):
             start_id = 2
         cookie = start_id - 2
         while True:
-            ents, eof = await self.call("readdir", h.ino, cookie, 256, cred=h.cred, read_only=True)
+            ents, eof, resume = await self.call("readdir", h.ino, cookie, 256, cred=h.cred, read_only=True)
             for name, ck, a in ents:
                 if not pyfuse3.readdir_reply(token, name, self.entry(a), ck + 2):
                     return
-                cookie = ck
-            if eof or not ents:
+            if eof or type(resume) is not int or resume <= cookie:
                 return
+            cookie = resume
 
     @_guard
     async def releasedir(self, fh):

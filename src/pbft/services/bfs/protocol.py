@@ -27,7 +27,7 @@ ARITY = {
     "getattr": 1,       # ino
     "readlink": 1,      # ino
     "read": 3,          # ino, offset, size
-    "readdir": 3,       # ino, cookie, max_entries  -> (entries, eof); entry (name, cookie, attr)
+    "readdir": 3,       # ino, cookie, max_entries  -> (entries, eof, resume cookie); entry (name, cookie, attr)
     "statfs": 0,
     "getxattr": 2,      # ino, name
     "listxattr": 1,     # ino

@@ -45,6 +45,10 @@ RECLAIM_FREES = 64
 EAGER_FREE_SLOTS = 64
 ZERO_RANGES_MAX = 8
 NLINK_MAX = 65000
+#: directory entries by cookie: cookies ``c`` with the same ``c // DIR_PAGE`` share one page
+DIR_PAGE = 64
+#: pages a readdir call looks at (absent ones too) before it returns where to go on
+READDIR_PROBES = 1024
 #: ancestor walks (search permission, rename into a subtree) stop here with ELOOP: a path of
 #: PATH_MAX (4096) bytes has at most 2048 components, so no reachable directory is deeper
 DEPTH_MAX = 4096
@@ -98,14 +102,25 @@ def _check_inode(v) -> None:
 
 
 def _check_dir(v) -> None:
-    if not (isinstance(v, tuple) and len(v) == 2 and _is_int(v[0]) and isinstance(v[1], tuple)):
+    if not (isinstance(v, tuple) and len(v) == 3 and all(_is_int(x) for x in v) and v[0] >= 1):
         raise ValueError("bad directory")
-    prev = None
-    for e in v[1]:
-        if not (isinstance(e, tuple) and len(e) == 3 and type(e[0]) is bytes and _is_int(e[1]) and _is_int(e[2])):
-            raise ValueError("bad directory entry")
-        if prev is not None and e[0] <= prev:
-            raise ValueError("directory entries not sorted")
+
+
+def _check_dirent(v) -> None:
+    if not (isinstance(v, tuple) and len(v) == 2 and _is_int(v[0], 1) and _is_int(v[1], 1)):
+        raise ValueError("bad directory entry")
+
+
+def _check_page(v) -> None:
+    if not (isinstance(v, tuple) and v):
+        raise ValueError("bad directory page")
+    prev = 0
+    for e in v:
+        if not (isinstance(e, tuple) and len(e) == 2 and _is_int(e[0], 1) and type(e[1]) is bytes
+                and 0 < len(e[1]) <= NAME_MAX):
+            raise ValueError("bad directory page entry")
+        if e[0] <= prev or e[0] // DIR_PAGE != v[0][0] // DIR_PAGE:
+            raise ValueError("directory page not sorted")
         prev = e[0]
 
 
@@ -158,7 +173,14 @@ class BFSService(ObjectService):
         base = 3
         self.inodes = ObjectDict(inode_buckets, base=base, check_value=_check_inode)
         base += inode_buckets
+        # a directory is a header (next cookie, entries, bytes of their names), its entries, each
+        # its own key (directory, name) -> (inode, cookie), and pages (directory, cookie //
+        # DIR_PAGE) -> ((cookie, name), ...) for readdir: no operation touches the whole directory
         self.dirs = ObjectDict(dir_buckets, base=base, check_value=_check_dir)
+        base += dir_buckets
+        self.dirents = ObjectDict(dir_buckets, base=base, check_value=_check_dirent)
+        base += dir_buckets
+        self.dpages = ObjectDict(dir_buckets, base=base, check_value=_check_page)
         base += dir_buckets
         self.xattrs = ObjectDict(xattr_buckets, base=base, check_value=_check_xattrs)
         base += xattr_buckets
@@ -167,13 +189,13 @@ class BFSService(ObjectService):
         self.reclaim = ObjectDict(256, base=base, check_value=_check_qentry)
         base += 256
         self.data = ObjectDict(data_buckets, base=base, check_value=_check_chunk)
-        self.space = ObjectSpace(self.sb, self.usage, self.orphans, self.inodes, self.dirs, self.xattrs, self.reclaim,
-                                 self.data)
+        self.space = ObjectSpace(self.sb, self.usage, self.orphans, self.inodes, self.dirs, self.dirents, self.dpages,
+                                 self.xattrs, self.reclaim, self.data)
         c = self.cfg
         root = [S.S_IFDIR | (c.root_mode & 0o7777), c.root_uid, c.root_gid, 2, 0, 0, 0, 0, 0, 0, ROOT_INO, -1, b"",
                 -1, ()]
         self.inodes.set(_k(ROOT_INO), tuple(root))
-        self.dirs.set(_k(ROOT_INO), (1, ()))
+        self.dirs.set(_k(ROOT_INO), (1, 0, 0))
         self.chunks_max = max(1, c.bytes_max // CHUNK)
         self._tx: list = []
         self._reset_caches()
@@ -193,8 +215,12 @@ class BFSService(ObjectService):
     def _reset_caches(self) -> None:
         self._nodes: dict[int, list | None] = {}
         self._ndirty: set[int] = set()
-        self._dcache: dict[int, list | None] = {}   # ino -> [next_cookie, [[name, ino, cookie], ...]]
+        self._dcache: dict[int, list | None] = {}   # ino -> [next_cookie, entries, name bytes]
         self._ddirty: set[int] = set()
+        self._ents: dict[bytes, list | None] = {}   # dirent key -> [ino, cookie]
+        self._edirty: set[bytes] = set()
+        self._pages: dict[bytes, list] = {}   # page key -> [(cookie, name), ...]
+        self._pdirty: set[bytes] = set()
         self._sbc: list | None = None
         self._usec: dict | None = None
         self._orph: list | None = None
@@ -239,8 +265,19 @@ class BFSService(ObjectService):
             if d is None:
                 self._tdel(self.dirs, _k(ino))
             else:
-                v = (d[0], tuple(tuple(e) for e in d[1]))
-                self._tset(self.dirs, _k(ino), v)
+                self._tset(self.dirs, _k(ino), tuple(d))
+        for key in sorted(self._edirty):
+            e = self._ents[key]
+            if e is None:
+                self._tdel(self.dirents, key)
+            else:
+                self._tset(self.dirents, key, tuple(e))
+        for key in sorted(self._pdirty):
+            pg = self._pages[key]
+            if pg:
+                self._tset(self.dpages, key, tuple(pg))
+            else:
+                self._tdel(self.dpages, key)
         if self._sbc is not None:
             sb = self._sbc
             v = tuple(sb)
@@ -291,14 +328,33 @@ class BFSService(ObjectService):
         self._ndirty.add(ino)
 
     def _dir(self, ino: int) -> list:
+        """The directory's header ``[next cookie, entries, bytes of the names]``."""
         d = self._dcache.get(ino)
         if d is None:
             v = self.dirs.get(_k(ino))
             if v is None:
                 _fail(E.ENOTDIR)
-            d = [v[0], [list(e) for e in v[1]]]
+            d = list(v)
             self._dcache[ino] = d
         return d
+
+    def _dirent(self, dino: int, name: bytes):
+        """``[ino, cookie]`` of the entry ``name`` of ``dino`` (None: absent), and its key."""
+        key = _k(dino) + name
+        if key in self._ents:
+            return self._ents[key], key
+        v = self.dirents.get(key)
+        e = list(v) if v is not None else None
+        self._ents[key] = e
+        return e, key
+
+    def _page(self, dino: int, page: int) -> tuple[list, bytes]:
+        key = _k(dino) + page.to_bytes(8, "big")
+        pg = self._pages.get(key)
+        if pg is None:
+            pg = list(self.dpages.get(key, ()))
+            self._pages[key] = pg
+        return pg, key
 
     # ---- execution -----------------------------------------------------------------------
     def execute(self, operation: bytes, client: int, nondet: bytes, read_only: bool) -> bytes:
@@ -423,34 +479,53 @@ class BFSService(ObjectService):
         return name
 
     # ---- directory entries ---------------------------------------------------------------
-    @staticmethod
-    def _find(d: list, name: bytes) -> int:
-        ents = d[1]
-        i = bisect.bisect_left(ents, name, key=lambda e: e[0])
-        return i if i < len(ents) and ents[i][0] == name else -1
-
     def _entry(self, dino: int, name: bytes):
-        d = self._dir(dino)
-        i = self._find(d, name)
-        return d[1][i][1] if i >= 0 else None
+        self._dir(dino)
+        e = self._dirent(dino, name)[0]
+        return e[0] if e is not None else None
 
     def _insert(self, dino: int, name: bytes, ino: int) -> None:
         d = self._dir(dino)
-        if len(d[1]) >= self.cfg.dir_entries_max:
+        if d[1] >= self.cfg.dir_entries_max:
             _fail(E.ENOSPC)
-        i = bisect.bisect_left(d[1], name, key=lambda e: e[0])
-        d[1].insert(i, [name, ino, d[0]])
+        cookie = d[0]
         d[0] += 1
+        d[1] += 1
+        d[2] += len(name)
         self._ddirty.add(dino)
-        if len(d[1]) * 24 + sum(len(e[0]) for e in d[1]) > self.cfg.dir_bytes_max:
+        if d[1] * 24 + d[2] > self.cfg.dir_bytes_max:
             _fail(E.ENOSPC)
+        e, key = self._dirent(dino, name)
+        if e is not None:  # (callers check first)
+            _fail(E.EEXIST)
+        self._ents[key] = [ino, cookie]
+        self._edirty.add(key)
+        pg, pkey = self._page(dino, cookie // DIR_PAGE)
+        pg.append((cookie, name))  # the largest cookie yet: the page stays sorted
+        self._pdirty.add(pkey)
 
     def _remove(self, dino: int, name: bytes) -> None:
         d = self._dir(dino)
-        i = self._find(d, name)
-        if i >= 0:
-            del d[1][i]
-            self._ddirty.add(dino)
+        e, key = self._dirent(dino, name)
+        if e is None:
+            return
+        cookie = e[1]
+        self._ents[key] = None
+        self._edirty.add(key)
+        pg, pkey = self._page(dino, cookie // DIR_PAGE)
+        i = bisect.bisect_left(pg, (cookie,))
+        if i < len(pg) and pg[i][0] == cookie:
+            del pg[i]
+            self._pdirty.add(pkey)
+        d[1] -= 1
+        d[2] -= len(name)
+        self._ddirty.add(dino)
+
+    def _relink(self, dino: int, name: bytes, ino: int) -> None:
+        """Point the existing entry ``name`` of ``dino`` at ``ino`` (its cookie stays)."""
+        e, key = self._dirent(dino, name)
+        e[0] = ino
+        self._edirty.add(key)
 
     def _stamp(self, n: list, m: bool = True, c: bool = True) -> None:
         if m:
@@ -497,7 +572,7 @@ class BFSService(ObjectService):
         self._nodes[ino] = n
         self._touch(ino)
         if is_dir:
-            self._dcache[ino] = [1, []]
+            self._dcache[ino] = [1, 0, 0]
             self._ddirty.add(ino)
             if p[I_NLINK] >= NLINK_MAX:
                 _fail(E.EMLINK)
@@ -702,15 +777,25 @@ class BFSService(ObjectService):
         if not (_is_int(cookie) and _is_int(max_entries)):
             _fail(E.EINVAL)
         d = self._dir(ino)
-        ents = sorted((e for e in d[1] if e[2] > cookie), key=lambda e: e[2])
-        out = []
+        limit = max(1, min(max_entries, 1024))
+        out: list = []
         budget = IO_MAX
-        for name, child, ck in ents[:max(1, min(max_entries, 1024))]:
-            budget -= len(name) + 96
-            if budget < 0 and out:
-                break
-            out.append((name, ck, self._attr(child, self._node(child))))
-        return (tuple(out), len(out) == len(ents))
+        page, last = (cookie + 1) // DIR_PAGE if cookie < U64 else U64, (d[0] - 1) // DIR_PAGE
+        probes = READDIR_PROBES
+        while page <= last:
+            if probes == 0:  # a long run of emptied pages: go on from here in the next call
+                return (tuple(out), False, max(cookie, page * DIR_PAGE - 1))
+            probes -= 1
+            for ck, name in self._page(ino, page)[0]:
+                if ck <= cookie:
+                    continue
+                budget -= len(name) + 96
+                if len(out) >= limit or (budget < 0 and out):
+                    return (tuple(out), False, out[-1][1])
+                child = self._dirent(ino, name)[0][0]
+                out.append((name, ck, self._attr(child, self._node(child))))
+            page += 1
+        return (tuple(out), True, out[-1][1] if out else cookie)
 
     def op_statfs(self, cr):
         sb = self.sb.value
@@ -914,10 +999,8 @@ class BFSService(ObjectService):
             if flags & RENAME_EXCHANGE and ddir:
                 self._need(dn, cr, 2)
         if flags & RENAME_EXCHANGE:
-            sd, dd = self._dir(sp), self._dir(dp)
-            sd[1][self._find(sd, sname)][1] = dino
-            dd[1][self._find(dd, dname)][1] = sino
-            self._ddirty.update((sp, dp))
+            self._relink(sp, sname, dino)
+            self._relink(dp, dname, sino)
             if sp != dp:
                 if sdir:
                     sn[I_PARENT] = dp
