@@ -56,6 +56,8 @@ def edit(path, old, new):
     (lambda d: edit(d / "cluster.toml", "receive_budget_frames = 64", "receive_budget_frames = -1"),
      "must be a positive int"),
     (lambda d: edit(d / "cluster.toml", 'public_key = "', 'public_key = "zz'), "public_key must be"),
+    (lambda d: edit(d / "cluster.toml", 'scheduling = "batch"', 'scheduling = "fifo"'),
+     "scheduling must be one of batch, normal"),
     (lambda d: os.remove(d / "cluster.toml"), "cannot read"),
 ])
 def test_bad_cluster_files_are_one_line_errors(tmp_path, mutate, message):

@@ -86,9 +86,14 @@ class RuntimeParams:
     http_connections_max: int = 32  # open at once; past it the oldest one still sending its request goes
     http_request_timeout_s: float = 5.0  # to send the whole request
     http_requests_per_s: float = 20.0  # connections accepted per second (the excess waits in the kernel)
+    # the replica's CPU scheduling policy (runtime.sched): "batch" (Linux SCHED_BATCH: a replica
+    # woken by a message does not preempt the process that sent it, so a multicast leaves whole
+    # before its receivers run) or "normal" (the system's default)
+    scheduling: str = "batch"
 
 
 RUNTIME_FIELDS = {f.name: f.type for f in dataclasses.fields(RuntimeParams)}
+SCHEDULING_POLICIES = ("batch", "normal")
 
 STORAGE_MODES = ("durable", "fast", "memory")
 
@@ -424,7 +429,12 @@ def load_cluster(directory: str | os.PathLike) -> Cluster:
         if want is str:
             if not isinstance(v, str):
                 raise ConfigError(f"{where}: runtime parameter {k} must be a string, got {v!r}")
-            _check_host(v)
+            if k == "scheduling":
+                if v not in SCHEDULING_POLICIES:
+                    raise ConfigError(f"{where}: runtime parameter scheduling must be one of "
+                                      f"{', '.join(SCHEDULING_POLICIES)}, got {v!r}")
+            else:
+                _check_host(v)
             rt_kw[k] = v
             continue
         if want is float and isinstance(v, int) and not isinstance(v, bool):

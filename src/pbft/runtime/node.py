@@ -33,6 +33,7 @@ from ..service import Service
 from ..storage import Store, StoreError, open_store
 from .cluster import Cluster, recovery_turn
 from .keys import NEWKEY_TAG, Identity, fresh_key, make_newkey, now_timestamp_us
+from .sched import apply_scheduling, current_scheduling
 from .metrics import HttpEndpoint, ReplicaMetrics
 from .transport import (AUTH_CLIENT, AUTH_REPLICA, UNAUTHENTICATED, Counters, FrameConn, InboundGuard, InboundLimits,
                         Listener, OutLink, client_frame_bytes_max, frame, listen_socket)
@@ -117,6 +118,7 @@ class ReplicaNode:
         self._sync_wall_clock()
         self.links: dict[int, OutLink] = {}
         self.client_conn: dict[int, FrameConn] = {}
+        self.scheduling = current_scheduling()  # the CPU policy it runs under (runtime.sched)
         self.my_newkey: Optional[bytes] = None
         self.my_keys: dict[int, bytes] = {}  # the keys my_newkey carries
         self.my_newkey_ts = 0
@@ -274,7 +276,7 @@ class ReplicaNode:
             self.loop.add_signal_handler(signal.SIGUSR2, self._inject_memory_corruption)
         self._rearm()
         self._log("started", host=me.host, port=me.port, metrics_host=me.metrics_host, metrics_port=me.metrics_port,
-                  n=self.cfg.n, f=self.cfg.f)
+                  n=self.cfg.n, f=self.cfg.f, scheduling=self.scheduling)
 
     async def run(self) -> None:
         await self.start()
@@ -842,9 +844,11 @@ def run_replica(cluster: Cluster, replica_id: int, service: Service, quiet: bool
         uvloop = None  # type: ignore[assignment]
     if identity is None:
         identity = cluster.identity(replica_id)
+    scheduling = apply_scheduling(cluster.runtime.scheduling)  # before any thread starts
 
     async def main():
         node = ReplicaNode(cluster, replica_id, identity, service, quiet=quiet, recover=recover)
+        node.scheduling = scheduling
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, node.stopping.set)

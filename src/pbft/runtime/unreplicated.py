@@ -148,6 +148,10 @@ class UnreplicatedServer:
 def run_unreplicated(cluster: Cluster, service: Service) -> None:
     import uvloop
 
+    from .sched import apply_scheduling
+
+    apply_scheduling(cluster.runtime.scheduling)  # the same stack as a replica's, policy included
+
     async def main():
         srv = UnreplicatedServer(cluster, cluster.identity(0), service)
         await srv.start()
