@@ -155,7 +155,7 @@ def parse_bfs_section(t) -> BFSConfig:
             raise ConfigError(f"[bfs] unknown parameter {k!r}")
     kw["clients"] = clients
     if kw.get("dir_bytes_max", 0) > 768 * 1024:
-        raise ConfigError("[bfs] dir_bytes_max is at most 786432 (a directory must fit in one object)")
+        raise ConfigError("[bfs] dir_bytes_max is at most 786432")
     if kw.get("file_size_max", 1) > 1 << 46:
         raise ConfigError("[bfs] file_size_max is at most 2**46")
     return BFSConfig(**kw)

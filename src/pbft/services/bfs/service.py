@@ -8,8 +8,11 @@ The state (``docs/bfs.md`` has the whole picture):
   be freed, a bounded number per operation;
 * a usage cell ``((client, inodes, chunks), ...)`` for the per-client quotas and an orphan
   cell ``((client, ino), ...)``: inodes unlinked while that client had them open;
-* inodes (an ``ObjectDict`` keyed by the 8-byte inode number), directories (``(next_cookie,
-  ((name, ino, cookie), ...))`` sorted by name; cookies never reused), extended attributes
+* inodes (an ``ObjectDict`` keyed by the 8-byte inode number); directories in three
+  ``ObjectDict``s, so that no operation reads or writes a whole directory: a header per
+  directory ``(next_cookie, entries, name_bytes)``, one entry per name keyed by (directory,
+  name): ``(ino, cookie)``, and pages keyed by (directory, cookie // DIR_PAGE): ``((cookie,
+  name), ...)`` sorted, which readdir walks (cookies are never reused); extended attributes
   (``((name, value), ...)`` sorted), and file data in chunks of ``CHUNK`` bytes keyed by
   (inode, index): ``(stamp, bytes)``, an absent chunk is a hole.
 
