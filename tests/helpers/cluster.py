@@ -20,11 +20,14 @@ from pbft.storage.memory import MemStore
 
 
 class Cluster:
-    def __init__(self, n: int = 4, clients: int = 2, service=KVService, durable: bool | None = None, **cfg_kw):
+    def __init__(self, n: int = 4, clients: int = 2, service=KVService, durable: bool | None = None,
+                 genesis_config: bytes = b"", **cfg_kw):
         """``service``: what builds each replica's service, or a list of n of them (replica i runs
         the i-th: replicas of different implementations). ``durable``: None keeps replicas in
         memory only; True/False gives each a simulated disk (``MemStore``) in the durable or fast
-        mode, written before every send."""
+        mode, written before every send. ``genesis_config``: the configuration object's initial
+        value (``pbft.core.reconfig.genesis_record``)."""
+        self.genesis_config = genesis_config
         self.cfg = ClusterConfig.create(n, clients_max=clients, **cfg_kw)
         self.rings = keyrings_for(b"test-master-key-0123456789abcdef", n, self.cfg.client_ids)
         self.now = 0.0
@@ -32,7 +35,8 @@ class Cluster:
         self.services = list(service) if isinstance(service, (list, tuple)) else [service] * n
         assert len(self.services) == n, "one service per replica"
         self.service = self.services[0]
-        self.replicas = [Replica(self.cfg, i, self.rings[i], self.services[i]()) for i in range(n)]
+        self.replicas = [Replica(self.cfg, i, self.rings[i], self.services[i](), genesis_config=genesis_config)
+                         for i in range(n)]
         self.stores = [MemStore(durable=durable) for _ in range(n)] if durable is not None else None
         if self.stores:
             for r in self.replicas:
@@ -54,7 +58,7 @@ class Cluster:
         store = self.stores[i]
         if power_loss:
             store.power_loss(rng, torn=torn)
-        r = Replica(self.cfg, i, self.rings[i], self.services[i](), now=self.now)
+        r = Replica(self.cfg, i, self.rings[i], self.services[i](), now=self.now, genesis_config=self.genesis_config)
         r.enable_persistence()
         records, damaged = store.load()
         outcome = r.restore(records, damaged)

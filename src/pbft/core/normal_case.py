@@ -21,6 +21,7 @@ from ..codec import (
     batch_digest_from_request_digests,
 )
 from ..messages import NULL_BATCH, Batch, Commit, PrePrepare, Prepare, Request
+from . import reconfig
 from .drops import HOLDABLE, Count, Drop
 from .events import (
     Committed, Executed, PrePrepared, PrePrepareSent, Prepared, Promoted, RolledBack, ServiceException,
@@ -601,10 +602,13 @@ class Log:
 
     def apply(self, req: Request, nondet: bytes, n: int) -> bytes:
         """Execute one ordered request at sequence number n: the service's operation, or (from
-        a replica) a recovery request, which the library handles itself."""
+        a replica) a recovery request, or a configuration operation (``reconfig``: every request
+        of an administrator, and any with the configuration prefix), which the library handles."""
         r = self.r
         if req.client < r.cfg.n:
             return r.recovery.execute(req.client, req.op, n, req.timestamp)
+        if reconfig.handles(r.rs.config, req.client, req.op, n):
+            return reconfig.execute_ordered(r, req.client, req.op, n)
         return self.run_service(req.op, req.client, nondet, False)
 
     def run_service(self, op: bytes, client: int, nondet: bytes, read_only: bool) -> bytes:
@@ -613,6 +617,8 @@ class Log:
         agreement and the client gets an answer, instead of every replica failing on the same
         request. Counted as ``service-exception``."""
         r = self.r
+        if read_only and reconfig.handles(r.rs.config, client, op, n := r.log.last_exec + 1):
+            return reconfig.execute_ordered(r, client, op, n, read_only=True)
         try:
             result = r.service.execute(op, client, nondet, read_only)
         except Exception as e:  # noqa: BLE001 - the service is user code

@@ -66,7 +66,7 @@ class Replica:
         replica_id: int,
         keys: KeyRing,
         service: Service,
-        now: float = 0.0,
+        now: float = 0.0, genesis_config: bytes = b"",  # (``core.reconfig``: the cluster's configuration)
     ):
         assert cfg.is_replica(replica_id)
         self.cfg = cfg
@@ -101,17 +101,17 @@ class Replica:
 
         self.view, self.view_active = 0, True  # the view (changed by the cross-area steps only)
         self.vc = ViewChanges(self)  # the view change: ViewChange, acks, NewView, new-view batches
-        self._init_log_and_checkpoints(service)
+        self._init_log_and_checkpoints(service, genesis_config)
         self.requests = Requests(self)  # admission, vouching, the primary's queue, the request timer, replies
         self.status = StatusExchange(self, now)  # Status messages: what peers report, our answers
         self._handlers = self._handler_table()
 
-    def _init_log_and_checkpoints(self, service: Service) -> None:
+    def _init_log_and_checkpoints(self, service: Service, genesis_config: bytes) -> None:
         cfg = self.cfg
         self.low_water_mark = 0  # low water mark: last stable checkpoint
         self.log = Log(self)  # the normal case and the log: slots, certificates, batches, execution
-        # the checkpointed state: the service's objects and the last-reply table
-        self.rs = ReplicaState(service, fanout=cfg.partition_fanout, bind_seqno=not self.bug_ckpt_noseq)
+        # the checkpointed state: the service's objects, the last-reply table, the configuration
+        self.rs = ReplicaState(service, cfg.partition_fanout, not self.bug_ckpt_noseq, genesis_config=genesis_config)
         self.state = self.rs.cs
         self.last_reply = self.rs.last_reply  # client -> (timestamp, result); change through rs.set_reply
         self.checkpoints = Checkpoints(self, self.state.checkpoint(0))  # ours, committed and tentative
