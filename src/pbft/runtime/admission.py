@@ -50,10 +50,10 @@ from __future__ import annotations
 
 import time
 from hashlib import blake2b
-from typing import Optional
+from typing import Any, Optional
 
 from ..codec import DecodeError
-from .keys import NEWKEY_TAG, Identity, PublicKeys, finish_newkey, precheck_newkey
+from .keys import NEWKEY_TAG, Identity, PublicKeys, finish_newkey, newkey_message, precheck_newkey
 from .transport import Counters, FrameConn, TokenBucket, peek_first_frame
 
 FIXARRAY5 = 0x95  # msgpack header of a 5-element array: every frame starts with it
@@ -103,6 +103,9 @@ class NewKeyGate:
         self.bucket = TokenBucket(rate=NEWKEY_RATE_ALL, burst=NEWKEY_RATE_ALL)
         self.conn_burst = float(min(NEWKEY_RATE_ALL, max(512, max_principal + 1)))
         self.refused = ""  # why the last refused NewKey was refused
+        # configuration epochs (runtime.epochs): clients revoked, and the keys rotated away
+        self.revoked: frozenset[int] = frozenset()
+        self.retired: dict[int, Any] = {}  # principal -> a VerifyKey it no longer signs with
         self.dirty: dict[int, int] = {}  # accepted timestamps not yet handed to the store
 
     def restore(self, records: dict[bytes, bytes]) -> None:
@@ -127,6 +130,8 @@ class NewKeyGate:
         shape, sender or timestamp), or None; changes and counts nothing (``first_frame_screen``)."""
         if self.last_digest.get(frame_sender(raw)) == blake2b(raw, digest_size=16).digest():
             return "newkey-stale"
+        if frame_sender(raw) in self.revoked:
+            return "newkey-revoked-client"
         try:
             precheck_newkey(raw, self.me, self.public, self.max_principal, self.last_ts,
                             time.time_ns() // 1000, self.skew_us)
@@ -141,6 +146,9 @@ class NewKeyGate:
         if self.last_digest.get(s) == h:
             # an exact replay of the latest NewKey accepted from s: one hash and a comparison
             self._refuse("newkey-stale")
+            return None
+        if s in self.revoked:
+            self._refuse("newkey-revoked-client")
             return None
         try:
             nk = precheck_newkey(raw, self.me, self.public, self.max_principal, self.last_ts,
@@ -166,12 +174,25 @@ class NewKeyGate:
         except DecodeError as e:
             if not authenticated:
                 meta["newkey-failures"] = meta.get("newkey-failures", 0) + 1
-            self._refuse(e.reason)
+            self._refuse("newkey-rotated-key" if e.reason == "newkey-bad-signature" and self._retired(nk)
+                         else e.reason)
             return None
         meta["authenticated"] = True
         self.last_digest[nk.sender] = h
         self.dirty[nk.sender] = nk.timestamp
         return nk.sender, k
+
+
+    def _retired(self, nk) -> bool:
+        """Whether a NewKey whose signature failed is signed with its sender's rotated-away key."""
+        vk = self.retired.get(nk.sender)
+        if vk is None:
+            return False
+        try:
+            vk.verify(newkey_message(nk.sender, nk.header), nk.signature)
+        except Exception:  # noqa: BLE001 - nacl's BadSignatureError and friends
+            return False
+        return True
 
 
 def first_frame_screen(gate: NewKeyGate, frame_max: int, full_max: int):

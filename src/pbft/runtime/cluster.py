@@ -8,6 +8,8 @@ Layout::
     DIR/cluster.toml          membership, addresses, public keys, parameters
     DIR/keys/replica-<i>.key  private key of replica i (hex Ed25519 seed, mode 0600)
     DIR/keys/client-<c>.key   private key of client c
+    DIR/epoch.json            the configuration the cluster reported last (``pbft reconfig``;
+                              clients and tools use its keys: docs/reconfiguration.md)
 
 Replicas are principals ``0..n-1``; clients are ``n..n+clients-1`` (the ids
 the protocol uses).  Copy the whole directory to every machine, or better,
@@ -30,11 +32,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..config import ClusterConfig, ConfigError
+from ..state.configuration import ConfigRecord, Configuration, genesis_record
 from .keys import PUBLIC_KEY_SIZE, Identity, PublicKeys
 from .transport import client_frame_bytes_max
 
 CLUSTER_FILE = "cluster.toml"
 KEY_DIR = "keys"
+EPOCH_FILE = "epoch.json"  # written by `pbft reconfig` (tools.reconfig)
+SPARE_CLIENT_SLOTS = 4  # client ids `pbft init` leaves free for `pbft reconfig DIR add-client`
 
 # protocol parameters a cluster file may set (ClusterConfig fields), with network-friendly defaults
 PROTOCOL_DEFAULTS: dict[str, float | int | bool] = {
@@ -192,6 +197,10 @@ class Cluster:
     recovery: RecoveryParams = RecoveryParams()
     # the services' own tables, [service.NAME] (and BFS's [bfs]): pbft.service.ServiceCluster
     service_sections: dict = field(default_factory=dict, repr=False)
+    admins: tuple[int, ...] = ()  # [admin] clients: the administrators (docs/reconfiguration.md)
+    # the configuration object's initial value (``core.reconfig``), from cluster.toml alone
+    genesis_config: bytes = field(default=b"", repr=False)
+    epoch: int = 0  # of the configuration whose keys ``public`` holds (epoch.json; 0: cluster.toml's)
 
     def owner(self, replica_id: int) -> str:
         """Who a replica's data directory belongs to: this cluster (its keys) and this replica."""
@@ -206,7 +215,8 @@ class Cluster:
 
     @property
     def client_ids(self) -> list[int]:
-        return sorted(self.client_keys)
+        """The clients a workload may use (administrators excluded)."""
+        return sorted(c for c in self.client_keys if c not in self.admins)
 
     def key_path(self, principal: int) -> Path:
         kind = "replica" if principal < self.cfg.n else "client"
@@ -216,23 +226,46 @@ class Cluster:
         """Load and check the private key of ``principal``."""
         if principal < 0 or (principal >= self.n and principal not in self.client_keys):
             raise ConfigError(f"no principal {principal} in {self.dir / CLUSTER_FILE}")
+        expected = self.public_key_of(principal)
+        for ident in self.key_candidates(principal):
+            if ident.public == expected:
+                return ident
+        raise ConfigError(f"key file {self.key_path(principal)} does not match the public key of principal "
+                          f"{principal} in {EPOCH_FILE if self.epoch else CLUSTER_FILE}")
+
+    def public_key_of(self, principal: int) -> bytes:
+        """Its public key in the configuration the cluster reported last (epoch.json), or else
+        in cluster.toml."""
+        return self.client_keys[principal] if principal >= self.n else bytes(self.public.verify[principal])
+
+    def key_candidates(self, principal: int) -> list[Identity]:
+        """The private keys held for ``principal``: its key file, and the new key of a rotation
+        (``<key file>.next``, written by ``pbft reconfig DIR rotate-key``) if there is one."""
         path = self.key_path(principal)
-        try:
-            text = path.read_text().strip()
-        except OSError as e:
-            raise ConfigError(f"cannot read key file {path}: {e.strerror or e}") from None
-        try:
-            seed = bytes.fromhex(text)
-        except ValueError:
-            raise ConfigError(f"key file {path} is not a hex key") from None
-        if len(seed) != 32:
-            raise ConfigError(f"key file {path} holds {len(seed)} bytes, expected 32")
-        ident = Identity.from_seed(principal, seed)
-        expected = self.replicas[principal].public_key if principal < self.n else self.client_keys[principal]
-        if ident.public != expected:
-            raise ConfigError(f"key file {path} does not match the public key of principal {principal} "
-                              f"in {CLUSTER_FILE}")
-        return ident
+        out = [read_key_file(path, principal)]
+        nxt = next_key_path(path)
+        if nxt.exists():
+            out.append(read_key_file(nxt, principal))
+        return out
+
+
+def next_key_path(path: Path) -> Path:
+    """Where ``pbft reconfig DIR rotate-key`` writes a principal's new private key."""
+    return path.with_name(path.name + ".next")
+
+
+def read_key_file(path: Path, principal: int) -> Identity:
+    try:
+        text = path.read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"cannot read key file {path}: {e.strerror or e}") from None
+    try:
+        seed = bytes.fromhex(text)
+    except ValueError:
+        raise ConfigError(f"key file {path} is not a hex key") from None
+    if len(seed) != 32:
+        raise ConfigError(f"key file {path} holds {len(seed)} bytes, expected 32")
+    return Identity.from_seed(principal, seed)
 
 
 # ---------------------------------------------------------------------------
@@ -252,7 +285,12 @@ def init_cluster(
     force: bool = False,
     storage: Optional[dict] = None,
     recovery: Optional[dict] = None,
+    admins: int = 1,
+    spare_clients: int = SPARE_CLIENT_SLOTS,
 ) -> Cluster:
+    """Write a cluster directory. ``clients`` workload clients get ids ``replicas..``, then
+    ``admins`` administrators (``[admin]``), then ``spare_clients`` ids are left free for
+    clients admitted later (``pbft reconfig DIR add-client``; ``[cluster] client_slots``)."""
     d = Path(directory)
     if faults is None:
         faults = (replicas - 1) // 3
@@ -265,6 +303,8 @@ def init_cluster(
                           f"need at least 3f+1 = {3 * faults + 1}")
     if clients < 1:
         raise ConfigError(f"--clients must be at least 1, got {clients}")
+    if admins < 0 or spare_clients < 0:
+        raise ConfigError("--admins and --spare-clients must be >= 0")
     hosts = hosts or ["127.0.0.1"]
     for h in hosts:
         _check_host(h)
@@ -283,6 +323,9 @@ def init_cluster(
         "[cluster]",
         f"replicas = {replicas}",
         f"faults = {faults}",
+        "# client ids are replicas .. replicas + client_slots - 1 ([[client]] entries, then free ids for",
+        "# `pbft reconfig DIR add-client`: docs/reconfiguration.md)",
+        f"client_slots = {clients + admins + spare_clients}",
         "",
         "[protocol]",
     ]
@@ -308,10 +351,14 @@ def init_cluster(
         host = hosts[i % len(hosts)]
         lines += ["", "[[replica]]", f"id = {i}", f'host = "{host}"', f"port = {base_port + i}",
                   f"metrics_port = {metrics_base_port + i}", "weight = 1", f'public_key = "{ident.public.hex()}"']
-    for c in range(replicas, replicas + clients):
+    for c in range(replicas, replicas + clients + admins):
         ident = Identity.generate(c)
         _write_key(d / KEY_DIR / f"client-{c}.key", ident.seed)
         lines += ["", "[[client]]", f"id = {c}", f'public_key = "{ident.public.hex()}"']
+    if admins:
+        ids = ", ".join(str(c) for c in range(replicas + clients, replicas + clients + admins))
+        lines += ["", "# administrators: clients whose requests change the configuration (`pbft reconfig`)",
+                  "[admin]", f"clients = [{ids}]"]
     (d / CLUSTER_FILE).write_text("\n".join(lines) + "\n")
     return load_cluster(d)
 
@@ -360,6 +407,7 @@ def load_cluster(directory: str | os.PathLike) -> Cluster:
     c = _table(doc.get("cluster"), f"{where}: [cluster]")
     n = _int_field(c, "replicas", where, lo=1)
     f = _int_field(c, "faults", where, lo=0)
+    slots = _int_field(c, "client_slots", where, lo=0, hi=1 << 16) if "client_slots" in c else None
     reps = doc.get("replica")
     if not isinstance(reps, list) or not reps:
         raise ConfigError(f"{where}: no [[replica]] entries")
@@ -408,6 +456,11 @@ def load_cluster(directory: str | os.PathLike) -> Cluster:
         clients[cid] = _pubkey(cl, ctx)
     if clients and sorted(clients) != list(range(n, n + len(clients))):
         raise ConfigError(f"{where}: client ids must be {n}..{n + len(clients) - 1} without gaps")
+    if slots is None:
+        slots = len(clients)
+    if slots < len(clients):
+        raise ConfigError(f"{where}: client_slots = {slots} is below the {len(clients)} [[client]] entries")
+    admins = _admins(doc, where, clients)
     params = dict(PROTOCOL_DEFAULTS)
     proto = _table(doc.get("protocol", {}), f"{where}: [protocol]")
     for k, v in proto.items():
@@ -446,7 +499,7 @@ def load_cluster(directory: str | os.PathLike) -> Cluster:
     recovery = _recovery(_table(doc.get("recovery", {}), f"{where}: [recovery]"), where, n)
     sections = _service_sections(doc, where)
     try:
-        cfg = ClusterConfig.create(n, f, weights=tuple(weights), clients_max=len(clients), **params)
+        cfg = ClusterConfig.create(n, f, weights=tuple(weights), clients_max=slots, **params)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from None
     runtime = RuntimeParams(**rt_kw)
@@ -455,13 +508,56 @@ def load_cluster(directory: str | os.PathLike) -> Cluster:
                           f"must hold at least two of the largest client frames ({2 * client_frame_bytes_max(cfg)})")
     placed = [replace(e, metrics_host=e.metrics_host or runtime.metrics_host) for e in entries if e is not None]
     assert len(placed) == n  # n entries with distinct ids below n
-    pubs = {e.id: e.public_key for e in placed}
-    pubs.update(clients)
+    genesis = genesis_record([e.public_key for e in placed], clients, admins)
+    epoch, current = _epoch_file(d, n, cfg, genesis)
+    pubs = current.public_keys()
     try:
         public = PublicKeys(pubs)
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
-    return Cluster(d, cfg, placed, clients, runtime, public, storage, recovery, sections)
+    client_keys = {c: k for c, k in pubs.items() if c >= n}
+    return Cluster(d, cfg, placed, client_keys, runtime, public, storage, recovery, sections,
+                   admins=tuple(current.admins), genesis_config=genesis, epoch=epoch)
+
+
+def _admins(doc: dict, where: str, clients: dict[int, bytes]) -> list[int]:
+    t = _table(doc.get("admin", {}), f"{where}: [admin]")
+    for k in t:
+        if k != "clients":
+            raise ConfigError(f"{where}: unknown admin parameter {k!r}")
+    ids = t.get("clients", [])
+    if not isinstance(ids, list) or not all(type(c) is int for c in ids):
+        raise ConfigError(f"{where}: [admin] clients must be a list of client ids, got {ids!r}")
+    for c in ids:
+        if c not in clients:
+            raise ConfigError(f"{where}: administrator {c} is not a [[client]]")
+    return sorted(set(ids))
+
+
+def _epoch_file(d: Path, n: int, cfg: ClusterConfig, genesis: bytes) -> tuple[int, Configuration]:
+    """The configuration the cluster reported last (``EPOCH_FILE``, written by ``pbft reconfig``),
+    or cluster.toml's (epoch 0)."""
+    base = ConfigRecord.decode(genesis).active
+    path = d / EPOCH_FILE
+    if not path.exists():
+        return 0, base
+    try:
+        doc = json.loads(path.read_text())
+        current = configuration_from_json(doc)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ConfigError(f"{path}: not a configuration written by `pbft reconfig` ({e})") from None
+    if len(current.replica_keys) != n or not all(cfg.is_client(c) for c in current.clients):
+        raise ConfigError(f"{path}: its configuration is not of this cluster's {n} replicas and client slots")
+    return current.epoch, current
+
+
+def configuration_from_json(doc: dict) -> Configuration:
+    """``Configuration.describe()`` read back (``EPOCH_FILE``; raises ValueError, TypeError...)."""
+    clients = {int(c): bytes.fromhex(k) for c, k in doc["clients"].items()}
+    clients.update((int(c), b"") for c in doc["revoked"])
+    cs = Configuration(int(doc["epoch"]), int(doc["opens_at"]), tuple(bytes.fromhex(k) for k in doc["replicas"]),
+                       clients, tuple(int(a) for a in doc["admins"]))
+    return Configuration.decode(cs.encode())  # (its checks)
 
 
 def _service_sections(doc: dict, where: str) -> dict:

@@ -125,6 +125,8 @@ class ReplicaMetrics:
         yield gauge("pbft_connections_open", "Inbound connections open", len(node.inbound))
         yield gauge("pbft_peers_connected", "Outbound links to other replicas that are up",
                     sum(1 for lk in node.links.values() if lk.conn is not None))
+        yield gauge("pbft_config_epoch", "The configuration epoch in force here (docs/reconfiguration.md)",
+                    node.epochs.epoch)
         d = CounterMetricFamily("pbft_dropped_messages", "Messages dropped, by layer and reason",
                                 labels=["replica", "layer", "reason"])
         for reason, k in sorted(r.drops.items()):

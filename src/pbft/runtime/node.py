@@ -26,6 +26,7 @@ from typing import Optional
 
 from ..codec import DecodeError
 from ..config import ConfigError
+from .epochs import EpochFollower
 from ..core.replica import Replica
 from ..crypto import KEY_SIZE, KeyRing
 from ..messages import Tag
@@ -85,7 +86,8 @@ class ReplicaNode:
         self.counters = Counters()
         n = self.cfg.n
         self.ring = KeyRing(replica_id, n, {}, {})
-        self.replica = Replica(self.cfg, replica_id, self.ring, service, now=self._now())
+        self.replica = Replica(self.cfg, replica_id, self.ring, service, now=self._now(),
+                               genesis_config=cluster.genesis_config)
         self.store: Optional[Store] = None
         self.restore_outcome = "memory"
         records: dict[bytes, bytes] = {}
@@ -151,6 +153,8 @@ class ReplicaNode:
         # the latest NewKey timestamp accepted from each principal survives restarts and
         # recoveries (records ``N<principal>``), so a NewKey captured before is never taken again
         self.newkey_gate.restore(records)
+        # the configuration in force: the key registry follows its epochs (runtime.epochs)
+        self.epochs = EpochFollower(self)
         # clients' requests against per-client credits, before the core (runtime.admission)
         self.request_slots = RequestSlots(self.loop, self.counters, self._redeliver)  # requests waiting for credits
         self.request_budget = RequestBudget(
@@ -183,8 +187,10 @@ class ReplicaNode:
             self._log("new-view", view=ev.view, primary=ev.view % self.cfg.n)
         elif kind == "stable":
             self.metrics.on_stable(ev.seqno)
+            self.epochs.on_checkpoint(ev.seqno)
         elif kind == "state-transfer":
             self._log("state-transfer", seqno=ev.seqno)
+            self.epochs.on_checkpoint(ev.seqno)
         elif kind == "checkpoint-mismatch":
             self._log("checkpoint-mismatch", seqno=ev.seqno)
         elif kind == "state-repair":
@@ -829,6 +835,7 @@ class ReplicaNode:
             "counts": dict(sorted(r.counts.items())),
             "peers_connected": sorted(j for j, lk in self.links.items() if lk.conn is not None),
             "clients_connected": len(self.client_conn),
+            "config": self.epochs.describe(),
             "uptime_s": round(time.time() - self.started, 1),
             "pid": os.getpid(),
         }

@@ -280,7 +280,7 @@ def cmd_status(args) -> int:
         print(json.dumps(rows))
     else:
         print(f"{'replica':>7} {'address':21} {'state':11} {'view':>5} {'primary':>7} {'executed':>9} "
-              f"{'stable':>7} {'requests':>9} {'peers':>7}")
+              f"{'stable':>7} {'requests':>9} {'peers':>7} {'epoch':>5}")
         for s in rows:
             if not s["reachable"]:
                 print(f"{s['replica']:>7} {s['address']:21} {'UNREACHABLE':11} ({s['error']})")
@@ -291,8 +291,10 @@ def cmd_status(args) -> int:
             if s.get("recovering"):
                 state = "OVERDUE" if s.get("recovery_overdue") else "recovering"
             peers = f"{len(s['peers_connected'])}/{cluster.n - 1}"
+            epoch = s.get("config", {}).get("epoch", "-")
             print(f"{s['replica']:>7} {s['address']:21} {state:11} {s['view']:>5} {s['primary']:>7} "
-                  f"{s['last_executed']:>9} {s['stable_checkpoint']:>7} {s['executed_requests']:>9} {peers:>7}")
+                  f"{s['last_executed']:>9} {s['stable_checkpoint']:>7} {s['executed_requests']:>9} {peers:>7} "
+                  f"{epoch:>5}")
         for line in notes:
             print(line)
     up = sum(1 for s in rows if s["reachable"])
@@ -348,6 +350,8 @@ def add_commands(sub) -> None:
     add_bfs_commands(sub)
     from .guard import add_guard_commands
     add_guard_commands(sub)
+    from .reconfig import add_reconfig_commands
+    add_reconfig_commands(sub)
 
     k = sub.add_parser("kv", help="a client of the key-value service")
     k.add_argument("dir")

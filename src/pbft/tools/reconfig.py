@@ -1,0 +1,186 @@
+"""``pbft reconfig DIR add-client | revoke-client | rotate-key | show``: configuration changes on a
+live cluster, through the protocol (docs/reconfiguration.md).
+
+A change is an ordered request of the administrator (``[admin] clients`` in cluster.toml, its key
+in ``keys/``): the replicas validate it (``pbft.core.reconfig``) and record it, and it takes effect
+at the next checkpoint at or after its sequence number. This command sends it, prints the result
+(the epoch it opens, or the reason it was refused), and then, unless ``--no-wait``, moves the
+cluster to that checkpoint with ordered no-op requests (``show``) until replicas of quorum weight
+report the new epoch on their status endpoints; then it writes what the cluster reports as the
+configuration in effect into ``DIR/epoch.json``, which clients and tools of this directory use
+for the keys from then on.
+
+Keys: ``add-client`` generates the new client's key pair and writes ``keys/client-<id>.key``;
+``rotate-key`` writes the principal's new private key to ``<its key file>.next`` before sending
+the change (a replica loads it at the switch), and after the switch moves it over the key file
+(the old one kept as ``.old``). On separate machines, copy the ``.next`` file to the replica's
+machine before the change (``--key-file`` takes a key generated there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import urllib.error
+from pathlib import Path
+from typing import Optional
+
+from ..config import ConfigError
+from ..core.reconfig import decode_result, encode_request
+from ..runtime.cluster import EPOCH_FILE, Cluster, load_cluster, next_key_path, read_key_file
+from ..runtime.keys import Identity
+
+SWITCH_TIMEOUT_S = 60.0
+
+
+def _write_key(path: Path, seed: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(seed.hex() + "\n")
+
+
+def _admin(cluster: Cluster, chosen: Optional[int]) -> int:
+    if chosen is not None:
+        if chosen not in cluster.admins:
+            print(f"pbft reconfig: warning: {chosen} is not an administrator in the configuration known here "
+                  f"({list(cluster.admins)}); the replicas decide", file=sys.stderr)
+        return chosen
+    if not cluster.admins:
+        raise ConfigError(f"{cluster.dir}: no administrator ([admin] clients in cluster.toml)")
+    return cluster.admins[0]
+
+
+def replica_epochs(cluster: Cluster, timeout: float = 1.0) -> dict[int, int]:
+    """The epoch each reachable replica reports in force (its status endpoint)."""
+    from .net import fetch_status
+
+    out = {}
+    for r in cluster.replicas:
+        try:
+            s = fetch_status(r.metrics_addr, r.metrics_port, timeout)
+        except (OSError, urllib.error.URLError, ValueError):
+            continue
+        out[r.id] = int(s.get("config", {}).get("epoch", 0))
+    return out
+
+
+def wait_for_epoch(cluster: Cluster, bc, epoch: int, timeout_s: float = SWITCH_TIMEOUT_S) -> dict[int, int]:
+    """Drive the cluster (ordered no-op requests) until replicas of quorum weight report ``epoch``."""
+    cfg = cluster.cfg
+    end = time.monotonic() + timeout_s
+    noop = encode_request("show")
+    while True:
+        epochs = replica_epochs(cluster)
+        if cfg.weight_of([r for r, e in epochs.items() if e >= epoch]) >= cfg.quorum_weight:
+            return epochs
+        if time.monotonic() > end:
+            raise ConfigError(f"epoch {epoch} not in force at a quorum after {timeout_s:.0f} s (replicas report "
+                              f"{epochs})")
+        for _ in range(8):
+            bc.invoke(noop, read_only=False, timeout=10.0)
+
+
+def write_epoch_file(cluster: Cluster, bc) -> dict:
+    """What the cluster reports in force (a certified reply) into DIR/epoch.json."""
+    res = decode_result(bc.invoke(encode_request("show"), read_only=False, timeout=10.0))
+    doc = res["config"].describe()
+    tmp = cluster.dir / (EPOCH_FILE + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, cluster.dir / EPOCH_FILE)
+    return doc
+
+
+def cmd_reconfig(args) -> int:
+    from ..runtime.client import BlockingClient, PbftError
+
+    cluster = load_cluster(args.dir)
+    admin = _admin(cluster, args.admin)
+    written: Optional[Path] = None
+    if args.action == "show":
+        op = encode_request("show")
+    elif args.action == "revoke-client":
+        op = encode_request("revoke-client", args.principal)
+    else:
+        if args.key_file:
+            ident = read_key_file(Path(args.key_file), args.principal or 0)
+        else:
+            ident = Identity.generate(args.principal or 0)
+        if args.action == "add-client":
+            if args.principal is None:
+                used = set(cluster.client_keys) | _revoked(cluster)
+                free = [c for c in cluster.cfg.client_ids if c not in used]
+                if not free:
+                    raise ConfigError(f"no free client id (client_slots in {cluster.dir}/cluster.toml)")
+                args.principal = free[0]
+            written = cluster.key_path(args.principal)
+            if written.exists():
+                raise ConfigError(f"{written} exists: client {args.principal} was admitted before")
+        else:
+            written = next_key_path(cluster.key_path(args.principal))
+        if not args.key_file:
+            _write_key(written, ident.seed)
+        op = encode_request(args.action, args.principal, ident.public)
+    try:
+        with BlockingClient(cluster, admin) as bc:
+            res = decode_result(bc.invoke(op, read_only=args.action == "show", timeout=args.timeout))
+            if args.action == "show":
+                print(json.dumps({"in_force": res["config"].describe(), "latest": res["latest"].describe()},
+                                 indent=1))
+                return 0
+            if not res["ok"]:
+                print(f"pbft reconfig: refused: {res['reason']}", file=sys.stderr)
+                if written is not None and not args.key_file:
+                    written.unlink(missing_ok=True)
+                return 1
+            print(f"recorded: {args.action} {args.principal if args.principal is not None else ''} opens epoch "
+                  f"{res['epoch']} at checkpoint {res['switch_seqno']}")
+            if args.no_wait:
+                return 0
+            epochs = wait_for_epoch(cluster, bc, res["epoch"], args.switch_timeout)
+            print(f"epoch {res['epoch']} in force (replica: epoch {epochs})")
+            if args.action == "rotate-key" and written is not None and written.name.endswith(".next"):
+                key = cluster.key_path(args.principal)
+                if key.exists():
+                    os.replace(key, key.with_name(key.name + ".old"))
+                os.replace(written, key)
+                print(f"{key} now holds the new key (the old one: {key.name}.old)")
+            doc = write_epoch_file(cluster, bc)
+            print(f"wrote {cluster.dir / EPOCH_FILE} (epoch {doc['epoch']})")
+    except PbftError as e:
+        print(f"pbft reconfig: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _revoked(cluster: Cluster) -> set[int]:
+    path = cluster.dir / EPOCH_FILE
+    try:
+        return {int(c) for c in json.loads(path.read_text()).get("revoked", [])}
+    except (OSError, ValueError, TypeError):
+        return set()
+
+
+def add_reconfig_commands(sub) -> None:
+    p = sub.add_parser("reconfig", help="change the configuration of a live cluster: admit or revoke clients, "
+                       "rotate long-term keys (docs/reconfiguration.md)")
+    p.add_argument("dir")
+    p.add_argument("action", choices=["add-client", "revoke-client", "rotate-key", "show"])
+    p.add_argument("principal", type=int, nargs="?", default=None,
+                   help="the client (add-client: default the first free id; revoke-client) or the replica or "
+                        "client whose key to rotate")
+    p.add_argument("--key-file", default=None, help="add-client, rotate-key: use this private key (hex seed) "
+                   "instead of generating one here")
+    p.add_argument("--admin", type=int, default=None, help="the administrator to send as (default: the first)")
+    p.add_argument("--no-wait", action="store_true", help="return once the change is recorded, without "
+                   "moving the cluster to the checkpoint where it takes effect")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--switch-timeout", type=float, default=SWITCH_TIMEOUT_S)
+    p.set_defaults(func=_checked)
+
+
+def _checked(args) -> int:
+    if args.action in ("revoke-client", "rotate-key") and args.principal is None:
+        raise ConfigError(f"{args.action} needs a principal id")
+    return cmd_reconfig(args)

@@ -1,0 +1,103 @@
+"""Configuration epochs on a real local cluster (``pbft reconfig``): a client admitted, used and
+revoked (its sessions end, its NewKeys are refused), a replica's key rotated while the cluster
+keeps serving and refreshing session keys, and a non-administrator's change refused."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from helpers.metrics import metric, metrics_text
+from pbft import BlockingClient
+from pbft.config import ConfigError
+from pbft.core.reconfig import decode_result, encode_request
+from pbft.runtime.client import PbftError
+from pbft.runtime.cluster import EPOCH_FILE, load_cluster
+from pbft.services.kv import KVClient, encode_op
+from pbft.tools.cli import main
+
+PUT = encode_op("put", b"k", b"v")
+
+
+def _transport_drop(lc, rid: int, reason: str) -> float:
+    total = 0.0
+    for line in metrics_text(lc, rid).splitlines():
+        if line.startswith("pbft_dropped_messages_total{") and 'layer="transport"' in line \
+                and f'reason="{reason}"' in line:
+            total += float(line.rpartition(" ")[2])
+    return total
+
+
+@pytest.fixture
+def live(local_cluster):
+    return local_cluster(protocol={"checkpoint_interval_seqnos": 8, "log_window_seqnos": 16,
+                                   "view_change_timeout_ms": 500.0},
+                         runtime={"key_refresh_s": 1.0})
+
+
+def epochs(lc) -> list[int]:
+    return [lc.status(i)["config"]["epoch"] for i in range(lc.n)]
+
+
+def test_admit_use_revoke_rotate(live, capsys):
+    d = str(live.dir)
+    assert live.cluster.admins == (8,) and live.cluster.client_ids == [4, 5, 6, 7]
+    assert epochs(live) == [0, 0, 0, 0]
+
+    # negative control: a client that is not an administrator cannot change anything
+    with BlockingClient(d, 4) as bc:
+        res = decode_result(bc.invoke(encode_request("revoke-client", 5), timeout=20.0))
+    assert res["ok"] is False and res["reason"].startswith("not-admin")
+
+    assert main(["reconfig", d, "add-client"]) == 0
+    out = capsys.readouterr().out
+    assert "opens epoch 1" in out and "epoch 1 in force" in out
+    live.wait_for(lambda: epochs(live) == [1] * 4, what="every replica in epoch 1")
+    assert json.loads((live.dir / EPOCH_FILE).read_text())["epoch"] == 1
+    before = load_cluster(d)  # a view of the cluster that still has client 9 (used after its revocation)
+    assert 9 in before.client_keys
+    held = BlockingClient(before, 9)
+    try:
+        kv = KVClient(held.invoke, timeout=20.0)
+        kv.put(b"new-client", b"works")
+        assert kv.get(b"new-client") == b"works"
+
+        assert main(["reconfig", d, "revoke-client", "9"]) == 0
+        live.wait_for(lambda: epochs(live) == [2] * 4, what="every replica in epoch 2")
+        with pytest.raises(ConfigError):
+            load_cluster(d).identity(9)  # the directory's configuration no longer has it
+        with pytest.raises(PbftError):  # its open session ended at the switch
+            held.invoke(PUT, timeout=3.0)
+    finally:
+        held.close()
+    with pytest.raises(PbftError):  # and its NewKeys are refused
+        with BlockingClient(before, 9, wait_s=2.0) as bc:
+            bc.invoke(PUT, timeout=3.0)
+    assert sum(_transport_drop(live, i, "newkey-revoked-client") for i in range(4)) >= 1
+    assert sum(_transport_drop(live, i, "client-session-revoked") for i in range(4)) >= 1
+
+    # rotate replica 1's long-term key: the cluster keeps working, with replica 1 in it
+    old_key = live.cluster.replicas[1].public_key
+    refreshes = metric(metrics_text(live, 1), "pbft_key_refreshes_total")
+    assert main(["reconfig", d, "rotate-key", "1"]) == 0
+    live.wait_for(lambda: epochs(live) == [3] * 4, what="every replica in epoch 3")
+    now = load_cluster(d)
+    assert now.public_key_of(1) != old_key and now.identity(1).public == now.public_key_of(1)
+    assert '"own_key_rotated": true' in live.log_text(1)
+    accepted = metric(metrics_text(live, 0), "pbft_newkeys_accepted_total")
+    with BlockingClient(d) as bc:
+        kv = KVClient(bc.invoke, timeout=20.0)
+        for i in range(30):
+            kv.put(b"after-rotation-%d" % i, b"x")
+        time.sleep(2.5)  # two key refresh periods
+        for i in range(30, 40):
+            kv.put(b"after-rotation-%d" % i, b"x")
+        assert kv.get(b"after-rotation-39", read_only=False) == b"x"
+    # session keys are still refreshed and accepted, with replica 1's new key
+    assert metric(metrics_text(live, 1), "pbft_key_refreshes_total") >= refreshes + 2
+    assert metric(metrics_text(live, 0), "pbft_newkeys_accepted_total") >= accepted + 2
+    st = [live.status(i) for i in range(4)]
+    top = max(s["last_executed"] for s in st)
+    live.wait_for(lambda: live.status(1)["last_executed"] >= top, what="replica 1 keeping up")
