@@ -80,6 +80,8 @@ def test_epochs_open_at_the_next_checkpoint():
     rec, res = run(encode_request("add-client", FREE, key(FREE)), n=5)
     assert res == {"ok": True, "epoch": 1, "switch_seqno": 8}
     assert rec.effective(8) == rec.active and rec.effective(9) == rec.pending and rec.latest.is_admitted(FREE)
+    _, shown = run(encode_request("show"), client=4, n=6, rec=rec)
+    assert shown["config"] == rec.active and shown["latest"] == rec.pending  # in force / still to come
     rec2, res = run(encode_request("revoke-client", 5), n=8, rec=rec)  # same interval: same epoch
     assert res == {"ok": True, "epoch": 1, "switch_seqno": 8} and rec2.active == rec.active
     assert rec2.latest.revoked == {5} and rec2.latest.is_admitted(FREE)

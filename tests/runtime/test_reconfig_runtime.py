@@ -1,6 +1,7 @@
 """Configuration epochs on a real local cluster (``pbft reconfig``): a client admitted, used and
-revoked (its sessions end, its NewKeys are refused), a replica's key rotated while the cluster
-keeps serving and refreshing session keys, and a non-administrator's change refused."""
+revoked (its sessions end, its NewKeys are refused), a client's key rotated (the old session
+ends, the new key works), a replica's key rotated while the cluster keeps serving and refreshing
+session keys, and a non-administrator's change refused."""
 
 from __future__ import annotations
 
@@ -28,6 +29,49 @@ def _transport_drop(lc, rid: int, reason: str) -> float:
                 and f'reason="{reason}"' in line:
             total += float(line.rpartition(" ")[2])
     return total
+
+
+class _Conn:
+    def __init__(self):
+        self.meta = {}
+
+
+def test_the_gate_refuses_revoked_clients_and_rotated_away_keys():
+    from pbft.runtime.admission import NewKeyGate
+    from pbft.runtime.keys import Identity, PublicKeys, make_newkey, now_timestamp_us
+    from pbft.runtime.transport import Counters
+    ids = {p: Identity.generate(p) for p in range(6)}  # replicas 0..3, clients 4, 5
+    pub = PublicKeys({p: i.public for p, i in ids.items()})
+    gate = NewKeyGate(ids[0], pub, 4, 5, 600_000.0, Counters())
+    keys = {j: bytes(64) for j in range(4)}
+    assert gate.accept(_Conn(), make_newkey(ids[4], pub, keys, now_timestamp_us())) is not None
+    # the switch (runtime.epochs): client 4 revoked, client 5's key rotated
+    new5 = Identity.generate(5)
+    after = PublicKeys({p: (new5.public if p == 5 else i.public) for p, i in ids.items() if p != 4})
+    gate.retired[5] = pub.verify[5]
+    gate.public, gate.revoked = after, frozenset({4})
+    assert gate.accept(_Conn(), make_newkey(ids[4], pub, keys, now_timestamp_us())) is None
+    assert gate.accept(_Conn(), make_newkey(ids[5], pub, keys, now_timestamp_us())) is None
+    assert gate.counters.drops == {"newkey-revoked-client": 1, "newkey-rotated-key": 1}
+    assert gate.accept(_Conn(), make_newkey(new5, pub, keys, now_timestamp_us())) is not None
+
+
+def test_init_writes_an_administrator_and_free_client_ids(tmp_path):
+    from pbft.runtime.cluster import init_cluster
+    c = init_cluster(tmp_path / "c", 4, clients=2)
+    assert c.client_ids == [4, 5] and c.admins == (6,) and c.cfg.clients_max == 7 and c.epoch == 0
+    assert c.identity(6).principal == 6
+    text = (tmp_path / "c" / "cluster.toml").read_text()
+    (tmp_path / "c" / "cluster.toml").write_text(text.replace("clients = [6]", "clients = [9]"))
+    with pytest.raises(ConfigError, match="administrator 9 is not a"):
+        load_cluster(tmp_path / "c")
+    (tmp_path / "c" / "cluster.toml").write_text(text.replace("client_slots = 7", "client_slots = 2"))
+    with pytest.raises(ConfigError, match="client_slots = 2 is below"):
+        load_cluster(tmp_path / "c")
+    (tmp_path / "c" / "cluster.toml").write_text(text)
+    (tmp_path / "c" / EPOCH_FILE).write_text('{"epoch": 1}')
+    with pytest.raises(ConfigError, match="not a configuration written by"):
+        load_cluster(tmp_path / "c")
 
 
 @pytest.fixture
@@ -78,11 +122,23 @@ def test_admit_use_revoke_rotate(live, capsys):
     assert sum(_transport_drop(live, i, "newkey-revoked-client") for i in range(4)) >= 1
     assert sum(_transport_drop(live, i, "client-session-revoked") for i in range(4)) >= 1
 
+    # rotate client 5's key: its session under the old key ends, the new key works
+    with BlockingClient(d, 5) as old5:
+        old5.invoke(PUT, timeout=20.0)
+        assert main(["reconfig", d, "rotate-key", "5"]) == 0
+        live.wait_for(lambda: epochs(live) == [3] * 4, what="every replica in epoch 3")
+        with pytest.raises(PbftError):
+            old5.invoke(PUT, timeout=3.0)
+    assert (live.dir / "keys" / "client-5.key.old").exists()
+    with BlockingClient(d, 5) as new5:
+        assert KVClient(new5.invoke, timeout=20.0).get(b"new-client") == b"works"
+    assert sum(_transport_drop(live, i, "client-session-rotated") for i in range(4)) >= 1
+
     # rotate replica 1's long-term key: the cluster keeps working, with replica 1 in it
     old_key = live.cluster.replicas[1].public_key
     refreshes = metric(metrics_text(live, 1), "pbft_key_refreshes_total")
     assert main(["reconfig", d, "rotate-key", "1"]) == 0
-    live.wait_for(lambda: epochs(live) == [3] * 4, what="every replica in epoch 3")
+    live.wait_for(lambda: epochs(live) == [4] * 4, what="every replica in epoch 4")
     now = load_cluster(d)
     assert now.public_key_of(1) != old_key and now.identity(1).public == now.public_key_of(1)
     assert '"own_key_rotated": true' in live.log_text(1)

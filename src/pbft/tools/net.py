@@ -69,7 +69,8 @@ def cmd_init(args) -> int:
     if period is not None and not 0 <= period < float("inf"):
         raise ConfigError(f"--recovery-period must be a non-negative number of seconds, got {period:g}")
     c = init_cluster(args.dir, args.replicas, args.faults, hosts, args.base_port, clients, force=args.force,
-                     recovery=None if period is None else {"period_s": period})
+                     recovery=None if period is None else {"period_s": period},
+                     admins=getattr(args, "admins", 1), spare_clients=getattr(args, "spare_clients", 4))
     if service == "bfs":
         from ..services.bfs.config import DEFAULT_SECTION
         with open(c.dir / "cluster.toml", "a") as fh:
@@ -80,6 +81,10 @@ def cmd_init(args) -> int:
         record(c.dir)  # replicas refuse to start from other code (runtime.integrity)
     print(f"wrote {c.dir / 'cluster.toml'}: {c.n} replicas (f={c.cfg.f}), {len(c.client_ids)} clients "
           f"(ids {c.client_ids[0]}..{c.client_ids[-1]}); private keys in {c.dir / 'keys'} (mode 0600)")
+    if c.admins:
+        print(f"  administrator{'s' if len(c.admins) > 1 else ''} (pbft reconfig): client "
+              f"{', '.join(map(str, c.admins))}; {c.cfg.clients_max - len(c.client_keys)} free client ids "
+              "(docs/reconfiguration.md)")
     p = c.recovery.period_s
     print(f"  proactive recovery: every replica every {p:g} s, one every {p / c.n:g} s (docs/recovery.md)" if p else
           "  proactive recovery: off (--recovery-period 0); `pbft recover` still works")
@@ -313,6 +318,10 @@ def add_commands(sub) -> None:
     i.add_argument("--clients", type=int, default=None,
                    help="client identities to create (default 4; 8 with --service bfs)")
     i.add_argument("--force", action="store_true", help="overwrite an existing cluster.toml")
+    i.add_argument("--admins", type=int, default=1, help="administrator identities ([admin], `pbft reconfig`; "
+                   "default 1)")
+    i.add_argument("--spare-clients", type=int, default=4, help="client ids left free for `pbft reconfig DIR "
+                   "add-client` (default 4)")
     i.add_argument("--no-integrity", action="store_true", help="record no [integrity] package_sha256 (replicas "
                    "then run whatever code is installed; docs/recovery.md)")
     i.add_argument("--recovery-period", type=float, default=None, metavar="S",

@@ -114,6 +114,9 @@ def cmd_reconfig(args) -> int:
                 if not free:
                     raise ConfigError(f"no free client id (client_slots in {cluster.dir}/cluster.toml)")
                 args.principal = free[0]
+            if not cluster.cfg.is_client(args.principal):
+                raise ConfigError(f"{args.principal} is not a client id: client ids are {cluster.n}.."
+                                  f"{cluster.n + cluster.cfg.clients_max - 1} (client_slots in cluster.toml)")
             written = cluster.key_path(args.principal)
             if written.exists():
                 raise ConfigError(f"{written} exists: client {args.principal} was admitted before")
@@ -140,7 +143,7 @@ def cmd_reconfig(args) -> int:
                 return 0
             epochs = wait_for_epoch(cluster, bc, res["epoch"], args.switch_timeout)
             print(f"epoch {res['epoch']} in force (replica: epoch {epochs})")
-            if args.action == "rotate-key" and written is not None and written.name.endswith(".next"):
+            if args.action == "rotate-key" and written is not None and not args.key_file:
                 key = cluster.key_path(args.principal)
                 if key.exists():
                     os.replace(key, key.with_name(key.name + ".old"))
