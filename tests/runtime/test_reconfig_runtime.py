@@ -157,3 +157,9 @@ def test_admit_use_revoke_rotate(live, capsys):
     st = [live.status(i) for i in range(4)]
     top = max(s["last_executed"] for s in st)
     live.wait_for(lambda: live.status(1)["last_executed"] >= top, what="replica 1 keeping up")
+
+    # operators learn the configuration from the cluster: `show` writes epoch.json again
+    (live.dir / EPOCH_FILE).unlink()
+    assert load_cluster(d).epoch == 0
+    assert main(["reconfig", d, "show"]) == 0
+    assert load_cluster(d).epoch == 4 and load_cluster(d).public_key_of(1) == now.public_key_of(1)

@@ -8,7 +8,7 @@ at the next checkpoint at or after its sequence number. This command sends it, p
 cluster to that checkpoint with ordered no-op requests (``show``) until replicas of quorum weight
 report the new epoch on their status endpoints; then it writes what the cluster reports as the
 configuration in effect into ``DIR/epoch.json``, which clients and tools of this directory use
-for the keys from then on.
+for the keys from then on (``show`` writes it too: what the cluster reports in force).
 
 Keys: ``add-client`` generates the new client's key pair and writes ``keys/client-<id>.key``;
 ``rotate-key`` writes the principal's new private key to ``<its key file>.next`` before sending
@@ -85,7 +85,10 @@ def wait_for_epoch(cluster: Cluster, bc, epoch: int, timeout_s: float = SWITCH_T
 def write_epoch_file(cluster: Cluster, bc) -> dict:
     """What the cluster reports in force (a certified reply) into DIR/epoch.json."""
     res = decode_result(bc.invoke(encode_request("show"), read_only=False, timeout=10.0))
-    doc = res["config"].describe()
+    return _write_epoch_doc(cluster, res["config"].describe())
+
+
+def _write_epoch_doc(cluster: Cluster, doc: dict) -> dict:
     tmp = cluster.dir / (EPOCH_FILE + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
     os.replace(tmp, cluster.dir / EPOCH_FILE)
@@ -131,6 +134,9 @@ def cmd_reconfig(args) -> int:
             if args.action == "show":
                 print(json.dumps({"in_force": res["config"].describe(), "latest": res["latest"].describe()},
                                  indent=1))
+                if res["config"].epoch:
+                    _write_epoch_doc(cluster, res["config"].describe())
+                    print(f"wrote {cluster.dir / EPOCH_FILE} (epoch {res['config'].epoch})", file=sys.stderr)
                 return 0
             if not res["ok"]:
                 print(f"pbft reconfig: refused: {res['reason']}", file=sys.stderr)
