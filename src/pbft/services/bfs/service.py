@@ -375,9 +375,7 @@ class BFSService(ObjectService):
         if type(cr) is int:
             return _errb(cr)
         handler = getattr(self, "op_" + kind)
-        self._reset_caches()
-        self._tx = []
-        self.client = client
+        self.client = client  # (the caches and the undo log are empty: every call ends by emptying them)
         try:
             if not read_only and kind not in READ_ONLY_OPS:
                 sb = self._sbl()
