@@ -210,3 +210,23 @@ def test_restore_writes_no_field_of_another_component():
                 if foreign(chain(e)):
                     bad.append((node.lineno, ast.unparse(e)))
     assert bad == [], bad
+
+
+def test_primary_restarted_from_its_store_resends_the_preprepares_a_backup_missed():
+    """Slots restored from disk have no pre-prepare frame to relay: the primary seals its own again
+    when a backup's Status shows it behind (the NewView it used to send instead is nothing new to a
+    backup already in the view, and an idle cluster never catches it up otherwise)."""
+    c = Cluster(clients=1, durable=True)
+    c.put(0, b"a", b"1")
+    behind = 3
+    # replica 3 gets neither the request nor its pre-prepare nor the vouches (so no request timer
+    # of its own will start a view change that would carry the batch in a NewView)
+    c.drop = lambda src, dst, m: dst == behind and m[1] in (1, 3, 15)
+    c.put(0, b"b", b"2")
+    assert c.replicas[behind].last_exec < c.replicas[0].last_exec
+    for i in range(3):  # the others restart from their stores: no frame of any pre-prepare is left
+        assert c.restart(i) == "restored"
+    c.drop = lambda src, dst, m: False
+    c.advance(2000.0)
+    assert len({r.last_exec for r in c.replicas}) == 1, [r.last_exec for r in c.replicas]
+    assert c.replicas[behind].last_reply[c.cfg.client_ids[0]][0] == c.replicas[0].last_reply[c.cfg.client_ids[0]][0]

@@ -163,10 +163,15 @@ class StatusExchange:
             if slot is None or slot.view != r.view or slot.digest is None:
                 continue
             budget -= 1
-            if slot.pp_raw is not None:
+            if (r.is_primary and slot.batch is not None) or slot.pp_raw is not None:
+                # the primary seals its pre-prepare again (with the current keys; a slot restored
+                # from disk has no frame: without this a primary that restarted could not give a
+                # backup the pre-prepares it missed, and the NewView it sends instead is old news
+                # to a backup already in the view); a backup relays the primary's frame
                 if r.is_primary and slot.batch is not None:
                     pp = seal(PrePrepare(r.view, n, slot.digest, r.id, slot.batch), r.keys)
                 else:
+                    assert slot.pp_raw is not None
                     pp = slot.pp_raw
                 r._send_to(j, pp)
                 bytes_left -= len(pp)
