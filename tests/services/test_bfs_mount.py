@@ -211,6 +211,43 @@ def test_second_identity_sees_changes_close_to_open(bfs):
     assert sorted(results) == ["lost", "won"]
 
 
+def test_a_directorys_attributes_follow_this_mounts_changes_at_once(bfs):
+    """The mount answers the kernel's getattr of a directory after its own create, mkdir... from
+    the result: the same as the replicas say (the strict mount asks them every time)."""
+    lc, m1, m2 = bfs
+    d1, d2 = m1 / "attrs", m2 / "attrs"
+    d1.mkdir()
+
+    def same():
+        a, b = os.stat(d1), os.stat(d2)
+        assert (a.st_mtime_ns, a.st_ctime_ns, a.st_nlink, a.st_mode) == (b.st_mtime_ns, b.st_ctime_ns, b.st_nlink,
+                                                                          b.st_mode)
+        return a
+
+    before = same()
+    open(d1 / "f", "wb").close()  # O_CREAT without O_EXCL
+    after = same()
+    assert after.st_mtime_ns == after.st_ctime_ns == os.stat(d1 / "f").st_ctime_ns > before.st_mtime_ns
+    os.mkdir(d1 / "sub")
+    assert same().st_nlink == 3
+    fd = os.open(d1 / "g", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    os.close(fd)
+    os.symlink("f", d1 / "l")
+    os.link(d1 / "f", d1 / "h")
+    os.chmod(d1, 0o751)
+    assert same().st_mode & 0o777 == 0o751
+    os.unlink(d1 / "h")
+    os.rename(d1 / "g", d1 / "sub" / "g")
+    same()
+    # a name this mount saw absent, then made by the other mount: the create opens it
+    assert not (d1 / "late").exists()
+    (d2 / "late").write_bytes(b"theirs ")
+    with open(d1 / "late", "ab") as fh:
+        fh.write(b"and ours")
+    assert (d2 / "late").read_bytes() == b"theirs and ours"
+    same()
+
+
 @pytest.mark.slow
 def test_a_replica_killed_during_writes(bfs):
     lc, m1, m2 = bfs

@@ -17,7 +17,8 @@ request to the replicated ``BFSService``.
   ``cache_s`` (1 s) and file data in the page cache until the next open (close-to-open:
   ``open`` fetches fresh attributes and keeps the cached pages only if the file did not
   change); writes are gathered in the mount (write-behind) and sent at the latest at close or
-  fsync; ``strict``: no kernel caching at all (timeouts 0, direct I/O), every write sent at
+  fsync; a directory's attributes after the mount's own create, mkdir... come from its result
+  (never later than ``cache_s`` after they were fetched); ``strict``: no kernel caching at all (timeouts 0, direct I/O), every write sent at
   once and every read an ordered operation.
 * Credentials: the caller's uid, gid and supplementary groups (from ``/proc/PID/status``)
   go with every request; reads and writes through an open file use the opener's.
@@ -29,6 +30,7 @@ import asyncio
 import errno as E
 import logging
 import os
+import stat as S
 import time
 from typing import Optional
 
@@ -153,6 +155,14 @@ class BFSOperations(pyfuse3.Operations):
         self.open_count: dict[int, int] = {}
         self.orphans: dict[int, int] = {}  # inode kept by the service for us -> the identity holding it
         self.known: dict[int, tuple] = {}  # inode -> (size, mtime) the kernel was last told
+        # directory -> (attributes, when fetched): the kernel drops a directory's attributes at
+        # each of our changes in it and asks for them again (for its permission check) before
+        # the next lookup there; after a create, mkdir... of ours they are known from the result
+        # (the new entry's ctime is the directory's new mtime), so they are answered here, never
+        # beyond cache_s after they were fetched from the replicas
+        self.dattr: dict[int, tuple] = {}
+        self.dgen: dict[int, int] = {}  # directory -> changes of ours begun (a concurrent one voids)
+        self.depoch = 0  # changes that void them all (rename, rmdir)
         self.pages: dict[int, tuple] = {}  # inode -> (size, mtime) its cached pages reflect
         self.wrote: dict[int, int] = {}  # inode written through the writeback cache -> when it was opened (ns)
         self.kernel_mtime: dict[int, int] = {}  # inode -> the mtime the kernel last handed back after writes
@@ -207,12 +217,12 @@ class BFSOperations(pyfuse3.Operations):
     def cred(ctx) -> tuple:
         return (ctx.uid, ctx.gid, _groups_of(ctx.pid, ctx.gid))
 
-    def entry(self, a) -> pyfuse3.EntryAttributes:
+    def entry(self, a, attr_timeout: Optional[float] = None) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = a[A_INO]
         e.generation = 0
         e.entry_timeout = self.cache_s
-        e.attr_timeout = self.cache_s
+        e.attr_timeout = self.cache_s if attr_timeout is None else attr_timeout
         e.st_mode = a[A_MODE]
         e.st_nlink = a[A_NLINK]
         e.st_uid = a[A_UID]
@@ -278,7 +288,43 @@ class BFSOperations(pyfuse3.Operations):
 
     @_guard
     async def getattr(self, inode, ctx):
-        return self.entry(self._with_dirty(await self.call("getattr", inode, cred=self.cred(ctx), read_only=True)))
+        c = self.dattr.get(inode)
+        if c is not None:
+            left = c[1] + self.cache_s - time.monotonic()
+            if left > 0.01:
+                return self.entry(c[0], left)
+            del self.dattr[inode]
+        g, t0 = self._dgen(inode), time.monotonic()
+        a = await self.call("getattr", inode, cred=self.cred(ctx), read_only=True)
+        if self.cache_s > 0 and S.S_ISDIR(a[A_MODE]) and self._dgen(inode) == g:
+            if len(self.dattr) > 100_000:
+                self._dvoid()
+            self.dattr[inode] = (a, t0)
+        return self.entry(self._with_dirty(a))
+
+    # ---- directory attributes after our own changes ------------------------------------------
+    def _dgen(self, d: int) -> tuple:
+        return (self.depoch, self.dgen.get(d, 0))
+
+    def _dchange(self, d: int):
+        """A change of ours in directory ``d`` begins: its cached attributes go; returns them
+        (or None) and the generation that ``_dchanged`` checks."""
+        self.dgen[d] = self.dgen.get(d, 0) + 1
+        return self.dattr.pop(d, None), self._dgen(d)
+
+    def _dchanged(self, d: int, base, g: tuple, child, nlink: int = 0) -> None:
+        """It made the new entry ``child`` (attributes): ``d``'s mtime and ctime are its ctime."""
+        if base is None or self._dgen(d) != g:
+            return
+        a = list(base[0])
+        a[A_MTIME] = a[A_CTIME] = child[A_CTIME]
+        a[A_NLINK] += nlink
+        self.dattr[d] = (tuple(a), base[1])
+
+    def _dvoid(self) -> None:
+        self.dattr.clear()
+        self.dgen.clear()
+        self.depoch += 1
 
     def _with_dirty(self, a):
         """The attributes ``a`` with the size our gathered writes give the file (sent at close)."""
@@ -321,6 +367,7 @@ class BFSOperations(pyfuse3.Operations):
                 return None
             return UTIME_NOW if abs(ns - now) < NOW_WINDOW_NS else ns  # before 1970: EINVAL from the service
 
+        self._dchange(inode)
         a = await self.call("setattr", inode,
                             (attr.st_mode & 0o7777) if fields.update_mode else None,
                             attr.st_uid if fields.update_uid else None,
@@ -338,36 +385,51 @@ class BFSOperations(pyfuse3.Operations):
 
     @_guard
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        return self.entry(await self.call("mknod", parent_inode, bytes(name), mode, rdev, cred=self.cred(ctx)))
+        base, g = self._dchange(parent_inode)
+        a = await self.call("mknod", parent_inode, bytes(name), mode, rdev, cred=self.cred(ctx))
+        self._dchanged(parent_inode, base, g, a)
+        return self.entry(a)
 
     @_guard
     async def mkdir(self, parent_inode, name, mode, ctx):
-        return self.entry(await self.call("mkdir", parent_inode, bytes(name), mode, cred=self.cred(ctx)))
+        base, g = self._dchange(parent_inode)
+        a = await self.call("mkdir", parent_inode, bytes(name), mode, cred=self.cred(ctx))
+        self._dchanged(parent_inode, base, g, a, nlink=1)
+        return self.entry(a)
 
     @_guard
     async def symlink(self, parent_inode, name, target, ctx):
-        return self.entry(await self.call("symlink", parent_inode, bytes(name), bytes(target), cred=self.cred(ctx)))
+        base, g = self._dchange(parent_inode)
+        a = await self.call("symlink", parent_inode, bytes(name), bytes(target), cred=self.cred(ctx))
+        self._dchanged(parent_inode, base, g, a)
+        return self.entry(a)
 
     @_guard
     async def link(self, inode, new_parent_inode, new_name, ctx):
         if inode in self.dirty:
             await self._flush_writes(inode)
-        return self.entry(await self.call("link", inode, new_parent_inode, bytes(new_name), cred=self.cred(ctx)))
+        base, g = self._dchange(new_parent_inode)
+        a = await self.call("link", inode, new_parent_inode, bytes(new_name), cred=self.cred(ctx))
+        self._dchanged(new_parent_inode, base, g, a)
+        return self.entry(a)
 
     @_guard
     async def unlink(self, parent_inode, name, ctx):
         await self._flush_all()
+        self._dchange(parent_inode)
         kept, who = await self.call_as("unlink", parent_inode, bytes(name), bool(self.open_count),
                                        cred=self.cred(ctx))
         await self._kept(kept, who)
 
     @_guard
     async def rmdir(self, parent_inode, name, ctx):
+        self._dvoid()  # (the removed directory too)
         await self.call("rmdir", parent_inode, bytes(name), cred=self.cred(ctx))
 
     @_guard
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         await self._flush_all()
+        self._dvoid()  # (a moved directory's ctime and '..' change too)
         kept, who = await self.call_as("rename", parent_inode_old, bytes(name_old), parent_inode_new,
                                        bytes(name_new), flags, bool(self.open_count), cred=self.cred(ctx))
         await self._kept(kept, who)
@@ -399,10 +461,12 @@ class BFSOperations(pyfuse3.Operations):
     async def setxattr(self, inode, name, value, ctx):
         if not bytes(name).startswith(b"user."):  # only user.* is stored (docs/bfs.md)
             raise pyfuse3.FUSEError(E.EOPNOTSUPP)
+        self._dchange(inode)
         await self.call("setxattr", inode, bytes(name), bytes(value), 0, cred=self.cred(ctx))
 
     @_guard
     async def removexattr(self, inode, name, ctx):
+        self._dchange(inode)
         await self.call("removexattr", inode, bytes(name), cred=self.cred(ctx))
 
     # ---- files ---------------------------------------------------------------------------------
@@ -452,7 +516,17 @@ class BFSOperations(pyfuse3.Operations):
     @_guard
     async def create(self, parent_inode, name, mode, flags, ctx):
         cred = self.cred(ctx)
-        a = await self.call("create", parent_inode, bytes(name), mode, bool(flags & os.O_EXCL), cred=cred)
+        base, g = self._dchange(parent_inode)
+        # exclusive first: the kernel asks only for a name it found absent, and the result then
+        # says the entry is new (so the directory's new attributes are known); if another client
+        # made it meanwhile, a plain create opens it, as it would have at once
+        try:
+            a = await self.call("create", parent_inode, bytes(name), mode, True, cred=cred)
+            self._dchanged(parent_inode, base, g, a)
+        except BFSError as e:
+            if e.errno != E.EEXIST or flags & os.O_EXCL:
+                raise
+            a = await self.call("create", parent_inode, bytes(name), mode, False, cred=cred)
         if flags & os.O_TRUNC and a[A_SIZE] > 0:  # it existed after all (another client made it)
             a = await self.call("setattr", a[A_INO], None, None, None, 0, (None, None), cred=cred)
         self._opened(a[A_INO])
