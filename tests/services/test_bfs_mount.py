@@ -236,7 +236,9 @@ def test_a_directorys_attributes_follow_this_mounts_changes_at_once(bfs):
     os.link(d1 / "f", d1 / "h")
     os.chmod(d1, 0o751)
     assert same().st_mode & 0o777 == 0o751
+    t = same().st_mtime_ns
     os.unlink(d1 / "h")
+    assert same().st_mtime_ns > t
     os.rename(d1 / "g", d1 / "sub" / "g")
     same()
     # a name this mount saw absent, then made by the other mount: the create opens it

@@ -588,7 +588,9 @@ def test_open_after_unlink_keeps_the_inode_until_released():
     fs = FS()
     f = fs.create(ROOT_INO, b"f")
     fs.write(f, 0, b"still here")
-    assert fs("unlink", ROOT_INO, b"f", True) == f  # kept: this client has it open
+    kept, when = fs("unlink", ROOT_INO, b"f", True)
+    assert kept == f  # kept: this client has it open
+    assert when == fs.stat(ROOT_INO)[A_MTIME] == fs.stat(ROOT_INO)[A_CTIME]  # the directory's new times
     assert fs.read(f) == b"still here"
     assert fs.stat(f)[A_NLINK] == 0
     fs.write(f, 0, b"STILL")
@@ -1169,7 +1171,7 @@ def test_replicated_in_memory_by_the_core_with_a_primary_crash():
     assert call(1, "getattr", 2, ro=True)[A_NLINK] == 2
     c.down.add(0)  # the primary stops: a view change
     assert call(1, "rename", 2, b"f0", ROOT_INO, b"moved", 0, False) == 0
-    assert call(0, "unlink", 2, b"f1", False) == 0
+    assert call(0, "unlink", 2, b"f1", False)[0] == 0
     c.down.discard(0)
     c.advance(2000)
     live = [r for i, r in enumerate(c.replicas) if i != 0]

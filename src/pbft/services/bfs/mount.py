@@ -312,12 +312,13 @@ class BFSOperations(pyfuse3.Operations):
         self.dgen[d] = self.dgen.get(d, 0) + 1
         return self.dattr.pop(d, None), self._dgen(d)
 
-    def _dchanged(self, d: int, base, g: tuple, child, nlink: int = 0) -> None:
-        """It made the new entry ``child`` (attributes): ``d``'s mtime and ctime are its ctime."""
-        if base is None or self._dgen(d) != g:
+    def _dchanged(self, d: int, base, g: tuple, when: int, nlink: int = 0) -> None:
+        """It succeeded at the agreed time ``when`` (a new entry's ctime, an unlink's time): ``d``'s
+        new mtime and ctime."""
+        if base is None or self._dgen(d) != g or type(when) is not int:
             return
         a = list(base[0])
-        a[A_MTIME] = a[A_CTIME] = child[A_CTIME]
+        a[A_MTIME] = a[A_CTIME] = when
         a[A_NLINK] += nlink
         self.dattr[d] = (tuple(a), base[1])
 
@@ -387,21 +388,21 @@ class BFSOperations(pyfuse3.Operations):
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         base, g = self._dchange(parent_inode)
         a = await self.call("mknod", parent_inode, bytes(name), mode, rdev, cred=self.cred(ctx))
-        self._dchanged(parent_inode, base, g, a)
+        self._dchanged(parent_inode, base, g, a[A_CTIME])
         return self.entry(a)
 
     @_guard
     async def mkdir(self, parent_inode, name, mode, ctx):
         base, g = self._dchange(parent_inode)
         a = await self.call("mkdir", parent_inode, bytes(name), mode, cred=self.cred(ctx))
-        self._dchanged(parent_inode, base, g, a, nlink=1)
+        self._dchanged(parent_inode, base, g, a[A_CTIME], nlink=1)
         return self.entry(a)
 
     @_guard
     async def symlink(self, parent_inode, name, target, ctx):
         base, g = self._dchange(parent_inode)
         a = await self.call("symlink", parent_inode, bytes(name), bytes(target), cred=self.cred(ctx))
-        self._dchanged(parent_inode, base, g, a)
+        self._dchanged(parent_inode, base, g, a[A_CTIME])
         return self.entry(a)
 
     @_guard
@@ -410,15 +411,16 @@ class BFSOperations(pyfuse3.Operations):
             await self._flush_writes(inode)
         base, g = self._dchange(new_parent_inode)
         a = await self.call("link", inode, new_parent_inode, bytes(new_name), cred=self.cred(ctx))
-        self._dchanged(new_parent_inode, base, g, a)
+        self._dchanged(new_parent_inode, base, g, a[A_CTIME])
         return self.entry(a)
 
     @_guard
     async def unlink(self, parent_inode, name, ctx):
         await self._flush_all()
-        self._dchange(parent_inode)
-        kept, who = await self.call_as("unlink", parent_inode, bytes(name), bool(self.open_count),
-                                       cred=self.cred(ctx))
+        base, g = self._dchange(parent_inode)
+        (kept, when), who = await self.call_as("unlink", parent_inode, bytes(name), bool(self.open_count),
+                                               cred=self.cred(ctx))
+        self._dchanged(parent_inode, base, g, when)
         await self._kept(kept, who)
 
     @_guard
@@ -522,7 +524,7 @@ class BFSOperations(pyfuse3.Operations):
         # made it meanwhile, a plain create opens it, as it would have at once
         try:
             a = await self.call("create", parent_inode, bytes(name), mode, True, cred=cred)
-            self._dchanged(parent_inode, base, g, a)
+            self._dchanged(parent_inode, base, g, a[A_CTIME])
         except BFSError as e:
             if e.errno != E.EEXIST or flags & os.O_EXCL:
                 raise

@@ -36,7 +36,7 @@ ARITY = {
     "mkdir": 3,         # parent, name, mode
     "symlink": 3,       # parent, name, target
     "link": 3,          # ino, new parent, new name
-    "unlink": 3,        # parent, name, keep  -> (orphaned ino or 0)
+    "unlink": 3,        # parent, name, keep  -> (orphaned ino or 0, the agreed time: the parent's mtime)
     "rmdir": 2,         # parent, name
     "rename": 6,        # parent, name, new parent, new name, flags, keep -> (orphaned ino or 0)
     "setattr": 6,       # ino, mode|None, uid|None, gid|None, size|None, (atime, mtime) each None|-1(now)|ns

@@ -914,7 +914,7 @@ class BFSService(ObjectService):
         self._remove(pino, name)
         self._stamp(p)
         self._touch(pino)
-        return self._unlinked(ino, n, keep)
+        return (self._unlinked(ino, n, keep), self.now)  # (the directory's new mtime and ctime)
 
     def op_rmdir(self, cr, pino, name):
         if name == b".":
