@@ -165,8 +165,11 @@ def test_replica_alone_in_a_view_change_is_rejoined_on_an_idle_cluster():
     c.put(0, b"a", b"1")
     lone = 3
     # replica 3 is cut off but for the client's request and the vouches for it: the request is
-    # certified there, does not commit in time, and replica 3 times out alone
-    c.drop = lambda src, dst, m: (lone in (src, dst)) and m[1] not in (1, 15)
+    # certified there, does not commit in time, and replica 3 times out alone. (The pre-prepare
+    # is lost for the first 30 ms everywhere, so that the backups' vouches leave first: a
+    # replica does not vouch for a request it has seen ordered)
+    t0 = c.now
+    c.drop = lambda src, dst, m: ((lone in (src, dst)) and m[1] not in (1, 15)) or (m[1] == 3 and c.now < t0 + 30.0)
     c.clients[0].invoke(encode_op("put", b"b", b"2"), False, c.now)
     c.advance(2000.0)
     assert c.replicas[lone].view == 1 and not c.replicas[lone].view_active
@@ -213,7 +216,7 @@ def test_restarted_replica_alone_in_a_view_change_does_not_escalate():
 def test_idle_convergence_oracle_reports_a_replica_left_alone():
     """L3 in the simulator: with the idle rejoin turned off, a replica left alone in a view change
     by a partition is reported (negative control of the oracle)."""
-    sc = SimConfig(seed=93, replicas=4, faults=frozenset({"crash", "loss", "dup", "reorder", "delay", "replay",
+    sc = SimConfig(seed=14, replicas=4, faults=frozenset({"crash", "loss", "dup", "reorder", "delay", "replay",
                                                           "partition"}))
     sim = Simulation(sc)
     # the idle rejoin off for this simulation's replicas (the control run below rejoins): its next

@@ -125,7 +125,8 @@ class Count(StrEnum):
 
 
 # a pre-prepare whose agreed value looks wrong from here (our clock, or an old pre-prepare relayed
-# for catch-up): held until f+1 backups prepared it, rather than dropped for good
+# for catch-up): held until replicas of weight f+1 (the primary, the backups that prepared it)
+# vouch for it by their own word (``Log._weakly_prepared``), rather than dropped for good
 HOLDABLE = frozenset({Drop.BATCH_NONDET_REJECTED, Drop.BATCH_REQUEST_UNVOUCHED, Drop.BATCH_REQUEST_FUTURE_TIMESTAMP})
 # a state-transfer answer that proves its replier faulty or outdated: ask the next replier
 REPLIER_FAULTS = frozenset({Drop.META_BAD_SHAPE, Drop.META_DIGEST_MISMATCH, Drop.DATA_DIGEST_MISMATCH})

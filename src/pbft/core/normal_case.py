@@ -295,6 +295,7 @@ class Log:
                 nondet = r.service.propose_nondet(r.now + r.wall_offset_ms)
                 batch = Batch(nondet, tuple(ri.raw for ri in reqs))
                 d = batch_digest_from_request_digests(nondet, [ri.digest for ri in reqs])
+                r.requests.ordered(batch, reqs)
             elif not r.requests.queue and r.recovery.null_goal() > self.seq_assigned:
                 # a replica is recovering and nothing else is ordered: a null request moves the
                 # sequence towards the checkpoint that ends its recovery
@@ -369,8 +370,8 @@ class Log:
                                    missing=missing)
         if reason in HOLDABLE:
             # the agreed value looks wrong from here: maybe our clock, maybe an old pre-prepare
-            # relayed for catch-up. Accept it once f+1 backups prepared it (one correct replica
-            # checked the value when it was fresh).
+            # relayed for catch-up. Accept it once replicas of weight f+1 stand by it (one
+            # correct replica checked it when it was fresh: ``_weakly_prepared``).
             if self._weakly_prepared(slot, pp.digest):
                 # their prepares came first (a replica catching up gets the prepares and the
                 # pre-prepare in one answer, in any order): accept now; a later prepare from the same
@@ -384,8 +385,17 @@ class Log:
         self._accept_preprepare(pp, fr.raw, slot)
 
     def _weakly_prepared(self, slot: Slot, d: bytes) -> bool:
+        """Whether replicas of weight > f vouch for the pre-prepared batch ``d`` by their own word:
+        the backups that prepared it and the primary, whose pre-prepare it is (the callers hold
+        one from the primary of the slot's view). Each of them, if correct, checked every request
+        of the batch (verified its MAC, or f+1 vouched for it, or, inductively, f+1 such words)
+        and the agreed value when it was fresh, so one of them did."""
         r = self.r
-        return r.quorums.is_weak([j for j, x in slot.prepares.items() if x == d and j != r.id])
+        voters = [j for j, x in slot.prepares.items() if x == d and j != r.id]
+        p = r.primary()
+        if p != r.id and p not in voters:
+            voters.append(p)
+        return r.quorums.is_weak(voters)
 
     def _accept_preprepare(self, pp: PrePrepare, raw: bytes, slot: Slot) -> None:
         r = self.r
@@ -393,6 +403,7 @@ class Log:
         assert batch is not None  # (on_preprepare drops a pre-prepare without one)
         slot.held_pp = None
         slot.digest, slot.batch, slot.pp_raw = pp.digest, batch, raw
+        r.requests.ordered(batch)
         self.remember_batch(pp.digest, batch, n)
         self.note_preprepared(n, pp.digest)
         r._emit(PrePrepared(r.view, n, pp.digest))

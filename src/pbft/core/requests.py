@@ -136,14 +136,41 @@ class Requests:
         superseded meanwhile is not vouched for at all; vouches for retransmitted requests go at
         once."""
         r = self.r
-        if self.vouch_out and (self.vouch_urgent
-                               or (self.vouch_deadline is not None and r.now >= self.vouch_deadline)
-                               or any(dests[0] < r.cfg.n for dests, _ in r.out)):
+        if not self.vouch_out:
+            # (every key left before its vouch did: superseded, or ordered, ``ordered``)
+            self.vouch_urgent = False
+            self.vouch_deadline = None
+        elif (self.vouch_urgent or (self.vouch_deadline is not None and r.now >= self.vouch_deadline)
+              or any(dests[0] < r.cfg.n for dests, _ in r.out)):
             self.vouch_urgent = False
             self.vouch_deadline = None
             keys, self.vouch_out = list(self.vouch_out), {}
             for i in range(0, len(keys), VOUCH_BATCH_MAX):
                 r._broadcast(Vouch(r.id, tuple(keys[i:i + VOUCH_BATCH_MAX])))
+
+    def ordered(self, batch: Batch, infos: Optional[list[ReqInfo]] = None) -> None:
+        """The requests of ``batch`` are in a pre-prepare we sent (``infos``: the primary's) or
+        accepted: our vouches for them, not sent yet, are not sent at all. Our pre-prepare or
+        Prepare says what the vouch would (we verified each request, or f+1 vouched for it), and
+        a replica that holds the pre-prepare for want of vouches accepts it once the primary and
+        backups of weight f+1 in all stand by it (``Log._weakly_prepared``). In the normal case
+        a vouch waits for company or ``vouch_delay_ms`` and the pre-prepare arrives first, so
+        requests ordered at once cost no Vouch messages; one that waits (load, an untrusted
+        client, a retransmission) was vouched for before it was ordered."""
+        out = self.vouch_out
+        if not out:
+            return
+        if infos is not None:
+            for ri in infos:
+                out.pop(ri.key, None)
+            return
+        seen, known = self.seen, self.known
+        for raw in batch.requests:
+            s = seen.get(raw)
+            if s is not None:
+                info = known.get(s[1].client)
+                if info is not None and info.req.timestamp == s[1].timestamp:
+                    out.pop(info.key, None)
 
     def on_unverified_request(self, req: Request, fr: Frame, relayed: bool) -> None:
         """A request whose MAC for us is wrong may still be genuine (its client may be faulty
