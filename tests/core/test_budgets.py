@@ -277,3 +277,24 @@ def test_pbft_status_notes_replicas_behind_or_alone_in_a_view_change(tmp_path):
     # a view change that a quorum is part of is not "alone"
     rows = [row(0, 3, False, 94), row(1, 3, False, 94), row(2, 3, False, 94), row(3, 2, True, 94)]
     assert _status_notes(cluster, rows) == []
+
+
+def test_a_held_preprepare_needs_only_the_primary_and_one_backup_when_another_backup_is_silent():
+    """No replica vouches for a request it has seen ordered, so a backup whose MAC entry is wrong
+    gets no vouches for a request ordered at once. The primary's pre-prepare and one backup's
+    Prepare (weight f+1) are enough: with replica 2 silent, the held backup is needed for the
+    quorum, and the request commits at all three correct replicas."""
+    c = Cluster(clients=1)
+    client = c.cfg.n
+    c.put(0, b"a", b"1")  # the client is trusted: its next request is ordered at once
+    before = [r.last_committed_exec for r in c.replicas]
+    req, raw = request_frame(c, client, 2, encode_op("put", b"k", b"v"), bad_for=(3,))
+    c.drop = lambda src, dst, m: src == 2 or dst == 2  # replica 2 says nothing, hears nothing
+    for d in (0, 1, 3):
+        c.net.append((client, d, raw))
+    c.advance(200.0)
+    assert c.replicas[3].drops.get("batch-request-unvouched", 0) >= 1  # it did hold it
+    assert not c.replicas[3].log.held
+    assert all(c.replicas[i].last_committed_exec == before[i] + 1 for i in (0, 1, 3)), \
+        [r.last_committed_exec for r in c.replicas]
+    assert c.replicas[3].last_reply[client][0] == 2
