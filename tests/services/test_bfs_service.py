@@ -1183,3 +1183,17 @@ def test_replicated_in_memory_by_the_core_with_a_primary_crash():
     assert sorted(e[0] for e in names) == sorted(b"f%d" % i for i in range(2, 12))
     times = sorted(e[2][A_MTIME] for e in names)
     assert times[0] > 0 and len(set(times)) == len(times)  # agreed, distinct times
+
+
+def test_mount_identities_leave_out_the_administrators(tmp_path):
+    # an administrator's requests are configuration changes: a mount never sends file operations as one
+    from pbft.config import ConfigError
+    from pbft.runtime.cluster import init_cluster
+    from pbft.services.bfs.cli import _identities
+
+    c = init_cluster(tmp_path, 4, None, None, 7000, 8)
+    assert c.admins and all(a in c.client_keys for a in c.admins)
+    got = _identities(c, None, 100)
+    assert got == c.client_ids and not set(got) & set(c.admins)
+    with pytest.raises(ConfigError, match="not a client"):
+        _identities(c, c.admins[0], 1)

@@ -44,11 +44,12 @@ def _identities(cluster, first, count: int) -> list[int]:
         raise ConfigError("the cluster file has no [[client]] entries")
     if first is None:
         first = ids[0]
-    if first not in cluster.client_keys:
+    usable = set(ids)  # (client_ids leaves out the administrators: their requests are configuration changes)
+    if first not in usable:
         raise ConfigError(f"--client-id {first} is not a client of this cluster (clients are {ids[0]}..{ids[-1]})")
     if count < 1:
         raise ConfigError("--identities must be at least 1")
-    return [i for i in range(first, first + count) if i in cluster.client_keys]
+    return [i for i in range(first, first + count) if i in usable]
 
 
 def cmd_mount(args) -> int:
