@@ -533,6 +533,7 @@ def test_first_bytes_are_screened_at_accept(tmp_path):
                 if reason is not None:
                     assert node.counters.drops.get(reason, 0) == before.get(reason, 0) + 1, reason
             assert node.server.refused == len(cases)
+            assert node.counters.connections_refused == len(cases)  # (exported: pbft_connections_refused)
             assert node.counters.connections_accepted == accepted  # none got a connection object
             assert transport_drops(node, "connection-closed-unauthenticated") >= 4
             # served: a NewKey's first bytes (the rest to come), and a correct client

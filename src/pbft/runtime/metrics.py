@@ -122,6 +122,8 @@ class ReplicaMetrics:
         yield counter("pbft_bytes_received", "Bytes received", c.bytes_in)
         yield counter("pbft_bytes_sent", "Bytes sent", c.bytes_out)
         yield counter("pbft_connections_accepted", "Inbound connections accepted", c.connections_accepted)
+        yield counter("pbft_connections_refused", "Inbound connections closed at accept, before any transport "
+                      "(their reasons: pbft_dropped_messages, layer transport)", c.connections_refused)
         yield gauge("pbft_connections_open", "Inbound connections open", len(node.inbound))
         yield gauge("pbft_peers_connected", "Outbound links to other replicas that are up",
                     sum(1 for lk in node.links.values() if lk.conn is not None))

@@ -76,6 +76,7 @@ class Counters:
         self.frames_out = 0
         self.bytes_out = 0
         self.connections_accepted = 0
+        self.connections_refused = 0  # closed at accept, before any transport (Listener._refuse)
 
     def drop(self, reason: str, k: int = 1) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + k
@@ -296,6 +297,7 @@ class Listener:
         for r in reasons:
             self.counters.drop(r)
         self.refused += 1
+        self.counters.connections_refused += 1
         s.close()
 
     def _pause(self, wait: float) -> None:
