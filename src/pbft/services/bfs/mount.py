@@ -18,8 +18,8 @@ request to the replicated ``BFSService``.
   ``open`` fetches fresh attributes and keeps the cached pages only if the file did not
   change); writes are gathered in the mount (write-behind) and sent at the latest at close or
   fsync; a directory's attributes after the mount's own create, mkdir... come from its result
-  (never later than ``cache_s`` after they were fetched); ``strict``: no kernel caching at all (timeouts 0, direct I/O), every write sent at
-  once and every read an ordered operation.
+  (never later than ``cache_s`` after they were fetched); ``strict``: no kernel caching at all
+  (timeouts 0, direct I/O), every write sent at once and every read an ordered operation.
 * Credentials: the caller's uid, gid and supplementary groups (from ``/proc/PID/status``)
   go with every request; reads and writes through an open file use the opener's.
 """
