@@ -66,7 +66,7 @@ class Replica:
         replica_id: int,
         keys: KeyRing,
         service: Service,
-        now: float = 0.0, genesis_config: bytes = b"",  # (``core.reconfig``: the cluster's configuration)
+        now: float = 0.0, genesis_config: bytes = b"",  # (the configuration's initial value: core.reconfig)
     ):
         assert cfg.is_replica(replica_id)
         self.cfg = cfg

@@ -26,16 +26,16 @@ from typing import Optional
 
 from ..codec import DecodeError
 from ..config import ConfigError
-from .epochs import EpochFollower
 from ..core.replica import Replica
 from ..crypto import KEY_SIZE, KeyRing
 from ..messages import Tag
 from ..service import Service
 from ..storage import Store, StoreError, open_store
 from .cluster import Cluster, recovery_turn
+from .epochs import EpochFollower
 from .keys import NEWKEY_TAG, Identity, fresh_key, make_newkey, now_timestamp_us
-from .sched import apply_scheduling, current_scheduling
 from .metrics import HttpEndpoint, ReplicaMetrics
+from .sched import apply_scheduling, current_scheduling
 from .transport import (AUTH_CLIENT, AUTH_REPLICA, UNAUTHENTICATED, Counters, FrameConn, InboundGuard, InboundLimits,
                         Listener, OutLink, client_frame_bytes_max, frame, listen_socket)
 from .admission import (REQUEST_CREDITS_BURST, REQUEST_CREDITS_PER_RETRY_TIMEOUT, NewKeyGate, RequestBudget,
