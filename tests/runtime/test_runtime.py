@@ -257,7 +257,7 @@ def test_kv_and_status_commands(cluster):
 
 
 @pytest.mark.slow
-def test_up_runs_and_stops_a_cluster_cleanly(tmp_path):
+def test_up_restarts_a_killed_replica_and_stops_the_cluster_cleanly(tmp_path):
     from helpers.netutil import free_base_port
     d = tmp_path / "c"
     pbft("init", d, "--replicas", 4, "--base-port", free_base_port(200), check=True)
@@ -272,10 +272,30 @@ def test_up_runs_and_stops_a_cluster_cleanly(tmp_path):
             if p.returncode == 0:
                 break
             assert time.time() < deadline, p.stderr
+        # a replica killed under `pbft up` is started again while the others go on
+        from pbft.runtime.cluster import load_cluster
+        pidfile = load_cluster(d).storage.replica_dir(d, 2) / "pid"
+        victim = int(pidfile.read_text())
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.time() + 20
+        while True:
+            try:
+                pid = int(pidfile.read_text())
+            except (OSError, ValueError):
+                pid = victim
+            if pid != victim and pbft("status", d, "--json", "--timeout", "1").returncode == 0:
+                rows = json.loads(pbft("status", d, "--json", "--timeout", "1").stdout)
+                if all(r["reachable"] for r in rows):
+                    break
+            assert time.time() < deadline, "replica 2 was not restarted"
+            time.sleep(0.3)
+        assert up.poll() is None
+        assert pbft("kv", d, "get", "x", "--timeout", "5", check=True).stdout.strip() == "1"
         up.send_signal(signal.SIGINT)
         _, err = up.communicate(timeout=15)
         assert up.returncode == 0, err
-        assert "stopped" in err
+        assert "replica 2 exited with status -9" in err and "replica 2 restarted" in err
+        assert "1 restart(s)" in err and "stopped" in err
         assert "Traceback" not in err
     finally:
         if up.poll() is None:

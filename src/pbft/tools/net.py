@@ -124,6 +124,9 @@ def replica_service(cluster, replica_id: int, option) -> str:
 
 
 def cmd_up(args) -> int:
+    """Run every replica of the cluster file here. A replica that exits is restarted (after a
+    back-off that grows while it keeps exiting soon after its start) and the others go on, as a
+    BFT cluster should; ``--on-exit stop`` stops them all instead. Ctrl-C or SIGTERM stops them."""
     from ..runtime.cluster import load_cluster
     from .procs import Procs
 
@@ -141,18 +144,54 @@ def cmd_up(args) -> int:
     rc = 0
     try:
         procs = {r.id: children.start_replica(args.dir, r.id, args.service, args.quiet) for r in cluster.replicas}
+        how = "a replica that exits is restarted" if args.on_exit == "restart" else "one that exits stops all"
         print(f"pbft up: {len(procs)} replicas running (pids {', '.join(str(p.pid) for p in procs.values())}); "
-              f"Ctrl-C stops them", file=sys.stderr)
-        while not stop["flag"]:
-            for name, p in children.exited():
-                print(f"pbft up: {name.replace('-', ' ')} exited with status {p.returncode}", file=sys.stderr)
-                stop["flag"] = True
-                rc = 1
-            time.sleep(0.2)
+              f"{how}; Ctrl-C stops them", file=sys.stderr)
+        rc = _supervise(args, children, procs, stop)
     finally:
         children.stop_all(grace=5.0)
         print("pbft up: stopped", file=sys.stderr)
     return rc
+
+
+UP_RESTART_MIN_S = 1.0
+UP_RESTART_MAX_S = 30.0
+UP_STABLE_S = 30.0  # a replica that ran this long before exiting starts again after the minimum
+
+
+def _supervise(args, children, procs: dict, stop: dict) -> int:
+    """``pbft up``'s watch loop: the replicas in ``procs`` (id -> process) until ``stop``."""
+    started = {rid: time.monotonic() for rid in procs}
+    quick_exits = {rid: 0 for rid in procs}
+    due: dict[int, float] = {}  # replica id -> when to start it again
+    restarts = 0
+    while not stop["flag"]:
+        now = time.monotonic()
+        for rid, p in list(procs.items()):
+            if p is None or p.poll() is None:
+                continue
+            ran = now - started[rid]
+            print(f"pbft up: replica {rid} exited with status {p.returncode} after {ran:.1f} s"
+                  f"{children.tail(p)}", file=sys.stderr)
+            children.stop([p])  # reaped and forgotten
+            procs[rid] = None
+            if args.on_exit == "stop":
+                return 1
+            quick_exits[rid] = 0 if ran >= UP_STABLE_S else quick_exits[rid] + 1
+            wait = min(UP_RESTART_MAX_S, UP_RESTART_MIN_S * 2 ** max(0, quick_exits[rid] - 1))
+            due[rid] = now + wait
+            print(f"pbft up: restarting replica {rid} in {wait:.0f} s; the others go on", file=sys.stderr)
+        for rid, at in list(due.items()):
+            if now >= at:
+                del due[rid]
+                procs[rid] = children.start_replica(args.dir, rid, args.service, args.quiet)
+                started[rid] = now
+                restarts += 1
+                print(f"pbft up: replica {rid} restarted (pid {procs[rid].pid})", file=sys.stderr)
+        time.sleep(0.2)
+    if restarts:
+        print(f"pbft up: {restarts} restart(s) in this run", file=sys.stderr)
+    return 0
 
 
 # ---- recover -------------------------------------------------------------------
@@ -353,6 +392,10 @@ def add_commands(sub) -> None:
     u.add_argument("--service", default=None, help="'kv', 'kv-alt', 'bfs' or module:Class, for every "
                    "replica (default: each replica's service in cluster.toml, else kv)")
     u.add_argument("--quiet", action="store_true")
+    u.add_argument("--on-exit", choices=["restart", "stop"], default="restart",
+                   help="when a replica exits: restart it after a back-off (1 s, doubling while it keeps "
+                        "exiting within 30 s of its start, at most 30 s) while the others go on (default), "
+                        "or stop them all and exit with status 1")
     u.set_defaults(func=cmd_up)
 
     from ..services.bfs.cli import add_bfs_commands
