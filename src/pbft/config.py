@@ -45,8 +45,11 @@ class ClusterConfig:
     n: int
     f: int
     weights: tuple[int, ...] = ()
-    # Principals: replicas are 0..n-1; clients are n..n+clients_max-1.
+    # Principals: replica ids are 0..replica_slots-1, of which 0..n-1 are the members (the ids
+    # n..replica_slots-1 are free for a membership change); clients are replica_slots ..
+    # replica_slots+clients_max-1. 0 means n (``create`` writes n).
     clients_max: int = 64
+    replica_slots: int = 0
     checkpoint_interval_seqnos: int = 16
     log_window_seqnos: int = 32
     batch_requests_max: int = 16
@@ -82,6 +85,8 @@ class ClusterConfig:
         if f is None:
             f = (n - 1) // 3
         cfg = cls(n=n, f=f, **kw)
+        if not cfg.replica_slots:
+            cfg = replace(cfg, replica_slots=n)
         if not cfg.weights:
             cfg = replace(cfg, weights=(1,) * n)
         cfg.validate()
@@ -139,6 +144,10 @@ class ClusterConfig:
             raise ConfigError("batch size and batches in flight must be at least 1")
         if self.clients_max < 0:
             raise ConfigError("clients_max must be >= 0")
+        if not isinstance(self.replica_slots, int) or self.replica_slots < 0:
+            raise ConfigError(f"replica_slots must be a non-negative integer, got {self.replica_slots!r}")
+        if self.replica_slots and self.replica_slots < n:
+            raise ConfigError(f"replica_slots ({self.replica_slots}) must be at least the {n} replicas")
         if self.view_change_timeout_ms <= 0 or self.client_retry_timeout_ms <= 0:
             raise ConfigError("timeouts must be positive")
         if not self.timestamp_skew_ms_max > 0:
@@ -231,9 +240,23 @@ class ClusterConfig:
     def is_replica(self, pid: int) -> bool:
         return 0 <= pid < self.n
 
+    @property
+    def client_base(self) -> int:
+        """The first client id: ``replica_slots`` (n if unset). It does not move when n changes."""
+        return self.replica_slots or self.n
+
+    @property
+    def max_principal(self) -> int:
+        """The highest principal id (the last client id)."""
+        return self.client_base + self.clients_max - 1
+
+    def is_free_replica_slot(self, pid: int) -> bool:
+        """A replica id that is not a member now (n <= pid < replica_slots): its frames are dropped."""
+        return self.n <= pid < self.client_base
+
     def is_client(self, pid: int) -> bool:
-        return self.n <= pid < self.n + self.clients_max
+        return self.client_base <= pid <= self.max_principal
 
     @property
     def client_ids(self) -> range:
-        return range(self.n, self.n + self.clients_max)
+        return range(self.client_base, self.max_principal + 1)

@@ -49,7 +49,7 @@ class Cluster:
         self.delivered = 0
 
     def node(self, pid):
-        return self.replicas[pid] if pid < self.cfg.n else self.clients[pid - self.cfg.n]
+        return self.replicas[pid] if pid < self.cfg.n else self.clients[pid - self.cfg.client_base]
 
     def restart(self, i: int, rng=None, power_loss: bool = False, torn: bool = False, recover: bool = False) -> str:
         """Replica i's process dies and starts again from its store (after losing its

@@ -145,7 +145,7 @@ def _change(cs: Configuration, kind: str, args: tuple[Any, ...],
         return f"malformed: wrong arguments for {kind}", None
     who = args[0]
     if kind == "revoke-client":
-        if who < cfg.n or who not in cs.clients:
+        if not cfg.is_client(who) or who not in cs.clients:
             return f"unknown-client: {who} is not an admitted client", None
         if not cs.clients[who]:
             return f"already-revoked: client {who} is already revoked", None
@@ -161,7 +161,7 @@ def _change(cs: Configuration, kind: str, args: tuple[Any, ...],
         return "key-in-use: another principal has this key", None
     if kind == "add-client":
         if not cfg.is_client(who):
-            return (f"not-a-client-slot: client ids are {cfg.n}..{cfg.n + cfg.clients_max - 1} "
+            return (f"not-a-client-slot: client ids are {cfg.client_base}..{cfg.max_principal} "
                     f"(membership of the client range is fixed)"), None
         if who in cs.clients:
             state = "already admitted" if cs.clients[who] else "revoked (ids are not reused)"
