@@ -281,7 +281,7 @@ class Codec:
         if tag in SINGLE_MAC:
             if len(auth) != MAC_SIZE:
                 raise DecodeError("bad-auth-size")
-        elif len(auth) != MAC_SIZE * self.n:
+        elif len(auth) != MAC_SIZE * self.client_base:  # (one MAC per replica slot, member or not)
             raise DecodeError("bad-auth-size")
         # clients send requests only; replicas send everything, requests included (the
         # recovery request of a recovering replica, checked in ``parse``)

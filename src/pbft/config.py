@@ -26,6 +26,7 @@ KNOWN_BUGS = frozenset(
         "drop-prepared-in-view-change",
         "no-timestamp-check",
         "checkpoint-digest-without-seqno",
+        "order-beyond-switch-point",
     }
 )
 
@@ -177,9 +178,9 @@ class ClusterConfig:
                 f"message_size_bytes_max ({m}) is too small for a NewView of {self.n} replicas and a "
                 f"log window of {self.log_window_seqnos}: it needs {2 * self.new_view_fixed_bytes_max}")
         W = self.log_window_seqnos
-        view_change = FRAME_OVERHEAD_BYTES + 16 * self.n + 64 + (W + 2) * 48 + 5 * W * 56
+        view_change = FRAME_OVERHEAD_BYTES + 16 * self.client_base + 64 + (W + 2) * 48 + 5 * W * 56
         meta_data = FRAME_OVERHEAD_BYTES + 16 + 64 + self.partition_fanout * 264
-        vouch = FRAME_OVERHEAD_BYTES + 16 * self.n + 16 + VOUCH_KEYS_PER_MESSAGE * 35
+        vouch = FRAME_OVERHEAD_BYTES + 16 * self.client_base + 16 + VOUCH_KEYS_PER_MESSAGE * 35
         if max(view_change, meta_data, vouch) > m:
             raise ConfigError(
                 f"message_size_bytes_max ({m}) is too small: a ViewChange of a full log window needs "
@@ -189,14 +190,14 @@ class ClusterConfig:
     @property
     def request_frame_bytes_max(self) -> int:
         """Largest request frame: the operation, its header and an authenticator (one MAC per
-        replica), with msgpack's widest encodings."""
-        return self.request_size_bytes_max + FRAME_OVERHEAD_BYTES + 64 + 16 * self.n
+        replica slot), with msgpack's widest encodings."""
+        return self.request_size_bytes_max + FRAME_OVERHEAD_BYTES + 64 + 16 * self.client_base
 
     @property
     def batch_bytes_max(self) -> int:
         """Largest encoded batch (``Batch``: requests + agreed value) a primary proposes, so that
         its PrePrepare (and a BatchData carrying it) fits in one message."""
-        return self.message_size_bytes_max - FRAME_OVERHEAD_BYTES - 128 - 16 * self.n - 512
+        return self.message_size_bytes_max - FRAME_OVERHEAD_BYTES - 128 - 16 * self.client_base - 512
 
     @property
     def new_view_batch_bytes_max(self) -> int:

@@ -155,10 +155,8 @@ def grow_cluster():
     gen = genesis_record([key(i) for i in range(N)], {c: key(c) for c in range(7, 11)}, [KV_ADMIN])
     c = Cluster(N, clients=4, genesis_config=gen, replica_slots=SLOTS, checkpoint_interval_seqnos=4,
                 log_window_seqnos=8)
-    # MAC keys for every replica slot (a joiner's too); authenticators for the members in force
+    # MAC keys for every replica slot (a joiner's too): authenticators have a MAC per slot
     c.rings = keyrings_for(MASTER, SLOTS, c.cfg.client_ids)
-    for ring in c.rings.values():
-        ring.n_replicas = N
     c.replicas = [Replica(c.cfg, i, c.rings[i], KVService(), genesis_config=gen) for i in range(N)]
     c.clients = [Client(c.cfg, i, c.rings[i]) for i in c.cfg.client_ids]
     c.gen = gen
@@ -184,7 +182,6 @@ def switch_cluster(c, res: dict, new_n: int) -> None:
     s, new_cfg = res["members_at"], membership.cluster_config(c.cfg, c.replicas[0].rs.config.latest.next_members)
     view = membership.base_view(res["epoch"], new_n)
     for i in range(c.cfg.n, new_n):
-        c.rings[i].n_replicas = new_n
         j = Replica(new_cfg, i, c.rings[i], KVService(), now=c.now, genesis_config=c.gen)
         membership.start_as_joiner(j, view, s)
         c.replicas.append(j)

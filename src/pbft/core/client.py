@@ -78,7 +78,6 @@ class Client:
         replies collected so far are forgotten; an operation under way is retransmitted."""
         assert cfg.client_base == self.cfg.client_base  # (client ids do not move)
         self.cfg, self.quorums, self.codec = cfg, Quorums.of(cfg), Codec(cfg)
-        self.keys.n_replicas = cfg.n
         self.replicas, self.view, self.responsive = tuple(range(cfg.n)), max(self.view, view), ()
         self.replies, self.full = {}, {}
 

@@ -28,6 +28,7 @@ from ..config import ClusterConfig, ConfigError
 from ..state.configuration import Configuration, Membership
 
 if TYPE_CHECKING:
+    from .quorum import Quorums
     from .replica import Replica
 
 __all__ = ["cluster_config", "fold", "fence", "members_switch_seqno", "set_membership"]
@@ -114,6 +115,12 @@ def fence(r: "Replica") -> Optional[int]:
     """The last sequence number replica r may order or execute with its membership: the switch
     point of a change its (possibly tentative) state records and that r has not switched to;
     None: no bound but the log window."""
+    if "order-beyond-switch-point" in r.cfg.bugs:  # (injected bug: no fence)
+        return None
+    return _switch_point(r)
+
+
+def _switch_point(r: "Replica") -> Optional[int]:
     rec = r.rs.config
     if rec is None:
         return None
@@ -136,7 +143,41 @@ def null_goal(r: "Replica") -> int:
     to order: a recovering replica's goal, or the switch point of a membership change, so that
     the switch does not wait for load (0: none). (Null batches up to the switch point are
     harmless even if the change itself is rolled back: they are within the window.)"""
-    return max(r.recovery.null_goal(), fence(r) or 0)
+    return max(r.recovery.null_goal(), _switch_point(r) or 0)
+
+
+def after_committed(r: "Replica") -> None:
+    """Our own execution committed up to the switch point S (checkpoint S is ours): the old
+    membership has ordered all it ever will (nothing after S: ``fence``; nothing up to S changes:
+    it committed), so S is as good as stable for the switch: the window moves to S and we switch.
+    (Waiting for the old quorum's certificate of S instead could wait for ever: after a shrink
+    the continuing members may be fewer than an old quorum, and the removed ones stop.)"""
+    s = _switch_point(r)
+    if s is None or r.retired or r.low_water_mark >= s or r.log.last_committed_exec != s:
+        return
+    own = r.checkpoints.committed.get(s)
+    if own is not None and not r._state_unverified():
+        r._advance_low_water_mark(s, own)  # (which switches: ``after_stable``)
+
+
+def quorums_at(r: "Replica", n: int) -> "Quorums":
+    """The thresholds that certify checkpoint n at replica r: ours, or, for a checkpoint at or
+    after the switch point of a change our state records (we lag: the others may have switched,
+    and the members we are leaving stop), the new membership's, whose members hold it."""
+    s = _switch_point(r)
+    if s is None or n < s:
+        return r.quorums
+    rec = r.rs.config
+    assert rec is not None and rec.latest.next_members is not None
+    m = rec.latest.next_members
+    cached: Optional[tuple[Membership, "Quorums"]] = getattr(r, "_next_quorums", None)  # (m, its thresholds)
+    if cached is not None and cached[0] == m:
+        return cached[1]
+    from .quorum import Quorums
+
+    q = Quorums.of(cluster_config(r.cfg, m))
+    r.__dict__["_next_quorums"] = (m, q)
+    return q
 
 
 def after_stable(r: "Replica", n: int) -> None:
@@ -173,7 +214,6 @@ def switch(r: "Replica", n: int, m: Membership, view: int) -> None:
     old_n = r.cfg.n
     cfg = cluster_config(r.cfg, m)
     r.cfg, r.codec, r.quorums, r.members_from = cfg, Codec(cfg), Quorums.of(cfg), m.opens_at
-    r.keys.n_replicas = cfg.n  # (authenticators: one MAC per member)
     r.retired = not cfg.is_replica(r.id)
     r.others = tuple(i for i in range(cfg.n) if i != r.id)  # (a retired replica's frames: not a member's)
     log = r.log
@@ -186,8 +226,10 @@ def switch(r: "Replica", n: int, m: Membership, view: int) -> None:
     log.held.clear()
     log.seq_assigned = max(n, log.last_exec)
     r.checkpoint_votes = CheckpointVotes(r.log_window, r.checkpoint_interval)
-    r.requests.leave_view()
-    if view > r.view:
+    # the requests known so far are frames authenticated for the old members (a new member could
+    # not check them in a batch): forgotten, as after a restart; clients retransmit to the new ones
+    r.requests.restart()
+    if view >= r.view:  # (an old-epoch view change to this view number is no view change here)
         r.view, r.view_active = view, not r.retired
     r.disk.view()
     r.vc, r.status, r.budgets = ViewChanges(r), StatusExchange(r, r.now), SenderBudgets(r)
@@ -204,8 +246,10 @@ def switch(r: "Replica", n: int, m: Membership, view: int) -> None:
         raw = seal(Checkpoint(n, own, r.id), r.keys)
         for j in range(old_n, cfg.n):  # the joiners: where to fetch the state from
             r._send_to(j, raw)
-    r.requests.new_view(r.is_primary)
     r.vc.reset_timeout()
+    if not r.view_active:
+        # (a view change of the old epoch reached a view of this one: ours, for the new members)
+        r.vc.send_view_change(r.view)
     if r.is_primary:
         log.try_send_preprepare()
 

@@ -85,7 +85,7 @@ class ReplicaNode:
         self.loop = asyncio.get_event_loop()
         self.counters = Counters()
         n = self.cfg.n
-        self.ring = KeyRing(replica_id, n, {}, {})
+        self.ring = KeyRing(replica_id, self.cfg.client_base, {}, {})  # (a MAC per replica slot)
         self.replica = Replica(self.cfg, replica_id, self.ring, service, now=self._now(),
                                genesis_config=cluster.genesis_config)
         self.store: Optional[Store] = None
