@@ -29,7 +29,7 @@ class Cluster:
         value (``pbft.core.reconfig.genesis_record``)."""
         self.genesis_config = genesis_config
         self.cfg = ClusterConfig.create(n, clients_max=clients, **cfg_kw)
-        self.rings = keyrings_for(b"test-master-key-0123456789abcdef", n, self.cfg.client_ids)
+        self.rings = keyrings_for(b"test-master-key-0123456789abcdef", self.cfg.client_base, self.cfg.client_ids)
         self.now = 0.0
         self.events: list[tuple[int, Event]] = []  # (replica, event) from every Ready
         self.services = list(service) if isinstance(service, (list, tuple)) else [service] * n

@@ -138,6 +138,13 @@ def base_view(epoch: int, n: int) -> int:
     return -(-b // n) * n
 
 
+def view_limit(view: int) -> int:
+    """The first view beyond the membership epoch of ``view``: a replica never changes to it in
+    its membership (a later membership's views start at or above it, ``base_view``: a lagging
+    replica must not take part in them with its old thresholds; it catches up by checkpoints)."""
+    return ((view >> 32) + 1) << 32
+
+
 def null_goal(r: "Replica") -> int:
     """The sequence number up to which the primary orders null batches when it has nothing else
     to order: a recovering replica's goal, or the switch point of a membership change, so that
@@ -161,11 +168,11 @@ def after_committed(r: "Replica") -> None:
 
 
 def quorums_at(r: "Replica", n: int) -> "Quorums":
-    """The thresholds that certify checkpoint n at replica r: ours, or, for a checkpoint at or
-    after the switch point of a change our state records (we lag: the others may have switched,
+    """The thresholds that certify checkpoint n at replica r: ours, or, for a checkpoint after
+    the switch point of a change our state records (we lag: the others may have switched,
     and the members we are leaving stop), the new membership's, whose members hold it."""
     s = _switch_point(r)
-    if s is None or n < s:
+    if s is None or n <= s:  # (S itself is the old membership's last checkpoint: its thresholds)
         return r.quorums
     rec = r.rs.config
     assert rec is not None and rec.latest.next_members is not None

@@ -74,19 +74,21 @@ class Administrator:
             self.results.append(res)
             self.sim._note(f"administrator: {res}")
             if res.get("ok") and "members_at" in res and self.target is not None:
-                self._start_joiners(res, self.target)
+                self._start_joiners(membership.base_view(res["epoch"], self.target), res["members_at"],
+                                    self.target)
 
-    def _start_joiners(self, res: dict, new_n: int) -> None:
+    def _start_joiners(self, view: int, members_from: int, new_n: int) -> None:
         sim = self.sim
         cfg = sim.cfg
         if new_n <= cfg.n:
             return
         new_cfg = replace(cfg, n=new_n, f=(new_n - 1) // 3, weights=(1,) * new_n, replica_slots=sim.slots)
-        view = membership.base_view(res["epoch"], new_n)
         for i in range(cfg.n, new_n):
+            if i < len(sim.replicas) and sim.replicas[i].members_from == members_from:
+                continue  # (started already)
             rep = Replica(new_cfg, i, sim.rings[i], KVService(skew_ms=cfg.nondet_skew_ms_max), now=sim._local(i),
                           genesis_config=self.genesis)
-            membership.start_as_joiner(rep, view, res["members_at"])
+            membership.start_as_joiner(rep, view, members_from)
             if i < len(sim.replicas):
                 sim.replicas[i] = rep
             else:
@@ -111,6 +113,8 @@ class Administrator:
         if ev.members_from in self.switched:
             return
         self.switched.add(ev.members_from)
+        # (the switch may come before the administrator's reply: the added replicas start now)
+        self._start_joiners(ev.view, ev.members_from, ev.n)
         new_cfg = sim.replicas[r].cfg
         sim.cfg = new_cfg
         for j in self.joiners:

@@ -851,8 +851,8 @@ class Simulation:
             oracles.now = t
             self.events += 1
             if kind == DELIVER:
-                if a in self.crashed or a in self.retired:
-                    continue
+                if a in self.crashed or a in self.retired or len(self.replicas) <= a < self.slots:
+                    continue  # (nobody runs that replica id (yet): lost)
                 node = self._node(a)
                 if a < self.slots:
                     if not self.healed and (c, a) in self.blocked:
