@@ -37,7 +37,7 @@ def test_grow_records_the_membership_and_its_switch_point():
     # executed at 5: checkpoint c = 8, switch point S = c - CI + L = 8 - 4 + 8 = 12
     assert res == {"ok": True, "epoch": 1, "switch_seqno": 8, "members_at": 12}
     nxt = rec.latest.next_members
-    assert nxt == Membership(7, 2, (1,) * 7, tuple(key(i) for i in range(7)), 12)
+    assert nxt == Membership(7, 2, (1,) * 7, tuple(key(i) for i in range(7)), 12, 1)
     assert rec.latest.replica_keys == tuple(key(i) for i in range(N))  # the old members order up to S
     assert rec.latest.members_at(12) is None and rec.latest.members_at(13) == nxt
     assert ConfigRecord.decode(rec.encode()) == rec
@@ -106,9 +106,9 @@ def test_one_change_at_a_time_and_replica_keys_frozen_until_the_switch():
     rec3, res = run(grow(4, 1, added=[]), n=13, rec=rec2)  # shrink back 7 -> 4
     assert res == {"ok": True, "epoch": 3, "switch_seqno": 16, "members_at": 20}
     cs = rec3.latest
-    assert cs.members == Membership(7, 2, (1,) * 7, tuple(key(i) for i in range(7)), 12)
+    assert cs.members == Membership(7, 2, (1,) * 7, tuple(key(i) for i in range(7)), 12, 1)
     assert cs.replica_keys == cs.members.keys
-    assert cs.next_members == Membership(4, 1, (1,) * 4, tuple(key(i) for i in range(4)), 20)
+    assert cs.next_members == Membership(4, 1, (1,) * 4, tuple(key(i) for i in range(4)), 20, 3)
     assert ConfigRecord.decode(rec3.encode()) == rec3
     # after 20 replica 6 is no member; rotating a member's key changes the members' keys too
     _, res = run(encode_request("rotate-key", 6, key(60)), n=21, rec=rec3)
@@ -291,3 +291,34 @@ def test_view_change_straddling_the_switch():
     assert min(r.view for r in live) > c.new_view  # (a view change in the new epoch)
     c.advance(300)
     assert len({(r.log.last_exec, r.state_digest()) for r in live}) == 1
+
+
+@pytest.mark.parametrize("recover", [False, True])
+def test_restart_after_the_switch_restores_the_membership(recover):
+    from tests.helpers.cluster import Cluster
+
+    gen = genesis_record([key(i) for i in range(7)], {c: key(c) for c in range(7, 11)}, [KV_ADMIN])
+    c = Cluster(7, clients=4, genesis_config=gen, durable=True, checkpoint_interval_seqnos=4, log_window_seqnos=8)
+    genesis_cfg = c.cfg
+    assert c.put(1, b"a", b"1") == ("ok", True)
+    res = admin(c, encode_request("set-membership", 4, 1, [1] * 4, []))
+    assert res["members_at"] == 8
+    c.advance(200)
+    new_cfg, view = c.replicas[0].cfg, c.replicas[0].view
+    assert new_cfg.n == 4 and all(r.members_from == 8 for r in c.replicas)
+    c.down |= {4, 5, 6}
+    # replica 2 restarts from its store with the genesis configuration (what cluster.toml says)
+    c.cfg = genesis_cfg
+    c.restart(2, recover=recover)
+    r2 = c.replicas[2]
+    assert (r2.cfg.n, r2.cfg.f, r2.members_from, r2.retired) == (4, 1, 8, False) and r2.view >= view
+    c.cfg = new_cfg
+    for cl in c.clients:
+        cl.set_membership(new_cfg, view)
+    for i in range(8):
+        assert c.put(1 + i % 3, b"k%d" % (i % 3), b"v%d" % i) == ("ok", True)
+    c.advance(500)
+    live = c.replicas[:4]
+    assert len({(r.log.last_exec, r.state_digest()) for r in live}) == 1
+    if recover:
+        assert [ev for r, ev in c.events if r == 2 and ev.kind == "recovered"]

@@ -250,8 +250,8 @@ class StaleMarked(Event):
 @dataclass(frozen=True, slots=True)
 class MembershipSwitched(Event):
     """Checkpoint ``seqno`` is stable and the membership recorded in its state (in force after
-    ``members_from``) is now ours: ``n`` replicas, starting in ``view`` (``retired``: we are not
-    one of them any more)."""
+    ``members_from``) is now ours: ``n`` replicas, whose first view is ``view`` (``retired``: we
+    are not one of them any more)."""
 
     kind: ClassVar[str] = "membership"
     seqno: int

@@ -153,20 +153,6 @@ def null_goal(r: "Replica") -> int:
     return max(r.recovery.null_goal(), _switch_point(r) or 0)
 
 
-def after_committed(r: "Replica") -> None:
-    """Our own execution committed up to the switch point S (checkpoint S is ours): the old
-    membership has ordered all it ever will (nothing after S: ``fence``; nothing up to S changes:
-    it committed), so S is as good as stable for the switch: the window moves to S and we switch.
-    (Waiting for the old quorum's certificate of S instead could wait for ever: after a shrink
-    the continuing members may be fewer than an old quorum, and the removed ones stop.)"""
-    s = _switch_point(r)
-    if s is None or r.retired or r.low_water_mark >= s or r.log.last_committed_exec != s:
-        return
-    own = r.checkpoints.committed.get(s)
-    if own is not None and not r._state_unverified():
-        r._advance_low_water_mark(s, own)  # (which switches: ``after_stable``)
-
-
 def quorums_at(r: "Replica", n: int) -> "Quorums":
     """The thresholds that certify checkpoint n at replica r: ours, or, for a checkpoint after
     the switch point of a change our state records (we lag: the others may have switched,
@@ -198,7 +184,7 @@ def after_stable(r: "Replica", n: int) -> None:
     m = cs.members_at(n + 1) if cs is not None else None
     if m is None or m.opens_at <= r.members_from or r.log.last_committed_exec < n:
         return
-    switch(r, n, m, base_view(cs.epoch if cs is not None else 0, m.n))
+    switch(r, n, m, base_view(m.epoch, m.n))
 
 
 def switch(r: "Replica", n: int, m: Membership, view: int) -> None:
@@ -210,19 +196,14 @@ def switch(r: "Replica", n: int, m: Membership, view: int) -> None:
     (older views, seqnos at or below n; the old members' ids beyond n are not members). A
     replica beyond the new n retires: it takes part in no view, the members drop its frames as
     not a member's, and its driver stops it (``MembershipSwitched.retired``)."""
-    from ..codec import Codec
     from .budgets import SenderBudgets
     from .checkpoints import CheckpointVotes
     from .events import MembershipSwitched
-    from .quorum import Quorums
     from .status import StatusExchange
     from .view_change import ViewChanges
 
     old_n = r.cfg.n
-    cfg = cluster_config(r.cfg, m)
-    r.cfg, r.codec, r.quorums, r.members_from = cfg, Codec(cfg), Quorums.of(cfg), m.opens_at
-    r.retired = not cfg.is_replica(r.id)
-    r.others = tuple(i for i in range(cfg.n) if i != r.id)  # (a retired replica's frames: not a member's)
+    cfg = _adopt(r, m)
     log = r.log
     if log.last_exec > log.last_committed_exec:
         log.rollback()
@@ -241,7 +222,7 @@ def switch(r: "Replica", n: int, m: Membership, view: int) -> None:
     r.disk.view()
     r.vc, r.status, r.budgets = ViewChanges(r), StatusExchange(r, r.now), SenderBudgets(r)
     r._handlers = r._handler_table()
-    r._emit(MembershipSwitched(n, m.opens_at, cfg.n, r.view, r.retired))
+    r._emit(MembershipSwitched(n, m.opens_at, cfg.n, view, r.retired))
     if r.retired:
         return
     own = r.checkpoints.committed.get(n)
@@ -259,6 +240,36 @@ def switch(r: "Replica", n: int, m: Membership, view: int) -> None:
         r.vc.send_view_change(r.view)
     if r.is_primary:
         log.try_send_preprepare()
+
+
+def _adopt(r: "Replica", m: Membership) -> ClusterConfig:
+    """Replica r's configuration becomes membership m's (thresholds, peers, the codec's limits)."""
+    from ..codec import Codec
+    from .quorum import Quorums
+
+    cfg = cluster_config(r.cfg, m)
+    r.cfg, r.codec, r.quorums, r.members_from = cfg, Codec(cfg), Quorums.of(cfg), m.opens_at
+    r.retired = not cfg.is_replica(r.id)
+    r.others = tuple(i for i in range(cfg.n) if i != r.id)  # (a retired replica's frames: not a member's)
+    return cfg
+
+
+def after_restore(r: "Replica") -> None:
+    """A restart from stable storage restored checkpoint h (``durability.restore``): the
+    membership in force after h (in h's state) is ours, whatever the driver's configuration said
+    (cluster.toml's, for a runtime), and our view is at least its first one."""
+    from .reconfig import config_at
+
+    h = r.low_water_mark
+    cs = config_at(r, h)
+    m = cs.members_at(h + 1) if cs is not None else None
+    if m is None:
+        return
+    if m.opens_at > r.members_from or (m.n, m.f, m.weights) != (r.cfg.n, r.cfg.f, tuple(r.cfg.weights)):
+        _adopt(r, m)
+    base = base_view(m.epoch, m.n)
+    if r.view < base:
+        r.view, r.view_active = base, not r.retired
 
 
 def start_as_joiner(r: "Replica", view: int, members_from: int) -> None:

@@ -556,7 +556,6 @@ class Log:
             r.requests.drain_read_only()
             if r.is_primary:
                 self.try_send_preprepare()
-            membership.after_committed(r)
 
     def execute(self, n: int, slot: Slot, tentative: bool) -> None:
         r = self.r

@@ -145,7 +145,7 @@ def execute(rec: Optional[ConfigRecord], client: int, op: bytes, n: int, cfg: "C
     if kind == "set-membership":
         assert new.next_members is not None
         s = membership.members_switch_seqno(at, cfg)
-        new = replace(new, next_members=replace(new.next_members, opens_at=s))
+        new = replace(new, next_members=replace(new.next_members, opens_at=s, epoch=new.epoch))
         return ConfigRecord(active, new), msgpack.packb(["ok", new.epoch, at, s], use_bin_type=True)
     return ConfigRecord(active, new), msgpack.packb(["ok", new.epoch, at], use_bin_type=True)
 

@@ -532,7 +532,7 @@ class Replica:
         """Move to view v (not active until its NewView is installed): roll back tentative
         executions, drop this view's slots, held pre-prepares and the primary's queue, and send
         our ViewChange."""
-        if v <= self.view or v >= membership.view_limit(self.view):  # (a later membership's view: not ours)
+        if v <= self.view or v >= membership.view_limit(self.view) or self.retired:  # (core.membership)
             return
         if self.log.last_exec > self.log.last_committed_exec:
             self.log.rollback()

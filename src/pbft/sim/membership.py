@@ -5,7 +5,8 @@ genesis configuration with an administrator (every simulated client admitted), t
 ``set-membership`` request sent at a scripted time, the added replicas started as joiners of the
 new epoch once the change is recorded (their ids were reserved as replica slots), the clients
 moved to the new members when the first replica switches (as a client reading the new
-configuration would), and a retired replica stopped when it reports its switch.
+configuration would), and a retired replica counted for nothing once it reports its switch (it
+runs on: a replica lagging behind the switch may need its checkpoint votes and state).
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ class Administrator:
         sim = self.sim
         if ev.retired:
             sim.retired.add(r)
+            sim.recovering.discard(r)  # (a recovery under way ends with the replica)
             if r in sim.correct:
                 sim.correct.remove(r)
             sim._note(f"replica {r} retired at {ev.seqno}")
@@ -124,6 +126,7 @@ class Administrator:
         # the replicas leaving are not counted for liveness any more (each retires when it learns
         # that the switch point is stable, or never if it lags: it is no member to wait for)
         sim.correct[:] = [i for i in sim.correct if i < new_cfg.n]
+        sim.recovering -= {i for i in sim.recovering if i >= new_cfg.n}
         for c in list(sim.clients.values()) + [self.client]:
             c.set_membership(new_cfg, ev.view)
         sim._note(f"clients move to the {new_cfg.n} replicas of view {ev.view}")

@@ -194,13 +194,13 @@ class Simulation:
         self.rng_work = random.Random(f"{s}/work")
         self.rng_clock = random.Random(f"{s}/clock")
         n = sc.replicas
-        self.slots = slots_for(n, sc.membership)  # replica ids (members now, or later)
-        extra = {"replica_slots": self.slots} if sc.membership else {}
+        extra = {"replica_slots": slots_for(n, sc.membership)} if sc.membership else {}
         cfg = ClusterConfig.create(n, clients_max=max(sc.clients + len(sc.byz_clients) + bool(sc.membership), 1),
                                    **extra, **sc.cluster)
+        self.slots = cfg.client_base  # replica ids (members now, or later)
         if sc.bugs:
             cfg = cfg.with_bugs(sc.bugs)
-        self.cfg = cfg
+        self.cfg = self.genesis_cfg = cfg
         self.codec = Codec(cfg)
         master = random.Random(f"{s}/keys").randbytes(32)
         rings = keyrings_for(master, self.slots, cfg.client_ids)  # (authenticators: a MAC per replica slot)
@@ -209,7 +209,9 @@ class Simulation:
                                cfg.pending_requests_max, n)
         skew_max = cfg.nondet_skew_ms_max / 4
         self.skew = [self.rng_clock.uniform(-skew_max, skew_max) for _ in range(self.slots)]
-        self.retired: set[int] = set()  # replicas a membership change removed (stopped)
+        # replicas a membership change removed: they run on (a replica that lags behind the switch
+        # may need their checkpoint votes and state), but count for nothing
+        self.retired: set[int] = set()
         self.admin: Optional[Administrator] = None
         genesis = b""
         if sc.membership:
@@ -593,7 +595,10 @@ class Simulation:
         self.reboots += 1
         if power_loss:
             store.power_loss(rd, torn=rd.random() < 0.5)
-        rep = Replica(self.cfg, r, self.rings[r], KVService(skew_ms=self.cfg.nondet_skew_ms_max),
+        # (the configuration a process starts with: the genesis one, cluster.toml's; the restored
+        # checkpoint's membership replaces it, ``membership.after_restore``)
+        cfg = self.genesis_cfg if self.genesis_cfg.is_replica(r) else self.replicas[r].cfg
+        rep = Replica(cfg, r, self.rings[r], KVService(skew_ms=self.cfg.nondet_skew_ms_max),
                       now=self._local(r), genesis_config=self.genesis)
         rep.enable_persistence()
         records, damaged = store.load()
@@ -612,7 +617,8 @@ class Simulation:
         self._on_events(r, ready.events)
         self.oracles.rebase(r, rep)  # restore re-executed what committed after its checkpoint
         if recover or rep.recovery_marker:
-            self.recovering.add(r)
+            if r in self.correct:  # (a replica a membership change is removing: no member to wait for)
+                self.recovering.add(r)
             self.seq += 1
             rep.begin_recovery(self._local(r), 10_000_000 + self.seq)
         self._note(f"replica {r} rebooted from disk: {outcome}{', recovering' if recover else ''}")
@@ -697,7 +703,8 @@ class Simulation:
             self.oracles.correct.discard(arg)
             self._note(f"{kind} at replica {arg}")
         elif kind == "recover":
-            if self.healed or arg in self.crashed or arg in self.recovering:
+            if self.healed or arg in self.crashed or arg in self.recovering or arg in self.retired \
+                    or not self.cfg.is_replica(arg) or arg not in self.stores:
                 return
             if arg not in self.corrupted and self._faulty_now() >= self.cfg.f:
                 return  # one replica recovering at a time, within the fault budget
@@ -851,7 +858,7 @@ class Simulation:
             oracles.now = t
             self.events += 1
             if kind == DELIVER:
-                if a in self.crashed or a in self.retired or len(self.replicas) <= a < self.slots:
+                if a in self.crashed or len(self.replicas) <= a < self.slots:
                     continue  # (nobody runs that replica id (yet): lost)
                 node = self._node(a)
                 if a < self.slots:
@@ -879,7 +886,7 @@ class Simulation:
                 self._flush(a)
                 self._schedule_wake(a)
             elif kind == WAKE:
-                if a in self.crashed or a in self.retired or self.wake_at.get(a) != t:
+                if a in self.crashed or self.wake_at.get(a) != t:
                     continue
                 del self.wake_at[a]
                 node = self._node(a)

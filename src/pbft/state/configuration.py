@@ -22,31 +22,33 @@ _VERSION_MEMBERS = 2  # (a configuration with a membership recorded: two more fi
 @dataclass(frozen=True, slots=True)
 class Membership:
     """The replicas: ids 0..n-1, the faults tolerated, their weights and public keys, in force
-    for the sequence numbers after ``opens_at`` (0: from genesis on)."""
+    for the sequence numbers after ``opens_at`` (0: from genesis on), from the configuration
+    ``epoch`` that opened it on (its first view: ``core.membership.base_view``)."""
 
     n: int
     f: int
     weights: tuple[int, ...]
     keys: tuple[bytes, ...]
     opens_at: int
+    epoch: int = 0
 
     def encode_fields(self) -> list[Any]:
-        return [self.n, self.f, list(self.weights), list(self.keys), self.opens_at]
+        return [self.n, self.f, list(self.weights), list(self.keys), self.opens_at, self.epoch]
 
     @classmethod
     def decode_fields(cls, t: Any) -> "Membership":
-        if type(t) is not tuple or len(t) != 5:
+        if type(t) is not tuple or len(t) != 6:
             raise ValueError("membership: bad shape")
-        n, f, weights, keys, opens_at = t
+        n, f, weights, keys, opens_at, epoch = t
         if not (type(n) is int and n >= 1 and type(f) is int and f >= 0 and type(opens_at) is int
-                and opens_at >= 0):
+                and opens_at >= 0 and type(epoch) is int and epoch >= 0):
             raise ValueError("membership: bad numbers")
         if type(weights) is not tuple or len(weights) != n or not all(type(w) is int and w >= 1 for w in weights):
             raise ValueError("membership: bad weights")
         if type(keys) is not tuple or len(keys) != n or not all(
                 type(k) is bytes and len(k) == PUBLIC_KEY_BYTES for k in keys):
             raise ValueError("membership: bad keys")
-        return cls(n, f, weights, keys, opens_at)
+        return cls(n, f, weights, keys, opens_at, epoch)
 
 
 @dataclass(frozen=True, slots=True)
