@@ -194,8 +194,9 @@ def switch(r: "Replica", n: int, m: Membership, view: int) -> None:
     the views of the new epoch (from ``view``: its primary is replica 0, active at once), fresh
     view-change, status and budget bookkeeping. Messages of the old epoch are refused from now on
     (older views, seqnos at or below n; the old members' ids beyond n are not members). A
-    replica beyond the new n retires: it takes part in no view, the members drop its frames as
-    not a member's, and its driver stops it (``MembershipSwitched.retired``)."""
+    replica beyond the new n retires (``MembershipSwitched.retired``): it takes part in no view and
+    the members drop its frames as not a member's, but it still answers a lagging old member's
+    Status with its checkpoint votes and serves state, until its driver stops it."""
     from .budgets import SenderBudgets
     from .checkpoints import CheckpointVotes
     from .events import MembershipSwitched
