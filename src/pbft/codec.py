@@ -255,7 +255,8 @@ class Codec:
     def __init__(self, cfg: ClusterConfig):
         self.cfg = cfg
         self.n = cfg.n
-        self.max_principal = cfg.n + cfg.clients_max - 1
+        self.client_base = cfg.client_base  # ids n .. client_base-1: replica slots of no member
+        self.max_principal = cfg.max_principal
         self.window = cfg.log_window_seqnos
         self.frame_max = cfg.message_size_bytes_max
 
@@ -273,12 +274,14 @@ class Codec:
         if type(tag) is not int or tag not in TYPE_OF_TAG:
             raise DecodeError("bad-tag")
         _int(sender, 0, self.max_principal, "sender")
+        if self.n <= sender < self.client_base:
+            raise DecodeError("not-a-member")
         if type(header) is not bytes or type(payload) is not bytes or type(auth) is not bytes:
             raise DecodeError("bad-frame")
         if tag in SINGLE_MAC:
             if len(auth) != MAC_SIZE:
                 raise DecodeError("bad-auth-size")
-        elif len(auth) != MAC_SIZE * self.n:
+        elif len(auth) != MAC_SIZE * self.client_base:  # (one MAC per replica slot, member or not)
             raise DecodeError("bad-auth-size")
         # clients send requests only; replicas send everything, requests included (the
         # recovery request of a recovering replica, checked in ``parse``)

@@ -26,6 +26,7 @@ KNOWN_BUGS = frozenset(
         "drop-prepared-in-view-change",
         "no-timestamp-check",
         "checkpoint-digest-without-seqno",
+        "order-beyond-switch-point",
     }
 )
 
@@ -45,8 +46,11 @@ class ClusterConfig:
     n: int
     f: int
     weights: tuple[int, ...] = ()
-    # Principals: replicas are 0..n-1; clients are n..n+clients_max-1.
+    # Principals: replica ids are 0..replica_slots-1, of which 0..n-1 are the members (the ids
+    # n..replica_slots-1 are free for a membership change); clients are replica_slots ..
+    # replica_slots+clients_max-1. 0 means n (``create`` writes n).
     clients_max: int = 64
+    replica_slots: int = 0
     checkpoint_interval_seqnos: int = 16
     log_window_seqnos: int = 32
     batch_requests_max: int = 16
@@ -82,6 +86,8 @@ class ClusterConfig:
         if f is None:
             f = (n - 1) // 3
         cfg = cls(n=n, f=f, **kw)
+        if not cfg.replica_slots:
+            cfg = replace(cfg, replica_slots=n)
         if not cfg.weights:
             cfg = replace(cfg, weights=(1,) * n)
         cfg.validate()
@@ -139,6 +145,10 @@ class ClusterConfig:
             raise ConfigError("batch size and batches in flight must be at least 1")
         if self.clients_max < 0:
             raise ConfigError("clients_max must be >= 0")
+        if not isinstance(self.replica_slots, int) or self.replica_slots < 0:
+            raise ConfigError(f"replica_slots must be a non-negative integer, got {self.replica_slots!r}")
+        if self.replica_slots and self.replica_slots < n:
+            raise ConfigError(f"replica_slots ({self.replica_slots}) must be at least the {n} replicas")
         if self.view_change_timeout_ms <= 0 or self.client_retry_timeout_ms <= 0:
             raise ConfigError("timeouts must be positive")
         if not self.timestamp_skew_ms_max > 0:
@@ -168,9 +178,9 @@ class ClusterConfig:
                 f"message_size_bytes_max ({m}) is too small for a NewView of {self.n} replicas and a "
                 f"log window of {self.log_window_seqnos}: it needs {2 * self.new_view_fixed_bytes_max}")
         W = self.log_window_seqnos
-        view_change = FRAME_OVERHEAD_BYTES + 16 * self.n + 64 + (W + 2) * 48 + 5 * W * 56
+        view_change = FRAME_OVERHEAD_BYTES + 16 * self.client_base + 64 + (W + 2) * 48 + 5 * W * 56
         meta_data = FRAME_OVERHEAD_BYTES + 16 + 64 + self.partition_fanout * 264
-        vouch = FRAME_OVERHEAD_BYTES + 16 * self.n + 16 + VOUCH_KEYS_PER_MESSAGE * 35
+        vouch = FRAME_OVERHEAD_BYTES + 16 * self.client_base + 16 + VOUCH_KEYS_PER_MESSAGE * 35
         if max(view_change, meta_data, vouch) > m:
             raise ConfigError(
                 f"message_size_bytes_max ({m}) is too small: a ViewChange of a full log window needs "
@@ -180,14 +190,14 @@ class ClusterConfig:
     @property
     def request_frame_bytes_max(self) -> int:
         """Largest request frame: the operation, its header and an authenticator (one MAC per
-        replica), with msgpack's widest encodings."""
-        return self.request_size_bytes_max + FRAME_OVERHEAD_BYTES + 64 + 16 * self.n
+        replica slot), with msgpack's widest encodings."""
+        return self.request_size_bytes_max + FRAME_OVERHEAD_BYTES + 64 + 16 * self.client_base
 
     @property
     def batch_bytes_max(self) -> int:
         """Largest encoded batch (``Batch``: requests + agreed value) a primary proposes, so that
         its PrePrepare (and a BatchData carrying it) fits in one message."""
-        return self.message_size_bytes_max - FRAME_OVERHEAD_BYTES - 128 - 16 * self.n - 512
+        return self.message_size_bytes_max - FRAME_OVERHEAD_BYTES - 128 - 16 * self.client_base - 512
 
     @property
     def new_view_batch_bytes_max(self) -> int:
@@ -231,9 +241,23 @@ class ClusterConfig:
     def is_replica(self, pid: int) -> bool:
         return 0 <= pid < self.n
 
+    @property
+    def client_base(self) -> int:
+        """The first client id: ``replica_slots`` (n if unset). It does not move when n changes."""
+        return self.replica_slots or self.n
+
+    @property
+    def max_principal(self) -> int:
+        """The highest principal id (the last client id)."""
+        return self.client_base + self.clients_max - 1
+
+    def is_free_replica_slot(self, pid: int) -> bool:
+        """A replica id that is not a member now (n <= pid < replica_slots): its frames are dropped."""
+        return self.n <= pid < self.client_base
+
     def is_client(self, pid: int) -> bool:
-        return self.n <= pid < self.n + self.clients_max
+        return self.client_base <= pid <= self.max_principal
 
     @property
     def client_ids(self) -> range:
-        return range(self.n, self.n + self.clients_max)
+        return range(self.client_base, self.max_principal + 1)

@@ -4,6 +4,7 @@ import msgpack
 import pytest
 
 from pbft.codec import TAG, seal
+from pbft.crypto import keyrings_for
 from pbft.messages import Commit, NewView, Prepare, Request, Vouch
 from pbft.services.kv import decode_result, encode_op
 
@@ -321,3 +322,18 @@ def test_request_timer_watches_a_clients_newest_request(supersede):
         assert timed_out == [] and all(r.view == 0 for r in c.replicas)
     else:
         assert set(timed_out) >= {1, 2, 3} and all(r.view >= 1 for r in c.replicas)
+
+
+def test_free_replica_slots_leave_the_protocol_unchanged_and_their_ids_out():
+    # ids 4 and 5 are replica slots of no member: clients are 6 and 7
+    c = Cluster(replica_slots=6)
+    assert [cl.id for cl in c.clients] == [6, 7]
+    assert c.put(0, b"a", b"1") == ("ok", True)
+    assert c.get(1, b"a") == ("ok", b"1")
+    outsider = keyrings_for(b"test-master-key-0123456789abcdef", 6, [])[4]
+    for r in c.replicas:
+        before = r.drops.get("not-a-member", 0)
+        r.receive(seal(Prepare(0, 9, b"\x01" * 32, 4), outsider), c.now)
+        r.receive(seal(Request(4, 1, encode_op("put", b"a", b"x"), False, 0), outsider), c.now)
+        assert r.drops.get("not-a-member", 0) == before + 2
+    assert c.get(0, b"a") == ("ok", b"1")

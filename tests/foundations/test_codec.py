@@ -373,6 +373,22 @@ def test_client_sending_replica_message_is_rejected():
     assert CODEC.parse(CODEC.open_frame(seal(ok, RINGS[1]))) == ok
 
 
+def test_sender_in_a_free_replica_slot_is_not_a_member():
+    wide = ClusterConfig.create(4, replica_slots=6, clients_max=2)
+    codec = Codec(wide)
+    rings = keyrings_for(MASTER, 6, [6, 7])  # (keys for ids 4 and 5, as a removed replica may hold)
+    for sender in (4, 5):
+        for msg in (Prepare(0, 1, D, sender), Request(sender, 1, b"op", False, 0)):
+            with pytest.raises(DecodeError) as ei:
+                codec.open_frame(seal(msg, rings[sender]))
+            assert ei.value.reason == "not-a-member"
+    # authenticators carry a MAC per replica slot (their size does not change with the membership)
+    assert codec.open_frame(seal(Request(6, 1, b"op", False, 0), rings[6])).sender == 6
+    assert codec.open_frame(seal(Prepare(0, 1, D, 3), rings[3])).sender == 3
+    with pytest.raises(DecodeError, match="bad-auth-size"):
+        codec.open_frame(seal(Prepare(0, 1, D, 3), keyrings_for(MASTER, 4, [6, 7])[3]))
+
+
 @pytest.mark.parametrize("sender", [-1, LAST_CLIENT + 1, 2**31, 2**63, True, None, b"\x00", 1.0])
 def test_sender_out_of_range(sender):
     with pytest.raises(DecodeError) as ei:

@@ -95,3 +95,15 @@ def test_vouch_bound_matches_the_replica():
     from pbft.core.requests import VOUCH_BATCH_MAX
 
     assert VOUCH_KEYS_PER_MESSAGE == VOUCH_BATCH_MAX
+
+
+def test_replica_slots_move_the_client_ids():
+    cfg = ClusterConfig.create(4)
+    assert cfg.replica_slots == 4 and cfg.client_base == 4 and cfg.client_ids == range(4, 68)
+    wide = ClusterConfig.create(4, replica_slots=7, clients_max=3)
+    assert wide.client_ids == range(7, 10) and wide.max_principal == 9
+    assert [wide.is_client(p) for p in range(11)] == [False] * 7 + [True] * 3 + [False]
+    assert [wide.is_free_replica_slot(p) for p in range(8)] == [False] * 4 + [True] * 3 + [False]
+    assert [wide.is_replica(p) for p in range(5)] == [True] * 4 + [False]
+    with pytest.raises(ConfigError, match="replica_slots .3. must be at least the 4 replicas"):
+        ClusterConfig.create(4, replica_slots=3)

@@ -29,7 +29,7 @@ class Cluster:
         value (``pbft.core.reconfig.genesis_record``)."""
         self.genesis_config = genesis_config
         self.cfg = ClusterConfig.create(n, clients_max=clients, **cfg_kw)
-        self.rings = keyrings_for(b"test-master-key-0123456789abcdef", n, self.cfg.client_ids)
+        self.rings = keyrings_for(b"test-master-key-0123456789abcdef", self.cfg.client_base, self.cfg.client_ids)
         self.now = 0.0
         self.events: list[tuple[int, Event]] = []  # (replica, event) from every Ready
         self.services = list(service) if isinstance(service, (list, tuple)) else [service] * n
@@ -49,7 +49,7 @@ class Cluster:
         self.delivered = 0
 
     def node(self, pid):
-        return self.replicas[pid] if pid < self.cfg.n else self.clients[pid - self.cfg.n]
+        return self.replicas[pid] if pid < self.cfg.n else self.clients[pid - self.cfg.client_base]
 
     def restart(self, i: int, rng=None, power_loss: bool = False, torn: bool = False, recover: bool = False) -> str:
         """Replica i's process dies and starts again from its store (after losing its

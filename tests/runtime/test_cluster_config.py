@@ -97,3 +97,16 @@ def test_init_refuses_impossible_clusters(tmp_path):
     assert p.returncode == 2 and "already exists" in p.stderr
     p = pbft("replica", tmp_path / "c", "--id", 0, "--service", "nosuchmodule:X")
     assert p.returncode == 2 and "cannot load service" in p.stderr
+
+
+def test_init_with_replica_slots_starts_client_ids_after_them(tmp_path):
+    c = init_cluster(tmp_path, 4, None, None, 7000, 2, replica_slots=7)
+    assert c.n == 4 and c.cfg.replica_slots == 7 and c.cfg.client_base == 7
+    assert c.client_ids == [7, 8] and c.admins == (9,)
+    assert c.identity(8).public == c.client_keys[8]
+    assert load_cluster(tmp_path).cfg == c.cfg
+    edit(tmp_path / "cluster.toml", "replica_slots = 7", "replica_slots = 3")
+    with pytest.raises(ConfigError, match=r"replica_slots = 3 is out of range \[4, "):
+        load_cluster(tmp_path)
+    with pytest.raises(ConfigError, match="--replica-slots"):
+        init_cluster(tmp_path / "x", 4, None, None, 7000, 2, replica_slots=3)

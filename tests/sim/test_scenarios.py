@@ -98,3 +98,24 @@ def test_spliced_preprepares_are_rejected():
         sim, res = run(seed=seed, faults=frozenset({"replay"}), fault_phase_ms=1500.0)
         total += sum(r.drops.get("batch-digest-mismatch", 0) for r in sim.replicas)
     assert total > 0
+
+
+def test_free_replica_slots_change_nothing_but_the_client_ids():
+    # replica slots 4..6 reserved for membership changes: clients are 7.., the oracles hold
+    sim, res = run(seed=11, replicas=4, script=((25.0, "crash", 0),), fault_phase_ms=1500.0,
+                   cluster=dict(replica_slots=7))
+    assert sim.client_ids[0] == 7 and sim.cfg.client_base == 7
+    assert res.view_changes >= 1
+    assert res.ops_committed == 3 * 30 + 4
+
+
+def test_membership_grow_runs_the_joiners_and_moves_the_clients():
+    from pbft.sim.scenarios import find
+
+    sim = Simulation(find("S-40").build(4, 5), log_events=True)
+    res = sim.run()
+    assert res.violations == [] and res.liveness_failure is None
+    assert [r.cfg.n for r in sim.replicas] == [7] * 7 and sim.cfg.n == 7
+    assert {r.members_from for r in sim.replicas} == {sim.admin.results[0]["members_at"]}
+    assert all(r.last_committed_exec > r.members_from for r in sim.replicas)  # (the joiners too)
+    assert sim.oracles.epochs[-1][1] == 7

@@ -71,6 +71,16 @@ class Client:
         self.retransmissions = 0  # metric: every transmission of a request after its first
 
     # ---- driver interface ---------------------------------------------------
+    def set_membership(self, cfg: ClusterConfig, view: int) -> None:
+        """The replicas changed (a membership change switched at the replicas, ``core.membership``;
+        a driver learns it from the configuration, e.g. ``reconfig show``): authenticate for, send
+        to and count replies of the new members, from the new epoch's first ``view`` on. The
+        replies collected so far are forgotten; an operation under way is retransmitted."""
+        assert cfg.client_base == self.cfg.client_base  # (client ids do not move)
+        self.cfg, self.quorums, self.codec = cfg, Quorums.of(cfg), Codec(cfg)
+        self.replicas, self.view, self.responsive = tuple(range(cfg.n)), max(self.view, view), ()
+        self.replies, self.full = {}, {}
+
     @property
     def busy(self) -> bool:
         return self.req is not None

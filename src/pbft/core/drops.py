@@ -49,6 +49,9 @@ class Drop(StrEnum):
     IN_VIEW_CHANGE = "in-view-change"
     WRONG_VIEW = "wrong-view"
     OUT_OF_WINDOW = "out-of-window"
+    # beyond the switch point of a membership change our state records (``core.membership``): the
+    # old membership orders nothing after it
+    BEYOND_SWITCH_POINT = "beyond-switch-point"
     RECOVERING = "recovering"
     BATCH_DIGEST_MISMATCH = "batch-digest-mismatch"
     BATCH_DUPLICATE_CLIENT = "batch-duplicate-client"

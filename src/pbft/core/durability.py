@@ -52,6 +52,7 @@ import msgpack
 
 from ..codec import DecodeError, encode_batch
 from ..messages import Batch, NewView
+from . import membership
 from .events import Restored
 
 if TYPE_CHECKING:
@@ -178,12 +179,14 @@ def restore(r: Replica, records: dict[bytes, bytes], damaged: frozenset[bytes] =
         return "fresh"
     objs, marker, stable, state_damaged, log_damaged = _read_state_records(r, records, damaged)
     outcome = _restore_state(r, objs, marker, stable, state_damaged)
+    membership.after_restore(r)  # (the membership of the restored checkpoint, before its log)
     log = None if log_damaged else _read_log(r, records)
     if log is None:
         r._emit(Restored("log-lost"))
         return "log-lost" if outcome == "restored" else outcome
     view, active, batches, q, p, committed = log
     _restore_log(r, records, view, active, batches, q, p, committed)
+    membership.after_restore(r)  # (a view record from before the switch: its first view)
     if not r.needs_state:
         r.log.reexecute_committed(committed)
         r.out = []  # replies to clients gone since, checkpoints to be voted again

@@ -245,3 +245,17 @@ class StaleMarked(Event):
     kind: ClassVar[str] = "stale-marked"
     replica: int
     messages: int
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipSwitched(Event):
+    """Checkpoint ``seqno`` is stable and the membership recorded in its state (in force after
+    ``members_from``) is now ours: ``n`` replicas, whose first view is ``view`` (``retired``: we
+    are not one of them any more)."""
+
+    kind: ClassVar[str] = "membership"
+    seqno: int
+    members_from: int
+    n: int
+    view: int
+    retired: bool

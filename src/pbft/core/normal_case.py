@@ -21,7 +21,7 @@ from ..codec import (
     batch_digest_from_request_digests,
 )
 from ..messages import NULL_BATCH, Batch, Commit, PrePrepare, Prepare, Request
-from . import reconfig
+from . import membership, reconfig
 from .drops import HOLDABLE, Count, Drop
 from .events import (
     Committed, Executed, PrePrepared, PrePrepareSent, Prepared, Promoted, RolledBack, ServiceException,
@@ -233,7 +233,10 @@ class Log:
         r = self.r
         top = max(dec.checkpoint_seqno, r.low_water_mark)
         primary = r.is_primary
+        end = membership.fence(r)
         for n, dg in dec.chosen:
+            if end is not None and n > end:
+                continue  # (the old membership orders nothing beyond the switch point)
             top = max(top, n)
             if n <= r.low_water_mark:
                 continue
@@ -285,9 +288,11 @@ class Log:
     def try_send_preprepare(self) -> None:
         r = self.r
         cfg = r.cfg
+        end = membership.fence(r)
         while (r.view_active and r.is_primary and not r._installing
-               and (r.requests.queue or r.recovery.null_goal() > self.seq_assigned)
+               and (r.requests.queue or membership.null_goal(r) > self.seq_assigned)
                and self.seq_assigned + 1 <= r.low_water_mark + r.log_window
+               and (end is None or self.seq_assigned + 1 <= end)
                and self.seq_assigned - self.last_exec < cfg.batches_in_flight_max
                and r.fetch_target is None and r.recovering is None and not r.needs_state):
             reqs = r.requests.take_batch()
@@ -296,9 +301,9 @@ class Log:
                 batch = Batch(nondet, tuple(ri.raw for ri in reqs))
                 d = batch_digest_from_request_digests(nondet, [ri.digest for ri in reqs])
                 r.requests.ordered(batch, reqs)
-            elif not r.requests.queue and r.recovery.null_goal() > self.seq_assigned:
-                # a replica is recovering and nothing else is ordered: a null request moves the
-                # sequence towards the checkpoint that ends its recovery
+            elif not r.requests.queue and membership.null_goal(r) > self.seq_assigned:
+                # a replica is recovering, or a membership change waits for its switch point, and
+                # nothing else is ordered: a null request moves the sequence towards the checkpoint
                 batch, d = NULL_BATCH, NULL_BATCH_DIGEST
             else:
                 return
@@ -332,6 +337,8 @@ class Log:
             return Drop.WRONG_VIEW
         if not self.in_window(n):
             return Drop.OUT_OF_WINDOW
+        if (end := membership.fence(r)) is not None and n > end:
+            return Drop.BEYOND_SWITCH_POINT
         if r.recovering is not None and r.recovery.ignores(n):
             return Drop.RECOVERING
         return None
@@ -536,6 +543,8 @@ class Log:
             s = self.slots.get(n)
             if s is None or s.view != r.view or s.digest is None or s.batch is None:
                 break
+            if (end := membership.fence(r)) is not None and n > end:
+                break  # (a slot beyond the switch point, pre-prepared before we knew it: never executed)
             if s.committed and self.last_committed_exec == self.last_exec:
                 self.execute(n, s, tentative=False)
             elif s.prepared and r.view_active and r.cfg.tentative_execution:

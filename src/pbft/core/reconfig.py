@@ -36,6 +36,7 @@ import msgpack
 import nacl.exceptions
 import nacl.signing
 
+from . import membership
 from ..state.configuration import PUBLIC_KEY_BYTES, ConfigRecord, Configuration, genesis_record
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 CONFIG_OP_PREFIX = b"\xffpbft:config\x00"
 # what a client not admitted in the configuration in effect gets instead of an execution
 NOT_ADMITTED_RESULT = b"\xffpbft:not-admitted"
-OPS = ("add-client", "revoke-client", "rotate-key", "show")
+OPS = ("add-client", "revoke-client", "rotate-key", "set-membership", "show")
 __all__ = ["CONFIG_OP_PREFIX", "NOT_ADMITTED_RESULT", "ConfigRecord", "Configuration", "config_at", "decode_result",
            "encode_request", "execute", "genesis_record", "handles", "is_config_op", "switch_seqno"]
 
@@ -53,7 +54,8 @@ __all__ = ["CONFIG_OP_PREFIX", "NOT_ADMITTED_RESULT", "ConfigRecord", "Configura
 # ---- requests and results ---------------------------------------------------------------
 def encode_request(kind: str, *args: Any) -> bytes:
     """A configuration operation: ``add-client`` (id, pubkey), ``revoke-client`` (id),
-    ``rotate-key`` (principal, pubkey), ``show`` ()."""
+    ``rotate-key`` (principal, pubkey), ``set-membership`` (n, f, weights, [[id, pubkey] ...] of the
+    added replica ids: ``core.membership``), ``show`` ()."""
     return CONFIG_OP_PREFIX + msgpack.packb([kind, *args], use_bin_type=True)
 
 
@@ -72,6 +74,8 @@ def decode_result(result: bytes) -> dict[str, Any]:
         raise ValueError("not a configuration result") from e
     if type(t) is tuple and len(t) == 3 and t[0] == "ok" and type(t[1]) is int and type(t[2]) is int:
         return {"ok": True, "epoch": t[1], "switch_seqno": t[2]}
+    if type(t) is tuple and len(t) == 4 and t[0] == "ok" and all(type(x) is int for x in t[1:]):
+        return {"ok": True, "epoch": t[1], "switch_seqno": t[2], "members_at": t[3]}
     if type(t) is tuple and len(t) == 2 and t[0] == "refused" and type(t[1]) is str:
         return {"ok": False, "reason": t[1]}
     if type(t) is tuple and len(t) == 3 and t[0] == "config" and type(t[1]) is bytes and type(t[2]) is bytes:
@@ -116,36 +120,52 @@ def execute(rec: Optional[ConfigRecord], client: int, op: bytes, n: int, cfg: "C
                               "configuration operations only")
     try:
         t = msgpack.unpackb(op[len(CONFIG_OP_PREFIX):], raw=False, use_list=False, max_bin_len=1024,
-                            max_str_len=64, max_array_len=8, max_map_len=0)
+                            max_str_len=64, max_array_len=max(8, cfg.client_base), max_map_len=0)
     except Exception:  # msgpack raises several types
         t = None
     if type(t) is not tuple or not t or t[0] not in OPS:
         return None, _refused("malformed: not a known configuration operation")
     kind, args = t[0], t[1:]
-    cs = rec.latest
+    cs = membership.fold(rec.latest, n)  # (a membership change whose switch point is behind: in force)
     if kind == "show":
         return None, _show(rec, n)
     if client not in rec.effective(n).admins:
         return None, _refused(f"not-admin: client {client} is not an administrator")
     if read_only:
         return None, _refused("read-only: a change must be ordered")
-    why, new = _change(cs, kind, args, cfg)
+    if kind == "set-membership":
+        why, new = membership.set_membership(cs, args, cfg, n, _keys_in_use(cs), valid_public_key)
+    else:
+        why, new = _change(cs, kind, args, cfg, n)
     if new is None:
         return None, _refused(why)
     at = switch_seqno(n, cfg.checkpoint_interval_seqnos)
     active = rec.effective(n)  # (the pending one, if its checkpoint has passed: in effect now)
     new = replace(new, epoch=active.epoch + 1, opens_at=at)
+    if kind == "set-membership":
+        assert new.next_members is not None
+        s = membership.members_switch_seqno(at, cfg)
+        new = replace(new, next_members=replace(new.next_members, opens_at=s, epoch=new.epoch))
+        return ConfigRecord(active, new), msgpack.packb(["ok", new.epoch, at, s], use_bin_type=True)
     return ConfigRecord(active, new), msgpack.packb(["ok", new.epoch, at], use_bin_type=True)
 
 
+def _keys_in_use(cs: Configuration) -> set[bytes]:
+    """Every public key of a principal, the replicas of a recorded membership change included."""
+    keys = set(cs.replica_keys) | {k for k in cs.clients.values() if k}
+    if cs.next_members is not None:
+        keys.update(cs.next_members.keys)
+    return keys
+
+
 def _change(cs: Configuration, kind: str, args: tuple[Any, ...],
-            cfg: "ClusterConfig") -> tuple[str, Optional[Configuration]]:
+            cfg: "ClusterConfig", n: int) -> tuple[str, Optional[Configuration]]:
     """(the reason of a refusal, None) or ("", the configuration with the change)."""
     if len(args) != 2 - (kind == "revoke-client") or type(args[0]) is not int:
         return f"malformed: wrong arguments for {kind}", None
     who = args[0]
     if kind == "revoke-client":
-        if who < cfg.n or who not in cs.clients:
+        if not cfg.is_client(who) or who not in cs.clients:
             return f"unknown-client: {who} is not an admitted client", None
         if not cs.clients[who]:
             return f"already-revoked: client {who} is already revoked", None
@@ -157,11 +177,11 @@ def _change(cs: Configuration, kind: str, args: tuple[Any, ...],
     key = args[1]
     if not valid_public_key(key):
         return f"bad-key: not an Ed25519 public key of {PUBLIC_KEY_BYTES} bytes", None
-    if key in cs.replica_keys or key in cs.clients.values():
+    if key in _keys_in_use(cs):
         return "key-in-use: another principal has this key", None
     if kind == "add-client":
         if not cfg.is_client(who):
-            return (f"not-a-client-slot: client ids are {cfg.n}..{cfg.n + cfg.clients_max - 1} "
+            return (f"not-a-client-slot: client ids are {cfg.client_base}..{cfg.max_principal} "
                     f"(membership of the client range is fixed)"), None
         if who in cs.clients:
             state = "already admitted" if cs.clients[who] else "revoked (ids are not reused)"
@@ -169,10 +189,14 @@ def _change(cs: Configuration, kind: str, args: tuple[Any, ...],
         clients = dict(cs.clients)
         clients[who] = key
         return "", replace(cs, clients=clients)
+    if 0 <= who < len(cs.replica_keys) and cs.next_members is not None and cs.next_members.opens_at >= n:
+        return (f"membership-change-pending: a membership change opens at {cs.next_members.opens_at}; "
+                "rotate replica keys after it"), None
     if 0 <= who < len(cs.replica_keys):  # rotate-key of a replica
         reps = list(cs.replica_keys)
         reps[who] = key
-        return "", replace(cs, replica_keys=tuple(reps))
+        members = replace(cs.members, keys=tuple(reps)) if cs.members is not None else None
+        return "", replace(cs, replica_keys=tuple(reps), members=members)
     if not cs.clients.get(who):
         return f"unknown-principal: {who} is neither a replica nor an admitted client", None
     clients = dict(cs.clients)

@@ -53,6 +53,7 @@ import msgpack
 
 from ..codec import Frame, result_digest, seal
 from ..messages import ALL_REPLICAS, RECOVERY_OP, QueryStable, ReplyStable, Reply, Request
+from . import membership
 from .quorum import Certificate
 from .drops import Drop
 from .events import (
@@ -238,6 +239,7 @@ class ProactiveRecovery:
         self.last_recovery_ms = r.now - rec.started
         r.disk.recovery(None)
         r._emit(Recovered(rec.point, self.last_recovery_ms))
+        membership.after_stable(r, r.low_water_mark)  # (a switch point that became stable meanwhile)
 
     def ignores(self, n: int) -> bool:
         rec = self.run

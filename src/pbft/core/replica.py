@@ -37,6 +37,7 @@ from ..messages import (
 from ..service import Service
 from ..state.partition import Fetcher
 from ..state.replica_state import ReplicaState
+from . import membership
 from .durability import Persistence
 from .durability import restore as restore_replica
 from .quorum import Reached, Quorums
@@ -94,12 +95,11 @@ class Replica:
         self.quorums = Quorums.of(cfg)  # every threshold goes through it
         self.checkpoint_interval = cfg.checkpoint_interval_seqnos
         self.log_window = cfg.log_window_seqnos
-        self.bug_skip_digest = "skip-digest-check" in cfg.bugs
-        self.bug_drop_prepared = "drop-prepared-in-view-change" in cfg.bugs
-        self.bug_no_ts = "no-timestamp-check" in cfg.bugs
-        self.bug_ckpt_noseq = "checkpoint-digest-without-seqno" in cfg.bugs
-
-        self.view, self.view_active = 0, True  # the view (changed by the cross-area steps only)
+        b = cfg.bugs
+        self.bug_skip_digest, self.bug_drop_prepared = "skip-digest-check" in b, "drop-prepared-in-view-change" in b
+        self.bug_no_ts, self.bug_ckpt_noseq = "no-timestamp-check" in b, "checkpoint-digest-without-seqno" in b
+        # the view (changed by the cross-area steps only); our membership is in force after members_from
+        self.view, self.view_active, self.members_from, self.retired = 0, True, 0, False  # (core.membership)
         self.vc = ViewChanges(self)  # the view change: ViewChange, acks, NewView, new-view batches
         self._init_log_and_checkpoints(service, genesis_config)
         self.requests = Requests(self)  # admission, vouching, the primary's queue, the request timer, replies
@@ -204,9 +204,8 @@ class Replica:
         return min(ds) if ds else None
 
     def invariants(self) -> None:
-        """Assert what holds after every step whatever the input (a failure is a bug of ours,
-        never a peer's doing). Cheap: drivers call it after every step (the simulator, the
-        hand-driven cluster of the tests)."""
+        """Assert what holds after every step whatever the input (a failure is a bug of ours, never
+        a peer's doing). Cheap: drivers call it after every step (the simulator, the tests)."""
         assert self.log.last_committed_exec <= self.log.last_exec, "committed execution ahead of execution"
         assert self.view_active or self.view > 0, "view 0 is never changed to"
         assert (self.fetch_target is None) == (self.fetcher is None), "a fetch target without its walk"
@@ -299,23 +298,21 @@ class Replica:
     # =====================================================================
     # helpers
     # =====================================================================
-    def _drop(self, why: Drop) -> None:
+    def _drop(self, why: Drop | str) -> None:
         """Count a dropped input under its reason."""
         self.drops[why] = self.drops.get(why, 0) + 1
         self.dropped_total += 1  # (a driver compares it around ``receive``: was the frame wasted?)
 
     def _drop_undecodable(self, e: DecodeError) -> None:
         """Count a frame or message the codec refused, under the codec's reason."""
-        self.drops[e.reason] = self.drops.get(e.reason, 0) + 1
-        self.dropped_total += 1
+        self._drop(e.reason)
 
     def _count(self, what: Count) -> None:
         """Count something that happened and is not a dropped input (``self.counts``)."""
         self.counts[what] = self.counts.get(what, 0) + 1
 
     def count_drop(self, why: Drop) -> None:
-        """For a driver that drops a frame before the core on the replica's behalf (the
-        simulator's model of the runtime's principal binding: ``spoofed-client``)."""
+        """For a driver dropping a frame for us (the simulator's principal binding: ``spoofed-client``)."""
         self._drop(why)
 
     def _emit(self, ev: Event) -> None:
@@ -386,7 +383,7 @@ class Replica:
         votes = self.checkpoint_votes
         for d in votes.digests(n):
             voters = votes.voters(n, d)
-            reached = self.quorums.reached(voters)
+            reached = membership.quorums_at(self, n).reached(voters)
             if reached is Reached.QUORUM:
                 self._on_stable_certificate(n, d)
                 return
@@ -465,6 +462,7 @@ class Replica:
             self.recovery.prune_points()
         if self.recovering is not None:
             self.recovery.check_done()
+        membership.after_stable(self, n)  # (a membership change switches here)
         if self.is_primary:
             self.log.try_send_preprepare()
 
@@ -501,6 +499,7 @@ class Replica:
         self.requests.drain_read_only()
         if self.is_primary:
             self.log.try_send_preprepare()
+        membership.after_stable(self, n)
 
     def on_status(self, s: Status, fr: Frame) -> None:
         """A peer's Status: learn where it is, act on it, then answer with what it lacks."""
@@ -533,7 +532,7 @@ class Replica:
         """Move to view v (not active until its NewView is installed): roll back tentative
         executions, drop this view's slots, held pre-prepares and the primary's queue, and send
         our ViewChange."""
-        if v <= self.view:
+        if v <= self.view or v >= membership.view_limit(self.view) or self.retired:  # (core.membership)
             return
         if self.log.last_exec > self.log.last_committed_exec:
             self.log.rollback()
@@ -574,6 +573,7 @@ class Replica:
         self.requests.drain_read_only()
         if primary:
             self.log.try_send_preprepare()
+        membership.after_stable(self, self.low_water_mark)
 
     def _handler_table(self) -> dict[type, Callable[[Any, Frame], None]]:
         """The dispatcher's table: message type -> the handler of the component that owns it."""

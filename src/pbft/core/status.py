@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from ..codec import seal
 from ..messages import Checkpoint, Commit, PrePrepare, Prepare, Status, ViewChangeAck
+from . import membership
 from .drops import Drop
 
 if TYPE_CHECKING:
@@ -115,7 +116,10 @@ class StatusExchange:
             r._drop(Drop.STATUS_RATE_LIMITED)
             return
         self.answered[j] = r.now
-        if s.view < r.view or (s.view == r.view and not s.view_active):
+        # a peer still in an earlier membership cannot join our views: it catches up by our
+        # checkpoints (``core.membership``)
+        earlier = membership.view_limit(s.view) <= r.view
+        if not earlier and (s.view < r.view or (s.view == r.view and not s.view_active)):
             self._send_view_change_state(j)
             if s.view < r.view:
                 return

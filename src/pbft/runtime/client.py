@@ -85,11 +85,10 @@ class ClientPool:
         self.counters = Counters()
         self.loop = asyncio.get_event_loop()
         self.p: dict[int, _Principal] = {}
-        n = self.cfg.n
         for ident in identities:
             if ident.principal not in cluster.client_keys:
                 raise ConfigError(f"{ident.principal} is not a client id of this cluster")
-            ring = KeyRing(ident.principal, n, {}, {})
+            ring = KeyRing(ident.principal, self.cfg.client_base, {}, {})  # (a MAC per replica slot)
             core = CoreClient(self.cfg, ident.principal, ring, now=_now_ms())
             core.timestamp = now_timestamp_us()  # timestamps keep growing across client restarts
             self.p[ident.principal] = _Principal(ident, ring, core)

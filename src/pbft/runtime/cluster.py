@@ -287,10 +287,13 @@ def init_cluster(
     recovery: Optional[dict] = None,
     admins: int = 1,
     spare_clients: int = SPARE_CLIENT_SLOTS,
+    replica_slots: Optional[int] = None,
 ) -> Cluster:
     """Write a cluster directory. ``clients`` workload clients get ids ``replicas..``, then
     ``admins`` administrators (``[admin]``), then ``spare_clients`` ids are left free for
-    clients admitted later (``pbft reconfig DIR add-client``; ``[cluster] client_slots``)."""
+    clients admitted later (``pbft reconfig DIR add-client``; ``[cluster] client_slots``).
+    ``replica_slots`` (default ``replicas``): the replica ids reserved, members or not; client ids
+    start after them (``[cluster] replica_slots``, docs/reconfiguration.md)."""
     d = Path(directory)
     if faults is None:
         faults = (replicas - 1) // 3
@@ -305,6 +308,11 @@ def init_cluster(
         raise ConfigError(f"--clients must be at least 1, got {clients}")
     if admins < 0 or spare_clients < 0:
         raise ConfigError("--admins and --spare-clients must be >= 0")
+    if replica_slots is None:
+        replica_slots = replicas
+    if replica_slots < replicas:
+        raise ConfigError(f"--replica-slots ({replica_slots}) must be at least --replicas ({replicas})")
+    base = replica_slots  # the first client id
     hosts = hosts or ["127.0.0.1"]
     for h in hosts:
         _check_host(h)
@@ -323,8 +331,10 @@ def init_cluster(
         "[cluster]",
         f"replicas = {replicas}",
         f"faults = {faults}",
-        "# client ids are replicas .. replicas + client_slots - 1 ([[client]] entries, then free ids for",
+        "# replica ids are 0 .. replica_slots - 1 (members: 0 .. replicas - 1); client ids are",
+        "# replica_slots .. replica_slots + client_slots - 1 ([[client]] entries, then free ids for",
         "# `pbft reconfig DIR add-client`: docs/reconfiguration.md)",
+        f"replica_slots = {replica_slots}",
         f"client_slots = {clients + admins + spare_clients}",
         "",
         "[protocol]",
@@ -351,12 +361,12 @@ def init_cluster(
         host = hosts[i % len(hosts)]
         lines += ["", "[[replica]]", f"id = {i}", f'host = "{host}"', f"port = {base_port + i}",
                   f"metrics_port = {metrics_base_port + i}", "weight = 1", f'public_key = "{ident.public.hex()}"']
-    for c in range(replicas, replicas + clients + admins):
+    for c in range(base, base + clients + admins):
         ident = Identity.generate(c)
         _write_key(d / KEY_DIR / f"client-{c}.key", ident.seed)
         lines += ["", "[[client]]", f"id = {c}", f'public_key = "{ident.public.hex()}"']
     if admins:
-        ids = ", ".join(str(c) for c in range(replicas + clients, replicas + clients + admins))
+        ids = ", ".join(str(c) for c in range(base + clients, base + clients + admins))
         lines += ["", "# administrators: clients whose requests change the configuration (`pbft reconfig`)",
                   "[admin]", f"clients = [{ids}]"]
     (d / CLUSTER_FILE).write_text("\n".join(lines) + "\n")
@@ -408,6 +418,7 @@ def load_cluster(directory: str | os.PathLike) -> Cluster:
     n = _int_field(c, "replicas", where, lo=1)
     f = _int_field(c, "faults", where, lo=0)
     slots = _int_field(c, "client_slots", where, lo=0, hi=1 << 16) if "client_slots" in c else None
+    base = _int_field(c, "replica_slots", where, lo=n, hi=1 << 16) if "replica_slots" in c else n
     reps = doc.get("replica")
     if not isinstance(reps, list) or not reps:
         raise ConfigError(f"{where}: no [[replica]] entries")
@@ -449,13 +460,13 @@ def load_cluster(directory: str | os.PathLike) -> Cluster:
         cl = _table(cl, f"{where}: [[client]]")
         cid = _int_field(cl, "id", where, lo=0)
         ctx = f"{where}: client {cid}"
-        if cid < n:
-            raise ConfigError(f"{ctx}: client ids start at {n} (after the replicas)")
+        if cid < base:
+            raise ConfigError(f"{ctx}: client ids start at {base} (after the replica slots)")
         if cid in clients:
             raise ConfigError(f"{where}: client id {cid} appears twice")
         clients[cid] = _pubkey(cl, ctx)
-    if clients and sorted(clients) != list(range(n, n + len(clients))):
-        raise ConfigError(f"{where}: client ids must be {n}..{n + len(clients) - 1} without gaps")
+    if clients and sorted(clients) != list(range(base, base + len(clients))):
+        raise ConfigError(f"{where}: client ids must be {base}..{base + len(clients) - 1} without gaps")
     if slots is None:
         slots = len(clients)
     if slots < len(clients):
@@ -499,7 +510,7 @@ def load_cluster(directory: str | os.PathLike) -> Cluster:
     recovery = _recovery(_table(doc.get("recovery", {}), f"{where}: [recovery]"), where, n)
     sections = _service_sections(doc, where)
     try:
-        cfg = ClusterConfig.create(n, f, weights=tuple(weights), clients_max=slots, **params)
+        cfg = ClusterConfig.create(n, f, weights=tuple(weights), clients_max=slots, replica_slots=base, **params)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from None
     runtime = RuntimeParams(**rt_kw)
@@ -515,7 +526,7 @@ def load_cluster(directory: str | os.PathLike) -> Cluster:
         public = PublicKeys(pubs)
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
-    client_keys = {c: k for c, k in pubs.items() if c >= n}
+    client_keys = {c: k for c, k in pubs.items() if c >= base}
     return Cluster(d, cfg, placed, client_keys, runtime, public, storage, recovery, sections,
                    admins=tuple(current.admins), genesis_config=genesis, epoch=epoch)
 

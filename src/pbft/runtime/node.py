@@ -85,7 +85,7 @@ class ReplicaNode:
         self.loop = asyncio.get_event_loop()
         self.counters = Counters()
         n = self.cfg.n
-        self.ring = KeyRing(replica_id, n, {}, {})
+        self.ring = KeyRing(replica_id, self.cfg.client_base, {}, {})  # (a MAC per replica slot)
         self.replica = Replica(self.cfg, replica_id, self.ring, service, now=self._now(),
                                genesis_config=cluster.genesis_config)
         self.store: Optional[Store] = None
@@ -148,7 +148,7 @@ class ReplicaNode:
         self.reboot_delay_s = 0.0
         self.server: Optional[Listener] = None
         self.http: Optional[HttpEndpoint] = None
-        self.newkey_gate = NewKeyGate(identity, cluster.public, n, n + self.cfg.clients_max - 1,
+        self.newkey_gate = NewKeyGate(identity, cluster.public, n, self.cfg.max_principal,
                                       self.cfg.timestamp_skew_ms_max, self.counters)
         # the latest NewKey timestamp accepted from each principal survives restarts and
         # recoveries (records ``N<principal>``), so a NewKey captured before is never taken again

@@ -360,7 +360,7 @@ def peek_first_frame(s: socket.socket, head: bytes, limit: int) -> Optional[byte
 def client_frame_bytes_max(cfg) -> int:
     """The largest frame a correct client sends: a NewKey, or a request (its operation, an
     authenticator of one MAC per replica, and at most 45 bytes of msgpack framing, rounded up)."""
-    return max(NEWKEY_MAX_BYTES, cfg.request_size_bytes_max + MAC_SIZE * cfg.n + 256)
+    return max(NEWKEY_MAX_BYTES, cfg.request_size_bytes_max + MAC_SIZE * cfg.client_base + 256)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ class UnreplicatedServer:
         self.codec = Codec(self.cfg)
         self.ring = KeyRing(0, 1, {}, {})
         self.counters = Counters()
-        self.newkey_gate = NewKeyGate(identity, cluster.public, 1, self.cfg.clients_max,
+        self.newkey_gate = NewKeyGate(identity, cluster.public, 1, self.cfg.max_principal,
                                       self.cfg.timestamp_skew_ms_max, self.counters)
         self.skew_us = int(self.cfg.timestamp_skew_ms_max * 1000)
         self.request_budget = RequestBudget(

@@ -25,22 +25,32 @@ Checked (the safety properties of docs/simulation.md, and invariants of PBFT's c
   same decision when the primary of v is correct;
 * P5 monotonicity: a replica's view and low water mark never decrease; its
   last executed sequence number never passes its high water mark.
+* M1 membership changes: no sequence number after a change's switch point commits in a view of
+  the old membership, and each membership's first view is above the last one's.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 from ..codec import Codec, DecodeError, checkpoint_digest
 from ..core.events import (
-    CheckpointTaken, Committed, Event, Executed, NewViewInstalled, Prepared, PrePrepareSent, Promoted, RolledBack,
-    Stable, StateTransferred, ViewChangeStarted,
+    CheckpointTaken, Committed, Event, Executed, MembershipSwitched, NewViewInstalled, Prepared, PrePrepareSent,
+    Promoted, RolledBack, Stable, StateTransferred, ViewChangeStarted,
 )
 from ..messages import RECOVERY_OP
 
 
 class Oracles:
-    def __init__(self, codec: Codec, n: int, window: int, ckpt_interval: int, pending_max: int):
+    def __init__(self, codec: Codec, n: int, window: int, ckpt_interval: int, pending_max: int,
+                 members: Optional[int] = None):
+        """``n``: the replica ids (every replica slot); ``members``: the replicas at the start
+        (default n), whose number a membership change changes from its epoch's first view on."""
         self.codec = codec
         self.n = n
+        # membership epochs: (first view, replicas, switch point), from MembershipSwitched events
+        self.epochs: list[tuple[int, int, int]] = [(0, members or n, 0)]
+        self.committed_views: dict[int, int] = {}  # seqno -> the lowest view it committed in
         self.log_window = window
         self.checkpoint_interval = ckpt_interval
         self.pending_max = pending_max
@@ -92,6 +102,8 @@ class Oracles:
             ds[d] = min(v, ds.get(d, v))
             if len(ds) > 1:
                 self.violation(f"P3 different digests committed at seqno {n}: replica {r} view {v}")
+            self.committed_views[n] = min(v, self.committed_views.get(n, v))
+            self._check_epochs(n, v, r)
             for nv, dec in self.new_views.items():
                 if nv > v:
                     self._check_new_view_keeps(nv, dec, n, d, v)
@@ -139,12 +151,20 @@ class Oracles:
             self.views_installed.add(v)
             old_dec = self.new_views.setdefault(v, dec)
             # (a Byzantine primary may send different, each self-consistent, new views)
-            if old_dec != dec and v % self.n in self.correct:
+            if old_dec != dec and self.primary(v) in self.correct:
                 self.violation(f"P4 replica {r} installed a different new-view decision for view {v}")
             for n, ds in self.committed_local.items():
                 for d, cv in ds.items():
                     if cv < v:
                         self._check_new_view_keeps(v, dec, n, d, cv)
+        elif isinstance(ev, MembershipSwitched):
+            base, n = ev.view, ev.n
+            if not ev.retired and all(e[0] != base for e in self.epochs):
+                if base <= self.epochs[-1][0]:
+                    self.violation(f"M1 replica {r} opened membership epoch at view {base}, not above the last one")
+                self.epochs.append((base, n, ev.members_from))
+                for k, cv in self.committed_views.items():
+                    self._check_epochs(k, cv, r)
         elif isinstance(ev, Stable):
             n = ev.seqno
             if n < self.low_water_marks[r]:
@@ -152,6 +172,18 @@ class Oracles:
             self.low_water_marks[r] = n
             for k in [k for k in self.execs[r] if k <= n and not self.execs[r][k][2]]:
                 del self.execs[r][k]
+
+    def primary(self, v: int) -> int:
+        """The primary of view v: of the membership whose epoch v is in."""
+        return v % max((e for e in self.epochs if e[0] <= v), key=lambda e: e[0])[1]
+
+    def _check_epochs(self, n: int, v: int, r: int) -> None:
+        """M1: a membership orders nothing after the switch point of the next one (a seqno above
+        the switch point committed in a view of an earlier epoch)."""
+        for base, _members, switch in self.epochs[1:]:
+            if v < base and n > switch:
+                self.violation(f"M1 seqno {n} committed in view {v} (replica {r}), beyond the switch point "
+                               f"{switch} of the membership from view {base}")
 
     def _check_new_view_keeps(self, nv: int, dec, n: int, d: bytes, cv: int) -> None:
         if n <= dec.checkpoint_seqno:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from dataclasses import replace as _replace
 
@@ -463,6 +463,66 @@ _SPOOF_EXPECT = ("no forged request executed (S2); no view change; correct clien
                  "fault-free throughput (cost model)")
 _REPLAY_EXPECT = ("nothing executed twice (S3); no view change; correct clients keep >= 90% of the fault-free "
                   "throughput (cost model)")
+
+def _switched(sim: Simulation, res: RunResult) -> list[str]:
+    """Every correct replica is in the new membership (or retired from it), and the joiners took
+    part: they hold the final state like the others (the oracles' convergence counts them)."""
+    target = sim.sc.membership[-1][1]
+    out = []
+    for r in sim.replicas:
+        if r.id in sim.byz:
+            continue
+        if r.id < target and (r.cfg.n != target or r.members_from == 0):
+            out.append(f"replica {r.id} did not switch to {target} replicas (n={r.cfg.n})")
+        # (a leaving replica that lagged at the switch may never learn it: the members do not talk
+        # to it any more; it must not take part in the new membership)
+        if r.id >= target and not r.retired and r.cfg.n == target:
+            out.append(f"replica {r.id} switched without retiring")
+    if sim.cfg.n != target:
+        out.append(f"the clients did not move to {target} replicas")
+    return out
+
+
+def _grow(n: int, seed: int, **kw) -> SimConfig:
+    d: dict[str, Any] = dict(clients=4, ops=30, fault_phase_ms=1500.0, membership=((100.0, n + 3),))
+    d.update(kw)
+    return SimConfig(seed=seed, replicas=n, **d)
+
+
+def _shrink(n: int, seed: int, **kw) -> SimConfig:
+    d: dict[str, Any] = dict(clients=4, ops=30, fault_phase_ms=1500.0, membership=((100.0, n),))
+    d.update(kw)
+    return SimConfig(seed=seed, replicas=n + 3, **d)
+
+
+# membership changes (docs/reconfiguration.md): the administrator's set-membership under load
+SCENARIOS += [
+    Scenario("S-40", "membership-grow", "the administrator adds 3 replicas (n -> n+3, f the largest) while "
+             "clients run, with loss, duplication and reordering",
+             "the old membership orders up to the switch point, the new one after it (M1); the joiners "
+             "fetch a certified checkpoint and take part; every oracle holds across the epochs",
+             lambda n, s: _grow(n, s, faults=frozenset({"loss", "dup", "reorder"})), _switched),
+    Scenario("S-41", "membership-shrink", "the administrator removes the 3 highest replicas (n+3 -> n) while "
+             "clients run, with loss, duplication and reordering",
+             "the removed replicas retire at the switch point; the others go on with the new quorums",
+             lambda n, s: _shrink(n, s, faults=frozenset({"loss", "dup", "reorder"})), _switched),
+    Scenario("S-42", "membership-grow-byzantine", "a growth (n -> n+3) with f Byzantine replicas of the old "
+             "membership equivocating around the switch point",
+             "safety across the epochs; the switch and the joiners' catch-up despite them",
+             lambda n, s: _grow(n, s, byzantine=_byz(n, "equivocate", first=1)), _switched),
+    Scenario("S-43", "membership-view-change-straddle", "the primary crashes just after the membership change "
+             "executed (n -> n+3): the old membership changes view and fills up to the switch point; the "
+             "new epoch's first primary (replica 0) is down too",
+             "a view change in each epoch; safety and liveness",
+             lambda n, s: _grow(n, s, script=((102.5, "crash", 0),)), _switched),
+    Scenario("S-44", "membership-order-beyond-switch-point", "negative control: the injected bug "
+             "order-beyond-switch-point lets the old membership order beyond the switch point, under a "
+             "closed-loop load",
+             "the oracles MUST detect it (M1, and the diverging batches it causes)",
+             lambda n, s: _grow(n, s, clients=16, ops=20, think_ms=(0.0, 0.0), membership=((30.0, n + 3),),
+                                bugs=frozenset({"order-beyond-switch-point"})),
+             negative=True),
+]
 
 # the same attacks against the runtime's defences: principals bound to connections, so the attacker's
 # frames under other principals' ids are dropped before the core (``SimConfig.bind_principals``)

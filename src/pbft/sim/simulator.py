@@ -41,6 +41,7 @@ from ..crypto import keyrings_for
 from ..services.kv import KVService, decode_result, encode_op
 from .linearizability import KvOp, check_kv_history
 from ..storage.memory import MemStore
+from .membership import Administrator, slots_for
 from .oracles import Oracles
 from ..runtime.admission import frame_sender
 
@@ -162,6 +163,9 @@ class SimConfig:
     max_events: int = 3_000_000  # a run exceeding this is reported (a message storm, or too long a run)
     # "durable" or "fast": replicas persist to a simulated disk (implied "durable" by DISK_FAULTS)
     storage: Optional[str] = None
+    # membership changes: ((time_ms, replicas), ...): an administrator changes the membership to
+    # that many replicas (the largest f, unit weights; ``sim.membership``), one at a time
+    membership: tuple = ()
 
 
 @dataclass
@@ -190,22 +194,35 @@ class Simulation:
         self.rng_work = random.Random(f"{s}/work")
         self.rng_clock = random.Random(f"{s}/clock")
         n = sc.replicas
-        cfg = ClusterConfig.create(n, clients_max=max(sc.clients + len(sc.byz_clients), 1), **sc.cluster)
+        extra = {"replica_slots": slots_for(n, sc.membership)} if sc.membership else {}
+        cfg = ClusterConfig.create(n, clients_max=max(sc.clients + len(sc.byz_clients) + bool(sc.membership), 1),
+                                   **extra, **sc.cluster)
+        self.slots = cfg.client_base  # replica ids (members now, or later)
         if sc.bugs:
             cfg = cfg.with_bugs(sc.bugs)
-        self.cfg = cfg
+        self.cfg = self.genesis_cfg = cfg
         self.codec = Codec(cfg)
         master = random.Random(f"{s}/keys").randbytes(32)
-        rings = keyrings_for(master, n, cfg.client_ids)
+        rings = keyrings_for(master, self.slots, cfg.client_ids)  # (authenticators: a MAC per replica slot)
         self.rings = rings
-        self.oracles = Oracles(self.codec, n, cfg.log_window_seqnos, cfg.checkpoint_interval_seqnos,
-                               cfg.pending_requests_max)
+        self.oracles = Oracles(self.codec, self.slots, cfg.log_window_seqnos, cfg.checkpoint_interval_seqnos,
+                               cfg.pending_requests_max, n)
         skew_max = cfg.nondet_skew_ms_max / 4
-        self.skew = [self.rng_clock.uniform(-skew_max, skew_max) for _ in range(n)]
+        self.skew = [self.rng_clock.uniform(-skew_max, skew_max) for _ in range(self.slots)]
+        # replicas a membership change removed: they run on (a replica that lags behind the switch
+        # may need their checkpoint votes and state), but count for nothing
+        self.retired: set[int] = set()
+        self.admin: Optional[Administrator] = None
+        genesis = b""
+        if sc.membership:
+            self.admin = Administrator(self, cfg.client_base + sc.clients + len(sc.byz_clients))
+            genesis = self.admin.genesis
+        self.genesis = genesis
         for r, sk in sc.skewed:
             self.skew[r] = sk
         self.replicas = [
-            Replica(cfg, i, rings[i], KVService(skew_ms=cfg.nondet_skew_ms_max), now=self.skew[i])
+            Replica(cfg, i, rings[i], KVService(skew_ms=cfg.nondet_skew_ms_max), now=self.skew[i],
+                    genesis_config=genesis)
             for i in range(n)
         ]
         self.byz: dict[int, object] = {}
@@ -236,13 +253,13 @@ class Simulation:
         self.log_events = log_events
         self.observer = observer
         self.max_events = sc.max_events
-        self.inbox: dict[int, dict[int, deque]] = {r: {} for r in range(n)}
-        self.rr: dict[int, deque] = {r: deque() for r in range(n)}
-        self.deficit: dict[int, dict[int, float]] = {r: {} for r in range(n)}
+        self.inbox: dict[int, dict[int, deque]] = {r: {} for r in range(self.slots)}
+        self.rr: dict[int, deque] = {r: deque() for r in range(self.slots)}
+        self.deficit: dict[int, dict[int, float]] = {r: {} for r in range(self.slots)}
         self.cpu_busy: set[int] = set()
-        self.cpu_free_at = [0.0] * n
+        self.cpu_free_at = [0.0] * self.slots
         self.cpu_dropped = 0
-        self.cpu_used_ms = [0.0] * n
+        self.cpu_used_ms = [0.0] * self.slots
         self.log: list[str] = []
         self.history: list[KvOp] = []
         self.current: dict[int, KvOp] = {}
@@ -289,7 +306,7 @@ class Simulation:
         if sc.byz_clients:
             from .byzantine_clients import make_byz_clients
 
-            self.byz_clients = make_byz_clients(self, sc.byz_clients, n + sc.clients)
+            self.byz_clients = make_byz_clients(self, sc.byz_clients, cfg.client_base + sc.clients)
 
     def _on_events(self, r: int, events: list) -> None:
         for ev in events:
@@ -297,6 +314,8 @@ class Simulation:
 
     def _on_event(self, r: int, ev) -> None:
         kind = ev.kind
+        if kind == "membership" and self.admin is not None:
+            self.admin.on_switched(r, ev)
         if kind == "recovery-request" and self.correct and r == self.correct[0] and ev.replica in self.byz:
             self.recovery_requests_executed += 1  # (a Byzantine replica's, executed at one correct replica)
         if kind == "state-repair" and r in self.corrupted and r not in self.recovering:
@@ -343,7 +362,7 @@ class Simulation:
         d = obj.next_deadline()
         if d is None:
             return
-        if node < self.sc.replicas:
+        if node < self.slots:
             d = d - self.skew[node] + 1e-6  # so the local clock surely reaches d despite rounding
         d = max(d, self.now)
         cur = self.wake_at.get(node)
@@ -352,16 +371,18 @@ class Simulation:
             self._push(d, WAKE, node)
 
     def _node(self, pid: int):
-        if pid < self.sc.replicas:
+        if pid < self.slots:
             return self.byz.get(pid) or self.replicas[pid]
+        if self.admin is not None and pid == self.admin.id:
+            return self.admin.client
         return self.clients.get(pid) or self.byz_clients[pid]
 
     def _local(self, pid: int) -> float:
-        return self.now + (self.skew[pid] if pid < self.sc.replicas else 0.0)
+        return self.now + (self.skew[pid] if pid < self.slots else 0.0)
 
     # ---- network ------------------------------------------------------------
     def _flush(self, src: int, after: float = 0.0) -> None:
-        if src < self.sc.replicas:
+        if src < self.slots:
             ready = self._node(src).take_ready()
             carried = self.carried.pop(src, None)
             if carried is not None:  # (what a reboot produced: with the replica's first step)
@@ -470,7 +491,7 @@ class Simulation:
 
     def _spoofed(self, r: int, raw: bytes, src: int) -> bool:
         """Whether the runtime's principal binding would drop ``raw`` from ``src`` at replica r."""
-        return self.sc.bind_principals and src >= self.sc.replicas and frame_sender(raw) != src
+        return self.sc.bind_principals and src >= self.slots and frame_sender(raw) != src
 
     def _send(self, src: int, dst: int, raw: bytes, extra_delay: float = 0.0) -> None:
         self.messages += 1
@@ -555,6 +576,8 @@ class Simulation:
                 t += rf.uniform(300.0, 1200.0)
         for t, kind, arg in self.sc.script:
             self._push(t, FAULT, "crash-one" if kind == "crash" else kind, arg)
+        for t, new_n in self.sc.membership:
+            self._push(t, FAULT, "membership", new_n)
         self._push(end, FAULT, "heal", None)
 
     def _faulty_now(self) -> int:
@@ -572,8 +595,11 @@ class Simulation:
         self.reboots += 1
         if power_loss:
             store.power_loss(rd, torn=rd.random() < 0.5)
-        rep = Replica(self.cfg, r, self.rings[r], KVService(skew_ms=self.cfg.nondet_skew_ms_max),
-                      now=self._local(r))
+        # (the configuration a process starts with: the genesis one, cluster.toml's; the restored
+        # checkpoint's membership replaces it, ``membership.after_restore``)
+        cfg = self.genesis_cfg if self.genesis_cfg.is_replica(r) else self.replicas[r].cfg
+        rep = Replica(cfg, r, self.rings[r], KVService(skew_ms=self.cfg.nondet_skew_ms_max),
+                      now=self._local(r), genesis_config=self.genesis)
         rep.enable_persistence()
         records, damaged = store.load()
         self.replicas[r] = rep
@@ -591,7 +617,8 @@ class Simulation:
         self._on_events(r, ready.events)
         self.oracles.rebase(r, rep)  # restore re-executed what committed after its checkpoint
         if recover or rep.recovery_marker:
-            self.recovering.add(r)
+            if r in self.correct:  # (a replica a membership change is removing: no member to wait for)
+                self.recovering.add(r)
             self.seq += 1
             rep.begin_recovery(self._local(r), 10_000_000 + self.seq)
         self._note(f"replica {r} rebooted from disk: {outcome}{', recovering' if recover else ''}")
@@ -676,7 +703,8 @@ class Simulation:
             self.oracles.correct.discard(arg)
             self._note(f"{kind} at replica {arg}")
         elif kind == "recover":
-            if self.healed or arg in self.crashed or arg in self.recovering:
+            if self.healed or arg in self.crashed or arg in self.recovering or arg in self.retired \
+                    or not self.cfg.is_replica(arg) or arg not in self.stores:
                 return
             if arg not in self.corrupted and self._faulty_now() >= self.cfg.f:
                 return  # one replica recovering at a time, within the fault budget
@@ -709,6 +737,9 @@ class Simulation:
                     self.blocked.add((x, y))
             self._note(f"partition {shape}: {len(self.blocked)} links cut for {arg:.0f}ms")
             self._push(self.now + arg, FAULT, "unpartition", None)
+        elif kind == "membership":
+            assert self.admin is not None
+            self.admin.start_change(arg)
         elif kind == "unpartition":
             self.blocked = set()
             self._note("partition healed")
@@ -827,10 +858,10 @@ class Simulation:
             oracles.now = t
             self.events += 1
             if kind == DELIVER:
-                if a in self.crashed:
-                    continue
+                if a in self.crashed or len(self.replicas) <= a < self.slots:
+                    continue  # (nobody runs that replica id (yet): lost)
                 node = self._node(a)
-                if a < n:
+                if a < self.slots:
                     if not self.healed and (c, a) in self.blocked:
                         continue
                     if self.sc.cost is not None:
@@ -847,6 +878,9 @@ class Simulation:
                 elif a in self.clients:
                     node.receive(b, self.now)
                     self._client_outcomes(a)
+                elif self.admin is not None and a == self.admin.id:
+                    node.receive(b, self.now)
+                    self.admin.on_outcomes()
                 else:
                     node.receive(b, self.now)
                 self._flush(a)
@@ -857,12 +891,14 @@ class Simulation:
                 del self.wake_at[a]
                 node = self._node(a)
                 node.tick(self._local(a))
-                if a < n:
+                if a < self.slots:
                     if a not in self.byz:
                         oracles.after_step(node)
                         self._invariants(node)
                 elif a in self.clients:
                     self._client_outcomes(a)
+                elif self.admin is not None and a == self.admin.id:
+                    self.admin.on_outcomes()
                 self._flush(a)
                 self._schedule_wake(a)
             elif kind == CPU:

@@ -16,6 +16,39 @@ import msgpack
 
 PUBLIC_KEY_BYTES = 32
 _VERSION = 1
+_VERSION_MEMBERS = 2  # (a configuration with a membership recorded: two more fields)
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    """The replicas: ids 0..n-1, the faults tolerated, their weights and public keys, in force
+    for the sequence numbers after ``opens_at`` (0: from genesis on), from the configuration
+    ``epoch`` that opened it on (its first view: ``core.membership.base_view``)."""
+
+    n: int
+    f: int
+    weights: tuple[int, ...]
+    keys: tuple[bytes, ...]
+    opens_at: int
+    epoch: int = 0
+
+    def encode_fields(self) -> list[Any]:
+        return [self.n, self.f, list(self.weights), list(self.keys), self.opens_at, self.epoch]
+
+    @classmethod
+    def decode_fields(cls, t: Any) -> "Membership":
+        if type(t) is not tuple or len(t) != 6:
+            raise ValueError("membership: bad shape")
+        n, f, weights, keys, opens_at, epoch = t
+        if not (type(n) is int and n >= 1 and type(f) is int and f >= 0 and type(opens_at) is int
+                and opens_at >= 0 and type(epoch) is int and epoch >= 0):
+            raise ValueError("membership: bad numbers")
+        if type(weights) is not tuple or len(weights) != n or not all(type(w) is int and w >= 1 for w in weights):
+            raise ValueError("membership: bad weights")
+        if type(keys) is not tuple or len(keys) != n or not all(
+                type(k) is bytes and len(k) == PUBLIC_KEY_BYTES for k in keys):
+            raise ValueError("membership: bad keys")
+        return cls(n, f, weights, keys, opens_at, epoch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +60,10 @@ class Configuration:
     replica_keys: tuple[bytes, ...]
     clients: Mapping[int, bytes]  # client id -> public key; b"": revoked
     admins: tuple[int, ...]
+    # the membership in force (None: the genesis one, cluster.toml's), and a change of it recorded
+    # and not yet folded in (in force after its ``opens_at``: ``members_at``)
+    members: Optional[Membership] = None
+    next_members: Optional[Membership] = None
 
     @classmethod
     def genesis(cls, replica_keys: list[bytes] | tuple[bytes, ...], clients: Mapping[int, bytes],
@@ -34,9 +71,12 @@ class Configuration:
         return cls(0, 0, tuple(replica_keys), dict(clients), tuple(sorted(set(admins))))
 
     def encode(self) -> bytes:
-        return msgpack.packb([_VERSION, self.epoch, self.opens_at, list(self.replica_keys),
-                              [[c, self.clients[c]] for c in sorted(self.clients)], list(self.admins)],
-                             use_bin_type=True)
+        fields = [_VERSION, self.epoch, self.opens_at, list(self.replica_keys),
+                  [[c, self.clients[c]] for c in sorted(self.clients)], list(self.admins)]
+        if self.members is not None or self.next_members is not None:
+            fields[0] = _VERSION_MEMBERS
+            fields += [m.encode_fields() if m is not None else None for m in (self.members, self.next_members)]
+        return msgpack.packb(fields, use_bin_type=True)
 
     @classmethod
     def decode(cls, data: bytes) -> "Configuration":
@@ -45,9 +85,11 @@ class Configuration:
             t = msgpack.unpackb(data, raw=False, use_list=False, strict_map_key=True)
         except Exception as e:  # msgpack raises several types
             raise ValueError("configuration: not msgpack") from e
-        if type(t) is not tuple or len(t) != 6 or t[0] != _VERSION:
+        shapes = ((6, _VERSION), (8, _VERSION_MEMBERS))
+        if type(t) is not tuple or not t or (len(t), t[0]) not in shapes:
             raise ValueError("configuration: bad shape")
-        _, epoch, opens_at, reps, cls_rows, admins = t
+        epoch, opens_at, reps, cls_rows, admins = t[1:6]
+        members, nxt = (Membership.decode_fields(m) if m is not None else None for m in (t[6:8] or (None, None)))
         if type(epoch) is not int or type(opens_at) is not int or epoch < 0 or opens_at < 0:
             raise ValueError("configuration: bad epoch")
         if type(reps) is not tuple or not all(type(k) is bytes and len(k) == PUBLIC_KEY_BYTES for k in reps):
@@ -62,12 +104,19 @@ class Configuration:
             clients[row[0]] = row[1]
         if type(admins) is not tuple or not all(type(a) is int and clients.get(a) for a in admins):
             raise ValueError("configuration: bad admins")
-        out = cls(epoch, opens_at, reps, clients, admins)
+        if members is not None and members.keys != reps:
+            raise ValueError("configuration: members' keys are not the replica keys")
+        out = cls(epoch, opens_at, reps, clients, admins, members, nxt)
         if out.encode() != data:
             raise ValueError("configuration: not canonical")
         return out
 
     # -- reading --------------------------------------------------------------------------
+    def members_at(self, n: int) -> Optional[Membership]:
+        """The membership in force for sequence number n (None: the genesis one)."""
+        nxt = self.next_members
+        return nxt if nxt is not None and nxt.opens_at < n else self.members
+
     def is_admitted(self, client: int) -> bool:
         return bool(self.clients.get(client))
 
@@ -91,7 +140,10 @@ class Configuration:
         return {"epoch": self.epoch, "opens_at": self.opens_at,
                 "replicas": [k.hex() for k in self.replica_keys],
                 "clients": {str(c): k.hex() for c, k in sorted(self.clients.items()) if k},
-                "revoked": sorted(self.revoked), "admins": list(self.admins)}
+                "revoked": sorted(self.revoked), "admins": list(self.admins),
+                **{name: {"n": m.n, "f": m.f, "weights": list(m.weights), "opens_at": m.opens_at}
+                   for name, m in (("members", self.members), ("next_members", self.next_members))
+                   if m is not None}}
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,7 +70,8 @@ def cmd_init(args) -> int:
         raise ConfigError(f"--recovery-period must be a non-negative number of seconds, got {period:g}")
     c = init_cluster(args.dir, args.replicas, args.faults, hosts, args.base_port, clients, force=args.force,
                      recovery=None if period is None else {"period_s": period},
-                     admins=getattr(args, "admins", 1), spare_clients=getattr(args, "spare_clients", 4))
+                     admins=getattr(args, "admins", 1), spare_clients=getattr(args, "spare_clients", 4),
+                     replica_slots=getattr(args, "replica_slots", None))
     if service == "bfs":
         from ..services.bfs.config import DEFAULT_SECTION
         with open(c.dir / "cluster.toml", "a") as fh:
@@ -361,6 +362,9 @@ def add_commands(sub) -> None:
                    "default 1)")
     i.add_argument("--spare-clients", type=int, default=4, help="client ids left free for `pbft reconfig DIR "
                    "add-client` (default 4)")
+    i.add_argument("--replica-slots", type=int, default=None, metavar="N",
+                   help="replica ids to reserve, members or not (default: --replicas); client ids start at N, "
+                        "so that membership changes can add replicas (docs/reconfiguration.md)")
     i.add_argument("--no-integrity", action="store_true", help="record no [integrity] package_sha256 (replicas "
                    "then run whatever code is installed; docs/recovery.md)")
     i.add_argument("--recovery-period", type=float, default=None, metavar="S",

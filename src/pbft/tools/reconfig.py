@@ -118,8 +118,8 @@ def cmd_reconfig(args) -> int:
                     raise ConfigError(f"no free client id (client_slots in {cluster.dir}/cluster.toml)")
                 args.principal = free[0]
             if not cluster.cfg.is_client(args.principal):
-                raise ConfigError(f"{args.principal} is not a client id: client ids are {cluster.n}.."
-                                  f"{cluster.n + cluster.cfg.clients_max - 1} (client_slots in cluster.toml)")
+                raise ConfigError(f"{args.principal} is not a client id: client ids are {cluster.cfg.client_base}.."
+                                  f"{cluster.cfg.max_principal} (client_slots in cluster.toml)")
             written = cluster.key_path(args.principal)
             if written.exists():
                 raise ConfigError(f"{written} exists: client {args.principal} was admitted before")

@@ -786,7 +786,7 @@ class ByzReplica:
         self.newkey_ts: dict[int, int] = {}
         self.out: dict[int, FrameConn] = {}
         self.server: Optional[asyncio.Server] = None
-        self.max_principal = ctx.n + ctx.cfg.clients_max - 1
+        self.max_principal = ctx.cfg.max_principal
 
     def _conn(self) -> FrameConn:
         return FrameConn(self._on_frame, self.counters, self.ctx.max_frame, 1 << 30, 64 << 20)

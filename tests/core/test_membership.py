@@ -1,0 +1,324 @@
+"""Membership changes (``pbft.core.membership``): the ``set-membership`` operation's validation,
+its switch point, the configuration it records, and the fence that keeps the old membership
+from ordering beyond the switch point."""
+
+from __future__ import annotations
+
+import nacl.signing
+import pytest
+
+from pbft.config import ClusterConfig
+from pbft.core import membership, reconfig
+from pbft.core.reconfig import ConfigRecord, decode_result, encode_request, genesis_record
+from pbft.state.configuration import Configuration, Membership
+
+
+def key(i: int) -> bytes:
+    return bytes(nacl.signing.SigningKey(bytes([i]) * 32).verify_key)
+
+
+N, SLOTS, ADMIN = 4, 7, 9  # replica slots 0..6, members 0..3; clients 7, 8, the administrator 9
+GENESIS = genesis_record([key(i) for i in range(N)], {7: key(7), 8: key(8), ADMIN: key(ADMIN)}, [ADMIN])
+CFG = ClusterConfig.create(N, clients_max=4, replica_slots=SLOTS, checkpoint_interval_seqnos=4, log_window_seqnos=8)
+
+
+def run(op: bytes, n: int = 1, rec: ConfigRecord | None = None, client: int = ADMIN):
+    new, result = reconfig.execute(rec or ConfigRecord.decode(GENESIS), client, op, n, CFG)
+    return new, decode_result(result)
+
+
+def grow(n: int = 7, f: int = 2, added=None, weights=None) -> bytes:
+    added = [[i, key(i)] for i in range(N, n)] if added is None else added
+    return encode_request("set-membership", n, f, weights or [1] * n, added)
+
+
+def test_grow_records_the_membership_and_its_switch_point():
+    rec, res = run(grow(), n=5)
+    # executed at 5: checkpoint c = 8, switch point S = c - CI + L = 8 - 4 + 8 = 12
+    assert res == {"ok": True, "epoch": 1, "switch_seqno": 8, "members_at": 12}
+    nxt = rec.latest.next_members
+    assert nxt == Membership(7, 2, (1,) * 7, tuple(key(i) for i in range(7)), 12, 1)
+    assert rec.latest.replica_keys == tuple(key(i) for i in range(N))  # the old members order up to S
+    assert rec.latest.members_at(12) is None and rec.latest.members_at(13) == nxt
+    assert ConfigRecord.decode(rec.encode()) == rec
+    assert membership.members_switch_seqno(8, CFG) == 12
+    # with the defaults 16/32 a change in the interval ending at c opens at c + 16
+    assert membership.members_switch_seqno(128, ClusterConfig.create(4)) == 144
+
+
+def test_genesis_encoding_is_unchanged_without_a_membership():
+    cs = ConfigRecord.decode(GENESIS).active
+    assert cs.members is None and cs.next_members is None and cs.encode()[0] == 0x96  # (six fields)
+
+
+@pytest.mark.parametrize("op, reason", [
+    (grow(8, 2), "beyond-replica-slots"),
+    (grow(0, 0, added=[]), "beyond-replica-slots"),
+    (grow(5, 2), "unsafe-quorum"),
+    (grow(7, 2, weights=[9, 1, 1, 1, 1, 1, 1]), "unsafe-quorum"),
+    (grow(4, 1, added=[]), "unchanged"),
+    (grow(7, 2, added=[[4, key(4)], [6, key(6)], [5, key(5)]]), "not-contiguous"),
+    (grow(7, 2, added=[[4, key(4)], [5, key(5)]]), "not-contiguous"),
+    (grow(3, 0, added=[[3, key(3)]]), "not-contiguous"),
+    (grow(5, 1, added=[[4, key(1)]]), "key-in-use"),
+    (grow(5, 1, added=[[4, key(8)]]), "key-in-use"),
+    (grow(6, 1, added=[[4, key(40)], [5, key(40)]]), "key-in-use"),
+    (grow(5, 1, added=[[4, b"\x02" * 32]]), "bad-key"),
+    (grow(5, 1, added=[[4, b"\x01" * 31]]), "bad-key"),
+    (encode_request("set-membership", 5, 1, [1] * 5), "malformed"),
+    (encode_request("set-membership", 5, 1, 5, []), "malformed"),
+    (encode_request("set-membership", "5", 1, [1] * 5, []), "malformed"),
+])
+def test_refusals(op, reason):
+    new, res = run(op, n=2)
+    assert new is None and res["ok"] is False and res["reason"].startswith(reason), res
+
+
+def test_weights_or_f_only_is_the_same_operation():
+    rec, res = run(grow(4, 0, added=[], weights=[1, 1, 1, 1]), n=2)
+    assert res["ok"] and rec.latest.next_members.f == 0 and rec.latest.next_members.n == 4
+    rec, res = run(grow(4, 1, added=[], weights=[2, 2, 2, 2]), n=2)
+    assert res["ok"] and rec.latest.next_members.weights == (2, 2, 2, 2)
+    assert rec.latest.next_members.keys == rec.latest.replica_keys
+
+
+def test_not_admin_and_read_only_refused():
+    _, res = run(grow(), client=7)
+    assert res["reason"].startswith("not-admin")
+    new, result = reconfig.execute(ConfigRecord.decode(GENESIS), ADMIN, grow(), 1, CFG, read_only=True)
+    assert new is None and decode_result(result)["reason"].startswith("read-only")
+
+
+def test_one_change_at_a_time_and_replica_keys_frozen_until_the_switch():
+    rec, _ = run(grow(), n=5)  # S = 12
+    for k in (5, 9, 12):
+        _, res = run(grow(5, 1), n=k, rec=rec)
+        assert res["reason"].startswith("membership-change-pending"), (k, res)
+        _, res = run(encode_request("rotate-key", 1, key(41)), n=k, rec=rec)
+        assert res["reason"].startswith("membership-change-pending")
+        _, res = run(encode_request("add-client", 10, key(5)), n=k, rec=rec)
+        assert res["reason"].startswith("key-in-use")  # (a joiner's key)
+    # a client change inside the window keeps the recorded membership change
+    rec2, res = run(encode_request("add-client", 10, key(10)), n=9, rec=rec)
+    assert res == {"ok": True, "epoch": 2, "switch_seqno": 12}
+    assert rec2.latest.next_members == rec.latest.next_members
+    # after S the change is in force: it is folded in, and the next change counts from it
+    rec3, res = run(grow(4, 1, added=[]), n=13, rec=rec2)  # shrink back 7 -> 4
+    assert res == {"ok": True, "epoch": 3, "switch_seqno": 16, "members_at": 20}
+    cs = rec3.latest
+    assert cs.members == Membership(7, 2, (1,) * 7, tuple(key(i) for i in range(7)), 12, 1)
+    assert cs.replica_keys == cs.members.keys
+    assert cs.next_members == Membership(4, 1, (1,) * 4, tuple(key(i) for i in range(4)), 20, 3)
+    assert ConfigRecord.decode(rec3.encode()) == rec3
+    # after 20 replica 6 is no member; rotating a member's key changes the members' keys too
+    _, res = run(encode_request("rotate-key", 6, key(60)), n=21, rec=rec3)
+    assert res["reason"].startswith("unknown-principal")
+    rec4, res = run(encode_request("rotate-key", 3, key(60)), n=21, rec=rec3)
+    assert res["ok"] and rec4.latest.replica_keys == rec4.latest.members.keys
+    assert rec4.latest.members.n == 4 and rec4.latest.replica_keys[3] == key(60)
+    assert ConfigRecord.decode(rec4.encode()) == rec4
+
+
+def test_cluster_config_follows_the_membership():
+    rec, _ = run(grow(), n=5)
+    m = rec.latest.next_members
+    c7 = membership.cluster_config(CFG, m)
+    assert (c7.n, c7.f, c7.quorum_weight, c7.client_base) == (7, 2, 5, SLOTS)
+    assert list(c7.client_ids) == list(CFG.client_ids)
+    assert membership.cluster_config(CFG, None) is CFG
+
+
+def test_decoding_refuses_inconsistent_memberships():
+    cs = ConfigRecord.decode(GENESIS).active
+    bad = Configuration(cs.epoch, cs.opens_at, cs.replica_keys, cs.clients, cs.admins,
+                        Membership(4, 1, (1,) * 4, tuple(key(i + 20) for i in range(4)), 0))
+    with pytest.raises(ValueError, match="members' keys"):
+        Configuration.decode(bad.encode())
+    wrong = Configuration(cs.epoch, cs.opens_at, cs.replica_keys, cs.clients, cs.admins, None,
+                          Membership(5, 1, (1,) * 4, tuple(key(i) for i in range(5)), 12))
+    with pytest.raises(ValueError, match="membership: bad weights"):
+        Configuration.decode(wrong.encode())
+
+
+# ---- in a hand-driven cluster ---------------------------------------------------------------------
+MASTER = b"test-master-key-0123456789abcdef"
+KV_ADMIN = 7  # (the cluster below: replica slots 0..6, clients 7 (administrator), 8, 9, 10)
+
+
+def grow_cluster():
+    from pbft.core.client import Client
+    from pbft.core.replica import Replica
+    from pbft.crypto import keyrings_for
+    from pbft.services.kv import KVService
+    from tests.helpers.cluster import Cluster
+
+    gen = genesis_record([key(i) for i in range(N)], {c: key(c) for c in range(7, 11)}, [KV_ADMIN])
+    c = Cluster(N, clients=4, genesis_config=gen, replica_slots=SLOTS, checkpoint_interval_seqnos=4,
+                log_window_seqnos=8)
+    # MAC keys for every replica slot (a joiner's too): authenticators have a MAC per slot
+    c.rings = keyrings_for(MASTER, SLOTS, c.cfg.client_ids)
+    c.replicas = [Replica(c.cfg, i, c.rings[i], KVService(), genesis_config=gen) for i in range(N)]
+    c.clients = [Client(c.cfg, i, c.rings[i]) for i in c.cfg.client_ids]
+    c.gen = gen
+    return c
+
+
+def admin(c, op: bytes) -> dict:
+    cl = c.clients[0]
+    cl.invoke(op, False, c.now)
+    c.run()
+    while cl.busy:
+        c.advance(10.0)
+    (out,) = cl.take_outcomes()
+    return decode_result(out.result)
+
+
+def switch_cluster(c, res: dict, new_n: int) -> None:
+    """What a driver does for a membership change: start the joiners in the new epoch, and move
+    the clients to the new members once the replicas switched."""
+    from pbft.core.replica import Replica
+    from pbft.services.kv import KVService
+
+    s, new_cfg = res["members_at"], membership.cluster_config(c.cfg, c.replicas[0].rs.config.latest.next_members)
+    view = membership.base_view(res["epoch"], new_n)
+    for i in range(c.cfg.n, new_n):
+        j = Replica(new_cfg, i, c.rings[i], KVService(), now=c.now, genesis_config=c.gen)
+        membership.start_as_joiner(j, view, s)
+        c.replicas.append(j)
+    c.new_cfg, c.new_view = new_cfg, view
+
+
+def test_grow_4_to_7_switches_at_the_switch_point_and_joiners_catch_up():
+    c = grow_cluster()
+    assert c.put(1, b"a", b"1") == ("ok", True)  # seqno 1
+    res = admin(c, grow())  # seqno 2: c = 4, S = 8
+    assert res == {"ok": True, "epoch": 1, "switch_seqno": 4, "members_at": 8}
+    switch_cluster(c, res, 7)
+    # idle: the primary fills with null batches up to S, and nothing beyond S is ordered by the
+    # old membership; checkpoint 8 becomes stable and the members switch
+    c.advance(200)
+    switched = [(r, ev) for r, ev in c.events if ev.kind == "membership"]
+    assert sorted(r for r, _ in switched) == [0, 1, 2, 3], switched
+    base = membership.base_view(1, 7)
+    assert base >= 1 << 32 and base % 7 == 0
+    assert {(ev.seqno, ev.members_from, ev.n, ev.view) for _, ev in switched} == {(8, 8, 7, base)}
+    for r in c.replicas[:4]:
+        assert r.cfg.n == 7 and r.cfg.f == 2 and r.view == base and r.view_active and r.low_water_mark == 8
+        assert r.log.last_exec == 8 and r.primary() == 0
+    old_exec = [ev.seqno for r, ev in c.events if ev.kind == "execute" and ev.seqno > 8]
+    assert old_exec == []
+    c.cfg = c.new_cfg  # (the harness drives 7 replicas from now on)
+    for cl in c.clients:
+        cl.set_membership(c.new_cfg, c.new_view)
+    assert c.put(1, b"a", b"2") == ("ok", True)
+    assert c.get(2, b"a") == ("ok", b"2")
+    for i in range(12):
+        assert c.put(1 + i % 3, b"k%d" % (i % 4), b"v%d" % i) == ("ok", True)
+    c.advance(300)
+    # the joiners fetched a certified checkpoint and take part: everybody agrees
+    assert all(r.cfg.n == 7 for r in c.replicas)
+    assert min(r.log.last_committed_exec for r in c.replicas) >= 16
+    assert len({(r.log.last_exec, r.state_digest()) for r in c.replicas}) == 1, [
+        (r.id, r.log.last_exec, r.low_water_mark) for r in c.replicas]
+    assert [ev for r, ev in c.events if ev.kind == "state-transfer" and r >= 4]
+
+
+def shrink_cluster():
+    from tests.helpers.cluster import Cluster
+
+    gen = genesis_record([key(i) for i in range(7)], {c: key(c) for c in range(7, 11)}, [KV_ADMIN])
+    c = Cluster(7, clients=4, genesis_config=gen, checkpoint_interval_seqnos=4, log_window_seqnos=8)
+    c.gen = gen
+    return c
+
+
+def test_shrink_7_to_4_retires_the_highest_ids():
+    c = shrink_cluster()
+    assert c.cfg.client_base == 7
+    for i in range(3):
+        assert c.put(1 + i % 2, b"b%d" % i, b"x") == ("ok", True)
+    res = admin(c, encode_request("set-membership", 4, 1, [1] * 4, []))  # seqno 4
+    assert res == {"ok": True, "epoch": 1, "switch_seqno": 4, "members_at": 8}
+    c.advance(200)  # (the primary fills up to 8 with null batches: the clients switch afterwards)
+    switched = {r: ev for r, ev in c.events if ev.kind == "membership"}
+    assert sorted(switched) == list(range(7))
+    assert [switched[r].retired for r in range(7)] == [False] * 4 + [True] * 3
+    assert all(ev.seqno == 8 and ev.n == 4 for ev in switched.values())
+    new_cfg = c.replicas[0].cfg
+    assert (new_cfg.n, new_cfg.f, new_cfg.client_base) == (4, 1, 7)
+    for r in c.replicas[4:]:
+        assert r.retired and r.others == (0, 1, 2, 3) and not r.view_active
+    c.down |= {4, 5, 6}
+    c.cfg = new_cfg
+    for cl in c.clients:
+        cl.set_membership(new_cfg, c.replicas[0].view)
+    for i in range(10):
+        assert c.put(1 + i % 3, b"k%d" % (i % 4), b"v%d" % i) == ("ok", True)
+    assert c.get(3, b"k1") == ("ok", b"v9")
+    c.advance(200)
+    assert len({(r.log.last_exec, r.state_digest()) for r in c.replicas[:4]}) == 1
+    assert min(r.low_water_mark for r in c.replicas[:4]) >= 16
+    # a retired replica's frames are not a member's any more
+    from pbft.codec import seal
+    from pbft.messages import Prepare
+
+    before = c.replicas[0].drops.get("not-a-member", 0)
+    c.replicas[0].receive(seal(Prepare(c.replicas[0].view, 17, b"\x01" * 32, 5), c.rings[5]), c.now)
+    assert c.replicas[0].drops.get("not-a-member", 0) == before + 1
+
+
+def test_view_change_straddling_the_switch():
+    # the primary crashes right after the change executed: the old membership changes view and
+    # the new primary fills up to S; the new epoch starts in its base view, whose primary (0) is
+    # down, and changes view again to make progress
+    c = grow_cluster()
+    c.drop = lambda src, dst, raw: src == 0 and c.replicas[0].log.last_exec >= 1  # (0 fails after k = 1)
+    res = admin(c, grow())
+    assert res["members_at"] == 8
+    switch_cluster(c, res, 7)
+    c.down.add(0)
+    assert [r.log.last_exec for r in c.replicas[1:4]] == [1, 1, 1]  # (no null batch got out)
+    assert c.put(1, b"a", b"1") == ("ok", True)  # (ordered by the old membership, view 1)
+    c.advance(1500)
+    assert all(r.members_from == 8 for r in c.replicas[1:4])
+    assert [ev for r, ev in c.events if ev.kind == "new-view" and ev.view < c.new_view]
+    c.cfg = c.new_cfg
+    for cl in c.clients:
+        cl.set_membership(c.new_cfg, c.new_view)
+    assert c.put(2, b"a", b"2") == ("ok", True)
+    assert c.get(3, b"a") == ("ok", b"2")
+    live = [r for r in c.replicas if r.id != 0]
+    assert min(r.view for r in live) > c.new_view  # (a view change in the new epoch)
+    c.advance(300)
+    assert len({(r.log.last_exec, r.state_digest()) for r in live}) == 1
+
+
+@pytest.mark.parametrize("recover", [False, True])
+def test_restart_after_the_switch_restores_the_membership(recover):
+    from tests.helpers.cluster import Cluster
+
+    gen = genesis_record([key(i) for i in range(7)], {c: key(c) for c in range(7, 11)}, [KV_ADMIN])
+    c = Cluster(7, clients=4, genesis_config=gen, durable=True, checkpoint_interval_seqnos=4, log_window_seqnos=8)
+    genesis_cfg = c.cfg
+    assert c.put(1, b"a", b"1") == ("ok", True)
+    res = admin(c, encode_request("set-membership", 4, 1, [1] * 4, []))
+    assert res["members_at"] == 8
+    c.advance(200)
+    new_cfg, view = c.replicas[0].cfg, c.replicas[0].view
+    assert new_cfg.n == 4 and all(r.members_from == 8 for r in c.replicas)
+    c.down |= {4, 5, 6}
+    # replica 2 restarts from its store with the genesis configuration (what cluster.toml says)
+    c.cfg = genesis_cfg
+    c.restart(2, recover=recover)
+    r2 = c.replicas[2]
+    assert (r2.cfg.n, r2.cfg.f, r2.members_from, r2.retired) == (4, 1, 8, False) and r2.view >= view
+    c.cfg = new_cfg
+    for cl in c.clients:
+        cl.set_membership(new_cfg, view)
+    for i in range(8):
+        assert c.put(1 + i % 3, b"k%d" % (i % 3), b"v%d" % i) == ("ok", True)
+    c.advance(500)
+    live = c.replicas[:4]
+    assert len({(r.log.last_exec, r.state_digest()) for r in live}) == 1
+    if recover:
+        assert [ev for r, ev in c.events if r == 2 and ev.kind == "recovered"]
