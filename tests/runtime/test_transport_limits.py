@@ -99,12 +99,16 @@ def test_partial_frames_on_unauthenticated_connections_are_bounded(tmp_path):
         (node,) = await start_nodes(cluster, [0])
         me = cluster.replicas[0]
         try:
-            # 1. an almost complete maximum-size frame: closed at once, nothing buffered
+            # 1. an almost complete maximum-size frame: refused at accept (then held unread, not
+            # served), nothing buffered
+            accepted = node.counters.connections_accepted
             r, w = await asyncio.open_connection(me.host, me.port)
             w.write(struct.pack(">I", MAX_FRAME) + b"\x95" * 65536)
-            assert await closed_by_peer(r, 2.0), "a 4 MiB frame was accepted on an unauthenticated connection"
-            assert transport_drops(node, "unauthenticated-frame-too-large") == 1
-            w.close()
+            await wait_until(lambda: transport_drops(node, "unauthenticated-frame-too-large") == 1, 2.0,
+                             "the 4 MiB frame refused")
+            assert node.counters.connections_accepted == accepted, "a 4 MiB frame was accepted unauthenticated"
+            assert node.guard.held == 0 and len(node.server.tarpit) == 1
+            w.transport.abort()
             # 2. partial frames of allowed length from five connections: never more than the bound held
             socks = []
             for _ in range(5):
