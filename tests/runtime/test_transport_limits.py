@@ -638,6 +638,18 @@ def test_a_stopped_listener_closes_the_connections_it_holds(tmp_path):
     asyncio.run(main())
 
 
+def test_token_bucket_wait_for_several_tokens():
+    """An out-of-accepts listener waits for ``ACCEPTS_PER_RESUME`` tokens, never beyond the burst."""
+    b = transport.TokenBucket(rate=10.0, burst=4.0)
+    for _ in range(4):
+        assert b.take(100.0)
+    assert not b.take(100.0)
+    assert b.wait_s() == pytest.approx(0.1)
+    assert b.wait_s(3) == pytest.approx(0.3)
+    assert b.wait_s(8) == pytest.approx(0.4)  # (the burst: 4 tokens)
+    assert b.level(100.3) == pytest.approx(3.0) and b.wait_s(3) == pytest.approx(0.0)
+
+
 def test_source_key_groups_ipv6_by_prefix():
     assert Listener.source_key(("192.0.2.7", 5000)) == "192.0.2.7"
     assert Listener.source_key(("::ffff:192.0.2.7", 5000, 0, 0)) == "192.0.2.7"

@@ -114,9 +114,11 @@ class TokenBucket:
         """Return a token taken for work that turned out to be legitimate."""
         self.tokens = min(self.burst, self.tokens + 1.0)
 
-    def wait_s(self) -> float:
-        """Seconds until the next token (0 if one is there; after a refused ``take``)."""
-        return max(0.0, (1.0 - self.tokens) / self.rate) if self.rate > 0 else 1.0
+    def wait_s(self, k: float = 1.0) -> float:
+        """Seconds until ``k`` tokens are there (at most ``burst``; 0 if they are; after a refused
+        ``take``)."""
+        k = min(k, self.burst)
+        return max(0.0, (k - self.tokens) / self.rate) if self.rate > 0 else 1.0
 
 
 # the kernel's receive buffer of a connection that has not authenticated (inherited from the
@@ -162,7 +164,9 @@ class Listener:
     evicted soon -- are served at most ``rate`` per second (``burst`` at once).  Past the
     budget nothing is accepted: connections wait in the kernel's listen queue (and past that,
     the kernel refuses them), costing this process nothing; the listener looks again when the
-    next credit is due (``accept-paused``, once per pause).
+    next credit is due, or, when it ran out of accepts (below), once ``ACCEPTS_PER_RESUME`` of
+    them are, so that a flood of refused connections wakes it a few times a second and not at
+    every accept (``accept-paused``, once per pause).
 
     Two refinements keep an attacker's connections cheap and its share bounded:
 
@@ -201,6 +205,7 @@ class Listener:
     connect and authenticate as before."""
 
     ACCEPTS_PER_WAKEUP = 64  # then yield to the loop's other work
+    ACCEPTS_PER_RESUME = 8  # out of accepts, look again once this many are due (not one at a time)
     SCREEN_PEEK_BYTES = 11  # the length prefix and a frame's header up to its sender (msgpack array, tag, id)
     ACCEPTS_PER_CREDIT = 2  # accepts (served or refused at once) per credit of the budget
     SOURCE_SHARE = 0.5  # of the budget (rate and burst) that is one source address's own
@@ -272,7 +277,7 @@ class Listener:
             now = self.loop.time()
             if budget.level(now) < 1.0 or not accepts.take(now):
                 self.counters.drop("accept-paused")
-                self._pause(max(budget.wait_s(), accepts.wait_s()))
+                self._pause(max(budget.wait_s(), accepts.wait_s(self.ACCEPTS_PER_RESUME)))
                 return
             try:
                 s, addr = self.sock.accept()
