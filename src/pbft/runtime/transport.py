@@ -191,10 +191,9 @@ class Listener:
 
     **What the screen refuses is held, not closed (a tarpit).**  Closing a refused connection
     tells its peer at once to open the next one: a peer replaying captured bytes reconnects as
-    fast as it is refused, and every round costs this host the accept, the reset and the bytes
-    the kernel had queued for it (on loopback also the peer's own send queue, freed when the
-    reset is delivered, in this process's time).  So a connection the screen refuses is kept
-    open instead, never read (no event-loop reader, its kernel receive buffer shrunk to
+    fast as it is refused, and every round costs this process a wake-up, the accept and the
+    reset, and the kernel the bytes it had queued for it.  So a connection the screen refuses
+    is kept open instead, never read (no event-loop reader, its kernel receive buffer set to
     ``TARPIT_RCVBUF``): its peer's writes stall on TCP flow control.  At most ``TARPIT_MAX``
     are held (a new one closes the oldest, ``tarpit-full``), each for at most ``TARPIT_HOLD_S``
     (``tarpit-expired``), so they cost a bounded number of descriptors and of kernel buffers; a
