@@ -99,12 +99,16 @@ def test_partial_frames_on_unauthenticated_connections_are_bounded(tmp_path):
         (node,) = await start_nodes(cluster, [0])
         me = cluster.replicas[0]
         try:
-            # 1. an almost complete maximum-size frame: closed at once, nothing buffered
+            # 1. an almost complete maximum-size frame: refused at accept (then held unread, not
+            # served), nothing buffered
+            accepted = node.counters.connections_accepted
             r, w = await asyncio.open_connection(me.host, me.port)
             w.write(struct.pack(">I", MAX_FRAME) + b"\x95" * 65536)
-            assert await closed_by_peer(r, 2.0), "a 4 MiB frame was accepted on an unauthenticated connection"
-            assert transport_drops(node, "unauthenticated-frame-too-large") == 1
-            w.close()
+            await wait_until(lambda: transport_drops(node, "unauthenticated-frame-too-large") == 1, 2.0,
+                             "the 4 MiB frame refused")
+            assert node.counters.connections_accepted == accepted, "a 4 MiB frame was accepted unauthenticated"
+            assert node.guard.held == 0 and len(node.server.tarpit) == 1
+            w.transport.abort()
             # 2. partial frames of allowed length from five connections: never more than the bound held
             socks = []
             for _ in range(5):
@@ -489,11 +493,13 @@ def test_unauthenticated_accepts_are_budgeted_and_authenticated_ones_free(tmp_pa
     asyncio.run(main())
 
 
-def test_first_bytes_are_screened_at_accept(tmp_path):
+def test_first_bytes_are_screened_at_accept(tmp_path, monkeypatch):
     """A connection whose first bytes show it would be closed at its first frame is refused when
     it is taken from the listen queue -- no transport, no connection object -- and counted as the
-    first frame would have been; a correct client is served as before, and a connection that has
-    sent nothing yet (or only part of its first frame) is served and judged by its frames."""
+    first frame would have been (then held, unread, until it is closed: ``Listener.TARPIT_HOLD_S``,
+    short here); a correct client is served as before, and a connection that has sent nothing
+    yet (or only part of its first frame) is served and judged by its frames."""
+    monkeypatch.setattr(Listener, "TARPIT_HOLD_S", 0.2)
     cluster = make_cluster(tmp_path, clients=2)
     c = cluster.client_ids[0]
 
@@ -536,6 +542,8 @@ def test_first_bytes_are_screened_at_accept(tmp_path):
             assert node.counters.connections_refused == len(cases)  # (exported: pbft_connections_refused)
             assert node.counters.connections_accepted == accepted  # none got a connection object
             assert transport_drops(node, "connection-closed-unauthenticated") >= 4
+            assert transport_drops(node, "accept-tarpitted") == len(cases)
+            assert transport_drops(node, "tarpit-expired") == len(cases) and not node.server.tarpit
             # served: a NewKey's first bytes (the rest to come), and a correct client
             rp, wp = await asyncio.open_connection(me.host, me.port)
             wp.write(PARTIAL_NEWKEY)
@@ -551,6 +559,95 @@ def test_first_bytes_are_screened_at_accept(tmp_path):
             await stop_nodes([node])
 
     asyncio.run(main())
+
+
+def test_refused_connections_are_held_bounded_and_never_block_correct_clients(tmp_path, monkeypatch):
+    """A connection the screen refuses (here a replayed NewKey) is held open and unread: its
+    peer's writes stall on flow control instead of its being closed and reconnecting.  At most
+    ``TARPIT_MAX`` are held, a new one closes the oldest (``tarpit-full``), each goes after
+    ``TARPIT_HOLD_S`` (``tarpit-expired``); a full tarpit takes nothing from a correct client,
+    which connects and authenticates at once."""
+    monkeypatch.setattr(Listener, "TARPIT_MAX", 3)
+    monkeypatch.setattr(Listener, "TARPIT_HOLD_S", 3.0)
+    cluster = make_cluster(tmp_path, clients=2)
+    c, c2 = cluster.client_ids[:2]
+
+    async def main():
+        (node,) = await start_nodes(cluster, [0])
+        me = cluster.replicas[0]
+        try:
+            nk = frame(make_newkey(cluster.identity(c), cluster.public, {0: os.urandom(64)}, now_timestamp_us()))
+            r, w = await asyncio.open_connection(me.host, me.port)
+            w.write(nk)
+            await wait_until(lambda: node.client_conn.get(c) is not None, 5.0, "the NewKey")
+            replays = []
+            for k in range(5):
+                rx, wx = await asyncio.open_connection(me.host, me.port)
+                wx.write(nk)  # the NewKey replayed
+                replays.append((rx, wx))
+                await wait_until(lambda k=k: node.server.refused == k + 1, 5.0, f"replay {k} refused")
+            assert transport_drops(node, "newkey-stale") == 5
+            assert transport_drops(node, "accept-tarpitted") == 5
+            assert transport_drops(node, "tarpit-full") == 2 and len(node.server.tarpit) == 3
+            # the two oldest were closed to make room; the three newest are held open
+            assert [await closed_by_peer(rx, 2.0) for rx, _ in replays[:2]] == [True, True]
+            assert [await closed_by_peer(rx, 0.1) for rx, _ in replays[2:]] == [False] * 3
+            # a held connection is not read: what its peer writes stalls (8 MiB do not fit in
+            # the kernel's buffers of both ends)
+            _, wheld = replays[-1]
+            wheld.write(bytes(8 << 20))
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(wheld.drain(), 0.5)
+            # a correct client connects and authenticates while the tarpit is full
+            accepted = node.counters.connections_accepted
+            r2, w2 = await asyncio.open_connection(me.host, me.port)
+            w2.write(frame(make_newkey(cluster.identity(c2), cluster.public, {0: os.urandom(64)}, now_timestamp_us())))
+            await wait_until(lambda: node.client_conn.get(c2) is not None, 5.0, "the correct client's NewKey")
+            assert node.counters.connections_accepted == accepted + 1
+            assert len(node.server.tarpit) == 3
+            # each is held for TARPIT_HOLD_S at most
+            assert [await closed_by_peer(rx, 5.0) for rx, _ in replays[2:]] == [True] * 3
+            assert transport_drops(node, "tarpit-expired") == 3 and not node.server.tarpit
+            for _, wx in replays:
+                wx.transport.abort()
+            for wx in (w, w2):
+                wx.close()
+        finally:
+            await stop_nodes([node])
+
+    asyncio.run(main())
+
+
+def test_a_stopped_listener_closes_the_connections_it_holds(tmp_path):
+    cluster = make_cluster(tmp_path, clients=1)
+
+    async def main():
+        (node,) = await start_nodes(cluster, [0])
+        me = cluster.replicas[0]
+        rx, wx = await asyncio.open_connection(me.host, me.port)
+        try:
+            wx.write(frame(b"\x94\x01\x02\x03\x04"))  # malformed: refused and held
+            await wait_until(lambda: len(node.server.tarpit) == 1, 5.0, "the connection held")
+            assert not await closed_by_peer(rx, 0.1)
+        finally:
+            await stop_nodes([node])
+        assert not node.server.tarpit and node.server.tarpit_timer is None
+        assert await closed_by_peer(rx, 2.0)
+        wx.close()
+
+    asyncio.run(main())
+
+
+def test_token_bucket_wait_for_several_tokens():
+    """An out-of-accepts listener waits for ``ACCEPTS_PER_RESUME`` tokens, never beyond the burst."""
+    b = transport.TokenBucket(rate=10.0, burst=4.0)
+    for _ in range(4):
+        assert b.take(100.0)
+    assert not b.take(100.0)
+    assert b.wait_s() == pytest.approx(0.1)
+    assert b.wait_s(3) == pytest.approx(0.3)
+    assert b.wait_s(8) == pytest.approx(0.4)  # (the burst: 4 tokens)
+    assert b.level(100.3) == pytest.approx(3.0) and b.wait_s(3) == pytest.approx(0.0)
 
 
 def test_source_key_groups_ipv6_by_prefix():

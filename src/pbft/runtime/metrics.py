@@ -125,6 +125,9 @@ class ReplicaMetrics:
         yield counter("pbft_connections_refused", "Inbound connections closed at accept, before any transport "
                       "(their reasons: pbft_dropped_messages, layer transport)", c.connections_refused)
         yield gauge("pbft_connections_open", "Inbound connections open", len(node.inbound))
+        yield gauge("pbft_connections_tarpitted", "Inbound connections refused at accept and held open unread "
+                    "(runtime.transport.Listener: TARPIT_MAX at most)",
+                    len(node.server.tarpit) if node.server is not None else 0)
         yield gauge("pbft_peers_connected", "Outbound links to other replicas that are up",
                     sum(1 for lk in node.links.values() if lk.conn is not None))
         yield gauge("pbft_config_epoch", "The configuration epoch in force here (docs/reconfiguration.md)",

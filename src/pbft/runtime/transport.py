@@ -114,9 +114,11 @@ class TokenBucket:
         """Return a token taken for work that turned out to be legitimate."""
         self.tokens = min(self.burst, self.tokens + 1.0)
 
-    def wait_s(self) -> float:
-        """Seconds until the next token (0 if one is there; after a refused ``take``)."""
-        return max(0.0, (1.0 - self.tokens) / self.rate) if self.rate > 0 else 1.0
+    def wait_s(self, k: float = 1.0) -> float:
+        """Seconds until ``k`` tokens are there (at most ``burst``; 0 if they are; after a refused
+        ``take``)."""
+        k = min(k, self.burst)
+        return max(0.0, (k - self.tokens) / self.rate) if self.rate > 0 else 1.0
 
 
 # the kernel's receive buffer of a connection that has not authenticated (inherited from the
@@ -162,7 +164,9 @@ class Listener:
     evicted soon -- are served at most ``rate`` per second (``burst`` at once).  Past the
     budget nothing is accepted: connections wait in the kernel's listen queue (and past that,
     the kernel refuses them), costing this process nothing; the listener looks again when the
-    next credit is due (``accept-paused``, once per pause).
+    next credit is due, or, when it ran out of accepts (below), once ``ACCEPTS_PER_RESUME`` of
+    them are, so that a flood of refused connections wakes it a few times a second and not at
+    every accept (``accept-paused``, once per pause).
 
     Two refinements keep an attacker's connections cheap and its share bounded:
 
@@ -183,13 +187,31 @@ class Listener:
       connections from other addresses are still served (when the budget is fuller, a busy
       address may borrow: a burst of correct connections from one host is not refused).  An
       authenticated connection gives its address's credit back too.  The table of addresses is
-      bounded (``SOURCES_MAX``; the least recently seen go first)."""
+      bounded (``SOURCES_MAX``; the least recently seen go first).
+
+    **What the screen refuses is held, not closed (a tarpit).**  Closing a refused connection
+    tells its peer at once to open the next one: a peer replaying captured bytes reconnects as
+    fast as it is refused, and every round costs this process a wake-up, the accept and the
+    reset, and the kernel the bytes it had queued for it.  So a connection the screen refuses
+    is kept open instead, never read (no event-loop reader, its kernel receive buffer set to
+    ``TARPIT_RCVBUF``): its peer's writes stall on TCP flow control.  At most ``TARPIT_MAX``
+    are held (a new one closes the oldest, ``tarpit-full``), each for at most ``TARPIT_HOLD_S``
+    (``tarpit-expired``), so they cost a bounded number of descriptors and of kernel buffers; a
+    peer with more connections open at once than that is refused at the rate it was before,
+    within the accepts' bound.  Only the screen's refusals are held (``accept-tarpitted``): a
+    connection past its address's share, or already closed by its peer, is closed at once.  A
+    held connection takes no credit and no slot of the connection table, so correct peers
+    connect and authenticate as before."""
 
     ACCEPTS_PER_WAKEUP = 64  # then yield to the loop's other work
+    ACCEPTS_PER_RESUME = 8  # out of accepts, look again once this many are due (not one at a time)
     SCREEN_PEEK_BYTES = 11  # the length prefix and a frame's header up to its sender (msgpack array, tag, id)
     ACCEPTS_PER_CREDIT = 2  # accepts (served or refused at once) per credit of the budget
     SOURCE_SHARE = 0.5  # of the budget (rate and burst) that is one source address's own
     SOURCES_MAX = 4096
+    TARPIT_MAX = 32  # refused connections held open at once (``tarpit``)
+    TARPIT_HOLD_S = 10.0  # how long one is held at most
+    TARPIT_RCVBUF = 4096  # the kernel receive buffer of a held connection
 
     def __init__(self, sock: socket.socket, factory, counters: Counters, rate: float, burst: float,
                  screen: Optional[Callable[[socket.socket, bytes], Optional[tuple[str, ...]]]] = None):
@@ -206,7 +228,9 @@ class Listener:
         self.reading = False
         self.resume: Optional[asyncio.TimerHandle] = None
         self.closed = False
-        self.refused = 0  # connections closed at accept (screen or source share)
+        self.refused = 0  # connections refused at accept (screen or source share)
+        self.tarpit: dict[socket.socket, float] = {}  # held refused sockets -> when to close; oldest first
+        self.tarpit_timer: Optional[asyncio.TimerHandle] = None
 
     def start(self) -> None:
         self.sock.setblocking(False)
@@ -252,7 +276,7 @@ class Listener:
             now = self.loop.time()
             if budget.level(now) < 1.0 or not accepts.take(now):
                 self.counters.drop("accept-paused")
-                self._pause(max(budget.wait_s(), accepts.wait_s()))
+                self._pause(max(budget.wait_s(), accepts.wait_s(self.ACCEPTS_PER_RESUME)))
                 return
             try:
                 s, addr = self.sock.accept()
@@ -267,7 +291,7 @@ class Listener:
             if self.screen is not None:
                 reasons = self._screen(s)
                 if reasons is not None:
-                    self._refuse(s, *reasons)
+                    self._refuse(s, *reasons, hold=reasons[0] not in self.CLOSE_AT_ONCE)
                     continue
             # to be served: within its address's share, or borrowing while the budget is fuller
             source: Optional[TokenBucket] = self._source(self.source_key(addr))
@@ -293,12 +317,48 @@ class Listener:
         assert self.screen is not None
         return self.screen(s, head)
 
-    def _refuse(self, s: socket.socket, *reasons: str) -> None:
+    CLOSE_AT_ONCE = ("closed-before-frame", "accept-failed")  # screen results not worth holding
+
+    def _refuse(self, s: socket.socket, *reasons: str, hold: bool = False) -> None:
         for r in reasons:
             self.counters.drop(r)
         self.refused += 1
         self.counters.connections_refused += 1
-        s.close()
+        if hold and self.TARPIT_MAX > 0 and not self.closed:
+            self._hold(s)
+        else:
+            s.close()
+
+    def _hold(self, s: socket.socket) -> None:
+        """Keep a refused socket open and unread (the tarpit), closing the oldest held if full."""
+        tarpit = self.tarpit
+        while len(tarpit) >= self.TARPIT_MAX:
+            old = next(iter(tarpit))
+            del tarpit[old]
+            self.counters.drop("tarpit-full")
+            old.close()
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.TARPIT_RCVBUF)
+        except OSError:
+            pass
+        self.counters.drop("accept-tarpitted")
+        tarpit[s] = self.loop.time() + self.TARPIT_HOLD_S
+        if self.tarpit_timer is None:
+            self.tarpit_timer = self.loop.call_later(self.TARPIT_HOLD_S, self._expire)
+
+    def _expire(self) -> None:
+        """Close the held sockets whose time is up; look again when the next one's is."""
+        self.tarpit_timer = None
+        tarpit = self.tarpit
+        now = self.loop.time()
+        while tarpit:
+            s, until = next(iter(tarpit.items()))
+            if until > now:
+                self.tarpit_timer = self.loop.call_later(until - now, self._expire)
+                return
+            del tarpit[s]
+            self.counters.drop("tarpit-expired")
+            s.close()
 
     def _pause(self, wait: float) -> None:
         self._read(False)
@@ -338,6 +398,12 @@ class Listener:
         if self.resume is not None:
             self.resume.cancel()
             self.resume = None
+        if self.tarpit_timer is not None:
+            self.tarpit_timer.cancel()
+            self.tarpit_timer = None
+        for s in self.tarpit:
+            s.close()
+        self.tarpit.clear()
         self.sock.close()
 
 

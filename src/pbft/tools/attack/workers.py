@@ -43,6 +43,7 @@ CONNECT_TIMEOUT_S = 2.0
 WRITE_BUFFER_HIGH = 1 << 20  # an attacker stops writing to a connection while this much is queued
 # what writing to a connection the replica closed raises (uvloop: RuntimeError on a closed transport)
 WRITE_ERRORS = (OSError, ConnectionError, RuntimeError)
+LEGIT_INTERVAL_S = 0.5  # replay: between the recorded client's operations during the attack
 
 
 def say(msg: dict) -> None:
@@ -263,6 +264,16 @@ async def discard(reader: asyncio.StreamReader, ctx: Ctx, key: str = "bytes-rece
         return
 
 
+async def drained(ctx: Ctx, w: asyncio.StreamWriter) -> bool:
+    """Wait until ``w``'s buffer drained, or the attack ended (False): a peer that stops reading
+    (flow control) keeps an attacker waiting no longer than the attack."""
+    try:
+        await asyncio.wait_for(w.drain(), ctx.left() + 0.01)
+    except asyncio.TimeoutError:
+        return False
+    return True
+
+
 async def pump(ctx: Ctx, host: str, port: int, make, frames_per_conn: int, tail=None) -> None:
     """Fresh connections, each carrying ``frames_per_conn`` chunks from ``make()`` (then ``tail()``
     if given, e.g. bytes that break the framing), until the attack ends."""
@@ -281,10 +292,11 @@ async def pump(ctx: Ctx, host: str, port: int, make, frames_per_conn: int, tail=
                 data = make()
                 w.write(data)
                 ctx.count("bytes-sent", len(data))
-                await w.drain()
+                if not await drained(ctx, w):
+                    break
             if tail is not None and ctx.running() and not reader.done():
                 w.write(tail())
-                await w.drain()
+                await drained(ctx, w)
         except WRITE_ERRORS:
             ctx.count("connection-reset")
         finally:
@@ -461,11 +473,13 @@ async def atk_replay(ctx: Ctx) -> None:
     ctx.start()
 
     async def legit_loop() -> None:
+        # (two operations a second: enough to show the session still works during the replay,
+        # little enough that its own work does not count against the workload's throughput)
         j = i
         while ctx.running():
             j += 1
             await invoke(j)
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(LEGIT_INTERVAL_S)
 
     conns = ctx.spec.get("conns_per_replica", 4)
     blobs = [(r, captured.get(r.port)) for r in ctx.targets]
@@ -548,7 +562,8 @@ async def atk_slow_frames(ctx: Ctx) -> None:
                     w.write(data)
                     sent += len(data)
                     ctx.count("bytes-sent", len(data))
-                    await w.drain()
+                    if not await drained(ctx, w):
+                        break
                 if reader.done():
                     ctx.count("closed-by-replica")
             except WRITE_ERRORS:
