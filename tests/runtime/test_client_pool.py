@@ -109,3 +109,26 @@ def test_late_quorum_completes_a_retransmitted_request_without_timeout(tmp_path)
         await pool.close()
 
     asyncio.run(main())
+
+
+def test_late_reply_is_dropped_as_stale_before_its_mac_is_checked(tmp_path):
+    async def main():
+        pool, cid, p = make_pool(tmp_path)
+        await invoke_answered(pool, cid, p, b"done")
+        ts = p.core.timestamp
+        ring = KeyRing(3, 4, {cid: p.ring.in_keys[3]}, {cid: p.ring.out_keys[3]})
+        late = Reply(0, ts, cid, 3, True, False, result_digest(b"done"), None)
+        macs = p.ring.mac_ops
+        pool._on_frame(None, seal(late, ring, to=cid))  # type: ignore[arg-type]
+        assert p.core.drops.get("reply-stale") == 1 and p.ring.mac_ops == macs
+        # a reply to the outstanding request is still checked: a bad MAC is dropped as such
+        task = asyncio.ensure_future(pool.invoke(cid, b"op", timeout=5.0))
+        await asyncio.sleep(0)
+        forged = Reply(0, p.core.timestamp, cid, 3, True, False, result_digest(b"x"), b"x")
+        pool._on_frame(None, seal(forged, KeyRing(3, 4, {}, {cid: bytes(32)}), to=cid))  # type: ignore[arg-type]
+        assert p.core.drops.get("bad-mac") == 1 and not p.core.replies
+        answer(pool, cid, p, b"real")
+        assert await task == b"real"
+        await pool.close()
+
+    asyncio.run(main())
