@@ -186,7 +186,9 @@ class ClientPool:
     async def invoke(self, principal: int, op: bytes, read_only: bool = False,
                      timeout: Optional[float] = DEFAULT_TIMEOUT_S) -> bytes:
         p = self.p[principal]
-        async with p.lock:
+        # (acquire and release rather than ``async with``: two coroutines less per request)
+        await p.lock.acquire()
+        try:
             if self.closed:
                 raise PbftError("client closed")
             fut = self.loop.create_future()
@@ -210,6 +212,8 @@ class ClientPool:
             finally:
                 p.fut = None
                 p.give_up_at = None
+        finally:
+            p.lock.release()
 
     def _after(self, p: _Principal) -> None:
         """After the core client of ``p`` handled an event: outcomes, sends, timer."""
