@@ -143,8 +143,14 @@ class Client:
 
     def receive_parsed(self, fr: Frame, rep: Reply, now: float) -> None:
         """Like ``receive`` for a reply frame a demultiplexer already opened and parsed
-        (several clients sharing one connection); the MAC is checked here."""
+        (several clients sharing one connection); the MAC is checked here, after the cheap test
+        that drops a reply to no outstanding request (the last replies of every request, once
+        its result is certified): such a reply is dropped whatever its MAC says."""
         self.now = now
+        req = self.req
+        if req is None or rep.client != self.id or rep.timestamp != req.timestamp:
+            self._drop("reply-stale")
+            return
         if not self.keys.verify(fr.sender, fr.digest, fr.auth, fr.multi):
             self._drop("bad-mac")
             return

@@ -581,7 +581,7 @@ class FrameConn(asyncio.Protocol):
         self.budget = budget
         self.send_max = send_max
         self.transport: Optional[asyncio.Transport] = None
-        self.buf = bytearray()
+        self.buf: bytes | bytearray = b""  # what was read and not handled yet, from ``off``
         self.off = 0
         self.closed = False
         self.paused = False
@@ -638,11 +638,21 @@ class FrameConn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         c = self.counters
         c.bytes_in += len(data)
-        if self.off == len(self.buf):
-            self.buf = bytearray(data)
+        buf = self.buf
+        if self.off == len(buf):
+            # nothing held: the frames are sliced out of what was read, each copied once
+            self.buf = data if type(data) is bytes else bytes(data)
+            self.off = 0
+        elif type(buf) is bytes:
+            # the rest of an earlier read (part of a frame, or frames left for a later turn) and
+            # this one: accumulated in a bytearray, so a large frame's pieces are not copied over
+            # and over
+            acc = bytearray(memoryview(buf)[self.off:])
+            acc += data
+            self.buf = acc
             self.off = 0
         else:
-            self.buf += data
+            buf += data
         if not self.paused:
             self._drain()
         if self.guard is not None and not self.closed:
@@ -651,13 +661,15 @@ class FrameConn(asyncio.Protocol):
     # ---- frames -------------------------------------------------------------
     def _drain(self) -> None:
         buf = self.buf
+        whole = type(buf) is bytes  # a slice of it is the frame; of a bytearray, a copy to convert
         off = self.off
         end = len(buf)
         handled = 0
         budget = self.budget
         on_frame = self.on_frame
+        unpack_len = _LEN.unpack_from
         while end - off >= 4:
-            (n,) = _LEN.unpack_from(buf, off)
+            (n,) = unpack_len(buf, off)
             if n > self.max_frame:
                 self.counters.drop("oversized-frame" if n > self.full_max_frame else
                                    "unauthenticated-frame-too-large" if self.auth == UNAUTHENTICATED else
@@ -676,7 +688,7 @@ class FrameConn(asyncio.Protocol):
                     self.transport.pause_reading()
                 self.loop.call_soon(self._resume)
                 return
-            raw = bytes(buf[off + 4: off + 4 + n])
+            raw = buf[off + 4: off + 4 + n] if whole else bytes(memoryview(buf)[off + 4: off + 4 + n])
             off += 4 + n
             handled += 1
             on_frame(self, raw)
@@ -690,12 +702,12 @@ class FrameConn(asyncio.Protocol):
         self.counters.frames_in += handled
         self.nframes += handled
         if off == end:
-            self.buf = bytearray()
+            self.buf = b""
             self.off = 0
         else:
             self.off = off
-            if off > 1 << 20:
-                del self.buf[:off]
+            if not whole and off > 1 << 20:
+                del self.buf[:off]  # type: ignore[union-attr]  # (a bytearray)
                 self.off = 0
 
     def _resume(self) -> None:
