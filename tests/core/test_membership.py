@@ -322,3 +322,26 @@ def test_restart_after_the_switch_restores_the_membership(recover):
     assert len({(r.log.last_exec, r.state_digest()) for r in live}) == 1
     if recover:
         assert [ev for r, ev in c.events if r == 2 and ev.kind == "recovered"]
+
+
+def test_removed_replicas_checkpoint_votes_never_count_with_the_new_thresholds():
+    """A replica that executed a shrink 7 -> 4 (f 2 -> 1) but has not switched counts checkpoints
+    after the switch point with the new thresholds (weak 2, quorum 3): votes of the removed ids
+    4..6 (two of them Byzantine is within the old f) must not make it fetch or adopt a checkpoint."""
+    from pbft.codec import seal
+    from pbft.messages import Checkpoint
+
+    c = shrink_cluster()
+    assert c.put(1, b"b", b"x") == ("ok", True)
+    r = c.replicas[1]
+    c.drop = lambda src, dst, raw: dst == 1 and membership.fence(r) is not None  # (it lags from the change on)
+    res = admin(c, encode_request("set-membership", 4, 1, [1] * 4, []))
+    s = res["members_at"]
+    assert r.members_from == 0 and membership.fence(r) == s and r.low_water_mark < s
+    bogus, far = b"\x66" * 32, s + 3 * c.cfg.checkpoint_interval_seqnos
+    for j in (5, 6):  # a weak certificate of the new membership, were they members
+        r.receive(seal(Checkpoint(far, bogus, j), c.rings[j]), c.now)
+    assert r.fetch_target is None and r.low_water_mark < s
+    r.receive(seal(Checkpoint(far, bogus, 4), c.rings[4]), c.now)  # (a quorum of 3, were they members)
+    assert r.fetch_target is None and r.low_water_mark < s
+    r.invariants()

@@ -28,7 +28,7 @@ from ..config import ClusterConfig, ConfigError
 from ..state.configuration import Configuration, Membership
 
 if TYPE_CHECKING:
-    from .quorum import Quorums
+    from .quorum import Quorums, Reached
     from .replica import Replica
 
 __all__ = ["cluster_config", "fold", "fence", "members_switch_seqno", "set_membership"]
@@ -171,6 +171,17 @@ def quorums_at(r: "Replica", n: int) -> "Quorums":
     q = Quorums.of(cluster_config(r.cfg, m))
     r.__dict__["_next_quorums"] = (m, q)
     return q
+
+
+def checkpoint_reached(r: "Replica", n: int, voters: list[int]) -> "Reached":
+    """How far ``voters`` (of one digest at checkpoint n) go at replica r, with the thresholds of
+    ``quorums_at``; with the new membership's, only its members' votes count (a removed replica
+    still sends frames we accept as an old member's: its vote must not count towards the new
+    membership's thresholds, nor may an id beyond its weights)."""
+    q = quorums_at(r, n)
+    if q is not r.quorums:
+        voters = [v for v in voters if v < len(q.weights)]
+    return q.reached(voters)
 
 
 def after_stable(r: "Replica", n: int) -> None:
