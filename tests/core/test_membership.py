@@ -369,3 +369,23 @@ def test_a_replica_that_missed_the_change_is_not_led_beyond_its_window_by_old_id
     for j in (1, 2):
         r.receive(seal(Checkpoint(far, b"\x66" * 32, j), c.rings[j]), c.now)
     assert r.fetch_target is None
+
+
+def test_a_joiner_takes_no_part_in_agreement_at_or_below_its_switch_point():
+    """A joiner starts from nothing (low water mark 0) in the new epoch's base view: a Byzantine
+    primary of that view (replica 0) must not get it to prepare (and, with the other joiners and
+    f Byzantine members, commit and execute on the genesis state) sequence numbers up to S,
+    which the old membership ordered."""
+    from pbft.codec import NULL_BATCH_DIGEST, seal
+    from pbft.messages import NULL_BATCH, PrePrepare
+
+    c = grow_cluster()
+    res = admin(c, grow())
+    switch_cluster(c, res, 7)
+    j = c.replicas[4]
+    assert j.view == c.new_view and j.view_active and j.low_water_mark == 0 < res["members_at"]
+    j.receive(seal(PrePrepare(c.new_view, 1, NULL_BATCH_DIGEST, 0, NULL_BATCH), c.rings[0]), c.now)
+    ready = j.take_ready()
+    assert 1 not in j.log.slots and not ready.sends
+    assert j.drops.get("out-of-window", 0) == 1
+    j.invariants()
