@@ -389,3 +389,28 @@ def test_a_joiner_takes_no_part_in_agreement_at_or_below_its_switch_point():
     assert 1 not in j.log.slots and not ready.sends
     assert j.drops.get("out-of-window", 0) == 1
     j.invariants()
+
+
+def test_a_replica_fetching_past_the_change_prepares_nothing_beyond_the_switch_point():
+    """Replica 3 missed a growth executed at 1 (S = 8) and learns that checkpoint 4 is stable:
+    its low water mark is 4 while it fetches, but its state (the one recording the change) is
+    not there yet. A Byzantine primary of the old view must not get it to prepare seqno 9: the
+    sequence numbers after S are the new membership's (a change in checkpoint n's state opens
+    at most at n - CI + L)."""
+    from pbft.codec import NULL_BATCH_DIGEST, seal
+    from pbft.messages import NULL_BATCH, Checkpoint, PrePrepare
+
+    c = grow_cluster()
+    c.drop = lambda src, dst, raw: dst == 3
+    res = admin(c, grow())
+    assert (res["switch_seqno"], res["members_at"]) == (4, 8)
+    r = c.replicas[3]
+    assert r.low_water_mark == 0 and r.view == 0 and r.view_active
+    d4 = c.replicas[0].checkpoints.committed.get(4) or c.replicas[0].state_digest()
+    for j in (0, 1, 2):
+        r.receive(seal(Checkpoint(4, d4, j), c.rings[j]), c.now)
+    assert r.low_water_mark == 4 and r.fetch_target is not None
+    r.take_ready()
+    r.receive(seal(PrePrepare(0, 9, NULL_BATCH_DIGEST, 0, NULL_BATCH), c.rings[0]), c.now)
+    assert 9 not in r.log.slots and not r.take_ready().sends
+    r.invariants()

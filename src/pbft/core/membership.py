@@ -113,11 +113,19 @@ def set_membership(cs: Configuration, args: tuple[Any, ...], cfg: ClusterConfig,
 
 def fence(r: "Replica") -> Optional[int]:
     """The last sequence number replica r may order or execute with its membership: the switch
-    point of a change its (possibly tentative) state records and that r has not switched to;
+    point of a change its (possibly tentative) state records and that r has not switched to, or,
+    while r fetches the state of its low water mark, the latest a change in that state can have;
     None: no bound but the log window."""
     if "order-beyond-switch-point" in r.cfg.bugs:  # (injected bug: no fence)
         return None
-    return _switch_point(r)
+    s = _switch_point(r)
+    t = r.fetch_target
+    if t is not None and r.log.last_exec < t[0]:
+        # our low water mark is a checkpoint whose state we are still fetching: a change recorded
+        # there (executed at or before t) opens at most at t - CI + L
+        b = t[0] - r.checkpoint_interval + r.log_window
+        s = b if s is None else min(s, b)
+    return s
 
 
 def _switch_point(r: "Replica") -> Optional[int]:
