@@ -119,3 +119,19 @@ def test_membership_grow_runs_the_joiners_and_moves_the_clients():
     assert {r.members_from for r in sim.replicas} == {sim.admin.results[0]["members_at"]}
     assert all(r.last_committed_exec > r.members_from for r in sim.replicas)  # (the joiners too)
     assert sim.oracles.epochs[-1][1] == 7
+
+
+def test_membership_swarm_configs_run_clean():
+    from pbft.sim.scenarios import membership_swarm_config, membership_switched
+
+    kinds = set()
+    for seed in (0, 1):
+        cfg, kind = membership_swarm_config(4, seed)
+        kinds.add(kind)
+        assert len(cfg.byzantine) <= 1 and all(0 < i < 4 for i, _ in cfg.byzantine)
+        sim = Simulation(cfg)
+        res = sim.run()
+        assert res.violations == [] and res.liveness_failure is None
+        assert membership_switched(sim, res) == []
+    cfg, _ = membership_swarm_config(7, 3)
+    assert cfg.membership and len(cfg.byzantine) <= 2

@@ -144,3 +144,21 @@ def test_metrics_parsing_and_deltas():
     s1 = {"t": 1.0, "r": {0: {"metrics": m1}, 1: {"metrics": {"drop:transport:malformed": 100.0}}}}
     # replica 1 did not answer the first time: it is left out rather than counted from zero
     assert counter_deltas(s0, s1) == {"drop:transport:malformed": 4.0, "drop:transport:idle-timeout": 1.0}
+
+
+def test_forged_frames_carry_a_mac_per_replica_slot():
+    """With replica slots beyond n, an attack's forged frame must fail on its MACs, not on the
+    authenticator's size (else the attack measures nothing but a length check)."""
+    from types import SimpleNamespace
+
+    from pbft.codec import Codec, DecodeError, seal
+    from pbft.config import ClusterConfig
+    from pbft.messages import Prepare
+    from pbft.tools.attack.workers import random_ring
+
+    cfg = ClusterConfig.create(4, replica_slots=7, clients_max=2)
+    ctx = SimpleNamespace(n=cfg.n, cfg=cfg)
+    raw = seal(Prepare(0, 1, b"\x01" * 32, 2), random_ring(ctx, 2))
+    Codec(cfg).open_frame(raw)  # (the outer frame is fine)
+    with pytest.raises(DecodeError, match="bad-mac"):
+        Codec(cfg).open_authenticated(raw, random_ring(ctx, 0))

@@ -28,7 +28,7 @@ from ..config import ClusterConfig, ConfigError
 from ..state.configuration import Configuration, Membership
 
 if TYPE_CHECKING:
-    from .quorum import Quorums
+    from .quorum import Quorums, Reached
     from .replica import Replica
 
 __all__ = ["cluster_config", "fold", "fence", "members_switch_seqno", "set_membership"]
@@ -113,11 +113,19 @@ def set_membership(cs: Configuration, args: tuple[Any, ...], cfg: ClusterConfig,
 
 def fence(r: "Replica") -> Optional[int]:
     """The last sequence number replica r may order or execute with its membership: the switch
-    point of a change its (possibly tentative) state records and that r has not switched to;
+    point of a change its (possibly tentative) state records and that r has not switched to, or,
+    while r fetches the state of its low water mark, the latest a change in that state can have;
     None: no bound but the log window."""
     if "order-beyond-switch-point" in r.cfg.bugs:  # (injected bug: no fence)
         return None
-    return _switch_point(r)
+    s = _switch_point(r)
+    t = r.fetch_target
+    if t is not None and r.log.last_exec < t[0]:
+        # our low water mark is a checkpoint whose state we are still fetching: a change recorded
+        # there (executed at or before t) opens at most at t - CI + L
+        b = t[0] - r.checkpoint_interval + r.log_window
+        s = b if s is None else min(s, b)
+    return s
 
 
 def _switch_point(r: "Replica") -> Optional[int]:
@@ -171,6 +179,17 @@ def quorums_at(r: "Replica", n: int) -> "Quorums":
     q = Quorums.of(cluster_config(r.cfg, m))
     r.__dict__["_next_quorums"] = (m, q)
     return q
+
+
+def checkpoint_reached(r: "Replica", n: int, voters: list[int]) -> "Reached":
+    """How far ``voters`` (of one digest at checkpoint n) go at replica r, with the thresholds of
+    ``quorums_at``; with the new membership's, only its members' votes count (a removed replica
+    still sends frames we accept as an old member's: its vote must not count towards the new
+    membership's thresholds, nor may an id beyond its weights)."""
+    q = quorums_at(r, n)
+    if q is not r.quorums:
+        voters = [v for v in voters if v < len(q.weights)]
+    return q.reached(voters)
 
 
 def after_stable(r: "Replica", n: int) -> None:

@@ -238,7 +238,7 @@ class Log:
             if end is not None and n > end:
                 continue  # (the old membership orders nothing beyond the switch point)
             top = max(top, n)
-            if n <= r.low_water_mark:
+            if n <= max(r.low_water_mark, r.members_from):  # (a joiner's log starts after its switch point)
                 continue
             slot = self.slot(n)
             slot.digest = dg
@@ -335,7 +335,7 @@ class Log:
             return Drop.IN_VIEW_CHANGE
         if view != r.view:
             return Drop.WRONG_VIEW
-        if not self.in_window(n):
+        if not self.in_window(n) or n <= r.members_from:  # (a joiner's log starts after its switch point)
             return Drop.OUT_OF_WINDOW
         if (end := membership.fence(r)) is not None and n > end:
             return Drop.BEYOND_SWITCH_POINT

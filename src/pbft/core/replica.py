@@ -383,7 +383,7 @@ class Replica:
         votes = self.checkpoint_votes
         for d in votes.digests(n):
             voters = votes.voters(n, d)
-            reached = membership.quorums_at(self, n).reached(voters)
+            reached = membership.checkpoint_reached(self, n, voters)
             if reached is Reached.QUORUM:
                 self._on_stable_certificate(n, d)
                 return

@@ -650,3 +650,31 @@ def swarm_config(replicas: int, seed: int) -> SimConfig:
     faults |= frozenset(x for x in DISK_FAULTS if disk.random() < 0.3)
     return SimConfig(seed=seed, replicas=replicas, faults=faults, byzantine=tuple(byz), byz_clients=byz_clients,
                      clients=rng.randint(1, 5), ops=rng.randint(5, 30))
+
+
+# ---- membership swarm ---------------------------------------------------------------------------
+
+MEMBERSHIP_SWARM_BEHAVIOURS = ["silent", "slow", "equivocate", "mutate", "replay", "forge-view-change",
+                               "seq-abuse", "corrupt-state", "wrong-results", "view-storm"]
+
+
+def membership_swarm_config(replicas: int, seed: int, faults: tuple[str, ...] = ALL_FAULTS) -> tuple[SimConfig, str]:
+    """A growth ``replicas -> replicas+3`` or a shrink ``replicas+3 -> replicas`` (which one: the
+    second item), at a random time, under a random subset of ``faults``, with up to f(replicas)
+    Byzantine replicas among the ids of both memberships (1..replicas-1), and sometimes a crash."""
+    rng = random.Random(f"{seed}/membership-swarm")
+    kind = rng.choice(["grow", "shrink"])
+    f = f_of(replicas)
+    chosen = frozenset(x for x in faults if rng.random() < 0.4)
+    k = rng.randint(0, f)
+    byz = tuple((i, rng.choice(MEMBERSHIP_SWARM_BEHAVIOURS)) for i in rng.sample(range(1, replicas), k))
+    kw: dict[str, Any] = dict(faults=chosen, byzantine=byz, clients=rng.randint(1, 5), ops=rng.randint(10, 30),
+                              membership=((rng.uniform(20.0, 300.0), replicas + 3 if kind == "grow" else replicas),))
+    if rng.random() < 0.3 and k < f:
+        kw["script"] = ((rng.uniform(20.0, 400.0), "crash", rng.randrange(replicas)),)
+    return (_grow if kind == "grow" else _shrink)(replicas, seed, **kw), kind
+
+
+def membership_switched(sim: Simulation, res: RunResult) -> list[str]:
+    """What a membership run must end with besides the oracles: every correct replica switched."""
+    return _switched(sim, res)

@@ -306,7 +306,7 @@ async def pump(ctx: Ctx, host: str, port: int, make, frames_per_conn: int, tail=
 
 def random_ring(ctx: Ctx, principal: int) -> KeyRing:
     """Session keys nobody else has: everything sealed with them carries wrong MACs."""
-    return KeyRing(principal, ctx.n, {j: os.urandom(KEY_SIZE) for j in range(ctx.n)}, {})
+    return KeyRing(principal, ctx.cfg.client_base, {j: os.urandom(KEY_SIZE) for j in range(ctx.n)}, {})
 
 
 # ---------------------------------------------------------------------------
@@ -327,7 +327,7 @@ async def atk_garbage(ctx: Ctx) -> None:
         lambda: frame(b"\x95" + bytes([rng.randrange(1, 20)]) + junk(rng.randrange(1, 512))),  # plausible tag
         lambda: frame(pk([rng.randrange(1, 20), "sender", 1.5, None, [1, 2]])),       # wrong field types
         lambda: frame(pk([rng.randrange(1, 20), 1 << 40, b"", b"", b""])),            # sender out of range
-        lambda: frame(pk([4, 0, b"\xc1" * 16, b"", bytes(16 * ctx.n)])),              # bad header inside
+        lambda: frame(pk([4, 0, b"\xc1" * 16, b"", bytes(16 * ctx.cfg.client_base)])),  # bad header inside
         lambda: frame(b"\x95\x01" + b"\x91" * 3000),                                  # deep nesting
         lambda: frame(b"\x95\x01\xdd\xff\xff\xff\xff"),                               # array of 2^32 elements
         lambda: frame(b"\x95\x01\x00\xc6\xff\xff\xff\xf0"),                           # bin of ~4 GiB
@@ -677,7 +677,7 @@ async def atk_big_timestamp(ctx: Ctx) -> None:
     must still complete (``checks["identity_works_after"]``)."""
     cid = ctx.spec["bigts_id"]
     ident = ctx.cluster.identity(cid)
-    ring = KeyRing(cid, ctx.n, {}, {})
+    ring = KeyRing(cid, ctx.cfg.client_base, {}, {})  # (a MAC per replica slot)
     keys = {}
     for r in ctx.cluster.replicas:
         k_out, k_in = fresh_key(), fresh_key()
@@ -725,7 +725,7 @@ async def atk_client_flood(ctx: Ctx) -> None:
     n = ctx.n
     rings, newkeys = {}, []
     for cid in ids:
-        ring = KeyRing(cid, n, {}, {})
+        ring = KeyRing(cid, ctx.cfg.client_base, {}, {})  # (a MAC per replica slot)
         keys = {}
         for j in range(n):
             k_out, k_in = fresh_key(), fresh_key()
@@ -796,7 +796,7 @@ class ByzReplica:
         c = ctx.cluster
         self.me = ctx.spec["byz_id"]
         self.ident = c.identity(self.me)
-        self.ring = KeyRing(self.me, ctx.n, {}, {})
+        self.ring = KeyRing(self.me, ctx.cfg.client_base, {}, {})  # (a MAC per replica slot)
         self.counters = Counters()
         self.newkey_ts: dict[int, int] = {}
         self.out: dict[int, FrameConn] = {}
@@ -837,7 +837,8 @@ class ByzReplica:
             _, req = self.codec.open_authenticated(raw, None)  # a liar: it need not check the MAC
         except DecodeError:
             return
-        if not isinstance(req, Request) or req.client not in self.ring.out_keys or req.client < self.ctx.n:
+        if (not isinstance(req, Request) or req.client not in self.ring.out_keys
+                or not self.ctx.cfg.is_client(req.client)):
             return
         try:
             op = msgpack.unpackb(req.op, raw=False)
