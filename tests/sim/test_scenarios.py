@@ -121,6 +121,29 @@ def test_membership_grow_runs_the_joiners_and_moves_the_clients():
     assert sim.oracles.epochs[-1][1] == 7
 
 
+def test_a_backup_replaces_a_primary_whose_null_batches_to_the_switch_point_stall():
+    # a growth 4 -> 7 with replica 1 silent and the clients done early: one backup lags alone in a
+    # view change, so the primary's null batches towards the switch point never commit; no
+    # client's request arms a timer, and only the backups' watch on the switch point moves the
+    # old membership on (without it all stayed below the switch point for good)
+    from pbft.core.events import ViewChangeStarted
+    from pbft.sim.scenarios import _grow, membership_switched
+
+    cfg = _grow(4, 719, faults=frozenset({"loss", "partition", "replay"}), byzantine=((1, "silent"),),
+                clients=1, ops=25, membership=((63.05, 7),))
+    reasons = []
+
+    def observe(_sim, _r, ev):
+        if isinstance(ev, ViewChangeStarted):
+            reasons.append(ev.reason)
+
+    sim = Simulation(cfg, observer=observe)
+    res = sim.run()
+    assert res.violations == [] and res.liveness_failure is None
+    assert membership_switched(sim, res) == []
+    assert "switch-stalled" in reasons
+
+
 def test_membership_swarm_configs_run_clean():
     from pbft.sim.scenarios import membership_swarm_config, membership_switched
 

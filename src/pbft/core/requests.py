@@ -23,6 +23,7 @@ from ..codec import (
     result_digest, seal, vouch_key,
 )
 from ..messages import ALL_REPLICAS, Batch, Reply, Request, Tag, Vouch
+from . import membership
 from .drops import Drop
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ class Requests:
     __slots__ = ("r", "known", "key_client", "vouches", "vouch_out", "vouch_urgent", "vouch_deadline",
                  "vouch_unknown", "vouch_unknown_max", "trusted", "suspects", "seen", "seen_max", "queue",
                  "inflight", "pending", "deadline", "ro_queue", "ro_barrier", "reply_resent", "last_client_exec",
-                 "batch_checks")
+                 "batch_checks", "switch_watch")
 
     def __init__(self, replica: "Replica"):
         self.r = replica
@@ -90,6 +91,7 @@ class Requests:
         # replaces a primary which does not commit it in time
         self.pending: dict[int, ReqInfo] = {}
         self.deadline: Optional[float] = None
+        self.switch_watch: Optional[tuple[int, float]] = None  # (committed execution, since): ``_watch_switch``
         self.ro_queue: dict[int, ReqInfo] = {}  # client -> read-only request waiting for committed state
         self.ro_barrier = 0  # read-only requests wait until we executed this far (set by new views)
         # client -> (timestamp, tentative, when) of the last cached reply we sent again (one entry
@@ -118,6 +120,7 @@ class Requests:
         """The request timer: a certified request not committed within the view-change timeout of
         becoming known here replaces the primary."""
         r = self.r
+        self._watch_switch(now)
         if self.deadline is not None and now >= self.deadline:
             self.deadline = None
             if r.view_active and self.pending:
@@ -128,6 +131,25 @@ class Requests:
                     r._start_view_change(r.view + 1, "request-timer")
                 else:
                     self.arm_timer()
+
+    def _watch_switch(self, now: float) -> None:
+        """A membership change waits for its switch point, which the primary reaches with null
+        batches once the clients are done; no client's request covers those, so the request timer
+        would never fire. A backup whose committed execution does not move towards the switch
+        point within the view-change timeout replaces the primary, as for a request."""
+        r = self.r
+        end = membership.fence(r)
+        done = r.log.last_committed_exec
+        if (end is None or done >= end or not r.view_active or r.is_primary or r.retired
+                or r.fetch_target is not None):
+            self.switch_watch = None
+            return
+        w = self.switch_watch
+        if w is None or w[0] != done:
+            self.switch_watch = (done, now)
+        elif now - w[1] >= r.vc.timeout_ms:
+            self.switch_watch = None
+            r._start_view_change(r.view + 1, "switch-stalled")
 
     def flush_vouches(self) -> None:
         """Before a step's sends leave: one Vouch per driver step (vouches batch themselves under
