@@ -21,6 +21,7 @@ cluster's fixed parameters.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -170,15 +171,15 @@ def quorums_at(r: "Replica", n: int) -> "Quorums":
         return r.quorums
     rec = r.rs.config
     assert rec is not None and rec.latest.next_members is not None
-    m = rec.latest.next_members
-    cached: Optional[tuple[Membership, "Quorums"]] = getattr(r, "_next_quorums", None)  # (m, its thresholds)
-    if cached is not None and cached[0] == m:
-        return cached[1]
+    return _quorums_of(r.cfg, rec.latest.next_members)
+
+
+@functools.lru_cache(maxsize=16)
+def _quorums_of(cfg: ClusterConfig, m: Membership) -> "Quorums":
+    """The thresholds of membership m (both values are frozen: one computation per change)."""
     from .quorum import Quorums
 
-    q = Quorums.of(cluster_config(r.cfg, m))
-    r.__dict__["_next_quorums"] = (m, q)
-    return q
+    return Quorums.of(cluster_config(cfg, m))
 
 
 def checkpoint_reached(r: "Replica", n: int, voters: list[int]) -> "Reached":
