@@ -110,3 +110,21 @@ def test_init_with_replica_slots_starts_client_ids_after_them(tmp_path):
         load_cluster(tmp_path)
     with pytest.raises(ConfigError, match="--replica-slots"):
         init_cluster(tmp_path / "x", 4, None, None, 7000, 2, replica_slots=3)
+
+
+def test_init_writes_addresses_and_keys_of_the_spare_replica_slots(tmp_path):
+    c = init_cluster(tmp_path, 4, None, None, 7000, 2, replica_slots=7)
+    assert [r.id for r in c.replicas] == [0, 1, 2, 3] and [r.id for r in c.slots] == list(range(7))
+    assert [r.port for r in c.slots] == list(range(7000, 7007))
+    assert (c.cfg.n, c.genesis_cfg.n if c.genesis_cfg else None) == (4, 4)
+    for i in (4, 5, 6):  # a joiner's address and keys exist before it is a member
+        assert c.identity(i).public == c.slot(i).public_key == bytes(c.public.verify[i])
+    with pytest.raises(ConfigError, match="no replica slot 7"):
+        c.slot(7)
+    text = (tmp_path / "cluster.toml").read_text()
+    edit(tmp_path / "cluster.toml", "replica_slots = 7", "replica_slots = 5")
+    with pytest.raises(ConfigError, match=r"7 \[\[replica\]\] entries"):
+        load_cluster(tmp_path)
+    (tmp_path / "cluster.toml").write_text(text.replace("id = 6\n", "id = 9\n", 1))
+    with pytest.raises(ConfigError, match="replica ids must be 0..6"):
+        load_cluster(tmp_path)

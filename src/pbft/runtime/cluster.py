@@ -11,8 +11,9 @@ Layout::
     DIR/epoch.json            the configuration the cluster reported last (``pbft reconfig``;
                               clients and tools use its keys: docs/reconfiguration.md)
 
-Replicas are principals ``0..n-1``; clients are ``n..n+clients-1`` (the ids
-the protocol uses).  Copy the whole directory to every machine, or better,
+Replicas are principals ``0..replica_slots-1`` (the members: ``0..n-1``; the spare slots, with
+an address and a key pair each, are for membership changes); clients are
+``replica_slots..`` (the ids the protocol uses).  Copy the whole directory to every machine, or better,
 give each machine only ``cluster.toml`` and its own key file.
 """
 
@@ -32,7 +33,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..config import ClusterConfig, ConfigError
-from ..state.configuration import ConfigRecord, Configuration, genesis_record
+from ..core.membership import cluster_config
+from ..state.configuration import ConfigRecord, Configuration, Membership, genesis_record
 from .keys import PUBLIC_KEY_SIZE, Identity, PublicKeys
 from .transport import client_frame_bytes_max
 
@@ -201,11 +203,17 @@ class Cluster:
     # the configuration object's initial value (``core.reconfig``), from cluster.toml alone
     genesis_config: bytes = field(default=b"", repr=False)
     epoch: int = 0  # of the configuration whose keys ``public`` holds (epoch.json; 0: cluster.toml's)
+    # every replica slot with an address (0..n-1 of cluster.toml, then its spare slots): ``replicas``
+    # are the members in force of these, ``cfg`` their configuration (epoch.json's membership)
+    slots: list[ReplicaEntry] = field(default_factory=list, repr=False)
+    genesis_cfg: Optional[ClusterConfig] = field(default=None, repr=False)  # cluster.toml's
+    members_from: int = 0  # the membership in force orders the seqnos after this one (0: genesis)
+    members_epoch: int = 0  # the configuration epoch that opened it (its first view: base_view)
 
     def owner(self, replica_id: int) -> str:
         """Who a replica's data directory belongs to: this cluster (its keys) and this replica."""
         h = hashlib.blake2b(digest_size=8)
-        for e in self.replicas:
+        for e in (self.slots[:self.genesis_cfg.n] if self.genesis_cfg is not None else self.replicas):
             h.update(e.public_key)
         return f"pbft-{h.hexdigest()}/replica-{replica_id}"
 
@@ -213,18 +221,27 @@ class Cluster:
     def n(self) -> int:
         return self.cfg.n
 
+    def slot(self, replica_id: int) -> ReplicaEntry:
+        """The address entry of a replica slot, member or not."""
+        for e in self.slots or self.replicas:
+            if e.id == replica_id:
+                return e
+        raise ConfigError(f"no replica slot {replica_id} in {self.dir / CLUSTER_FILE} (slots: "
+                          f"0..{len(self.slots or self.replicas) - 1})")
+
     @property
     def client_ids(self) -> list[int]:
         """The clients a workload may use (administrators excluded)."""
         return sorted(c for c in self.client_keys if c not in self.admins)
 
     def key_path(self, principal: int) -> Path:
-        kind = "replica" if principal < self.cfg.n else "client"
+        kind = "replica" if principal < self.cfg.client_base else "client"
         return self.dir / KEY_DIR / f"{kind}-{principal}.key"
 
     def identity(self, principal: int) -> Identity:
         """Load and check the private key of ``principal``."""
-        if principal < 0 or (principal >= self.n and principal not in self.client_keys):
+        if principal < 0 or (principal >= self.cfg.client_base and principal not in self.client_keys) \
+                or (principal < self.cfg.client_base and principal not in self.public.verify):
             raise ConfigError(f"no principal {principal} in {self.dir / CLUSTER_FILE}")
         expected = self.public_key_of(principal)
         for ident in self.key_candidates(principal):
@@ -236,7 +253,9 @@ class Cluster:
     def public_key_of(self, principal: int) -> bytes:
         """Its public key in the configuration the cluster reported last (epoch.json), or else
         in cluster.toml."""
-        return self.client_keys[principal] if principal >= self.n else bytes(self.public.verify[principal])
+        if principal >= self.cfg.client_base:
+            return self.client_keys[principal]
+        return bytes(self.public.verify[principal])
 
     def key_candidates(self, principal: int) -> list[Identity]:
         """The private keys held for ``principal``: its key file, and the new key of a rotation
@@ -318,8 +337,8 @@ def init_cluster(
         _check_host(h)
     if metrics_base_port is None:
         metrics_base_port = base_port + 100
-    if not (1 <= base_port and base_port + replicas <= 65535 and metrics_base_port + replicas <= 65535):
-        raise ConfigError(f"--base-port {base_port} leaves no room for {replicas} replicas")
+    if not (1 <= base_port and base_port + replica_slots <= 65535 and metrics_base_port + replica_slots <= 65535):
+        raise ConfigError(f"--base-port {base_port} leaves no room for {replica_slots} replica slots")
     if (d / CLUSTER_FILE).exists() and not force:
         raise ConfigError(f"{d / CLUSTER_FILE} already exists (use --force to overwrite)")
     params = dict(PROTOCOL_DEFAULTS)
@@ -355,10 +374,12 @@ def init_cluster(
               "# 0: only on `pbft recover`. The window of vulnerability: docs/recovery.md", "[recovery]"]
     for k, v in dataclasses.asdict(RecoveryParams(**rec)).items():
         lines.append(f"{k} = {_toml_value(v)}")
-    for i in range(replicas):
+    for i in range(replica_slots):
         ident = Identity.generate(i)
         _write_key(d / KEY_DIR / f"replica-{i}.key", ident.seed)
         host = hosts[i % len(hosts)]
+        if i == replicas:
+            lines += ["", "# spare replica slots: no members at genesis; `pbft reconfig DIR add-replica` adds them"]
         lines += ["", "[[replica]]", f"id = {i}", f'host = "{host}"', f"port = {base_port + i}",
                   f"metrics_port = {metrics_base_port + i}", "weight = 1", f'public_key = "{ident.public.hex()}"']
     for c in range(base, base + clients + admins):
@@ -422,17 +443,18 @@ def load_cluster(directory: str | os.PathLike) -> Cluster:
     reps = doc.get("replica")
     if not isinstance(reps, list) or not reps:
         raise ConfigError(f"{where}: no [[replica]] entries")
-    if len(reps) != n:
-        raise ConfigError(f"{where}: replicas = {n} but {len(reps)} [[replica]] entries")
-    entries: list[Optional[ReplicaEntry]] = [None] * n
-    weights = [1] * n
+    if not n <= len(reps) <= base:
+        raise ConfigError(f"{where}: replicas = {n} but {len(reps)} [[replica]] entries (one per member, "
+                          f"then at most one per spare slot below replica_slots = {base})")
+    entries: list[Optional[ReplicaEntry]] = [None] * len(reps)
+    weights = [1] * len(reps)
     seen_addr: dict[tuple[str, int], int] = {}
     for r in reps:
         r = _table(r, f"{where}: [[replica]]")
         i = _int_field(r, "id", where, lo=0)
         ctx = f"{where}: replica {i}"
-        if i >= n:
-            raise ConfigError(f"{ctx}: id must be below replicas = {n}")
+        if i >= len(reps):
+            raise ConfigError(f"{ctx}: replica ids must be 0..{len(reps) - 1} (members 0..{n - 1}, then spare slots)")
         if entries[i] is not None:
             raise ConfigError(f"{where}: replica id {i} appears twice")
         host = r.get("host")
@@ -510,7 +532,7 @@ def load_cluster(directory: str | os.PathLike) -> Cluster:
     recovery = _recovery(_table(doc.get("recovery", {}), f"{where}: [recovery]"), where, n)
     sections = _service_sections(doc, where)
     try:
-        cfg = ClusterConfig.create(n, f, weights=tuple(weights), clients_max=slots, replica_slots=base, **params)
+        cfg = ClusterConfig.create(n, f, weights=tuple(weights[:n]), clients_max=slots, replica_slots=base, **params)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from None
     runtime = RuntimeParams(**rt_kw)
@@ -518,17 +540,32 @@ def load_cluster(directory: str | os.PathLike) -> Cluster:
         raise ConfigError(f"{where}: runtime parameter partial_frames_bytes_max ({runtime.partial_frames_bytes_max}) "
                           f"must hold at least two of the largest client frames ({2 * client_frame_bytes_max(cfg)})")
     placed = [replace(e, metrics_host=e.metrics_host or runtime.metrics_host) for e in entries if e is not None]
-    assert len(placed) == n  # n entries with distinct ids below n
-    genesis = genesis_record([e.public_key for e in placed], clients, admins)
-    epoch, current = _epoch_file(d, n, cfg, genesis)
-    pubs = current.public_keys()
+    assert len(placed) == len(reps)  # entries with distinct ids 0..len-1
+    genesis = genesis_record([e.public_key for e in placed[:n]], clients, admins)
+    epoch, current = _epoch_file(d, len(placed), cfg, genesis)
     try:
-        public = PublicKeys(pubs)
+        public = PublicKeys(registry(current, placed))
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
-    client_keys = {c: k for c, k in pubs.items() if c >= base}
-    return Cluster(d, cfg, placed, client_keys, runtime, public, storage, recovery, sections,
-                   admins=tuple(current.admins), genesis_config=genesis, epoch=epoch)
+    client_keys = {c: k for c, k in current.public_keys().items() if c >= base}
+    now, members_from, members_epoch = cfg, 0, 0
+    m = current.next_members or current.members  # (epoch.json is written after the switch)
+    if m is not None:
+        now = cluster_config(cfg, m)
+        members_from, members_epoch = m.opens_at, m.epoch
+    return Cluster(d, now, placed[:now.n], client_keys, runtime, public, storage, recovery, sections,
+                   admins=tuple(current.admins), genesis_config=genesis, epoch=epoch, slots=placed,
+                   genesis_cfg=cfg, members_from=members_from, members_epoch=members_epoch)
+
+
+def registry(cs: Configuration, slots: list[ReplicaEntry]) -> dict[int, bytes]:
+    """The public keys a cluster directory's principals authenticate with: configuration ``cs``'s
+    (its replicas and admitted clients), and, for the replica slots beyond its members, the keys of
+    cluster.toml's spare slots (a replica about to join sends NewKeys before it is a member; the
+    members drop its protocol frames until it is one)."""
+    keys = {e.id: e.public_key for e in slots if e.id >= len(cs.replica_keys)}
+    keys.update(cs.public_keys())
+    return keys
 
 
 def _admins(doc: dict, where: str, clients: dict[int, bytes]) -> list[int]:
@@ -557,8 +594,11 @@ def _epoch_file(d: Path, n: int, cfg: ClusterConfig, genesis: bytes) -> tuple[in
         current = configuration_from_json(doc)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
         raise ConfigError(f"{path}: not a configuration written by `pbft reconfig` ({e})") from None
-    if len(current.replica_keys) != n or not all(cfg.is_client(c) for c in current.clients):
-        raise ConfigError(f"{path}: its configuration is not of this cluster's {n} replicas and client slots")
+    m = current.next_members or current.members
+    if not 1 <= len(current.replica_keys) <= n or (m is not None and m.n > n) \
+            or not all(cfg.is_client(c) for c in current.clients):
+        raise ConfigError(f"{path}: its configuration is not of this cluster's {n} replica slots with an "
+                          f"address and its client slots")
     return current.epoch, current
 
 
@@ -566,8 +606,18 @@ def configuration_from_json(doc: dict) -> Configuration:
     """``Configuration.describe()`` read back (``EPOCH_FILE``; raises ValueError, TypeError...)."""
     clients = {int(c): bytes.fromhex(k) for c, k in doc["clients"].items()}
     clients.update((int(c), b"") for c in doc["revoked"])
-    cs = Configuration(int(doc["epoch"]), int(doc["opens_at"]), tuple(bytes.fromhex(k) for k in doc["replicas"]),
-                       clients, tuple(int(a) for a in doc["admins"]))
+    keys = tuple(bytes.fromhex(k) for k in doc["replicas"])
+    ms: list[Optional[Membership]] = []
+    for name in ("members", "next_members"):
+        m = doc.get(name)
+        if m is None:
+            ms.append(None)
+            continue
+        mk = tuple(bytes.fromhex(k) for k in m["keys"]) if "keys" in m else keys
+        ms.append(Membership(int(m["n"]), int(m["f"]), tuple(int(w) for w in m["weights"]), mk,
+                             int(m["opens_at"]), int(m.get("epoch", doc["epoch"]))))
+    cs = Configuration(int(doc["epoch"]), int(doc["opens_at"]), keys, clients, tuple(int(a) for a in doc["admins"]),
+                       ms[0], ms[1])
     return Configuration.decode(cs.encode())  # (its checks)
 
 

@@ -141,7 +141,8 @@ class Configuration:
                 "replicas": [k.hex() for k in self.replica_keys],
                 "clients": {str(c): k.hex() for c, k in sorted(self.clients.items()) if k},
                 "revoked": sorted(self.revoked), "admins": list(self.admins),
-                **{name: {"n": m.n, "f": m.f, "weights": list(m.weights), "opens_at": m.opens_at}
+                **{name: {"n": m.n, "f": m.f, "weights": list(m.weights), "opens_at": m.opens_at,
+                          "epoch": m.epoch, "keys": [k.hex() for k in m.keys]}
                    for name, m in (("members", self.members), ("next_members", self.next_members))
                    if m is not None}}
 
