@@ -22,14 +22,14 @@ def free_base_port(span: int) -> int:
 
 class LocalCluster:
     def __init__(self, directory: Path, n: int = 4, clients: int = 4, protocol=None, runtime=None,
-                 service: str | None = None):
+                 service: str | None = None, replica_slots: int | None = None):
         """``service``: a ``--service`` spec for every replica (``kv`` when None), e.g.
         ``examples.bank:BankService`` (the repository root is on the replicas' PYTHONPATH)."""
         self.dir = Path(directory)
         self.service = service
         base = free_base_port(200)
         self.cluster = init_cluster(self.dir, n, None, ["127.0.0.1"], base, clients,
-                                    protocol=protocol, runtime=runtime)
+                                    protocol=protocol, runtime=runtime, replica_slots=replica_slots)
         self.n = n
         self.procs: dict[int, subprocess.Popen] = {}
         self.logs: dict[int, Path] = {}
@@ -55,7 +55,7 @@ class LocalCluster:
         return self
 
     def status(self, rid: int, timeout: float = 1.0) -> dict:
-        r = self.cluster.replicas[rid]
+        r = self.cluster.slot(rid)
         return fetch_status(r.metrics_addr, r.metrics_port, timeout)
 
     def wait_connected(self, ids=None, timeout: float = 15.0) -> None:

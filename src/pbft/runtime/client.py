@@ -36,6 +36,7 @@ from typing import Optional, Sequence
 
 from ..codec import Codec, DecodeError
 from ..core.client import Client as CoreClient
+from ..core.membership import base_view
 from ..crypto import KeyRing
 from ..config import ConfigError
 from ..messages import Reply, Tag
@@ -97,6 +98,8 @@ class ClientPool:
             ring = KeyRing(ident.principal, self.cfg.client_base, {}, {})  # (a MAC per replica slot)
             core = CoreClient(self.cfg, ident.principal, ring, now=_now_ms())
             core.timestamp = now_timestamp_us()  # timestamps keep growing across client restarts
+            if cluster.members_from:  # (a later membership, epoch.json's: its first view)
+                core.set_membership(self.cfg, base_view(cluster.members_epoch, self.cfg.n))
             self.p[ident.principal] = _Principal(ident, ring, core)
         self.links: dict[int, OutLink] = {}
         self.dirty: set[int] = set()
@@ -124,6 +127,30 @@ class ClientPool:
 
     def connected(self) -> list[int]:
         return [j for j, lk in self.links.items() if lk.conn is not None]
+
+    def set_membership(self, cluster: Cluster) -> None:
+        """Follow a membership change (``cluster``: the directory loaded again after ``pbft
+        reconfig`` wrote the new membership into epoch.json, or ``with_membership``): links to the
+        new members (a NewKey for each, on connecting), none to those that left, and every
+        identity's core client counts the new members' replies from the new epoch's first view on
+        (an operation under way is retransmitted to them)."""
+        if cluster.cfg.client_base != self.cfg.client_base:
+            raise ConfigError("a membership change cannot move the client ids (replica_slots)")
+        view = base_view(cluster.members_epoch, cluster.cfg.n) if cluster.members_from else 0
+        self.cluster, self.cfg, self.codec = cluster, cluster.cfg, Codec(cluster.cfg)
+        for j in [j for j in self.links if j >= self.cfg.n]:
+            self.links.pop(j).stop()
+            self.newkeys_out.pop(j, None)
+        rt = cluster.runtime
+        for r in cluster.replicas:
+            if r.id not in self.links:
+                link = OutLink(r.host, r.port, self._make_conn, self._on_link_up, rt.reconnect_min_s,
+                               rt.reconnect_max_s)
+                self.links[r.id] = link
+                link.start()
+        for p in self.p.values():
+            p.core.set_membership(self.cfg, view)
+            self._after(p)
 
     async def close(self) -> None:
         self.closed = True
@@ -338,6 +365,10 @@ class Client:
     def connected_replicas(self) -> list[int]:
         return self._pool.connected()
 
+    def set_membership(self, cluster: Cluster) -> None:
+        """See ``ClientPool.set_membership``."""
+        self._pool.set_membership(cluster)
+
     async def close(self) -> None:
         await self._pool.close()
 
@@ -375,6 +406,10 @@ class BlockingClient:
 
     def connected_replicas(self) -> list[int]:
         return self._client.connected_replicas()
+
+    def set_membership(self, cluster: Cluster) -> None:
+        """See ``ClientPool.set_membership``."""
+        self._loop.call_soon_threadsafe(self._client.set_membership, cluster)
 
     def close(self) -> None:
         if self._loop.is_running():

@@ -677,6 +677,23 @@ def _recovery(t: dict, where: str, n: int) -> RecoveryParams:
     return RecoveryParams(**kw)
 
 
+def with_membership(cluster: Cluster, n: int, f: int, weights: tuple[int, ...], members_from: int,
+                    epoch: int) -> Cluster:
+    """A copy whose members are replicas ``0..n-1`` (tolerating f, with these weights), the
+    membership opened by configuration ``epoch`` after ``members_from`` (``pbft reconfig`` before it
+    writes epoch.json; the slots' addresses and the registry stay)."""
+    slots = cluster.slots or cluster.replicas
+    if n > len(slots):
+        raise ConfigError(f"no address for replica {len(slots)}: {cluster.dir / CLUSTER_FILE} has "
+                          f"{len(slots)} replica slots")
+    cfg = replace(cluster.cfg, n=n, f=f, weights=tuple(weights))
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"membership of {n} replicas (f={f}, weights {list(weights)}): {e}") from None
+    return replace(cluster, cfg=cfg, replicas=list(slots[:n]), members_from=members_from, members_epoch=epoch)
+
+
 def with_protocol(cluster: Cluster, **kw) -> Cluster:
     """A copy with some protocol parameters changed (tests, benchmarks)."""
     return replace(cluster, cfg=replace(cluster.cfg, **kw))

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Optional, cast
 from ..config import ConfigError
 from ..core.reconfig import Configuration, config_at
 from ..state.configuration import ConfigRecord
-from .cluster import read_key_file, next_key_path
+from .cluster import next_key_path, read_key_file, registry
 from .keys import Identity, PublicKeys
 
 if TYPE_CHECKING:
@@ -175,7 +175,7 @@ class EpochFollower:
     def _install_registry(self, cs: Configuration) -> None:
         node = self.node
         try:
-            public = public_keys(cs)
+            public = PublicKeys(registry(cs, node.cluster.slots))
         except ValueError as e:  # (core.reconfig admits only valid keys)
             node._log("epoch-keys-invalid", epoch=cs.epoch, error=str(e))
             return

@@ -26,12 +26,13 @@ from typing import Optional
 
 from ..codec import DecodeError
 from ..config import ConfigError
+from ..core import membership
 from ..core.replica import Replica
 from ..crypto import KEY_SIZE, KeyRing
 from ..messages import Tag
 from ..service import Service
 from ..storage import Store, StoreError, open_store
-from .cluster import Cluster, recovery_turn
+from .cluster import CLUSTER_FILE, EPOCH_FILE, Cluster, recovery_turn
 from .epochs import EpochFollower
 from .keys import NEWKEY_TAG, Identity, fresh_key, make_newkey, now_timestamp_us
 from .metrics import HttpEndpoint, ReplicaMetrics
@@ -54,9 +55,9 @@ INTERNAL_ERROR_STREAK_ENV = "PBFT_INTERNAL_ERROR_STREAK"  # consecutive ones soo
 CRASH_LOOP_WINDOW_S = 10.0  # an error this soon after the process started continues a streak
 REBOOT_BACKOFF_MAX_S = 60.0  # the wait before rebooting doubles along a streak, up to this
 EX_IOERR = 74  # exit status after a failed store write
-LOGGED_EVENTS = frozenset({"view-change", "new-view", "stable", "state-transfer", "checkpoint-mismatch", "fetch",
-                           "rollback", "state-rebuild", "recovery-start", "recovery-estimate", "recovery-point",
-                           "recovered", "recovery-request", "state-repair"})
+LOGGED_EVENTS = frozenset({"membership", "view-change", "new-view", "stable", "state-transfer", "checkpoint-mismatch",
+                           "fetch", "rollback", "state-rebuild", "recovery-start", "recovery-estimate",
+                           "recovery-point", "recovered", "recovery-request", "state-repair"})
 
 
 # session keys are refreshed for other replicas' recoveries at most this often (seconds)
@@ -77,20 +78,20 @@ class ReplicaNode:
     def __init__(self, cluster: Cluster, replica_id: int, identity: Identity, service: Service,
                  quiet: bool = False, recover: bool = False):
         self.cluster = cluster
-        self.cfg = cluster.cfg
+        # the core's configuration (cluster.toml's until a membership change: ``_on_switch``)
+        self.cfg = cluster.genesis_cfg or cluster.cfg
+        self.slots_n = self.cfg.client_base  # replica slots, members or not: ids below it are replicas
         self.id = replica_id
         self.identity = identity
         self.rt = cluster.runtime
         self.quiet = quiet
         self.loop = asyncio.get_event_loop()
         self.counters = Counters()
-        n = self.cfg.n
         self.ring = KeyRing(replica_id, self.cfg.client_base, {}, {})  # (a MAC per replica slot)
-        self.replica = Replica(self.cfg, replica_id, self.ring, service, now=self._now(),
-                               genesis_config=cluster.genesis_config)
         self.store: Optional[Store] = None
         self.restore_outcome = "memory"
         records: dict[bytes, bytes] = {}
+        damaged: frozenset[bytes] = frozenset()
         st = cluster.storage
         if st.mode != "memory":
             path = st.replica_dir(cluster.dir, replica_id)
@@ -100,11 +101,28 @@ class ReplicaNode:
                 records, damaged = self.store.load()
             except StoreError as e:
                 raise ConfigError(f"replica {replica_id}: {e}") from None
+        # nothing stored and a membership in force that is not cluster.toml's (epoch.json): a
+        # replica starting from nothing in a later membership starts as its joiner
+        # (one with a store restores its checkpoint's membership: core.membership.after_restore)
+        self.joining = not records and cluster.members_from > 0
+        if self.joining or not self.cfg.is_replica(replica_id):
+            if not cluster.cfg.is_replica(replica_id):
+                raise ConfigError(f"replica {replica_id} is not a member: the membership in force has "
+                                  f"{cluster.cfg.n} replicas ({EPOCH_FILE if cluster.members_from else CLUSTER_FILE}; "
+                                  f"`pbft reconfig DIR add-replica` adds replicas)")
+            self.cfg = cluster.cfg
+        self.replica = Replica(self.cfg, replica_id, self.ring, service, now=self._now(),
+                               genesis_config=cluster.genesis_config)
+        if self.store is not None:
             self.replica.enable_persistence()
             self.restore_outcome = self.replica.restore(records, damaged)
             if damaged:
                 log(replica_id, "store-damaged", records=len(damaged), outcome=self.restore_outcome)
             (path / "pid").write_text(f"{os.getpid()}\n")
+        if self.joining:
+            membership.start_as_joiner(self.replica, membership.base_view(cluster.members_epoch, self.cfg.n),
+                                       cluster.members_from)
+        self.cfg = self.replica.cfg  # (a restored checkpoint's membership: core.membership.after_restore)
         self.recovery_overdue = False
         self.recovery_deferred_s = 0.0  # how long the turn under way has waited for another recovery
         self.rebooting = False
@@ -148,7 +166,7 @@ class ReplicaNode:
         self.reboot_delay_s = 0.0
         self.server: Optional[Listener] = None
         self.http: Optional[HttpEndpoint] = None
-        self.newkey_gate = NewKeyGate(identity, cluster.public, n, self.cfg.max_principal,
+        self.newkey_gate = NewKeyGate(identity, cluster.public, self.slots_n, self.cfg.max_principal,
                                       self.cfg.timestamp_skew_ms_max, self.counters)
         # the latest NewKey timestamp accepted from each principal survives restarts and
         # recoveries (records ``N<principal>``), so a NewKey captured before is never taken again
@@ -185,6 +203,8 @@ class ReplicaNode:
         elif kind == "new-view":
             self.new_views += 1
             self._log("new-view", view=ev.view, primary=ev.view % self.cfg.n)
+        elif kind == "membership":
+            self._on_switch(ev)
         elif kind == "stable":
             self.metrics.on_stable(ev.seqno)
             self.epochs.on_checkpoint(ev.seqno)
@@ -214,6 +234,32 @@ class ReplicaNode:
                       fetched_objects=ts["objects"], fetched_bytes=ts["bytes"])
         elif kind == "recovery-request":
             self._log("recovery-request", recovering=ev.replica, seqno=ev.seqno, recovery_point=ev.recovery_point)
+
+    def _on_switch(self, ev) -> None:
+        """The core switched to a new membership (``MembershipSwitched``): links to the new
+        members, none to those that left, fresh session keys with the new members. A retired
+        replica keeps its links (it still answers Status and serves state) and takes part in
+        nothing (the core)."""
+        self.cfg = self.replica.cfg
+        self._log("membership", seqno=ev.seqno, members_from=ev.members_from, n=ev.n, f=self.cfg.f, view=ev.view,
+                  retired=ev.retired)
+        if ev.retired:
+            return
+        for j in [j for j in self.links if j >= self.cfg.n]:
+            self.links.pop(j).stop()
+        self._connect_members()
+        self._refresh_keys(broadcast=True)
+
+    def _connect_members(self) -> None:
+        """An outbound link to every member but us (addresses: cluster.toml's slots)."""
+        for j in range(self.cfg.n):
+            if j == self.id or j in self.links:
+                continue
+            r = self.cluster.slot(j)
+            link = OutLink(r.host, r.port, self._make_conn, self._on_link_up,
+                           self.rt.reconnect_min_s, self.rt.reconnect_max_s)
+            self.links[j] = link
+            link.start()
 
     def _refresh_keys_coalesced(self) -> None:
         """Refresh our session keys for another replica's recovery, at most once per
@@ -246,7 +292,7 @@ class ReplicaNode:
 
     # ---- lifecycle ----------------------------------------------------------
     async def start(self) -> None:
-        me = self.cluster.replicas[self.id]
+        me = self.cluster.slot(self.id)
         self._refresh_keys(broadcast=False)
         try:
             sock = listen_socket(me.host, me.port, backlog=512)
@@ -259,13 +305,7 @@ class ReplicaNode:
                                screen=first_frame_screen(self.newkey_gate, self.client_frame_max,
                                                          self.cfg.message_size_bytes_max + 1024))
         self.server.start()
-        for r in self.cluster.replicas:
-            if r.id == self.id:
-                continue
-            link = OutLink(r.host, r.port, self._make_conn, self._on_link_up,
-                           self.rt.reconnect_min_s, self.rt.reconnect_max_s)
-            self.links[r.id] = link
-            link.start()
+        self._connect_members()
         self.http = HttpEndpoint(self.metrics, self.rt)
         try:
             self.http.start(me.metrics_host, me.metrics_port)
@@ -507,7 +547,7 @@ class ReplicaNode:
             return
         sender, k = got
         self.metrics.newkeys_accepted += 1
-        if sender < self.cfg.n:
+        if sender < self.slots_n:
             self.ring.out_keys[sender] = k
             conn.meta["replica"] = sender  # frames it relays are taken on this connection too
             if conn.guard is not None:
@@ -553,21 +593,21 @@ class ReplicaNode:
         # sender's latest NewKey came on, or on a replica's (replicas relay others' frames)
         s = frame_sender(raw)
         relayed = False
-        if (self.replica_conn if s < self.cfg.n else self.client_conn).get(s) is not conn:
+        if (self.replica_conn if s < self.slots_n else self.client_conn).get(s) is not conn:
             if s < 0:
                 self.counters.drop("malformed")
                 self._close_unauthenticated(conn)
                 return
             if self.replica_conn.get(conn.meta.get("replica", -1)) is not conn:
                 self.counters.drop("spoofed-self" if s == self.id else
-                                   "spoofed-replica" if s < self.cfg.n else "spoofed-client")
+                                   "spoofed-replica" if s < self.slots_n else "spoofed-client")
                 # no NewKey was ever accepted on it: an impostor, or a correct principal whose
                 # NewKey we dropped
                 self._close_unauthenticated(conn)
                 return
             relayed = True
         now = time.monotonic() * 1000.0  # (``_now``, inlined: once per frame)
-        if tag == Tag.REQUEST and not relayed and s >= self.cfg.n:
+        if tag == Tag.REQUEST and not relayed and s >= self.slots_n:
             wait = self.request_budget.take(s, now / 1000.0)
             if wait:
                 # a client sending requests faster than we answer them (runtime.admission): this
@@ -682,7 +722,7 @@ class ReplicaNode:
 
     def _send_out(self, sends) -> None:
         if sends:
-            n = self.cfg.n
+            n = self.slots_n
             # one write per connection per loop turn: replies to the many clients that share a
             # connection (a client pool) go out together, as do all frames to one replica
             per: dict[int | FrameConn, list[bytes]] = {}
@@ -836,6 +876,8 @@ class ReplicaNode:
             "peers_connected": sorted(j for j, lk in self.links.items() if lk.conn is not None),
             "clients_connected": len(self.client_conn),
             "config": self.epochs.describe(),
+            "members": {"n": r.cfg.n, "f": r.cfg.f, "weights": list(r.cfg.weights), "members_from": r.members_from,
+                        "retired": r.retired},
             "uptime_s": round(time.time() - self.started, 1),
             "pid": os.getpid(),
         }

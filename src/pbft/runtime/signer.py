@@ -299,7 +299,7 @@ def run_signer(cluster, replica_id: int, path: Path, mode: int = 0o660,
     import signal
 
     ident = cluster.identity(replica_id)  # the only process that reads the key file
-    signer = Signer(ident, cluster.n)
+    signer = Signer(ident, cluster.cfg.client_base)  # (every replica slot: members change)
 
     async def main():
         srv = SignerServer(signer, path, mode, allow_uids)

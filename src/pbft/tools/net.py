@@ -105,14 +105,15 @@ def cmd_replica(args) -> int:
     from .guard import signer_spec
 
     cluster = load_cluster(args.dir)
-    if not 0 <= args.id < cluster.n:
-        raise ConfigError(f"--id must be a replica id 0..{cluster.n - 1}, got {args.id}")
+    slots = len(cluster.slots or cluster.replicas)
+    if not 0 <= args.id < slots:
+        raise ConfigError(f"--id must be a replica id 0..{slots - 1}, got {args.id}")
     check(cluster.dir)  # the code we run is the code cluster.toml names (at every start: every reboot)
     identity = None
     sock = signer_spec(cluster.dir, args.id, getattr(args, "signer", None))
     if sock is not None:  # the key stays in a signer process; we never read the key file
         from ..runtime.signer import SignerIdentity
-        identity = SignerIdentity(args.id, sock, cluster.replicas[args.id].public_key)
+        identity = SignerIdentity(args.id, sock, cluster.slot(args.id).public_key)
     service = load_service(replica_service(cluster, args.id, args.service), cluster)
     run_replica(cluster, args.id, service, quiet=args.quiet, recover=args.recover, identity=identity)
     return 0
@@ -121,7 +122,7 @@ def cmd_replica(args) -> int:
 def replica_service(cluster, replica_id: int, option) -> str:
     """The ``--service`` spec replica ``replica_id`` runs: the option, else its ``service`` in
     ``cluster.toml`` (replicas may run different implementations), else ``kv``."""
-    return option or cluster.replicas[replica_id].service or "kv"
+    return option or cluster.slot(replica_id).service or "kv"
 
 
 def cmd_up(args) -> int:
@@ -158,6 +159,17 @@ def cmd_up(args) -> int:
 UP_RESTART_MIN_S = 1.0
 UP_RESTART_MAX_S = 30.0
 UP_STABLE_S = 30.0  # a replica that ran this long before exiting starts again after the minimum
+UP_MEMBERSHIP_POLL_S = 1.0  # how often `pbft up` reads the membership in force
+
+
+def _members_in_force(directory, known: set[int]) -> set[int]:
+    """The replica ids of the membership in force in DIR (``known`` if DIR cannot be read now)."""
+    from ..runtime.cluster import load_cluster
+
+    try:
+        return {r.id for r in load_cluster(directory).replicas}
+    except ConfigError:
+        return known
 
 
 def _supervise(args, children, procs: dict, stop: dict) -> int:
@@ -166,8 +178,19 @@ def _supervise(args, children, procs: dict, stop: dict) -> int:
     quick_exits = {rid: 0 for rid in procs}
     due: dict[int, float] = {}  # replica id -> when to start it again
     restarts = 0
+    members, looked = set(procs), 0.0
     while not stop["flag"]:
         now = time.monotonic()
+        if now - looked >= UP_MEMBERSHIP_POLL_S:
+            # the membership in force (epoch.json, written by `pbft reconfig`): added replicas start
+            # (as joiners), replicas that left are not restarted when they exit
+            looked = now
+            members = _members_in_force(args.dir, members)
+            for rid in sorted(members - set(procs)):
+                procs[rid] = children.start_replica(args.dir, rid, args.service, args.quiet)
+                started[rid], quick_exits[rid] = now, 0
+                print(f"pbft up: replica {rid} started, a member of the membership in force (pid "
+                      f"{procs[rid].pid})", file=sys.stderr)
         for rid, p in list(procs.items()):
             if p is None or p.poll() is None:
                 continue
@@ -178,11 +201,19 @@ def _supervise(args, children, procs: dict, stop: dict) -> int:
             procs[rid] = None
             if args.on_exit == "stop":
                 return 1
+            if rid not in members:
+                print(f"pbft up: replica {rid} is not a member any more: not restarted", file=sys.stderr)
+                del procs[rid]
+                continue
             quick_exits[rid] = 0 if ran >= UP_STABLE_S else quick_exits[rid] + 1
             wait = min(UP_RESTART_MAX_S, UP_RESTART_MIN_S * 2 ** max(0, quick_exits[rid] - 1))
             due[rid] = now + wait
             print(f"pbft up: restarting replica {rid} in {wait:.0f} s; the others go on", file=sys.stderr)
         for rid, at in list(due.items()):
+            if rid not in members:
+                del due[rid]
+                procs.pop(rid, None)
+                continue
             if now >= at:
                 del due[rid]
                 procs[rid] = children.start_replica(args.dir, rid, args.service, args.quiet)

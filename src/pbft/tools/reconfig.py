@@ -95,11 +95,136 @@ def _write_epoch_doc(cluster: Cluster, doc: dict) -> dict:
     return doc
 
 
+MEMBERSHIP_ACTIONS = ("add-replica", "remove-replica", "replace-replica", "set-weights")
+
+
+def replica_members(cluster: Cluster, timeout: float = 1.0) -> dict[int, dict]:
+    """The membership each reachable replica slot reports (``members`` of its status endpoint)."""
+    from .net import fetch_status
+
+    out = {}
+    for r in cluster.slots or cluster.replicas:
+        try:
+            s = fetch_status(r.metrics_addr, r.metrics_port, timeout)
+        except (OSError, urllib.error.URLError, ValueError):
+            continue
+        if isinstance(s.get("members"), dict):
+            out[r.id] = s["members"]
+    return out
+
+
+def _membership_change(cluster: Cluster, args) -> tuple[int, int, tuple[int, ...]]:
+    """The n, f and weights ``args`` asks for (f: the largest for unit weights unless --faults)."""
+    old = cluster.cfg
+    if args.action == "set-weights":
+        weights = tuple(int(w) for w in (args.weights or "").split(",") if w.strip())
+        if len(weights) != old.n:
+            raise ConfigError(f"set-weights needs {old.n} weights (one per replica), e.g. --weights "
+                              f"{','.join(['1'] * old.n)}")
+        return old.n, old.f if args.faults is None else args.faults, weights
+    count = 1 if args.count is None else args.count
+    if count < 1:
+        raise ConfigError("--count must be at least 1")
+    n = old.n + count if args.action == "add-replica" else old.n - count
+    slots = len(cluster.slots or cluster.replicas)
+    if not 1 <= n <= slots:
+        raise ConfigError(f"{n} replicas: {cluster.dir}/cluster.toml has {slots} replica slots (pbft init "
+                          f"--replica-slots) and the cluster {old.n} members")
+    return n, (n - 1) // 3 if args.faults is None else args.faults, (1,) * n
+
+
+def wait_for_switch(cluster: Cluster, bc, new: Cluster, epoch: int, timeout_s: float) -> dict[int, dict]:
+    """Until the continuing members of quorum weight (of the smaller membership) report the new
+    membership (``members_from``): ordered no-ops move the cluster to the checkpoint where the
+    change takes effect; then the primary fills up to the switch point with null batches."""
+    from ..runtime.client import PbftError
+
+    small = new.cfg if new.cfg.n <= cluster.cfg.n else cluster.cfg
+    end = time.monotonic() + timeout_s
+    noop = encode_request("show")
+    while True:
+        seen = replica_members(cluster if cluster.cfg.n >= new.cfg.n else new)
+        done = [r for r, m in seen.items() if m.get("members_from") == new.members_from and r < small.n]
+        if small.weight_of(done) >= small.quorum_weight:
+            return seen
+        if time.monotonic() > end:
+            raise ConfigError(f"the membership of epoch {epoch} not in force at a quorum after {timeout_s:.0f} s "
+                              f"(replicas report {seen})")
+        epochs = replica_epochs(cluster)
+        if cluster.cfg.weight_of([r for r, e in epochs.items() if e >= epoch]) < cluster.cfg.quorum_weight:
+            try:
+                bc.invoke(noop, read_only=False, timeout=2.0)
+            except PbftError:
+                pass
+        else:
+            time.sleep(0.1)
+
+
+def cmd_membership(args, cluster: Cluster, admin: int) -> int:
+    """``add-replica``, ``remove-replica``, ``replace-replica``, ``set-weights`` (see the module notes)."""
+    from ..runtime.client import BlockingClient, PbftError
+    from ..runtime.cluster import with_membership
+
+    if args.action == "replace-replica":
+        return _replace_replica(args, cluster, admin)
+    n, f, weights = _membership_change(cluster, args)
+    added = [[i, cluster.slot(i).public_key] for i in range(cluster.cfg.n, n)]
+    op = encode_request("set-membership", n, f, list(weights), added)
+    t0 = time.monotonic()
+    try:
+        with BlockingClient(cluster, admin) as bc:
+            res = decode_result(bc.invoke(op, read_only=False, timeout=args.timeout))
+            if not res["ok"]:
+                print(f"pbft reconfig: refused: {res['reason']}", file=sys.stderr)
+                return 1
+            print(f"recorded: {args.action} {cluster.cfg.n} -> {n} replicas (f={f}) opens epoch {res['epoch']} "
+                  f"at checkpoint {res['switch_seqno']}; the new membership orders after {res['members_at']}")
+            # the configuration recorded (the change with its switch point), read before the switch
+            doc = decode_result(bc.invoke(encode_request("show"), read_only=True, timeout=args.timeout))
+            latest = doc["latest"].describe()
+            if args.no_wait:
+                return 0
+            new = with_membership(cluster, n, f, weights, res["members_at"], res["epoch"])
+            wait_for_switch(cluster, bc, new, res["epoch"], args.switch_timeout)
+            took = time.monotonic() - t0
+            print(f"membership of {n} replicas in force after {res['members_at']} ({took:.1f} s)")
+            _write_epoch_doc(cluster, latest)
+            print(f"wrote {cluster.dir / EPOCH_FILE} (epoch {latest['epoch']}, {n} replicas)")
+            if n > cluster.cfg.n:
+                ids = " ".join(str(i) for i in range(cluster.cfg.n, n))
+                print(f"start the added replicas (pbft up {cluster.dir} starts them by itself): "
+                      + "; ".join(f"pbft replica {cluster.dir} --id {i}" for i in ids.split()))
+            if args.json:
+                print(json.dumps({"action": args.action, "n": n, "f": f, "epoch": res["epoch"],
+                                  "members_from": res["members_at"], "switch_s": round(took, 3)}))
+    except PbftError as e:
+        print(f"pbft reconfig: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _replace_replica(args, cluster: Cluster, admin: int) -> int:
+    """``replace-replica ID``: a new key pair for that id (``rotate-key``), and the replica to be
+    started again with a fresh data directory (it catches up by state transfer)."""
+    rid = args.principal
+    if rid is None or not cluster.cfg.is_replica(rid):
+        raise ConfigError(f"replace-replica needs a member id 0..{cluster.cfg.n - 1}")
+    args.action = "rotate-key"
+    rc = cmd_reconfig(args)
+    if rc == 0 and not args.no_wait:
+        d = cluster.storage.replica_dir(cluster.dir, rid)
+        print(f"replica {rid} has a new key; stop it, remove {d}, and start it again (pbft replica {cluster.dir} "
+              f"--id {rid}): it catches up by state transfer")
+    return rc
+
+
 def cmd_reconfig(args) -> int:
     from ..runtime.client import BlockingClient, PbftError
 
     cluster = load_cluster(args.dir)
     admin = _admin(cluster, args.admin)
+    if args.action in MEMBERSHIP_ACTIONS:
+        return cmd_membership(args, cluster, admin)
     written: Optional[Path] = None
     if args.action == "show":
         op = encode_request("show")
@@ -175,7 +300,7 @@ def add_reconfig_commands(sub) -> None:
     p = sub.add_parser("reconfig", help="change the configuration of a live cluster: admit or revoke clients, "
                        "rotate long-term keys (docs/reconfiguration.md)")
     p.add_argument("dir")
-    p.add_argument("action", choices=["add-client", "revoke-client", "rotate-key", "show"])
+    p.add_argument("action", choices=["add-client", "revoke-client", "rotate-key", "show", *MEMBERSHIP_ACTIONS])
     p.add_argument("principal", type=int, nargs="?", default=None,
                    help="the client (add-client: default the first free id; revoke-client) or the replica or "
                         "client whose key to rotate")
@@ -186,10 +311,15 @@ def add_reconfig_commands(sub) -> None:
                    "moving the cluster to the checkpoint where it takes effect")
     p.add_argument("--timeout", type=float, default=10.0)
     p.add_argument("--switch-timeout", type=float, default=SWITCH_TIMEOUT_S)
+    p.add_argument("--count", type=int, default=None, help="add-replica, remove-replica: how many (default 1)")
+    p.add_argument("--faults", type=int, default=None, help="membership changes: the f of the new membership "
+                   "(default: the largest for its size)")
+    p.add_argument("--weights", default=None, help="set-weights: one weight per replica, comma-separated")
+    p.add_argument("--json", action="store_true", help="membership changes: also print the figures as JSON")
     p.set_defaults(func=_checked)
 
 
 def _checked(args) -> int:
-    if args.action in ("revoke-client", "rotate-key") and args.principal is None:
+    if args.action in ("revoke-client", "rotate-key", "replace-replica") and args.principal is None:
         raise ConfigError(f"{args.action} needs a principal id")
     return cmd_reconfig(args)
