@@ -98,6 +98,9 @@ def test_grow_4_to_7_and_shrink_back_under_load(local_cluster, capsys):
     lc.wait_for(lambda: all(lc.status(i)["last_executed"] >= top > s for i in (4, 5, 6)), timeout=60,
                 what="the added replicas executing")
     assert all(lc.status(i)["config"]["epoch"] == grow["epoch"] for i in range(7))
+    assert main(["status", d]) == 0
+    table = capsys.readouterr().out
+    assert "membership: 7 replicas, f=2" in table and table.count(" 7/2") == 7
 
     assert main(["reconfig", d, "remove-replica", "--count", "3", "--json"]) == 0
     shrink = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -107,6 +110,9 @@ def test_grow_4_to_7_and_shrink_back_under_load(local_cluster, capsys):
                 timeout=60, what="replicas 0..3 in the membership of 4")
     done = len(load.acked)
     lc.wait_for(lambda: len(load.acked) >= done + 30, timeout=60, what="the load going on with 4 replicas")
+    assert main(["status", d]) == 0
+    table = capsys.readouterr().out  # (the removed replicas still run: shown retired)
+    assert "membership: 4 replicas, f=1" in table and table.count(" 4/1") == 7 and table.count("retired") == 3
     load.stop.set()
     load.thread.join(20)
     assert not load.thread.is_alive()

@@ -340,23 +340,30 @@ def cmd_status(args) -> int:
 
     cluster = load_cluster(args.dir)
     rows = []
-    for r in cluster.replicas:
+    members = {r.id for r in cluster.replicas}
+    for r in cluster.slots or cluster.replicas:
         try:
             s = fetch_status(r.metrics_addr, r.metrics_port, args.timeout)
             s["reachable"] = True
         except (OSError, urllib.error.URLError, ValueError) as e:
+            if r.id not in members:
+                continue  # (a spare slot, or a replica removed and stopped)
             s = {"replica": r.id, "reachable": False, "error": str(getattr(e, "reason", e))}
             if r.metrics_addr in ("127.0.0.1", "::1", "localhost") and r.host != r.metrics_addr:
                 s["error"] += f"; its endpoint listens on {r.metrics_addr} only: run this on its machine, " \
                               "or set metrics_host in cluster.toml"
         s["address"] = f"{r.host}:{r.port}"
         rows.append(s)
-    notes = status_notes(cluster, rows)
+    notes = status_notes(cluster, [s for s in rows if s["replica"] in members])
     if args.json:
         print(json.dumps(rows))
     else:
+        print(f"membership: {cluster.cfg.n} replicas, f={cluster.cfg.f}"
+              + (f", weights {list(cluster.cfg.weights)}" if set(cluster.cfg.weights) != {1} else "")
+              + (f" (epoch {cluster.members_epoch}, after seqno {cluster.members_from}; {cluster.dir}/epoch.json)"
+                 if cluster.members_from else " (cluster.toml)"))
         print(f"{'replica':>7} {'address':21} {'state':11} {'view':>5} {'primary':>7} {'executed':>9} "
-              f"{'stable':>7} {'requests':>9} {'peers':>7} {'epoch':>5}")
+              f"{'stable':>7} {'requests':>9} {'peers':>7} {'epoch':>5} {'n/f':>5}")
         for s in rows:
             if not s["reachable"]:
                 print(f"{s['replica']:>7} {s['address']:21} {'UNREACHABLE':11} ({s['error']})")
@@ -366,16 +373,19 @@ def cmd_status(args) -> int:
                 state = "catching-up"
             if s.get("recovering"):
                 state = "OVERDUE" if s.get("recovery_overdue") else "recovering"
+            m = s.get("members") or {}
+            if m.get("retired") or s["replica"] not in members:
+                state = "retired"
             peers = f"{len(s['peers_connected'])}/{cluster.n - 1}"
             epoch = s.get("config", {}).get("epoch", "-")
+            nf = f"{m['n']}/{m['f']}" if "n" in m else "-"
             print(f"{s['replica']:>7} {s['address']:21} {state:11} {s['view']:>5} {s['primary']:>7} "
                   f"{s['last_executed']:>9} {s['stable_checkpoint']:>7} {s['executed_requests']:>9} {peers:>7} "
-                  f"{epoch:>5}")
+                  f"{epoch:>5} {nf:>5}")
         for line in notes:
             print(line)
-    up = sum(1 for s in rows if s["reachable"])
-    return 0 if cluster.cfg.weight_of([s["replica"] for s in rows if s["reachable"]]) >= cluster.cfg.quorum_weight \
-        or up == cluster.n else 1
+    reachable = [s["replica"] for s in rows if s["reachable"] and s["replica"] in members]
+    return 0 if cluster.cfg.weight_of(reachable) >= cluster.cfg.quorum_weight or len(reachable) == cluster.n else 1
 
 
 def add_commands(sub) -> None:
