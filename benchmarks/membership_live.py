@@ -161,7 +161,8 @@ def main() -> int:
         stop.set()
         for pr in procs.values():
             if pr.poll() is None:
-                pr.send_signal(signal.SIGTERM)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pr.pid, signal.SIGTERM)  # (its own session: a replica that rebooted itself too)
         for pr in procs.values():
             try:
                 pr.wait(10)
