@@ -1,5 +1,6 @@
 # Quick start: `make demo` (a real 4-replica cluster on loopback) and `make test`.
-# Both create .venv and install what they need; `make install` does only that.
+# Both create .venv and install what they need (and the compiled core, below); `make install`
+# does only that.
 # `make lint` runs ruff and mypy alone; `make test` runs them before the tests.
 # `make test-fast` leaves out the suites marked slow (seed sweeps, real processes, namespaces);
 # `make test-long` runs only the long ones make test leaves out (throughput scenarios at n=7,
@@ -11,7 +12,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo lint test test-fast test-long sim bench native clean
 
+# install also compiles the core and the codec with mypyc into .native/ (tools/build_native.py
+# --auto: about a minute on 2 cores, only when no build matches the sources; a failure says why
+# and pbft runs the pure modules; PBFT_NATIVE=0 make install skips it).
 install: $(STAMP)
+	@$(PY) tools/build_native.py --auto || echo "native: not built; the pure modules run"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { \
@@ -45,9 +50,10 @@ sim: install
 bench: install
 	$(PY) benchmarks/mac_bench.py
 
-# The pure layers and the core compiled with mypyc into .native/ (not the source tree). pbft uses
-# them only while they match the sources (`pbft native` tells); PBFT_NATIVE=0 runs the pure modules.
-native: install
+# The pure layers and the core compiled with mypyc into .native/ (not the source tree), built
+# again even if the current build matches. pbft uses it only while it matches the sources
+# (`pbft native` tells); PBFT_NATIVE=0 runs the pure modules.
+native: $(STAMP)
 	$(PY) tools/build_native.py
 
 clean:

@@ -26,17 +26,34 @@ def cpu_s(pid: int) -> float:
     return (int(p[11]) + int(p[12])) / TCK
 
 
-def replicas() -> list[int]:
-    out = []
+def parent(pid: str) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def replicas(root: int) -> list[int]:
+    """The replica processes started under ``root`` (the bench): other clusters on the machine
+    are not counted."""
+    out, parents = [], {}
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
+                parents[int(d)] = parent(d)
                 argv = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
             except OSError:
                 continue
             if b"replica" in argv and any(b"pbft" in a for a in argv):
                 out.append(int(d))
-    return out
+
+    def under(pid: int) -> bool:
+        for _ in range(16):
+            pid = parents.get(pid, 0)
+            if pid == root:
+                return True
+            if pid <= 1:
+                return False
+        return False
+    return [pid for pid in out if under(pid)]
 
 
 def main() -> int:
@@ -44,7 +61,7 @@ def main() -> int:
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     samples, native = [], {}
     while p.poll() is None:
-        t, rs, tot = time.monotonic(), replicas(), 0.0
+        t, rs, tot = time.monotonic(), replicas(p.pid), 0.0
         for pid in rs:
             try:
                 tot += cpu_s(pid)

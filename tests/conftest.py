@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import os
 
-# The pure modules unless PBFT_NATIVE is set: a build of `make native` is not part of the test
-# run (yet); `PBFT_NATIVE=1 pytest ...` runs the tests against it (replica processes included).
-os.environ.setdefault("PBFT_NATIVE", "0")
+# The compiled modules of `make install` / `make native` whenever the build matches the sources
+# (replica processes included), else the pure ones; `PBFT_NATIVE=0 pytest ...` runs the pure
+# modules, `PBFT_NATIVE=require pytest ...` makes a missing or stale build an error.
+os.environ.setdefault("PBFT_NATIVE", "1")
 
 import pytest  # noqa: E402
 

@@ -20,6 +20,11 @@ step; running processes keep the files they mapped. ``pbft`` uses the build only
 source in the manifest hashes as recorded (``src/pbft/_native.py``); ``--check`` prints
 whether it would.
 
+``--auto`` is what ``make install`` runs: nothing if the current build is used (or
+``PBFT_NATIVE=0``), else a build in a child process whose output goes to ``.native/build.log``;
+whatever goes wrong (no C compiler, no Python headers, no mypyc, a compile error, a build that
+takes longer than ``--timeout``) is said in one line and exits 0: pbft then runs the pure modules.
+
 This script does not import ``pbft`` (importing it would consult the build being replaced).
 It runs mypy with a configuration of its own: the repository's (``warn_unused_configs`` with a
 section for the untyped ``lmdb``) makes mypyc stop with only a note.
@@ -29,12 +34,15 @@ from __future__ import annotations
 
 import argparse
 import ast
+import fcntl
 import hashlib
 import importlib.machinery
 import json
 import os
 import shutil
+import subprocess
 import sys
+import sysconfig
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -232,6 +240,77 @@ def install(out: str, manifest: dict) -> None:
             shutil.rmtree(os.path.join(out, d), ignore_errors=True)
 
 
+def current(out: str) -> tuple[bool, str]:
+    """(whether the build in ``out`` would be used, the reason), without importing pbft."""
+    sys.path.insert(0, PKG)  # _native.py alone, without importing the package
+    try:
+        import _native  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(PKG)
+    files, reason = _native.check(out)
+    return files is not None, reason
+
+
+def missing_prerequisite() -> str | None:
+    """What a build would need and this machine lacks, or None."""
+    try:
+        import mypyc.build  # noqa: F401
+    except ImportError:
+        return "mypyc is not installed (it comes with mypy, the test extra)"
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(cc) is None:
+        return f"no C compiler ({cc})"
+    include = sysconfig.get_paths().get("include") or ""
+    if not os.path.isfile(os.path.join(include, "Python.h")):
+        return f"no Python headers ({include}/Python.h)"
+    return None
+
+
+def auto(out: str, jobs: int, timeout: float) -> int:
+    """Build unless the current build is used; never fail (``make install``)."""
+    if os.environ.get("PBFT_NATIVE", "1").strip().lower() in ("0", "no", "off", "false"):
+        print("native: not built (PBFT_NATIVE=0); the pure modules run")
+        return 0
+    ok, reason = current(out)
+    if ok:
+        print(f"native: the compiled modules in {out} match the sources")
+        return 0
+    lack = missing_prerequisite()
+    if lack is not None:
+        print(f"native: not built: {lack}; the pure modules run (make native to retry)")
+        return 0
+    os.makedirs(out, exist_ok=True)
+    log = os.path.join(out, "build.log")
+    with open(os.path.join(out, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time into one directory
+        ok, _ = current(out)  # (another one may just have built it)
+        if ok:
+            print(f"native: the compiled modules in {out} match the sources")
+            return 0
+        print(f"native: compiling the core and the codec with mypyc ({reason}; about a minute on "
+              f"2 cores; PBFT_NATIVE=0 make install skips it)", flush=True)
+        t0 = time.monotonic()
+        cmd = [sys.executable, os.path.abspath(__file__), "--out", out, "--jobs", str(jobs)]
+        try:
+            with open(log, "w") as f:
+                r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+            code: int | str = r.returncode
+        except subprocess.TimeoutExpired:
+            code = f"no result after {timeout:.0f} s"
+        except OSError as e:
+            code = f"{type(e).__name__}: {e}"
+    seconds = time.monotonic() - t0
+    ok, reason = current(out)
+    if code == 0 and ok:
+        print(f"native: built in {seconds:.0f} s; pbft runs the compiled modules (pbft native)")
+        return 0
+    with open(log, errors="replace") as f:
+        tail = [ln.rstrip() for ln in f.readlines()[-5:]] or ["(nothing)"]
+    print("native: the build failed " + (f"(exit {code})" if isinstance(code, int) else f"({code})") +
+          f"; the pure modules run; its output is in {log}, ending:", *tail, sep="\n  ")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="build_native.py", description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.path.join(ROOT, ".native"), help="build directory (default .native/)")
@@ -240,16 +319,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--single-file", action="store_true",
                    help="the group's library as one C file (slower to build, no parallel compilation)")
     p.add_argument("--check", action="store_true", help="only say whether the current build would be used")
+    p.add_argument("--auto", action="store_true",
+                   help="build only if the current build is not used, and never fail (make install)")
+    p.add_argument("--timeout", type=float, default=1800.0, help="with --auto: give up after this many seconds")
     p.add_argument("--verbose", action="store_true")
     a = p.parse_args(argv)
     out = os.path.abspath(a.out)
     if a.check:
-        sys.path.insert(0, PKG)  # _native.py alone, without importing the package
-        import _native  # type: ignore[import-not-found]
-
-        files, reason = _native.check(out)
+        ok, reason = current(out)
         print(reason)
-        return 0 if files is not None else 1
+        return 0 if ok else 1
+    if a.auto:
+        return auto(out, max(1, a.jobs), a.timeout)
     rels = PURE_LAYERS + ([] if a.pure_only else core_modules())
     os.makedirs(out, exist_ok=True)
     manifest = build(out, rels, max(1, a.jobs), not a.single_file, a.verbose)

@@ -161,3 +161,37 @@ def test_the_real_build_when_there_is_one():
     else:
         assert replica_file.endswith(SUFFIX) and codec_file.endswith(SUFFIX)
         assert "pbft.core.replica" in st["modules"] and "pbft.core.events" not in st["modules"]
+
+
+def auto_build(out: Path, *args: str, **env):
+    e = dict(os.environ)
+    e.pop("PBFT_NATIVE", None)
+    e.update(env)
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "build_native.py"), "--auto", "--out", str(out), *args],
+                          env=e, capture_output=True, text=True, timeout=60)
+
+
+def test_install_keeps_a_matching_build(tmp_path):
+    d = fake_build(tmp_path)
+    before = (d / "manifest.json").read_bytes()
+    r = auto_build(d)
+    assert r.returncode == 0 and "match the sources" in r.stdout, r.stdout + r.stderr
+    assert (d / "manifest.json").read_bytes() == before
+
+
+def test_install_skips_the_build_with_pbft_native_0(tmp_path):
+    r = auto_build(tmp_path / "n", PBFT_NATIVE="0")
+    assert r.returncode == 0 and "PBFT_NATIVE=0" in r.stdout
+    assert not (tmp_path / "n").exists()
+
+
+def test_a_failed_build_does_not_fail_install(tmp_path):
+    # a build that cannot finish in time: a failure like any other (no compiler, a compile error)
+    r = auto_build(tmp_path / "n", "--timeout", "0.2")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    if "not built:" in out:  # no compiler, headers or mypyc here: said, and nothing built
+        assert "the pure modules run" in out
+    else:
+        assert "the build failed" in out and "the pure modules run" in out and "build.log" in out
+    assert not (tmp_path / "n" / "manifest.json").exists()
