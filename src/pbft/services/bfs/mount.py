@@ -104,7 +104,10 @@ def _merge(ext: list, off: int, data, cred) -> list:
 
 def _guard(fn):
     """Only FUSEError may leave a pyfuse3 handler."""
+    name = fn.__name__
+
     async def wrapper(self, *args):
+        self.fuse[name] = self.fuse.get(name, 0) + 1
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
@@ -171,6 +174,7 @@ class BFSOperations(pyfuse3.Operations):
         self.flushing: dict[int, asyncio.Lock] = {}
         self.write_errors: dict[int, int] = {}  # inode -> errno of a gathered write the replicas refused
         self.errors: dict[str, int] = {}
+        self.fuse: dict[str, int] = {}  # FUSE requests handled, by kind
         self.stats: dict[str, list] = {}  # op -> [calls, seconds]
         self.max_io = min(IO_MAX, pool.cfg.request_size_bytes_max - 512)
 
@@ -748,6 +752,7 @@ async def run_mount(cluster, identities: list[int], mountpoint: str, strict: boo
         await pool.close()
         log.info("bfs mount: calls %s; errors %s", {k: (v[0], round(v[1] / max(1, v[0]) * 1000, 2))
                                                    for k, v in sorted(ops.stats.items())}, ops.errors)
+        log.info("bfs mount: FUSE requests %s", dict(sorted(ops.fuse.items())))
 
 
 def mount_main(cluster, identities: list[int], mountpoint: str, **kw) -> None:
