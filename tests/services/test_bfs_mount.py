@@ -3,6 +3,7 @@ with ``pbft mount``, used with ordinary tools.  Needs root, /dev/fuse and pyfuse
 
 from __future__ import annotations
 
+import ast
 import errno
 import hashlib
 import os
@@ -415,3 +416,55 @@ def test_mount_command_errors_are_one_line(bfs, tmp_path):
         assert p.returncode == 2 and text in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
     p = pbft("umount", tmp_path, check=False)
     assert p.returncode == 2 and "not mounted" in p.stderr
+
+
+def test_the_mount_cache_answers_again_until_another_client_changes_something(bfs):
+    """After the kernel's own timeouts, the mount answers lookups, absent names and getattrs
+    itself while the replicas say nobody else wrote; another client's changes show within
+    --cache, this mount's own at once."""
+    lc, m1, m2 = bfs
+    m3 = m1.parent / "m3"
+    m3.mkdir(exist_ok=True)
+    pbft("mount", lc.dir, m3, "--client-id", 10, "--identities", 1, "--timeout", 30, "--cache", "0.5",
+         "--verbose")
+    try:
+        d3, d2 = m3 / "mc", m2 / "mc"
+        d3.mkdir()
+        for i in range(6):
+            (d3 / f"f{i}").write_bytes(b"x" * i)
+        for _ in range(3):  # past the kernel's timeouts: from the mount cache
+            time.sleep(0.6)
+            assert [os.stat(d3 / f"f{i}").st_size for i in range(6)] == list(range(6))
+            assert not (d3 / "absent").exists()
+        # this mount's own changes: at once
+        os.unlink(d3 / "f0")
+        os.chmod(d3 / "f1", 0o600)
+        (d3 / "f2").write_bytes(b"longer now")
+        (d3 / "new").write_bytes(b"n")
+        assert not (d3 / "f0").exists() and (d3 / "new").exists()
+        assert stat.S_IMODE(os.stat(d3 / "f1").st_mode) == 0o600 and os.stat(d3 / "f2").st_size == 10
+        # another client's (the strict mount): within --cache
+        os.unlink(d2 / "f3")
+        os.chmod(d2 / "f4", 0o640)
+        (d2 / "theirs").write_bytes(b"t")
+        with open(d2 / "f5", "ab") as fh:
+            fh.write(b"+")
+        time.sleep(0.6)
+        assert not (d3 / "f3").exists() and (d3 / "theirs").read_bytes() == b"t"
+        assert stat.S_IMODE(os.stat(d3 / "f4").st_mode) == 0o640 and os.stat(d3 / "f5").st_size == 6
+        assert sorted(os.listdir(d3)) == ["f1", "f2", "f4", "f5", "new", "theirs"]
+    finally:
+        unmount_log = lc.dir / "mount-10.log"
+        r = pbft("umount", m3, check=False)
+        if r.returncode != 0:
+            subprocess.run(["fusermount3", "-uz", str(m3)], capture_output=True)
+    deadline = time.monotonic() + 10
+    while "mount cache" not in unmount_log.read_text(errors="replace") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    text = unmount_log.read_text(errors="replace")
+    assert "Traceback" not in text, text[-3000:]
+    stats = ast.literal_eval(text.split("mount cache ", 1)[1].splitlines()[0])
+    sent = ast.literal_eval(text.split("bfs mount: calls ", 1)[1].split("; errors", 1)[0])
+    fuse = ast.literal_eval(text.split("FUSE requests ", 1)[1].split("; mount cache", 1)[0])
+    assert stats["hits"] >= 18 and stats["voided"] >= 1, stats  # (the first check voids too)
+    assert sent["lookup"][0] < fuse["lookup"], (sent, fuse)

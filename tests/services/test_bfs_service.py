@@ -21,7 +21,7 @@ from pbft.services.bfs import BFSConfig, BFSService, ClientPolicy, parse_bfs_sec
 from pbft.services.bfs.protocol import (A_ATIME, A_BLOCKS, A_CTIME, A_GID, A_INO, A_MODE, A_MTIME, A_NLINK, A_SIZE,
                                         A_UID, IO_MAX, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO, UTIME_NOW, BFSError,
                                         creds, decode_result, encode_op)
-from pbft.services.bfs.service import CHUNK, RECLAIM_FREES
+from pbft.services.bfs.service import CHUNK, RECLAIM_FREES, WRITERS_MAX
 
 ROOT = creds(0, 0)
 ALICE = creds(1000, 1000, (1000,))
@@ -1197,3 +1197,31 @@ def test_mount_identities_leave_out_the_administrators(tmp_path):
     assert got == c.client_ids and not set(got) & set(c.admins)
     with pytest.raises(ConfigError, match="not a client"):
         _identities(c, c.admins[0], 1)
+
+
+def test_changes_tells_a_client_whether_anyone_else_changed_anything():
+    fs = FS(client=4)
+    d = fs.mkdir(ROOT_INO, b"d")
+    now, latest = fs("changes", (4,), ro=True)
+    assert latest < now  # only client 4 wrote: nothing newer by anyone else (the start's floor)
+    assert fs("changes", (5,), ro=True) == (now, now)  # for client 5, client 4's mkdir is the latest
+    fs("create", d, b"f", 0o644, True, client=5)
+    t5 = fs("changes", (4,), ro=True)[0]
+    assert fs("changes", (4,), ro=True)[1] == t5 > now
+    assert fs("changes", (4, 5), ro=True)[1] < now  # a mount naming both of its identities
+    # a refused change changes nothing and is not counted; reads are not counted either
+    assert fs.err("mkdir", d, b"f", 0o755, client=6) == E.EEXIST
+    fs.lookup(d, b"f")
+    assert fs("changes", (4, 5), ro=True)[1] < now
+    # only the last WRITERS_MAX writers are kept by name: older ones raise the floor, so the
+    # answer is never "nothing new" when something changed
+    for c in range(10, 10 + WRITERS_MAX + 3):
+        fs("fsync", d, client=c)
+    last = fs("changes", (), ro=True)[0]
+    assert fs("changes", (4, 5), ro=True)[1] == last
+    floor, writers = fs.s.writers.value
+    assert len(writers) == WRITERS_MAX and floor > t5
+    assert fs("changes", tuple(range(10, 10 + WRITERS_MAX + 3)), ro=True)[1] == floor
+    # hostile arguments: an errno
+    for bad in [None, 5, b"x", (-1,), (1 << 40,), ("a",), ((1,),)]:
+        assert fs.err("changes", bad) == E.EINVAL

@@ -77,7 +77,8 @@ def cmd_mount(args) -> int:
         try:
             mount_main(cluster, ids, str(mp), strict=args.strict, timeout_s=args.timeout, cache_s=args.cache,
                        debug=args.debug, writeback=args.writeback_cache, keep_cache=not args.no_keep_cache,
-                       negative_cache=not args.no_negative_cache, write_behind=not args.no_write_behind)
+                       negative_cache=not args.no_negative_cache, write_behind=not args.no_write_behind,
+                       mount_cache=not args.no_mount_cache)
         except PbftError as e:
             print(f"pbft mount: the cluster does not answer: {e}", file=sys.stderr)
             return 1
@@ -90,7 +91,8 @@ def cmd_mount(args) -> int:
     cmd = [sys.executable, "-m", cli_module(), "mount", str(args.dir), str(mp), "--foreground",
            "--client-id", str(ids[0]), "--identities", str(len(ids)), "--timeout", str(args.timeout),
            "--cache", str(args.cache)]
-    for flag in ("strict", "writeback_cache", "no_write_behind", "no_keep_cache", "no_negative_cache"):
+    for flag in ("strict", "writeback_cache", "no_write_behind", "no_keep_cache", "no_negative_cache",
+                 "no_mount_cache"):
         if getattr(args, flag):
             cmd.append("--" + flag.replace("_", "-"))
     if args.verbose:
@@ -146,6 +148,9 @@ def add_bfs_commands(sub) -> None:
     m.add_argument("--no-keep-cache", action="store_true",
                    help="drop a file's cached pages at every open, even when it did not change")
     m.add_argument("--no-negative-cache", action="store_true", help="do not cache absent names in the kernel")
+    m.add_argument("--no-mount-cache", action="store_true",
+                   help="do not answer the kernel from what the mount fetched before, even while the "
+                        "replicas say that no other client changed anything since (one check per --cache)")
     m.add_argument("--timeout", type=float, default=60.0,
                    help="seconds to wait for a certified reply before an operation fails with ETIMEDOUT")
     m.add_argument("--foreground", action="store_true", help="serve in this process until unmounted")

@@ -20,6 +20,11 @@ request to the replicated ``BFSService``.
   fsync; a directory's attributes after the mount's own create, mkdir... come from its result
   (never later than ``cache_s`` after they were fetched); ``strict``: no kernel caching at all
   (timeouts 0, direct I/O), every write sent at once and every read an ordered operation.
+* The mount cache: entries, absent names, attributes and whole listings the mount fetched or
+  learnt from its own changes answer the kernel again after the kernel's own timeouts ran out,
+  for as long as the replicas say that no client but this mount's identities changed anything
+  since (the read-only ``changes``, at most one per ``cache_s`` for all of them): what another
+  client changed still shows within ``cache_s``. ``open`` always fetches (close-to-open).
 * Credentials: the caller's uid, gid and supplementary groups (from ``/proc/PID/status``)
   go with every request; reads and writes through an open file use the opener's.
 """
@@ -48,6 +53,14 @@ NOW_WINDOW_NS = 200_000_000
 EAGAIN_RETRIES = 100
 #: writes gathered per inode before they are sent (write-behind)
 WRITE_BEHIND_MAX = 1 << 20
+#: the mount cache: entries and attributes kept at most, directories listed whole at most, the
+#: largest listing kept (entries), absent names looked up in a directory before it is listed
+MCACHE_MAX = 200_000
+MLISTS_MAX = 2_000
+MLIST_ENTRIES_MAX = 2_048
+MLIST_AFTER = 2
+#: identities named in a ``changes`` request (a mount with more sees its other ones' changes as others')
+MINE_MAX = 32
 
 
 def _groups_of(pid: int, gid: int) -> tuple:
@@ -104,7 +117,10 @@ def _merge(ext: list, off: int, data, cred) -> list:
 
 def _guard(fn):
     """Only FUSEError may leave a pyfuse3 handler."""
+    name = fn.__name__
+
     async def wrapper(self, *args):
+        self.fuse[name] = self.fuse.get(name, 0) + 1
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
@@ -134,7 +150,7 @@ class BFSOperations(pyfuse3.Operations):
 
     def __init__(self, pool: ClientPool, identities: list[int], strict: bool = False, timeout_s: float = 60.0,
                  cache_s: float = 1.0, writeback: bool = False, keep_cache: bool = True,
-                 negative_cache: bool = True, write_behind: bool = True):
+                 negative_cache: bool = True, write_behind: bool = True, mount_cache: bool = True):
         super().__init__()
         self.pool = pool
         self.ids = list(identities)
@@ -171,8 +187,23 @@ class BFSOperations(pyfuse3.Operations):
         self.flushing: dict[int, asyncio.Lock] = {}
         self.write_errors: dict[int, int] = {}  # inode -> errno of a gathered write the replicas refused
         self.errors: dict[str, int] = {}
+        self.fuse: dict[str, int] = {}  # FUSE requests handled, by kind
         self.stats: dict[str, list] = {}  # op -> [calls, seconds]
         self.max_io = min(IO_MAX, pool.cfg.request_size_bytes_max - 512)
+        # the mount cache (module docstring): everything in it carries the epoch it was fetched
+        # in; a check that finds another client's change starts a new epoch, voiding it all
+        self.mcache = mount_cache and self.cache_s > 0
+        self.ve = 0
+        self.vlast: Optional[int] = None  # the agreed time of the last check
+        self.vuntil = 0.0  # monotonic: answers from the cache are fresh until then
+        self.vcheck: Optional[asyncio.Future] = None
+        self.mgen = 0  # our changes begun and ended: a fetch that overlaps one is not kept
+        self.minflight = 0
+        self.cattr: dict[int, tuple] = {}  # ino -> (attributes, epoch)
+        self.cent: dict[tuple, tuple] = {}  # (directory, name) -> (ino, or 0: absent; epoch)
+        self.clist: dict[int, tuple] = {}  # directory -> (all its names, epoch)
+        self.cneg: dict[int, int] = {}  # directory -> absent names fetched there (it is listed after MLIST_AFTER)
+        self.mstats = {"checks": 0, "voided": 0, "hits": 0, "lists": 0}
 
     # ---- calling the cluster ---------------------------------------------------------------
     async def call(self, op: str, *args, cred: tuple, read_only: bool = False, ident: Optional[int] = None):
@@ -181,9 +212,23 @@ class BFSOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(E.E2BIG)
         ro = read_only and not self.strict
         t0 = time.monotonic()
+        if not read_only:
+            self.mgen += 1
+            self.minflight += 1
         try:
             return await self._call(op, raw, ro, ident)
+        except BFSError as e:
+            if not read_only and e.errno in (E.EEXIST, E.ENOENT, E.ESTALE):
+                self._vvoid()  # another client's change that the mount cache may not know yet
+            raise
+        except BaseException:
+            if not read_only:
+                self._vvoid()  # a change of ours that may or may not have happened
+            raise
         finally:
+            if not read_only:
+                self.mgen += 1
+                self.minflight -= 1
             st = self.stats.setdefault(op, [0, 0.0])
             st[0] += 1
             st[1] += time.monotonic() - t0
@@ -217,11 +262,12 @@ class BFSOperations(pyfuse3.Operations):
     def cred(ctx) -> tuple:
         return (ctx.uid, ctx.gid, _groups_of(ctx.pid, ctx.gid))
 
-    def entry(self, a, attr_timeout: Optional[float] = None) -> pyfuse3.EntryAttributes:
+    def entry(self, a, attr_timeout: Optional[float] = None, entry_timeout: Optional[float] = None
+              ) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = a[A_INO]
         e.generation = 0
-        e.entry_timeout = self.cache_s
+        e.entry_timeout = self.cache_s if entry_timeout is None else entry_timeout
         e.attr_timeout = self.cache_s if attr_timeout is None else attr_timeout
         e.st_mode = a[A_MODE]
         e.st_nlink = a[A_NLINK]
@@ -271,20 +317,182 @@ class BFSOperations(pyfuse3.Operations):
             self.timeout_s = saved
 
     # ---- metadata ------------------------------------------------------------------------------
+    def _absent(self, timeout: float) -> pyfuse3.EntryAttributes:
+        if not self.negative_cache:
+            raise pyfuse3.FUSEError(E.ENOENT)
+        # a negative entry: the kernel remembers the name is absent for cache_s (a create
+        # through this mount replaces it at once; another client's within cache_s)
+        neg = pyfuse3.EntryAttributes()
+        neg.st_ino = 0
+        neg.entry_timeout = timeout
+        return neg
+
     @_guard
     async def lookup(self, parent_inode, name, ctx):
+        p, nm = parent_inode, bytes(name)
+        cacheable = self.mcache and nm not in (b".", b"..")
+        if cacheable and ((p, nm) in self.cent or p in self.clist):
+            left = await self._fresh()
+            if left:
+                hit = self._cached_entry(p, nm, left)
+                if hit is not None:
+                    return hit
+        g, ep = self._snap(), self.ve
+        cred = self.cred(ctx)
         try:
-            a = await self.call("lookup", parent_inode, bytes(name), cred=self.cred(ctx), read_only=True)
+            a = await self.call("lookup", p, nm, cred=cred, read_only=True)
         except BFSError as e:
-            if e.errno != E.ENOENT or not self.negative_cache:
+            if e.errno != E.ENOENT:
                 raise
-            # a negative entry: the kernel remembers the name is absent for cache_s (a create
-            # through this mount replaces it at once; another client's within cache_s)
-            neg = pyfuse3.EntryAttributes()
-            neg.st_ino = 0
-            neg.entry_timeout = self.cache_s
-            return neg
+            if cacheable and self._quiet(g, ep):
+                self._put_entry(p, nm, 0, ep)
+                n = self.cneg[p] = self.cneg.get(p, 0) + 1
+                if n >= MLIST_AFTER and p not in self.clist:
+                    await self._list(p, cred)
+            return self._absent(self.cache_s)
+        if cacheable and self._quiet(g, ep):
+            self._put_entry(p, nm, a[A_INO], ep)
+            self._put_attr(a, ep)
         return self.entry(self._with_dirty(a))
+
+    # ---- the mount cache -------------------------------------------------------------------
+    def _snap(self) -> Optional[int]:
+        """Before a fetch: what ``_quiet`` compares (None: a change of ours is under way)."""
+        return None if self.minflight else self.mgen
+
+    def _quiet(self, g: Optional[int], ep: int, own: int = 0) -> bool:
+        """No change of ours overlapped the fetch (or our ``own`` changes) begun at ``g``, and the
+        epoch is still ``ep``: what it returned may go into the cache."""
+        return self.mcache and g is not None and self.mgen == g + 2 * own and self.ve == ep
+
+    def _put_attr(self, a, ep: int) -> None:
+        if len(self.cattr) >= MCACHE_MAX:
+            self.cattr.clear()
+        self.cattr[a[A_INO]] = (a, ep)
+
+    def _put_entry(self, p: int, nm: bytes, ino: int, ep: int) -> None:
+        if len(self.cent) >= MCACHE_MAX:
+            self.cent.clear()
+        self.cent[(p, nm)] = (ino, ep)
+        lst = self.clist.get(p)
+        if lst is not None:
+            if ino:
+                lst[0].add(nm)
+            else:
+                lst[0].discard(nm)
+
+    def _cached_entry(self, p: int, nm: bytes, left: float):
+        c = self.cent.get((p, nm))
+        if c is not None and c[1] == self.ve:
+            if not c[0]:
+                self.mstats["hits"] += 1
+                return self._absent(left)
+            a = self.cattr.get(c[0])
+            if a is not None and a[1] == self.ve:
+                self.mstats["hits"] += 1
+                return self.entry(self._with_dirty(a[0]), left, left)
+            return None
+        lst = self.clist.get(p)
+        if lst is not None and lst[1] == self.ve and nm not in lst[0]:
+            self.mstats["hits"] += 1
+            return self._absent(left)
+        return None
+
+    def _vvoid(self) -> None:
+        """Nothing cached so far may be used again."""
+        self.ve += 1
+        self.cattr.clear()
+        self.cent.clear()
+        self.clist.clear()
+        self.cneg.clear()
+
+    async def _fresh(self) -> float:
+        """How long answers from the mount cache may be cached by the kernel (0: not usable): a
+        check is made when less than a quarter of ``cache_s`` is left since the last one."""
+        left = self.vuntil - time.monotonic()
+        if left > self.cache_s / 4:
+            return left
+        if self.vcheck is None:
+            self.vcheck = asyncio.ensure_future(self._check())
+        try:
+            await asyncio.shield(self.vcheck)
+        except Exception:
+            return 0.0
+        left = self.vuntil - time.monotonic()
+        return left if left > 0.01 else 0.0
+
+    async def _check(self) -> None:
+        """Ask the replicas whether a client other than ours changed anything since the last check."""
+        try:
+            sent = time.monotonic()
+            self.mstats["checks"] += 1
+            try:
+                now, latest = await self.call("changes", tuple(self.ids[:MINE_MAX]), cred=(0, 0, ()),
+                                              read_only=True)
+            except BFSError as e:
+                if e.errno == E.EINVAL:  # replicas without it: no mount cache
+                    log.warning("bfs mount: the replicas do not answer `changes`: no mount cache")
+                    self.mcache = False
+                self._vvoid()
+                self.vuntil = 0.0
+                return
+            except Exception:
+                self._vvoid()
+                self.vuntil = 0.0
+                raise
+            if type(now) is not int or type(latest) is not int or self.vlast is None or latest > self.vlast:
+                self.mstats["voided"] += 1
+                self._vvoid()
+            self.vlast = now if type(now) is int else None
+            self.vuntil = sent + self.cache_s
+        finally:
+            self.vcheck = None
+
+    async def _list(self, d: int, cred: tuple) -> None:
+        """Fetch the names of directory ``d`` (a small one), so that absent ones are answered here."""
+        g, ep = self._snap(), self.ve
+        names: set = set()
+        cookie = 0
+        try:
+            while len(names) <= MLIST_ENTRIES_MAX:
+                ents, eof, resume = await self.call("readdir", d, cookie, 256, cred=cred, read_only=True)
+                names.update(name for name, _ck, _a in ents)
+                if eof:
+                    break
+                if type(resume) is not int or resume <= cookie:
+                    return
+                cookie = resume
+            else:
+                return
+        except (BFSError, PbftError, ValueError):
+            return
+        self.mstats["lists"] += 1
+        if self._quiet(g, ep):
+            if len(self.clist) >= MLISTS_MAX:
+                self.clist.clear()
+            self.clist[d] = (names, ep)
+
+    def _own_new(self, g: Optional[int], p: int, nm: bytes, a, is_dir: bool = False) -> None:
+        """Our create, mkdir, mknod, symlink or link of ``nm`` in ``p`` returned ``a``."""
+        ep = self.ve
+        if self._quiet(g, ep, 1):
+            self._put_entry(p, nm, a[A_INO], ep)
+            self._put_attr(a, ep)
+            if is_dir:
+                if len(self.clist) >= MLISTS_MAX:
+                    self.clist.clear()
+                self.clist[a[A_INO]] = (set(), ep)
+        else:
+            self.cent.pop((p, nm), None)
+            self.cattr.pop(a[A_INO], None)
+            self.clist.pop(p, None)
+
+    def _own_attr(self, g: Optional[int], a, own: int = 1) -> None:
+        """Our change of an inode returned its attributes ``a``."""
+        if self._quiet(g, self.ve, own):
+            self._put_attr(a, self.ve)
+        else:
+            self.cattr.pop(a[A_INO], None)
 
     @_guard
     async def getattr(self, inode, ctx):
@@ -294,8 +502,19 @@ class BFSOperations(pyfuse3.Operations):
             if left > 0.01:
                 return self.entry(c[0], left)
             del self.dattr[inode]
+        if self.mcache:
+            c = self.cattr.get(inode)
+            if c is not None and c[1] == self.ve:
+                left = await self._fresh()
+                c = self.cattr.get(inode)
+                if left and c is not None and c[1] == self.ve:
+                    self.mstats["hits"] += 1
+                    return self.entry(self._with_dirty(c[0]), left)
         g, t0 = self._dgen(inode), time.monotonic()
+        mg, ep = self._snap(), self.ve
         a = await self.call("getattr", inode, cred=self.cred(ctx), read_only=True)
+        if self._quiet(mg, ep):
+            self._put_attr(a, ep)
         if self.cache_s > 0 and S.S_ISDIR(a[A_MODE]) and self._dgen(inode) == g:
             if len(self.dattr) > 100_000:
                 self._dvoid()
@@ -310,7 +529,14 @@ class BFSOperations(pyfuse3.Operations):
         """A change of ours in directory ``d`` begins: its cached attributes go; returns them
         (or None) and the generation that ``_dchanged`` checks."""
         self.dgen[d] = self.dgen.get(d, 0) + 1
-        return self.dattr.pop(d, None), self._dgen(d)
+        c = self.cattr.pop(d, None)
+        cep = c[1] if c is not None and c[1] == self.ve and self.mcache else None
+        base = self.dattr.pop(d, None)
+        if base is not None:
+            base = (base[0], base[1], cep)
+        elif c is not None and cep is not None:
+            base = (c[0], None, cep)  # (known from the mount cache only: it goes back there only)
+        return base, self._dgen(d)
 
     def _dchanged(self, d: int, base, g: tuple, when: int, nlink: int = 0) -> None:
         """It succeeded at the agreed time ``when`` (a new entry's ctime, an unlink's time): ``d``'s
@@ -320,12 +546,16 @@ class BFSOperations(pyfuse3.Operations):
         a = list(base[0])
         a[A_MTIME] = a[A_CTIME] = when
         a[A_NLINK] += nlink
-        self.dattr[d] = (tuple(a), base[1])
+        if base[2] is not None and base[2] == self.ve:
+            self._put_attr(tuple(a), base[2])
+        if base[1] is not None:
+            self.dattr[d] = (tuple(a), base[1])
 
     def _dvoid(self) -> None:
         self.dattr.clear()
         self.dgen.clear()
         self.depoch += 1
+        self._vvoid()
 
     def _with_dirty(self, a):
         """The attributes ``a`` with the size our gathered writes give the file (sent at close)."""
@@ -369,6 +599,7 @@ class BFSOperations(pyfuse3.Operations):
             return UTIME_NOW if abs(ns - now) < NOW_WINDOW_NS else ns  # before 1970: EINVAL from the service
 
         self._dchange(inode)
+        g = self._snap()
         a = await self.call("setattr", inode,
                             (attr.st_mode & 0o7777) if fields.update_mode else None,
                             attr.st_uid if fields.update_uid else None,
@@ -376,6 +607,7 @@ class BFSOperations(pyfuse3.Operations):
                             attr.st_size if fields.update_size else None,
                             (t(fields.update_atime, attr.st_atime_ns), t(fields.update_mtime, attr.st_mtime_ns)),
                             cred=cred)
+        self._own_attr(g, a)
         if inode in self.pages:  # our own change: the cached pages (truncated by the kernel) stay right
             self._pages(inode, (a[A_SIZE], a[A_MTIME]))
         return self.entry(a)
@@ -387,21 +619,27 @@ class BFSOperations(pyfuse3.Operations):
     @_guard
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         base, g = self._dchange(parent_inode)
+        mg = self._snap()
         a = await self.call("mknod", parent_inode, bytes(name), mode, rdev, cred=self.cred(ctx))
+        self._own_new(mg, parent_inode, bytes(name), a)
         self._dchanged(parent_inode, base, g, a[A_CTIME])
         return self.entry(a)
 
     @_guard
     async def mkdir(self, parent_inode, name, mode, ctx):
         base, g = self._dchange(parent_inode)
+        mg = self._snap()
         a = await self.call("mkdir", parent_inode, bytes(name), mode, cred=self.cred(ctx))
+        self._own_new(mg, parent_inode, bytes(name), a, is_dir=True)
         self._dchanged(parent_inode, base, g, a[A_CTIME], nlink=1)
         return self.entry(a)
 
     @_guard
     async def symlink(self, parent_inode, name, target, ctx):
         base, g = self._dchange(parent_inode)
+        mg = self._snap()
         a = await self.call("symlink", parent_inode, bytes(name), bytes(target), cred=self.cred(ctx))
+        self._own_new(mg, parent_inode, bytes(name), a)
         self._dchanged(parent_inode, base, g, a[A_CTIME])
         return self.entry(a)
 
@@ -410,7 +648,10 @@ class BFSOperations(pyfuse3.Operations):
         if inode in self.dirty:
             await self._flush_writes(inode)
         base, g = self._dchange(new_parent_inode)
+        self.cattr.pop(inode, None)
+        mg = self._snap()
         a = await self.call("link", inode, new_parent_inode, bytes(new_name), cred=self.cred(ctx))
+        self._own_new(mg, new_parent_inode, bytes(new_name), a)
         self._dchanged(new_parent_inode, base, g, a[A_CTIME])
         return self.entry(a)
 
@@ -418,8 +659,23 @@ class BFSOperations(pyfuse3.Operations):
     async def unlink(self, parent_inode, name, ctx):
         await self._flush_all()
         base, g = self._dchange(parent_inode)
-        (kept, when), who = await self.call_as("unlink", parent_inode, bytes(name), bool(self.open_count),
-                                               cred=self.cred(ctx))
+        nm = bytes(name)
+        c = self.cent.pop((parent_inode, nm), None)
+        mg, ep = self._snap(), self.ve
+        try:
+            (kept, when), who = await self.call_as("unlink", parent_inode, nm, bool(self.open_count),
+                                                   cred=self.cred(ctx))
+        finally:
+            # the unlinked inode's link count and ctime changed: if which one it was is not
+            # known, no attributes in the mount cache can be trusted
+            if c is not None and c[1] == ep and c[0]:
+                self.cattr.pop(c[0], None)
+            else:
+                self.cattr.clear()
+        if self._quiet(mg, ep, 1):
+            self._put_entry(parent_inode, nm, 0, ep)
+        else:
+            self.clist.pop(parent_inode, None)
         self._dchanged(parent_inode, base, g, when)
         await self._kept(kept, who)
 
@@ -494,14 +750,19 @@ class BFSOperations(pyfuse3.Operations):
         cred = self.cred(ctx)
         if inode in self.dirty:
             await self._flush_writes(inode)
+        g, ep = self._snap(), self.ve
         if flags & os.O_TRUNC:  # libfuse asks for atomic O_TRUNC: the truncation is ours to do
+            self.cattr.pop(inode, None)
             a = await self.call("setattr", inode, None, None, None, 0, (None, None), cred=cred)
+            self._own_attr(g, a)
             try:
                 pyfuse3.invalidate_inode(inode, attr_only=True)
             except OSError:
                 pass
-        else:
+        else:  # (always fetched, never from the mount cache: close-to-open)
             a = await self.call("getattr", inode, cred=cred, read_only=True)
+            if self._quiet(g, ep):
+                self._put_attr(a, ep)
         seen = self.known.get(inode)
         now_is = (a[A_SIZE], a[A_MTIME])
         if not self.strict and seen is not None and seen != now_is:
@@ -522,13 +783,17 @@ class BFSOperations(pyfuse3.Operations):
         # exclusive first: the kernel asks only for a name it found absent, and the result then
         # says the entry is new (so the directory's new attributes are known); if another client
         # made it meanwhile, a plain create opens it, as it would have at once
+        nm = bytes(name)
+        mg = self._snap()
         try:
-            a = await self.call("create", parent_inode, bytes(name), mode, True, cred=cred)
+            a = await self.call("create", parent_inode, nm, mode, True, cred=cred)
+            self._own_new(mg, parent_inode, nm, a)
             self._dchanged(parent_inode, base, g, a[A_CTIME])
         except BFSError as e:
             if e.errno != E.EEXIST or flags & os.O_EXCL:
                 raise
-            a = await self.call("create", parent_inode, bytes(name), mode, False, cred=cred)
+            self._vvoid()  # another client made it: what else did it change?
+            a = await self.call("create", parent_inode, nm, mode, False, cred=cred)
         if flags & os.O_TRUNC and a[A_SIZE] > 0:  # it existed after all (another client made it)
             a = await self.call("setattr", a[A_INO], None, None, None, 0, (None, None), cred=cred)
         self._opened(a[A_INO])
@@ -612,8 +877,11 @@ class BFSOperations(pyfuse3.Operations):
     async def _send_writes(self, ino: int, extents, opened_ns) -> None:
         # a write larger than one request: its pieces are independent operations, sent together
         parts = [(o + d, b[d:d + self.max_io], c) for o, b, c in extents for d in range(0, len(b), self.max_io)]
+        self.cattr.pop(ino, None)
+        g = self._snap()
         attrs = await asyncio.gather(*(self.call("write", ino, o, piece, cred=c) for o, piece, c in parts))
         a = max(attrs, key=lambda x: (x[A_CTIME], x[A_SIZE]))
+        self._own_attr(g, a, len(parts))
         self.known[ino] = (a[A_SIZE], a[A_MTIME])
         if self.enable_writeback_cache and opened_ns is not None:
             if len(self.wrote) > 100_000:
@@ -679,7 +947,12 @@ class BFSOperations(pyfuse3.Operations):
             start_id = 2
         cookie = start_id - 2
         while True:
+            g, ep = self._snap(), self.ve
             ents, eof, resume = await self.call("readdir", h.ino, cookie, 256, cred=h.cred, read_only=True)
+            if self._quiet(g, ep):
+                for name, _ck, a in ents:
+                    self._put_entry(h.ino, name, a[A_INO], ep)
+                    self._put_attr(a, ep)
             for name, ck, a in ents:
                 if not pyfuse3.readdir_reply(token, name, self.entry(a), ck + 2):
                     return
@@ -748,6 +1021,7 @@ async def run_mount(cluster, identities: list[int], mountpoint: str, strict: boo
         await pool.close()
         log.info("bfs mount: calls %s; errors %s", {k: (v[0], round(v[1] / max(1, v[0]) * 1000, 2))
                                                    for k, v in sorted(ops.stats.items())}, ops.errors)
+        log.info("bfs mount: FUSE requests %s; mount cache %s", dict(sorted(ops.fuse.items())), ops.mstats)
 
 
 def mount_main(cluster, identities: list[int], mountpoint: str, **kw) -> None:

@@ -19,7 +19,8 @@ import msgpack
 A_INO, A_MODE, A_NLINK, A_UID, A_GID, A_RDEV, A_SIZE, A_BLOCKS, A_ATIME, A_MTIME, A_CTIME = range(11)
 
 #: operations that never change the state: the only ones accepted with ``read_only=True``
-READ_ONLY_OPS = frozenset({"lookup", "getattr", "readlink", "read", "readdir", "statfs", "getxattr", "listxattr"})
+READ_ONLY_OPS = frozenset({"lookup", "getattr", "readlink", "read", "readdir", "statfs", "getxattr", "listxattr",
+                           "changes"})
 
 #: number of arguments of each operation (credentials not counted)
 ARITY = {
@@ -29,6 +30,7 @@ ARITY = {
     "read": 3,          # ino, offset, size
     "readdir": 3,       # ino, cookie, max_entries  -> (entries, eof, resume cookie); entry (name, cookie, attr)
     "statfs": 0,
+    "changes": 1,       # (client ids) -> (last agreed time, latest time another client changed anything)
     "getxattr": 2,      # ino, name
     "listxattr": 1,     # ino
     "create": 4,        # parent, name, mode, exclusive

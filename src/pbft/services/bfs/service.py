@@ -14,7 +14,12 @@ The state (``docs/bfs.md`` has the whole picture):
   name): ``(ino, cookie)``, and pages keyed by (directory, cookie // DIR_PAGE): ``((cookie,
   name), ...)`` sorted, which readdir walks (cookies are never reused); extended attributes
   (``((name, value), ...)`` sorted), and file data in chunks of ``CHUNK`` bytes keyed by
-  (inode, index): ``(stamp, bytes)``, an absent chunk is a hole.
+  (inode, index): ``(stamp, bytes)``, an absent chunk is a hole;
+* a writers cell ``(floor, ((client, time_ns), ...))``: the last agreed time at which each of
+  the ``WRITERS_MAX`` clients that changed the state most recently did, and the latest time of
+  the ones that dropped out of it (``floor``). The read-only ``changes`` answers a client
+  whether anyone else changed anything since a given time, so a mount can keep using what it
+  cached as long as nobody else wrote.
 
 Every operation runs against per-operation caches and writes through an undo log: an
 operation either happens completely or, when it fails (an errno, a full bucket, a bug), not
@@ -66,6 +71,11 @@ N_IFIELDS = 15
 SB_NEXT, SB_TIME, SB_INODES, SB_CHUNKS, SB_QHEAD, SB_QTAIL = range(6)
 #: chunk slots a deletion frees at once, per operation, before it queues the rest
 EAGER_FREE_BUDGET = 256
+
+#: clients the writers cell keeps by name (older ones only raise its floor)
+WRITERS_MAX = 16
+#: the writer recorded for the lazy reclaim's changes (which any client's operation may make)
+RECLAIMER = -1
 
 MKNOD_TYPES = (S.S_IFREG, S.S_IFIFO, S.S_IFCHR, S.S_IFBLK, S.S_IFSOCK)
 
@@ -148,6 +158,14 @@ def _check_qentry(v) -> None:
         raise ValueError("bad reclaim entry")
 
 
+def _check_writers(v) -> None:
+    if not (isinstance(v, tuple) and len(v) == 2 and _is_int(v[0]) and isinstance(v[1], tuple)
+            and len(v[1]) <= WRITERS_MAX
+            and all(isinstance(w, tuple) and len(w) == 2 and _is_int(w[0], RECLAIMER, U32) and _is_int(w[1])
+                    for w in v[1])):
+        raise ValueError("bfs: bad writers cell")
+
+
 def _check_pairs(width):
     def check(v) -> None:
         if not (isinstance(v, tuple) and all(isinstance(e, tuple) and len(e) == width and all(_is_int(x, -1) for x in e)
@@ -192,8 +210,10 @@ class BFSService(ObjectService):
         self.reclaim = ObjectDict(256, base=base, check_value=_check_qentry)
         base += 256
         self.data = ObjectDict(data_buckets, base=base, check_value=_check_chunk)
+        base += data_buckets
+        self.writers = Cell(base, (0, ()), check=_check_writers)
         self.space = ObjectSpace(self.sb, self.usage, self.orphans, self.inodes, self.dirs, self.dirents, self.dpages,
-                                 self.xattrs, self.reclaim, self.data)
+                                 self.xattrs, self.reclaim, self.data, self.writers)
         c = self.cfg
         root = [S.S_IFDIR | (c.root_mode & 0o7777), c.root_uid, c.root_gid, 2, 0, 0, 0, 0, 0, 0, ROOT_INO, -1, b"",
                 -1, ()]
@@ -383,8 +403,9 @@ class BFSService(ObjectService):
                 sb[SB_TIME] = min(U64, max(t, sb[SB_TIME] + 1))
                 self.now = sb[SB_TIME]
                 value = handler(cr, *op[1:-1])
-                self._reclaim_step()
+                reclaimed = self._reclaim_step()
                 self._flush()
+                self._wrote(RECLAIMER if reclaimed else client)
             else:
                 self.now = self.sb.value[SB_TIME]
                 value = handler(cr, *op[1:-1])
@@ -682,9 +703,21 @@ class BFSService(ObjectService):
                 self._enqueue((ino, lo, hi, self.now, n[I_CHARGE], -1))
         n[I_SIZE] = size
 
-    def _reclaim_step(self) -> None:
-        """Free queued chunks: at most RECLAIM_FREES deletions and RECLAIM_PROBES probes."""
+    def _wrote(self, who: int) -> None:
+        """Client ``who`` changed the state at ``self.now``: the writers cell."""
+        floor, ws = self.writers.value
+        keep = [w for w in ws if w[0] != who]
+        keep.append((who, self.now))
+        if len(keep) > WRITERS_MAX:
+            floor = max(floor, keep[0][1])
+            del keep[0]
+        self._tcell(self.writers, (floor, tuple(keep)))
+
+    def _reclaim_step(self) -> bool:
+        """Free queued chunks: at most RECLAIM_FREES deletions and RECLAIM_PROBES probes; whether
+        it did anything."""
         sb = self._sbl()
+        head = sb[SB_QHEAD]
         probes, frees = RECLAIM_PROBES, RECLAIM_FREES
         while sb[SB_QHEAD] < sb[SB_QTAIL] and probes > 0 and frees > 0:
             qkey = _k(sb[SB_QHEAD])
@@ -716,6 +749,7 @@ class BFSService(ObjectService):
                     self._touch(ino)
             else:
                 self._tset(self.reclaim, qkey, (ino, lo, hi, cutoff, charge, remaining))
+        return probes < RECLAIM_PROBES or sb[SB_QHEAD] != head
 
     # ---- attributes ----------------------------------------------------------------------
     @staticmethod
@@ -797,6 +831,13 @@ class BFSService(ObjectService):
                 out.append((name, ck, self._attr(child, self._node(child))))
             page += 1
         return (tuple(out), True, out[-1][1] if out else cookie)
+
+    def op_changes(self, cr, mine):
+        """(the last agreed time, the latest time a client not in ``mine`` changed the state)."""
+        if not isinstance(mine, tuple) or not all(_is_int(c, 0, U32) for c in mine):
+            _fail(E.EINVAL)
+        floor, ws = self.writers.value
+        return (self.sb.value[SB_TIME], max([floor, *(t for c, t in ws if c not in mine)]))
 
     def op_statfs(self, cr):
         sb = self.sb.value
