@@ -180,7 +180,10 @@ def cmd_membership(args, cluster: Cluster, admin: int) -> int:
             print(f"recorded: {args.action} {cluster.cfg.n} -> {n} replicas (f={f}) opens epoch {res['epoch']} "
                   f"at checkpoint {res['switch_seqno']}; the new membership orders after {res['members_at']}")
             # the configuration recorded (the change with its switch point), read before the switch
-            doc = decode_result(bc.invoke(encode_request("show"), read_only=True, timeout=args.timeout))
+            try:
+                doc = decode_result(bc.invoke(encode_request("show"), read_only=True, timeout=args.timeout))
+            except PbftError:  # (read-only replies that do not match yet: ordered)
+                doc = decode_result(bc.invoke(encode_request("show"), read_only=False, timeout=args.timeout))
             latest = doc["latest"].describe()
             if args.no_wait:
                 return 0
