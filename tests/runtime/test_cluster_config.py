@@ -153,3 +153,23 @@ def test_the_membership_in_force_comes_from_epoch_json(tmp_path):
         grown, next_members=Membership(8, 2, (1,) * 8, keys + keys[:1], 40, 1)).describe()))
     with pytest.raises(ConfigError, match="not of this cluster"):
         load_cluster(tmp_path)
+
+
+def test_membership_change_arguments(tmp_path):
+    from argparse import Namespace
+
+    from pbft.tools.reconfig import _membership_change
+    c = init_cluster(tmp_path, 4, None, None, 7000, 2, replica_slots=7)
+
+    def ask(action, count=None, faults=None, weights=None):
+        return _membership_change(c, Namespace(action=action, count=count, faults=faults, weights=weights))
+    assert ask("add-replica", 3) == (7, 2, (1,) * 7)
+    assert ask("add-replica") == (5, 1, (1,) * 5)
+    assert ask("remove-replica", 3) == (1, 0, (1,))
+    assert ask("set-weights", weights="2,1,1,1") == (4, 1, (2, 1, 1, 1))
+    with pytest.raises(ConfigError, match="7 replica slots"):
+        ask("add-replica", 4)
+    with pytest.raises(ConfigError, match="needs 4 weights"):
+        ask("set-weights", weights="1,1")
+    with pytest.raises(ConfigError, match="at least 1"):
+        ask("remove-replica", 0)
