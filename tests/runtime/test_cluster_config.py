@@ -128,3 +128,48 @@ def test_init_writes_addresses_and_keys_of_the_spare_replica_slots(tmp_path):
     (tmp_path / "cluster.toml").write_text(text.replace("id = 6\n", "id = 9\n", 1))
     with pytest.raises(ConfigError, match="replica ids must be 0..6"):
         load_cluster(tmp_path)
+
+
+def test_the_membership_in_force_comes_from_epoch_json(tmp_path):
+    import dataclasses
+    import json
+
+    from pbft.runtime.cluster import EPOCH_FILE, with_membership
+    from pbft.state.configuration import ConfigRecord, Membership
+    c = init_cluster(tmp_path, 4, None, None, 7000, 2, replica_slots=7)
+    cs = ConfigRecord.decode(c.genesis_config).latest
+    keys = tuple(e.public_key for e in c.slots)
+    grown = dataclasses.replace(cs, epoch=1, opens_at=16, next_members=Membership(7, 2, (1,) * 7, keys, 40, 1))
+    (tmp_path / EPOCH_FILE).write_text(json.dumps(grown.describe()))
+    now = load_cluster(tmp_path)
+    assert (now.cfg.n, now.cfg.f, now.cfg.client_base, now.members_from, now.members_epoch) == (7, 2, 7, 40, 1)
+    assert [r.id for r in now.replicas] == list(range(7)) and now.genesis_cfg.n == 4
+    assert now.owner(0) == c.owner(0)  # (the data directories stay the replicas')
+    assert with_membership(now, 4, 1, (1,) * 4, 80, 2).replicas == c.replicas
+    with pytest.raises(ConfigError, match="no address for replica 7"):
+        with_membership(now, 8, 2, (1,) * 8, 80, 2)
+    # a membership beyond the slots with an address is refused
+    (tmp_path / EPOCH_FILE).write_text(json.dumps(dataclasses.replace(
+        grown, next_members=Membership(8, 2, (1,) * 8, keys + keys[:1], 40, 1)).describe()))
+    with pytest.raises(ConfigError, match="not of this cluster"):
+        load_cluster(tmp_path)
+
+
+def test_membership_change_arguments(tmp_path):
+    from argparse import Namespace
+
+    from pbft.tools.reconfig import _membership_change
+    c = init_cluster(tmp_path, 4, None, None, 7000, 2, replica_slots=7)
+
+    def ask(action, count=None, faults=None, weights=None):
+        return _membership_change(c, Namespace(action=action, count=count, faults=faults, weights=weights))
+    assert ask("add-replica", 3) == (7, 2, (1,) * 7)
+    assert ask("add-replica") == (5, 1, (1,) * 5)
+    assert ask("remove-replica", 3) == (1, 0, (1,))
+    assert ask("set-weights", weights="2,1,1,1") == (4, 1, (2, 1, 1, 1))
+    with pytest.raises(ConfigError, match="7 replica slots"):
+        ask("add-replica", 4)
+    with pytest.raises(ConfigError, match="needs 4 weights"):
+        ask("set-weights", weights="1,1")
+    with pytest.raises(ConfigError, match="at least 1"):
+        ask("remove-replica", 0)

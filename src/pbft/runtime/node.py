@@ -105,7 +105,8 @@ class ReplicaNode:
         # replica starting from nothing in a later membership starts as its joiner
         # (one with a store restores its checkpoint's membership: core.membership.after_restore)
         self.joining = not records and cluster.members_from > 0
-        if self.joining or not self.cfg.is_replica(replica_id):
+        added = not self.cfg.is_replica(replica_id)  # (no member at genesis: added by a change)
+        if self.joining or added:
             if not cluster.cfg.is_replica(replica_id):
                 raise ConfigError(f"replica {replica_id} is not a member: the membership in force has "
                                   f"{cluster.cfg.n} replicas ({EPOCH_FILE if cluster.members_from else CLUSTER_FILE}; "
@@ -119,6 +120,8 @@ class ReplicaNode:
             if damaged:
                 log(replica_id, "store-damaged", records=len(damaged), outcome=self.restore_outcome)
             (path / "pid").write_text(f"{os.getpid()}\n")
+        if added and self.replica.low_water_mark < cluster.members_from:
+            self.joining = True  # (an added replica restarted before it got a checkpoint of its membership)
         if self.joining:
             membership.start_as_joiner(self.replica, membership.base_view(cluster.members_epoch, self.cfg.n),
                                        cluster.members_from)

@@ -358,10 +358,6 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(rows))
     else:
-        print(f"membership: {cluster.cfg.n} replicas, f={cluster.cfg.f}"
-              + (f", weights {list(cluster.cfg.weights)}" if set(cluster.cfg.weights) != {1} else "")
-              + (f" (epoch {cluster.members_epoch}, after seqno {cluster.members_from}; {cluster.dir}/epoch.json)"
-                 if cluster.members_from else " (cluster.toml)"))
         print(f"{'replica':>7} {'address':21} {'state':11} {'view':>5} {'primary':>7} {'executed':>9} "
               f"{'stable':>7} {'requests':>9} {'peers':>7} {'epoch':>5} {'n/f':>5}")
         for s in rows:
@@ -382,6 +378,10 @@ def cmd_status(args) -> int:
             print(f"{s['replica']:>7} {s['address']:21} {state:11} {s['view']:>5} {s['primary']:>7} "
                   f"{s['last_executed']:>9} {s['stable_checkpoint']:>7} {s['executed_requests']:>9} {peers:>7} "
                   f"{epoch:>5} {nf:>5}")
+        print(f"membership: {cluster.cfg.n} replicas, f={cluster.cfg.f}"
+              + (f", weights {list(cluster.cfg.weights)}" if set(cluster.cfg.weights) != {1} else "")
+              + (f" (epoch {cluster.members_epoch}, after seqno {cluster.members_from}; {cluster.dir}/epoch.json)"
+                 if cluster.members_from else " (cluster.toml)"))
         for line in notes:
             print(line)
     reachable = [s["replica"] for s in rows if s["reachable"] and s["replica"] in members]

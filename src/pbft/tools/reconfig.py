@@ -173,15 +173,17 @@ def cmd_membership(args, cluster: Cluster, admin: int) -> int:
     t0 = time.monotonic()
     try:
         with BlockingClient(cluster, admin) as bc:
+            # the configuration recorded before the change: the new one is it with the change, which
+            # cannot be read from the cluster once it has switched (after a growth, the new membership
+            # orders nothing before the added replicas run, and they start from epoch.json)
+            before = _show(bc, args.timeout)["latest"]
             res = decode_result(bc.invoke(op, read_only=False, timeout=args.timeout))
             if not res["ok"]:
                 print(f"pbft reconfig: refused: {res['reason']}", file=sys.stderr)
                 return 1
             print(f"recorded: {args.action} {cluster.cfg.n} -> {n} replicas (f={f}) opens epoch {res['epoch']} "
                   f"at checkpoint {res['switch_seqno']}; the new membership orders after {res['members_at']}")
-            # the configuration recorded (the change with its switch point), read before the switch
-            doc = decode_result(bc.invoke(encode_request("show"), read_only=True, timeout=args.timeout))
-            latest = doc["latest"].describe()
+            latest = _with_change(before, cluster, n, f, weights, added, res).describe()
             if args.no_wait:
                 return 0
             new = with_membership(cluster, n, f, weights, res["members_at"], res["epoch"])
@@ -201,6 +203,32 @@ def cmd_membership(args, cluster: Cluster, admin: int) -> int:
         print(f"pbft reconfig: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _show(bc, timeout: float) -> dict:
+    """``show``, read-only (ordered if the read-only replies do not match)."""
+    from ..runtime.client import PbftError
+
+    try:
+        return decode_result(bc.invoke(encode_request("show"), read_only=True, timeout=timeout))
+    except PbftError:
+        return decode_result(bc.invoke(encode_request("show"), read_only=False, timeout=timeout))
+
+
+def _with_change(cs, cluster: Cluster, n: int, f: int, weights: tuple[int, ...], added: list, res: dict):
+    """Configuration ``cs`` (recorded before the change) with the change ``res`` recorded, as the
+    replicas record it (``core.membership.set_membership``): a change recorded earlier whose switch
+    point has passed folded in, then the new membership, in force after ``res["members_at"]``."""
+    from dataclasses import replace
+
+    from ..core.membership import current, fold
+    from ..state.configuration import Membership
+
+    cs = fold(cs, res["members_at"])
+    old = current(cs, cluster.genesis_cfg or cluster.cfg)
+    keys = tuple(old.keys[:min(old.n, n)]) + tuple(k for _, k in added)
+    nxt = Membership(n, f, tuple(weights), keys, res["members_at"], res["epoch"])
+    return replace(cs, epoch=res["epoch"], opens_at=res["switch_seqno"], next_members=nxt)
 
 
 def _replace_replica(args, cluster: Cluster, admin: int) -> int:
