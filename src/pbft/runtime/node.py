@@ -32,6 +32,7 @@ from ..messages import Tag
 from ..service import Service
 from ..storage import Store, StoreError, open_store
 from .cluster import Cluster, recovery_turn
+from . import gctune
 from .epochs import EpochFollower
 from .keys import NEWKEY_TAG, Identity, fresh_key, make_newkey, now_timestamp_us
 from .metrics import HttpEndpoint, ReplicaMetrics
@@ -868,6 +869,7 @@ def run_replica(cluster: Cluster, replica_id: int, service: Service, quiet: bool
         import cProfile
         prof = cProfile.Profile()
         prof.enable()
+    gctune.tune()  # (the collector's settings for a long-running process: runtime.gctune)
     try:
         failed, rebooting, delay = uvloop.run(main()) if uvloop is not None else asyncio.run(main())
         if failed:
