@@ -32,6 +32,7 @@ from ..crypto import KEY_SIZE, KeyRing
 from ..messages import Tag
 from ..service import Service
 from ..storage import Store, StoreError, open_store
+from . import gctune
 from .cluster import CLUSTER_FILE, EPOCH_FILE, Cluster, recovery_turn
 from .epochs import EpochFollower
 from .keys import NEWKEY_TAG, Identity, fresh_key, make_newkey, now_timestamp_us
@@ -913,6 +914,7 @@ def run_replica(cluster: Cluster, replica_id: int, service: Service, quiet: bool
         import cProfile
         prof = cProfile.Profile()
         prof.enable()
+    gctune.tune()  # (the collector's settings for a long-running process: runtime.gctune)
     try:
         failed, rebooting, delay = uvloop.run(main()) if uvloop is not None else asyncio.run(main())
         if failed:

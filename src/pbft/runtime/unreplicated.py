@@ -18,6 +18,7 @@ from ..codec import Codec, DecodeError, result_digest, seal
 from ..crypto import KEY_SIZE, KeyRing
 from ..messages import Reply, Request, Tag
 from ..service import Service
+from . import gctune
 from .cluster import Cluster
 from .admission import (REQUEST_CREDITS_BURST, REQUEST_CREDITS_PER_RETRY_TIMEOUT, NewKeyGate, RequestBudget,
                         RequestSlots, frame_sender)
@@ -162,5 +163,6 @@ def run_unreplicated(cluster: Cluster, service: Service) -> None:
         await srv.stopping.wait()
         srv.close()
 
+    gctune.tune()  # as a replica's (runtime.gctune)
     uvloop.run(main())
 

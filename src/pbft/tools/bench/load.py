@@ -15,6 +15,7 @@ import time
 from typing import TYPE_CHECKING, Optional
 
 from ...config import ConfigError
+from ...runtime import gctune
 from ..procs import JsonLines, Procs
 
 if TYPE_CHECKING:
@@ -178,6 +179,7 @@ def load_worker_main(spec_json: str) -> int:
         run.result()
         say({"lat": base64.b64encode(load.lat.tobytes()).decode(), "errors": load.errors})
 
+    gctune.tune()
     try:
         import uvloop
         uvloop.run(main())

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ...config import ConfigError
+from ...runtime import gctune
 from ...runtime.cluster import free_port_range
 from ..procs import ChildExited, Procs, sigterm_as_interrupt
 from .load import READY_TIMEOUT_S, Load, Worker
@@ -116,6 +117,7 @@ class Bench:
             run = uvloop.run
         except ImportError:  # pragma: no cover
             run = asyncio.run
+        gctune.tune()  # the clients' process, as the servers' (runtime.gctune)
         try:
             return run(self._measure(label, cluster, clients, watch))
         except PbftError as e:
