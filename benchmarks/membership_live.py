@@ -29,7 +29,7 @@ from pathlib import Path
 
 from pbft import BlockingClient
 from pbft.runtime.client import PbftError
-from pbft.runtime.cluster import EPOCH_FILE, init_cluster, load_cluster
+from pbft.runtime.cluster import MembershipWatch, init_cluster, load_cluster
 from pbft.services.kv import KVClient
 from pbft.tools.cli import main as pbft_main
 from pbft.tools.net import fetch_status
@@ -43,20 +43,13 @@ class Loader(threading.Thread):
         self.dir, self.client, self.stop, self.acks, self.acked = directory, client, stop, acks, acked
 
     def run(self) -> None:
-        cluster = load_cluster(self.dir)
-        seen = 0.0
-        with BlockingClient(cluster, self.client) as bc:
+        watch = MembershipWatch(load_cluster(self.dir))
+        with BlockingClient(watch.cluster, self.client) as bc:
             kv = KVClient(bc.invoke, timeout=3.0)
             i = 0
             while not self.stop.is_set():
-                p = self.dir / EPOCH_FILE
-                m = p.stat().st_mtime if p.exists() else 0.0
-                if m != seen:
-                    seen = m
-                    now = load_cluster(self.dir)
-                    if now.cfg.n != cluster.cfg.n:
-                        cluster = now
-                        bc.set_membership(cluster)
+                if (now := watch.poll()) is not None:
+                    bc.set_membership(now)
                 k, v = b"b%d-%06d" % (self.client, i), b"v%d" % i
                 try:
                     kv.put(k, v)

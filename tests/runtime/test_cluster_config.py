@@ -155,6 +155,29 @@ def test_the_membership_in_force_comes_from_epoch_json(tmp_path):
         load_cluster(tmp_path)
 
 
+def test_a_membership_watch_reports_each_change_of_the_membership_once(tmp_path):
+    import dataclasses
+    import json
+    import os
+
+    from pbft.runtime.cluster import EPOCH_FILE, MembershipWatch
+    from pbft.state.configuration import ConfigRecord, Membership
+    c = init_cluster(tmp_path, 4, None, None, 7000, 2, replica_slots=7)
+    w = MembershipWatch(load_cluster(tmp_path))
+    assert w.poll() is None  # (no epoch.json: the genesis membership)
+    cs = ConfigRecord.decode(c.genesis_config).latest
+    keys = tuple(e.public_key for e in c.slots)
+    path = tmp_path / EPOCH_FILE
+    path.write_text(json.dumps(dataclasses.replace(cs, epoch=1, opens_at=16).describe()))  # (clients only)
+    assert w.poll() is None and w.cluster.cfg.n == 4
+    grown = dataclasses.replace(cs, epoch=2, opens_at=32, next_members=Membership(7, 2, (1,) * 7, keys, 48, 2))
+    path.write_text(json.dumps(grown.describe()))
+    os.utime(path, (1.0, 1.0))  # (a new mtime even within the file system's time granularity)
+    now = w.poll()
+    assert now is not None and (now.cfg.n, now.cfg.f, now.members_from) == (7, 2, 48)
+    assert w.poll() is None and w.cluster is now
+
+
 def test_membership_change_arguments(tmp_path):
     from argparse import Namespace
 

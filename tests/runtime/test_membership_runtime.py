@@ -13,7 +13,7 @@ import pytest
 
 from pbft import BlockingClient
 from pbft.runtime.client import PbftError
-from pbft.runtime.cluster import EPOCH_FILE, load_cluster
+from pbft.runtime.cluster import MembershipWatch, load_cluster
 from pbft.services.kv import KVClient
 from pbft.tools.cli import main
 
@@ -34,20 +34,13 @@ class Load:
         self.times: list[float] = []  # when each put was acknowledged (monotonic)
 
     def run(self) -> None:
-        cluster = load_cluster(self.dir)
-        epoch_mtime = 0.0
-        with BlockingClient(cluster, self.client) as bc:
+        watch = MembershipWatch(load_cluster(self.dir))
+        with BlockingClient(watch.cluster, self.client) as bc:
             kv = KVClient(bc.invoke, timeout=3.0)
             i = 0
             while not self.stop.is_set():
-                p = self.dir / EPOCH_FILE
-                m = p.stat().st_mtime if p.exists() else 0.0
-                if m != epoch_mtime:
-                    epoch_mtime = m
-                    now = load_cluster(self.dir)
-                    if now.cfg.n != cluster.cfg.n:
-                        cluster = now
-                        bc.set_membership(cluster)
+                if (now := watch.poll()) is not None:
+                    bc.set_membership(now)
                 k, v = b"m%d-%05d" % (self.client, i), b"v%d" % i
                 try:
                     kv.put(k, v)

@@ -751,3 +751,36 @@ def free_port_range(span: int, prefer: Optional[int] = None) -> int:
             for s in socks:
                 s.close()
     raise ConfigError("found no free range of loopback ports")
+
+
+class MembershipWatch:
+    """Follows the membership in force that ``pbft reconfig`` writes into ``DIR/epoch.json``, for
+    a client process that keeps running across a change: ``poll()`` re-reads the directory when
+    the file changed and returns the new cluster when its membership (members, ``f``, weights or
+    the switch point) differs from the one last seen, else None. Hand it to
+    ``BlockingClient.set_membership`` / ``ClientPool.set_membership``."""
+
+    def __init__(self, cluster: Cluster):
+        self.cluster = cluster
+        self._mtime: Optional[float] = None
+        self._poll_stat()
+
+    def _poll_stat(self) -> bool:
+        p = self.cluster.dir / EPOCH_FILE
+        try:
+            m = p.stat().st_mtime
+        except OSError:
+            m = 0.0
+        changed, self._mtime = m != self._mtime, m
+        return changed
+
+    def poll(self) -> Optional[Cluster]:
+        if not self._poll_stat():
+            return None
+        now = load_cluster(self.cluster.dir)
+        old = self.cluster
+        if (now.cfg.n, now.cfg.f, now.cfg.weights, now.members_from) == (
+                old.cfg.n, old.cfg.f, old.cfg.weights, old.members_from):
+            return None
+        self.cluster = now
+        return now
