@@ -42,6 +42,7 @@ from pbft.services.kv import KVClient
 from pbft.tools.cli import main as pbft_main
 
 VALUE = 4096
+PRELOADERS = 4
 
 
 class Cluster:
@@ -79,13 +80,21 @@ class Cluster:
                 pr.kill()
 
 
-def preload(c: Cluster, mb: float, client: int) -> int:
-    """Put ``mb`` megabytes of distinct 4 KB values (one client; the loaders use the others)."""
+def preload(c: Cluster, mb: float, clients: list[int]) -> int:
+    """Put ``mb`` megabytes of distinct 4 KB values, one thread per client id of ``clients``."""
     count = int(mb * 1e6 // VALUE)
-    with BlockingClient(c.cluster, client) as bc:
-        kv = KVClient(bc.invoke, timeout=20.0)
-        for i in range(count):
-            kv.put(b"state-%07d" % i, bytes([i % 251]) * VALUE)
+
+    def put_every(k: int, client: int) -> None:
+        with BlockingClient(c.cluster, client) as bc:
+            kv = KVClient(bc.invoke, timeout=20.0)
+            for i in range(k, count, len(clients)):
+                kv.put(b"state-%07d" % i, bytes([i % 251]) * VALUE)
+
+    ts = [threading.Thread(target=put_every, args=(k, cl)) for k, cl in enumerate(clients)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
     return count
 
 
@@ -117,15 +126,15 @@ def loaders_for(c: Cluster, ids: list[int]):
 
 def one_size(mb: float, a) -> dict:
     d = Path(tempfile.mkdtemp(prefix="pbft-reconfig-"))
-    c = Cluster(d, 4, 5, a.clients + 1, a.base_port)
-    ids = c.cluster.client_ids
+    c = Cluster(d, 4, 5, a.clients + PRELOADERS, a.base_port)
+    ids, extra = c.cluster.client_ids[:a.clients], c.cluster.client_ids[a.clients:]
     out: dict = {"state_mb": mb}
     try:
         c.up(4)
         t = time.monotonic()
-        out["preloaded_values"] = preload(c, mb, ids[-1])
+        out["preloaded_values"] = preload(c, mb, extra)
         out["preload_s"] = round(time.monotonic() - t, 1)
-        stop, ts, acks, acked = loaders_for(c, ids[:-1])
+        stop, ts, acks, acked = loaders_for(c, ids)
         time.sleep(a.phase_s)
         t0 = time.monotonic()
         out["before_ops_per_s"] = round(rate(acks, t0 - a.phase_s, t0), 1)
@@ -135,11 +144,16 @@ def one_size(mb: float, a) -> dict:
         top = max(status(c.cluster, i)["last_executed"] for i in range(4))
         t_ready = wait(lambda: status(c.cluster, 4)["last_executed"] >= top, 300, "the added replica executing")
         out.update(command_s=round(t_cmd - t0, 2), joiner_executing_s=round(t_ready - t0, 2),
-                   during_ops_per_s=round(rate(acks, t0, t_ready), 1))
+                   during_ops_per_s=round(rate(acks, t0, t_ready), 1),
+                   joiner_fetched_mb=round(status(c.cluster, 4)["state_transfer"]["bytes"] / 1e6, 2),
+                   joiner_transfer=status(c.cluster, 4)["state_transfer"])
+        time.sleep(2.0)
+        sts = [status(c.cluster, i) for i in range(5)]
+        out["stable"] = [(s_["stable_checkpoint"], (s_["stable_digest"] or "")[:12], s_["state_objects"]) for s_ in sts]
         stop.set()
         for th in ts:
             th.join(10)
-        out["acknowledged_puts"], out["lost_puts"] = len(acked), read_back(c, acked, ids[-1])
+        out["acknowledged_puts"], out["lost_puts"] = len(acked), read_back(c, acked, extra[0])
     finally:
         c.stop()
         shutil.rmtree(d, ignore_errors=True)
@@ -218,10 +232,10 @@ def main() -> int:
         print(json.dumps(res))
     elif a.mode == "sizes":
         print(f"{'state MB':>8} {'preload s':>9} {'switch s':>8} {'joiner executing s':>18} "
-              f"{'puts/s before':>13} {'during':>7} {'lost':>4}")
+              f"{'fetched MB':>10} {'puts/s before':>13} {'during':>7} {'lost':>4}")
         for r in res:
             print(f"{r['state_mb']:>8g} {r['preload_s']:>9} {r['command_s']:>8} {r['joiner_executing_s']:>18} "
-                  f"{r['before_ops_per_s']:>13} {r['during_ops_per_s']:>7} {r['lost_puts']:>4}")
+                  f"{r['joiner_fetched_mb']:>10} {r['before_ops_per_s']:>13} {r['during_ops_per_s']:>7} {r['lost_puts']:>4}")
     else:
         print(f"puts/s before: {res['before_ops_per_s']} ({res['clients']} clients)")
         for ch in res["changes"]:
