@@ -235,7 +235,8 @@ def main() -> int:
               f"{'fetched MB':>10} {'puts/s before':>13} {'during':>7} {'lost':>4}")
         for r in res:
             print(f"{r['state_mb']:>8g} {r['preload_s']:>9} {r['command_s']:>8} {r['joiner_executing_s']:>18} "
-                  f"{r['joiner_fetched_mb']:>10} {r['before_ops_per_s']:>13} {r['during_ops_per_s']:>7} {r['lost_puts']:>4}")
+                  f"{r['joiner_fetched_mb']:>10} {r['before_ops_per_s']:>13} {r['during_ops_per_s']:>7} "
+                  f"{r['lost_puts']:>4}")
     else:
         print(f"puts/s before: {res['before_ops_per_s']} ({res['clients']} clients)")
         for ch in res["changes"]:
