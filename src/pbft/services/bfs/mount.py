@@ -121,6 +121,7 @@ def _guard(fn):
 
     async def wrapper(self, *args):
         self.fuse[name] = self.fuse.get(name, 0) + 1
+        t0 = time.monotonic()
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
@@ -139,6 +140,8 @@ def _guard(fn):
             self.errors["unexpected"] = self.errors.get("unexpected", 0) + 1
             log.exception("bfs %s failed", fn.__name__)
             raise pyfuse3.FUSEError(E.EIO) from None
+        finally:
+            self.fuse_s[name] = self.fuse_s.get(name, 0.0) + time.monotonic() - t0
     wrapper.__name__ = fn.__name__
     return wrapper
 
@@ -188,7 +191,9 @@ class BFSOperations(pyfuse3.Operations):
         self.write_errors: dict[int, int] = {}  # inode -> errno of a gathered write the replicas refused
         self.errors: dict[str, int] = {}
         self.fuse: dict[str, int] = {}  # FUSE requests handled, by kind
+        self.fuse_s: dict[str, float] = {}  # seconds spent in the handlers, by kind
         self.stats: dict[str, list] = {}  # op -> [calls, seconds]
+        self.wait_s = 0.0  # seconds calls waited for a free client identity
         self.max_io = min(IO_MAX, pool.cfg.request_size_bytes_max - 512)
         # the mount cache (module docstring): everything in it carries the epoch it was fetched
         # in; a check that finds another client's change starts a new epoch, voiding it all
@@ -236,7 +241,9 @@ class BFSOperations(pyfuse3.Operations):
     async def _call(self, op: str, raw: bytes, ro: bool, ident: Optional[int]):
         for attempt in range(EAGAIN_RETRIES):
             if ident is None:
+                t0 = time.monotonic()
                 who = await self.free.get()
+                self.wait_s += time.monotonic() - t0
                 try:
                     res = await self.pool.invoke(who, raw, ro, self.timeout_s)
                 finally:
@@ -1022,6 +1029,9 @@ async def run_mount(cluster, identities: list[int], mountpoint: str, strict: boo
         log.info("bfs mount: calls %s; errors %s", {k: (v[0], round(v[1] / max(1, v[0]) * 1000, 2))
                                                    for k, v in sorted(ops.stats.items())}, ops.errors)
         log.info("bfs mount: FUSE requests %s; mount cache %s", dict(sorted(ops.fuse.items())), ops.mstats)
+        log.info("bfs mount: FUSE handlers (count, mean ms) %s; waited for an identity %.3f s",
+                 {k: (n, round(ops.fuse_s.get(k, 0.0) / max(1, n) * 1000, 3)) for k, n in sorted(ops.fuse.items())},
+                 ops.wait_s)
 
 
 def mount_main(cluster, identities: list[int], mountpoint: str, **kw) -> None:
