@@ -251,6 +251,54 @@ def test_a_directorys_attributes_follow_this_mounts_changes_at_once(bfs):
     same()
 
 
+def test_mode_and_times_set_after_gathered_writes_land_with_them_in_order(bfs, tmp_path):
+    """A file's mode and times changed before its close, after writes the mount gathered (what
+    ``cp -a`` does): this mount answers with them at once, every mount sees them after the close,
+    and a write after them still comes after them (its mtime)."""
+    lc, m1, m2 = bfs
+    d1, d2 = m1 / "gather", m2 / "gather"
+    d1.mkdir()
+    fd = os.open(d1 / "f", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:
+        os.write(fd, b"data " * 100)
+        os.utime(fd, ns=(1_000_000_000_123, 2_000_000_000_456))
+        os.fchmod(fd, 0o640)
+        st = os.fstat(fd)
+        assert (st.st_size, stat.S_IMODE(st.st_mode), st.st_atime_ns, st.st_mtime_ns) == \
+            (500, 0o640, 1_000_000_000_123, 2_000_000_000_456)
+    finally:
+        os.close(fd)
+    b = os.stat(d2 / "f")  # the strict mount asks the replicas
+    assert (b.st_size, stat.S_IMODE(b.st_mode), b.st_atime_ns, b.st_mtime_ns) == \
+        (500, 0o640, 1_000_000_000_123, 2_000_000_000_456)
+    assert (d2 / "f").read_bytes() == b"data " * 100
+    # a write after the change of times: the agreed mtime is the write's, not the one set
+    fd = os.open(d1 / "g", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
+        os.write(fd, b"a")
+        os.utime(fd, ns=(5_000_000_000, 5_000_000_000))
+        os.write(fd, b"b")
+    finally:
+        os.close(fd)
+    g = os.stat(d2 / "g")
+    assert (d2 / "g").read_bytes() == b"ab" and g.st_mtime_ns > 5_000_000_000 and g.st_atime_ns == 5_000_000_000
+    assert os.stat(d1 / "g").st_mtime_ns == g.st_mtime_ns
+    # cp -a of a tree keeps every file's mode, times and bytes
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, mode in enumerate((0o600, 0o644, 0o755, 0o640)):
+        p = src / f"f{i}"
+        p.write_bytes(bytes([i]) * (1000 * i + 1))
+        os.chmod(p, mode)
+        os.utime(p, ns=(1_500_000_000_000_000_000 + i, 1_600_000_000_000_000_000 + i))
+    subprocess.run(["cp", "-a", str(src), str(d1 / "copy")], check=True)
+    for p in sorted(src.iterdir()):
+        a, c = os.stat(p), os.stat(d2 / "copy" / p.name)
+        assert (stat.S_IMODE(c.st_mode), c.st_mtime_ns, c.st_size) == (stat.S_IMODE(a.st_mode), a.st_mtime_ns,
+                                                                        a.st_size), p.name
+        assert (d2 / "copy" / p.name).read_bytes() == p.read_bytes()
+
+
 @pytest.mark.slow
 def test_a_replica_killed_during_writes(bfs):
     lc, m1, m2 = bfs

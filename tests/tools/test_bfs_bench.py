@@ -78,6 +78,7 @@ def test_write_behind_extents_match_a_file_model():
             assert o1 + len(b1) < o2
         ops = mount.BFSOperations.__new__(mount.BFSOperations)
         ops.dirty = {7: ext}
+        ops.pattrs = {}
         for _ in range(5):
             off, size = rng.randrange(0, 500), rng.randrange(1, 200)
             got = ops._overlay(7, off, size, base[off:off + size])

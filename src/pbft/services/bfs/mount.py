@@ -44,7 +44,8 @@ import pyfuse3.asyncio
 
 from ...runtime.client import ClientPool, NoQuorumError, PbftError
 from .protocol import (A_ATIME, A_BLOCKS, A_CTIME, A_GID, A_INO, A_MODE, A_MTIME, A_NLINK, A_RDEV, A_SIZE, A_UID,
-                       GROUPS_MAX, IO_MAX, UTIME_NOW, BFSError, decode_result, encode_op)
+                       GROUPS_MAX, IO_MAX, UPDATE_SETATTR, UPDATE_STEPS_MAX, UPDATE_WRITE, UTIME_NOW, BFSError,
+                       decode_result, encode_op)
 
 log = logging.getLogger("pbft.bfs.mount")
 
@@ -187,6 +188,10 @@ class BFSOperations(pyfuse3.Operations):
         self.kernel_mtime: dict[int, int] = {}  # inode -> the mtime the kernel last handed back after writes
         self.write_behind = write_behind and not strict and not self.enable_writeback_cache
         self.dirty: dict[int, list] = {}  # inode -> [(offset, bytearray, cred)] written, not yet sent
+        # inode -> [(mode|None, (atime, mtime) as sent, (atime, mtime) here, when)]: changes of mode
+        # and times after the gathered writes of the file, by its writer, sent after them (one
+        # ``update`` with the writes when they fit)
+        self.pattrs: dict[int, list] = {}
         self.flushing: dict[int, asyncio.Lock] = {}
         self.write_errors: dict[int, int] = {}  # inode -> errno of a gathered write the replicas refused
         self.errors: dict[str, int] = {}
@@ -565,21 +570,66 @@ class BFSOperations(pyfuse3.Operations):
         self._vvoid()
 
     def _with_dirty(self, a):
-        """The attributes ``a`` with the size our gathered writes give the file (sent at close)."""
+        """The attributes ``a`` with the size our gathered writes give the file and the mode and
+        times gathered after them (sent at close)."""
         ext = self.dirty.get(a[A_INO])
         if not ext:
             return a
         end = max(o + len(b) for o, b, _ in ext)
-        if end <= a[A_SIZE]:
+        pend = self.pattrs.get(a[A_INO])
+        if end <= a[A_SIZE] and not pend:
             return a
         a = list(a)
-        a[A_SIZE] = end
+        a[A_SIZE] = max(end, a[A_SIZE])
+        for mode, _t, (at, mt), when in pend or ():
+            if mode is not None:
+                a[A_MODE] = S.S_IFMT(a[A_MODE]) | mode
+            if at is not None:
+                a[A_ATIME] = at
+            if mt is not None:
+                a[A_MTIME] = mt
+            a[A_CTIME] = max(a[A_CTIME], when)
         return tuple(a)
+
+    def _gather_setattr(self, inode: int, attr, fields, cred: tuple):
+        """A change of mode or times of a file with gathered writes, by their writer, is gathered
+        too (sent after them, in order, at the latest at close): the attributes to answer, or
+        None when it has to be sent now."""
+        ext = self.dirty.get(inode)
+        base = self.cattr.get(inode)
+        pend = self.pattrs.get(inode, [])
+        if (not ext or ext[0][2] != cred or base is None or base[1] != self.ve
+                or fields.update_size or fields.update_uid or fields.update_gid
+                or not (fields.update_mode or fields.update_atime or fields.update_mtime)
+                or len(ext) + len(pend) >= UPDATE_STEPS_MAX):
+            return None
+        now = time.time_ns()
+        wire: list[Optional[int]] = []
+        here: list[Optional[int]] = []
+        for update, ns in ((fields.update_atime, attr.st_atime_ns), (fields.update_mtime, attr.st_mtime_ns)):
+            if not update:
+                wire.append(None)
+                here.append(None)
+            elif abs(ns - now) < NOW_WINDOW_NS:
+                wire.append(UTIME_NOW)
+                here.append(now)
+            elif ns < 0:
+                return None  # (before 1970: the replicas' EINVAL, now)
+            else:
+                wire.append(ns)
+                here.append(ns)
+        mode = (attr.st_mode & 0o7777) if fields.update_mode else None
+        pend.append((mode, tuple(wire), tuple(here), now))
+        self.pattrs[inode] = pend
+        return self._with_dirty(base[0])
 
     @_guard
     async def setattr(self, inode, attr, fields, fh, ctx):
         cred = self.cred(ctx)
         if inode in self.dirty:
+            gathered = self._gather_setattr(inode, attr, fields, cred)
+            if gathered is not None:
+                return self.entry(gathered)
             await self._flush_writes(inode)
         opened = self.wrote.pop(inode, None)
         if (fields.update_mtime and fields.update_ctime
@@ -848,7 +898,8 @@ class BFSOperations(pyfuse3.Operations):
             # at the latest at close (flush) or fsync, or before anything that looks at the
             # inode (getattr, read, setattr, lookup, readdir, open, link, unlink, rename)
             ext = self.dirty.get(h.ino)
-            if ext and (ext[0][2] != h.cred or sum(len(e[1]) for e in ext) + len(buf) > WRITE_BEHIND_MAX):
+            if ext and (ext[0][2] != h.cred or sum(len(e[1]) for e in ext) + len(buf) > WRITE_BEHIND_MAX
+                        or h.ino in self.pattrs):  # (a write after a gathered setattr: in order)
                 await self._flush_writes(h.ino)
             self.dirty[h.ino] = _merge(self.dirty.get(h.ino, []), off, buf, h.cred)
             return len(buf)
@@ -864,9 +915,11 @@ class BFSOperations(pyfuse3.Operations):
                 lock = self.flushing[ino] = asyncio.Lock()
             async with lock:  # one flush of an inode at a time, so that writes land in order
                 ext = self.dirty.pop(ino, None)
+                pend = self.pattrs.pop(ino, ())
                 if ext:
                     try:
-                        await self._send_writes(ino, [(o, bytes(b), c) for o, b, c in ext], None)
+                        await self._send_writes(ino, [(o, bytes(b), c) for o, b, c in ext], None,
+                                                [(m, t) for m, t, _lt, _w in pend])
                     except BFSError as e:
                         self.write_errors[ino] = e.errno or E.EIO
                         raise
@@ -881,14 +934,33 @@ class BFSOperations(pyfuse3.Operations):
         for ino in list(self.dirty):
             await self._flush_writes(ino)
 
-    async def _send_writes(self, ino: int, extents, opened_ns) -> None:
-        # a write larger than one request: its pieces are independent operations, sent together
+    async def _send_writes(self, ino: int, extents, opened_ns, pattrs=()) -> None:
+        """Send writes (``[(offset, data, cred)]``) and then the changes of mode and times
+        ``[(mode|None, (atime, mtime))]`` gathered after them: one ``update`` when they fit in a
+        request, or each write (a large one in pieces, independent, sent together) and then the
+        attribute changes."""
         parts = [(o + d, b[d:d + self.max_io], c) for o, b, c in extents for d in range(0, len(b), self.max_io)]
         self.cattr.pop(ino, None)
         g = self._snap()
-        attrs = await asyncio.gather(*(self.call("write", ino, o, piece, cred=c) for o, piece, c in parts))
-        a = max(attrs, key=lambda x: (x[A_CTIME], x[A_SIZE]))
-        self._own_attr(g, a, len(parts))
+        steps = [(UPDATE_WRITE, o, piece) for o, piece, _c in parts] \
+            + [(UPDATE_SETATTR, m, None, None, None, t) for m, t in pattrs]
+        sent = 0
+        a = None
+        if (len(steps) > 1 and len(steps) <= UPDATE_STEPS_MAX and len({c for _o, _p, c in parts}) == 1
+                and sum(len(p) for _o, p, _c in parts) <= self.max_io - 1024):
+            try:
+                sent += 1
+                a = await self.call("update", ino, tuple(steps), cred=parts[0][2])
+            except BFSError:  # nothing happened: one by one, so that the writes a refused step
+                pass  # came after still land (and replicas without ``update`` get what they know)
+        if a is None:
+            sent += len(parts)
+            attrs = await asyncio.gather(*(self.call("write", ino, o, piece, cred=c) for o, piece, c in parts))
+            a = max(attrs, key=lambda x: (x[A_CTIME], x[A_SIZE]))
+            for m, t in pattrs:
+                sent += 1
+                a = await self.call("setattr", ino, m, None, None, None, t, cred=parts[-1][2])
+        self._own_attr(g, a, sent)
         self.known[ino] = (a[A_SIZE], a[A_MTIME])
         if self.enable_writeback_cache and opened_ns is not None:
             if len(self.wrote) > 100_000:

@@ -43,6 +43,8 @@ ARITY = {
     "rename": 6,        # parent, name, new parent, new name, flags, keep -> (orphaned ino or 0)
     "setattr": 6,       # ino, mode|None, uid|None, gid|None, size|None, (atime, mtime) each None|-1(now)|ns
     "write": 3,         # ino, offset, data -> attr
+    "update": 2,        # ino, steps: ((0, offset, data) a write | (1, mode, uid, gid, size, times) a setattr, ...)
+                        #   in order, all or none (at most UPDATE_STEPS_MAX, data IO_MAX in all) -> attr
     "setxattr": 4,      # ino, name, value, flags (1 create, 2 replace)
     "removexattr": 2,   # ino, name
     "fsync": 1,         # ino
@@ -65,6 +67,9 @@ XATTR_TOTAL_MAX = 32 * 1024
 GROUPS_MAX = 32
 #: largest payload of one read or write request (leaves room for the headers in 64 KiB)
 IO_MAX = 48 * 1024
+#: steps of one ``update`` (writes and attribute changes of one inode, applied in order)
+UPDATE_STEPS_MAX = 16
+UPDATE_WRITE, UPDATE_SETATTR = 0, 1
 
 
 def creds(uid: int, gid: int, groups=()) -> tuple:

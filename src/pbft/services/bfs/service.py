@@ -40,8 +40,8 @@ from ...service import ObjectService
 from ...state.objects import BucketFull, Cell, ObjectDict, ObjectSpace
 from .config import BFSConfig, parse_bfs_section
 from .protocol import (ARITY, GROUPS_MAX, IO_MAX, NAME_MAX, READ_ONLY_OPS, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO,
-                       SYMLINK_MAX, UTIME_NOW, XATTR_CREATE, XATTR_NAME_MAX, XATTR_REPLACE, XATTR_TOTAL_MAX,
-                       XATTR_VALUE_MAX)
+                       SYMLINK_MAX, UPDATE_SETATTR, UPDATE_STEPS_MAX, UPDATE_WRITE, UTIME_NOW, XATTR_CREATE,
+                       XATTR_NAME_MAX, XATTR_REPLACE, XATTR_TOTAL_MAX, XATTR_VALUE_MAX)
 
 log = logging.getLogger("pbft.bfs")
 
@@ -1183,6 +1183,25 @@ class BFSService(ObjectService):
                 self._clear_suid(n)
         self._touch(ino)
         return self._attr(ino, n)
+
+    def op_update(self, cr, ino, steps):
+        """Writes and attribute changes of one inode, in order, as one operation: what a mount
+        gathered for a file until its close (each step checked as the ``write`` or ``setattr``
+        it stands for; one refused step and none happens)."""
+        if not (isinstance(steps, tuple) and 0 < len(steps) <= UPDATE_STEPS_MAX
+                and all(isinstance(st, tuple) and st and type(st[0]) is int for st in steps)):
+            _fail(E.EINVAL)
+        if sum(len(st[2]) for st in steps if st[0] == UPDATE_WRITE and len(st) == 3 and type(st[2]) is bytes) > IO_MAX:
+            _fail(E.EINVAL)
+        a = None
+        for st in steps:
+            if st[0] == UPDATE_WRITE and len(st) == 3:
+                a = self.op_write(cr, ino, st[1], st[2])
+            elif st[0] == UPDATE_SETATTR and len(st) == 6:
+                a = self.op_setattr(cr, ino, *st[1:])
+            else:
+                _fail(E.EINVAL)
+        return a
 
     def op_setxattr(self, cr, ino, name, value, flags):
         n = self._node(ino)
