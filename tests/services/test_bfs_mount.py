@@ -299,6 +299,41 @@ def test_mode_and_times_set_after_gathered_writes_land_with_them_in_order(bfs, t
         assert (d2 / "copy" / p.name).read_bytes() == p.read_bytes()
 
 
+def test_reads_answered_with_the_bytes_fetched_at_open_stay_right(bfs):
+    """A small file's bytes come with the open: reads through it give them, this mount's own later
+    changes of the file (another descriptor's writes, a truncate) show at once, and another
+    mount's change shows at the next open (close-to-open)."""
+    lc, m1, m2 = bfs
+    d1, d2 = m1 / "prefetch", m2 / "prefetch"
+    d1.mkdir()
+    for name in ("f", "empty", "big"):  # (names made here: another mount's show within --cache)
+        (d1 / name).write_bytes(b"x")
+    (d2 / "f").write_bytes(b"0123456789" * 100)
+    assert (d1 / "f").read_bytes() == b"0123456789" * 100
+    (d2 / "f").write_bytes(b"other mount")
+    with open(d1 / "f", "rb", buffering=0) as r:
+        with open(d1 / "f", "r+b") as w:  # this mount's change through another descriptor
+            w.write(b"OTHER")
+        os.truncate(d1 / "f", 8)
+        os.posix_fadvise(r.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # (the kernel's pages go: reads reach the mount)
+        assert r.read() == b"OTHER mo"
+    with open(d1 / "f", "rb", buffering=0) as r:
+        assert r.read(5) == b"OTHER"
+    with open(d1 / "f", "r+b", buffering=0) as rw:  # its own gathered write laid over the bytes fetched at open
+        rw.seek(2)
+        rw.write(b"--")
+        rw.flush()
+        rw.seek(0)
+        assert rw.read() == b"OT--R mo"
+    assert (d2 / "f").read_bytes() == b"OT--R mo"
+    empty = d2 / "empty"
+    empty.write_bytes(b"")
+    assert (d1 / "empty").read_bytes() == b""
+    big = os.urandom(200_000)  # larger than one request: read as before
+    (d2 / "big").write_bytes(big)
+    assert (d1 / "big").read_bytes() == big
+
+
 @pytest.mark.slow
 def test_a_replica_killed_during_writes(bfs):
     lc, m1, m2 = bfs

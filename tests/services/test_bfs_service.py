@@ -1255,3 +1255,27 @@ def test_update_applies_writes_and_attribute_changes_in_order_all_or_none():
     with pytest.raises(BFSError) as ei:
         fs("update", f, ((UPDATE_WRITE, 0, b"x"),), cr=ALICE, ro=True)
     assert ei.value.errno == E.EROFS
+
+
+def test_open_returns_the_attributes_and_a_small_changed_file_readable_by_the_caller():
+    fs = FS()
+    f = fs.create(ROOT_INO, b"f", 0o600)
+    fs.setattr(f, uid=1000, gid=1000)
+    fs.write(f, 0, b"contents")
+    a = fs.stat(f)
+    assert fs("open", f, None, IO_MAX, cr=ALICE, ro=True) == (a, b"contents")
+    # unchanged since the version the caller holds: no bytes
+    assert fs("open", f, (a[A_SIZE], a[A_MTIME]), IO_MAX, cr=ALICE, ro=True) == (a, None)
+    assert fs("open", f, (a[A_SIZE], a[A_MTIME] - 1), IO_MAX, cr=ALICE, ro=True) == (a, b"contents")
+    # larger than asked for, a directory, or not readable by the caller: attributes only
+    assert fs("open", f, None, 7, cr=ALICE, ro=True) == (a, None)
+    assert fs("open", ROOT_INO, None, IO_MAX, cr=ALICE, ro=True) == (fs.stat(ROOT_INO), None)
+    assert fs("open", f, None, IO_MAX, cr=BOB, ro=True) == (a, None)
+    fs.setattr(f, mode=0o644, cr=ALICE)
+    assert fs("open", f, None, IO_MAX, cr=BOB, ro=True)[1] == b"contents"
+    # a hole reads as zeros; bad arguments are EINVAL; an unknown inode ESTALE
+    fs.write(f, 20, b"end")
+    assert fs("open", f, None, IO_MAX, cr=ALICE, ro=True)[1] == b"contents" + bytes(12) + b"end"
+    for have, mx in (((1,), IO_MAX), (5, IO_MAX), (None, -1), (None, b"x")):
+        assert fs.err("open", f, have, mx, cr=ALICE) == E.EINVAL
+    assert fs.err("open", 999, None, IO_MAX) == E.ESTALE

@@ -84,13 +84,14 @@ def _groups_of(pid: int, gid: int) -> tuple:
 
 
 class _Handle:
-    __slots__ = ("ino", "cred", "is_dir", "opened_ns")
+    __slots__ = ("ino", "cred", "is_dir", "opened_ns", "pre")
 
     def __init__(self, ino: int, cred: tuple, is_dir: bool = False):
         self.ino = ino
         self.cred = cred
         self.is_dir = is_dir
         self.opened_ns = time.time_ns()
+        self.pre: Optional[tuple] = None  # (the file's bytes fetched with the open, the change they reflect)
 
 
 def _merge(ext: list, off: int, data, cred) -> list:
@@ -154,7 +155,8 @@ class BFSOperations(pyfuse3.Operations):
 
     def __init__(self, pool: ClientPool, identities: list[int], strict: bool = False, timeout_s: float = 60.0,
                  cache_s: float = 1.0, writeback: bool = False, keep_cache: bool = True,
-                 negative_cache: bool = True, write_behind: bool = True, mount_cache: bool = True):
+                 negative_cache: bool = True, write_behind: bool = True, mount_cache: bool = True,
+                 prefetch: bool = True):
         super().__init__()
         self.pool = pool
         self.ids = list(identities)
@@ -194,6 +196,11 @@ class BFSOperations(pyfuse3.Operations):
         self.pattrs: dict[int, list] = {}
         self.flushing: dict[int, asyncio.Lock] = {}
         self.write_errors: dict[int, int] = {}  # inode -> errno of a gathered write the replicas refused
+        # a small file's bytes come with the open's attributes (one read-only ``open``) and answer
+        # the first reads through that descriptor until this mount changes the file's data
+        self.prefetch = prefetch and not strict
+        self.cgen: dict[int, int] = {}  # inode -> the last change of its data (size) this mount sent
+        self.cnext = 1
         self.errors: dict[str, int] = {}
         self.fuse: dict[str, int] = {}  # FUSE requests handled, by kind
         self.fuse_s: dict[str, float] = {}  # seconds spent in the handlers, by kind
@@ -225,6 +232,13 @@ class BFSOperations(pyfuse3.Operations):
         if not read_only:
             self.mgen += 1
             self.minflight += 1
+            if op in ("write", "update", "setattr"):  # (bytes fetched with an open before it are stale)
+                if len(self.cgen) > 200_000:
+                    self.cgen.clear()
+                    for h in self.handles.values():
+                        h.pre = None
+                self.cgen[args[0]] = self.cnext
+                self.cnext += 1
         try:
             return await self._call(op, raw, ro, ident)
         except BFSError as e:
@@ -808,6 +822,7 @@ class BFSOperations(pyfuse3.Operations):
         if inode in self.dirty:
             await self._flush_writes(inode)
         g, ep = self._snap(), self.ve
+        data = None
         if flags & os.O_TRUNC:  # libfuse asks for atomic O_TRUNC: the truncation is ours to do
             self.cattr.pop(inode, None)
             a = await self.call("setattr", inode, None, None, None, 0, (None, None), cred=cred)
@@ -817,7 +832,10 @@ class BFSOperations(pyfuse3.Operations):
             except OSError:
                 pass
         else:  # (always fetched, never from the mount cache: close-to-open)
-            a = await self.call("getattr", inode, cred=cred, read_only=True)
+            if self.prefetch and flags & os.O_ACCMODE != os.O_WRONLY:
+                a, data = await self._open_call(inode, cred)
+            else:
+                a = await self.call("getattr", inode, cred=cred, read_only=True)
             if self._quiet(g, ep):
                 self._put_attr(a, ep)
         seen = self.known.get(inode)
@@ -831,7 +849,26 @@ class BFSOperations(pyfuse3.Operations):
         self._opened(inode)
         keep = self.keep_cache and self.pages.get(inode) == now_is and not flags & os.O_TRUNC
         self._pages(inode, now_is)
-        return self._file_info(self._fh(_Handle(inode, cred)), keep)
+        h = _Handle(inode, cred)
+        if data is not None and len(data) == a[A_SIZE]:
+            h.pre = (data, self.cgen.get(inode, 0))
+        return self._file_info(self._fh(h), keep)
+
+    async def _open_call(self, inode: int, cred: tuple):
+        """The attributes and, if the file is small, readable and not as its cached pages are,
+        its bytes (one read-only ``open``; a ``getattr`` from replicas without it)."""
+        have = self.pages.get(inode) if self.keep_cache else None
+        try:
+            a, data = await self.call("open", inode, have, self.max_io, cred=cred, read_only=True)
+        except BFSError as e:
+            if e.errno != E.EINVAL:
+                raise
+            log.warning("bfs mount: the replicas do not answer `open`: no prefetch at open")
+            self.prefetch = False
+            return await self.call("getattr", inode, cred=cred, read_only=True), None
+        if type(data) is not bytes:
+            data = None
+        return a, data
 
     @_guard
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -860,6 +897,13 @@ class BFSOperations(pyfuse3.Operations):
     @_guard
     async def read(self, fh, off, size):
         h = self._handle(fh)
+        pre = h.pre
+        if pre is not None:
+            if pre[1] == self.cgen.get(h.ino, 0):
+                if off + size >= len(pre[0]):  # read to its end: the kernel has the pages now
+                    h.pre = None
+                return self._overlay(h.ino, off, size, pre[0][off:off + size])
+            h.pre = None
         return self._overlay(h.ino, off, size, await self._read(h, off, size))
 
     def _overlay(self, ino: int, off: int, size: int, data: bytes) -> bytes:

@@ -20,7 +20,7 @@ A_INO, A_MODE, A_NLINK, A_UID, A_GID, A_RDEV, A_SIZE, A_BLOCKS, A_ATIME, A_MTIME
 
 #: operations that never change the state: the only ones accepted with ``read_only=True``
 READ_ONLY_OPS = frozenset({"lookup", "getattr", "readlink", "read", "readdir", "statfs", "getxattr", "listxattr",
-                           "changes"})
+                           "changes", "open"})
 
 #: number of arguments of each operation (credentials not counted)
 ARITY = {
@@ -28,6 +28,8 @@ ARITY = {
     "getattr": 1,       # ino
     "readlink": 1,      # ino
     "read": 3,          # ino, offset, size
+    "open": 3,          # ino, (size, mtime) the caller has cached or None, max -> (attr, the whole file
+                        #   if it changed since, is at most max bytes and the caller may read it, else None)
     "readdir": 3,       # ino, cookie, max_entries  -> (entries, eof, resume cookie); entry (name, cookie, attr)
     "statfs": 0,
     "changes": 1,       # (client ids) -> (last agreed time, latest time another client changed anything)

@@ -774,6 +774,19 @@ class BFSService(ObjectService):
     def op_getattr(self, cr, ino):
         return self._attr(ino, self._node(ino))
 
+    def op_open(self, cr, ino, have, max_data):
+        """``getattr`` and, in the same round trip, the bytes of a small file that changed since
+        the version ``have`` (size, mtime) the caller holds: what an ``open`` and the first read
+        after it need."""
+        n = self._node(ino)
+        if not (have is None or (isinstance(have, tuple) and len(have) == 2)) or not _is_int(max_data):
+            _fail(E.EINVAL)
+        a = self._attr(ino, n)
+        if (not S.S_ISREG(n[I_MODE]) or n[I_SIZE] > min(max_data, IO_MAX) or have == (n[I_SIZE], n[I_MTIME])
+                or (cr[0] != n[I_UID] and not self._may(n, cr, 4))):
+            return (a, None)
+        return (a, self.op_read(cr, ino, 0, n[I_SIZE]))
+
     def op_readlink(self, cr, ino):
         n = self._node(ino)
         if not S.S_ISLNK(n[I_MODE]):
