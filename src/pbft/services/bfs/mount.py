@@ -200,6 +200,9 @@ class BFSOperations(pyfuse3.Operations):
         # the first reads through that descriptor until this mount changes the file's data
         self.prefetch = prefetch and not strict
         self.cgen: dict[int, int] = {}  # inode -> the last change of its data (size) this mount sent
+        # inodes whose cached pages the kernel read whole through this mount (its pages after
+        # writes may be partial, so an open asks for the bytes then)
+        self.pread: set = set()
         self.cnext = 1
         self.errors: dict[str, int] = {}
         self.fuse: dict[str, int] = {}  # FUSE requests handled, by kind
@@ -857,7 +860,7 @@ class BFSOperations(pyfuse3.Operations):
     async def _open_call(self, inode: int, cred: tuple):
         """The attributes and, if the file is small, readable and not as its cached pages are,
         its bytes (one read-only ``open``; a ``getattr`` from replicas without it)."""
-        have = self.pages.get(inode) if self.keep_cache else None
+        have = self.pages.get(inode) if self.keep_cache and inode in self.pread else None
         try:
             a, data = await self.call("open", inode, have, self.max_io, cred=cred, read_only=True)
         except BFSError as e:
@@ -902,9 +905,18 @@ class BFSOperations(pyfuse3.Operations):
             if pre[1] == self.cgen.get(h.ino, 0):
                 if off + size >= len(pre[0]):  # read to its end: the kernel has the pages now
                     h.pre = None
+                    self._read_whole(h.ino)
                 return self._overlay(h.ino, off, size, pre[0][off:off + size])
             h.pre = None
-        return self._overlay(h.ino, off, size, await self._read(h, off, size))
+        data = self._overlay(h.ino, off, size, await self._read(h, off, size))
+        if off == 0 and len(data) < size:
+            self._read_whole(h.ino)
+        return data
+
+    def _read_whole(self, ino: int) -> None:
+        if len(self.pread) > 200_000:
+            self.pread.clear()
+        self.pread.add(ino)
 
     def _overlay(self, ino: int, off: int, size: int, data: bytes) -> bytes:
         """``data`` read from the replicas at ``off`` with our gathered writes laid over it, in order."""
@@ -985,6 +997,7 @@ class BFSOperations(pyfuse3.Operations):
         attribute changes."""
         parts = [(o + d, b[d:d + self.max_io], c) for o, b, c in extents for d in range(0, len(b), self.max_io)]
         self.cattr.pop(ino, None)
+        self.pread.discard(ino)
         g = self._snap()
         steps = [(UPDATE_WRITE, o, piece) for o, piece, _c in parts] \
             + [(UPDATE_SETATTR, m, None, None, None, t) for m, t in pattrs]
