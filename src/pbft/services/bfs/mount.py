@@ -16,9 +16,12 @@ request to the replicated ``BFSService``.
 * Caching (``docs/bfs.md``): by default attributes, entries and absent names are cached for
   ``cache_s`` (1 s) and file data in the page cache until the next open (close-to-open:
   ``open`` fetches fresh attributes and keeps the cached pages only if the file did not
-  change); writes are gathered in the mount (write-behind) and sent at the latest at close or
-  fsync; a directory's attributes after the mount's own create, mkdir... come from its result
-  (never later than ``cache_s`` after they were fetched); ``strict``: no kernel caching at all
+  change; an open for reading fetches a small file's bytes with its attributes, in one
+  read-only ``open``, and answers the first reads from them); writes are gathered in the mount
+  (write-behind), with the writer's changes of mode and times after them, and sent at the
+  latest at close or fsync (one ordered ``update`` when they fit in a request); a
+  directory's attributes after the mount's own create, mkdir... come from its result (never
+  later than ``cache_s`` after they were fetched); ``strict``: no kernel caching at all
   (timeouts 0, direct I/O), every write sent at once and every read an ordered operation.
 * The mount cache: entries, absent names, attributes and whole listings the mount fetched or
   learnt from its own changes answer the kernel again after the kernel's own timeouts ran out,
