@@ -159,7 +159,7 @@ class BFSOperations(pyfuse3.Operations):
     def __init__(self, pool: ClientPool, identities: list[int], strict: bool = False, timeout_s: float = 60.0,
                  cache_s: float = 1.0, writeback: bool = False, keep_cache: bool = True,
                  negative_cache: bool = True, write_behind: bool = True, mount_cache: bool = True,
-                 prefetch: bool = True):
+                 prefetch: bool = True, gather_attrs: bool = True):
         super().__init__()
         self.pool = pool
         self.ids = list(identities)
@@ -197,6 +197,7 @@ class BFSOperations(pyfuse3.Operations):
         # and times after the gathered writes of the file, by its writer, sent after them (one
         # ``update`` with the writes when they fit)
         self.pattrs: dict[int, list] = {}
+        self.gather_attrs = gather_attrs
         self.flushing: dict[int, asyncio.Lock] = {}
         self.write_errors: dict[int, int] = {}  # inode -> errno of a gathered write the replicas refused
         # a small file's bytes come with the open's attributes (one read-only ``open``) and answer
@@ -618,7 +619,7 @@ class BFSOperations(pyfuse3.Operations):
         ext = self.dirty.get(inode)
         base = self.cattr.get(inode)
         pend = self.pattrs.get(inode, [])
-        if (not ext or ext[0][2] != cred or base is None or base[1] != self.ve
+        if (not self.gather_attrs or not ext or ext[0][2] != cred or base is None or base[1] != self.ve
                 or fields.update_size or fields.update_uid or fields.update_gid
                 or not (fields.update_mode or fields.update_atime or fields.update_mtime)
                 or len(ext) + len(pend) >= UPDATE_STEPS_MAX):
