@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pbft.tools.bench.report import print_targets
-from pbft.tools.bench.targets import CpuMeter, build_rows, cpu_per_op, met, proc_cpu_s, targets
+from pbft.tools.bench.targets import CpuMeter, build_rows, cpu_per_op, met, proc_cpu_s, proc_wait_s, targets
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 TCK = os.sysconf("SC_CLK_TCK")
@@ -96,22 +96,28 @@ def test_proc_cpu_s_reads_user_and_system_time(tmp_path):
     with pytest.raises(OSError):
         proc_cpu_s(44, str(tmp_path))
     assert proc_cpu_s(os.getpid()) > 0  # this process, from the real /proc
+    (tmp_path / "42" / "schedstat").write_text("123456789 2500000000 77\n")
+    assert proc_wait_s(42, str(tmp_path)) == 2.5
+    (tmp_path / "43" / "schedstat").write_text("garbage\n")
+    assert proc_wait_s(43, str(tmp_path)) is None and proc_wait_s(44, str(tmp_path)) is None
 
 
 def test_cpu_accounting_per_kind_from_a_fake_reader():
     clock = {101: 1.0, 102: 2.0, 103: 2.0, 104: 2.0, 200: 5.0}
+    waits = {101: 0.5, 102: 0.5, 103: 0.5, 104: 0.5, 200: 0.5}
     gone: set[int] = set()
 
     def reader(pid):
         if pid in gone:
             raise OSError("gone")
-        return clock[pid]
+        return clock[pid], waits.get(pid)
 
     kinds = {101: "primary", 102: "backup", 103: "backup", 104: "backup", 200: "client"}
     meter = CpuMeter(kinds, reader)
     before = meter.sample()
     for pid, used in {101: 0.40, 102: 0.30, 103: 0.32, 104: 0.28, 200: 0.25}.items():
         clock[pid] += used
+        waits[pid] += used / 10
     after = meter.sample()
     c = cpu_per_op(meter.kinds, before, after, ops=1000.0, seconds=1.0)
     assert c is not None
@@ -120,12 +126,17 @@ def test_cpu_accounting_per_kind_from_a_fake_reader():
     assert c["backup_us_per_op"] == pytest.approx(900.0) and c["backup_avg_us_per_op"] == pytest.approx(300.0)
     assert c["client_us_per_op"] == pytest.approx(250.0)
     assert c["cores_busy"] == pytest.approx(1.55) and c["missing"] == 0
+    assert c["wait_us_per_op"] == pytest.approx(155.0)
     assert c["processes"] == {"primary": 1, "backup": 3, "client": 1}
     # a process gone before the second sample is left out of the sums and counted
     gone.add(104)
     c = cpu_per_op(meter.kinds, before, meter.sample(), ops=1000.0, seconds=1.0)
     assert c["missing"] == 1 and c["processes"]["backup"] == 2
     assert c["all_us_per_op"] == pytest.approx(1270.0) and c["backup_avg_us_per_op"] == pytest.approx(310.0)
+    # a process whose run-queue wait is not known: no total wait rather than a partial one
+    del waits[101]
+    c = cpu_per_op(meter.kinds, before, meter.sample(), ops=1000.0, seconds=1.0)
+    assert c["wait_us_per_op"] is None and c["primary_us_per_op"] == pytest.approx(400.0)
     assert cpu_per_op(kinds, before, after, ops=0, seconds=1.0) is None
     assert cpu_per_op(kinds, before, after, ops=10, seconds=0.0) is None
 
@@ -174,6 +185,7 @@ def test_report_end_to_end_json():
             assert cpu["processes"] == {"primary": 1, "backup": 3, "client": 1}
             kinds = cpu["primary_us_per_op"] + cpu["backup_us_per_op"] + cpu["client_us_per_op"]
         assert kinds == pytest.approx(cpu["all_us_per_op"], abs=0.2)
+        assert cpu["wait_us_per_op"] is not None and cpu["wait_us_per_op"] >= 0
     assert pts["memory:0/0 ro 1"]["read_only"] is True and pts["memory:4/0 rw"]["op"] == "4/0"
     assert pts["memory:0/0 rw 1"]["clients"] == 1 and pts["durable:0/0 rw"]["clients"] == 4
     rows = out["report"]

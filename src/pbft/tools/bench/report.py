@@ -128,6 +128,8 @@ def _cpu_line(cpu: Optional[dict]) -> str:
         parts.append(f"client{'s' if n != 1 else ''} {cpu['client_us_per_op']:,.1f}")
     missing = f"; {cpu['missing']} process(es) not sampled" if cpu.get("missing") else ""
     busy = f" ({cpu['cores_busy']:.2f} cores busy over {cpu['window_s']:g} s)" if "cores_busy" in cpu else ""
+    if cpu.get("wait_us_per_op") is not None:
+        busy += f"; waited for a CPU {cpu['wait_us_per_op']:,.1f} µs/op"
     head = ", ".join(parts)
     return f"{head + '; ' if head else ''}all {cpu['all_us_per_op']:,.1f} µs/op{busy}{missing}"
 

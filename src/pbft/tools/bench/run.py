@@ -154,8 +154,8 @@ class Bench:
             for w in workers:
                 kinds[w.proc.pid] = "client"
             meter = CpuMeter(kinds)
-        cpu_a: Optional[tuple[float, dict[int, float]]] = None
-        cpu_b: Optional[tuple[float, dict[int, float]]] = None
+        cpu_a: Optional[tuple[float, dict[int, tuple[float, Optional[float]]]]] = None
+        cpu_b: Optional[tuple[float, dict[int, tuple[float, Optional[float]]]]] = None
         try:
             await local.connect()
             for w in workers:
@@ -218,12 +218,13 @@ class Bench:
         rep: list[dict] = []
         unrep: list[dict] = []
         cluster, procs = self.start(self.start_replicated)
+        kinds = self._replica_kinds(cluster, procs)
         for c in counts:
-            rep.append(self.measure("replicated", cluster, c, procs))
+            rep.append(self.measure("replicated", cluster, c, procs, cpu_kinds=kinds))
         self.children.stop(procs)
         cluster, procs = self.start(self.start_unreplicated)
         for c in counts:
-            unrep.append(self.measure("unreplicated", cluster, c, procs))
+            unrep.append(self.measure("unreplicated", cluster, c, procs, cpu_kinds={procs[0].pid: "server"}))
         self.children.stop(procs)
         self.progress.clear()
         points = [{"clients": c, "replicated": r, "unreplicated": u, "ratio": ratios(r, u)}

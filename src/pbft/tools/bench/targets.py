@@ -11,7 +11,8 @@ The points (all on the null service, closed-loop clients; ``C`` is ``--clients``
 CPU per operation of a point: the user and system CPU time of every process of the system
 (each replica or the unreplicated server, and the client process or processes) between two
 samples inside the measured window, divided by the operations the clients completed between
-the same two samples.
+the same two samples; and how long their main threads waited for a CPU while runnable (the
+scheduler's run-queue wait, ``/proc/<pid>/schedstat``), per operation.
 """
 
 from __future__ import annotations
@@ -103,12 +104,13 @@ def build_rows(points: Mapping[str, dict], clients: int) -> list[dict]:
 
 # ---- CPU time ----------------------------------------------------------------------------------
 
-CpuReader = Callable[[int], float]
+# pid -> (CPU seconds so far, seconds its main thread waited for a CPU so far or None)
+CpuReader = Callable[[int], tuple[float, Optional[float]]]
 
 
 def proc_cpu_s(pid: int, root: str = "/proc") -> float:
-    """User + system CPU seconds of process ``pid`` so far (``/proc/<pid>/stat``, fields 14 and 15).
-    OSError if it does not exist; ValueError if the file is not as Linux writes it."""
+    """User + system CPU seconds of process ``pid`` so far, all its threads (``/proc/<pid>/stat``,
+    fields 14 and 15). OSError if it does not exist; ValueError if the file is not as Linux writes it."""
     with open(f"{root}/{pid}/stat") as f:
         text = f.read()
     # (the command name, field 2, is in parentheses and may itself hold spaces and parentheses)
@@ -118,15 +120,29 @@ def proc_cpu_s(pid: int, root: str = "/proc") -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def proc_wait_s(pid: int, root: str = "/proc") -> Optional[float]:
+    """Seconds the main thread of ``pid`` spent runnable but waiting for a CPU so far
+    (``/proc/<pid>/schedstat``, its second field, in ns); None where the kernel does not keep it."""
+    try:
+        with open(f"{root}/{pid}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def proc_times(pid: int, root: str = "/proc") -> tuple[float, Optional[float]]:
+    return proc_cpu_s(pid, root), proc_wait_s(pid, root)
+
+
 class CpuMeter:
     """CPU seconds of a set of processes, each of a kind ("primary", "backup", "server", "client"),
     sampled at the two ends of a window."""
 
-    def __init__(self, kinds: Mapping[int, str], reader: CpuReader = proc_cpu_s):
+    def __init__(self, kinds: Mapping[int, str], reader: CpuReader = proc_times):
         self.kinds = dict(kinds)
         self.reader = reader
 
-    def sample(self) -> dict[int, float]:
+    def sample(self) -> dict[int, tuple[float, Optional[float]]]:
         out = {}
         for pid in self.kinds:
             try:
@@ -136,26 +152,35 @@ class CpuMeter:
         return out
 
 
-def cpu_per_op(kinds: Mapping[int, str], before: Mapping[int, float], after: Mapping[int, float],
-               ops: float, seconds: float) -> Optional[dict]:
+def cpu_per_op(kinds: Mapping[int, str], before: Mapping[int, tuple[float, Optional[float]]],
+               after: Mapping[int, tuple[float, Optional[float]]], ops: float, seconds: float) -> Optional[dict]:
     """CPU per operation over a window of ``seconds`` in which ``ops`` operations completed: all
-    processes and per kind (µs). A kind with several
-    processes gives their sum (``<kind>_us_per_op``) and, for backups, the average per process
-    (``backup_avg_us_per_op``). None when no operation completed or the window is empty."""
+    processes and per kind (µs). A kind with several processes gives their sum
+    (``<kind>_us_per_op``) and, for backups, the average per process (``backup_avg_us_per_op``).
+    ``wait_us_per_op``: how long the processes' main threads waited for a CPU while runnable, per
+    operation, all together (a machine shared with other work shows there). None when no
+    operation completed or the window is empty."""
     if ops <= 0 or seconds <= 0:
         return None
     per_kind: dict[str, float] = {}
     count: dict[str, int] = {}
     missing = 0
+    wait: Optional[float] = 0.0
     for pid, kind in kinds.items():
         if pid not in before or pid not in after:
             missing += 1
             continue
-        per_kind[kind] = per_kind.get(kind, 0.0) + max(0.0, after[pid] - before[pid])
+        (c0, w0), (c1, w1) = before[pid], after[pid]
+        per_kind[kind] = per_kind.get(kind, 0.0) + max(0.0, c1 - c0)
         count[kind] = count.get(kind, 0) + 1
+        if wait is not None and w0 is not None and w1 is not None:
+            wait += max(0.0, w1 - w0)
+        else:
+            wait = None
     total = sum(per_kind.values())
     out: dict = {"ops": round(ops, 1), "window_s": round(seconds, 3), "cpu_s": round(total, 3),
                  "cores_busy": round(total / seconds, 3), "all_us_per_op": round(total / ops * 1e6, 1),
+                 "wait_us_per_op": None if wait is None else round(wait / ops * 1e6, 1),
                  "processes": dict(count), "missing": missing}
     for kind, cpu in sorted(per_kind.items()):
         out[f"{kind}_us_per_op"] = round(cpu / ops * 1e6, 1)
