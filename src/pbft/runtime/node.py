@@ -728,8 +728,12 @@ class ReplicaNode:
         if sends:
             n = self.slots_n
             # one write per connection per loop turn: replies to the many clients that share a
-            # connection (a client pool) go out together, as do all frames to one replica
-            per: dict[int | FrameConn, list[bytes]] = {}
+            # connection (a client pool) go out together, as do all frames to one replica. The
+            # replicas' writes go first: a write can wake its reader, and a woken client process
+            # (not under SCHED_BATCH, runtime.sched) may take this CPU before the next write; the
+            # protocol's messages then leave before, not after, a client has run its turn
+            to_replica: dict[int, list[bytes]] = {}
+            to_client: dict[FrameConn, list[bytes]] = {}
             client_conn = self.client_conn
             arrivals = self.req_arrival
             counters = self.counters
@@ -739,30 +743,33 @@ class ReplicaNode:
                 fr = frame(raw)
                 for d in dests:
                     if d < n:
-                        key = d
-                    else:
-                        key = client_conn.get(d)
-                        if key is None:
-                            counters.drop("client-unreachable")
-                            continue
-                        credit(d)
-                        if d in arrivals:
-                            replied.append(d)
-                    lst = per.get(key)
+                        lst = to_replica.get(d)
+                        if lst is None:
+                            to_replica[d] = [fr]
+                        else:
+                            lst.append(fr)
+                        continue
+                    conn = client_conn.get(d)
+                    if conn is None:
+                        counters.drop("client-unreachable")
+                        continue
+                    credit(d)
+                    if d in arrivals:
+                        replied.append(d)
+                    lst = to_client.get(conn)
                     if lst is None:
-                        per[key] = [fr]
+                        to_client[conn] = [fr]
                     else:
                         lst.append(fr)
             links = self.links
-            for key, frames in per.items():
-                data = frames[0] if len(frames) == 1 else b"".join(frames)
+            for j, frames in to_replica.items():
                 counters.frames_out += len(frames)
-                if isinstance(key, int):
-                    link = links.get(key)
-                    if link is not None:
-                        link.send(data, counters)
-                else:
-                    key.send(data)
+                link = links.get(j)
+                if link is not None:
+                    link.send(frames[0] if len(frames) == 1 else b"".join(frames), counters)
+            for conn, frames in to_client.items():
+                counters.frames_out += len(frames)
+                conn.send(frames[0] if len(frames) == 1 else b"".join(frames))
             if replied:
                 now = self._now()
                 for d in replied:
