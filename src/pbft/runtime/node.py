@@ -728,12 +728,8 @@ class ReplicaNode:
         if sends:
             n = self.slots_n
             # one write per connection per loop turn: replies to the many clients that share a
-            # connection (a client pool) go out together, as do all frames to one replica. The
-            # replicas' writes go first: a write can wake its reader, and a woken client process
-            # (not under SCHED_BATCH, runtime.sched) may take this CPU before the next write; the
-            # protocol's messages then leave before, not after, a client has run its turn
-            to_replica: dict[int, list[bytes]] = {}
-            to_client: dict[FrameConn, list[bytes]] = {}
+            # connection (a client pool) go out together, as do all frames to one replica
+            per: dict[int | FrameConn, list[bytes]] = {}
             client_conn = self.client_conn
             arrivals = self.req_arrival
             counters = self.counters
@@ -743,33 +739,30 @@ class ReplicaNode:
                 fr = frame(raw)
                 for d in dests:
                     if d < n:
-                        lst = to_replica.get(d)
-                        if lst is None:
-                            to_replica[d] = [fr]
-                        else:
-                            lst.append(fr)
-                        continue
-                    conn = client_conn.get(d)
-                    if conn is None:
-                        counters.drop("client-unreachable")
-                        continue
-                    credit(d)
-                    if d in arrivals:
-                        replied.append(d)
-                    lst = to_client.get(conn)
+                        key = d
+                    else:
+                        key = client_conn.get(d)
+                        if key is None:
+                            counters.drop("client-unreachable")
+                            continue
+                        credit(d)
+                        if d in arrivals:
+                            replied.append(d)
+                    lst = per.get(key)
                     if lst is None:
-                        to_client[conn] = [fr]
+                        per[key] = [fr]
                     else:
                         lst.append(fr)
             links = self.links
-            for j, frames in to_replica.items():
+            for key, frames in per.items():
+                data = frames[0] if len(frames) == 1 else b"".join(frames)
                 counters.frames_out += len(frames)
-                link = links.get(j)
-                if link is not None:
-                    link.send(frames[0] if len(frames) == 1 else b"".join(frames), counters)
-            for conn, frames in to_client.items():
-                counters.frames_out += len(frames)
-                conn.send(frames[0] if len(frames) == 1 else b"".join(frames))
+                if isinstance(key, int):
+                    link = links.get(key)
+                    if link is not None:
+                        link.send(data, counters)
+                else:
+                    key.send(data)
             if replied:
                 now = self._now()
                 for d in replied:
