@@ -147,15 +147,18 @@ def test_printed_table(capsys):
                                    "client_us_per_op": 40.0, "processes": {"primary": 1, "backup": 3, "client": 1},
                                    "cores_busy": 1.8, "window_s": 3.0, "missing": 0}
     res = {"report": build_rows(pts, 32), "points": pts, "replicas": 4, "faults": 1, "clients": 32,
-           "client_procs": 1, "duration_s": 3.0, "warmup_s": 1.0}
+           "client_procs": 1, "duration_s": 3.0, "warmup_s": 1.0,
+           "load_average": {"before": [0.5, 1.0, 1.5], "after": [2.0, 1.25, 1.5]}}
     print_targets(res)
     out = capsys.readouterr().out.splitlines()
-    table = out[2:9]
+    assert out[1] == "load average (1, 5, 15 min) before 0.5 1 1.5, after 2 1.25 1.5"
+    assert out[2].startswith("measure")
+    table = out[3:10]
     assert [ln.split()[-1] for ln in table] == ["NO", "yes", "yes", "yes", "yes", "yes", "NO"]
     assert table[0].startswith("0/0 rw, 32 clients, memory: throughput") and "0.25" in table[0].split()
     assert table[1].startswith("0/0 rw, 32 clients: durable / memory throughput") and "0.80" in table[1].split()
     assert table[6].split()[-9:] == ["300.0", "µs", "30.0", "µs", "10.00", "<=", "140", "µs", "NO"]
-    assert out[9].startswith("targets met: 5 of 7")
+    assert out[10].startswith("targets met: 5 of 7")
     assert any("primary 80.0, backups 60.0 each (3), client 40.0; all 300.0 µs/op" in ln for ln in out)
     assert sum(ln.startswith(("replicated ", "unreplicated ")) for ln in out) == 11
 
@@ -188,6 +191,7 @@ def test_report_end_to_end_json():
         assert cpu["wait_us_per_op"] is not None and cpu["wait_us_per_op"] >= 0
     assert pts["memory:0/0 ro 1"]["read_only"] is True and pts["memory:4/0 rw"]["op"] == "4/0"
     assert pts["memory:0/0 rw 1"]["clients"] == 1 and pts["durable:0/0 rw"]["clients"] == 4
+    assert len(out["load_average"]["before"]) == 3 and len(out["load_average"]["after"]) == 3
     rows = out["report"]
     assert [r["key"] for r in rows] == ["rw", "durable", "rw1", "ro1", "4/0", "0/4", "cpu"]
     for r in rows:

@@ -140,6 +140,10 @@ def print_targets(res: dict) -> None:
     print(f"pbft bench --report: {reps} (f={res['faults']}) vs unreplicated, null service, loopback; "
           f"{res['duration_s']:g} s measured after {res['warmup_s']:g} s warm-up per point, "
           f"clients in {res['client_procs']} process(es)")
+    la = res.get("load_average")
+    if la:
+        print(f"load average (1, 5, 15 min) before {' '.join(f'{x:g}' for x in la['before'])}, "
+              f"after {' '.join(f'{x:g}' for x in la['after'])}")
     rows = res["report"]
     w = max(len(r["measure"]) for r in rows)
     print(f"{'measure':<{w}}  {'figure':>14}  {'baseline':>14}  {'ratio':>7}  {'target':>14}  met")

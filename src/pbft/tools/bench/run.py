@@ -255,6 +255,7 @@ class Bench:
         """Every point of ``targets`` (the replicated cluster with memory storage, then with durable
         storage, then the unreplicated server), CPU time sampled at each, and the table."""
         a = self.args
+        load_before = [round(x, 2) for x in os.getloadavg()]
         points: dict[str, dict] = {}
         phases = (("memory", MEMORY_POINTS), ("durable", DURABLE_POINTS), ("unreplicated", MEMORY_POINTS))
         for phase, specs in phases:
@@ -282,6 +283,8 @@ class Bench:
             "duration_s": a.duration,
             "warmup_s": a.warmup,
             "service": SERVICE,
+            # (1, 5 and 15 minute load averages: figures on a machine shared with other work move with it)
+            "load_average": {"before": load_before, "after": [round(x, 2) for x in os.getloadavg()]},
         }
 
     def _replica_kinds(self, cluster, procs) -> dict[int, str]:
