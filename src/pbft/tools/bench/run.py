@@ -48,7 +48,8 @@ def add_bench_command(sub) -> None:
     b.add_argument("--sweep", action="store_true", help="measure at 1, 2, 4, ... clients up to --clients")
     b.add_argument("--report", action="store_true",
                    help="measure every row of the performance targets (memory and durable storage, 0/0 rw and ro, "
-                        "1 and --clients clients, 4/0, 0/4, CPU per operation) and print the table")
+                        "1 and --clients clients, 4/0, 0/4, CPU per operation) and print the table; --op, --read-only "
+                        "and --storage do not apply to it")
     b.add_argument("--json", action="store_true", help="one JSON object on stdout")
     b.add_argument("--plot", metavar="FILE.png", default=None, help="write a latency-vs-throughput plot")
     b.add_argument("--client-procs", type=int, default=1,
