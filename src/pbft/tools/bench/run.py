@@ -7,6 +7,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -146,7 +147,8 @@ class Bench:
         k = max(1, min(a.client_procs, len(ids)))
         shares = [ids[i::k] for i in range(k)]
         local = Load(cluster, shares[0], op, ro, a.warmup, a.duration)
-        workers = [Worker(self.children, cluster, share, f"{label}-worker-{i + 1}", op, ro, a.warmup,
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", label)  # (names a log file: "0/0" must not make a directory)
+        workers = [Worker(self.children, cluster, share, f"{name}-worker-{i + 1}", op, ro, a.warmup,
                           a.duration) for i, share in enumerate(shares[1:])]
         meter = None
         if cpu_kinds is not None:
