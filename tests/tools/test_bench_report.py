@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from pbft.tools.bench.report import print_targets
-from pbft.tools.bench.targets import CpuMeter, build_rows, cpu_per_op, met, proc_cpu_s, proc_wait_s, targets
+from pbft.tools.bench.targets import (CpuMeter, build_rows, cpu_per_op, met, proc_cpu_s, proc_wait_s, runs_native,
+                                      targets)
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 TCK = os.sysconf("SC_CLK_TCK")
@@ -100,6 +101,10 @@ def test_proc_cpu_s_reads_user_and_system_time(tmp_path):
     assert proc_wait_s(42, str(tmp_path)) == 2.5
     (tmp_path / "43" / "schedstat").write_text("garbage\n")
     assert proc_wait_s(43, str(tmp_path)) is None and proc_wait_s(44, str(tmp_path)) is None
+    (tmp_path / "42" / "maps").write_text("7f00-7f01 r-xp 0 fd:01 5 /x/lib-1/pbft_native__mypyc.cpython-311.so\n")
+    (tmp_path / "43" / "maps").write_text("7f00-7f01 r-xp 0 fd:01 5 /usr/lib/libc.so.6\n")
+    assert runs_native(42, str(tmp_path)) is True and runs_native(43, str(tmp_path)) is False
+    assert runs_native(44, str(tmp_path)) is None
 
 
 def test_cpu_accounting_per_kind_from_a_fake_reader():
@@ -148,17 +153,20 @@ def test_printed_table(capsys):
                                    "cores_busy": 1.8, "window_s": 3.0, "missing": 0}
     res = {"report": build_rows(pts, 32), "points": pts, "replicas": 4, "faults": 1, "clients": 32,
            "client_procs": 1, "duration_s": 3.0, "warmup_s": 1.0,
-           "load_average": {"before": [0.5, 1.0, 1.5], "after": [2.0, 1.25, 1.5]}}
+           "load_average": {"before": [0.5, 1.0, 1.5], "after": [2.0, 1.25, 1.5]},
+           "native": {"memory": True, "durable": False, "unreplicated": True}}
     print_targets(res)
     out = capsys.readouterr().out.splitlines()
     assert out[1] == "load average (1, 5, 15 min) before 0.5 1 1.5, after 2 1.25 1.5"
-    assert out[2].startswith("measure")
-    table = out[3:10]
+    assert out[2] == ("compiled modules: NOT in use by every process of durable (pure modules: slower; make native, "
+                      "pbft native)")
+    assert out[3].startswith("measure")
+    table = out[4:11]
     assert [ln.split()[-1] for ln in table] == ["NO", "yes", "yes", "yes", "yes", "yes", "NO"]
     assert table[0].startswith("0/0 rw, 32 clients, memory: throughput") and "0.25" in table[0].split()
     assert table[1].startswith("0/0 rw, 32 clients: durable / memory throughput") and "0.80" in table[1].split()
     assert table[6].split()[-9:] == ["300.0", "µs", "30.0", "µs", "10.00", "<=", "140", "µs", "NO"]
-    assert out[10].startswith("targets met: 5 of 7")
+    assert out[11].startswith("targets met: 5 of 7")
     assert any("primary 80.0, backups 60.0 each (3), client 40.0; all 300.0 µs/op" in ln for ln in out)
     assert sum(ln.startswith(("replicated ", "unreplicated ")) for ln in out) == 11
 
@@ -193,6 +201,8 @@ def test_report_end_to_end_json():
     assert pts["memory:0/0 ro 1"]["read_only"] is True and pts["memory:4/0 rw"]["op"] == "4/0"
     assert pts["memory:0/0 rw 1"]["clients"] == 1 and pts["durable:0/0 rw"]["clients"] == 4
     assert len(out["load_average"]["before"]) == 3 and len(out["load_average"]["after"]) == 3
+    assert set(out["native"]) == {"memory", "durable", "unreplicated"}
+    assert all(v in (True, False) for v in out["native"].values())
     rows = out["report"]
     assert [r["key"] for r in rows] == ["rw", "durable", "rw1", "ro1", "4/0", "0/4", "cpu"]
     for r in rows:

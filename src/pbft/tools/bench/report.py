@@ -144,6 +144,14 @@ def print_targets(res: dict) -> None:
     if la:
         print(f"load average (1, 5, 15 min) before {' '.join(f'{x:g}' for x in la['before'])}, "
               f"after {' '.join(f'{x:g}' for x in la['after'])}")
+    nat = res.get("native")
+    if nat:
+        if all(v is True for v in nat.values()):
+            print("compiled modules: in use by every process")
+        else:
+            print("compiled modules: NOT in use by every process of "
+                  + ", ".join(k for k, v in nat.items() if v is not True)
+                  + " (pure modules: slower; make native, pbft native)")
     rows = res["report"]
     w = max(len(r["measure"]) for r in rows)
     print(f"{'measure':<{w}}  {'figure':>14}  {'baseline':>14}  {'ratio':>7}  {'target':>14}  met")

@@ -24,7 +24,7 @@ from ..procs import ChildExited, Procs, sigterm_as_interrupt
 from .load import READY_TIMEOUT_S, Load, Worker
 from .report import Progress, print_report, print_targets, write_plot
 from .stats import parse_op, ratios, summarize, sweep_counts
-from .targets import DURABLE_POINTS, MEMORY_POINTS, CpuMeter, build_rows, cpu_per_op
+from .targets import DURABLE_POINTS, MEMORY_POINTS, CpuMeter, build_rows, cpu_per_op, runs_native
 
 SERVICE = "pbft.services.null:NullService"
 DURATION_S = 10.0
@@ -260,6 +260,7 @@ class Bench:
         a = self.args
         load_before = [round(x, 2) for x in os.getloadavg()]
         points: dict[str, dict] = {}
+        native: dict[str, Optional[bool]] = {}
         phases = (("memory", MEMORY_POINTS), ("durable", DURABLE_POINTS), ("unreplicated", MEMORY_POINTS))
         for phase, specs in phases:
             if phase == "unreplicated":
@@ -274,6 +275,9 @@ class Bench:
                 s = self.measure(label, cluster, c, procs, make_null_op(op_s), ro, kinds)
                 s.update(op=op_s, read_only=ro)
                 points[f"{phase}:{key}"] = s
+            # (the compiled modules change every figure: whether each process of the phase used them)
+            maps = [runs_native(pid) for pid in [*kinds, os.getpid()]]
+            native[phase] = None if None in maps else all(maps)
             self.children.stop(procs)
         self.progress.clear()
         return {
@@ -288,6 +292,7 @@ class Bench:
             "service": SERVICE,
             # (1, 5 and 15 minute load averages: figures on a machine shared with other work move with it)
             "load_average": {"before": load_before, "after": [round(x, 2) for x in os.getloadavg()]},
+            "native": native,
         }
 
     def _replica_kinds(self, cluster, procs) -> dict[int, str]:

@@ -130,6 +130,19 @@ def proc_wait_s(pid: int, root: str = "/proc") -> Optional[float]:
         return None
 
 
+NATIVE_LIB = "pbft_native__mypyc"
+
+
+def runs_native(pid: int, root: str = "/proc") -> Optional[bool]:
+    """Whether process ``pid`` has mapped the compiled modules' library (``make native``), from
+    ``/proc/<pid>/maps``; None if that cannot be read."""
+    try:
+        with open(f"{root}/{pid}/maps") as f:
+            return NATIVE_LIB in f.read()
+    except OSError:
+        return None
+
+
 def proc_times(pid: int, root: str = "/proc") -> tuple[float, Optional[float]]:
     return proc_cpu_s(pid, root), proc_wait_s(pid, root)
 
