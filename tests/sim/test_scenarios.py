@@ -158,3 +158,30 @@ def test_membership_swarm_configs_run_clean():
         assert membership_switched(sim, res) == []
     cfg, _ = membership_swarm_config(7, 3)
     assert cfg.membership and len(cfg.byzantine) <= 2
+
+
+def test_a_replaced_replica_starts_from_nothing_and_is_checked_again_once_caught_up():
+    # the primary crashes, then its id comes back on a machine with nothing stored (durable stores)
+    sim = Simulation(SimConfig(seed=3, replicas=4, clients=3, ops=60, fault_phase_ms=1500.0, storage="durable",
+                               script=((400.0, "crash", 0), (450.0, "replace", 0))))
+    seen = []
+    replace = sim.replacements.replace
+
+    def observed(r):
+        old, old_store = sim.replicas[r], sim.stores[r]
+        replace(r)
+        rep = sim.replicas[r]
+        seen.append((rep is not old and sim.stores[r] is not old_store, old.last_exec > 0, rep.view,
+                     rep.last_exec, rep.low_water_mark, sim.stores[r].load()[0], r in sim.oracles.correct,
+                     r in sim.crashed, sim._faulty_now()))
+
+    sim.replacements.replace = observed
+    res = sim.run()
+    assert res.violations == [] and res.liveness_failure is None
+    # fresh: a new replica and store, in view 0 with nothing executed, unchecked, counted against f
+    assert seen == [(True, True, 0, 0, 0, {}, False, False, 1)]
+    [rec] = sim.replacements.done
+    assert rec.bound > 0 and rec.fetches >= 1 and rec.caught_up_at is not None and rec.executed_checked > 0
+    assert 0 in sim.oracles.correct and sim._faulty_now() == 0 and not sim.replacements.pending
+    others = {r.state_digest() for r in sim.replicas[1:]}
+    assert {sim.replicas[0].state_digest()} == others and sim.replicas[0].last_committed_exec > rec.bound
