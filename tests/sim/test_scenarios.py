@@ -185,3 +185,27 @@ def test_a_replaced_replica_starts_from_nothing_and_is_checked_again_once_caught
     assert 0 in sim.oracles.correct and sim._faulty_now() == 0 and not sim.replacements.pending
     others = {r.state_digest() for r in sim.replicas[1:]}
     assert {sim.replicas[0].state_digest()} == others and sim.replicas[0].last_committed_exec > rec.bound
+
+
+def test_a_replica_replaced_after_a_membership_change_starts_as_a_joiner_of_it():
+    # a genesis member replaced after the growth 4 -> 7: with nothing stored it joins the membership
+    # in force (its epoch's first view, the switch point), not view 0 of the genesis configuration
+    from pbft.sim.scenarios import _grow, _switched
+
+    sim = Simulation(_grow(4, 1, ops=80, script=((700.0, "crash", 1), (750.0, "replace", 1))))
+    seen = []
+    replace = sim.replacements.replace
+
+    def observed(r):
+        replace(r)
+        rep = sim.replicas[r]
+        seen.append((rep.cfg.n, rep.view, rep.members_from, rep.last_exec))
+
+    sim.replacements.replace = observed
+    res = sim.run()
+    assert res.violations == [] and res.liveness_failure is None and _switched(sim, res) == []
+    base, n, switch = sim.oracles.epochs[-1]
+    assert n == 7 and switch > 0 and seen == [(7, base, switch, 0)]
+    [rec] = sim.replacements.done
+    assert rec.fetches >= 1 and rec.caught_up_at is not None
+    assert sim.replicas[1].last_committed_exec == sim.replicas[0].last_committed_exec
