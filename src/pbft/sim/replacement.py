@@ -6,7 +6,8 @@ stops and a new ``Replica`` starts under the same id with an empty store, an emp
 log, as the runtime builds a replica that finds nothing stored (``runtime.node``): in view 0 of
 the genesis configuration, or as a joiner of the membership in force when a membership change
 opened a later one. It catches up like any lagging replica, by the state transfer of a certified
-checkpoint.
+checkpoint. (Its keys stay the simulation's: the new key ``replace-replica`` gives the id in the
+runtime is not modelled.)
 
 Until then it has forgotten what it sent: a primary may pre-prepare other requests at sequence
 numbers it had assigned, a backup may send a view change without the certificates it had
@@ -46,7 +47,7 @@ class Replaced:
     old_view: int
     in_view_change: bool  # a correct replica was changing view, no new view installed for it yet
     others_stable: int  # the highest low water mark of the other correct replicas then
-    caught_up_at: Optional[float] = None  # when its low water mark covered ``bound``
+    caught_up_at: Optional[float] = None  # when it held a stable checkpoint's state covering ``bound``
     fetches: int = 0  # state transfers it completed
     executed: int = 0  # batches it executed (committed or tentative) since it was replaced
     executed_checked: int = 0  # ... since it was checked again
@@ -71,7 +72,7 @@ class Replacements:
         bound = max([old.log.seq_assigned, old.last_exec, old.low_water_mark, *old.log.slots])
         changing = [sim.replicas[i] for i in sim.correct if i == r or i not in sim.crashed]
         in_vc = any(not x.view_active and x.view not in sim.oracles.views_installed for x in changing)
-        rep = self._fresh(r)
+        rep, events = self._fresh(r)
         sim.crashed.discard(r)
         sim.recovering.discard(r)
         sim.corrupted.discard(r)
@@ -86,28 +87,32 @@ class Replacements:
         rec = Replaced(r, sim.now, bound, old.view, in_vc, stable)
         self.done.append(rec)
         self.pending[r] = rec
+        sim._on_events(r, events)
         sim._note(f"replica {r} replaced: a fresh replica in view {rep.view} (the lost one had touched "
                   f"seqno {bound} in view {old.view}){' during a view change' if in_vc else ''}")
         sim._schedule_wake(r)
 
-    def _fresh(self, r: int) -> Replica:
-        """The replica the runtime builds on a machine with nothing stored."""
+    def _fresh(self, r: int) -> tuple[Replica, list]:
+        """The replica the runtime builds on a machine with nothing stored, and the events of its
+        start (its records and messages go with its first step, as after a reboot)."""
         sim = self.sim
         base, _n, members_from = sim.oracles.epochs[-1]
         cfg = sim.cfg if members_from else sim.genesis_cfg
         rep = Replica(cfg, r, sim.rings[r], KVService(skew_ms=sim.cfg.nondet_skew_ms_max), now=sim._local(r),
                       genesis_config=sim.genesis)
+        events: list = []
         if r in sim.stores:
             sim.stores[r] = MemStore(durable=sim.storage == "durable")
             rep.enable_persistence()
             rep.restore({}, frozenset())
             ready = rep.take_ready()
             sim.carried[r] = Ready(ready.persist, ready.sends)
+            events = ready.events
         else:
             sim.carried.pop(r, None)
         if members_from:
             membership.start_as_joiner(rep, base, members_from)
-        return rep
+        return rep, events
 
     def on_event(self, r: int, ev) -> None:
         """Before the oracles see replica r's event: a replaced replica's catch-up."""
