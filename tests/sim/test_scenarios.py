@@ -158,3 +158,54 @@ def test_membership_swarm_configs_run_clean():
         assert membership_switched(sim, res) == []
     cfg, _ = membership_swarm_config(7, 3)
     assert cfg.membership and len(cfg.byzantine) <= 2
+
+
+def test_a_replaced_replica_starts_from_nothing_and_is_checked_again_once_caught_up():
+    # the primary crashes, then its id comes back on a machine with nothing stored (durable stores)
+    sim = Simulation(SimConfig(seed=3, replicas=4, clients=3, ops=60, fault_phase_ms=1500.0, storage="durable",
+                               script=((400.0, "crash", 0), (450.0, "replace", 0))))
+    seen = []
+    replace = sim.replacements.replace
+
+    def observed(r):
+        old, old_store = sim.replicas[r], sim.stores[r]
+        replace(r)
+        rep = sim.replicas[r]
+        seen.append((rep is not old and sim.stores[r] is not old_store, old.last_exec > 0, rep.view,
+                     rep.last_exec, rep.low_water_mark, sim.stores[r].load()[0], r in sim.oracles.correct,
+                     r in sim.crashed, sim._faulty_now()))
+
+    sim.replacements.replace = observed
+    res = sim.run()
+    assert res.violations == [] and res.liveness_failure is None
+    # fresh: a new replica and store, in view 0 with nothing executed, unchecked, counted against f
+    assert seen == [(True, True, 0, 0, 0, {}, False, False, 1)]
+    [rec] = sim.replacements.done
+    assert rec.bound > 0 and rec.fetches >= 1 and rec.caught_up_at is not None and rec.executed_checked > 0
+    assert 0 in sim.oracles.correct and sim._faulty_now() == 0 and not sim.replacements.pending
+    others = {r.state_digest() for r in sim.replicas[1:]}
+    assert {sim.replicas[0].state_digest()} == others and sim.replicas[0].last_committed_exec > rec.bound
+
+
+def test_a_replica_replaced_after_a_membership_change_starts_as_a_joiner_of_it():
+    # a genesis member replaced after the growth 4 -> 7: with nothing stored it joins the membership
+    # in force (its epoch's first view, the switch point), not view 0 of the genesis configuration
+    from pbft.sim.scenarios import _grow, _switched
+
+    sim = Simulation(_grow(4, 1, ops=80, script=((700.0, "crash", 1), (750.0, "replace", 1))))
+    seen = []
+    replace = sim.replacements.replace
+
+    def observed(r):
+        replace(r)
+        rep = sim.replicas[r]
+        seen.append((rep.cfg.n, rep.view, rep.members_from, rep.last_exec))
+
+    sim.replacements.replace = observed
+    res = sim.run()
+    assert res.violations == [] and res.liveness_failure is None and _switched(sim, res) == []
+    base, n, switch = sim.oracles.epochs[-1]
+    assert n == 7 and switch > 0 and seen == [(7, base, switch, 0)]
+    [rec] = sim.replacements.done
+    assert rec.fetches >= 1 and rec.caught_up_at is not None
+    assert sim.replicas[1].last_committed_exec == sim.replicas[0].last_committed_exec

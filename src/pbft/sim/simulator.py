@@ -43,6 +43,7 @@ from .linearizability import KvOp, check_kv_history
 from ..storage.memory import MemStore
 from .membership import Administrator, slots_for
 from .oracles import Oracles
+from .replacement import Replacements
 from ..runtime.admission import frame_sender
 
 ALL_FAULTS = ("crash", "loss", "dup", "reorder", "delay", "replay", "partition")
@@ -137,7 +138,9 @@ class SimConfig:
     idle_bound_ms: Optional[float] = 5_000.0
     cluster: dict = field(default_factory=dict)  # overrides for ClusterConfig
     # scripted faults, in addition to random ones: (time_ms, kind, arg) with kind
-    # "crash"/"restart" (arg: replica), "block" (arg: list of (src, dst) links), "unpartition"
+    # "crash"/"restart" (arg: replica), "block" (arg: list of (src, dst) links), "unpartition",
+    # "replace" (arg: replica: its machine lost, a fresh one under its id; ``sim.replacement``),
+    # "replace-in-view-change" (arg: replica: replaced when a correct replica next starts a view change)
     # (they act until fault_phase_ms, when everything heals)
     script: tuple = ()
     # Byzantine replicas: ((replica, behaviour name), ...); see sim/byzantine.py
@@ -294,6 +297,7 @@ class Simulation:
         self.recovering: set[int] = set()  # replicas rebooted for a recovery that has not ended
         self.corrupted: set[int] = set()  # replicas whose state was corrupted and not yet repaired
         self.repairing: set[int] = set()  # corrupted replicas repairing their state (no recovery)
+        self.replacements = Replacements(self)
         self.repairs_done = 0
         self.recoveries_done = 0
         self.reboots = 0
@@ -318,6 +322,7 @@ class Simulation:
             self.admin.on_switched(r, ev)
         if kind == "recovery-request" and self.correct and r == self.correct[0] and ev.replica in self.byz:
             self.recovery_requests_executed += 1  # (a Byzantine replica's, executed at one correct replica)
+        self.replacements.on_event(r, ev)
         if kind == "state-repair" and r in self.corrupted and r not in self.recovering:
             self.repairing.add(r)
             self._note(f"replica {r} found its checkpoint {ev.seqno} wrong: repairing")
@@ -582,9 +587,11 @@ class Simulation:
 
     def _faulty_now(self) -> int:
         """Replicas that count against f now: crashed, recovering, corrupted, Byzantine, skewed,
-        and those that came back from a damaged disk and have not yet fetched a state."""
+        those that came back from a damaged disk and have not yet fetched a state, and replaced
+        ones not yet caught up."""
         impaired = {r for r in self.correct if self.replicas[r].needs_state}
-        return len(self.crashed | self.recovering | self.corrupted | set(self.byz) | self.exempt | impaired)
+        return len(self.crashed | self.recovering | self.corrupted | set(self.byz) | self.exempt | impaired
+                   | self.replacements.faulty())
 
     def _reboot(self, r: int, power_loss: bool = False, recover: bool = False) -> None:
         """Replica r's process starts again from its disk (after losing what was not synced if
@@ -737,6 +744,10 @@ class Simulation:
                     self.blocked.add((x, y))
             self._note(f"partition {shape}: {len(self.blocked)} links cut for {arg:.0f}ms")
             self._push(self.now + arg, FAULT, "unpartition", None)
+        elif kind == "replace":
+            self.replacements.replace(arg)
+        elif kind == "replace-in-view-change":
+            self.replacements.arm(arg)
         elif kind == "membership":
             assert self.admin is not None
             self.admin.start_change(arg)
