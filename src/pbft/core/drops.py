@@ -70,6 +70,7 @@ class Drop(StrEnum):
     PREPREPARE_HELD_DUPLICATE = "preprepare-held-duplicate"
     PREPREPARE_NOT_FROM_PRIMARY = "preprepare-not-from-primary"
     PREPREPARE_WITHOUT_BATCH = "preprepare-without-batch"
+    PREPREPARE_BODIES_MISSING = "preprepare-bodies-missing"  # held until its requests' frames come
     # checkpoints and state transfer
     CHECKPOINT_OFF_INTERVAL = "checkpoint-off-interval"
     CHECKPOINT_OLD = "checkpoint-old"
@@ -87,6 +88,7 @@ class Drop(StrEnum):
     FETCH_UNKNOWN_CHECKPOINT = "fetch-unknown-checkpoint"
     # view changes
     BATCH_DATA_DIGEST_MISMATCH = "batch-data-digest-mismatch"
+    BATCH_DATA_INCOMPLETE = "batch-data-incomplete"  # by-digest entries whose bodies we lack
     BATCH_DATA_UNREQUESTED = "batch-data-unrequested"
     NEW_VIEW_BAD_BATCH = "new-view-bad-batch"
     NEW_VIEW_FOR_FUTURE_VIEW = "new-view-for-future-view"
