@@ -565,6 +565,8 @@ class Log:
             if slot.digest is None and slot.view == r.view:
                 pp, raw = slot.held_pp
                 assert pp.batch is not None  # (only a pre-prepare with its batch is held)
+                if has_refs(pp.batch):
+                    continue  # (one waiting for request bodies replaced it: ``_retry_waiting``)
                 if r.requests.check_batch(pp.batch, pp.digest,
                                      check_nondet=not self._weakly_prepared(slot, pp.digest)) is None:
                     self.held.discard(n)
