@@ -163,3 +163,27 @@ def test_a_primary_ordering_a_digest_nobody_has_is_replaced():
     c.advance(100)
     agree(c)
     assert all(r.log.batches.get(d) is None for r in c.replicas)
+
+
+def test_a_new_view_carries_large_requests_by_digest():
+    c = Cluster()
+    assert c.put(0, b"big", BIG) == ("ok", True)
+    c.advance(50)
+    views = []
+
+    def spy(src, dst, raw):
+        if tag_of(raw) == Tag.NEW_VIEW:
+            views.append(raw)
+        return False
+
+    c.drop = spy
+    c.down.add(0)  # the primary crashes: the next request leads to view 1
+    assert c.put(1, b"k", b"v") == ("ok", True)
+    assert views, "a NewView was sent"
+    nv = c.codec.parse(c.codec.open_frame(views[0]))
+    assert any(e[:1] == REQUEST_REF for b in nv.batches for e in b.requests), "the 4 KB request by digest"
+    assert len(views[0]) < len(BIG)
+    c.advance(100)
+    live = c.replicas[1:]
+    assert len({r.state_digest() for r in live}) == 1 and all(r.view == 1 for r in live)
+    assert c.get(1, b"big") == ("ok", BIG)

@@ -22,7 +22,7 @@ from ..codec import (
     BATCH_OVERHEAD_BYTES, NONDET_SIZE_BYTES_MAX, DecodeError, Frame, batch_digest_from_request_digests,
     result_digest, seal, vouch_key,
 )
-from ..messages import ALL_REPLICAS, REQUEST_REF, Batch, Reply, Request, Tag, Vouch, has_refs
+from ..messages import ALL_REPLICAS, REQUEST_REF, Batch, Reply, Request, Tag, Vouch, has_refs, request_ref
 from . import membership
 from .drops import Drop
 
@@ -221,6 +221,20 @@ class Requests:
         r = self.r
         if d in r.log.body_waiters:
             r.log.body_arrived(d)
+
+    def compact(self, batch: Batch) -> Batch:
+        """``batch`` as a message carries it: each request whose operation is over
+        ``request_inline_op_bytes_max`` by its digest (the receivers have it from its client, or
+        fetch the whole batch). Precondition: a batch we keep (every body in place)."""
+        lim = self.r.cfg.request_inline_op_bytes_max
+        if all(len(e) <= lim for e in batch.requests):
+            return batch  # (a frame is longer than its operation)
+        try:
+            pairs = self.batch_requests(batch)
+        except DecodeError:  # (only reachable with the skip-digest-check bug)
+            return batch
+        return Batch(batch.nondet, tuple(request_ref(fr.digest) if len(req.op) > lim else fr.raw
+                                         for fr, req in pairs))
 
     def resolve(self, batch: Batch, missing: Optional[list[bytes]] = None) -> Optional[Batch]:
         """``batch`` with each by-digest entry replaced by the request frame with that digest that

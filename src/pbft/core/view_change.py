@@ -523,8 +523,9 @@ class ViewChanges:
         for n, d in dec.chosen:
             if d == NULL_BATCH_DIGEST or n <= r.low_water_mark or d in given:
                 continue
-            b = r.log.batch_for(d)
-            assert b is not None  # (_missing_batches found none missing)
+            full = r.log.batch_for(d)
+            assert full is not None  # (_missing_batches found none missing)
+            b = r.requests.compact(full)  # (large requests by digest: the backups have them)
             size = batch_wire_bytes(b)
             if size <= budget:
                 budget -= size
