@@ -187,3 +187,13 @@ def test_a_new_view_carries_large_requests_by_digest():
     live = c.replicas[1:]
     assert len({r.state_digest() for r in live}) == 1 and all(r.view == 1 for r in live)
     assert c.get(1, b"big") == ("ok", BIG)
+
+
+def test_a_malformed_reference_is_refused_by_the_codec():
+    c = Cluster()
+    nondet = c.replicas[0].service.propose_nondet(c.now)
+    bad = Batch(nondet, (REQUEST_REF + b"\x01" * 31,))
+    raw = seal(PrePrepare(0, 1, b"\x02" * 32, 0, bad), c.rings[0])
+    c.replicas[1].receive(raw, c.now)
+    assert c.replicas[1].drops.get("bad-request-ref") == 1
+    assert not c.replicas[1].log.waiting and c.replicas[1].log.slots.get(1) is None

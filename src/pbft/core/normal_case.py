@@ -126,6 +126,8 @@ class Log:
             del self.preprepared[k]
         for k in [k for k in self.exec_log if k <= n]:
             del self.exec_log[k]
+        for k in [k for k in self.waiting if k <= n]:
+            del self.waiting[k]
         for d in [d for d, (_, m) in self.batches.items() if m <= n]:
             del self.batches[d]
             r.disk.forget_batch(d)
