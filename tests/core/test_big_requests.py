@@ -87,6 +87,8 @@ def test_a_backup_without_the_clients_copy_fetches_the_batch_and_executes_it():
     c.advance(100)
     r3 = c.replicas[3]
     assert r3.drops.get("preprepare-bodies-missing", 0) >= 1
+    assert r3.counts.get("bodies-fetched", 0) >= 1
+    assert not any(r.counts.get("bodies-fetched") for r in c.replicas[:3])
     assert not r3.log.waiting and not r3.vc.batches_wanted
     assert r3.last_committed_exec == c.replicas[0].last_committed_exec >= 1
     agree(c)

@@ -120,6 +120,9 @@ class Count(StrEnum):
 
     NEW_VIEW_CERTIFIED_BY_STATUS = "new-view-certified-by-status"  # installed on f+1 Status digests
     NEW_VIEW_WAITING_FOR_BATCHES = "new-view-waiting-for-batches"  # a NewView waits for batch bodies
+    # a pre-prepare's large requests did not come from their clients within request_body_wait_ms:
+    # its batch was asked for (FetchBatch)
+    BODIES_FETCHED = "bodies-fetched"
     SERVICE_EXCEPTION = "service-exception"  # the service raised: the client got the error result
     SERVICE_BAD_RESULT = "service-bad-result"  # the service returned something other than bytes
     SERVICE_RESULT_TOO_LARGE = "service-result-too-large"  # over reply_size_bytes_max

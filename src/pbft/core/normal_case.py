@@ -482,6 +482,7 @@ class Log:
             if now >= at:
                 self.waiting[n] = None
                 assert slot.held_pp is not None
+                r._count(Count.BODIES_FETCHED)
                 r.vc.want_batches([slot.held_pp[0].digest], ask=r.primary())
             elif nxt is None or at < nxt:
                 nxt = at
