@@ -199,3 +199,17 @@ def test_a_malformed_reference_is_refused_by_the_codec():
     c.replicas[1].receive(raw, c.now)
     assert c.replicas[1].drops.get("bad-request-ref") == 1
     assert not c.replicas[1].log.waiting and c.replicas[1].log.slots.get(1) is None
+
+
+def test_a_backup_restarted_while_waiting_for_bodies_still_fetches_them():
+    c = Cluster()
+    client = c.clients[0].id
+    c.drop = lambda src, dst, raw: src == client and dst == 3
+    assert c.put(0, b"big", BIG) == ("ok", True)
+    r3 = c.replicas[3]
+    assert r3.log.waiting, "replica 3 holds the pre-prepare, waiting for the request's frame"
+    r3.restart(c.now)  # (a crash: what it waited with was volatile; the slot holding it was not)
+    c.advance(200)
+    assert not r3.log.waiting
+    assert r3.last_committed_exec == c.replicas[0].last_committed_exec >= 1
+    agree(c)

@@ -135,10 +135,14 @@ class Log:
             self.seq_assigned = n
 
     def restart(self) -> None:
-        """After a crash: the held pre-prepares were volatile."""
+        """After a crash: the held pre-prepares were volatile. The request frames too: a slot still
+        holding a pre-prepare that lacks bodies asks for its batch at once."""
         self.held.clear()
         self.held_keys.clear()
         self._forget_waiting()
+        for n in list(self.slots):
+            if self._waiting_slot(n) is not None:
+                self.waiting[n] = self.body_deadline = self.r.now
 
     def _forget_waiting(self) -> None:
         self.waiting.clear()
@@ -393,9 +397,11 @@ class Log:
         if n <= self.last_exec and (done := self.exec_log.get(n)) is not None and done.digest != pp.digest:
             r._drop(Drop.PREPREPARE_CONFLICTS_EXECUTED)
             return
-        if slot.held_pp is not None and slot.held_pp[0].digest == pp.digest:
+        held = slot.held_pp
+        if held is not None and held[0].digest == pp.digest and \
+                (n in self.waiting or not has_refs(held[0].batch or NULL_BATCH)):
             # (a resent copy of what we hold: nothing it could change; vouches, prepares and the
-            # status tick re-check the held one)
+            # status tick re-check the held one, and request bodies or the fetched batch complete it)
             r._drop(Drop.PREPREPARE_HELD_DUPLICATE)
             return
         if has_refs(pp.batch):
@@ -462,7 +468,7 @@ class Log:
                 del self.body_waiters[d]
 
     def _waiting_slot(self, n: int) -> Optional[Slot]:
-        """The slot of seqno n if it still holds a pre-prepare waiting for request bodies."""
+        """The slot of seqno n if it still holds a pre-prepare lacking request bodies."""
         slot = self.slots.get(n)
         if slot is None or slot.held_pp is None or slot.digest is not None or slot.view != self.r.view \
                 or not has_refs(slot.held_pp[0].batch or NULL_BATCH):
