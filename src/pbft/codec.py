@@ -38,7 +38,8 @@ from .digests import (  # re-exported ("x as x"): the codec's callers read them 
     vouch_key as vouch_key,
 )
 from .messages import (
-    ALL_REPLICAS, RECOVERY_OP, Batch, BatchData, Checkpoint, Commit, Data, Fetch, FetchBatch, Message, MetaData,
+    ALL_REPLICAS, RECOVERY_OP, REQUEST_REF, REQUEST_REF_BYTES, Batch, BatchData, Checkpoint, Commit, Data, Fetch,
+    FetchBatch, Message, MetaData,
     NewView, QueryStable, ReplyStable, Vouch,
     PrePrepare, Prepare, Reply, Request, Status, Tag, ViewChange, ViewChangeAck,
 )
@@ -460,6 +461,8 @@ class Codec:
         reqs = _tuple(reqs, self.cfg.batch_requests_max, "batch-size")
         for r in reqs:
             _bytes(r, self.frame_max, "batch-request")
+            if r[:1] == REQUEST_REF and len(r) != REQUEST_REF_BYTES:
+                raise DecodeError("bad-request-ref")
         return Batch(nondet, reqs)
 
     def batch_requests(self, b: Batch) -> list[tuple[Frame, Request]]:
@@ -476,8 +479,15 @@ class Codec:
         return out
 
     def batch_digest(self, b: Batch) -> bytes:
-        """Digest of a batch. Raises DecodeError if it holds malformed requests."""
-        return batch_digest_from_request_digests(b.nondet, [fr.digest for fr, _ in self.batch_requests(b)])
+        """Digest of a batch (a reference entry stands for its request's digest). Raises
+        DecodeError if it holds malformed requests."""
+        ds = []
+        for raw in b.requests:
+            if raw[:1] == REQUEST_REF:
+                ds.append(raw[1:])
+            else:
+                ds.append(self.batch_requests(Batch(b"", (raw,)))[0][0].digest)
+        return batch_digest_from_request_digests(b.nondet, ds)
 
 
 NONDET_SIZE_BYTES_MAX = 256

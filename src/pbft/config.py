@@ -75,6 +75,11 @@ class ClusterConfig:
     status_resend_seqnos_max: int = 16
     vouch_delay_ms: float = 2.0  # how long a vouch may wait for company (another message to the replicas)
     pending_requests_max: int = 1024
+    # a request whose operation is longer than this is ordered by digest: the primary's PrePrepare
+    # carries its frame digest, and each backup uses the copy it got from the client (docs/protocol.md)
+    request_inline_op_bytes_max: int = 255
+    # how long a backup waits for the client's copy of such a request before asking for the batch
+    request_body_wait_ms: float = 10.0
     # Testing only: names from KNOWN_BUGS deliberately break the protocol so the
     # simulator's oracles can prove they would notice.  Never set in production.
     bugs: frozenset[str] = field(default_factory=frozenset)
@@ -151,6 +156,8 @@ class ClusterConfig:
             raise ConfigError(f"replica_slots ({self.replica_slots}) must be at least the {n} replicas")
         if self.view_change_timeout_ms <= 0 or self.client_retry_timeout_ms <= 0:
             raise ConfigError("timeouts must be positive")
+        if self.request_inline_op_bytes_max < 0 or not self.request_body_wait_ms >= 0:
+            raise ConfigError("request_inline_op_bytes_max and request_body_wait_ms must not be negative")
         if not self.timestamp_skew_ms_max > 0:
             raise ConfigError("timestamp_skew_ms_max must be positive")
         unknown = self.bugs - KNOWN_BUGS

@@ -81,7 +81,11 @@ class Batch:
     """What the primary orders at one sequence number: requests plus the agreed non-deterministic value.
 
     ``requests`` holds the requests' authenticated wire frames, so that every
-    backup can check the client's MAC for itself.
+    backup can check the client's MAC for itself. On the wire (a PrePrepare) an entry may
+    instead be a *reference*: ``REQUEST_REF`` followed by the request's frame digest, for a
+    large request that every replica gets from its client anyway (docs/protocol.md). The batch
+    digest is over the request digests, so it is the same whichever form an entry takes; a
+    replica keeps and executes batches with every body in place.
     """
 
     nondet: bytes
@@ -89,6 +93,20 @@ class Batch:
 
 
 NULL_BATCH = Batch(b"", ())
+# the first byte of a by-digest batch entry (no request frame starts with it: a frame is a
+# msgpack array); the entry is this byte and the 32-byte frame digest of the request
+REQUEST_REF = b"\x00"
+REQUEST_REF_BYTES = 33
+
+
+def request_ref(request_digest: bytes) -> bytes:
+    """The by-digest batch entry of the request whose frame digest is ``request_digest``."""
+    return REQUEST_REF + request_digest
+
+
+def has_refs(b: Batch) -> bool:
+    """Whether some entry of ``b`` is a reference (its body is not in the batch)."""
+    return any(e[:1] == REQUEST_REF for e in b.requests)
 
 
 @dataclass(frozen=True, slots=True)

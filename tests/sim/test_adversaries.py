@@ -15,7 +15,7 @@ N4_ONLY = {"S-19b", "S-19c"}
 CASES = [(sc, n) for sc in SCENARIOS for n in (4, 7) if n == 4 or sc.id not in N4_ONLY]
 # slow (make test-fast leaves them out): the throughput scenarios (a fault-free baseline, then the
 # attacked run) and these, measured at more than 10 s each
-SLOW_CASES = {"S-02b-4", "S-02b-7", "S-16-7"}
+SLOW_CASES = {"S-02b-4", "S-02b-7", "S-02c-4", "S-02c-7", "S-16-7"}
 
 
 def _case(sc, n):

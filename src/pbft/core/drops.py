@@ -70,6 +70,7 @@ class Drop(StrEnum):
     PREPREPARE_HELD_DUPLICATE = "preprepare-held-duplicate"
     PREPREPARE_NOT_FROM_PRIMARY = "preprepare-not-from-primary"
     PREPREPARE_WITHOUT_BATCH = "preprepare-without-batch"
+    PREPREPARE_BODIES_MISSING = "preprepare-bodies-missing"  # held until its requests' frames come
     # checkpoints and state transfer
     CHECKPOINT_OFF_INTERVAL = "checkpoint-off-interval"
     CHECKPOINT_OLD = "checkpoint-old"
@@ -87,6 +88,7 @@ class Drop(StrEnum):
     FETCH_UNKNOWN_CHECKPOINT = "fetch-unknown-checkpoint"
     # view changes
     BATCH_DATA_DIGEST_MISMATCH = "batch-data-digest-mismatch"
+    BATCH_DATA_INCOMPLETE = "batch-data-incomplete"  # by-digest entries whose bodies we lack
     BATCH_DATA_UNREQUESTED = "batch-data-unrequested"
     NEW_VIEW_BAD_BATCH = "new-view-bad-batch"
     NEW_VIEW_FOR_FUTURE_VIEW = "new-view-for-future-view"
@@ -118,6 +120,9 @@ class Count(StrEnum):
 
     NEW_VIEW_CERTIFIED_BY_STATUS = "new-view-certified-by-status"  # installed on f+1 Status digests
     NEW_VIEW_WAITING_FOR_BATCHES = "new-view-waiting-for-batches"  # a NewView waits for batch bodies
+    # a pre-prepare's large requests did not come from their clients within request_body_wait_ms:
+    # its batch was asked for (FetchBatch)
+    BODIES_FETCHED = "bodies-fetched"
     SERVICE_EXCEPTION = "service-exception"  # the service raised: the client got the error result
     SERVICE_BAD_RESULT = "service-bad-result"  # the service returned something other than bytes
     SERVICE_RESULT_TOO_LARGE = "service-result-too-large"  # over reply_size_bytes_max

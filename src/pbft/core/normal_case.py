@@ -20,7 +20,7 @@ from ..codec import (
     NULL_BATCH_DIGEST, DecodeError, Frame,
     batch_digest_from_request_digests,
 )
-from ..messages import NULL_BATCH, Batch, Commit, PrePrepare, Prepare, Request
+from ..messages import NULL_BATCH, Batch, Commit, PrePrepare, Prepare, Request, has_refs, request_ref
 from . import membership, reconfig
 from .drops import HOLDABLE, Count, Drop
 from .events import (
@@ -29,6 +29,7 @@ from .events import (
 
 if TYPE_CHECKING:
     from .replica import Replica
+    from .requests import ReqInfo
     from .view_change import Decision
 
 
@@ -66,7 +67,7 @@ class Log:
 
     __slots__ = ("r", "slots", "prepared", "preprepared", "batches", "seq_assigned", "last_exec",
                  "last_committed_exec", "exec_log", "last_exec_seqno", "executed_digest", "executed_requests",
-                 "held", "held_keys")
+                 "held", "held_keys", "waiting", "body_waiters", "body_deadline")
 
     def __init__(self, replica: "Replica"):
         self.r = replica
@@ -88,6 +89,12 @@ class Log:
         # the held pre-prepares each missing vouch key blocks: a Vouch re-checks only the held
         # pre-prepares its own keys can unblock (work proportional to its keys, not to the log)
         self.held_keys: dict[bytes, set[int]] = {}
+        # held pre-prepares whose batch refers to requests (by digest) whose bodies we lack: seqno ->
+        # when to ask for the whole batch (None: asked; ``ask_for_bodies``), and the seqnos waiting
+        # for each missing request digest (the body may come from its client meanwhile)
+        self.waiting: dict[int, Optional[float]] = {}
+        self.body_waiters: dict[bytes, set[int]] = {}
+        self.body_deadline: Optional[float] = None  # the earliest time in ``waiting``
 
     def distrust(self) -> None:
         """A recovery begins: the log reloaded from disk may be an attacker's; only what executed
@@ -119,6 +126,8 @@ class Log:
             del self.preprepared[k]
         for k in [k for k in self.exec_log if k <= n]:
             del self.exec_log[k]
+        for k in [k for k in self.waiting if k <= n]:
+            del self.waiting[k]
         for d in [d for d, (_, m) in self.batches.items() if m <= n]:
             del self.batches[d]
             r.disk.forget_batch(d)
@@ -126,9 +135,19 @@ class Log:
             self.seq_assigned = n
 
     def restart(self) -> None:
-        """After a crash: the held pre-prepares were volatile."""
+        """After a crash: the held pre-prepares were volatile. The request frames too: a slot still
+        holding a pre-prepare that lacks bodies asks for its batch at once."""
         self.held.clear()
         self.held_keys.clear()
+        self._forget_waiting()
+        for n in list(self.slots):
+            if self._waiting_slot(n) is not None:
+                self.waiting[n] = self.body_deadline = self.r.now
+
+    def _forget_waiting(self) -> None:
+        self.waiting.clear()
+        self.body_waiters.clear()
+        self.body_deadline = None
 
     def unblock(self, key: bytes) -> set[int]:
         """Vouch key ``key`` is certified: the held pre-prepares that waited for it (no longer
@@ -159,6 +178,7 @@ class Log:
         self.slots.clear()
         self.held.clear()
         self.held_keys.clear()
+        self._forget_waiting()
 
     def jump_to(self, n: int) -> None:
         """The state is checkpoint n's (a state transfer completed): executed up to n, every batch
@@ -273,6 +293,7 @@ class Log:
 
     def remember_batch(self, d: bytes, batch: Batch, n: int) -> None:
         r = self.r
+        assert not has_refs(batch), "a batch kept without its request bodies"
         old = self.batches.get(d)
         if old is None or old[1] < n:
             self.batches[d] = (batch, n)
@@ -301,15 +322,17 @@ class Log:
                 batch = Batch(nondet, tuple(ri.raw for ri in reqs))
                 d = batch_digest_from_request_digests(nondet, [ri.digest for ri in reqs])
                 r.requests.ordered(batch, reqs)
+                wire = self._wire_batch(batch, reqs)
             elif not r.requests.queue and membership.null_goal(r) > self.seq_assigned:
                 # a replica is recovering, or a membership change waits for its switch point, and
                 # nothing else is ordered: a null request moves the sequence towards the checkpoint
-                batch, d = NULL_BATCH, NULL_BATCH_DIGEST
+                batch = wire = NULL_BATCH
+                d = NULL_BATCH_DIGEST
             else:
                 return
             n = self.seq_assigned + 1
             self.seq_assigned = n
-            pp = PrePrepare(r.view, n, d, r.id, batch)
+            pp = PrePrepare(r.view, n, d, r.id, wire)
             raw = r._broadcast(pp)
             slot = self.slots.get(n)
             if slot is None or slot.view != r.view:
@@ -319,6 +342,14 @@ class Log:
             self.note_preprepared(n, d)
             r._emit(PrePrepareSent(r.view, n, d))
             self.check_prepared(n, slot)
+
+    def _wire_batch(self, batch: Batch, reqs: list[ReqInfo]) -> Batch:
+        """What the primary's PrePrepare carries of ``batch``: a request whose operation is over
+        ``request_inline_op_bytes_max`` travels by digest (each backup has it from its client)."""
+        lim = self.r.cfg.request_inline_op_bytes_max
+        if all(len(ri.req.op) <= lim for ri in reqs):
+            return batch
+        return Batch(batch.nondet, tuple(request_ref(ri.digest) if len(ri.req.op) > lim else ri.raw for ri in reqs))
 
     def note_preprepared(self, n: int, d: bytes) -> None:
         r = self.r
@@ -366,12 +397,28 @@ class Log:
         if n <= self.last_exec and (done := self.exec_log.get(n)) is not None and done.digest != pp.digest:
             r._drop(Drop.PREPREPARE_CONFLICTS_EXECUTED)
             return
-        if slot.held_pp is not None and slot.held_pp[0].digest == pp.digest:
+        held = slot.held_pp
+        if held is not None and held[0].digest == pp.digest and \
+                (n in self.waiting or not has_refs(held[0].batch or NULL_BATCH)):
             # (a resent copy of what we hold: nothing it could change; vouches, prepares and the
-            # status tick re-check the held one)
+            # status tick re-check the held one, and request bodies or the fetched batch complete it)
             r._drop(Drop.PREPREPARE_HELD_DUPLICATE)
             return
+        if has_refs(pp.batch):
+            missing: list[bytes] = []
+            full = self._full_batch(pp, missing)
+            if full is None:
+                self._wait_for_bodies(pp, fr.raw, slot, missing)
+                return
+            pp = PrePrepare(pp.view, n, pp.digest, pp.replica, full)
+        self._check_preprepare(pp, fr.raw, slot)
+
+    def _check_preprepare(self, pp: PrePrepare, raw: bytes, slot: Slot) -> None:
+        """Accept, hold or drop the primary's pre-prepare ``pp`` (frame ``raw``), its batch
+        complete: its requests' MACs (or vouches), digest and agreed value are checked."""
+        r = self.r
         batch = pp.batch
+        assert batch is not None and not has_refs(batch)
         missing: list[bytes] = []
         reason = r.requests.check_batch(batch, pp.digest, check_nondet=not self._weakly_prepared(slot, pp.digest),
                                    missing=missing)
@@ -383,13 +430,94 @@ class Log:
                 # their prepares came first (a replica catching up gets the prepares and the
                 # pre-prepare in one answer, in any order): accept now; a later prepare from the same
                 # backups would be a duplicate and never look at the held pre-prepare again
-                self._accept_preprepare(pp, fr.raw, slot)
+                self._accept_preprepare(pp, raw, slot)
                 return
-            self._hold_preprepare(pp, fr.raw, slot, missing)
+            self._hold_preprepare(pp, raw, slot, missing)
         if reason:
             r._drop(reason)
             return
-        self._accept_preprepare(pp, fr.raw, slot)
+        self._accept_preprepare(pp, raw, slot)
+
+    # -- pre-prepares whose batch refers to request bodies we lack ---------------------------------
+    def _full_batch(self, pp: PrePrepare, missing: Optional[list[bytes]] = None) -> Optional[Batch]:
+        """The batch of ``pp`` with every request body in place (one we hold by its digest, or its
+        by-digest entries filled from the requests' own frames), or None."""
+        assert pp.batch is not None
+        b = self.batch_for(pp.digest)
+        return b if b is not None else self.r.requests.resolve(pp.batch, missing)
+
+    def _wait_for_bodies(self, pp: PrePrepare, raw: bytes, slot: Slot, missing: list[bytes]) -> None:
+        """Hold ``pp``: it refers to requests whose frames we have not received (yet) from their
+        clients. They normally come soon; after ``request_body_wait_ms`` we ask for the whole
+        batch (``ask_for_bodies``). Bounded: one per slot, the digests of one batch per slot."""
+        r = self.r
+        r._drop(Drop.PREPREPARE_BODIES_MISSING)  # (counted; held, not discarded)
+        slot.held_pp = (pp, raw)
+        at = r.now + r.cfg.request_body_wait_ms
+        self.waiting[pp.seqno] = at
+        if self.body_deadline is None or at < self.body_deadline:
+            self.body_deadline = at
+        for d in missing:
+            ns = self.body_waiters.get(d)
+            if ns is None:
+                ns = self.body_waiters[d] = set()
+            ns.add(pp.seqno)
+        if len(self.body_waiters) > 2 * r.log_window * r.cfg.batch_requests_max:
+            live = self.waiting
+            for d in [d for d, ns in self.body_waiters.items() if not any(k in live for k in ns)]:
+                del self.body_waiters[d]
+
+    def _waiting_slot(self, n: int) -> Optional[Slot]:
+        """The slot of seqno n if it still holds a pre-prepare lacking request bodies."""
+        slot = self.slots.get(n)
+        if slot is None or slot.held_pp is None or slot.digest is not None or slot.view != self.r.view \
+                or not has_refs(slot.held_pp[0].batch or NULL_BATCH):
+            self.waiting.pop(n, None)
+            return None
+        return slot
+
+    def ask_for_bodies(self, now: float) -> None:
+        """Held pre-prepares whose request bodies did not come in time: ask for their batches (of
+        the primary first; the status tick asks everybody again while they are missing)."""
+        r = self.r
+        nxt: Optional[float] = None
+        for n, at in list(self.waiting.items()):
+            slot = self._waiting_slot(n)
+            if slot is None or at is None:
+                continue
+            if now >= at:
+                self.waiting[n] = None
+                assert slot.held_pp is not None
+                r._count(Count.BODIES_FETCHED)
+                r.vc.want_batches([slot.held_pp[0].digest], ask=r.primary())
+            elif nxt is None or at < nxt:
+                nxt = at
+        self.body_deadline = nxt
+
+    def body_arrived(self, d: bytes) -> None:
+        """The frame of request ``d`` is here: the held pre-prepares that lacked it may go on."""
+        for n in sorted(self.body_waiters.pop(d)):
+            self._retry_waiting(n)
+
+    def batch_arrived(self, d: bytes) -> None:
+        """Batch ``d`` is here whole (a BatchData): the held pre-prepare of it may go on."""
+        for n in sorted(self.waiting):
+            slot = self._waiting_slot(n)
+            if slot is not None and slot.held_pp is not None and slot.held_pp[0].digest == d:
+                self._retry_waiting(n)
+
+    def _retry_waiting(self, n: int) -> None:
+        slot = self._waiting_slot(n)
+        if slot is None or n not in self.waiting:
+            return
+        assert slot.held_pp is not None
+        pp, raw = slot.held_pp
+        full = self._full_batch(pp)
+        if full is None:
+            return
+        del self.waiting[n]
+        slot.held_pp = None
+        self._check_preprepare(PrePrepare(pp.view, n, pp.digest, pp.replica, full), raw, slot)
 
     def _weakly_prepared(self, slot: Slot, d: bytes) -> bool:
         """Whether replicas of weight > f vouch for the pre-prepared batch ``d`` by their own word:
@@ -446,6 +574,8 @@ class Log:
             if slot.digest is None and slot.view == r.view:
                 pp, raw = slot.held_pp
                 assert pp.batch is not None  # (only a pre-prepare with its batch is held)
+                if has_refs(pp.batch):
+                    continue  # (one waiting for request bodies replaced it: ``_retry_waiting``)
                 if r.requests.check_batch(pp.batch, pp.digest,
                                      check_nondet=not self._weakly_prepared(slot, pp.digest)) is None:
                     self.held.discard(n)
@@ -469,8 +599,10 @@ class Log:
             r._drop(Drop.PREPARE_DUPLICATE)
             return
         slot.prepares[p.replica] = p.digest
-        if slot.held_pp is not None and slot.digest is None and self._weakly_prepared(slot, slot.held_pp[0].digest):
-            self._accept_preprepare(*slot.held_pp, slot)
+        held = slot.held_pp
+        if held is not None and slot.digest is None and not has_refs(held[0].batch or NULL_BATCH) \
+                and self._weakly_prepared(slot, held[0].digest):
+            self._accept_preprepare(*held, slot)
             return
         self.check_prepared(p.seqno, slot)
 

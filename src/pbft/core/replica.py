@@ -121,9 +121,7 @@ class Replica:
         self._installing = False
         self.recovery = ProactiveRecovery(self)  # proactive recovery: ours, and the others' points
 
-    # =====================================================================
-    # driver interface
-    # =====================================================================
+    # ==== driver interface ==============================================
     def take_ready(self) -> Ready:
         """Everything the steps since the last call produced, for the driver to carry out: the
         records to write, THEN the messages to send (see ``Ready`` for the whole contract).
@@ -199,8 +197,8 @@ class Replica:
     def next_deadline(self) -> Optional[float]:
         rec, rq = self.recovering, self.requests
         ds = [d for d in (self.status.deadline, rq.deadline, self.vc.deadline, self.transfer.deadline,
-                          rq.vouch_deadline, rec.next_send if rec is not None and rec.phase != "check" else None)
-              if d is not None]
+                          rq.vouch_deadline, self.log.body_deadline,
+                          rec.next_send if rec is not None and rec.phase != "check" else None) if d is not None]
         return min(ds) if ds else None
 
     def invariants(self) -> None:
@@ -277,6 +275,8 @@ class Replica:
                 # may have completed a certificate): a few per tick, bounded work
                 self.log.recheck_held(sorted(self.log.held)[:4])
             self.vc.status_tick(now)
+        if self.log.body_deadline is not None and now >= self.log.body_deadline:
+            self.log.ask_for_bodies(now)  # (pre-prepares whose requests' frames did not come in time)
         self.requests.tick(now)
         self.vc.tick(now)
         self.transfer.tick(now)
@@ -295,9 +295,7 @@ class Replica:
         self.vc.restart(now)
         self.transfer.restart(now)
 
-    # =====================================================================
-    # helpers
-    # =====================================================================
+    # ==== helpers =======================================================
     def _drop(self, why: Drop | str) -> None:
         """Count a dropped input under its reason."""
         self.drops[why] = self.drops.get(why, 0) + 1
@@ -359,9 +357,7 @@ class Replica:
         """Digest of the current state (the partition tree's root)."""
         return self.state.root
 
-    # =====================================================================
-    # the steps that cross areas
-    # =====================================================================
+    # ==== the steps that cross areas ====================================
     def _state_unverified(self) -> bool:
         """Whether our objects may be wrong: not yet checked against a certified checkpoint after a
         recovery's reboot or a damaged store (``needs_state``), or a state transfer (a catch-up or

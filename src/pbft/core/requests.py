@@ -22,7 +22,7 @@ from ..codec import (
     BATCH_OVERHEAD_BYTES, NONDET_SIZE_BYTES_MAX, DecodeError, Frame, batch_digest_from_request_digests,
     result_digest, seal, vouch_key,
 )
-from ..messages import ALL_REPLICAS, Batch, Reply, Request, Tag, Vouch
+from ..messages import ALL_REPLICAS, REQUEST_REF, Batch, Reply, Request, Tag, Vouch, has_refs, request_ref
 from . import membership
 from .drops import Drop
 
@@ -52,7 +52,7 @@ class Requests:
     __slots__ = ("r", "known", "key_client", "vouches", "vouch_out", "vouch_urgent", "vouch_deadline",
                  "vouch_unknown", "vouch_unknown_max", "trusted", "suspects", "seen", "seen_max", "queue",
                  "inflight", "pending", "deadline", "ro_queue", "ro_barrier", "reply_resent", "last_client_exec",
-                 "batch_checks", "switch_watch")
+                 "batch_checks", "switch_watch", "bodies")
 
     def __init__(self, replica: "Replica"):
         self.r = replica
@@ -85,6 +85,9 @@ class Requests:
         # a pre-prepare that batches them is then checked without opening them again
         self.seen: dict[bytes, tuple[Frame, Request]] = {}
         self.seen_max = max(1024, 8 * cfg.clients_max)
+        # request frames received from their clients (verified here or not), by frame digest: the
+        # bodies of a pre-prepare's by-digest entries (``resolve``); bounded as ``seen``
+        self.bodies: dict[bytes, bytes] = {}
         self.queue: dict[int, ReqInfo] = {}  # primary: client -> certified request waiting for a batch
         self.inflight: dict[int, int] = {}  # primary: client -> timestamp ordered but not yet executed
         # backup: client -> certified request not yet committed here, and the request timer that
@@ -109,6 +112,7 @@ class Requests:
         self.known.clear()
         self.key_client.clear()
         self.seen.clear()
+        self.bodies.clear()
         self.vouches.clear()
         self.vouch_unknown.clear()
         self.vouch_out.clear()
@@ -201,7 +205,57 @@ class Requests:
             # its client sent us a bad authenticator entry (in the runtime only a frame from the
             # connection its client's NewKey came on gets here)
             self.suspects.add(req.client)
+        if len(req.op) > self.r.cfg.request_inline_op_bytes_max:
+            self._keep_body(fr)
         self._on_ordered_request(req, fr, verified=False)
+        self._body_arrived(fr.digest)
+
+    def _keep_body(self, fr: Frame) -> None:
+        bodies = self.bodies
+        if fr.digest not in bodies and len(bodies) >= self.seen_max:
+            del bodies[next(iter(bodies))]
+        bodies[fr.digest] = fr.raw
+
+    def _body_arrived(self, d: bytes) -> None:
+        """A request frame with digest ``d`` is here: the pre-prepares waiting for its body may go on."""
+        r = self.r
+        if d in r.log.body_waiters:
+            r.log.body_arrived(d)
+
+    def compact(self, batch: Batch) -> Batch:
+        """``batch`` as a message carries it: each request whose operation is over
+        ``request_inline_op_bytes_max`` by its digest (the receivers have it from its client, or
+        fetch the whole batch). Precondition: a batch we keep (every body in place)."""
+        lim = self.r.cfg.request_inline_op_bytes_max
+        if all(len(e) <= lim for e in batch.requests):
+            return batch  # (a frame is longer than its operation)
+        try:
+            pairs = self.batch_requests(batch)
+        except DecodeError:  # (only reachable with the skip-digest-check bug)
+            return batch
+        return Batch(batch.nondet, tuple(request_ref(fr.digest) if len(req.op) > lim else fr.raw
+                                         for fr, req in pairs))
+
+    def resolve(self, batch: Batch, missing: Optional[list[bytes]] = None) -> Optional[Batch]:
+        """``batch`` with each by-digest entry replaced by the request frame with that digest that
+        we hold (received from its client: its MAC is checked as any batch's, ``check_batch``),
+        or None if we lack one (``missing``, if given, receives the digests we lack)."""
+        if not has_refs(batch):
+            return batch
+        bodies = self.bodies
+        out = []
+        lacking = False
+        for e in batch.requests:
+            if e[:1] == REQUEST_REF:
+                raw = bodies.get(e[1:])
+                if raw is None:
+                    lacking = True
+                    if missing is not None:
+                        missing.append(e[1:])
+                    continue
+                e = raw
+            out.append(e)
+        return None if lacking else Batch(batch.nondet, tuple(out))
 
     def take_batch(self) -> list[ReqInfo]:
         """The primary's next batch: queued requests in arrival order, bounded by count and by
@@ -296,11 +350,17 @@ class Requests:
         return not self.pending and not self.queue and not self.inflight and not self.ro_queue
 
     def on_request(self, req: Request, fr: Frame) -> None:
-        r = self.r
         seen = self.seen
         if len(seen) >= self.seen_max:
             del seen[next(iter(seen))]
         seen[fr.raw] = (fr, req)
+        if len(req.op) > self.r.cfg.request_inline_op_bytes_max and not req.read_only:
+            self._keep_body(fr)
+        self._admit(req, fr)
+        self._body_arrived(fr.digest)
+
+    def _admit(self, req: Request, fr: Frame) -> None:
+        r = self.r
         if req.read_only:
             self._on_read_only(ReqInfo(req, fr.digest, fr.raw))
             return

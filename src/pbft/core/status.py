@@ -173,7 +173,7 @@ class StatusExchange:
                 # backup the pre-prepares it missed, and the NewView it sends instead is old news
                 # to a backup already in the view); a backup relays the primary's frame
                 if r.is_primary and slot.batch is not None:
-                    pp = seal(PrePrepare(r.view, n, slot.digest, r.id, slot.batch), r.keys)
+                    pp = seal(PrePrepare(r.view, n, slot.digest, r.id, r.requests.compact(slot.batch)), r.keys)
                 else:
                     assert slot.pp_raw is not None
                     pp = slot.pp_raw

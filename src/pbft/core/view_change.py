@@ -512,7 +512,7 @@ class ViewChanges:
             return
         missing = self._missing_batches(dec.chosen)
         if missing:
-            self._want_batches(missing)
+            self.want_batches(missing)
             return  # wait for a BatchData from any replica that has them
         # the NewView carries batch bodies up to a byte budget, lowest sequence numbers first, so
         # that it stays well within the message size whatever the load; a backup lacking one of
@@ -523,8 +523,9 @@ class ViewChanges:
         for n, d in dec.chosen:
             if d == NULL_BATCH_DIGEST or n <= r.low_water_mark or d in given:
                 continue
-            b = r.log.batch_for(d)
-            assert b is not None  # (_missing_batches found none missing)
+            full = r.log.batch_for(d)
+            assert full is not None  # (_missing_batches found none missing)
+            b = r.requests.compact(full)  # (large requests by digest: the backups have them)
             size = batch_wire_bytes(b)
             if size <= budget:
                 budget -= size
@@ -549,7 +550,7 @@ class ViewChanges:
                 out.append(d)
         return out
 
-    def _want_batches(self, digests: list[bytes], ask: Optional[int] = None) -> None:
+    def want_batches(self, digests: list[bytes], ask: Optional[int] = None) -> None:
         """Ask for batches by digest: of replica ``ask`` (the primary of a NewView that needs them:
         it holds them all), else of every other replica; the status tick asks everybody again for
         those still missing."""
@@ -603,8 +604,13 @@ class ViewChanges:
         if (why := self._ignore_batch_data(m)) is not None:
             return r._drop(why)
         assert m.digest in self.batches_wanted
+        batch = r.requests.resolve(m.batch)  # (a correct replica sends every body: it keeps them)
+        if batch is None:
+            return r._drop(Drop.BATCH_DATA_INCOMPLETE)
         del self.batches_wanted[m.digest]
-        r.log.remember_batch(m.digest, m.batch, r.low_water_mark + r.log_window)
+        r.log.remember_batch(m.digest, batch, r.low_water_mark + r.log_window)
+        if r.view_active:
+            r.log.batch_arrived(m.digest)  # a pre-prepare may have been waiting for its bodies
         # a NewView (to build, or to accept) may have been waiting for this batch
         if not r.view_active and r.primary() == r.id:
             self.try_new_view()
@@ -678,9 +684,12 @@ class ViewChanges:
         given = {}
         for b in nv.batches:
             try:
-                given[r.codec.batch_digest(b)] = b
+                d = r.codec.batch_digest(b)
             except DecodeError:
                 return Drop.NEW_VIEW_BAD_BATCH
+            full = r.requests.resolve(b)  # (a batch without its bodies counts as not carried)
+            if full is not None:
+                given[d] = full
         for n, d in nv.chosen:
             if d in given:
                 r.log.remember_batch(d, given[d], n)
@@ -697,7 +706,7 @@ class ViewChanges:
             return False
         if any(d not in self.batches_wanted for d in missing):
             r._count(Count.NEW_VIEW_WAITING_FOR_BATCHES)  # (counted: how often a NewView waits)
-        self._want_batches(missing, ask=nv.replica)
+        self.want_batches(missing, ask=nv.replica)
         return True
 
     def _reject_new_view(self, reason: Drop) -> None:

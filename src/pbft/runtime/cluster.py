@@ -65,6 +65,8 @@ PROTOCOL_DEFAULTS: dict[str, float | int | bool] = {
     "pending_requests_max": 1024,
     "status_resend_seqnos_max": 16,
     "vouch_delay_ms": 2.0,
+    "request_inline_op_bytes_max": 255,
+    "request_body_wait_ms": 10.0,
 }
 
 

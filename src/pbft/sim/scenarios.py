@@ -287,6 +287,13 @@ def _large_requests_check(sim: Simulation, res: RunResult) -> list[str]:
     return out
 
 
+def _large_by_digest_check(sim: Simulation, res: RunResult) -> list[str]:
+    out = _views_at_most(lambda f: 1)(sim, res)
+    if any(r.drops.get("new-view-missing-batch") for r in sim.replicas):
+        out.append("a NewView was rejected for a missing batch")
+    return out
+
+
 SCENARIOS: list[Scenario] = [
     Scenario("S-01", "no-faults", "no faults, mixed read/write workload, many clients",
              "oracles hold; every operation completes; no view change",
@@ -300,10 +307,19 @@ SCENARIOS: list[Scenario] = [
              "backup is cut off",
              "progress within one view change; every message within message_size_bytes_max (R2); the "
              "NewView carries batch bodies up to its budget and the backup fetches the others",
+             # (requests inline, as the scenario is about batch bodies: by digest, the NewView is small)
+             _cfg(clients=32, ops=8, value_bytes=31_900, keys=8, think_ms=(0.0, 0.0), script_fn=_large_requests_script,
+                  cluster=dict(checkpoint_interval_seqnos=64, log_window_seqnos=128, message_size_bytes_max=2 << 20,
+                               state_size_bytes_max=1 << 20, request_inline_op_bytes_max=1 << 16)),
+             _large_requests_check),
+    Scenario("S-02c", "large-requests-by-digest-primary-crash", "S-02b with the large requests ordered by "
+             "digest (the default): pre-prepares and the NewView carry their digests only",
+             "progress within one view change; every message within message_size_bytes_max (R2); no "
+             "NewView rejected for a missing batch",
              _cfg(clients=32, ops=8, value_bytes=31_900, keys=8, think_ms=(0.0, 0.0), script_fn=_large_requests_script,
                   cluster=dict(checkpoint_interval_seqnos=64, log_window_seqnos=128,
                                message_size_bytes_max=2 << 20, state_size_bytes_max=1 << 20)),
-             _large_requests_check),
+             _large_by_digest_check),
     Scenario("S-03", "consecutive-primaries-crash", "the primaries of views 0..f-1 crash",
              "progress within f+1 view changes",
              _cfg(script_fn=lambda n, s: tuple((25.0, "crash", i) for i in range(f_of(n))), fault_phase_ms=4000.0),
