@@ -41,12 +41,14 @@ from ..crypto import KeyRing
 from ..config import ConfigError
 from ..messages import Reply, Tag
 from .cluster import Cluster, load_cluster
+from .follow import FETCH_TIMEOUT_S, follow
 from .keys import Identity, fresh_key, make_newkey, now_timestamp_us
 from .transport import Counters, FrameConn, OutLink, frame
 
 DEFAULT_TIMEOUT_S = 30.0
 NEWKEY_ON_RETRY_MIN_INTERVAL_S = 1.0
 REFRESH_CHUNK = 64  # identities of a pool whose keys are refreshed together
+FOLLOW_INTERVAL_S = 2.0  # at most one look at the replicas' membership chains per interval
 
 
 class PbftError(Exception):
@@ -85,8 +87,15 @@ def _now_ms() -> float:
 class ClientPool:
     """Many client identities sharing one TCP connection per replica."""
 
-    def __init__(self, cluster: Cluster, identities: Sequence[Identity]):
+    def __init__(self, cluster: Cluster, identities: Sequence[Identity], follow_chain: bool = True):
         self.cluster = cluster
+        # learn the membership in force from the replicas' certificate chains (runtime.follow): when
+        # starting, and when requests go unanswered (at most every FOLLOW_INTERVAL_S)
+        self.follow_chain = follow_chain
+        self.following: Optional[asyncio.Task] = None
+        self.followed_at = -FOLLOW_INTERVAL_S
+        self.memberships_followed = 0
+        self.follow_error = ""
         self.cfg = cluster.cfg
         self.codec = Codec(self.cfg)
         self.counters = Counters()
@@ -112,8 +121,12 @@ class ClientPool:
     # ---- lifecycle ----------------------------------------------------------
     async def start(self, wait_s: float = 5.0) -> None:
         """Connect to every replica; waits until a quorum is connected (or ``wait_s`` passes)."""
+        if self.follow_chain:
+            await self._follow()
         rt = self.cluster.runtime
         for r in self.cluster.replicas:
+            if r.id in self.links:  # (links made by a membership followed meanwhile)
+                continue
             link = OutLink(r.host, r.port, self._make_conn, self._on_link_up, rt.reconnect_min_s, rt.reconnect_max_s)
             self.links[r.id] = link
             link.start()
@@ -152,8 +165,31 @@ class ClientPool:
             p.core.set_membership(self.cfg, view)
             self._after(p)
 
+    async def _follow(self) -> None:
+        """Ask the replicas for their membership certificate chains; follow a newer membership that
+        one of them certifies (``runtime.follow``)."""
+        try:
+            now = await self.loop.run_in_executor(None, follow, self.cluster, FETCH_TIMEOUT_S)
+        except (ConfigError, OSError, ValueError) as e:
+            self.counters.drop("chain-follow-failed")
+            self.follow_error = str(e)
+            now = None
+        finally:
+            self.followed_at = time.monotonic()
+        if now is not None and not self.closed and (now.members_epoch, now.members_from) > (
+                self.cluster.members_epoch, self.cluster.members_from):
+            self.memberships_followed += 1
+            self.set_membership(now)
+
+    def _maybe_follow(self) -> None:
+        if (self.follow_chain and not self.closed and (self.following is None or self.following.done())
+                and time.monotonic() - self.followed_at >= FOLLOW_INTERVAL_S):
+            self.following = self.loop.create_task(self._follow())
+
     async def close(self) -> None:
         self.closed = True
+        if self.following is not None:
+            self.following.cancel()
         for lk in self.links.values():
             lk.stop()
         if self.refresh_handle is not None:
@@ -287,6 +323,7 @@ class ClientPool:
                 # certified and only its full copy is missing (``asked_full``): the replicas that
                 # answered know our keys, and new ones would void the replies still in flight
                 self.refresh_keys(p)
+            self._maybe_follow()  # (unanswered: the membership may have changed)
             core.tick(now)
         self._after(p)
 

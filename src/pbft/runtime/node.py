@@ -34,6 +34,7 @@ from ..service import Service
 from ..storage import Store, StoreError, open_store
 from . import gctune
 from .cluster import CLUSTER_FILE, EPOCH_FILE, Cluster, recovery_turn
+from .chain_keeper import ChainKeeper
 from .epochs import EpochFollower
 from .keys import NEWKEY_TAG, Identity, fresh_key, make_newkey, now_timestamp_us
 from .metrics import HttpEndpoint, ReplicaMetrics
@@ -177,6 +178,8 @@ class ReplicaNode:
         self.newkey_gate.restore(records)
         # the configuration in force: the key registry follows its epochs (runtime.epochs)
         self.epochs = EpochFollower(self)
+        # the membership certificate chain: signed at each switch, kept, served (runtime.chain_keeper)
+        self.chain = ChainKeeper(self)
         # clients' requests against per-client credits, before the core (runtime.admission)
         self.request_slots = RequestSlots(self.loop, self.counters, self._redeliver)  # requests waiting for credits
         self.request_budget = RequestBudget(
@@ -247,6 +250,7 @@ class ReplicaNode:
         self.cfg = self.replica.cfg
         self._log("membership", seqno=ev.seqno, members_from=ev.members_from, n=ev.n, f=self.cfg.f, view=ev.view,
                   retired=ev.retired)
+        self.chain.on_state(ev.seqno)  # (a retired replica signs too: it was a member of the one before)
         if ev.retired:
             return
         for j in [j for j in self.links if j >= self.cfg.n]:
@@ -325,6 +329,7 @@ class ReplicaNode:
         if os.environ.get("PBFT_FAULT_INJECTION") == "1":  # tests only: SIGUSR2 corrupts memory
             self.loop.add_signal_handler(signal.SIGUSR2, self._inject_memory_corruption)
         self._rearm()
+        self.chain.on_state()  # (a restored checkpoint's membership newer than our chain: our vote)
         self._log("started", host=me.host, port=me.port, metrics_host=me.metrics_host, metrics_port=me.metrics_port,
                   n=self.cfg.n, f=self.cfg.f, scheduling=self.scheduling)
 
@@ -504,6 +509,7 @@ class ReplicaNode:
                 return
             if link.conn is not None:  # (it is: the link is up)
                 link.conn.send(frame(nk))
+                self.chain.on_link_up(link.conn)  # (after our NewKey: the peer takes it first)
 
     # ---- keys ---------------------------------------------------------------
     def _refresh_delay(self) -> float:
@@ -610,6 +616,13 @@ class ReplicaNode:
                 self._close_unauthenticated(conn)
                 return
             relayed = True
+        if tag == Tag.MEMBERSHIP_LINK:
+            # self-certifying (signed), so relayed ones are taken too; only replicas send them
+            why = self.chain.on_frame(raw) if s < self.slots_n else "chain-link-from-client"
+            if why:
+                self.counters.drop(why)
+                self._count_waste(conn, time.monotonic(), 1 + (len(raw) >> 10))
+            return
         now = time.monotonic() * 1000.0  # (``_now``, inlined: once per frame)
         if tag == Tag.REQUEST and not relayed and s >= self.slots_n:
             wait = self.request_budget.take(s, now / 1000.0)
@@ -880,6 +893,8 @@ class ReplicaNode:
             "peers_connected": sorted(j for j, lk in self.links.items() if lk.conn is not None),
             "clients_connected": len(self.client_conn),
             "config": self.epochs.describe(),
+            "chain": self.chain.describe(),
+            "membership_chain": self.chain.encoded().hex(),
             "members": {"n": r.cfg.n, "f": r.cfg.f, "weights": list(r.cfg.weights), "members_from": r.members_from,
                         "retired": r.retired},
             "uptime_s": round(time.time() - self.started, 1),
