@@ -13,10 +13,12 @@ import sys
 import pytest
 
 from helpers import netutil
+from pbft import BlockingClient
 from pbft.config import ConfigError
 from pbft.runtime.chain import decode_chain, verify_chain
 from pbft.runtime.cluster import EPOCH_FILE, free_port_range, load_cluster
 from pbft.runtime.follow import genesis_keys, learn
+from pbft.services.kv import KVClient
 from pbft.tools.cli import main
 
 pytestmark = pytest.mark.slow
@@ -40,6 +42,9 @@ def test_a_client_with_only_cluster_toml_follows_a_growth_and_a_tampered_epoch_f
     c = lc.cluster.client_ids[0]
     # the genesis membership: no link yet
     assert learn(lc.cluster).links == ()
+    # a client that runs across the change, with nothing but cluster.toml and no MembershipWatch
+    early = BlockingClient(load_cluster(d), lc.cluster.client_ids[1])
+    KVClient(early.invoke, timeout=10.0).put(b"before", b"1")
 
     assert main(["reconfig", d, "add-replica", "--count", "3", "--json"]) == 0
     grow = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -62,6 +67,13 @@ def test_a_client_with_only_cluster_toml_follows_a_growth_and_a_tampered_epoch_f
     assert w.returncode == 0, w.stderr
     r = kv(d, c, "get", "colour")
     assert r.returncode == 0 and r.stdout.strip() == "green", (r.stdout, r.stderr)
+    # the running client follows by itself: its request goes unanswered by the old members alone
+    # (the new membership needs 5 replies), it fetches the chain and moves to the 7
+    kv_early = KVClient(early.invoke, timeout=30.0)
+    kv_early.put(b"after", b"2")
+    assert kv_early.get(b"before", read_only=False) == b"1"
+    assert early.memberships_followed == 1 and early.cluster.cfg.n == 7
+    early.close()
     # the added replicas took part: they executed the put too
     lc.wait_for(lambda: all(lc.status(i)["last_executed"] > grow["members_from"] for i in (4, 5, 6)),
                 timeout=30, what="the added replicas executing")

@@ -361,6 +361,13 @@ class ClientPool:
         if p is None:
             self.counters.drop("reply-for-unknown-client")
             return
+        if rep.view >> 32 > self.cluster.members_epoch:
+            # a view of a later membership (core.membership.base_view): the replica switched and we
+            # have not; its reply is not counted with the thresholds we know. Learn the membership
+            # (the retransmission goes to the new members, counted with theirs)
+            self.counters.drop("reply-from-later-membership")
+            self._maybe_follow()
+            return
         p.core.receive_parsed(fr, rep, _now_ms())
         self._after(p)
 
@@ -406,6 +413,17 @@ class Client:
         """See ``ClientPool.set_membership``."""
         self._pool.set_membership(cluster)
 
+    @property
+    def cluster(self) -> Cluster:
+        """The cluster as the client sees it now: the membership it follows (``cluster.cfg.n``,
+        ``members_from``), learnt from the replicas' certificate chains or set."""
+        return self._pool.cluster
+
+    @property
+    def memberships_followed(self) -> int:
+        """How many newer memberships it learnt from the replicas' certificate chains."""
+        return self._pool.memberships_followed
+
     async def close(self) -> None:
         await self._pool.close()
 
@@ -447,6 +465,15 @@ class BlockingClient:
     def set_membership(self, cluster: Cluster) -> None:
         """See ``ClientPool.set_membership``."""
         self._loop.call_soon_threadsafe(self._client.set_membership, cluster)
+
+    @property
+    def cluster(self) -> Cluster:
+        """See ``Client.cluster``."""
+        return self._client.cluster
+
+    @property
+    def memberships_followed(self) -> int:
+        return self._client.memberships_followed
 
     def close(self) -> None:
         if self._loop.is_running():
