@@ -112,3 +112,13 @@ def test_our_own_vote_is_signed_against_the_last_link_and_resent(tmp_path):
     k5 = ChainKeeper(n5)
     k5.sign(M1)
     assert k5.own is None
+
+
+def test_a_vote_with_more_signatures_than_signers_is_not_checked(tmp_path):
+    k = ChainKeeper(node(tmp_path, memory=True))
+    v = vote(1)
+    many = Link(v.prev, v.members, tuple((i, v.signatures[0][1]) for i in range(5)))
+    assert k.on_frame(frame_of(many)) == "chain-link-malformed" and not k.votes
+    # a bad signature stops the checks of the frame: the good one after it is not taken either
+    bad = Link(v.prev, v.members, ((0, b"\x00" * 64), v.signatures[0]))
+    assert k.on_frame(frame_of(bad)) == "chain-signature-bad" and not k.votes

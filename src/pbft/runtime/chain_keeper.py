@@ -167,6 +167,8 @@ class ChainKeeper:
             return "chain-link-stale" if any(lk.members == m for lk in self.links) else "chain-link-old"
         if link.prev != membership_digest(head):
             return "chain-link-unknown-prev"  # (a later link than our next one, or a forgery)
+        if len(link.signatures) > head.n:
+            return "chain-link-malformed"  # (more signatures than signers: checked for none of them)
         stmt = link.statement()
         key = hashlib.blake2b(stmt, digest_size=16).digest()
         entry = self.votes.get(key)
@@ -180,7 +182,7 @@ class ChainKeeper:
                 continue
             if bad := check_signature(head, signer, sig, stmt):
                 why = "chain-signature-bad" if bad.startswith("bad") else "chain-signer-not-a-member"
-                continue
+                break  # (a correct sender sends none: one signature check per bad frame at most)
             sigs[signer] = sig
             self.voted[signer] = key
         if not sigs:

@@ -146,9 +146,15 @@ class ClientPool:
         reconfig`` wrote the new membership into epoch.json, or ``with_membership``): links to the
         new members (a NewKey for each, on connecting), none to those that left, and every
         identity's core client counts the new members' replies from the new epoch's first view on
-        (an operation under way is retransmitted to them)."""
+        (an operation under way is retransmitted to them). A membership older than the one it
+        follows (``members_epoch``, ``members_from``) is ignored."""
         if cluster.cfg.client_base != self.cfg.client_base:
             raise ConfigError("a membership change cannot move the client ids (replica_slots)")
+        if (cluster.members_epoch, cluster.members_from) < (self.cluster.members_epoch, self.cluster.members_from):
+            # an older membership than the one followed already (e.g. an epoch.json written before
+            # the replicas' chain moved us on): memberships only move forward
+            self.counters.drop("membership-older-ignored")
+            return
         view = base_view(cluster.members_epoch, cluster.cfg.n) if cluster.members_from else 0
         self.cluster, self.cfg, self.codec = cluster, cluster.cfg, Codec(cluster.cfg)
         for j in [j for j in self.links if j >= self.cfg.n]:
