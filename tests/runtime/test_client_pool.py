@@ -158,6 +158,18 @@ def test_replies_of_a_later_membership_are_not_counted_and_older_memberships_are
         assert pool.cluster is grown
         pool.set_membership(c)
         assert pool.cluster is grown and pool.counters.drops["membership-older-ignored"] == 1
+        # once it follows epoch 1, replies of views of the membership before are not counted
+        task = asyncio.ensure_future(pool.invoke(cid, b"op", timeout=0.3))
+        await asyncio.sleep(0)
+        req = p.core.req
+        assert req is not None
+        for j in (0, 1, 2):
+            ring = KeyRing(j, 4, {cid: p.ring.in_keys[j]}, {cid: p.ring.out_keys[j]})
+            rep = Reply(0, req.timestamp, cid, j, True, False, result_digest(b"x"), b"x")
+            pool._on_frame(None, seal(rep, ring, to=cid))  # type: ignore[arg-type]
+        with pytest.raises(NoQuorumError):
+            await task
+        assert pool.counters.drops["reply-from-earlier-membership"] == 3
         await pool.close()
 
     asyncio.run(main())

@@ -1,13 +1,16 @@
 """A replica process's membership certificate chain (``runtime.chain``): signing at the switch,
 gathering the signatures, keeping the chain in the data directory, serving it.
 
-* **Signing.** When this replica switches to a new membership (``MembershipSwitched``: the switch
-  point's checkpoint is stable here, so its state records the change), or finds at startup that
-  its restored checkpoint's membership is newer than its chain, and it is a member of the chain's
-  last membership, it signs the link (last membership -> the new one) with its long-term key and
-  sends its vote to every replica it has a link to. A replica whose key is held by a signer
-  process (``pbft signer``) cannot sign links (``chain-sign-unavailable``): the signer signs only
-  NewKeys; the others' signatures are enough while it is one of the f.
+* **Signing.** When a checkpoint becomes stable here (or a state transfer installs one, or at
+  startup the restored one) whose state records a membership newer than the chain's last one,
+  and this replica is a member of that last membership, it signs the link (last membership ->
+  the new one) with its long-term key and sends its vote to every replica it has a link to. The
+  change is then certain to take effect at its switch point (the old membership orders nothing
+  after it, and a second change is refused before it), and every old member still takes part
+  (a replica that a shrink removes may lag after the switch: the members stop talking to it).
+  A replica whose key is held by a signer process (``pbft signer``) cannot sign links
+  (``chain-sign-unavailable``): the signer signs only NewKeys; the others' signatures are enough
+  while it is one of the f.
 * **Gathering.** A ``MEMBERSHIP_LINK`` frame carries one link with any number of signatures (a
   vote, or a complete link). Each signature is checked against the chain's last membership;
   bad, stale and equivocating ones are dropped and counted; at most one pending link per signer
@@ -114,12 +117,14 @@ class ChainKeeper:
 
     # ---- signing ----------------------------------------------------------------------------
     def on_state(self, n: Optional[int] = None) -> None:
-        """Stable checkpoint n (default: our low water mark) holds a membership in force after it:
-        if it is newer than the chain's last one, vote for it."""
+        """Stable checkpoint n (default: our low water mark): if its state records a membership
+        newer than the chain's last one (a change, in force after its switch point for certain:
+        the old membership orders nothing after it, and a second change is refused before it),
+        vote for it."""
         r = self.node.replica
         n = r.low_water_mark if n is None else n
         cs = config_at(r, n)
-        m = cs.members_at(n + 1) if cs is not None else None
+        m = (cs.next_members or cs.members) if cs is not None else None
         if m is not None and m.opens_at > self.head.opens_at:
             self.sign(m)
 

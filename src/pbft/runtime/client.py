@@ -367,6 +367,12 @@ class ClientPool:
         if p is None:
             self.counters.drop("reply-for-unknown-client")
             return
+        if rep.view >> 32 < self.cluster.members_epoch:
+            # a view of the membership before ours: we learnt of the change (its chain link is signed
+            # when the change is recorded in a stable checkpoint) before this replica reached the
+            # switch point; only the new membership's replies count (we retransmit to it)
+            self.counters.drop("reply-from-earlier-membership")
+            return
         if rep.view >> 32 > self.cluster.members_epoch:
             # a view of a later membership (core.membership.base_view): the replica switched and we
             # have not; its reply is not counted with the thresholds we know. Learn the membership

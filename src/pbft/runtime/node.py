@@ -58,7 +58,7 @@ CRASH_LOOP_WINDOW_S = 10.0  # an error this soon after the process started conti
 REBOOT_BACKOFF_MAX_S = 60.0  # the wait before rebooting doubles along a streak, up to this
 EX_IOERR = 74  # exit status after a failed store write
 LOGGED_EVENTS = frozenset({"membership", "view-change", "new-view", "stable", "state-transfer", "checkpoint-mismatch",
-                           "fetch", "rollback", "state-rebuild", "recovery-start", "recovery-estimate",
+                           "chain-wanted", "fetch", "rollback", "state-rebuild", "recovery-start", "recovery-estimate",
                            "recovery-point", "recovered", "recovery-request", "state-repair"})
 
 
@@ -128,6 +128,8 @@ class ReplicaNode:
             membership.start_as_joiner(self.replica, membership.base_view(cluster.members_epoch, self.cfg.n),
                                        cluster.members_from)
         self.cfg = self.replica.cfg  # (a restored checkpoint's membership: core.membership.after_restore)
+        # we keep the membership chain: a catch-up beyond the window on a weak certificate asks it first
+        self.replica.chain.follows = True
         self.recovery_overdue = False
         self.recovery_deferred_s = 0.0  # how long the turn under way has waited for another recovery
         self.rebooting = False
@@ -212,12 +214,17 @@ class ReplicaNode:
             self._log("new-view", view=ev.view, primary=ev.view % self.cfg.n)
         elif kind == "membership":
             self._on_switch(ev)
+        elif kind == "chain-wanted":
+            self._log("chain-wanted", seqno=ev.seqno, chain_epoch=self.chain.head.epoch)
+            self.loop.call_soon(self._answer_chain)
         elif kind == "stable":
             self.metrics.on_stable(ev.seqno)
             self.epochs.on_checkpoint(ev.seqno)
+            self.chain.on_state(ev.seqno)
         elif kind == "state-transfer":
             self._log("state-transfer", seqno=ev.seqno)
             self.epochs.on_checkpoint(ev.seqno)
+            self.chain.on_state(ev.seqno)
         elif kind == "checkpoint-mismatch":
             self._log("checkpoint-mismatch", seqno=ev.seqno)
         elif kind == "state-repair":
@@ -257,6 +264,18 @@ class ReplicaNode:
             self.links.pop(j).stop()
         self._connect_members()
         self._refresh_keys(broadcast=True)
+
+    def _answer_chain(self) -> None:
+        """The core asks, before it catches up beyond its window on a weak certificate, which
+        membership our chain certifies (``core.membership.ChainView``): the chain's last one, if it
+        is newer than the core's."""
+        if self.halted:
+            return
+        r, head = self.replica, self.chain.head
+        membership.learn_chain(r, head if head.opens_at > r.members_from else None)
+        if not self.flush_pending:
+            self.flush_pending = True
+            self.loop.call_soon(self._flush)
 
     def _connect_members(self) -> None:
         """An outbound link to every member but us (addresses: cluster.toml's slots)."""
