@@ -62,6 +62,7 @@ LOGGED_EVENTS = frozenset({"membership", "view-change", "new-view", "stable", "s
                            "recovery-point", "recovered", "recovery-request", "state-repair"})
 
 
+CHAIN_LINK_LATE = frozenset({"chain-link-stale"})
 # session keys are refreshed for other replicas' recoveries at most this often (seconds)
 KEY_REFRESH_MIN_INTERVAL_S = 5.0
 # a recovery turn that finds another replica recovering looks again this often (``_watchdog``)
@@ -640,7 +641,8 @@ class ReplicaNode:
             why = self.chain.on_frame(raw) if s < self.slots_n else "chain-link-from-client"
             if why:
                 self.counters.drop(why)
-                self._count_waste(conn, time.monotonic(), 1 + (len(raw) >> 10))
+                if why not in CHAIN_LINK_LATE:  # (a correct peer's vote after the link completed)
+                    self._count_waste(conn, time.monotonic(), 1 + (len(raw) >> 10))
             return
         now = time.monotonic() * 1000.0  # (``_now``, inlined: once per frame)
         if tag == Tag.REQUEST and not relayed and s >= self.slots_n:
