@@ -1,7 +1,7 @@
 """Clients learn the membership from the cluster itself (runtime.chain_keeper, runtime.follow):
-after a growth 4 -> 7 the replicas serve a membership certificate chain; a fresh client process
-with only cluster.toml (no epoch.json) verifies it and works with the 7 replicas, and a tampered
-epoch.json is refused."""
+after a growth 4 -> 7 the replicas serve a membership certificate chain; the added replicas, a
+fresh client process and a client running across the change, all with only cluster.toml (no
+epoch.json), verify it and work with the 7 replicas, and a tampered epoch.json is refused."""
 
 from __future__ import annotations
 
@@ -48,10 +48,14 @@ def test_a_client_with_only_cluster_toml_follows_a_growth_and_a_tampered_epoch_f
 
     assert main(["reconfig", d, "add-replica", "--count", "3", "--json"]) == 0
     grow = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    epoch_doc = (lc.dir / EPOCH_FILE).read_text()
+    # the added replicas start with only cluster.toml too: they learn the membership they join
+    # from the replicas' chains, verified against cluster.toml
+    (lc.dir / EPOCH_FILE).unlink()
     for i in (4, 5, 6):
         lc.start(i)
     lc.n = 7
-    doc = json.loads((lc.dir / EPOCH_FILE).read_text())
+    doc = json.loads(epoch_doc)
     links = decode_chain(bytes.fromhex(doc["chain"]))
     g = lc.cluster.genesis_cfg
     m = verify_chain(g, genesis_keys(lc.cluster), links)
@@ -60,8 +64,6 @@ def test_a_client_with_only_cluster_toml_follows_a_growth_and_a_tampered_epoch_f
     assert {s for s, _ in links[0].signatures} <= {0, 1, 2, 3} and len(links[0].signatures) >= 3
 
     # a fresh client process with only cluster.toml: it learns the 7 members from the replicas
-    epoch_doc = (lc.dir / EPOCH_FILE).read_text()
-    (lc.dir / EPOCH_FILE).unlink()
     assert load_cluster(d).cfg.n == 4  # (what cluster.toml alone says)
     w = kv(d, c, "put", "colour", "green")
     assert w.returncode == 0, w.stderr
@@ -77,9 +79,10 @@ def test_a_client_with_only_cluster_toml_follows_a_growth_and_a_tampered_epoch_f
     # the added replicas took part: they executed the put too
     lc.wait_for(lambda: all(lc.status(i)["last_executed"] > grow["members_from"] for i in (4, 5, 6)),
                 timeout=30, what="the added replicas executing")
-    # every replica serves the chain, the added ones too (they got it from the members)
+    # every replica serves the chain, the added ones too (learnt before they started)
     lc.wait_for(lambda: all(lc.status(i)["chain"]["n"] == 7 for i in range(7)), timeout=20,
                 what="every replica holding the link")
+    assert all("the replicas certify a membership of 7 replicas (f=2)" in lc.log_text(i) for i in (4, 5, 6))
 
     # a tampered epoch.json is refused: a membership the chain does not end at ...
     tampered = json.loads(epoch_doc)
