@@ -8,9 +8,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import msgpack
+import pytest
 
 from pbft.messages import Tag
 from pbft.runtime.chain import Link, encode_link, genesis_membership, membership_digest, sign_link
+from pbft.runtime import chain_keeper
 from pbft.runtime.chain_keeper import CHAIN_FILE, ChainKeeper
 from pbft.runtime.cluster import StorageParams
 from pbft.runtime.keys import Identity
@@ -22,6 +24,12 @@ IDS = [Identity.from_seed(i, bytes([i + 7]) * 32) for i in range(7)]
 KEYS = [i.public for i in IDS]
 G = genesis_membership(CFG, KEYS[:4])
 M1 = Membership(7, 2, (1,) * 7, tuple(KEYS), 16, 1)
+
+
+@pytest.fixture(autouse=True)
+def no_core_state(monkeypatch):
+    """The fake node has no core replica: its checkpoints record no membership change."""
+    monkeypatch.setattr(chain_keeper, "config_at", lambda r, n: None)
 
 
 class Loop:
@@ -39,7 +47,7 @@ def node(tmp: Path, me: int = 0, memory: bool = False):
                               storage=StorageParams(mode="memory" if memory else "durable"))
     logs: list = []
     n = SimpleNamespace(cluster=cluster, id=me, identity=IDS[me], loop=Loop(), links={}, halted=False,
-                        replica=SimpleNamespace(needs_state=True, state=None, low_water_mark=0),  # (no state)
+                        replica=SimpleNamespace(low_water_mark=0),
                         _log=lambda ev, **kw: logs.append((ev, kw)))
     n.logs = logs
     return n
