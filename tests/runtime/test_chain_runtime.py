@@ -83,6 +83,11 @@ def test_a_client_with_only_cluster_toml_follows_a_growth_and_a_tampered_epoch_f
     lc.wait_for(lambda: all(lc.status(i)["chain"]["n"] == 7 for i in range(7)), timeout=20,
                 what="every replica holding the link")
     assert all("the replicas certify a membership of 7 replicas (f=2)" in lc.log_text(i) for i in (4, 5, 6))
+    capsys.readouterr()
+    assert main(["status", d]) == 0  # (no epoch.json: the membership the replicas' chains certify)
+    table = capsys.readouterr().out
+    assert "membership: 7 replicas, f=2" in table and "certified by the chain replicas [" in table
+    assert table.count(" 7/2") == 7 and " retired " not in table
 
     # a tampered epoch.json is refused: a membership the chain does not end at ...
     tampered = json.loads(epoch_doc)

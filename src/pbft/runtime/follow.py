@@ -41,42 +41,57 @@ def genesis_keys(cluster: Cluster) -> list[bytes]:
     return [e.public_key for e in (cluster.slots or cluster.replicas)[:g.n]]
 
 
-def _fetch(host: str, port: int, timeout: float) -> bytes:
-    with urllib.request.urlopen(f"http://{host}:{port}/status", timeout=timeout) as r:
-        body = r.read(STATUS_BYTES_MAX + 1)
-    if len(body) > STATUS_BYTES_MAX:
-        raise ValueError("status too large")
-    doc = json.loads(body)
+def chain_of_status(doc) -> bytes:
+    """The encoded chain a replica's ``/status`` document serves (raises ValueError)."""
     raw = doc.get("membership_chain") if isinstance(doc, dict) else None
     if not isinstance(raw, str):
         raise ValueError("no membership_chain")
     return bytes.fromhex(raw)
 
 
-def learn(cluster: Cluster, timeout: float = FETCH_TIMEOUT_S) -> Learnt:
-    """The newest valid chain the replica slots serve (see the module docstring)."""
+def _fetch(host: str, port: int, timeout: float) -> bytes:
+    with urllib.request.urlopen(f"http://{host}:{port}/status", timeout=timeout) as r:
+        body = r.read(STATUS_BYTES_MAX + 1)
+    if len(body) > STATUS_BYTES_MAX:
+        raise ValueError("status too large")
+    return chain_of_status(json.loads(body))
+
+
+def newest(cluster: Cluster, served: dict[int, bytes]) -> Learnt:
+    """The newest valid chain among those replicas served (replica -> encoded chain), starting
+    from the cluster's own (epoch.json's)."""
     g = cluster.genesis_cfg or cluster.cfg
     keys = genesis_keys(cluster)
-    slots = list(cluster.slots or cluster.replicas)
     out = Learnt(links=tuple(cluster.chain))
     best = verify_chain(g, keys, cluster.chain) if cluster.chain else genesis_membership(g, keys)
+    for j, raw in sorted(served.items()):
+        try:
+            links = decode_chain(raw)
+            head = verify_chain(g, keys, links)
+        except ChainError as e:
+            out.refused[j] = str(e)
+            continue
+        if (head.epoch, head.opens_at) > (best.epoch, best.opens_at):
+            best, out.links, out.served_by = head, tuple(links), [j]
+        elif tuple(links) == out.links:
+            out.served_by.append(j)
+    return out
+
+
+def learn(cluster: Cluster, timeout: float = FETCH_TIMEOUT_S) -> Learnt:
+    """The newest valid chain the replica slots serve (see the module docstring)."""
+    slots = list(cluster.slots or cluster.replicas)
+    served: dict[int, bytes] = {}
+    unreachable = []
     with concurrent.futures.ThreadPoolExecutor(max(1, min(16, len(slots)))) as ex:
         futs = {ex.submit(_fetch, e.metrics_addr, e.metrics_port, timeout): e.id for e in slots}
         for fut in concurrent.futures.as_completed(futs):
-            j = futs[fut]
             try:
-                links = decode_chain(fut.result())
-                head = verify_chain(g, keys, links)
-            except ChainError as e:
-                out.refused[j] = str(e)
-                continue
+                served[futs[fut]] = fut.result()
             except (OSError, urllib.error.URLError, ValueError, TypeError):
-                out.unreachable.append(j)
-                continue
-            if (head.epoch, head.opens_at) > (best.epoch, best.opens_at):
-                best, out.links, out.served_by = head, tuple(links), [j]
-            elif tuple(links) == out.links:
-                out.served_by.append(j)
+                unreachable.append(futs[fut])
+    out = newest(cluster, served)
+    out.unreachable = sorted(unreachable)
     return out
 
 
