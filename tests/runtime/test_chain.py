@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from pbft.config import ClusterConfig
 from pbft.runtime.chain import (
-    ChainError, Link, decode_chain, encode_chain, genesis_membership, membership_digest, sign_link,
-    verify_chain,
+    ChainError, Link, decode_chain, encode_chain, genesis_membership, links_after, membership_digest, sign_link,
+    verify_chain, verify_from,
 )
 from pbft.runtime.keys import Identity
 from pbft.state.configuration import Membership
@@ -122,3 +122,10 @@ def test_any_flipped_byte_is_refused_or_harmless(pos, x):
         return
     # a flip that still verifies can only be one msgpack re-encodes the same (e.g. an id's width)
     assert got == M2
+
+
+def test_the_links_after_an_epoch_verify_from_the_membership_held():
+    assert links_after(CHAIN, 0) == CHAIN and links_after(CHAIN, 1) == CHAIN[1:] and links_after(CHAIN, 2) == []
+    assert verify_from(CFG, M1, links_after(CHAIN, 1)) == M2
+    with pytest.raises(ChainError, match="broken link"):
+        verify_from(CFG, G, links_after(CHAIN, 1))  # (from a membership that is not the one before)

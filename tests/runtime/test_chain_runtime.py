@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 
@@ -83,6 +84,12 @@ def test_a_client_with_only_cluster_toml_follows_a_growth_and_a_tampered_epoch_f
     lc.wait_for(lambda: all(lc.status(i)["chain"]["n"] == 7 for i in range(7)), timeout=20,
                 what="every replica holding the link")
     assert all("the replicas certify a membership of 7 replicas (f=2)" in lc.log_text(i) for i in (4, 5, 6))
+    r0 = lc.cluster.slot(0)
+    with urllib.request.urlopen(f"http://{r0.metrics_addr}:{r0.metrics_port}/chain?from=0", timeout=5) as resp:
+        served = json.loads(resp.read())
+    assert served["links"] == 1 and decode_chain(bytes.fromhex(served["chain"])) == links
+    with urllib.request.urlopen(f"http://{r0.metrics_addr}:{r0.metrics_port}/chain?from=1", timeout=5) as resp:
+        assert json.loads(resp.read())["links"] == 0
     capsys.readouterr()
     assert main(["status", d]) == 0  # (no epoch.json: the membership the replicas' chains certify)
     table = capsys.readouterr().out

@@ -137,7 +137,13 @@ def verify_chain(genesis_cfg: ClusterConfig, genesis_keys: Sequence[bytes], link
     """The membership a chain ends at, checked link by link from the genesis membership
     (``genesis_cfg``: cluster.toml's configuration, ``genesis_keys``: its members' public keys);
     raises ``ChainError`` naming the first link that does not verify."""
-    m = genesis_membership(genesis_cfg, genesis_keys)
+    return verify_from(genesis_cfg, genesis_membership(genesis_cfg, genesis_keys), links)
+
+
+def verify_from(genesis_cfg: ClusterConfig, start: Membership, links: Sequence[Link]) -> Membership:
+    """``verify_chain`` from a membership already verified (``start``: the end of a chain held),
+    for the links after it (what a replica's ``/chain?from=E`` serves)."""
+    m = start
     if len(links) > CHAIN_LINKS_MAX:
         raise ChainError(f"chain of {len(links)} links (at most {CHAIN_LINKS_MAX})")
     for i, link in enumerate(links):
@@ -146,6 +152,11 @@ def verify_chain(genesis_cfg: ClusterConfig, genesis_keys: Sequence[bytes], link
         except ChainError as e:
             raise ChainError(f"link {i + 1} (epoch {link.members.epoch}): {e}") from None
     return m
+
+
+def links_after(links: Sequence[Link], epoch: int) -> list[Link]:
+    """The links of a chain that open memberships of epochs after ``epoch``."""
+    return [lk for lk in links if lk.members.epoch > epoch]
 
 
 # ---- bytes ----------------------------------------------------------------------------------
