@@ -73,6 +73,7 @@ class ChainKeeper:
         self.voted: dict[int, bytes] = {}  # signer -> the statement digest of its pending vote
         self.own: Optional[Link] = None
         self.resends = 0
+        self.unsigned = -1  # the epoch of the membership we could not sign (logged once)
         st = cl.storage
         self.path = None if st.mode == "memory" else st.replica_dir(cl.dir, node.id) / CHAIN_FILE
         self._load()
@@ -134,7 +135,9 @@ class ChainKeeper:
             return  # (not a member of the membership that certifies it, or signed already)
         sk = signing_key(node.identity)
         if sk is None:
-            node._log("chain-sign-unavailable", epoch=m.epoch)
+            if self.unsigned != m.epoch:  # (once per membership, not at every checkpoint)
+                self.unsigned = m.epoch
+                node._log("chain-sign-unavailable", epoch=m.epoch)
             return
         prev = membership_digest(self.head)
         vote = Link(prev, m, ((node.id, sign_link(sk, prev, m)),))

@@ -109,18 +109,17 @@ def cmd_replica(args) -> int:
     if not 0 <= args.id < slots:
         raise ConfigError(f"--id must be a replica id 0..{slots - 1}, got {args.id}")
     check(cluster.dir)  # the code we run is the code cluster.toml names (at every start: every reboot)
-    g = cluster.genesis_cfg or cluster.cfg
-    if args.id >= g.n or cluster.members_from:
-        # an added id (or a later membership in epoch.json): the membership in force as the replicas
-        # certify it (their membership certificate chains, verified against cluster.toml), which
-        # may be newer than epoch.json's, or there may be no epoch.json on this machine
-        from ..runtime.follow import follow
+    # the membership in force as the replicas certify it (their membership certificate chains,
+    # verified against cluster.toml), which may be newer than epoch.json's, or there may be no
+    # epoch.json on this machine: what an added replica joins, and what a replica that starts from
+    # nothing stored after a change joins (one with a store restores its checkpoint's membership)
+    from ..runtime.follow import follow
 
-        learnt = follow(cluster)
-        if learnt is not None:
-            print(f"pbft replica: the replicas certify a membership of {learnt.cfg.n} replicas (f={learnt.cfg.f}) "
-                  f"after {learnt.members_from}, epoch {learnt.members_epoch}", file=sys.stderr)
-            cluster = learnt
+    learnt = follow(cluster)
+    if learnt is not None:
+        print(f"pbft replica: the replicas certify a membership of {learnt.cfg.n} replicas (f={learnt.cfg.f}) "
+              f"after {learnt.members_from}, epoch {learnt.members_epoch}", file=sys.stderr)
+        cluster = learnt
     identity = None
     sock = signer_spec(cluster.dir, args.id, getattr(args, "signer", None))
     if sock is not None:  # the key stays in a signer process; we never read the key file
