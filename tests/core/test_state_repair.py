@@ -107,3 +107,22 @@ def test_reads_are_refused_while_the_repair_fetches():
     c.advance(1000)
     assert not r.needs_state and r.fetch_target is None
     agree(c)
+
+
+def test_what_a_transfer_fetched_counts_when_it_moves_on_to_a_newer_checkpoint():
+    """A replica that falls further behind while fetching starts over towards the newer checkpoint
+    (the objects already fetched stay in its state); what the first walk fetched is in its
+    statistics too, as when a recovery abandons a walk."""
+    c = Cluster(**CFG)
+    c.write_keys(b"a", 8, keys=9)
+    t = c.replicas[3].transfer
+    t.start(1000, b"\x01" * 32)
+    assert t.fetcher is not None
+    t.fetcher.fetched_objs, t.fetcher.fetched_bytes, t.fetcher.metas = 3, 300, 2  # (its walk so far)
+    t.start(2000, b"\x02" * 32)
+    assert (t.stats["objects"], t.stats["bytes"], t.stats["metadata"], t.stats["transfers"]) == (3, 300, 2, 0)
+    t.fetcher.fetched_objs = 1
+    t.abandon()
+    assert t.stats["objects"] == 4 and t.fetcher is None and t.target is None
+    t.abandon()  # (nothing under way: nothing counted twice)
+    assert t.stats["objects"] == 4

@@ -179,6 +179,17 @@ def test_a_membership_watch_reports_each_change_of_the_membership_once(tmp_path)
     now = w.poll()
     assert now is not None and (now.cfg.n, now.cfg.f, now.members_from) == (7, 2, 48)
     assert w.poll() is None and w.cluster is now
+    # a replica's long-term key rotated (the same membership): a running client must encrypt its
+    # session keys to the new one, so the watch reports it too
+    from pbft.runtime.keys import Identity
+    new_key = Identity.generate(1).public
+    rotated = dataclasses.replace(grown, epoch=3, opens_at=64,
+                                  replica_keys=(grown.replica_keys[0], new_key, *grown.replica_keys[2:]))
+    path.write_text(json.dumps({**rotated.describe(), "chain": chain_hex(tmp_path, grown.next_members)}))
+    os.utime(path, (2.0, 2.0))
+    now = w.poll()
+    assert now is not None and now.public_key_of(1) == new_key and now.cfg.n == 7
+    assert w.poll() is None
 
 
 def test_membership_change_arguments(tmp_path):

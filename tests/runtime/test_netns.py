@@ -12,7 +12,11 @@ replicas talk over veth pairs, not loopback.  The test then checks, in order:
    by state transfer of a stable checkpoint) reaches the others' progress and is
    active in their view again;
 4. a backup stopped with SIGSTOP for several seconds of writes, then SIGCONT,
-   catches up; finally every key written is read back.
+   catches up;
+5. a backup's host is lost and replaced by a fresh one (a new namespace with its
+   address, nothing stored): ``pbft reconfig replace-replica`` gives its id a new
+   key, the new host joins by state transfer and takes part in the quorums;
+   finally every key written is read back.
 
 Needs root, ``ip`` (iproute2) and ``iptables`` or ``nft``
 (``scripts/ensure-system-deps.sh``, run by ``make install``, installs them);
@@ -36,7 +40,7 @@ from pathlib import Path
 import pytest
 
 from pbft.cli_net import fetch_status
-from pbft.runtime.cluster import init_cluster
+from pbft.runtime.cluster import init_cluster, load_cluster
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 N = 4
@@ -127,22 +131,34 @@ class Hosts:
         self.made_links.append(self.bridge)
         _run([ip, "link", "set", self.bridge, "up"])
         _run([ip, "addr", "add", f"{self.host_addr}/24", "dev", self.bridge])
-        for i, ns in enumerate(self.ns):
-            _run([ip, "netns", "add", ns])
-            self.made_ns.append(ns)
-            _run([ip, "link", "add", self.veth_host[i], "type", "veth", "peer", "name", self.veth_ns[i]])
-            self.made_links.append(self.veth_host[i])
-            _run([ip, "link", "set", self.veth_host[i], "master", self.bridge, "up"])
-            _run([ip, "link", "set", self.veth_ns[i], "netns", ns])
-            _run([ip, "-n", ns, "link", "set", "lo", "up"])
-            _run([ip, "-n", ns, "addr", "add", f"{self.addr[i]}/24", "dev", self.veth_ns[i]])
-            _run([ip, "-n", ns, "link", "set", self.veth_ns[i], "up"])
+        for i in range(len(self.ns)):
+            self._add_host(i)
         # a packet filter that works inside a namespace
         for tool, probe in (("iptables", ["-w", "-S"]), ("nft", ["list", "ruleset"])):
             path = _which(tool)
             if path and self.exec(self.ns[0], [path, *probe], check=False).returncode == 0:
                 self.fw, self.fw_path = tool, path
                 break
+
+    def _add_host(self, i: int) -> None:
+        ip, ns = self.ip, self.ns[i]
+        _run([ip, "netns", "add", ns])
+        self.made_ns.append(ns)
+        _run([ip, "link", "add", self.veth_host[i], "type", "veth", "peer", "name", self.veth_ns[i]])
+        self.made_links.append(self.veth_host[i])
+        _run([ip, "link", "set", self.veth_host[i], "master", self.bridge, "up"])
+        _run([ip, "link", "set", self.veth_ns[i], "netns", ns])
+        _run([ip, "-n", ns, "link", "set", "lo", "up"])
+        _run([ip, "-n", ns, "addr", "add", f"{self.addr[i]}/24", "dev", self.veth_ns[i]])
+        _run([ip, "-n", ns, "link", "set", self.veth_ns[i], "up"])
+
+    def replace(self, i: int) -> None:
+        """Host ``i`` is gone (its namespace and link deleted); a fresh one takes its address."""
+        _run([self.ip, "link", "del", self.veth_host[i]])
+        _run([self.ip, "netns", "del", self.ns[i]])
+        self.made_links.remove(self.veth_host[i])
+        self.made_ns.remove(self.ns[i])
+        self._add_host(i)
 
     def exec(self, ns: str, cmd, check=True, timeout=20.0) -> subprocess.CompletedProcess:
         return _run([self.ip, "netns", "exec", ns, *cmd], check=check, timeout=timeout)
@@ -450,8 +466,38 @@ def test_cluster_on_network_namespaces(hosts, cluster):
     c.wait_for(woke_up, f"replica {sleeper}, stopped for {stopped_for:.1f}s, to rejoin the view of the others "
                f"and reach last_executed >= {target}")
 
+    # 5. a backup's machine is lost: the operator replaces it with a fresh one ---------------------
+    # (`pbft reconfig replace-replica`: a new key pair for its id, ordered by the others; a new
+    # namespace with the same address, nothing stored, the new key file: it joins by state transfer)
+    view, primary = c.current_view(range(N))
+    lost = next(i for i in range(N - 1, -1, -1) if i != primary)
+    c.kill(lost)
+    c.h.replace(lost)
+    old_key = c.cluster.replicas[lost].public_key
+    p = subprocess.run([sys.executable, "-m", "pbft.cli", "reconfig", str(c.dir), "replace-replica", str(lost)],
+                       capture_output=True, text=True, timeout=90, env=c.env)
+    assert p.returncode == 0, f"{p.stdout}{p.stderr}\n{c.describe()}"
+    now = load_cluster(c.dir)
+    assert now.public_key_of(lost) != old_key and now.identity(lost).public == now.public_key_of(lost)
+    shutil.rmtree(now.storage.replica_dir(now.dir, lost))
+    end_e = c.put("e", 0, 20)  # the others go on without it
+    target = c.max_executed(others(lost))
+    c.start(lost)
+    c.wait_connected(list(range(N)))
+    end_e = c.put("e", end_e, 40)
+    c.wait_for(lambda: (s := c.status(lost)) is not None and s["last_executed"] >= target and s["view_active"]
+               and s["restored"] == "fresh", f"the replacement of replica {lost} to catch up to {target}")
+    # it takes part: with another backup stopped, writes need it
+    view, primary = c.current_view(range(N))
+    paused = next(i for i in range(N) if i not in (primary, lost))
+    c.procs[paused].send_signal(signal.SIGSTOP)
+    try:
+        end_e = c.put("e", end_e, 10)
+    finally:
+        c.procs[paused].send_signal(signal.SIGCONT)
+
     # everything written is still there; every replica is alive and active in one view
-    for prefix, end in (("a", end_a), ("b", end_b), ("c", end_c), ("d", end_d)):
+    for prefix, end in (("a", end_a), ("b", end_b), ("c", end_c), ("d", end_d), ("e", end_e)):
         c.check_reads(prefix, 0, end)
     c.current_view(range(N))
     assert all(p.poll() is None for p in c.procs.values()), c.describe()

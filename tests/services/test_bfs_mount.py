@@ -251,6 +251,89 @@ def test_a_directorys_attributes_follow_this_mounts_changes_at_once(bfs):
     same()
 
 
+def test_mode_and_times_set_after_gathered_writes_land_with_them_in_order(bfs, tmp_path):
+    """A file's mode and times changed before its close, after writes the mount gathered (what
+    ``cp -a`` does): this mount answers with them at once, every mount sees them after the close,
+    and a write after them still comes after them (its mtime)."""
+    lc, m1, m2 = bfs
+    d1, d2 = m1 / "gather", m2 / "gather"
+    d1.mkdir()
+    fd = os.open(d1 / "f", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:
+        os.write(fd, b"data " * 100)
+        os.utime(fd, ns=(1_000_000_000_123, 2_000_000_000_456))
+        os.fchmod(fd, 0o640)
+        st = os.fstat(fd)
+        assert (st.st_size, stat.S_IMODE(st.st_mode), st.st_atime_ns, st.st_mtime_ns) == \
+            (500, 0o640, 1_000_000_000_123, 2_000_000_000_456)
+    finally:
+        os.close(fd)
+    b = os.stat(d2 / "f")  # the strict mount asks the replicas
+    assert (b.st_size, stat.S_IMODE(b.st_mode), b.st_atime_ns, b.st_mtime_ns) == \
+        (500, 0o640, 1_000_000_000_123, 2_000_000_000_456)
+    assert (d2 / "f").read_bytes() == b"data " * 100
+    # a write after the change of times: the agreed mtime is the write's, not the one set
+    fd = os.open(d1 / "g", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
+        os.write(fd, b"a")
+        os.utime(fd, ns=(5_000_000_000, 5_000_000_000))
+        os.write(fd, b"b")
+    finally:
+        os.close(fd)
+    g = os.stat(d2 / "g")
+    assert (d2 / "g").read_bytes() == b"ab" and g.st_mtime_ns > 5_000_000_000 and g.st_atime_ns == 5_000_000_000
+    assert os.stat(d1 / "g").st_mtime_ns == g.st_mtime_ns
+    # cp -a of a tree keeps every file's mode, times and bytes
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, mode in enumerate((0o600, 0o644, 0o755, 0o640)):
+        p = src / f"f{i}"
+        p.write_bytes(bytes([i]) * (1000 * i + 1))
+        os.chmod(p, mode)
+        os.utime(p, ns=(1_500_000_000_000_000_000 + i, 1_600_000_000_000_000_000 + i))
+    subprocess.run(["cp", "-a", str(src), str(d1 / "copy")], check=True)
+    for p in sorted(src.iterdir()):
+        a, c = os.stat(p), os.stat(d2 / "copy" / p.name)
+        assert (stat.S_IMODE(c.st_mode), c.st_mtime_ns, c.st_size) == (stat.S_IMODE(a.st_mode), a.st_mtime_ns,
+                                                                        a.st_size), p.name
+        assert (d2 / "copy" / p.name).read_bytes() == p.read_bytes()
+
+
+def test_reads_answered_with_the_bytes_fetched_at_open_stay_right(bfs):
+    """A small file's bytes come with the open: reads through it give them, this mount's own later
+    changes of the file (another descriptor's writes, a truncate) show at once, and another
+    mount's change shows at the next open (close-to-open)."""
+    lc, m1, m2 = bfs
+    d1, d2 = m1 / "prefetch", m2 / "prefetch"
+    d1.mkdir()
+    for name in ("f", "empty", "big"):  # (names made here: another mount's show within --cache)
+        (d1 / name).write_bytes(b"x")
+    (d2 / "f").write_bytes(b"0123456789" * 100)
+    assert (d1 / "f").read_bytes() == b"0123456789" * 100
+    (d2 / "f").write_bytes(b"other mount")
+    with open(d1 / "f", "rb", buffering=0) as r:
+        with open(d1 / "f", "r+b") as w:  # this mount's change through another descriptor
+            w.write(b"OTHER")
+        os.truncate(d1 / "f", 8)
+        os.posix_fadvise(r.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # (the kernel's pages go: reads reach the mount)
+        assert r.read() == b"OTHER mo"
+    with open(d1 / "f", "rb", buffering=0) as r:
+        assert r.read(5) == b"OTHER"
+    with open(d1 / "f", "r+b", buffering=0) as rw:  # its own gathered write laid over the bytes fetched at open
+        rw.seek(2)
+        rw.write(b"--")
+        rw.flush()
+        rw.seek(0)
+        assert rw.read() == b"OT--R mo"
+    assert (d2 / "f").read_bytes() == b"OT--R mo"
+    empty = d2 / "empty"
+    empty.write_bytes(b"")
+    assert (d1 / "empty").read_bytes() == b""
+    big = os.urandom(200_000)  # larger than one request: read as before
+    (d2 / "big").write_bytes(big)
+    assert (d1 / "big").read_bytes() == big
+
+
 @pytest.mark.slow
 def test_a_replica_killed_during_writes(bfs):
     lc, m1, m2 = bfs

@@ -20,7 +20,7 @@ from pbft.config import ConfigError
 from pbft.services.bfs import BFSConfig, BFSService, ClientPolicy, parse_bfs_section
 from pbft.services.bfs.protocol import (A_ATIME, A_BLOCKS, A_CTIME, A_GID, A_INO, A_MODE, A_MTIME, A_NLINK, A_SIZE,
                                         A_UID, IO_MAX, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO, UTIME_NOW, BFSError,
-                                        creds, decode_result, encode_op)
+                                        UPDATE_SETATTR, UPDATE_STEPS_MAX, UPDATE_WRITE, creds, decode_result, encode_op)
 from pbft.services.bfs.service import CHUNK, RECLAIM_FREES, WRITERS_MAX
 
 ROOT = creds(0, 0)
@@ -1225,3 +1225,57 @@ def test_changes_tells_a_client_whether_anyone_else_changed_anything():
     # hostile arguments: an errno
     for bad in [None, 5, b"x", (-1,), (1 << 40,), ("a",), ((1,),)]:
         assert fs.err("changes", bad) == E.EINVAL
+
+
+def test_update_applies_writes_and_attribute_changes_in_order_all_or_none():
+    fs = FS()
+    f = fs.create(ROOT_INO, b"f", 0o600)
+    fs.setattr(f, uid=1000, gid=1000)
+    # a write, explicit times after it, then a mode: as the separate operations would, in order
+    a = fs("update", f, ((UPDATE_WRITE, 0, b"hello"), (UPDATE_WRITE, 10, b"world"),
+                         (UPDATE_SETATTR, None, None, None, None, (111, 222)),
+                         (UPDATE_SETATTR, 0o644, None, None, None, (None, None))), cr=ALICE)
+    assert a == fs.stat(f)
+    assert a[A_SIZE] == 15 and a[A_ATIME] == 111 and a[A_MTIME] == 222 and S.S_IMODE(a[A_MODE]) == 0o644
+    assert fs.read(f) == b"hello\0\0\0\0\0world"
+    # one refused step (bob may not change alice's mode) and nothing happens, the write before it neither
+    fs.setattr(f, mode=0o666, cr=ALICE)
+    before = fs.stat(f)
+    assert fs.err("update", f, ((UPDATE_WRITE, 0, b"HELLO"), (UPDATE_SETATTR, 0o777, None, None, None, (None, None))),
+                  cr=BOB) == E.EPERM
+    assert fs.stat(f) == before and fs.read(f) == b"hello\0\0\0\0\0world"
+    # malformed steps: EINVAL, nothing changed
+    too_many = tuple((UPDATE_WRITE, i, b"x") for i in range(UPDATE_STEPS_MAX + 1))
+    too_much = ((UPDATE_WRITE, 0, bytes(IO_MAX)), (UPDATE_WRITE, IO_MAX, b"x"))
+    for steps in ((), too_many, too_much, ((2, 0, b"x"),), ((True, 0, b"x"),), ((UPDATE_WRITE, 0),),
+                  ((UPDATE_SETATTR, None, None),), (b"x",), 5):
+        assert fs.err("update", f, steps, cr=ALICE) == E.EINVAL, steps
+    assert fs.stat(f) == before
+    # a read-only update is refused
+    with pytest.raises(BFSError) as ei:
+        fs("update", f, ((UPDATE_WRITE, 0, b"x"),), cr=ALICE, ro=True)
+    assert ei.value.errno == E.EROFS
+
+
+def test_open_returns_the_attributes_and_a_small_changed_file_readable_by_the_caller():
+    fs = FS()
+    f = fs.create(ROOT_INO, b"f", 0o600)
+    fs.setattr(f, uid=1000, gid=1000)
+    fs.write(f, 0, b"contents")
+    a = fs.stat(f)
+    assert fs("open", f, None, IO_MAX, cr=ALICE, ro=True) == (a, b"contents")
+    # unchanged since the version the caller holds: no bytes
+    assert fs("open", f, (a[A_SIZE], a[A_MTIME]), IO_MAX, cr=ALICE, ro=True) == (a, None)
+    assert fs("open", f, (a[A_SIZE], a[A_MTIME] - 1), IO_MAX, cr=ALICE, ro=True) == (a, b"contents")
+    # larger than asked for, a directory, or not readable by the caller: attributes only
+    assert fs("open", f, None, 7, cr=ALICE, ro=True) == (a, None)
+    assert fs("open", ROOT_INO, None, IO_MAX, cr=ALICE, ro=True) == (fs.stat(ROOT_INO), None)
+    assert fs("open", f, None, IO_MAX, cr=BOB, ro=True) == (a, None)
+    fs.setattr(f, mode=0o644, cr=ALICE)
+    assert fs("open", f, None, IO_MAX, cr=BOB, ro=True)[1] == b"contents"
+    # a hole reads as zeros; bad arguments are EINVAL; an unknown inode ESTALE
+    fs.write(f, 20, b"end")
+    assert fs("open", f, None, IO_MAX, cr=ALICE, ro=True)[1] == b"contents" + bytes(12) + b"end"
+    for have, mx in (((1,), IO_MAX), (5, IO_MAX), (None, -1), (None, b"x")):
+        assert fs.err("open", f, have, mx, cr=ALICE) == E.EINVAL
+    assert fs.err("open", 999, None, IO_MAX) == E.ESTALE

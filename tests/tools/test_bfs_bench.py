@@ -47,6 +47,8 @@ def test_bench_fs_tiny_against_bfs_and_local(tmp_path):
     assert rep["problems"] == {"bfs": [], "local": []}
     # the mount reported the requests it sent, the file creations among them
     assert rep["mount_calls"]["bfs"]["create"][0] >= 12
+    # and the FUSE requests it handled (each create of the workloads one)
+    assert rep["fuse_requests"]["bfs"]["create"][0] == rep["mount_calls"]["bfs"]["create"][0]
     table = bench.format_table(rep)
     lines = table.splitlines()
     assert "BFS" in lines[1] and "local" in lines[1] and "bfs/local" in lines[1]
@@ -78,8 +80,52 @@ def test_write_behind_extents_match_a_file_model():
             assert o1 + len(b1) < o2
         ops = mount.BFSOperations.__new__(mount.BFSOperations)
         ops.dirty = {7: ext}
+        ops.pattrs = {}
         for _ in range(5):
             off, size = rng.randrange(0, 500), rng.randrange(1, 200)
             got = ops._overlay(7, off, size, base[off:off + size])
             assert got == bytes(model[off:off + size]), trial
         assert ops._with_dirty((7, 0, 1, 0, 0, 0, len(base), 0, 0, 0, 0))[6] == len(model)
+
+
+def test_gathered_writes_and_attribute_changes_go_as_one_update_or_one_by_one():
+    # what a close sends for a file's gathered writes and the mode and times set after them
+    import asyncio
+    import errno
+
+    mount = pytest.importorskip("pbft.services.bfs.mount", reason="pyfuse3 is not installed")
+    from pbft.services.bfs.protocol import UPDATE_SETATTR, UPDATE_WRITE, BFSError
+
+    def make(refuse_update: bool):
+        ops = mount.BFSOperations.__new__(mount.BFSOperations)
+        ops.max_io, ops.cattr, ops.pread, ops.known, ops.pages = 48 * 1024, {}, set(), {}, {}
+        ops.enable_writeback_cache, ops.mcache, ops.mgen, ops.minflight, ops.ve = False, False, 0, 0, 0
+        sent: list = []
+
+        async def call(op, *args, cred, **kw):
+            sent.append((op, *args))
+            if op == "update" and refuse_update:
+                raise BFSError(errno.EPERM, "refused")
+            return (7, 0o100644, 1, 0, 0, 0, 12, 0, 0, len(sent), len(sent))
+        ops.call = call
+        return ops, sent
+
+    c = (0, 0, ())
+    mode = [(0o600, (None, None))]
+    ops, sent = make(False)
+    asyncio.run(ops._send_writes(7, [(0, b"ab", c), (10, b"cd", c)], None, mode))
+    assert sent == [("update", 7, ((UPDATE_WRITE, 0, b"ab"), (UPDATE_WRITE, 10, b"cd"),
+                                   (UPDATE_SETATTR, 0o600, None, None, None, (None, None))))]
+    # refused (nothing happened): the writes, then the change, each on its own
+    ops, sent = make(True)
+    asyncio.run(ops._send_writes(7, [(0, b"ab", c), (10, b"cd", c)], None, mode))
+    assert [s[0] for s in sent] == ["update", "write", "write", "setattr"]
+    assert sent[-1] == ("setattr", 7, 0o600, None, None, None, (None, None))
+    # one write alone is a write; more data than one request: its pieces, then the change
+    ops, sent = make(False)
+    asyncio.run(ops._send_writes(7, [(0, b"ab", c)], None, ()))
+    assert sent == [("write", 7, 0, b"ab")]
+    ops, sent = make(False)
+    asyncio.run(ops._send_writes(7, [(0, bytes(100_000), c)], None, mode))
+    assert [s[0] for s in sent] == ["write", "write", "write", "setattr"]
+    assert sorted(s[2] for s in sent[:3]) == [0, 48 * 1024, 96 * 1024]

@@ -40,6 +40,7 @@ class StateTransfer:
     # ---- fetching -------------------------------------------------------------------------
     def start(self, n: int, d: bytes) -> None:
         r = self.r
+        self._tally()  # (a transfer moved on to a newer checkpoint: what it fetched still counts)
         self.target = (n, d)
         self.fetcher = Fetcher(r.state, n, d, max_objs=r.cfg.partition_fanout)
         self.attempt = 0
@@ -47,8 +48,18 @@ class StateTransfer:
 
     def abandon(self) -> None:
         """Forget the transfer under way (a recovery distrusts what it had fetched)."""
+        self._tally()
         self.target = None
         self.fetcher = None
+
+    def _tally(self) -> None:
+        """Count what the fetcher under way fetched, once (``stats``)."""
+        f = self.fetcher
+        if f is not None:
+            self.stats["objects"] += f.fetched_objs
+            self.stats["bytes"] += f.fetched_bytes
+            self.stats["metadata"] += f.metas
+            self.fetcher = None
 
     def restart(self, now: float) -> None:
         """After a crash: ask again at once for what was in flight."""
@@ -115,9 +126,7 @@ class StateTransfer:
         assert self.target is not None and self.fetcher is not None
         n, d = self.target
         f = self.fetcher
-        self.stats["objects"] += f.fetched_objs
-        self.stats["bytes"] += f.fetched_bytes
-        self.stats["metadata"] += f.metas
+        self._tally()
         if not f.finish():
             # an object differs from its leaf digest without our tree knowing (corrupted in
             # memory, or changed without ``modify``): check every object, then walk again

@@ -777,11 +777,15 @@ def free_port_range(span: int, prefer: Optional[int] = None) -> int:
     raise ConfigError("found no free range of loopback ports")
 
 
+def _replica_keys(c: Cluster) -> dict[int, bytes]:
+    return {p: bytes(k) for p, k in c.public.verify.items() if p < c.cfg.client_base}
+
+
 class MembershipWatch:
     """Follows the membership in force that ``pbft reconfig`` writes into ``DIR/epoch.json``, for
     a client process that keeps running across a change: ``poll()`` re-reads the directory when
-    the file changed and returns the new cluster when its membership (members, ``f``, weights or
-    the switch point) differs from the one last seen, else None. Hand it to
+    the file changed and returns the new cluster when its membership (members, ``f``, weights,
+    the switch point or a replica's public key) differs from the one last seen, else None. Hand it to
     ``BlockingClient.set_membership`` / ``ClientPool.set_membership``."""
 
     def __init__(self, cluster: Cluster):
@@ -803,8 +807,8 @@ class MembershipWatch:
             return None
         now = load_cluster(self.cluster.dir)
         old = self.cluster
-        if (now.cfg.n, now.cfg.f, now.cfg.weights, now.members_from) == (
-                old.cfg.n, old.cfg.f, old.cfg.weights, old.members_from):
+        if (now.cfg.n, now.cfg.f, now.cfg.weights, now.members_from, _replica_keys(now)) == (
+                old.cfg.n, old.cfg.f, old.cfg.weights, old.members_from, _replica_keys(old)):
             return None
         self.cluster = now
         return now

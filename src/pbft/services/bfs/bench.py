@@ -192,7 +192,7 @@ class BFSTarget(Target):
         from ...runtime.cluster import free_port_range, init_cluster
 
         n = 4 if self.replicated else 1
-        base = free_port_range(2 * n + 2)
+        base = free_port_range(2 * n + 2, _prefer(2 * n + 2))
         init_cluster(self.dir, n, None if self.replicated else 0, ["127.0.0.1"], base, 8 * SLOTS,
                      metrics_base_port=base + n + 1, force=True, storage={"mode": self.storage},
                      recovery={"period_s": 0.0})  # (no recovery turn inside a measurement)
@@ -250,8 +250,9 @@ class BFSTarget(Target):
         if self.host is None:
             super().teardown()
 
-    def calls(self) -> dict:
-        """``{op: [count, mean ms]}`` the mount sent, from its log (after teardown)."""
+    def calls(self, what: str = "bfs mount: calls ", end: str = "; errors") -> dict:
+        """``{op: [count, mean ms]}`` the mount sent, from its log (after teardown); with
+        ``what="bfs mount: FUSE handlers (count, mean ms) "`` the FUSE requests it handled."""
         import ast
 
         try:
@@ -259,10 +260,9 @@ class BFSTarget(Target):
         except OSError:
             return {}
         for line in reversed(text.splitlines()):
-            if "bfs mount: calls " in line:
+            if what in line:
                 try:
-                    return {k: list(v) for k, v in
-                            ast.literal_eval(line.split("bfs mount: calls ", 1)[1].split("; errors", 1)[0]).items()}
+                    return {k: list(v) for k, v in ast.literal_eval(line.split(what, 1)[1].split(end, 1)[0]).items()}
                 except (ValueError, SyntaxError):
                     return {}
         return {}
@@ -289,7 +289,7 @@ class SshfsTarget(Target):
                                capture_output=True)
         shutil.copy(d / "client_key.pub", d / "authorized_keys")
         os.chmod(d / "authorized_keys", 0o600)
-        port = free_port_range(1)
+        port = free_port_range(1, _prefer(1))
         sftp = next((p for p in ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server",
                                  "/usr/libexec/sftp-server") if os.access(p, os.X_OK)), "internal-sftp")
         user = os.environ.get("USER") or __import__("pwd").getpwuid(os.getuid()).pw_name
@@ -334,7 +334,21 @@ class SshfsTarget(Target):
         super().teardown()
 
 
+FUSE_LINE = "bfs mount: FUSE handlers (count, mean ms) "
 SLOTS = 8  # mounts one BFS cluster can carry (variants), 8 client identities each
+#: ``--port-base``: the first of the loopback ports the targets try first (None: any free ones)
+PORT_BASE: Optional[int] = None
+_ports_taken = 0
+
+
+def _prefer(span: int) -> Optional[int]:
+    """The next ``span`` ports from ``PORT_BASE`` on (None without it)."""
+    global _ports_taken
+    if PORT_BASE is None:
+        return None
+    base = PORT_BASE + _ports_taken
+    _ports_taken += span
+    return base
 
 
 def make_target(name: str, work: Path, mount_args=(), storage: str = "durable", variants=None, made=None) -> Target:
@@ -590,6 +604,7 @@ def run_bench(targets, scales, runs: int, files: int, transactions: int, seed: i
     workloads = ([f"andrew-{s}" for s in scales] if "andrew" in workloads else []) \
         + (["postmark"] if "postmark" in workloads else [])
     calls: dict[str, dict] = {}
+    handled: dict[str, dict] = {}
 
     def note(text):
         print(text, file=out, flush=True)
@@ -625,6 +640,7 @@ def run_bench(targets, scales, runs: int, files: int, transactions: int, seed: i
                 tg.teardown()
                 if isinstance(tg, BFSTarget):
                     calls[tg.name] = tg.calls()
+                    handled[tg.name] = tg.calls(FUSE_LINE, "; waited")
             except Exception as e:  # keep tearing the others down
                 note(f"teardown of {tg.name}: {e}")
         if not keep:
@@ -640,7 +656,7 @@ def run_bench(targets, scales, runs: int, files: int, transactions: int, seed: i
     return {"targets": list(targets), "scales": list(scales), "runs": runs, "files": files,
             "transactions": transactions, "seed": seed, "mount_args": list(mount_args), "storage": storage,
             "results": results, "ratios": ratios, "problems": {k: v for k, v in problems.items()},
-            "mount_calls": calls, "variants": variants}
+            "mount_calls": calls, "fuse_requests": handled, "variants": variants}
 
 
 def format_table(rep: dict) -> str:
@@ -661,6 +677,10 @@ def format_table(rep: dict) -> str:
     for t, c in rep.get("mount_calls", {}).items():
         if c:
             lines.append(f"{LABELS.get(t, t)} requests (count, mean ms): "
+                         + ", ".join(f"{op} {n} {ms:g}" for op, (n, ms) in sorted(c.items(), key=lambda kv: -kv[1][0])))
+    for t, c in rep.get("fuse_requests", {}).items():
+        if c:
+            lines.append(f"{LABELS.get(t, t)} FUSE requests (count, mean ms in the mount): "
                          + ", ".join(f"{op} {n} {ms:g}" for op, (n, ms) in sorted(c.items(), key=lambda kv: -kv[1][0])))
     lines.append("contents checked: " + ("all correct" if not bad else
                                          "; ".join(f"{t}: {v[0]} (+{len(v) - 1})" for t, v in bad.items())))
@@ -710,6 +730,8 @@ def add_bench_fs_command(sub) -> None:
     b.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
                    help="one more mount of the bfs cluster with other `pbft mount` options, as its own target "
                         "(e.g. 'no-wb=--no-writeback'); repeatable")
+    b.add_argument("--port-base", type=int, default=None,
+                   help="try the loopback ports from this one on first (default: any free ones)")
     b.add_argument("--workdir", default=None, help="where the temporary directories go (default: the system's)")
     b.add_argument("--keep", action="store_true", help="keep the work directory (logs, trees)")
     b.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -725,6 +747,11 @@ def cmd_bench_fs(args) -> int:
         raise ConfigError(f"--scale: integers, comma-separated, got {args.scale!r}") from None
     if not targets or not scales or min(scales) < 1 or args.runs < 1 or args.files < 1 or args.transactions < 0:
         raise ConfigError("bench-fs: needs targets, scales >= 1, --runs >= 1, --files >= 1")
+    global PORT_BASE
+    if args.port_base is not None:
+        if not 1024 <= args.port_base <= 65000:
+            raise ConfigError(f"--port-base: a port from 1024 to 65000, got {args.port_base}")
+        PORT_BASE = args.port_base
     variants = {}
     for v in args.variant:
         name, sep, rest = v.partition("=")

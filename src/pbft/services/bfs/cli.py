@@ -78,7 +78,8 @@ def cmd_mount(args) -> int:
             mount_main(cluster, ids, str(mp), strict=args.strict, timeout_s=args.timeout, cache_s=args.cache,
                        debug=args.debug, writeback=args.writeback_cache, keep_cache=not args.no_keep_cache,
                        negative_cache=not args.no_negative_cache, write_behind=not args.no_write_behind,
-                       mount_cache=not args.no_mount_cache)
+                       mount_cache=not args.no_mount_cache, prefetch=not args.no_open_prefetch,
+                       gather_attrs=not args.no_gather_attrs)
         except PbftError as e:
             print(f"pbft mount: the cluster does not answer: {e}", file=sys.stderr)
             return 1
@@ -92,7 +93,7 @@ def cmd_mount(args) -> int:
            "--client-id", str(ids[0]), "--identities", str(len(ids)), "--timeout", str(args.timeout),
            "--cache", str(args.cache)]
     for flag in ("strict", "writeback_cache", "no_write_behind", "no_keep_cache", "no_negative_cache",
-                 "no_mount_cache"):
+                 "no_mount_cache", "no_open_prefetch", "no_gather_attrs"):
         if getattr(args, flag):
             cmd.append("--" + flag.replace("_", "-"))
     if args.verbose:
@@ -151,6 +152,10 @@ def add_bfs_commands(sub) -> None:
     m.add_argument("--no-mount-cache", action="store_true",
                    help="do not answer the kernel from what the mount fetched before, even while the "
                         "replicas say that no other client changed anything since (one check per --cache)")
+    m.add_argument("--no-open-prefetch", action="store_true",
+                   help="fetch only the attributes at an open, not also the bytes of a small file")
+    m.add_argument("--no-gather-attrs", action="store_true",
+                   help="send a change of mode or times at once, not with the file's gathered writes")
     m.add_argument("--timeout", type=float, default=60.0,
                    help="seconds to wait for a certified reply before an operation fails with ETIMEDOUT")
     m.add_argument("--foreground", action="store_true", help="serve in this process until unmounted")

@@ -16,9 +16,12 @@ request to the replicated ``BFSService``.
 * Caching (``docs/bfs.md``): by default attributes, entries and absent names are cached for
   ``cache_s`` (1 s) and file data in the page cache until the next open (close-to-open:
   ``open`` fetches fresh attributes and keeps the cached pages only if the file did not
-  change); writes are gathered in the mount (write-behind) and sent at the latest at close or
-  fsync; a directory's attributes after the mount's own create, mkdir... come from its result
-  (never later than ``cache_s`` after they were fetched); ``strict``: no kernel caching at all
+  change; an open for reading fetches a small file's bytes with its attributes, in one
+  read-only ``open``, and answers the first reads from them); writes are gathered in the mount
+  (write-behind), with the writer's changes of mode and times after them, and sent at the
+  latest at close or fsync (one ordered ``update`` when they fit in a request); a
+  directory's attributes after the mount's own create, mkdir... come from its result (never
+  later than ``cache_s`` after they were fetched); ``strict``: no kernel caching at all
   (timeouts 0, direct I/O), every write sent at once and every read an ordered operation.
 * The mount cache: entries, absent names, attributes and whole listings the mount fetched or
   learnt from its own changes answer the kernel again after the kernel's own timeouts ran out,
@@ -44,7 +47,8 @@ import pyfuse3.asyncio
 
 from ...runtime.client import ClientPool, NoQuorumError, PbftError
 from .protocol import (A_ATIME, A_BLOCKS, A_CTIME, A_GID, A_INO, A_MODE, A_MTIME, A_NLINK, A_RDEV, A_SIZE, A_UID,
-                       GROUPS_MAX, IO_MAX, UTIME_NOW, BFSError, decode_result, encode_op)
+                       GROUPS_MAX, IO_MAX, UPDATE_SETATTR, UPDATE_STEPS_MAX, UPDATE_WRITE, UTIME_NOW, BFSError,
+                       decode_result, encode_op)
 
 log = logging.getLogger("pbft.bfs.mount")
 
@@ -83,13 +87,14 @@ def _groups_of(pid: int, gid: int) -> tuple:
 
 
 class _Handle:
-    __slots__ = ("ino", "cred", "is_dir", "opened_ns")
+    __slots__ = ("ino", "cred", "is_dir", "opened_ns", "pre")
 
     def __init__(self, ino: int, cred: tuple, is_dir: bool = False):
         self.ino = ino
         self.cred = cred
         self.is_dir = is_dir
         self.opened_ns = time.time_ns()
+        self.pre: Optional[tuple] = None  # (the file's bytes fetched with the open, the change they reflect)
 
 
 def _merge(ext: list, off: int, data, cred) -> list:
@@ -121,6 +126,7 @@ def _guard(fn):
 
     async def wrapper(self, *args):
         self.fuse[name] = self.fuse.get(name, 0) + 1
+        t0 = time.monotonic()
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
@@ -139,6 +145,8 @@ def _guard(fn):
             self.errors["unexpected"] = self.errors.get("unexpected", 0) + 1
             log.exception("bfs %s failed", fn.__name__)
             raise pyfuse3.FUSEError(E.EIO) from None
+        finally:
+            self.fuse_s[name] = self.fuse_s.get(name, 0.0) + time.monotonic() - t0
     wrapper.__name__ = fn.__name__
     return wrapper
 
@@ -150,7 +158,8 @@ class BFSOperations(pyfuse3.Operations):
 
     def __init__(self, pool: ClientPool, identities: list[int], strict: bool = False, timeout_s: float = 60.0,
                  cache_s: float = 1.0, writeback: bool = False, keep_cache: bool = True,
-                 negative_cache: bool = True, write_behind: bool = True, mount_cache: bool = True):
+                 negative_cache: bool = True, write_behind: bool = True, mount_cache: bool = True,
+                 prefetch: bool = True, gather_attrs: bool = True):
         super().__init__()
         self.pool = pool
         self.ids = list(identities)
@@ -184,11 +193,26 @@ class BFSOperations(pyfuse3.Operations):
         self.kernel_mtime: dict[int, int] = {}  # inode -> the mtime the kernel last handed back after writes
         self.write_behind = write_behind and not strict and not self.enable_writeback_cache
         self.dirty: dict[int, list] = {}  # inode -> [(offset, bytearray, cred)] written, not yet sent
+        # inode -> [(mode|None, (atime, mtime) as sent, (atime, mtime) here, when)]: changes of mode
+        # and times after the gathered writes of the file, by its writer, sent after them (one
+        # ``update`` with the writes when they fit)
+        self.pattrs: dict[int, list] = {}
+        self.gather_attrs = gather_attrs
         self.flushing: dict[int, asyncio.Lock] = {}
         self.write_errors: dict[int, int] = {}  # inode -> errno of a gathered write the replicas refused
+        # a small file's bytes come with the open's attributes (one read-only ``open``) and answer
+        # the first reads through that descriptor until this mount changes the file's data
+        self.prefetch = prefetch and not strict
+        self.cgen: dict[int, int] = {}  # inode -> the last change of its data (size) this mount sent
+        # inodes whose cached pages the kernel read whole through this mount (its pages after
+        # writes may be partial, so an open asks for the bytes then)
+        self.pread: set = set()
+        self.cnext = 1
         self.errors: dict[str, int] = {}
         self.fuse: dict[str, int] = {}  # FUSE requests handled, by kind
+        self.fuse_s: dict[str, float] = {}  # seconds spent in the handlers, by kind
         self.stats: dict[str, list] = {}  # op -> [calls, seconds]
+        self.wait_s = 0.0  # seconds calls waited for a free client identity
         self.max_io = min(IO_MAX, pool.cfg.request_size_bytes_max - 512)
         # the mount cache (module docstring): everything in it carries the epoch it was fetched
         # in; a check that finds another client's change starts a new epoch, voiding it all
@@ -215,6 +239,13 @@ class BFSOperations(pyfuse3.Operations):
         if not read_only:
             self.mgen += 1
             self.minflight += 1
+            if op in ("write", "update", "setattr"):  # (bytes fetched with an open before it are stale)
+                if len(self.cgen) > 200_000:
+                    self.cgen.clear()
+                    for h in self.handles.values():
+                        h.pre = None
+                self.cgen[args[0]] = self.cnext
+                self.cnext += 1
         try:
             return await self._call(op, raw, ro, ident)
         except BFSError as e:
@@ -236,7 +267,9 @@ class BFSOperations(pyfuse3.Operations):
     async def _call(self, op: str, raw: bytes, ro: bool, ident: Optional[int]):
         for attempt in range(EAGAIN_RETRIES):
             if ident is None:
+                t0 = time.monotonic()
                 who = await self.free.get()
+                self.wait_s += time.monotonic() - t0
                 try:
                     res = await self.pool.invoke(who, raw, ro, self.timeout_s)
                 finally:
@@ -558,21 +591,66 @@ class BFSOperations(pyfuse3.Operations):
         self._vvoid()
 
     def _with_dirty(self, a):
-        """The attributes ``a`` with the size our gathered writes give the file (sent at close)."""
+        """The attributes ``a`` with the size our gathered writes give the file and the mode and
+        times gathered after them (sent at close)."""
         ext = self.dirty.get(a[A_INO])
         if not ext:
             return a
         end = max(o + len(b) for o, b, _ in ext)
-        if end <= a[A_SIZE]:
+        pend = self.pattrs.get(a[A_INO])
+        if end <= a[A_SIZE] and not pend:
             return a
         a = list(a)
-        a[A_SIZE] = end
+        a[A_SIZE] = max(end, a[A_SIZE])
+        for mode, _t, (at, mt), when in pend or ():
+            if mode is not None:
+                a[A_MODE] = S.S_IFMT(a[A_MODE]) | mode
+            if at is not None:
+                a[A_ATIME] = at
+            if mt is not None:
+                a[A_MTIME] = mt
+            a[A_CTIME] = max(a[A_CTIME], when)
         return tuple(a)
+
+    def _gather_setattr(self, inode: int, attr, fields, cred: tuple):
+        """A change of mode or times of a file with gathered writes, by their writer, is gathered
+        too (sent after them, in order, at the latest at close): the attributes to answer, or
+        None when it has to be sent now."""
+        ext = self.dirty.get(inode)
+        base = self.cattr.get(inode)
+        pend = self.pattrs.get(inode, [])
+        if (not self.gather_attrs or not ext or ext[0][2] != cred or base is None or base[1] != self.ve
+                or fields.update_size or fields.update_uid or fields.update_gid
+                or not (fields.update_mode or fields.update_atime or fields.update_mtime)
+                or len(ext) + len(pend) >= UPDATE_STEPS_MAX):
+            return None
+        now = time.time_ns()
+        wire: list[Optional[int]] = []
+        here: list[Optional[int]] = []
+        for update, ns in ((fields.update_atime, attr.st_atime_ns), (fields.update_mtime, attr.st_mtime_ns)):
+            if not update:
+                wire.append(None)
+                here.append(None)
+            elif abs(ns - now) < NOW_WINDOW_NS:
+                wire.append(UTIME_NOW)
+                here.append(now)
+            elif ns < 0:
+                return None  # (before 1970: the replicas' EINVAL, now)
+            else:
+                wire.append(ns)
+                here.append(ns)
+        mode = (attr.st_mode & 0o7777) if fields.update_mode else None
+        pend.append((mode, tuple(wire), tuple(here), now))
+        self.pattrs[inode] = pend
+        return self._with_dirty(base[0])
 
     @_guard
     async def setattr(self, inode, attr, fields, fh, ctx):
         cred = self.cred(ctx)
         if inode in self.dirty:
+            gathered = self._gather_setattr(inode, attr, fields, cred)
+            if gathered is not None:
+                return self.entry(gathered)
             await self._flush_writes(inode)
         opened = self.wrote.pop(inode, None)
         if (fields.update_mtime and fields.update_ctime
@@ -751,6 +829,7 @@ class BFSOperations(pyfuse3.Operations):
         if inode in self.dirty:
             await self._flush_writes(inode)
         g, ep = self._snap(), self.ve
+        data = None
         if flags & os.O_TRUNC:  # libfuse asks for atomic O_TRUNC: the truncation is ours to do
             self.cattr.pop(inode, None)
             a = await self.call("setattr", inode, None, None, None, 0, (None, None), cred=cred)
@@ -760,7 +839,10 @@ class BFSOperations(pyfuse3.Operations):
             except OSError:
                 pass
         else:  # (always fetched, never from the mount cache: close-to-open)
-            a = await self.call("getattr", inode, cred=cred, read_only=True)
+            if self.prefetch and flags & os.O_ACCMODE != os.O_WRONLY:
+                a, data = await self._open_call(inode, cred)
+            else:
+                a = await self.call("getattr", inode, cred=cred, read_only=True)
             if self._quiet(g, ep):
                 self._put_attr(a, ep)
         seen = self.known.get(inode)
@@ -774,7 +856,26 @@ class BFSOperations(pyfuse3.Operations):
         self._opened(inode)
         keep = self.keep_cache and self.pages.get(inode) == now_is and not flags & os.O_TRUNC
         self._pages(inode, now_is)
-        return self._file_info(self._fh(_Handle(inode, cred)), keep)
+        h = _Handle(inode, cred)
+        if data is not None and len(data) == a[A_SIZE]:
+            h.pre = (data, self.cgen.get(inode, 0))
+        return self._file_info(self._fh(h), keep)
+
+    async def _open_call(self, inode: int, cred: tuple):
+        """The attributes and, if the file is small, readable and not as its cached pages are,
+        its bytes (one read-only ``open``; a ``getattr`` from replicas without it)."""
+        have = self.pages.get(inode) if self.keep_cache and inode in self.pread else None
+        try:
+            a, data = await self.call("open", inode, have, self.max_io, cred=cred, read_only=True)
+        except BFSError as e:
+            if e.errno != E.EINVAL:
+                raise
+            log.warning("bfs mount: the replicas do not answer `open`: no prefetch at open")
+            self.prefetch = False
+            return await self.call("getattr", inode, cred=cred, read_only=True), None
+        if type(data) is not bytes:
+            data = None
+        return a, data
 
     @_guard
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -803,7 +904,23 @@ class BFSOperations(pyfuse3.Operations):
     @_guard
     async def read(self, fh, off, size):
         h = self._handle(fh)
-        return self._overlay(h.ino, off, size, await self._read(h, off, size))
+        pre = h.pre
+        if pre is not None:
+            if pre[1] == self.cgen.get(h.ino, 0):
+                if off + size >= len(pre[0]):  # read to its end: the kernel has the pages now
+                    h.pre = None
+                    self._read_whole(h.ino)
+                return self._overlay(h.ino, off, size, pre[0][off:off + size])
+            h.pre = None
+        data = self._overlay(h.ino, off, size, await self._read(h, off, size))
+        if off == 0 and len(data) < size:
+            self._read_whole(h.ino)
+        return data
+
+    def _read_whole(self, ino: int) -> None:
+        if len(self.pread) > 200_000:
+            self.pread.clear()
+        self.pread.add(ino)
 
     def _overlay(self, ino: int, off: int, size: int, data: bytes) -> bytes:
         """``data`` read from the replicas at ``off`` with our gathered writes laid over it, in order."""
@@ -841,7 +958,8 @@ class BFSOperations(pyfuse3.Operations):
             # at the latest at close (flush) or fsync, or before anything that looks at the
             # inode (getattr, read, setattr, lookup, readdir, open, link, unlink, rename)
             ext = self.dirty.get(h.ino)
-            if ext and (ext[0][2] != h.cred or sum(len(e[1]) for e in ext) + len(buf) > WRITE_BEHIND_MAX):
+            if ext and (ext[0][2] != h.cred or sum(len(e[1]) for e in ext) + len(buf) > WRITE_BEHIND_MAX
+                        or h.ino in self.pattrs):  # (a write after a gathered setattr: in order)
                 await self._flush_writes(h.ino)
             self.dirty[h.ino] = _merge(self.dirty.get(h.ino, []), off, buf, h.cred)
             return len(buf)
@@ -857,9 +975,11 @@ class BFSOperations(pyfuse3.Operations):
                 lock = self.flushing[ino] = asyncio.Lock()
             async with lock:  # one flush of an inode at a time, so that writes land in order
                 ext = self.dirty.pop(ino, None)
+                pend = self.pattrs.pop(ino, ())
                 if ext:
                     try:
-                        await self._send_writes(ino, [(o, bytes(b), c) for o, b, c in ext], None)
+                        await self._send_writes(ino, [(o, bytes(b), c) for o, b, c in ext], None,
+                                                [(m, t) for m, t, _lt, _w in pend])
                     except BFSError as e:
                         self.write_errors[ino] = e.errno or E.EIO
                         raise
@@ -874,14 +994,34 @@ class BFSOperations(pyfuse3.Operations):
         for ino in list(self.dirty):
             await self._flush_writes(ino)
 
-    async def _send_writes(self, ino: int, extents, opened_ns) -> None:
-        # a write larger than one request: its pieces are independent operations, sent together
+    async def _send_writes(self, ino: int, extents, opened_ns, pattrs=()) -> None:
+        """Send writes (``[(offset, data, cred)]``) and then the changes of mode and times
+        ``[(mode|None, (atime, mtime))]`` gathered after them: one ``update`` when they fit in a
+        request, or each write (a large one in pieces, independent, sent together) and then the
+        attribute changes."""
         parts = [(o + d, b[d:d + self.max_io], c) for o, b, c in extents for d in range(0, len(b), self.max_io)]
         self.cattr.pop(ino, None)
+        self.pread.discard(ino)
         g = self._snap()
-        attrs = await asyncio.gather(*(self.call("write", ino, o, piece, cred=c) for o, piece, c in parts))
-        a = max(attrs, key=lambda x: (x[A_CTIME], x[A_SIZE]))
-        self._own_attr(g, a, len(parts))
+        steps = [(UPDATE_WRITE, o, piece) for o, piece, _c in parts] \
+            + [(UPDATE_SETATTR, m, None, None, None, t) for m, t in pattrs]
+        sent = 0
+        a = None
+        if (len(steps) > 1 and len(steps) <= UPDATE_STEPS_MAX and len({c for _o, _p, c in parts}) == 1
+                and sum(len(p) for _o, p, _c in parts) <= self.max_io - 1024):
+            try:
+                sent += 1
+                a = await self.call("update", ino, tuple(steps), cred=parts[0][2])
+            except BFSError:  # nothing happened: one by one, so that the writes a refused step
+                pass  # came after still land (and replicas without ``update`` get what they know)
+        if a is None:
+            sent += len(parts)
+            attrs = await asyncio.gather(*(self.call("write", ino, o, piece, cred=c) for o, piece, c in parts))
+            a = max(attrs, key=lambda x: (x[A_CTIME], x[A_SIZE]))
+            for m, t in pattrs:
+                sent += 1
+                a = await self.call("setattr", ino, m, None, None, None, t, cred=parts[-1][2])
+        self._own_attr(g, a, sent)
         self.known[ino] = (a[A_SIZE], a[A_MTIME])
         if self.enable_writeback_cache and opened_ns is not None:
             if len(self.wrote) > 100_000:
@@ -1022,6 +1162,9 @@ async def run_mount(cluster, identities: list[int], mountpoint: str, strict: boo
         log.info("bfs mount: calls %s; errors %s", {k: (v[0], round(v[1] / max(1, v[0]) * 1000, 2))
                                                    for k, v in sorted(ops.stats.items())}, ops.errors)
         log.info("bfs mount: FUSE requests %s; mount cache %s", dict(sorted(ops.fuse.items())), ops.mstats)
+        log.info("bfs mount: FUSE handlers (count, mean ms) %s; waited for an identity %.3f s",
+                 {k: (n, round(ops.fuse_s.get(k, 0.0) / max(1, n) * 1000, 3)) for k, n in sorted(ops.fuse.items())},
+                 ops.wait_s)
 
 
 def mount_main(cluster, identities: list[int], mountpoint: str, **kw) -> None:

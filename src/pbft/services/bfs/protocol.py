@@ -20,7 +20,7 @@ A_INO, A_MODE, A_NLINK, A_UID, A_GID, A_RDEV, A_SIZE, A_BLOCKS, A_ATIME, A_MTIME
 
 #: operations that never change the state: the only ones accepted with ``read_only=True``
 READ_ONLY_OPS = frozenset({"lookup", "getattr", "readlink", "read", "readdir", "statfs", "getxattr", "listxattr",
-                           "changes"})
+                           "changes", "open"})
 
 #: number of arguments of each operation (credentials not counted)
 ARITY = {
@@ -28,6 +28,8 @@ ARITY = {
     "getattr": 1,       # ino
     "readlink": 1,      # ino
     "read": 3,          # ino, offset, size
+    "open": 3,          # ino, (size, mtime) the caller has cached or None, max -> (attr, the whole file
+                        #   if it changed since, is at most max bytes and the caller may read it, else None)
     "readdir": 3,       # ino, cookie, max_entries  -> (entries, eof, resume cookie); entry (name, cookie, attr)
     "statfs": 0,
     "changes": 1,       # (client ids) -> (last agreed time, latest time another client changed anything)
@@ -43,6 +45,8 @@ ARITY = {
     "rename": 6,        # parent, name, new parent, new name, flags, keep -> (orphaned ino or 0)
     "setattr": 6,       # ino, mode|None, uid|None, gid|None, size|None, (atime, mtime) each None|-1(now)|ns
     "write": 3,         # ino, offset, data -> attr
+    "update": 2,        # ino, steps: ((0, offset, data) a write | (1, mode, uid, gid, size, times) a setattr, ...)
+                        #   in order, all or none (at most UPDATE_STEPS_MAX, data IO_MAX in all) -> attr
     "setxattr": 4,      # ino, name, value, flags (1 create, 2 replace)
     "removexattr": 2,   # ino, name
     "fsync": 1,         # ino
@@ -65,6 +69,9 @@ XATTR_TOTAL_MAX = 32 * 1024
 GROUPS_MAX = 32
 #: largest payload of one read or write request (leaves room for the headers in 64 KiB)
 IO_MAX = 48 * 1024
+#: steps of one ``update`` (writes and attribute changes of one inode, applied in order)
+UPDATE_STEPS_MAX = 16
+UPDATE_WRITE, UPDATE_SETATTR = 0, 1
 
 
 def creds(uid: int, gid: int, groups=()) -> tuple:

@@ -40,8 +40,8 @@ from ...service import ObjectService
 from ...state.objects import BucketFull, Cell, ObjectDict, ObjectSpace
 from .config import BFSConfig, parse_bfs_section
 from .protocol import (ARITY, GROUPS_MAX, IO_MAX, NAME_MAX, READ_ONLY_OPS, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO,
-                       SYMLINK_MAX, UTIME_NOW, XATTR_CREATE, XATTR_NAME_MAX, XATTR_REPLACE, XATTR_TOTAL_MAX,
-                       XATTR_VALUE_MAX)
+                       SYMLINK_MAX, UPDATE_SETATTR, UPDATE_STEPS_MAX, UPDATE_WRITE, UTIME_NOW, XATTR_CREATE,
+                       XATTR_NAME_MAX, XATTR_REPLACE, XATTR_TOTAL_MAX, XATTR_VALUE_MAX)
 
 log = logging.getLogger("pbft.bfs")
 
@@ -774,6 +774,19 @@ class BFSService(ObjectService):
     def op_getattr(self, cr, ino):
         return self._attr(ino, self._node(ino))
 
+    def op_open(self, cr, ino, have, max_data):
+        """``getattr`` and, in the same round trip, the bytes of a small file that changed since
+        the version ``have`` (size, mtime) the caller holds: what an ``open`` and the first read
+        after it need."""
+        n = self._node(ino)
+        if not (have is None or (isinstance(have, tuple) and len(have) == 2)) or not _is_int(max_data):
+            _fail(E.EINVAL)
+        a = self._attr(ino, n)
+        if (not S.S_ISREG(n[I_MODE]) or n[I_SIZE] > min(max_data, IO_MAX) or have == (n[I_SIZE], n[I_MTIME])
+                or (cr[0] != n[I_UID] and not self._may(n, cr, 4))):
+            return (a, None)
+        return (a, self.op_read(cr, ino, 0, n[I_SIZE]))
+
     def op_readlink(self, cr, ino):
         n = self._node(ino)
         if not S.S_ISLNK(n[I_MODE]):
@@ -1183,6 +1196,25 @@ class BFSService(ObjectService):
                 self._clear_suid(n)
         self._touch(ino)
         return self._attr(ino, n)
+
+    def op_update(self, cr, ino, steps):
+        """Writes and attribute changes of one inode, in order, as one operation: what a mount
+        gathered for a file until its close (each step checked as the ``write`` or ``setattr``
+        it stands for; one refused step and none happens)."""
+        if not (isinstance(steps, tuple) and 0 < len(steps) <= UPDATE_STEPS_MAX
+                and all(isinstance(st, tuple) and st and type(st[0]) is int for st in steps)):
+            _fail(E.EINVAL)
+        if sum(len(st[2]) for st in steps if st[0] == UPDATE_WRITE and len(st) == 3 and type(st[2]) is bytes) > IO_MAX:
+            _fail(E.EINVAL)
+        a = None
+        for st in steps:
+            if st[0] == UPDATE_WRITE and len(st) == 3:
+                a = self.op_write(cr, ino, st[1], st[2])
+            elif st[0] == UPDATE_SETATTR and len(st) == 6:
+                a = self.op_setattr(cr, ino, *st[1:])
+            else:
+                _fail(E.EINVAL)
+        return a
 
     def op_setxattr(self, cr, ino, name, value, flags):
         n = self._node(ino)

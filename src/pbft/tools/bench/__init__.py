@@ -2,6 +2,7 @@
 
     pbft bench [--op 0/0|0/4|4/0] [--read-only] [--replicas N] [--clients C] [--duration S]
                [--warmup S] [--sweep] [--json] [--plot FILE.png] [--client-procs K]
+    pbft bench --report [--duration S] [--warmup S] [--clients C] [--json] [--client-procs K]
 
 What one run does:
 
@@ -60,6 +61,14 @@ the servers (in the paper they had machines of their own), so absolute
 figures here are lower bounds; the ratios compare two systems driven
 identically.
 
+``--report`` measures every row of the project's performance targets in one run (``targets``:
+the replicated cluster with memory storage, then with durable storage, then the unreplicated
+server; 11 points of ``--duration``, default 3 s, each after its warm-up) and prints the table:
+each measure's figure, its baseline, their ratio, the target and whether it is met, then CPU per
+operation by process (the primary, each backup on average, the client process) and every point.
+CPU time is read from ``/proc/<pid>/stat`` at the two ends of each measured window, for every
+process of the system measured, the client processes included.
+
 Processes: replicas, the unreplicated server and load workers are started in
 their own sessions (a Ctrl-C in the terminal reaches only ``pbft bench``),
 with Linux's parent-death signal set so that they get SIGTERM if ``pbft
@@ -69,7 +78,8 @@ temporary directory, which is removed at the end unless the run failed
 (then the error message names it).
 "
 
-Modules: ``stats`` (arguments, percentiles, summaries, ratios), ``load`` (the
+Modules: ``stats`` (arguments, percentiles, summaries, ratios), ``targets`` (``--report``'s points,
+CPU accounting and table), ``load`` (the
 closed-loop clients, in this process and in load workers), ``report`` (progress,
 the table, the plot), ``run`` (the command: the two systems, one point, the
 whole run) and ``__main__`` (the internal entry points of the child processes).

@@ -101,3 +101,84 @@ def write_plot(res: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _fig(x, figure: str) -> str:
+    if x is None:
+        return "-"
+    if figure == "ops_per_s":
+        return f"{x:,.0f} ops/s"
+    if figure == "p50_ms":
+        return f"{x:.3f} ms"
+    return f"{x:,.1f} µs"
+
+
+def _cpu_line(cpu: Optional[dict]) -> str:
+    if not cpu:
+        return "not sampled"
+    parts = []
+    if "primary_us_per_op" in cpu:
+        parts.append(f"primary {cpu['primary_us_per_op']:,.1f}")
+    if "backup_avg_us_per_op" in cpu:
+        parts.append(f"backups {cpu['backup_avg_us_per_op']:,.1f} each ({cpu.get('processes', {}).get('backup', 0)})")
+    if "server_us_per_op" in cpu:
+        parts.append(f"server {cpu['server_us_per_op']:,.1f}")
+    if "client_us_per_op" in cpu:
+        n = cpu.get("processes", {}).get("client", 0)
+        parts.append(f"client{'s' if n != 1 else ''} {cpu['client_us_per_op']:,.1f}")
+    missing = f"; {cpu['missing']} process(es) not sampled" if cpu.get("missing") else ""
+    busy = f" ({cpu['cores_busy']:.2f} cores busy over {cpu['window_s']:g} s)" if "cores_busy" in cpu else ""
+    if cpu.get("wait_us_per_op") is not None:
+        busy += f"; waited for a CPU {cpu['wait_us_per_op']:,.1f} µs/op"
+    head = ", ".join(parts)
+    return f"{head + '; ' if head else ''}all {cpu['all_us_per_op']:,.1f} µs/op{busy}{missing}"
+
+
+def print_targets(res: dict) -> None:
+    """``pbft bench --report``: the targets' table, CPU per operation by process and every point."""
+    reps = f"{res['replicas']} replica{'s' if res['replicas'] != 1 else ''}"
+    print(f"pbft bench --report: {reps} (f={res['faults']}) vs unreplicated, null service, loopback; "
+          f"{res['duration_s']:g} s measured after {res['warmup_s']:g} s warm-up per point, "
+          f"clients in {res['client_procs']} process(es)")
+    la = res.get("load_average")
+    if la:
+        print(f"load average (1, 5, 15 min) before {' '.join(f'{x:g}' for x in la['before'])}, "
+              f"after {' '.join(f'{x:g}' for x in la['after'])}")
+    nat = res.get("native")
+    if nat:
+        if all(v is True for v in nat.values()):
+            print("compiled modules: in use by every process")
+        else:
+            print("compiled modules: NOT in use by every process of "
+                  + ", ".join(k for k, v in nat.items() if v is not True)
+                  + " (pure modules: slower; make native, pbft native)")
+    rows = res["report"]
+    w = max(len(r["measure"]) for r in rows)
+    print(f"{'measure':<{w}}  {'figure':>14}  {'baseline':>14}  {'ratio':>7}  {'target':>14}  met")
+    for r in rows:
+        on = "" if r["target_on"] == "ratio" else " µs"
+        verdict = "-" if r["met"] is None else ("yes" if r["met"] else "NO")
+        print(f"{r['measure']:<{w}}  {_fig(r['replicated'], r['figure']):>14}  {_fig(r['baseline'], r['figure']):>14}"
+              f"  {fmt(r['ratio'], 2):>7}  {r['target'] + on:>14}  {verdict}")
+    met = [r["met"] for r in rows if r["met"] is not None]
+    print(f"targets met: {sum(met)} of {len(rows)}.  figure: the replicated cluster (durable storage in the durable "
+          f"row); baseline: the unreplicated server (the memory-storage cluster in the durable row); ratio: "
+          f"figure / baseline; the CPU target applies to the figure itself")
+    pts = res["points"]
+    print()
+    print("CPU per operation by process (µs), 0/0 rw:")
+    for key, name in (("memory", "replicated, memory"), ("durable", "replicated, durable"),
+                      ("unreplicated", "unreplicated")):
+        p = pts.get(f"{key}:0/0 rw")
+        if p is not None:
+            print(f"  {name + ',':21} {p['clients']:>3} clients: {_cpu_line(p.get('cpu'))}")
+    print()
+    print(f"{'point':<34} {'ops/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'µs/op':>8}")
+    for key, p in pts.items():
+        phase = key.partition(":")[0]
+        name = (f"{'replicated ' + phase if phase != 'unreplicated' else phase} {p['op']} "
+                f"{'ro' if p['read_only'] else 'rw'}, {p['clients']} client{'s' if p['clients'] != 1 else ''}")
+        cpu = p.get("cpu")
+        print(f"{name:<34} {p['ops_per_s']:>10,.0f} {fmt(p['p50_ms']):>8} {fmt(p['p99_ms']):>8} "
+              f"{fmt(cpu['all_us_per_op'] if cpu else None, 1):>8}"
+              + (f"  ({p['errors']} timed out)" if p.get("errors") else ""))
