@@ -47,6 +47,7 @@ class Tag(IntEnum):
     META_DATA = 17
     QUERY_STABLE = 18
     REPLY_STABLE = 19
+    MEMBERSHIP_LINK = 20  # the runtime's membership chain frame (``pbft.runtime.chain_keeper``), not a codec message
 
 
 ALL_REPLICAS = -1  # a Request's ``replier`` when every replica must send the full result

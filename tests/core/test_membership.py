@@ -347,14 +347,15 @@ def test_removed_replicas_checkpoint_votes_never_count_with_the_new_thresholds()
     r.invariants()
 
 
-@pytest.mark.xfail(strict=True, reason="open gap: a replica that missed a membership change counts "
-                   "checkpoints beyond its window with its old thresholds (docs/reconfiguration.md)")
 def test_a_replica_that_missed_the_change_is_not_led_beyond_its_window_by_old_ids():
     """Grow 4 -> 7 (f 1 -> 2) while replica 3 is cut off before the change: after the switch two
-    Byzantine replicas among 0..3 are within the new f, yet their two votes (a weak certificate
-    of the old membership, the only one replica 3 knows) make it fetch their checkpoint beyond
-    its window, a state of their making."""
+    Byzantine replicas among 0..3 are within the new f, and their two votes are a weak certificate
+    of the old membership, the only one replica 3 knows. With a driver that keeps the membership
+    certificate chain (``ChainView.follows``), replica 3 asks it before it catches up beyond its
+    window, and counts the votes beyond the switch point with the thresholds of the membership
+    the chain certifies: two votes fetch nothing, f_new + 1 = 3 do."""
     from pbft.codec import seal
+    from pbft.core.events import ChainWanted
     from pbft.messages import Checkpoint
 
     c = grow_cluster()
@@ -364,11 +365,32 @@ def test_a_replica_that_missed_the_change_is_not_led_beyond_its_window_by_old_id
     c.advance(200)
     assert all(r.members_from == res["members_at"] for r in c.replicas[:3])
     r = c.replicas[3]
+    r.chain.follows = True  # (the runtime's replicas keep the chain: runtime.chain_keeper)
     assert r.low_water_mark == 0 and membership.fence(r) is None  # (it knows nothing of the change)
     far = r.low_water_mark + c.cfg.log_window_seqnos + c.cfg.checkpoint_interval_seqnos
+    assert far > res["members_at"]
+    r.take_ready()
     for j in (1, 2):
         r.receive(seal(Checkpoint(far, b"\x66" * 32, j), c.rings[j]), c.now)
     assert r.fetch_target is None
+    assert [ev for ev in r.take_ready().events if isinstance(ev, ChainWanted)] == [ChainWanted(far)]
+    # the driver's answer: the membership of 7 its chain certifies (the one the others switched to)
+    new = c.replicas[0].rs.config.latest.members_at(res["members_at"] + 1)
+    assert new is not None and new.n == 7 and new.f == 2
+    membership.learn_chain(r, new)
+    assert r.fetch_target is None  # two votes are below the weak weight of f = 2
+    r.receive(seal(Checkpoint(far, b"\x66" * 32, 0), c.rings[0]), c.now)
+    assert r.fetch_target is not None and r.fetch_target[0] == far  # three are a weak certificate of the 7
+    # the negative control: without a chain (a driver that keeps none) the old thresholds count,
+    # and the same two votes make the replica fetch (the gap docs/reconfiguration.md names)
+    c2 = grow_cluster()
+    c2.down.add(3)
+    switch_cluster(c2, admin(c2, grow()), 7)
+    c2.advance(200)
+    r2 = c2.replicas[3]
+    for j in (1, 2):
+        r2.receive(seal(Checkpoint(far, b"\x66" * 32, j), c2.rings[j]), c2.now)
+    assert r2.fetch_target is not None
 
 
 def test_a_joiner_takes_no_part_in_agreement_at_or_below_its_switch_point():

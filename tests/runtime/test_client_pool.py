@@ -132,3 +132,44 @@ def test_late_reply_is_dropped_as_stale_before_its_mac_is_checked(tmp_path):
         await pool.close()
 
     asyncio.run(main())
+
+
+def test_replies_of_a_later_membership_are_not_counted_and_older_memberships_are_ignored(tmp_path):
+    from pbft.runtime.cluster import with_membership
+
+    async def main():
+        pool, cid, p = make_pool(tmp_path)
+        pool.follow_chain = False  # (no replicas to ask here)
+        task = asyncio.ensure_future(pool.invoke(cid, b"op", timeout=0.3))
+        await asyncio.sleep(0)
+        req = p.core.req
+        assert req is not None
+        for j in (0, 1, 2):  # matching replies, but in a view of membership epoch 1 (1 << 32 ...)
+            ring = KeyRing(j, 4, {cid: p.ring.in_keys[j]}, {cid: p.ring.out_keys[j]})
+            rep = Reply((1 << 32) + 4, req.timestamp, cid, j, True, False, result_digest(b"x"), b"x")
+            pool._on_frame(None, seal(rep, ring, to=cid))  # type: ignore[arg-type]
+        with pytest.raises(NoQuorumError):
+            await task
+        assert pool.counters.drops["reply-from-later-membership"] == 3
+        # memberships only move forward: an older one (e.g. a stale epoch.json) is ignored
+        c = pool.cluster
+        grown = with_membership(c, 4, 1, (1, 1, 1, 1), 40, 1)
+        pool.set_membership(grown)
+        assert pool.cluster is grown
+        pool.set_membership(c)
+        assert pool.cluster is grown and pool.counters.drops["membership-older-ignored"] == 1
+        # once it follows epoch 1, replies of views of the membership before are not counted
+        task = asyncio.ensure_future(pool.invoke(cid, b"op", timeout=0.3))
+        await asyncio.sleep(0)
+        req = p.core.req
+        assert req is not None
+        for j in (0, 1, 2):
+            ring = KeyRing(j, 4, {cid: p.ring.in_keys[j]}, {cid: p.ring.out_keys[j]})
+            rep = Reply(0, req.timestamp, cid, j, True, False, result_digest(b"x"), b"x")
+            pool._on_frame(None, seal(rep, ring, to=cid))  # type: ignore[arg-type]
+        with pytest.raises(NoQuorumError):
+            await task
+        assert pool.counters.drops["reply-from-earlier-membership"] == 3
+        await pool.close()
+
+    asyncio.run(main())

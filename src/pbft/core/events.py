@@ -259,3 +259,14 @@ class MembershipSwitched(Event):
     n: int
     view: int
     retired: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ChainWanted(Event):
+    """Votes of weak weight (with our membership's thresholds) for checkpoint ``seqno``, beyond
+    our window: before we catch up to it, our driver, which keeps the membership certificate
+    chain (``Replica.chain.follows``), must tell us the newest membership it certifies
+    (``membership.learn_chain``): a change we missed may have made those voters Byzantine-able."""
+
+    kind: ClassVar[str] = "chain-wanted"
+    seqno: int

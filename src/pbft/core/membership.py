@@ -22,7 +22,7 @@ cluster's fixed parameters.
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Optional
 
 from ..config import ClusterConfig, ConfigError
@@ -182,15 +182,66 @@ def _quorums_of(cfg: ClusterConfig, m: Membership) -> "Quorums":
     return Quorums.of(cluster_config(cfg, m))
 
 
+@dataclass(slots=True)
+class ChainView:
+    """What replica r's driver says of the membership certificate chain it keeps (the runtime's
+    ``chain_keeper``). With ``follows`` set, a catch-up beyond our window on a weak certificate
+    waits for the driver's answer (``ChainWanted``, then ``learn_chain``), given again after
+    every stable checkpoint: a change we missed entirely (our state does not record it) may have
+    raised f, and the old members' f+1 votes then prove nothing. ``known``: the newest membership
+    the chain certifies, when it is newer than ours; checkpoints after its switch point count with
+    its thresholds and its members' votes. A driver without a chain leaves ``follows`` unset (the
+    old thresholds count, as before the change)."""
+
+    follows: bool = False
+    known: Optional[Membership] = None
+    answered: bool = False
+    asked: bool = False
+
+
+def _chain_members(r: "Replica", n: int) -> Optional[Membership]:
+    m = r.chain.known
+    if m is None or not r.chain.follows or m.opens_at <= r.members_from or n <= m.opens_at:
+        return None
+    return m
+
+
 def checkpoint_reached(r: "Replica", n: int, voters: list[int]) -> "Reached":
     """How far ``voters`` (of one digest at checkpoint n) go at replica r, with the thresholds of
-    ``quorums_at``; with the new membership's, only its members' votes count (a removed replica
+    ``quorums_at`` (or of the membership our driver's chain certifies after its switch point,
+    ``ChainView``); with a new membership's, only its members' votes count (a removed replica
     still sends frames we accept as an old member's: its vote must not count towards the new
-    membership's thresholds, nor may an id beyond its weights)."""
+    membership's thresholds, nor may an id beyond its weights). A weak certificate beyond our
+    window with our own thresholds counts for nothing until the driver's chain answered."""
+    from .quorum import Reached
+
     q = quorums_at(r, n)
+    if q is r.quorums and (m := _chain_members(r, n)) is not None:
+        q = _quorums_of(r.cfg, m)
     if q is not r.quorums:
         voters = [v for v in voters if v < len(q.weights)]
-    return q.reached(voters)
+    reached = q.reached(voters)
+    ch = r.chain
+    if reached is Reached.WEAK and q is r.quorums and ch.follows and not ch.answered \
+            and n > r.low_water_mark + r.log_window:
+        if not ch.asked:
+            ch.asked = True
+            from .events import ChainWanted
+
+            r._emit(ChainWanted(n))
+        return Reached.NONE
+    return reached
+
+
+def learn_chain(r: "Replica", m: Optional[Membership]) -> None:
+    """Driver input: the newest membership its chain certifies (checked by the driver: signatures
+    of quorum weight of each membership before), or None if none is newer than ours; the
+    checkpoints with votes beyond our window are looked at again. Call ``take_ready`` after."""
+    ch = r.chain
+    ch.known = m if m is not None and m.opens_at > r.members_from else None
+    ch.answered, ch.asked = True, False
+    for n in sorted({k for v in r.checkpoint_votes.votes.values() for k in v if k > r.low_water_mark}):
+        r._check_stable(n)
 
 
 def after_stable(r: "Replica", n: int) -> None:
@@ -198,6 +249,7 @@ def after_stable(r: "Replica", n: int) -> None:
     (in checkpoint n's state) is not ours yet, switch to it. Drivers read ``MembershipSwitched``."""
     from .reconfig import config_at
 
+    r.chain.answered = r.chain.asked = False  # (a later catch-up beyond the window asks the chain again)
     if r.retired or r._installing:
         return
     cs = config_at(r, n)

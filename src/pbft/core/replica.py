@@ -117,8 +117,8 @@ class Replica:
         self.checkpoints = Checkpoints(self, self.state.checkpoint(0))  # ours, committed and tentative
         self.checkpoint_votes = CheckpointVotes(self.log_window, self.checkpoint_interval)  # the replicas' votes
         self.transfer = StateTransfer(self)  # state transfer: fetching and serving checkpoints
-        self.needs_state = False  # restored from a damaged store: execute nothing before a transfer
-        self._installing = False
+        self.needs_state, self._installing = False, False  # (needs_state: restored damaged, execute nothing)
+        self.chain = membership.ChainView()  # what the driver's membership chain says (core.membership)
         self.recovery = ProactiveRecovery(self)  # proactive recovery: ours, and the others' points
 
     # ==== driver interface ==============================================

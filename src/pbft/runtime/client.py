@@ -41,12 +41,14 @@ from ..crypto import KeyRing
 from ..config import ConfigError
 from ..messages import Reply, Tag
 from .cluster import Cluster, load_cluster
+from .follow import FETCH_TIMEOUT_S, follow
 from .keys import Identity, fresh_key, make_newkey, now_timestamp_us
 from .transport import Counters, FrameConn, OutLink, frame
 
 DEFAULT_TIMEOUT_S = 30.0
 NEWKEY_ON_RETRY_MIN_INTERVAL_S = 1.0
 REFRESH_CHUNK = 64  # identities of a pool whose keys are refreshed together
+FOLLOW_INTERVAL_S = 2.0  # at most one look at the replicas' membership chains per interval
 
 
 class PbftError(Exception):
@@ -85,8 +87,15 @@ def _now_ms() -> float:
 class ClientPool:
     """Many client identities sharing one TCP connection per replica."""
 
-    def __init__(self, cluster: Cluster, identities: Sequence[Identity]):
+    def __init__(self, cluster: Cluster, identities: Sequence[Identity], follow_chain: bool = True):
         self.cluster = cluster
+        # learn the membership in force from the replicas' certificate chains (runtime.follow): when
+        # starting, and when requests go unanswered (at most every FOLLOW_INTERVAL_S)
+        self.follow_chain = follow_chain
+        self.following: Optional[asyncio.Task] = None
+        self.followed_at = -FOLLOW_INTERVAL_S
+        self.memberships_followed = 0
+        self.follow_error = ""
         self.cfg = cluster.cfg
         self.codec = Codec(self.cfg)
         self.counters = Counters()
@@ -112,8 +121,12 @@ class ClientPool:
     # ---- lifecycle ----------------------------------------------------------
     async def start(self, wait_s: float = 5.0) -> None:
         """Connect to every replica; waits until a quorum is connected (or ``wait_s`` passes)."""
+        if self.follow_chain:
+            await self._follow()
         rt = self.cluster.runtime
         for r in self.cluster.replicas:
+            if r.id in self.links:  # (links made by a membership followed meanwhile)
+                continue
             link = OutLink(r.host, r.port, self._make_conn, self._on_link_up, rt.reconnect_min_s, rt.reconnect_max_s)
             self.links[r.id] = link
             link.start()
@@ -133,9 +146,15 @@ class ClientPool:
         reconfig`` wrote the new membership into epoch.json, or ``with_membership``): links to the
         new members (a NewKey for each, on connecting), none to those that left, and every
         identity's core client counts the new members' replies from the new epoch's first view on
-        (an operation under way is retransmitted to them)."""
+        (an operation under way is retransmitted to them). A membership older than the one it
+        follows (``members_epoch``, ``members_from``) is ignored."""
         if cluster.cfg.client_base != self.cfg.client_base:
             raise ConfigError("a membership change cannot move the client ids (replica_slots)")
+        if (cluster.members_epoch, cluster.members_from) < (self.cluster.members_epoch, self.cluster.members_from):
+            # an older membership than the one followed already (e.g. an epoch.json written before
+            # the replicas' chain moved us on): memberships only move forward
+            self.counters.drop("membership-older-ignored")
+            return
         view = base_view(cluster.members_epoch, cluster.cfg.n) if cluster.members_from else 0
         self.cluster, self.cfg, self.codec = cluster, cluster.cfg, Codec(cluster.cfg)
         for j in [j for j in self.links if j >= self.cfg.n]:
@@ -152,8 +171,31 @@ class ClientPool:
             p.core.set_membership(self.cfg, view)
             self._after(p)
 
+    async def _follow(self) -> None:
+        """Ask the replicas for their membership certificate chains; follow a newer membership that
+        one of them certifies (``runtime.follow``)."""
+        try:
+            now = await self.loop.run_in_executor(None, follow, self.cluster, FETCH_TIMEOUT_S)
+        except (ConfigError, OSError, ValueError) as e:
+            self.counters.drop("chain-follow-failed")
+            self.follow_error = str(e)
+            now = None
+        finally:
+            self.followed_at = time.monotonic()
+        if now is not None and not self.closed and (now.members_epoch, now.members_from) > (
+                self.cluster.members_epoch, self.cluster.members_from):
+            self.memberships_followed += 1
+            self.set_membership(now)
+
+    def _maybe_follow(self) -> None:
+        if (self.follow_chain and not self.closed and (self.following is None or self.following.done())
+                and time.monotonic() - self.followed_at >= FOLLOW_INTERVAL_S):
+            self.following = self.loop.create_task(self._follow())
+
     async def close(self) -> None:
         self.closed = True
+        if self.following is not None:
+            self.following.cancel()
         for lk in self.links.values():
             lk.stop()
         if self.refresh_handle is not None:
@@ -287,6 +329,7 @@ class ClientPool:
                 # certified and only its full copy is missing (``asked_full``): the replicas that
                 # answered know our keys, and new ones would void the replies still in flight
                 self.refresh_keys(p)
+            self._maybe_follow()  # (unanswered: the membership may have changed)
             core.tick(now)
         self._after(p)
 
@@ -323,6 +366,19 @@ class ClientPool:
         p = self.p.get(rep.client)
         if p is None:
             self.counters.drop("reply-for-unknown-client")
+            return
+        if rep.view >> 32 < self.cluster.members_epoch:
+            # a view of the membership before ours: we learnt of the change (its chain link is signed
+            # when the change is recorded in a stable checkpoint) before this replica reached the
+            # switch point; only the new membership's replies count (we retransmit to it)
+            self.counters.drop("reply-from-earlier-membership")
+            return
+        if rep.view >> 32 > self.cluster.members_epoch:
+            # a view of a later membership (core.membership.base_view): the replica switched and we
+            # have not; its reply is not counted with the thresholds we know. Learn the membership
+            # (the retransmission goes to the new members, counted with theirs)
+            self.counters.drop("reply-from-later-membership")
+            self._maybe_follow()
             return
         p.core.receive_parsed(fr, rep, _now_ms())
         self._after(p)
@@ -369,6 +425,17 @@ class Client:
         """See ``ClientPool.set_membership``."""
         self._pool.set_membership(cluster)
 
+    @property
+    def cluster(self) -> Cluster:
+        """The cluster as the client sees it now: the membership it follows (``cluster.cfg.n``,
+        ``members_from``), learnt from the replicas' certificate chains or set."""
+        return self._pool.cluster
+
+    @property
+    def memberships_followed(self) -> int:
+        """How many newer memberships it learnt from the replicas' certificate chains."""
+        return self._pool.memberships_followed
+
     async def close(self) -> None:
         await self._pool.close()
 
@@ -410,6 +477,15 @@ class BlockingClient:
     def set_membership(self, cluster: Cluster) -> None:
         """See ``ClientPool.set_membership``."""
         self._loop.call_soon_threadsafe(self._client.set_membership, cluster)
+
+    @property
+    def cluster(self) -> Cluster:
+        """See ``Client.cluster``."""
+        return self._client.cluster
+
+    @property
+    def memberships_followed(self) -> int:
+        return self._client.memberships_followed
 
     def close(self) -> None:
         if self._loop.is_running():

@@ -41,6 +41,7 @@ from .transport import client_frame_bytes_max
 CLUSTER_FILE = "cluster.toml"
 KEY_DIR = "keys"
 EPOCH_FILE = "epoch.json"  # written by `pbft reconfig` (tools.reconfig)
+EPOCH_FILE_BYTES_MAX = 16 << 20
 SPARE_CLIENT_SLOTS = 4  # client ids `pbft init` leaves free for `pbft reconfig DIR add-client`
 
 # protocol parameters a cluster file may set (ClusterConfig fields), with network-friendly defaults
@@ -211,6 +212,8 @@ class Cluster:
     genesis_cfg: Optional[ClusterConfig] = field(default=None, repr=False)  # cluster.toml's
     members_from: int = 0  # the membership in force orders the seqnos after this one (0: genesis)
     members_epoch: int = 0  # the configuration epoch that opened it (its first view: base_view)
+    # the membership certificate chain that certifies this membership (runtime.chain; () : genesis)
+    chain: tuple = field(default=(), repr=False)
 
     def owner(self, replica_id: int) -> str:
         """Who a replica's data directory belongs to: this cluster (its keys) and this replica."""
@@ -544,7 +547,7 @@ def load_cluster(directory: str | os.PathLike) -> Cluster:
     placed = [replace(e, metrics_host=e.metrics_host or runtime.metrics_host) for e in entries if e is not None]
     assert len(placed) == len(reps)  # entries with distinct ids 0..len-1
     genesis = genesis_record([e.public_key for e in placed[:n]], clients, admins)
-    epoch, current = _epoch_file(d, len(placed), cfg, genesis)
+    epoch, current, chain = _epoch_file(d, len(placed), cfg, genesis, [e.public_key for e in placed[:n]])
     try:
         public = PublicKeys(registry(current, placed))
     except ValueError as e:
@@ -557,7 +560,7 @@ def load_cluster(directory: str | os.PathLike) -> Cluster:
         members_from, members_epoch = m.opens_at, m.epoch
     return Cluster(d, now, placed[:now.n], client_keys, runtime, public, storage, recovery, sections,
                    admins=tuple(current.admins), genesis_config=genesis, epoch=epoch, slots=placed,
-                   genesis_cfg=cfg, members_from=members_from, members_epoch=members_epoch)
+                   genesis_cfg=cfg, members_from=members_from, members_epoch=members_epoch, chain=chain)
 
 
 def registry(cs: Configuration, slots: list[ReplicaEntry]) -> dict[int, bytes]:
@@ -584,16 +587,27 @@ def _admins(doc: dict, where: str, clients: dict[int, bytes]) -> list[int]:
     return sorted(set(ids))
 
 
-def _epoch_file(d: Path, n: int, cfg: ClusterConfig, genesis: bytes) -> tuple[int, Configuration]:
+def _epoch_file(d: Path, n: int, cfg: ClusterConfig, genesis: bytes,
+                genesis_keys: list[bytes]) -> tuple[int, Configuration, tuple]:
     """The configuration the cluster reported last (``EPOCH_FILE``, written by ``pbft reconfig``),
-    or cluster.toml's (epoch 0)."""
+    or cluster.toml's (epoch 0), and the membership certificate chain that certifies its
+    membership (``chain``, checked from cluster.toml's genesis membership: a membership that
+    the chain does not certify is refused)."""
+    from .chain import ChainError, decode_chain, genesis_membership, same_membership, verify_chain
+
     base = ConfigRecord.decode(genesis).active
     path = d / EPOCH_FILE
     if not path.exists():
-        return 0, base
+        return 0, base, ()
     try:
+        if path.stat().st_size > EPOCH_FILE_BYTES_MAX:
+            raise ValueError(f"more than {EPOCH_FILE_BYTES_MAX} bytes")
         doc = json.loads(path.read_text())
         current = configuration_from_json(doc)
+        raw = doc.get("chain", "")
+        if type(raw) is not str:
+            raise ValueError("chain: not a hex string")
+        links = decode_chain(bytes.fromhex(raw)) if raw else []
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
         raise ConfigError(f"{path}: not a configuration written by `pbft reconfig` ({e})") from None
     m = current.next_members or current.members
@@ -601,7 +615,17 @@ def _epoch_file(d: Path, n: int, cfg: ClusterConfig, genesis: bytes) -> tuple[in
             or not all(cfg.is_client(c) for c in current.clients):
         raise ConfigError(f"{path}: its configuration is not of this cluster's {n} replica slots with an "
                           f"address and its client slots")
-    return current.epoch, current
+    try:
+        head = verify_chain(cfg, genesis_keys, links)
+    except ChainError as e:
+        raise ConfigError(f"{path}: its membership certificate chain does not verify against "
+                          f"{CLUSTER_FILE}: {e}") from None
+    if not same_membership(head, m or genesis_membership(cfg, genesis_keys)) and not (m is None and not links):
+        raise ConfigError(f"{path}: its membership ({m.n if m else cfg.n} replicas, f={m.f if m else cfg.f}, after "
+                          f"{m.opens_at if m else 0}) is not the one its certificate chain ends at ({head.n} "
+                          f"replicas, f={head.f}, after {head.opens_at}): refused (`pbft reconfig DIR show` "
+                          f"writes it again from the cluster)")
+    return current.epoch, current, tuple(links)
 
 
 def configuration_from_json(doc: dict) -> Configuration:

@@ -7,7 +7,9 @@ reply).  The endpoint is a tiny HTTP server in a thread of its own (``HttpEndpoi
 * ``GET /metrics``: Prometheus text format (``pbft_*`` metrics, listed in
   docs/operations.md);
 * ``GET /status``: JSON with the replica's view, primary, last executed and
-  stable checkpoint (what ``pbft status`` shows).
+  stable checkpoint (what ``pbft status`` shows);
+* ``GET /chain?from=E``: the links of its membership certificate chain after epoch E
+  (``runtime.chain``, docs/reconfiguration.md).
 """
 
 from __future__ import annotations
@@ -172,6 +174,26 @@ class _Families:
         return self.families
 
 
+def _chain_answer(status: dict, query: str) -> tuple[str, str, bytes]:
+    """``GET /chain?from=E``: the links of this replica's membership certificate chain that open
+    memberships of epochs after E (all without ``from``), as ``{"from": E, "links": N, "chain":
+    hex}`` (``runtime.chain``: verify them from the membership of epoch E held, ``verify_from``)."""
+    from .chain import ChainError, decode_chain, encode_chain, links_after
+
+    after = -1
+    for kv in query.split("&") if query else []:
+        k, _, v = kv.partition("=")
+        if k != "from" or not v.isdigit() or len(v) > 12:
+            return "400 Bad Request", "text/plain", b"the query is from=EPOCH (a number)\n"
+        after = int(v)
+    try:
+        links = links_after(decode_chain(bytes.fromhex(status.get("membership_chain", ""))), after)
+    except (ChainError, ValueError):  # (our own chain: encoded by us)
+        return "500 Internal Server Error", "text/plain", b"no chain\n"
+    doc = {"from": max(after, 0), "links": len(links), "chain": encode_chain(links).hex()}
+    return "200 OK", "application/json", json.dumps(doc).encode() + b"\n"
+
+
 class _Snapshot:
     __slots__ = ("taken", "families", "status", "metrics_body", "status_body")
 
@@ -184,7 +206,7 @@ class _Snapshot:
 
 
 class HttpEndpoint:
-    """GET /metrics and GET /status; anything else is 404; malformed requests are closed.
+    """GET /metrics, GET /status and GET /chain; anything else is 404; malformed requests are closed.
 
     The endpoint runs in a thread of its own, with its own event loop, so that what its clients
     do costs the replica's loop at most one snapshot per ``SNAPSHOT_MIN_INTERVAL_S``: a request
@@ -348,8 +370,8 @@ class HttpEndpoint:
             if len(parts) < 2 or parts[0] != "GET":
                 status, ctype, body = "405 Method Not Allowed", "text/plain", b"only GET\n"
             else:
-                path = parts[1].split("?")[0]
-                if path in ("/metrics", "/status"):
+                path, _, query = parts[1].partition("?")
+                if path in ("/metrics", "/status", "/chain"):
                     snap = await self._snapshot(arrived)
                     if snap is None:
                         status, ctype, body = "503 Service Unavailable", "text/plain", b"replica busy\n"
@@ -358,13 +380,15 @@ class HttpEndpoint:
                         if snap.metrics_body is None:
                             snap.metrics_body = generate_latest(_Families(snap.families))
                         body = snap.metrics_body
+                    elif path == "/chain":
+                        status, ctype, body = _chain_answer(snap.status, query)
                     else:
                         status, ctype = "200 OK", "application/json"
                         if snap.status_body is None:
                             snap.status_body = json.dumps(snap.status).encode() + b"\n"
                         body = snap.status_body
                 else:
-                    status, ctype, body = "404 Not Found", "text/plain", b"try /metrics or /status\n"
+                    status, ctype, body = "404 Not Found", "text/plain", b"try /metrics, /status or /chain\n"
             writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
                          f"Connection: close\r\n\r\n".encode() + body)
             async with asyncio.timeout(self.request_timeout_s):

@@ -34,6 +34,7 @@ from ..service import Service
 from ..storage import Store, StoreError, open_store
 from . import gctune
 from .cluster import CLUSTER_FILE, EPOCH_FILE, Cluster, recovery_turn
+from .chain_keeper import ChainKeeper
 from .epochs import EpochFollower
 from .keys import NEWKEY_TAG, Identity, fresh_key, make_newkey, now_timestamp_us
 from .metrics import HttpEndpoint, ReplicaMetrics
@@ -57,10 +58,11 @@ CRASH_LOOP_WINDOW_S = 10.0  # an error this soon after the process started conti
 REBOOT_BACKOFF_MAX_S = 60.0  # the wait before rebooting doubles along a streak, up to this
 EX_IOERR = 74  # exit status after a failed store write
 LOGGED_EVENTS = frozenset({"membership", "view-change", "new-view", "stable", "state-transfer", "checkpoint-mismatch",
-                           "fetch", "rollback", "state-rebuild", "recovery-start", "recovery-estimate",
+                           "chain-wanted", "fetch", "rollback", "state-rebuild", "recovery-start", "recovery-estimate",
                            "recovery-point", "recovered", "recovery-request", "state-repair"})
 
 
+CHAIN_LINK_LATE = frozenset({"chain-link-stale"})
 # session keys are refreshed for other replicas' recoveries at most this often (seconds)
 KEY_REFRESH_MIN_INTERVAL_S = 5.0
 # a recovery turn that finds another replica recovering looks again this often (``_watchdog``)
@@ -127,6 +129,8 @@ class ReplicaNode:
             membership.start_as_joiner(self.replica, membership.base_view(cluster.members_epoch, self.cfg.n),
                                        cluster.members_from)
         self.cfg = self.replica.cfg  # (a restored checkpoint's membership: core.membership.after_restore)
+        # we keep the membership chain: a catch-up beyond the window on a weak certificate asks it first
+        self.replica.chain.follows = True
         self.recovery_overdue = False
         self.recovery_deferred_s = 0.0  # how long the turn under way has waited for another recovery
         self.rebooting = False
@@ -177,6 +181,8 @@ class ReplicaNode:
         self.newkey_gate.restore(records)
         # the configuration in force: the key registry follows its epochs (runtime.epochs)
         self.epochs = EpochFollower(self)
+        # the membership certificate chain: signed at each switch, kept, served (runtime.chain_keeper)
+        self.chain = ChainKeeper(self)
         # clients' requests against per-client credits, before the core (runtime.admission)
         self.request_slots = RequestSlots(self.loop, self.counters, self._redeliver)  # requests waiting for credits
         self.request_budget = RequestBudget(
@@ -209,12 +215,17 @@ class ReplicaNode:
             self._log("new-view", view=ev.view, primary=ev.view % self.cfg.n)
         elif kind == "membership":
             self._on_switch(ev)
+        elif kind == "chain-wanted":
+            self._log("chain-wanted", seqno=ev.seqno, chain_epoch=self.chain.head.epoch)
+            self.loop.call_soon(self._answer_chain)
         elif kind == "stable":
             self.metrics.on_stable(ev.seqno)
             self.epochs.on_checkpoint(ev.seqno)
+            self.chain.on_state(ev.seqno)
         elif kind == "state-transfer":
             self._log("state-transfer", seqno=ev.seqno)
             self.epochs.on_checkpoint(ev.seqno)
+            self.chain.on_state(ev.seqno)
         elif kind == "checkpoint-mismatch":
             self._log("checkpoint-mismatch", seqno=ev.seqno)
         elif kind == "state-repair":
@@ -247,12 +258,25 @@ class ReplicaNode:
         self.cfg = self.replica.cfg
         self._log("membership", seqno=ev.seqno, members_from=ev.members_from, n=ev.n, f=self.cfg.f, view=ev.view,
                   retired=ev.retired)
+        self.chain.on_state(ev.seqno)  # (a retired replica signs too: it was a member of the one before)
         if ev.retired:
             return
         for j in [j for j in self.links if j >= self.cfg.n]:
             self.links.pop(j).stop()
         self._connect_members()
         self._refresh_keys(broadcast=True)
+
+    def _answer_chain(self) -> None:
+        """The core asks, before it catches up beyond its window on a weak certificate, which
+        membership our chain certifies (``core.membership.ChainView``): the chain's last one, if it
+        is newer than the core's."""
+        if self.halted:
+            return
+        r, head = self.replica, self.chain.head
+        membership.learn_chain(r, head if head.opens_at > r.members_from else None)
+        if not self.flush_pending:
+            self.flush_pending = True
+            self.loop.call_soon(self._flush)
 
     def _connect_members(self) -> None:
         """An outbound link to every member but us (addresses: cluster.toml's slots)."""
@@ -325,6 +349,7 @@ class ReplicaNode:
         if os.environ.get("PBFT_FAULT_INJECTION") == "1":  # tests only: SIGUSR2 corrupts memory
             self.loop.add_signal_handler(signal.SIGUSR2, self._inject_memory_corruption)
         self._rearm()
+        self.chain.on_state()  # (a restored checkpoint's membership newer than our chain: our vote)
         self._log("started", host=me.host, port=me.port, metrics_host=me.metrics_host, metrics_port=me.metrics_port,
                   n=self.cfg.n, f=self.cfg.f, scheduling=self.scheduling)
 
@@ -504,6 +529,7 @@ class ReplicaNode:
                 return
             if link.conn is not None:  # (it is: the link is up)
                 link.conn.send(frame(nk))
+                self.chain.on_link_up(link.conn)  # (after our NewKey: the peer takes it first)
 
     # ---- keys ---------------------------------------------------------------
     def _refresh_delay(self) -> float:
@@ -610,6 +636,14 @@ class ReplicaNode:
                 self._close_unauthenticated(conn)
                 return
             relayed = True
+        if tag == Tag.MEMBERSHIP_LINK:
+            # self-certifying (signed), so relayed ones are taken too; only replicas send them
+            why = self.chain.on_frame(raw) if s < self.slots_n else "chain-link-from-client"
+            if why:
+                self.counters.drop(why)
+                if why not in CHAIN_LINK_LATE:  # (a correct peer's vote after the link completed)
+                    self._count_waste(conn, time.monotonic(), 1 + (len(raw) >> 10))
+            return
         now = time.monotonic() * 1000.0  # (``_now``, inlined: once per frame)
         if tag == Tag.REQUEST and not relayed and s >= self.slots_n:
             wait = self.request_budget.take(s, now / 1000.0)
@@ -880,6 +914,8 @@ class ReplicaNode:
             "peers_connected": sorted(j for j, lk in self.links.items() if lk.conn is not None),
             "clients_connected": len(self.client_conn),
             "config": self.epochs.describe(),
+            "chain": self.chain.describe(),
+            "membership_chain": self.chain.encoded().hex(),
             "members": {"n": r.cfg.n, "f": r.cfg.f, "weights": list(r.cfg.weights), "members_from": r.members_from,
                         "retired": r.retired},
             "uptime_s": round(time.time() - self.started, 1),

@@ -109,6 +109,17 @@ def cmd_replica(args) -> int:
     if not 0 <= args.id < slots:
         raise ConfigError(f"--id must be a replica id 0..{slots - 1}, got {args.id}")
     check(cluster.dir)  # the code we run is the code cluster.toml names (at every start: every reboot)
+    # the membership in force as the replicas certify it (their membership certificate chains,
+    # verified against cluster.toml), which may be newer than epoch.json's, or there may be no
+    # epoch.json on this machine: what an added replica joins, and what a replica that starts from
+    # nothing stored after a change joins (one with a store restores its checkpoint's membership)
+    from ..runtime.follow import follow
+
+    learnt = follow(cluster)
+    if learnt is not None:
+        print(f"pbft replica: the replicas certify a membership of {learnt.cfg.n} replicas (f={learnt.cfg.f}) "
+              f"after {learnt.members_from}, epoch {learnt.members_epoch}", file=sys.stderr)
+        cluster = learnt
     identity = None
     sock = signer_spec(cluster.dir, args.id, getattr(args, "signer", None))
     if sock is not None:  # the key stays in a signer process; we never read the key file
@@ -337,18 +348,37 @@ def status_notes(cluster, rows: list[dict]) -> list[str]:
 
 def cmd_status(args) -> int:
     from ..runtime.cluster import load_cluster
+    from ..runtime.follow import chain_of_status, newest, with_chain
 
     cluster = load_cluster(args.dir)
+    got: dict = {}
+    for r in cluster.slots or cluster.replicas:
+        try:
+            got[r.id] = fetch_status(r.metrics_addr, r.metrics_port, args.timeout)
+        except (OSError, urllib.error.URLError, ValueError) as e:
+            got[r.id] = e
+    # the membership in force as the replicas certify it (their chains), if newer than the directory's
+    served = {}
+    for j, s in got.items():
+        try:
+            served[j] = chain_of_status(s)
+        except (ValueError, AttributeError):
+            continue
+    learnt = newest(cluster, served)
+    certified = ""
+    if learnt.links and learnt.links != tuple(cluster.chain):
+        cluster = with_chain(cluster, learnt.links)
+        certified = f"certified by the chain replicas {learnt.served_by} serve"
     rows = []
     members = {r.id for r in cluster.replicas}
     for r in cluster.slots or cluster.replicas:
-        try:
-            s = fetch_status(r.metrics_addr, r.metrics_port, args.timeout)
+        s = got[r.id]
+        if isinstance(s, dict):
             s["reachable"] = True
-        except (OSError, urllib.error.URLError, ValueError) as e:
+        else:
             if r.id not in members:
                 continue  # (a spare slot, or a replica removed and stopped)
-            s = {"replica": r.id, "reachable": False, "error": str(getattr(e, "reason", e))}
+            s = {"replica": r.id, "reachable": False, "error": str(getattr(s, "reason", s))}
             if r.metrics_addr in ("127.0.0.1", "::1", "localhost") and r.host != r.metrics_addr:
                 s["error"] += f"; its endpoint listens on {r.metrics_addr} only: run this on its machine, " \
                               "or set metrics_host in cluster.toml"
@@ -380,8 +410,12 @@ def cmd_status(args) -> int:
                   f"{epoch:>5} {nf:>5}")
         print(f"membership: {cluster.cfg.n} replicas, f={cluster.cfg.f}"
               + (f", weights {list(cluster.cfg.weights)}" if set(cluster.cfg.weights) != {1} else "")
-              + (f" (epoch {cluster.members_epoch}, after seqno {cluster.members_from}; {cluster.dir}/epoch.json)"
+              + (f" (epoch {cluster.members_epoch}, after seqno {cluster.members_from}; "
+                 f"{certified or f'{cluster.dir}/epoch.json'})"
                  if cluster.members_from else " (cluster.toml)"))
+        if learnt.refused:
+            print(f"membership chains refused (they do not verify against {cluster.dir}/cluster.toml): "
+                  + "; ".join(f"replica {j}: {why}" for j, why in sorted(learnt.refused.items())))
         for line in notes:
             print(line)
     reachable = [s["replica"] for s in rows if s["reachable"] and s["replica"] in members]

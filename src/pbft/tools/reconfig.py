@@ -33,6 +33,7 @@ from ..runtime.cluster import EPOCH_FILE, Cluster, load_cluster, next_key_path, 
 from ..runtime.keys import Identity
 
 SWITCH_TIMEOUT_S = 60.0
+CHAIN_TIMEOUT_S = 15.0  # for the replicas to gather a membership link after the switch
 
 
 def _write_key(path: Path, seed: bytes) -> None:
@@ -88,7 +89,37 @@ def write_epoch_file(cluster: Cluster, bc) -> dict:
     return _write_epoch_doc(cluster, res["config"].describe())
 
 
+def certifying_chain(cluster: Cluster, doc: dict, timeout_s: float = CHAIN_TIMEOUT_S) -> str:
+    """The membership certificate chain (hex) that certifies the membership of configuration
+    ``doc``, fetched from the replicas and verified (``runtime.follow``); "" for the genesis
+    membership. The replicas gather the link's signatures when they switch: waits for it."""
+    from ..runtime.chain import encode_chain, same_membership
+    from ..runtime.cluster import configuration_from_json
+    from ..runtime.follow import learn
+
+    cs = configuration_from_json(doc)
+    want = cs.next_members or cs.members
+    if want is None:
+        return ""
+    end = time.monotonic() + timeout_s
+    while True:
+        got = learn(cluster)
+        for k in range(len(got.links), 0, -1):
+            if same_membership(got.links[k - 1].members, want):
+                return encode_chain(got.links[:k]).hex()
+        if time.monotonic() > end:
+            raise ConfigError(f"no replica serves a membership certificate chain that certifies the membership "
+                              f"of {want.n} replicas after {want.opens_at} within {timeout_s:.0f} s (refused: "
+                              f"{got.refused or 'none'}; unreachable: {sorted(got.unreachable) or 'none'}); "
+                              f"{EPOCH_FILE} not written")
+        time.sleep(0.1)
+
+
 def _write_epoch_doc(cluster: Cluster, doc: dict) -> dict:
+    doc = dict(doc)
+    chain = certifying_chain(cluster, doc)
+    if chain:
+        doc["chain"] = chain
     tmp = cluster.dir / (EPOCH_FILE + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
     os.replace(tmp, cluster.dir / EPOCH_FILE)
