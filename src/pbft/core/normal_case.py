@@ -14,7 +14,7 @@ steps ``Replica._committed`` (the requests it completes) and to ``Checkpoints``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, NamedTuple, Optional
+from typing import TYPE_CHECKING, AbstractSet, Iterable, NamedTuple, Optional
 
 from ..codec import (
     NULL_BATCH_DIGEST, DecodeError, Frame,
@@ -32,6 +32,20 @@ if TYPE_CHECKING:
     from .requests import ReqInfo
     from .view_change import Decision
 
+
+
+def _index_waiter(index: dict[bytes, set[int]], keys: list[bytes], seqno: int, live: AbstractSet[int],
+                  bound: int) -> None:
+    """Index the held pre-prepare ``seqno`` under each of ``keys`` (what it waits for). Bounded: past
+    ``bound`` keys, those whose pre-prepares are no longer ``live`` (accepted or discarded since) go."""
+    for k in keys:
+        ns = index.get(k)
+        if ns is None:
+            ns = index[k] = set()
+        ns.add(seqno)
+    if len(index) > bound:
+        for k in [k for k, ns in index.items() if not any(n in live for n in ns)]:
+            del index[k]
 
 class ExecRecord(NamedTuple):
     """What executing a sequence number did: its batch (and digest), and the requests of the batch
@@ -457,15 +471,8 @@ class Log:
         self.waiting[pp.seqno] = at
         if self.body_deadline is None or at < self.body_deadline:
             self.body_deadline = at
-        for d in missing:
-            ns = self.body_waiters.get(d)
-            if ns is None:
-                ns = self.body_waiters[d] = set()
-            ns.add(pp.seqno)
-        if len(self.body_waiters) > 2 * r.log_window * r.cfg.batch_requests_max:
-            live = self.waiting
-            for d in [d for d, ns in self.body_waiters.items() if not any(k in live for k in ns)]:
-                del self.body_waiters[d]
+        _index_waiter(self.body_waiters, missing, pp.seqno, self.waiting.keys(),
+                      2 * r.log_window * r.cfg.batch_requests_max)
 
     def _waiting_slot(self, n: int) -> Optional[Slot]:
         """The slot of seqno n if it still holds a pre-prepare lacking request bodies."""
@@ -552,16 +559,7 @@ class Log:
         r = self.r
         slot.held_pp = (pp, raw)
         self.held.add(pp.seqno)
-        for k in missing:
-            ns = self.held_keys.get(k)
-            if ns is None:
-                ns = self.held_keys[k] = set()
-            ns.add(pp.seqno)
-        if len(self.held_keys) > 2 * r.log_window * r.cfg.batch_requests_max:
-            # (entries of pre-prepares accepted or discarded since)
-            live = self.held
-            for k in [k for k, ns in self.held_keys.items() if not ns & live]:
-                del self.held_keys[k]
+        _index_waiter(self.held_keys, missing, pp.seqno, self.held, 2 * r.log_window * r.cfg.batch_requests_max)
 
     def recheck_held(self, seqnos: Iterable[int]) -> None:
         """Check held pre-prepares again (vouches arrived, or the clock moved on)."""

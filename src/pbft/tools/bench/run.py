@@ -237,13 +237,7 @@ class Bench:
             "op": a.op,
             "read_only": a.read_only,
             "storage": a.storage,
-            "replicas": a.replicas,
-            "faults": (a.replicas - 1) // 3,
-            "clients": a.clients,
-            "client_procs": max(1, min(a.client_procs, a.clients)),
-            "duration_s": a.duration,
-            "warmup_s": a.warmup,
-            "service": SERVICE,
+            **self._setup(),
             "replicated": top["replicated"],
             "unreplicated": top["unreplicated"],
             "ratio": top["ratio"],
@@ -283,17 +277,18 @@ class Bench:
         return {
             "report": build_rows(points, a.clients),
             "points": points,
-            "replicas": a.replicas,
-            "faults": (a.replicas - 1) // 3,
-            "clients": a.clients,
-            "client_procs": max(1, min(a.client_procs, a.clients)),
-            "duration_s": a.duration,
-            "warmup_s": a.warmup,
-            "service": SERVICE,
+            **self._setup(),
             # (1, 5 and 15 minute load averages: figures on a machine shared with other work move with it)
             "load_average": {"before": load_before, "after": [round(x, 2) for x in os.getloadavg()]},
             "native": native,
         }
+
+    def _setup(self) -> dict:
+        """What every result says of the run's setup."""
+        a = self.args
+        return {"replicas": a.replicas, "faults": (a.replicas - 1) // 3, "clients": a.clients,
+                "client_procs": max(1, min(a.client_procs, a.clients)), "duration_s": a.duration,
+                "warmup_s": a.warmup, "service": SERVICE}
 
     def _replica_kinds(self, cluster, procs) -> dict[int, str]:
         """{pid: "primary" or "backup"}: the primary as the replicas' status says (the first that answers)."""
