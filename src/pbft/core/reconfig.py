@@ -29,6 +29,7 @@ Pure and deterministic: no clock, no I/O; the key check is an Ed25519 point deco
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -37,7 +38,7 @@ import nacl.exceptions
 import nacl.signing
 
 from . import membership
-from ..state.configuration import PUBLIC_KEY_BYTES, ConfigRecord, Configuration, genesis_record
+from ..state.configuration import PUBLIC_KEY_BYTES, RECOVERY_PERIOD_MS_MAX, ConfigRecord, Configuration, genesis_record
 
 if TYPE_CHECKING:
     from ..config import ClusterConfig
@@ -46,8 +47,13 @@ if TYPE_CHECKING:
 CONFIG_OP_PREFIX = b"\xffpbft:config\x00"
 # what a client not admitted in the configuration in effect gets instead of an execution
 NOT_ADMITTED_RESULT = b"\xffpbft:not-admitted"
-OPS = ("add-client", "revoke-client", "rotate-key", "set-membership", "show")
-__all__ = ["CONFIG_OP_PREFIX", "NOT_ADMITTED_RESULT", "ConfigRecord", "Configuration", "config_at", "decode_result",
+OPS = ("add-client", "revoke-client", "rotate-key", "set-membership", "set-recovery-period", "show")
+# the shortest recovery period per replica ``set-recovery-period`` takes: one turn every period/n
+# must leave a recovery time to end before the next replica's turn (recoveries take seconds:
+# docs/recovery.md), so a period below n times this is a mistake, refused
+RECOVERY_TURN_MIN_S = 10.0
+__all__ = ["CONFIG_OP_PREFIX", "NOT_ADMITTED_RESULT", "RECOVERY_TURN_MIN_S", "ConfigRecord", "Configuration",
+           "check_recovery_period", "config_at", "decode_result",
            "encode_request", "execute", "genesis_record", "handles", "is_config_op", "switch_seqno"]
 
 
@@ -55,7 +61,8 @@ __all__ = ["CONFIG_OP_PREFIX", "NOT_ADMITTED_RESULT", "ConfigRecord", "Configura
 def encode_request(kind: str, *args: Any) -> bytes:
     """A configuration operation: ``add-client`` (id, pubkey), ``revoke-client`` (id),
     ``rotate-key`` (principal, pubkey), ``set-membership`` (n, f, weights, [[id, pubkey] ...] of the
-    added replica ids: ``core.membership``), ``show`` ()."""
+    added replica ids: ``core.membership``), ``set-recovery-period`` (seconds, 0: off:
+    ``check_recovery_period``), ``show`` ()."""
     return CONFIG_OP_PREFIX + msgpack.packb([kind, *args], use_bin_type=True)
 
 
@@ -95,6 +102,23 @@ def _show(rec: ConfigRecord, n: int) -> bytes:
 def switch_seqno(n: int, interval: int) -> int:
     """The checkpoint at which a change executed at sequence number n takes effect."""
     return -(-n // interval) * interval
+
+
+def check_recovery_period(seconds: Any, n: int) -> tuple[str, Optional[int]]:
+    """("", the period in milliseconds) for ``set-recovery-period`` with ``n`` replicas, or (the
+    reason of a refusal, None): not a finite number, negative, below ``n`` turns of
+    ``RECOVERY_TURN_MIN_S`` (0 is off) or above ``RECOVERY_PERIOD_MS_MAX``."""
+    if type(seconds) not in (int, float) or not math.isfinite(seconds):
+        return f"bad-period: {seconds!r} is not a finite number of seconds", None
+    if seconds < 0:
+        return f"bad-period: {seconds!r} is negative (0 turns proactive recovery off)", None
+    floor = n * RECOVERY_TURN_MIN_S
+    if 0 < seconds < floor:
+        return (f"period-too-short: {seconds:g} s is below {floor:g} s ({n} replicas x {RECOVERY_TURN_MIN_S:g} s: "
+                "one turn every period/n must leave a recovery time to end; 0 turns recovery off)"), None
+    if seconds > RECOVERY_PERIOD_MS_MAX // 1000:
+        return f"period-too-long: {seconds:g} s is above {RECOVERY_PERIOD_MS_MAX // 1000} s (0 turns it off)", None
+    return "", int(round(seconds * 1000))
 
 
 def valid_public_key(k: Any) -> bool:
@@ -161,6 +185,12 @@ def _keys_in_use(cs: Configuration) -> set[bytes]:
 def _change(cs: Configuration, kind: str, args: tuple[Any, ...],
             cfg: "ClusterConfig", n: int) -> tuple[str, Optional[Configuration]]:
     """(the reason of a refusal, None) or ("", the configuration with the change)."""
+    if kind == "set-recovery-period":
+        if len(args) != 1:
+            return f"malformed: wrong arguments for {kind}", None
+        nxt = cs.next_members
+        why, ms = check_recovery_period(args[0], (nxt or membership.current(cs, cfg)).n)
+        return why, None if ms is None else replace(cs, recovery_period_ms=ms)
     if len(args) != 2 - (kind == "revoke-client") or type(args[0]) is not int:
         return f"malformed: wrong arguments for {kind}", None
     who = args[0]

@@ -158,6 +158,13 @@ def default_period_s(n: int, alarm_s: float = RecoveryParams.alarm_s) -> float:
     return float(n) * alarm_s
 
 
+def recovery_period_in_force(params: RecoveryParams, cs: Optional[Configuration]) -> float:
+    """The recovery period in force: the one the configuration in force set (``pbft reconfig DIR
+    set-recovery-period``), or cluster.toml's ``[recovery] period_s`` if none did."""
+    period = cs.recovery_period_s if cs is not None else None
+    return params.period_s if period is None else period
+
+
 def recovery_phase_s(replica_id: int, n: int, period_s: float) -> float:
     """Where in every period replica ``replica_id``'s turn is: replica n-1 first, replica 0
     last.  A recovering primary costs a view change (to the next replica, the next primary);
@@ -642,8 +649,11 @@ def configuration_from_json(doc: dict) -> Configuration:
         mk = tuple(bytes.fromhex(k) for k in m["keys"]) if "keys" in m else keys
         ms.append(Membership(int(m["n"]), int(m["f"]), tuple(int(w) for w in m["weights"]), mk,
                              int(m["opens_at"]), int(m.get("epoch", doc["epoch"]))))
+    period = doc.get("recovery_period_s")
+    if period is not None and (isinstance(period, bool) or not isinstance(period, (int, float))):
+        raise ValueError("recovery_period_s: not a number")
     cs = Configuration(int(doc["epoch"]), int(doc["opens_at"]), keys, clients, tuple(int(a) for a in doc["admins"]),
-                       ms[0], ms[1])
+                       ms[0], ms[1], None if period is None else int(round(float(period) * 1000)))
     return Configuration.decode(cs.encode())  # (its checks)
 
 

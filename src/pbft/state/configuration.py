@@ -17,6 +17,10 @@ import msgpack
 PUBLIC_KEY_BYTES = 32
 _VERSION = 1
 _VERSION_MEMBERS = 2  # (a configuration with a membership recorded: two more fields)
+_VERSION_RECOVERY = 3  # (and a recovery period set: one more, after them)
+# the recovery period a configuration may hold, in milliseconds (0: off); ``core.reconfig`` refuses
+# one below what recoveries need, this bound only keeps a decoded value sane
+RECOVERY_PERIOD_MS_MAX = 366 * 24 * 3600 * 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +68,9 @@ class Configuration:
     # and not yet folded in (in force after its ``opens_at``: ``members_at``)
     members: Optional[Membership] = None
     next_members: Optional[Membership] = None
+    # the proactive-recovery period in milliseconds (0: off; None: the one cluster.toml's
+    # ``[recovery] period_s`` gives, as in a configuration recorded before it could be set)
+    recovery_period_ms: Optional[int] = None
 
     @classmethod
     def genesis(cls, replica_keys: list[bytes] | tuple[bytes, ...], clients: Mapping[int, bytes],
@@ -73,9 +80,12 @@ class Configuration:
     def encode(self) -> bytes:
         fields = [_VERSION, self.epoch, self.opens_at, list(self.replica_keys),
                   [[c, self.clients[c]] for c in sorted(self.clients)], list(self.admins)]
-        if self.members is not None or self.next_members is not None:
+        if self.members is not None or self.next_members is not None or self.recovery_period_ms is not None:
             fields[0] = _VERSION_MEMBERS
             fields += [m.encode_fields() if m is not None else None for m in (self.members, self.next_members)]
+        if self.recovery_period_ms is not None:
+            fields[0] = _VERSION_RECOVERY
+            fields.append(self.recovery_period_ms)
         return msgpack.packb(fields, use_bin_type=True)
 
     @classmethod
@@ -85,11 +95,14 @@ class Configuration:
             t = msgpack.unpackb(data, raw=False, use_list=False, strict_map_key=True)
         except Exception as e:  # msgpack raises several types
             raise ValueError("configuration: not msgpack") from e
-        shapes = ((6, _VERSION), (8, _VERSION_MEMBERS))
+        shapes = ((6, _VERSION), (8, _VERSION_MEMBERS), (9, _VERSION_RECOVERY))
         if type(t) is not tuple or not t or (len(t), t[0]) not in shapes:
             raise ValueError("configuration: bad shape")
         epoch, opens_at, reps, cls_rows, admins = t[1:6]
         members, nxt = (Membership.decode_fields(m) if m is not None else None for m in (t[6:8] or (None, None)))
+        period = t[8] if len(t) == 9 else None
+        if period is not None and not (type(period) is int and 0 <= period <= RECOVERY_PERIOD_MS_MAX):
+            raise ValueError("configuration: bad recovery period")
         if type(epoch) is not int or type(opens_at) is not int or epoch < 0 or opens_at < 0:
             raise ValueError("configuration: bad epoch")
         if type(reps) is not tuple or not all(type(k) is bytes and len(k) == PUBLIC_KEY_BYTES for k in reps):
@@ -106,7 +119,7 @@ class Configuration:
             raise ValueError("configuration: bad admins")
         if members is not None and members.keys != reps:
             raise ValueError("configuration: members' keys are not the replica keys")
-        out = cls(epoch, opens_at, reps, clients, admins, members, nxt)
+        out = cls(epoch, opens_at, reps, clients, admins, members, nxt, period)
         if out.encode() != data:
             raise ValueError("configuration: not canonical")
         return out
@@ -116,6 +129,11 @@ class Configuration:
         """The membership in force for sequence number n (None: the genesis one)."""
         nxt = self.next_members
         return nxt if nxt is not None and nxt.opens_at < n else self.members
+
+    @property
+    def recovery_period_s(self) -> Optional[float]:
+        """The recovery period set by a change (0.0: off), or None: cluster.toml's."""
+        return None if self.recovery_period_ms is None else self.recovery_period_ms / 1000.0
 
     def is_admitted(self, client: int) -> bool:
         return bool(self.clients.get(client))
@@ -144,7 +162,8 @@ class Configuration:
                 **{name: {"n": m.n, "f": m.f, "weights": list(m.weights), "opens_at": m.opens_at,
                           "epoch": m.epoch, "keys": [k.hex() for k in m.keys]}
                    for name, m in (("members", self.members), ("next_members", self.next_members))
-                   if m is not None}}
+                   if m is not None},
+                **({"recovery_period_s": self.recovery_period_s} if self.recovery_period_ms is not None else {})}
 
 
 @dataclass(frozen=True, slots=True)
