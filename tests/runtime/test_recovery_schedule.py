@@ -140,3 +140,87 @@ def test_a_turn_waits_for_another_replicas_recovery_but_not_for_ever(tmp_path, c
     finally:
         asyncio.set_event_loop(None)
         loop.close()
+
+
+def test_the_period_in_force_is_the_configurations_else_cluster_tomls():
+    import dataclasses
+
+    from pbft.runtime.cluster import RecoveryParams, recovery_period_in_force
+    from pbft.state.configuration import Configuration
+
+    params = RecoveryParams(period_s=240.0)
+    cs = Configuration.genesis([b"\x01" * 32], {}, [])
+    assert recovery_period_in_force(params, None) == recovery_period_in_force(params, cs) == 240.0
+    assert recovery_period_in_force(params, dataclasses.replace(cs, recovery_period_ms=3_600_000)) == 3600.0
+    assert recovery_period_in_force(params, dataclasses.replace(cs, recovery_period_ms=0)) == 0.0  # off
+
+
+class FakeHandle:
+    def __init__(self, delay: float):
+        self.delay = delay
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def test_the_schedule_follows_a_recovery_period_change_at_the_switch(tmp_path, capsys):
+    """The timer of the next turn is armed again at a switch that changes the period: for the
+    new one (a turn within 1.5 periods of a start), none when it is 0; /status's config says it."""
+    import dataclasses
+
+    loop = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        nd = make_node(tmp_path)  # cluster.toml: 4 replicas x alarm_s 3 s = 12 s
+        armed: list[FakeHandle] = []
+
+        def call_later(delay, fn, *a):
+            armed.append(FakeHandle(delay))
+            return armed[-1]
+
+        nd.loop.call_later = call_later  # type: ignore[method-assign]
+        assert nd.epochs.describe()["recovery_period_s"] == 12.0
+        assert nd.epochs.describe()["recovery_period_from"] == "cluster.toml"
+        nd.arm_recovery_timer()
+        assert len(armed) == 1 and 0 < armed[0].delay <= 18.0
+        base = nd.epochs.active
+        assert base is not None
+        nd.epochs.switch(dataclasses.replace(base, epoch=1, opens_at=16, recovery_period_ms=3_600_000), 16)
+        assert armed[0].cancelled and len(armed) == 2
+        assert 1800.0 <= armed[1].delay <= 5400.0  # (just started: not within half a period)
+        assert nd.epochs.describe()["recovery_period_s"] == 3600.0
+        assert nd.epochs.describe()["recovery_period_from"] == "configuration"
+        # a switch that keeps the period leaves the timer alone
+        nd.epochs.switch(dataclasses.replace(nd.epochs.active, epoch=2, opens_at=32), 32)
+        assert len(armed) == 2 and not armed[1].cancelled
+        nd.epochs.switch(dataclasses.replace(nd.epochs.active, epoch=3, opens_at=48, recovery_period_ms=0), 48)
+        assert armed[1].cancelled and len(armed) == 2 and nd.recovery_timer is None  # off
+        assert nd.epochs.describe()["recovery_period_s"] == 0.0
+        recovered: list[bool] = []
+        nd.recover_now = lambda: recovered.append(True)  # type: ignore[method-assign]
+        nd._watchdog()  # a timer armed before the switch that turned it off: no recovery
+        assert not recovered and len(armed) == 2
+        lines = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith("{")]
+        assert [x["period_s"] for x in lines if x["event"] == "recovery-period"] == [3600.0, 0.0]
+        if nd.store is not None:
+            nd.store.close()
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+def test_the_external_watchdog_follows_the_period_the_replica_reports(tmp_path):
+    from pbft.tools.guard import Watchdog
+
+    c = init_cluster(tmp_path / "c", 4, recovery={"period_s": 12.0, "watchdog": "external"})
+    wd = Watchdog(c, 1, c.recovery.period_s, "none", ["true"])
+    now = 1.8e9
+    for junk in ({}, {"config": []}, {"config": {"recovery_period_s": "60"}}, {"config": {"recovery_period_s": -1}},
+                 {"config": {"recovery_period_s": float("nan")}}, {"config": {"recovery_period_s": True}}):
+        wd.follow_period(junk, now)
+        assert wd.period == 12.0
+    wd.follow_period({"config": {"recovery_period_s": 3600.0}}, now)
+    assert wd.period == 3600.0 and wd.turn == recovery_turn(now, 3600.0, 1, 4)
+    wd.follow_period({"config": {"recovery_period_s": 0.0}}, now)
+    assert wd.period == 0.0 and wd.turn == float("inf")

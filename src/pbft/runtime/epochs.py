@@ -19,7 +19,10 @@ has a newer epoch than the one in force here, switches to it (``switch``):
   that have not switched yet seal to it), then is forgotten;
 * if any replica's key changed, this replica refreshes its session keys at the switch and twice
   more (``RESEND_AFTER_S``), so that replicas that switch a little later get a NewKey they can
-  check.
+  check;
+* if the recovery period in force changed (``set-recovery-period``), the timer of this replica's
+  next recovery turn is armed again for the new one (``ReplicaNode.arm_recovery_timer``; the
+  period in force is the configuration's, or cluster.toml's if none set one).
 
 At startup the configuration in force is the one of the checkpoint restored from disk, or
 cluster.toml's (a replica restarted with an old cluster.toml uses the state's).
@@ -34,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Optional, cast
 from ..config import ConfigError
 from ..core.reconfig import Configuration, config_at
 from ..state.configuration import ConfigRecord
-from .cluster import next_key_path, read_key_file, registry
+from .cluster import next_key_path, read_key_file, recovery_period_in_force, registry
 from .keys import Identity, PublicKeys
 
 if TYPE_CHECKING:
@@ -130,6 +133,10 @@ class EpochFollower:
         self._install_registry(cs)
         ended = self._end_sessions(old, cs) if old is not None else {}
         replica_keys_changed = old is not None and old.replica_keys != cs.replica_keys
+        period = recovery_period_in_force(node.cluster.recovery, cs)
+        if period != recovery_period_in_force(node.cluster.recovery, old):
+            node._log("recovery-period", period_s=period, epoch=cs.epoch)
+            node.arm_recovery_timer()  # (the next turn: the new period's)
         node._log("epoch", epoch=cs.epoch, seqno=n, revoked=sorted(cs.revoked),
                   sessions_ended=ended, own_key_rotated=own_rotated)
         if replica_keys_changed and node.my_newkey is not None:
@@ -214,6 +221,9 @@ class EpochFollower:
 
     def describe(self) -> dict[str, Any]:
         cs = self.active
+        period = cs.recovery_period_s if cs is not None else None
         return {"epoch": self.epoch, "switched_at": self.switched_at,
+                "recovery_period_s": recovery_period_in_force(self.node.cluster.recovery, cs),
+                "recovery_period_from": "cluster.toml" if period is None else "configuration",
                 "revoked": sorted(cs.revoked) if cs is not None else [],
                 "admins": list(cs.admins) if cs is not None else []}

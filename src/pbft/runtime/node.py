@@ -33,7 +33,7 @@ from ..messages import Tag
 from ..service import Service
 from ..storage import Store, StoreError, open_store
 from . import gctune
-from .cluster import CLUSTER_FILE, EPOCH_FILE, Cluster, recovery_turn
+from .cluster import CLUSTER_FILE, EPOCH_FILE, Cluster, recovery_period_in_force, recovery_turn
 from .chain_keeper import ChainKeeper
 from .epochs import EpochFollower
 from .keys import NEWKEY_TAG, Identity, fresh_key, make_newkey, now_timestamp_us
@@ -133,6 +133,7 @@ class ReplicaNode:
         self.replica.chain.follows = True
         self.recovery_overdue = False
         self.recovery_deferred_s = 0.0  # how long the turn under way has waited for another recovery
+        self.recovery_timer: Optional[asyncio.TimerHandle] = None  # the next turn (the internal watchdog)
         self.rebooting = False
         self.hand_over_task: Optional[asyncio.Task] = None  # (``recover_now``: a primary's hand-over)
         self.durable_writes = self.store is not None and st.mode == "durable"
@@ -341,9 +342,7 @@ class ReplicaNode:
             raise ConfigError(f"replica {self.id} cannot serve metrics on {me.metrics_host}:{me.metrics_port}: "
                               f"{e.strerror or e}") from None
         self.loop.call_later(self._refresh_delay(), self._periodic_refresh)
-        if self.cluster.recovery.period_s > 0 and self.cluster.recovery.watchdog == "internal":
-            # ("external": a `pbft watchdog` process, which this one cannot stop, triggers them)
-            self.loop.call_later(self._next_recovery_delay(), self._watchdog)
+        self.arm_recovery_timer()
         self.loop.call_later(1.0, self._check_recovery_alarm)
         self.loop.add_signal_handler(signal.SIGUSR1, self.recover_now)
         if os.environ.get("PBFT_FAULT_INJECTION") == "1":  # tests only: SIGUSR2 corrupts memory
@@ -390,10 +389,24 @@ class ReplicaNode:
         self._log("stopped")
 
     # ---- proactive recovery -------------------------------------------------
+    def recovery_period_s(self) -> float:
+        """The recovery period in force: the configuration's in force here, or cluster.toml's."""
+        return recovery_period_in_force(self.cluster.recovery, self.epochs.active)
+
+    def arm_recovery_timer(self) -> None:
+        """(Re)arm the timer of this replica's next turn for the period in force: none when it
+        is 0, or when the turns are a `pbft watchdog` process's ("external", which this one
+        cannot stop). At startup, and when a configuration switch changes the period."""
+        if self.recovery_timer is not None:
+            self.recovery_timer.cancel()
+            self.recovery_timer = None
+        if self.recovery_period_s() > 0 and self.cluster.recovery.watchdog == "internal":
+            self.recovery_timer = self.loop.call_later(self._next_recovery_delay(), self._watchdog)
+
     def _next_recovery_delay(self) -> float:
         """Seconds until this replica's next turn: one turn every period/n of the wall clock,
         replica n-1 first (``cluster.recovery_turn``), so replicas recover one at a time."""
-        period = self.cluster.recovery.period_s
+        period = self.recovery_period_s()
         now = time.time()
         t = recovery_turn(now, period, self.id, self.cfg.n)
         if t - now < period / 2 and time.time() - self.started < period / 2:
@@ -401,8 +414,11 @@ class ReplicaNode:
         return t - now
 
     def _watchdog(self) -> None:
+        self.recovery_timer = None
+        if self.recovery_period_s() <= 0:
+            return  # (turned off since the timer was armed)
         if self.replica.recovering is not None:
-            self.loop.call_later(self._next_recovery_delay(), self._watchdog)
+            self.recovery_timer = self.loop.call_later(self._next_recovery_delay(), self._watchdog)
             return
         # another replica's recovery still under way here (its recovery point not yet behind a
         # stable checkpoint: a late one, clocks apart): wait for it, so that two replicas do not
@@ -413,7 +429,7 @@ class ReplicaNode:
             if not self.recovery_deferred_s:
                 self._log("watchdog", action="defer", recovering=others)
             self.recovery_deferred_s += RECOVERY_DEFER_STEP_S
-            self.loop.call_later(RECOVERY_DEFER_STEP_S, self._watchdog)
+            self.recovery_timer = self.loop.call_later(RECOVERY_DEFER_STEP_S, self._watchdog)
             return
         self.recovery_deferred_s = 0.0
         self._log("watchdog", action="recover")

@@ -6,6 +6,7 @@ the code, ``runtime.integrity``). docs/recovery.md, *What a root intruder can st
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import signal
@@ -135,11 +136,25 @@ class Watchdog:
         except (OSError, urllib.error.URLError, ValueError):
             return None
 
+    def follow_period(self, st: dict, now: float) -> None:
+        """The period in force the replica reports (``config.recovery_period_s``: a
+        ``set-recovery-period`` change, or cluster.toml's): the turns follow it from then on."""
+        cfg = st.get("config")
+        period = cfg.get("recovery_period_s") if isinstance(cfg, dict) else None
+        if isinstance(period, bool) or not isinstance(period, (int, float)) or not 0 <= period < math.inf \
+                or period == self.period:
+            return
+        self.period = float(period)
+        self.turn = next_turn(now, self.period, self.id, self.c.n) if self.period > 0 else float("inf")
+        _log(self.id, "watchdog-period", period_s=self.period,
+             next_turn=round(self.turn, 3) if self.period > 0 else None)
+
     def step(self) -> None:
         st = self.status()
         now = time.time()
         if st is not None:
             self.last_ok = time.monotonic()
+            self.follow_period(st, now)
             if self.triggered is not None and st.get("recoveries", 0) > self.triggered[1] \
                     and st.get("recovering") is None:
                 _log(self.id, "watchdog-recovered", seconds=round(now - self.triggered[0], 2),
