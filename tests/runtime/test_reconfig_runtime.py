@@ -74,6 +74,21 @@ def test_init_writes_an_administrator_and_free_client_ids(tmp_path):
         load_cluster(tmp_path / "c")
 
 
+def test_set_recovery_period_refuses_a_bad_period_with_the_reason(tmp_path, capsys):
+    """Refused before anything is sent (the replicas' own check, with the membership known here)."""
+    from pbft.runtime.cluster import init_cluster
+    d = str(init_cluster(tmp_path / "c", 4).dir)
+    for bad, reason in (("-5", "bad-period"), ("nan", "bad-period"), ("inf", "bad-period"),
+                        ("1", "period-too-short: 1 s is below 40 s (4 replicas x 10 s"), ("1e12", "period-too-long")):
+        assert main(["reconfig", d, "set-recovery-period", bad]) == 1
+        assert f"pbft reconfig: refused: {reason}" in capsys.readouterr().err
+    for bad in (["ten"], []):
+        assert main(["reconfig", d, "set-recovery-period", *bad]) == 2
+        assert "pbft: error: set-recovery-period needs a period in seconds" in capsys.readouterr().err
+    assert main(["reconfig", d, "revoke-client", "five"]) == 2
+    assert "'five' is not a principal id" in capsys.readouterr().err
+
+
 @pytest.fixture
 def live(local_cluster):
     return local_cluster(protocol={"checkpoint_interval_seqnos": 8, "log_window_seqnos": 16,
@@ -163,3 +178,13 @@ def test_admit_use_revoke_rotate(live, capsys):
     assert load_cluster(d).epoch == 0
     assert main(["reconfig", d, "show"]) == 0
     assert load_cluster(d).epoch == 4 and load_cluster(d).public_key_of(1) == now.public_key_of(1)
+
+    # the proactive-recovery period, changed through the protocol: every replica runs the new one
+    assert all(live.status(i)["config"]["recovery_period_from"] == "cluster.toml" for i in range(4))
+    assert main(["reconfig", d, "set-recovery-period", "3600"]) == 0
+    assert "recorded: set-recovery-period 3600 s opens epoch 5" in capsys.readouterr().out
+    live.wait_for(lambda: epochs(live) == [5] * 4, what="every replica in epoch 5")
+    assert [live.status(i)["config"]["recovery_period_s"] for i in range(4)] == [3600.0] * 4
+    assert json.loads((live.dir / EPOCH_FILE).read_text())["recovery_period_s"] == 3600.0
+    assert load_cluster(d).epoch == 5
+    assert all('"event": "recovery-period"' in live.log_text(i) for i in range(4))

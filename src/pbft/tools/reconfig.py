@@ -1,5 +1,5 @@
-"""``pbft reconfig DIR add-client | revoke-client | rotate-key | show``: configuration changes on a
-live cluster, through the protocol (docs/reconfiguration.md).
+"""``pbft reconfig DIR add-client | revoke-client | rotate-key | set-recovery-period | show``:
+configuration changes on a live cluster, through the protocol (docs/reconfiguration.md).
 
 A change is an ordered request of the administrator (``[admin] clients`` in cluster.toml, its key
 in ``keys/``): the replicas validate it (``pbft.core.reconfig``) and record it, and it takes effect
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import ConfigError
-from ..core.reconfig import decode_result, encode_request
+from ..core.reconfig import check_recovery_period, decode_result, encode_request
 from ..runtime.cluster import EPOCH_FILE, Cluster, load_cluster, next_key_path, read_key_file
 from ..runtime.keys import Identity
 
@@ -287,6 +287,11 @@ def cmd_reconfig(args) -> int:
     written: Optional[Path] = None
     if args.action == "show":
         op = encode_request("show")
+    elif args.action == "set-recovery-period":
+        period_op = _recovery_period_op(cluster, args.seconds)
+        if period_op is None:
+            return 1
+        op = period_op
     elif args.action == "revoke-client":
         op = encode_request("revoke-client", args.principal)
     else:
@@ -327,7 +332,9 @@ def cmd_reconfig(args) -> int:
                 if written is not None and not args.key_file:
                     written.unlink(missing_ok=True)
                 return 1
-            print(f"recorded: {args.action} {args.principal if args.principal is not None else ''} opens epoch "
+            what = f"{args.seconds:g} s" if args.action == "set-recovery-period" else \
+                (args.principal if args.principal is not None else '')
+            print(f"recorded: {args.action} {what} opens epoch "
                   f"{res['epoch']} at checkpoint {res['switch_seqno']}")
             if args.no_wait:
                 return 0
@@ -347,6 +354,21 @@ def cmd_reconfig(args) -> int:
     return 0
 
 
+def _recovery_period_op(cluster: Cluster, seconds: float) -> Optional[bytes]:
+    """The ``set-recovery-period`` request, or None (said why) for a period the replicas would
+    refuse (the same check, with the membership known here)."""
+    why, _ = check_recovery_period(seconds, cluster.cfg.n)
+    if why:
+        print(f"pbft reconfig: refused: {why}", file=sys.stderr)
+        return None
+    floor = cluster.cfg.n * cluster.recovery.alarm_s
+    if 0 < seconds < floor:
+        print(f"pbft reconfig: warning: {seconds:g} s is below {cluster.cfg.n} replicas x alarm_s "
+              f"({floor:g} s): a recovery that takes up to alarm_s may still run at the next replica's turn "
+              f"(docs/recovery.md)", file=sys.stderr)
+    return encode_request("set-recovery-period", seconds)
+
+
 def _revoked(cluster: Cluster) -> set[int]:
     path = cluster.dir / EPOCH_FILE
     try:
@@ -359,10 +381,11 @@ def add_reconfig_commands(sub) -> None:
     p = sub.add_parser("reconfig", help="change the configuration of a live cluster: admit or revoke clients, "
                        "rotate long-term keys (docs/reconfiguration.md)")
     p.add_argument("dir")
-    p.add_argument("action", choices=["add-client", "revoke-client", "rotate-key", "show", *MEMBERSHIP_ACTIONS])
-    p.add_argument("principal", type=int, nargs="?", default=None,
+    p.add_argument("action", choices=["add-client", "revoke-client", "rotate-key", "set-recovery-period", "show",
+                                      *MEMBERSHIP_ACTIONS])
+    p.add_argument("principal", nargs="?", default=None,
                    help="the client (add-client: default the first free id; revoke-client) or the replica or "
-                        "client whose key to rotate")
+                        "client whose key to rotate; set-recovery-period: the period in seconds (0: off)")
     p.add_argument("--key-file", default=None, help="add-client, rotate-key: use this private key (hex seed) "
                    "instead of generating one here")
     p.add_argument("--admin", type=int, default=None, help="the administrator to send as (default: the first)")
@@ -379,6 +402,17 @@ def add_reconfig_commands(sub) -> None:
 
 
 def _checked(args) -> int:
+    if args.action == "set-recovery-period":
+        try:
+            args.seconds = float(args.principal)
+        except (TypeError, ValueError):
+            raise ConfigError("set-recovery-period needs a period in seconds (0: off)") from None
+        args.principal = None
+    elif args.principal is not None:
+        try:
+            args.principal = int(args.principal)
+        except ValueError:
+            raise ConfigError(f"{args.action}: {args.principal!r} is not a principal id") from None
     if args.action in ("revoke-client", "rotate-key", "replace-replica") and args.principal is None:
         raise ConfigError(f"{args.action} needs a principal id")
     return cmd_reconfig(args)
