@@ -379,7 +379,7 @@ def _revoked(cluster: Cluster) -> set[int]:
 
 def add_reconfig_commands(sub) -> None:
     p = sub.add_parser("reconfig", help="change the configuration of a live cluster: admit or revoke clients, "
-                       "rotate long-term keys (docs/reconfiguration.md)")
+                       "set the recovery period, rotate long-term keys (docs/reconfiguration.md)")
     p.add_argument("dir")
     p.add_argument("action", choices=["add-client", "revoke-client", "rotate-key", "set-recovery-period", "show",
                                       *MEMBERSHIP_ACTIONS])
