@@ -94,6 +94,27 @@ def test_corrupted_object_on_disk_is_detected_and_repaired_by_transfer():
     check_all(c, acked)
 
 
+def test_unusable_state_at_the_stable_checkpoint_is_fetched_on_an_idle_cluster():
+    """A replica whose store's state is unusable comes back at its stable checkpoint, where its
+    window starts, with nothing executed after it: it fetches that (certified) checkpoint at once,
+    since on an idle cluster no later checkpoint comes to make it fetch one, then executes the
+    batches committed after it and holds every acknowledged reply."""
+    c = Cluster(durable=True, **CFG)
+    acked = workload(c, b"i", 14)
+    h = c.replicas[3].low_water_mark
+    assert 0 < h < c.replicas[3].last_committed_exec  # (batches committed after the stable checkpoint)
+    store = c.stores[3]
+    store.corrupt(next(k for k in sorted(store.synced) if k[:1] == b"o"), random.Random(5))
+    assert c.restart(3) == "state-repair"
+    r = c.replicas[3]
+    assert r.needs_state and r.low_water_mark == r.last_committed_exec == h
+    c.advance(3000)  # no client request from here on
+    assert not r.needs_state and r.fetch_target is None
+    converge(c)
+    assert r.last_reply == c.replicas[0].last_reply
+    check_all(c, acked)
+
+
 def test_object_changed_on_disk_with_a_valid_checksum_is_caught_by_the_checkpoint_digest():
     """An attacker who rewrites a record *with* a valid checksum: the state no longer
     matches the persisted checkpoint digest, so it is not used."""

@@ -40,8 +40,10 @@ of its last committed checkpoint, checked against that checkpoint's digest; it
 re-executes the batches committed after it.  If the state does not match its digest
 (a torn or corrupted store), the objects are kept but the replica executes nothing
 until a state transfer (which moves only the objects that differ) has given it a
-certified checkpoint.  A damaged log is discarded whole: the replica then comes back
-like a new one (and must be counted as faulty until it has caught up).
+certified checkpoint: it starts one at once, to the stable checkpoint of its ``h`` record
+(on an idle cluster no later checkpoint would come to make it fetch one).  A damaged log
+is discarded whole: the replica then comes back like a new one (and must be counted as
+faulty until it has caught up).
 """
 
 from __future__ import annotations
@@ -190,8 +192,10 @@ def restore(r: Replica, records: dict[bytes, bytes], damaged: frozenset[bytes] =
     if not r.needs_state:
         r.log.reexecute_committed(committed)
         r.out = []  # replies to clients gone since, checkpoints to be voted again
-    if stable is not None and stable[0] > r.log.last_committed_exec:
-        r._start_fetch(*stable)  # the stable checkpoint we were fetching when we stopped
+    if stable is not None and (stable[0] > r.log.last_committed_exec or r.needs_state):
+        # the stable checkpoint we were fetching when we stopped; or, our state unusable, the one
+        # the window starts at (certified: nothing else would fetch it once the cluster is idle)
+        r._start_fetch(*stable, unusable=r.needs_state)
     r._emit(Restored(outcome))
     return outcome
 

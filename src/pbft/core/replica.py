@@ -462,12 +462,12 @@ class Replica:
         if self.is_primary:
             self.log.try_send_preprepare()
 
-    def _start_fetch(self, n: int, d: bytes) -> None:
-        """Fetch checkpoint (n, d), certified by others, unless we are there or on our way."""
+    def _start_fetch(self, n: int, d: bytes, unusable: bool = False) -> None:
+        """Fetch checkpoint (n, d), certified, unless we are there (``unusable``: not our state) or on our way."""
         t = self.transfer.target
         if t is not None and t[0] >= n:
             return
-        if self.log.last_committed_exec >= n:
+        if self.log.last_committed_exec >= n and not unusable:
             return
         if self.log.last_exec > self.log.last_committed_exec:
             self.log.rollback()
