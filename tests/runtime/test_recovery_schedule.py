@@ -5,7 +5,6 @@ waits, a bounded time, for another replica's recovery."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import subprocess
@@ -17,6 +16,8 @@ from pbft.config import ConfigError
 from pbft.runtime.cluster import (CLUSTER_FILE, default_period_s, init_cluster, load_cluster, recovery_phase_s,
                                   recovery_turn)
 from pbft.tools.guard import next_turn
+
+from helpers.nodeutil import node_on_own_loop
 
 
 def test_the_period_is_on_by_default_and_derived_from_the_configuration(tmp_path):
@@ -108,10 +109,7 @@ def make_node(tmp_path, replica_id: int = 2, alarm_s: float = 3.0):
 
 
 def test_a_turn_waits_for_another_replicas_recovery_but_not_for_ever(tmp_path, capsys):
-    loop = asyncio.new_event_loop()
-    try:
-        asyncio.set_event_loop(loop)
-        nd = make_node(tmp_path)
+    with node_on_own_loop(lambda: make_node(tmp_path)) as nd:
         later: list[float] = []
         recovered: list[bool] = []
         nd.loop.call_later = lambda delay, fn, *a: later.append(delay)  # type: ignore[method-assign]
@@ -135,11 +133,6 @@ def test_a_turn_waits_for_another_replicas_recovery_but_not_for_ever(tmp_path, c
         nd.replica.recovery.points[2] = 10_000
         nd._watchdog()
         assert recovered == [True] and len(later) == 3
-        if nd.store is not None:
-            nd.store.close()
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()
 
 
 def test_the_period_in_force_is_the_configurations_else_cluster_tomls():
@@ -169,10 +162,7 @@ def test_the_schedule_follows_a_recovery_period_change_at_the_switch(tmp_path, c
     new one (a turn within 1.5 periods of a start), none when it is 0; /status's config says it."""
     import dataclasses
 
-    loop = asyncio.new_event_loop()
-    try:
-        asyncio.set_event_loop(loop)
-        nd = make_node(tmp_path)  # cluster.toml: 4 replicas x alarm_s 3 s = 12 s
+    with node_on_own_loop(lambda: make_node(tmp_path)) as nd:  # cluster.toml: 4 replicas x alarm_s 3 s = 12 s
         armed: list[FakeHandle] = []
 
         def call_later(delay, fn, *a):
@@ -203,11 +193,6 @@ def test_the_schedule_follows_a_recovery_period_change_at_the_switch(tmp_path, c
         assert not recovered and len(armed) == 2
         lines = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith("{")]
         assert [x["period_s"] for x in lines if x["event"] == "recovery-period"] == [3600.0, 0.0]
-        if nd.store is not None:
-            nd.store.close()
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()
 
 
 def test_the_external_watchdog_follows_the_period_the_replica_reports(tmp_path):

@@ -17,6 +17,7 @@ import time
 import pytest
 
 from helpers.netutil import LocalCluster
+from helpers.nodeutil import node_on_own_loop
 from pbft import BlockingClient
 from pbft.services.kv import KVClient, decode_result, encode_op
 
@@ -204,10 +205,7 @@ def test_internal_error_backoff(tmp_path, monkeypatch, started_ago, streak_befor
     cluster = init_cluster(tmp_path / "c", 4, None, ["127.0.0.1"], 42000, 1)
     monkeypatch.setenv(node_mod.INTERNAL_ERROR_STREAK_ENV, str(streak_before))
     monkeypatch.setenv(node_mod.INTERNAL_ERRORS_ENV, "7")
-    loop = asyncio.new_event_loop()
-    try:
-        asyncio.set_event_loop(loop)
-        nd = node_mod.ReplicaNode(cluster, 2, cluster.identity(2), KVService(), quiet=True)
+    with node_on_own_loop(lambda: node_mod.ReplicaNode(cluster, 2, cluster.identity(2), KVService(), quiet=True)) as nd:
         nd.started = time.time() - started_ago
         assert nd.internal_errors == 7
         nd._fail_stop(AssertionError("a broken invariant"))
@@ -220,11 +218,6 @@ def test_internal_error_backoff(tmp_path, monkeypatch, started_ago, streak_befor
         assert nd.replica.next_deadline() is None and not nd.replica.take_ready().sends
         nd._fail_stop(RuntimeError("a second one while going down"))
         assert nd.internal_errors == 8
-        if nd.store is not None:
-            nd.store.close()
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()
 
 
 def test_store_error_stops_the_process(tmp_path):
@@ -234,14 +227,6 @@ def test_store_error_stops_the_process(tmp_path):
     from pbft.storage import StoreError
 
     cluster = init_cluster(tmp_path / "c", 4, None, ["127.0.0.1"], 42100, 1)
-    loop = asyncio.new_event_loop()
-    try:
-        asyncio.set_event_loop(loop)
-        nd = node_mod.ReplicaNode(cluster, 1, cluster.identity(1), KVService(), quiet=True)
+    with node_on_own_loop(lambda: node_mod.ReplicaNode(cluster, 1, cluster.identity(1), KVService(), quiet=True)) as nd:
         nd._fail_stop(StoreError("write failed on store: No space left on device"))
         assert nd.failed and not nd.rebooting and nd.stopping.is_set()
-        if nd.store is not None:
-            nd.store.close()
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()
