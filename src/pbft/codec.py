@@ -465,28 +465,24 @@ class Codec:
                 raise DecodeError("bad-request-ref")
         return Batch(nondet, reqs)
 
+    def request_of(self, raw: bytes) -> tuple[Frame, Request]:
+        """Open and parse one request frame of a batch (its MAC is checked by the caller)."""
+        fr = self.open_frame(raw)
+        if fr.tag != T_REQUEST:
+            raise DecodeError("batch-not-request")
+        req = self.parse(fr)
+        if not isinstance(req, Request):  # a request frame parses to a Request or raises
+            raise DecodeError("batch-not-request")
+        return fr, req
+
     def batch_requests(self, b: Batch) -> list[tuple[Frame, Request]]:
         """Open and parse the request frames of a batch (MACs are checked by the caller)."""
-        out = []
-        for raw in b.requests:
-            fr = self.open_frame(raw)
-            if fr.tag != T_REQUEST:
-                raise DecodeError("batch-not-request")
-            req = self.parse(fr)
-            if not isinstance(req, Request):  # a request frame parses to a Request or raises
-                raise DecodeError("batch-not-request")
-            out.append((fr, req))
-        return out
+        return [self.request_of(raw) for raw in b.requests]
 
     def batch_digest(self, b: Batch) -> bytes:
         """Digest of a batch (a reference entry stands for its request's digest). Raises
         DecodeError if it holds malformed requests."""
-        ds = []
-        for raw in b.requests:
-            if raw[:1] == REQUEST_REF:
-                ds.append(raw[1:])
-            else:
-                ds.append(self.batch_requests(Batch(b"", (raw,)))[0][0].digest)
+        ds = [raw[1:] if raw[:1] == REQUEST_REF else self.request_of(raw)[0].digest for raw in b.requests]
         return batch_digest_from_request_digests(b.nondet, ds)
 
 

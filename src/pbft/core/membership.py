@@ -147,11 +147,16 @@ def base_view(epoch: int, n: int) -> int:
     return -(-b // n) * n
 
 
+def view_epoch(view: int) -> int:
+    """The configuration epoch whose membership ``view`` belongs to (``base_view``)."""
+    return view >> 32
+
+
 def view_limit(view: int) -> int:
     """The first view beyond the membership epoch of ``view``: a replica never changes to it in
     its membership (a later membership's views start at or above it, ``base_view``: a lagging
     replica must not take part in them with its old thresholds; it catches up by checkpoints)."""
-    return ((view >> 32) + 1) << 32
+    return (view_epoch(view) + 1) << 32
 
 
 def null_goal(r: "Replica") -> int:

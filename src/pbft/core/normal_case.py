@@ -20,7 +20,7 @@ from ..codec import (
     NULL_BATCH_DIGEST, DecodeError, Frame,
     batch_digest_from_request_digests,
 )
-from ..messages import NULL_BATCH, Batch, Commit, PrePrepare, Prepare, Request, has_refs, request_ref
+from ..messages import NULL_BATCH, Batch, Commit, PrePrepare, Prepare, Request, has_refs
 from . import membership, reconfig
 from .drops import HOLDABLE, Count, Drop
 from .events import (
@@ -29,7 +29,6 @@ from .events import (
 
 if TYPE_CHECKING:
     from .replica import Replica
-    from .requests import ReqInfo
     from .view_change import Decision
 
 
@@ -336,7 +335,7 @@ class Log:
                 batch = Batch(nondet, tuple(ri.raw for ri in reqs))
                 d = batch_digest_from_request_digests(nondet, [ri.digest for ri in reqs])
                 r.requests.ordered(batch, reqs)
-                wire = self._wire_batch(batch, reqs)
+                wire = r.requests.compact(batch, reqs)
             elif not r.requests.queue and membership.null_goal(r) > self.seq_assigned:
                 # a replica is recovering, or a membership change waits for its switch point, and
                 # nothing else is ordered: a null request moves the sequence towards the checkpoint
@@ -356,14 +355,6 @@ class Log:
             self.note_preprepared(n, d)
             r._emit(PrePrepareSent(r.view, n, d))
             self.check_prepared(n, slot)
-
-    def _wire_batch(self, batch: Batch, reqs: list[ReqInfo]) -> Batch:
-        """What the primary's PrePrepare carries of ``batch``: a request whose operation is over
-        ``request_inline_op_bytes_max`` travels by digest (each backup has it from its client)."""
-        lim = self.r.cfg.request_inline_op_bytes_max
-        if all(len(ri.req.op) <= lim for ri in reqs):
-            return batch
-        return Batch(batch.nondet, tuple(request_ref(ri.digest) if len(ri.req.op) > lim else ri.raw for ri in reqs))
 
     def note_preprepared(self, n: int, d: bytes) -> None:
         r = self.r

@@ -205,16 +205,21 @@ class Requests:
             # its client sent us a bad authenticator entry (in the runtime only a frame from the
             # connection its client's NewKey came on gets here)
             self.suspects.add(req.client)
-        if len(req.op) > self.r.cfg.request_inline_op_bytes_max:
-            self._keep_body(fr)
+        large = self._keep_if_large(req, fr)
         self._on_ordered_request(req, fr, verified=False)
-        self._body_arrived(fr.digest)
+        if large:
+            self._body_arrived(fr.digest)
 
-    def _keep_body(self, fr: Frame) -> None:
+    def _keep_if_large(self, req: Request, fr: Frame) -> bool:
+        """Keep the frame of a request a pre-prepare may carry by digest (its operation is over
+        ``request_inline_op_bytes_max``; read-only ones are never ordered); whether it is one."""
+        if len(req.op) <= self.r.cfg.request_inline_op_bytes_max or req.read_only:
+            return False
         bodies = self.bodies
         if fr.digest not in bodies and len(bodies) >= self.seen_max:
             del bodies[next(iter(bodies))]
         bodies[fr.digest] = fr.raw
+        return True
 
     def _body_arrived(self, d: bytes) -> None:
         """A request frame with digest ``d`` is here: the pre-prepares waiting for its body may go on."""
@@ -222,19 +227,24 @@ class Requests:
         if d in r.log.body_waiters:
             r.log.body_arrived(d)
 
-    def compact(self, batch: Batch) -> Batch:
+    def compact(self, batch: Batch, reqs: Optional[list["ReqInfo"]] = None) -> Batch:
         """``batch`` as a message carries it: each request whose operation is over
         ``request_inline_op_bytes_max`` by its digest (the receivers have it from its client, or
-        fetch the whole batch). Precondition: a batch we keep (every body in place)."""
+        fetch the whole batch). Precondition: a batch we keep (every body in place). ``reqs``: its
+        requests, already parsed (the primary's new batch), else they are parsed here."""
         lim = self.r.cfg.request_inline_op_bytes_max
-        if all(len(e) <= lim for e in batch.requests):
-            return batch  # (a frame is longer than its operation)
-        try:
-            pairs = self.batch_requests(batch)
-        except DecodeError:  # (only reachable with the skip-digest-check bug)
+        if reqs is not None:
+            entries = [(ri.digest, len(ri.req.op), ri.raw) for ri in reqs]
+        else:
+            if all(len(e) <= lim for e in batch.requests):
+                return batch  # (a frame is longer than its operation)
+            try:
+                entries = [(fr.digest, len(req.op), fr.raw) for fr, req in self.batch_requests(batch)]
+            except DecodeError:  # (only reachable with the skip-digest-check bug)
+                return batch
+        if all(k <= lim for _, k, _ in entries):
             return batch
-        return Batch(batch.nondet, tuple(request_ref(fr.digest) if len(req.op) > lim else fr.raw
-                                         for fr, req in pairs))
+        return Batch(batch.nondet, tuple(request_ref(d) if k > lim else raw for d, k, raw in entries))
 
     def resolve(self, batch: Batch, missing: Optional[list[bytes]] = None) -> Optional[Batch]:
         """``batch`` with each by-digest entry replaced by the request frame with that digest that
@@ -354,10 +364,10 @@ class Requests:
         if len(seen) >= self.seen_max:
             del seen[next(iter(seen))]
         seen[fr.raw] = (fr, req)
-        if len(req.op) > self.r.cfg.request_inline_op_bytes_max and not req.read_only:
-            self._keep_body(fr)
+        large = self._keep_if_large(req, fr)
         self._admit(req, fr)
-        self._body_arrived(fr.digest)
+        if large:
+            self._body_arrived(fr.digest)
 
     def _admit(self, req: Request, fr: Frame) -> None:
         r = self.r
@@ -696,21 +706,12 @@ class Requests:
     def batch_requests(self, batch: Batch) -> list[tuple[Frame, Request]]:
         """The (frame, request) pairs of a batch; frames we received from their clients
         ourselves are not opened again (``seen``: their MACs verified here)."""
-        r = self.r
         seen = self.seen
-        codec = r.codec
+        codec = self.r.codec
         out: list[tuple[Frame, Request]] = []
         for raw in batch.requests:
             hit = seen.get(raw)
-            if hit is None:
-                fr = codec.open_frame(raw)
-                if fr.tag != T_REQUEST:
-                    raise DecodeError("batch-not-request")
-                req = codec.parse(fr)
-                if not isinstance(req, Request):  # (a request frame parses to a Request)
-                    raise DecodeError("batch-not-request")
-                hit = (fr, req)
-            out.append(hit)
+            out.append(hit if hit is not None else codec.request_of(raw))
         return out
 
     def _answer_old_recovery_request(self, j: int, last: tuple[int, bytes]) -> None:

@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 
 from ..codec import Codec, DecodeError
 from ..core.client import Client as CoreClient
-from ..core.membership import base_view
+from ..core.membership import base_view, view_epoch
 from ..crypto import KeyRing
 from ..config import ConfigError
 from ..messages import Reply, Tag
@@ -367,13 +367,14 @@ class ClientPool:
         if p is None:
             self.counters.drop("reply-for-unknown-client")
             return
-        if rep.view >> 32 < self.cluster.members_epoch:
+        epoch = view_epoch(rep.view)
+        if epoch < self.cluster.members_epoch:
             # a view of the membership before ours: we learnt of the change (its chain link is signed
             # when the change is recorded in a stable checkpoint) before this replica reached the
             # switch point; only the new membership's replies count (we retransmit to it)
             self.counters.drop("reply-from-earlier-membership")
             return
-        if rep.view >> 32 > self.cluster.members_epoch:
+        if epoch > self.cluster.members_epoch:
             # a view of a later membership (core.membership.base_view): the replica switched and we
             # have not; its reply is not counted with the thresholds we know. Learn the membership
             # (the retransmission goes to the new members, counted with theirs)

@@ -274,7 +274,7 @@ class ReplicaNode:
         if self.halted:
             return
         r, head = self.replica, self.chain.head
-        membership.learn_chain(r, head if head.opens_at > r.members_from else None)
+        membership.learn_chain(r, head)  # (None there unless newer than the core's)
         if not self.flush_pending:
             self.flush_pending = True
             self.loop.call_soon(self._flush)
