@@ -9,7 +9,7 @@ clients putting distinct keys (each follows the membership in force, epoch.json,
 each change, the time the command took (until the continuing members of quorum weight switched),
 the time until the added replicas executed what the others had, and the throughput (acknowledged
 puts per second) before, during and after; at the end every acknowledged put is read back.
-Run it under ``flock -x /tmp/measure.lock`` on a shared machine (it measures time)."""
+It measures time: run nothing else that does beside it."""
 
 from __future__ import annotations
 

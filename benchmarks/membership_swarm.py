@@ -4,7 +4,7 @@ shrinks at n = 4 and 7 under random network faults, up to f Byzantine replicas a
 ``python benchmarks/membership_swarm.py [--first-seed S] [--seeds K] [--no-crash]``
 
 Prints one line per failing seed (violations, liveness failure, or a replica that did not switch)
-and the totals. Run it under ``flock -s /tmp/measure.lock`` on a shared machine."""
+and the totals."""
 
 from __future__ import annotations
 

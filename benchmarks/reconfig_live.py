@@ -13,7 +13,7 @@ long-term key is rotated and a client is revoked.
     and the puts per second before, during and after it. Every acknowledged put is read back.
 
 The clients follow what ``pbft reconfig`` writes into ``DIR/epoch.json`` (``MembershipWatch``),
-as a restarted ``pbft kv`` would. Run it under ``flock -x /tmp/measure.lock`` on a shared machine.
+as a restarted ``pbft kv`` would. It measures time: run nothing else that does beside it.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ from array import array
 from pathlib import Path
 from typing import Optional
 
+from ..bench import targets
 from ..bench.stats import percentile
 from ..procs import ChildExited, JsonLines, Procs, log_tail, sigterm_as_interrupt
 from ...config import ConfigError
@@ -155,15 +156,11 @@ def proc_memory_kib(pid: int) -> tuple[Optional[int], Optional[int]]:
     return rss, hwm
 
 
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
 def proc_cpu_s(pid: int) -> Optional[float]:
+    """The process's CPU seconds so far (``bench.targets.proc_cpu_s``), None when it is gone."""
     try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICKS
-    except (OSError, ValueError, IndexError):
+        return targets.proc_cpu_s(pid)
+    except (OSError, ValueError):
         return None
 
 
