@@ -243,3 +243,152 @@ def test_signer_socket_from_option_or_cluster_file(tmp_path):
     toml.write_text(base + '\n[keys]\nsigner = 3\n')
     with pytest.raises(ConfigError, match=r"\[keys\]"):
         signer_spec(c.dir, 2, None)
+
+
+def _membership(n: int, epoch: int = 1, opens_at: int = 24):
+    from pbft.state.configuration import Membership
+    keys = tuple(Identity.generate(i).public for i in range(n))
+    return Membership(n, (n - 1) // 3, (1,) * n, keys, opens_at, epoch)
+
+
+def test_signs_membership_link_statements_only(world):
+    """``sign-link``: a link statement (the link context, then msgpack [prev, membership]) is
+    signed as given, verifiable as the replica's link signature; anything else is refused with
+    its reason, a NewKey header among them, and a link statement is refused on the NewKey path.
+    A second, different membership after the same predecessor is refused; the same one again is
+    signed (a restarted replica votes again)."""
+    import nacl.signing
+    from pbft.runtime.chain import LINK_CONTEXT, check_signature, statement
+    from pbft.runtime.signer import LINK_BURST, LINK_STATEMENT_BYTES_MAX
+
+    ids, pub = world
+    s = Signer(ids[1], 7)  # 7 replica slots
+    prev, m = os.urandom(32), _membership(5)
+    stmt = statement(prev, m)
+    ok, sig = s.handle(req("sign-link", stmt))
+    assert ok is True
+    nacl.signing.VerifyKey(ids[1].public).verify(stmt, sig)
+    before = type(m)(4, 1, (1,) * 4, tuple(i.public for i in ids[:4]), 0, 0)  # the membership signed in
+    assert check_signature(before, 1, sig, stmt) == ""  # what chain.verify_link checks
+    assert s.handle(req("sign-link", stmt)) == [True, sig]  # the same statement again
+    good_header = header(now_timestamp_us(), [(0, sealed(pub, 0))])
+    body = stmt[len(LINK_CONTEXT):]
+    bad = {
+        "sign-link-not-a-link": [good_header, b"", b"pbft.newkey.v1" + body, LINK_CONTEXT[:-1] + body,
+                                 b"x" + stmt],
+        "sign-link-malformed": [LINK_CONTEXT, LINK_CONTEXT + b"\xc1", stmt + b"\x00",  # trailing bytes
+                                LINK_CONTEXT + msgpack.packb([prev], use_bin_type=True),
+                                LINK_CONTEXT + msgpack.packb([prev[:31], m.encode_fields()], use_bin_type=True),
+                                LINK_CONTEXT + msgpack.packb([prev, m.encode_fields()[:5]], use_bin_type=True),
+                                LINK_CONTEXT + msgpack.packb([prev, m.encode_fields(), 1], use_bin_type=True)],
+        "sign-link-bad-membership": [statement(os.urandom(32), _membership(8))],  # beyond the 7 slots
+        "sign-link-oversized": [LINK_CONTEXT + b"\x00" * LINK_STATEMENT_BYTES_MAX],
+        "sign-link-equivocation": [statement(prev, _membership(6))],  # another membership after prev
+    }
+    for reason, stmts in bad.items():
+        for x in stmts:
+            assert s.handle(req("sign-link", x)) == [False, reason], (reason, x[:40])
+    # a link statement on the NewKey path: refused (and what that path signs is a NewKey's context)
+    assert s.handle(req("sign", stmt)) == [False, "sign-malformed"]
+    assert s.counts["sign-link"] == 2 and "sign" not in s.counts
+    # a burst of distinct links, then rate limited (a replica votes once per change)
+    got = [s.handle(req("sign-link", statement(os.urandom(32), m)))[1] for _ in range(int(LINK_BURST) + 4)]
+    assert got.count("sign-link-rate-limited") >= 3 and s.counts["sign-link"] >= int(LINK_BURST)
+
+
+def test_a_link_signed_through_the_socket_without_blocking(world, tmp_path):
+    """``SignerIdentity.sign_link`` is a coroutine on a connection of its own: the NewKey
+    connection stays usable around it, a refusal comes back as ``SignerError`` with the signer's
+    reason, and a signer that is gone as ``signer-unavailable``."""
+    import nacl.signing
+    from pbft.runtime.chain import statement
+
+    ids, pub = world
+    path = tmp_path / "s.sock"
+    st = ServerThread(Signer(ids[1], N + 1), path)
+    try:
+        me = SignerIdentity(1, path, ids[1].public)
+        prev, m = os.urandom(32), _membership(5)
+        stmt = statement(prev, m)
+
+        async def both():
+            task = asyncio.ensure_future(me.sign_link(stmt))
+            await asyncio.sleep(0)
+            return await task
+
+        sig = asyncio.run(both())
+        nacl.signing.VerifyKey(ids[1].public).verify(stmt, sig)
+        assert len(me.sign_newkey(header(now_timestamp_us(), [(0, sealed(pub, 0))]))) == 64
+        with pytest.raises(SignerError, match="signer-sign-link-equivocation"):
+            asyncio.run(me.sign_link(statement(prev, _membership(4))))
+        with pytest.raises(SignerError, match="signer-sign-link-not-a-link"):
+            asyncio.run(me.sign_link(b"anything"))
+        assert st.srv.signer.counts == {"public": 1, "sign-link": 1, "sign": 1, "sign-link-equivocation": 1,
+                                        "sign-link-not-a-link": 1}
+    finally:
+        st.close()
+    with pytest.raises(SignerError, match="signer-unavailable"):
+        asyncio.run(me.sign_link(stmt))
+
+
+@pytest.mark.slow
+def test_live_replica_with_a_signer_signs_the_membership_link(tmp_path, capsys):
+    """Replica 1's key is in a signer (its key file moved away) and replica 3 is stopped, so the
+    link of a growth 4 -> 5 needs replica 1's signature (quorum: 3 of the 4): the change goes
+    through, the chain every replica serves verifies and its link is signed by 0, 1 and 2, and
+    the live signer refuses a link statement on the NewKey path and a statement that is no link."""
+    from pbft.runtime.chain import decode_chain, statement, verify_chain
+    from pbft.runtime.follow import genesis_keys
+    from pbft.tools.cli import main
+
+    protocol = {"checkpoint_interval_seqnos": 8, "log_window_seqnos": 16, "view_change_timeout_ms": 500.0}
+    with LocalCluster(tmp_path / "c", N, clients=2, protocol=protocol, replica_slots=N + 1) as lc:
+        sock = tmp_path / "s1.sock"
+        slog = open(tmp_path / "signer.log", "ab")
+        signer = _pbft("signer", lc.dir, "--id", 1, "--socket", sock, "--mode", "600", stderr=slog)
+        try:
+            deadline = time.time() + 15
+            while not sock.exists():
+                assert signer.poll() is None and time.time() < deadline, (tmp_path / "signer.log").read_text()
+                time.sleep(0.05)
+            shutil.move(lc.cluster.key_path(1), tmp_path / "elsewhere.key")
+            for r in (0, 2, 3):
+                lc.start(r)
+            lc.logs[1] = lc.dir / "replica-1.log"
+            with open(lc.logs[1], "ab") as rlog:
+                lc.procs[1] = _pbft("replica", lc.dir, "--id", 1, "--signer", sock, stderr=rlog)
+            lc.wait_connected(timeout=30)
+            with BlockingClient(lc.dir) as bc:
+                kv = KVClient(bc.invoke, timeout=20.0)
+                for i in range(10):
+                    kv.put(b"k%d" % i, b"v%d" % i)
+            lc.kill(3)  # the link now needs 0, 1 and 2
+            capsys.readouterr()
+            assert main(["reconfig", str(lc.dir), "add-replica", "--json"]) == 0
+            grow = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+            assert grow["n"] == N + 1
+            g = lc.cluster.genesis_cfg or lc.cluster.cfg
+            for r in (0, 1, 2):
+                links = lc.wait_for(lambda r=r: decode_chain(bytes.fromhex(lc.status(r)["membership_chain"])),
+                                    timeout=20, what=f"replica {r}'s chain")
+                assert verify_chain(g, genesis_keys(lc.cluster), links).n == N + 1
+                assert [i for i, _ in links[0].signatures] == [0, 1, 2], links[0].signatures
+            assert "chain-sign-unavailable" not in lc.log_text(1)
+            # the live signer: a link statement on the NewKey path, and no link on the link path
+            links = decode_chain(bytes.fromhex(lc.status(0)["membership_chain"]))
+            stmt = statement(links[0].prev, links[0].members)
+            me = SignerIdentity(1, sock, lc.cluster.slot(1).public_key)
+            with pytest.raises(SignerError, match="signer-sign-malformed"):
+                me.sign_newkey(stmt)
+            with pytest.raises(SignerError, match="signer-sign-link-not-a-link"):
+                asyncio.run(me.sign_link(header(now_timestamp_us(), [(0, b"x" * 80)])))
+            assert asyncio.run(me.sign_link(stmt)) == dict(links[0].signatures)[1]  # (its vote, again)
+            me.close()
+        finally:
+            signer.terminate()
+            signer.wait(5)
+            slog.close()
+    events = [json.loads(x) for x in (tmp_path / "signer.log").read_text().splitlines() if x.startswith("{")]
+    assert sum(e["event"] == "signer-sign-link" for e in events) >= 2, events  # the replica's, and ours
+    stopped = [e for e in events if e["event"] == "signer-stopped"][0]
+    assert stopped["sign-malformed"] == 1 and stopped["sign-link-not-a-link"] == 1, stopped

@@ -8,9 +8,10 @@ gathering the signatures, keeping the chain in the data directory, serving it.
   change is then certain to take effect at its switch point (the old membership orders nothing
   after it, and a second change is refused before it), and every old member still takes part
   (a replica that a shrink removes may lag after the switch: the members stop talking to it).
-  A replica whose key is held by a signer process (``pbft signer``) cannot sign links
-  (``chain-sign-unavailable``): the signer signs only NewKeys; the others' signatures are enough
-  while it is one of the f.
+  A replica whose key is held by a signer process (``pbft signer``) asks it for the signature
+  (``runtime.signer``: its ``sign-link`` request, which signs link statements only), without
+  blocking the event loop; if the signer cannot be reached or refuses, it logs
+  ``chain-sign-unavailable`` (with the reason) and asks again at the next stable checkpoint.
 * **Gathering.** A ``MEMBERSHIP_LINK`` frame carries one link with any number of signatures (a
   vote, or a complete link). Each signature is checked against the chain's last membership;
   bad, stale and equivocating ones are dropped and counted; at most one pending link per signer
@@ -27,6 +28,7 @@ gathering the signatures, keeping the chain in the data directory, serving it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from typing import TYPE_CHECKING, Any, Optional
@@ -38,8 +40,9 @@ from ..core.reconfig import config_at
 from ..messages import Tag
 from .chain import (
     ChainError, Link, check_signature, decode_chain, decode_link, encode_chain, encode_link, genesis_membership,
-    membership_digest, quorum_of, sign_link, verify_chain, verify_link,
+    membership_digest, quorum_of, sign_link, statement, verify_chain, verify_link,
 )
+from .signer import SignerError
 from .transport import frame
 
 if TYPE_CHECKING:
@@ -73,7 +76,8 @@ class ChainKeeper:
         self.voted: dict[int, bytes] = {}  # signer -> the statement digest of its pending vote
         self.own: Optional[Link] = None
         self.resends = 0
-        self.unsigned = -1  # the epoch of the membership we could not sign (logged once)
+        self.unsigned: tuple[int, str] = (-1, "")  # the membership we could not sign, and why (logged once)
+        self.asking: Optional[asyncio.Task] = None  # a signer process asked for our signature (``_ask_signer``)
         st = cl.storage
         self.path = None if st.mode == "memory" else st.replica_dir(cl.dir, node.id) / CHAIN_FILE
         self._load()
@@ -129,23 +133,56 @@ class ChainKeeper:
         if m is not None and m.opens_at > self.head.opens_at:
             self.sign(m)
 
-    def sign(self, m: "Membership") -> None:
+    def sign(self, m: "Membership", signature: Optional[bytes] = None) -> None:
+        """Vote for the link to ``m`` (``signature``: ours of it, from a signer process)."""
         node = self.node
         if node.id >= self.head.n or (self.own is not None and self.own.members == m):
             return  # (not a member of the membership that certifies it, or signed already)
-        sk = signing_key(node.identity)
-        if sk is None:
-            if self.unsigned != m.epoch:  # (once per membership, not at every checkpoint)
-                self.unsigned = m.epoch
-                node._log("chain-sign-unavailable", epoch=m.epoch)
-            return
         prev = membership_digest(self.head)
-        vote = Link(prev, m, ((node.id, sign_link(sk, prev, m)),))
+        if signature is None:
+            sk = signing_key(node.identity)
+            if sk is None:
+                self._ask_signer(m, prev)  # (asynchronous: comes back here with the signature)
+                return
+            signature = sign_link(sk, prev, m)
+        vote = Link(prev, m, ((node.id, signature),))
         self.own, self.resends = vote, 0
         self._merge(vote)
         if self.own is not None:  # (not complete by our vote alone)
             self._send_all(vote)
             node.loop.call_later(RESEND_S, self._resend)
+
+    def _ask_signer(self, m: "Membership", prev: bytes) -> None:
+        """Our signature of the link ``prev`` -> ``m`` from the signer process that holds our key
+        (``SignerIdentity.sign_link``), in a task of the event loop, one request at a time. On
+        success ``sign`` goes on (if the chain has not moved meanwhile); a failure is logged
+        (once per membership and reason), and asked again at the next stable checkpoint."""
+        node = self.node
+
+        def unavailable(why: str) -> None:
+            if self.unsigned != (m.epoch, why):  # (once, not at every checkpoint)
+                self.unsigned = (m.epoch, why)
+                node._log("chain-sign-unavailable", epoch=m.epoch, reason=why)
+
+        ask = getattr(getattr(node.identity, "current", node.identity), "sign_link", None)
+        if ask is None:
+            unavailable("no-private-key")
+            return
+        if self.asking is not None:
+            return
+
+        async def run() -> None:
+            try:
+                sig = await ask(statement(prev, m))
+            except SignerError as e:
+                unavailable(e.reason)
+                return
+            finally:
+                self.asking = None
+            if not node.halted and membership_digest(self.head) == prev:
+                self.sign(m, sig)
+
+        self.asking = node.loop.create_task(run())
 
     def _resend(self) -> None:
         own = self.own

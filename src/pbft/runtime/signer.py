@@ -14,9 +14,26 @@ operations ``keys.Identity`` performs with the private key, and nothing else is 
   held the replica therefore cannot be kept for later: the NewKeys the replica signs after its
   reboot (which takes longer than 0.1 s) have larger timestamps and supersede it everywhere
   (receivers keep only the newest).
+* ``sign-link``: the signature of a *membership link* statement (``runtime.chain``: the link
+  context ``chain.LINK_CONTEXT``, then msgpack ``[prev digest, membership fields]``), for the
+  replica's vote on the membership certificate chain. The signer signs the statement as given
+  (a link signature covers exactly what ``chain.check_signature`` checks), and only such a
+  statement: anything else (another prefix, a NewKey header, trailing or non-canonical bytes, a
+  membership that does not decode or has more replicas than the cluster's slots) is refused,
+  and a NewKey is never signed on this path nor a link on the ``sign`` path (there the signer
+  prefixes the NewKey context itself, and the header check refuses it). While it runs, it signs
+  at most one statement per predecessor digest (the same one again: the replica restarted, or
+  resent), so an intruder in the replica process cannot have it sign a second membership after
+  the one the replica voted for (``sign-link-equivocation``); what it cannot tell is whether
+  the first one is the membership the replica's certified state records: that, as for NewKeys,
+  is what the others' signatures of quorum weight are for.
 * ``open``: a sealed box addressed to the replica (the session keys in a NewKey to it), of one
   of the two sizes a NewKey carries (a replica's key, a client's pair).
 * ``public``: the public key, so that the replica checks it talks to the right signer.
+
+The replica's ``SignerIdentity`` makes the NewKey and open calls blocking (short, local); a link
+is signed asynchronously (``sign_link``, on a connection of its own), so that the replica's event
+loop does not wait for it.
 
 Wire: each message is a 4-byte big-endian length and that many bytes of msgpack. A request is
 ``[op, arg]`` (``op`` a short string, ``arg`` bytes) of at most ``REQUEST_BYTES_MAX``; an answer
@@ -47,12 +64,19 @@ import nacl.exceptions
 from ..codec import DecodeError
 from ..config import ConfigError
 from ..crypto import KEY_SIZE
+from ..state.configuration import Membership
+from .chain import LINK_CONTEXT, statement
 from .keys import NEWKEY_MAX_BYTES, SEALED_OVERHEAD, SIGNATURE_SIZE, Identity
 from .transport import TokenBucket
 
 REQUEST_BYTES_MAX = NEWKEY_MAX_BYTES + 64  # a NewKey header and the framing
 ANSWER_BYTES_MAX = 256
-OPS = ("public", "sign", "open")
+OPS = ("public", "sign", "open", "sign-link")
+LINK_STATEMENT_BYTES_MAX = NEWKEY_MAX_BYTES  # a link of 1024 replicas is about 40 KB
+LINK_PREV_BYTES = 32
+LINK_RATE_PER_S = 1.0  # a vote per membership change (again after a restart); resends reuse it
+LINK_BURST = 16.0
+LINKS_REMEMBERED = 256  # predecessor digests whose signed statement is remembered (oldest forgotten)
 SEALED_SIZES = (KEY_SIZE + SEALED_OVERHEAD, 2 * KEY_SIZE + SEALED_OVERHEAD)
 # a replica's NewKey timestamps are its clock (+1 us per NewKey in a burst), read before the round trip
 FUTURE_SLACK_US = 100_000
@@ -114,6 +138,8 @@ class Signer:
         self.last_op = ""  # of the latest request answered
         self.sign_bucket = TokenBucket(rate=SIGN_RATE_PER_S, burst=float(max(SIGN_BURST_MIN, 4 * n_replicas)))
         self.open_bucket = TokenBucket(rate=OPEN_RATE_PER_S, burst=OPEN_BURST)
+        self.link_bucket = TokenBucket(rate=LINK_RATE_PER_S, burst=LINK_BURST)
+        self.links_signed: dict[bytes, bytes] = {}  # predecessor digest -> the link statement signed
         self.counts: dict[str, int] = {}
         self.last_refusal = ""
 
@@ -153,6 +179,8 @@ class Signer:
                 return self._refuse("open-undecryptable")
             self._count("open")
             return [True, k]
+        if op == "sign-link":
+            return self._sign_link(arg, now)
         why = self._check_header(arg)
         if why:
             return self._refuse(why)
@@ -161,6 +189,45 @@ class Signer:
         self.last_ts = self._ts
         self._count("sign")
         return [True, self.ident.sign_newkey(arg)]
+
+    def _sign_link(self, stmt: bytes, now: float) -> list:
+        why, prev = self._check_link(stmt)
+        if why:
+            return self._refuse(why)
+        signed = self.links_signed.get(prev)
+        if signed is not None and signed != stmt:
+            return self._refuse("sign-link-equivocation")
+        if signed is None and not self.link_bucket.take(now):
+            return self._refuse("sign-link-rate-limited")
+        if signed is None:
+            if len(self.links_signed) >= LINKS_REMEMBERED:
+                self.links_signed.pop(next(iter(self.links_signed)))
+            self.links_signed[prev] = stmt
+        self._count("sign-link")
+        return [True, self.ident.signing_key.sign(stmt).signature]
+
+    def _check_link(self, stmt: bytes) -> tuple[str, bytes]:
+        """(why ``stmt`` is not a membership link statement the signer may sign, "" if it is;
+        its predecessor digest)."""
+        if len(stmt) > LINK_STATEMENT_BYTES_MAX:
+            return "sign-link-oversized", b""
+        if not stmt.startswith(LINK_CONTEXT):
+            return "sign-link-not-a-link", b""
+        try:
+            t = _unpack(stmt[len(LINK_CONTEXT):])
+        except (ValueError, msgpack.UnpackException):
+            return "sign-link-malformed", b""
+        if type(t) is not tuple or len(t) != 2 or type(t[0]) is not bytes or len(t[0]) != LINK_PREV_BYTES:
+            return "sign-link-malformed", b""
+        try:
+            m = Membership.decode_fields(t[1])
+        except ValueError:
+            return "sign-link-malformed", b""
+        if m.n > self.n:
+            return "sign-link-bad-membership", b""
+        if statement(t[0], m) != stmt:
+            return "sign-link-malformed", b""  # (one encoding only: what is signed is what was checked)
+        return "", t[0]
 
     def _check_header(self, header: bytes) -> str:
         """Why ``header`` is not a NewKey header this replica may sign now ("" if it is)."""
@@ -273,6 +340,8 @@ class SignerServer:
                     self._refusal_logged(ans[1], peer)
                 elif self.signer.last_op == "sign":
                     _log(self.principal, "signer-sign", timestamp=self.signer.last_ts, **peer)
+                elif self.signer.last_op == "sign-link":
+                    _log(self.principal, "signer-sign-link", **peer)
                 writer.write(_pack(ans))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -318,7 +387,8 @@ def run_signer(cluster, replica_id: int, path: Path, mode: int = 0o660,
 class SignerIdentity:
     """What a replica holds instead of ``keys.Identity`` when a signer has its key: the same
     ``principal``, ``public``, ``sign_newkey`` and ``open_sealed``, each one round trip to the
-    signer (blocking, bounded by ``CLIENT_TIMEOUT_S``; a lost connection is reopened once).
+    signer (blocking, bounded by ``CLIENT_TIMEOUT_S``; a lost connection is reopened once), and
+    ``sign_link`` (asynchronous, for ``chain_keeper``).
     Failures raise ``SignerError``, a ``DecodeError``: a NewKey we cannot open is dropped and
     counted like any other (``signer-unavailable``, ``signer-<reason>``)."""
 
@@ -371,20 +441,39 @@ class SignerIdentity:
                     self.sock = None
         if ans is None:
             raise SignerError("signer-unavailable")
-        if not isinstance(ans, list) or len(ans) != 2:
-            raise SignerError("signer-bad-answer")
-        ok, val = ans
-        if ok is not True:
-            raise SignerError(f"signer-{val}" if isinstance(val, str) and len(val) <= 32 else "signer-refused")
-        if not isinstance(val, bytes):
-            raise SignerError("signer-bad-answer")
-        return val
+        return _answer(ans)
 
     def sign_newkey(self, header: bytes) -> bytes:
         sig = self._call("sign", header)
         if len(sig) != SIGNATURE_SIZE:
             raise SignerError("signer-bad-answer")
         return sig
+
+    async def sign_link(self, stmt: bytes) -> bytes:
+        """The signature of a membership link statement (``runtime.chain.statement``), asked on a
+        connection of its own (the blocking one may be in use by the loop's thread, and this
+        call must not block the loop), within ``timeout``. Raises ``SignerError``."""
+        self.requests += 1
+        try:
+            ans = await asyncio.wait_for(self._ask_once(_pack(["sign-link", stmt])), self.timeout)
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError, msgpack.UnpackException):
+            raise SignerError("signer-unavailable") from None
+        sig = _answer(ans)
+        if len(sig) != SIGNATURE_SIZE:
+            raise SignerError("signer-bad-answer")
+        return sig
+
+    async def _ask_once(self, data: bytes):
+        reader, writer = await asyncio.open_unix_connection(str(self.path))
+        try:
+            writer.write(data)
+            await writer.drain()
+            size = struct.unpack(">I", await reader.readexactly(4))[0]
+            if size > ANSWER_BYTES_MAX:
+                raise OSError("oversized answer")
+            return msgpack.unpackb(await reader.readexactly(size), raw=False)
+        finally:
+            writer.close()
 
     def open_sealed(self, sealed: bytes) -> bytes:
         try:
@@ -398,6 +487,18 @@ class SignerIdentity:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+
+
+def _answer(ans) -> bytes:
+    """The bytes of a signer's answer ``[True, bytes]``; its refusal as a ``SignerError``."""
+    if not isinstance(ans, list) or len(ans) != 2:
+        raise SignerError("signer-bad-answer")
+    ok, val = ans
+    if ok is not True:
+        raise SignerError(f"signer-{val}" if isinstance(val, str) and len(val) <= 32 else "signer-refused")
+    if not isinstance(val, bytes):
+        raise SignerError("signer-bad-answer")
+    return val
 
 
 def _recv_exactly(s: socket.socket, n: int) -> bytes:
