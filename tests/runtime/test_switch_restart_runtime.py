@@ -1,14 +1,17 @@
-"""Restarting and recovering across a membership change, on a real local cluster: a cluster of 4
-with 5 replica slots grows to 5 (``pbft reconfig DIR add-replica``), then
+"""Restarting and recovering across a membership change, on a real local cluster: a growth
+4 -> 7 and a shrink 7 -> 4 (``pbft reconfig DIR add-replica / remove-replica``; the removed
+replicas stopped once the continuing members switched), and then
 
 * a replica restarts after the switch with a damaged store (a value's bytes overwritten on
-  disk: its state is unusable, ``state-repair``), and
-* a replica whose proactive recovery spans the switch (its process paused before the change,
-  the recovery asked for meanwhile: it reboots from a checkpoint before the switch),
+  disk: its state is unusable, ``state-repair``; it comes up with cluster.toml's membership and
+  fetches its certified stable checkpoint, whose state records the new one), or
+* a replica's proactive recovery spans the switch (asked for with SIGUSR1, the rebooted process
+  paused as soon as the old one stopped, while the membership changes: it restores a checkpoint of
+  before the switch, and catches up beyond its window through the membership its chain
+  certifies),
 
-and each comes back in the membership in force (``/status`` ``members``: 5 replicas) and executes
-the requests issued after it came back, its last executed sequence number advancing with the
-others'."""
+and each comes back in the membership in force (``/status`` ``members``) and executes the
+requests issued after it came back, its last executed sequence number reaching the others'."""
 
 from __future__ import annotations
 
@@ -30,30 +33,49 @@ PROTOCOL = {"checkpoint_interval_seqnos": 8, "log_window_seqnos": 16, "view_chan
 MARK = b"SWITCH-VICTIM!"
 
 
-def grown(local_cluster, capsys) -> tuple[LocalCluster, dict]:
-    """A cluster of 4 replicas (5 slots), grown to 5 by ``pbft reconfig add-replica``, every
-    replica in the membership of 5, with a value written before the change."""
-    lc = local_cluster(n=4, clients=2, protocol=PROTOCOL, replica_slots=5)
+CHANGES = {"grow-4-7": (4, 7), "shrink-7-4": (7, 4)}
+
+
+def changed(local_cluster, capsys, change: str) -> tuple[LocalCluster, dict]:
+    """A cluster of ``CHANGES[change][0]`` replicas changed to ``[1]`` (``change_membership``),
+    every replica in the new membership, with a value written before the change."""
+    n0, n1 = CHANGES[change]
+    lc = local_cluster(n=n0, clients=2, protocol=PROTOCOL, replica_slots=max(n0, n1))
     with BlockingClient(lc.dir) as bc:
         kv = KVClient(bc.invoke, timeout=20.0)
         kv.put(b"victim", MARK * 100)
         for j in range(12):
             kv.put(b"k%d" % j, b"before-%d" % j)
+    got = change_membership(lc, capsys, n1)
+    lc.wait_for(lambda: all(in_membership(lc, i, got) for i in range(n1)), timeout=40,
+                what=f"every replica in the membership of {n1}")
+    return lc, got
+
+
+def change_membership(lc: LocalCluster, capsys, n: int, absent: tuple[int, ...] = ()) -> dict:
+    """``pbft reconfig DIR add-replica`` or ``remove-replica`` to ``n`` replicas: the added
+    replicas started; the removed ones stopped once the members but ``absent`` switched."""
     capsys.readouterr()
-    assert main(["reconfig", str(lc.dir), "add-replica", "--json"]) == 0
-    grow = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert grow["n"] == 5
-    lc.start(4)
-    lc.n = 5
-    s = grow["members_from"]
-    lc.wait_for(lambda: all(in_membership(lc, i, s) for i in range(5)), timeout=40,
-                what="every replica in the membership of 5")
-    return lc, grow
+    action = "add-replica" if n > lc.n else "remove-replica"
+    assert main(["reconfig", str(lc.dir), action, "--count", str(abs(n - lc.n)), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["n"] == n
+    for i in range(lc.n, n):
+        lc.start(i)
+    if n < lc.n:
+        lc.wait_for(lambda: all(in_membership(lc, i, got) for i in range(n) if i not in absent), timeout=40,
+                    what="the continuing members switched")
+        for i in range(n, lc.n):
+            lc.kill(i)
+    lc.n = n
+    return got
 
 
-def in_membership(lc: LocalCluster, rid: int, members_from: int) -> bool:
+def in_membership(lc: LocalCluster, rid: int, target: dict) -> bool:
+    """Whether ``rid``'s ``/status`` shows the membership ``pbft reconfig`` reported."""
     m = lc.status(rid)["members"]
-    return m["n"] == 5 and m["members_from"] == members_from and not m["retired"]
+    t = target
+    return (m["n"], m["f"], m["members_from"], m["retired"]) == (t["n"], t["f"], t["members_from"], False)
 
 
 def put_after(lc: LocalCluster, tag: bytes, count: int) -> None:
@@ -68,11 +90,11 @@ def executes_with_the_others(lc: LocalCluster, rid: int, tag: bytes) -> None:
     """``rid`` executes requests issued after it came back: its last execution reaches the
     others' and moves on with them."""
     put_after(lc, tag + b"-a", 12)
-    top = max(lc.status(i)["last_executed"] for i in range(5) if i != rid)
+    top = max(lc.status(i)["last_executed"] for i in range(lc.n) if i != rid)
     lc.wait_for(lambda: lc.status(rid)["last_executed"] >= top, timeout=30,
                 what=f"replica {rid} executing what the others executed ({top})")
     put_after(lc, tag + b"-b", 12)
-    top2 = max(lc.status(i)["last_executed"] for i in range(5) if i != rid)
+    top2 = max(lc.status(i)["last_executed"] for i in range(lc.n) if i != rid)
     assert top2 > top
     lc.wait_for(lambda: lc.status(rid)["last_executed"] >= top2, timeout=30,
                 what=f"replica {rid} executing new requests ({top2})")
@@ -92,9 +114,10 @@ def damage(lc: LocalCluster, rid: int) -> int:
     return hits
 
 
-def test_a_replica_restarted_with_a_damaged_store_after_a_growth_rejoins(local_cluster, capsys):
-    lc, grow = grown(local_cluster, capsys)
-    s = grow["members_from"]
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_a_replica_restarted_with_a_damaged_store_after_a_change_rejoins(local_cluster, capsys, change):
+    lc, target = changed(local_cluster, capsys, change)
+    s = target["members_from"]
     put_after(lc, b"x", 20)  # checkpoints after the switch, in every replica's store
     lc.wait_for(lambda: lc.status(2)["stable_checkpoint"] > s, what="a checkpoint after the switch at 2")
     lc.signal(2, signal.SIGTERM)
@@ -102,7 +125,7 @@ def test_a_replica_restarted_with_a_damaged_store_after_a_growth_rejoins(local_c
     assert damage(lc, 2) >= 1
     lc.start(2)
     lc.wait_for(lambda: lc.status(2)["restored"] == "state-repair", timeout=30, what="replica 2 up, damage found")
-    lc.wait_for(lambda: in_membership(lc, 2, s), timeout=30, what="replica 2 in the membership of 5")
+    lc.wait_for(lambda: in_membership(lc, 2, target), timeout=30, what="replica 2 in the new membership")
     executes_with_the_others(lc, 2, b"d")
     assert "store-damaged" in lc.log_text(2)
     with BlockingClient(load_cluster(lc.dir)) as bc:
@@ -117,11 +140,13 @@ def started_lines(lc: LocalCluster, rid: int) -> list[dict]:
     return out
 
 
-def test_a_proactive_recovery_spanning_a_growth_comes_back_in_the_new_membership(local_cluster, capsys):
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_a_proactive_recovery_spanning_a_change_comes_back_in_the_new_membership(local_cluster, capsys, change):
     """Replica 3's recovery is asked for (SIGUSR1: ``recover_now``); its process is paused as soon
-    as the old one has stopped, before the rebooted one reads its store; the cluster grows
-    meanwhile; then the rebooted process runs on, from a checkpoint of before the switch."""
-    lc = local_cluster(n=4, clients=2, protocol=PROTOCOL, replica_slots=5)
+    as the old one has stopped (the rebooted one starts then, from the store of before the
+    change); the membership changes meanwhile; then the rebooted process runs on."""
+    n0, n1 = CHANGES[change]
+    lc = local_cluster(n=n0, clients=2, protocol=PROTOCOL, replica_slots=max(n0, n1))
     put_after(lc, b"pre", 12)
     lc.signal(3, signal.SIGUSR1)
     deadline = time.time() + 20
@@ -130,20 +155,16 @@ def test_a_proactive_recovery_spanning_a_growth_comes_back_in_the_new_membership
         time.sleep(0.005)
     lc.signal(3, signal.SIGSTOP)  # the rebooted process waits ...
     try:
-        assert main(["reconfig", str(lc.dir), "add-replica", "--json"]) == 0  # ... while the cluster grows
-        grow = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        s = grow["members_from"]
-        lc.start(4)
-        lc.n = 5
-        lc.wait_for(lambda: all(in_membership(lc, i, s) for i in (0, 1, 2, 4)), timeout=40,
-                    what="replicas 0, 1, 2, 4 in the membership of 5")
+        target = change_membership(lc, capsys, n1, absent=(3,))  # ... while the membership changes
+        lc.wait_for(lambda: all(in_membership(lc, i, target) for i in range(lc.n) if i != 3), timeout=40,
+                    what="the others in the new membership")
         put_after(lc, b"mid", 12)
     finally:
         lc.signal(3, signal.SIGCONT)
     lc.wait_for(lambda: (st := lc.status(3))["recoveries"] >= 1 and st["recovering"] is None, timeout=40,
                 what="replica 3 recovered")
-    lc.wait_for(lambda: in_membership(lc, 3, s), timeout=30, what="replica 3 in the membership of 5")
+    lc.wait_for(lambda: in_membership(lc, 3, target), timeout=30, what="replica 3 in the new membership")
     executes_with_the_others(lc, 3, b"r")
     starts = started_lines(lc, 3)
-    assert len(starts) == 2 and starts[1]["n"] == 4, starts  # rebooted from a store of before the switch
+    assert len(starts) == 2 and starts[1]["n"] == n0, starts  # rebooted from a store of before the switch
     assert "recovery-reboot" in lc.log_text(3)
