@@ -130,3 +130,63 @@ def test_a_vote_with_more_signatures_than_signers_is_not_checked(tmp_path):
     # a bad signature stops the checks of the frame: the good one after it is not taken either
     bad = Link(v.prev, v.members, ((0, b"\x00" * 64), v.signatures[0]))
     assert k.on_frame(frame_of(bad)) == "chain-signature-bad" and not k.votes
+
+
+class FakeSigner:
+    """A signer process's identity (``runtime.signer.SignerIdentity``): ``sign_link`` only, a
+    coroutine that fails while ``down``."""
+
+    def __init__(self, ident: Identity):
+        self.ident, self.principal, self.public = ident, ident.principal, ident.public
+        self.down = True
+        self.calls = 0
+
+    async def sign_link(self, stmt: bytes) -> bytes:
+        from pbft.runtime.signer import SignerError
+        self.calls += 1
+        if self.down:
+            raise SignerError("signer-unavailable")
+        return self.ident.signing_key.sign(stmt).signature
+
+
+def test_a_vote_signed_by_a_signer_process_without_blocking_and_asked_again_after_a_failure(tmp_path):
+    import asyncio
+    from pbft.runtime.chain import check_signature, statement
+
+    loop = asyncio.new_event_loop()
+    try:
+        n = node(tmp_path, me=1, memory=True)
+        n.loop = loop
+        n.identity = SimpleNamespace(current=FakeSigner(IDS[1]))  # (as runtime.epochs wraps it)
+        k = ChainKeeper(n)
+        k.sign(M1)
+        k.sign(M1)  # (a request under way: not asked twice)
+        assert k.own is None and k.asking is not None
+        loop.run_until_complete(k.asking)
+        fake = n.identity.current
+        assert fake.calls == 1 and k.own is None and k.asking is None
+        assert ("chain-sign-unavailable", {"epoch": 1, "reason": "signer-unavailable"}) in n.logs
+        fake.down = False
+        k.sign(M1)  # (the next stable checkpoint)
+        loop.run_until_complete(k.asking)
+        assert k.own is not None and k.own.signatures[0][0] == 1
+        assert check_signature(G, 1, k.own.signatures[0][1], statement(membership_digest(G), M1)) == ""
+        assert len(k.votes) == 1 and k.voted == {1: next(iter(k.votes))}
+        assert [e for e, _ in n.logs].count("chain-sign-unavailable") == 1
+        # the chain moved on while the signer was asked: that signature is not used
+        k2 = ChainKeeper(node(tmp_path, me=1, memory=True))
+        k2.node.loop, k2.node.identity = loop, n.identity
+        k2.sign(M1)
+        for v in (0, 2, 3):
+            k2.on_frame(frame_of(vote(v)))
+        assert k2.head == M1
+        loop.run_until_complete(k2.asking)
+        assert k2.own is None and k2.votes == {}  # (no vote for a link after M1 made of it)
+        assert [s for s, _ in k2.links[0].signatures] == [0, 2, 3]
+        # an identity with neither a private key nor a signer: named, once
+        n3 = node(tmp_path, me=2, memory=True)
+        n3.identity = SimpleNamespace(principal=2)
+        ChainKeeper(n3).sign(M1)
+        assert ("chain-sign-unavailable", {"epoch": 1, "reason": "no-private-key"}) in n3.logs
+    finally:
+        loop.close()
