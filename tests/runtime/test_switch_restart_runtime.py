@@ -168,3 +168,31 @@ def test_a_proactive_recovery_spanning_a_change_comes_back_in_the_new_membership
     starts = started_lines(lc, 3)
     assert len(starts) == 2 and starts[1]["n"] == n0, starts  # rebooted from a store of before the switch
     assert "recovery-reboot" in lc.log_text(3)
+
+
+def test_an_added_replica_restarted_alone_takes_the_membership_of_the_chain_it_holds(local_cluster, capsys):
+    """After a growth 4 -> 5 every replica stops and epoch.json is gone (a machine with only
+    cluster.toml): the added replica 4, started first with no peer to ask, takes the membership
+    its stored chain certifies (not cluster.toml's, where it is no member) and restores; the
+    others start, and it executes new requests with them."""
+    from pbft.runtime.cluster import EPOCH_FILE
+
+    lc = local_cluster(n=4, clients=2, protocol=PROTOCOL, replica_slots=5)
+    put_after(lc, b"pre", 12)
+    target = change_membership(lc, capsys, 5)
+    lc.wait_for(lambda: all(in_membership(lc, i, target) for i in range(5)), timeout=40,
+                what="every replica in the membership of 5")
+    put_after(lc, b"mid", 20)
+    lc.wait_for(lambda: lc.status(4)["stable_checkpoint"] > target["members_from"], what="a checkpoint at 4")
+    for i in range(5):
+        lc.signal(i, signal.SIGTERM)
+    for i in range(5):
+        lc.procs[i].wait(10)
+    (lc.dir / EPOCH_FILE).unlink()
+    lc.start(4)
+    lc.wait_for(lambda: in_membership(lc, 4, target), timeout=20, what="replica 4 up in the membership of 5")
+    assert lc.status(4)["restored"] == "restored"
+    for i in range(4):
+        lc.start(i)
+    executes_with_the_others(lc, 4, b"h")
+    assert "the chain replica 4 holds certifies a membership of 5 replicas" in lc.log_text(4)

@@ -120,6 +120,11 @@ def cmd_replica(args) -> int:
         print(f"pbft replica: the replicas certify a membership of {learnt.cfg.n} replicas (f={learnt.cfg.f}) "
               f"after {learnt.members_from}, epoch {learnt.members_epoch}", file=sys.stderr)
         cluster = learnt
+    held = held_chain(cluster, args.id)  # (the peers may be down too: a whole cluster restarting)
+    if held is not None:
+        print(f"pbft replica: the chain replica {args.id} holds certifies a membership of {held.cfg.n} replicas "
+              f"(f={held.cfg.f}) after {held.members_from}, epoch {held.members_epoch}", file=sys.stderr)
+        cluster = held
     identity = None
     sock = signer_spec(cluster.dir, args.id, getattr(args, "signer", None))
     if sock is not None:  # the key stays in a signer process; we never read the key file
@@ -128,6 +133,31 @@ def cmd_replica(args) -> int:
     service = load_service(replica_service(cluster, args.id, args.service), cluster)
     run_replica(cluster, args.id, service, quiet=args.quiet, recover=args.recover, identity=identity)
     return 0
+
+
+def held_chain(cluster, replica_id: int):
+    """The cluster with the membership the chain replica ``replica_id`` keeps in its data
+    directory certifies (``runtime.chain_keeper``: ``membership-chain``, verified against
+    cluster.toml), if it is newer than ``cluster``'s; else None (none kept, or one that does not
+    verify: the replica's own start logs it, ``chain-unreadable``)."""
+    from ..runtime.chain import CHAIN_BYTES_MAX, ChainError, decode_chain
+    from ..runtime.chain_keeper import CHAIN_FILE
+    from ..runtime.follow import with_chain
+
+    st = cluster.storage
+    if st.mode == "memory":
+        return None
+    try:
+        with open(st.replica_dir(cluster.dir, replica_id) / CHAIN_FILE, "rb") as fh:
+            links = tuple(decode_chain(fh.read(CHAIN_BYTES_MAX + 1)))
+        if not links:
+            return None
+        m = links[-1].members
+        if (m.epoch, m.opens_at) <= (cluster.members_epoch, cluster.members_from):
+            return None
+        return with_chain(cluster, links)  # (verified: raises ChainError otherwise)
+    except (OSError, ChainError, ConfigError):
+        return None
 
 
 def replica_service(cluster, replica_id: int, option) -> str:
