@@ -3,8 +3,9 @@
 replicas stopped once the continuing members switched), and then
 
 * a replica restarts after the switch with a damaged store (a value's bytes overwritten on
-  disk: its state is unusable, ``state-repair``; it comes up with cluster.toml's membership and
-  fetches its certified stable checkpoint, whose state records the new one), or
+  disk: its state is unusable, ``state-repair``), after the others moved on beyond its log window
+  (it comes up with cluster.toml's membership, fetches a certified checkpoint, whose state
+  records the new one, and switches), or
 * a replica's proactive recovery spans the switch (asked for with SIGUSR1, the rebooted process
   paused as soon as the old one stopped, while the membership changes: it restores a checkpoint of
   before the switch, and catches up beyond its window through the membership its chain
@@ -123,6 +124,7 @@ def test_a_replica_restarted_with_a_damaged_store_after_a_change_rejoins(local_c
     lc.signal(2, signal.SIGTERM)
     lc.procs[2].wait(10)
     assert damage(lc, 2) >= 1
+    put_after(lc, b"while-down", 40)  # the others move on, beyond its log window
     lc.start(2)
     lc.wait_for(lambda: lc.status(2)["restored"] == "state-repair", timeout=30, what="replica 2 up, damage found")
     lc.wait_for(lambda: in_membership(lc, 2, target), timeout=30, what="replica 2 in the new membership")
