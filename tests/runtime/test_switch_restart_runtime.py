@@ -12,7 +12,9 @@ replicas stopped once the continuing members switched), and then
   certifies),
 
 and each comes back in the membership in force (``/status`` ``members``) and executes the
-requests issued after it came back, its last executed sequence number reaching the others'."""
+requests issued after it came back, its last executed sequence number reaching the others'.
+Last, an added replica restarted alone (no peer up, no epoch.json) takes the membership of the
+chain kept in its data directory."""
 
 from __future__ import annotations
 
