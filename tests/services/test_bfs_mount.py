@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers.bfsutil import BFS_SECTION, pbft, tree_digest, why_not
+from helpers.bfsutil import BFS_SECTION, counted_mount, delta, pbft, tree_digest, why_not
+from pbft.services.bfs.protocol import READ_ONLY_OPS
 from helpers.netutil import LocalCluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -332,6 +333,64 @@ def test_reads_answered_with_the_bytes_fetched_at_open_stay_right(bfs):
     big = os.urandom(200_000)  # larger than one request: read as before
     (d2 / "big").write_bytes(big)
     assert (d1 / "big").read_bytes() == big
+
+
+def _ordered(sent: dict) -> dict:
+    return {op: n for op, n in sent.items() if op not in READ_ONLY_OPS}
+
+
+@pytest.mark.parametrize("gather", [True, False], ids=["update", "no-gather-attrs"])
+def test_a_file_written_and_chmod_ed_before_close_costs_a_create_and_one_update(bfs, gather):
+    """What ``cp -a`` does to each file: created, written, its mode and times set, closed. The
+    mount sends the create and one ``update`` (the writes, then the mode and times) and nothing
+    else ordered; with ``--no-gather-attrs`` the write and each change go on their own."""
+    lc, m1, m2 = bfs
+    times = (1_234_000_000_567, 2_345_000_000_678)
+    with counted_mount(lc, m1.parent / "counted", 10, *(() if gather else ("--no-gather-attrs",))) as (m, counters):
+        d = m / f"cost-{'update' if gather else 'apart'}"
+        d.mkdir()
+        before = counters.sent()
+        fd = os.open(d / "f", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        try:
+            os.write(fd, b"abc" * 1000)
+            os.write(fd, b"def" * 1000)
+            os.fchmod(fd, 0o640)
+            os.utime(fd, ns=times)
+        finally:
+            os.close(fd)
+        sent = delta(before, counters.sent())
+    want = {"create": 1, "update": 1} if gather else {"create": 1, "write": 1, "setattr": 2}
+    assert _ordered(sent) == want, sent
+    st = os.stat(m2 / d.name / "f")  # the strict mount asks the replicas
+    assert (st.st_size, stat.S_IMODE(st.st_mode), st.st_atime_ns, st.st_mtime_ns) == (6000, 0o640, *times)
+    assert (m2 / d.name / "f").read_bytes() == b"abc" * 1000 + b"def" * 1000
+
+
+@pytest.mark.parametrize("prefetch", [True, False], ids=["open-prefetch", "no-open-prefetch"])
+def test_a_small_file_read_after_open_costs_one_request(bfs, prefetch):
+    """Opening and reading a small file that another client wrote: one read-only ``open`` that
+    brings its bytes, no ``read``; with ``--no-open-prefetch`` a ``getattr`` and a ``read``. A
+    file larger than one request is read as before."""
+    lc, m1, m2 = bfs
+    tag = "pre" if prefetch else "nopre"
+    small, large = os.urandom(3000), os.urandom(60_000)
+    (m2 / f"{tag}-small").write_bytes(small)  # (written elsewhere: this mount's kernel has no pages of it)
+    (m2 / f"{tag}-large").write_bytes(large)
+    with counted_mount(lc, m1.parent / "counted", 11, *(() if prefetch else ("--no-open-prefetch",))) as (m, counters):
+        before = counters.sent()
+        with open(m / f"{tag}-small", "rb", buffering=0) as fh:
+            assert fh.read() == small
+        mid = counters.sent()
+        with open(m / f"{tag}-large", "rb", buffering=0) as fh:
+            assert fh.read() == large
+        after = counters.sent()
+    first, second = delta(before, mid), delta(mid, after)
+    assert not _ordered(first) and not _ordered(second), (first, second)
+    if prefetch:
+        assert first.get("open") == 1 and "read" not in first and "getattr" not in first, first
+    else:
+        assert "open" not in first and first.get("getattr") == 1 and first.get("read", 0) >= 1, first
+    assert second.get("read", 0) >= 1, second
 
 
 @pytest.mark.slow

@@ -229,6 +229,16 @@ class BFSOperations(pyfuse3.Operations):
         self.cneg: dict[int, int] = {}  # directory -> absent names fetched there (it is listed after MLIST_AFTER)
         self.mstats = {"checks": 0, "voided": 0, "hits": 0, "lists": 0}
 
+    def log_counters(self, level: int = logging.INFO) -> None:
+        """The requests sent (count, mean ms), the FUSE requests handled and the mount cache's
+        counters, in three lines of the log: at the end, and on SIGUSR1 at any time."""
+        log.log(level, "bfs mount: calls %s; errors %s", {k: (v[0], round(v[1] / max(1, v[0]) * 1000, 2))
+                                                          for k, v in sorted(self.stats.items())}, self.errors)
+        log.log(level, "bfs mount: FUSE requests %s; mount cache %s", dict(sorted(self.fuse.items())), self.mstats)
+        log.log(level, "bfs mount: FUSE handlers (count, mean ms) %s; waited for an identity %.3f s",
+                {k: (n, round(self.fuse_s.get(k, 0.0) / max(1, n) * 1000, 3)) for k, n in sorted(self.fuse.items())},
+                self.wait_s)
+
     # ---- calling the cluster ---------------------------------------------------------------
     async def call(self, op: str, *args, cred: tuple, read_only: bool = False, ident: Optional[int] = None):
         raw = encode_op(op, *args, cred)
@@ -1141,12 +1151,13 @@ async def run_mount(cluster, identities: list[int], mountpoint: str, strict: boo
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, pyfuse3.terminate)
+    loop.add_signal_handler(signal.SIGUSR1, ops.log_counters, logging.WARNING)  # (asked for: at any log level)
     if ready is not None:
         ready()
     try:
         await pyfuse3.main()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
         try:
             await ops._flush_all()  # writes still gathered (files left open at a SIGTERM)
@@ -1159,12 +1170,7 @@ async def run_mount(cluster, identities: list[int], mountpoint: str, strict: boo
             pass
         pyfuse3.close(unmount=True)
         await pool.close()
-        log.info("bfs mount: calls %s; errors %s", {k: (v[0], round(v[1] / max(1, v[0]) * 1000, 2))
-                                                   for k, v in sorted(ops.stats.items())}, ops.errors)
-        log.info("bfs mount: FUSE requests %s; mount cache %s", dict(sorted(ops.fuse.items())), ops.mstats)
-        log.info("bfs mount: FUSE handlers (count, mean ms) %s; waited for an identity %.3f s",
-                 {k: (n, round(ops.fuse_s.get(k, 0.0) / max(1, n) * 1000, 3)) for k, n in sorted(ops.fuse.items())},
-                 ops.wait_s)
+        ops.log_counters()
 
 
 def mount_main(cluster, identities: list[int], mountpoint: str, **kw) -> None:
