@@ -150,7 +150,7 @@ def counted_mount(lc: LocalCluster, m: Path, client_id: int, *options, identitie
     """``pbft mount`` with ``options`` in the background for the block: yields the mount point and
     its ``Counters``; then unmounted, and its log must hold no traceback."""
     m.mkdir(exist_ok=True)
-    log = lc.dir / f"mount-{client_id}.log"
+    log = lc.dir / f"counted-mount-{client_id}.log"  # (its own log: others parse mount-N.log)
     p = pbft("mount", lc.dir, m, "--client-id", client_id, "--identities", identities, "--timeout", timeout,
              "--log", log, *options)
     pid = re.search(r"\(pid (\d+)", p.stdout)

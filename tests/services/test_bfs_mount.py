@@ -393,6 +393,35 @@ def test_a_small_file_read_after_open_costs_one_request(bfs, prefetch):
     assert second.get("read", 0) >= 1, second
 
 
+@pytest.mark.parametrize("exact", [True, False], ids=["exact-holds", "no-exact-holds"])
+def test_an_unlink_while_another_file_is_open_costs_one_request(bfs, exact):
+    """With a file open on the mount, removing another file (unlink, or a rename over it) is one
+    ordered request: the mount names its open files, so the replicas do not hold the removed one
+    (with ``--no-exact-holds`` they do, and a ``release`` follows). The open file itself, removed,
+    stays readable until it is closed."""
+    lc, m1, m2 = bfs
+    with counted_mount(lc, m1.parent / "counted", 10, *(() if exact else ("--no-exact-holds",))) as (m, counters):
+        d = m / f"holds-{'exact' if exact else 'any'}"
+        d.mkdir()
+        for name in ("open", "a", "b", "c"):
+            (d / name).write_bytes(name.encode() * 100)
+        with open(d / "open", "rb", buffering=0) as held:
+            before = counters.sent()
+            os.unlink(d / "a")
+            os.rename(d / "b", d / "c")  # (replaces c)
+            sent = delta(before, counters.sent())
+            os.unlink(d / "open")
+            assert held.read() == b"open" * 100  # (held for this mount: still readable)
+            mid = counters.sent()
+        deadline = time.monotonic() + 10  # (the kernel sends the release after close returns)
+        while "release" not in (end := delta(mid, counters.sent())) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    ordered = _ordered(sent)
+    assert ordered == ({"unlink": 1, "rename": 1} if exact else {"unlink": 1, "rename": 1, "release": 2}), sent
+    assert _ordered(end) == {"release": 1}, end  # (the close of the removed open file drops its hold)
+    assert sorted(os.listdir(m2 / d.name)) == ["c"] and (m2 / d.name / "c").read_bytes() == b"b" * 100
+
+
 @pytest.mark.slow
 def test_a_replica_killed_during_writes(bfs):
     lc, m1, m2 = bfs

@@ -47,8 +47,8 @@ import pyfuse3.asyncio
 
 from ...runtime.client import ClientPool, NoQuorumError, PbftError
 from .protocol import (A_ATIME, A_BLOCKS, A_CTIME, A_GID, A_INO, A_MODE, A_MTIME, A_NLINK, A_RDEV, A_SIZE, A_UID,
-                       GROUPS_MAX, IO_MAX, UPDATE_SETATTR, UPDATE_STEPS_MAX, UPDATE_WRITE, UTIME_NOW, BFSError,
-                       decode_result, encode_op)
+                       GROUPS_MAX, IO_MAX, KEEP_MAX, UPDATE_SETATTR, UPDATE_STEPS_MAX, UPDATE_WRITE, UTIME_NOW,
+                       BFSError, decode_result, encode_op)
 
 log = logging.getLogger("pbft.bfs.mount")
 
@@ -159,7 +159,7 @@ class BFSOperations(pyfuse3.Operations):
     def __init__(self, pool: ClientPool, identities: list[int], strict: bool = False, timeout_s: float = 60.0,
                  cache_s: float = 1.0, writeback: bool = False, keep_cache: bool = True,
                  negative_cache: bool = True, write_behind: bool = True, mount_cache: bool = True,
-                 prefetch: bool = True, gather_attrs: bool = True):
+                 prefetch: bool = True, gather_attrs: bool = True, exact_holds: bool = True):
         super().__init__()
         self.pool = pool
         self.ids = list(identities)
@@ -179,6 +179,11 @@ class BFSOperations(pyfuse3.Operations):
         self.next_fh = 1
         self.open_count: dict[int, int] = {}
         self.orphans: dict[int, int] = {}  # inode kept by the service for us -> the identity holding it
+        # an unlink or rename asks the replicas to hold the inode it removes only if it is open
+        # here (or being opened): they are named, so no ``release`` follows for another one
+        self.exact_holds = exact_holds
+        self.opening: dict[int, int] = {}  # inode -> opens of it under way
+        self.creating = 0  # creates under way (their inodes are not known yet)
         self.known: dict[int, tuple] = {}  # inode -> (size, mtime) the kernel was last told
         # directory -> (attributes, when fetched): the kernel drops a directory's attributes at
         # each of our changes in it and asks for them again (for its permission check) before
@@ -344,10 +349,21 @@ class BFSOperations(pyfuse3.Operations):
         """The service kept ``ino`` (unlinked while we had it open) for identity ``who``."""
         if not ino:
             return
-        if self.open_count.get(ino):
+        if self.open_count.get(ino) or self.opening.get(ino):
             self.orphans[ino] = who
         else:
             await self.call("release", ino, cred=(0, 0, ()), ident=who)
+
+    def _keep(self):
+        """The ``keep`` of an unlink or rename: the inodes open here or being opened (True: hold
+        whatever it removes, when they are too many, a create is under way or ``exact_holds`` is
+        off; False: none is open)."""
+        if not self.open_count and not self.opening and not self.creating:
+            return False
+        ids = set(self.open_count) | set(self.opening)
+        if not self.exact_holds or self.creating or len(ids) > KEEP_MAX:
+            return True
+        return tuple(sorted(ids))
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -751,7 +767,7 @@ class BFSOperations(pyfuse3.Operations):
         c = self.cent.pop((parent_inode, nm), None)
         mg, ep = self._snap(), self.ve
         try:
-            (kept, when), who = await self.call_as("unlink", parent_inode, nm, bool(self.open_count),
+            (kept, when), who = await self.call_as("unlink", parent_inode, nm, self._keep(),
                                                    cred=self.cred(ctx))
         finally:
             # the unlinked inode's link count and ctime changed: if which one it was is not
@@ -777,7 +793,7 @@ class BFSOperations(pyfuse3.Operations):
         await self._flush_all()
         self._dvoid()  # (a moved directory's ctime and '..' change too)
         kept, who = await self.call_as("rename", parent_inode_old, bytes(name_old), parent_inode_new,
-                                       bytes(name_new), flags, bool(self.open_count), cred=self.cred(ctx))
+                                       bytes(name_new), flags, self._keep(), cred=self.cred(ctx))
         await self._kept(kept, who)
 
     @_guard
@@ -835,6 +851,23 @@ class BFSOperations(pyfuse3.Operations):
 
     @_guard
     async def open(self, inode, flags, ctx):
+        self.opening[inode] = self.opening.get(inode, 0) + 1  # (an unlink meanwhile holds it: _keep)
+        opened = False
+        try:
+            fi = await self._open(inode, flags, ctx)
+            opened = True
+            return fi
+        finally:
+            c = self.opening.pop(inode) - 1
+            if c:
+                self.opening[inode] = c
+            elif not opened and not self.open_count.get(inode) and inode in self.orphans:
+                try:  # (held for this open, which failed)
+                    await self.call("release", inode, cred=(0, 0, ()), ident=self.orphans.pop(inode))
+                except (BFSError, PbftError, ValueError):
+                    pass  # (the next mount's release_all drops it)
+
+    async def _open(self, inode, flags, ctx):
         cred = self.cred(ctx)
         if inode in self.dirty:
             await self._flush_writes(inode)
@@ -896,6 +929,13 @@ class BFSOperations(pyfuse3.Operations):
         # made it meanwhile, a plain create opens it, as it would have at once
         nm = bytes(name)
         mg = self._snap()
+        self.creating += 1  # (an unlink meanwhile holds what it removes: _keep)
+        try:
+            return await self._create(parent_inode, nm, mode, flags, cred, base, g, mg)
+        finally:
+            self.creating -= 1
+
+    async def _create(self, parent_inode, nm, mode, flags, cred, base, g, mg):
         try:
             a = await self.call("create", parent_inode, nm, mode, True, cred=cred)
             self._own_new(mg, parent_inode, nm, a)
