@@ -422,6 +422,30 @@ def test_an_unlink_while_another_file_is_open_costs_one_request(bfs, exact):
     assert sorted(os.listdir(m2 / d.name)) == ["c"] and (m2 / d.name / "c").read_bytes() == b"b" * 100
 
 
+@pytest.mark.parametrize("fold", [True, False], ids=["fsync-fold", "no-fsync-fold"])
+def test_an_fsync_that_sends_the_writes_costs_no_more_requests(bfs, fold):
+    """A file written, fsynced and closed: the fsync sends the gathered write, and its agreement
+    is the fsync (no ordered no-op after it; with ``--no-fsync-fold`` one follows). An fsync with
+    nothing gathered is the ordered no-op either way."""
+    lc, m1, m2 = bfs
+    with counted_mount(lc, m1.parent / "counted", 11, *(() if fold else ("--no-fsync-fold",))) as (m, counters):
+        d = m / f"fsync-{'fold' if fold else 'noop'}"
+        d.mkdir()
+        before = counters.sent()
+        fd = os.open(d / "f", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        try:
+            os.write(fd, b"durable " * 100)
+            os.fsync(fd)
+            mid = counters.sent()
+            os.fsync(fd)  # (nothing gathered)
+        finally:
+            os.close(fd)
+        first, second = delta(before, mid), delta(mid, counters.sent())
+        assert (m2 / d.name / "f").read_bytes() == b"durable " * 100
+    assert _ordered(first) == ({"create": 1, "write": 1} if fold else {"create": 1, "write": 1, "fsync": 1}), first
+    assert _ordered(second) == {"fsync": 1}, second
+
+
 @pytest.mark.slow
 def test_a_replica_killed_during_writes(bfs):
     lc, m1, m2 = bfs

@@ -159,7 +159,8 @@ class BFSOperations(pyfuse3.Operations):
     def __init__(self, pool: ClientPool, identities: list[int], strict: bool = False, timeout_s: float = 60.0,
                  cache_s: float = 1.0, writeback: bool = False, keep_cache: bool = True,
                  negative_cache: bool = True, write_behind: bool = True, mount_cache: bool = True,
-                 prefetch: bool = True, gather_attrs: bool = True, exact_holds: bool = True):
+                 prefetch: bool = True, gather_attrs: bool = True, exact_holds: bool = True,
+                 fsync_fold: bool = True):
         super().__init__()
         self.pool = pool
         self.ids = list(identities)
@@ -203,6 +204,7 @@ class BFSOperations(pyfuse3.Operations):
         # ``update`` with the writes when they fit)
         self.pattrs: dict[int, list] = {}
         self.gather_attrs = gather_attrs
+        self.fsync_fold = fsync_fold  # an fsync that sent the file's writes sends no ordered no-op after them
         self.flushing: dict[int, asyncio.Lock] = {}
         self.write_errors: dict[int, int] = {}  # inode -> errno of a gathered write the replicas refused
         # a small file's bytes come with the open's attributes (one read-only ``open``) and answer
@@ -1016,9 +1018,10 @@ class BFSOperations(pyfuse3.Operations):
         await self._send_writes(h.ino, [(off, bytes(buf), h.cred)], h.opened_ns)
         return len(buf)
 
-    async def _flush_writes(self, ino: int) -> None:
-        """Send the writes gathered for ``ino`` (in order); an error is raised here and again at
-        the next flush or fsync of the file."""
+    async def _flush_writes(self, ino: int) -> bool:
+        """Send the writes gathered for ``ino`` (in order): whether there were any (they are agreed
+        when it returns); an error is raised here and again at the next flush or fsync of the file."""
+        sent = False
         lock = self.flushing.get(ino)
         if ino in self.dirty or lock is not None:
             if lock is None:
@@ -1030,6 +1033,7 @@ class BFSOperations(pyfuse3.Operations):
                     try:
                         await self._send_writes(ino, [(o, bytes(b), c) for o, b, c in ext], None,
                                                 [(m, t) for m, t, _lt, _w in pend])
+                        sent = True
                     except BFSError as e:
                         self.write_errors[ino] = e.errno or E.EIO
                         raise
@@ -1039,6 +1043,7 @@ class BFSOperations(pyfuse3.Operations):
         err = self.write_errors.pop(ino, None)
         if err:
             raise BFSError(err, os.strerror(err))
+        return sent
 
     async def _flush_all(self) -> None:
         for ino in list(self.dirty):
@@ -1089,8 +1094,10 @@ class BFSOperations(pyfuse3.Operations):
     @_guard
     async def fsync(self, fh, datasync):
         h = self._handle(fh)
-        await self._flush_writes(h.ino)
-        await self.call("fsync", h.ino, cred=h.cred)
+        # writes sent here, once agreed, are ordered after everything done before this fsync
+        # began: they are the point the ordered no-op would be, and it is left out
+        if not await self._flush_writes(h.ino) or not self.fsync_fold:
+            await self.call("fsync", h.ino, cred=h.cred)
 
     @_guard
     async def release(self, fh):
