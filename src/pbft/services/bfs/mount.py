@@ -30,6 +30,11 @@ request to the replicated ``BFSService``.
   client changed still shows within ``cache_s``. ``open`` always fetches (close-to-open).
 * Credentials: the caller's uid, gid and supplementary groups (from ``/proc/PID/status``)
   go with every request; reads and writes through an open file use the opener's.
+* Ordered requests left out where their effect is had anyway: an unlink or rename names the
+  files open here, so the replicas hold only one of those (no ``release`` after it for another
+  file); an fsync that sent the file's writes sends no ordered no-op after them.
+* Counters (requests sent, FUSE requests handled, the mount cache's): in the log at the end,
+  and on SIGUSR1.
 """
 
 from __future__ import annotations
