@@ -4,6 +4,7 @@ with ``pbft mount``, used with ordinary tools.  Needs root, /dev/fuse and pyfuse
 from __future__ import annotations
 
 import ast
+import asyncio
 import errno
 import hashlib
 import os
@@ -14,11 +15,13 @@ import subprocess
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
 
 from helpers.bfsutil import BFS_SECTION, counted_mount, delta, pbft, tree_digest, why_not
+from pbft.services.bfs import BFSConfig, BFSService, ClientPolicy
 from pbft.services.bfs.protocol import READ_ONLY_OPS
 from helpers.netutil import LocalCluster
 
@@ -444,6 +447,41 @@ def test_an_fsync_that_sends_the_writes_costs_no_more_requests(bfs, fold):
         assert (m2 / d.name / "f").read_bytes() == b"durable " * 100
     assert _ordered(first) == ({"create": 1, "write": 1} if fold else {"create": 1, "write": 1, "fsync": 1}), first
     assert _ordered(second) == {"fsync": 1}, second
+
+
+class _InProcess:
+    """A client pool whose replicas are one service in this process."""
+
+    def __init__(self, service):
+        self.service = service
+        self.cfg = types.SimpleNamespace(request_size_bytes_max=65536)
+        self.t = 10 ** 18
+
+    async def invoke(self, who, raw, read_only, timeout):
+        self.t += 1_000_000
+        return self.service.execute(raw, who, self.t.to_bytes(8, "big"), read_only)
+
+
+class _KeepOnlyBool(BFSService):
+    """Replicas of before open files could be named in ``keep``: anything but True is False."""
+
+    def op_unlink(self, cr, pino, name, keep):
+        return super().op_unlink(cr, pino, name, keep is True)
+
+    def op_rename(self, cr, sp, sname, dp, dname, flags, keep):
+        return super().op_rename(cr, sp, sname, dp, dname, flags, keep is True)
+
+
+def test_a_mount_names_its_open_files_only_to_replicas_that_take_them():
+    from pbft.services.bfs.mount import BFSOperations
+
+    cfg = BFSConfig(default=ClientPolicy(root=True))
+    for service, exact in ((BFSService(cfg), True), (_KeepOnlyBool(cfg), False)):
+        ops = BFSOperations(_InProcess(service), [4])  # type: ignore[arg-type]
+        asyncio.run(ops.start())
+        assert ops.exact_holds is exact
+        ops.open_count[7] = 1
+        assert ops._keep() == ((7,) if exact else True)
 
 
 @pytest.mark.slow

@@ -639,6 +639,8 @@ def test_unlink_and_rename_hold_only_an_inode_the_caller_names_as_open():
         assert fs.err("rename", ROOT_INO, b"h", ROOT_INO, b"n", 0, bad) == E.EINVAL, bad
     assert fs.s.digest() == before and fs.stat(m)[A_NLINK] == 1
     assert fs("unlink", ROOT_INO, b"h", tuple(range(1, KEEP_MAX + 1))) == (m, fs.stat(ROOT_INO)[A_MTIME])
+    # what a mount asks first (replicas that know only True and False say ESTALE: no such directory)
+    assert fs.err("unlink", 1 << 63, b"x", (0,)) == E.EINVAL
 
 
 def test_lazy_reclaim_is_bounded_and_truncated_data_never_reappears():

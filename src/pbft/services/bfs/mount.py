@@ -379,8 +379,23 @@ class BFSOperations(pyfuse3.Operations):
         try:
             for i in self.ids:
                 await self.call("release_all", cred=(0, 0, ()), ident=i)
+            if self.exact_holds:
+                await self._probe_holds()
         finally:
             self.timeout_s = saved
+
+    async def _probe_holds(self) -> None:
+        """Replicas that take ``keep`` only as True or False would free an open file named in a
+        tuple: ask them first. An unlink in a directory that cannot exist, with a ``keep`` they
+        refuse (EINVAL) if they know tuples, changes nothing either way."""
+        try:
+            await self.call("unlink", 1 << 63, b"x", (0,), cred=(0, 0, ()))
+        except BFSError as e:
+            if e.errno == E.EINVAL:
+                return
+        log.warning("bfs mount: the replicas do not take open files in `keep`: every unlink or rename while "
+                    "files are open holds what it removes")
+        self.exact_holds = False
 
     # ---- metadata ------------------------------------------------------------------------------
     def _absent(self, timeout: float) -> pyfuse3.EntryAttributes:
