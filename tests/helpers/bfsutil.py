@@ -4,14 +4,18 @@ cluster on loopback and mounts that are always unmounted."""
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import os
+import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from helpers.netutil import SRC, LocalCluster
@@ -105,6 +109,58 @@ def mounted(lc: LocalCluster, m: Path, client_id: int, identities: int = 2, time
     if log.exists():
         text = log.read_text(errors="replace")
         assert "Traceback" not in text, text[-3000:]
+
+
+class Counters:
+    """The counters of a background mount (process ``pid``, logging to ``log``): on SIGUSR1 it
+    writes them to its log (``docs/bfs.md``, *Mounting*)."""
+
+    def __init__(self, log: Path, pid: int):
+        self.log = log
+        self.pid = pid
+
+    def read(self, timeout: float = 15.0) -> tuple[dict, dict]:
+        """``({op: requests sent}, {kind: FUSE requests handled})`` as of now."""
+        last = "waited for an identity"  # (the last of the three lines)
+        seen = self.log.read_text(errors="replace").count(last)
+        os.kill(self.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.log.read_text(errors="replace")
+            if text.count(last) > seen:
+                break
+            assert time.monotonic() < deadline, f"the mount wrote no counters: {text[-2000:]}"
+            time.sleep(0.05)
+        sent = ast.literal_eval(text.rsplit("bfs mount: calls ", 1)[1].split("; errors", 1)[0])
+        fuse = ast.literal_eval(text.rsplit("bfs mount: FUSE requests ", 1)[1].split("; mount cache", 1)[0])
+        return {op: v[0] for op, v in sent.items()}, fuse
+
+    def sent(self) -> dict:
+        return self.read()[0]
+
+
+def delta(before: dict, after: dict) -> dict:
+    """The counts that changed from ``before`` to ``after``."""
+    return {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(before) | set(after))
+            if after.get(k, 0) != before.get(k, 0)}
+
+
+@contextlib.contextmanager
+def counted_mount(lc: LocalCluster, m: Path, client_id: int, *options, identities: int = 1, timeout: float = 30):
+    """``pbft mount`` with ``options`` in the background for the block: yields the mount point and
+    its ``Counters``; then unmounted, and its log must hold no traceback."""
+    m.mkdir(exist_ok=True)
+    log = lc.dir / f"counted-mount-{client_id}.log"  # (its own log: others parse mount-N.log)
+    p = pbft("mount", lc.dir, m, "--client-id", client_id, "--identities", identities, "--timeout", timeout,
+             "--log", log, *options)
+    pid = re.search(r"\(pid (\d+)", p.stdout)
+    assert pid is not None, p.stdout
+    try:
+        yield m, Counters(log, int(pid.group(1)))
+    finally:
+        unmount(m)
+    text = log.read_text(errors="replace")
+    assert "Traceback" not in text, text[-3000:]
 
 
 def sha(data: bytes) -> str:

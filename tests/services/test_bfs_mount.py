@@ -4,6 +4,7 @@ with ``pbft mount``, used with ordinary tools.  Needs root, /dev/fuse and pyfuse
 from __future__ import annotations
 
 import ast
+import asyncio
 import errno
 import hashlib
 import os
@@ -14,11 +15,14 @@ import subprocess
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
 
-from helpers.bfsutil import BFS_SECTION, pbft, tree_digest, why_not
+from helpers.bfsutil import BFS_SECTION, counted_mount, delta, pbft, tree_digest, why_not
+from pbft.services.bfs import BFSConfig, BFSService, ClientPolicy
+from pbft.services.bfs.protocol import READ_ONLY_OPS
 from helpers.netutil import LocalCluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -332,6 +336,152 @@ def test_reads_answered_with_the_bytes_fetched_at_open_stay_right(bfs):
     big = os.urandom(200_000)  # larger than one request: read as before
     (d2 / "big").write_bytes(big)
     assert (d1 / "big").read_bytes() == big
+
+
+def _ordered(sent: dict) -> dict:
+    return {op: n for op, n in sent.items() if op not in READ_ONLY_OPS}
+
+
+@pytest.mark.parametrize("gather", [True, False], ids=["update", "no-gather-attrs"])
+def test_a_file_written_and_chmod_ed_before_close_costs_a_create_and_one_update(bfs, gather):
+    """What ``cp -a`` does to each file: created, written, its mode and times set, closed. The
+    mount sends the create and one ``update`` (the writes, then the mode and times) and nothing
+    else ordered; with ``--no-gather-attrs`` the write and each change go on their own."""
+    lc, m1, m2 = bfs
+    times = (1_234_000_000_567, 2_345_000_000_678)
+    with counted_mount(lc, m1.parent / "counted", 10, *(() if gather else ("--no-gather-attrs",))) as (m, counters):
+        d = m / f"cost-{'update' if gather else 'apart'}"
+        d.mkdir()
+        before = counters.sent()
+        fd = os.open(d / "f", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        try:
+            os.write(fd, b"abc" * 1000)
+            os.write(fd, b"def" * 1000)
+            os.fchmod(fd, 0o640)
+            os.utime(fd, ns=times)
+        finally:
+            os.close(fd)
+        sent = delta(before, counters.sent())
+    want = {"create": 1, "update": 1} if gather else {"create": 1, "write": 1, "setattr": 2}
+    assert _ordered(sent) == want, sent
+    st = os.stat(m2 / d.name / "f")  # the strict mount asks the replicas
+    assert (st.st_size, stat.S_IMODE(st.st_mode), st.st_atime_ns, st.st_mtime_ns) == (6000, 0o640, *times)
+    assert (m2 / d.name / "f").read_bytes() == b"abc" * 1000 + b"def" * 1000
+
+
+@pytest.mark.parametrize("prefetch", [True, False], ids=["open-prefetch", "no-open-prefetch"])
+def test_a_small_file_read_after_open_costs_one_request(bfs, prefetch):
+    """Opening and reading a small file that another client wrote: one read-only ``open`` that
+    brings its bytes, no ``read``; with ``--no-open-prefetch`` a ``getattr`` and a ``read``. A
+    file larger than one request is read as before."""
+    lc, m1, m2 = bfs
+    tag = "pre" if prefetch else "nopre"
+    small, large = os.urandom(3000), os.urandom(60_000)
+    (m2 / f"{tag}-small").write_bytes(small)  # (written elsewhere: this mount's kernel has no pages of it)
+    (m2 / f"{tag}-large").write_bytes(large)
+    with counted_mount(lc, m1.parent / "counted", 11, *(() if prefetch else ("--no-open-prefetch",))) as (m, counters):
+        before = counters.sent()
+        with open(m / f"{tag}-small", "rb", buffering=0) as fh:
+            assert fh.read() == small
+        mid = counters.sent()
+        with open(m / f"{tag}-large", "rb", buffering=0) as fh:
+            assert fh.read() == large
+        after = counters.sent()
+    first, second = delta(before, mid), delta(mid, after)
+    assert not _ordered(first) and not _ordered(second), (first, second)
+    if prefetch:
+        assert first.get("open") == 1 and "read" not in first and "getattr" not in first, first
+    else:
+        assert "open" not in first and first.get("getattr") == 1 and first.get("read", 0) >= 1, first
+    assert second.get("read", 0) >= 1, second
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact-holds", "no-exact-holds"])
+def test_an_unlink_while_another_file_is_open_costs_one_request(bfs, exact):
+    """With a file open on the mount, removing another file (unlink, or a rename over it) is one
+    ordered request: the mount names its open files, so the replicas do not hold the removed one
+    (with ``--no-exact-holds`` they do, and a ``release`` follows). The open file itself, removed,
+    stays readable until it is closed."""
+    lc, m1, m2 = bfs
+    with counted_mount(lc, m1.parent / "counted", 10, *(() if exact else ("--no-exact-holds",))) as (m, counters):
+        d = m / f"holds-{'exact' if exact else 'any'}"
+        d.mkdir()
+        for name in ("open", "a", "b", "c"):
+            (d / name).write_bytes(name.encode() * 100)
+        with open(d / "open", "rb", buffering=0) as held:
+            before = counters.sent()
+            os.unlink(d / "a")
+            os.rename(d / "b", d / "c")  # (replaces c)
+            sent = delta(before, counters.sent())
+            os.unlink(d / "open")
+            assert held.read() == b"open" * 100  # (held for this mount: still readable)
+            mid = counters.sent()
+        deadline = time.monotonic() + 10  # (the kernel sends the release after close returns)
+        while "release" not in (end := delta(mid, counters.sent())) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    ordered = _ordered(sent)
+    assert ordered == ({"unlink": 1, "rename": 1} if exact else {"unlink": 1, "rename": 1, "release": 2}), sent
+    assert _ordered(end) == {"release": 1}, end  # (the close of the removed open file drops its hold)
+    assert sorted(os.listdir(m2 / d.name)) == ["c"] and (m2 / d.name / "c").read_bytes() == b"b" * 100
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["fsync-fold", "no-fsync-fold"])
+def test_an_fsync_that_sends_the_writes_costs_no_more_requests(bfs, fold):
+    """A file written, fsynced and closed: the fsync sends the gathered write, and its agreement
+    is the fsync (no ordered no-op after it; with ``--no-fsync-fold`` one follows). An fsync with
+    nothing gathered is the ordered no-op either way."""
+    lc, m1, m2 = bfs
+    with counted_mount(lc, m1.parent / "counted", 11, *(() if fold else ("--no-fsync-fold",))) as (m, counters):
+        d = m / f"fsync-{'fold' if fold else 'noop'}"
+        d.mkdir()
+        before = counters.sent()
+        fd = os.open(d / "f", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        try:
+            os.write(fd, b"durable " * 100)
+            os.fsync(fd)
+            mid = counters.sent()
+            os.fsync(fd)  # (nothing gathered)
+        finally:
+            os.close(fd)
+        first, second = delta(before, mid), delta(mid, counters.sent())
+        assert (m2 / d.name / "f").read_bytes() == b"durable " * 100
+    assert _ordered(first) == ({"create": 1, "write": 1} if fold else {"create": 1, "write": 1, "fsync": 1}), first
+    assert _ordered(second) == {"fsync": 1}, second
+
+
+class _InProcess:
+    """A client pool whose replicas are one service in this process."""
+
+    def __init__(self, service):
+        self.service = service
+        self.cfg = types.SimpleNamespace(request_size_bytes_max=65536)
+        self.t = 10 ** 18
+
+    async def invoke(self, who, raw, read_only, timeout):
+        self.t += 1_000_000
+        return self.service.execute(raw, who, self.t.to_bytes(8, "big"), read_only)
+
+
+class _KeepOnlyBool(BFSService):
+    """Replicas of before open files could be named in ``keep``: anything but True is False."""
+
+    def op_unlink(self, cr, pino, name, keep):
+        return super().op_unlink(cr, pino, name, keep is True)
+
+    def op_rename(self, cr, sp, sname, dp, dname, flags, keep):
+        return super().op_rename(cr, sp, sname, dp, dname, flags, keep is True)
+
+
+def test_a_mount_names_its_open_files_only_to_replicas_that_take_them():
+    from pbft.services.bfs.mount import BFSOperations
+
+    cfg = BFSConfig(default=ClientPolicy(root=True))
+    for service, exact in ((BFSService(cfg), True), (_KeepOnlyBool(cfg), False)):
+        ops = BFSOperations(_InProcess(service), [4])  # type: ignore[arg-type]
+        asyncio.run(ops.start())
+        assert ops.exact_holds is exact
+        ops.open_count[7] = 1
+        assert ops._keep() == ((7,) if exact else True)
 
 
 @pytest.mark.slow

@@ -19,8 +19,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from pbft.config import ConfigError
 from pbft.services.bfs import BFSConfig, BFSService, ClientPolicy, parse_bfs_section
 from pbft.services.bfs.protocol import (A_ATIME, A_BLOCKS, A_CTIME, A_GID, A_INO, A_MODE, A_MTIME, A_NLINK, A_SIZE,
-                                        A_UID, IO_MAX, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO, UTIME_NOW, BFSError,
-                                        UPDATE_SETATTR, UPDATE_STEPS_MAX, UPDATE_WRITE, creds, decode_result, encode_op)
+                                        A_UID, IO_MAX, KEEP_MAX, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO, UTIME_NOW,
+                                        BFSError, UPDATE_SETATTR, UPDATE_STEPS_MAX, UPDATE_WRITE, creds, decode_result,
+                                        encode_op)
 from pbft.services.bfs.service import CHUNK, RECLAIM_FREES, WRITERS_MAX
 
 ROOT = creds(0, 0)
@@ -612,6 +613,34 @@ def test_open_after_unlink_keeps_the_inode_until_released():
     # without keep the inode goes at once
     fs("unlink", ROOT_INO, b"h", False)
     assert fs.err("getattr", g) == E.ESTALE
+
+
+def test_unlink_and_rename_hold_only_an_inode_the_caller_names_as_open():
+    """``keep`` as the inodes the caller has open: the removed inode is held only if it is one of
+    them (so a mount with other files open needs no ``release`` after); anything else is EINVAL."""
+    fs = FS()
+    f, g, h = (fs.create(ROOT_INO, n) for n in (b"f", b"g", b"h"))
+    assert fs("unlink", ROOT_INO, b"f", (g, h)) == (0, fs.stat(ROOT_INO)[A_MTIME])  # not open: freed at once
+    assert fs.err("getattr", f) == E.ESTALE
+    kept, _when = fs("unlink", ROOT_INO, b"g", (h, g))
+    assert kept == g and fs.stat(g)[A_NLINK] == 0  # open: held for this client
+    fs("release", g)
+    assert fs.err("getattr", g) == E.ESTALE
+    k = fs.create(ROOT_INO, b"k")
+    assert fs("rename", ROOT_INO, b"k", ROOT_INO, b"h", 0, (k,)) == 0  # h replaced, not named: freed
+    assert fs.err("getattr", h) == E.ESTALE
+    m = fs.create(ROOT_INO, b"m")
+    assert fs("rename", ROOT_INO, b"m", ROOT_INO, b"h", 0, (k,)) == k  # k replaced, named: held
+    fs("release_all")
+    assert fs.err("getattr", k) == E.ESTALE and fs.stat(m)[A_NLINK] == 1
+    before = fs.s.digest()
+    for bad in (5, None, b"x", (0,), (-1,), ("a",), (1.0,), ((m,),), tuple(range(1, KEEP_MAX + 2))):
+        assert fs.err("unlink", ROOT_INO, b"h", bad) == E.EINVAL, bad
+        assert fs.err("rename", ROOT_INO, b"h", ROOT_INO, b"n", 0, bad) == E.EINVAL, bad
+    assert fs.s.digest() == before and fs.stat(m)[A_NLINK] == 1
+    assert fs("unlink", ROOT_INO, b"h", tuple(range(1, KEEP_MAX + 1))) == (m, fs.stat(ROOT_INO)[A_MTIME])
+    # what a mount asks first (replicas that know only True and False say ESTALE: no such directory)
+    assert fs.err("unlink", 1 << 63, b"x", (0,)) == E.EINVAL
 
 
 def test_lazy_reclaim_is_bounded_and_truncated_data_never_reappears():

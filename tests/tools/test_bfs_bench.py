@@ -31,7 +31,8 @@ def test_andrew_checks_catch_a_wrong_tree(tmp_path):
 @pytest.mark.skipif(REASON is not None, reason=f"bench-fs needs FUSE and gcc: {REASON}")
 def test_bench_fs_tiny_against_bfs_and_local(tmp_path):
     out = io.StringIO()
-    rep = bench.run_bench(["bfs", "local"], [1], 1, 12, 12, 3, None, out=out, storage="memory", per_module=1)
+    rep = bench.run_bench(["bfs", "local"], [1], 1, 12, 12, 3, None, out=out, storage="memory", per_module=1,
+                          hold_open=True)
     assert rep["targets"] == ["bfs", "local"]
     assert set(rep["results"]) == {"andrew-1", "postmark"}
     assert list(rep["results"]["andrew-1"]) == [*bench.ANDREW_PHASES, "total"]
@@ -47,6 +48,9 @@ def test_bench_fs_tiny_against_bfs_and_local(tmp_path):
     assert rep["problems"] == {"bfs": [], "local": []}
     # the mount reported the requests it sent, the file creations among them
     assert rep["mount_calls"]["bfs"]["create"][0] >= 12
+    # a file held open meanwhile: the unlinks name it, so none is followed by a release
+    assert rep["hold_open"] and rep["mount_calls"]["bfs"]["unlink"][0] >= 12
+    assert "release" not in rep["mount_calls"]["bfs"], rep["mount_calls"]["bfs"]
     # and the FUSE requests it handled (each create of the workloads one)
     assert rep["fuse_requests"]["bfs"]["create"][0] == rep["mount_calls"]["bfs"]["create"][0]
     table = bench.format_table(rep)

@@ -585,8 +585,10 @@ def _summary(xs: list[float]) -> dict:
 
 def run_bench(targets, scales, runs: int, files: int, transactions: int, seed: int, workdir: Optional[Path],
               mount_args=(), out=sys.stdout, keep: bool = False, storage: str = "durable",
-              workloads=("andrew", "postmark"), variants=None, per_module: int = FILES_PER_MODULE) -> dict:
-    """Run every workload on every target; returns the report (``"results"``, ``"problems"``)."""
+              workloads=("andrew", "postmark"), variants=None, per_module: int = FILES_PER_MODULE,
+              hold_open: bool = False) -> dict:
+    """Run every workload on every target; returns the report (``"results"``, ``"problems"``).
+    ``hold_open``: one file stays open in each target's root meanwhile (as a log file would)."""
     variants = dict(variants or {})
     if "bfs-strict" in targets and "bfs" in targets:
         variants.setdefault("bfs-strict", ["--strict"])  # a mount of the same cluster
@@ -605,6 +607,7 @@ def run_bench(targets, scales, runs: int, files: int, transactions: int, seed: i
         + (["postmark"] if "postmark" in workloads else [])
     calls: dict[str, dict] = {}
     handled: dict[str, dict] = {}
+    held: list = []
 
     def note(text):
         print(text, file=out, flush=True)
@@ -614,6 +617,10 @@ def run_bench(targets, scales, runs: int, files: int, transactions: int, seed: i
             note(f"starting {LABELS.get(name, name)}...")
             objs[name] = make_target(name, work, mount_args, storage, variants, objs)
             objs[name].setup()
+            if hold_open:
+                root = objs[name].root
+                assert root is not None
+                held.append(open(root / f"held-open-{name}", "ab"))
         for r in range(runs):
             for name, tg in objs.items():
                 assert tg.root is not None  # set by setup()
@@ -635,6 +642,8 @@ def run_bench(targets, scales, runs: int, files: int, transactions: int, seed: i
                 if not keep:
                     shutil.rmtree(run_dir, ignore_errors=True)
     finally:
+        for fh in held:
+            fh.close()
         for tg in sorted(objs.values(), key=lambda t: getattr(t, "host", None) is None):  # variants first
             try:
                 tg.teardown()
@@ -656,7 +665,7 @@ def run_bench(targets, scales, runs: int, files: int, transactions: int, seed: i
     return {"targets": list(targets), "scales": list(scales), "runs": runs, "files": files,
             "transactions": transactions, "seed": seed, "mount_args": list(mount_args), "storage": storage,
             "results": results, "ratios": ratios, "problems": {k: v for k, v in problems.items()},
-            "mount_calls": calls, "fuse_requests": handled, "variants": variants}
+            "mount_calls": calls, "fuse_requests": handled, "variants": variants, "hold_open": hold_open}
 
 
 def format_table(rep: dict) -> str:
@@ -730,6 +739,8 @@ def add_bench_fs_command(sub) -> None:
     b.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
                    help="one more mount of the bfs cluster with other `pbft mount` options, as its own target "
                         "(e.g. 'no-wb=--no-writeback'); repeatable")
+    b.add_argument("--hold-open", action="store_true",
+                   help="keep one file open in each target while the workloads run (as a log file would)")
     b.add_argument("--port-base", type=int, default=None,
                    help="try the loopback ports from this one on first (default: any free ones)")
     b.add_argument("--workdir", default=None, help="where the temporary directories go (default: the system's)")
@@ -763,7 +774,7 @@ def cmd_bench_fs(args) -> int:
     rep = run_bench(targets, scales, args.runs, args.files, args.transactions, args.seed, args.workdir,
                     args.mount_args.split(), out=sys.stderr if args.json else sys.stdout, keep=args.keep,
                     storage=args.storage, workloads=[w.strip() for w in args.workloads.split(",")],
-                    variants=variants)
+                    variants=variants, hold_open=args.hold_open)
     if args.plot:
         plot(rep, args.plot)
     if args.json:

@@ -79,7 +79,8 @@ def cmd_mount(args) -> int:
                        debug=args.debug, writeback=args.writeback_cache, keep_cache=not args.no_keep_cache,
                        negative_cache=not args.no_negative_cache, write_behind=not args.no_write_behind,
                        mount_cache=not args.no_mount_cache, prefetch=not args.no_open_prefetch,
-                       gather_attrs=not args.no_gather_attrs)
+                       gather_attrs=not args.no_gather_attrs, exact_holds=not args.no_exact_holds,
+                       fsync_fold=not args.no_fsync_fold)
         except PbftError as e:
             print(f"pbft mount: the cluster does not answer: {e}", file=sys.stderr)
             return 1
@@ -93,7 +94,8 @@ def cmd_mount(args) -> int:
            "--client-id", str(ids[0]), "--identities", str(len(ids)), "--timeout", str(args.timeout),
            "--cache", str(args.cache)]
     for flag in ("strict", "writeback_cache", "no_write_behind", "no_keep_cache", "no_negative_cache",
-                 "no_mount_cache", "no_open_prefetch", "no_gather_attrs"):
+                 "no_mount_cache", "no_open_prefetch", "no_gather_attrs", "no_exact_holds",
+                 "no_fsync_fold"):
         if getattr(args, flag):
             cmd.append("--" + flag.replace("_", "-"))
     if args.verbose:
@@ -156,6 +158,12 @@ def add_bfs_commands(sub) -> None:
                    help="fetch only the attributes at an open, not also the bytes of a small file")
     m.add_argument("--no-gather-attrs", action="store_true",
                    help="send a change of mode or times at once, not with the file's gathered writes")
+    m.add_argument("--no-exact-holds", action="store_true",
+                   help="an unlink or rename while any file is open here asks the replicas to hold what it "
+                        "removes, whatever it is (a `release` follows if it was not open), instead of naming "
+                        "the open files")
+    m.add_argument("--no-fsync-fold", action="store_true",
+                   help="an fsync sends its ordered no-op also after the file's gathered writes it sent")
     m.add_argument("--timeout", type=float, default=60.0,
                    help="seconds to wait for a certified reply before an operation fails with ETIMEDOUT")
     m.add_argument("--foreground", action="store_true", help="serve in this process until unmounted")

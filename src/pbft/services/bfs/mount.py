@@ -30,6 +30,11 @@ request to the replicated ``BFSService``.
   client changed still shows within ``cache_s``. ``open`` always fetches (close-to-open).
 * Credentials: the caller's uid, gid and supplementary groups (from ``/proc/PID/status``)
   go with every request; reads and writes through an open file use the opener's.
+* Ordered requests left out where their effect is had anyway: an unlink or rename names the
+  files open here, so the replicas hold only one of those (no ``release`` after it for another
+  file); an fsync that sent the file's writes sends no ordered no-op after them.
+* Counters (requests sent, FUSE requests handled, the mount cache's): in the log at the end,
+  and on SIGUSR1.
 """
 
 from __future__ import annotations
@@ -47,8 +52,8 @@ import pyfuse3.asyncio
 
 from ...runtime.client import ClientPool, NoQuorumError, PbftError
 from .protocol import (A_ATIME, A_BLOCKS, A_CTIME, A_GID, A_INO, A_MODE, A_MTIME, A_NLINK, A_RDEV, A_SIZE, A_UID,
-                       GROUPS_MAX, IO_MAX, UPDATE_SETATTR, UPDATE_STEPS_MAX, UPDATE_WRITE, UTIME_NOW, BFSError,
-                       decode_result, encode_op)
+                       GROUPS_MAX, IO_MAX, KEEP_MAX, UPDATE_SETATTR, UPDATE_STEPS_MAX, UPDATE_WRITE, UTIME_NOW,
+                       BFSError, decode_result, encode_op)
 
 log = logging.getLogger("pbft.bfs.mount")
 
@@ -159,7 +164,8 @@ class BFSOperations(pyfuse3.Operations):
     def __init__(self, pool: ClientPool, identities: list[int], strict: bool = False, timeout_s: float = 60.0,
                  cache_s: float = 1.0, writeback: bool = False, keep_cache: bool = True,
                  negative_cache: bool = True, write_behind: bool = True, mount_cache: bool = True,
-                 prefetch: bool = True, gather_attrs: bool = True):
+                 prefetch: bool = True, gather_attrs: bool = True, exact_holds: bool = True,
+                 fsync_fold: bool = True):
         super().__init__()
         self.pool = pool
         self.ids = list(identities)
@@ -179,6 +185,11 @@ class BFSOperations(pyfuse3.Operations):
         self.next_fh = 1
         self.open_count: dict[int, int] = {}
         self.orphans: dict[int, int] = {}  # inode kept by the service for us -> the identity holding it
+        # an unlink or rename asks the replicas to hold the inode it removes only if it is open
+        # here (or being opened): they are named, so no ``release`` follows for another one
+        self.exact_holds = exact_holds
+        self.opening: dict[int, int] = {}  # inode -> opens of it under way
+        self.creating = 0  # creates under way (their inodes are not known yet)
         self.known: dict[int, tuple] = {}  # inode -> (size, mtime) the kernel was last told
         # directory -> (attributes, when fetched): the kernel drops a directory's attributes at
         # each of our changes in it and asks for them again (for its permission check) before
@@ -198,6 +209,7 @@ class BFSOperations(pyfuse3.Operations):
         # ``update`` with the writes when they fit)
         self.pattrs: dict[int, list] = {}
         self.gather_attrs = gather_attrs
+        self.fsync_fold = fsync_fold  # an fsync that sent the file's writes sends no ordered no-op after them
         self.flushing: dict[int, asyncio.Lock] = {}
         self.write_errors: dict[int, int] = {}  # inode -> errno of a gathered write the replicas refused
         # a small file's bytes come with the open's attributes (one read-only ``open``) and answer
@@ -228,6 +240,16 @@ class BFSOperations(pyfuse3.Operations):
         self.clist: dict[int, tuple] = {}  # directory -> (all its names, epoch)
         self.cneg: dict[int, int] = {}  # directory -> absent names fetched there (it is listed after MLIST_AFTER)
         self.mstats = {"checks": 0, "voided": 0, "hits": 0, "lists": 0}
+
+    def log_counters(self, level: int = logging.INFO) -> None:
+        """The requests sent (count, mean ms), the FUSE requests handled and the mount cache's
+        counters, in three lines of the log: at the end, and on SIGUSR1 at any time."""
+        log.log(level, "bfs mount: calls %s; errors %s", {k: (v[0], round(v[1] / max(1, v[0]) * 1000, 2))
+                                                          for k, v in sorted(self.stats.items())}, self.errors)
+        log.log(level, "bfs mount: FUSE requests %s; mount cache %s", dict(sorted(self.fuse.items())), self.mstats)
+        log.log(level, "bfs mount: FUSE handlers (count, mean ms) %s; waited for an identity %.3f s",
+                {k: (n, round(self.fuse_s.get(k, 0.0) / max(1, n) * 1000, 3)) for k, n in sorted(self.fuse.items())},
+                self.wait_s)
 
     # ---- calling the cluster ---------------------------------------------------------------
     async def call(self, op: str, *args, cred: tuple, read_only: bool = False, ident: Optional[int] = None):
@@ -334,10 +356,21 @@ class BFSOperations(pyfuse3.Operations):
         """The service kept ``ino`` (unlinked while we had it open) for identity ``who``."""
         if not ino:
             return
-        if self.open_count.get(ino):
+        if self.open_count.get(ino) or self.opening.get(ino):
             self.orphans[ino] = who
         else:
             await self.call("release", ino, cred=(0, 0, ()), ident=who)
+
+    def _keep(self):
+        """The ``keep`` of an unlink or rename: the inodes open here or being opened (True: hold
+        whatever it removes, when they are too many, a create is under way or ``exact_holds`` is
+        off; False: none is open)."""
+        if not self.open_count and not self.opening and not self.creating:
+            return False
+        ids = set(self.open_count) | set(self.opening)
+        if not self.exact_holds or self.creating or len(ids) > KEEP_MAX:
+            return True
+        return tuple(sorted(ids))
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -346,8 +379,23 @@ class BFSOperations(pyfuse3.Operations):
         try:
             for i in self.ids:
                 await self.call("release_all", cred=(0, 0, ()), ident=i)
+            if self.exact_holds:
+                await self._probe_holds()
         finally:
             self.timeout_s = saved
+
+    async def _probe_holds(self) -> None:
+        """Replicas that take ``keep`` only as True or False would free an open file named in a
+        tuple: ask them first. An unlink in a directory that cannot exist, with a ``keep`` they
+        refuse (EINVAL) if they know tuples, changes nothing either way."""
+        try:
+            await self.call("unlink", 1 << 63, b"x", (0,), cred=(0, 0, ()))
+        except BFSError as e:
+            if e.errno == E.EINVAL:
+                return
+        log.warning("bfs mount: the replicas do not take open files in `keep`: every unlink or rename while "
+                    "files are open holds what it removes")
+        self.exact_holds = False
 
     # ---- metadata ------------------------------------------------------------------------------
     def _absent(self, timeout: float) -> pyfuse3.EntryAttributes:
@@ -741,7 +789,7 @@ class BFSOperations(pyfuse3.Operations):
         c = self.cent.pop((parent_inode, nm), None)
         mg, ep = self._snap(), self.ve
         try:
-            (kept, when), who = await self.call_as("unlink", parent_inode, nm, bool(self.open_count),
+            (kept, when), who = await self.call_as("unlink", parent_inode, nm, self._keep(),
                                                    cred=self.cred(ctx))
         finally:
             # the unlinked inode's link count and ctime changed: if which one it was is not
@@ -767,7 +815,7 @@ class BFSOperations(pyfuse3.Operations):
         await self._flush_all()
         self._dvoid()  # (a moved directory's ctime and '..' change too)
         kept, who = await self.call_as("rename", parent_inode_old, bytes(name_old), parent_inode_new,
-                                       bytes(name_new), flags, bool(self.open_count), cred=self.cred(ctx))
+                                       bytes(name_new), flags, self._keep(), cred=self.cred(ctx))
         await self._kept(kept, who)
 
     @_guard
@@ -825,6 +873,23 @@ class BFSOperations(pyfuse3.Operations):
 
     @_guard
     async def open(self, inode, flags, ctx):
+        self.opening[inode] = self.opening.get(inode, 0) + 1  # (an unlink meanwhile holds it: _keep)
+        opened = False
+        try:
+            fi = await self._open(inode, flags, ctx)
+            opened = True
+            return fi
+        finally:
+            c = self.opening.pop(inode) - 1
+            if c:
+                self.opening[inode] = c
+            elif not opened and not self.open_count.get(inode) and inode in self.orphans:
+                try:  # (held for this open, which failed)
+                    await self.call("release", inode, cred=(0, 0, ()), ident=self.orphans.pop(inode))
+                except (BFSError, PbftError, ValueError):
+                    pass  # (the next mount's release_all drops it)
+
+    async def _open(self, inode, flags, ctx):
         cred = self.cred(ctx)
         if inode in self.dirty:
             await self._flush_writes(inode)
@@ -886,6 +951,13 @@ class BFSOperations(pyfuse3.Operations):
         # made it meanwhile, a plain create opens it, as it would have at once
         nm = bytes(name)
         mg = self._snap()
+        self.creating += 1  # (an unlink meanwhile holds what it removes: _keep)
+        try:
+            return await self._create(parent_inode, nm, mode, flags, cred, base, g, mg)
+        finally:
+            self.creating -= 1
+
+    async def _create(self, parent_inode, nm, mode, flags, cred, base, g, mg):
         try:
             a = await self.call("create", parent_inode, nm, mode, True, cred=cred)
             self._own_new(mg, parent_inode, nm, a)
@@ -966,9 +1038,10 @@ class BFSOperations(pyfuse3.Operations):
         await self._send_writes(h.ino, [(off, bytes(buf), h.cred)], h.opened_ns)
         return len(buf)
 
-    async def _flush_writes(self, ino: int) -> None:
-        """Send the writes gathered for ``ino`` (in order); an error is raised here and again at
-        the next flush or fsync of the file."""
+    async def _flush_writes(self, ino: int) -> bool:
+        """Send the writes gathered for ``ino`` (in order): whether there were any (they are agreed
+        when it returns); an error is raised here and again at the next flush or fsync of the file."""
+        sent = False
         lock = self.flushing.get(ino)
         if ino in self.dirty or lock is not None:
             if lock is None:
@@ -980,6 +1053,7 @@ class BFSOperations(pyfuse3.Operations):
                     try:
                         await self._send_writes(ino, [(o, bytes(b), c) for o, b, c in ext], None,
                                                 [(m, t) for m, t, _lt, _w in pend])
+                        sent = True
                     except BFSError as e:
                         self.write_errors[ino] = e.errno or E.EIO
                         raise
@@ -989,6 +1063,7 @@ class BFSOperations(pyfuse3.Operations):
         err = self.write_errors.pop(ino, None)
         if err:
             raise BFSError(err, os.strerror(err))
+        return sent
 
     async def _flush_all(self) -> None:
         for ino in list(self.dirty):
@@ -1039,8 +1114,10 @@ class BFSOperations(pyfuse3.Operations):
     @_guard
     async def fsync(self, fh, datasync):
         h = self._handle(fh)
-        await self._flush_writes(h.ino)
-        await self.call("fsync", h.ino, cred=h.cred)
+        # writes sent here, once agreed, are ordered after everything done before this fsync
+        # began: they are the point the ordered no-op would be, and it is left out
+        if not await self._flush_writes(h.ino) or not self.fsync_fold:
+            await self.call("fsync", h.ino, cred=h.cred)
 
     @_guard
     async def release(self, fh):
@@ -1141,12 +1218,13 @@ async def run_mount(cluster, identities: list[int], mountpoint: str, strict: boo
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, pyfuse3.terminate)
+    loop.add_signal_handler(signal.SIGUSR1, ops.log_counters, logging.WARNING)  # (asked for: at any log level)
     if ready is not None:
         ready()
     try:
         await pyfuse3.main()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
         try:
             await ops._flush_all()  # writes still gathered (files left open at a SIGTERM)
@@ -1159,12 +1237,7 @@ async def run_mount(cluster, identities: list[int], mountpoint: str, strict: boo
             pass
         pyfuse3.close(unmount=True)
         await pool.close()
-        log.info("bfs mount: calls %s; errors %s", {k: (v[0], round(v[1] / max(1, v[0]) * 1000, 2))
-                                                   for k, v in sorted(ops.stats.items())}, ops.errors)
-        log.info("bfs mount: FUSE requests %s; mount cache %s", dict(sorted(ops.fuse.items())), ops.mstats)
-        log.info("bfs mount: FUSE handlers (count, mean ms) %s; waited for an identity %.3f s",
-                 {k: (n, round(ops.fuse_s.get(k, 0.0) / max(1, n) * 1000, 3)) for k, n in sorted(ops.fuse.items())},
-                 ops.wait_s)
+        ops.log_counters()
 
 
 def mount_main(cluster, identities: list[int], mountpoint: str, **kw) -> None:

@@ -41,8 +41,10 @@ ARITY = {
     "symlink": 3,       # parent, name, target
     "link": 3,          # ino, new parent, new name
     "unlink": 3,        # parent, name, keep  -> (orphaned ino or 0, the agreed time: the parent's mtime)
+                        #   keep: hold the inode if this removes its last link: True, False, or only if it
+                        #   is one of the inodes in a tuple (those the caller has open; at most KEEP_MAX)
     "rmdir": 2,         # parent, name
-    "rename": 6,        # parent, name, new parent, new name, flags, keep -> (orphaned ino or 0)
+    "rename": 6,        # parent, name, new parent, new name, flags, keep (as unlink's) -> (orphaned ino or 0)
     "setattr": 6,       # ino, mode|None, uid|None, gid|None, size|None, (atime, mtime) each None|-1(now)|ns
     "write": 3,         # ino, offset, data -> attr
     "update": 2,        # ino, steps: ((0, offset, data) a write | (1, mode, uid, gid, size, times) a setattr, ...)
@@ -69,6 +71,8 @@ XATTR_TOTAL_MAX = 32 * 1024
 GROUPS_MAX = 32
 #: largest payload of one read or write request (leaves room for the headers in 64 KiB)
 IO_MAX = 48 * 1024
+#: inodes named in the ``keep`` of one unlink or rename
+KEEP_MAX = 32
 #: steps of one ``update`` (writes and attribute changes of one inode, applied in order)
 UPDATE_STEPS_MAX = 16
 UPDATE_WRITE, UPDATE_SETATTR = 0, 1

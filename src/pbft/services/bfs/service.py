@@ -39,8 +39,8 @@ import msgpack
 from ...service import ObjectService
 from ...state.objects import BucketFull, Cell, ObjectDict, ObjectSpace
 from .config import BFSConfig, parse_bfs_section
-from .protocol import (ARITY, GROUPS_MAX, IO_MAX, NAME_MAX, READ_ONLY_OPS, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO,
-                       SYMLINK_MAX, UPDATE_SETATTR, UPDATE_STEPS_MAX, UPDATE_WRITE, UTIME_NOW, XATTR_CREATE,
+from .protocol import (ARITY, GROUPS_MAX, IO_MAX, KEEP_MAX, NAME_MAX, READ_ONLY_OPS, RENAME_EXCHANGE, RENAME_NOREPLACE,
+                       ROOT_INO, SYMLINK_MAX, UPDATE_SETATTR, UPDATE_STEPS_MAX, UPDATE_WRITE, UTIME_NOW, XATTR_CREATE,
                        XATTR_NAME_MAX, XATTR_REPLACE, XATTR_TOTAL_MAX, XATTR_VALUE_MAX)
 
 log = logging.getLogger("pbft.bfs")
@@ -615,12 +615,20 @@ class BFSService(ObjectService):
         if n[I_NLINK] > 0:
             return 0
         orph = self._orphans()
-        if keep is True and not S.S_ISDIR(n[I_MODE]) and len(orph) < self.cfg.orphans_max:
+        if ((keep is True or (type(keep) is tuple and ino in keep)) and not S.S_ISDIR(n[I_MODE])
+                and len(orph) < self.cfg.orphans_max):
             n[I_HOLDER] = self.client
             orph.append((self.client, ino))
             return ino
         self._free(ino, n)
         return 0
+
+    @staticmethod
+    def _keep_ok(keep) -> None:
+        """``keep`` of unlink and rename: True, False, or a tuple of at most KEEP_MAX inode numbers."""
+        if not (type(keep) is bool
+                or (isinstance(keep, tuple) and len(keep) <= KEEP_MAX and all(_is_int(i, 1) for i in keep))):
+            _fail(E.EINVAL)
 
     def _free(self, ino: int, n: list) -> None:
         sb = self._sbl()
@@ -954,6 +962,7 @@ class BFSService(ObjectService):
         return self._attr(ino, n)
 
     def op_unlink(self, cr, pino, name, keep):
+        self._keep_ok(keep)
         p = self._dirnode(pino, cr, 1)
         name = self._name(name)
         ino = self._entry(pino, name)
@@ -1012,6 +1021,7 @@ class BFSService(ObjectService):
         # the checks in the order Linux makes them, so that the errno is the same
         if not _is_int(flags, 0, 3) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
             _fail(E.EINVAL)
+        self._keep_ok(keep)
         if sname in (b".", b"..") or dname in (b".", b".."):
             _fail(E.EINVAL if sname != b".." else E.EBUSY)
         spn = self._dirnode(sp, cr, 0)
