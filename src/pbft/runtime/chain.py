@@ -297,7 +297,8 @@ def check_configuration(genesis_cfg: ClusterConfig, head: Head, data: bytes) -> 
     if type(data) is not bytes or len(data) > CONFIG_BYTES_MAX:
         raise ChainError(f"configuration: not bytes, or more than {CONFIG_BYTES_MAX}")
     if config_digest(data) != head.config:
-        raise ChainError(f"configuration: not the one the chain certifies (epoch {head.epoch}: another digest)")
+        raise ChainError(f"configuration: not the one the chain certifies (its last link, of epoch {head.epoch}, has "
+                         f"another digest: a key or a field differs)")
     try:
         cs = Configuration.decode(data)
     except ValueError as e:

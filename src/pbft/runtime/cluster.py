@@ -639,8 +639,8 @@ def _epoch_file(d: Path, n: int, cfg: ClusterConfig, genesis: bytes,
         check_configuration(cfg, head, current.encode())
     except ChainError as e:
         raise ConfigError(f"{path}: its configuration (epoch {current.epoch}, {m.n if m else cfg.n} replicas, "
-                          f"f={m.f if m else cfg.f}) is not the one its certificate chain ends at (epoch "
-                          f"{head.epoch}, {head.members.n} replicas, f={head.members.f}: {e}): {again}") from None
+                          f"f={m.f if m else cfg.f}) is not the one its certificate chain ends at ({e}): "
+                          f"{again}") from None
     return current.epoch, current, tuple(links)
 
 

@@ -98,8 +98,8 @@ def newest(cluster: Cluster, served: dict[int, bytes], configs: Optional[dict[in
             continue
         if head.order() > best.order():
             best, out.links, out.served_by, out.head = head, tuple(links), [j], head
-        elif tuple(links) == out.links:
-            out.served_by.append(j)
+        elif [lk.unsigned() for lk in links] == [lk.unsigned() for lk in out.links]:
+            out.served_by.append(j)  # (the same links: each replica may hold another quorum of signatures)
     for j, data in sorted((configs or {}).items()):
         if out.config is not None or not best.config:
             break

@@ -284,6 +284,13 @@ def cmd_reconfig(args) -> int:
     cluster = load_cluster(args.dir)
     if args.action == "status":
         return cmd_chain_status(cluster, args.json)
+    from ..runtime.follow import follow
+
+    # the configuration in force as the replicas certify it, if newer than the directory's (no
+    # epoch.json here, or an older one): a change is computed from it
+    learnt = follow(cluster)
+    if learnt is not None:
+        cluster = learnt
     admin = _admin(cluster, args.admin)
     if args.action in MEMBERSHIP_ACTIONS:
         return cmd_membership(args, cluster, admin)
@@ -405,7 +412,8 @@ def cmd_chain_status(cluster: Cluster, as_json: bool = False) -> int:
     if as_json:
         print(json.dumps(doc, indent=1))
     else:
-        where = (f"certified by a chain of {len(got.links)} links served by replicas {got.served_by}"
+        where = (f"certified by a chain of {len(got.links)} link{'s' if len(got.links) > 1 else ''} served by "
+                 f"replicas {got.served_by}"
                  if got.links else "the genesis configuration (no replica serves a link)")
         print(f"configuration epoch {h.epoch}" + (f" (in force from checkpoint {h.opens_at})" if h.config else "")
               + f": {where}")
