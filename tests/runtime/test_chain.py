@@ -130,4 +130,4 @@ def test_the_links_after_an_epoch_verify_from_the_membership_held():
     assert links_after(CHAIN, 0) == CHAIN and links_after(CHAIN, 1) == CHAIN[1:] and links_after(CHAIN, 2) == []
     assert verify_from(CFG, Head(M1, membership_digest(M1), 1), links_after(CHAIN, 1)).members == M2
     with pytest.raises(ChainError, match="broken link"):
-        verify_from(CFG, genesis_head(CFG, KEYS[:4]), links_after(CHAIN, 1))  # (from a membership that is not the one before)
+        verify_from(CFG, genesis_head(CFG, KEYS[:4]), links_after(CHAIN, 1))  # (not from the membership before)

@@ -124,6 +124,19 @@ def test_format_1_links_verify_as_a_prefix_only():
     cs = Configuration(2, 300, tuple(KEYS[:7]), {10: CLIENT.public}, (10,), m1)
     v2 = signed(h, cs, {i: IDS[i] for i in range(5)})
     assert verify_head(CFG, KEYS[:4], [v1, v2]).epoch == 2
+    # after an upgrade, the configuration of the format 1 link's own epoch may be certified (once)
+    same = Configuration(1, 128, tuple(KEYS[:4]), {10: CLIENT.public}, (10,), None, m1)
+    v2same = signed(h, same, {i: IDS[i] for i in range(5)})
+    hs = verify_head(CFG, KEYS[:4], [v1, v2same])
+    assert (hs.epoch, hs.opens_at) == (1, 128) and hs.order() > h.order()
+    assert check_configuration(CFG, hs, same.encode()) == same
+    again = signed(hs, dataclasses.replace(same, opens_at=136), {i: IDS[i] for i in range(5)})
+    with pytest.raises(ChainError, match="link 3 .*broken link"):
+        verify_head(CFG, KEYS[:4], [v1, v2same, again])
+    # ... but not with another membership than the format 1 link's
+    other = Configuration(1, 128, tuple(KEYS[:4]), {}, (), None, Membership(7, 2, (1,) * 7, tuple(KEYS[:7]), 264, 1))
+    with pytest.raises(ChainError, match="broken link"):
+        verify_head(CFG, KEYS[:4], [v1, signed(h, other, {i: IDS[i] for i in range(5)})])
     # a format 1 link after a configuration link is refused
     late = Link(H1.digest, m1, tuple((i, sign_link(k.signing_key, H1.digest, m1))
                                    for i, k in ((0, IDS[0]), (1, NEW1), (2, IDS[2]))))
@@ -239,3 +252,40 @@ def test_a_signer_moves_its_vote_to_a_newer_epoch_not_back(tmp_path, no_core_sta
     assert k.on_frame(frame_of(signed(GH, cs2, {1: IDS[1], 3: IDS[3]}))) == ""
     assert k.tip.epoch == 2 and len(k.links) == 1  # (epoch 1 skipped: the link certifies the latest)
     assert k.on_frame(frame_of(signed(GH, CS1, {0: IDS[0]}))) == "chain-link-old"
+
+
+def test_the_certified_configuration_is_kept_beside_the_chain_and_checked_when_read(tmp_path, no_core_state):
+    (tmp_path / "data" / "replica-0").mkdir(parents=True)
+    n = node(tmp_path, 0, IDS[0])
+    n.cluster.storage = StorageParams(mode="durable")
+    k = ChainKeeper(n)
+    k.sign(CS1)
+    for v in (2, 3):
+        k.on_frame(frame_of(signed(GH, CS1, {v: IDS[v]})))
+    assert k.tip.epoch == 1 and k.describe()["configuration"] == CS1.encode().hex()
+    again = ChainKeeper(n)  # a restart
+    assert again.tip == k.tip and again.config == CS1.encode()
+    cpath = tmp_path / "data" / "replica-0" / chain_keeper.CONFIG_FILE
+    cpath.write_bytes(CS2.encode())  # (not the one the link certifies)
+    n.logs.clear()
+    third = ChainKeeper(n)
+    assert third.tip == k.tip and third.config == b"" and [e for e, _ in n.logs] == ["chain-config-unreadable"]
+
+
+def test_a_chain_file_of_the_previous_format_is_kept_and_extended(tmp_path, no_core_state):
+    (tmp_path / "data" / "replica-0").mkdir(parents=True)
+    grown = Membership(7, 2, (1,) * 7, tuple(KEYS[:7]), 256, 1)
+    d = membership_digest(genesis_membership(CFG, KEYS[:4]))
+    v1 = Link(d, grown, tuple((i, sign_link(IDS[i].signing_key, d, grown)) for i in range(3)))
+    (tmp_path / "data" / "replica-0" / chain_keeper.CHAIN_FILE).write_bytes(encode_chain([v1]))
+    n = node(tmp_path, 0, IDS[0])
+    n.cluster.storage = StorageParams(mode="durable")
+    k = ChainKeeper(n)
+    assert k.links == [v1] and k.tip.config == b"" and not n.logs
+    # the configuration of the epoch in force (the one that opened the format 1 link's membership)
+    cs = Configuration(1, 128, tuple(KEYS[:4]), {10: CLIENT.public}, (10,), None, grown)
+    k.sign(cs)
+    assert k.own is not None and k.own.config is not None and k.own.config.epoch == 1
+    for v in (1, 2, 3, 4):
+        k.on_frame(frame_of(signed(k.tip, cs, {v: IDS[v]})))
+    assert len(k.links) == 2 and k.tip.epoch == 1 and k.tip.config and k.config == cs.encode()

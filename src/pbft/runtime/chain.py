@@ -119,9 +119,15 @@ class Head:
     opens_at: int = -1
     config: bytes = b""
 
-    def order(self) -> tuple[int, int, int]:
-        """Newer chains order after older ones (configuration epoch first)."""
-        return (self.epoch, self.members.epoch, self.members.opens_at)
+    def order(self) -> tuple[int, bool, int, int]:
+        """Newer chains order after older ones (configuration epoch first; of one epoch, the one
+        that certifies its configuration after a format 1 link's)."""
+        return (self.epoch, bool(self.config), self.members.epoch, self.members.opens_at)
+
+    def before(self, epoch: int) -> bool:
+        """Whether a link of configuration ``epoch`` may follow: a later epoch, or the epoch of a
+        format 1 link (a chain written by the previous version), certified with its configuration."""
+        return epoch > self.epoch or (epoch == self.epoch and epoch > 0 and not self.config)
 
 
 def membership_digest(m: Membership) -> bytes:
@@ -213,12 +219,12 @@ def _check_order(head: Head, link: Link) -> None:
             raise ChainError(f"broken link: epoch {m.epoch} after {m.opens_at} does not come after epoch "
                              f"{prev_m.epoch} after {prev_m.opens_at}")
         return
-    if c.epoch <= head.epoch or c.opens_at <= head.opens_at:
+    if not head.before(c.epoch) or c.opens_at <= head.opens_at:
         raise ChainError(f"broken link: configuration epoch {c.epoch} at {c.opens_at} does not come after epoch "
                          f"{head.epoch}" + (f" at {head.opens_at}" if head.opens_at >= 0 else ""))
     if same_ids(m, prev_m):
         return
-    if not (head.epoch < m.epoch <= c.epoch and m.opens_at > prev_m.opens_at):
+    if not (prev_m.epoch < m.epoch <= c.epoch and head.epoch < m.epoch and m.opens_at > prev_m.opens_at):
         raise ChainError(f"broken link: a membership of epoch {m.epoch} after {m.opens_at} in configuration epoch "
                          f"{c.epoch}, after epoch {head.epoch} with one after {prev_m.opens_at}")
 

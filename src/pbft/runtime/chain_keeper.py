@@ -78,8 +78,8 @@ def own_signing_keys(node: Any) -> Iterator[nacl.signing.SigningKey]:
         if (sk := signing_key(o)) is not None:
             yield sk
     key_path = getattr(node.cluster, "key_path", None)
-    if key_path is None:
-        return
+    if key_path is None or signing_key(ident) is None:
+        return  # (a signer process's key: the key files are not read)
     from .cluster import read_key_file
 
     path = Path(key_path(node.id))
@@ -110,12 +110,12 @@ class ChainKeeper:
         st = cl.storage
         self.path = None if st.mode == "memory" else st.replica_dir(cl.dir, node.id) / CHAIN_FILE
         self._load()
-        if len(cl.chain) > len(self.links):  # (epoch.json's, or learnt from the replicas: verified)
+        if cl.chain:  # (epoch.json's, or learnt from the replicas: verified)
             try:
-                self.tip = verify_head(self.gcfg, self.gkeys, cl.chain)
-                self.links = list(cl.chain)
-                self.config = b""
-                self._save()
+                tip = verify_head(self.gcfg, self.gkeys, cl.chain)
+                if tip.order() > self.tip.order():
+                    self.tip, self.links, self.config = tip, list(cl.chain), b""
+                    self._save()
             except ChainError as e:
                 node._log("chain-refused", error=str(e))
 
@@ -188,7 +188,7 @@ class ChainKeeper:
         cs = config_at(r, n)
         if cs is None:
             return
-        if cs.epoch > self.tip.epoch:
+        if self.tip.before(cs.epoch):
             self.sign(cs)
         elif not self.config and self.tip.config and cs.epoch == self.tip.epoch:
             self._learn_config(cs)
@@ -196,8 +196,9 @@ class ChainKeeper:
     def sign(self, cs: "Configuration") -> None:
         node = self.node
         link = config_link(self.tip.digest, cs, self.gcfg)
-        if node.id >= self.head.n or (self.own is not None and self.own.unsigned() == link):
-            return  # (not a member of the membership that certifies it, or signed already)
+        if node.id >= self.head.n or (self.own is not None and self.own.unsigned() == link) \
+                or self.unsigned == cs.epoch:
+            return  # (not a member of the membership that certifies it, or signed already, or could not)
         sig = self.sign_statement(link.statement())
         if sig is None:
             if self.unsigned != cs.epoch:  # (once per configuration, not at every checkpoint)
@@ -248,7 +249,7 @@ class ChainKeeper:
         head, c = self.tip, link.config
         if c is None:
             return "chain-link-old-format"  # (format 1 links are only read from files written before)
-        if c.epoch <= head.epoch:
+        if not head.before(c.epoch):
             held = any(lk.unsigned() == link.unsigned() for lk in self.links)
             return "chain-link-stale" if held else "chain-link-old"
         if link.prev != head.digest:

@@ -1,5 +1,6 @@
-"""``pbft reconfig DIR add-client | revoke-client | rotate-key | set-recovery-period | show``:
+"""``pbft reconfig DIR add-client | revoke-client | rotate-key | set-recovery-period | show | status``:
 configuration changes on a live cluster, through the protocol (docs/reconfiguration.md).
+``status`` sends nothing: it prints the configuration the replicas' certificate chains certify.
 
 A change is an ordered request of the administrator (``[admin] clients`` in cluster.toml, its key
 in ``keys/``): the replicas validate it (``pbft.core.reconfig``) and record it, and it takes effect
@@ -7,7 +8,8 @@ at the next checkpoint at or after its sequence number. This command sends it, p
 (the epoch it opens, or the reason it was refused), and then, unless ``--no-wait``, moves the
 cluster to that checkpoint with ordered no-op requests (``show``) until replicas of quorum weight
 report the new epoch on their status endpoints; then it writes what the cluster reports as the
-configuration in effect into ``DIR/epoch.json``, which clients and tools of this directory use
+configuration in effect, with the configuration certificate chain whose last link certifies it
+(``runtime.chain``), into ``DIR/epoch.json``, which clients and tools of this directory use
 for the keys from then on (``show`` writes it too: what the cluster reports in force).
 
 Keys: ``add-client`` generates the new client's key pair and writes ``keys/client-<id>.key``;
