@@ -289,3 +289,42 @@ def test_a_chain_file_of_the_previous_format_is_kept_and_extended(tmp_path, no_c
     for v in (1, 2, 3, 4):
         k.on_frame(frame_of(signed(k.tip, cs, {v: IDS[v]})))
     assert len(k.links) == 2 and k.tip.epoch == 1 and k.tip.config and k.config == cs.encode()
+
+
+
+def test_a_running_client_takes_a_rotated_replica_key_and_seals_fresh_session_keys_to_it(tmp_path, monkeypatch):
+    """``ClientPool._follow`` given a chain that rotates replica 1's key (the same membership):
+    the pool's registry has the new key, and every identity's next NewKey, queued for every
+    replica, seals its session keys for replica 1 to it (opened with the new private key only)."""
+    import asyncio
+
+    from pbft.runtime import client as client_mod
+    from pbft.runtime.client import ClientPool
+    from pbft.runtime.cluster import free_port_range
+    from pbft.runtime.keys import accept_newkey
+    from pbft.runtime.transport import _LEN
+
+    c = init_cluster(tmp_path / "c", 4, None, ["127.0.0.1"], free_port_range(20), 2)
+    cs0 = ConfigRecord.decode(c.genesis_config).latest
+    new1 = Identity.from_seed(1, b"\x99" * 32)
+    rotated = dataclasses.replace(cs0, epoch=1, opens_at=8,
+                                  replica_keys=(cs0.replica_keys[0], new1.public, *cs0.replica_keys[2:]))
+    learnt = with_chain(c, tuple(chain_links(c.dir, rotated)), rotated)
+    monkeypatch.setattr(client_mod, "follow", lambda cluster, timeout: learnt)
+
+    async def main():
+        pool = ClientPool(c, [c.identity(c.client_ids[0])])
+        pool.links = {j: SimpleNamespace(stop=lambda: None) for j in range(4)}  # (links made, not connected)
+        await pool._follow()
+        assert bytes(pool.cluster.public.verify[1]) == new1.public
+        assert (pool.configs_followed, pool.memberships_followed) == (1, 0)
+        fr = pool.newkeys_out[1][0]
+        raw = fr[_LEN.size:]
+        sender, keys = accept_newkey(raw, new1, pool.cluster.public, 4, c.cfg.max_principal, {})
+        assert sender == c.client_ids[0] and len(keys) == 64
+        with pytest.raises(Exception, match="newkey-undecryptable"):  # (not sealed to the old key)
+            accept_newkey(raw, c.identity(1), pool.cluster.public, 4, c.cfg.max_principal, {})
+        pool.links = {}
+        await pool.close()
+
+    asyncio.run(main())

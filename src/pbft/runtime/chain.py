@@ -369,10 +369,3 @@ def decode_chain(data: bytes) -> list[Link]:
         raise ChainError("chain: bad shape")
     return [link_from_fields(x) for x in t]
 
-
-def same_membership(a: Optional[Membership], b: Optional[Membership]) -> bool:
-    """Whether two memberships agree on what a client needs: ids, f, weights, the switch point,
-    the epoch that opened it and the replicas' keys."""
-    if a is None or b is None:
-        return a is b
-    return same_ids(a, b) and tuple(a.keys) == tuple(b.keys)

@@ -195,7 +195,7 @@ class ClientPool:
             rotated = any(bytes(now.public.verify[j]) != bytes(old[j]) for j in range(self.cfg.n))
             self.cluster = now
             self.configs_followed += 1
-            if rotated:
+            if rotated and self.links:  # (before the links are up, their first NewKeys are sealed so)
                 for p in self.p.values():
                     self.refresh_keys(p)
 
