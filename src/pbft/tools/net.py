@@ -118,7 +118,8 @@ def cmd_replica(args) -> int:
     learnt = follow(cluster)
     if learnt is not None:
         print(f"pbft replica: the replicas certify a membership of {learnt.cfg.n} replicas (f={learnt.cfg.f}) "
-              f"after {learnt.members_from}, epoch {learnt.members_epoch}", file=sys.stderr)
+              f"after {learnt.members_from}, epoch {learnt.members_epoch} (configuration epoch "
+              f"{learnt.chain[-1].epoch if learnt.chain else 0})", file=sys.stderr)
         cluster = learnt
     identity = None
     sock = signer_spec(cluster.dir, args.id, getattr(args, "signer", None))
