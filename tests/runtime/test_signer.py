@@ -421,3 +421,59 @@ def test_live_replica_with_a_signer_signs_the_membership_link(tmp_path, capsys):
     assert sum(e["event"] == "signer-sign-link" for e in events) >= 2, events  # the replica's, and ours
     stopped = [e for e in events if e["event"] == "signer-stopped"][0]
     assert stopped["sign-malformed"] == 1 and stopped["sign-link-not-a-link"] == 1, stopped
+
+
+@pytest.mark.slow
+def test_live_rotation_of_a_signer_held_key_is_signed_by_the_signer_with_the_old_key(tmp_path, capsys):
+    """Replica 1's key is in a signer (its key file moved away) and replica 3 is stopped, so the
+    link of ``rotate-key 1`` needs replica 1's vote, signed with its old key: the replica reads
+    its new key from ``keys/replica-1.key.next`` at the switch and asks the signer, which still
+    holds the old one, for the rotation's link. Every running replica's chain then certifies the
+    new key with signers [0, 1, 2], and requests complete with replica 1 on its new key."""
+    from pbft.runtime.chain import decode_chain, verify_chain
+    from pbft.runtime.cluster import load_cluster
+    from pbft.runtime.follow import genesis_keys
+    from pbft.tools.cli import main
+
+    protocol = {"checkpoint_interval_seqnos": 8, "log_window_seqnos": 16, "view_change_timeout_ms": 500.0}
+    with LocalCluster(tmp_path / "c", N, clients=2, protocol=protocol) as lc:
+        sock = tmp_path / "s1.sock"
+        slog = open(tmp_path / "signer.log", "ab")
+        signer = _pbft("signer", lc.dir, "--id", 1, "--socket", sock, "--mode", "600", stderr=slog)
+        try:
+            deadline = time.time() + 15
+            while not sock.exists():
+                assert signer.poll() is None and time.time() < deadline, (tmp_path / "signer.log").read_text()
+                time.sleep(0.05)
+            shutil.move(lc.cluster.key_path(1), tmp_path / "elsewhere.key")
+            for r in (0, 2, 3):
+                lc.start(r)
+            lc.logs[1] = lc.dir / "replica-1.log"
+            with open(lc.logs[1], "ab") as rlog:
+                lc.procs[1] = _pbft("replica", lc.dir, "--id", 1, "--signer", sock, stderr=rlog)
+            lc.wait_connected(timeout=30)
+            old_key = lc.cluster.public_key_of(1)
+            lc.kill(3)  # the rotation's link now needs 0, 1 and 2
+            assert main(["reconfig", str(lc.dir), "rotate-key", "1"]) == 0
+            capsys.readouterr()
+            new_key = load_cluster(lc.dir).public_key_of(1)
+            assert new_key != old_key
+            g = lc.cluster.genesis_cfg or lc.cluster.cfg
+            for r in (0, 1, 2):
+                links = lc.wait_for(lambda r=r: [lk for lk in decode_chain(bytes.fromhex(
+                    lc.status(r)["membership_chain"])) if lk.epoch == 1] or None, timeout=20,
+                                    what=f"replica {r}'s chain")
+                assert links[0].members.keys[1] == new_key
+                assert [i for i, _ in links[0].signatures] == [0, 1, 2], links[0].signatures
+                assert verify_chain(g, genesis_keys(lc.cluster), links).keys[1] == new_key
+            assert "chain-sign-unavailable" not in lc.log_text(1)
+            with BlockingClient(lc.dir) as bc:
+                kv = KVClient(bc.invoke, timeout=20.0)
+                kv.put(b"after", b"rotation")
+                assert kv.get(b"after", read_only=False) == b"rotation"
+        finally:
+            signer.terminate()
+            signer.wait(5)
+            slog.close()
+    events = [json.loads(x) for x in (tmp_path / "signer.log").read_text().splitlines() if x.startswith("{")]
+    assert sum(e["event"] == "signer-sign-link" for e in events) >= 1, events
