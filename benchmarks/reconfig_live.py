@@ -10,7 +10,10 @@ long-term key is rotated and a client is revoked.
 ``python benchmarks/reconfig_live.py keys [--clients C] [--phase-s S] [--base-port P] [--json]``
     One cluster under load: ``rotate-key`` of every replica in turn, then ``revoke-client`` of a
     client that was putting too (its requests must fail from then on); prints each change's time
-    and the puts per second before, during and after it. Every acknowledged put is read back.
+    and the puts per second before, during and after it, and the revoked client's puts before and
+    after its revocation: acknowledged, refused by the replicas (not admitted), service errors,
+    unanswered (no certified result in time) and failed, each counted while it goes on putting.
+    Every acknowledged put is read back.
 
 The clients follow what ``pbft reconfig`` writes into ``DIR/epoch.json`` (``MembershipWatch``),
 as a restarted ``pbft kv`` would. It measures time: run nothing else that does beside it.
@@ -34,9 +37,10 @@ from pathlib import Path
 from membership_live import SRC, Loader, rate, status, wait
 
 from pbft import BlockingClient
-from pbft.runtime.client import PbftError
+from pbft.core.reconfig import NOT_ADMITTED_RESULT
+from pbft.runtime.client import NoQuorumError, PbftError
 from pbft.runtime.cluster import init_cluster, load_cluster
-from pbft.services.kv import KVClient
+from pbft.services.kv import KVClient, ServiceError, encode_op, unwrap_result
 
 VALUE = 4096
 PRELOADERS = 4
@@ -170,20 +174,33 @@ def keys(a) -> dict:
     try:
         c.up(4)
         stop, ts, acks, acked = loaders_for(c, ids[:-2])
-        victim_res: dict = {"acked": 0, "refused_after": 0, "acked_after": 0}
+        # per phase (before / after the revocation, when the call ends): acknowledged puts, puts the
+        # replicas refused (the client is not admitted: NOT_ADMITTED_RESULT), other service errors,
+        # calls without a certified result in time (NoQuorumError: a revoked client's session keys
+        # are refused, so its requests go unanswered) and other client errors
+        kinds = ("acked", "refused", "errors", "unanswered", "failed")
+        victim_res: dict = {f"{k}{p}": 0 for p in ("", "_after") for k in kinds}
         revoked = threading.Event()
 
         def victim_loop() -> None:
             with BlockingClient(c.cluster, victim) as bc:
-                kv = KVClient(bc.invoke, timeout=3.0)
                 i = 0
                 while not stop.is_set():
-                    after = revoked.is_set()
                     try:
-                        kv.put(b"victim-%06d" % i, b"v")
-                        victim_res["acked_after" if after else "acked"] += 1
+                        res = bc.invoke(encode_op("put", b"victim-%06d" % i, b"v"), timeout=3.0)
+                        if res == NOT_ADMITTED_RESULT:
+                            what = "refused"
+                            time.sleep(0.05)  # (refused at once: do not spin)
+                        else:
+                            unwrap_result(res)
+                            what = "acked"
+                    except ServiceError:
+                        what = "errors"
+                    except NoQuorumError:
+                        what = "unanswered"
                     except PbftError:
-                        victim_res["refused_after"] += after
+                        what = "failed"
+                    victim_res[what + ("_after" if revoked.is_set() else "")] += 1
                     i += 1
 
         vt = threading.Thread(target=victim_loop, daemon=True)
@@ -240,9 +257,11 @@ def main() -> int:
             print(f"{ch['change']:<18} {ch['command_s']:>6} s   puts/s during {ch['during_ops_per_s']:>7}"
                   f"   after {ch['after_ops_per_s']:>7}")
         v = res["victim"]
-        print(f"revoked client: {v['acked']} puts before, {v['acked_after']} acknowledged and "
-              f"{v['refused_after']} refused after; {res['acknowledged_puts']} acknowledged puts, "
-              f"{res['lost_puts']} lost")
+        print(f"revoked client: before, {v['acked']} puts acknowledged ({v['refused']} refused, "
+              f"{v['errors']} errors, {v['unanswered']} unanswered, {v['failed']} failed); after, "
+              f"{v['acked_after']} acknowledged, {v['refused_after']} refused as not admitted, "
+              f"{v['errors_after']} errors, {v['unanswered_after']} unanswered, {v['failed_after']} failed; "
+              f"{res['acknowledged_puts']} acknowledged puts of the others, {res['lost_puts']} lost")
     lost = res["lost_puts"] if isinstance(res, dict) else sum(r["lost_puts"] for r in res)
     return 1 if lost else 0
 

@@ -1,5 +1,7 @@
-"""The membership certificate chain (runtime.chain): a chain verifies only link by link from the
-genesis membership, each link signed by quorum weight of the membership before it."""
+"""The membership certificate chain (runtime.chain) in its first format (links of memberships
+only, what chain files and epoch.json written by the previous version hold, still verified): a
+chain verifies only link by link from the genesis membership, each link signed by quorum weight
+of the membership before it. The configuration links are test_chain_config.py's."""
 
 from __future__ import annotations
 
@@ -9,8 +11,8 @@ from hypothesis import strategies as st
 
 from pbft.config import ClusterConfig
 from pbft.runtime.chain import (
-    ChainError, Link, decode_chain, encode_chain, genesis_membership, links_after, membership_digest, sign_link,
-    verify_chain, verify_from,
+    ChainError, Head, Link, decode_chain, encode_chain, genesis_head, genesis_membership, links_after,
+    membership_digest, sign_link, verify_chain, verify_from,
 )
 from pbft.runtime.keys import Identity
 from pbft.state.configuration import Membership
@@ -126,6 +128,6 @@ def test_any_flipped_byte_is_refused_or_harmless(pos, x):
 
 def test_the_links_after_an_epoch_verify_from_the_membership_held():
     assert links_after(CHAIN, 0) == CHAIN and links_after(CHAIN, 1) == CHAIN[1:] and links_after(CHAIN, 2) == []
-    assert verify_from(CFG, M1, links_after(CHAIN, 1)) == M2
+    assert verify_from(CFG, Head(M1, membership_digest(M1), 1), links_after(CHAIN, 1)).members == M2
     with pytest.raises(ChainError, match="broken link"):
-        verify_from(CFG, G, links_after(CHAIN, 1))  # (from a membership that is not the one before)
+        verify_from(CFG, genesis_head(CFG, KEYS[:4]), links_after(CHAIN, 1))  # (not from the membership before)

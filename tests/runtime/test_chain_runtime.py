@@ -120,3 +120,52 @@ def test_a_client_with_only_cluster_toml_follows_a_growth_and_a_tampered_epoch_f
     assert kv(d, c, "get", "colour").returncode != 0  # (the command says why, and stops)
     (lc.dir / EPOCH_FILE).write_text(epoch_doc)
     assert load_cluster(d).cfg.n == 7
+
+
+def test_a_replica_key_rotation_is_chained_and_a_client_with_only_cluster_toml_learns_it(
+        local_cluster, capsys, monkeypatch):
+    """``rotate-key`` of replica 1 on a live cluster of 4: every replica's chain gets the link of
+    the rotation's epoch (signed with the keys of the link before: replica 1 with its old key),
+    a fresh client with only cluster.toml takes replica 1's new key from the chain (not from
+    epoch.json) and its requests complete, and ``pbft reconfig DIR status`` shows it."""
+    monkeypatch.setattr(netutil, "free_base_port", lambda span: free_port_range(span, prefer=21400))
+    lc = local_cluster(clients=1, protocol={"checkpoint_interval_seqnos": 8, "log_window_seqnos": 16,
+                                            "view_change_timeout_ms": 500.0})
+    d = str(lc.dir)
+    old_key = lc.cluster.public_key_of(1)
+    assert main(["reconfig", d, "rotate-key", "1"]) == 0
+    capsys.readouterr()
+    new_key = load_cluster(d).public_key_of(1)  # (epoch.json, written with the chain that certifies it)
+    assert new_key != old_key
+    lc.wait_for(lambda: all(lc.status(i)["chain"]["config_epoch"] == 1 for i in range(4)), timeout=20,
+                what="every replica holding the rotation's link")
+    doc = json.loads((lc.dir / EPOCH_FILE).read_text())
+    links = decode_chain(bytes.fromhex(doc["chain"]))
+    assert len(links) == 1 and links[0].config is not None and links[0].config.epoch == 1
+    assert links[0].members.keys[1] == new_key
+    # checked against the genesis keys: replica 1's vote, if it counted, was made with its old key
+    assert verify_chain(lc.cluster.genesis_cfg, genesis_keys(lc.cluster), links).keys[1] == new_key
+    assert "chain-sign-unavailable" not in lc.log_text(1)
+    # every replica serves the configuration the link certifies, matching its digest
+    got = learn(lc.cluster)
+    assert got.config is not None and got.config.replica_keys[1] == new_key and not got.refused
+    assert sorted(got.served_by) == [0, 1, 2, 3]
+
+    (lc.dir / EPOCH_FILE).unlink()  # a client machine with only cluster.toml
+    fresh = load_cluster(d)
+    assert fresh.public_key_of(1) == old_key and fresh.epoch == 0
+    with BlockingClient(fresh, lc.cluster.client_ids[0]) as bc:
+        assert bytes(bc.cluster.public.verify[1]) == new_key and bc.cluster.epoch == 1
+        store = KVClient(bc.invoke, timeout=20.0)
+        store.put(b"rotated", b"yes")
+        assert store.get(b"rotated", read_only=False) == b"yes"
+    w = kv(d, lc.cluster.client_ids[0], "get", "rotated")  # (a process: the same, from cluster.toml)
+    assert w.returncode == 0 and w.stdout.strip() == "yes", (w.stdout, w.stderr)
+
+    assert main(["reconfig", d, "status"]) == 0
+    out = capsys.readouterr().out
+    assert "configuration epoch 1 (in force from checkpoint" in out
+    assert f"replica 1: key {new_key.hex()} (rotated: cluster.toml has {old_key.hex()[:16]}" in out
+    assert main(["reconfig", d, "status", "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["epoch"] == 1 and st["rotated"] == [1] and st["configuration"]["replicas"][1] == new_key.hex()

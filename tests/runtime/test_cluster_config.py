@@ -142,7 +142,7 @@ def test_the_membership_in_force_comes_from_epoch_json(tmp_path):
     keys = tuple(e.public_key for e in c.slots)
     grown = dataclasses.replace(cs, epoch=1, opens_at=16, next_members=Membership(7, 2, (1,) * 7, keys, 40, 1))
     (tmp_path / EPOCH_FILE).write_text(json.dumps({**grown.describe(),
-                                                   "chain": chain_hex(tmp_path, grown.next_members)}))
+                                                   "chain": chain_hex(tmp_path, grown)}))
     now = load_cluster(tmp_path)
     assert len(now.chain) == 1
     assert (now.cfg.n, now.cfg.f, now.cfg.client_base, now.members_from, now.members_epoch) == (7, 2, 7, 40, 1)
@@ -171,10 +171,11 @@ def test_a_membership_watch_reports_each_change_of_the_membership_once(tmp_path)
     cs = ConfigRecord.decode(c.genesis_config).latest
     keys = tuple(e.public_key for e in c.slots)
     path = tmp_path / EPOCH_FILE
-    path.write_text(json.dumps(dataclasses.replace(cs, epoch=1, opens_at=16).describe()))  # (clients only)
+    first = dataclasses.replace(cs, epoch=1, opens_at=16)  # (clients only)
+    path.write_text(json.dumps({**first.describe(), "chain": chain_hex(tmp_path, first)}))
     assert w.poll() is None and w.cluster.cfg.n == 4
     grown = dataclasses.replace(cs, epoch=2, opens_at=32, next_members=Membership(7, 2, (1,) * 7, keys, 48, 2))
-    path.write_text(json.dumps({**grown.describe(), "chain": chain_hex(tmp_path, grown.next_members)}))
+    path.write_text(json.dumps({**grown.describe(), "chain": chain_hex(tmp_path, first, grown)}))
     os.utime(path, (1.0, 1.0))  # (a new mtime even within the file system's time granularity)
     now = w.poll()
     assert now is not None and (now.cfg.n, now.cfg.f, now.members_from) == (7, 2, 48)
@@ -183,9 +184,10 @@ def test_a_membership_watch_reports_each_change_of_the_membership_once(tmp_path)
     # session keys to the new one, so the watch reports it too
     from pbft.runtime.keys import Identity
     new_key = Identity.generate(1).public
-    rotated = dataclasses.replace(grown, epoch=3, opens_at=64,
-                                  replica_keys=(grown.replica_keys[0], new_key, *grown.replica_keys[2:]))
-    path.write_text(json.dumps({**rotated.describe(), "chain": chain_hex(tmp_path, grown.next_members)}))
+    folded = dataclasses.replace(grown.next_members, keys=(keys[0], new_key, *keys[2:]))
+    rotated = dataclasses.replace(grown, epoch=3, opens_at=64, replica_keys=folded.keys, members=folded,
+                                  next_members=None)
+    path.write_text(json.dumps({**rotated.describe(), "chain": chain_hex(tmp_path, first, grown, rotated)}))
     os.utime(path, (2.0, 2.0))
     now = w.poll()
     assert now is not None and now.public_key_of(1) == new_key and now.cfg.n == 7

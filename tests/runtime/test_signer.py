@@ -251,20 +251,27 @@ def _membership(n: int, epoch: int = 1, opens_at: int = 24):
     return Membership(n, (n - 1) // 3, (1,) * n, keys, opens_at, epoch)
 
 
-def test_signs_membership_link_statements_only(world):
-    """``sign-link``: a link statement (the link context, then msgpack [prev, membership]) is
-    signed as given, verifiable as the replica's link signature; anything else is refused with
-    its reason, a NewKey header among them, and a link statement is refused on the NewKey path.
-    A second, different membership after the same predecessor is refused; the same one again is
-    signed (a restarted replica votes again)."""
+def _ref(epoch: int = 1, opens_at: int = 8, digest: bytes = b""):
+    from pbft.runtime.chain import ConfigRef
+    return ConfigRef(epoch, opens_at, digest or os.urandom(32))
+
+
+def test_signs_configuration_link_statements_only(world):
+    """``sign-link``: a configuration link statement (the link context, then msgpack [prev,
+    membership, [epoch, opens_at, digest]]) is signed as given, verifiable as the replica's link
+    signature; anything else is refused with its reason: a membership link of the previous format,
+    a NewKey header, each field out of shape; a link statement is refused on the NewKey path. After
+    one predecessor, a second statement of the same epoch is refused, one of a later epoch signed
+    (the replica's stable checkpoint moved on), and then one of the earlier epoch refused; the same
+    statement again is signed (a restarted replica votes again)."""
     import nacl.signing
-    from pbft.runtime.chain import LINK_CONTEXT, check_signature, statement
+    from pbft.runtime.chain import CONFIG_LINK_CONTEXT, LINK_CONTEXT, check_signature, statement
     from pbft.runtime.signer import LINK_BURST, LINK_STATEMENT_BYTES_MAX
 
     ids, pub = world
     s = Signer(ids[1], 7)  # 7 replica slots
-    prev, m = os.urandom(32), _membership(5)
-    stmt = statement(prev, m)
+    prev, m, ref = os.urandom(32), _membership(5), _ref()
+    stmt = statement(prev, m, ref)
     ok, sig = s.handle(req("sign-link", stmt))
     assert ok is True
     nacl.signing.VerifyKey(ids[1].public).verify(stmt, sig)
@@ -272,18 +279,31 @@ def test_signs_membership_link_statements_only(world):
     assert check_signature(before, 1, sig, stmt) == ""  # what chain.verify_link checks
     assert s.handle(req("sign-link", stmt)) == [True, sig]  # the same statement again
     good_header = header(now_timestamp_us(), [(0, sealed(pub, 0))])
-    body = stmt[len(LINK_CONTEXT):]
+    body = stmt[len(CONFIG_LINK_CONTEXT):]
+    d = ref.digest
+    fields = m.encode_fields()
+
+    def packed(*parts) -> bytes:
+        return CONFIG_LINK_CONTEXT + msgpack.packb(list(parts), use_bin_type=True)
+
+    wide = packed(prev, fields, [1, 8, d])
+    assert wide.count(b"\x93\x01\x08") == 1
+    wide = wide.replace(b"\x93\x01\x08", b"\x93\xcd\x00\x01\x08")  # (epoch 1 as a 16-bit integer)
     bad = {
-        "sign-link-not-a-link": [good_header, b"", b"pbft.newkey.v1" + body, LINK_CONTEXT[:-1] + body,
+        "sign-link-not-a-link": [good_header, b"", b"pbft.newkey.v1" + body, CONFIG_LINK_CONTEXT[:-1] + body,
                                  b"x" + stmt],
-        "sign-link-malformed": [LINK_CONTEXT, LINK_CONTEXT + b"\xc1", stmt + b"\x00",  # trailing bytes
-                                LINK_CONTEXT + msgpack.packb([prev], use_bin_type=True),
-                                LINK_CONTEXT + msgpack.packb([prev[:31], m.encode_fields()], use_bin_type=True),
-                                LINK_CONTEXT + msgpack.packb([prev, m.encode_fields()[:5]], use_bin_type=True),
-                                LINK_CONTEXT + msgpack.packb([prev, m.encode_fields(), 1], use_bin_type=True)],
-        "sign-link-bad-membership": [statement(os.urandom(32), _membership(8))],  # beyond the 7 slots
-        "sign-link-oversized": [LINK_CONTEXT + b"\x00" * LINK_STATEMENT_BYTES_MAX],
-        "sign-link-equivocation": [statement(prev, _membership(6))],  # another membership after prev
+        "sign-link-old-format": [statement(prev, m), statement(os.urandom(32), m)],  # (no replica signs those now)
+        "sign-link-malformed": [CONFIG_LINK_CONTEXT, CONFIG_LINK_CONTEXT + b"\xc1", stmt + b"\x00",  # trailing
+                                packed(prev), packed(prev, fields),
+                                packed(prev[:31], fields, [1, 8, d]), packed(prev, fields[:5], [1, 8, d]),
+                                packed(prev, fields, [1, 8, d], 1), packed(prev, fields, [0, 8, d]),
+                                packed(prev, fields, [1, 0, d]), packed(prev, fields, [1, 8, d[:31]]),
+                                packed(prev, fields, [1, 8]), packed(prev, fields, [True, 8, d]),
+                                packed(prev, fields, [1, 8, d.hex()]), wide],
+        "sign-link-bad-membership": [statement(os.urandom(32), _membership(8), _ref())],  # beyond the 7 slots
+        "sign-link-oversized": [CONFIG_LINK_CONTEXT + b"\x00" * LINK_STATEMENT_BYTES_MAX],
+        # another configuration of epoch 1 after prev: another membership, or another digest
+        "sign-link-equivocation": [statement(prev, _membership(6), ref), statement(prev, m, _ref(1, 8))],
     }
     for reason, stmts in bad.items():
         for x in stmts:
@@ -291,9 +311,17 @@ def test_signs_membership_link_statements_only(world):
     # a link statement on the NewKey path: refused (and what that path signs is a NewKey's context)
     assert s.handle(req("sign", stmt)) == [False, "sign-malformed"]
     assert s.counts["sign-link"] == 2 and "sign" not in s.counts
-    # a burst of distinct links, then rate limited (a replica votes once per change)
-    got = [s.handle(req("sign-link", statement(os.urandom(32), m)))[1] for _ in range(int(LINK_BURST) + 4)]
+    # a later epoch after the same predecessor (the vote moves on), then the earlier one is stale
+    later = statement(prev, m, _ref(2, 16))
+    assert s.handle(req("sign-link", later))[0] is True
+    assert s.handle(req("sign-link", stmt)) == [False, "sign-link-stale"]
+    assert s.handle(req("sign-link", statement(prev, _membership(6), _ref(2, 16)))) == [False, "sign-link-equivocation"]
+    assert s.handle(req("sign-link", later))[0] is True  # (again)
+    assert s.counts["sign-link"] == 4
+    # a burst of distinct links, then rate limited (a replica votes once per configuration)
+    got = [s.handle(req("sign-link", statement(os.urandom(32), m, _ref())))[1] for _ in range(int(LINK_BURST) + 4)]
     assert got.count("sign-link-rate-limited") >= 3 and s.counts["sign-link"] >= int(LINK_BURST)
+    assert LINK_CONTEXT != CONFIG_LINK_CONTEXT[:len(LINK_CONTEXT)]
 
 
 def test_a_link_signed_through_the_socket_without_blocking(world, tmp_path):
@@ -309,7 +337,7 @@ def test_a_link_signed_through_the_socket_without_blocking(world, tmp_path):
     try:
         me = SignerIdentity(1, path, ids[1].public)
         prev, m = os.urandom(32), _membership(5)
-        stmt = statement(prev, m)
+        stmt = statement(prev, m, _ref())
 
         async def both():
             task = asyncio.ensure_future(me.sign_link(stmt))
@@ -320,7 +348,7 @@ def test_a_link_signed_through_the_socket_without_blocking(world, tmp_path):
         nacl.signing.VerifyKey(ids[1].public).verify(stmt, sig)
         assert len(me.sign_newkey(header(now_timestamp_us(), [(0, sealed(pub, 0))]))) == 64
         with pytest.raises(SignerError, match="signer-sign-link-equivocation"):
-            asyncio.run(me.sign_link(statement(prev, _membership(4))))
+            asyncio.run(me.sign_link(statement(prev, _membership(4), _ref())))
         with pytest.raises(SignerError, match="signer-sign-link-not-a-link"):
             asyncio.run(me.sign_link(b"anything"))
         assert st.srv.signer.counts == {"public": 1, "sign-link": 1, "sign": 1, "sign-link-equivocation": 1,
@@ -337,7 +365,7 @@ def test_live_replica_with_a_signer_signs_the_membership_link(tmp_path, capsys):
     link of a growth 4 -> 5 needs replica 1's signature (quorum: 3 of the 4): the change goes
     through, the chain every replica serves verifies and its link is signed by 0, 1 and 2, and
     the live signer refuses a link statement on the NewKey path and a statement that is no link."""
-    from pbft.runtime.chain import decode_chain, statement, verify_chain
+    from pbft.runtime.chain import CONFIG_LINK_CONTEXT, decode_chain, verify_chain
     from pbft.runtime.follow import genesis_keys
     from pbft.tools.cli import main
 
@@ -376,7 +404,8 @@ def test_live_replica_with_a_signer_signs_the_membership_link(tmp_path, capsys):
             assert "chain-sign-unavailable" not in lc.log_text(1)
             # the live signer: a link statement on the NewKey path, and no link on the link path
             links = decode_chain(bytes.fromhex(lc.status(0)["membership_chain"]))
-            stmt = statement(links[0].prev, links[0].members)
+            stmt = links[0].statement()
+            assert stmt.startswith(CONFIG_LINK_CONTEXT)
             me = SignerIdentity(1, sock, lc.cluster.slot(1).public_key)
             with pytest.raises(SignerError, match="signer-sign-malformed"):
                 me.sign_newkey(stmt)
@@ -392,3 +421,59 @@ def test_live_replica_with_a_signer_signs_the_membership_link(tmp_path, capsys):
     assert sum(e["event"] == "signer-sign-link" for e in events) >= 2, events  # the replica's, and ours
     stopped = [e for e in events if e["event"] == "signer-stopped"][0]
     assert stopped["sign-malformed"] == 1 and stopped["sign-link-not-a-link"] == 1, stopped
+
+
+@pytest.mark.slow
+def test_live_rotation_of_a_signer_held_key_is_signed_by_the_signer_with_the_old_key(tmp_path, capsys):
+    """Replica 1's key is in a signer (its key file moved away) and replica 3 is stopped, so the
+    link of ``rotate-key 1`` needs replica 1's vote, signed with its old key: the replica reads
+    its new key from ``keys/replica-1.key.next`` at the switch and asks the signer, which still
+    holds the old one, for the rotation's link. Every running replica's chain then certifies the
+    new key with signers [0, 1, 2], and requests complete with replica 1 on its new key."""
+    from pbft.runtime.chain import decode_chain, verify_chain
+    from pbft.runtime.cluster import load_cluster
+    from pbft.runtime.follow import genesis_keys
+    from pbft.tools.cli import main
+
+    protocol = {"checkpoint_interval_seqnos": 8, "log_window_seqnos": 16, "view_change_timeout_ms": 500.0}
+    with LocalCluster(tmp_path / "c", N, clients=2, protocol=protocol) as lc:
+        sock = tmp_path / "s1.sock"
+        slog = open(tmp_path / "signer.log", "ab")
+        signer = _pbft("signer", lc.dir, "--id", 1, "--socket", sock, "--mode", "600", stderr=slog)
+        try:
+            deadline = time.time() + 15
+            while not sock.exists():
+                assert signer.poll() is None and time.time() < deadline, (tmp_path / "signer.log").read_text()
+                time.sleep(0.05)
+            shutil.move(lc.cluster.key_path(1), tmp_path / "elsewhere.key")
+            for r in (0, 2, 3):
+                lc.start(r)
+            lc.logs[1] = lc.dir / "replica-1.log"
+            with open(lc.logs[1], "ab") as rlog:
+                lc.procs[1] = _pbft("replica", lc.dir, "--id", 1, "--signer", sock, stderr=rlog)
+            lc.wait_connected(timeout=30)
+            old_key = lc.cluster.public_key_of(1)
+            lc.kill(3)  # the rotation's link now needs 0, 1 and 2
+            assert main(["reconfig", str(lc.dir), "rotate-key", "1"]) == 0
+            capsys.readouterr()
+            new_key = load_cluster(lc.dir).public_key_of(1)
+            assert new_key != old_key
+            g = lc.cluster.genesis_cfg or lc.cluster.cfg
+            for r in (0, 1, 2):
+                links = lc.wait_for(lambda r=r: [lk for lk in decode_chain(bytes.fromhex(
+                    lc.status(r)["membership_chain"])) if lk.epoch == 1] or None, timeout=20,
+                                    what=f"replica {r}'s chain")
+                assert links[0].members.keys[1] == new_key
+                assert [i for i, _ in links[0].signatures] == [0, 1, 2], links[0].signatures
+                assert verify_chain(g, genesis_keys(lc.cluster), links).keys[1] == new_key
+            assert "chain-sign-unavailable" not in lc.log_text(1)
+            with BlockingClient(lc.dir) as bc:
+                kv = KVClient(bc.invoke, timeout=20.0)
+                kv.put(b"after", b"rotation")
+                assert kv.get(b"after", read_only=False) == b"rotation"
+        finally:
+            signer.terminate()
+            signer.wait(5)
+            slog.close()
+    events = [json.loads(x) for x in (tmp_path / "signer.log").read_text().splitlines() if x.startswith("{")]
+    assert sum(e["event"] == "signer-sign-link" for e in events) >= 1, events

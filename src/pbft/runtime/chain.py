@@ -1,25 +1,42 @@
-"""The membership certificate chain: the memberships a cluster went through, each certified by
-the one before it, so that anyone holding the genesis configuration (cluster.toml) can learn the
-membership in force from whoever hands the chain over.
+"""The configuration certificate chain: the configurations a cluster went through, each certified
+by the membership before it, so that anyone holding the genesis configuration (cluster.toml) can
+learn the configuration in force (its membership, the replicas' current keys, and the digest of
+the whole configuration) from whoever hands the chain over.
 
-A **link** says "after sequence number ``opens_at``, membership ``m`` (ids ``0..n-1``, their
-public keys, weights, ``f``, the configuration epoch that opened it) is in force, and it follows
-the membership whose digest is ``prev``". Replicas of the *previous* membership sign it with
-their long-term Ed25519 keys when they switch (``MembershipSwitched``: checkpoint ``opens_at`` is
-stable, certified by that membership's quorum); a link holds signatures of quorum weight of the
-previous membership (the 2f+1 rule with its weights). So a link with quorum weight contains a
-signature of a correct replica of that membership, which signs only the membership its stable
-checkpoint's state records. A Byzantine holder can only withhold links: a forged, truncated or
-reordered link, a chain signed by ``f+1`` only, or a replayed older chain (it ends at an older
-membership: callers take the newest valid chain they are given) does not verify.
+A **link** (``Link`` with ``config``: format 2) says "configuration epoch ``e``, in force from
+checkpoint ``opens_at`` on, records membership ``m`` (ids ``0..n-1``, their *current* public keys,
+weights, ``f``, its switch point and the epoch that opened it: a membership change recorded and
+not yet in force is the one recorded) and its full canonical encoding
+(``Configuration.encode()``) has digest ``d``; it follows the link whose digest is ``prev``".
+There is a link per configuration epoch a replica signs (every change: a replica's or a client's
+key rotated, a client admitted or revoked, the recovery period, the membership); epochs whose
+checkpoint no correct replica signed before the next one are skipped (a link certifies the
+latest configuration: the one after it follows it). Replicas of the membership of the *previous*
+link sign it with their long-term Ed25519 keys, checked against the keys the previous link has
+for them (never the new link's own: a forged link cannot vouch for itself), when a checkpoint
+whose state records it is stable; a link holds signatures of quorum weight of that membership
+(the 2f+1 rule with its weights). So a link with quorum weight contains a signature of a correct
+replica of that membership, which signs only a configuration its stable checkpoint's state
+records. A Byzantine holder can only withhold links: a forged, truncated or reordered link, a
+chain signed by ``f+1`` only, or a replayed older chain (it ends at an older configuration:
+callers take the newest valid chain they are given) does not verify.
+
+The full configuration (the clients' keys are not in the links, to keep them small) is served
+by the replicas beside the chain; ``check_configuration`` accepts it only if its digest is the
+one of the chain's last link.
+
+Format 1 links (``config`` None: a membership only, what the previous version signed) still
+verify, as a prefix of a chain (a chain file or an epoch.json written before): a format 1 link
+after a format 2 one does not.
 
 ``verify_chain(genesis_cfg, genesis_keys, links)`` checks a chain link by link and returns the
-membership it ends at (``ChainError``: which link, and why). Chains travel as bytes
-(``encode_chain`` / ``decode_chain``, bounded: at most ``CHAIN_LINKS_MAX`` links of at most
-``LINK_SIGNATURES_MAX`` signatures, ``CHAIN_BYTES_MAX`` bytes); every input is untrusted.
+membership it ends at (``verify_head``: the ``Head``, with the configuration epoch and digest;
+``ChainError``: which link, and why). Chains travel as bytes (``encode_chain`` /
+``decode_chain``, bounded: at most ``CHAIN_LINKS_MAX`` links of at most ``LINK_SIGNATURES_MAX``
+signatures, ``CHAIN_BYTES_MAX`` bytes); every input is untrusted.
 
-What the signatures cover is a context string and msgpack ``[prev, membership fields]``, so a
-signature of a link is never the signature of a NewKey (``runtime.keys``: its own context).
+What the signatures cover is a context string and msgpack of the fields, so a signature of a
+link is never the signature of a NewKey (``runtime.keys``: its own context).
 """
 
 from __future__ import annotations
@@ -34,16 +51,19 @@ import nacl.signing
 
 from ..config import ClusterConfig, ConfigError
 from ..core.membership import cluster_config
-from ..state.configuration import Membership
+from ..state.configuration import Configuration, Membership
 
 LINK_CONTEXT = b"pbft.membership-link.v1"
+CONFIG_LINK_CONTEXT = b"pbft.configuration-link.v2"
 DIGEST_CONTEXT = b"pbft.membership.v1"
+CONFIG_DIGEST_CONTEXT = b"pbft.configuration.v1"
 SIGNATURE_BYTES = 64
 DIGEST_BYTES = 32
 CHAIN_LINKS_MAX = 1024
 LINK_SIGNATURES_MAX = 1024
 CHAIN_BYTES_MAX = 4 << 20
 LINK_BYTES_MAX = 256 << 10
+CONFIG_BYTES_MAX = 4 << 20  # a configuration served beside the chain
 
 
 class ChainError(ValueError):
@@ -51,16 +71,63 @@ class ChainError(ValueError):
 
 
 @dataclass(frozen=True)
-class Link:
-    prev: bytes  # membership_digest of the membership before
-    members: Membership
-    signatures: tuple[tuple[int, bytes], ...]  # (signer id in the membership before, signature), ids ascending
+class ConfigRef:
+    """What a format 2 link certifies of a configuration besides its membership."""
 
-    def statement(self) -> bytes:
-        return statement(self.prev, self.members)
+    epoch: int
+    opens_at: int  # the checkpoint from which it is in effect
+    digest: bytes  # config_digest of its Configuration.encode()
 
     def encode_fields(self) -> list:
-        return [self.prev, self.members.encode_fields(), [list(s) for s in self.signatures]]
+        return [self.epoch, self.opens_at, self.digest]
+
+
+@dataclass(frozen=True)
+class Link:
+    prev: bytes  # the digest of the chain before (``Head.digest``)
+    members: Membership
+    signatures: tuple[tuple[int, bytes], ...]  # (signer id in the membership before, signature), ids ascending
+    config: Optional[ConfigRef] = None  # None: a format 1 link (a membership only)
+
+    def statement(self) -> bytes:
+        return statement(self.prev, self.members, self.config)
+
+    @property
+    def epoch(self) -> int:
+        """The configuration epoch it certifies (a format 1 link: its membership's)."""
+        return self.config.epoch if self.config is not None else self.members.epoch
+
+    def unsigned(self) -> "Link":
+        return Link(self.prev, self.members, (), self.config)
+
+    def encode_fields(self) -> list:
+        out = [self.prev, self.members.encode_fields(), [list(s) for s in self.signatures]]
+        if self.config is not None:
+            out.append(self.config.encode_fields())
+        return out
+
+
+@dataclass(frozen=True)
+class Head:
+    """Where a verified chain ends: the membership, the digest the next link follows, and the
+    configuration epoch (``opens_at`` -1 and ``config`` b"" when not known: the genesis or a
+    format 1 link's)."""
+
+    members: Membership
+    digest: bytes
+    epoch: int
+    opens_at: int = -1
+    config: bytes = b""
+
+    def order(self) -> tuple[int, bool, int, int]:
+        """Newer chains order after older ones (configuration epoch first; of one epoch, the one
+        that certifies its configuration after a format 1 link's)."""
+        return (self.epoch, bool(self.config), self.members.epoch, self.members.opens_at)
+
+    def before(self, epoch: int) -> bool:
+        """Whether a link of configuration ``epoch`` may follow: a later epoch, or the epoch of a
+        format 1 link (a chain written by the previous version), certified with its configuration."""
+        return epoch > self.epoch or (epoch == self.epoch and epoch > 0 and not self.config)
 
 
 def membership_digest(m: Membership) -> bytes:
@@ -68,9 +135,23 @@ def membership_digest(m: Membership) -> bytes:
                            digest_size=DIGEST_BYTES).digest()
 
 
-def statement(prev: bytes, m: Membership) -> bytes:
+def config_digest(encoded: bytes) -> bytes:
+    """The digest a link carries of a configuration's canonical encoding."""
+    return hashlib.blake2b(CONFIG_DIGEST_CONTEXT + encoded, digest_size=DIGEST_BYTES).digest()
+
+
+def statement(prev: bytes, m: Membership, config: Optional[ConfigRef] = None) -> bytes:
     """What a link's signatures sign."""
-    return LINK_CONTEXT + msgpack.packb([prev, m.encode_fields()], use_bin_type=True)
+    if config is None:
+        return LINK_CONTEXT + msgpack.packb([prev, m.encode_fields()], use_bin_type=True)
+    return CONFIG_LINK_CONTEXT + msgpack.packb([prev, m.encode_fields(), config.encode_fields()], use_bin_type=True)
+
+
+def link_digest(link: Link) -> bytes:
+    """What the link after ``link`` follows (``prev``)."""
+    if link.config is None:
+        return membership_digest(link.members)
+    return hashlib.blake2b(link.statement(), digest_size=DIGEST_BYTES).digest()
 
 
 def genesis_membership(cfg: ClusterConfig, keys: Sequence[bytes]) -> Membership:
@@ -80,8 +161,31 @@ def genesis_membership(cfg: ClusterConfig, keys: Sequence[bytes]) -> Membership:
     return Membership(cfg.n, cfg.f, tuple(cfg.weights) or (1,) * cfg.n, tuple(bytes(k) for k in keys), 0, 0)
 
 
-def sign_link(signing_key: nacl.signing.SigningKey, prev: bytes, m: Membership) -> bytes:
-    return signing_key.sign(statement(prev, m)).signature
+def genesis_head(cfg: ClusterConfig, keys: Sequence[bytes]) -> Head:
+    m = genesis_membership(cfg, keys)
+    return Head(m, membership_digest(m), 0, 0)
+
+
+def link_membership(cs: Configuration, genesis_cfg: ClusterConfig) -> Membership:
+    """The membership a link of configuration ``cs`` records: a change recorded (in force or not
+    yet), else the genesis membership, with the configuration's current replica keys."""
+    if cs.next_members is not None:
+        return cs.next_members
+    if cs.members is not None:
+        return cs.members
+    n = len(cs.replica_keys)
+    return Membership(n, genesis_cfg.f, tuple(genesis_cfg.weights) or (1,) * n, tuple(cs.replica_keys), 0, 0)
+
+
+def config_link(prev: bytes, cs: Configuration, genesis_cfg: ClusterConfig) -> Link:
+    """The unsigned link of configuration ``cs`` after the chain of digest ``prev``."""
+    ref = ConfigRef(cs.epoch, cs.opens_at, config_digest(cs.encode()))
+    return Link(prev, link_membership(cs, genesis_cfg), (), ref)
+
+
+def sign_link(signing_key: nacl.signing.SigningKey, prev: bytes, m: Membership,
+              config: Optional[ConfigRef] = None) -> bytes:
+    return signing_key.sign(statement(prev, m, config)).signature
 
 
 def check_signature(prev_m: Membership, signer: int, sig: bytes, stmt: bytes) -> str:
@@ -101,17 +205,41 @@ def quorum_of(genesis_cfg: ClusterConfig, m: Membership) -> ClusterConfig:
     return cluster_config(genesis_cfg, m)
 
 
-def verify_link(genesis_cfg: ClusterConfig, prev_m: Membership, link: Link) -> Membership:
-    """``link``'s membership if it follows ``prev_m`` and carries signatures of quorum weight of
-    ``prev_m``'s members, all valid (raises ``ChainError``)."""
-    m = link.members
-    if link.prev != membership_digest(prev_m):
-        raise ChainError("broken link: it does not follow the membership before")
-    if m.epoch <= prev_m.epoch or m.opens_at <= prev_m.opens_at:
-        raise ChainError(f"broken link: epoch {m.epoch} after {m.opens_at} does not come after epoch "
-                         f"{prev_m.epoch} after {prev_m.opens_at}")
+def same_ids(a: Membership, b: Membership) -> bool:
+    """The same membership but for its keys (a key rotation keeps the rest)."""
+    return (a.n, a.f, tuple(a.weights), a.opens_at, a.epoch) == (b.n, b.f, tuple(b.weights), b.opens_at, b.epoch)
+
+
+def _check_order(head: Head, link: Link) -> None:
+    m, prev_m, c = link.members, head.members, link.config
+    if c is None:
+        if head.config:
+            raise ChainError("broken link: a format 1 link (a membership only) after a configuration link")
+        if m.epoch <= prev_m.epoch or m.opens_at <= prev_m.opens_at:
+            raise ChainError(f"broken link: epoch {m.epoch} after {m.opens_at} does not come after epoch "
+                             f"{prev_m.epoch} after {prev_m.opens_at}")
+        return
+    if not head.before(c.epoch) or c.opens_at <= head.opens_at:
+        raise ChainError(f"broken link: configuration epoch {c.epoch} at {c.opens_at} does not come after epoch "
+                         f"{head.epoch}" + (f" at {head.opens_at}" if head.opens_at >= 0 else ""))
+    if same_ids(m, prev_m):
+        return
+    if not (prev_m.epoch < m.epoch <= c.epoch and head.epoch < m.epoch and m.opens_at > prev_m.opens_at):
+        raise ChainError(f"broken link: a membership of epoch {m.epoch} after {m.opens_at} in configuration epoch "
+                         f"{c.epoch}, after epoch {head.epoch} with one after {prev_m.opens_at}")
+
+
+def verify_link(genesis_cfg: ClusterConfig, head: Head, link: Link) -> Head:
+    """Where the chain ends with ``link`` if it follows ``head`` and carries signatures of
+    quorum weight of ``head``'s members, valid for their keys there (raises ``ChainError``)."""
+    m, prev_m = link.members, head.members
+    if link.prev != head.digest:
+        raise ChainError("broken link: it does not follow the link before")
+    _check_order(head, link)
     if m.n > genesis_cfg.client_base:
         raise ChainError(f"bad membership: {m.n} replicas, beyond the {genesis_cfg.client_base} replica slots")
+    if len(set(m.keys)) != m.n:
+        raise ChainError("bad membership: two replicas with the same key")
     try:
         quorum_of(genesis_cfg, m).validate()
         for k in m.keys:
@@ -130,33 +258,61 @@ def verify_link(genesis_cfg: ClusterConfig, prev_m: Membership, link: Link) -> M
     if q.weight_of(seen) < q.quorum_weight:
         raise ChainError(f"below quorum: signatures of weight {q.weight_of(seen)}, the membership before needs "
                          f"{q.quorum_weight}")
-    return m
+    c = link.config
+    if c is None:
+        return Head(m, link_digest(link), m.epoch)
+    return Head(m, link_digest(link), c.epoch, c.opens_at, c.digest)
+
+
+def verify_head(genesis_cfg: ClusterConfig, genesis_keys: Sequence[bytes], links: Sequence[Link]) -> Head:
+    """Where a chain ends, checked link by link from the genesis membership (``genesis_cfg``:
+    cluster.toml's configuration, ``genesis_keys``: its members' public keys); raises
+    ``ChainError`` naming the first link that does not verify."""
+    return verify_from(genesis_cfg, genesis_head(genesis_cfg, genesis_keys), links)
 
 
 def verify_chain(genesis_cfg: ClusterConfig, genesis_keys: Sequence[bytes], links: Sequence[Link]) -> Membership:
-    """The membership a chain ends at, checked link by link from the genesis membership
-    (``genesis_cfg``: cluster.toml's configuration, ``genesis_keys``: its members' public keys);
-    raises ``ChainError`` naming the first link that does not verify."""
-    return verify_from(genesis_cfg, genesis_membership(genesis_cfg, genesis_keys), links)
+    """The membership a chain ends at (``verify_head``)."""
+    return verify_head(genesis_cfg, genesis_keys, links).members
 
 
-def verify_from(genesis_cfg: ClusterConfig, start: Membership, links: Sequence[Link]) -> Membership:
-    """``verify_chain`` from a membership already verified (``start``: the end of a chain held),
-    for the links after it (what a replica's ``/chain?from=E`` serves)."""
-    m = start
+def verify_from(genesis_cfg: ClusterConfig, start: Head, links: Sequence[Link]) -> Head:
+    """``verify_head`` from a head already verified (``start``: the end of a chain held), for
+    the links after it (what a replica's ``/chain?from=E`` serves)."""
+    h = start
     if len(links) > CHAIN_LINKS_MAX:
         raise ChainError(f"chain of {len(links)} links (at most {CHAIN_LINKS_MAX})")
     for i, link in enumerate(links):
         try:
-            m = verify_link(genesis_cfg, m, link)
+            h = verify_link(genesis_cfg, h, link)
         except ChainError as e:
-            raise ChainError(f"link {i + 1} (epoch {link.members.epoch}): {e}") from None
-    return m
+            raise ChainError(f"link {i + 1} (epoch {link.epoch}): {e}") from None
+    return h
 
 
 def links_after(links: Sequence[Link], epoch: int) -> list[Link]:
-    """The links of a chain that open memberships of epochs after ``epoch``."""
-    return [lk for lk in links if lk.members.epoch > epoch]
+    """The links of a chain that certify configuration epochs after ``epoch``."""
+    return [lk for lk in links if lk.epoch > epoch]
+
+
+def check_configuration(genesis_cfg: ClusterConfig, head: Head, data: bytes) -> Configuration:
+    """The configuration ``data`` encodes if it is the one ``head`` certifies (its digest, and so
+    its epoch, its checkpoint, its membership and every key); raises ``ChainError``."""
+    if not head.config:
+        raise ChainError("the chain certifies no configuration digest (the genesis, or format 1 links only)")
+    if type(data) is not bytes or len(data) > CONFIG_BYTES_MAX:
+        raise ChainError(f"configuration: not bytes, or more than {CONFIG_BYTES_MAX}")
+    if config_digest(data) != head.config:
+        raise ChainError(f"configuration: not the one the chain certifies (its last link, of epoch {head.epoch}, has "
+                         f"another digest: a key or a field differs)")
+    try:
+        cs = Configuration.decode(data)
+    except ValueError as e:
+        raise ChainError(f"configuration: {e}") from None
+    if (cs.epoch, cs.opens_at) != (head.epoch, head.opens_at) or link_membership(cs, genesis_cfg) != head.members:
+        # (a link so signed is never one of correct replicas)
+        raise ChainError("configuration: its epoch or membership is not the link's")
+    return cs
 
 
 # ---- bytes ----------------------------------------------------------------------------------
@@ -178,10 +334,18 @@ def _unpack(data: bytes, limit: int):
         raise ChainError("not msgpack") from e
 
 
+def decode_config_ref(t) -> ConfigRef:
+    """A format 2 link's configuration reference from its msgpack fields (raises ``ChainError``)."""
+    if not (type(t) is tuple and len(t) == 3 and type(t[0]) is int and t[0] >= 1 and type(t[1]) is int
+            and t[1] >= 1 and type(t[2]) is bytes and len(t[2]) == DIGEST_BYTES):
+        raise ChainError("link: bad configuration reference")
+    return ConfigRef(t[0], t[1], t[2])
+
+
 def link_from_fields(t) -> Link:
-    if type(t) is not tuple or len(t) != 3:
+    if type(t) is not tuple or len(t) not in (3, 4):
         raise ChainError("link: bad shape")
-    prev, fields, sigs = t
+    prev, fields, sigs = t[:3]
     if type(prev) is not bytes or len(prev) != DIGEST_BYTES:
         raise ChainError("link: bad digest")
     try:
@@ -191,7 +355,7 @@ def link_from_fields(t) -> Link:
     if type(sigs) is not tuple or len(sigs) > LINK_SIGNATURES_MAX or not all(
             type(s) is tuple and len(s) == 2 and type(s[0]) is int and type(s[1]) is bytes for s in sigs):
         raise ChainError("link: bad signatures")
-    return Link(prev, m, tuple(sorted(sigs)))
+    return Link(prev, m, tuple(sorted(sigs)), decode_config_ref(t[3]) if len(t) == 4 else None)
 
 
 def decode_link(data: bytes) -> Link:
@@ -206,10 +370,3 @@ def decode_chain(data: bytes) -> list[Link]:
         raise ChainError("chain: bad shape")
     return [link_from_fields(x) for x in t]
 
-
-def same_membership(a: Optional[Membership], b: Optional[Membership]) -> bool:
-    """Whether two memberships agree on what a client needs: ids, f, weights, the switch point
-    and the epoch that opened it (replica keys rotated since are not chained)."""
-    if a is None or b is None:
-        return a is b
-    return (a.n, a.f, tuple(a.weights), a.opens_at, a.epoch) == (b.n, b.f, tuple(b.weights), b.opens_at, b.epoch)

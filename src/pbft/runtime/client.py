@@ -95,6 +95,7 @@ class ClientPool:
         self.following: Optional[asyncio.Task] = None
         self.followed_at = -FOLLOW_INTERVAL_S
         self.memberships_followed = 0
+        self.configs_followed = 0  # newer configurations of the same membership (e.g. a key rotation)
         self.follow_error = ""
         self.cfg = cluster.cfg
         self.codec = Codec(self.cfg)
@@ -182,10 +183,21 @@ class ClientPool:
             now = None
         finally:
             self.followed_at = time.monotonic()
-        if now is not None and not self.closed and (now.members_epoch, now.members_from) > (
-                self.cluster.members_epoch, self.cluster.members_from):
+        if now is None or self.closed:
+            return
+        if (now.members_epoch, now.members_from) > (self.cluster.members_epoch, self.cluster.members_from):
             self.memberships_followed += 1
             self.set_membership(now)
+        elif (now.members_epoch, now.members_from) == (self.cluster.members_epoch, self.cluster.members_from):
+            # a newer configuration of the same membership: its keys (a replica's key rotated: our
+            # session keys sealed to the new one, as a replica forgets its old key after a while)
+            old = self.cluster.public.verify
+            rotated = any(bytes(now.public.verify[j]) != bytes(old[j]) for j in range(self.cfg.n))
+            self.cluster = now
+            self.configs_followed += 1
+            if rotated and self.links:  # (before the links are up, their first NewKeys are sealed so)
+                for p in self.p.values():
+                    self.refresh_keys(p)
 
     def _maybe_follow(self) -> None:
         if (self.follow_chain and not self.closed and (self.following is None or self.following.done())

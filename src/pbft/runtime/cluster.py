@@ -597,10 +597,11 @@ def _admins(doc: dict, where: str, clients: dict[int, bytes]) -> list[int]:
 def _epoch_file(d: Path, n: int, cfg: ClusterConfig, genesis: bytes,
                 genesis_keys: list[bytes]) -> tuple[int, Configuration, tuple]:
     """The configuration the cluster reported last (``EPOCH_FILE``, written by ``pbft reconfig``),
-    or cluster.toml's (epoch 0), and the membership certificate chain that certifies its
-    membership (``chain``, checked from cluster.toml's genesis membership: a membership that
-    the chain does not certify is refused)."""
-    from .chain import ChainError, decode_chain, genesis_membership, same_membership, verify_chain
+    or cluster.toml's (epoch 0), and the configuration certificate chain that certifies it
+    (``chain``, checked from cluster.toml's genesis membership: a configuration whose every field
+    and key is not the one the chain's last link certifies, by its digest, is refused; so is a
+    file of a later epoch without such a chain, e.g. one written by an earlier version)."""
+    from .chain import ChainError, check_configuration, decode_chain, verify_head
 
     base = ConfigRecord.decode(genesis).active
     path = d / EPOCH_FILE
@@ -615,7 +616,7 @@ def _epoch_file(d: Path, n: int, cfg: ClusterConfig, genesis: bytes,
         if type(raw) is not str:
             raise ValueError("chain: not a hex string")
         links = decode_chain(bytes.fromhex(raw)) if raw else []
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, ChainError) as e:
         raise ConfigError(f"{path}: not a configuration written by `pbft reconfig` ({e})") from None
     m = current.next_members or current.members
     if not 1 <= len(current.replica_keys) <= n or (m is not None and m.n > n) \
@@ -623,15 +624,23 @@ def _epoch_file(d: Path, n: int, cfg: ClusterConfig, genesis: bytes,
         raise ConfigError(f"{path}: its configuration is not of this cluster's {n} replica slots with an "
                           f"address and its client slots")
     try:
-        head = verify_chain(cfg, genesis_keys, links)
+        head = verify_head(cfg, genesis_keys, links)
     except ChainError as e:
         raise ConfigError(f"{path}: its membership certificate chain does not verify against "
                           f"{CLUSTER_FILE}: {e}") from None
-    if not same_membership(head, m or genesis_membership(cfg, genesis_keys)) and not (m is None and not links):
-        raise ConfigError(f"{path}: its membership ({m.n if m else cfg.n} replicas, f={m.f if m else cfg.f}, after "
-                          f"{m.opens_at if m else 0}) is not the one its certificate chain ends at ({head.n} "
-                          f"replicas, f={head.f}, after {head.opens_at}): refused (`pbft reconfig DIR show` "
-                          f"writes it again from the cluster)")
+    if current.epoch == 0 and not links and current.encode() == base.encode():
+        return 0, current, ()
+    again = "refused (`pbft reconfig DIR show` writes it again from the cluster)"
+    if not head.config:
+        raise ConfigError(f"{path}: its configuration (epoch {current.epoch}) is not the one its certificate chain "
+                          f"ends at (the chain certifies no configuration: {len(links)} links, none of this "
+                          f"version's configuration links): {again}")
+    try:
+        check_configuration(cfg, head, current.encode())
+    except ChainError as e:
+        raise ConfigError(f"{path}: its configuration (epoch {current.epoch}, {m.n if m else cfg.n} replicas, "
+                          f"f={m.f if m else cfg.f}) is not the one its certificate chain ends at ({e}): "
+                          f"{again}") from None
     return current.epoch, current, tuple(links)
 
 

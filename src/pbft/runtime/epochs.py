@@ -16,7 +16,9 @@ has a newer epoch than the one in force here, switches to it (``switch``):
 * if this replica's own key was rotated, it signs with the new private key from then on: the key
   file's ``.next`` (``pbft reconfig DIR rotate-key`` writes it), loaded at startup or at the
   switch; the old key still opens sealed session keys for ``OLD_KEY_GRACE_S`` (peers and clients
-  that have not switched yet seal to it), then is forgotten;
+  that have not switched yet seal to it), then is used only to sign the rotation's link of the
+  configuration chain (``runtime.chain_keeper``: links are checked against the keys of the link
+  before);
 * if any replica's key changed, this replica refreshes its session keys at the switch and twice
   more (``RESEND_AFTER_S``), so that replicas that switch a little later get a NewKey they can
   check;
@@ -49,12 +51,16 @@ RESEND_AFTER_S = (2.0, 8.0)
 
 class RotatingIdentity:
     """A replica's long-term identity across a key rotation: it signs with ``current`` and opens
-    sealed boxes with ``current`` or, until ``others_until`` (time.monotonic), with ``others``."""
+    sealed boxes with ``current`` or, until ``others_until`` (time.monotonic), with ``others``.
+    ``retired``: the keys rotated away, kept for signing the configuration link of the rotation
+    (``runtime.chain_keeper``: it is checked against the key the link before has for us)."""
 
-    def __init__(self, current: Any, others: list[Any], others_until: float = float("inf")):
+    def __init__(self, current: Any, others: list[Any], others_until: float = float("inf"),
+                 retired: Optional[list[Any]] = None):
         self.current = current
         self.others = others
         self.others_until = others_until
+        self.retired = list(retired or [])
 
     @property
     def principal(self) -> int:
@@ -159,7 +165,8 @@ class EpochFollower:
         for o in rot.others:
             if o.public == want:
                 rest = [x for x in [rot.current, *rot.others] if x is not o]
-                self.rotating = RotatingIdentity(o, rest, time.monotonic() + OLD_KEY_GRACE_S)
+                self.rotating = RotatingIdentity(o, rest, time.monotonic() + OLD_KEY_GRACE_S,
+                                                 [*rot.retired, rot.current])
                 break
         else:
             path = next_key_path(self.node.cluster.key_path(self.node.id))
@@ -171,7 +178,8 @@ class EpochFollower:
             if nxt.public != want:
                 self.node._log("own-key-missing", file=str(path), want=want.hex() if want else None)
                 return
-            self.rotating = RotatingIdentity(nxt, [rot.current], time.monotonic() + OLD_KEY_GRACE_S)
+            self.rotating = RotatingIdentity(nxt, [rot.current], time.monotonic() + OLD_KEY_GRACE_S,
+                                             [*rot.retired, rot.current])
         self.node.identity = self.node.newkey_gate.me = self.as_identity()
 
     def as_identity(self) -> Identity:

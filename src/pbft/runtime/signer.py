@@ -14,19 +14,24 @@ operations ``keys.Identity`` performs with the private key, and nothing else is 
   held the replica therefore cannot be kept for later: the NewKeys the replica signs after its
   reboot (which takes longer than 0.1 s) have larger timestamps and supersede it everywhere
   (receivers keep only the newest).
-* ``sign-link``: the signature of a *membership link* statement (``runtime.chain``: the link
-  context ``chain.LINK_CONTEXT``, then msgpack ``[prev digest, membership fields]``), for the
-  replica's vote on the membership certificate chain. The signer signs the statement as given
-  (a link signature covers exactly what ``chain.check_signature`` checks), and only such a
-  statement: anything else (another prefix, a NewKey header, trailing or non-canonical bytes, a
-  membership that does not decode or has more replicas than the cluster's slots) is refused,
-  and a NewKey is never signed on this path nor a link on the ``sign`` path (there the signer
-  prefixes the NewKey context itself, and the header check refuses it). While it runs, it signs
-  at most one statement per predecessor digest (the same one again: the replica restarted, or
-  resent), so an intruder in the replica process cannot have it sign a second membership after
-  the one the replica voted for (``sign-link-equivocation``); what it cannot tell is whether
-  the first one is the membership the replica's certified state records: that, as for NewKeys,
-  is what the others' signatures of quorum weight are for.
+* ``sign-link``: the signature of a *configuration link* statement (``runtime.chain``: the
+  link context ``chain.CONFIG_LINK_CONTEXT``, then msgpack ``[prev digest, membership fields,
+  [epoch, opens_at, configuration digest]]``), for the replica's vote on the configuration
+  certificate chain. The signer signs the statement as given (a link signature covers exactly
+  what ``chain.check_signature`` checks), and only such a statement: anything else (another
+  prefix, a membership link of the previous format, which no replica signs any more, a NewKey
+  header, trailing or non-canonical bytes, a membership that does not decode or has more
+  replicas than the cluster's slots, an epoch or checkpoint below 1, a digest that is not 32
+  bytes) is refused, and a NewKey is never signed on this path nor a link on the ``sign`` path
+  (there the signer prefixes the NewKey context itself, and the header check refuses it). While
+  it runs, it signs for each predecessor digest statements of increasing configuration epochs
+  only: the same statement again (the replica restarted, or resent) or one of a later epoch (the
+  replica's stable checkpoint moved on before the link was complete), never a second statement
+  of an epoch it signed or of an earlier one, so an intruder in the replica process cannot have
+  it sign two configurations of one epoch after the same link (``sign-link-equivocation``,
+  ``sign-link-stale``); what it cannot tell is whether the configuration is the one the
+  replica's certified state records: that, as for NewKeys, is what the others' signatures of
+  quorum weight are for.
 * ``open``: a sealed box addressed to the replica (the session keys in a NewKey to it), of one
   of the two sizes a NewKey carries (a replica's key, a client's pair).
 * ``public``: the public key, so that the replica checks it talks to the right signer.
@@ -65,7 +70,7 @@ from ..codec import DecodeError
 from ..config import ConfigError
 from ..crypto import KEY_SIZE
 from ..state.configuration import Membership
-from .chain import LINK_CONTEXT, statement
+from .chain import CONFIG_LINK_CONTEXT, DIGEST_BYTES, LINK_CONTEXT, ChainError, decode_config_ref, statement
 from .keys import NEWKEY_MAX_BYTES, SEALED_OVERHEAD, SIGNATURE_SIZE, Identity
 from .transport import TokenBucket
 
@@ -73,10 +78,9 @@ REQUEST_BYTES_MAX = NEWKEY_MAX_BYTES + 64  # a NewKey header and the framing
 ANSWER_BYTES_MAX = 256
 OPS = ("public", "sign", "open", "sign-link")
 LINK_STATEMENT_BYTES_MAX = NEWKEY_MAX_BYTES  # a link of 1024 replicas is about 40 KB
-LINK_PREV_BYTES = 32
 LINK_RATE_PER_S = 1.0  # a vote per membership change (again after a restart); resends reuse it
 LINK_BURST = 16.0
-LINKS_REMEMBERED = 256  # predecessor digests whose signed statement is remembered (oldest forgotten)
+LINKS_REMEMBERED = 256  # predecessor digests whose latest signed statement is remembered (oldest forgotten)
 SEALED_SIZES = (KEY_SIZE + SEALED_OVERHEAD, 2 * KEY_SIZE + SEALED_OVERHEAD)
 # a replica's NewKey timestamps are its clock (+1 us per NewKey in a burst), read before the round trip
 FUTURE_SLACK_US = 100_000
@@ -139,7 +143,7 @@ class Signer:
         self.sign_bucket = TokenBucket(rate=SIGN_RATE_PER_S, burst=float(max(SIGN_BURST_MIN, 4 * n_replicas)))
         self.open_bucket = TokenBucket(rate=OPEN_RATE_PER_S, burst=OPEN_BURST)
         self.link_bucket = TokenBucket(rate=LINK_RATE_PER_S, burst=LINK_BURST)
-        self.links_signed: dict[bytes, bytes] = {}  # predecessor digest -> the link statement signed
+        self.links_signed: dict[bytes, tuple[int, bytes]] = {}  # predecessor digest -> (epoch, statement) signed last
         self.counts: dict[str, int] = {}
         self.last_refusal = ""
 
@@ -191,43 +195,47 @@ class Signer:
         return [True, self.ident.sign_newkey(arg)]
 
     def _sign_link(self, stmt: bytes, now: float) -> list:
-        why, prev = self._check_link(stmt)
+        why, prev, epoch = self._check_link(stmt)
         if why:
             return self._refuse(why)
         signed = self.links_signed.get(prev)
-        if signed is not None and signed != stmt:
-            return self._refuse("sign-link-equivocation")
-        if signed is None and not self.link_bucket.take(now):
+        again = signed is not None and signed[1] == stmt
+        if signed is not None and not again and epoch <= signed[0]:
+            return self._refuse("sign-link-equivocation" if epoch == signed[0] else "sign-link-stale")
+        if not again and not self.link_bucket.take(now):
             return self._refuse("sign-link-rate-limited")
-        if signed is None:
-            if len(self.links_signed) >= LINKS_REMEMBERED:
+        if not again:
+            if prev not in self.links_signed and len(self.links_signed) >= LINKS_REMEMBERED:
                 self.links_signed.pop(next(iter(self.links_signed)))
-            self.links_signed[prev] = stmt
+            self.links_signed[prev] = (epoch, stmt)
         self._count("sign-link")
         return [True, self.ident.signing_key.sign(stmt).signature]
 
-    def _check_link(self, stmt: bytes) -> tuple[str, bytes]:
-        """(why ``stmt`` is not a membership link statement the signer may sign, "" if it is;
-        its predecessor digest)."""
+    def _check_link(self, stmt: bytes) -> tuple[str, bytes, int]:
+        """(why ``stmt`` is not a configuration link statement the signer may sign, "" if it is;
+        its predecessor digest; its configuration epoch)."""
         if len(stmt) > LINK_STATEMENT_BYTES_MAX:
-            return "sign-link-oversized", b""
-        if not stmt.startswith(LINK_CONTEXT):
-            return "sign-link-not-a-link", b""
+            return "sign-link-oversized", b"", 0
+        if stmt.startswith(LINK_CONTEXT):
+            return "sign-link-old-format", b"", 0  # (membership links: read from old chains, never signed now)
+        if not stmt.startswith(CONFIG_LINK_CONTEXT):
+            return "sign-link-not-a-link", b"", 0
         try:
-            t = _unpack(stmt[len(LINK_CONTEXT):])
+            t = _unpack(stmt[len(CONFIG_LINK_CONTEXT):])
         except (ValueError, msgpack.UnpackException):
-            return "sign-link-malformed", b""
-        if type(t) is not tuple or len(t) != 2 or type(t[0]) is not bytes or len(t[0]) != LINK_PREV_BYTES:
-            return "sign-link-malformed", b""
+            return "sign-link-malformed", b"", 0
+        if type(t) is not tuple or len(t) != 3 or type(t[0]) is not bytes or len(t[0]) != DIGEST_BYTES:
+            return "sign-link-malformed", b"", 0
         try:
             m = Membership.decode_fields(t[1])
-        except ValueError:
-            return "sign-link-malformed", b""
+            ref = decode_config_ref(t[2])
+        except (ValueError, ChainError):
+            return "sign-link-malformed", b"", 0
         if m.n > self.n:
-            return "sign-link-bad-membership", b""
-        if statement(t[0], m) != stmt:
-            return "sign-link-malformed", b""  # (one encoding only: what is signed is what was checked)
-        return "", t[0]
+            return "sign-link-bad-membership", b"", 0
+        if statement(t[0], m, ref) != stmt:
+            return "sign-link-malformed", b"", 0  # (one encoding only: what is signed is what was checked)
+        return "", t[0], ref.epoch
 
     def _check_header(self, header: bytes) -> str:
         """Why ``header`` is not a NewKey header this replica may sign now ("" if it is)."""
@@ -450,7 +458,7 @@ class SignerIdentity:
         return sig
 
     async def sign_link(self, stmt: bytes) -> bytes:
-        """The signature of a membership link statement (``runtime.chain.statement``), asked on a
+        """The signature of a configuration link statement (``runtime.chain.statement``), asked on a
         connection of its own (the blocking one may be in use by the loop's thread, and this
         call must not block the loop), within ``timeout``. Raises ``SignerError``."""
         self.requests += 1

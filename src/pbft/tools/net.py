@@ -118,7 +118,8 @@ def cmd_replica(args) -> int:
     learnt = follow(cluster)
     if learnt is not None:
         print(f"pbft replica: the replicas certify a membership of {learnt.cfg.n} replicas (f={learnt.cfg.f}) "
-              f"after {learnt.members_from}, epoch {learnt.members_epoch}", file=sys.stderr)
+              f"after {learnt.members_from}, epoch {learnt.members_epoch} (configuration epoch "
+              f"{learnt.chain[-1].epoch if learnt.chain else 0})", file=sys.stderr)
         cluster = learnt
     held = held_chain(cluster, args.id)  # (the peers may be down too: a whole cluster restarting)
     if held is not None:
@@ -378,7 +379,7 @@ def status_notes(cluster, rows: list[dict]) -> list[str]:
 
 def cmd_status(args) -> int:
     from ..runtime.cluster import load_cluster
-    from ..runtime.follow import chain_of_status, newest, with_chain
+    from ..runtime.follow import chain_of_status, config_of_status, newest, with_chain
 
     cluster = load_cluster(args.dir)
     got: dict = {}
@@ -388,16 +389,17 @@ def cmd_status(args) -> int:
         except (OSError, urllib.error.URLError, ValueError) as e:
             got[r.id] = e
     # the membership in force as the replicas certify it (their chains), if newer than the directory's
-    served = {}
+    served, configs = {}, {}
     for j, s in got.items():
         try:
             served[j] = chain_of_status(s)
+            configs[j] = config_of_status(s)
         except (ValueError, AttributeError):
             continue
-    learnt = newest(cluster, served)
+    learnt = newest(cluster, served, configs)
     certified = ""
     if learnt.links and learnt.links != tuple(cluster.chain):
-        cluster = with_chain(cluster, learnt.links)
+        cluster = with_chain(cluster, learnt.links, learnt.config)
         certified = f"certified by the chain replicas {learnt.served_by} serve"
     rows = []
     members = {r.id for r in cluster.replicas}

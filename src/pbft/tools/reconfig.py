@@ -1,5 +1,6 @@
-"""``pbft reconfig DIR add-client | revoke-client | rotate-key | set-recovery-period | show``:
+"""``pbft reconfig DIR add-client | revoke-client | rotate-key | set-recovery-period | show | status``:
 configuration changes on a live cluster, through the protocol (docs/reconfiguration.md).
+``status`` sends nothing: it prints the configuration the replicas' certificate chains certify.
 
 A change is an ordered request of the administrator (``[admin] clients`` in cluster.toml, its key
 in ``keys/``): the replicas validate it (``pbft.core.reconfig``) and record it, and it takes effect
@@ -7,7 +8,8 @@ at the next checkpoint at or after its sequence number. This command sends it, p
 (the epoch it opens, or the reason it was refused), and then, unless ``--no-wait``, moves the
 cluster to that checkpoint with ordered no-op requests (``show``) until replicas of quorum weight
 report the new epoch on their status endpoints; then it writes what the cluster reports as the
-configuration in effect into ``DIR/epoch.json``, which clients and tools of this directory use
+configuration in effect, with the configuration certificate chain whose last link certifies it
+(``runtime.chain``), into ``DIR/epoch.json``, which clients and tools of this directory use
 for the keys from then on (``show`` writes it too: what the cluster reports in force).
 
 Keys: ``add-client`` generates the new client's key pair and writes ``keys/client-<id>.key``;
@@ -25,7 +27,7 @@ import sys
 import time
 import urllib.error
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from ..config import ConfigError
 from ..core.reconfig import check_recovery_period, decode_result, encode_request
@@ -90,28 +92,29 @@ def write_epoch_file(cluster: Cluster, bc) -> dict:
 
 
 def certifying_chain(cluster: Cluster, doc: dict, timeout_s: float = CHAIN_TIMEOUT_S) -> str:
-    """The membership certificate chain (hex) that certifies the membership of configuration
-    ``doc``, fetched from the replicas and verified (``runtime.follow``); "" for the genesis
-    membership. The replicas gather the link's signatures when they switch: waits for it."""
-    from ..runtime.chain import encode_chain, same_membership
+    """The configuration certificate chain (hex) whose last link certifies configuration ``doc``
+    (its digest), fetched from the replicas and verified (``runtime.follow``); "" for the genesis
+    configuration. The replicas gather the link's signatures once its checkpoint is stable:
+    waits for it."""
+    from ..runtime.chain import config_digest, encode_chain
     from ..runtime.cluster import configuration_from_json
     from ..runtime.follow import learn
 
     cs = configuration_from_json(doc)
-    want = cs.next_members or cs.members
-    if want is None:
+    if cs.epoch == 0:
         return ""
+    want = config_digest(cs.encode())
     end = time.monotonic() + timeout_s
     while True:
         got = learn(cluster)
         for k in range(len(got.links), 0, -1):
-            if same_membership(got.links[k - 1].members, want):
+            ref = got.links[k - 1].config
+            if ref is not None and ref.epoch == cs.epoch and ref.digest == want:
                 return encode_chain(got.links[:k]).hex()
         if time.monotonic() > end:
-            raise ConfigError(f"no replica serves a membership certificate chain that certifies the membership "
-                              f"of {want.n} replicas after {want.opens_at} within {timeout_s:.0f} s (refused: "
-                              f"{got.refused or 'none'}; unreachable: {sorted(got.unreachable) or 'none'}); "
-                              f"{EPOCH_FILE} not written")
+            raise ConfigError(f"no replica serves a configuration certificate chain that certifies the configuration "
+                              f"of epoch {cs.epoch} within {timeout_s:.0f} s (refused: {got.refused or 'none'}; "
+                              f"unreachable: {sorted(got.unreachable) or 'none'}); {EPOCH_FILE} not written")
         time.sleep(0.1)
 
 
@@ -281,6 +284,15 @@ def cmd_reconfig(args) -> int:
     from ..runtime.client import BlockingClient, PbftError
 
     cluster = load_cluster(args.dir)
+    if args.action == "status":
+        return cmd_chain_status(cluster, args.json)
+    from ..runtime.follow import follow
+
+    # the configuration in force as the replicas certify it, if newer than the directory's (no
+    # epoch.json here, or an older one): a change is computed from it
+    learnt = follow(cluster)
+    if learnt is not None:
+        cluster = learnt
     admin = _admin(cluster, args.admin)
     if args.action in MEMBERSHIP_ACTIONS:
         return cmd_membership(args, cluster, admin)
@@ -377,12 +389,63 @@ def _revoked(cluster: Cluster) -> set[int]:
         return set()
 
 
+def cmd_chain_status(cluster: Cluster, as_json: bool = False) -> int:
+    """``status``: the configuration the replicas' certificate chains certify (no request, no
+    administrator): the newest chain that verifies against cluster.toml, who serves it, the
+    membership and replica keys of its last link, and the full configuration if a replica serves
+    the one of its digest. 1 if no replica answered."""
+    from ..runtime.follow import genesis_keys, learn
+
+    got = learn(cluster)
+    h = got.head
+    assert h is not None  # (learn starts from the directory's own chain)
+    toml_keys = genesis_keys(cluster)
+    m = h.members
+    cs = got.config
+    rotated = [i for i, k in enumerate(m.keys) if i < len(toml_keys) and k != toml_keys[i]]
+    epoch_file = cluster.epoch if (cluster.dir / EPOCH_FILE).exists() else None
+    doc: dict[str, Any] = {"epoch": h.epoch, "opens_at": h.opens_at if h.config else None, "links": len(got.links),
+           "served_by": got.served_by, "refused": {str(j): why for j, why in sorted(got.refused.items())},
+           "unreachable": got.unreachable, "config_digest": h.config.hex(),
+           "members": {"n": m.n, "f": m.f, "weights": list(m.weights), "opens_at": m.opens_at, "epoch": m.epoch,
+                       "keys": [k.hex() for k in m.keys]},
+           "rotated": rotated, "configuration": cs.describe() if cs is not None else None,
+           "epoch_file": epoch_file}
+    if as_json:
+        print(json.dumps(doc, indent=1))
+    else:
+        where = (f"certified by a chain of {len(got.links)} link{'s' if len(got.links) > 1 else ''} served by "
+                 f"replicas {got.served_by}"
+                 if got.links else "the genesis configuration (no replica serves a link)")
+        print(f"configuration epoch {h.epoch}" + (f" (in force from checkpoint {h.opens_at})" if h.config else "")
+              + f": {where}")
+        print(f"membership: {m.n} replicas, f={m.f}" + (f", weights {list(m.weights)}" if set(m.weights) != {1} else "")
+              + (f" (epoch {m.epoch}, after seqno {m.opens_at})" if m.opens_at else " (cluster.toml's)"))
+        for i, k in enumerate(m.keys):
+            note = f" (rotated: cluster.toml has {toml_keys[i].hex()[:16]}...)" if i in rotated else ""
+            print(f"  replica {i}: key {k.hex()}{note}")
+        if cs is not None:
+            print(f"clients: {len(cs.clients) - len(cs.revoked)} admitted, revoked {sorted(cs.revoked)}; "
+                  f"administrators {list(cs.admins)} (the full configuration, checked against the link's digest)")
+        elif h.config:
+            print(f"the full configuration was not served (digest {h.config.hex()[:16]}...)")
+        if epoch_file is not None:
+            print(f"{cluster.dir / EPOCH_FILE}: epoch {epoch_file}"
+                  + (" (older: `pbft reconfig DIR show` writes it again)" if epoch_file < h.epoch else ""))
+        for j, why in sorted(got.refused.items()):
+            print(f"refused: replica {j}: {why}")
+        if got.unreachable:
+            print(f"unreachable: replicas {got.unreachable}")
+    slots = cluster.slots or cluster.replicas
+    return 1 if len(got.unreachable) == len(slots) else 0
+
+
 def add_reconfig_commands(sub) -> None:
     p = sub.add_parser("reconfig", help="change the configuration of a live cluster: admit or revoke clients, "
                        "set the recovery period, rotate long-term keys (docs/reconfiguration.md)")
     p.add_argument("dir")
     p.add_argument("action", choices=["add-client", "revoke-client", "rotate-key", "set-recovery-period", "show",
-                                      *MEMBERSHIP_ACTIONS])
+                                      "status", *MEMBERSHIP_ACTIONS])
     p.add_argument("principal", nargs="?", default=None,
                    help="the client (add-client: default the first free id; revoke-client) or the replica or "
                         "client whose key to rotate; set-recovery-period: the period in seconds (0: off)")
@@ -397,7 +460,8 @@ def add_reconfig_commands(sub) -> None:
     p.add_argument("--faults", type=int, default=None, help="membership changes: the f of the new membership "
                    "(default: the largest for its size)")
     p.add_argument("--weights", default=None, help="set-weights: one weight per replica, comma-separated")
-    p.add_argument("--json", action="store_true", help="membership changes: also print the figures as JSON")
+    p.add_argument("--json", action="store_true", help="membership changes: also print the figures as JSON; "
+                   "status: print it as JSON")
     p.set_defaults(func=_checked)
 
 
