@@ -261,6 +261,8 @@ def verify_link(genesis_cfg: ClusterConfig, head: Head, link: Link) -> Head:
     c = link.config
     if c is None:
         return Head(m, link_digest(link), m.epoch)
+    if m == prev_m:  # (a configuration-only link: the next link follows the membership link before)
+        return Head(m, head.digest, c.epoch, c.opens_at, c.digest)
     return Head(m, link_digest(link), c.epoch, c.opens_at, c.digest)
 
 
@@ -288,6 +290,18 @@ def verify_from(genesis_cfg: ClusterConfig, start: Head, links: Sequence[Link]) 
         except ChainError as e:
             raise ChainError(f"link {i + 1} (epoch {link.epoch}): {e}") from None
     return h
+
+
+def compact(links: Sequence[Link]) -> list[Link]:
+    """A verified chain without the configuration-only links a later link replaces: the membership
+    links, and the last link if it is a configuration-only one (it verifies as the chain did, and
+    ends where it ends). Each link follows the last link kept whose digest is its ``prev``."""
+    out: list[Link] = []
+    for lk in links:
+        while out and link_digest(out[-1]) != lk.prev:
+            out.pop()  # (a configuration-only link: ``lk`` follows the membership link before it)
+        out.append(lk)
+    return out
 
 
 def links_after(links: Sequence[Link], epoch: int) -> list[Link]:

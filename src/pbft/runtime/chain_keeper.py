@@ -46,7 +46,7 @@ from ..config import ConfigError
 from ..core.reconfig import config_at
 from ..messages import Tag
 from .chain import (
-    ChainError, Head, Link, check_configuration, check_signature, config_link, decode_chain, decode_link,
+    ChainError, Head, Link, check_configuration, check_signature, compact, config_link, decode_chain, decode_link,
     encode_chain, encode_link, genesis_head, quorum_of, verify_head, verify_link,
 )
 from .transport import frame
@@ -114,7 +114,7 @@ class ChainKeeper:
             try:
                 tip = verify_head(self.gcfg, self.gkeys, cl.chain)
                 if tip.order() > self.tip.order():
-                    self.tip, self.links, self.config = tip, list(cl.chain), b""
+                    self.tip, self.links, self.config = tip, compact(cl.chain), b""
                     self._save()
             except ChainError as e:
                 node._log("chain-refused", error=str(e))
@@ -131,7 +131,7 @@ class ChainKeeper:
         try:
             links = decode_chain(self.path.read_bytes())
             self.tip = verify_head(self.gcfg, self.gkeys, links)
-            self.links = links
+            self.links = compact(links)  # (a file written before configuration-only links were replaced)
         except (OSError, ChainError) as e:
             self.node._log("chain-unreadable", file=str(self.path), error=str(e))
             return
@@ -298,7 +298,7 @@ class ChainKeeper:
         except ChainError as e:  # (signed by a quorum, yet not a usable link: never by correct ones)
             self.node._log("chain-link-refused", epoch=link.epoch, error=str(e))
             return
-        self.links.append(link)
+        self.links = compact([*self.links, link])  # (a configuration-only link before it: replaced)
         self.tip = tip
         self.config = self.known.get(tip.config, b"")
         self.votes.clear()

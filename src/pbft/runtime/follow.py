@@ -25,7 +25,7 @@ from typing import Optional
 
 from ..config import ConfigError
 from ..state.configuration import Configuration
-from .chain import ChainError, Head, Link, check_configuration, decode_chain, genesis_head, verify_head
+from .chain import ChainError, Head, Link, check_configuration, compact, decode_chain, genesis_head, verify_head
 from .cluster import Cluster, registry, with_membership
 from .keys import PublicKeys
 
@@ -89,13 +89,19 @@ def newest(cluster: Cluster, served: dict[int, bytes], configs: Optional[dict[in
     g = cluster.genesis_cfg or cluster.cfg
     out = Learnt(links=tuple(cluster.chain))
     best = out.head = chain_head(cluster)
+    checked: dict[bytes, tuple[list[Link], Head] | str] = {}  # (identical chains are verified once)
     for j, raw in sorted(served.items()):
-        try:
-            links = decode_chain(raw)
-            head = verify_head(g, genesis_keys(cluster), links)
-        except ChainError as e:
-            out.refused[j] = str(e)
+        got = checked.get(raw)
+        if got is None:
+            try:
+                links = decode_chain(raw)
+                got = checked[raw] = (compact(links), verify_head(g, genesis_keys(cluster), links))
+            except ChainError as e:
+                got = checked[raw] = str(e)
+        if isinstance(got, str):
+            out.refused[j] = got
             continue
+        links, head = got
         if head.order() > best.order():
             best, out.links, out.served_by, out.head = head, tuple(links), [j], head
         elif [lk.unsigned() for lk in links] == [lk.unsigned() for lk in out.links]:
