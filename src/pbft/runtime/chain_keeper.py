@@ -23,7 +23,10 @@ it with the configuration it certifies.
   last link's membership, the link is appended (log line ``chain-link``), stored, and sent on
   complete, so that replicas that missed the votes get it; our vote is resent every
   ``RESEND_S`` until then, and the last links go to every peer on (re)connecting.
-* **Keeping.** ``DIR/data/replica-<i>/membership-chain`` (written atomically), verified again
+* **Keeping.** The membership links and the newest configuration-only link (``chain.compact``:
+  a configuration-only link appended replaces the one before it, and a membership link the
+  trailing one), so the file stays bounded by the number of membership changes and replica key
+  rotations; ``DIR/data/replica-<i>/membership-chain`` (written atomically), verified again
   from the genesis configuration at startup: a damaged file is logged and ignored (the chain
   is then gathered again from the peers); ``membership-chain.config`` beside it holds the
   configuration the last link certifies (checked against its digest when read).
