@@ -207,3 +207,30 @@ def test_a_follower_verifies_each_distinct_chain_once(monkeypatch):
     got = newest(cluster, {0: new, 1: new, 2: bad, 3: new, 4: bad})
     assert len(calls) == 2 and got.served_by == [0, 1, 3] and sorted(got.refused) == [2, 4]
     assert "below quorum" in got.refused[4]
+
+
+def test_an_epoch_file_of_a_configuration_a_newer_one_replaced_takes_the_newer(tmp_path, monkeypatch):
+    """``pbft reconfig`` writes epoch.json with the chain that certifies the configuration in force;
+    when a newer configuration-only link has replaced that one's, it writes the newer one."""
+    from helpers.chainutil import chain_links
+    from pbft.runtime.cluster import init_cluster, load_cluster
+    from pbft.state.configuration import ConfigRecord
+    from pbft.tools import reconfig
+
+    c = init_cluster(tmp_path, 4, None, None, 27100, 2)
+    cs0 = ConfigRecord.decode(c.genesis_config).latest
+    cs1 = dataclasses.replace(cs0, epoch=1, opens_at=8, admins=())
+    cs2 = dataclasses.replace(cs1, epoch=2, opens_at=16, recovery_period_ms=3_600_000)
+    links = compact(chain_links(tmp_path, cs1, cs2))
+    assert len(links) == 1
+    head = verify_head(c.cfg, [e.public_key for e in c.slots[:4]], links)
+    served = follow.Learnt(links=tuple(links), head=head, config=cs2)
+    monkeypatch.setattr(follow, "learn", lambda cluster: served)
+    chain, doc = reconfig.certifying_chain(c, cs1.describe(), timeout_s=0.0)
+    assert chain == encode_chain(links).hex() and doc == cs2.describe()
+    assert reconfig._write_epoch_doc(c, cs1.describe())["epoch"] == 2
+    assert load_cluster(tmp_path).epoch == 2
+    # without the newer configuration served, it cannot: it says so
+    monkeypatch.setattr(follow, "learn", lambda cluster: dataclasses.replace(served, config=None))
+    with pytest.raises(reconfig.ConfigError, match="no replica serves a configuration certificate chain"):
+        reconfig.certifying_chain(c, cs1.describe(), timeout_s=0.0)

@@ -5,8 +5,9 @@ cluster.toml (``runtime.chain.verify_head``), whoever served it.
 
 ``learn(cluster)`` asks every replica slot with an address and returns the newest chain a
 replica serves that verifies (a Byzantine replica can serve an older chain or none: the newest
-valid one wins; an invalid one is ignored and reported), with the full configuration of its last
-link if a replica serves one whose digest is the link's (``chain.check_configuration``).
+valid one wins; an invalid one is ignored and reported; replicas serving the same bytes cost one
+verification), with the full configuration of its last link if a replica serves one whose digest
+is the link's (``chain.check_configuration``).
 ``follow(cluster)`` returns the cluster with that configuration when it is newer than the one it
 has (``with_chain``: the membership, the replicas' current keys, and, with the full
 configuration, the clients' keys and the administrators), else None: what a client with only
