@@ -134,7 +134,7 @@ class ChainKeeper:
         try:
             links = decode_chain(self.path.read_bytes())
             self.tip = verify_head(self.gcfg, self.gkeys, links)
-            self.links = compact(links)  # (a file written before configuration-only links were replaced)
+            self.links = compact(links)  # (written compacted; one that holds replaced links verifies too)
         except (OSError, ChainError) as e:
             self.node._log("chain-unreadable", file=str(self.path), error=str(e))
             return
