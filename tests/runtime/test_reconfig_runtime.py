@@ -100,6 +100,11 @@ def epochs(lc) -> list[int]:
     return [lc.status(i)["config"]["epoch"] for i in range(lc.n)]
 
 
+def chains(lc) -> list[tuple[int, int]]:
+    """(configuration epoch, links) of every replica's configuration certificate chain."""
+    return [(c["config_epoch"], c["links"]) for c in (lc.status(i)["chain"] for i in range(lc.n))]
+
+
 def test_admit_use_revoke_rotate(live, capsys):
     d = str(live.dir)
     assert live.cluster.admins == (8,) and live.cluster.client_ids == [4, 5, 6, 7]
@@ -145,6 +150,9 @@ def test_admit_use_revoke_rotate(live, capsys):
         with pytest.raises(PbftError):
             old5.invoke(PUT, timeout=3.0)
     assert (live.dir / "keys" / "client-5.key.old").exists()
+    # three configuration-only epochs (the genesis membership): one link, the newest, replaced each time
+    live.wait_for(lambda: [e for e, _ in chains(live)] == [3] * 4, what="every replica's chain at epoch 3")
+    assert chains(live) == [(3, 1)] * 4
     with BlockingClient(d, 5) as new5:
         assert KVClient(new5.invoke, timeout=20.0).get(b"new-client") == b"works"
     assert sum(_transport_drop(live, i, "client-session-rotated") for i in range(4)) >= 1
@@ -188,3 +196,6 @@ def test_admit_use_revoke_rotate(live, capsys):
     assert json.loads((live.dir / EPOCH_FILE).read_text())["recovery_period_s"] == 3600.0
     assert load_cluster(d).epoch == 5
     assert all('"event": "recovery-period"' in live.log_text(i) for i in range(4))
+    # the replica key rotation's membership link, and the recovery period's configuration-only one
+    live.wait_for(lambda: [e for e, _ in chains(live)] == [5] * 4, what="every replica's chain at epoch 5")
+    assert chains(live) == [(5, 2)] * 4

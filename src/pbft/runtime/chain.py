@@ -9,7 +9,8 @@ weights, ``f``, its switch point and the epoch that opened it: a membership chan
 not yet in force is the one recorded) and its full canonical encoding
 (``Configuration.encode()``) has digest ``d``; it follows the link whose digest is ``prev``".
 There is a link per configuration epoch a replica signs (every change: a replica's or a client's
-key rotated, a client admitted or revoked, the recovery period, the membership); epochs whose
+key rotated, a client admitted or revoked, the recovery period, the membership: see
+*configuration-only links* below for the ones a newer link replaces); epochs whose
 checkpoint no correct replica signed before the next one are skipped (a link certifies the
 latest configuration: the one after it follows it). Replicas of the membership of the *previous*
 link sign it with their long-term Ed25519 keys, checked against the keys the previous link has
@@ -24,6 +25,28 @@ callers take the newest valid chain they are given) does not verify.
 The full configuration (the clients' keys are not in the links, to keep them small) is served
 by the replicas beside the chain; ``check_configuration`` accepts it only if its digest is the
 one of the chain's last link.
+
+**Configuration-only links.** A link whose membership is the one of the link before (the same
+``n``, ``f``, weights, keys, switch point and opening epoch: a client admitted, revoked or its key
+rotated, the recovery period) changes nothing of who signs the next link; it only certifies a
+newer configuration digest. So it does not extend the chain: its ``prev`` is the digest of the
+last *membership* link (a link that changes the membership or a replica's key; the genesis
+membership's digest before the first one), it is signed by that membership (which it repeats),
+and the next link, of either kind, follows that membership link too (``Head.digest`` stays the
+membership link's), with a configuration epoch after it. A newer configuration-only link thus
+replaces an older one: a chain as kept and served (``compact``) is the membership links, each
+following the one before, and at most one trailing configuration-only link, so its length counts
+membership changes and replica key rotations only, not configuration epochs. A membership link
+certifies the digest of its own configuration, which holds every change before it, so nothing
+is lost with the configuration-only links it replaces. Soundness is unchanged: each link, of
+either kind, carries signatures of quorum weight of the membership that ``prev`` names, so a
+correct replica of it signed it, which it does only for the configuration its stable checkpoint
+records, with that membership; a Byzantine holder can serve an older trailing link (a chain that
+ends at an older configuration epoch: the newest valid one wins) or none, never one of a
+membership a later membership link replaced (``prev`` names the link, not only the membership:
+a configuration-only link of the genesis membership does not follow a rotation's link), nor a
+membership link of an epoch before the trailing link's (a broken link). Verification accepts a
+chain that still holds replaced links (each follows the same membership link); keepers drop them.
 
 Format 1 links (``config`` None: a membership only, what the previous version signed) still
 verify, as a prefix of a chain (a chain file or an epoch.json written before): a format 1 link
@@ -109,9 +132,9 @@ class Link:
 
 @dataclass(frozen=True)
 class Head:
-    """Where a verified chain ends: the membership, the digest the next link follows, and the
-    configuration epoch (``opens_at`` -1 and ``config`` b"" when not known: the genesis or a
-    format 1 link's)."""
+    """Where a verified chain ends: the membership, the digest the next link follows (the last
+    membership link's: a configuration-only link keeps it), and the configuration epoch
+    (``opens_at`` -1 and ``config`` b"" when not known: the genesis or a format 1 link's)."""
 
     members: Membership
     digest: bytes
@@ -261,6 +284,8 @@ def verify_link(genesis_cfg: ClusterConfig, head: Head, link: Link) -> Head:
     c = link.config
     if c is None:
         return Head(m, link_digest(link), m.epoch)
+    if m == prev_m:  # (a configuration-only link: the next link follows the membership link before)
+        return Head(m, head.digest, c.epoch, c.opens_at, c.digest)
     return Head(m, link_digest(link), c.epoch, c.opens_at, c.digest)
 
 
@@ -288,6 +313,18 @@ def verify_from(genesis_cfg: ClusterConfig, start: Head, links: Sequence[Link]) 
         except ChainError as e:
             raise ChainError(f"link {i + 1} (epoch {link.epoch}): {e}") from None
     return h
+
+
+def compact(links: Sequence[Link]) -> list[Link]:
+    """A verified chain without the configuration-only links a later link replaces: the membership
+    links, and the last link if it is a configuration-only one (it verifies as the chain did, and
+    ends where it ends). Each link follows the last link kept whose digest is its ``prev``."""
+    out: list[Link] = []
+    for lk in links:
+        while out and link_digest(out[-1]) != lk.prev:
+            out.pop()  # (a configuration-only link: ``lk`` follows the membership link before it)
+        out.append(lk)
+    return out
 
 
 def links_after(links: Sequence[Link], epoch: int) -> list[Link]:

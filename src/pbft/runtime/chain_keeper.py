@@ -30,7 +30,10 @@ it with the configuration it certifies.
   last link's membership, the link is appended (log line ``chain-link``), stored, and sent on
   complete, so that replicas that missed the votes get it; our vote is resent every
   ``RESEND_S`` until then, and the last links go to every peer on (re)connecting.
-* **Keeping.** ``DIR/data/replica-<i>/membership-chain`` (written atomically), verified again
+* **Keeping.** The membership links and the newest configuration-only link (``chain.compact``:
+  a configuration-only link appended replaces the one before it, and a membership link the
+  trailing one), so the file stays bounded by the number of membership changes and replica key
+  rotations; ``DIR/data/replica-<i>/membership-chain`` (written atomically), verified again
   from the genesis configuration at startup: a damaged file is logged and ignored (the chain
   is then gathered again from the peers); ``membership-chain.config`` beside it holds the
   configuration the last link certifies (checked against its digest when read).
@@ -54,7 +57,7 @@ from ..config import ConfigError
 from ..core.reconfig import config_at
 from ..messages import Tag
 from .chain import (
-    ChainError, Head, Link, check_configuration, check_signature, config_link, decode_chain, decode_link,
+    ChainError, Head, Link, check_configuration, check_signature, compact, config_link, decode_chain, decode_link,
     encode_chain, encode_link, genesis_head, quorum_of, verify_head, verify_link,
 )
 from .signer import SignerError
@@ -125,7 +128,7 @@ class ChainKeeper:
             try:
                 tip = verify_head(self.gcfg, self.gkeys, cl.chain)
                 if tip.order() > self.tip.order():
-                    self.tip, self.links, self.config = tip, list(cl.chain), b""
+                    self.tip, self.links, self.config = tip, compact(cl.chain), b""
                     self._save()
             except ChainError as e:
                 node._log("chain-refused", error=str(e))
@@ -142,7 +145,7 @@ class ChainKeeper:
         try:
             links = decode_chain(self.path.read_bytes())
             self.tip = verify_head(self.gcfg, self.gkeys, links)
-            self.links = links
+            self.links = compact(links)  # (written compacted; one that holds replaced links verifies too)
         except (OSError, ChainError) as e:
             self.node._log("chain-unreadable", file=str(self.path), error=str(e))
             return
@@ -359,7 +362,7 @@ class ChainKeeper:
         except ChainError as e:  # (signed by a quorum, yet not a usable link: never by correct ones)
             self.node._log("chain-link-refused", epoch=link.epoch, error=str(e))
             return
-        self.links.append(link)
+        self.links = compact([*self.links, link])  # (a configuration-only link before it: replaced)
         self.tip = tip
         self.config = self.known.get(tip.config, b"")
         self.votes.clear()

@@ -5,8 +5,9 @@ cluster.toml (``runtime.chain.verify_head``), whoever served it.
 
 ``learn(cluster)`` asks every replica slot with an address and returns the newest chain a
 replica serves that verifies (a Byzantine replica can serve an older chain or none: the newest
-valid one wins; an invalid one is ignored and reported), with the full configuration of its last
-link if a replica serves one whose digest is the link's (``chain.check_configuration``).
+valid one wins; an invalid one is ignored and reported; replicas serving the same bytes cost one
+verification), with the full configuration of its last link if a replica serves one whose digest
+is the link's (``chain.check_configuration``).
 ``follow(cluster)`` returns the cluster with that configuration when it is newer than the one it
 has (``with_chain``: the membership, the replicas' current keys, and, with the full
 configuration, the clients' keys and the administrators), else None: what a client with only
@@ -25,7 +26,7 @@ from typing import Optional
 
 from ..config import ConfigError
 from ..state.configuration import Configuration
-from .chain import ChainError, Head, Link, check_configuration, decode_chain, genesis_head, verify_head
+from .chain import ChainError, Head, Link, check_configuration, compact, decode_chain, genesis_head, verify_head
 from .cluster import Cluster, registry, with_membership
 from .keys import PublicKeys
 
@@ -89,13 +90,19 @@ def newest(cluster: Cluster, served: dict[int, bytes], configs: Optional[dict[in
     g = cluster.genesis_cfg or cluster.cfg
     out = Learnt(links=tuple(cluster.chain))
     best = out.head = chain_head(cluster)
+    checked: dict[bytes, tuple[list[Link], Head] | str] = {}  # (identical chains are verified once)
     for j, raw in sorted(served.items()):
-        try:
-            links = decode_chain(raw)
-            head = verify_head(g, genesis_keys(cluster), links)
-        except ChainError as e:
-            out.refused[j] = str(e)
+        got = checked.get(raw)
+        if got is None:
+            try:
+                links = decode_chain(raw)
+                got = checked[raw] = (compact(links), verify_head(g, genesis_keys(cluster), links))
+            except ChainError as e:
+                got = checked[raw] = str(e)
+        if isinstance(got, str):
+            out.refused[j] = got
             continue
+        links, head = got
         if head.order() > best.order():
             best, out.links, out.served_by, out.head = head, tuple(links), [j], head
         elif [lk.unsigned() for lk in links] == [lk.unsigned() for lk in out.links]:

@@ -91,18 +91,20 @@ def write_epoch_file(cluster: Cluster, bc) -> dict:
     return _write_epoch_doc(cluster, res["config"].describe())
 
 
-def certifying_chain(cluster: Cluster, doc: dict, timeout_s: float = CHAIN_TIMEOUT_S) -> str:
+def certifying_chain(cluster: Cluster, doc: dict, timeout_s: float = CHAIN_TIMEOUT_S) -> tuple[str, dict]:
     """The configuration certificate chain (hex) whose last link certifies configuration ``doc``
-    (its digest), fetched from the replicas and verified (``runtime.follow``); "" for the genesis
-    configuration. The replicas gather the link's signatures once its checkpoint is stable:
-    waits for it."""
+    (its digest), fetched from the replicas and verified (``runtime.follow``), and ``doc``; "" for
+    the genesis configuration. The replicas gather the link's signatures once its checkpoint is
+    stable: waits for it. If a newer configuration is certified meanwhile (a configuration-only
+    link replaces the one of ``doc``), that chain and the newer configuration's document (when a
+    replica serves the configuration)."""
     from ..runtime.chain import config_digest, encode_chain
     from ..runtime.cluster import configuration_from_json
     from ..runtime.follow import learn
 
     cs = configuration_from_json(doc)
     if cs.epoch == 0:
-        return ""
+        return "", doc
     want = config_digest(cs.encode())
     end = time.monotonic() + timeout_s
     while True:
@@ -110,7 +112,9 @@ def certifying_chain(cluster: Cluster, doc: dict, timeout_s: float = CHAIN_TIMEO
         for k in range(len(got.links), 0, -1):
             ref = got.links[k - 1].config
             if ref is not None and ref.epoch == cs.epoch and ref.digest == want:
-                return encode_chain(got.links[:k]).hex()
+                return encode_chain(got.links[:k]).hex(), doc
+        if got.head is not None and got.head.epoch > cs.epoch and got.config is not None:
+            return encode_chain(got.links).hex(), got.config.describe()
         if time.monotonic() > end:
             raise ConfigError(f"no replica serves a configuration certificate chain that certifies the configuration "
                               f"of epoch {cs.epoch} within {timeout_s:.0f} s (refused: {got.refused or 'none'}; "
@@ -119,8 +123,7 @@ def certifying_chain(cluster: Cluster, doc: dict, timeout_s: float = CHAIN_TIMEO
 
 
 def _write_epoch_doc(cluster: Cluster, doc: dict) -> dict:
-    doc = dict(doc)
-    chain = certifying_chain(cluster, doc)
+    chain, doc = certifying_chain(cluster, dict(doc))
     if chain:
         doc["chain"] = chain
     tmp = cluster.dir / (EPOCH_FILE + ".tmp")
@@ -224,8 +227,8 @@ def cmd_membership(args, cluster: Cluster, admin: int) -> int:
             wait_for_switch(cluster, bc, new, res["epoch"], args.switch_timeout)
             took = time.monotonic() - t0
             print(f"membership of {n} replicas in force after {res['members_at']} ({took:.1f} s)")
-            _write_epoch_doc(cluster, latest)
-            print(f"wrote {cluster.dir / EPOCH_FILE} (epoch {latest['epoch']}, {n} replicas)")
+            wrote = _write_epoch_doc(cluster, latest)  # (a newer one if certified meanwhile)
+            print(f"wrote {cluster.dir / EPOCH_FILE} (epoch {wrote['epoch']}, {n} replicas)")
             if n > cluster.cfg.n:
                 ids = " ".join(str(i) for i in range(cluster.cfg.n, n))
                 print(f"start the added replicas (pbft up {cluster.dir} starts them by itself): "
@@ -336,8 +339,8 @@ def cmd_reconfig(args) -> int:
                 print(json.dumps({"in_force": res["config"].describe(), "latest": res["latest"].describe()},
                                  indent=1))
                 if res["config"].epoch:
-                    _write_epoch_doc(cluster, res["config"].describe())
-                    print(f"wrote {cluster.dir / EPOCH_FILE} (epoch {res['config'].epoch})", file=sys.stderr)
+                    wrote = _write_epoch_doc(cluster, res["config"].describe())
+                    print(f"wrote {cluster.dir / EPOCH_FILE} (epoch {wrote['epoch']})", file=sys.stderr)
                 return 0
             if not res["ok"]:
                 print(f"pbft reconfig: refused: {res['reason']}", file=sys.stderr)
