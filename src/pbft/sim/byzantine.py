@@ -554,7 +554,10 @@ class LureCheckpoint(Behaviour):
         return j != self.rid and j not in sim.crashed and j < len(sim.replicas) \
             and self.node.low_water_mark - sim.replicas[j].low_water_mark >= sim.genesis_cfg.log_window_seqnos
 
+    lured = 0  # votes sent
+
     def _lure(self, j: int) -> tuple:
+        self.lured += 1
         g = self.sim.genesis_cfg
         far = self.sim.replicas[j].low_water_mark + g.log_window_seqnos + g.checkpoint_interval_seqnos
         return ((j,), self.seal(Checkpoint(far, LURE_DIGEST, self.rid)))

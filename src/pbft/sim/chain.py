@@ -148,7 +148,13 @@ class ChainModel:
 
     def on_event(self, r: int, ev) -> None:
         kind = ev.kind
-        if kind in ("stable", "state-transfer", "membership"):
+        if kind == "execute" and r in self.sim.byz:
+            # (a Byzantine replica signs what it likes when it likes: as soon as it executed a change)
+            rec = self.sim.replicas[r].rs.config
+            m = rec.latest.next_members if rec is not None else None
+            if m is not None and m.opens_at > self.nodes[r].head.opens_at:
+                self._byzantine(r, m)
+        elif kind in ("stable", "state-transfer", "membership"):
             if kind == "membership" and not ev.retired and r not in self.sim.byz:
                 self.switched.add((ev.members_from, ev.n))
             self.on_state(r, ev.seqno)

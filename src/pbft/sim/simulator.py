@@ -141,7 +141,9 @@ class SimConfig:
     # scripted faults, in addition to random ones: (time_ms, kind, arg) with kind
     # "crash"/"restart" (arg: replica), "block" (arg: list of (src, dst) links), "unpartition",
     # "replace" (arg: replica: its machine lost, a fresh one under its id; ``sim.replacement``),
-    # "replace-in-view-change" (arg: replica: replaced when a correct replica next starts a view change)
+    # "replace-in-view-change" (arg: replica: replaced when a correct replica next starts a view change),
+    # "recover" (arg: replica: a proactive recovery), "corrupt-disk" (arg: replica: an object record
+    # forged with a valid checksum), "damage-disk" (arg: replica: its object records damaged)
     # (they act until fault_phase_ms, when everything heals)
     script: tuple = ()
     # Byzantine replicas: ((replica, behaviour name), ...); see sim/byzantine.py
@@ -708,11 +710,23 @@ class Simulation:
             for r in arg:
                 if r in self.crashed:
                     self.crashed.discard(r)
-                    self._reboot(r, power_loss=True)
+                    if r in self.stores:
+                        self._reboot(r, power_loss=True)
+                    else:  # (a replica added by a membership change keeps no simulated disk)
+                        self.replicas[r].restart(self._local(r))
+                        if self.chains is not None:
+                            self.chains.started(r)
+                        self._schedule_wake(r)
+        elif kind == "damage-disk":  # (scripted: the object records damaged, found at the next reboot)
+            keys = sorted(k for k in self.stores[arg].synced if k[:1] == b"o") if arg in self.stores else []
+            if keys and not self.healed:
+                for k in keys:
+                    self.stores[arg].corrupt(k, self.rng_disk)
+                self._note(f"damage-disk at replica {arg}: {len(keys)} object records")
         elif kind in ("corrupt-memory", "corrupt-disk", "forge-memory"):
             if self.healed or arg in self.crashed or arg in self.recovering or arg in self.corrupted \
-                    or self._faulty_now() >= self._budget():
-                return
+                    or self._faulty_now() >= self._budget() or (kind != "forge-memory" and arg not in self.stores):
+                return  # (a corruption is repaired by a recovery: a replica with no simulated disk has none)
             rep = self.replicas[arg]
             rd = self.rng_disk
             if kind == "corrupt-memory":
@@ -793,7 +807,7 @@ class Simulation:
                 self.chains.healed()
             for r in sorted(self.crashed):
                 self.crashed.discard(r)
-                if "disk" in self.sc.faults or "powerloss" in self.sc.faults:
+                if ("disk" in self.sc.faults or "powerloss" in self.sc.faults) and r in self.stores:
                     self._reboot(r)
                 else:
                     self.replicas[r].restart(self._local(r))
