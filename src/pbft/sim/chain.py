@@ -175,8 +175,7 @@ class ChainModel:
         if m is None or m.opens_at <= node.head.opens_at:
             return
         if r not in self.sim.byz:
-            if r in self.sim.oracles.correct:
-                self.recorded.add(m)
+            self.recorded.add(m)
             self._sign(r, m)
             return
         self._byzantine(r, m)
