@@ -78,3 +78,25 @@ def test_the_chain_oracles_catch_links_taken_with_unchecked_signatures():
     res = sim.run()
     kinds = {v.split(" ", 2)[1] for v in res.violations}
     assert {"C2", "C3"} <= kinds, res.violations[:5]
+
+
+def test_a_replica_back_from_a_damaged_store_after_the_switch_rejoins_from_its_chain():
+    # S-47 at n=4, seed 1: after a growth 4 -> 7 replica 1's object records are damaged and it
+    # recovers proactively (replica 2 serves corrupt state). Its store's state is unusable and its
+    # configuration is the genesis one: from its chain it comes back a member of the 7 and
+    # converges; without the chain it hears only the old members, with a Byzantine one among
+    # them, and never gets back (the run fails on L3, and S6: its reply table lacks operations)
+    from dataclasses import replace
+
+    from pbft.sim.scenarios import find
+
+    sc = find("S-47")
+    sim = Simulation(sc.build(4, 1))
+    res = sim.run()
+    assert res.violations == [] and res.liveness_failure is None and sc.check(sim, res) == []
+    assert [(r, why) for r, _, why in sim.chains.rejoins] == [(1, "start")]
+    assert sim.recoveries_done >= 1 and sim.replicas[1].cfg.n == 7
+    sim = Simulation(replace(sc.build(4, 1), chain=False))
+    res = sim.run()
+    assert res.liveness_failure is not None and res.liveness_failure.startswith("L3")
+    assert sim.replicas[1].cfg.n == 4 and sim.replicas[1].members_from == 0
