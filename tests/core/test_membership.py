@@ -436,3 +436,41 @@ def test_a_replica_fetching_past_the_change_prepares_nothing_beyond_the_switch_p
     r.receive(seal(PrePrepare(0, 9, NULL_BATCH_DIGEST, 0, NULL_BATCH), c.rings[0]), c.now)
     assert 9 not in r.log.slots and not r.take_ready().sends
     r.invariants()
+
+
+def test_a_replica_told_by_its_chain_rejoins_the_membership_in_force():
+    """Replica 3 missed a growth 4 -> 7 entirely (down from before it until the others are beyond
+    its window); its driver's chain certifies the 7 (``membership.rejoin``): it becomes the new
+    membership's joiner (thresholds, peers, views; no part in the sequence numbers up to the
+    switch point, which the old membership ordered), and catches up by a certified checkpoint."""
+    from pbft.codec import NULL_BATCH_DIGEST, seal
+    from pbft.messages import NULL_BATCH, PrePrepare
+
+    c = grow_cluster()
+    c.down.add(3)
+    res = admin(c, grow())
+    s = res["members_at"]
+    switch_cluster(c, res, 7)
+    c.advance(200)
+    c.cfg = c.new_cfg
+    for cl in c.clients:
+        cl.set_membership(c.new_cfg, c.new_view)
+    for i in range(12):
+        assert c.put(1 + i % 3, b"k%d" % (i % 4), b"v%d" % i) == ("ok", True)
+    r = c.replicas[3]
+    assert (r.cfg.n, r.members_from, r.low_water_mark) == (4, 0, 0)
+    assert c.replicas[0].low_water_mark > r.low_water_mark + c.cfg.log_window_seqnos
+    new = c.replicas[0].rs.config.latest.members_at(s + 1)
+    membership.rejoin(r, new)
+    assert (r.cfg.n, r.cfg.f, r.members_from, r.view, r.view_active) == (7, 2, s, c.new_view, True)
+    assert r.others == (0, 1, 2, 4, 5, 6) and r.primary() == 0 and not r.retired
+    r.take_ready()
+    r.receive(seal(PrePrepare(c.new_view, s, NULL_BATCH_DIGEST, 0, NULL_BATCH), c.rings[0]), c.now)
+    assert s not in r.log.slots and not r.take_ready().sends  # (the old membership's seqno)
+    r.invariants()
+    c.down.discard(3)
+    for i in range(4):
+        assert c.put(1 + i % 3, b"k%d" % i, b"w%d" % i) == ("ok", True)
+    c.advance(300)
+    assert [ev for j, ev in c.events if j == 3 and ev.kind == "state-transfer"]
+    assert len({(x.log.last_exec, x.state_digest()) for x in c.replicas}) == 1

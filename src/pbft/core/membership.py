@@ -350,6 +350,35 @@ def after_restore(r: "Replica") -> None:
         r.view, r.view_active = base, not r.retired
 
 
+def rejoin(r: "Replica", m: Membership) -> None:
+    """Driver input: replica r (restarted, or lagging behind a change it missed) is told by its
+    driver's membership chain (checked: quorum weight of each membership before) that membership
+    m, newer than r's and not a change r's state records, is in force: r takes part in m from
+    now on as m's joiner (its thresholds, peers and views; nothing ordered at or below m's switch
+    point, whose sequence numbers the memberships before ordered), keeps its state and catches up
+    by a certified checkpoint of m like any lagging replica. The log of the old membership is
+    dropped (what it holds is the old membership's to order)."""
+    log = r.log
+    if log.last_exec > log.last_committed_exec:
+        log.rollback()
+    for d in list(log.batches):
+        r.disk.forget_batch(d)
+    for table in (log.slots, log.prepared, log.preprepared, log.batches, log.held_keys):
+        table.clear()
+    log.held.clear()
+    log.seq_assigned = max(log.seq_assigned, log.last_exec)
+    _adopt(r, m)
+    from .budgets import SenderBudgets
+    from .checkpoints import CheckpointVotes
+    from .status import StatusExchange
+
+    r.checkpoint_votes = CheckpointVotes(r.log_window, r.checkpoint_interval)
+    r.requests.restart()  # (as at a switch: clients retransmit to the new members)
+    r.status, r.budgets = StatusExchange(r, r.now), SenderBudgets(r)
+    start_as_joiner(r, max(r.view, base_view(m.epoch, m.n)), m.opens_at)
+    r.disk.view()
+
+
 def start_as_joiner(r: "Replica", view: int, members_from: int) -> None:
     """A replica added by a membership change starts from nothing in the new epoch: in its base
     view (active), lagging; the members' Checkpoint of the switch point (and later ones, and

@@ -38,6 +38,8 @@ Behaviours (``BEHAVIOURS``):
                         replicas' clock bound); then evicted: a genuine recovery
 ``claim-stuck``         claims for ever to be alone in a view change (Status and
                         ViewChange for the view above the cluster's)
+``lure-checkpoint``     otherwise correct, sends every replica that lags beyond its window
+                        checkpoint votes for a bogus digest just beyond that window
 ``corrupt-state``       serves corrupt state to replicas fetching a checkpoint and
                         announces wrong checkpoint digests
 ``wrong-results``       replies to clients with altered results
@@ -536,6 +538,41 @@ class ClaimStuck(Behaviour):
         self.extra.append((self.others, self.seal(vc)))
 
 
+LURE_DIGEST = b"\x66" * 32
+
+
+class LureCheckpoint(Behaviour):
+    """Otherwise correct; to every replica whose low water mark is a log window or more behind
+    its own, a checkpoint vote for a bogus digest at the first checkpoint beyond that replica's
+    window: with as many accomplices as the lagging replica's f + 1 (a membership change it
+    missed may have made them that many), a weak certificate of the thresholds it knows."""
+
+    name = "lure-checkpoint"
+
+    def _lagging(self, j: int) -> bool:
+        sim = self.sim
+        return j != self.rid and j not in sim.crashed and j < len(sim.replicas) \
+            and self.node.low_water_mark - sim.replicas[j].low_water_mark >= sim.genesis_cfg.log_window_seqnos
+
+    lured = 0  # votes sent
+
+    def _lure(self, j: int) -> tuple:
+        self.lured += 1
+        g = self.sim.genesis_cfg
+        far = self.sim.replicas[j].low_water_mark + g.log_window_seqnos + g.checkpoint_interval_seqnos
+        return ((j,), self.seal(Checkpoint(far, LURE_DIGEST, self.rid)))
+
+    def transform(self, dests, raw):
+        if raw[:2] != b"\x95\x06":
+            return [(dests, raw)]
+        lag = [j for j in dests if self._lagging(j)]  # (its genuine votes: to the others only)
+        rest = tuple(j for j in dests if j not in lag)
+        return ([(rest, raw)] if rest else []) + [self._lure(j) for j in lag]
+
+    def on_tick(self, now):
+        self.extra.extend(self._lure(j) for j in range(len(self.sim.replicas)) if self._lagging(j))
+
+
 class CorruptState(Behaviour):
     name = "corrupt-state"
 
@@ -747,7 +784,7 @@ class _TwinNode:
 BEHAVIOURS = {cls.name: cls for cls in (
     Behaviour, Silent, Slow, Equivocate, Mutate, MutateOne, Replay, ForgeViewChange, SeqAbuse, Censor, Flood,
     CorruptState, WrongResults, ViewStorm, HoldAndSilent, VouchFlood, RecoveryFlood, RecoveryTimestampAhead,
-    ClaimStuck)}
+    ClaimStuck, LureCheckpoint)}
 BEHAVIOUR_NAMES = sorted(set(BEHAVIOURS) | {"twins", "twins-amnesia"})
 
 

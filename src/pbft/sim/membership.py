@@ -90,6 +90,8 @@ class Administrator:
             rep = Replica(new_cfg, i, sim.rings[i], KVService(skew_ms=cfg.nondet_skew_ms_max), now=sim._local(i),
                           genesis_config=self.genesis)
             membership.start_as_joiner(rep, view, members_from)
+            if sim.chains is not None:
+                sim.chains.follow(rep)
             if i < len(sim.replicas):
                 sim.replicas[i] = rep
             else:
@@ -99,6 +101,8 @@ class Administrator:
             self.joiners.append(i)  # (counted for liveness from the switch on: ``on_switched``)
             sim.oracles.correct.add(i)
             sim.oracles.rebase(i, rep)
+            if sim.chains is not None:
+                sim.chains.started(i, lost=True)  # (a joiner asks the replicas for their chains)
             sim._note(f"replica {i} starts as a joiner of view {view}")
             sim._schedule_wake(i)
 

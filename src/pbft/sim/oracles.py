@@ -25,6 +25,8 @@ Checked (the safety properties of docs/simulation.md, and invariants of PBFT's c
   same decision when the primary of v is correct;
 * P5 monotonicity: a replica's view and low water mark never decrease; its
   last executed sequence number never passes its high water mark.
+* S7 fetch targets: a correct replica sets out to fetch only a checkpoint digest the correct
+  replicas hold at that sequence number (checked when both are known);
 * M1 membership changes: no sequence number after a change's switch point commits in a view of
   the old membership, and each membership's first view is above the last one's.
 """
@@ -69,6 +71,8 @@ class Oracles:
         self.low_water_marks = [0] * n
         self.views_installed: set[int] = set()
         self.correct: set[int] = set(range(n))  # Byzantine replicas' traces are not checked
+        self.fetches: dict[int, dict[bytes, int]] = {}  # seqno -> fetch target digest -> a replica (S7)
+        self.fetches_wrong: set[tuple[int, int, bytes]] = set()  # (reported once each)
 
     def rebase(self, r: int, rep) -> None:
         """Replica r came back from its disk (or was repaired by a recovery): what it executed
@@ -138,6 +142,8 @@ class Oracles:
             old = self.ckpt.setdefault(n, d)
             if old != d:
                 self.violation(f"S4 replica {r} checkpoint {n} digest differs from another replica's")
+            for fd, fr in self.fetches.pop(n, {}).items():
+                self._check_fetch(fr, n, fd)
             if isinstance(ev, StateTransferred):
                 for k in [k for k in self.execs[r] if k <= n]:
                     del self.execs[r][k]
@@ -204,9 +210,20 @@ class Oracles:
                 self.violation(f"S3 replica {r} executed client {c} timestamp {t} twice")
             done.add((c, t))
 
+    def _check_fetch(self, r: int, n: int, d: bytes) -> None:
+        if self.ckpt[n] != d and (r, n, d) not in self.fetches_wrong:
+            self.fetches_wrong.add((r, n, d))
+            self.violation(f"S7 replica {r} set out to fetch checkpoint {n} with a digest no correct replica holds")
+
     # ---- after every step ---------------------------------------------------
     def after_step(self, rep) -> None:
         r = rep.id
+        t = rep.fetch_target
+        if t is not None and r in self.correct:
+            if t[0] in self.ckpt:
+                self._check_fetch(r, t[0], t[1])
+            else:
+                self.fetches.setdefault(t[0], {}).setdefault(t[1], r)
         h, L = rep.low_water_mark, self.log_window
         if len(rep.log.slots) > L or any(not (h < k <= h + L) for k in rep.log.slots):
             self.violation(f"R1 replica {r} log outside (h, h+L]: h={h} slots={sorted(rep.log.slots)[:3]}...")

@@ -98,6 +98,12 @@ class Replacements:
         sim = self.sim
         base, _n, members_from = sim.oracles.epochs[-1]
         cfg = sim.cfg if members_from else sim.genesis_cfg
+        if sim.chains is not None:
+            # (the runtime's start asks the replicas for their chains: the membership they certify)
+            m = sim.chains.started(r, lost=True)
+            members_from = m.opens_at
+            base = membership.base_view(m.epoch, m.n) if members_from else 0
+            cfg = membership.cluster_config(sim.genesis_cfg, m) if members_from else sim.genesis_cfg
         rep = Replica(cfg, r, sim.rings[r], KVService(skew_ms=sim.cfg.nondet_skew_ms_max), now=sim._local(r),
                       genesis_config=sim.genesis)
         events: list = []
@@ -112,6 +118,8 @@ class Replacements:
             sim.carried.pop(r, None)
         if members_from:
             membership.start_as_joiner(rep, base, members_from)
+        if sim.chains is not None:
+            sim.chains.follow(rep)
         return rep, events
 
     def on_event(self, r: int, ev) -> None:

@@ -579,6 +579,133 @@ SCENARIOS += [
              _replaced_caught_up),
 ]
 
+class _RecoveryAcrossSwitch:
+    """Replica 1's recoveries: the membership it was in when each started, when each ended; when
+    the first replica switched."""
+
+    def __init__(self):
+        self.first_switch: Optional[float] = None
+        self.started: Optional[tuple[float, int]] = None
+        self.recoveries: list[tuple[float, int, float]] = []  # (start, members_from then, end)
+
+    def __call__(self, sim, r, ev):
+        if ev.kind == "membership" and self.first_switch is None:
+            self.first_switch = sim.now
+        elif r == 1 and ev.kind == "recovery-start":
+            self.started = (sim.now, sim.replicas[1].members_from)
+        elif r == 1 and ev.kind == "recovered" and self.started is not None:
+            self.recoveries.append(self.started + (sim.now,))
+            self.started = None
+
+
+def _recovery_script(n: int, seed: int) -> tuple:
+    """Replica 1 is cut off from just before the change until the others have switched, then
+    recovers proactively: it reboots from its store of before the change, in the old membership."""
+    return ((90.0, "block", _isolate(1, n + 3)), (800.0, "unpartition", None), (800.0, "recover", 1))
+
+
+def _recovered_across_the_switch(sim: Simulation, res: RunResult) -> list[str]:
+    """Replica 1's recovery began in the old membership and ended after the switch, and replica 1
+    is a member of the new one holding the final state."""
+    out = _switched(sim, res)
+    watch = sim.observer
+    assert isinstance(watch, _RecoveryAcrossSwitch)
+    fs = watch.first_switch
+    if not any(m == 0 and fs is not None and end > fs for _, m, end in watch.recoveries):
+        out.append(f"replica 1's recovery did not span the switch (at {fs}): {watch.recoveries}")
+    if 1 not in {r.id for r in sim._settled()}:
+        out.append("replica 1 does not hold the final state")
+    return out
+
+
+def _damaged_script(n: int, seed: int) -> tuple:
+    """After the switch the object records of replica 1's store are damaged, and it recovers
+    proactively: it reboots from it."""
+    return ((600.0, "damage-disk", 1), (620.0, "recover", 1))
+
+
+def _rejoined_from_damaged_store(sim: Simulation, res: RunResult) -> list[str]:
+    """Replica 1 came back from its damaged store in the membership its chain certifies (it had
+    switched: its restored view is of the new epoch, its checkpoint's state unusable), fetched a
+    checkpoint and holds the final state, repaired."""
+    out = _switched(sim, res)
+    assert sim.chains is not None
+    if not any(r == 1 and why == "start" for r, _, why in sim.chains.rejoins):
+        out.append(f"replica 1 did not rejoin at its reboot from a damaged store: {sim.chains.rejoins}")
+    if sim.corrupted:
+        out.append(f"replicas {sorted(sim.corrupted)} still corrupted")
+    if 1 not in {r.id for r in sim._settled()}:
+        out.append("replica 1 does not hold the final state")
+    return out
+
+
+def _missed_change_config(n: int, seed: int, chain: bool = True) -> SimConfig:
+    """Replica n-1 is down from before a growth n -> n+3 until long after the switch; f+1 replicas
+    of the old membership (beyond its f, within the new one's), otherwise correct (and voting
+    for the chain's link), send it checkpoint votes for a bogus digest beyond its window."""
+    byz = tuple((1 + i, "lure-checkpoint") for i in range(f_of(n) + 1))
+    return _grow(n, seed, ops=40, faults=frozenset({"loss", "dup", "reorder"}), membership=((30.0, n + 3),),
+                 script=((5.0, "crash", n - 1), (1200.0, "restart", n - 1)), byzantine=byz, allow_beyond_f=True,
+                 chain=chain, chain_byzantine=tuple((i, "honest") for i, _ in byz))
+
+
+def _not_lured(sim: Simulation, res: RunResult) -> list[str]:
+    """The bogus votes reached the replica that missed the change; it did not set out to fetch
+    them (S7, an oracle) but came to the new membership (it asked its chain and rejoined, or it
+    still found the old membership's last checkpoint certified within its window and switched
+    there) and caught up with the others."""
+    from .byzantine import LureCheckpoint
+
+    out = _switched(sim, res)
+    v = sim.sc.replicas - 1
+    if not all(isinstance(b, LureCheckpoint) and b.lured > 0 for b in sim.byz.values()):
+        out.append("a lurer sent no bogus vote")
+    if v not in {r.id for r in sim._settled()}:
+        out.append(f"replica {v} does not hold the final state")
+    return out
+
+
+# membership changes with recoveries, and the membership certificate chain (``sim.chain``)
+SCENARIOS += [
+    Scenario("S-46", "membership-recovery-across-switch", "replica 1 is cut off from just before a growth "
+             "(n -> n+3) executes until the others have switched, then recovers proactively: it reboots from its "
+             "store of before the change, in the old membership; loss, duplication and reordering",
+             "it learns the newer membership from its chain, rejoins it and its recovery ends; every oracle "
+             "(the chain's too) and liveness hold",
+             lambda n, s: _grow(n, s, ops=40, faults=frozenset({"loss", "dup", "reorder"}), storage="durable",
+                                script=_recovery_script(n, s)),
+             _recovered_across_the_switch, observer=_RecoveryAcrossSwitch),
+    Scenario("S-46b", "membership-shrink-recovery-across-switch", "S-46 for a shrink (n+3 -> n)", "as S-46",
+             lambda n, s: _shrink(n, s, ops=40, faults=frozenset({"loss", "dup", "reorder"}), storage="durable",
+                                  script=_recovery_script(n, s)),
+             _recovered_across_the_switch, observer=_RecoveryAcrossSwitch),
+    Scenario("S-47", "membership-damaged-store-after-switch", "after a growth (n -> n+3) replica 1's store is "
+             "damaged and it crashes and reboots from it; f replicas of the old membership serve corrupt "
+             "state and announce wrong checkpoint digests; loss, duplication and reordering",
+             "it comes back in the membership its chain certifies (not its cluster configuration's), fetches "
+             "a checkpoint and holds the final state; every oracle and liveness hold",
+             lambda n, s: _grow(n, s, ops=40, faults=frozenset({"loss", "dup", "reorder", "disk"}),
+                                byzantine=_byz(n, "corrupt-state", first=2), script=_damaged_script(n, s)),
+             _rejoined_from_damaged_store),
+    Scenario("S-48", "membership-missed-change-lure", "replica n-1 misses a growth n -> n+3 entirely (down "
+             "from before it); f+1 replicas of the old membership, within the new f, send it checkpoint "
+             "votes for a bogus digest beyond its window (a weak certificate of the old thresholds)",
+             "it asks its chain, counts with the new membership's thresholds and rejoins it: it never sets "
+             "out to fetch the bogus checkpoint (S7), catches up, and every oracle and liveness hold",
+             _missed_change_config, _not_lured),
+    Scenario("S-48n", "membership-missed-change-lure-no-chain", "negative control: S-48 with drivers that keep "
+             "no membership chain",
+             "the oracles MUST detect it: the replica sets out to fetch the bogus checkpoint (S7)",
+             lambda n, s: _missed_change_config(n, s, chain=False), negative=True),
+    Scenario("S-49n", "membership-chain-unchecked-signatures", "negative control: a growth with f replicas "
+             "forging links (naming correct replicas as the signers of a bogus membership), and the injected "
+             "chain bug unchecked-signatures (a link frame's signers taken unchecked)",
+             "the chain oracles MUST detect it (C2, C3)",
+             lambda n, s: _grow(n, s, byzantine=_byz(n, "equivocate", first=1),
+                                chain_byzantine=tuple((i, "forge") for i, _ in _byz(n, "equivocate", first=1)),
+                                chain_bug="unchecked-signatures"), negative=True),
+]
+
 # the same attacks against the runtime's defences: principals bound to connections, so the attacker's
 # frames under other principals' ids are dropped before the core (``SimConfig.bind_principals``)
 SCENARIOS += [
@@ -713,9 +840,15 @@ MEMBERSHIP_SWARM_BEHAVIOURS = ["silent", "slow", "equivocate", "mutate", "replay
                                "seq-abuse", "corrupt-state", "wrong-results", "view-storm"]
 
 
-def membership_swarm_config(replicas: int, seed: int, faults: tuple[str, ...] = ALL_FAULTS) -> tuple[SimConfig, str]:
+MEMBERSHIP_SWARM_STORAGE = ("recovery", "disk")
+
+
+def membership_swarm_config(replicas: int, seed: int, faults: tuple[str, ...] = ALL_FAULTS,
+                            storage: tuple[str, ...] = MEMBERSHIP_SWARM_STORAGE) -> tuple[SimConfig, str]:
     """A growth ``replicas -> replicas+3`` or a shrink ``replicas+3 -> replicas`` (which one: the
-    second item), at a random time, under a random subset of ``faults``, with up to f(replicas)
+    second item), at a random time, under a random subset of ``faults`` and of the storage faults
+    ``storage`` (proactive recoveries, reboots from a damaged disk: drawn from a stream of their
+    own, so that the other draws of a seed stay what they were), with up to f(replicas)
     Byzantine replicas among the ids of both memberships (1..replicas-1), and sometimes a crash."""
     rng = random.Random(f"{seed}/membership-swarm")
     kind = rng.choice(["grow", "shrink"])
@@ -727,6 +860,8 @@ def membership_swarm_config(replicas: int, seed: int, faults: tuple[str, ...] = 
                               membership=((rng.uniform(20.0, 300.0), replicas + 3 if kind == "grow" else replicas),))
     if rng.random() < 0.3 and k < f:
         kw["script"] = ((rng.uniform(20.0, 400.0), "crash", rng.randrange(replicas)),)
+    disk = random.Random(f"{seed}/membership-swarm-storage")
+    kw["faults"] = chosen | frozenset(x for x in storage if disk.random() < 0.5)
     return (_grow if kind == "grow" else _shrink)(replicas, seed, **kw), kind
 
 

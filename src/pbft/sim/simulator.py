@@ -41,6 +41,7 @@ from ..crypto import keyrings_for
 from ..services.kv import KVService, decode_result, encode_op
 from .linearizability import KvOp, check_kv_history
 from ..storage.memory import MemStore
+from .chain import CHAIN_MAGIC, ChainModel
 from .membership import Administrator, slots_for
 from .oracles import Oracles
 from .replacement import Replacements
@@ -56,7 +57,7 @@ ALL_FAULTS = ("crash", "loss", "dup", "reorder", "delay", "replay", "partition")
 # one, and it must repair itself (a state transfer of what differs)
 DISK_FAULTS = ("disk", "powerloss", "recovery", "forge")
 
-DELIVER, WAKE, INVOKE, FAULT, CPU = 0, 1, 2, 3, 4
+DELIVER, WAKE, INVOKE, FAULT, CPU, CHAIN = 0, 1, 2, 3, 4, 5
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,9 @@ class SimConfig:
     # scripted faults, in addition to random ones: (time_ms, kind, arg) with kind
     # "crash"/"restart" (arg: replica), "block" (arg: list of (src, dst) links), "unpartition",
     # "replace" (arg: replica: its machine lost, a fresh one under its id; ``sim.replacement``),
-    # "replace-in-view-change" (arg: replica: replaced when a correct replica next starts a view change)
+    # "replace-in-view-change" (arg: replica: replaced when a correct replica next starts a view change),
+    # "recover" (arg: replica: a proactive recovery), "corrupt-disk" (arg: replica: an object record
+    # forged with a valid checksum), "damage-disk" (arg: replica: its object records damaged)
     # (they act until fault_phase_ms, when everything heals)
     script: tuple = ()
     # Byzantine replicas: ((replica, behaviour name), ...); see sim/byzantine.py
@@ -169,6 +172,14 @@ class SimConfig:
     # membership changes: ((time_ms, replicas), ...): an administrator changes the membership to
     # that many replicas (the largest f, unit weights; ``sim.membership``), one at a time
     membership: tuple = ()
+    # with membership changes: model the membership certificate chain (``sim.chain``); False: the
+    # replicas' drivers keep none (the old thresholds count beyond a replica's window)
+    chain: bool = True
+    # Byzantine replicas' chain behaviours, ((replica, name), ...) (``sim.chain.CHAIN_BEHAVIOURS``;
+    # by default each drawn from the seed)
+    chain_byzantine: tuple = ()
+    # an injected bug of the chain model (negative controls): "unchecked-signatures"
+    chain_bug: str = ""
 
 
 @dataclass
@@ -311,6 +322,10 @@ class Simulation:
             from .byzantine_clients import make_byz_clients
 
             self.byz_clients = make_byz_clients(self, sc.byz_clients, cfg.client_base + sc.clients)
+        self.chains: Optional[ChainModel] = ChainModel(self) if sc.membership and sc.chain else None
+        if self.chains is not None:
+            for rep in self.replicas:
+                self.chains.follow(rep)
 
     def _on_events(self, r: int, events: list) -> None:
         for ev in events:
@@ -318,6 +333,8 @@ class Simulation:
 
     def _on_event(self, r: int, ev) -> None:
         kind = ev.kind
+        if self.chains is not None and r < self.slots:
+            self.chains.on_event(r, ev)
         if kind == "membership" and self.admin is not None:
             self.admin.on_switched(r, ev)
         if kind == "recovery-request" and self.correct and r == self.correct[0] and ev.replica in self.byz:
@@ -593,6 +610,12 @@ class Simulation:
         return len(self.crashed | self.recovering | self.corrupted | set(self.byz) | self.exempt | impaired
                    | self.replacements.faulty())
 
+    def _budget(self) -> int:
+        """The faults the run may inject at once: f, of the smallest membership in force now or
+        later in a run with membership changes (a fault injected under the old f must still be
+        within the new one's)."""
+        return min([self.cfg.f] + [(m - 1) // 3 for _, m in self.sc.membership if m != self.cfg.n])
+
     def _reboot(self, r: int, power_loss: bool = False, recover: bool = False) -> None:
         """Replica r's process starts again from its disk (after losing what was not synced if
         ``power_loss``): a new Replica object restores from the store; with ``recover`` it
@@ -617,6 +640,13 @@ class Simulation:
         self.repairing.discard(r)
         self.oracles.rebase(r, rep)
         outcome = rep.restore(records, damaged)
+        if self.chains is not None:
+            # (the chain file of its data directory, unreadable with a damaged store, and the
+            # chains of the replicas it reaches; the membership it certifies, if it is in force)
+            self.chains.follow(rep)
+            self.chains.started(r, lost=bool(damaged))
+            if self.chains.at_start(rep):
+                outcome += ", rejoined"
         # the oracles see what restore re-executed now; its records and messages go with the
         # replica's first step (as the runtime's first event-loop turn after a start)
         ready = rep.take_ready()
@@ -635,7 +665,7 @@ class Simulation:
         rf = self.rng_fault
         n = self.sc.replicas
         if kind == "crash":
-            if self.healed or self._faulty_now() >= self.cfg.f:
+            if self.healed or self._faulty_now() >= self._budget():
                 return
             views = sorted(r.view for r in self.replicas)
             primary = views[len(views) // 2] % n
@@ -656,7 +686,7 @@ class Simulation:
                 self.crashed.discard(arg)
                 if "disk" in self.sc.faults and arg in self.stores:
                     rd = self.rng_disk
-                    if rd.random() < 0.2 and self._faulty_now() < self.cfg.f:
+                    if rd.random() < 0.2 and self._faulty_now() < self._budget():
                         # a damaged object record: detected, repaired by a transfer
                         keys = [k for k in self.stores[arg].synced if k[:1] == b"o"]
                         if keys:
@@ -664,6 +694,8 @@ class Simulation:
                     self._reboot(arg, power_loss=rd.random() < 0.4)
                 else:
                     self.replicas[arg].restart(self._local(arg))
+                    if self.chains is not None:
+                        self.chains.started(arg)
                     self._note(f"restart replica {arg}")
                     self._schedule_wake(arg)
         elif kind == "powerloss":
@@ -678,11 +710,23 @@ class Simulation:
             for r in arg:
                 if r in self.crashed:
                     self.crashed.discard(r)
-                    self._reboot(r, power_loss=True)
+                    if r in self.stores:
+                        self._reboot(r, power_loss=True)
+                    else:  # (a replica added by a membership change keeps no simulated disk)
+                        self.replicas[r].restart(self._local(r))
+                        if self.chains is not None:
+                            self.chains.started(r)
+                        self._schedule_wake(r)
+        elif kind == "damage-disk":  # (scripted: the object records damaged, found at the next reboot)
+            keys = sorted(k for k in self.stores[arg].synced if k[:1] == b"o") if arg in self.stores else []
+            if keys and not self.healed:
+                for k in keys:
+                    self.stores[arg].corrupt(k, self.rng_disk)
+                self._note(f"damage-disk at replica {arg}: {len(keys)} object records")
         elif kind in ("corrupt-memory", "corrupt-disk", "forge-memory"):
             if self.healed or arg in self.crashed or arg in self.recovering or arg in self.corrupted \
-                    or self._faulty_now() >= self.cfg.f:
-                return
+                    or self._faulty_now() >= self._budget() or (kind != "forge-memory" and arg not in self.stores):
+                return  # (a corruption is repaired by a recovery: a replica with no simulated disk has none)
             rep = self.replicas[arg]
             rd = self.rng_disk
             if kind == "corrupt-memory":
@@ -713,7 +757,7 @@ class Simulation:
             if self.healed or arg in self.crashed or arg in self.recovering or arg in self.retired \
                     or not self.cfg.is_replica(arg) or arg not in self.stores:
                 return
-            if arg not in self.corrupted and self._faulty_now() >= self.cfg.f:
+            if arg not in self.corrupted and self._faulty_now() >= self._budget():
                 return  # one replica recovering at a time, within the fault budget
             self._reboot(arg, recover=True)
         elif kind == "partition":
@@ -753,16 +797,22 @@ class Simulation:
             self.admin.start_change(arg)
         elif kind == "unpartition":
             self.blocked = set()
+            if self.chains is not None:
+                self.chains.healed()
             self._note("partition healed")
         elif kind == "heal":
             self.healed = True
             self.blocked = set()
+            if self.chains is not None:
+                self.chains.healed()
             for r in sorted(self.crashed):
                 self.crashed.discard(r)
-                if "disk" in self.sc.faults or "powerloss" in self.sc.faults:
+                if ("disk" in self.sc.faults or "powerloss" in self.sc.faults) and r in self.stores:
                     self._reboot(r)
                 else:
                     self.replicas[r].restart(self._local(r))
+                    if self.chains is not None:
+                        self.chains.started(r)
                     self._schedule_wake(r)
             for r in sorted(self.corrupted - self.recovering):
                 self._reboot(r, recover=True)  # corrupted but not recovered yet: recover now
@@ -875,6 +925,9 @@ class Simulation:
                 if a < self.slots:
                     if not self.healed and (c, a) in self.blocked:
                         continue
+                    if self.chains is not None and b[:6] == CHAIN_MAGIC:
+                        self.chains.on_frame(a, b, c)
+                        continue
                     if self.sc.cost is not None:
                         self._cpu_enqueue(a, b, c)
                         continue
@@ -914,6 +967,9 @@ class Simulation:
                 self._schedule_wake(a)
             elif kind == CPU:
                 self._cpu_run(a)
+            elif kind == CHAIN:
+                assert self.chains is not None
+                self.chains.on_timer(a, b)
             elif kind == INVOKE:
                 self._invoke(a)
             elif kind == FAULT:
@@ -952,6 +1008,8 @@ class Simulation:
             liveness = self._convergence()
         violations = list(oracles.violations)
         violations += self._final_checks()
+        if self.chains is not None:
+            violations += self.chains.final_checks(liveness is None)
         ops = sum(1 for k in self.history if k.ret is not None)
         return RunResult(self.sc.seed, ops, len(oracles.views_installed), violations, liveness,
                          self.now, self.events, self.messages, self.log)
