@@ -230,3 +230,19 @@ def test_an_unanswered_client_that_the_certified_configuration_revoked_fails_fas
         await pool.close()
 
     asyncio.run(main())
+
+
+def test_a_configuration_set_from_the_directory_without_the_client_fails_it_when_unanswered(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    async def main():
+        pool, cid, p = make_pool(tmp_path, retry_timeout_ms=50.0)
+        monkeypatch.setattr(client_mod, "follow", lambda cluster, timeout: None)  # (the chain: nothing newer)
+        c = pool.cluster
+        # e.g. epoch.json written by `pbft reconfig DIR revoke-client` and loaded (checked against its chain)
+        pool.set_membership(replace(c, epoch=1, client_keys={k: v for k, v in c.client_keys.items() if k != cid}))
+        with pytest.raises(NotAdmittedError, match="revoked in configuration epoch 1"):
+            await pool.invoke(cid, b"op", timeout=10.0)
+        await pool.close()
+
+    asyncio.run(main())

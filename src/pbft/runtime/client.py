@@ -19,10 +19,10 @@ What can go wrong, and what you get:
 * ``NotAdmittedError``: the cluster does not admit this client identity (revoked by ``pbft
   reconfig DIR revoke-client ID``, or never added): the replicas answered a request of it with
   the not-admitted result (``core.reconfig.NOT_ADMITTED_RESULT``, for every service), or the
-  configuration certified by the replicas' chain (``runtime.follow``) no longer has the
-  identity. The second is what tells a revoked client fast: once the switch is in force the
-  replicas refuse its NewKeys and its requests go unanswered, so when a request is not answered
-  by its first retransmission the client looks at the chain (at most every
+  configuration certified by the replicas' chain (``runtime.follow``; or one set with
+  ``set_membership``) no longer has the identity. The second is what tells a revoked client fast:
+  once the switch is in force the replicas refuse its NewKeys and its requests go unanswered, so
+  when a request is due to be retransmitted the client looks at the chain (at most every
   ``FOLLOW_INTERVAL_S``) and, if its id is gone, fails the call at once instead of waiting out
   the timeout. A revocation is final (ids are not reused): later calls fail at once too.
 * ``ConfigError``: the cluster directory or key file is unusable.
@@ -204,7 +204,10 @@ class ClientPool:
             now = None
         finally:
             self.followed_at = time.monotonic()
-        if now is None or self.closed:
+        if self.closed:
+            return
+        if now is None:  # (nothing newer: the configuration set already, e.g. epoch.json's, is checked)
+            self._check_admitted(self.cluster)
             return
         if (now.members_epoch, now.members_from) > (self.cluster.members_epoch, self.cluster.members_from):
             self.memberships_followed += 1
@@ -219,18 +222,20 @@ class ClientPool:
             if rotated and self.links:  # (before the links are up, their first NewKeys are sealed so)
                 for p in self.p.values():
                     self.refresh_keys(p)
-        self._check_admitted(now)
+        self._check_admitted(self.cluster)
 
     def _check_admitted(self, now: Cluster) -> None:
-        """Fail the calls of the identities that the configuration ``follow`` verified no longer
-        admits: every identity of the pool was a client of the cluster it started with, and ids are
-        not reused, so one missing from a newer certified configuration was revoked. (Without the
-        full configuration, ``with_chain`` keeps the clients it had: nothing is concluded.)"""
+        """Fail the calls of the identities that the configuration followed no longer admits (one
+        ``follow`` verified, or one set by ``set_membership``: a directory ``load_cluster`` checked
+        against its chain). Every identity of the pool was a client of the cluster it started with,
+        and ids are not reused, so one missing from a later certified configuration was revoked.
+        (Without the full configuration, ``with_chain`` keeps the clients it had: nothing is
+        concluded.)"""
         epoch = now.epoch
         for pid, p in self.p.items():
             if pid in now.client_keys or p.revoked:
                 continue
-            p.revoked = f"revoked in configuration epoch {epoch} (certified by the replicas' chain)"
+            p.revoked = f"revoked in configuration epoch {epoch} (certified by the configuration chain)"
             self.counters.drop("client-not-admitted")
             if p.fut is not None and not p.fut.done():
                 p.core.cancel()
