@@ -11,7 +11,7 @@ long-term key is rotated and a client is revoked.
     One cluster under load: ``rotate-key`` of every replica in turn, then ``revoke-client`` of a
     client that was putting too (its requests must fail from then on); prints each change's time
     and the puts per second before, during and after it, and the revoked client's puts before and
-    after its revocation: acknowledged, refused by the replicas (not admitted), service errors,
+    after its revocation: acknowledged, refused as not admitted (``NotAdmittedError``), service errors,
     unanswered (no certified result in time) and failed, each counted while it goes on putting.
     Every acknowledged put is read back.
 
@@ -37,8 +37,7 @@ from pathlib import Path
 from membership_live import SRC, Loader, rate, status, wait
 
 from pbft import BlockingClient
-from pbft.core.reconfig import NOT_ADMITTED_RESULT
-from pbft.runtime.client import NoQuorumError, PbftError
+from pbft.runtime.client import NoQuorumError, NotAdmittedError, PbftError
 from pbft.runtime.cluster import init_cluster, load_cluster
 from pbft.services.kv import KVClient, ServiceError, encode_op, unwrap_result
 
@@ -174,10 +173,10 @@ def keys(a) -> dict:
     try:
         c.up(4)
         stop, ts, acks, acked = loaders_for(c, ids[:-2])
-        # per phase (before / after the revocation, when the call ends): acknowledged puts, puts the
-        # replicas refused (the client is not admitted: NOT_ADMITTED_RESULT), other service errors,
-        # calls without a certified result in time (NoQuorumError: a revoked client's session keys
-        # are refused, so its requests go unanswered) and other client errors
+        # per phase (before / after the revocation, when the call ends): acknowledged puts, puts
+        # refused as not admitted (NotAdmittedError: the replicas' not-admitted result, or the
+        # configuration their chain certifies without the client), other service errors, calls
+        # without a certified result in time (NoQuorumError) and other client errors
         kinds = ("acked", "refused", "errors", "unanswered", "failed")
         victim_res: dict = {f"{k}{p}": 0 for p in ("", "_after") for k in kinds}
         revoked = threading.Event()
@@ -187,13 +186,11 @@ def keys(a) -> dict:
                 i = 0
                 while not stop.is_set():
                     try:
-                        res = bc.invoke(encode_op("put", b"victim-%06d" % i, b"v"), timeout=3.0)
-                        if res == NOT_ADMITTED_RESULT:
-                            what = "refused"
-                            time.sleep(0.05)  # (refused at once: do not spin)
-                        else:
-                            unwrap_result(res)
-                            what = "acked"
+                        unwrap_result(bc.invoke(encode_op("put", b"victim-%06d" % i, b"v"), timeout=3.0))
+                        what = "acked"
+                    except NotAdmittedError:
+                        what = "refused"
+                        time.sleep(0.05)  # (refused at once once known: do not spin)
                     except ServiceError:
                         what = "errors"
                     except NoQuorumError:

@@ -11,7 +11,9 @@ from pbft import NoQuorumError
 from pbft.codec import result_digest, seal
 from pbft.crypto import KeyRing
 from pbft.messages import Reply
-from pbft.runtime.client import ClientPool
+from pbft.core.reconfig import NOT_ADMITTED_RESULT
+from pbft.runtime import client as client_mod
+from pbft.runtime.client import ClientPool, NotAdmittedError
 from pbft.runtime.cluster import free_port_range, init_cluster
 
 
@@ -170,6 +172,77 @@ def test_replies_of_a_later_membership_are_not_counted_and_older_memberships_are
         with pytest.raises(NoQuorumError):
             await task
         assert pool.counters.drops["reply-from-earlier-membership"] == 3
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def test_the_not_admitted_result_of_a_quorum_is_a_not_admitted_error(tmp_path):
+    async def main():
+        pool, cid, p = make_pool(tmp_path)
+        task = asyncio.ensure_future(pool.invoke(cid, b"op", timeout=5.0))
+        await asyncio.sleep(0)
+        answer(pool, cid, p, NOT_ADMITTED_RESULT)
+        with pytest.raises(NotAdmittedError, match=f"client {cid} is not admitted by the cluster "
+                                                   r"\(revoked or never added\): the replicas refused"):
+            await task
+        # one replica's not-admitted reply is no result: the quorum's real one is returned
+        task = asyncio.ensure_future(pool.invoke(cid, b"op", timeout=5.0))
+        await asyncio.sleep(0)
+        answer(pool, cid, p, NOT_ADMITTED_RESULT, replicas=(3,))
+        answer(pool, cid, p, b"real", replicas=(0, 1, 2))
+        assert await task == b"real"
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def test_an_unanswered_client_that_the_certified_configuration_revoked_fails_fast(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    async def main():
+        pool, cid, p = make_pool(tmp_path, retry_timeout_ms=50.0)
+        c = pool.cluster
+        served = [replace(c, epoch=1)]  # what ``follow`` returns: a newer configuration that admits it
+        asked = []
+
+        def fake_follow(cluster, timeout):
+            asked.append(cluster.epoch)
+            return served[0]
+
+        monkeypatch.setattr(client_mod, "follow", fake_follow)
+        with pytest.raises(client_mod.NoQuorumError):  # still admitted: the call waits out its timeout
+            await pool.invoke(cid, b"op", timeout=0.3)
+        assert asked and not p.revoked
+        served[0] = replace(c, epoch=2, client_keys={k: v for k, v in c.client_keys.items() if k != cid})
+        pool.followed_at = -client_mod.FOLLOW_INTERVAL_S  # (the next retransmission looks again)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(NotAdmittedError, match=f"client {cid} is not admitted .* revoked in configuration "
+                                                   "epoch 2"):
+            await pool.invoke(cid, b"op", timeout=10.0)
+        assert loop.time() - t0 < 2.0 and p.core.req is None
+        assert pool.counters.drops["client-not-admitted"] == 1
+        t0 = loop.time()
+        with pytest.raises(NotAdmittedError):  # final: the next call fails at once, nothing sent
+            await pool.invoke(cid, b"op", timeout=10.0)
+        assert loop.time() - t0 < 0.1 and p.core.req is None
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def test_a_configuration_set_from_the_directory_without_the_client_fails_it_when_unanswered(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    async def main():
+        pool, cid, p = make_pool(tmp_path, retry_timeout_ms=50.0)
+        monkeypatch.setattr(client_mod, "follow", lambda cluster, timeout: None)  # (the chain: nothing newer)
+        c = pool.cluster
+        # e.g. epoch.json written by `pbft reconfig DIR revoke-client` and loaded (checked against its chain)
+        pool.set_membership(replace(c, epoch=1, client_keys={k: v for k, v in c.client_keys.items() if k != cid}))
+        with pytest.raises(NotAdmittedError, match="revoked in configuration epoch 1"):
+            await pool.invoke(cid, b"op", timeout=10.0)
         await pool.close()
 
     asyncio.run(main())

@@ -6,6 +6,7 @@ session keys, and a non-administrator's change refused."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import pytest
@@ -14,7 +15,7 @@ from helpers.metrics import metric, metrics_text
 from pbft import BlockingClient
 from pbft.config import ConfigError
 from pbft.core.reconfig import decode_result, encode_request
-from pbft.runtime.client import PbftError
+from pbft.runtime.client import NotAdmittedError, PbftError
 from pbft.runtime.cluster import EPOCH_FILE, load_cluster
 from pbft.services.kv import KVClient, encode_op
 from pbft.tools.cli import main
@@ -199,3 +200,39 @@ def test_admit_use_revoke_rotate(live, capsys):
     # the replica key rotation's membership link, and the recovery period's configuration-only one
     live.wait_for(lambda: [e for e, _ in chains(live)] == [5] * 4, what="every replica's chain at epoch 5")
     assert chains(live) == [(5, 2)] * 4
+
+
+def test_a_revoked_client_gets_not_admitted_fast(live, capsys, tmp_path):
+    """A client revoked while idle: its next call fails with NotAdmittedError within seconds (its
+    session keys are refused, so its request goes unanswered; on the first retransmission it reads
+    the configuration certified by the replicas' chain), not after its timeout; ``pbft kv`` says
+    so and exits non-zero, with an up-to-date directory (epoch.json) or a stale one (the chain);
+    the other clients go on."""
+    d = str(live.dir)
+    stale = tmp_path / "stale"  # what the client's host has: cluster.toml and its key, no epoch.json
+    stale.mkdir()
+    shutil.copy(live.dir / "cluster.toml", stale / "cluster.toml")
+    shutil.copytree(live.dir / "keys", stale / "keys")
+    with BlockingClient(d, 7) as idle, BlockingClient(d, 4) as other:
+        KVClient(idle.invoke, timeout=20.0).put(b"idle", b"before")
+        assert main(["reconfig", d, "revoke-client", "7"]) == 0
+        live.wait_for(lambda: epochs(live) == [1] * 4, what="every replica in epoch 1")
+        capsys.readouterr()
+        t0 = time.monotonic()
+        with pytest.raises(NotAdmittedError, match="client 7 is not admitted by the cluster"):
+            KVClient(idle.invoke, timeout=20.0).put(b"idle", b"after")
+        took = time.monotonic() - t0
+        assert took < 8.0, f"the revoked client waited {took:.1f}s (its timeout is 20 s)"
+        with pytest.raises(NotAdmittedError):  # final: the next call fails at once
+            idle.invoke(PUT, timeout=20.0)
+        kv = KVClient(other.invoke, timeout=20.0)
+        kv.put(b"other", b"works")
+        assert kv.get(b"other") == b"works" and kv.get(b"idle") == b"before"
+    for where in (d, str(stale)):
+        t0 = time.monotonic()
+        assert main(["kv", where, "put", "k", "v", "--client", "7", "--timeout", "20"]) == 1
+        assert time.monotonic() - t0 < 10.0
+        err = capsys.readouterr().err
+        assert "pbft kv: client 7 is not admitted by the cluster (revoked or never added)" in err, err
+    assert main(["kv", d, "get", "other", "--client", "5"]) == 0
+    assert capsys.readouterr().out == "works\n"

@@ -16,6 +16,15 @@ What can go wrong, and what you get:
   answered.  The operation may or may not have executed: retry it with the
   same client and it is executed at most once only if it is idempotent at the
   service level (the protocol deduplicates only the same request).
+* ``NotAdmittedError``: the cluster does not admit this client identity (revoked by ``pbft
+  reconfig DIR revoke-client ID``, or never added): the replicas answered a request of it with
+  the not-admitted result (``core.reconfig.NOT_ADMITTED_RESULT``, for every service), or the
+  configuration certified by the replicas' chain (``runtime.follow``; or one set with
+  ``set_membership``) no longer has the identity. The second is what tells a revoked client fast:
+  once the switch is in force the replicas refuse its NewKeys and its requests go unanswered, so
+  when a request is due to be retransmitted the client looks at the chain (at most every
+  ``FOLLOW_INTERVAL_S``) and, if its id is gone, fails the call at once instead of waiting out
+  the timeout. A revocation is final (ids are not reused): later calls fail at once too.
 * ``ConfigError``: the cluster directory or key file is unusable.
 * Service-level errors are results, not exceptions; ``pbft.services.kv.KVClient``
   turns the key-value service's errors into ``ServiceError``.
@@ -29,6 +38,7 @@ client keys).
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from pathlib import Path
@@ -37,10 +47,11 @@ from typing import Optional, Sequence
 from ..codec import Codec, DecodeError
 from ..core.client import Client as CoreClient
 from ..core.membership import base_view, view_epoch
+from ..core.reconfig import NOT_ADMITTED_RESULT
 from ..crypto import KeyRing
 from ..config import ConfigError
 from ..messages import Reply, Tag
-from .cluster import Cluster, load_cluster
+from .cluster import EPOCH_FILE, Cluster, load_cluster
 from .follow import FETCH_TIMEOUT_S, follow
 from .keys import Identity, fresh_key, make_newkey, now_timestamp_us
 from .transport import Counters, FrameConn, OutLink, frame
@@ -59,9 +70,18 @@ class NoQuorumError(PbftError, TimeoutError):
     """No certified result in time."""
 
 
+class NotAdmittedError(PbftError):
+    """The cluster does not admit this client identity (revoked, or never added): ``client``."""
+
+    def __init__(self, client: Optional[int], how: str = ""):
+        who = "this client" if client is None else f"client {client}"
+        super().__init__(f"{who} is not admitted by the cluster (revoked or never added)" + (f": {how}" if how else ""))
+        self.client = client
+
+
 class _Principal:
     __slots__ = ("ident", "ring", "core", "lock", "fut", "give_up_at", "timer", "timer_at", "last_newkey",
-                 "newkey_ts")
+                 "newkey_ts", "revoked")
 
     def __init__(self, ident: Identity, ring: KeyRing, core: CoreClient):
         self.ident = ident
@@ -74,6 +94,7 @@ class _Principal:
         self.timer_at: Optional[float] = None  # (monotonic s) when ``timer`` fires
         self.last_newkey = 0.0
         self.newkey_ts = 0  # timestamp of our last NewKey: they grow strictly, whatever the clock does
+        self.revoked = ""  # why the cluster's certified configuration no longer admits it ("" while it does)
 
 
 class _GiveUp(Exception):
@@ -183,7 +204,10 @@ class ClientPool:
             now = None
         finally:
             self.followed_at = time.monotonic()
-        if now is None or self.closed:
+        if self.closed:
+            return
+        if now is None:  # (nothing newer: the configuration set already, e.g. epoch.json's, is checked)
+            self._check_admitted(self.cluster)
             return
         if (now.members_epoch, now.members_from) > (self.cluster.members_epoch, self.cluster.members_from):
             self.memberships_followed += 1
@@ -198,6 +222,24 @@ class ClientPool:
             if rotated and self.links:  # (before the links are up, their first NewKeys are sealed so)
                 for p in self.p.values():
                     self.refresh_keys(p)
+        self._check_admitted(self.cluster)
+
+    def _check_admitted(self, now: Cluster) -> None:
+        """Fail the calls of the identities that the configuration followed no longer admits (one
+        ``follow`` verified, or one set by ``set_membership``: a directory ``load_cluster`` checked
+        against its chain). Every identity of the pool was a client of the cluster it started with,
+        and ids are not reused, so one missing from a later certified configuration was revoked.
+        (Without the full configuration, ``with_chain`` keeps the clients it had: nothing is
+        concluded.)"""
+        epoch = now.epoch
+        for pid, p in self.p.items():
+            if pid in now.client_keys or p.revoked:
+                continue
+            p.revoked = f"revoked in configuration epoch {epoch} (certified by the configuration chain)"
+            self.counters.drop("client-not-admitted")
+            if p.fut is not None and not p.fut.done():
+                p.core.cancel()
+                p.fut.set_exception(NotAdmittedError(pid, p.revoked))
 
     def _maybe_follow(self) -> None:
         if (self.follow_chain and not self.closed and (self.following is None or self.following.done())
@@ -271,6 +313,8 @@ class ClientPool:
         try:
             if self.closed:
                 raise PbftError("client closed")
+            if p.revoked:
+                raise NotAdmittedError(principal, p.revoked)
             fut = self.loop.create_future()
             p.fut = fut
             # the timeout is kept by the principal's one timer (``_arm``), not by a timer of its own
@@ -301,7 +345,10 @@ class ClientPool:
         if core.done:
             for o in core.take_outcomes():
                 if p.fut is not None and not p.fut.done():
-                    p.fut.set_result(o.result)
+                    if o.result == NOT_ADMITTED_RESULT:  # (certified like any result: a quorum's)
+                        p.fut.set_exception(NotAdmittedError(p.ident.principal, "the replicas refused its request"))
+                    else:
+                        p.fut.set_result(o.result)
         if core.out:
             self.dirty.add(p.ident.principal)
             self._schedule_flush()
@@ -397,6 +444,18 @@ class ClientPool:
         self._after(p)
 
 
+def _revoked_in_epoch_file(cluster: Cluster) -> list[int]:
+    """The clients revoked in the configuration of the directory's epoch.json (which
+    ``load_cluster`` checked against its certificate chain); [] without one."""
+    if not cluster.epoch:
+        return []
+    try:
+        revoked = json.loads((cluster.dir / EPOCH_FILE).read_text())["revoked"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return []
+    return [c for c in revoked if type(c) is int] if isinstance(revoked, list) else []
+
+
 class Client:
     """An asyncio client of a cluster (one client identity)."""
 
@@ -415,6 +474,8 @@ class Client:
                 raise PbftError("the cluster file has no [[client]] entries")
             client_id = cluster.client_ids[0]
         if client_id not in cluster.client_keys:
+            if client_id in _revoked_in_epoch_file(cluster):
+                raise NotAdmittedError(client_id, f"revoked in configuration epoch {cluster.epoch} ({EPOCH_FILE})")
             raise ConfigError(f"{client_id} is not a client id of this cluster "
                               f"(clients are {cluster.client_ids[0]}..{cluster.client_ids[-1]})")
         ident = cluster.identity(client_id)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import msgpack
 
+from ..core.reconfig import NOT_ADMITTED_RESULT
 from ..service import ObjectService
 from ..state.objects import BucketFull, Cell, ObjectDict, ObjectSpace
 
@@ -149,6 +150,13 @@ class ServiceError(Exception):
     """The key-value service refused an operation (its ``["err", reason]`` result)."""
 
 
+class NotAdmittedResult(ServiceError):
+    """The replicas refused the request without running it: its client is not admitted by the
+    cluster (the not-admitted result, ``core.reconfig.NOT_ADMITTED_RESULT``). ``pbft.Client``
+    raises ``pbft.runtime.client.NotAdmittedError`` for it already; this is for an ``invoke``
+    that returns results as they are."""
+
+
 class KVClient:
     """Typed key-value calls over any ``invoke(op, read_only=..., timeout=...) -> bytes``.
 
@@ -199,7 +207,11 @@ class AsyncKVClient:
 
 
 def unwrap_result(result: bytes):
-    """The value of an ``("ok", value)`` result; ``ServiceError`` for an error or a malformed one."""
+    """The value of an ``("ok", value)`` result; ``ServiceError`` for an error or a malformed one,
+    ``NotAdmittedResult`` for the not-admitted result."""
+    if result == NOT_ADMITTED_RESULT:
+        raise NotAdmittedResult("the client is not admitted by the cluster (revoked or never added): "
+                                "the replicas refused its request")
     try:
         status, value = decode_result(result)
     except ValueError as e:
