@@ -5,6 +5,7 @@ live cluster whose replica 1 works with its key file moved away, through a recov
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -175,6 +176,33 @@ def _pbft(*args, **kw):
                             stdout=subprocess.DEVNULL, start_new_session=True, **kw)
 
 
+@contextlib.contextmanager
+def _signer_held_replica_1(tmp_path, lc):
+    """Replica 1 with its key in a `pbft signer` (its key file moved away, so that the replica
+    cannot read it), the others started from their key files; yields the signer process (stopped
+    at the end; its log: tmp_path / "signer.log")."""
+    sock = tmp_path / "s1.sock"
+    slog = open(tmp_path / "signer.log", "ab")
+    signer = _pbft("signer", lc.dir, "--id", 1, "--socket", sock, "--mode", "600", stderr=slog)
+    try:
+        deadline = time.time() + 15
+        while not sock.exists():
+            assert signer.poll() is None and time.time() < deadline, (tmp_path / "signer.log").read_text()
+            time.sleep(0.05)
+        shutil.move(lc.cluster.key_path(1), tmp_path / "elsewhere.key")
+        for r in (0, 2, 3):
+            lc.start(r)
+        lc.logs[1] = lc.dir / "replica-1.log"
+        with open(lc.logs[1], "ab") as rlog:
+            lc.procs[1] = _pbft("replica", lc.dir, "--id", 1, "--signer", sock, stderr=rlog)
+        lc.wait_connected(timeout=30)
+        yield signer
+    finally:
+        signer.terminate()
+        signer.wait(5)
+        slog.close()
+
+
 @pytest.mark.slow
 def test_live_replica_without_its_key_file(tmp_path):
     """Replica 1 runs with its key in a signer; its key file is moved away before it starts. It
@@ -182,22 +210,8 @@ def test_live_replica_without_its_key_file(tmp_path):
     and reconnects to the signer."""
     protocol = {"checkpoint_interval_seqnos": 8, "log_window_seqnos": 16, "view_change_timeout_ms": 500.0}
     with LocalCluster(tmp_path / "c", N, protocol=protocol) as lc:
-        sock = tmp_path / "s1.sock"
-        slog = open(tmp_path / "signer.log", "ab")
-        signer = _pbft("signer", lc.dir, "--id", 1, "--socket", sock, "--mode", "600", stderr=slog)
-        try:
-            deadline = time.time() + 15
-            while not sock.exists():
-                assert signer.poll() is None and time.time() < deadline, (tmp_path / "signer.log").read_text()
-                time.sleep(0.05)
-            key = lc.cluster.key_path(1)
-            shutil.move(key, tmp_path / "elsewhere.key")  # the replica cannot read it now
-            for r in (0, 2, 3):
-                lc.start(r)
-            rlog = open(lc.dir / "replica-1.log", "ab")
-            lc.logs[1] = lc.dir / "replica-1.log"
-            lc.procs[1] = _pbft("replica", lc.dir, "--id", 1, "--signer", sock, stderr=rlog)
-            lc.wait_connected(timeout=30)
+        key = lc.cluster.key_path(1)
+        with _signer_held_replica_1(tmp_path, lc):  # (the replica cannot read its key file)
             with BlockingClient(lc.dir) as bc:
                 kv = KVClient(bc.invoke, timeout=20.0)
                 for i in range(20):
@@ -215,10 +229,6 @@ def test_live_replica_without_its_key_file(tmp_path):
             assert not key.exists()
             assert "recovery-reboot" in lc.log_text(1) and '"recovered"' in lc.log_text(1)
             pid1 = lc.procs[1].pid
-        finally:
-            signer.terminate()
-            signer.wait(5)
-            slog.close()
     events = [json.loads(x) for x in (tmp_path / "signer.log").read_text().splitlines() if x.startswith("{")]
     conns = [e for e in events if e["event"] == "signer-connection"]
     assert len(conns) >= 2, events  # the replica before and after its reboot
@@ -371,21 +381,7 @@ def test_live_replica_with_a_signer_signs_the_membership_link(tmp_path, capsys):
 
     protocol = {"checkpoint_interval_seqnos": 8, "log_window_seqnos": 16, "view_change_timeout_ms": 500.0}
     with LocalCluster(tmp_path / "c", N, clients=2, protocol=protocol, replica_slots=N + 1) as lc:
-        sock = tmp_path / "s1.sock"
-        slog = open(tmp_path / "signer.log", "ab")
-        signer = _pbft("signer", lc.dir, "--id", 1, "--socket", sock, "--mode", "600", stderr=slog)
-        try:
-            deadline = time.time() + 15
-            while not sock.exists():
-                assert signer.poll() is None and time.time() < deadline, (tmp_path / "signer.log").read_text()
-                time.sleep(0.05)
-            shutil.move(lc.cluster.key_path(1), tmp_path / "elsewhere.key")
-            for r in (0, 2, 3):
-                lc.start(r)
-            lc.logs[1] = lc.dir / "replica-1.log"
-            with open(lc.logs[1], "ab") as rlog:
-                lc.procs[1] = _pbft("replica", lc.dir, "--id", 1, "--signer", sock, stderr=rlog)
-            lc.wait_connected(timeout=30)
+        with _signer_held_replica_1(tmp_path, lc):
             with BlockingClient(lc.dir) as bc:
                 kv = KVClient(bc.invoke, timeout=20.0)
                 for i in range(10):
@@ -406,17 +402,13 @@ def test_live_replica_with_a_signer_signs_the_membership_link(tmp_path, capsys):
             links = decode_chain(bytes.fromhex(lc.status(0)["membership_chain"]))
             stmt = links[0].statement()
             assert stmt.startswith(CONFIG_LINK_CONTEXT)
-            me = SignerIdentity(1, sock, lc.cluster.slot(1).public_key)
+            me = SignerIdentity(1, tmp_path / "s1.sock", lc.cluster.slot(1).public_key)
             with pytest.raises(SignerError, match="signer-sign-malformed"):
                 me.sign_newkey(stmt)
             with pytest.raises(SignerError, match="signer-sign-link-not-a-link"):
                 asyncio.run(me.sign_link(header(now_timestamp_us(), [(0, b"x" * 80)])))
             assert asyncio.run(me.sign_link(stmt)) == dict(links[0].signatures)[1]  # (its vote, again)
             me.close()
-        finally:
-            signer.terminate()
-            signer.wait(5)
-            slog.close()
     events = [json.loads(x) for x in (tmp_path / "signer.log").read_text().splitlines() if x.startswith("{")]
     assert sum(e["event"] == "signer-sign-link" for e in events) >= 2, events  # the replica's, and ours
     stopped = [e for e in events if e["event"] == "signer-stopped"][0]
@@ -437,21 +429,7 @@ def test_live_rotation_of_a_signer_held_key_is_signed_by_the_signer_with_the_old
 
     protocol = {"checkpoint_interval_seqnos": 8, "log_window_seqnos": 16, "view_change_timeout_ms": 500.0}
     with LocalCluster(tmp_path / "c", N, clients=2, protocol=protocol) as lc:
-        sock = tmp_path / "s1.sock"
-        slog = open(tmp_path / "signer.log", "ab")
-        signer = _pbft("signer", lc.dir, "--id", 1, "--socket", sock, "--mode", "600", stderr=slog)
-        try:
-            deadline = time.time() + 15
-            while not sock.exists():
-                assert signer.poll() is None and time.time() < deadline, (tmp_path / "signer.log").read_text()
-                time.sleep(0.05)
-            shutil.move(lc.cluster.key_path(1), tmp_path / "elsewhere.key")
-            for r in (0, 2, 3):
-                lc.start(r)
-            lc.logs[1] = lc.dir / "replica-1.log"
-            with open(lc.logs[1], "ab") as rlog:
-                lc.procs[1] = _pbft("replica", lc.dir, "--id", 1, "--signer", sock, stderr=rlog)
-            lc.wait_connected(timeout=30)
+        with _signer_held_replica_1(tmp_path, lc):
             old_key = lc.cluster.public_key_of(1)
             lc.kill(3)  # the rotation's link now needs 0, 1 and 2
             assert main(["reconfig", str(lc.dir), "rotate-key", "1"]) == 0
@@ -471,9 +449,5 @@ def test_live_rotation_of_a_signer_held_key_is_signed_by_the_signer_with_the_old
                 kv = KVClient(bc.invoke, timeout=20.0)
                 kv.put(b"after", b"rotation")
                 assert kv.get(b"after", read_only=False) == b"rotation"
-        finally:
-            signer.terminate()
-            signer.wait(5)
-            slog.close()
     events = [json.loads(x) for x in (tmp_path / "signer.log").read_text().splitlines() if x.startswith("{")]
     assert sum(e["event"] == "signer-sign-link" for e in events) >= 1, events
