@@ -438,6 +438,36 @@ def test_a_replica_fetching_past_the_change_prepares_nothing_beyond_the_switch_p
     r.invariants()
 
 
+def test_the_drivers_rejoin_only_a_newer_membership_in_force_that_they_are_members_of():
+    """``membership.rejoin_wanted``, the rule both drivers (the runtime's, the simulator's) apply
+    at a ``ChainWanted``: a replica that missed a growth 4 -> 7 rejoins the 7 its chain certifies
+    for a checkpoint after the switch point, not for one at or before it (the old membership may
+    still need it there); a replica whose state records the change as pending, one in the 7
+    already, one the chain's membership has no place for, and an older chain head: none."""
+    from dataclasses import replace
+
+    c = grow_cluster()
+    c.down.add(3)
+    res = admin(c, grow())
+    s = res["members_at"]
+    pending = c.replicas[0]  # (executed the change: it switches at the switch point by itself)
+    new = pending.rs.config.latest.next_members
+    assert new is not None and new.opens_at == s and new.n == 7
+    r = c.replicas[3]
+    assert r.members_from == 0 and r.rs.config.latest.next_members is None
+    assert membership.rejoin_wanted(r, new, s + 1) == new == membership.chain_newer(r, new)
+    assert membership.rejoin_wanted(r, new, s) is None
+    assert membership.rejoin_wanted(pending, new, s + 8) is None and membership.chain_newer(pending, new) is None
+    genesis = replace(new, n=4, f=1, weights=(1,) * 4, keys=new.keys[:4], opens_at=0, epoch=0)
+    assert membership.rejoin_wanted(r, genesis, s + 8) is None
+    small = replace(new, n=3, weights=(1,) * 3, keys=new.keys[:3])  # (no place for replica 3)
+    assert membership.rejoin_wanted(r, small, s + 8) is None
+    switch_cluster(c, res, 7)
+    c.advance(200)
+    assert c.replicas[0].members_from == s
+    assert membership.rejoin_wanted(c.replicas[0], new, s + 8) is None  # (switched: in the 7 already)
+
+
 def test_a_replica_told_by_its_chain_rejoins_the_membership_in_force():
     """Replica 3 missed a growth 4 -> 7 entirely (down from before it until the others are beyond
     its window); its driver's chain certifies the 7 (``membership.rejoin``): it becomes the new

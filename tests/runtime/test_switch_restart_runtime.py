@@ -11,6 +11,10 @@ replicas stopped once the continuing members switched), and then
   before the switch, and catches up beyond its window through the membership its chain
   certifies),
 
+* a replica down from before a growth until the others are beyond its window after the switch
+  restarts with its store (no change recorded): it rejoins the membership its chain certifies
+  (``membership-rejoin``), with one of its old membership's members down,
+
 and each comes back in the membership in force (``/status`` ``members``) and executes the
 requests issued after it came back, its last executed sequence number reaching the others'.
 Last, an added replica restarted alone (no peer up, no epoch.json) takes the membership of the
@@ -89,15 +93,15 @@ def put_after(lc: LocalCluster, tag: bytes, count: int) -> None:
             kv.put(b"%s-%d" % (tag, j), b"after-%d" % j)
 
 
-def executes_with_the_others(lc: LocalCluster, rid: int, tag: bytes) -> None:
+def executes_with_the_others(lc: LocalCluster, rid: int, tag: bytes, down: tuple[int, ...] = ()) -> None:
     """``rid`` executes requests issued after it came back: its last execution reaches the
-    others' and moves on with them."""
+    others' (but ``down``'s) and moves on with them."""
     put_after(lc, tag + b"-a", 12)
-    top = max(lc.status(i)["last_executed"] for i in range(lc.n) if i != rid)
+    top = max(lc.status(i)["last_executed"] for i in range(lc.n) if i != rid and i not in down)
     lc.wait_for(lambda: lc.status(rid)["last_executed"] >= top, timeout=30,
                 what=f"replica {rid} executing what the others executed ({top})")
     put_after(lc, tag + b"-b", 12)
-    top2 = max(lc.status(i)["last_executed"] for i in range(lc.n) if i != rid)
+    top2 = max(lc.status(i)["last_executed"] for i in range(lc.n) if i != rid and i not in down)
     assert top2 > top
     lc.wait_for(lambda: lc.status(rid)["last_executed"] >= top2, timeout=30,
                 what=f"replica {rid} executing new requests ({top2})")
@@ -200,3 +204,37 @@ def test_an_added_replica_restarted_alone_takes_the_membership_of_the_chain_it_h
         lc.start(i)
     executes_with_the_others(lc, 4, b"h")
     assert "the chain replica 4 holds certifies a membership of 5 replicas" in lc.log_text(4)
+
+
+def test_a_replica_down_across_a_growth_rejoins_the_membership_its_chain_certifies(local_cluster, capsys):
+    """Replica 3 stops (SIGTERM), the others move on beyond its log window, the membership grows
+    4 -> 7, the others switch and move on again; replica 3 restarts with its store: its state
+    records no change (executed beyond its window), so it asks its chain before catching up
+    (``chain-wanted``), for a checkpoint after the switch point, and rejoins the membership of 7
+    the chain certifies (``membership-rejoin``); then it executes new requests with the others.
+    Replica 1 is stopped before replica 3 restarts: of its old membership, replica 3 then hears
+    only replicas 0 and 2 (the added replicas' frames are not a member's to it), f + 1 of the old
+    thresholds but fewer than f + 1 of the new ones; without the rejoin it could not catch up."""
+    lc = local_cluster(n=4, clients=2, protocol=PROTOCOL, replica_slots=7)
+    put_after(lc, b"pre", 12)
+    lc.signal(3, signal.SIGTERM)
+    lc.procs[3].wait(10)
+    put_after(lc, b"gone", 40)  # the change executes beyond its window: its state will not record it
+    target = change_membership(lc, capsys, 7, absent=(3,))
+    s = target["members_from"]
+    lc.wait_for(lambda: all(in_membership(lc, i, target) for i in range(7) if i != 3), timeout=40,
+                what="the others in the membership of 7")
+    put_after(lc, b"mid", 40)
+    lc.wait_for(lambda: lc.status(0)["stable_checkpoint"] > s + PROTOCOL["log_window_seqnos"], timeout=30,
+                what="the others beyond replica 3's window after the switch")
+    lc.signal(1, signal.SIGTERM)
+    lc.procs[1].wait(10)
+    lc.start(3)
+    lc.wait_for(lambda: in_membership(lc, 3, target), timeout=30, what="replica 3 in the membership of 7")
+    executes_with_the_others(lc, 3, b"j", down=(1,))
+    starts = started_lines(lc, 3)
+    assert len(starts) == 2 and starts[1]["n"] == 4, starts  # restarted from a store of before the change
+    rejoin = [json.loads(line) for line in lc.log_text(3).splitlines()
+              if line.startswith("{") and '"membership-rejoin"' in line]
+    assert len(rejoin) == 1 and rejoin[0]["n"] == 7 and rejoin[0]["members_from"] == s, rejoin
+    assert rejoin[0]["chain_wanted"] > s

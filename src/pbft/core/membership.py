@@ -350,6 +350,29 @@ def after_restore(r: "Replica") -> None:
         r.view, r.view_active = base, not r.retired
 
 
+def chain_newer(r: "Replica", head: Membership) -> Optional[Membership]:
+    """Whether replica r should take ``head``, the last membership its driver's chain certifies:
+    ``head`` if it is newer than r's, r is one of its members (and not retired), and it is not
+    the change r's state records as pending (r switches to that one at its switch point);
+    otherwise None. The drivers' common rule before ``rejoin``."""
+    if head.opens_at <= r.members_from or r.id >= head.n or r.retired:
+        return None
+    rec = r.rs.config
+    nxt = rec.latest.next_members if rec is not None and not r.needs_state else None
+    if nxt is not None and nxt.opens_at == head.opens_at:
+        return None
+    return head
+
+
+def rejoin_wanted(r: "Replica", head: Membership, n: int) -> Optional[Membership]:
+    """At a ``ChainWanted`` for checkpoint n: the membership r rejoins (``rejoin``), if
+    ``chain_newer`` gives one and n is after its switch point (f + 1 of r's old members vote for
+    a checkpoint the new membership ordered: it is in force); otherwise None (r stays a member of
+    its own membership, which may still need it to reach the switch point)."""
+    m = chain_newer(r, head)
+    return m if m is not None and n > m.opens_at else None
+
+
 def rejoin(r: "Replica", m: Membership) -> None:
     """Driver input: replica r (restarted, or lagging behind a change it missed) is told by its
     driver's membership chain (checked: quorum weight of each membership before) that membership

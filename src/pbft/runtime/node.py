@@ -31,6 +31,7 @@ from ..core.replica import Replica
 from ..crypto import KEY_SIZE, KeyRing
 from ..messages import Tag
 from ..service import Service
+from ..state.configuration import Membership
 from ..storage import Store, StoreError, open_store
 from . import gctune
 from .cluster import CLUSTER_FILE, EPOCH_FILE, Cluster, recovery_period_in_force, recovery_turn
@@ -218,7 +219,7 @@ class ReplicaNode:
             self._on_switch(ev)
         elif kind == "chain-wanted":
             self._log("chain-wanted", seqno=ev.seqno, chain_epoch=self.chain.head.epoch)
-            self.loop.call_soon(self._answer_chain)
+            self.loop.call_soon(self._answer_chain, ev.seqno)
         elif kind == "stable":
             self.metrics.on_stable(ev.seqno)
             self.epochs.on_checkpoint(ev.seqno)
@@ -267,17 +268,35 @@ class ReplicaNode:
         self._connect_members()
         self._refresh_keys(broadcast=True)
 
-    def _answer_chain(self) -> None:
-        """The core asks, before it catches up beyond its window on a weak certificate, which
-        membership our chain certifies (``core.membership.ChainView``): the chain's last one, if it
-        is newer than the core's."""
+    def _answer_chain(self, wanted: int) -> None:
+        """The core asks, before it catches up beyond its window on a weak certificate (for
+        checkpoint ``wanted``), which membership our chain certifies (``core.membership.ChainView``):
+        the chain's last one, if it is newer than the core's. If that membership is one we are a
+        member of, that our state does not record as a pending change, and ``wanted`` is after its
+        switch point (``membership.rejoin_wanted``: it is in force), we rejoin it first: we missed
+        the change entirely, and our old membership's members alone may be too few to catch up."""
         if self.halted:
             return
         r, head = self.replica, self.chain.head
+        m = membership.rejoin_wanted(r, head, wanted)
+        if m is not None:
+            self._rejoin(m, wanted)
         membership.learn_chain(r, head)  # (None there unless newer than the core's)
         if not self.flush_pending:
             self.flush_pending = True
             self.loop.call_soon(self._flush)
+
+    def _rejoin(self, m: Membership, wanted: int) -> None:
+        """Enter membership ``m`` as its joiner (``membership.rejoin``), with a switch's node-side
+        effects: links to its members, none to others, fresh session keys with its members."""
+        membership.rejoin(self.replica, m)
+        self.cfg = self.replica.cfg
+        self._log("membership-rejoin", members_from=m.opens_at, n=m.n, f=self.cfg.f, view=self.replica.view,
+                  chain_wanted=wanted)
+        for j in [j for j in self.links if j >= self.cfg.n]:
+            self.links.pop(j).stop()
+        self._connect_members()
+        self._refresh_keys(broadcast=True)
 
     def _connect_members(self) -> None:
         """An outbound link to every member but us (addresses: cluster.toml's slots)."""

@@ -398,16 +398,8 @@ class ChainModel:
 
     # ---- the driver's answers -------------------------------------------------------------------
     def newer(self, rep: "Replica") -> Optional[Membership]:
-        """The chain's last membership, if r should take it (newer than its own, r a member, not
-        a change r's state records as pending)."""
-        head = self.nodes[rep.id].head
-        if head.opens_at <= rep.members_from or rep.id >= head.n or rep.retired:
-            return None
-        rec = rep.rs.config
-        nxt = rec.latest.next_members if rec is not None and not rep.needs_state else None
-        if nxt is not None and nxt.opens_at == head.opens_at:
-            return None  # (it knows the change: it switches at the switch point)
-        return head
+        """The chain's last membership, if r should take it (``membership.chain_newer``)."""
+        return membership.chain_newer(rep, self.nodes[rep.id].head)
 
     def at_start(self, rep: "Replica") -> bool:
         """After a reboot's restore: rejoin if the restored view is in the chain's last
@@ -426,9 +418,9 @@ class ChainModel:
         if r in sim.crashed:
             return
         rep = sim.replicas[r]
-        m = self.newer(rep)
         n = self.wanted.pop(r, 0)
-        if m is not None and n > m.opens_at:
+        m = membership.rejoin_wanted(rep, self.nodes[r].head, n)
+        if m is not None:
             self._rejoin(rep, m, f"chain-wanted {n}")
         membership.learn_chain(rep, self.nodes[r].head)
         sim._flush(r)
