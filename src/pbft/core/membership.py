@@ -264,6 +264,21 @@ def after_stable(r: "Replica", n: int) -> None:
     switch(r, n, m, base_view(m.epoch, m.n))
 
 
+def _drop_log(r: "Replica", floor: Optional[int] = None) -> None:
+    """The old membership's log is dropped (what it holds is the old membership's to order): a
+    tentative execution rolled back, its batches forgotten, no seqno assigned at or below
+    ``floor`` (default: the last one assigned) or the last executed one."""
+    log = r.log
+    if log.last_exec > log.last_committed_exec:
+        log.rollback()
+    for d in list(log.batches):
+        r.disk.forget_batch(d)
+    for table in (log.slots, log.prepared, log.preprepared, log.batches, log.held_keys):
+        table.clear()
+    log.held.clear()
+    log.seq_assigned = max(log.seq_assigned if floor is None else floor, log.last_exec)
+
+
 def switch(r: "Replica", n: int, m: Membership, view: int) -> None:
     """The new membership is a fresh instance started from stable checkpoint n (its switch point
     or, for a replica that fetched a later checkpoint, that one): its configuration (n, f,
@@ -282,15 +297,7 @@ def switch(r: "Replica", n: int, m: Membership, view: int) -> None:
 
     old_n = r.cfg.n
     cfg = _adopt(r, m)
-    log = r.log
-    if log.last_exec > log.last_committed_exec:
-        log.rollback()
-    for d in list(log.batches):
-        r.disk.forget_batch(d)
-    for table in (log.slots, log.prepared, log.preprepared, log.batches, log.held_keys):
-        table.clear()
-    log.held.clear()
-    log.seq_assigned = max(n, log.last_exec)
+    _drop_log(r, n)
     r.checkpoint_votes = CheckpointVotes(r.log_window, r.checkpoint_interval)
     # the requests known so far are frames authenticated for the old members (a new member could
     # not check them in a batch): forgotten, as after a restart; clients retransmit to the new ones
@@ -317,7 +324,7 @@ def switch(r: "Replica", n: int, m: Membership, view: int) -> None:
         # (a view change of the old epoch reached a view of this one: ours, for the new members)
         r.vc.send_view_change(r.view)
     if r.is_primary:
-        log.try_send_preprepare()
+        r.log.try_send_preprepare()
 
 
 def _adopt(r: "Replica", m: Membership) -> ClusterConfig:
@@ -381,15 +388,7 @@ def rejoin(r: "Replica", m: Membership) -> None:
     point, whose sequence numbers the memberships before ordered), keeps its state and catches up
     by a certified checkpoint of m like any lagging replica. The log of the old membership is
     dropped (what it holds is the old membership's to order)."""
-    log = r.log
-    if log.last_exec > log.last_committed_exec:
-        log.rollback()
-    for d in list(log.batches):
-        r.disk.forget_batch(d)
-    for table in (log.slots, log.prepared, log.preprepared, log.batches, log.held_keys):
-        table.clear()
-    log.held.clear()
-    log.seq_assigned = max(log.seq_assigned, log.last_exec)
+    _drop_log(r)
     _adopt(r, m)
     from .budgets import SenderBudgets
     from .checkpoints import CheckpointVotes
