@@ -34,3 +34,13 @@ def chain_links(directory, *configs, extra=()) -> list[Link]:
 def chain_hex(directory, *configs, extra=()) -> str:
     """``chain_links`` encoded (hex, as in epoch.json)."""
     return encode_chain(chain_links(directory, *configs, extra=extra)).hex()
+
+
+class Loop:
+    """A fake event loop for a chain keeper driven by hand: it keeps what is scheduled."""
+
+    def __init__(self):
+        self.later = []
+
+    def call_later(self, delay, fn, *args):
+        self.later.append((delay, fn, args))

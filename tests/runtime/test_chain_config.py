@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import msgpack
 import pytest
 
-from helpers.chainutil import chain_hex, chain_links
+from helpers.chainutil import chain_hex, chain_links, Loop
 from pbft.config import ClusterConfig, ConfigError
 from pbft.messages import Tag
 from pbft.runtime import chain_keeper
@@ -194,14 +194,6 @@ def test_a_follower_takes_the_rotated_key_from_the_chain(tmp_path):
 @pytest.fixture
 def no_core_state(monkeypatch):
     monkeypatch.setattr(chain_keeper, "config_at", lambda r, n: None)
-
-
-class Loop:
-    def __init__(self):
-        self.later = []
-
-    def call_later(self, delay, fn, *args):
-        self.later.append((delay, fn, args))
 
 
 def node(tmp: Path, me: int, identity) -> SimpleNamespace:

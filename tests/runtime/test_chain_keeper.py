@@ -10,6 +10,8 @@ from types import SimpleNamespace
 import msgpack
 import pytest
 
+from helpers.chainutil import Loop
+
 from pbft.messages import Tag
 from pbft.runtime.chain import Link, config_link, encode_link, genesis_head, genesis_membership, verify_link
 from pbft.runtime import chain_keeper
@@ -33,14 +35,6 @@ CS1 = Configuration(1, 8, tuple(KEYS[:4]), {}, (), None, M1)
 def no_core_state(monkeypatch):
     """The fake node has no core replica: its checkpoints record no membership change."""
     monkeypatch.setattr(chain_keeper, "config_at", lambda r, n: None)
-
-
-class Loop:
-    def __init__(self):
-        self.later = []
-
-    def call_later(self, delay, fn, *args):
-        self.later.append((delay, fn, args))
 
 
 def node(tmp: Path, me: int = 0, memory: bool = False):
