@@ -82,7 +82,27 @@ class LocalCluster:
             except OSError:
                 pass
             time.sleep(0.05)
-        raise TimeoutError(f"timed out waiting for {what} (last {last!r}); logs in {self.dir}")
+        raise TimeoutError(f"timed out waiting for {what} (last {last!r}); logs in {self.dir}; "
+                           f"replicas: {self.snapshot()}")
+
+    def snapshot(self) -> str:
+        """Each running replica's view, execution, checkpoint and drop counts, for a failure's message
+        (the logs do not have them: drops are counted, not logged)."""
+        out = []
+        for i, p in sorted(self.procs.items()):
+            if p is None or p.poll() is not None:
+                out.append(f"{i}: down")
+                continue
+            try:
+                st = self.status(i, timeout=0.5)
+            except (OSError, ValueError) as e:
+                out.append(f"{i}: no status ({e})")
+                continue
+            keys = ("view", "view_active", "last_executed", "stable_checkpoint", "needs_state", "fetching_state",
+                    "recovering", "peers_connected", "internal_errors")
+            counts = {k: v for k, v in {**(st.get("counts") or {}), **(st.get("drops") or {})}.items() if v}
+            out.append(f"{i}: " + " ".join(f"{k}={st.get(k)}" for k in keys) + f" counts={counts}")
+        return "; ".join(out)
 
     def signal(self, rid: int, sig: int) -> None:
         self.procs[rid].send_signal(sig)
