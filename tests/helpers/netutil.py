@@ -135,3 +135,19 @@ class LocalCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def corrupt_store(lc, rid: int, mark: bytes, offset: int = 5) -> int:
+    """Flip the byte at ``offset`` in every copy of ``mark * 4`` in replica ``rid``'s store files
+    (LMDB's, and the durable mode's write-ahead log in front of it); returns how many it hit."""
+    hits = 0
+    for name in ("data.mdb", "wal"):
+        with open(lc.cluster.storage.replica_dir(lc.dir, rid) / name, "r+b") as fh:
+            data = fh.read()
+            at = data.find(mark * 4)
+            while at >= 0:
+                fh.seek(at + offset)
+                fh.write(b"#")
+                hits += 1
+                at = data.find(mark * 4, at + len(mark) * 64)
+    return hits

@@ -144,12 +144,18 @@ def test_format_1_links_verify_as_a_prefix_only():
         verify_head(CFG, KEYS[:4], [L1, late])
 
 
-def test_epoch_json_with_a_tampered_key_is_refused(tmp_path):
-    c = init_cluster(tmp_path, 4, None, None, 7000, 2)
+def rotated_cluster(directory, hosts=None, port=7000):
+    """A cluster directory of 4 replicas, and its genesis configuration with replica 1's key
+    rotated (epoch 1, from checkpoint 8 on): (the cluster, the new identity, that configuration)."""
+    c = init_cluster(directory, 4, None, hosts, port, 2)
     cs0 = ConfigRecord.decode(c.genesis_config).latest
     new1 = Identity.from_seed(1, b"\x99" * 32)
-    rotated = dataclasses.replace(cs0, epoch=1, opens_at=8,
-                                  replica_keys=(cs0.replica_keys[0], new1.public, *cs0.replica_keys[2:]))
+    return c, new1, dataclasses.replace(cs0, epoch=1, opens_at=8,
+                                        replica_keys=(cs0.replica_keys[0], new1.public, *cs0.replica_keys[2:]))
+
+
+def test_epoch_json_with_a_tampered_key_is_refused(tmp_path):
+    _, new1, rotated = rotated_cluster(tmp_path)
     path = tmp_path / EPOCH_FILE
     good = {**rotated.describe(), "chain": chain_hex(tmp_path, rotated)}
     path.write_text(json.dumps(good))
@@ -175,11 +181,7 @@ def test_epoch_json_with_a_tampered_key_is_refused(tmp_path):
 
 
 def test_a_follower_takes_the_rotated_key_from_the_chain(tmp_path):
-    c = init_cluster(tmp_path, 4, None, None, 7000, 2)
-    cs0 = ConfigRecord.decode(c.genesis_config).latest
-    new1 = Identity.from_seed(1, b"\x99" * 32)
-    rotated = dataclasses.replace(cs0, epoch=1, opens_at=8,
-                                  replica_keys=(cs0.replica_keys[0], new1.public, *cs0.replica_keys[2:]))
+    _, new1, rotated = rotated_cluster(tmp_path)
     links = tuple(chain_links(tmp_path, rotated))
     fresh = load_cluster(tmp_path)  # (cluster.toml only)
     assert fresh.public_key_of(1) != new1.public
@@ -296,11 +298,7 @@ def test_a_running_client_takes_a_rotated_replica_key_and_seals_fresh_session_ke
     from pbft.runtime.keys import accept_newkey
     from pbft.runtime.transport import _LEN
 
-    c = init_cluster(tmp_path / "c", 4, None, ["127.0.0.1"], free_port_range(20), 2)
-    cs0 = ConfigRecord.decode(c.genesis_config).latest
-    new1 = Identity.from_seed(1, b"\x99" * 32)
-    rotated = dataclasses.replace(cs0, epoch=1, opens_at=8,
-                                  replica_keys=(cs0.replica_keys[0], new1.public, *cs0.replica_keys[2:]))
+    c, new1, rotated = rotated_cluster(tmp_path / "c", ["127.0.0.1"], free_port_range(20))
     learnt = with_chain(c, tuple(chain_links(c.dir, rotated)), rotated)
     monkeypatch.setattr(client_mod, "follow", lambda cluster, timeout: learnt)
 

@@ -28,7 +28,7 @@ import time
 
 import pytest
 
-from helpers.netutil import LocalCluster
+from helpers.netutil import LocalCluster, corrupt_store
 from pbft import BlockingClient
 from pbft.runtime.cluster import load_cluster
 from pbft.services.kv import KVClient
@@ -107,20 +107,6 @@ def executes_with_the_others(lc: LocalCluster, rid: int, tag: bytes, down: tuple
                 what=f"replica {rid} executing new requests ({top2})")
 
 
-def damage(lc: LocalCluster, rid: int) -> int:
-    hits = 0
-    for name in ("data.mdb", "wal"):
-        with open(lc.cluster.storage.replica_dir(lc.dir, rid) / name, "r+b") as fh:
-            data = fh.read()
-            at = data.find(MARK * 4)
-            while at >= 0:
-                fh.seek(at + 20)
-                fh.write(b"#")
-                hits += 1
-                at = data.find(MARK * 4, at + len(MARK) * 100)
-    return hits
-
-
 @pytest.mark.parametrize("change", sorted(CHANGES))
 def test_a_replica_restarted_with_a_damaged_store_after_a_change_rejoins(local_cluster, capsys, change):
     lc, target = changed(local_cluster, capsys, change)
@@ -129,7 +115,7 @@ def test_a_replica_restarted_with_a_damaged_store_after_a_change_rejoins(local_c
     lc.wait_for(lambda: lc.status(2)["stable_checkpoint"] > s, what="a checkpoint after the switch at 2")
     lc.signal(2, signal.SIGTERM)
     lc.procs[2].wait(10)
-    assert damage(lc, 2) >= 1
+    assert corrupt_store(lc, 2, MARK, offset=20) >= 1
     put_after(lc, b"while-down", 40)  # the others move on, beyond its log window
     lc.start(2)
     lc.wait_for(lambda: lc.status(2)["restored"] == "state-repair", timeout=30, what="replica 2 up, damage found")

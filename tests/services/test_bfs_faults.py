@@ -21,7 +21,7 @@ import msgpack
 import pytest
 
 from helpers.bfsutil import BFS_SECTION, bfs_cluster, mount_dir, mounted, sha, tree_digest, why_not
-from helpers.netutil import SRC
+from helpers.netutil import SRC, corrupt_store
 from pbft import BlockingClient
 from pbft.services.bfs.protocol import A_INO, A_SIZE, BFSError, creds, decode_result, encode_op
 
@@ -277,22 +277,6 @@ def test_proactive_recovery_under_file_load(tmp_path, mdir, rid):
 MARK = b"BFS-VICTIM-BYTES"  # 16 bytes
 
 
-def corrupt_on_disk(lc, rid: int, mark: bytes) -> int:
-    """Flip a byte in every copy of ``mark * 4`` in replica ``rid``'s store files (LMDB's, and
-    the durable mode's write-ahead log in front of it)."""
-    hits = 0
-    for name in ("data.mdb", "wal"):
-        with open(lc.cluster.storage.replica_dir(lc.dir, rid) / name, "r+b") as fh:
-            data = fh.read()
-            at = data.find(mark * 4)
-            while at >= 0:
-                fh.seek(at + 5)
-                fh.write(b"#")
-                hits += 1
-                at = data.find(mark * 4, at + len(mark) * 64)
-    return hits
-
-
 def test_replica_with_corrupted_stored_file_data_is_repaired(tmp_path, mdir):
     lc = bfs_cluster(tmp_path / "c", protocol=PROTOCOL)
     try:
@@ -309,7 +293,7 @@ def test_replica_with_corrupted_stored_file_data_is_repaired(tmp_path, mdir):
             wait_digests_agree(lc, m2)
             lc.procs[2].send_signal(signal.SIGTERM)
             lc.procs[2].wait(10)
-            assert corrupt_on_disk(lc, 2, MARK) >= 1
+            assert corrupt_store(lc, 2, MARK) >= 1
             lc.start(2)
             lc.wait_connected()
             # the damaged replica runs: what clients read is still right (reads need 2f+1
