@@ -451,3 +451,25 @@ def test_live_rotation_of_a_signer_held_key_is_signed_by_the_signer_with_the_old
                 assert kv.get(b"after", read_only=False) == b"rotation"
     events = [json.loads(x) for x in (tmp_path / "signer.log").read_text().splitlines() if x.startswith("{")]
     assert sum(e["event"] == "signer-sign-link" for e in events) >= 1, events
+
+
+def test_the_link_memory_full_refuses_new_predecessors_and_forgets_none(world, monkeypatch):
+    """An intruder in the replica process that makes the signer sign links after many made-up
+    predecessors must not make it forget the real one (and then sign a second statement of an
+    epoch it signed): once it remembers LINKS_REMEMBERED predecessors, a link after another one is
+    refused, while the remembered ones keep their rule."""
+    from pbft.runtime import signer as signer_mod
+    from pbft.runtime.chain import statement
+
+    monkeypatch.setattr(signer_mod, "LINKS_REMEMBERED", 3)
+    ids, _ = world
+    s = Signer(ids[1], 7)
+    m = _membership(5)
+    real = os.urandom(32)
+    assert s.handle(req("sign-link", statement(real, m, _ref(epoch=2))))[0] is True
+    for _ in range(2):
+        assert s.handle(req("sign-link", statement(os.urandom(32), m, _ref())))[0] is True
+    assert s.handle(req("sign-link", statement(os.urandom(32), m, _ref()))) == [False, "sign-link-memory-full"]
+    other = statement(real, _membership(6), _ref(epoch=2))  # a second statement of epoch 2 after the real one
+    assert s.handle(req("sign-link", other)) == [False, "sign-link-equivocation"]
+    assert s.handle(req("sign-link", statement(real, m, _ref(epoch=3))))[0] is True  # (a later epoch, as before)

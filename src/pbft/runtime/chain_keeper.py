@@ -210,10 +210,11 @@ class ChainKeeper:
     def sign(self, cs: "Configuration", signature: Optional[bytes] = None) -> None:
         """Vote for the link to configuration ``cs`` (``signature``: ours of it, from a signer process)."""
         node = self.node
+        if node.id >= self.head.n or self.unsigned == cs.epoch or not self.tip.before(cs.epoch):
+            return  # (not a member of the membership that certifies it, or could not, or the chain has it)
         link = config_link(self.tip.digest, cs, self.gcfg)
-        if node.id >= self.head.n or (self.own is not None and self.own.unsigned() == link) \
-                or self.unsigned == cs.epoch:
-            return  # (not a member of the membership that certifies it, or signed already, or could not)
+        if self.own is not None and self.own.unsigned() == link:
+            return  # (signed already)
         sig = signature if signature is not None else self.sign_statement(link.statement())
         if sig is None:
             self._ask_signer(cs, link)  # (asynchronous: comes back here with the signature)

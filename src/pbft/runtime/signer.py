@@ -80,7 +80,9 @@ OPS = ("public", "sign", "open", "sign-link")
 LINK_STATEMENT_BYTES_MAX = NEWKEY_MAX_BYTES  # a link of 1024 replicas is about 40 KB
 LINK_RATE_PER_S = 1.0  # a vote per membership change (again after a restart); resends reuse it
 LINK_BURST = 16.0
-LINKS_REMEMBERED = 256  # predecessor digests whose latest signed statement is remembered (oldest forgotten)
+# predecessor digests whose latest signed statement is remembered; when full, a link after another
+# predecessor is refused (forgetting one would let a second statement of its epoch be signed)
+LINKS_REMEMBERED = 256
 SEALED_SIZES = (KEY_SIZE + SEALED_OVERHEAD, 2 * KEY_SIZE + SEALED_OVERHEAD)
 # a replica's NewKey timestamps are its clock (+1 us per NewKey in a burst), read before the round trip
 FUTURE_SLACK_US = 100_000
@@ -202,11 +204,11 @@ class Signer:
         again = signed is not None and signed[1] == stmt
         if signed is not None and not again and epoch <= signed[0]:
             return self._refuse("sign-link-equivocation" if epoch == signed[0] else "sign-link-stale")
+        if signed is None and len(self.links_signed) >= LINKS_REMEMBERED:
+            return self._refuse("sign-link-memory-full")  # (restart the signer: a new process signs again)
         if not again and not self.link_bucket.take(now):
             return self._refuse("sign-link-rate-limited")
         if not again:
-            if prev not in self.links_signed and len(self.links_signed) >= LINKS_REMEMBERED:
-                self.links_signed.pop(next(iter(self.links_signed)))
             self.links_signed[prev] = (epoch, stmt)
         self._count("sign-link")
         return [True, self.ident.signing_key.sign(stmt).signature]
