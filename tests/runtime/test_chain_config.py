@@ -318,3 +318,27 @@ def test_a_running_client_takes_a_rotated_replica_key_and_seals_fresh_session_ke
         await pool.close()
 
     asyncio.run(main())
+
+
+def test_a_replica_starting_alone_takes_a_rotation_from_the_chain_it_holds(tmp_path):
+    """``pbft replica`` with no peer up and no epoch.json: the chain in its data directory
+    (``tools.net.held_chain``) counts when it ends at a key rotation (same ids, f, weights and switch
+    point as cluster.toml's), and the configuration kept beside it gives the clients' keys; an older
+    or equal chain, or a configuration file that is not the chain's, does not."""
+    from pbft.runtime.chain import encode_chain
+    from pbft.runtime.chain_keeper import CHAIN_FILE, CONFIG_FILE
+    from pbft.tools.net import held_chain
+
+    c, new1, rotated = rotated_cluster(tmp_path)
+    assert c.storage.mode != "memory"
+    d = c.storage.replica_dir(c.dir, 2)
+    d.mkdir(parents=True, exist_ok=True)
+    assert held_chain(c, 2) is None  # (nothing held)
+    (d / CHAIN_FILE).write_bytes(encode_chain(chain_links(tmp_path, rotated)))
+    (d / CONFIG_FILE).write_bytes(rotated.encode())
+    got = held_chain(c, 2)
+    assert got is not None and got.public_key_of(1) == new1.public and got.epoch == 1
+    assert held_chain(got, 2) is None  # (not newer than what the cluster has)
+    (d / CONFIG_FILE).write_bytes(dataclasses.replace(rotated, admins=()).encode())
+    got = held_chain(c, 2)  # the chain still counts, the foreign configuration does not
+    assert got is not None and got.public_key_of(1) == new1.public and got.epoch == 0

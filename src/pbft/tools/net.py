@@ -137,26 +137,36 @@ def cmd_replica(args) -> int:
 
 
 def held_chain(cluster, replica_id: int):
-    """The cluster with the membership the chain replica ``replica_id`` keeps in its data
-    directory certifies (``runtime.chain_keeper``: ``membership-chain``, verified against
-    cluster.toml), if it is newer than ``cluster``'s; else None (none kept, or one that does not
-    verify: the replica's own start logs it, ``chain-unreadable``)."""
-    from ..runtime.chain import CHAIN_BYTES_MAX, ChainError, decode_chain
-    from ..runtime.chain_keeper import CHAIN_FILE
-    from ..runtime.follow import with_chain
+    """The cluster with the configuration the chain replica ``replica_id`` keeps in its data
+    directory certifies (``runtime.chain_keeper``: ``membership-chain`` and, beside it, the
+    configuration it ends at; verified against cluster.toml), if that chain is newer than
+    ``cluster``'s (a key rotation or a client change included); else None (none kept, or one that
+    does not verify: the replica's own start logs it, ``chain-unreadable``)."""
+    from ..runtime.chain import CHAIN_BYTES_MAX, CONFIG_BYTES_MAX, ChainError, check_configuration, decode_chain
+    from ..runtime.chain_keeper import CHAIN_FILE, CONFIG_FILE
+    from ..runtime.follow import chain_head, with_chain
 
     st = cluster.storage
     if st.mode == "memory":
         return None
+    path = st.replica_dir(cluster.dir, replica_id) / CHAIN_FILE
     try:
-        with open(st.replica_dir(cluster.dir, replica_id) / CHAIN_FILE, "rb") as fh:
+        with open(path, "rb") as fh:
             links = tuple(decode_chain(fh.read(CHAIN_BYTES_MAX + 1)))
         if not links:
             return None
-        m = links[-1].members
-        if (m.epoch, m.opens_at) <= (cluster.members_epoch, cluster.members_from):
+        head = chain_head(cluster, links)
+        if head.order() <= chain_head(cluster).order():
             return None
-        return with_chain(cluster, links)  # (verified: raises ChainError otherwise)
+        config = None
+        if head.config:
+            try:
+                with open(path.with_name(CONFIG_FILE), "rb") as fh:
+                    config = check_configuration(cluster.genesis_cfg or cluster.cfg, head,
+                                                 fh.read(CONFIG_BYTES_MAX + 1))
+            except (OSError, ChainError):
+                config = None  # (the chain's members and keys still count; the clients' stay)
+        return with_chain(cluster, links, config)
     except (OSError, ChainError, ConfigError):
         return None
 
