@@ -118,8 +118,14 @@ def test_a_client_with_only_cluster_toml_follows_a_growth_and_a_tampered_epoch_f
     with pytest.raises(ConfigError, match="not the one its certificate chain ends at"):
         load_cluster(d)
     assert kv(d, c, "get", "colour").returncode != 0  # (the command says why, and stops)
+    # the remedy the refusal names: `pbft reconfig DIR show` writes it again from the replicas
+    capsys.readouterr()
+    assert main(["reconfig", d, "show"]) == 0
+    assert "reading the configuration from the replicas instead" in capsys.readouterr().err
+    assert load_cluster(d).cfg.n == 7 and load_cluster(d).chain
+    (lc.dir / EPOCH_FILE).write_text(json.dumps(tampered))
+    assert main(["reconfig", d, "set-recovery-period", "3600"]) != 0  # (a change is still refused)
     (lc.dir / EPOCH_FILE).write_text(epoch_doc)
-    assert load_cluster(d).cfg.n == 7
 
 
 def test_a_replica_key_rotation_is_chained_and_a_client_with_only_cluster_toml_learns_it(

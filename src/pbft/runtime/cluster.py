@@ -435,7 +435,10 @@ def _check_host(h: str) -> None:
 # load
 # ---------------------------------------------------------------------------
 
-def load_cluster(directory: str | os.PathLike) -> Cluster:
+def load_cluster(directory: str | os.PathLike, epoch_file: bool = True) -> Cluster:
+    """The cluster of ``directory`` (cluster.toml, and epoch.json unless ``epoch_file`` is False:
+    cluster.toml's genesis configuration then, as for `pbft reconfig DIR show` rewriting a refused
+    epoch.json from what the replicas certify); raises ``ConfigError`` saying what is wrong."""
     d = Path(directory)
     path = d / CLUSTER_FILE
     try:
@@ -554,7 +557,10 @@ def load_cluster(directory: str | os.PathLike) -> Cluster:
     placed = [replace(e, metrics_host=e.metrics_host or runtime.metrics_host) for e in entries if e is not None]
     assert len(placed) == len(reps)  # entries with distinct ids 0..len-1
     genesis = genesis_record([e.public_key for e in placed[:n]], clients, admins)
-    epoch, current, chain = _epoch_file(d, len(placed), cfg, genesis, [e.public_key for e in placed[:n]])
+    if epoch_file:
+        epoch, current, chain = _epoch_file(d, len(placed), cfg, genesis, [e.public_key for e in placed[:n]])
+    else:
+        epoch, current, chain = 0, ConfigRecord.decode(genesis).active, ()
     try:
         public = PublicKeys(registry(current, placed))
     except ValueError as e:

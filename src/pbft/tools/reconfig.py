@@ -286,7 +286,15 @@ def _replace_replica(args, cluster: Cluster, admin: int) -> int:
 def cmd_reconfig(args) -> int:
     from ..runtime.client import BlockingClient, PbftError
 
-    cluster = load_cluster(args.dir)
+    try:
+        cluster = load_cluster(args.dir)
+    except ConfigError as e:
+        if args.action not in ("show", "status") or not str(e).startswith(str(Path(args.dir) / EPOCH_FILE)):
+            raise
+        # (a refused epoch.json, e.g. one written by the previous version: `show` writes it again
+        # from what the replicas certify, `status` says what that is)
+        print(f"pbft reconfig: {e}; reading the configuration from the replicas instead", file=sys.stderr)
+        cluster = load_cluster(args.dir, epoch_file=False)
     if args.action == "status":
         return cmd_chain_status(cluster, args.json)
     from ..runtime.follow import follow
