@@ -22,7 +22,7 @@ from pbft.services.bfs.protocol import (A_ATIME, A_BLOCKS, A_CTIME, A_GID, A_INO
                                         A_UID, IO_MAX, KEEP_MAX, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO, UTIME_NOW,
                                         BFSError, UPDATE_SETATTR, UPDATE_STEPS_MAX, UPDATE_WRITE, creds, decode_result,
                                         encode_op)
-from pbft.services.bfs.service import CHUNK, RECLAIM_FREES, WRITERS_MAX
+from pbft.services.bfs.service import CHUNK, CRED_MEMO_MAX, RECLAIM_FREES, WRITERS_MAX
 
 ROOT = creds(0, 0)
 ALICE = creds(1000, 1000, (1000,))
@@ -553,6 +553,34 @@ def test_per_client_quota_and_policy():
     fs("unlink", ROOT_INO, b"f", False, cr=ALICE, client=5)
     fs("create", ROOT_INO, b"f3", 0o644, True, cr=ALICE, client=5)  # freed again
     assert fs.err("getattr", 1, cr=(1, 2)) == E.EINVAL
+
+
+def test_remembered_credentials_follow_the_policy():
+    """The service remembers each (client, claim)'s checked credentials: a claim repeated gets the
+    same answer as the first time, a new configuration decides again, and malformed claims are
+    refused every time."""
+    strict = BFSConfig(clients={5: ClientPolicy(uids=frozenset({1000}), gids=frozenset({1000}))},
+                       default=ClientPolicy(), root_mode=0o777)
+    fs = FS(strict)
+    for _ in range(3):  # (the second and third answers come from what it remembered)
+        assert fs.err("mkdir", ROOT_INO, b"x", 0o755, cr=BOB, client=5) == E.EPERM
+        assert fs("getattr", ROOT_INO, cr=creds(1000, 1000, (2000, 1000)), client=5, ro=True)[A_INO] == ROOT_INO
+    assert fs.s._creds(creds(1000, 1000, (2000, 1000)), 5) == (1000, 1000, (1000,))  # 2000 dropped
+    assert fs.s._creds(creds(1001, 1000), 5) == E.EPERM  # a uid client 5 may not claim
+    assert fs.s._creds(ROOT, 6) == (65534, 65534, ())  # squashed
+    fs.s.cfg = OPEN  # a new policy: what was remembered no longer counts
+    assert fs.s._creds(BOB, 5) == BOB
+    assert fs.s._creds(ROOT, 6) == ROOT
+    a = fs("mkdir", ROOT_INO, b"x", 0o755, cr=BOB, client=5)
+    assert (a[A_UID], a[A_GID]) == (1001, 1001)
+    for bad in ((1, 2), (-1, 0, ()), (0, 2 ** 32, ()), (0, 0, (True,)), (0, 0, ((1,),)), (True, 0, ()),
+                (0, 0, [1]), [0, 0, ()], (0, 0, (-5,)), None, b"x"):
+        for _ in range(2):
+            assert fs.s._creds(bad, 5) == E.EINVAL, bad
+    fs.s._cred_memo.clear()
+    for c in range(CRED_MEMO_MAX + 10):  # bounded: many claims do not grow it without end
+        fs.s._creds(creds(1000 + c % 7, 1000, (c,)), 4)
+    assert len(fs.s._cred_memo) <= CRED_MEMO_MAX
 
 
 def test_bfs_section_parsing():

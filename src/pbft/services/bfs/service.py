@@ -74,6 +74,8 @@ EAGER_FREE_BUDGET = 256
 
 #: clients the writers cell keeps by name (older ones only raise its floor)
 WRITERS_MAX = 16
+#: (client, credentials claimed) pairs whose checked credentials are remembered
+CRED_MEMO_MAX = 4096
 #: the writer recorded for the lazy reclaim's changes (which any client's operation may make)
 RECLAIMER = -1
 
@@ -223,6 +225,8 @@ class BFSService(ObjectService):
         self._tx: list = []
         self._reset_caches()
         self.drops: dict[str, int] = {}
+        self._cred_memo: dict = {}
+        self._cred_cfg: BFSConfig | None = None
 
     # ---- non-determinism: the agreed time in nanoseconds ---------------------------------
     def propose_nondet(self, now_ms: float) -> bytes:
@@ -426,7 +430,26 @@ class BFSService(ObjectService):
         return out
 
     def _creds(self, c, client: int):
-        """The credentials the client claims, checked against its policy; an errno if refused."""
+        """The credentials the client claims, checked against its policy; an errno if refused.
+        Remembered per (client, claim) for the configuration in use: a mount sends the same few
+        claims with every request."""
+        if self._cred_cfg is not self.cfg:  # (a new configuration: its policy decides again)
+            self._cred_memo = {}
+            self._cred_cfg = self.cfg
+        if not (type(c) is tuple and len(c) == 3 and type(c[0]) is int and type(c[1]) is int
+                and type(c[2]) is tuple and all(type(g) is int for g in c[2])):
+            return self._check_creds(c, client)  # (not remembered: anything malformed is refused there)
+        key = (client, c)
+        r = self._cred_memo.get(key)
+        if r is not None:
+            return r
+        r = self._check_creds(c, client)
+        if len(self._cred_memo) >= CRED_MEMO_MAX:
+            self._cred_memo.clear()
+        self._cred_memo[key] = r
+        return r
+
+    def _check_creds(self, c, client: int):
         if not (isinstance(c, tuple) and len(c) == 3 and _is_int(c[0], 0, U32 - 1) and _is_int(c[1], 0, U32 - 1)
                 and isinstance(c[2], tuple) and all(_is_int(g, 0, U32 - 1) for g in c[2])):
             return E.EINVAL
