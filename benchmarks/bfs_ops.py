@@ -61,6 +61,9 @@ async def _drive(cluster, svc: str, n: int, procs) -> dict:
             lat.append(time.perf_counter() - t0)
         c1 = [_cpu_s(p) for p in pids]
         out[kind] = (lat, [(b - a) / len(raws) * 1e6 for a, b in zip(c0, c1)])
+        if svc != "null":
+            for r in res:
+                decode_result(r)  # (raises if the service refused one: the figure would be of errors)
         return res
 
     try:
@@ -148,6 +151,8 @@ def service_run(n: int, profile: bool) -> None:
             t0 = time.perf_counter()
             outs = [ex(r, ro) for r in raws]
             t[kind] = (time.perf_counter() - t0) / len(raws) * 1e6
+            for r in outs:
+                decode_result(r)  # (raises if the service refused one: the figure would be of errors)
             return outs
 
         blk("fsync", [encode_op("fsync", 1, ROOT)] * n)

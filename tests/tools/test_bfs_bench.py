@@ -133,3 +133,20 @@ def test_gathered_writes_and_attribute_changes_go_as_one_update_or_one_by_one():
     asyncio.run(ops._send_writes(7, [(0, bytes(100_000), c)], None, mode))
     assert [s[0] for s in sent] == ["write", "write", "write", "setattr"]
     assert sorted(s[2] for s in sent[:3]) == [0, 48 * 1024, 96 * 1024]
+
+
+def test_bfs_ops_service_mode_runs_every_operation(capsys):
+    # benchmarks/bfs_ops.py: one replica's share per operation kind; every operation must
+    # succeed (the script decodes each result and raises on an errno)
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bfs_ops.py"
+    spec = importlib.util.spec_from_file_location("bfs_ops", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["service", "--ops", "20"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "us per operation" in ln]
+    assert [ln.split()[0] for ln in lines] == ["fsync", "create", "write", "getattr", "unlink"]
+    assert all(float(ln.split("us per")[0].split()[-1]) > 0 for ln in lines)
