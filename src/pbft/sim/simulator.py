@@ -65,7 +65,8 @@ DELIVER, WAKE, INVOKE, FAULT, CPU, CHAIN = 0, 1, 2, 3, 4, 5
 class CostModel:
     """Simulated CPU time per unit of work at a replica (microseconds).
 
-    Each replica is one CPU: received messages wait in per-sender queues served by deficit round
+    By default each replica is one CPU (with ``cores``, the replicas and the client process share
+    that many: ``sim.cpus``): received messages wait in per-sender queues served by deficit round
     robin on their estimated cost (one sender cannot starve the others, whether it sends many
     messages or large ones: Aardvark's defence, by cost). A received frame costs what the runtime
     spends on it outside the core (``frame_recv_us``: the event loop's read, framing, the
@@ -104,7 +105,10 @@ class CostModel:
     quantum_us: float = 14.0  # deficit-round-robin quantum: a small message per turn per sender
     # shared CPUs (``sim.cpus``): None, each replica has a CPU of its own and the clients cost
     # nothing; k, the replicas' processes and one client process share k CPUs, and the terms below
-    # apply
+    # apply. They are fitted to a live ``pbft bench --report`` (compiled modules, load average
+    # ~2.5, December 2026; benchmarks/sim_vs_live.py, docs/performance.md): the wake-up to the
+    # replicas' CPU per operation at one client (~320-385 us, against 49-65 us at 32 clients), the
+    # byte terms to the 4/0 and 0/4 workloads; the client's per-frame terms are the core client's
     cores: Optional[int] = None
     wake_us: float = 55.0  # a process woken from idle: the poll's return, the switch, the read
     slice_us: float = 3000.0  # a process that runs this long while another waits goes to the back
