@@ -85,7 +85,7 @@ class CostModel:
     # 0 B request ~11.7 us and a 30 KB one ~89 us (~2.7 ns/byte: decode, frame digest, parse,
     # vouch key; other messages ~1 ns/byte); a prepare that executes 4 requests ~107 us; a
     # pre-prepare of ~4 requests ~23 us; a keyed BLAKE2b MAC ~0.6 us. The pure modules
-    # (PBFT_NATIVE=0) cost 1.4-2x as much at the same load. The runtime (interpreted): ~4 us per
+    # (PBFT_NATIVE=0) cost 1.4-3x as much at the same load. The runtime (interpreted): ~4 us per
     # frame received when many come per read, ~14 us for a frame read alone, 5.5-6.6 us per frame
     # sent (a write each)
     message_us: float = 5.0  # a frame that got as far as its MAC check: decode, dispatch
