@@ -45,6 +45,7 @@ from .chain import CHAIN_MAGIC, ChainModel
 from .membership import Administrator, slots_for
 from .oracles import Oracles
 from .replacement import Replacements
+from .cpus import SharedCpus
 from ..runtime.admission import frame_sender
 
 ALL_FAULTS = ("crash", "loss", "dup", "reorder", "delay", "replay", "partition")
@@ -64,7 +65,8 @@ DELIVER, WAKE, INVOKE, FAULT, CPU, CHAIN = 0, 1, 2, 3, 4, 5
 class CostModel:
     """Simulated CPU time per unit of work at a replica (microseconds).
 
-    Each replica is one CPU: received messages wait in per-sender queues served by deficit round
+    By default each replica is one CPU (with ``cores``, the replicas and the client process share
+    that many: ``sim.cpus``): received messages wait in per-sender queues served by deficit round
     robin on their estimated cost (one sender cannot starve the others, whether it sends many
     messages or large ones: Aardvark's defence, by cost). A received frame costs what the runtime
     spends on it outside the core (``frame_recv_us``: the event loop's read, framing, the
@@ -76,30 +78,46 @@ class CostModel:
     is then a deterministic figure.
     """
 
-    # measured with benchmarks/cost_model_check.py on the 2-core development machine (minimum of
-    # repetitions; see docs/simulation.md, "The cost model"): the core handles a small protocol
-    # message in ~6 us (one MAC included), a garbage frame in ~3 us, a 0 B request in ~16 us and a
-    # 30 KB one in ~130 us (~4 ns/byte: decode, frame digest, parse, vouch key; other messages
-    # ~1.5 ns/byte: decode and frame digest); executing a request (service, reply table, building
-    # the reply) ~28 us besides its MAC; checking a request in a pre-prepare's batch ~6 us; a keyed
-    # BLAKE2b MAC ~0.7 us; the runtime adds 2.4-3.7 us per frame received when frames come many
-    # per read, 13-14 us for a frame read alone (the event loop's wake-up and a read each), and
-    # 5-8 us per frame sent (a write each)
-    message_us: float = 6.0  # a frame that got as far as its MAC check: decode, dispatch
-    malformed_us: float = 2.5  # instead, for one dropped before any MAC (malformed, from ourselves)
-    request_us: float = 6.0  # in addition, for a request frame (parse, vouch key, bookkeeping)
-    byte_us: float = 0.0015
-    request_byte_us: float = 0.0025  # in addition, per byte of a request frame
-    mac_us: float = 0.7
-    execute_us: float = 28.0
-    work_us: float = 1.5  # per vouch key handled (Replica.work_units of a Vouch)
-    batch_request_us: float = 6.0  # per request checked in a batch (Replica.work_units of anything else)
-    collect_us: float = 4.0  # per sequence number a stable checkpoint garbage-collected
-    frame_recv_us: float = 2.5  # runtime, per frame received (framing, the principal binding check)
+    # the compiled core (mypyc, what runs by default), measured with benchmarks/cost_model_check.py
+    # on the 2-core development machine (December 2026, load average ~2.2 from other work; the
+    # minimum of 6 repetitions; docs/simulation.md, "The cost model"): a small protocol message
+    # ~4.5-8.5 us (one MAC included; 4.5 alone, 6.4-8.5 in a busy log), a garbage frame ~3.4 us, a
+    # 0 B request ~11.7 us and a 30 KB one ~89 us (~2.7 ns/byte: decode, frame digest, parse,
+    # vouch key; other messages ~1 ns/byte); a prepare that executes 4 requests ~107 us; a
+    # pre-prepare of ~4 requests ~23 us; a keyed BLAKE2b MAC ~0.6 us. The pure modules
+    # (PBFT_NATIVE=0) cost 1.4-3x as much at the same load. The runtime (interpreted): ~4 us per
+    # frame received when many come per read, ~14 us for a frame read alone, 5.5-6.6 us per frame
+    # sent (a write each)
+    message_us: float = 5.0  # a frame that got as far as its MAC check: decode, dispatch
+    malformed_us: float = 3.0  # instead, for one dropped before any MAC (malformed, from ourselves)
+    request_us: float = 5.0  # in addition, for a request frame (parse, vouch key, bookkeeping)
+    byte_us: float = 0.001
+    request_byte_us: float = 0.0017  # in addition, per byte of a request frame
+    mac_us: float = 0.6
+    execute_us: float = 24.0
+    work_us: float = 0.5  # per vouch key handled (Replica.work_units of a Vouch)
+    batch_request_us: float = 3.5  # per request checked in a batch (Replica.work_units of anything else)
+    collect_us: float = 4.5  # per sequence number a stable checkpoint garbage-collected
+    frame_recv_us: float = 3.8  # runtime, per frame received (framing, the principal binding check)
     read_us: float = 10.0  # runtime, per read: charged to the frame that empties its sender's queue
     frame_send_us: float = 6.0  # runtime, per frame sent, per destination
     queue_per_sender_max: int = 2000
     quantum_us: float = 14.0  # deficit-round-robin quantum: a small message per turn per sender
+    # shared CPUs (``sim.cpus``): None, each replica has a CPU of its own and the clients cost
+    # nothing; k, the replicas' processes and one client process share k CPUs, and the terms below
+    # apply. They are fitted to a live ``pbft bench --report`` (compiled modules, load average
+    # ~2.5, December 2026; benchmarks/sim_vs_live.py, docs/performance.md): the wake-up to the
+    # replicas' CPU per operation at one client (~320-385 us, against 49-65 us at 32 clients), the
+    # byte terms to the 4/0 and 0/4 workloads; the client's per-frame terms are the core client's
+    cores: Optional[int] = None
+    wake_us: float = 55.0  # a process woken from idle: the poll's return, the switch, the read
+    slice_us: float = 3000.0  # a process that runs this long while another waits goes to the back
+    client_frame_us: float = 6.0  # the client process, per reply received (decode, match), its MAC apart
+    client_byte_us: float = 0.002  # the client process, per byte of a reply received
+    recv_byte_us: float = 0.006  # a replica's runtime, per byte received (besides the core's byte terms)
+    send_byte_us: float = 0.0017  # per byte written, per destination
+    reply_byte_us: float = 0.008  # a replica, per byte of a reply it sends (building, digest, caching)
+    client_request_us: float = 6.0  # the client process, per request built (its MACs apart)
 
     def estimate_us(self, tag: int, nbytes: int) -> float:
         """What a queued frame is expected to cost, before handling it (deficit round robin)."""
@@ -158,6 +176,13 @@ class SimConfig:
     # Twins: an enumerated side ("A", "B" or "AB") per correct replica for the first round
     twins_plan: tuple = ()
     cost: Optional[CostModel] = None  # simulated CPU cost; None = processing is instantaneous
+    # network delay of a message, uniform between these bounds (ms)
+    net_ms: tuple = (0.1, 1.0)
+    # a micro-benchmark's workload instead of the mixed one: (argument bytes, result bytes,
+    # read-only), every operation on the client's own key (``Simulation._bench_op``)
+    bench: Optional[tuple] = None
+    # times (ms) at which the CPU charged so far is sampled (``Simulation.cpu_samples``)
+    cpu_samples_ms: tuple = ()
     think_ms: Optional[tuple] = None  # (lo, hi) client think time; default (0, 10)
     stop_at_heal: bool = False  # throughput runs: clients stop starting operations when faults end
     # model the runtime's principal binding (a frame is taken only on the connection of its claimed
@@ -274,6 +299,8 @@ class Simulation:
         self.cpu_free_at = [0.0] * self.slots
         self.cpu_dropped = 0
         self.cpu_used_ms = [0.0] * self.slots
+        self.cpu_samples: list[dict] = []
+        self.cpus: Optional[SharedCpus] = SharedCpus(self, sc.cost) if sc.cost is not None and sc.cost.cores else None
         self.log: list[str] = []
         self.history: list[KvOp] = []
         self.current: dict[int, KvOp] = {}
@@ -427,8 +454,12 @@ class Simulation:
                 self.oracles.violation(f"R2 replica {src} sent a message of {len(item[1])} bytes, over "
                                        f"message_size_bytes_max ({limit})")
             extra = (item[2] if len(item) > 2 else 0.0) + after
+            held = self.cpus.hold(src) if self.cpus is not None else None
             for dst in item[0]:
-                self._send(src, dst, item[1], extra)
+                if held is not None:
+                    held.append((src, dst, item[1], extra - after))  # (leaves with its process's turn: ``sim.cpus``)
+                else:
+                    self._send(src, dst, item[1], extra)
 
     # ---- CPU model ------------------------------------------------------------
     def _cpu_enqueue(self, r: int, raw: bytes, src: int) -> None:
@@ -442,11 +473,14 @@ class Simulation:
             self.cpu_dropped += 1
             return
         q.append(raw)
-        if r not in self.cpu_busy:
+        if self.cpus is not None:
+            self.cpus.want(r)
+        elif r not in self.cpu_busy:
             self.cpu_busy.add(r)
             self._push(max(self.now, self.cpu_free_at[r]), CPU, r)
 
     def _cpu_run(self, r: int) -> None:
+        """A CPU event of replica r with a CPU of its own: its next frame."""
         rr = self.rr[r]
         if r in self.crashed or not rr:
             self.inbox[r].clear()
@@ -454,6 +488,18 @@ class Simulation:
             rr.clear()
             self.cpu_busy.discard(r)
             return
+        cost_ms = self._replica_step(r)
+        self.cpu_free_at[r] = self.now + cost_ms
+        self.cpu_used_ms[r] += cost_ms
+        if rr:
+            self._push(self.cpu_free_at[r], CPU, r)
+        else:
+            self.cpu_busy.discard(r)
+
+    def _replica_step(self, r: int) -> float:
+        """Replica r handles the frame its deficit round robin picks (it has one); the CPU time
+        charged, in ms."""
+        rr = self.rr[r]
         # deficit round robin over senders, by estimated cost rather than by message count: a
         # sender of 30 KB requests gets no more of the CPU than one of small messages
         C = self.sc.cost
@@ -478,6 +524,10 @@ class Simulation:
         # the runtime reads what a connection holds at once: frames queued behind each other share
         # a read, charged to the one that empties the sender's queue
         reads = 0.0 if q else 1.0
+        if self.cpus is not None and src in self.clients and not q:
+            # (the client process's clients share one connection per replica: one read for all)
+            clients = self.clients
+            reads = 0.0 if any(s in clients for s in inbox if s != src) else 1.0
         if q:
             rr.append(src)
         else:
@@ -497,19 +547,25 @@ class Simulation:
             self._invariants(rep)
         cost_ms = C.charge_us(len(raw), keys.mac_ops - macs0, rep.log.executed_requests - ex0, rep.work_units - w0, 0,
                               raw[1] if len(raw) > 1 else -1, max(0, rep.low_water_mark - h0), reads) / 1000.0
+        if self.cpus is not None:
+            cost_ms += C.recv_byte_us * len(raw) / 1000.0
         # (the vouches sealed when the sends are taken count with the next frame's MACs)
         sent0 = self.messages
         self._flush(r, cost_ms)
         # a write per frame sent, per destination: the CPU is busy that much longer (the frames
         # themselves left when the handling was done)
         cost_ms += C.frame_send_us * (self.messages - sent0) / 1000.0
-        self.cpu_free_at[r] = self.now + cost_ms
-        self.cpu_used_ms[r] += cost_ms
         self._schedule_wake(r)
-        if rr:
-            self._push(self.cpu_free_at[r], CPU, r)
-        else:
-            self.cpu_busy.discard(r)
+        return cost_ms
+
+
+    def _cpu_sample(self) -> dict:
+        """The CPU charged so far per process (ms; the client process is ``CLIENT_PROC``), the time
+        each waited for a CPU and the wake-ups it paid (both empty without shared CPUs)."""
+        if self.cpus is None:
+            return {"t": self.now, "used": dict(enumerate(self.cpu_used_ms)), "wait": {}, "wakeups": {}}
+        c = self.cpus
+        return {"t": self.now, "used": dict(c.used_ms), "wait": dict(c.wait_ms), "wakeups": dict(c.wakeups)}
 
     def _spoofed(self, r: int, raw: bytes, src: int) -> bool:
         """Whether the runtime's principal binding would drop ``raw`` from ``src`` at replica r."""
@@ -526,7 +582,7 @@ class Simulation:
                 return
             if self.p_loss and rn.random() < self.p_loss:
                 return
-        delay = rn.uniform(0.1, 1.0) + extra_delay
+        delay = rn.uniform(*self.sc.net_ms) + extra_delay
         if faulty:
             if self.jitter:
                 delay += rn.uniform(0.0, self.jitter)
@@ -600,6 +656,8 @@ class Simulation:
             self._push(t, FAULT, "crash-one" if kind == "crash" else kind, arg)
         for t, new_n in self.sc.membership:
             self._push(t, FAULT, "membership", new_n)
+        for t in self.sc.cpu_samples_ms:
+            self._push(t, FAULT, "cpu-sample", None)
         self._push(end, FAULT, "heal", None)
 
     def _faulty_now(self) -> int:
@@ -795,6 +853,8 @@ class Simulation:
         elif kind == "membership":
             assert self.admin is not None
             self.admin.start_change(arg)
+        elif kind == "cpu-sample":
+            self.cpu_samples.append(self._cpu_sample())
         elif kind == "unpartition":
             self.blocked = set()
             if self.chains is not None:
@@ -827,7 +887,9 @@ class Simulation:
         lo, hi = self.sc.think_ms or (0.0, 10.0)
         self._push(self.now + self.rng_work.uniform(lo, hi), INVOKE, c)
 
-    def _invoke(self, c: int) -> None:
+    def _invoke(self, c: int, flush: bool = True) -> None:
+        """Client c starts its next operation (``flush``: its request leaves now; the shared CPUs'
+        client process sends it when it has paid for it)."""
         rw = self.rng_work
         if self.remaining[c] <= 0:
             key = self.audit[c].pop(0)
@@ -837,15 +899,18 @@ class Simulation:
             self.oracles.issued.add((c, t, op))
             self.current[c] = kop
             self.history.append(kop)
-            self._flush(c)
-            self._schedule_wake(c)
+            if flush:
+                self._flush(c)
+                self._schedule_wake(c)
             return
         self.remaining[c] -= 1
         self.op_counter += 1
         key = f"k{rw.randrange(self.sc.keys)}".encode()
         x = rw.random()
         ro = False
-        if x < 0.2:
+        if self.sc.bench is not None:
+            op, ro, kop = self._bench_op(c)
+        elif x < 0.2:
             op, ro = encode_op("get", key), True
             kop = KvOp(c, "get", key)
         elif x < 0.3:
@@ -871,8 +936,24 @@ class Simulation:
         self.oracles.issued.add((c, t + 1, op))
         self.current[c] = kop
         self.history.append(kop)
-        self._flush(c)
-        self._schedule_wake(c)
+        if flush:
+            self._flush(c)
+            self._schedule_wake(c)
+
+    def _bench_op(self, c: int) -> tuple[bytes, bool, KvOp]:
+        """The operation of a micro-benchmark (``SimConfig.bench``: argument bytes, result bytes,
+        read-only), on the client's own key: a put of the argument's size, or a get (of a value of
+        the result's size, put by the client's first operation)."""
+        assert self.sc.bench is not None
+        arg, res, ro = self.sc.bench
+        key = b"b%d" % c
+        if res and self.known_value.get((c, key)) is None:
+            v = b"r".ljust(res, b".")
+            return encode_op("put", key, v), False, KvOp(c, "put", key, value=v)
+        if res or ro:
+            return encode_op("get", key), ro, KvOp(c, "get", key)
+        v = b"v".ljust(arg, b".")
+        return encode_op("put", key, v), False, KvOp(c, "put", key, value=v)
 
     def _client_outcomes(self, c: int) -> None:
         cl = self.clients[c]
@@ -940,6 +1021,9 @@ class Simulation:
                         oracles.after_step(node)
                         self._invariants(node)
                 elif a in self.clients:
+                    if self.cpus is not None:
+                        self.cpus.client_frame(a, b)  # (its outcomes when the client process takes it)
+                        continue
                     node.receive(b, self.now)
                     self._client_outcomes(a)
                 elif self.admin is not None and a == self.admin.id:
@@ -966,12 +1050,18 @@ class Simulation:
                 self._flush(a)
                 self._schedule_wake(a)
             elif kind == CPU:
-                self._cpu_run(a)
+                if self.cpus is not None:
+                    self.cpus.step(a)
+                else:
+                    self._cpu_run(a)
             elif kind == CHAIN:
                 assert self.chains is not None
                 self.chains.on_timer(a, b)
             elif kind == INVOKE:
-                self._invoke(a)
+                if self.cpus is not None:
+                    self.cpus.client_invoke(a)
+                else:
+                    self._invoke(a)
             elif kind == FAULT:
                 self._fault(a, b)
                 if a == "heal":
