@@ -15,7 +15,6 @@ their NewKey came on, metrics, the status endpoint and structured logs.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
 import os
 import random
@@ -68,7 +67,6 @@ CHAIN_LINK_LATE = frozenset({"chain-link-stale"})
 KEY_REFRESH_MIN_INTERVAL_S = 5.0
 # a recovery turn that finds another replica recovering looks again this often (``_watchdog``)
 RECOVERY_DEFER_STEP_S = 1.0
-HAND_OVER_WAIT_S = 0.5  # a recovering primary's reboot waits at most this for its ViewChange's write
 
 
 def log(replica: int, event: str, **fields) -> None:
@@ -136,12 +134,6 @@ class ReplicaNode:
         self.recovery_deferred_s = 0.0  # how long the turn under way has waited for another recovery
         self.recovery_timer: Optional[asyncio.TimerHandle] = None  # the next turn (the internal watchdog)
         self.rebooting = False
-        self.hand_over_task: Optional[asyncio.Task] = None  # (``recover_now``: a primary's hand-over)
-        self.durable_writes = self.store is not None and st.mode == "durable"
-        self.write_queue: list = []
-        self.writing: Optional[list] = None  # the batch of (puts, sends) being written
-        self.writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store") \
-            if self.durable_writes else None
         if recover or self.replica.recovery_marker:
             # a fresh process, state reloaded from disk: now the protocol part of the recovery
             self.replica.begin_recovery(self._now(), now_timestamp_us())
@@ -389,14 +381,8 @@ class ReplicaNode:
         if self.timer is not None:
             self.timer.cancel()
         if self.store is not None:
-            if self.writer is not None:
-                self.writer.shutdown(wait=True)  # the write in flight, if any, completes
             try:
-                puts: dict = {}
-                for queued, _ in self.write_queue:  # not written yet: in order, newest last
-                    puts.update(queued)
-                self.write_queue = []
-                puts.update(self.replica.take_ready().persist)
+                puts: dict = dict(self.replica.take_ready().persist)
                 puts.update(self.newkey_gate.take_records())
                 if puts:
                     self.store.write(puts)
@@ -465,17 +451,9 @@ class ReplicaNode:
         # its ViewChange goes out, behind the records it implies, then we reboot. Not after an
         # internal error: that core is halted, and nothing more is built from its state
         if not isinstance(self.replica, HaltedCore) and self.replica.vc.hand_over(self._now()):
-            self._flush()
-            self.hand_over_task = self.loop.create_task(self._stop_when_written())
+            self._flush()  # (written, then handed to the links: the store writes in the loop)
+            self.loop.call_soon(self.stopping.set)  # (a turn for the links to write it out)
             return
-        self.stopping.set()
-
-    async def _stop_when_written(self) -> None:
-        """Stop once the store has written what the hand-over queued (its sends follow), at
-        most ``HAND_OVER_WAIT_S`` later."""
-        deadline = time.monotonic() + HAND_OVER_WAIT_S
-        while (self.writing or self.write_queue) and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
         self.stopping.set()
 
     def _inject_memory_corruption(self) -> None:
@@ -747,22 +725,14 @@ class ReplicaNode:
             self._on_events(ready)
         sends = ready.sends
         if self.store is not None:
-            # group commit: what this turn's messages imply reaches the disk (fsynced in the
-            # durable mode) before any of them is sent
+            # group commit: what this turn's messages imply reaches the disk (fdatasynced in the
+            # durable mode) before any of them is sent. The write blocks the loop: the messages
+            # that arrive meanwhile wait in the sockets and are handled, and written, together
+            # in the next turn (a writer thread measured slower: docs/storage.md)
             puts = ready.persist
             if self.newkey_gate.dirty:
                 puts = {**puts, **self.newkey_gate.take_records()}
-            if self.durable_writes:
-                # fsync in a writer thread: the loop goes on handling messages meanwhile, and their
-                # sends wait, in order, behind the writes they follow (one fsync covers every turn
-                # that queued up while the previous one ran)
-                if puts or self.write_queue or self.writing:
-                    self.write_queue.append((puts, sends))
-                    if not self.writing:
-                        self._start_write()
-                    self._rearm()
-                    return
-            elif puts:
+            if puts:
                 try:
                     self.store.write(puts)
                 except StoreError as e:
@@ -770,28 +740,6 @@ class ReplicaNode:
                     return
         self._send_out(sends)
         self._rearm()
-
-    def _start_write(self) -> None:
-        batch, self.write_queue = self.write_queue, []
-        merged: dict = {}
-        for puts, _ in batch:
-            merged.update(puts)
-        self.writing = batch
-        assert self.store is not None  # writes are queued only with a store
-        fut = self.loop.run_in_executor(self.writer, self.store.write, merged)
-        fut.add_done_callback(self._write_done)
-
-    def _write_done(self, fut) -> None:
-        batch, self.writing = self.writing, None
-        assert batch is not None  # the batch this write was started for
-        e = fut.exception()
-        if e is not None:
-            self._fail_stop(e)
-            return
-        for _, sends in batch:
-            self._send_out(sends)
-        if self.write_queue:
-            self._start_write()
 
     def _send_out(self, sends) -> None:
         if sends:
