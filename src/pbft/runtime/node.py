@@ -26,6 +26,7 @@ from typing import Optional
 from ..codec import DecodeError
 from ..config import ConfigError
 from ..core import membership
+from ..core.durability import deferrable
 from ..core.replica import Replica
 from ..crypto import KEY_SIZE, KeyRing
 from ..messages import Tag
@@ -51,6 +52,9 @@ CLIENT_DEFERRED_PER_S_MAX = 1000
 REPLICA_HOLD_S_MIN = 0.05
 REPLICA_HOLD_S_MAX = 2.0
 FIXARRAY5 = 0x95  # msgpack header of a 5-element array: every frame starts with it
+# durable mode: a turn's records that no message rests on (``k``: core.durability.deferrable) are
+# written with the next write, or this much later if none comes first
+DEFERRED_WRITE_S = 0.02
 # internal errors (``ReplicaNode._fail_stop``): carried across the reboot (exec) in the environment
 INTERNAL_ERRORS_ENV = "PBFT_INTERNAL_ERRORS"  # errors since the first start (the metric)
 INTERNAL_ERROR_STREAK_ENV = "PBFT_INTERNAL_ERROR_STREAK"  # consecutive ones soon after a start
@@ -134,6 +138,11 @@ class ReplicaNode:
         self.recovery_deferred_s = 0.0  # how long the turn under way has waited for another recovery
         self.recovery_timer: Optional[asyncio.TimerHandle] = None  # the next turn (the internal watchdog)
         self.rebooting = False
+        # durable mode: ``k`` records of turns that wrote nothing else, written with the next
+        # write (or ``DEFERRED_WRITE_S`` later) instead of before their sends (``_flush``)
+        self.defer_commits = self.store is not None and st.mode == "durable"
+        self.deferred: dict[bytes, Optional[bytes]] = {}
+        self.deferred_timer: Optional[asyncio.TimerHandle] = None
         if recover or self.replica.recovery_marker:
             # a fresh process, state reloaded from disk: now the protocol part of the recovery
             self.replica.begin_recovery(self._now(), now_timestamp_us())
@@ -380,9 +389,14 @@ class ReplicaNode:
             self.http.close()
         if self.timer is not None:
             self.timer.cancel()
+        if self.deferred_timer is not None:
+            self.deferred_timer.cancel()
+            self.deferred_timer = None
         if self.store is not None:
             try:
-                puts: dict = dict(self.replica.take_ready().persist)
+                puts: dict = self.deferred
+                self.deferred = {}
+                puts.update(self.replica.take_ready().persist)
                 puts.update(self.newkey_gate.take_records())
                 if puts:
                     self.store.write(puts)
@@ -733,13 +747,40 @@ class ReplicaNode:
             if self.newkey_gate.dirty:
                 puts = {**puts, **self.newkey_gate.take_records()}
             if puts:
-                try:
-                    self.store.write(puts)
-                except StoreError as e:
-                    self._fail_stop(e)
+                if self.defer_commits and deferrable(puts):
+                    # only batches committed here: no message rests on them (core.durability.
+                    # deferrable); they go with the next write, and this turn's sends go now
+                    self.deferred.update(puts)
+                    if self.deferred_timer is None:
+                        self.deferred_timer = self.loop.call_later(DEFERRED_WRITE_S, self._write_deferred)
+                elif not self._write(puts):
                     return
         self._send_out(sends)
         self._rearm()
+
+    def _write(self, puts: dict) -> bool:
+        """One group commit of ``puts``, after the deferred records; False (and the replica
+        stopping) if the store failed."""
+        assert self.store is not None
+        if self.deferred:
+            puts = {**self.deferred, **puts}  # (a later turn's puts and deletions win)
+            self.deferred = {}
+        if self.deferred_timer is not None:
+            self.deferred_timer.cancel()
+            self.deferred_timer = None
+        try:
+            self.store.write(puts)
+        except StoreError as e:
+            self._fail_stop(e)
+            return False
+        return True
+
+    def _write_deferred(self) -> None:
+        """No write took the deferred records within ``DEFERRED_WRITE_S``: written now (an idle
+        replica keeps what it committed)."""
+        self.deferred_timer = None
+        if self.deferred and self.store is not None:
+            self._write({})
 
     def _send_out(self, sends) -> None:
         if sends:
