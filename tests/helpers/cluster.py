@@ -12,6 +12,7 @@ from collections import deque
 from pbft.codec import Codec
 from pbft.config import ClusterConfig
 from pbft.core.client import Client
+from pbft.core.durability import deferrable
 from pbft.core.events import Event
 from pbft.core.replica import Replica
 from pbft.crypto import keyrings_for
@@ -21,12 +22,15 @@ from pbft.storage.memory import MemStore
 
 class Cluster:
     def __init__(self, n: int = 4, clients: int = 2, service=KVService, durable: bool | None = None,
-                 genesis_config: bytes = b"", **cfg_kw):
+                 genesis_config: bytes = b"", defer_commits: bool = False, **cfg_kw):
         """``service``: what builds each replica's service, or a list of n of them (replica i runs
         the i-th: replicas of different implementations). ``durable``: None keeps replicas in
         memory only; True/False gives each a simulated disk (``MemStore``) in the durable or fast
         mode, written before every send. ``genesis_config``: the configuration object's initial
-        value (``pbft.core.reconfig.genesis_record``)."""
+        value (``pbft.core.reconfig.genesis_record``). ``defer_commits``: as the runtime's durable
+        mode, a step's records that are only ``k`` records (``core.durability.deferrable``) are
+        kept in the process (``deferred``) and written with its next write, not before the
+        step's sends; a restart loses them."""
         self.genesis_config = genesis_config
         self.cfg = ClusterConfig.create(n, clients_max=clients, **cfg_kw)
         self.rings = keyrings_for(b"test-master-key-0123456789abcdef", self.cfg.client_base, self.cfg.client_ids)
@@ -38,6 +42,8 @@ class Cluster:
         self.replicas = [Replica(self.cfg, i, self.rings[i], self.services[i](), genesis_config=genesis_config)
                          for i in range(n)]
         self.stores = [MemStore(durable=durable) for _ in range(n)] if durable is not None else None
+        self.defer_commits = defer_commits
+        self.deferred: list[dict] = [{} for _ in range(n)]
         if self.stores:
             for r in self.replicas:
                 r.enable_persistence()
@@ -56,6 +62,7 @@ class Cluster:
         unsynced writes if ``power_loss``), and with ``recover`` begins a proactive
         recovery; returns what ``restore`` said."""
         store = self.stores[i]
+        self.deferred[i] = {}  # (in the dead process's memory)
         if power_loss:
             store.power_loss(rng, torn=torn)
         r = Replica(self.cfg, i, self.rings[i], self.services[i](), now=self.now, genesis_config=self.genesis_config)
@@ -75,7 +82,11 @@ class Cluster:
             if pid < n:
                 ready = self.replicas[pid].take_ready()
                 if self.stores and ready.persist:
-                    self.stores[pid].write(ready.persist)  # (before any of the step's sends)
+                    if self.defer_commits and deferrable(ready.persist):
+                        self.deferred[pid].update(ready.persist)  # (the step's sends go now)
+                    else:
+                        self.stores[pid].write({**self.deferred[pid], **ready.persist})  # (before the sends)
+                        self.deferred[pid] = {}
                 sends = ready.sends
                 self.events.extend((pid, ev) for ev in ready.events)
             else:

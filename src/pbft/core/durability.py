@@ -74,6 +74,26 @@ def _pack(x: Any) -> bytes:
     return msgpack.packb(x, use_bin_type=True)
 
 
+def deferrable(puts: dict[bytes, Optional[bytes]]) -> bool:
+    """Whether a step's records may reach the disk after its sends instead of before: when they
+    are all ``k`` records (a batch committed here). No message rests on a ``k`` record: the
+    Commit this replica sent rests on its ``c`` record, written before it; the batch committed
+    at a quorum of replicas that each wrote their ``c`` record before their Commit; and the
+    replies of its execution follow from the order alone. A replica that loses a ``k`` record
+    in a crash comes back with the batch prepared, executes it tentatively, and commits it
+    again to the same digest at the same sequence number (by the others' Commits, or by its
+    prepared certificate through a view change): nothing it sent is contradicted. A driver that
+    syncs each write (the durable mode) may thus add such records to its next write, which
+    keeps a sync off the path of the step's sends. Every other record, deletions included, is
+    written before the sends of its step."""
+    if not puts:
+        return False
+    for key, value in puts.items():
+        if value is None or key[:1] != b"k":
+            return False
+    return True
+
+
 class Persistence:
     """Owns: the records the current step will write (``puts``; None while persistence is off:
     every hook is then a no-op) and the sequence number of the checkpoint whose objects were last

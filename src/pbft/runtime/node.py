@@ -15,7 +15,6 @@ their NewKey came on, metrics, the status endpoint and structured logs.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
 import os
 import random
@@ -27,6 +26,7 @@ from typing import Optional
 from ..codec import DecodeError
 from ..config import ConfigError
 from ..core import membership
+from ..core.durability import deferrable
 from ..core.replica import Replica
 from ..crypto import KEY_SIZE, KeyRing
 from ..messages import Tag
@@ -52,6 +52,9 @@ CLIENT_DEFERRED_PER_S_MAX = 1000
 REPLICA_HOLD_S_MIN = 0.05
 REPLICA_HOLD_S_MAX = 2.0
 FIXARRAY5 = 0x95  # msgpack header of a 5-element array: every frame starts with it
+# durable mode: a turn's records that no message rests on (``k``: core.durability.deferrable) are
+# written with the next write, or this much later if none comes first
+DEFERRED_WRITE_S = 0.02
 # internal errors (``ReplicaNode._fail_stop``): carried across the reboot (exec) in the environment
 INTERNAL_ERRORS_ENV = "PBFT_INTERNAL_ERRORS"  # errors since the first start (the metric)
 INTERNAL_ERROR_STREAK_ENV = "PBFT_INTERNAL_ERROR_STREAK"  # consecutive ones soon after a start
@@ -68,7 +71,6 @@ CHAIN_LINK_LATE = frozenset({"chain-link-stale"})
 KEY_REFRESH_MIN_INTERVAL_S = 5.0
 # a recovery turn that finds another replica recovering looks again this often (``_watchdog``)
 RECOVERY_DEFER_STEP_S = 1.0
-HAND_OVER_WAIT_S = 0.5  # a recovering primary's reboot waits at most this for its ViewChange's write
 
 
 def log(replica: int, event: str, **fields) -> None:
@@ -136,12 +138,11 @@ class ReplicaNode:
         self.recovery_deferred_s = 0.0  # how long the turn under way has waited for another recovery
         self.recovery_timer: Optional[asyncio.TimerHandle] = None  # the next turn (the internal watchdog)
         self.rebooting = False
-        self.hand_over_task: Optional[asyncio.Task] = None  # (``recover_now``: a primary's hand-over)
-        self.durable_writes = self.store is not None and st.mode == "durable"
-        self.write_queue: list = []
-        self.writing: Optional[list] = None  # the batch of (puts, sends) being written
-        self.writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store") \
-            if self.durable_writes else None
+        # durable mode: ``k`` records of turns that wrote nothing else, written with the next
+        # write (or ``DEFERRED_WRITE_S`` later) instead of before their sends (``_flush``)
+        self.defer_commits = self.store is not None and st.mode == "durable"
+        self.deferred: dict[bytes, Optional[bytes]] = {}
+        self.deferred_timer: Optional[asyncio.TimerHandle] = None
         if recover or self.replica.recovery_marker:
             # a fresh process, state reloaded from disk: now the protocol part of the recovery
             self.replica.begin_recovery(self._now(), now_timestamp_us())
@@ -388,14 +389,13 @@ class ReplicaNode:
             self.http.close()
         if self.timer is not None:
             self.timer.cancel()
+        if self.deferred_timer is not None:
+            self.deferred_timer.cancel()
+            self.deferred_timer = None
         if self.store is not None:
-            if self.writer is not None:
-                self.writer.shutdown(wait=True)  # the write in flight, if any, completes
             try:
-                puts: dict = {}
-                for queued, _ in self.write_queue:  # not written yet: in order, newest last
-                    puts.update(queued)
-                self.write_queue = []
+                puts: dict = self.deferred
+                self.deferred = {}
                 puts.update(self.replica.take_ready().persist)
                 puts.update(self.newkey_gate.take_records())
                 if puts:
@@ -465,17 +465,9 @@ class ReplicaNode:
         # its ViewChange goes out, behind the records it implies, then we reboot. Not after an
         # internal error: that core is halted, and nothing more is built from its state
         if not isinstance(self.replica, HaltedCore) and self.replica.vc.hand_over(self._now()):
-            self._flush()
-            self.hand_over_task = self.loop.create_task(self._stop_when_written())
+            self._flush()  # (written, then handed to the links: the store writes in the loop)
+            self.loop.call_soon(self.stopping.set)  # (a turn for the links to write it out)
             return
-        self.stopping.set()
-
-    async def _stop_when_written(self) -> None:
-        """Stop once the store has written what the hand-over queued (its sends follow), at
-        most ``HAND_OVER_WAIT_S`` later."""
-        deadline = time.monotonic() + HAND_OVER_WAIT_S
-        while (self.writing or self.write_queue) and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
         self.stopping.set()
 
     def _inject_memory_corruption(self) -> None:
@@ -747,51 +739,48 @@ class ReplicaNode:
             self._on_events(ready)
         sends = ready.sends
         if self.store is not None:
-            # group commit: what this turn's messages imply reaches the disk (fsynced in the
-            # durable mode) before any of them is sent
+            # group commit: what this turn's messages imply reaches the disk (fdatasynced in the
+            # durable mode) before any of them is sent. The write blocks the loop: the messages
+            # that arrive meanwhile wait in the sockets and are handled, and written, together
+            # in the next turn (a writer thread measured slower: docs/storage.md)
             puts = ready.persist
             if self.newkey_gate.dirty:
                 puts = {**puts, **self.newkey_gate.take_records()}
-            if self.durable_writes:
-                # fsync in a writer thread: the loop goes on handling messages meanwhile, and their
-                # sends wait, in order, behind the writes they follow (one fsync covers every turn
-                # that queued up while the previous one ran)
-                if puts or self.write_queue or self.writing:
-                    self.write_queue.append((puts, sends))
-                    if not self.writing:
-                        self._start_write()
-                    self._rearm()
-                    return
-            elif puts:
-                try:
-                    self.store.write(puts)
-                except StoreError as e:
-                    self._fail_stop(e)
+            if puts:
+                if self.defer_commits and deferrable(puts):
+                    # only batches committed here: no message rests on them (core.durability.
+                    # deferrable); they go with the next write, and this turn's sends go now
+                    self.deferred.update(puts)
+                    if self.deferred_timer is None:
+                        self.deferred_timer = self.loop.call_later(DEFERRED_WRITE_S, self._write_deferred)
+                elif not self._write(puts):
                     return
         self._send_out(sends)
         self._rearm()
 
-    def _start_write(self) -> None:
-        batch, self.write_queue = self.write_queue, []
-        merged: dict = {}
-        for puts, _ in batch:
-            merged.update(puts)
-        self.writing = batch
-        assert self.store is not None  # writes are queued only with a store
-        fut = self.loop.run_in_executor(self.writer, self.store.write, merged)
-        fut.add_done_callback(self._write_done)
-
-    def _write_done(self, fut) -> None:
-        batch, self.writing = self.writing, None
-        assert batch is not None  # the batch this write was started for
-        e = fut.exception()
-        if e is not None:
+    def _write(self, puts: dict) -> bool:
+        """One group commit of ``puts``, after the deferred records; False (and the replica
+        stopping) if the store failed."""
+        assert self.store is not None
+        if self.deferred:
+            puts = {**self.deferred, **puts}  # (a later turn's puts and deletions win)
+            self.deferred = {}
+        if self.deferred_timer is not None:
+            self.deferred_timer.cancel()
+            self.deferred_timer = None
+        try:
+            self.store.write(puts)
+        except StoreError as e:
             self._fail_stop(e)
-            return
-        for _, sends in batch:
-            self._send_out(sends)
-        if self.write_queue:
-            self._start_write()
+            return False
+        return True
+
+    def _write_deferred(self) -> None:
+        """No write took the deferred records within ``DEFERRED_WRITE_S``: written now (an idle
+        replica keeps what it committed)."""
+        self.deferred_timer = None
+        if self.deferred and self.store is not None:
+            self._write({})
 
     def _send_out(self, sends) -> None:
         if sends:
