@@ -87,6 +87,18 @@ class Frame:
     raw: bytes
     digest: bytes  # what the MACs cover; also a Request's digest
 
+    def __init__(self, tag: int, sender: int, header: bytes, payload: bytes, auth: bytes, raw: bytes,
+                 digest: bytes) -> None:
+        # (its own ``__init__``, as the hot messages have (``pbft.messages``): native when
+        # compiled; one is built for every frame received)
+        self.tag = tag
+        self.sender = sender
+        self.header = header
+        self.payload = payload
+        self.auth = auth
+        self.raw = raw
+        self.digest = digest
+
     @property
     def multi(self) -> bool:
         return self.tag not in SINGLE_MAC

@@ -42,6 +42,12 @@ class Outcome:
     result: bytes
     read_only_fallback: bool  # a read-only request that completed through ordering
 
+    def __init__(self, timestamp: int, result: bytes, read_only_fallback: bool) -> None:
+        # (its own ``__init__``, as the hot messages have (``pbft.messages``): native when compiled)
+        self.timestamp = timestamp
+        self.result = result
+        self.read_only_fallback = read_only_fallback
+
 
 class Client:
     def __init__(self, cfg: ClusterConfig, client_id: int, keys: KeyRing, now: float = 0.0):

@@ -74,6 +74,22 @@ class Slot:
     committed: bool = False
     held_pp: Optional[tuple[PrePrepare, bytes]] = None  # (PrePrepare, raw) whose agreed value we could not check
 
+    def __init__(self, view: int, digest: Optional[bytes] = None, batch: Optional[Batch] = None,
+                 pp_raw: Optional[bytes] = None, prepares: Optional[dict[int, bytes]] = None,
+                 commits: Optional[dict[int, bytes]] = None, prepared: bool = False, committed: bool = False,
+                 held_pp: Optional[tuple[PrePrepare, bytes]] = None) -> None:
+        # (its own ``__init__``, as the hot messages have (``pbft.messages``): native when compiled;
+        # one per sequence number at each replica)
+        self.view = view
+        self.digest = digest
+        self.batch = batch
+        self.pp_raw = pp_raw
+        self.prepares = {} if prepares is None else prepares
+        self.commits = {} if commits is None else commits
+        self.prepared = prepared
+        self.committed = committed
+        self.held_pp = held_pp
+
 
 class Log:
     """The normal case and the log (see the module docstring for what it owns)."""

@@ -40,6 +40,14 @@ class Ready:
     events: list[Any] = field(default_factory=list)
     refresh_keys: bool = False
 
+    def __init__(self, persist: Optional[dict[bytes, Optional[bytes]]] = None, sends: Optional[list[Send]] = None,
+                 events: Optional[list[Any]] = None, refresh_keys: bool = False) -> None:
+        # (its own ``__init__``, as the hot messages have (``pbft.messages``): native when compiled)
+        object.__setattr__(self, "persist", {} if persist is None else persist)
+        object.__setattr__(self, "sends", [] if sends is None else sends)
+        object.__setattr__(self, "events", [] if events is None else events)
+        object.__setattr__(self, "refresh_keys", refresh_keys)
+
     def __bool__(self) -> bool:
         return bool(self.persist or self.sends or self.events or self.refresh_keys)
 

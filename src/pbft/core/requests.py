@@ -45,6 +45,16 @@ class ReqInfo:
     verified: bool = True  # our own MAC entry verified
     since: float = 0.0  # backups: when it became certified here (or the current view started)
 
+    def __init__(self, req: Request, digest: bytes, raw: bytes, key: bytes = b"", verified: bool = True,
+                 since: float = 0.0) -> None:
+        # (its own ``__init__``, as the hot messages have (``pbft.messages``): native when compiled)
+        self.req = req
+        self.digest = digest
+        self.raw = raw
+        self.key = key
+        self.verified = verified
+        self.since = since
+
 
 class Requests:
     """Request admission, vouching and replies (see the module docstring for what it owns)."""

@@ -60,6 +60,8 @@ DEFAULT_TIMEOUT_S = 30.0
 NEWKEY_ON_RETRY_MIN_INTERVAL_S = 1.0
 REFRESH_CHUNK = 64  # identities of a pool whose keys are refreshed together
 FOLLOW_INTERVAL_S = 2.0  # at most one look at the replicas' membership chains per interval
+# (read once: a member of an enum class costs the interpreter a few hundred ns at every reply)
+_TAG_REPLY = int(Tag.REPLY)
 
 
 class PbftError(Exception):
@@ -415,7 +417,7 @@ class ClientPool:
     def _on_frame(self, conn: FrameConn, raw: bytes) -> None:
         try:
             # the MAC is checked by the client the reply is for (``receive_parsed``)
-            fr, rep = self.codec.open_authenticated(raw, None, expect=Tag.REPLY, unexpected="client-expects-replies")
+            fr, rep = self.codec.open_authenticated(raw, None, _TAG_REPLY, "client-expects-replies")
         except DecodeError as e:
             self.counters.drop(e.reason)
             return

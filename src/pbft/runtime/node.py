@@ -21,6 +21,7 @@ import random
 import signal
 import sys
 import time
+from time import monotonic as _monotonic
 from typing import Optional
 
 from ..codec import DecodeError
@@ -41,7 +42,7 @@ from .keys import NEWKEY_TAG, Identity, fresh_key, make_newkey, now_timestamp_us
 from .metrics import HttpEndpoint, ReplicaMetrics
 from .sched import apply_scheduling, current_scheduling
 from .transport import (AUTH_CLIENT, AUTH_REPLICA, UNAUTHENTICATED, Counters, FrameConn, InboundGuard, InboundLimits,
-                        Listener, OutLink, client_frame_bytes_max, frame, listen_socket)
+                        Listener, OutLink, client_frame_bytes_max, frame, listen_socket, pack_len)
 from .admission import (REQUEST_CREDITS_BURST, REQUEST_CREDITS_PER_RETRY_TIMEOUT, NewKeyGate, RequestBudget,
                         RequestSlots, first_frame_screen, frame_sender)
 
@@ -55,6 +56,11 @@ FIXARRAY5 = 0x95  # msgpack header of a 5-element array: every frame starts with
 # durable mode: a turn's records that no message rests on (``k``: core.durability.deferrable) are
 # written with the next write, or this much later if none comes first
 DEFERRED_WRITE_S = 0.02
+# the tags the frame path compares, as plain ints: reading a member of an enum class costs the
+# interpreter a few hundred ns, and ``_on_frame`` runs for every frame
+_TAG_NEWKEY = int(NEWKEY_TAG)
+_TAG_REQUEST = int(Tag.REQUEST)
+_TAG_MEMBERSHIP_LINK = int(Tag.MEMBERSHIP_LINK)
 # internal errors (``ReplicaNode._fail_stop``): carried across the reboot (exec) in the environment
 INTERNAL_ERRORS_ENV = "PBFT_INTERNAL_ERRORS"  # errors since the first start (the metric)
 INTERNAL_ERROR_STREAK_ENV = "PBFT_INTERNAL_ERROR_STREAK"  # consecutive ones soon after a start
@@ -638,19 +644,22 @@ class ReplicaNode:
             conn.close()
 
     def _on_frame(self, conn: FrameConn, raw: bytes) -> None:
-        if len(raw) < 2 or raw[0] != FIXARRAY5:
+        # (the path every frame takes: locals, int constants, the common cases inline)
+        n_raw = len(raw)
+        if n_raw < 2 or raw[0] != FIXARRAY5:
             self.counters.drop("malformed")
             self._close_unauthenticated(conn)
             return
         tag = raw[1]
-        if tag == NEWKEY_TAG:
+        if tag == _TAG_NEWKEY:
             self._on_newkey(conn, raw)
             return
         # the principal binding (runtime.admission): a frame is taken only on the connection its
         # sender's latest NewKey came on, or on a replica's (replicas relay others' frames)
-        s = frame_sender(raw)
+        s = raw[2] if n_raw >= 7 and tag < 0x80 and raw[2] < 0x80 else frame_sender(raw)  # (a fixint: inline)
         relayed = False
-        if (self.replica_conn if s < self.slots_n else self.client_conn).get(s) is not conn:
+        slots_n = self.slots_n
+        if (self.replica_conn if s < slots_n else self.client_conn).get(s) is not conn:
             if s < 0:
                 self.counters.drop("malformed")
                 self._close_unauthenticated(conn)
@@ -663,16 +672,16 @@ class ReplicaNode:
                 self._close_unauthenticated(conn)
                 return
             relayed = True
-        if tag == Tag.MEMBERSHIP_LINK:
+        if tag == _TAG_MEMBERSHIP_LINK:
             # self-certifying (signed), so relayed ones are taken too; only replicas send them
-            why = self.chain.on_frame(raw) if s < self.slots_n else "chain-link-from-client"
+            why = self.chain.on_frame(raw) if s < slots_n else "chain-link-from-client"
             if why:
                 self.counters.drop(why)
                 if why not in CHAIN_LINK_LATE:  # (a correct peer's vote after the link completed)
                     self._count_waste(conn, time.monotonic(), 1 + (len(raw) >> 10))
             return
-        now = time.monotonic() * 1000.0  # (``_now``, inlined: once per frame)
-        if tag == Tag.REQUEST and not relayed and s >= self.slots_n:
+        now = _monotonic() * 1000.0  # (``_now``, inlined: once per frame)
+        if tag == _TAG_REQUEST and not relayed and s >= slots_n:
             wait = self.request_budget.take(s, now / 1000.0)
             if wait:
                 # a client sending requests faster than we answer them (runtime.admission): this
@@ -692,7 +701,7 @@ class ReplicaNode:
             self._fail_stop(e)
             return
         if r.dropped_total != d0 and "replica" in conn.meta:
-            self._count_waste(conn, now / 1000.0, 1 + (len(raw) >> 10))
+            self._count_waste(conn, now / 1000.0, 1 + (n_raw >> 10))
         if not self.flush_pending:
             self.flush_pending = True
             self.loop.call_soon(self._flush)
@@ -794,7 +803,7 @@ class ReplicaNode:
             credit = self.request_budget.replied
             replied = []
             for dests, raw in sends:
-                fr = frame(raw)
+                fr = pack_len(len(raw)) + raw  # (``transport.frame``, inline)
                 for d in dests:
                     if d < n:
                         key = d

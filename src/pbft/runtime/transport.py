@@ -655,8 +655,14 @@ class FrameConn(asyncio.Protocol):
             buf += data
         if not self.paused:
             self._drain()
-        if self.guard is not None and not self.closed:
-            self.guard.account(self)
+        guard = self.guard
+        if guard is not None and not self.closed:
+            if self.held == 0 and self.off == len(self.buf):
+                # (the common case, ``InboundGuard.account`` inline: nothing held before or now)
+                self.rx_at = self.loop.time()
+                self.frame_at = None
+            else:
+                guard.account(self)
 
     # ---- frames -------------------------------------------------------------
     def _drain(self) -> None:

@@ -27,6 +27,9 @@ from .transport import (AUTH_CLIENT, UNAUTHENTICATED, Counters, FrameConn, Inbou
                         client_frame_bytes_max, frame)
 
 
+_TAG_REQUEST = int(Tag.REQUEST)  # (read once, as the replicas' frame path does)
+
+
 class UnreplicatedServer:
     def __init__(self, cluster: Cluster, identity: Identity, service: Service):
         assert cluster.cfg.n == 1
@@ -98,7 +101,7 @@ class UnreplicatedServer:
             self.request_slots.park(s, conn, raw, wait)
             return
         try:
-            _, req = self.codec.open_authenticated(raw, self.ring, expect=Tag.REQUEST)
+            _, req = self.codec.open_authenticated(raw, self.ring, _TAG_REQUEST)
         except DecodeError as e:
             self.counters.drop(e.reason)
             return
