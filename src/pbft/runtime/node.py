@@ -53,6 +53,7 @@ CLIENT_DEFERRED_PER_S_MAX = 1000
 REPLICA_HOLD_S_MIN = 0.05
 REPLICA_HOLD_S_MAX = 2.0
 FIXARRAY5 = 0x95  # msgpack header of a 5-element array: every frame starts with it
+FIXINT_END = 0x80  # msgpack: a byte below this is a positive fixint, the whole encoded integer
 # durable mode: a turn's records that no message rests on (``k``: core.durability.deferrable) are
 # written with the next write, or this much later if none comes first
 DEFERRED_WRITE_S = 0.02
@@ -656,7 +657,7 @@ class ReplicaNode:
             return
         # the principal binding (runtime.admission): a frame is taken only on the connection its
         # sender's latest NewKey came on, or on a replica's (replicas relay others' frames)
-        s = raw[2] if n_raw >= 7 and tag < 0x80 and raw[2] < 0x80 else frame_sender(raw)  # (a fixint: inline)
+        s = raw[2] if n_raw >= 7 and tag < FIXINT_END and raw[2] < FIXINT_END else frame_sender(raw)  # fixint: inline
         relayed = False
         slots_n = self.slots_n
         if (self.replica_conn if s < slots_n else self.client_conn).get(s) is not conn:
