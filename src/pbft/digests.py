@@ -7,7 +7,7 @@ compute them without the codec.
 
 from __future__ import annotations
 
-from .crypto import digest, digest1
+from .crypto import bulk_digest, digest, digest1
 from .messages import REQUEST_OP_PAYLOAD_MIN, Request
 
 
@@ -20,12 +20,12 @@ def batch_digest_from_request_digests(nondet: bytes, request_digests: list[bytes
 
 
 def result_digest(result: bytes) -> bytes:
-    return digest1(b"pbft.result", result)
+    return bulk_digest(b"pbft.result", result)
 
 
 def op_digest(op: bytes) -> bytes:
     """Digest of a large operation: what its request frame's header carries instead of it."""
-    return digest1(b"pbft.op", op)
+    return bulk_digest(b"pbft.op", op)
 
 
 def vouch_key(req: Request, opd: bytes = b"") -> bytes:

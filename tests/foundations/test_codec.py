@@ -22,7 +22,7 @@ from pbft.codec import (
 )
 from pbft.core.client import Client as CoreClient
 from pbft.config import ClusterConfig
-from pbft.crypto import MAC_SIZE, KeyRing, digest, digest1, keyrings_for, mac
+from pbft.crypto import MAC_SIZE, KeyRing, bulk_digest, digest, digest1, keyrings_for, mac
 from pbft.messages import (
     ALL_REPLICAS, NULL_BATCH, RECOVERY_OP, REQUEST_OP_PAYLOAD_MIN, Batch, Checkpoint, Commit, Data, Fetch, MetaData,
     NewView, PrePrepare, Prepare, Reply, Request, Status, ViewChange, ViewChangeAck, FetchBatch, BatchData, Vouch,
@@ -505,11 +505,26 @@ def test_batch_requests_rejects_non_request_frames():
 def test_digests_are_domain_separated(x):
     ds = {
         result_digest(x), state_digest(x), digest1(b"pbft.msg", x), digest1(b"pbft.batch", x),
-        digest(b"pbft.result", x), digest(b"pbft.checkpoint", x),
+        digest(b"pbft.result", x), digest(b"pbft.checkpoint", x), op_digest(x), digest1(b"pbft.op", x),
+        bulk_digest(b"pbft.state", x),
     }
-    assert len(ds) == 6
+    assert len(ds) == 9
     assert result_digest(x) != state_digest(x)
     assert all(len(d) == 32 for d in ds)
+
+
+def test_bulk_digest_is_sha256_after_a_block_naming_the_kind():
+    """Large bodies: SHA-256 of one 64-byte block (prefix and kind, NUL-padded), then the body."""
+    import hashlib
+    for kind in (b"pbft.op", b"pbft.result", b"k" * 16):
+        block = (b"pbft.bulk\x00" + kind).ljust(64, b"\x00")
+        assert len(block) == 64
+        for x in (b"", b"x", STATE):
+            assert bulk_digest(kind, x) == hashlib.sha256(block + x).digest()
+    assert result_digest(b"r") == bulk_digest(b"pbft.result", b"r") and op_digest(b"o") == bulk_digest(b"pbft.op", b"o")
+    for bad in (b"k" * 17, b"pbft\x00op"):
+        with pytest.raises(ValueError):
+            bulk_digest(bad, b"")
 
 
 def test_checkpoint_digest_binds_seqno():
