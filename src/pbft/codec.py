@@ -4,7 +4,8 @@ Wire frame (msgpack): ``[tag, sender, header, payload, auth]``
 
 * ``header`` (bin): a msgpack list with the message's fields;
 * ``payload`` (bin): bulk data checked by digest rather than by MAC (a
-  pre-prepare's batch, a state-transfer's state), empty otherwise;
+  pre-prepare's batch, a state-transfer's state, a large request's operation, a
+  reply's full result), empty otherwise;
 * ``auth`` (bin): an *authenticator* (one 16-byte MAC per replica) for
   messages to all replicas, or a single MAC for point-to-point messages.
 
@@ -12,6 +13,15 @@ MACs cover ``frame_digest = BLAKE2b("pbft.msg", tag | sender | header)``.  A
 pre-prepare's header holds the batch digest, so its authenticator binds the
 batch without hashing it twice; backups check the batch against that digest
 (the check that the ``skip-digest-check`` injected bug removes).
+
+Large bodies are hashed once per receiver. A request whose operation has
+``REQUEST_OP_PAYLOAD_MIN`` bytes or more carries it in the payload and its
+digest (``op_digest``) and length in the header (five fields instead of four,
+so the two forms never share a header); ``parse`` checks the payload against
+that digest, and the request's vouch key is computed from it. A reply's full
+result travels in the payload, its header has the result digest and whether
+the result is there; the client checks the result against that digest (it
+does so anyway, ``core.client``).
 
 Anything malformed raises ``DecodeError`` with a short reason; callers drop
 and count.  No other exception escapes ``open_frame``/``parse``/``open_authenticated``
@@ -30,6 +40,7 @@ from .crypto import DIGEST_SIZE, MAC_SIZE, KeyRing
 from .errors import DecodeError as DecodeError  # re-exported (interpreted: runtime.signer subclasses it)
 from .digests import (  # re-exported ("x as x"): the codec's callers read them here too
     NULL_BATCH_DIGEST as NULL_BATCH_DIGEST,
+    op_digest as op_digest,
     batch_digest_from_request_digests as batch_digest_from_request_digests,
     checkpoint_digest as checkpoint_digest,
     frame_digest as frame_digest,
@@ -38,8 +49,8 @@ from .digests import (  # re-exported ("x as x"): the codec's callers read them 
     vouch_key as vouch_key,
 )
 from .messages import (
-    ALL_REPLICAS, RECOVERY_OP, REQUEST_REF, REQUEST_REF_BYTES, Batch, BatchData, Checkpoint, Commit, Data, Fetch,
-    FetchBatch, Message, MetaData,
+    ALL_REPLICAS, RECOVERY_OP, REQUEST_OP_PAYLOAD_MIN, REQUEST_REF, REQUEST_REF_BYTES, Batch, BatchData,
+    Checkpoint, Commit, Data, Fetch, FetchBatch, Message, MetaData,
     NewView, QueryStable, ReplyStable, Vouch,
     PrePrepare, Prepare, Reply, Request, Status, Tag, ViewChange, ViewChangeAck,
 )
@@ -86,6 +97,7 @@ class Frame:
     auth: bytes
     raw: bytes
     digest: bytes  # what the MACs cover; also a Request's digest
+    opd: bytes = b""  # a large request's operation digest, once ``parse`` checked it
 
     def __init__(self, tag: int, sender: int, header: bytes, payload: bytes, auth: bytes, raw: bytes,
                  digest: bytes) -> None:
@@ -134,10 +146,15 @@ BATCH_OVERHEAD_BYTES = 5 + 1 + 5 + 5  # bin prefix, array, nondet's and the requ
 def header_of(msg: Message) -> tuple[int, int, bytes, bytes]:
     """(tag, sender, header, payload) of a message."""
     if isinstance(msg, Request):
-        return T_REQUEST, msg.client, packb([msg.timestamp, msg.op, msg.read_only, msg.replier]), b""
+        op = msg.op
+        if len(op) >= REQUEST_OP_PAYLOAD_MIN:
+            return T_REQUEST, msg.client, packb([msg.timestamp, op_digest(op), msg.read_only, msg.replier,
+                                                 len(op)]), op
+        return T_REQUEST, msg.client, packb([msg.timestamp, op, msg.read_only, msg.replier]), b""
     if isinstance(msg, Reply):
+        res = msg.result
         return T_REPLY, msg.replica, packb([msg.view, msg.timestamp, msg.client, msg.tentative, msg.read_only,
-                                       msg.result_digest, msg.result]), b""
+                                            msg.result_digest, res is not None]), res if res is not None else b""
     if isinstance(msg, PrePrepare):
         payload = encode_batch(msg.batch) if msg.batch is not None else b""
         return T_PRE_PREPARE, msg.replica, packb([msg.view, msg.seqno, msg.digest]), payload
@@ -330,22 +347,42 @@ class Codec:
         n = self.n
         try:
             if tag == T_REQUEST:
-                ts, op, ro, replier = h
-                if fr.payload:
-                    raise DecodeError("unexpected-payload")
-                req = Request(fr.sender, _int(ts, 1, U63, "timestamp"),
-                              _bytes(op, cfg.request_size_bytes_max, "op"), _bool(ro, "read-only"),
+                if len(h) == 4:
+                    ts, op, ro, replier = h
+                    if fr.payload:
+                        raise DecodeError("unexpected-payload")
+                    op = _bytes(op, cfg.request_size_bytes_max, "op")
+                    if len(op) >= REQUEST_OP_PAYLOAD_MIN:
+                        raise DecodeError("op-not-in-payload")
+                else:
+                    ts, opd, ro, replier, size = h
+                    op = _bytes(fr.payload, cfg.request_size_bytes_max, "op")
+                    if type(size) is not int or size != len(op) or len(op) < REQUEST_OP_PAYLOAD_MIN:
+                        raise DecodeError("bad-op-size")
+                    _digest(opd, "op-digest")
+                    if op_digest(op) != opd:
+                        raise DecodeError("op-digest-mismatch")
+                    fr.opd = opd
+                req = Request(fr.sender, _int(ts, 1, U63, "timestamp"), op, _bool(ro, "read-only"),
                               _int(replier, ALL_REPLICAS, n - 1, "replier"))
                 if fr.sender < n and (req.read_only or not req.op.startswith(RECOVERY_OP)):
                     raise DecodeError("replica-request-not-recovery")
                 return req
             if tag == T_REPLY:
-                v, ts, client, tent, ro, rd, res = h
-                if res is not None:
-                    _bytes(res, cfg.reply_size_bytes_max, "result")
-                return Reply(_int(v, 0, U63, "view"), _int(ts, 1, U63, "timestamp"),
-                             _int(client, 0, self.max_principal, "client"), fr.sender,
-                             _bool(tent, "tentative"), _bool(ro, "read-only"), _digest(rd), res)
+                v, ts, client, tent, ro, rd, full = h
+                v = _int(v, 0, U63, "view")
+                ts = _int(ts, 1, U63, "timestamp")
+                client = _int(client, 0, self.max_principal, "client")
+                tent = _bool(tent, "tentative")
+                ro = _bool(ro, "read-only")
+                rd = _digest(rd)
+                # (a full result is checked against ``rd`` by the client it is for, ``core.client``)
+                res: bytes | None = None
+                if _bool(full, "full"):
+                    res = _bytes(fr.payload, cfg.reply_size_bytes_max, "result")
+                elif fr.payload:
+                    raise DecodeError("unexpected-payload")
+                return Reply(v, ts, client, fr.sender, tent, ro, rd, res)
             if tag in (T_PRE_PREPARE, T_PREPARE, T_COMMIT):
                 v, s, d = h
                 v = _int(v, 0, U63, "view")

@@ -7,8 +7,8 @@ compute them without the codec.
 
 from __future__ import annotations
 
-from .crypto import digest, digest1
-from .messages import Request
+from .crypto import bulk_digest, digest, digest1
+from .messages import REQUEST_OP_PAYLOAD_MIN, Request
 
 
 def frame_digest(tag: int, sender: int, header: bytes) -> bytes:
@@ -20,14 +20,24 @@ def batch_digest_from_request_digests(nondet: bytes, request_digests: list[bytes
 
 
 def result_digest(result: bytes) -> bytes:
-    return digest1(b"pbft.result", result)
+    return bulk_digest(b"pbft.result", result)
 
 
-def vouch_key(req: Request) -> bytes:
+def op_digest(op: bytes) -> bytes:
+    """Digest of a large operation: what its request frame's header carries instead of it."""
+    return bulk_digest(b"pbft.op", op)
+
+
+def vouch_key(req: Request, opd: bytes = b"") -> bytes:
     """Identity of a request for vouching: client, timestamp, operation (not the replier,
-    which a retransmission changes)."""
-    return digest(b"pbft.vouch", req.client.to_bytes(4, "big"), req.timestamp.to_bytes(8, "big"), req.op,
-                  b"\x01" if req.read_only else b"\x00")
+    which a retransmission changes). An operation of ``REQUEST_OP_PAYLOAD_MIN`` bytes or more
+    counts by its digest ``opd`` (computed if not given; the codec gives the one it checked), so
+    that it is hashed once per frame; such keys have a personalisation of their own."""
+    c, t = req.client.to_bytes(4, "big"), req.timestamp.to_bytes(8, "big")
+    ro = b"\x01" if req.read_only else b"\x00"
+    if len(req.op) >= REQUEST_OP_PAYLOAD_MIN:
+        return digest(b"pbft.vouch.opd", c, t, opd or op_digest(req.op), ro)
+    return digest(b"pbft.vouch", c, t, req.op, ro)
 
 
 def state_digest(state: bytes) -> bytes:

@@ -51,6 +51,10 @@ class Tag(IntEnum):
 
 
 ALL_REPLICAS = -1  # a Request's ``replier`` when every replica must send the full result
+# an operation of at least this many bytes travels in its request frame's payload, and the header
+# (what the MACs cover) carries its digest (``digests.op_digest``): each receiver hashes the
+# operation once, for the frame's MAC and the request's vouch key alike (``codec``)
+REQUEST_OP_PAYLOAD_MIN = 256
 # the operation of a recovery request (a Request whose sender is a replica): the prefix, then
 # msgpack of the recovering replica's estimated recovery point H_M (docs/recovery.md)
 RECOVERY_OP = b"\xffpbft:recover:"

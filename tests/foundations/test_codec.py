@@ -17,14 +17,16 @@ from hypothesis import strategies as st
 
 from pbft.codec import (
     NULL_BATCH_DIGEST, SINGLE_MAC, TAG, U63, Codec, DecodeError, batch_digest_from_request_digests,
-    checkpoint_digest, encode_batch, frame_digest, header_of, packb, result_digest, seal, seal_with_digest,
-    state_digest,
+    checkpoint_digest, encode_batch, frame_digest, header_of, op_digest, packb, result_digest, seal,
+    seal_with_digest, state_digest, vouch_key,
 )
+from pbft.core.client import Client as CoreClient
 from pbft.config import ClusterConfig
-from pbft.crypto import MAC_SIZE, KeyRing, digest, digest1, keyrings_for, mac
+from pbft.crypto import MAC_SIZE, KeyRing, bulk_digest, digest, digest1, keyrings_for, mac
 from pbft.messages import (
-    ALL_REPLICAS, NULL_BATCH, RECOVERY_OP, Batch, Checkpoint, Commit, Data, Fetch, MetaData, NewView, PrePrepare,
-    Prepare, Reply, Request, Status, ViewChange, ViewChangeAck, FetchBatch, BatchData, Vouch, QueryStable, ReplyStable,
+    ALL_REPLICAS, NULL_BATCH, RECOVERY_OP, REQUEST_OP_PAYLOAD_MIN, Batch, Checkpoint, Commit, Data, Fetch, MetaData,
+    NewView, PrePrepare, Prepare, Reply, Request, Status, ViewChange, ViewChangeAck, FetchBatch, BatchData, Vouch,
+    QueryStable, ReplyStable,
 )
 
 MASTER = b"k" * 32
@@ -321,6 +323,8 @@ D = BATCH_DIGEST
     (Request(C0, 1, b"", False, N), None, "bad-replier"),
     (Request(C0, 1, b"", False, -2), None, "bad-replier"),
     (Request(C0, 1, b"x" * (CFG.request_size_bytes_max + 1), False, 0), None, "bad-op"),
+    (Request(C0, 1, b"x" * 300, False, N), None, "bad-replier"),  # (the payload form too)
+    (Request(C0, 0, b"x" * 300, False, 0), None, "bad-timestamp"),
     (Reply(0, 1, -1, 1, False, False, D, None), C0, "bad-client"),
     (Reply(0, 1, LAST_CLIENT + 1, 1, False, False, D, None), C0, "bad-client"),
     (Reply(0, 1, C0, 1, False, False, D, b"r" * (CFG.reply_size_bytes_max + 1)), C0, "bad-result"),
@@ -435,8 +439,18 @@ def test_malformed_frames(raw, reason):
     (_frame(7, 1, [1, True, 0, 0, b"short"]), "bad-digest"),
     (_frame(1, C0, [1, b"op", 0, 0]), "bad-read-only"),
     (_frame(1, C0, [1, "", False, 0]), "bad-op"),
-    (_frame(2, 1, [0, 1, C0, None, False, D, None]), "bad-tentative"),
-    (_frame(2, 1, [0, 1, C0, False, False, D, 5]), "bad-result"),
+    (_frame(2, 1, [0, 1, C0, None, False, D, False]), "bad-tentative"),
+    (_frame(2, 1, [0, 1, C0, False, False, D, 5]), "bad-full"),
+    (_frame(2, 1, [0, 1, C0, False, False, D, None]), "bad-full"),  # (the result goes in the payload)
+    (_frame(2, 1, [0, 1, C0, False, False, D, False], payload=b"r"), "unexpected-payload"),
+    # a large operation travels in the payload, its digest and size in the header (five fields)
+    (_frame(1, C0, [1, b"x" * 256, False, 0]), "op-not-in-payload"),
+    (_frame(1, C0, [1, op_digest(b"x" * 256), False, 0, 256], payload=b"x" * 255), "bad-op-size"),
+    (_frame(1, C0, [1, op_digest(b"x" * 255), False, 0, 255], payload=b"x" * 255), "bad-op-size"),
+    (_frame(1, C0, [1, op_digest(b"x" * 256), False, 0, True], payload=b"x" * 256), "bad-op-size"),
+    (_frame(1, C0, [1, b"short", False, 0, 256], payload=b"x" * 256), "bad-op-digest"),
+    (_frame(1, C0, [1, op_digest(b"y" * 256), False, 0, 256], payload=b"x" * 256), "op-digest-mismatch"),
+    (_frame(1, C0, [1, op_digest(b"x" * 256), False, 0, 256, 0], payload=b"x" * 256), "bad-arity"),
     (_frame(3, 0, [0, 1, D], payload=b"\x93\x00\x00\x00"), "bad-batch"),
     (_frame(3, 0, [0, 1, D], payload=packb([b"", [5]])), "bad-batch-request"),
     (_frame(3, 0, [0, 1, D], payload=packb([None, []])), "bad-nondet"),
@@ -491,11 +505,26 @@ def test_batch_requests_rejects_non_request_frames():
 def test_digests_are_domain_separated(x):
     ds = {
         result_digest(x), state_digest(x), digest1(b"pbft.msg", x), digest1(b"pbft.batch", x),
-        digest(b"pbft.result", x), digest(b"pbft.checkpoint", x),
+        digest(b"pbft.result", x), digest(b"pbft.checkpoint", x), op_digest(x), digest1(b"pbft.op", x),
+        bulk_digest(b"pbft.state", x),
     }
-    assert len(ds) == 6
+    assert len(ds) == 9
     assert result_digest(x) != state_digest(x)
     assert all(len(d) == 32 for d in ds)
+
+
+def test_bulk_digest_is_sha256_after_a_block_naming_the_kind():
+    """Large bodies: SHA-256 of one 64-byte block (prefix and kind, NUL-padded), then the body."""
+    import hashlib
+    for kind in (b"pbft.op", b"pbft.result", b"k" * 16):
+        block = (b"pbft.bulk\x00" + kind).ljust(64, b"\x00")
+        assert len(block) == 64
+        for x in (b"", b"x", STATE):
+            assert bulk_digest(kind, x) == hashlib.sha256(block + x).digest()
+    assert result_digest(b"r") == bulk_digest(b"pbft.result", b"r") and op_digest(b"o") == bulk_digest(b"pbft.op", b"o")
+    for bad in (b"k" * 17, b"pbft\x00op"):
+        with pytest.raises(ValueError):
+            bulk_digest(bad, b"")
 
 
 def test_checkpoint_digest_binds_seqno():
@@ -515,6 +544,69 @@ def test_frame_digest_separates_tag_sender_header():
     h = packb([1, 1, D])
     ds = {frame_digest(4, 1, h), frame_digest(5, 1, h), frame_digest(4, 2, h), frame_digest(4, 1, h + b"\0")}
     assert len(ds) == 4
+
+
+@pytest.mark.parametrize("size", [0, 1, 255, 256, 257, 4096])
+def test_large_operation_travels_in_the_payload_hashed_once(size):
+    """An operation of REQUEST_OP_PAYLOAD_MIN bytes or more is the frame's payload; the header (what
+    the MACs cover) has its digest and size. Smaller ones stay in the header, the payload empty."""
+    op = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    req = Request(C0, 9, op, False, 1)
+    fr = CODEC.open_frame(sealed_request(C0, 9, op, replier=1))
+    header = msgpack.unpackb(fr.header)
+    if size >= REQUEST_OP_PAYLOAD_MIN:
+        assert fr.payload == op and header == [9, op_digest(op), False, 1, size]
+    else:
+        assert fr.payload == b"" and header == [9, op, False, 1]
+    assert CODEC.parse(fr) == req
+    assert fr.opd == (op_digest(op) if size >= REQUEST_OP_PAYLOAD_MIN else b"")
+    # the vouch key is the same whether the digest checked by the codec is given or recomputed, and
+    # it ignores the replier (a retransmission asks every replica for the full result)
+    assert vouch_key(req, fr.opd) == vouch_key(req) == vouch_key(Request(C0, 9, op, False, ALL_REPLICAS))
+    assert vouch_key(req) != vouch_key(Request(C0, 9, op + b"x", False, 1))
+    assert vouch_key(req) != vouch_key(Request(C0, 9, op, True, 1))
+    assert vouch_key(req) != vouch_key(Request(C0, 10, op, False, 1))
+
+
+def test_large_operation_cannot_be_swapped_or_stripped():
+    """The payload is not under the MAC: the header's digest binds it, and the two forms of a
+    request never share a header, so a frame whose MAC verifies yields the operation its client sent."""
+    op = b"o" * 1000
+    raw = sealed_request(C0, 9, op)
+    tag, sender, header, payload, auth = msgpack.unpackb(raw)
+    swapped = packb([tag, sender, header, b"p" * 1000, auth])
+    fr = CODEC.open_frame(swapped)
+    assert RINGS[1].verify(fr.sender, fr.digest, fr.auth, fr.multi)  # (the header is intact)
+    with pytest.raises(DecodeError, match="op-digest-mismatch"):
+        CODEC.parse(fr)
+    # without its payload, the header is not that of a small request whose operation is the digest
+    stripped = CODEC.open_frame(packb([tag, sender, header, b"", auth]))
+    with pytest.raises(DecodeError, match="bad-op-size"):
+        CODEC.parse(stripped)
+    small = CODEC.open_frame(sealed_request(C0, 9, op_digest(op)))
+    assert small.digest != fr.digest
+
+
+def test_reply_result_travels_in_the_payload():
+    """A full reply's result is the payload, the header says it is there and has its digest; a
+    digest reply has no payload. A result swapped on the way still parses (the payload is not under
+    the MAC) and is refused by the client, which checks it against the digest."""
+    res = b"r" * 4096
+    full = Reply(0, 5, C0, 1, False, False, result_digest(res), res)
+    fr = CODEC.open_frame(seal(full, RINGS[1], C0))
+    assert fr.payload == res and msgpack.unpackb(fr.header)[-1] is True and res not in fr.header
+    dig = CODEC.open_frame(seal(Reply(0, 5, C0, 1, False, False, result_digest(res), None), RINGS[1], C0))
+    assert dig.payload == b"" and msgpack.unpackb(dig.header)[-1] is False
+    assert CODEC.parse(dig).result is None
+    tag, sender, header, payload, auth = msgpack.unpackb(fr.raw)
+    forged = CODEC.parse(CODEC.open_frame(packb([tag, sender, header, b"x" * 4096, auth])))
+    assert forged.result == b"x" * 4096 and forged.result_digest == result_digest(res)
+    c = CoreClient(CFG, C0, RINGS[C0])
+    c.invoke(b"op", False, 0.0)  # (the reply to its outstanding request, with another result)
+    forged_now = seal(Reply(0, c.timestamp, C0, 1, False, False, result_digest(res), res), RINGS[1], C0)
+    t2, s2, h2, _p2, a2 = msgpack.unpackb(forged_now)
+    c.receive(packb([t2, s2, h2, b"x" * 4096, a2]), 0.0)
+    assert c.drops.get("reply-result-digest-mismatch") == 1 and not c.replies
 
 
 def test_batch_digest_matches_request_frame_digests():

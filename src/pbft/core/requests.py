@@ -413,7 +413,7 @@ class Requests:
         last = r.last_reply.get(c)
         if last is not None and t <= last[0] and not r.bug_no_ts:
             return self._on_executed_request(req, fr, verified, last)
-        key = vouch_key(req)
+        key = vouch_key(req, fr.opd)
         cur = self.known.get(c)
         if cur is not None:
             if not self._replaces_known(cur, req, fr, verified, key):
@@ -472,7 +472,7 @@ class Requests:
             if tentative and c not in self.pending and r.view_active and not r.is_primary:
                 # the client still waits for a commit that has not come: time it, so a primary
                 # that never completes it is replaced (after a restart, nothing else would)
-                self.pending[c] = ReqInfo(req, fr.digest, fr.raw, vouch_key(req), True, r.now)
+                self.pending[c] = ReqInfo(req, fr.digest, fr.raw, vouch_key(req, fr.opd), True, r.now)
                 self.arm_timer()
         else:
             r._drop(Drop.REQUEST_OLD_TIMESTAMP)
@@ -688,7 +688,7 @@ class Requests:
         req_seen = self.seen
         for rfr, req in reqs:
             if rfr.raw not in req_seen and not r.keys.verify(rfr.sender, rfr.digest, rfr.auth, True):
-                vk = vouch_key(req)
+                vk = vouch_key(req, rfr.opd)
                 if not self._certified(vk):
                     unvouched = True
                     self.suspects.add(req.client)  # its authenticator is bad for us: no fast path for it
