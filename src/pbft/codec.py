@@ -110,6 +110,7 @@ class Frame:
         self.auth = auth
         self.raw = raw
         self.digest = digest
+        self.opd = b""
 
     @property
     def multi(self) -> bool:
