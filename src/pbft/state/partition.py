@@ -56,6 +56,7 @@ from ..digests import checkpoint_digest
 EMPTY_LEAF = bytes(32)
 SUM_BYTES = 256  # an interior node on the wire: its AdHash sum, big-endian
 MASK = (1 << (8 * SUM_BYTES)) - 1
+EXPANDED_MAX = 4096  # leaves whose expansion a state keeps (about 1.5 MB)
 Node = Union[bytes, int]  # a leaf digest, or an interior node's sum
 
 
@@ -138,6 +139,13 @@ class CheckpointedState:
         self.dirty: set[int] = set()
         self.unpersisted: set[int] = set()  # modified since the state was last written to disk
         self.records: list[Record] = []  # ascending seqno
+        # the bytes the last flush read of each object it hashed, for as long as the object
+        # stays unchanged (``modify`` takes it out): the copy a first ``modify`` after a
+        # checkpoint saves, without asking the backend to encode the object again
+        self.clean: dict[int, bytes] = {}
+        # E(leaf) of leaves flushes set (a cache of a pure function, at most EXPANDED_MAX):
+        # the next change of such an object subtracts it without expanding the old leaf again
+        self.expanded: dict[bytes, int] = {}
         self.stats = {"checkpoints": 0, "leaves_hashed": 0, "nodes_hashed": 0, "objects_saved": 0}
         self.rebuild()
 
@@ -151,6 +159,7 @@ class CheckpointedState:
         leaves = self.tree[self.depth]
         get = self.backend.get_obj
         changed = []
+        self.clean = {}
         for i in range(self.n):
             d = leaf_digest(i, get(i))
             if leaves[i] != d:
@@ -188,15 +197,26 @@ class CheckpointedState:
         # of a checkpoint)
         saved = self.records[-1].nodes if self.records else None
         delta: dict[int, int] = {}  # leaf-parent -> change of its sum
+        clean: dict[int, bytes] = {}
+        exp = self.expanded
+        if len(exp) + len(self.dirty) > EXPANDED_MAX:
+            exp.clear()
         for i in self.dirty:
-            d = leaf_digest(i, get(i))
+            v = get(i)
+            clean[i] = v
+            d = leaf_digest(i, v)
             old = leaves[i]
             if old != d:
                 if saved is not None:
                     saved.setdefault((depth, i), old)
                 leaves[i] = d
                 p = i // F
-                delta[p] = delta.get(p, 0) + expand(d) - expand(old)
+                e_old = exp.pop(old, None)
+                e_new = expand(d)
+                if e_new:
+                    exp[d] = e_new
+                delta[p] = delta.get(p, 0) + e_new - (expand(old) if e_old is None else e_old)
+        self.clean = clean
         self.stats["leaves_hashed"] += len(self.dirty)
         self.dirty.clear()
         for lvl in range(depth - 1, -1, -1):
@@ -236,10 +256,11 @@ class CheckpointedState:
             raise IndexError(f"object {i} out of range 0..{self.n - 1}")
         self.dirty.add(i)
         self.unpersisted.add(i)
+        v = self.clean.pop(i, None)
         if self.records:
             saved = self.records[-1].objs
             if i not in saved:
-                saved[i] = self.backend.get_obj(i)
+                saved[i] = self.backend.get_obj(i) if v is None else v
                 self.stats["objects_saved"] += 1
 
     # ------------------------------------------------------------------
@@ -293,6 +314,7 @@ class CheckpointedState:
         keep[-1].objs.clear()
         keep[-1].nodes.clear()
         self.dirty.clear()
+        self.clean = {}  # (the objects changed behind ``modify``'s back)
 
     def discard_below(self, seqno: int) -> None:
         """Forget the checkpoints below ``seqno`` (garbage collection after it became stable)."""
@@ -305,7 +327,8 @@ class CheckpointedState:
         for r in self.records:
             if r.seqno >= seqno and i in r.objs:
                 return r.objs[i]
-        return self.backend.get_obj(i)
+        v = self.clean.get(i)
+        return self.backend.get_obj(i) if v is None else v
 
     def node_at(self, seqno: int, lvl: int, x: int) -> Node:
         key = (lvl, x)
