@@ -396,7 +396,8 @@ def reference_obj(d: ObjectDict, i: int) -> bytes:
 values = st.one_of(
     st.binary(max_size=20), st.sampled_from([b"x" * 255, b"y" * 256, b"z" * 65_535, b"w" * 65_536]),
     st.integers(-(1 << 63), (1 << 64) - 1), st.text(max_size=40), st.none(), st.booleans(),
-    st.tuples(st.integers(0, 1 << 40), st.binary(max_size=300), st.tuples(st.integers(), st.text(max_size=5))),
+    st.tuples(st.integers(0, 1 << 40), st.binary(max_size=300),
+              st.tuples(st.integers(-(1 << 63), 1 << 63), st.text(max_size=5))),
     st.lists(st.integers(0, 99), max_size=20).map(tuple),
 )
 dict_ops = st.lists(st.one_of(

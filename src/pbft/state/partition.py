@@ -56,7 +56,6 @@ from ..digests import checkpoint_digest
 EMPTY_LEAF = bytes(32)
 SUM_BYTES = 256  # an interior node on the wire: its AdHash sum, big-endian
 MASK = (1 << (8 * SUM_BYTES)) - 1
-EXPANDED_MAX = 4096  # leaves whose expansion a state keeps (about 1.5 MB)
 Node = Union[bytes, int]  # a leaf digest, or an interior node's sum
 
 
@@ -66,10 +65,13 @@ class Backend(Protocol):
     def put_objs(self, objs: dict[int, bytes]) -> None: ...
 
 
+_LEAF = blake2b(digest_size=32, person=b"pbft.leaf")  # copied: cheaper than set up each time
+
+
 def leaf_digest(i: int, value: bytes) -> bytes:
     if not value:
         return EMPTY_LEAF
-    h = blake2b(digest_size=32, person=b"pbft.leaf")
+    h = _LEAF.copy()
     h.update(i.to_bytes(8, "big"))
     h.update(value)
     return h.digest()
@@ -139,12 +141,15 @@ class CheckpointedState:
         self.dirty: set[int] = set()
         self.unpersisted: set[int] = set()  # modified since the state was last written to disk
         self.records: list[Record] = []  # ascending seqno
-        # the bytes the last flush read of each object it hashed, for as long as the object
-        # stays unchanged (``modify`` takes it out): the copy a first ``modify`` after a
-        # checkpoint saves, without asking the backend to encode the object again
+        # Objects changed in two flushes running are likely to change again (counters, the reply
+        # table, a directory being filled): for those, the last flush keeps the bytes it read,
+        # for as long as the object stays unchanged (``modify`` takes them out: the copy a first
+        # ``modify`` after a checkpoint saves, without asking the backend to encode the object
+        # again), and E(leaf) of the leaf it set (a cache of a pure function: the next flush
+        # subtracts it without expanding the old leaf again).  Objects changed once are not
+        # kept: random writes over a large state would only hold memory.
+        self.flushed: set[int] = set()  # the objects the last flush hashed
         self.clean: dict[int, bytes] = {}
-        # E(leaf) of leaves flushes set (a cache of a pure function, at most EXPANDED_MAX):
-        # the next change of such an object subtracts it without expanding the old leaf again
         self.expanded: dict[bytes, int] = {}
         self.stats = {"checkpoints": 0, "leaves_hashed": 0, "nodes_hashed": 0, "objects_saved": 0}
         self.rebuild()
@@ -198,27 +203,33 @@ class CheckpointedState:
         saved = self.records[-1].nodes if self.records else None
         delta: dict[int, int] = {}  # leaf-parent -> change of its sum
         clean: dict[int, bytes] = {}
-        exp = self.expanded
-        if len(exp) + len(self.dirty) > EXPANDED_MAX:
-            exp.clear()
+        exp: dict[bytes, int] = {}
+        last = self.flushed
+        last_exp = self.expanded
         for i in self.dirty:
             v = get(i)
-            clean[i] = v
             d = leaf_digest(i, v)
             old = leaves[i]
+            hot = i in last
+            if hot:
+                clean[i] = v
             if old != d:
                 if saved is not None:
                     saved.setdefault((depth, i), old)
                 leaves[i] = d
                 p = i // F
-                e_old = exp.pop(old, None)
                 e_new = expand(d)
-                if e_new:
+                if hot:
                     exp[d] = e_new
+                e_old = last_exp.get(old)
                 delta[p] = delta.get(p, 0) + e_new - (expand(old) if e_old is None else e_old)
+            elif hot and old in last_exp:
+                exp[d] = last_exp[old]
         self.clean = clean
+        self.expanded = exp
         self.stats["leaves_hashed"] += len(self.dirty)
-        self.dirty.clear()
+        self.flushed = self.dirty
+        self.dirty = set()
         for lvl in range(depth - 1, -1, -1):
             row = self.tree[lvl]
             up: dict[int, int] = {}
