@@ -39,30 +39,12 @@ def _bin_header(n: int) -> bytes:
     raise ValueError("bytes too long for msgpack")
 
 
-def _array_header(n: int) -> bytes:
-    """msgpack's header of an array of ``n`` items."""
-    if n < 16:
-        return (0x90 | n).to_bytes(1, "big")
-    if n < 0x10000:
-        return b"\xdc" + n.to_bytes(2, "big")
-    return b"\xdd" + n.to_bytes(4, "big")
-
-
-def _pair(key: bytes, value: Any) -> bytes:
-    """The encoding of ``(key, value)`` in a bucket: exactly ``packb((key, value), use_bin_type=True)``."""
+def _size(key: bytes, value: Any) -> int:
+    """What an entry counts against its bucket's bound: ``len(packb(value)) + len(key) + 8``
+    (for ``bytes``, a file's data, without encoding it)."""
     if type(value) is bytes:
-        return b"\x92" + _bin_header(len(key)) + key + _bin_header(len(value)) + value
-    return b"\x92" + _bin_header(len(key)) + key + msgpack.packb(value, use_bin_type=True)
-
-
-def _size(key: bytes, value: Any) -> tuple[int, Optional[bytes]]:
-    """What an entry counts against its bucket's bound, ``len(packb(value)) + len(key) + 8``,
-    and the entry's encoding (``_pair``), kept for any value but ``bytes`` (cheap to encode
-    again, and a copy of a file's data would double its memory)."""
-    if type(value) is bytes:
-        return len(value) + len(_bin_header(len(value))) + len(key) + 8, None
-    enc = msgpack.packb(value, use_bin_type=True)
-    return len(enc) + len(key) + 8, b"\x92" + _bin_header(len(key)) + key + enc
+        return len(value) + len(_bin_header(len(value))) + len(key) + 8
+    return len(msgpack.packb(value, use_bin_type=True)) + len(key) + 8
 
 
 class ObjectDict:
@@ -72,10 +54,8 @@ class ObjectDict:
     transfer message): :meth:`set` raises :class:`BucketFull` beyond it.
     ``check_value`` validates values decoded by :meth:`put_obj` (raise ValueError).
 
-    Each entry's encoding is computed once, when it is set (its size counts against the bound),
-    and kept: :meth:`get_obj` joins the encodings of a bucket's entries instead of encoding
-    every value again.  So a value must not be changed in place once set (set a new one; it
-    never could without ``modify``).
+    A bucket is encoded from its values every time it is read (no encoding is kept): a value
+    changed in memory behind ``modify``'s back shows in the next full check (``rebuild``).
     """
 
     def __init__(self, n_buckets: int, base: int = 0, bucket_bytes_max: int = 1 << 20,
@@ -89,7 +69,6 @@ class ObjectDict:
         self.buckets: list[dict[bytes, Any]] = [{} for _ in range(n_buckets)]
         self.sizes = [0] * n_buckets  # encoded size of each bucket's entries (as ``install`` counts)
         self.entry_size: dict[bytes, int] = {}
-        self.encoded: dict[bytes, bytes] = {}  # key -> encoding of (key, value), but of bytes values
         self.modify: Callable[[int], None] = _noop
 
     def bucket_of(self, key: bytes) -> int:
@@ -114,7 +93,7 @@ class ObjectDict:
         :meth:`install` counts for it, so a replica that fetched the bucket and one that built it
         refuse the same puts (an estimate would let the two disagree on when it is full)."""
         b = zlib.crc32(key) % self.n_buckets
-        new, enc = _size(key, value)
+        new = _size(key, value)
         grow = new - self.entry_size.get(key, 0)
         if self.sizes[b] + grow > self.bucket_bytes_max:
             raise BucketFull(f"bucket {b} would exceed {self.bucket_bytes_max} bytes")
@@ -122,10 +101,6 @@ class ObjectDict:
         self.buckets[b][key] = value
         self.sizes[b] += grow
         self.entry_size[key] = new
-        if enc is None:
-            self.encoded.pop(key, None)
-        else:
-            self.encoded[key] = enc
 
     def delete(self, key: bytes) -> bool:
         b = zlib.crc32(key) % self.n_buckets
@@ -135,7 +110,6 @@ class ObjectDict:
         self.modify(self.base + b)
         del bucket[key]
         self.sizes[b] -= self.entry_size.pop(key)
-        self.encoded.pop(key, None)
         return True
 
     # object interface ---------------------------------------------------------
@@ -146,12 +120,7 @@ class ObjectDict:
         bucket = self.buckets[i - self.base]
         if not bucket:
             return b""
-        enc = self.encoded
-        parts = [_array_header(len(bucket))]
-        for k in sorted(bucket):
-            e = enc.get(k)
-            parts.append(_pair(k, bucket[k]) if e is None else e)
-        return b"".join(parts)  # == packb(sorted(bucket.items()), use_bin_type=True)
+        return msgpack.packb(sorted(bucket.items()), use_bin_type=True)
 
     def parse(self, i: int, data: bytes) -> dict[bytes, Any]:
         b = i - self.base
@@ -181,16 +150,12 @@ class ObjectDict:
 
     def install(self, i: int, entries: dict[bytes, Any]) -> None:
         b = i - self.base
-        enc = self.encoded
         for k in self.buckets[b]:
             del self.entry_size[k]
-            enc.pop(k, None)
         total = 0
         for k, v in entries.items():
-            s, e = _size(k, v)
+            s = _size(k, v)
             self.entry_size[k] = s
-            if e is not None:
-                enc[k] = e
             total += s
         self.buckets[b] = entries
         self.sizes[b] = total
