@@ -384,7 +384,7 @@ def test_object_service_counter():
 
 
 # ---------------------------------------------------------------------------
-# encodings computed once: the same bytes, digests and copies as encoding from scratch
+# what a checkpoint keeps, and sizes without encoding: the same bytes, digests and copies
 # ---------------------------------------------------------------------------
 
 def reference_obj(d: ObjectDict, i: int) -> bytes:
@@ -410,7 +410,7 @@ dict_ops = st.lists(st.one_of(
 
 @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
 @given(dict_ops)
-def test_object_dict_kept_encodings_match_encoding_from_scratch(script):
+def test_object_dict_and_kept_copies_match_encoding_from_scratch(script):
     """Sets, deletes, checkpoints and rollbacks (which install old buckets) on an ObjectDict of
     few buckets (some with 16 entries and more): every bucket reads as msgpack encodes its sorted
     entries, sizes are what ``install`` counts, every retained checkpoint serves the bytes the
