@@ -18,6 +18,7 @@ bytes (``ObjectDict`` sorts each bucket), which is what the partition tree compa
 from __future__ import annotations
 
 import zlib
+from bisect import bisect_right
 from typing import Any, Callable, Iterator, Optional, Union
 
 import msgpack
@@ -27,12 +28,34 @@ def _noop(i: int) -> None:
     return None
 
 
+def _bin_header(n: int) -> bytes:
+    """msgpack's header of a ``bin`` of ``n`` bytes (what ``packb(bytes, use_bin_type=True)`` writes)."""
+    if n < 0x100:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 0x10000:
+        return b"\xc5" + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return b"\xc6" + n.to_bytes(4, "big")
+    raise ValueError("bytes too long for msgpack")
+
+
+def _size(key: bytes, value: Any) -> int:
+    """What an entry counts against its bucket's bound: ``len(packb(value)) + len(key) + 8``
+    (for ``bytes``, a file's data, without encoding it)."""
+    if type(value) is bytes:
+        return len(value) + len(_bin_header(len(value))) + len(key) + 8
+    return len(msgpack.packb(value, use_bin_type=True)) + len(key) + 8
+
+
 class ObjectDict:
     """A dict of ``bytes`` keys spread over ``n_buckets`` objects numbered ``base ..``.
 
     ``bucket_bytes_max`` bounds one bucket's encoded size (an object must fit in a state
     transfer message): :meth:`set` raises :class:`BucketFull` beyond it.
     ``check_value`` validates values decoded by :meth:`put_obj` (raise ValueError).
+
+    A bucket is encoded from its values every time it is read (no encoding is kept): a value
+    changed in memory behind ``modify``'s back shows in the next full check (``rebuild``).
     """
 
     def __init__(self, n_buckets: int, base: int = 0, bucket_bytes_max: int = 1 << 20,
@@ -70,7 +93,7 @@ class ObjectDict:
         :meth:`install` counts for it, so a replica that fetched the bucket and one that built it
         refuse the same puts (an estimate would let the two disagree on when it is full)."""
         b = zlib.crc32(key) % self.n_buckets
-        new = len(msgpack.packb(value, use_bin_type=True)) + len(key) + 8
+        new = _size(key, value)
         grow = new - self.entry_size.get(key, 0)
         if self.sizes[b] + grow > self.bucket_bytes_max:
             raise BucketFull(f"bucket {b} would exceed {self.bucket_bytes_max} bytes")
@@ -131,7 +154,7 @@ class ObjectDict:
             del self.entry_size[k]
         total = 0
         for k, v in entries.items():
-            s = len(msgpack.packb(v, use_bin_type=True)) + len(k) + 8
+            s = _size(k, v)
             self.entry_size[k] = s
             total += s
         self.buckets[b] = entries
@@ -233,11 +256,13 @@ class ObjectSpace:
     def __init__(self, *parts: Part):
         self.parts = parts
         self.n_objects = sum(self._count(p) for p in parts)
+        self.starts: list[int] = []  # each part's first object, ascending
         expect = 0
         for p in parts:
             base = p.index if isinstance(p, Cell) else p.base
             if base != expect:
                 raise ValueError(f"part {type(p).__name__} starts at {base}, expected {expect}")
+            self.starts.append(base)
             expect += self._count(p)
 
     @staticmethod
@@ -253,9 +278,8 @@ class ObjectSpace:
             p.modify = modify
 
     def part(self, i: int) -> Part:
-        for p in self.parts:
-            if p.owns(i):
-                return p
+        if 0 <= i < self.n_objects:
+            return self.parts[bisect_right(self.starts, i) - 1]
         raise IndexError(f"object {i} out of range")
 
     def get_obj(self, i: int) -> bytes:

@@ -65,10 +65,13 @@ class Backend(Protocol):
     def put_objs(self, objs: dict[int, bytes]) -> None: ...
 
 
+_LEAF = blake2b(digest_size=32, person=b"pbft.leaf")  # copied: cheaper than set up each time
+
+
 def leaf_digest(i: int, value: bytes) -> bytes:
     if not value:
         return EMPTY_LEAF
-    h = blake2b(digest_size=32, person=b"pbft.leaf")
+    h = _LEAF.copy()
     h.update(i.to_bytes(8, "big"))
     h.update(value)
     return h.digest()
@@ -138,6 +141,16 @@ class CheckpointedState:
         self.dirty: set[int] = set()
         self.unpersisted: set[int] = set()  # modified since the state was last written to disk
         self.records: list[Record] = []  # ascending seqno
+        # Objects changed in two flushes running are likely to change again (counters, the reply
+        # table, a directory being filled): for those, the last flush keeps the bytes it read,
+        # for as long as the object stays unchanged (``modify`` takes them out: the copy a first
+        # ``modify`` after a checkpoint saves, without asking the backend to encode the object
+        # again), and E(leaf) of the leaf it set (a cache of a pure function: the next flush
+        # subtracts it without expanding the old leaf again).  Objects changed once are not
+        # kept: random writes over a large state would only hold memory.
+        self.flushed: set[int] = set()  # the objects the last flush hashed
+        self.clean: dict[int, bytes] = {}
+        self.expanded: dict[bytes, int] = {}
         self.stats = {"checkpoints": 0, "leaves_hashed": 0, "nodes_hashed": 0, "objects_saved": 0}
         self.rebuild()
 
@@ -151,6 +164,7 @@ class CheckpointedState:
         leaves = self.tree[self.depth]
         get = self.backend.get_obj
         changed = []
+        self.clean = {}
         for i in range(self.n):
             d = leaf_digest(i, get(i))
             if leaves[i] != d:
@@ -188,17 +202,34 @@ class CheckpointedState:
         # of a checkpoint)
         saved = self.records[-1].nodes if self.records else None
         delta: dict[int, int] = {}  # leaf-parent -> change of its sum
+        clean: dict[int, bytes] = {}
+        exp: dict[bytes, int] = {}
+        last = self.flushed
+        last_exp = self.expanded
         for i in self.dirty:
-            d = leaf_digest(i, get(i))
+            v = get(i)
+            d = leaf_digest(i, v)
             old = leaves[i]
+            hot = i in last
+            if hot:
+                clean[i] = v
             if old != d:
                 if saved is not None:
                     saved.setdefault((depth, i), old)
                 leaves[i] = d
                 p = i // F
-                delta[p] = delta.get(p, 0) + expand(d) - expand(old)
+                e_new = expand(d)
+                if hot:
+                    exp[d] = e_new
+                e_old = last_exp.get(old)
+                delta[p] = delta.get(p, 0) + e_new - (expand(old) if e_old is None else e_old)
+            elif hot and old in last_exp:
+                exp[d] = last_exp[old]
+        self.clean = clean
+        self.expanded = exp
         self.stats["leaves_hashed"] += len(self.dirty)
-        self.dirty.clear()
+        self.flushed = self.dirty
+        self.dirty = set()
         for lvl in range(depth - 1, -1, -1):
             row = self.tree[lvl]
             up: dict[int, int] = {}
@@ -236,10 +267,11 @@ class CheckpointedState:
             raise IndexError(f"object {i} out of range 0..{self.n - 1}")
         self.dirty.add(i)
         self.unpersisted.add(i)
+        v = self.clean.pop(i, None)
         if self.records:
             saved = self.records[-1].objs
             if i not in saved:
-                saved[i] = self.backend.get_obj(i)
+                saved[i] = self.backend.get_obj(i) if v is None else v
                 self.stats["objects_saved"] += 1
 
     # ------------------------------------------------------------------
@@ -293,6 +325,7 @@ class CheckpointedState:
         keep[-1].objs.clear()
         keep[-1].nodes.clear()
         self.dirty.clear()
+        self.clean = {}  # (the objects changed behind ``modify``'s back)
 
     def discard_below(self, seqno: int) -> None:
         """Forget the checkpoints below ``seqno`` (garbage collection after it became stable)."""
@@ -305,7 +338,8 @@ class CheckpointedState:
         for r in self.records:
             if r.seqno >= seqno and i in r.objs:
                 return r.objs[i]
-        return self.backend.get_obj(i)
+        v = self.clean.get(i)
+        return self.backend.get_obj(i) if v is None else v
 
     def node_at(self, seqno: int, lvl: int, x: int) -> Node:
         key = (lvl, x)
