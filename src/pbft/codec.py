@@ -100,9 +100,10 @@ class Frame:
     opd: bytes = b""  # a large request's operation digest, once ``parse`` checked it
 
     def __init__(self, tag: int, sender: int, header: bytes, payload: bytes, auth: bytes, raw: bytes,
-                 digest: bytes) -> None:
+                 digest: bytes, opd: bytes = b"") -> None:
         # (its own ``__init__``, as the hot messages have (``pbft.messages``): native when
-        # compiled; one is built for every frame received)
+        # compiled; one is built for every frame received. Every field is a parameter, as in the
+        # generated one, which ``dataclasses.replace`` relies on)
         self.tag = tag
         self.sender = sender
         self.header = header
@@ -110,7 +111,7 @@ class Frame:
         self.auth = auth
         self.raw = raw
         self.digest = digest
-        self.opd = b""
+        self.opd = opd
 
     @property
     def multi(self) -> bool:

@@ -568,6 +568,20 @@ def test_large_operation_travels_in_the_payload_hashed_once(size):
     assert vouch_key(req) != vouch_key(Request(C0, 10, op, False, 1))
 
 
+def test_frame_init_takes_every_field():
+    """Frame writes its own ``__init__``: it still takes every field the dataclass declares, as
+    the generated one did (``dataclasses.replace``, ``fields`` and ``repr`` agree with it)."""
+    import dataclasses
+    fr = CODEC.open_frame(sealed_request(C0, 9, b"o" * 300))
+    CODEC.parse(fr)
+    assert fr.opd == op_digest(b"o" * 300)
+    assert [f.name for f in dataclasses.fields(fr)][-1] == "opd"
+    moved = dataclasses.replace(fr, sender=C0 + 1)
+    assert (moved.sender, moved.opd, moved.digest, moved.raw) == (C0 + 1, fr.opd, fr.digest, fr.raw)
+    assert dataclasses.replace(fr) == fr
+    assert CODEC.open_frame(fr.raw).opd == b""  # (set by ``parse`` only, once it checked it)
+
+
 def test_large_operation_cannot_be_swapped_or_stripped():
     """The payload is not under the MAC: the header's digest binds it, and the two forms of a
     request never share a header, so a frame whose MAC verifies yields the operation its client sent."""
