@@ -7,8 +7,12 @@ import random
 
 import pytest
 
+import msgpack
+
 from helpers.cluster import Cluster
+from pbft.codec import TAG, Codec
 from pbft.core.durability import deferrable
+from pbft.messages import Commit, PrePrepare, Prepare
 
 CFG = dict(checkpoint_interval_seqnos=4, log_window_seqnos=8, batch_requests_max=4)
 
@@ -83,6 +87,48 @@ def test_whole_cluster_power_loss_losing_deferred_commit_records_keeps_every_ack
         check_all(c, acked)
         converge(c)
     assert lost > 0, "no commit record was deferred: the case is not exercised"
+
+
+def test_every_prepare_and_commit_a_replica_sends_is_on_its_disk_as_it_leaves():
+    """The rule the deferral must keep, checked at every step of every replica: as a Prepare or
+    a Commit (or the primary's PrePrepare) leaves, the disk, without the records still deferred,
+    holds what it rests on: the ``q`` record of its sequence number with its digest (PrePrepare,
+    Prepare), the ``c`` record with its view and digest (Commit), or a stable checkpoint at or
+    above it. A deferral of any record but ``k`` breaks it."""
+    c = Cluster(durable=True, defer_commits=True, **CFG)
+    codec = Codec(c.cfg)
+    kinds = {TAG[PrePrepare]: "q", TAG[Prepare]: "q", TAG[Commit]: "c"}
+    checked = {"q": 0, "c": 0, "deferred": 0}
+
+    def record(pid, prefix, n):
+        raw = c.stores[pid].get(prefix + n.to_bytes(8, "big"))
+        return None if raw is None else msgpack.unpackb(raw, raw=False, strict_map_key=False)
+
+    def check(pid, sends):
+        stable = c.stores[pid].get(b"h")
+        h = msgpack.unpackb(stable)[0] if stable is not None else 0
+        checked["deferred"] += bool(c.deferred[pid])
+        for _, raw in sends:
+            fr = codec.open_frame(raw)
+            kind = kinds.get(fr.tag)
+            if kind is None:
+                continue
+            m = codec.parse(fr)
+            if m.seqno <= h:
+                continue
+            rec = record(pid, kind.encode(), m.seqno)
+            assert rec is not None, (pid, type(m).__name__, m.seqno, "not on disk as it leaves")
+            if kind == "q":
+                assert m.digest in rec, (pid, type(m).__name__, m.seqno)
+            else:
+                assert list(rec) == [m.view, m.digest], (pid, m.seqno, rec)
+            checked[kind] += 1
+
+    c.on_sends = check
+    acked = workload(c, b"x", 24)
+    check_all(c, acked)
+    assert checked["q"] > 0 and checked["c"] > 0, checked
+    assert checked["deferred"] > 0, "no step left with records deferred: the case is not exercised"
 
 
 def test_restart_of_all_replicas_mid_workload_without_power_loss():

@@ -44,6 +44,7 @@ class Cluster:
         self.stores = [MemStore(durable=durable) for _ in range(n)] if durable is not None else None
         self.defer_commits = defer_commits
         self.deferred: list[dict] = [{} for _ in range(n)]
+        self.on_sends = None  # a test's check of each replica step's sends (pid, sends), after its write
         if self.stores:
             for r in self.replicas:
                 r.enable_persistence()
@@ -88,6 +89,8 @@ class Cluster:
                         self.stores[pid].write({**self.deferred[pid], **ready.persist})  # (before the sends)
                         self.deferred[pid] = {}
                 sends = ready.sends
+                if self.on_sends is not None:  # (what is on disk now, as the sends leave)
+                    self.on_sends(pid, sends)
                 self.events.extend((pid, ev) for ev in ready.events)
             else:
                 sends = self.node(pid).take_sends()
